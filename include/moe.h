@@ -1,0 +1,284 @@
+/// @file moe.h
+/// libmoe public API: tensor views, status codes, the Mixture-of-Experts
+/// expert layer (describe -> plan -> execute) and its building blocks.
+///
+/// Conventions
+/// - Every call returns a moe_status. On failure moe_last_error() names the
+///   argument and the reason (thread-local, valid until the next failing call
+///   on the same thread).
+/// - Tensors are caller-owned strided views (moe_tensor). Kernels honour the
+///   strides, so any weight layout works without a copy. libmoe never copies
+///   a weight.
+/// - Logical weight shapes follow Hugging Face ("out, in"):
+///     w_gate_up [E, 2I, H] (gate rows first, then up rows), w_gate / w_up
+///     [E, I, H], w_down [E, H, I], router gate_weight [E, H].
+///   A tensor stored as [E, H, 2I] is passed as its transposed view
+///   (moe_tensor_transpose(&t, 1, 2, &view)).
+#ifndef MOE_H
+#define MOE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__)
+#define MOE_API __attribute__((visibility("default")))
+#else
+#define MOE_API
+#endif
+
+#define MOE_VERSION_MAJOR 0
+#define MOE_VERSION_MINOR 1
+#define MOE_VERSION_PATCH 0
+
+/// Status codes. Their names and descriptions come from one table
+/// (src/core/error.c).
+typedef enum moe_status {
+  MOE_SUCCESS = 0,
+  MOE_ERR_INVALID_ARGUMENT = 1, ///< an argument is wrong; message names it
+  MOE_ERR_UNIMPLEMENTED = 2,    ///< valid request this build cannot serve
+  MOE_ERR_OUT_OF_MEMORY = 3,
+  MOE_ERR_IO = 4,         ///< file system error
+  MOE_ERR_FORMAT = 5,     ///< malformed file contents
+  MOE_ERR_STRICT = 6,     ///< strict mode forbade a copy, padding or sync
+  MOE_ERR_BACKEND = 7,    ///< BLAS / MPI / CUDA / NCCL reported a failure
+  MOE_ERR_WORKSPACE = 8,  ///< supplied workspace or saved buffer too small
+  MOE_ERR_INTERNAL = 9,   ///< a libmoe bug; please report
+} moe_status;
+
+/// Short name of a status ("MOE_ERR_INVALID_ARGUMENT").
+MOE_API const char *moe_status_name(moe_status s);
+/// Thread-local message of the last failure on this thread ("" if none).
+MOE_API const char *moe_last_error(void);
+/// Library version string, e.g. "0.1.0".
+MOE_API const char *moe_version(void);
+
+typedef enum moe_dtype {
+  MOE_F32 = 0,
+  MOE_BF16 = 1,
+  MOE_F16 = 2,
+  MOE_I32 = 3,
+  MOE_I64 = 4,
+  MOE_F64 = 5,
+} moe_dtype;
+
+/// Bytes per element (0 for an unknown dtype).
+MOE_API size_t moe_dtype_size(moe_dtype t);
+/// "f32", "bf16", ... or "?" for an unknown dtype.
+MOE_API const char *moe_dtype_name(moe_dtype t);
+
+typedef enum moe_device_type {
+  MOE_DEVICE_CPU = 0,
+  MOE_DEVICE_CUDA = 1,
+} moe_device_type;
+
+typedef struct moe_device {
+  moe_device_type type;
+  int index; ///< CUDA ordinal; 0 on the CPU
+} moe_device;
+
+#define MOE_MAX_DIMS 4
+
+/// A strided view. Strides count elements, not bytes. Caller-owned; libmoe
+/// never frees `data`.
+typedef struct moe_tensor {
+  void *data;
+  moe_dtype dtype;
+  int ndim; ///< 0 means "absent" for optional arguments
+  int64_t shape[MOE_MAX_DIMS];
+  int64_t stride[MOE_MAX_DIMS];
+  moe_device device;
+} moe_tensor;
+
+/// A contiguous row-major CPU view of `data`.
+MOE_API moe_tensor moe_tensor_make(void *data, moe_dtype dtype, int ndim,
+                                   const int64_t *shape);
+/// The view with dimensions d0 and d1 swapped (no data moves).
+MOE_API moe_status moe_tensor_transpose(const moe_tensor *in, int d0, int d1,
+                                        moe_tensor *out);
+/// The view of elements [start, start+len) along `dim` (no data moves).
+MOE_API moe_status moe_tensor_narrow(const moe_tensor *in, int dim,
+                                     int64_t start, int64_t len,
+                                     moe_tensor *out);
+/// Number of elements.
+MOE_API int64_t moe_tensor_numel(const moe_tensor *t);
+
+/// Grouped-GEMM methods.
+typedef enum moe_gmm_method {
+  MOE_GMM_AUTO = 0,    ///< planner decides (env MOE_GMM may override)
+  MOE_GMM_GROUPED = 1, ///< libmoe's grouped kernel: one parallel region
+  MOE_GMM_LOOP = 2,    ///< one library GEMM call per expert
+} moe_gmm_method;
+
+MOE_API const char *moe_gmm_method_name(moe_gmm_method m);
+
+/// How a [E, out, in] logical weight is laid out in memory.
+typedef enum moe_layout {
+  MOE_LAYOUT_OUT_IN = 0,  ///< in-dim contiguous (Hugging Face default)
+  MOE_LAYOUT_IN_OUT = 1,  ///< out-dim contiguous (a transposed view)
+  MOE_LAYOUT_STRIDED = 2, ///< neither inner dim has stride 1
+} moe_layout;
+
+MOE_API const char *moe_layout_name(moe_layout l);
+/// The layout of a 3-D logical [E, out, in] weight view.
+MOE_API moe_layout moe_weight_layout(const moe_tensor *w);
+
+/// Opaque communicator for expert parallelism. NULL everywhere means the
+/// local single-rank communicator. MPI and NCCL constructors live in
+/// moe_mpi.h and moe_cuda.h.
+typedef struct moe_comm moe_comm;
+MOE_API moe_status moe_comm_create_local(moe_comm **comm);
+MOE_API moe_status moe_comm_destroy(moe_comm *comm);
+MOE_API int moe_comm_rank(const moe_comm *comm);
+MOE_API int moe_comm_size(const moe_comm *comm);
+
+#define MOE_LAYER_DESC_MAGIC 0x4d4f454cu /* "MOEL" */
+#define MOE_LAYER_DESC_VERSION 1u
+
+/// Describes an expert layer. Initialise with MOE_LAYER_DESC_INIT so that
+/// fields added in later versions get their defaults.
+typedef struct moe_layer_desc {
+  size_t struct_size; ///< sizeof(moe_layer_desc) of the caller's header
+  uint32_t magic;     ///< MOE_LAYER_DESC_MAGIC
+  uint32_t version;   ///< MOE_LAYER_DESC_VERSION
+  int64_t num_experts;  ///< E, global expert count
+  int64_t hidden;       ///< H
+  int64_t intermediate; ///< I
+  int64_t top_k;        ///< k, 1 <= k <= E
+  int64_t max_tokens;   ///< largest T per execute on this rank
+  int norm_topk_prob;   ///< renormalise the k routing weights to sum 1
+  moe_dtype dtype;      ///< activations and weights: MOE_F32 or MOE_BF16
+  moe_layout gate_up_layout; ///< layout the gate/up weights will arrive in
+  moe_layout down_layout;    ///< layout the down weight will arrive in
+  moe_gmm_method method;     ///< MOE_GMM_AUTO: planner (and env MOE_GMM)
+  int strict;       ///< 1: any hidden copy, padding or host sync is an error
+  int num_threads;  ///< CPU threads; 0 = OpenMP default
+  moe_device device;
+  moe_comm *comm; ///< expert-parallel communicator; NULL = one rank
+} moe_layer_desc;
+
+#define MOE_LAYER_DESC_INIT                                                  \
+  {sizeof(moe_layer_desc), MOE_LAYER_DESC_MAGIC, MOE_LAYER_DESC_VERSION, 0, \
+   0, 0, 0, 0, 1, MOE_F32, MOE_LAYOUT_OUT_IN, MOE_LAYOUT_OUT_IN,            \
+   MOE_GMM_AUTO, 0, 0, {MOE_DEVICE_CPU, 0}, NULL}
+
+/// Opaque plan: the chosen methods, sizes and reasons.
+typedef struct moe_layer_plan moe_layer_plan;
+
+/// Creates a plan. The description is copied; comm must outlive the plan.
+MOE_API moe_status moe_layer_plan_create(moe_layer_plan **plan,
+                                         const moe_layer_desc *desc);
+MOE_API moe_status moe_layer_plan_destroy(moe_layer_plan *plan);
+
+/// Bytes of scratch workspace and of saved activations (forward ->
+/// backward) needed for `tokens` tokens (<= max_tokens).
+MOE_API moe_status moe_layer_plan_sizes(const moe_layer_plan *plan,
+                                        int64_t tokens,
+                                        size_t *workspace_bytes,
+                                        size_t *saved_bytes);
+
+/// The chosen method of a projection: 0 = gate_up, 1 = down.
+MOE_API moe_gmm_method moe_layer_plan_method(const moe_layer_plan *plan,
+                                             int projection);
+
+/// The cost model's predicted milliseconds of projection `projection`
+/// (0 = gate_up, 1 = down) under method `m`, forward and backward, at the
+/// plan's max_tokens. Fails if `m` cannot serve the projection.
+MOE_API moe_status moe_layer_plan_predict(const moe_layer_plan *plan,
+                                          int projection, moe_gmm_method m,
+                                          double *fwd_ms, double *bwd_ms);
+
+/// The planner's choice and reasons, in words and numbers. Owned by the plan.
+MOE_API const char *moe_layer_plan_explain(const moe_layer_plan *plan);
+
+/// Forward arguments. Absent optional tensors have ndim == 0.
+typedef struct moe_layer_fwd_args {
+  moe_tensor hidden;      ///< [T, H], dtype of the layer
+  moe_tensor gate_weight; ///< [E, H] router weight (absent if topk given)
+  moe_tensor topk_index;  ///< optional [T, k] I32/I64 precomputed routing
+  moe_tensor topk_weights;   ///< optional [T, k] F32 or layer dtype
+  moe_tensor w_gate_up;      ///< [E, 2I, H], or absent when w_gate/w_up given
+  moe_tensor w_gate;         ///< [E, I, H]
+  moe_tensor w_up;           ///< [E, I, H]
+  moe_tensor w_down;         ///< [E, H, I]
+  moe_tensor output;         ///< [T, H] written
+  moe_tensor router_logits;  ///< optional [T, E] F32 written
+} moe_layer_fwd_args;
+
+/// Backward arguments: the forward's inputs again plus grad_output; writes
+/// the gradients in the shape, layout and dtype of their inputs.
+typedef struct moe_layer_bwd_args {
+  moe_layer_fwd_args fwd;     ///< the same inputs as the forward (outputs
+                              ///< output/router_logits are not touched)
+  moe_tensor grad_output;     ///< [T, H]
+  moe_tensor grad_hidden;     ///< [T, H] written
+  moe_tensor grad_gate_weight;  ///< [E, H] written (router mode)
+  moe_tensor grad_topk_weights; ///< [T, k] written (precomputed-topk mode)
+  moe_tensor grad_w_gate_up;    ///< [E, 2I, H] written (fused mode)
+  moe_tensor grad_w_gate;       ///< [E, I, H] written (separate mode)
+  moe_tensor grad_w_up;         ///< [E, I, H] written (separate mode)
+  moe_tensor grad_w_down;       ///< [E, H, I] written
+} moe_layer_bwd_args;
+
+/// Runs the forward. `saved` (saved_bytes from moe_layer_plan_sizes, or NULL
+/// for inference) receives what backward needs. With `workspace` supplied,
+/// nothing is allocated. `stream` is the caller's cudaStream_t on CUDA,
+/// ignored on the CPU.
+MOE_API moe_status moe_layer_forward(moe_layer_plan *plan,
+                                     const moe_layer_fwd_args *args,
+                                     void *saved, size_t saved_bytes,
+                                     void *workspace, size_t workspace_bytes,
+                                     void *stream);
+
+/// Runs the backward from the `saved` buffer its forward filled.
+MOE_API moe_status moe_layer_backward(moe_layer_plan *plan,
+                                      const moe_layer_bwd_args *args,
+                                      const void *saved, size_t saved_bytes,
+                                      void *workspace, size_t workspace_bytes,
+                                      void *stream);
+
+/// Options of the standalone building blocks. NULL means defaults.
+typedef struct moe_exec_options {
+  moe_gmm_method method; ///< AUTO picks by the cost model
+  int num_threads;       ///< 0 = OpenMP default
+  int strict;
+  void *stream;
+} moe_exec_options;
+
+/// Grouped forward: y[r, :] = x[r, :] . w[e]^T for the rows r of expert e,
+/// rows offsets[e] .. offsets[e+1]. x [R, K]; w [E, N, K] any strides;
+/// offsets [E+1] I64 on the tensors' device; y [R, N]. Rows at or past
+/// offsets[E] are left untouched.
+MOE_API moe_status moe_grouped_gemm(const moe_tensor *x, const moe_tensor *w,
+                                    const moe_tensor *offsets, moe_tensor *y,
+                                    const moe_exec_options *opt);
+/// Grouped dX: dx[r, :] = dy[r, :] . w[e]. dy [R, N]; dx [R, K].
+MOE_API moe_status moe_grouped_gemm_dx(const moe_tensor *dy,
+                                       const moe_tensor *w,
+                                       const moe_tensor *offsets,
+                                       moe_tensor *dx,
+                                       const moe_exec_options *opt);
+/// K-grouped dW: dw[e] = dy_e^T . x_e, written through dw's strides
+/// ([E, N, K], the weight's own layout). Experts with no rows get exact 0.
+MOE_API moe_status moe_grouped_gemm_dw(const moe_tensor *x,
+                                       const moe_tensor *dy,
+                                       const moe_tensor *offsets,
+                                       moe_tensor *dw,
+                                       const moe_exec_options *opt);
+
+/// SwiGLU forward: h = silu(gate) * up on [R, I] views (f32 math).
+MOE_API moe_status moe_swiglu_forward(const moe_tensor *gate,
+                                      const moe_tensor *up, moe_tensor *h);
+/// SwiGLU backward: from dh, writes dgate and dup.
+MOE_API moe_status moe_swiglu_backward(const moe_tensor *gate,
+                                       const moe_tensor *up,
+                                       const moe_tensor *dh,
+                                       moe_tensor *dgate, moe_tensor *dup);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MOE_H */

@@ -1,0 +1,79 @@
+/// @file swiglu.c
+/// SwiGLU, h = silu(gate) * up, forward and backward, in f32 arithmetic on
+/// strided 2-D views of f32 or bf16 data.
+#include <math.h>
+#include <omp.h>
+
+#include "internal.h"
+#include "act/swiglu.h"
+
+static inline float moe_sigmoid(float a) { return 1.0f / (1.0f + expf(-a)); }
+
+void moe_swiglu_fwd_rows(const moe_tensor *g, const moe_tensor *u,
+                         moe_tensor *h, int nt) {
+  int64_t R = g->shape[0], I = g->shape[1];
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t r = 0; r < R; r++)
+    for (int64_t i = 0; i < I; i++) {
+      float a = moe_load_f(g->data, g->dtype, moe_offset2(g, r, i));
+      float b = moe_load_f(u->data, u->dtype, moe_offset2(u, r, i));
+      moe_store_f(h->data, h->dtype, moe_offset2(h, r, i),
+                  a * moe_sigmoid(a) * b);
+    }
+}
+
+void moe_swiglu_bwd_rows(const moe_tensor *g, const moe_tensor *u,
+                         const moe_tensor *dh, moe_tensor *dg, moe_tensor *du,
+                         int nt) {
+  int64_t R = g->shape[0], I = g->shape[1];
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t r = 0; r < R; r++)
+    for (int64_t i = 0; i < I; i++) {
+      float a = moe_load_f(g->data, g->dtype, moe_offset2(g, r, i));
+      float b = moe_load_f(u->data, u->dtype, moe_offset2(u, r, i));
+      float d = moe_load_f(dh->data, dh->dtype, moe_offset2(dh, r, i));
+      float s = moe_sigmoid(a);
+      float silu = a * s;
+      moe_store_f(dg->data, dg->dtype, moe_offset2(dg, r, i),
+                  d * b * s * (1.0f + a * (1.0f - s)));
+      moe_store_f(du->data, du->dtype, moe_offset2(du, r, i), d * silu);
+    }
+}
+
+static moe_status moe_swiglu_check(const moe_tensor *t, const char *name,
+                                   const moe_tensor *like) {
+  int64_t shape[2] = {-1, -1};
+  if (like) {
+    shape[0] = like->shape[0];
+    shape[1] = like->shape[1];
+  }
+  moe_device cpu = {MOE_DEVICE_CPU, 0};
+  return moe_check_tensor(t, name, 2, shape, -1, &cpu);
+}
+
+moe_status moe_swiglu_forward(const moe_tensor *gate, const moe_tensor *up,
+                              moe_tensor *h) {
+  if (!gate || !up || !h)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_swiglu_forward: gate, up and h must not be NULL");
+  MOE_TRY(moe_swiglu_check(gate, "gate", NULL));
+  MOE_TRY(moe_swiglu_check(up, "up", gate));
+  MOE_TRY(moe_swiglu_check(h, "h", gate));
+  moe_swiglu_fwd_rows(gate, up, h, omp_get_max_threads());
+  return MOE_SUCCESS;
+}
+
+moe_status moe_swiglu_backward(const moe_tensor *gate, const moe_tensor *up,
+                               const moe_tensor *dh, moe_tensor *dgate,
+                               moe_tensor *dup) {
+  if (!gate || !up || !dh || !dgate || !dup)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_swiglu_backward: no argument may be NULL");
+  MOE_TRY(moe_swiglu_check(gate, "gate", NULL));
+  MOE_TRY(moe_swiglu_check(up, "up", gate));
+  MOE_TRY(moe_swiglu_check(dh, "dh", gate));
+  MOE_TRY(moe_swiglu_check(dgate, "dgate", gate));
+  MOE_TRY(moe_swiglu_check(dup, "dup", gate));
+  moe_swiglu_bwd_rows(gate, up, dh, dgate, dup, omp_get_max_threads());
+  return MOE_SUCCESS;
+}

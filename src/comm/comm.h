@@ -1,0 +1,33 @@
+/// @file comm.h
+/// The communicator interface the layer uses for expert parallelism. Each
+/// implementation (local here; MPI and NCCL in their own files) fills a
+/// moe_comm_ops table. Collectives are blocking on the CPU.
+#ifndef MOE_COMM_H
+#define MOE_COMM_H
+
+#include "internal.h"
+
+typedef struct moe_comm_ops {
+  const char *name; ///< "local", "mpi", "nccl"
+  /// Every rank sends n int64 values to every rank: send [size * n],
+  /// recv [size * n] (block r of recv came from rank r).
+  moe_status (*alltoall_i64)(moe_comm *c, const int64_t *send, int64_t *recv,
+                             int64_t n);
+  /// Variable all-to-all of bytes; counts and displacements in bytes.
+  moe_status (*alltoallv)(moe_comm *c, const void *send,
+                          const int64_t *send_counts,
+                          const int64_t *send_displs, void *recv,
+                          const int64_t *recv_counts,
+                          const int64_t *recv_displs);
+  /// In-place sum of n floats over all ranks, same order on every rank.
+  moe_status (*allreduce_sum_f32)(moe_comm *c, float *buf, int64_t n);
+  void (*destroy)(moe_comm *c);
+} moe_comm_ops;
+
+struct moe_comm {
+  const moe_comm_ops *ops;
+  int rank, size;
+  void *impl;
+};
+
+#endif /* MOE_COMM_H */

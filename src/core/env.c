@@ -1,0 +1,24 @@
+/// @file env.c
+/// Environment variables the library reads, parsed in one place.
+#include <stdlib.h>
+#include <strings.h>
+
+#include "internal.h"
+#include "core/env.h"
+
+moe_status moe_env_gmm(moe_gmm_method *m, bool *set) {
+  const char *v = getenv("MOE_GMM");
+  *set = false;
+  *m = MOE_GMM_AUTO;
+  if (!v || !*v) return MOE_SUCCESS;
+  if (!strcasecmp(v, "auto")) *m = MOE_GMM_AUTO;
+  else if (!strcasecmp(v, "grouped")) *m = MOE_GMM_GROUPED;
+  else if (!strcasecmp(v, "loop")) *m = MOE_GMM_LOOP;
+  else
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "environment MOE_GMM='%.64s': expected auto, grouped or "
+                     "loop",
+                     v);
+  *set = *m != MOE_GMM_AUTO;
+  return MOE_SUCCESS;
+}

@@ -1,0 +1,93 @@
+/// @file internal.h
+/// Internals shared by every part of the library: error reporting, checked
+/// arithmetic, aligned allocation, bf16 conversion and tensor validation.
+#ifndef MOE_INTERNAL_H
+#define MOE_INTERNAL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "moe.h"
+
+#if defined(__GNUC__)
+#define MOE_PRINTF(f, a) __attribute__((format(printf, f, a)))
+#define MOE_UNLIKELY(x) __builtin_expect(!!(x), 0)
+#else
+#define MOE_PRINTF(f, a)
+#define MOE_UNLIKELY(x) (x)
+#endif
+
+/// Records `fmt` as this thread's last error and returns `s`.
+moe_status moe_error(moe_status s, const char *fmt, ...) MOE_PRINTF(2, 3);
+/// Clears this thread's last error.
+void moe_clear_error(void);
+
+/// Propagates a failing status.
+#define MOE_TRY(expr)                                                        \
+  do {                                                                       \
+    moe_status moe_try_s_ = (expr);                                          \
+    if (moe_try_s_ != MOE_SUCCESS) return moe_try_s_;                        \
+  } while (0)
+
+/// a*b and a+b on non-negative int64 with overflow detection.
+static inline bool moe_mul_ok(int64_t a, int64_t b, int64_t *r) {
+  return !__builtin_mul_overflow(a, b, r) && *r >= 0;
+}
+static inline bool moe_add_ok(int64_t a, int64_t b, int64_t *r) {
+  return !__builtin_add_overflow(a, b, r) && *r >= 0;
+}
+
+/// 64-byte aligned allocation; NULL on failure (message set).
+void *moe_alloc(size_t bytes, const char *what);
+void moe_free(void *p);
+/// Rounds up to a multiple of 64 bytes.
+static inline size_t moe_align64(size_t n) { return (n + 63u) & ~(size_t)63u; }
+
+/// bf16 <-> f32. Round to nearest even; NaN stays NaN.
+static inline float moe_bf16_to_f32(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+static inline uint16_t moe_f32_to_bf16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+/// Loads element i of a float buffer of dtype `t` (F32 or BF16) as f32.
+static inline float moe_load_f(const void *p, moe_dtype t, int64_t i) {
+  return t == MOE_F32 ? ((const float *)p)[i]
+                      : moe_bf16_to_f32(((const uint16_t *)p)[i]);
+}
+static inline void moe_store_f(void *p, moe_dtype t, int64_t i, float v) {
+  if (t == MOE_F32)
+    ((float *)p)[i] = v;
+  else
+    ((uint16_t *)p)[i] = moe_f32_to_bf16(v);
+}
+
+/// Checks that `t` is present with `ndim` dims, the given shape (-1 = any),
+/// dtype (or any float of F32/BF16 if dtype < 0), a CPU/CUDA device matching
+/// `dev`, non-negative strides and non-NULL data. `name` is used in messages.
+moe_status moe_check_tensor(const moe_tensor *t, const char *name, int ndim,
+                            const int64_t *shape, int dtype,
+                            const moe_device *dev);
+/// True if the tensor is absent (ndim == 0 and data == NULL).
+static inline bool moe_tensor_absent(const moe_tensor *t) {
+  return t->ndim == 0;
+}
+/// True if `t`'s last dim has stride 1 and rows are packed with stride
+/// shape[last] (row-major contiguous in the last two dims).
+bool moe_tensor_rows_contiguous(const moe_tensor *t);
+
+/// Element offset of index idx in a view.
+static inline int64_t moe_offset2(const moe_tensor *t, int64_t i, int64_t j) {
+  return i * t->stride[0] + j * t->stride[1];
+}
+
+#endif /* MOE_INTERNAL_H */

@@ -1,0 +1,183 @@
+/// @file tensor.c
+/// Tensor views: construction, transposition, narrowing, validation, and the
+/// dtype / layout / method name tables.
+#include <stdlib.h>
+
+#include "internal.h"
+
+size_t moe_dtype_size(moe_dtype t) {
+  switch (t) {
+  case MOE_F32: return 4;
+  case MOE_BF16: return 2;
+  case MOE_F16: return 2;
+  case MOE_I32: return 4;
+  case MOE_I64: return 8;
+  case MOE_F64: return 8;
+  }
+  return 0;
+}
+
+const char *moe_dtype_name(moe_dtype t) {
+  switch (t) {
+  case MOE_F32: return "f32";
+  case MOE_BF16: return "bf16";
+  case MOE_F16: return "f16";
+  case MOE_I32: return "i32";
+  case MOE_I64: return "i64";
+  case MOE_F64: return "f64";
+  }
+  return "?";
+}
+
+const char *moe_gmm_method_name(moe_gmm_method m) {
+  switch (m) {
+  case MOE_GMM_AUTO: return "auto";
+  case MOE_GMM_GROUPED: return "grouped";
+  case MOE_GMM_LOOP: return "loop";
+  }
+  return "?";
+}
+
+const char *moe_layout_name(moe_layout l) {
+  switch (l) {
+  case MOE_LAYOUT_OUT_IN: return "out_in";
+  case MOE_LAYOUT_IN_OUT: return "in_out";
+  case MOE_LAYOUT_STRIDED: return "strided";
+  }
+  return "?";
+}
+
+moe_layout moe_weight_layout(const moe_tensor *w) {
+  if (w->ndim != 3) return MOE_LAYOUT_STRIDED;
+  if (w->stride[2] == 1 || w->shape[2] == 1) return MOE_LAYOUT_OUT_IN;
+  if (w->stride[1] == 1 || w->shape[1] == 1) return MOE_LAYOUT_IN_OUT;
+  return MOE_LAYOUT_STRIDED;
+}
+
+moe_tensor moe_tensor_make(void *data, moe_dtype dtype, int ndim,
+                           const int64_t *shape) {
+  moe_tensor t;
+  memset(&t, 0, sizeof t);
+  t.data = data;
+  t.dtype = dtype;
+  if (ndim < 0 || ndim > MOE_MAX_DIMS) ndim = 0;
+  t.ndim = ndim;
+  int64_t s = 1;
+  for (int d = ndim - 1; d >= 0; d--) {
+    t.shape[d] = shape[d];
+    t.stride[d] = s;
+    s *= shape[d] > 0 ? shape[d] : 1;
+  }
+  t.device.type = MOE_DEVICE_CPU;
+  return t;
+}
+
+int64_t moe_tensor_numel(const moe_tensor *t) {
+  int64_t n = 1;
+  for (int d = 0; d < t->ndim; d++) n *= t->shape[d];
+  return t->ndim ? n : 0;
+}
+
+moe_status moe_tensor_transpose(const moe_tensor *in, int d0, int d1,
+                                moe_tensor *out) {
+  if (!in || !out)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_tensor_transpose: in and out must not be NULL");
+  if (d0 < 0 || d1 < 0 || d0 >= in->ndim || d1 >= in->ndim)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_tensor_transpose: dims (%d, %d) out of range for a "
+                     "%d-d tensor",
+                     d0, d1, in->ndim);
+  moe_tensor t = *in;
+  t.shape[d0] = in->shape[d1];
+  t.shape[d1] = in->shape[d0];
+  t.stride[d0] = in->stride[d1];
+  t.stride[d1] = in->stride[d0];
+  *out = t;
+  return MOE_SUCCESS;
+}
+
+moe_status moe_tensor_narrow(const moe_tensor *in, int dim, int64_t start,
+                             int64_t len, moe_tensor *out) {
+  if (!in || !out)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_tensor_narrow: in and out must not be NULL");
+  if (dim < 0 || dim >= in->ndim)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_tensor_narrow: dim %d out of range for a %d-d "
+                     "tensor",
+                     dim, in->ndim);
+  if (start < 0 || len < 0 || start > in->shape[dim] ||
+      len > in->shape[dim] - start)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_tensor_narrow: [%lld, %lld) outside dim %d of size "
+                     "%lld",
+                     (long long)start, (long long)(start + len), dim,
+                     (long long)in->shape[dim]);
+  moe_tensor t = *in;
+  t.shape[dim] = len;
+  if (t.data)
+    t.data = (char *)t.data +
+             (size_t)(start * in->stride[dim]) * moe_dtype_size(in->dtype);
+  *out = t;
+  return MOE_SUCCESS;
+}
+
+bool moe_tensor_rows_contiguous(const moe_tensor *t) {
+  return t->ndim == 2 && (t->stride[1] == 1 || t->shape[1] <= 1) &&
+         (t->stride[0] == t->shape[1] || t->shape[0] <= 1);
+}
+
+moe_status moe_check_tensor(const moe_tensor *t, const char *name, int ndim,
+                            const int64_t *shape, int dtype,
+                            const moe_device *dev) {
+  if (t->ndim == 0)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: tensor is missing", name);
+  if (t->ndim != ndim)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "%s: expected %d dimensions, got %d", name, ndim,
+                     t->ndim);
+  for (int d = 0; d < ndim; d++) {
+    if (t->shape[d] < 0)
+      return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                       "%s: negative size %lld in dim %d", name,
+                       (long long)t->shape[d], d);
+    if (shape && shape[d] >= 0 && t->shape[d] != shape[d])
+      return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                       "%s: dim %d has size %lld, expected %lld", name, d,
+                       (long long)t->shape[d], (long long)shape[d]);
+    if (t->stride[d] < 0)
+      return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                       "%s: negative stride %lld in dim %d", name,
+                       (long long)t->stride[d], d);
+  }
+  if (dtype >= 0 && (int)t->dtype != dtype)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: dtype %s, expected %s",
+                     name, moe_dtype_name(t->dtype),
+                     moe_dtype_name((moe_dtype)dtype));
+  if (dtype < 0 && t->dtype != MOE_F32 && t->dtype != MOE_BF16)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "%s: dtype %s, expected f32 or bf16", name,
+                     moe_dtype_name(t->dtype));
+  if (dev && (t->device.type != dev->type || t->device.index != dev->index))
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "%s: on device %d:%d, the plan runs on %d:%d", name,
+                     (int)t->device.type, t->device.index, (int)dev->type,
+                     dev->index);
+  if (!t->data && moe_tensor_numel(t) > 0)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: data is NULL", name);
+  return MOE_SUCCESS;
+}
+
+void *moe_alloc(size_t bytes, const char *what) {
+  if (bytes == 0) bytes = 64;
+  void *p = NULL;
+  if (posix_memalign(&p, 64, moe_align64(bytes)) != 0) {
+    moe_error(MOE_ERR_OUT_OF_MEMORY, "out of memory allocating %zu bytes for %s",
+              bytes, what);
+    return NULL;
+  }
+  return p;
+}
+
+void moe_free(void *p) { free(p); }

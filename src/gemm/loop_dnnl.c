@@ -1,0 +1,476 @@
+/// @file loop_dnnl.c
+/// The oneDNN half of the `loop` method: one oneDNN matmul execution per
+/// group, and the cache of matmul primitives that makes that affordable.
+///
+/// Every operand is described to oneDNN by its own strides
+/// (dnnl_memory_desc_init_by_strides), so each layout -- transposed
+/// activations, "out,in" or "in,out" weights, row- or column-major dW -- is
+/// read and written in place. Nothing is copied or reordered; when oneDNN
+/// has no matmul for some strides the call declines with
+/// MOE_ERR_UNIMPLEMENTED and says which.
+///
+/// Creating a primitive costs far more than running a small one, and the
+/// rows per expert take a few dozen distinct values per call, so primitives
+/// live in a moe_loop_cache keyed by everything oneDNN specialises on:
+/// shape, strides, dtypes, beta and the thread count.
+///
+/// Determinism: with the same inputs at the same addresses and the same
+/// thread count, oneDNN's CPU matmul gives bitwise the same outputs.
+#include <dnnl.h>
+#include <dnnl_debug.h>
+#include <omp.h>
+#include <stdio.h>
+
+#include "gemm.h"
+
+/// At most this many primitives are kept; past it, a group's primitive is
+/// created, executed and destroyed (nothing is evicted, so a long-lived plan
+/// keeps its hot shapes).
+#define MOE_LOOP_CACHE_MAX 4096
+/// Open-addressing hash slots: a power of two, twice the entry limit, so a
+/// probe always ends at an empty slot.
+#define MOE_LOOP_CACHE_SLOTS (2 * MOE_LOOP_CACHE_MAX)
+
+/// What a primitive is specialised on. All fields are int64 so the key has
+/// no padding and compares with memcmp.
+typedef struct moe_dnnl_key {
+  int64_t m, n, k;
+  int64_t a_rs, a_cs, b_rs, b_cs, c_rs, c_cs;
+  int64_t a_dt, b_dt, c_dt;
+  int64_t beta_bits; ///< bit pattern of beta
+  int64_t nthr;      ///< OpenMP threads the primitive was created for
+} moe_dnnl_key;
+
+typedef struct moe_dnnl_entry {
+  moe_dnnl_key key;
+  dnnl_primitive_t prim;
+  dnnl_memory_t mem[3]; ///< A, B, C; no buffer, handle set per execution
+} moe_dnnl_entry;
+
+/// A primitive cache. Used by one thread at a time: callers running plans
+/// concurrently give each its own cache (or pass NULL for a call-local one).
+struct moe_loop_cache {
+  dnnl_engine_t engine; ///< CPU engine 0, created on first use
+  dnnl_stream_t stream; ///< its in-order stream, created on first use
+  moe_dnnl_entry *entries;
+  int64_t count, cap;
+  int32_t *slots; ///< MOE_LOOP_CACHE_SLOTS indices into entries, -1 empty
+};
+
+static moe_status moe_dnnl_fail(dnnl_status_t s, const char *what) {
+  return moe_error(MOE_ERR_BACKEND, "loop (oneDNN): %s failed: %s", what,
+                   dnnl_status2str(s));
+}
+
+static dnnl_data_type_t moe_dnnl_dt(moe_dtype t) {
+  return t == MOE_BF16 ? dnnl_bf16 : dnnl_f32;
+}
+
+moe_status moe_loop_cache_create(struct moe_loop_cache **c) {
+  if (!c)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_loop_cache_create: c is NULL");
+  *c = NULL;
+  struct moe_loop_cache *lc = moe_alloc(sizeof *lc, "oneDNN loop cache");
+  if (!lc) return MOE_ERR_OUT_OF_MEMORY;
+  memset(lc, 0, sizeof *lc);
+  *c = lc;
+  return MOE_SUCCESS;
+}
+
+static void moe_dnnl_entry_release(moe_dnnl_entry *e) {
+  /* Destroy calls on valid handles cannot fail in a way we could act on. */
+  for (int i = 0; i < 3; i++)
+    if (e->mem[i]) dnnl_memory_destroy(e->mem[i]);
+  if (e->prim) dnnl_primitive_destroy(e->prim);
+  memset(e->mem, 0, sizeof e->mem);
+  e->prim = NULL;
+}
+
+void moe_loop_cache_destroy(struct moe_loop_cache *c) {
+  if (!c) return;
+  for (int64_t i = 0; i < c->count; i++) moe_dnnl_entry_release(&c->entries[i]);
+  if (c->stream) dnnl_stream_destroy(c->stream);
+  if (c->engine) dnnl_engine_destroy(c->engine);
+  moe_free(c->entries);
+  moe_free(c->slots);
+  moe_free(c);
+}
+
+/// Creates the engine and stream on first use.
+static moe_status moe_dnnl_cache_ready(struct moe_loop_cache *c) {
+  dnnl_status_t s;
+  if (!c->engine) {
+    s = dnnl_engine_create(&c->engine, dnnl_cpu, 0);
+    if (s != dnnl_success) {
+      c->engine = NULL;
+      return moe_dnnl_fail(s, "creating the CPU engine");
+    }
+  }
+  if (!c->stream) {
+    s = dnnl_stream_create(&c->stream, c->engine, dnnl_stream_default_flags);
+    if (s != dnnl_success) {
+      c->stream = NULL;
+      return moe_dnnl_fail(s, "creating the stream");
+    }
+  }
+  return MOE_SUCCESS;
+}
+
+static uint64_t moe_dnnl_hash(const moe_dnnl_key *k) {
+  int64_t v[sizeof *k / sizeof(int64_t)];
+  memcpy(v, k, sizeof v);
+  uint64_t h = 0x9e3779b97f4a7c15u;
+  for (size_t i = 0; i < sizeof v / sizeof *v; i++) {
+    h ^= (uint64_t)v[i];
+    h *= 0xbf58476d1ce4e5b9u;
+    h ^= h >> 31;
+  }
+  return h;
+}
+
+/// The slot holding `k`, or the empty slot where it would go.
+static int64_t moe_dnnl_probe(const struct moe_loop_cache *c,
+                              const moe_dnnl_key *k) {
+  int64_t mask = MOE_LOOP_CACHE_SLOTS - 1;
+  int64_t s = (int64_t)(moe_dnnl_hash(k) & (uint64_t)mask);
+  while (c->slots[s] >= 0 &&
+         memcmp(&c->entries[c->slots[s]].key, k, sizeof *k) != 0)
+    s = (s + 1) & mask;
+  return s;
+}
+
+/// A stride oneDNN will accept for a dimension of size 1, where the stride
+/// is never used: keeps a single row or column looking like an ordinary
+/// row- or column-major matrix instead of an odd one.
+static void moe_dnnl_norm_strides(int64_t rows, int64_t cols, int64_t *rs,
+                                  int64_t *cs) {
+  if (rows == 1) *rs = *cs == 1 ? cols : 1;
+  if (cols == 1) *cs = *rs == 1 ? rows : 1;
+}
+
+/// Creates the matmul primitive of `k` and its three handle-less memory
+/// objects into `e`. On failure nothing is left allocated.
+static moe_status moe_dnnl_entry_create(struct moe_loop_cache *c,
+                                        const moe_dnnl_key *k,
+                                        moe_dnnl_entry *e) {
+  memset(e, 0, sizeof *e);
+  e->key = *k;
+  dnnl_memory_desc_t md[3];
+  /* dnnl_dims_t is a full DNNL_MAX_NDIMS array; only two entries count. */
+  const dnnl_dims_t dims[3] = {{k->m, k->k}, {k->k, k->n}, {k->m, k->n}};
+  const dnnl_dims_t strides[3] = {
+      {k->a_rs, k->a_cs}, {k->b_rs, k->b_cs}, {k->c_rs, k->c_cs}};
+  const int64_t dts[3] = {k->a_dt, k->b_dt, k->c_dt};
+  static const char *const names[3] = {"A", "B", "C"};
+  char shape[320];
+  snprintf(shape, sizeof shape,
+           "A %s %lldx%lld strides (%lld,%lld), B %s %lldx%lld strides "
+           "(%lld,%lld), C %s %lldx%lld strides (%lld,%lld)",
+           moe_dtype_name((moe_dtype)k->a_dt), (long long)k->m,
+           (long long)k->k, (long long)k->a_rs, (long long)k->a_cs,
+           moe_dtype_name((moe_dtype)k->b_dt), (long long)k->k,
+           (long long)k->n, (long long)k->b_rs, (long long)k->b_cs,
+           moe_dtype_name((moe_dtype)k->c_dt), (long long)k->m,
+           (long long)k->n, (long long)k->c_rs, (long long)k->c_cs);
+  dnnl_status_t s;
+  for (int i = 0; i < 3; i++) {
+    s = dnnl_memory_desc_init_by_strides(&md[i], 2, dims[i],
+                                         moe_dnnl_dt((moe_dtype)dts[i]),
+                                         strides[i]);
+    if (s != dnnl_success)
+      return moe_error(s == dnnl_invalid_arguments || s == dnnl_unimplemented
+                           ? MOE_ERR_UNIMPLEMENTED
+                           : MOE_ERR_BACKEND,
+                       "loop (oneDNN): cannot describe operand %s (%s): "
+                       "%s",
+                       names[i], shape, dnnl_status2str(s));
+  }
+  dnnl_matmul_desc_t desc;
+  s = dnnl_matmul_desc_init(&desc, &md[0], &md[1], NULL, &md[2]);
+  if (s != dnnl_success)
+    return moe_error(s == dnnl_invalid_arguments || s == dnnl_unimplemented
+                         ? MOE_ERR_UNIMPLEMENTED
+                         : MOE_ERR_BACKEND,
+                     "loop (oneDNN): no matmul descriptor for %s: %s", shape,
+                     dnnl_status2str(s));
+
+  moe_status st = MOE_SUCCESS;
+  dnnl_post_ops_t ops = NULL;
+  dnnl_primitive_attr_t attr = NULL;
+  dnnl_primitive_desc_t pd = NULL;
+  float beta;
+  int32_t bits = (int32_t)k->beta_bits;
+  memcpy(&beta, &bits, sizeof beta);
+  if (beta != 0.0f) {
+    /* C = beta*C + A.B is oneDNN's accumulate (sum) post-op; without it the
+       matmul only writes C, which is what beta == 0 must do. */
+    if ((s = dnnl_post_ops_create(&ops)) != dnnl_success) {
+      ops = NULL;
+      st = moe_dnnl_fail(s, "creating post-ops");
+      goto out;
+    }
+    if ((s = dnnl_post_ops_append_sum(ops, beta)) != dnnl_success) {
+      st = moe_dnnl_fail(s, "appending the sum post-op");
+      goto out;
+    }
+    if ((s = dnnl_primitive_attr_create(&attr)) != dnnl_success) {
+      attr = NULL;
+      st = moe_dnnl_fail(s, "creating primitive attributes");
+      goto out;
+    }
+    if ((s = dnnl_primitive_attr_set_post_ops(attr, ops)) != dnnl_success) {
+      st = moe_dnnl_fail(s, "setting post-ops");
+      goto out;
+    }
+  }
+  s = dnnl_primitive_desc_create(&pd, &desc, attr, c->engine, NULL);
+  if (s != dnnl_success) {
+    pd = NULL;
+    if (s == dnnl_unimplemented)
+      st = moe_error(MOE_ERR_UNIMPLEMENTED,
+                     "loop (oneDNN): oneDNN has no matmul for %s%s (this "
+                     "method never copies an operand to fix its layout)",
+                     shape, beta != 0.0f ? " with accumulation" : "");
+    else
+      st = moe_error(MOE_ERR_BACKEND,
+                     "loop (oneDNN): creating the matmul for %s failed: %s",
+                     shape, dnnl_status2str(s));
+    goto out;
+  }
+  /* oneDNN's last resort, ref:any, accepts any strides but runs one scalar
+     dot product per element: orders of magnitude slower than libmoe's own
+     grouped kernel. Decline rather than hand the caller that. */
+  const char *impl = NULL;
+  if (dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &impl) ==
+          dnnl_success &&
+      impl && strncmp(impl, "ref", 3) == 0) {
+    st = moe_error(MOE_ERR_UNIMPLEMENTED,
+                   "loop (oneDNN): oneDNN offers only its reference matmul (%s) "
+                   "for %s on this CPU; declined as far too slow (this method "
+                   "never copies an operand to fix its layout)",
+                   impl, shape);
+    goto out;
+  }
+  if ((s = dnnl_primitive_create(&e->prim, pd)) != dnnl_success) {
+    e->prim = NULL;
+    st = moe_dnnl_fail(s, "creating the matmul primitive");
+    goto out;
+  }
+  for (int i = 0; i < 3; i++) {
+    s = dnnl_memory_create(&e->mem[i], &md[i], c->engine, DNNL_MEMORY_NONE);
+    if (s != dnnl_success) {
+      e->mem[i] = NULL;
+      st = moe_dnnl_fail(s, "creating a memory object");
+      goto out;
+    }
+  }
+out:
+  if (pd) dnnl_primitive_desc_destroy(pd);
+  if (attr) dnnl_primitive_attr_destroy(attr);
+  if (ops) dnnl_post_ops_destroy(ops);
+  if (st != MOE_SUCCESS) moe_dnnl_entry_release(e);
+  return st;
+}
+
+/// Runs `e` on the given (0,0) element pointers and waits for it.
+static moe_status moe_dnnl_entry_run(struct moe_loop_cache *c,
+                                     const moe_dnnl_entry *e, const void *a,
+                                     const void *b, void *cc) {
+  /* oneDNN never writes a source; its API just has no const handles. */
+  void *h[3] = {(void *)(uintptr_t)a, (void *)(uintptr_t)b, cc};
+  dnnl_status_t s;
+  for (int i = 0; i < 3; i++)
+    if ((s = dnnl_memory_set_data_handle(e->mem[i], h[i])) != dnnl_success)
+      return moe_dnnl_fail(s, "setting a memory handle");
+  const dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, e->mem[0]},
+                                   {DNNL_ARG_WEIGHTS, e->mem[1]},
+                                   {DNNL_ARG_DST, e->mem[2]}};
+  if ((s = dnnl_primitive_execute(e->prim, c->stream, 3, args)) !=
+      dnnl_success)
+    return moe_dnnl_fail(s, "executing the matmul");
+  if ((s = dnnl_stream_wait(c->stream)) != dnnl_success)
+    return moe_dnnl_fail(s, "waiting for the stream");
+  return MOE_SUCCESS;
+}
+
+/// The cached entry of `k`, created on a miss. *e is NULL and *tmp filled
+/// when the cache is full: the caller runs and releases *tmp itself.
+static moe_status moe_dnnl_lookup(struct moe_loop_cache *c,
+                                  const moe_dnnl_key *k,
+                                  const moe_dnnl_entry **e,
+                                  moe_dnnl_entry *tmp) {
+  *e = NULL;
+  if (!c->slots) {
+    c->slots = moe_alloc(MOE_LOOP_CACHE_SLOTS * sizeof *c->slots,
+                         "oneDNN loop cache slots");
+    if (!c->slots) return MOE_ERR_OUT_OF_MEMORY;
+    memset(c->slots, 0xff, MOE_LOOP_CACHE_SLOTS * sizeof *c->slots);
+  }
+  int64_t s = moe_dnnl_probe(c, k);
+  if (c->slots[s] >= 0) {
+    *e = &c->entries[c->slots[s]];
+    return MOE_SUCCESS;
+  }
+  if (c->count == MOE_LOOP_CACHE_MAX) return moe_dnnl_entry_create(c, k, tmp);
+  if (c->count == c->cap) {
+    int64_t cap = c->cap ? 2 * c->cap : 64;
+    if (cap > MOE_LOOP_CACHE_MAX) cap = MOE_LOOP_CACHE_MAX;
+    moe_dnnl_entry *ne =
+        moe_alloc((size_t)cap * sizeof *ne, "oneDNN loop cache entries");
+    if (!ne) return MOE_ERR_OUT_OF_MEMORY;
+    if (c->count) memcpy(ne, c->entries, (size_t)c->count * sizeof *ne);
+    moe_free(c->entries);
+    c->entries = ne;
+    c->cap = cap;
+  }
+  MOE_TRY(moe_dnnl_entry_create(c, k, &c->entries[c->count]));
+  c->slots[s] = (int32_t)c->count;
+  *e = &c->entries[c->count++];
+  return MOE_SUCCESS;
+}
+
+/// Group g's shape and the addresses of element (0,0) of its operands.
+static void moe_dnnl_group(const moe_gemm_problem *p, int64_t g, int64_t *m,
+                           int64_t *k, const char **a, const char **b,
+                           char **c) {
+  int64_t r0 = p->offsets[g], ng = p->offsets[g + 1] - r0;
+  int64_t sa = (int64_t)moe_dtype_size(p->A.dtype);
+  int64_t sb = (int64_t)moe_dtype_size(p->B.dtype);
+  int64_t sc = (int64_t)moe_dtype_size(p->C.dtype);
+  const char *A = p->A.data, *B = p->B.data;
+  char *C = p->C.data;
+  if (p->kind == MOE_GROUP_M) {
+    *m = ng;
+    *k = p->K;
+    *a = A + r0 * p->A.rs * sa;
+    *b = B + g * p->B.gs * sb;
+    *c = C + r0 * p->C.rs * sc;
+  } else {
+    *m = p->M;
+    *k = ng;
+    *a = A + r0 * p->A.cs * sa;
+    *b = B + r0 * p->B.rs * sb;
+    *c = C + g * p->C.gs * sc;
+  }
+}
+
+static void moe_dnnl_zero_tile(const moe_operand *C, char *c, int64_t m,
+                               int64_t n) {
+  for (int64_t i = 0; i < m; i++)
+    for (int64_t j = 0; j < n; j++)
+      moe_store_f(c, C->dtype, i * C->rs + j * C->cs, 0.0f);
+}
+
+static moe_status moe_dnnl_check(const moe_gemm_problem *p) {
+  if (!p)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT, "loop (oneDNN): p is NULL");
+  bool ok_a = p->A.dtype == MOE_F32 || p->A.dtype == MOE_BF16;
+  bool ok_c = p->C.dtype == MOE_F32 || p->C.dtype == MOE_BF16;
+  if (!ok_a || p->B.dtype != p->A.dtype || !ok_c)
+    return moe_error(MOE_ERR_UNIMPLEMENTED,
+                     "loop (oneDNN): dtypes A %s, B %s, C %s: A and B must "
+                     "both be f32 or both bf16, C f32 or bf16",
+                     moe_dtype_name(p->A.dtype), moe_dtype_name(p->B.dtype),
+                     moe_dtype_name(p->C.dtype));
+  if (p->num_groups < 0 || (p->num_groups > 0 && !p->offsets))
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "loop (oneDNN): %lld groups with offsets %p",
+                     (long long)p->num_groups, (const void *)p->offsets);
+  for (int64_t g = 0; g < p->num_groups; g++)
+    if (p->offsets[g] < 0 || p->offsets[g + 1] < p->offsets[g])
+      return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                       "loop (oneDNN): offsets[%lld..%lld] = %lld, %lld are "
+                       "not non-negative and non-decreasing",
+                       (long long)g, (long long)g + 1,
+                       (long long)p->offsets[g], (long long)p->offsets[g + 1]);
+  return MOE_SUCCESS;
+}
+
+/// The key of one group's matmul. When C is column-major, oneDNN's fast
+/// matmuls (which want a row-major destination) get the transposed problem
+/// C^T = B^T A^T instead -- the same memory read through swapped strides --
+/// and true is returned: the caller then passes B as the source and A as
+/// the weights.
+static bool moe_dnnl_make_key(const moe_gemm_problem *p, int64_t m, int64_t k,
+                              int32_t beta_bits, moe_dnnl_key *key) {
+  int64_t n = p->N;
+  int64_t a_rs = p->A.rs, a_cs = p->A.cs, b_rs = p->B.rs, b_cs = p->B.cs;
+  int64_t c_rs = p->C.rs, c_cs = p->C.cs;
+  moe_dnnl_norm_strides(m, k, &a_rs, &a_cs);
+  moe_dnnl_norm_strides(k, n, &b_rs, &b_cs);
+  moe_dnnl_norm_strides(m, n, &c_rs, &c_cs);
+  bool swap = c_cs != 1 && c_rs == 1;
+  memset(key, 0, sizeof *key);
+  if (!swap) {
+    *key = (moe_dnnl_key){m, n, k, a_rs, a_cs, b_rs, b_cs, c_rs, c_cs,
+                          p->A.dtype, p->B.dtype, p->C.dtype, 0, 0};
+  } else {
+    *key = (moe_dnnl_key){n, m, k, b_cs, b_rs, a_cs, a_rs, c_cs, c_rs,
+                          p->B.dtype, p->A.dtype, p->C.dtype, 0, 0};
+  }
+  key->beta_bits = p->beta == 0.0f ? 0 : beta_bits; /* -0 is 0 */
+  /* oneDNN sizes its threading when the primitive is created. */
+  key->nthr = omp_get_max_threads();
+  return swap;
+}
+
+static moe_status moe_dnnl_groups(const moe_gemm_problem *p,
+                                  struct moe_loop_cache *lc) {
+  int32_t beta_bits;
+  memcpy(&beta_bits, &p->beta, sizeof beta_bits);
+  for (int64_t g = 0; g < p->num_groups; g++) {
+    int64_t m, k;
+    const char *a, *b;
+    char *cc;
+    moe_dnnl_group(p, g, &m, &k, &a, &b, &cc);
+    if (m == 0 || p->N == 0) continue;
+    if (k == 0) {
+      if (p->beta == 0.0f) moe_dnnl_zero_tile(&p->C, cc, m, p->N);
+      continue;
+    }
+    MOE_TRY(moe_dnnl_cache_ready(lc));
+    moe_dnnl_key key;
+    bool swap = moe_dnnl_make_key(p, m, k, beta_bits, &key);
+    if (swap) {
+      const char *t = a;
+      a = b;
+      b = t;
+    }
+    const moe_dnnl_entry *e;
+    moe_dnnl_entry tmp;
+    moe_status st = moe_dnnl_lookup(lc, &key, &e, &tmp);
+    if (st != MOE_SUCCESS) {
+      char why[768];
+      snprintf(why, sizeof why, "%s", moe_last_error());
+      return moe_error(st, "%s (group %lld)", why, (long long)g);
+    }
+    if (e) {
+      MOE_TRY(moe_dnnl_entry_run(lc, e, a, b, cc));
+    } else {
+      st = moe_dnnl_entry_run(lc, &tmp, a, b, cc);
+      moe_dnnl_entry_release(&tmp);
+      MOE_TRY(st);
+    }
+  }
+  return MOE_SUCCESS;
+}
+
+moe_status moe_gemm_loop_dnnl(const moe_gemm_problem *p,
+                              const moe_gemm_ctx *c) {
+  MOE_TRY(moe_dnnl_check(p));
+  struct moe_loop_cache *lc = c ? c->loop_cache : NULL, *local = NULL;
+  if (!lc) {
+    MOE_TRY(moe_loop_cache_create(&local));
+    lc = local;
+  }
+  /* oneDNN's OpenMP runtime parallelises over omp_get_max_threads(); set it
+     for this call only and give the caller theirs back. */
+  int prev = omp_get_max_threads();
+  int want = c && c->num_threads > 0 ? c->num_threads : prev;
+  if (want != prev) omp_set_num_threads(want);
+  moe_status st = moe_dnnl_groups(p, lc);
+  if (want != prev) omp_set_num_threads(prev);
+  moe_loop_cache_destroy(local);
+  return st;
+}

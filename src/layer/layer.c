@@ -1,0 +1,796 @@
+/// @file layer.c
+/// The expert layer: plan creation (validation, planner, sizes) and the
+/// forward and backward orchestration
+///   router -> top-k -> sort -> permute -> gate_up GEMM -> SwiGLU -> down
+///   GEMM -> weighted unpermute
+/// and its mirror image. Every matrix product, the router's included, is one
+/// grouped GEMM problem (gemm.h) run by the planned method.
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "act/swiglu.h"
+#include "comm/comm.h"
+#include "core/env.h"
+#include "layer/layer.h"
+#include "plan/planner.h"
+#include "route/route.h"
+
+/* ---- plan ------------------------------------------------------------- */
+
+static moe_status moe_desc_copy(moe_layer_desc *d, const moe_layer_desc *in) {
+  moe_layer_desc dflt = MOE_LAYER_DESC_INIT;
+  if (in->magic != MOE_LAYER_DESC_MAGIC)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc: bad magic 0x%08x; initialise it with "
+                     "MOE_LAYER_DESC_INIT",
+                     in->magic);
+  if (in->struct_size < offsetof(moe_layer_desc, comm) + sizeof(void *) &&
+      in->struct_size < offsetof(moe_layer_desc, num_experts))
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc: struct_size %zu is too small", in->struct_size);
+  /* Copy only what the caller's version has; newer fields keep defaults. */
+  *d = dflt;
+  size_t n = in->struct_size < sizeof *d ? in->struct_size : sizeof *d;
+  memcpy(d, in, n);
+  d->struct_size = sizeof *d;
+  return MOE_SUCCESS;
+}
+
+static moe_status moe_desc_check(const moe_layer_desc *d) {
+  if (d->num_experts < 1)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc.num_experts = %lld: must be >= 1",
+                     (long long)d->num_experts);
+  if (d->hidden < 1 || d->intermediate < 1)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc.hidden = %lld, desc.intermediate = %lld: both "
+                     "must be >= 1",
+                     (long long)d->hidden, (long long)d->intermediate);
+  if (d->top_k < 1 || d->top_k > d->num_experts)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc.top_k = %lld: must be in [1, num_experts = %lld]",
+                     (long long)d->top_k, (long long)d->num_experts);
+  if (d->max_tokens < 0)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc.max_tokens = %lld: must be >= 0",
+                     (long long)d->max_tokens);
+  if (d->dtype != MOE_F32 && d->dtype != MOE_BF16)
+    return moe_error(MOE_ERR_UNIMPLEMENTED,
+                     "desc.dtype = %s: the layer runs f32 or bf16",
+                     moe_dtype_name(d->dtype));
+  if ((unsigned)d->gate_up_layout > MOE_LAYOUT_STRIDED ||
+      (unsigned)d->down_layout > MOE_LAYOUT_STRIDED)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT, "desc: unknown weight layout");
+  if ((unsigned)d->method > MOE_GMM_LOOP)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT, "desc.method = %d: unknown",
+                     (int)d->method);
+  if (d->device.type != MOE_DEVICE_CPU)
+    return moe_error(MOE_ERR_UNIMPLEMENTED,
+                     "desc.device: this build's layer runs on the CPU only");
+  if (d->num_threads < 0)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc.num_threads = %d: must be >= 0", d->num_threads);
+  /* Sizes the buffers are computed from must not overflow. */
+  int64_t r, x;
+  if (!moe_mul_ok(d->max_tokens, d->top_k, &r) ||
+      !moe_mul_ok(r, d->hidden + 2 * d->intermediate, &x) ||
+      !moe_mul_ok(d->max_tokens, d->num_experts, &x) ||
+      !moe_mul_ok(d->num_experts, d->hidden, &x) ||
+      !moe_mul_ok(x, 2 * d->intermediate, &x) || x > ((int64_t)1 << 56))
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc: sizes overflow (max_tokens %lld, E %lld, H %lld, "
+                     "I %lld)",
+                     (long long)d->max_tokens, (long long)d->num_experts,
+                     (long long)d->hidden, (long long)d->intermediate);
+  return MOE_SUCCESS;
+}
+
+/// The planner's view of projection 0 (gate_up) or 1 (down).
+static void moe_proj_shapes(const moe_layer_plan *p, int proj,
+                            moe_proj_shape *s) {
+  const moe_layer_desc *d = &p->d;
+  s->name = proj == 0 ? "gate_up" : "down";
+  s->experts = p->e_local;
+  s->rows = d->max_tokens * d->top_k;
+  s->K = proj == 0 ? d->hidden : d->intermediate;
+  s->N = proj == 0 ? 2 * d->intermediate : d->hidden;
+  s->dtype = d->dtype;
+  s->layout = proj == 0 ? d->gate_up_layout : d->down_layout;
+  s->gemms = 1;
+}
+
+moe_status moe_layer_plan_create(moe_layer_plan **plan,
+                                 const moe_layer_desc *desc) {
+  if (!plan || !desc)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_layer_plan_create: plan and desc must not be NULL");
+  *plan = NULL;
+  moe_layer_desc d;
+  MOE_TRY(moe_desc_copy(&d, desc));
+  MOE_TRY(moe_desc_check(&d));
+  moe_gmm_method env_m;
+  bool env_set;
+  MOE_TRY(moe_env_gmm(&env_m, &env_set));
+
+  moe_layer_plan *p = calloc(1, sizeof *p);
+  if (!p)
+    return moe_error(MOE_ERR_OUT_OF_MEMORY, "moe_layer_plan_create: no memory");
+  p->d = d;
+  p->nt = d.num_threads > 0 ? d.num_threads : omp_get_max_threads();
+  p->rank = moe_comm_rank(d.comm);
+  p->ranks = moe_comm_size(d.comm);
+  if (d.num_experts % p->ranks != 0) {
+    int ranks = p->ranks;
+    free(p);
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc.num_experts = %lld is not divisible by the %d "
+                     "ranks of desc.comm",
+                     (long long)d.num_experts, ranks);
+  }
+  if (p->ranks > 1) {
+    int ranks = p->ranks;
+    free(p);
+    return moe_error(MOE_ERR_UNIMPLEMENTED,
+                     "desc.comm: expert parallelism over %d ranks is not in "
+                     "this build",
+                     ranks);
+  }
+  p->e_local = d.num_experts / p->ranks;
+  p->e_first = p->e_local * p->rank;
+  p->max_rows = d.max_tokens * d.top_k * p->ranks;
+
+  size_t len = 0;
+  const moe_machine *m = moe_machine_get();
+  int64_t rows = d.max_tokens * d.top_k;
+  len += (size_t)snprintf(
+      p->explain, sizeof p->explain,
+      "plan: E=%lld H=%lld I=%lld top_k=%lld, %lld tokens -> %lld routed "
+      "rows, %s, %d threads, %d rank(s)\nmachine: %s\n",
+      (long long)d.num_experts, (long long)d.hidden,
+      (long long)d.intermediate, (long long)d.top_k, (long long)d.max_tokens,
+      (long long)rows, moe_dtype_name(d.dtype), p->nt, p->ranks, m->source);
+  moe_gmm_method forced = d.method != MOE_GMM_AUTO ? d.method : env_m;
+  const char *by = d.method != MOE_GMM_AUTO ? "desc.method" : "MOE_GMM";
+  moe_proj_shape gu, dn;
+  moe_proj_shapes(p, 0, &gu);
+  moe_proj_shapes(p, 1, &dn);
+  moe_status s = moe_plan_projection(m, &gu, forced, by, p->nt, &p->method[0],
+                                     p->explain, &len, sizeof p->explain);
+  if (s == MOE_SUCCESS)
+    s = moe_plan_projection(m, &dn, forced, by, p->nt, &p->method[1],
+                            p->explain, &len, sizeof p->explain);
+  if (s == MOE_SUCCESS &&
+      (p->method[0] == MOE_GMM_LOOP || p->method[1] == MOE_GMM_LOOP))
+    s = moe_loop_cache_create(&p->cache);
+  if (s != MOE_SUCCESS) {
+    free(p);
+    return s;
+  }
+  *plan = p;
+  return MOE_SUCCESS;
+}
+
+moe_status moe_layer_plan_destroy(moe_layer_plan *plan) {
+  if (!plan) return MOE_SUCCESS;
+  moe_loop_cache_destroy(plan->cache);
+  free(plan);
+  return MOE_SUCCESS;
+}
+
+const char *moe_layer_plan_explain(const moe_layer_plan *plan) {
+  return plan ? plan->explain : "";
+}
+
+moe_gmm_method moe_layer_plan_method(const moe_layer_plan *plan,
+                                     int projection) {
+  if (!plan || projection < 0 || projection > 1) return MOE_GMM_AUTO;
+  return plan->method[projection];
+}
+
+moe_status moe_layer_plan_predict(const moe_layer_plan *plan, int projection,
+                                  moe_gmm_method m, double *fwd_ms,
+                                  double *bwd_ms) {
+  if (!plan || projection < 0 || projection > 1 || m == MOE_GMM_AUTO)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_layer_plan_predict: need a plan, projection 0 or 1 "
+                     "and a method other than auto");
+  moe_proj_shape s;
+  moe_proj_shapes(plan, projection, &s);
+  moe_proj_cost c = moe_predict(moe_machine_get(), &s, m, plan->nt);
+  if (!c.supported)
+    return moe_error(MOE_ERR_UNIMPLEMENTED, "%s cannot serve %s: %s",
+                     moe_gmm_method_name(m), s.name, c.why_not);
+  if (fwd_ms) *fwd_ms = c.fwd_ms;
+  if (bwd_ms) *bwd_ms = c.bwd_ms;
+  return MOE_SUCCESS;
+}
+
+/* ---- buffers ---------------------------------------------------------- */
+
+static size_t moe_take(size_t *at, size_t bytes) {
+  size_t o = *at;
+  *at += moe_align64(bytes);
+  return o;
+}
+
+void moe_layer_bufs_of(const moe_layer_plan *p, int64_t T, moe_layer_bufs *b) {
+  const moe_layer_desc *d = &p->d;
+  size_t es = moe_dtype_size(d->dtype);
+  size_t S = (size_t)(T * d->top_k), E = (size_t)d->num_experts;
+  size_t R = (size_t)(T * d->top_k * p->ranks);
+  size_t H = (size_t)d->hidden, I = (size_t)d->intermediate;
+  size_t at = 0;
+  b->idx = moe_take(&at, S * sizeof(int32_t));
+  b->w = moe_take(&at, S * sizeof(float));
+  b->probs = moe_take(&at, (size_t)T * E * sizeof(float));
+  b->offsets = moe_take(&at, (E + 1) * sizeof(int64_t));
+  b->slot_row = moe_take(&at, S * sizeof(int64_t));
+  b->row_slot = moe_take(&at, R * sizeof(int64_t));
+  b->xp = moe_take(&at, R * H * es);
+  b->ab = moe_take(&at, R * 2 * I * es);
+  b->hh = moe_take(&at, R * I * es);
+  b->y = moe_take(&at, R * H * es);
+  b->saved_bytes = at;
+  at = 0;
+  b->cursor = moe_take(&at, E * sizeof(int64_t));
+  b->logits = moe_take(&at, (size_t)T * E * sizeof(float));
+  b->gemm = moe_take(&at, moe_gemm_scratch_bytes(p->nt, (int64_t)E));
+  b->dy = moe_take(&at, R * H * es);
+  b->dh = moe_take(&at, R * I * es);
+  b->dab = moe_take(&at, R * 2 * I * es);
+  b->dxp = moe_take(&at, R * H * sizeof(float));
+  b->dw = moe_take(&at, S * sizeof(float));
+  b->dlogits = moe_take(&at, (size_t)T * E * sizeof(float));
+  b->dx = moe_take(&at, (size_t)T * H * sizeof(float));
+  b->fwd_saved = moe_take(&at, b->saved_bytes);
+  b->workspace_bytes = at;
+}
+
+moe_status moe_layer_plan_sizes(const moe_layer_plan *plan, int64_t tokens,
+                                size_t *workspace_bytes, size_t *saved_bytes) {
+  if (!plan)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_layer_plan_sizes: plan is NULL");
+  if (tokens < 0 || tokens > plan->d.max_tokens)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_layer_plan_sizes: tokens = %lld outside [0, "
+                     "max_tokens = %lld]",
+                     (long long)tokens, (long long)plan->d.max_tokens);
+  moe_layer_bufs b;
+  moe_layer_bufs_of(plan, tokens, &b);
+  if (workspace_bytes) *workspace_bytes = b.workspace_bytes;
+  if (saved_bytes) *saved_bytes = b.saved_bytes;
+  return MOE_SUCCESS;
+}
+
+/* ---- argument checks -------------------------------------------------- */
+
+/// The gate and up weights (or their gradients) of one call, whether they
+/// came fused or separate.
+typedef struct moe_gate_up {
+  moe_tensor gate, up; ///< [E, I, H] views
+  moe_tensor both;     ///< [E, 2I, H] when fused
+  bool fused;
+} moe_gate_up;
+
+static moe_status moe_check_weight(const moe_tensor *t, const char *name,
+                                   const int64_t *shape, moe_layout want,
+                                   const moe_layer_desc *d) {
+  MOE_TRY(moe_check_tensor(t, name, 3, shape, (int)d->dtype, &d->device));
+  moe_layout l = moe_weight_layout(t);
+  if (l != want)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "%s: strides (%lld, %lld, %lld) give layout %s, the "
+                     "plan was made for %s",
+                     name, (long long)t->stride[0], (long long)t->stride[1],
+                     (long long)t->stride[2], moe_layout_name(l),
+                     moe_layout_name(want));
+  return MOE_SUCCESS;
+}
+
+static moe_status moe_gate_up_of(const moe_tensor *both, const moe_tensor *g,
+                                 const moe_tensor *u, const char *prefix,
+                                 const moe_layer_desc *d, moe_gate_up *out) {
+  char n1[64], n2[64];
+  int64_t E = d->num_experts, H = d->hidden, I = d->intermediate;
+  memset(out, 0, sizeof *out);
+  if (!moe_tensor_absent(both)) {
+    if (!moe_tensor_absent(g) || !moe_tensor_absent(u))
+      return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                       "%sw_gate_up and %sw_gate/%sw_up are both given; pass "
+                       "one form",
+                       prefix, prefix, prefix);
+    int64_t shape[3] = {E, 2 * I, H};
+    snprintf(n1, sizeof n1, "%sw_gate_up", prefix);
+    MOE_TRY(moe_check_weight(both, n1, shape, d->gate_up_layout, d));
+    out->fused = true;
+    out->both = *both;
+    MOE_TRY(moe_tensor_narrow(both, 1, 0, I, &out->gate));
+    MOE_TRY(moe_tensor_narrow(both, 1, I, I, &out->up));
+    return MOE_SUCCESS;
+  }
+  int64_t shape[3] = {E, I, H};
+  snprintf(n1, sizeof n1, "%sw_gate", prefix);
+  snprintf(n2, sizeof n2, "%sw_up", prefix);
+  MOE_TRY(moe_check_weight(g, n1, shape, d->gate_up_layout, d));
+  MOE_TRY(moe_check_weight(u, n2, shape, d->gate_up_layout, d));
+  out->gate = *g;
+  out->up = *u;
+  return MOE_SUCCESS;
+}
+
+/// Validated view of a call's inputs.
+typedef struct moe_call {
+  int64_t T;
+  bool router; ///< routing computed from gate_weight (else precomputed)
+  moe_gate_up gu;
+} moe_call;
+
+static moe_status moe_check_fwd(const moe_layer_plan *p,
+                                const moe_layer_fwd_args *a, moe_call *c) {
+  const moe_layer_desc *d = &p->d;
+  int64_t E = d->num_experts, H = d->hidden, I = d->intermediate,
+          k = d->top_k;
+  int64_t hs[2] = {-1, H};
+  MOE_TRY(moe_check_tensor(&a->hidden, "hidden", 2, hs, (int)d->dtype,
+                           &d->device));
+  int64_t T = a->hidden.shape[0];
+  if (T > d->max_tokens)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "hidden: %lld tokens, the plan holds at most "
+                     "max_tokens = %lld",
+                     (long long)T, (long long)d->max_tokens);
+  c->T = T;
+  bool has_gate = !moe_tensor_absent(&a->gate_weight);
+  bool has_topk = !moe_tensor_absent(&a->topk_index);
+  if (has_gate == has_topk)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "give either gate_weight (router) or topk_index + "
+                     "topk_weights (precomputed routing), %s",
+                     has_gate ? "not both" : "neither was given");
+  c->router = has_gate;
+  if (has_gate) {
+    int64_t s[2] = {E, H};
+    MOE_TRY(moe_check_tensor(&a->gate_weight, "gate_weight", 2, s, -1,
+                             &d->device));
+  } else {
+    int64_t s[2] = {T, k};
+    if (a->topk_index.dtype != MOE_I32 && a->topk_index.dtype != MOE_I64)
+      return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                       "topk_index: dtype %s, expected i32 or i64",
+                       moe_dtype_name(a->topk_index.dtype));
+    moe_tensor ti = a->topk_index;
+    ti.dtype = MOE_F32; /* shape/device/stride checks only */
+    MOE_TRY(moe_check_tensor(&ti, "topk_index", 2, s, (int)MOE_F32,
+                             &d->device));
+    MOE_TRY(moe_check_tensor(&a->topk_weights, "topk_weights", 2, s, -1,
+                             &d->device));
+  }
+  MOE_TRY(moe_gate_up_of(&a->w_gate_up, &a->w_gate, &a->w_up, "", d, &c->gu));
+  int64_t ds[3] = {E, H, I};
+  MOE_TRY(moe_check_weight(&a->w_down, "w_down", ds, d->down_layout, d));
+  return MOE_SUCCESS;
+}
+
+/* ---- GEMM problem builders -------------------------------------------- */
+
+/// Row-major [rows, ld] activation buffer as an operand.
+static moe_operand moe_op_rows(void *data, moe_dtype t, int64_t ld) {
+  moe_operand o = {data, t, ld, 1, 0};
+  return o;
+}
+/// The transpose of a row-major activation buffer: (m, r) = buf[r, m].
+static moe_operand moe_op_rows_t(void *data, moe_dtype t, int64_t ld) {
+  moe_operand o = {data, t, 1, ld, 0};
+  return o;
+}
+/// Weight [E, out, in] as B of the forward: B(k = in, n = out).
+static moe_operand moe_op_w_fwd(const moe_tensor *w) {
+  moe_operand o = {w->data, w->dtype, w->stride[2], w->stride[1],
+                   w->stride[0]};
+  return o;
+}
+/// Weight [E, out, in] as B of dX: B(k = out, n = in).
+static moe_operand moe_op_w_dx(const moe_tensor *w) {
+  moe_operand o = {w->data, w->dtype, w->stride[1], w->stride[2],
+                   w->stride[0]};
+  return o;
+}
+
+typedef struct moe_exec {
+  const moe_layer_plan *p;
+  moe_gemm_ctx ctx;
+  const int64_t *offsets; ///< local experts' row offsets
+} moe_exec;
+
+static moe_status moe_run(const moe_exec *x, int proj,
+                          const moe_gemm_problem *pb) {
+  return moe_gemm_run(x->p->method[proj], pb, &x->ctx);
+}
+
+/// Y[R, N] = X[R, K] . W_e^T for one [E, N, K] weight view.
+static moe_status moe_fwd_gemm(const moe_exec *x, int proj, void *X,
+                               int64_t ldx, const moe_tensor *w, void *Y,
+                               moe_dtype yt, int64_t ldy) {
+  moe_gemm_problem pb = {MOE_GROUP_M, x->p->e_local, x->offsets, 0,
+                         w->shape[1], w->shape[2],
+                         moe_op_rows(X, x->p->d.dtype, ldx), moe_op_w_fwd(w),
+                         moe_op_rows(Y, yt, ldy), 0.0f};
+  return moe_run(x, proj, &pb);
+}
+
+/// dX[R, K] (+)= dY[R, N] . W_e for one [E, N, K] weight view.
+static moe_status moe_dx_gemm(const moe_exec *x, int proj, void *dY,
+                              int64_t lddy, const moe_tensor *w, void *dX,
+                              moe_dtype dxt, int64_t lddx, float beta) {
+  moe_gemm_problem pb = {MOE_GROUP_M, x->p->e_local, x->offsets, 0,
+                         w->shape[2], w->shape[1],
+                         moe_op_rows(dY, x->p->d.dtype, lddy),
+                         moe_op_w_dx(w), moe_op_rows(dX, dxt, lddx), beta};
+  return moe_run(x, proj, &pb);
+}
+
+/// dW_e[N, K] = dY_e^T . X_e written through dw's strides.
+static moe_status moe_dw_gemm(const moe_exec *x, int proj, void *dY,
+                              int64_t lddy, void *X, int64_t ldx,
+                              const moe_tensor *dw) {
+  moe_operand c = {dw->data, dw->dtype, dw->stride[1], dw->stride[2],
+                   dw->stride[0]};
+  moe_gemm_problem pb = {MOE_GROUP_K, x->p->e_local, x->offsets, dw->shape[1],
+                         dw->shape[2], 0,
+                         moe_op_rows_t(dY, x->p->d.dtype, lddy),
+                         moe_op_rows(X, x->p->d.dtype, ldx), c, 0.0f};
+  return moe_run(x, proj, &pb);
+}
+
+static char *moe_at(void *base, size_t off) { return (char *)base + off; }
+
+/* ---- forward ---------------------------------------------------------- */
+
+/// Routing of a forward: fills idx, w (and probs in router mode).
+static moe_status moe_route(const moe_exec *x, const moe_layer_fwd_args *a,
+                            const moe_call *c, const moe_layer_bufs *b,
+                            char *sv, char *ws) {
+  const moe_layer_desc *d = &x->p->d;
+  int64_t T = c->T, E = d->num_experts, k = d->top_k;
+  int32_t *idx = (int32_t *)moe_at(sv, b->idx);
+  float *w = (float *)moe_at(sv, b->w);
+  if (c->router) {
+    float *logits = (float *)moe_at(ws, b->logits);
+    int64_t one[2] = {0, T};
+    const moe_tensor *g = &a->gate_weight;
+    moe_gemm_problem pb = {
+        MOE_GROUP_M,
+        1,
+        one,
+        0,
+        E,
+        d->hidden,
+        {a->hidden.data, a->hidden.dtype, a->hidden.stride[0],
+         a->hidden.stride[1], 0},
+        {g->data, g->dtype, g->stride[1], g->stride[0], 0},
+        moe_op_rows(logits, MOE_F32, E),
+        0.0f};
+    MOE_TRY(moe_gemm_grouped(&pb, &x->ctx));
+    moe_route_topk(logits, T, E, k, d->norm_topk_prob,
+                   (float *)moe_at(sv, b->probs), idx, w, x->p->nt);
+    if (!moe_tensor_absent(&a->router_logits)) {
+      const moe_tensor *rl = &a->router_logits;
+      for (int64_t t = 0; t < T; t++)
+        for (int64_t e = 0; e < E; e++)
+          ((float *)rl->data)[t * rl->stride[0] + e * rl->stride[1]] =
+              logits[t * E + e];
+    }
+    return MOE_SUCCESS;
+  }
+  const moe_tensor *ti = &a->topk_index, *tw = &a->topk_weights;
+  for (int64_t t = 0; t < T; t++)
+    for (int64_t j = 0; j < k; j++) {
+      int64_t o = t * ti->stride[0] + j * ti->stride[1];
+      int64_t e = ti->dtype == MOE_I32 ? ((const int32_t *)ti->data)[o]
+                                       : ((const int64_t *)ti->data)[o];
+      if (e < 0 || e >= E)
+        return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                         "topk_index[%lld][%lld] = %lld is outside [0, %lld)",
+                         (long long)t, (long long)j, (long long)e,
+                         (long long)E);
+      idx[t * k + j] = (int32_t)e;
+      w[t * k + j] = moe_load_f(tw->data, tw->dtype,
+                                t * tw->stride[0] + j * tw->stride[1]);
+    }
+  return MOE_SUCCESS;
+}
+
+static moe_status moe_check_buffer(const void *buf, size_t have, size_t need,
+                                   const char *name, int strict) {
+  if (buf && have < need)
+    return moe_error(MOE_ERR_WORKSPACE,
+                     "%s: %zu bytes given, %zu needed (see "
+                     "moe_layer_plan_sizes)",
+                     name, have, need);
+  return MOE_SUCCESS;
+}
+
+/// Prepares the execution context; allocates the workspace if the caller
+/// gave none (`*owned` is then freed by the caller).
+static moe_status moe_exec_begin(moe_layer_plan *p, const moe_layer_bufs *b,
+                                 void **ws, size_t ws_bytes, void **owned,
+                                 moe_exec *x) {
+  *owned = NULL;
+  MOE_TRY(moe_check_buffer(*ws, ws_bytes, b->workspace_bytes, "workspace",
+                           p->d.strict));
+  if (!*ws) {
+    *ws = *owned = moe_alloc(b->workspace_bytes, "layer workspace");
+    if (!*ws) return MOE_ERR_OUT_OF_MEMORY;
+  }
+  memset(x, 0, sizeof *x);
+  x->p = p;
+  x->ctx.num_threads = p->nt;
+  x->ctx.strict = p->d.strict;
+  x->ctx.scratch = moe_at(*ws, b->gemm);
+  x->ctx.scratch_bytes = moe_gemm_scratch_bytes(p->nt, p->d.num_experts);
+  x->ctx.loop_cache = p->cache;
+  return MOE_SUCCESS;
+}
+
+moe_status moe_layer_forward(moe_layer_plan *plan,
+                             const moe_layer_fwd_args *args, void *saved,
+                             size_t saved_bytes, void *workspace,
+                             size_t workspace_bytes, void *stream) {
+  if (!plan || !args)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_layer_forward: plan and args must not be NULL");
+  const moe_layer_desc *d = &plan->d;
+  moe_call c;
+  MOE_TRY(moe_check_fwd(plan, args, &c));
+  int64_t oshape[2] = {c.T, d->hidden};
+  MOE_TRY(moe_check_tensor(&args->output, "output", 2, oshape, (int)d->dtype,
+                           &d->device));
+  if (!moe_tensor_absent(&args->router_logits)) {
+    int64_t ls[2] = {c.T, d->num_experts};
+    MOE_TRY(moe_check_tensor(&args->router_logits, "router_logits", 2, ls,
+                             (int)MOE_F32, &d->device));
+    if (!c.router)
+      return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                       "router_logits: asked for, but routing is precomputed "
+                       "(no gate_weight)");
+  }
+  moe_layer_bufs b;
+  moe_layer_bufs_of(plan, c.T, &b);
+  MOE_TRY(moe_check_buffer(saved, saved_bytes, b.saved_bytes, "saved",
+                           d->strict));
+  void *owned;
+  moe_exec x;
+  MOE_TRY(moe_exec_begin(plan, &b, &workspace, workspace_bytes, &owned, &x));
+  char *ws = workspace;
+  char *sv = saved ? (char *)saved : moe_at(ws, b.fwd_saved);
+  moe_status s = MOE_SUCCESS;
+  int64_t T = c.T, k = d->top_k, H = d->hidden, I = d->intermediate,
+          E = d->num_experts, R = T * k;
+  moe_dtype dt = d->dtype;
+  int64_t *offsets = (int64_t *)moe_at(sv, b.offsets);
+  int64_t *slot_row = (int64_t *)moe_at(sv, b.slot_row);
+  int64_t *row_slot = (int64_t *)moe_at(sv, b.row_slot);
+  char *xp = moe_at(sv, b.xp), *ab = moe_at(sv, b.ab), *hh = moe_at(sv, b.hh),
+       *y = moe_at(sv, b.y);
+  x.offsets = offsets;
+
+  s = moe_route(&x, args, &c, &b, sv, ws);
+  if (s == MOE_SUCCESS)
+    s = moe_route_sort((const int32_t *)moe_at(sv, b.idx), T, k, E, offsets,
+                       slot_row, row_slot, (int64_t *)moe_at(ws, b.cursor));
+  if (s != MOE_SUCCESS) goto done;
+  moe_permute_rows(&args->hidden, row_slot, R, k, xp, plan->nt);
+
+  /* gate_up: one N = 2I product when fused, else gate then up into the two
+     halves of the same [R, 2I] buffer. */
+  size_t es = moe_dtype_size(dt);
+  if (c.gu.fused) {
+    s = moe_fwd_gemm(&x, 0, xp, H, &c.gu.both, ab, dt, 2 * I);
+  } else {
+    s = moe_fwd_gemm(&x, 0, xp, H, &c.gu.gate, ab, dt, 2 * I);
+    if (s == MOE_SUCCESS)
+      s = moe_fwd_gemm(&x, 0, xp, H, &c.gu.up, ab + (size_t)I * es, dt,
+                       2 * I);
+  }
+  if (s != MOE_SUCCESS) goto done;
+  {
+    int64_t shp[2] = {R, I};
+    moe_tensor tg = moe_tensor_make(ab, dt, 2, shp);
+    tg.stride[0] = 2 * I;
+    moe_tensor tu = tg;
+    tu.data = ab + (size_t)I * es;
+    moe_tensor th = moe_tensor_make(hh, dt, 2, shp);
+    moe_swiglu_fwd_rows(&tg, &tu, &th, plan->nt);
+  }
+  s = moe_fwd_gemm(&x, 1, hh, I, &args->w_down, y, dt, H);
+  if (s != MOE_SUCCESS) goto done;
+  {
+    moe_tensor out = args->output;
+    moe_unpermute(y, dt, slot_row, (const float *)moe_at(sv, b.w), T, k, H,
+                  &out, plan->nt);
+  }
+done:
+  moe_free(owned);
+  return s;
+}
+
+/* ---- backward --------------------------------------------------------- */
+
+static moe_status moe_check_grad_weight(const moe_tensor *g,
+                                        const moe_tensor *w, const char *name,
+                                        const moe_layer_desc *d) {
+  MOE_TRY(moe_check_tensor(g, name, 3, w->shape, (int)w->dtype, &d->device));
+  for (int i = 0; i < 3; i++)
+    if (g->stride[i] != w->stride[i] && g->shape[i] > 1)
+      return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                       "%s: strides (%lld, %lld, %lld) differ from its "
+                       "weight's (%lld, %lld, %lld); gradients are written in "
+                       "the weight's own layout",
+                       name, (long long)g->stride[0], (long long)g->stride[1],
+                       (long long)g->stride[2], (long long)w->stride[0],
+                       (long long)w->stride[1], (long long)w->stride[2]);
+  return MOE_SUCCESS;
+}
+
+moe_status moe_layer_backward(moe_layer_plan *plan,
+                              const moe_layer_bwd_args *args,
+                              const void *saved, size_t saved_bytes,
+                              void *workspace, size_t workspace_bytes,
+                              void *stream) {
+  if (!plan || !args)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_layer_backward: plan and args must not be NULL");
+  if (!saved)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "saved: NULL; pass the buffer the forward filled");
+  const moe_layer_desc *d = &plan->d;
+  const moe_layer_fwd_args *a = &args->fwd;
+  moe_call c;
+  MOE_TRY(moe_check_fwd(plan, a, &c));
+  int64_t T = c.T, k = d->top_k, H = d->hidden, I = d->intermediate,
+          E = d->num_experts, R = T * k;
+  moe_dtype dt = d->dtype;
+  int64_t th[2] = {T, H};
+  MOE_TRY(moe_check_tensor(&args->grad_output, "grad_output", 2, th, (int)dt,
+                           &d->device));
+  MOE_TRY(moe_check_tensor(&args->grad_hidden, "grad_hidden", 2, th, (int)dt,
+                           &d->device));
+  if (c.router) {
+    MOE_TRY(moe_check_tensor(&args->grad_gate_weight, "grad_gate_weight", 2,
+                             a->gate_weight.shape, (int)a->gate_weight.dtype,
+                             &d->device));
+  } else {
+    int64_t tk[2] = {T, k};
+    MOE_TRY(moe_check_tensor(&args->grad_topk_weights, "grad_topk_weights", 2,
+                             tk, -1, &d->device));
+  }
+  moe_gate_up ggu;
+  MOE_TRY(moe_gate_up_of(&args->grad_w_gate_up, &args->grad_w_gate,
+                         &args->grad_w_up, "grad_", d, &ggu));
+  if (ggu.fused != c.gu.fused)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "grad_w_gate_up: give the gradient in the form of the "
+                     "weight (%s)",
+                     c.gu.fused ? "fused w_gate_up" : "separate w_gate, w_up");
+  if (ggu.fused)
+    MOE_TRY(moe_check_grad_weight(&ggu.both, &c.gu.both, "grad_w_gate_up", d));
+  else {
+    MOE_TRY(moe_check_grad_weight(&ggu.gate, &c.gu.gate, "grad_w_gate", d));
+    MOE_TRY(moe_check_grad_weight(&ggu.up, &c.gu.up, "grad_w_up", d));
+  }
+  MOE_TRY(moe_check_grad_weight(&args->grad_w_down, &a->w_down, "grad_w_down",
+                                d));
+
+  moe_layer_bufs b;
+  moe_layer_bufs_of(plan, T, &b);
+  if (saved_bytes < b.saved_bytes)
+    return moe_error(MOE_ERR_WORKSPACE,
+                     "saved: %zu bytes given, %zu needed", saved_bytes,
+                     b.saved_bytes);
+  void *owned;
+  moe_exec x;
+  MOE_TRY(moe_exec_begin(plan, &b, &workspace, workspace_bytes, &owned, &x));
+  char *ws = workspace, *sv = (char *)saved;
+  size_t es = moe_dtype_size(dt);
+  const int64_t *slot_row = (const int64_t *)moe_at(sv, b.slot_row);
+  const float *w = (const float *)moe_at(sv, b.w);
+  char *xp = moe_at(sv, b.xp), *ab = moe_at(sv, b.ab), *hh = moe_at(sv, b.hh),
+       *y = moe_at(sv, b.y);
+  char *dy = moe_at(ws, b.dy), *dh = moe_at(ws, b.dh), *dab = moe_at(ws, b.dab);
+  float *dxp = (float *)moe_at(ws, b.dxp), *dw = (float *)moe_at(ws, b.dw),
+        *dx = (float *)moe_at(ws, b.dx);
+  x.offsets = (const int64_t *)moe_at(sv, b.offsets);
+  moe_status s;
+
+  /* Weighted scatter back: dY rows and the routing-weight gradient. */
+  moe_unpermute_backward(&args->grad_output, y, dt, slot_row, w, T, k, H, dy,
+                         dw, plan->nt);
+  /* down: dH = dY . Wd, dWd = dY^T . Hh */
+  s = moe_dx_gemm(&x, 1, dy, H, &a->w_down, dh, dt, I, 0.0f);
+  if (s == MOE_SUCCESS)
+    s = moe_dw_gemm(&x, 1, dy, H, hh, I, &args->grad_w_down);
+  if (s != MOE_SUCCESS) goto done;
+  {
+    int64_t shp[2] = {R, I};
+    moe_tensor tg = moe_tensor_make(ab, dt, 2, shp), tu, tdh, tdg, tdu;
+    tg.stride[0] = 2 * I;
+    tu = tg;
+    tu.data = ab + (size_t)I * es;
+    tdh = moe_tensor_make(dh, dt, 2, shp);
+    tdg = tg;
+    tdg.data = dab;
+    tdu = tu;
+    tdu.data = dab + (size_t)I * es;
+    moe_swiglu_bwd_rows(&tg, &tu, &tdh, &tdg, &tdu, plan->nt);
+  }
+  /* gate_up: dXp = dAB . Wgu (f32), dWgu = dAB^T . Xp */
+  if (c.gu.fused) {
+    s = moe_dx_gemm(&x, 0, dab, 2 * I, &c.gu.both, dxp, MOE_F32, H, 0.0f);
+    if (s == MOE_SUCCESS)
+      s = moe_dw_gemm(&x, 0, dab, 2 * I, xp, H, &ggu.both);
+  } else {
+    s = moe_dx_gemm(&x, 0, dab, 2 * I, &c.gu.gate, dxp, MOE_F32, H, 0.0f);
+    if (s == MOE_SUCCESS)
+      s = moe_dx_gemm(&x, 0, dab + (size_t)I * es, 2 * I, &c.gu.up, dxp,
+                      MOE_F32, H, 1.0f);
+    if (s == MOE_SUCCESS) s = moe_dw_gemm(&x, 0, dab, 2 * I, xp, H, &ggu.gate);
+    if (s == MOE_SUCCESS)
+      s = moe_dw_gemm(&x, 0, dab + (size_t)I * es, 2 * I, xp, H, &ggu.up);
+  }
+  if (s != MOE_SUCCESS) goto done;
+  moe_permute_backward(dxp, slot_row, T, k, H, dx, plan->nt);
+
+  if (c.router) {
+    /* Router: dlogits from the routing-weight gradient, then
+       dWg = dlogits^T . x and dx += dlogits . Wg. */
+    float *dl = (float *)moe_at(ws, b.dlogits);
+    moe_route_topk_backward((const float *)moe_at(sv, b.probs),
+                            (const int32_t *)moe_at(sv, b.idx), w, dw, T, E,
+                            k, d->norm_topk_prob, dl, plan->nt);
+    const moe_tensor *g = &a->gate_weight, *gg = &args->grad_gate_weight;
+    int64_t one[2] = {0, T};
+    moe_gemm_problem pw = {
+        MOE_GROUP_K,
+        1,
+        one,
+        E,
+        H,
+        0,
+        moe_op_rows_t(dl, MOE_F32, E),
+        {a->hidden.data, a->hidden.dtype, a->hidden.stride[0],
+         a->hidden.stride[1], 0},
+        {gg->data, gg->dtype, gg->stride[0], gg->stride[1], 0},
+        0.0f};
+    s = moe_gemm_grouped(&pw, &x.ctx);
+    moe_gemm_problem px = {MOE_GROUP_M,
+                           1,
+                           one,
+                           0,
+                           H,
+                           E,
+                           moe_op_rows(dl, MOE_F32, E),
+                           {g->data, g->dtype, g->stride[0], g->stride[1], 0},
+                           moe_op_rows(dx, MOE_F32, H),
+                           1.0f};
+    if (s == MOE_SUCCESS) s = moe_gemm_grouped(&px, &x.ctx);
+    if (s != MOE_SUCCESS) goto done;
+  } else {
+    const moe_tensor *gt = &args->grad_topk_weights;
+    for (int64_t t = 0; t < T; t++)
+      for (int64_t j = 0; j < k; j++)
+        moe_store_f(gt->data, gt->dtype, t * gt->stride[0] + j * gt->stride[1],
+                    dw[t * k + j]);
+  }
+  {
+    const moe_tensor *gh = &args->grad_hidden;
+    for (int64_t t = 0; t < T; t++)
+      for (int64_t h = 0; h < H; h++)
+        moe_store_f(gh->data, gh->dtype, t * gh->stride[0] + h * gh->stride[1],
+                    dx[t * H + h]);
+  }
+done:
+  moe_free(owned);
+  return s;
+}

@@ -1,0 +1,109 @@
+/// @file permute.c
+/// Stable counting sort of routed slots by expert, the row gather, and the
+/// weighted scatter back (f32 accumulation), forward and backward.
+#include "route.h"
+
+moe_status moe_route_sort(const int32_t *idx, int64_t T, int64_t k,
+                          int64_t E, int64_t *offsets, int64_t *slot_row,
+                          int64_t *row_slot, int64_t *cursor) {
+  int64_t S = T * k;
+  for (int64_t e = 0; e <= E; e++) offsets[e] = 0;
+  for (int64_t s = 0; s < S; s++) {
+    int32_t e = idx[s];
+    if (e < 0 || e >= E)
+      return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                       "topk_index[%lld][%lld] = %d is outside [0, %lld)",
+                       (long long)(s / k), (long long)(s % k), (int)e,
+                       (long long)E);
+    offsets[e + 1]++;
+  }
+  for (int64_t e = 0; e < E; e++) offsets[e + 1] += offsets[e];
+  /* Slots in increasing order fill each expert's range front to back, so
+     rows of an expert stay in token order: the property that makes results
+     independent of how tokens are split across ranks. */
+  for (int64_t e = 0; e < E; e++) cursor[e] = offsets[e];
+  for (int64_t s = 0; s < S; s++) {
+    int64_t r = cursor[idx[s]]++;
+    slot_row[s] = r;
+    row_slot[r] = s;
+  }
+  return MOE_SUCCESS;
+}
+
+void moe_permute_rows(const moe_tensor *x, const int64_t *row_slot, int64_t R,
+                      int64_t k, void *xp, int nt) {
+  int64_t H = x->shape[1];
+  size_t es = moe_dtype_size(x->dtype);
+  bool rowc = x->stride[1] == 1;
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t r = 0; r < R; r++) {
+    int64_t t = row_slot[r] / k;
+    char *dst = (char *)xp + (size_t)(r * H) * es;
+    const char *src = (const char *)x->data + (size_t)(t * x->stride[0]) * es;
+    if (rowc) {
+      memcpy(dst, src, (size_t)H * es);
+    } else {
+      for (int64_t h = 0; h < H; h++)
+        memcpy(dst + (size_t)h * es, src + (size_t)(h * x->stride[1]) * es,
+               es);
+    }
+  }
+}
+
+void moe_unpermute(const void *y, moe_dtype yt, const int64_t *slot_row,
+                   const float *w, int64_t T, int64_t k, int64_t H,
+                   moe_tensor *out, int nt) {
+  enum { CH = 256 }; /* f32 accumulator chunk on the stack */
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t t = 0; t < T; t++) {
+    float acc[CH];
+    for (int64_t h0 = 0; h0 < H; h0 += CH) {
+      int64_t hn = H - h0 < CH ? H - h0 : CH;
+      for (int64_t h = 0; h < hn; h++) acc[h] = 0.0f;
+      for (int64_t j = 0; j < k; j++) {
+        float wj = w[t * k + j];
+        int64_t base = slot_row[t * k + j] * H + h0;
+        for (int64_t h = 0; h < hn; h++)
+          acc[h] += wj * moe_load_f(y, yt, base + h);
+      }
+      for (int64_t h = 0; h < hn; h++)
+        moe_store_f(out->data, out->dtype,
+                    t * out->stride[0] + (h0 + h) * out->stride[1], acc[h]);
+    }
+  }
+}
+
+void moe_unpermute_backward(const moe_tensor *g, const void *y, moe_dtype yt,
+                            const int64_t *slot_row, const float *w,
+                            int64_t T, int64_t k, int64_t H, void *dy,
+                            float *dw, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t t = 0; t < T; t++) {
+    for (int64_t j = 0; j < k; j++) {
+      float wj = w[t * k + j];
+      int64_t base = slot_row[t * k + j] * H;
+      float dot = 0.0f;
+      for (int64_t h = 0; h < H; h++) {
+        float gv = moe_load_f(g->data, g->dtype,
+                              t * g->stride[0] + h * g->stride[1]);
+        dot += gv * moe_load_f(y, yt, base + h);
+        moe_store_f(dy, yt, base + h, wj * gv);
+      }
+      dw[t * k + j] = dot;
+    }
+  }
+}
+
+void moe_permute_backward(const float *dxp, const int64_t *slot_row,
+                          int64_t T, int64_t k, int64_t H, float *dx,
+                          int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t t = 0; t < T; t++) {
+    float *d = dx + t * H;
+    for (int64_t h = 0; h < H; h++) d[h] = 0.0f;
+    for (int64_t j = 0; j < k; j++) {
+      const float *s = dxp + slot_row[t * k + j] * H;
+      for (int64_t h = 0; h < H; h++) d[h] += s[h];
+    }
+  }
+}

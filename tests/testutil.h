@@ -1,0 +1,258 @@
+/// @file testutil.h
+/// Shared helpers of the C test programs (header-only): a seeded
+/// deterministic RNG, random fills that are never zero, bf16 rounding, the
+/// relative Frobenius error, and CHECK macros that count passes and failures
+/// and print one line per failure together with the current case line, so a
+/// failure names the exact problem that reproduces it.
+///
+/// Every program ends with tu_finish(), which prints "N passed, M failed"
+/// and returns the exit status (nonzero when anything failed).
+#ifndef MOE_TESTUTIL_H
+#define MOE_TESTUTIL_H
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "moe.h"
+
+/* ---- counting checks -------------------------------------------------- */
+
+static int tu_passed, tu_failed;
+/// One-line description of the problem being tested; printed with every
+/// failure. Set it with tu_case() before a group of checks.
+static char tu_case_line[512];
+
+#if defined(__GNUC__)
+__attribute__((format(printf, 1, 2)))
+#endif
+static inline void tu_case(const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(tu_case_line, sizeof tu_case_line, fmt, ap);
+  va_end(ap);
+}
+
+#if defined(__GNUC__)
+__attribute__((format(printf, 4, 5)))
+#endif
+static inline void tu_check_at(int ok, const char *file, int line,
+                               const char *fmt, ...) {
+  if (ok) {
+    tu_passed++;
+    return;
+  }
+  tu_failed++;
+  char msg[512];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof msg, fmt, ap);
+  va_end(ap);
+  printf("FAIL %s:%d [%s] %s\n", file, line, tu_case_line, msg);
+  fflush(stdout);
+}
+
+/// Counts one check; on failure prints the message and the case line.
+#define CHECK(cond, ...) tu_check_at((cond) ? 1 : 0, __FILE__, __LINE__, __VA_ARGS__)
+
+/// A call must return `want`; on failure prints the status and the library's
+/// last error.
+#define CHECK_STATUS(call, want)                                             \
+  do {                                                                       \
+    moe_status tu_s_ = (call);                                               \
+    tu_check_at(tu_s_ == (want), __FILE__, __LINE__,                         \
+                "%s returned %s, expected %s (last error: \"%s\")", #call,   \
+                moe_status_name(tu_s_), moe_status_name(want),               \
+                moe_last_error());                                           \
+  } while (0)
+
+/// A call must fail with `want` and a last-error message containing `word`
+/// (the argument it is about).
+#define CHECK_ERROR(call, want, word)                                        \
+  do {                                                                       \
+    moe_status tu_s_ = (call);                                               \
+    const char *tu_m_ = moe_last_error();                                    \
+    tu_check_at(tu_s_ == (want) && tu_m_ && tu_m_[0] &&                      \
+                    strstr(tu_m_, (word)) != NULL,                           \
+                __FILE__, __LINE__,                                          \
+                "%s returned %s (expected %s) with message \"%s\" "          \
+                "(expected it to name \"%s\")",                              \
+                #call, moe_status_name(tu_s_), moe_status_name(want),        \
+                tu_m_ ? tu_m_ : "(null)", (word));                           \
+  } while (0)
+
+/// Relative error `err` must be below `tol`.
+#define CHECK_REL(err, tol, what)                                            \
+  do {                                                                       \
+    double tu_e_ = (err);                                                    \
+    tu_check_at(tu_e_ < (tol), __FILE__, __LINE__,                           \
+                "%s: relative error %.3e, tolerance %.1e", (what), tu_e_,   \
+                (double)(tol));                                              \
+  } while (0)
+
+/// Prints the summary line and returns the process exit status.
+static inline int tu_finish(void) {
+  printf("%d passed, %d failed\n", tu_passed, tu_failed);
+  return tu_failed > 0 ? 1 : 0;
+}
+
+/* ---- random numbers --------------------------------------------------- */
+
+/// splitmix64: a tiny, well-mixed deterministic generator.
+typedef struct tu_rng {
+  uint64_t s;
+} tu_rng;
+
+static inline tu_rng tu_rng_make(uint64_t seed) {
+  tu_rng r = {seed};
+  return r;
+}
+
+static inline uint64_t tu_next(tu_rng *r) {
+  uint64_t z = (r->s += 0x9e3779b97f4a7c15u);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9u;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebu;
+  return z ^ (z >> 31);
+}
+
+/// Uniform in [-1, 1], never zero (magnitude in (0, 1]).
+static inline double tu_uniform(tu_rng *r) {
+  uint64_t z = tu_next(r);
+  double mag = (double)((z >> 11) + 1) * (1.0 / 9007199254740992.0);
+  return (z & 1u) ? -mag : mag;
+}
+
+/// Integer in [0, n).
+static inline int64_t tu_below(tu_rng *r, int64_t n) {
+  return (int64_t)(tu_next(r) % (uint64_t)n);
+}
+
+/* ---- bf16 ------------------------------------------------------------- */
+
+/// f32 -> bf16 bits, round to nearest even; NaN stays NaN.
+static inline uint16_t tu_f32_to_bf16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+static inline float tu_bf16_to_f32(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+/// The value `v` takes when stored in `dt` (F32 or BF16).
+static inline double tu_round(double v, moe_dtype dt) {
+  float f = (float)v;
+  return dt == MOE_BF16 ? (double)tu_bf16_to_f32(tu_f32_to_bf16(f))
+                        : (double)f;
+}
+
+/// Fills n values uniform in [-scale, scale] (never zero), rounded to what
+/// `dt` can hold, so the double copy is exactly what the library sees.
+static inline void tu_fill(tu_rng *r, double *v, int64_t n, double scale,
+                           moe_dtype dt) {
+  for (int64_t i = 0; i < n; i++) {
+    double x = tu_round(scale * tu_uniform(r), dt);
+    if (x == 0.0) x = tu_round(scale, dt); /* bf16 cannot underflow here */
+    v[i] = x;
+  }
+}
+
+/* ---- element access through strides ----------------------------------- */
+
+/// Element offset of a multi-index in a view.
+static inline int64_t tu_off(const moe_tensor *t, const int64_t *idx) {
+  int64_t o = 0;
+  for (int d = 0; d < t->ndim; d++) o += idx[d] * t->stride[d];
+  return o;
+}
+
+static inline double tu_load(const moe_tensor *t, int64_t off) {
+  switch (t->dtype) {
+  case MOE_F32: return ((const float *)t->data)[off];
+  case MOE_BF16: return tu_bf16_to_f32(((const uint16_t *)t->data)[off]);
+  case MOE_F64: return ((const double *)t->data)[off];
+  case MOE_I32: return ((const int32_t *)t->data)[off];
+  case MOE_I64: return (double)((const int64_t *)t->data)[off];
+  default: return NAN;
+  }
+}
+
+static inline void tu_store(moe_tensor *t, int64_t off, double v) {
+  switch (t->dtype) {
+  case MOE_F32: ((float *)t->data)[off] = (float)v; break;
+  case MOE_BF16: ((uint16_t *)t->data)[off] = tu_f32_to_bf16((float)v); break;
+  case MOE_F64: ((double *)t->data)[off] = v; break;
+  case MOE_I32: ((int32_t *)t->data)[off] = (int32_t)v; break;
+  case MOE_I64: ((int64_t *)t->data)[off] = (int64_t)v; break;
+  default: break;
+  }
+}
+
+/// Advances a row-major multi-index over `shape`; 0 when done.
+static inline int tu_step(int ndim, const int64_t *shape, int64_t *idx) {
+  for (int d = ndim - 1; d >= 0; d--) {
+    if (++idx[d] < shape[d]) return 1;
+    idx[d] = 0;
+  }
+  return 0;
+}
+
+/// Writes the logical row-major values `v` into the view.
+static inline void tu_scatter(moe_tensor *t, const double *v) {
+  int64_t idx[MOE_MAX_DIMS] = {0}, n = moe_tensor_numel(t);
+  for (int64_t i = 0; i < n; i++, tu_step(t->ndim, t->shape, idx))
+    tu_store(t, tu_off(t, idx), v[i]);
+}
+
+/// Reads the view into logical row-major f32 values (exact for f32 and
+/// bf16, so bitwise comparisons of the result compare the stored bits).
+static inline void tu_gather(const moe_tensor *t, float *v) {
+  int64_t idx[MOE_MAX_DIMS] = {0}, n = moe_tensor_numel(t);
+  for (int64_t i = 0; i < n; i++, tu_step(t->ndim, t->shape, idx))
+    v[i] = (float)tu_load(t, tu_off(t, idx));
+}
+
+/* ---- comparisons ------------------------------------------------------ */
+
+/// ||got - ref||_F / ||ref||_F (the absolute norm when ref is zero; NaN or
+/// infinity anywhere gives infinity).
+static inline double tu_rel_err(const double *ref, const float *got,
+                                int64_t n) {
+  double num = 0.0, den = 0.0;
+  for (int64_t i = 0; i < n; i++) {
+    double d = (double)got[i] - ref[i];
+    if (!isfinite(d)) return INFINITY;
+    num += d * d;
+    den += ref[i] * ref[i];
+  }
+  return den > 0.0 ? sqrt(num / den) : sqrt(num);
+}
+
+/// Index of the first element whose bits differ, or -1.
+static inline int64_t tu_first_diff(const float *a, const float *b,
+                                    int64_t n) {
+  for (int64_t i = 0; i < n; i++)
+    if (memcmp(a + i, b + i, sizeof *a) != 0) return i;
+  return -1;
+}
+
+/// malloc that ends the test program (never the library) on failure.
+static inline void *tu_alloc(size_t bytes) {
+  void *p = calloc(bytes ? bytes : 1, 1);
+  if (!p) {
+    fprintf(stderr, "test: out of memory (%zu bytes)\n", bytes);
+    exit(2);
+  }
+  return p;
+}
+
+#endif /* MOE_TESTUTIL_H */

@@ -1,0 +1,483 @@
+/// @file cmd_bench.c
+/// `moe bench`: times the whole expert layer (router included), forward and
+/// forward+backward, for each method and weight layout, next to the
+/// planner's prediction and pick. The "loop+copy" rows are a baseline that
+/// libmoe itself never runs: the per-expert loop after copying every weight
+/// into the transposed contiguous layout each step (and the weight gradients
+/// back), which is what the grouped-matmul cliff in the wild costs.
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "cli.h"
+
+enum { B_GROUPED, B_LOOP, B_COPY, B_NMETHODS };
+static const char *bench_method_names[] = {"grouped", "loop", "loop+copy"};
+
+typedef struct bench_opts {
+  const cli_preset *preset;
+  int64_t tokens, threads, reps;
+  moe_dtype dtypes[2];
+  int ndtypes;
+  moe_layout layouts[2];
+  int nlayouts;
+  bool json;
+} bench_opts;
+
+static void bench_usage(FILE *f) {
+  fprintf(f,
+          "usage: moe bench [--preset NAME] [--tokens N] [--dtype "
+          "f32|bf16|all]\n"
+          "                 [--layout out_in|in_out|all] [--threads N] "
+          "[--reps N] [--json]\n"
+          "\n"
+          "Times forward and forward+backward of one expert layer (router,\n"
+          "permute, gate_up, SwiGLU, down, unpermute) for each method and\n"
+          "weight layout; 'loop+copy' is a baseline libmoe never uses.\n"
+          "Default: --preset qwen3-30b-a3b --tokens 256 --dtype bf16 "
+          "--layout all --reps 3\n\npresets:\n");
+  cli_preset_list(f);
+}
+
+static double now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
+}
+
+static int cmp_double(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return (x > y) - (x < y);
+}
+
+/// Deterministic uniform fill in [-scale, scale], never exactly zero.
+static void fill(void *p, moe_dtype t, int64_t n, float scale, uint64_t seed) {
+  uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; i++) {
+    uint64_t z = s + (uint64_t)i * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    float u = ((float)(z >> 40) + 0.5f) / 16777216.0f; /* (0, 1) */
+    float v = (2.0f * u - 1.0f) * scale;
+    if (t == MOE_F32) {
+      ((float *)p)[i] = v;
+    } else {
+      uint32_t b;
+      memcpy(&b, &v, 4);
+      b += 0x7fffu + ((b >> 16) & 1u);
+      ((uint16_t *)p)[i] = (uint16_t)(b >> 16);
+    }
+  }
+}
+
+/// Transposes the last two dims of a contiguous [E, a, b] tensor into a
+/// contiguous [E, b, a] one (the copy the baseline pays every step).
+static void transpose3(const void *src, void *dst, int64_t E, int64_t a,
+                       int64_t b, size_t es) {
+  enum { TB = 32 };
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t e = 0; e < E; e++)
+    for (int64_t i0 = 0; i0 < a; i0 += TB)
+      for (int64_t j0 = 0; j0 < b; j0 += TB)
+        for (int64_t i = i0; i < i0 + TB && i < a; i++)
+          for (int64_t j = j0; j < j0 + TB && j < b; j++)
+            memcpy((char *)dst + ((size_t)(e * b + j) * (size_t)a + (size_t)i) * es,
+                   (const char *)src + ((size_t)(e * a + i) * (size_t)b + (size_t)j) * es,
+                   es);
+}
+
+/// One dtype's buffers, allocated once for every layout and method.
+typedef struct bench_bufs {
+  void *x, *gate, *gu, *down, *gout, *out, *logits, *ggate, *ggu, *gdown,
+      *gx, *gu_copy, *down_copy, *ggu_copy, *gdown_copy, *saved, *ws;
+  size_t saved_bytes, ws_bytes;
+} bench_bufs;
+
+typedef struct bench_shape {
+  int64_t T, E, H, I, k;
+  moe_dtype dt;
+  size_t es;
+} bench_shape;
+
+static void *xalloc(size_t bytes) {
+  void *p = aligned_alloc(64, (bytes + 63) / 64 * 64);
+  return p;
+}
+
+static void bufs_free(bench_bufs *b) {
+  void **all[] = {&b->x,       &b->gate,     &b->gu,         &b->down,
+                  &b->gout,    &b->out,      &b->logits,     &b->ggate,
+                  &b->ggu,     &b->gdown,    &b->gx,         &b->gu_copy,
+                  &b->down_copy, &b->ggu_copy, &b->gdown_copy, &b->saved,
+                  &b->ws};
+  for (size_t i = 0; i < sizeof all / sizeof *all; i++) {
+    free(*all[i]);
+    *all[i] = NULL;
+  }
+}
+
+static bool bufs_alloc(bench_bufs *b, const bench_shape *s) {
+  size_t es = s->es, wgu = (size_t)(s->E * 2 * s->I * s->H) * es,
+         wd = (size_t)(s->E * s->H * s->I) * es,
+         th = (size_t)(s->T * s->H) * es;
+  memset(b, 0, sizeof *b);
+  b->x = xalloc(th);
+  b->gate = xalloc((size_t)(s->E * s->H) * es);
+  b->gu = xalloc(wgu);
+  b->down = xalloc(wd);
+  b->gout = xalloc(th);
+  b->out = xalloc(th);
+  b->logits = xalloc((size_t)(s->T * s->E) * 4);
+  b->ggate = xalloc((size_t)(s->E * s->H) * es);
+  b->ggu = xalloc(wgu);
+  b->gdown = xalloc(wd);
+  b->gx = xalloc(th);
+  b->gu_copy = xalloc(wgu);
+  b->down_copy = xalloc(wd);
+  b->ggu_copy = xalloc(wgu);
+  b->gdown_copy = xalloc(wd);
+  if (!b->x || !b->gate || !b->gu || !b->down || !b->gout || !b->out ||
+      !b->logits || !b->ggate || !b->ggu || !b->gdown || !b->gx ||
+      !b->gu_copy || !b->down_copy || !b->ggu_copy || !b->gdown_copy)
+    return false;
+  fill(b->x, s->dt, s->T * s->H, 1.0f, 1);
+  fill(b->gate, s->dt, s->E * s->H, 0.05f, 2);
+  fill(b->gu, s->dt, s->E * 2 * s->I * s->H, 0.03f, 3);
+  fill(b->down, s->dt, s->E * s->H * s->I, 0.03f, 4);
+  fill(b->gout, s->dt, s->T * s->H, 1.0f, 5);
+  return true;
+}
+
+/// The layer arguments for weights stored in `layout` at (gu, down).
+static void make_args(const bench_shape *s, const bench_bufs *b, void *gu,
+                      void *down, void *ggu, void *gdown, moe_layout layout,
+                      moe_layer_bwd_args *a) {
+  memset(a, 0, sizeof *a);
+  int64_t th[2] = {s->T, s->H}, eh[2] = {s->E, s->H}, te[2] = {s->T, s->E};
+  int64_t gshape_oi[3] = {s->E, 2 * s->I, s->H},
+          gshape_io[3] = {s->E, s->H, 2 * s->I};
+  int64_t dshape_oi[3] = {s->E, s->H, s->I}, dshape_io[3] = {s->E, s->I, s->H};
+  bool io = layout == MOE_LAYOUT_IN_OUT;
+  moe_layer_fwd_args *f = &a->fwd;
+  f->hidden = moe_tensor_make(b->x, s->dt, 2, th);
+  f->gate_weight = moe_tensor_make(b->gate, s->dt, 2, eh);
+  moe_tensor t;
+  t = moe_tensor_make(gu, s->dt, 3, io ? gshape_io : gshape_oi);
+  if (io) moe_tensor_transpose(&t, 1, 2, &t);
+  f->w_gate_up = t;
+  t = moe_tensor_make(down, s->dt, 3, io ? dshape_io : dshape_oi);
+  if (io) moe_tensor_transpose(&t, 1, 2, &t);
+  f->w_down = t;
+  f->output = moe_tensor_make(b->out, s->dt, 2, th);
+  f->router_logits = moe_tensor_make(b->logits, MOE_F32, 2, te);
+  a->grad_output = moe_tensor_make(b->gout, s->dt, 2, th);
+  a->grad_hidden = moe_tensor_make(b->gx, s->dt, 2, th);
+  a->grad_gate_weight = moe_tensor_make(b->ggate, s->dt, 2, eh);
+  t = moe_tensor_make(ggu, s->dt, 3, io ? gshape_io : gshape_oi);
+  if (io) moe_tensor_transpose(&t, 1, 2, &t);
+  a->grad_w_gate_up = t;
+  t = moe_tensor_make(gdown, s->dt, 3, io ? dshape_io : dshape_oi);
+  if (io) moe_tensor_transpose(&t, 1, 2, &t);
+  a->grad_w_down = t;
+}
+
+typedef struct bench_row {
+  const char *method;
+  moe_layout layout;
+  bool bwd;
+  double med, mn, mx, predicted; ///< predicted < 0: none
+  bool pick;
+} bench_row;
+
+/// Runs one step (forward, or forward+backward) `reps` times after a
+/// warm-up; fills median/min/max.
+static moe_status time_steps(moe_layer_plan *plan, const bench_shape *s,
+                             bench_bufs *b, moe_layout layout, int method,
+                             bool bwd, int64_t reps, bench_row *row) {
+  moe_layer_bwd_args a;
+  bool copy = method == B_COPY;
+  /* The baseline hands the loop contiguous weights of the opposite layout. */
+  moe_layout run_layout =
+      copy ? (layout == MOE_LAYOUT_OUT_IN ? MOE_LAYOUT_IN_OUT
+                                          : MOE_LAYOUT_OUT_IN)
+           : layout;
+  if (copy)
+    make_args(s, b, b->gu_copy, b->down_copy, b->ggu_copy, b->gdown_copy,
+              run_layout, &a);
+  else
+    make_args(s, b, b->gu, b->down, b->ggu, b->gdown, layout, &a);
+  double *t = calloc((size_t)reps + 1, sizeof(double));
+  if (!t) return MOE_ERR_OUT_OF_MEMORY;
+  moe_status st = MOE_SUCCESS;
+  bool io = layout == MOE_LAYOUT_IN_OUT;
+  /* Storage dims [E, a, b] of the user's layout, for the copies. */
+  int64_t ga = io ? s->H : 2 * s->I, gb = io ? 2 * s->I : s->H;
+  int64_t da = io ? s->I : s->H, db = io ? s->H : s->I;
+  for (int64_t r = 0; r <= reps && st == MOE_SUCCESS; r++) {
+    double t0 = now_ms();
+    if (copy) {
+      transpose3(b->gu, b->gu_copy, s->E, ga, gb, s->es);
+      transpose3(b->down, b->down_copy, s->E, da, db, s->es);
+    }
+    st = moe_layer_forward(plan, &a.fwd, b->saved, b->saved_bytes, b->ws,
+                           b->ws_bytes, NULL);
+    if (st == MOE_SUCCESS && bwd)
+      st = moe_layer_backward(plan, &a, b->saved, b->saved_bytes, b->ws,
+                              b->ws_bytes, NULL);
+    if (st == MOE_SUCCESS && bwd && copy) {
+      transpose3(b->ggu_copy, b->ggu, s->E, gb, ga, s->es);
+      transpose3(b->gdown_copy, b->gdown, s->E, db, da, s->es);
+    }
+    t[r] = now_ms() - t0;
+  }
+  if (st == MOE_SUCCESS) {
+    qsort(t + 1, (size_t)reps, sizeof(double), cmp_double);
+    row->mn = t[1];
+    row->mx = t[reps];
+    row->med = reps % 2 ? t[1 + reps / 2]
+                        : 0.5 * (t[reps / 2] + t[reps / 2 + 1]);
+  }
+  free(t);
+  return st;
+}
+
+static moe_status make_plan(const bench_opts *o, const bench_shape *s,
+                            moe_layout layout, moe_gmm_method m,
+                            moe_layer_plan **plan) {
+  moe_layer_desc d = MOE_LAYER_DESC_INIT;
+  d.num_experts = s->E;
+  d.hidden = s->H;
+  d.intermediate = s->I;
+  d.top_k = s->k;
+  d.max_tokens = s->T;
+  d.norm_topk_prob = o->preset->norm;
+  d.dtype = s->dt;
+  d.gate_up_layout = d.down_layout = layout;
+  d.method = m;
+  d.num_threads = (int)o->threads;
+  return moe_layer_plan_create(plan, &d);
+}
+
+static double predicted(moe_layer_plan *plan, moe_gmm_method m, bool bwd) {
+  double total = 0;
+  for (int p = 0; p < 2; p++) {
+    double f, bw;
+    if (moe_layer_plan_predict(plan, p, m, &f, &bw)) return -1;
+    total += f + (bwd ? bw : 0);
+  }
+  return total;
+}
+
+static void print_explain_lines(const char *ex, const char *layout) {
+  /* The summary lines of the explanation: each projection's "->" line. */
+  const char *p = ex;
+  while (p && *p) {
+    const char *nl = strchr(p, '\n');
+    size_t n = nl ? (size_t)(nl - p) : strlen(p);
+    if (memchr(p, '>', n) || !strncmp(p, "gate_up", 7) ||
+        !strncmp(p, "down", 4))
+      printf("  [%s] %.*s\n", layout, (int)n, p);
+    p = nl ? nl + 1 : NULL;
+  }
+}
+
+static int bench_dtype(const bench_opts *o, moe_dtype dt, int *done,
+                       int total) {
+  const cli_preset *p = o->preset;
+  bench_shape s = {o->tokens, p->E, p->H, p->I, p->k, dt, moe_dtype_size(dt)};
+  bench_bufs b;
+  if (!bufs_alloc(&b, &s)) {
+    fprintf(stderr, "moe bench: out of memory for %s %s weights\n", p->name,
+            moe_dtype_name(dt));
+    bufs_free(&b);
+    return CLI_ERR;
+  }
+  int nt = o->threads > 0 ? (int)o->threads : omp_get_max_threads();
+  double rows = (double)(s.T * s.k);
+  double flops_fwd = 6.0 * rows * (double)s.H * (double)s.I;
+  double wbytes = 3.0 * (double)(s.E * s.H * s.I) * (double)s.es;
+  if (!o->json)
+    printf("\n%s: E=%lld H=%lld I=%lld top-%lld, %lld tokens (%lld routed "
+           "rows), %s, %d threads\n",
+           p->name, (long long)s.E, (long long)s.H, (long long)s.I,
+           (long long)s.k, (long long)s.T, (long long)(s.T * s.k),
+           moe_dtype_name(dt), nt);
+  int rc = CLI_OK;
+  bench_row rows_out[2][B_NMETHODS][2];
+  memset(rows_out, 0, sizeof rows_out);
+  for (int li = 0; li < o->nlayouts && rc == CLI_OK; li++) {
+    moe_layout layout = o->layouts[li];
+    moe_layer_plan *autoplan;
+    moe_status st = make_plan(o, &s, layout, MOE_GMM_AUTO, &autoplan);
+    if (st) {
+      cli_fail("bench", "plan", st);
+      rc = CLI_ERR;
+      break;
+    }
+    moe_gmm_method pick0 = moe_layer_plan_method(autoplan, 0),
+                   pick1 = moe_layer_plan_method(autoplan, 1);
+    if (!o->json) print_explain_lines(moe_layer_plan_explain(autoplan),
+                                      moe_layout_name(layout));
+    for (int m = 0; m < B_NMETHODS && rc == CLI_OK; m++) {
+      moe_gmm_method gm = m == B_GROUPED ? MOE_GMM_GROUPED : MOE_GMM_LOOP;
+      moe_layout run_layout =
+          m == B_COPY ? (layout == MOE_LAYOUT_OUT_IN ? MOE_LAYOUT_IN_OUT
+                                                     : MOE_LAYOUT_OUT_IN)
+                      : layout;
+      moe_layer_plan *plan;
+      if ((st = make_plan(o, &s, run_layout, gm, &plan))) {
+        cli_fail("bench", "plan", st);
+        rc = CLI_ERR;
+        break;
+      }
+      size_t ws, sv;
+      moe_layer_plan_sizes(plan, s.T, &ws, &sv);
+      if (ws > b.ws_bytes) {
+        free(b.ws);
+        b.ws = xalloc(ws);
+        b.ws_bytes = ws;
+      }
+      if (sv > b.saved_bytes) {
+        free(b.saved);
+        b.saved = xalloc(sv);
+        b.saved_bytes = sv;
+      }
+      for (int bw = 0; bw < 2 && rc == CLI_OK; bw++) {
+        bench_row *row = &rows_out[li][m][bw];
+        row->method = bench_method_names[m];
+        row->layout = layout;
+        row->bwd = bw;
+        row->predicted = m == B_COPY ? -1 : predicted(plan, gm, bw);
+        row->pick = m != B_COPY && pick0 == gm && pick1 == gm;
+        (*done)++;
+        fprintf(stderr, "moe bench: [%d/%d] %s %s %s %s...%s", *done, total,
+                moe_dtype_name(dt), moe_layout_name(layout), row->method,
+                bw ? "fwd+bwd" : "fwd", isatty(2) ? "\r" : "\n");
+        if (!b.ws || !b.saved ||
+            (st = time_steps(plan, &s, &b, layout, m, bw, o->reps, row))) {
+          cli_fail("bench", row->method, st ? st : MOE_ERR_OUT_OF_MEMORY);
+          rc = CLI_ERR;
+        }
+      }
+      moe_layer_plan_destroy(plan);
+    }
+    moe_layer_plan_destroy(autoplan);
+  }
+  if (isatty(2)) fprintf(stderr, "\n");
+  if (rc == CLI_OK && !o->json)
+    printf("%-7s %-10s %-8s %10s %10s %10s %9s %9s %12s %s\n", "layout",
+           "method", "pass", "median_ms", "min_ms", "max_ms", "GFLOP/s",
+           "GB_moved", "predicted_ms", "planner");
+  for (int li = 0; li < o->nlayouts && rc == CLI_OK; li++)
+    for (int bw = 0; bw < 2; bw++)
+      for (int m = 0; m < B_NMETHODS; m++) {
+        bench_row *r = &rows_out[li][m][bw];
+        double flops = flops_fwd * (bw ? 3.0 : 1.0);
+        double bytes = wbytes * (bw ? 3.0 : 1.0);
+        if (o->json) {
+          printf("{\"preset\":\"%s\",\"tokens\":%lld,\"dtype\":\"%s\","
+                 "\"layout\":\"%s\",\"method\":\"%s\",\"pass\":\"%s\","
+                 "\"median_ms\":%.3f,\"min_ms\":%.3f,\"max_ms\":%.3f,"
+                 "\"gflops\":%.2f,\"bytes\":%.0f,\"planner_pick\":%s,"
+                 "\"predicted_ms\":",
+                 p->name, (long long)s.T, moe_dtype_name(dt),
+                 moe_layout_name(r->layout), r->method,
+                 bw ? "fwd+bwd" : "fwd", r->med, r->mn, r->mx,
+                 flops / (r->med * 1e6), bytes, r->pick ? "true" : "false");
+          if (r->predicted >= 0)
+            printf("%.3f,", r->predicted);
+          else
+            printf("null,");
+          printf("\"threads\":%d,\"baseline\":%s}\n", nt,
+                 r->method == bench_method_names[B_COPY] ? "true" : "false");
+        } else {
+          char pred[32] = "-";
+          if (r->predicted >= 0)
+            snprintf(pred, sizeof pred, "%.1f", r->predicted);
+          printf("%-7s %-10s %-8s %10.1f %10.1f %10.1f %9.1f %9.2f %12s %s\n",
+                 moe_layout_name(r->layout), r->method,
+                 bw ? "fwd+bwd" : "fwd", r->med, r->mn, r->mx,
+                 flops / (r->med * 1e6), bytes / 1e9, pred,
+                 r->pick ? "<- pick"
+                         : (r->predicted < 0 ? "(baseline; never used)" : ""));
+        }
+      }
+  if (rc == CLI_OK && !o->json)
+    printf("GFLOP/s counts the expert GEMMs only (6*rows*H*I forward, 3x "
+           "that for fwd+bwd); GB_moved is the expert weights read (and dW "
+           "written).\n");
+  bufs_free(&b);
+  return rc;
+}
+
+int cmd_bench(int argc, char **argv) {
+  bench_opts o;
+  memset(&o, 0, sizeof o);
+  o.preset = cli_preset_find("qwen3-30b-a3b");
+  o.tokens = -1;
+  o.reps = 3;
+  o.dtypes[0] = MOE_BF16;
+  o.ndtypes = 1;
+  o.layouts[0] = MOE_LAYOUT_OUT_IN;
+  o.layouts[1] = MOE_LAYOUT_IN_OUT;
+  o.nlayouts = 2;
+  for (int i = 1; i < argc; i++) {
+    const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+    if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+      bench_usage(stdout);
+      return CLI_OK;
+    } else if (!strcmp(a, "--json")) {
+      o.json = true;
+    } else if (!strcmp(a, "--preset") && v) {
+      if (!(o.preset = cli_preset_find(v))) {
+        fprintf(stderr, "moe bench: unknown preset '%s'\n", v);
+        bench_usage(stderr);
+        return CLI_USAGE;
+      }
+      i++;
+    } else if (!strcmp(a, "--tokens") && v) {
+      if (!cli_int("--tokens", v, 1, 1 << 20, &o.tokens)) return CLI_USAGE;
+      i++;
+    } else if (!strcmp(a, "--threads") && v) {
+      if (!cli_int("--threads", v, 0, 4096, &o.threads)) return CLI_USAGE;
+      i++;
+    } else if (!strcmp(a, "--reps") && v) {
+      if (!cli_int("--reps", v, 1, 1000, &o.reps)) return CLI_USAGE;
+      i++;
+    } else if (!strcmp(a, "--dtype") && v) {
+      if (!strcmp(v, "all")) {
+        o.dtypes[0] = MOE_F32;
+        o.dtypes[1] = MOE_BF16;
+        o.ndtypes = 2;
+      } else {
+        if (!cli_dtype(v, &o.dtypes[0])) return CLI_USAGE;
+        o.ndtypes = 1;
+      }
+      i++;
+    } else if (!strcmp(a, "--layout") && v) {
+      if (!strcmp(v, "all")) {
+        o.nlayouts = 2;
+      } else {
+        if (!cli_layout(v, &o.layouts[0])) return CLI_USAGE;
+        o.nlayouts = 1;
+      }
+      i++;
+    } else {
+      fprintf(stderr, "moe bench: unknown or incomplete option '%s'\n", a);
+      bench_usage(stderr);
+      return CLI_USAGE;
+    }
+  }
+  if (o.tokens < 0) o.tokens = o.preset->tokens;
+  int done = 0, total = o.ndtypes * o.nlayouts * B_NMETHODS * 2;
+  for (int i = 0; i < o.ndtypes; i++) {
+    int rc = bench_dtype(&o, o.dtypes[i], &done, total);
+    if (rc) return rc;
+  }
+  return CLI_OK;
+}
