@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs libmoe's build and test dependencies from the distribution
+# (Debian/Ubuntu) and PyPI. Safe to run twice; needs root or sudo.
+set -euo pipefail
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+pkgs=(cmake make gcc g++ pkg-config libopenblas-dev libdnnl-dev libcjson-dev
+      libopenmpi-dev openmpi-bin python3 python3-pip clang-format)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+# NumPy for the independent float64 reference of the CLI tests.
+if ! python3 -c "import numpy" >/dev/null 2>&1; then
+  python3 -m pip install -q numpy || python3 -m pip install -q --break-system-packages numpy
+fi
