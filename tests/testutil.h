@@ -12,6 +12,7 @@
 
 #include <math.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,7 +30,8 @@ static char tu_case_line[512];
 #if defined(__GNUC__)
 __attribute__((format(printf, 1, 2)))
 #endif
-static inline void tu_case(const char *fmt, ...) {
+static inline void
+tu_case(const char *fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
   vsnprintf(tu_case_line, sizeof tu_case_line, fmt, ap);
@@ -39,8 +41,8 @@ static inline void tu_case(const char *fmt, ...) {
 #if defined(__GNUC__)
 __attribute__((format(printf, 4, 5)))
 #endif
-static inline void tu_check_at(int ok, const char *file, int line,
-                               const char *fmt, ...) {
+static inline void
+tu_check_at(int ok, const char *file, int line, const char *fmt, ...) {
   if (ok) {
     tu_passed++;
     return;
@@ -56,45 +58,66 @@ static inline void tu_check_at(int ok, const char *file, int line,
 }
 
 /// Counts one check; on failure prints the message and the case line.
-#define CHECK(cond, ...) tu_check_at((cond) ? 1 : 0, __FILE__, __LINE__, __VA_ARGS__)
+#define CHECK(cond, ...)                                                       \
+  tu_check_at((cond) ? 1 : 0, __FILE__, __LINE__, __VA_ARGS__)
 
 /// A call must return `want`; on failure prints the status and the library's
 /// last error.
-#define CHECK_STATUS(call, want)                                             \
-  do {                                                                       \
-    moe_status tu_s_ = (call);                                               \
-    tu_check_at(tu_s_ == (want), __FILE__, __LINE__,                         \
-                "%s returned %s, expected %s (last error: \"%s\")", #call,   \
-                moe_status_name(tu_s_), moe_status_name(want),               \
-                moe_last_error());                                           \
+#define CHECK_STATUS(call, want)                                               \
+  do {                                                                         \
+    moe_status tu_s_ = (call);                                                 \
+    tu_check_at(tu_s_ == (want), __FILE__, __LINE__,                           \
+                "%s returned %s, expected %s (last error: \"%s\")", #call,     \
+                moe_status_name(tu_s_), moe_status_name(want),                 \
+                moe_last_error());                                             \
   } while (0)
 
 /// A call must fail with `want` and a last-error message containing `word`
 /// (the argument it is about).
-#define CHECK_ERROR(call, want, word)                                        \
-  do {                                                                       \
-    moe_status tu_s_ = (call);                                               \
-    const char *tu_m_ = moe_last_error();                                    \
-    tu_check_at(tu_s_ == (want) && tu_m_ && tu_m_[0] &&                      \
-                    strstr(tu_m_, (word)) != NULL,                           \
-                __FILE__, __LINE__,                                          \
-                "%s returned %s (expected %s) with message \"%s\" "          \
-                "(expected it to name \"%s\")",                              \
-                #call, moe_status_name(tu_s_), moe_status_name(want),        \
-                tu_m_ ? tu_m_ : "(null)", (word));                           \
+#define CHECK_ERROR(call, want, word)                                          \
+  do {                                                                         \
+    moe_status tu_s_ = (call);                                                 \
+    const char *tu_m_ = moe_last_error();                                      \
+    tu_check_at(tu_s_ == (want) && tu_m_ && tu_m_[0] &&                        \
+                    strstr(tu_m_, (word)) != NULL,                             \
+                __FILE__, __LINE__,                                            \
+                "%s returned %s (expected %s) with message \"%s\" "            \
+                "(expected it to name \"%s\")",                                \
+                #call, moe_status_name(tu_s_), moe_status_name(want),          \
+                tu_m_ ? tu_m_ : "(null)", (word));                             \
   } while (0)
 
+/// Per tolerance value, the largest error seen by CHECK_REL and where: the
+/// summary shows how much room each tolerance leaves.
+enum { TU_NTOL = 4 };
+static double tu_tol_of[TU_NTOL], tu_worst_err[TU_NTOL];
+static char tu_worst_line[TU_NTOL][768];
+
+static inline void tu_rel_at(double err, double tol, const char *what,
+                             const char *file, int line) {
+  for (int i = 0; i < TU_NTOL; i++) {
+    if (tu_tol_of[i] != 0.0 && tu_tol_of[i] != tol) continue;
+    if (tu_tol_of[i] == 0.0 || !(err <= tu_worst_err[i])) {
+      tu_tol_of[i] = tol;
+      tu_worst_err[i] = err;
+      snprintf(tu_worst_line[i], sizeof tu_worst_line[i], "%.60s [%.500s]",
+               what, tu_case_line);
+    }
+    break;
+  }
+  tu_check_at(err < tol, file, line, "%s: relative error %.3e, tolerance %.1e",
+              what, err, tol);
+}
+
 /// Relative error `err` must be below `tol`.
-#define CHECK_REL(err, tol, what)                                            \
-  do {                                                                       \
-    double tu_e_ = (err);                                                    \
-    tu_check_at(tu_e_ < (tol), __FILE__, __LINE__,                           \
-                "%s: relative error %.3e, tolerance %.1e", (what), tu_e_,   \
-                (double)(tol));                                              \
-  } while (0)
+#define CHECK_REL(err, tol, what)                                              \
+  tu_rel_at((err), (tol), (what), __FILE__, __LINE__)
 
 /// Prints the summary line and returns the process exit status.
 static inline int tu_finish(void) {
+  for (int i = 0; i < TU_NTOL && tu_tol_of[i] != 0.0; i++)
+    printf("INFO: largest relative error under tolerance %.0e: %.3e, %s\n",
+           tu_tol_of[i], tu_worst_err[i], tu_worst_line[i]);
   printf("%d passed, %d failed\n", tu_passed, tu_failed);
   return tu_failed > 0 ? 1 : 0;
 }
@@ -151,8 +174,7 @@ static inline float tu_bf16_to_f32(uint16_t h) {
 /// The value `v` takes when stored in `dt` (F32 or BF16).
 static inline double tu_round(double v, moe_dtype dt) {
   float f = (float)v;
-  return dt == MOE_BF16 ? (double)tu_bf16_to_f32(tu_f32_to_bf16(f))
-                        : (double)f;
+  return dt == MOE_BF16 ? (double)tu_bf16_to_f32(tu_f32_to_bf16(f)) : (double)f;
 }
 
 /// Fills n values uniform in [-scale, scale] (never zero), rounded to what
@@ -171,7 +193,8 @@ static inline void tu_fill(tu_rng *r, double *v, int64_t n, double scale,
 /// Element offset of a multi-index in a view.
 static inline int64_t tu_off(const moe_tensor *t, const int64_t *idx) {
   int64_t o = 0;
-  for (int d = 0; d < t->ndim; d++) o += idx[d] * t->stride[d];
+  for (int d = 0; d < t->ndim; d++)
+    o += idx[d] * t->stride[d];
   return o;
 }
 
@@ -238,8 +261,7 @@ static inline double tu_rel_err(const double *ref, const float *got,
 }
 
 /// Index of the first element whose bits differ, or -1.
-static inline int64_t tu_first_diff(const float *a, const float *b,
-                                    int64_t n) {
+static inline int64_t tu_first_diff(const float *a, const float *b, int64_t n) {
   for (int64_t i = 0; i < n; i++)
     if (memcmp(a + i, b + i, sizeof *a) != 0) return i;
   return -1;
@@ -253,6 +275,107 @@ static inline void *tu_alloc(size_t bytes) {
     exit(2);
   }
   return p;
+}
+
+/* ---- buffers with a poisoned background ------------------------------- */
+
+#define TU_POISON_F32 0x7fc0beefu /* quiet NaN */
+#define TU_POISON_BF16 0x7fdeu    /* quiet NaN */
+
+/// A view over a larger allocation of `cap` elements, all poisoned with a
+/// quiet NaN (f32, bf16) so that unwritten or wrongly written elements show.
+typedef struct tu_buf {
+  moe_tensor t;
+  void *mem;
+  int64_t cap;
+} tu_buf;
+
+static inline tu_buf tu_buf_new(moe_dtype dt, int64_t cap) {
+  tu_buf b;
+  memset(&b, 0, sizeof b);
+  b.cap = cap;
+  b.mem = tu_alloc((size_t)cap * moe_dtype_size(dt));
+  for (int64_t i = 0; i < cap; i++) {
+    if (dt == MOE_F32) {
+      uint32_t p = TU_POISON_F32;
+      memcpy((float *)b.mem + i, &p, sizeof p);
+    } else if (dt == MOE_BF16) {
+      ((uint16_t *)b.mem)[i] = TU_POISON_BF16;
+    }
+  }
+  if (dt != MOE_F32 && dt != MOE_BF16) /* integer views: any fixed bytes */
+    memset(b.mem, 0xa5, (size_t)cap * moe_dtype_size(dt));
+  b.t.data = b.mem;
+  b.t.dtype = dt;
+  return b;
+}
+
+static inline bool tu_is_poison(const tu_buf *b, int64_t off) {
+  if (b->t.dtype == MOE_F32) {
+    uint32_t u;
+    memcpy(&u, (const float *)b->mem + off, sizeof u);
+    return u == TU_POISON_F32;
+  }
+  return ((const uint16_t *)b->mem)[off] == TU_POISON_BF16;
+}
+
+static inline void tu_buf_free(tu_buf *b) {
+  free(b->mem);
+  b->mem = NULL;
+}
+
+/// A contiguous [R, C] matrix holding `v` (NULL: poison only).
+static inline tu_buf tu_mat_new(moe_dtype dt, int64_t R, int64_t C,
+                                const double *v) {
+  tu_buf b = tu_buf_new(dt, R * C);
+  int64_t s[2] = {R, C};
+  b.t = moe_tensor_make(b.mem, dt, 2, s);
+  if (v) tu_scatter(&b.t, v);
+  return b;
+}
+
+/// A logical [E, N, K] weight stored in `layout`:
+///  out_in:  contiguous [E, N, K];
+///  in_out:  the transposed view of a contiguous [E, K, N];
+///  strided: element (e, n, k) at e*s0 + n*2 + k*(2N+1), i.e. every other
+///           column of a padded [E, K, 2N+1] buffer, transposed: neither
+///           inner dim has unit stride.
+static inline tu_buf tu_weight_new(moe_dtype dt, int64_t E, int64_t N,
+                                   int64_t K, moe_layout layout,
+                                   const double *v) {
+  tu_buf b;
+  if (layout == MOE_LAYOUT_OUT_IN) {
+    b = tu_buf_new(dt, E * N * K);
+    int64_t s[3] = {E, N, K};
+    b.t = moe_tensor_make(b.mem, dt, 3, s);
+  } else if (layout == MOE_LAYOUT_IN_OUT) {
+    b = tu_buf_new(dt, E * N * K);
+    int64_t s[3] = {E, K, N};
+    moe_tensor st = moe_tensor_make(b.mem, dt, 3, s);
+    moe_tensor_transpose(&st, 1, 2, &b.t);
+  } else {
+    int64_t s0 = (2 * N + 1) * K + 3;
+    b = tu_buf_new(dt, E * s0);
+    int64_t s[3] = {E, N, K};
+    b.t = moe_tensor_make(b.mem, dt, 3, s);
+    b.t.stride[0] = s0;
+    b.t.stride[1] = 2;
+    b.t.stride[2] = 2 * N + 1;
+  }
+  if (v) tu_scatter(&b.t, v);
+  return b;
+}
+
+/// Number of storage elements outside the view that lost their poison.
+static inline int64_t tu_touched_outside(const tu_buf *b) {
+  char *in = tu_alloc((size_t)b->cap);
+  int64_t idx[MOE_MAX_DIMS] = {0}, n = moe_tensor_numel(&b->t), bad = 0;
+  for (int64_t i = 0; i < n; i++, tu_step(b->t.ndim, b->t.shape, idx))
+    in[tu_off(&b->t, idx)] = 1;
+  for (int64_t i = 0; i < b->cap; i++)
+    if (!in[i] && !tu_is_poison(b, i)) bad++;
+  free(in);
+  return bad;
 }
 
 #endif /* MOE_TESTUTIL_H */
