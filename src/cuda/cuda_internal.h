@@ -1,0 +1,169 @@
+/// @file cuda_internal.h
+/// What the CUDA backend's files share: the device-side grouped GEMM problem
+/// (gemm.h's problem with device offsets, row gathers and the CUDA stream),
+/// the GEMM methods, the routing / activation kernels' launchers, and the
+/// error helpers. C declarations, usable from the .c and the .cu files.
+///
+/// The .cu files are CUDA C: kernels, plain structs and extern "C" entry
+/// points; templates appear only where a tile shape or an operand's major
+/// order must be a compile-time constant for the compiler to keep the tile
+/// in registers.
+#ifndef MOE_CUDA_INTERNAL_H
+#define MOE_CUDA_INTERNAL_H
+
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#include "gemm/gemm.h"
+#include "internal.h"
+
+/// Turns a CUDA runtime failure into MOE_ERR_BACKEND naming the call.
+moe_status moe_cu_check(cudaError_t e, const char *what);
+/// The same for cuBLAS.
+moe_status moe_cu_blas_check(cublasStatus_t s, const char *what);
+/// MOE_ERR_BACKEND if the last launch failed.
+moe_status moe_cu_launch_check(const char *kernel);
+
+#define MOE_CU_TRY(call) MOE_TRY(moe_cu_check((call), #call))
+
+/// A strided matrix operand on the device. Element (i, j) of group g lives at
+/// data + g * gs + i * rs + j * cs (elements of dtype). `gather` (optional,
+/// int32 on the device) renames rows of the row-grouped dimension: for an
+/// M-grouped problem, A's row r is read from row gather[r]; for a K-grouped
+/// problem, the depth index r of A and B is read from row gather[r]. It lets
+/// the forward read hidden rows in expert order without a permuted copy.
+typedef struct moe_cu_operand {
+  void *data;
+  moe_dtype dtype; ///< MOE_F32 or MOE_BF16
+  int64_t rs, cs, gs;
+  const int32_t *gather;
+} moe_cu_operand;
+
+/// The grouped GEMM of gemm.h with device offsets.
+///  - MOE_GROUP_M: C(r, n) = beta C(r, n) + sum_k A(r, k) B_g(k, n) for the
+///    rows r of group g, [off[g], off[g+1]); N, K given; C rows outside every
+///    group are never touched.
+///  - MOE_GROUP_K: C_g(m, n) = beta C_g + sum_{r in group g} A(m, r) B(r, n);
+///    M, N given; an empty group gets beta C_g (exact zeros when beta == 0).
+/// `rows` bounds the grouped dimension (off[G] <= rows): grids are sized
+/// from it, so the offsets never travel to the host.
+typedef struct moe_cu_gemm {
+  moe_group_kind kind;
+  int64_t groups;
+  const int64_t *offsets; ///< device, groups + 1 entries
+  int64_t rows;
+  int64_t M, N, K;
+  moe_cu_operand A, B, C;
+  float beta; ///< 0 or 1; C is never read when 0
+} moe_cu_gemm;
+
+/// Per-call context of the CUDA GEMM methods.
+typedef struct moe_cu_ctx {
+  cudaStream_t stream;
+  cublasHandle_t blas;       ///< loop method and dense helpers
+  int strict;                ///< host syncs are errors
+  const int64_t *host_offsets; ///< loop: counts already on the host, or NULL
+  int64_t *pinned;           ///< loop: pinned buffer of >= groups+1 entries
+} moe_cu_ctx;
+
+/// libmoe's grouped kernel: bf16 tensor cores (mma.sync, f32 accumulation)
+/// when the operands allow 16-byte loads, else a strided CUDA-core kernel.
+/// Never syncs with the host. One CTA owns each output tile.
+moe_status moe_cu_gemm_grouped(const moe_cu_gemm *p, const moe_cu_ctx *c);
+/// Whether the tensor-core path takes the problem (else the CUDA-core one).
+bool moe_cu_gemm_mma_ok(const moe_cu_gemm *p, char *why, size_t n);
+/// One cuBLAS GEMM per group; needs the counts on the host (one copy and
+/// stream sync unless c->host_offsets is given; strict refuses).
+moe_status moe_cu_gemm_loop(const moe_cu_gemm *p, const moe_cu_ctx *c);
+/// Runs the method (GROUPED or LOOP).
+moe_status moe_cu_gemm_run(moe_gmm_method m, const moe_cu_gemm *p,
+                           const moe_cu_ctx *c);
+/// One dense C(M, N) = beta C + A(M, K) B(K, N) through cuBLAS; declines
+/// (MOE_ERR_UNIMPLEMENTED, message set) if an operand has no unit stride or
+/// the dtypes have no cuBLAS kernel. No gathers.
+moe_status moe_cu_blas_gemm(cublasHandle_t h, cudaStream_t s, int64_t M,
+                            int64_t N, int64_t K, const moe_cu_operand *A,
+                            const moe_cu_operand *B, const moe_cu_operand *C,
+                            float beta);
+/// Zeroes C_g (an M x N strided matrix) of every group whose count is 0,
+/// reading the counts on the device.
+moe_status moe_cu_zero_empty_groups(const moe_cu_gemm *p, cudaStream_t s);
+
+/* ---- routing, permutation, activation (route.cu) --------------------- */
+
+/// A strided 2-D view on the device.
+typedef struct moe_cu_view {
+  void *data;
+  moe_dtype dtype;
+  int64_t rs, cs;
+} moe_cu_view;
+
+/// Softmax and top-k per token of logits [T, E] (f32, contiguous): probs
+/// [T, E], idx [T, k], weights [T, k] (renormalised when norm). Ties go to
+/// the lower expert, NaN ranks last. Copies the logits to `rl` if given.
+moe_status moe_cu_topk(const float *logits, int64_t T, int64_t E, int64_t k,
+                       int norm, float *probs, int32_t *idx, float *w,
+                       const moe_cu_view *rl, cudaStream_t s);
+/// Precomputed routing into idx / weights; an index outside [0, E) routes
+/// the slot nowhere (idx -1).
+moe_status moe_cu_given_routing(const moe_cu_view *ti, const moe_cu_view *tw,
+                                int64_t T, int64_t k, int64_t E, int32_t *idx,
+                                float *w, cudaStream_t s);
+/// Bytes of scratch the sort needs.
+size_t moe_cu_sort_scratch_bytes(int64_t S, int64_t E);
+/// Stable counting sort of the S = T*k slots by expert on the device:
+/// offsets [E+1] (I64), slot_row [S] (row of each slot, -1 if unrouted),
+/// row_token [S] (token of each row). Histogram + scan + in-order placement:
+/// no atomics on rows, rows of an expert in token order.
+moe_status moe_cu_route_sort(const int32_t *idx, int64_t S, int64_t k,
+                             int64_t E, void *scratch, int64_t *offsets,
+                             int32_t *slot_row, int32_t *row_token,
+                             cudaStream_t s);
+/// xp[r] = x[row_token[r]] for rows below offsets[E].
+moe_status moe_cu_gather_rows(const moe_cu_view *x, const int32_t *row_token,
+                              const int64_t *end, int64_t R, int64_t H,
+                              void *xp, cudaStream_t s);
+/// out[t] = sum_j w[t, j] y[slot_row[t*k + j]] (f32, j order).
+moe_status moe_cu_unpermute(const void *y, moe_dtype yt,
+                            const int32_t *slot_row, const float *w,
+                            int64_t T, int64_t k, int64_t H,
+                            const moe_cu_view *out, cudaStream_t s);
+/// dy[row] = w g[t] and dw[t, j] = <g[t], y[row]> (f32).
+moe_status moe_cu_unpermute_backward(const moe_cu_view *g, const void *y,
+                                     moe_dtype yt, const int32_t *slot_row,
+                                     const float *w, int64_t T, int64_t k,
+                                     int64_t H, void *dy, float *dw,
+                                     cudaStream_t s);
+/// out[t] = add[t] (optional f32 [T, H]) + sum_j dxp[slot_row[t*k + j]].
+moe_status moe_cu_permute_backward(const void *dxp, moe_dtype dt,
+                                   const int32_t *slot_row, const float *add,
+                                   int64_t T, int64_t k, int64_t H,
+                                   const moe_cu_view *out, cudaStream_t s);
+/// Backward of moe_cu_topk: dlogits [T, E] stored in dlt (f32 or bf16).
+moe_status moe_cu_topk_backward(const float *probs, const int32_t *idx,
+                                const float *w, const float *dw, int64_t T,
+                                int64_t E, int64_t k, int norm, void *dl,
+                                moe_dtype dlt, cudaStream_t s);
+/// out (strided [T, k]) = dw.
+moe_status moe_cu_store_f32(const float *src, int64_t T, int64_t k,
+                            const moe_cu_view *out, cudaStream_t s);
+/// SwiGLU forward on [R, I] views; rows at or past *end (device, may be
+/// NULL) are skipped.
+moe_status moe_cu_swiglu_fwd(const moe_cu_view *g, const moe_cu_view *u,
+                             const moe_cu_view *h, int64_t R, int64_t I,
+                             const int64_t *end, cudaStream_t s);
+moe_status moe_cu_swiglu_bwd(const moe_cu_view *g, const moe_cu_view *u,
+                             const moe_cu_view *dh, const moe_cu_view *dg,
+                             const moe_cu_view *du, int64_t R, int64_t I,
+                             const int64_t *end, cudaStream_t s);
+/// off[0] = 0, off[1] = n (a one-group offsets array on the device).
+moe_status moe_cu_set_one_group(int64_t *off, int64_t n, cudaStream_t s);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MOE_CUDA_INTERNAL_H */

@@ -1,0 +1,991 @@
+/// @file layer_cuda.c
+/// The expert layer on a CUDA device: plan (validation, method choice with
+/// its reasons, sizes) and the forward / backward orchestration
+///   router GEMM (cuBLAS) -> softmax + top-k -> device counting sort ->
+///   gate_up grouped GEMM reading hidden rows through the permutation ->
+///   SwiGLU -> down grouped GEMM -> weighted unpermute
+/// and its mirror image, all enqueued on the caller's stream. With the
+/// grouped method nothing waits for the GPU: the expert offsets are made
+/// and read on the device. The loop method (cuBLAS per expert) copies them
+/// to the host once per pass, which strict mode refuses.
+///
+/// The plan is a moe_layer_plan (first member) followed by the CUDA state,
+/// so layer.c's accessors (method, explanation) work on it unchanged.
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "core/env.h"
+#include "cuda/cuda_internal.h"
+#include "cuda/cuda_layer.h"
+
+typedef struct moe_cuda_plan {
+  moe_layer_plan base; /* first: layer.c reads it */
+  cublasHandle_t blas;
+  int64_t *pinned; /* E + 1 host offsets for the loop method */
+  int sms;
+  double bw_gbs;      /* device memory bandwidth, read + write */
+  double mma_tflops;  /* grouped kernel's sustained bf16 rate */
+  double blas_tflops; /* cuBLAS per-expert rate at large row counts */
+} moe_cuda_plan;
+
+/* Cost-model constants, from the project's first H200 run (bench/NOTES.md,
+   "CUDA (issue 5)"): the grouped kernel's bf16 rate on full tiles, cuBLAS's
+   per-expert rate as rows grow (half rate at BLAS_HALF_ROWS rows), the cost
+   of one cuBLAS call and of the host sync. Bandwidth by the card's name.
+   They rank the methods and fill the explanation. */
+#define MOE_CU_MMA_TFLOPS 280.0
+#define MOE_CU_SIMT_TFLOPS 15.0
+#define MOE_CU_BLAS_TFLOPS 480.0
+#define MOE_CU_BLAS_HALF_ROWS 64.0
+#define MOE_CU_DW_HALF_ROWS 120.0
+#define MOE_CU_CALL_US 4.0
+#define MOE_CU_SYNC_US 30.0
+#define MOE_CU_BLAS_WS ((size_t)8 << 20)
+
+static moe_cuda_plan *moe_cp(const moe_layer_plan *p) {
+  return (moe_cuda_plan *)p;
+}
+
+/* ---- device selection --------------------------------------------------- */
+
+static moe_status moe_cu_enter(int dev, int *prev) {
+  MOE_CU_TRY(cudaGetDevice(prev));
+  if (*prev != dev) MOE_CU_TRY(cudaSetDevice(dev));
+  return MOE_SUCCESS;
+}
+static void moe_cu_leave(int dev, int prev) {
+  if (prev != dev) cudaSetDevice(prev);
+}
+
+/* ---- description -------------------------------------------------------- */
+
+static moe_status moe_cu_desc_copy(moe_layer_desc *d,
+                                   const moe_layer_desc *in) {
+  moe_layer_desc dflt = MOE_LAYER_DESC_INIT;
+  if (in->struct_size < offsetof(moe_layer_desc, device) + sizeof(moe_device))
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc: struct_size %zu is too small", in->struct_size);
+  *d = dflt;
+  size_t n = in->struct_size < sizeof *d ? in->struct_size : sizeof *d;
+  memcpy(d, in, n);
+  d->struct_size = sizeof *d;
+  return MOE_SUCCESS;
+}
+
+static moe_status moe_cu_desc_check(const moe_layer_desc *d) {
+  if (d->num_experts < 1)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc.num_experts = %lld: must be >= 1",
+                     (long long)d->num_experts);
+  if (d->hidden < 1 || d->intermediate < 1)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc.hidden = %lld, desc.intermediate = %lld: both "
+                     "must be >= 1",
+                     (long long)d->hidden, (long long)d->intermediate);
+  if (d->top_k < 1 || d->top_k > d->num_experts)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc.top_k = %lld: must be in [1, num_experts = %lld]",
+                     (long long)d->top_k, (long long)d->num_experts);
+  if (d->max_tokens < 0)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc.max_tokens = %lld: must be >= 0",
+                     (long long)d->max_tokens);
+  if (d->dtype != MOE_F32 && d->dtype != MOE_BF16)
+    return moe_error(MOE_ERR_UNIMPLEMENTED,
+                     "desc.dtype = %s: the layer runs f32 or bf16",
+                     moe_dtype_name(d->dtype));
+  if ((unsigned)d->gate_up_layout > MOE_LAYOUT_STRIDED ||
+      (unsigned)d->down_layout > MOE_LAYOUT_STRIDED)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT, "desc: unknown weight layout");
+  if ((unsigned)d->method > MOE_GMM_LOOP)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT, "desc.method = %d: unknown",
+                     (int)d->method);
+  if (d->num_threads < 0)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc.num_threads = %d: must be >= 0", d->num_threads);
+  int64_t r, x;
+  if (!moe_mul_ok(d->max_tokens, d->top_k, &r) || r > INT32_MAX - 1024 ||
+      !moe_mul_ok(r, d->hidden + 2 * d->intermediate, &x) ||
+      !moe_mul_ok(d->max_tokens, d->num_experts, &x) ||
+      !moe_mul_ok(d->num_experts, d->hidden, &x) ||
+      !moe_mul_ok(x, 2 * d->intermediate, &x) || x > ((int64_t)1 << 56))
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc: sizes overflow on CUDA (max_tokens %lld x top_k "
+                     "%lld routed rows must stay below 2^31; E %lld, H %lld, "
+                     "I %lld)",
+                     (long long)d->max_tokens, (long long)d->top_k,
+                     (long long)d->num_experts, (long long)d->hidden,
+                     (long long)d->intermediate);
+  if (d->comm && moe_comm_size(d->comm) > 1)
+    return moe_error(MOE_ERR_UNIMPLEMENTED,
+                     "desc.comm: expert parallelism over %d ranks is not in "
+                     "the CUDA backend yet",
+                     moe_comm_size(d->comm));
+  return MOE_SUCCESS;
+}
+
+/* ---- cost model --------------------------------------------------------- */
+
+typedef struct moe_cu_cost {
+  double fwd_ms, bwd_ms;
+} moe_cu_cost;
+
+static moe_cu_cost moe_cu_predict(const moe_cuda_plan *p, int proj,
+                                  moe_gmm_method m) {
+  const moe_layer_desc *d = &p->base.d;
+  double R = (double)(d->max_tokens * d->top_k), E = (double)d->num_experts;
+  double K = (double)(proj == 0 ? d->hidden : d->intermediate);
+  double N = (double)(proj == 0 ? 2 * d->intermediate : d->hidden);
+  double es = (double)moe_dtype_size(d->dtype);
+  double mean = R / E > 1.0 ? R / E : 1.0;
+  double flops = 2.0 * R * K * N;
+  double wbytes = E * K * N * es, abytes = R * (K + N) * es;
+  double bw = p->bw_gbs * 1e9;
+  double fwd_rate, dx_rate, dw_rate, over_f = 0.0, over_b = 0.0;
+  if (m == MOE_GMM_LOOP) {
+    double r = (d->dtype == MOE_BF16 ? p->blas_tflops : p->blas_tflops / 8.0) *
+               mean / (mean + MOE_CU_BLAS_HALF_ROWS);
+    fwd_rate = dx_rate = dw_rate = r;
+    over_f = E * MOE_CU_CALL_US * 1e-3 + MOE_CU_SYNC_US * 1e-3;
+    over_b = 2.0 * E * MOE_CU_CALL_US * 1e-3;
+  } else if (d->dtype == MOE_BF16) {
+    /* ragged groups: the last row tile of each group is partly empty */
+    double bm = mean >= 256.0 ? 128.0 : 64.0;
+    double waste = ceil(mean / bm) * bm / mean;
+    fwd_rate = dx_rate = p->mma_tflops / waste;
+    dw_rate = p->mma_tflops * mean / (mean + MOE_CU_DW_HALF_ROWS);
+  } else {
+    fwd_rate = dx_rate = dw_rate = MOE_CU_SIMT_TFLOPS;
+  }
+  moe_cu_cost c;
+  double tf = flops / (fwd_rate * 1e12), tb = (wbytes + abytes) / bw;
+  c.fwd_ms = 1e3 * (tf > tb ? tf : tb) + over_f;
+  double tdx = flops / (dx_rate * 1e12), tdw = flops / (dw_rate * 1e12);
+  tb = (2.0 * wbytes + 2.0 * abytes) / bw;
+  c.bwd_ms = 1e3 * (tdx + tdw > tb ? tdx + tdw : tb) + over_b;
+  return c;
+}
+
+/* ---- plan ----------------------------------------------------------------- */
+
+static void moe_cu_say(moe_layer_plan *p, size_t *len, const char *fmt, ...)
+    MOE_PRINTF(3, 4);
+static void moe_cu_say(moe_layer_plan *p, size_t *len, const char *fmt,
+                       ...) {
+  if (*len >= sizeof p->explain) return;
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(p->explain + *len, sizeof p->explain - *len, fmt, ap);
+  va_end(ap);
+  if (n > 0) *len += (size_t)n;
+}
+
+moe_status moe_cuda_layer_plan_create(moe_layer_plan **plan,
+                                      const moe_layer_desc *desc) {
+  if (!plan || !desc)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_layer_plan_create: plan and desc must not be NULL");
+  *plan = NULL;
+  moe_layer_desc d;
+  MOE_TRY(moe_cu_desc_copy(&d, desc));
+  MOE_TRY(moe_cu_desc_check(&d));
+  moe_gmm_method env_m;
+  bool env_set;
+  MOE_TRY(moe_env_gmm(&env_m, &env_set));
+  int ndev = 0;
+  cudaError_t ce = cudaGetDeviceCount(&ndev);
+  if (ce != cudaSuccess || ndev == 0)
+    return moe_error(MOE_ERR_UNIMPLEMENTED,
+                     "desc.device: CUDA device %d requested, but no CUDA "
+                     "device is usable (%s)",
+                     d.device.index,
+                     ce != cudaSuccess ? cudaGetErrorString(ce) : "none");
+  if (d.device.index < 0 || d.device.index >= ndev)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc.device.index = %d: this machine has %d CUDA "
+                     "device(s)",
+                     d.device.index, ndev);
+  struct cudaDeviceProp prop;
+  MOE_CU_TRY(cudaGetDeviceProperties(&prop, d.device.index));
+
+  moe_cuda_plan *cp = calloc(1, sizeof *cp);
+  if (!cp)
+    return moe_error(MOE_ERR_OUT_OF_MEMORY, "moe_layer_plan_create: no memory");
+  moe_layer_plan *p = &cp->base;
+  p->d = d;
+  p->nt = 1;
+  p->rank = 0;
+  p->ranks = 1;
+  p->e_local = d.num_experts;
+  p->e_first = 0;
+  p->max_rows = d.max_tokens * d.top_k;
+  cp->sms = prop.multiProcessorCount;
+  cp->bw_gbs = strstr(prop.name, "H200") ? 4300.0
+               : strstr(prop.name, "H100") ? 3000.0
+                                            : 1500.0;
+  cp->mma_tflops = MOE_CU_MMA_TFLOPS * (strstr(prop.name, "H100") ||
+                                                strstr(prop.name, "H200")
+                                            ? 1.0
+                                            : 0.4);
+  cp->blas_tflops = MOE_CU_BLAS_TFLOPS;
+
+  moe_gmm_method forced = d.method != MOE_GMM_AUTO ? d.method : env_m;
+  const char *by = d.method != MOE_GMM_AUTO ? "desc.method" : "MOE_GMM";
+  size_t len = 0;
+  int64_t rows = d.max_tokens * d.top_k;
+  moe_cu_say(p, &len,
+             "plan (cuda): E=%lld H=%lld I=%lld top_k=%lld, %lld tokens -> "
+             "%lld routed rows, %s\ndevice: %d, %s, %d SMs (model: %.0f "
+             "GB/s, grouped kernel %.0f TFLOP/s, cuBLAS %.0f TFLOP/s)\n",
+             (long long)d.num_experts, (long long)d.hidden,
+             (long long)d.intermediate, (long long)d.top_k,
+             (long long)d.max_tokens, (long long)rows,
+             moe_dtype_name(d.dtype), d.device.index, prop.name, cp->sms,
+             cp->bw_gbs, cp->mma_tflops, cp->blas_tflops);
+  bool any_loop = false;
+  for (int proj = 0; proj < 2; proj++) {
+    moe_cu_cost g = moe_cu_predict(cp, proj, MOE_GMM_GROUPED);
+    moe_cu_cost l = moe_cu_predict(cp, proj, MOE_GMM_LOOP);
+    moe_gmm_method m = forced;
+    const char *why = by;
+    if (m == MOE_GMM_AUTO) {
+      bool loop_wins = l.fwd_ms + l.bwd_ms < g.fwd_ms + g.bwd_ms;
+      m = loop_wins && !d.strict ? MOE_GMM_LOOP : MOE_GMM_GROUPED;
+      why = m == MOE_GMM_LOOP
+                ? "auto: cuBLAS per expert is predicted faster; it costs one "
+                  "host sync per pass (strict mode would pick grouped)"
+            : loop_wins
+                ? "auto: strict mode forbids the loop's host sync; the "
+                  "grouped kernel reads the expert offsets on the device"
+                : "auto: predicted faster, and it reads the expert offsets "
+                  "on the device (no host sync)";
+    }
+    p->method[proj] = m;
+    any_loop |= m == MOE_GMM_LOOP;
+    moe_cu_say(p, &len,
+               "%s: %s (%s) — predicted grouped %.3f / %.3f ms, loop %.3f / "
+               "%.3f ms (fwd / bwd)\n",
+               proj == 0 ? "gate_up" : "down", moe_gmm_method_name(m), why,
+               g.fwd_ms, g.bwd_ms, l.fwd_ms, l.bwd_ms);
+  }
+  moe_cu_say(p, &len,
+             "grouped: libmoe's kernel, %s, tiles scheduled on the device "
+             "from the offsets; %s\n",
+             d.dtype == MOE_BF16
+                 ? "bf16 tensor cores (mma.sync, f32 accumulate)"
+                 : "f32 on CUDA cores",
+             any_loop ? "the gate_up input is permuted into a copy for "
+                        "cuBLAS"
+                      : "gate_up reads hidden rows through the permutation "
+                        "(no permuted copy)");
+  if (any_loop)
+    moe_cu_say(p, &len,
+               "loop: one cuBLAS GEMM per expert needs the counts on the "
+               "host: one cudaMemcpy + cudaStreamSynchronize per forward "
+               "and per backward%s\n",
+               d.strict ? " — strict mode: forward/backward will fail with "
+                          "MOE_ERR_STRICT"
+                        : "");
+  moe_cu_say(p, &len,
+             "routing: router GEMM by cuBLAS (f32 logits), softmax + top-k, "
+             "histogram + scan + stable placement on the device\n");
+
+  int prev;
+  moe_status s = moe_cu_enter(d.device.index, &prev);
+  if (s == MOE_SUCCESS) {
+    s = moe_cu_blas_check(cublasCreate(&cp->blas), "cublasCreate");
+    if (s == MOE_SUCCESS)
+      s = moe_cu_check(
+          cudaMallocHost((void **)&cp->pinned,
+                         (size_t)(d.num_experts + 1) * sizeof(int64_t)),
+          "cudaMallocHost");
+    moe_cu_leave(d.device.index, prev);
+  }
+  if (s != MOE_SUCCESS) {
+    moe_cuda_layer_plan_destroy(p);
+    return s;
+  }
+  *plan = p;
+  return MOE_SUCCESS;
+}
+
+moe_status moe_cuda_layer_plan_destroy(moe_layer_plan *plan) {
+  if (!plan) return MOE_SUCCESS;
+  moe_cuda_plan *cp = moe_cp(plan);
+  if (cp->blas) cublasDestroy(cp->blas);
+  if (cp->pinned) cudaFreeHost(cp->pinned);
+  free(cp);
+  return MOE_SUCCESS;
+}
+
+moe_status moe_cuda_layer_plan_predict(const moe_layer_plan *plan,
+                                       int projection, moe_gmm_method m,
+                                       double *fwd_ms, double *bwd_ms) {
+  if (!plan || projection < 0 || projection > 1 ||
+      (m != MOE_GMM_GROUPED && m != MOE_GMM_LOOP))
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_layer_plan_predict: need a plan, projection 0 or 1 "
+                     "and the grouped or loop method");
+  moe_cu_cost c = moe_cu_predict(moe_cp(plan), projection, m);
+  if (fwd_ms) *fwd_ms = c.fwd_ms;
+  if (bwd_ms) *bwd_ms = c.bwd_ms;
+  return MOE_SUCCESS;
+}
+
+/* ---- buffers ---------------------------------------------------------------- */
+
+typedef struct moe_cu_bufs {
+  /* saved (forward -> backward) */
+  size_t idx, w, probs, offsets, slot_row, row_token, xp, ab, hh, y, saved;
+  /* forward workspace */
+  size_t sort, logits, one, fblas, fsaved, fws;
+  /* backward workspace (overlays the forward's) */
+  size_t dy, dh, dab, dw, dl, dxr, bone, bblas, bws;
+  size_t ws;
+} moe_cu_bufs;
+
+static size_t moe_cu_take(size_t *at, size_t bytes) {
+  size_t o = *at;
+  *at += (bytes + 255u) & ~(size_t)255u;
+  return o;
+}
+
+static void moe_cu_bufs_of(const moe_layer_plan *p, int64_t T,
+                           moe_cu_bufs *b) {
+  const moe_layer_desc *d = &p->d;
+  size_t es = moe_dtype_size(d->dtype);
+  size_t S = (size_t)(T * d->top_k), E = (size_t)d->num_experts;
+  size_t H = (size_t)d->hidden, I = (size_t)d->intermediate;
+  bool copy_x = p->method[0] == MOE_GMM_LOOP;
+  size_t at = 0;
+  b->idx = moe_cu_take(&at, S * 4);
+  b->w = moe_cu_take(&at, S * 4);
+  b->probs = moe_cu_take(&at, (size_t)T * E * 4);
+  b->offsets = moe_cu_take(&at, (E + 1) * 8);
+  b->slot_row = moe_cu_take(&at, S * 4);
+  b->row_token = moe_cu_take(&at, S * 4);
+  b->xp = moe_cu_take(&at, copy_x ? S * H * es : 0);
+  b->ab = moe_cu_take(&at, S * 2 * I * es);
+  b->hh = moe_cu_take(&at, S * I * es);
+  b->y = moe_cu_take(&at, S * H * es);
+  b->saved = at;
+  at = 0;
+  b->sort = moe_cu_take(&at, moe_cu_sort_scratch_bytes((int64_t)S, (int64_t)E));
+  b->logits = moe_cu_take(&at, (size_t)T * E * 4);
+  b->one = moe_cu_take(&at, 16);
+  b->fblas = moe_cu_take(&at, MOE_CU_BLAS_WS);
+  b->fsaved = moe_cu_take(&at, b->saved);
+  b->fws = at;
+  at = 0;
+  b->dy = moe_cu_take(&at, S * H * 4); /* dY, then dXp (f32 at most) */
+  b->dh = moe_cu_take(&at, S * I * es);
+  b->dab = moe_cu_take(&at, S * 2 * I * es);
+  b->dw = moe_cu_take(&at, S * 4);
+  b->dl = moe_cu_take(&at, (size_t)T * E * 4);
+  b->dxr = moe_cu_take(&at, (size_t)T * H * 4);
+  b->bone = moe_cu_take(&at, 16);
+  b->bblas = moe_cu_take(&at, MOE_CU_BLAS_WS);
+  b->bws = at;
+  b->ws = b->fws > b->bws ? b->fws : b->bws;
+}
+
+moe_status moe_cuda_layer_plan_sizes(const moe_layer_plan *plan,
+                                     int64_t tokens, size_t *workspace_bytes,
+                                     size_t *saved_bytes) {
+  if (!plan)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_layer_plan_sizes: plan is NULL");
+  if (tokens < 0 || tokens > plan->d.max_tokens)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_layer_plan_sizes: tokens = %lld outside [0, "
+                     "max_tokens = %lld]",
+                     (long long)tokens, (long long)plan->d.max_tokens);
+  moe_cu_bufs b;
+  moe_cu_bufs_of(plan, tokens, &b);
+  if (workspace_bytes) *workspace_bytes = b.ws;
+  if (saved_bytes) *saved_bytes = b.saved;
+  return MOE_SUCCESS;
+}
+
+/* ---- argument checks ------------------------------------------------------- */
+
+typedef struct moe_cu_gu {
+  moe_tensor gate, up, both;
+  bool fused;
+} moe_cu_gu;
+
+static moe_status moe_cu_check_weight(const moe_tensor *t, const char *name,
+                                      const int64_t *shape, moe_layout want,
+                                      const moe_layer_desc *d) {
+  MOE_TRY(moe_check_tensor(t, name, 3, shape, (int)d->dtype, &d->device));
+  moe_layout l = moe_weight_layout(t);
+  if (l != want)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "%s: strides (%lld, %lld, %lld) give layout %s, the "
+                     "plan was made for %s",
+                     name, (long long)t->stride[0], (long long)t->stride[1],
+                     (long long)t->stride[2], moe_layout_name(l),
+                     moe_layout_name(want));
+  return MOE_SUCCESS;
+}
+
+static moe_status moe_cu_gu_of(const moe_tensor *both, const moe_tensor *g,
+                               const moe_tensor *u, const char *prefix,
+                               const moe_layer_desc *d, moe_cu_gu *out) {
+  char n1[64], n2[64];
+  int64_t E = d->num_experts, H = d->hidden, I = d->intermediate;
+  memset(out, 0, sizeof *out);
+  if (!moe_tensor_absent(both)) {
+    if (!moe_tensor_absent(g) || !moe_tensor_absent(u))
+      return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                       "%sw_gate_up and %sw_gate/%sw_up are both given; pass "
+                       "one form",
+                       prefix, prefix, prefix);
+    int64_t shape[3] = {E, 2 * I, H};
+    snprintf(n1, sizeof n1, "%sw_gate_up", prefix);
+    MOE_TRY(moe_cu_check_weight(both, n1, shape, d->gate_up_layout, d));
+    out->fused = true;
+    out->both = *both;
+    MOE_TRY(moe_tensor_narrow(both, 1, 0, I, &out->gate));
+    MOE_TRY(moe_tensor_narrow(both, 1, I, I, &out->up));
+    return MOE_SUCCESS;
+  }
+  int64_t shape[3] = {E, I, H};
+  snprintf(n1, sizeof n1, "%sw_gate", prefix);
+  snprintf(n2, sizeof n2, "%sw_up", prefix);
+  MOE_TRY(moe_cu_check_weight(g, n1, shape, d->gate_up_layout, d));
+  MOE_TRY(moe_cu_check_weight(u, n2, shape, d->gate_up_layout, d));
+  out->gate = *g;
+  out->up = *u;
+  return MOE_SUCCESS;
+}
+
+typedef struct moe_cu_call {
+  int64_t T;
+  bool router;
+  moe_cu_gu gu;
+} moe_cu_call;
+
+static moe_status moe_cu_check_fwd(const moe_layer_plan *p,
+                                   const moe_layer_fwd_args *a,
+                                   moe_cu_call *c) {
+  const moe_layer_desc *d = &p->d;
+  int64_t E = d->num_experts, H = d->hidden, I = d->intermediate,
+          k = d->top_k;
+  int64_t hs[2] = {-1, H};
+  MOE_TRY(moe_check_tensor(&a->hidden, "hidden", 2, hs, (int)d->dtype,
+                           &d->device));
+  int64_t T = a->hidden.shape[0];
+  if (T > d->max_tokens)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "hidden: %lld tokens, the plan holds at most "
+                     "max_tokens = %lld",
+                     (long long)T, (long long)d->max_tokens);
+  c->T = T;
+  bool has_gate = !moe_tensor_absent(&a->gate_weight);
+  bool has_topk = !moe_tensor_absent(&a->topk_index);
+  if (has_gate == has_topk)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "give either gate_weight (router) or topk_index + "
+                     "topk_weights (precomputed routing), %s",
+                     has_gate ? "not both" : "neither was given");
+  c->router = has_gate;
+  if (has_gate) {
+    int64_t s[2] = {E, H};
+    MOE_TRY(moe_check_tensor(&a->gate_weight, "gate_weight", 2, s, -1,
+                             &d->device));
+  } else {
+    int64_t s[2] = {T, k};
+    if (a->topk_index.dtype != MOE_I32 && a->topk_index.dtype != MOE_I64)
+      return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                       "topk_index: dtype %s, expected i32 or i64",
+                       moe_dtype_name(a->topk_index.dtype));
+    moe_tensor ti = a->topk_index;
+    ti.dtype = MOE_F32; /* shape/device/stride checks only */
+    MOE_TRY(moe_check_tensor(&ti, "topk_index", 2, s, (int)MOE_F32,
+                             &d->device));
+    MOE_TRY(moe_check_tensor(&a->topk_weights, "topk_weights", 2, s, -1,
+                             &d->device));
+  }
+  MOE_TRY(moe_cu_gu_of(&a->w_gate_up, &a->w_gate, &a->w_up, "", d, &c->gu));
+  int64_t ds[3] = {E, H, I};
+  MOE_TRY(moe_cu_check_weight(&a->w_down, "w_down", ds, d->down_layout, d));
+  return MOE_SUCCESS;
+}
+
+static moe_status moe_cu_check_grad_weight(const moe_tensor *g,
+                                           const moe_tensor *w,
+                                           const char *name,
+                                           const moe_layer_desc *d) {
+  MOE_TRY(moe_check_tensor(g, name, 3, w->shape, (int)w->dtype, &d->device));
+  for (int i = 0; i < 3; i++)
+    if (g->stride[i] != w->stride[i] && g->shape[i] > 1)
+      return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                       "%s: strides (%lld, %lld, %lld) differ from its "
+                       "weight's (%lld, %lld, %lld); gradients are written in "
+                       "the weight's own layout",
+                       name, (long long)g->stride[0], (long long)g->stride[1],
+                       (long long)g->stride[2], (long long)w->stride[0],
+                       (long long)w->stride[1], (long long)w->stride[2]);
+  return MOE_SUCCESS;
+}
+
+/* ---- execution helpers -------------------------------------------------------- */
+
+typedef struct moe_cu_exec {
+  moe_cuda_plan *cp;
+  moe_cu_ctx ctx;
+  const int64_t *offsets; /* device */
+  int64_t rows;           /* T * k */
+  const int32_t *row_token;
+  void *owned; /* workspace allocated here (cudaMallocAsync) */
+} moe_cu_exec;
+
+static char *moe_cu_at(void *base, size_t off) { return (char *)base + off; }
+
+static moe_cu_operand moe_cu_op(void *data, moe_dtype t, int64_t rs,
+                                int64_t cs) {
+  moe_cu_operand o = {data, t, rs, cs, 0, NULL};
+  return o;
+}
+
+static moe_cu_view moe_cu_view_of(const moe_tensor *t) {
+  moe_cu_view v = {t->data, t->dtype, t->stride[0], t->stride[1]};
+  return v;
+}
+
+/// Y[R, N] = X . W_e^T for a [E, N, K] weight view; X is either a row buffer
+/// or (gather) the hidden states read through row_token.
+static moe_status moe_cu_fwd(const moe_cu_exec *x, int proj,
+                             const moe_cu_operand *X, const moe_tensor *w,
+                             void *Y, moe_dtype yt, int64_t ldy) {
+  moe_cu_gemm g;
+  memset(&g, 0, sizeof g);
+  g.kind = MOE_GROUP_M;
+  g.groups = w->shape[0];
+  g.offsets = x->offsets;
+  g.rows = x->rows;
+  g.N = w->shape[1];
+  g.K = w->shape[2];
+  g.A = *X;
+  g.B = moe_cu_op(w->data, w->dtype, w->stride[2], w->stride[1]);
+  g.B.gs = w->stride[0];
+  g.C = moe_cu_op(Y, yt, ldy, 1);
+  return moe_cu_gemm_run(x->cp->base.method[proj], &g, &x->ctx);
+}
+
+/// dX[R, K] (+)= dY[R, N] . W_e.
+static moe_status moe_cu_dx(const moe_cu_exec *x, int proj, void *dY,
+                            int64_t lddy, const moe_tensor *w, void *dX,
+                            moe_dtype dxt, int64_t lddx, float beta) {
+  moe_cu_gemm g;
+  memset(&g, 0, sizeof g);
+  g.kind = MOE_GROUP_M;
+  g.groups = w->shape[0];
+  g.offsets = x->offsets;
+  g.rows = x->rows;
+  g.N = w->shape[2];
+  g.K = w->shape[1];
+  g.A = moe_cu_op(dY, x->cp->base.d.dtype, lddy, 1);
+  g.B = moe_cu_op(w->data, w->dtype, w->stride[1], w->stride[2]);
+  g.B.gs = w->stride[0];
+  g.C = moe_cu_op(dX, dxt, lddx, 1);
+  g.beta = beta;
+  return moe_cu_gemm_run(x->cp->base.method[proj], &g, &x->ctx);
+}
+
+/// dW_e[N, K] = dY_e^T . X_e through dw's strides; X may be gathered.
+static moe_status moe_cu_dw(const moe_cu_exec *x, int proj, void *dY,
+                            int64_t lddy, const moe_cu_operand *X,
+                            const moe_tensor *dw) {
+  moe_cu_gemm g;
+  memset(&g, 0, sizeof g);
+  g.kind = MOE_GROUP_K;
+  g.groups = dw->shape[0];
+  g.offsets = x->offsets;
+  g.rows = x->rows;
+  g.M = dw->shape[1];
+  g.N = dw->shape[2];
+  g.A = moe_cu_op(dY, x->cp->base.d.dtype, 1, lddy);
+  g.B = *X;
+  g.C = moe_cu_op(dw->data, dw->dtype, dw->stride[1], dw->stride[2]);
+  g.C.gs = dw->stride[0];
+  return moe_cu_gemm_run(x->cp->base.method[proj], &g, &x->ctx);
+}
+
+/// One dense product through cuBLAS, or libmoe's kernel as one group where
+/// cuBLAS has no kernel for the strides or dtypes.
+static moe_status moe_cu_dense(const moe_cu_exec *x, moe_group_kind kind,
+                               int64_t M, int64_t N, int64_t K,
+                               const moe_cu_operand *A,
+                               const moe_cu_operand *B,
+                               const moe_cu_operand *C, float beta,
+                               int64_t *one) {
+  moe_status s = moe_cu_blas_gemm(x->ctx.blas, x->ctx.stream, M, N, K, A, B,
+                                  C, beta);
+  if (s != MOE_ERR_UNIMPLEMENTED) return s;
+  moe_clear_error();
+  int64_t depth = kind == MOE_GROUP_M ? M : K;
+  MOE_TRY(moe_cu_set_one_group(one, depth, x->ctx.stream));
+  moe_cu_gemm g;
+  memset(&g, 0, sizeof g);
+  g.kind = kind;
+  g.groups = 1;
+  g.offsets = one;
+  g.rows = depth;
+  g.M = M;
+  g.N = N;
+  g.K = K;
+  g.A = *A;
+  g.B = *B;
+  g.C = *C;
+  g.beta = beta;
+  return moe_cu_gemm_grouped(&g, &x->ctx);
+}
+
+static moe_status moe_cu_check_buffer(const void *buf, size_t have,
+                                      size_t need, const char *name) {
+  if (buf && have < need)
+    return moe_error(MOE_ERR_WORKSPACE,
+                     "%s: %zu bytes given, %zu needed (see "
+                     "moe_layer_plan_sizes)",
+                     name, have, need);
+  return MOE_SUCCESS;
+}
+
+/// Context, workspace (allocated stream-ordered when the caller gave none)
+/// and, if a projection runs the loop method, the counts on the host.
+static moe_status moe_cu_begin(moe_cuda_plan *cp, void **ws, size_t ws_bytes,
+                               size_t need, size_t blas_at, void *stream,
+                               moe_cu_exec *x) {
+  memset(x, 0, sizeof *x);
+  x->cp = cp;
+  x->ctx.stream = (cudaStream_t)stream;
+  x->ctx.blas = cp->blas;
+  x->ctx.strict = cp->base.d.strict;
+  x->ctx.pinned = cp->pinned;
+  MOE_TRY(moe_cu_check_buffer(*ws, ws_bytes, need, "workspace"));
+  if (!*ws) {
+    MOE_CU_TRY(cudaMallocAsync(ws, need, x->ctx.stream));
+    x->owned = *ws;
+  }
+  /* cuBLAS works in our workspace: it allocates nothing, and no call of
+     this pass can find a workspace a previous caller has freed. */
+  return moe_cu_blas_check(
+      cublasSetWorkspace(cp->blas, moe_cu_at(*ws, blas_at), MOE_CU_BLAS_WS),
+      "cublasSetWorkspace");
+}
+
+static moe_status moe_cu_end(moe_cu_exec *x, moe_status s) {
+  if (x->owned) {
+    moe_status f = moe_cu_check(cudaFreeAsync(x->owned, x->ctx.stream),
+                                "cudaFreeAsync");
+    if (s == MOE_SUCCESS) s = f;
+  }
+  return s;
+}
+
+/// The loop method's single sync: the counts to the host, once per pass.
+static moe_status moe_cu_host_counts(moe_cu_exec *x) {
+  moe_cuda_plan *cp = x->cp;
+  if (cp->base.method[0] != MOE_GMM_LOOP && cp->base.method[1] != MOE_GMM_LOOP)
+    return MOE_SUCCESS;
+  if (cp->base.d.strict)
+    return moe_error(MOE_ERR_STRICT,
+                     "method loop (cuBLAS per expert) needs the expert counts "
+                     "on the host — a cudaMemcpy and a stream sync, which "
+                     "strict mode forbids; use the grouped method");
+  int64_t n = cp->base.d.num_experts + 1;
+  MOE_CU_TRY(cudaMemcpyAsync(cp->pinned, x->offsets, (size_t)n * 8,
+                             cudaMemcpyDeviceToHost, x->ctx.stream));
+  MOE_CU_TRY(cudaStreamSynchronize(x->ctx.stream));
+  x->ctx.host_offsets = cp->pinned;
+  return MOE_SUCCESS;
+}
+
+/* ---- forward ------------------------------------------------------------------ */
+
+static moe_status moe_cu_forward_run(moe_cu_exec *x,
+                                     const moe_layer_fwd_args *a,
+                                     const moe_cu_call *c,
+                                     const moe_cu_bufs *b, char *sv,
+                                     char *ws) {
+  moe_cuda_plan *cp = x->cp;
+  const moe_layer_desc *d = &cp->base.d;
+  cudaStream_t st = x->ctx.stream;
+  int64_t T = c->T, k = d->top_k, H = d->hidden, I = d->intermediate,
+          E = d->num_experts, S = T * k;
+  moe_dtype dt = d->dtype;
+  size_t es = moe_dtype_size(dt);
+  int32_t *idx = (int32_t *)moe_cu_at(sv, b->idx);
+  float *w = (float *)moe_cu_at(sv, b->w);
+  int64_t *offsets = (int64_t *)moe_cu_at(sv, b->offsets);
+  int32_t *slot_row = (int32_t *)moe_cu_at(sv, b->slot_row);
+  int32_t *row_token = (int32_t *)moe_cu_at(sv, b->row_token);
+  char *ab = moe_cu_at(sv, b->ab), *hh = moe_cu_at(sv, b->hh),
+       *y = moe_cu_at(sv, b->y);
+  x->offsets = offsets;
+  x->rows = S;
+  x->row_token = row_token;
+
+  /* routing */
+  if (c->router) {
+    float *logits = (float *)moe_cu_at(ws, b->logits);
+    const moe_tensor *g = &a->gate_weight;
+    moe_cu_operand A = moe_cu_op(a->hidden.data, dt, a->hidden.stride[0],
+                                 a->hidden.stride[1]);
+    moe_cu_operand B = moe_cu_op(g->data, g->dtype, g->stride[1],
+                                 g->stride[0]);
+    moe_cu_operand C = moe_cu_op(logits, MOE_F32, E, 1);
+    MOE_TRY(moe_cu_dense(x, MOE_GROUP_M, T, E, H, &A, &B, &C, 0.0f,
+                         (int64_t *)moe_cu_at(ws, b->one)));
+    moe_cu_view rl = {0};
+    if (!moe_tensor_absent(&a->router_logits))
+      rl = moe_cu_view_of(&a->router_logits);
+    MOE_TRY(moe_cu_topk(logits, T, E, k, d->norm_topk_prob,
+                        (float *)moe_cu_at(sv, b->probs), idx, w,
+                        rl.data ? &rl : NULL, st));
+  } else {
+    moe_cu_view ti = moe_cu_view_of(&a->topk_index),
+                tw = moe_cu_view_of(&a->topk_weights);
+    MOE_TRY(moe_cu_given_routing(&ti, &tw, T, k, E, idx, w, st));
+  }
+  MOE_TRY(moe_cu_route_sort(idx, S, k, E, moe_cu_at(ws, b->sort), offsets,
+                            slot_row, row_token, st));
+  MOE_TRY(moe_cu_host_counts(x));
+
+  /* gate_up: read hidden through the permutation, or a permuted copy for
+     cuBLAS */
+  moe_cu_operand X;
+  if (cp->base.method[0] == MOE_GMM_LOOP) {
+    char *xp = moe_cu_at(sv, b->xp);
+    moe_cu_view hv = moe_cu_view_of(&a->hidden);
+    MOE_TRY(moe_cu_gather_rows(&hv, row_token, offsets + E, S, H, xp, st));
+    X = moe_cu_op(xp, dt, H, 1);
+  } else {
+    X = moe_cu_op(a->hidden.data, dt, a->hidden.stride[0],
+                  a->hidden.stride[1]);
+    X.gather = row_token;
+  }
+  if (c->gu.fused) {
+    MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.both, ab, dt, 2 * I));
+  } else {
+    MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.gate, ab, dt, 2 * I));
+    MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.up, ab + (size_t)I * es, dt, 2 * I));
+  }
+  moe_cu_view vg = {ab, dt, 2 * I, 1}, vu = {ab + (size_t)I * es, dt, 2 * I, 1},
+              vh = {hh, dt, I, 1};
+  MOE_TRY(moe_cu_swiglu_fwd(&vg, &vu, &vh, S, I, offsets + E, st));
+  moe_cu_operand Hh = moe_cu_op(hh, dt, I, 1);
+  MOE_TRY(moe_cu_fwd(x, 1, &Hh, &a->w_down, y, dt, H));
+  moe_cu_view out = moe_cu_view_of(&a->output);
+  return moe_cu_unpermute(y, dt, slot_row, w, T, k, H, &out, st);
+}
+
+moe_status moe_cuda_layer_forward(moe_layer_plan *plan,
+                                  const moe_layer_fwd_args *args, void *saved,
+                                  size_t saved_bytes, void *workspace,
+                                  size_t workspace_bytes, void *stream) {
+  if (!plan || !args)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_layer_forward: plan and args must not be NULL");
+  moe_cuda_plan *cp = moe_cp(plan);
+  const moe_layer_desc *d = &plan->d;
+  moe_cu_call c;
+  MOE_TRY(moe_cu_check_fwd(plan, args, &c));
+  int64_t oshape[2] = {c.T, d->hidden};
+  MOE_TRY(moe_check_tensor(&args->output, "output", 2, oshape, (int)d->dtype,
+                           &d->device));
+  if (!moe_tensor_absent(&args->router_logits)) {
+    int64_t ls[2] = {c.T, d->num_experts};
+    MOE_TRY(moe_check_tensor(&args->router_logits, "router_logits", 2, ls,
+                             (int)MOE_F32, &d->device));
+    if (!c.router)
+      return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                       "router_logits: asked for, but routing is precomputed "
+                       "(no gate_weight)");
+  }
+  moe_cu_bufs b;
+  moe_cu_bufs_of(plan, c.T, &b);
+  MOE_TRY(moe_cu_check_buffer(saved, saved_bytes, b.saved, "saved"));
+  int prev;
+  MOE_TRY(moe_cu_enter(d->device.index, &prev));
+  moe_cu_exec x;
+  moe_status s = moe_cu_begin(cp, &workspace, workspace_bytes, b.fws, b.fblas,
+                              stream, &x);
+  if (s == MOE_SUCCESS) {
+    char *ws = workspace;
+    char *sv = saved ? (char *)saved : moe_cu_at(ws, b.fsaved);
+    s = moe_cu_forward_run(&x, args, &c, &b, sv, ws);
+  }
+  s = moe_cu_end(&x, s);
+  moe_cu_leave(d->device.index, prev);
+  return s;
+}
+
+/* ---- backward ----------------------------------------------------------------- */
+
+static moe_status moe_cu_backward_run(moe_cu_exec *x,
+                                      const moe_layer_bwd_args *args,
+                                      const moe_cu_call *c,
+                                      const moe_cu_gu *ggu,
+                                      const moe_cu_bufs *b, char *sv,
+                                      char *ws) {
+  moe_cuda_plan *cp = x->cp;
+  const moe_layer_desc *d = &cp->base.d;
+  const moe_layer_fwd_args *a = &args->fwd;
+  cudaStream_t st = x->ctx.stream;
+  int64_t T = c->T, k = d->top_k, H = d->hidden, I = d->intermediate,
+          E = d->num_experts, S = T * k;
+  moe_dtype dt = d->dtype;
+  size_t es = moe_dtype_size(dt);
+  const int32_t *slot_row = (const int32_t *)moe_cu_at(sv, b->slot_row);
+  const int32_t *row_token = (const int32_t *)moe_cu_at(sv, b->row_token);
+  const float *w = (const float *)moe_cu_at(sv, b->w);
+  const int64_t *offsets = (const int64_t *)moe_cu_at(sv, b->offsets);
+  char *ab = moe_cu_at(sv, b->ab), *hh = moe_cu_at(sv, b->hh),
+       *y = moe_cu_at(sv, b->y);
+  char *dy = moe_cu_at(ws, b->dy), *dh = moe_cu_at(ws, b->dh),
+       *dab = moe_cu_at(ws, b->dab);
+  float *dw = (float *)moe_cu_at(ws, b->dw);
+  x->offsets = offsets;
+  x->rows = S;
+  x->row_token = row_token;
+  MOE_TRY(moe_cu_host_counts(x));
+
+  /* weighted scatter back: dY rows and the routing-weight gradient */
+  moe_cu_view go = moe_cu_view_of(&args->grad_output);
+  MOE_TRY(moe_cu_unpermute_backward(&go, y, dt, slot_row, w, T, k, H, dy, dw,
+                                    st));
+  /* down: dH = dY . Wd, dWd = dY^T . Hh */
+  MOE_TRY(moe_cu_dx(x, 1, dy, H, &a->w_down, dh, dt, I, 0.0f));
+  moe_cu_operand Hh = moe_cu_op(hh, dt, I, 1);
+  MOE_TRY(moe_cu_dw(x, 1, dy, H, &Hh, &args->grad_w_down));
+  moe_cu_view vg = {ab, dt, 2 * I, 1}, vu = {ab + (size_t)I * es, dt, 2 * I, 1},
+              vdh = {dh, dt, I, 1}, vdg = {dab, dt, 2 * I, 1},
+              vdu = {dab + (size_t)I * es, dt, 2 * I, 1};
+  MOE_TRY(moe_cu_swiglu_bwd(&vg, &vu, &vdh, &vdg, &vdu, S, I, offsets + E,
+                            st));
+  /* gate_up: dXp = dAB . Wgu (into dY's space, which is dead now),
+     dWgu = dAB^T . X */
+  moe_dtype dxt = c->gu.fused ? dt : MOE_F32;
+  char *dxp = dy;
+  moe_cu_operand X;
+  if (cp->base.method[0] == MOE_GMM_LOOP) {
+    X = moe_cu_op(moe_cu_at(sv, b->xp), dt, H, 1);
+  } else {
+    X = moe_cu_op(a->hidden.data, dt, a->hidden.stride[0],
+                  a->hidden.stride[1]);
+    X.gather = row_token;
+  }
+  if (c->gu.fused) {
+    MOE_TRY(moe_cu_dx(x, 0, dab, 2 * I, &c->gu.both, dxp, dxt, H, 0.0f));
+    MOE_TRY(moe_cu_dw(x, 0, dab, 2 * I, &X, &ggu->both));
+  } else {
+    MOE_TRY(moe_cu_dx(x, 0, dab, 2 * I, &c->gu.gate, dxp, dxt, H, 0.0f));
+    MOE_TRY(moe_cu_dx(x, 0, dab + (size_t)I * es, 2 * I, &c->gu.up, dxp, dxt,
+                      H, 1.0f));
+    MOE_TRY(moe_cu_dw(x, 0, dab, 2 * I, &X, &ggu->gate));
+    MOE_TRY(moe_cu_dw(x, 0, dab + (size_t)I * es, 2 * I, &X, &ggu->up));
+  }
+
+  float *dxr = NULL;
+  if (c->router) {
+    /* dlogits, then dWg = dl^T . x and dx_router = dl . Wg (f32) */
+    const moe_tensor *g = &a->gate_weight, *gg = &args->grad_gate_weight;
+    moe_dtype dlt = dt;
+    void *dl = moe_cu_at(ws, b->dl);
+    dxr = (float *)moe_cu_at(ws, b->dxr);
+    MOE_TRY(moe_cu_topk_backward((const float *)moe_cu_at(sv, b->probs),
+                                 (const int32_t *)moe_cu_at(sv, b->idx), w,
+                                 dw, T, E, k, d->norm_topk_prob, dl, dlt,
+                                 st));
+    int64_t *one = (int64_t *)moe_cu_at(ws, b->bone);
+    moe_cu_operand A = moe_cu_op(dl, dlt, 1, E);
+    moe_cu_operand B = moe_cu_op(a->hidden.data, dt, a->hidden.stride[0],
+                                 a->hidden.stride[1]);
+    moe_cu_operand C = moe_cu_op(gg->data, gg->dtype, gg->stride[0],
+                                 gg->stride[1]);
+    MOE_TRY(moe_cu_dense(x, MOE_GROUP_K, E, H, T, &A, &B, &C, 0.0f, one));
+    A = moe_cu_op(dl, dlt, E, 1);
+    B = moe_cu_op(g->data, g->dtype, g->stride[0], g->stride[1]);
+    C = moe_cu_op(dxr, MOE_F32, H, 1);
+    MOE_TRY(moe_cu_dense(x, MOE_GROUP_M, T, H, E, &A, &B, &C, 0.0f, one));
+  } else {
+    moe_cu_view gt = moe_cu_view_of(&args->grad_topk_weights);
+    MOE_TRY(moe_cu_store_f32(dw, T, k, &gt, st));
+  }
+  moe_cu_view gh = moe_cu_view_of(&args->grad_hidden);
+  return moe_cu_permute_backward(dxp, dxt, slot_row, dxr, T, k, H, &gh, st);
+}
+
+moe_status moe_cuda_layer_backward(moe_layer_plan *plan,
+                                   const moe_layer_bwd_args *args,
+                                   const void *saved, size_t saved_bytes,
+                                   void *workspace, size_t workspace_bytes,
+                                   void *stream) {
+  if (!plan || !args)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_layer_backward: plan and args must not be NULL");
+  if (!saved)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "saved: NULL; pass the buffer the forward filled");
+  moe_cuda_plan *cp = moe_cp(plan);
+  const moe_layer_desc *d = &plan->d;
+  const moe_layer_fwd_args *a = &args->fwd;
+  moe_cu_call c;
+  MOE_TRY(moe_cu_check_fwd(plan, a, &c));
+  int64_t T = c.T, k = d->top_k;
+  moe_dtype dt = d->dtype;
+  int64_t th[2] = {T, d->hidden};
+  MOE_TRY(moe_check_tensor(&args->grad_output, "grad_output", 2, th, (int)dt,
+                           &d->device));
+  MOE_TRY(moe_check_tensor(&args->grad_hidden, "grad_hidden", 2, th, (int)dt,
+                           &d->device));
+  if (c.router) {
+    MOE_TRY(moe_check_tensor(&args->grad_gate_weight, "grad_gate_weight", 2,
+                             a->gate_weight.shape, (int)a->gate_weight.dtype,
+                             &d->device));
+  } else {
+    int64_t tk[2] = {T, k};
+    MOE_TRY(moe_check_tensor(&args->grad_topk_weights, "grad_topk_weights", 2,
+                             tk, -1, &d->device));
+  }
+  moe_cu_gu ggu;
+  MOE_TRY(moe_cu_gu_of(&args->grad_w_gate_up, &args->grad_w_gate,
+                       &args->grad_w_up, "grad_", d, &ggu));
+  if (ggu.fused != c.gu.fused)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "grad_w_gate_up: give the gradient in the form of the "
+                     "weight (%s)",
+                     c.gu.fused ? "fused w_gate_up" : "separate w_gate, w_up");
+  if (ggu.fused)
+    MOE_TRY(moe_cu_check_grad_weight(&ggu.both, &c.gu.both, "grad_w_gate_up",
+                                     d));
+  else {
+    MOE_TRY(moe_cu_check_grad_weight(&ggu.gate, &c.gu.gate, "grad_w_gate",
+                                     d));
+    MOE_TRY(moe_cu_check_grad_weight(&ggu.up, &c.gu.up, "grad_w_up", d));
+  }
+  MOE_TRY(moe_cu_check_grad_weight(&args->grad_w_down, &a->w_down,
+                                   "grad_w_down", d));
+  moe_cu_bufs b;
+  moe_cu_bufs_of(plan, T, &b);
+  if (saved_bytes < b.saved)
+    return moe_error(MOE_ERR_WORKSPACE, "saved: %zu bytes given, %zu needed",
+                     saved_bytes, b.saved);
+  int prev;
+  MOE_TRY(moe_cu_enter(d->device.index, &prev));
+  moe_cu_exec x;
+  moe_status s = moe_cu_begin(cp, &workspace, workspace_bytes, b.bws, b.bblas,
+                              stream, &x);
+  if (s == MOE_SUCCESS) {
+    s = moe_cu_backward_run(&x, args, &c, &ggu, &b, (char *)saved,
+                            (char *)workspace);
+  }
+  s = moe_cu_end(&x, s);
+  moe_cu_leave(d->device.index, prev);
+  return s;
+}

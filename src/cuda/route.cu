@@ -1,0 +1,698 @@
+/// @file route.cu
+/// The layer's memory-bound kernels on the GPU: softmax + top-k, the stable
+/// counting sort of routed slots (histogram, scan, in-order placement: the
+/// offsets never leave the device), row gather, weighted unpermute and its
+/// backward, the permute backward, the top-k backward and SwiGLU.
+///
+/// Determinism: every output element is computed by one thread or reduced
+/// by one block in a fixed order (per token, j = 0..k-1); integer
+/// histograms are the only atomics, and integer sums do not depend on
+/// order. Results are bitwise identical from run to run.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+
+#include "cuda/cuda_internal.h"
+
+/* ---- element access ------------------------------------------------------ */
+
+static __device__ __forceinline__ float ld1(const void *p, int f32,
+                                            int64_t i) {
+  return f32 ? ((const float *)p)[i]
+             : __bfloat162float(((const __nv_bfloat16 *)p)[i]);
+}
+static __device__ __forceinline__ void st1(void *p, int f32, int64_t i,
+                                           float v) {
+  if (f32)
+    ((float *)p)[i] = v;
+  else
+    ((__nv_bfloat16 *)p)[i] = __float2bfloat16_rn(v);
+}
+/// 8 contiguous elements starting at i (i a multiple of 8, base aligned).
+static __device__ __forceinline__ void ld8(const void *p, int f32, int64_t i,
+                                           float *v) {
+  if (f32) {
+    float4 a = ((const float4 *)((const float *)p + i))[0];
+    float4 b = ((const float4 *)((const float *)p + i))[1];
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+    v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+  } else {
+    uint4 u = *(const uint4 *)((const __nv_bfloat16 *)p + i);
+    const __nv_bfloat162 *h = (const __nv_bfloat162 *)&u;
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+      float2 f = __bfloat1622float2(h[q]);
+      v[2 * q] = f.x;
+      v[2 * q + 1] = f.y;
+    }
+  }
+}
+static __device__ __forceinline__ void st8(void *p, int f32, int64_t i,
+                                           const float *v) {
+  if (f32) {
+    float4 *q = (float4 *)((float *)p + i);
+    q[0] = make_float4(v[0], v[1], v[2], v[3]);
+    q[1] = make_float4(v[4], v[5], v[6], v[7]);
+  } else {
+    uint4 u;
+    __nv_bfloat162 *h = (__nv_bfloat162 *)&u;
+#pragma unroll
+    for (int q = 0; q < 4; q++) h[q] = __floats2bfloat162_rn(v[2 * q], v[2 * q + 1]);
+    *(uint4 *)((__nv_bfloat16 *)p + i) = u;
+  }
+}
+
+/// Whether a [rows, n] view can be read in aligned 8-element chunks.
+static bool vec8(const void *p, moe_dtype t, int64_t rs, int64_t cs,
+                 int64_t n) {
+  return cs == 1 && n % 8 == 0 && rs % 8 == 0 &&
+         ((uintptr_t)p % 16u) == 0 && (t == MOE_F32 || t == MOE_BF16);
+}
+
+static int blocks_for(int64_t n, int per) {
+  int64_t b = (n + per - 1) / per;
+  return (int)(b < 1 ? 1 : (b > 65535 * 64 ? 65535 * 64 : b));
+}
+
+/* ---- softmax + top-k ---------------------------------------------------- */
+
+static __device__ __forceinline__ bool ranks_above(float a, float b) {
+  if (isnan(b)) return !isnan(a);
+  return a > b;
+}
+/// (a, ea) beats (b, eb): higher value, NaN lowest, ties to the lower index;
+/// an index < 0 means "no candidate".
+static __device__ __forceinline__ bool beats(float a, int ea, float b,
+                                             int eb) {
+  if (ea < 0) return false;
+  if (eb < 0) return true;
+  if (ranks_above(a, b)) return true;
+  if (ranks_above(b, a)) return false;
+  return ea < eb;
+}
+
+#define TOPK_MAX_PER_LANE 64 /* E <= 2048 */
+
+__global__ void moe_topk_kernel(const float *logits, int T, int E, int k,
+                                int norm, float *probs, int32_t *idx,
+                                float *w, float *rl, int64_t rl_rs,
+                                int64_t rl_cs) {
+  int t = (int)((blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5);
+  int lane = threadIdx.x & 31;
+  if (t >= T) return;
+  const float *l = logits + (int64_t)t * E;
+  float *p = probs + (int64_t)t * E;
+  float mx = -INFINITY;
+  for (int e = lane; e < E; e += 32) {
+    float v = l[e];
+    if (v > mx) mx = v;
+    if (rl) rl[t * rl_rs + e * rl_cs] = v;
+  }
+  for (int d = 16; d; d >>= 1) mx = fmaxf(mx, __shfl_xor_sync(~0u, mx, d));
+  float sum = 0.0f;
+  for (int e = lane; e < E; e += 32) sum += expf(l[e] - mx);
+  for (int d = 16; d; d >>= 1) sum += __shfl_xor_sync(~0u, sum, d);
+  float inv = 1.0f / sum;
+  for (int e = lane; e < E; e += 32) p[e] = expf(l[e] - mx) * inv;
+  __syncwarp();
+  uint64_t taken = 0;
+  for (int j = 0; j < k; j++) {
+    float bv = 0.0f;
+    int be = -1;
+    for (int e = lane, i = 0; e < E; e += 32, i++) {
+      if (taken >> i & 1u) continue;
+      float v = p[e];
+      if (beats(v, e, bv, be)) bv = v, be = e;
+    }
+    for (int d = 16; d; d >>= 1) {
+      float ov = __shfl_xor_sync(~0u, bv, d);
+      int oe = __shfl_xor_sync(~0u, be, d);
+      if (beats(ov, oe, bv, be)) bv = ov, be = oe;
+    }
+    if (be >= 0 && (be & 31) == lane) taken |= (uint64_t)1 << (be >> 5);
+    if (lane == 0) {
+      idx[(int64_t)t * k + j] = be;
+      w[(int64_t)t * k + j] = bv;
+    }
+  }
+  if (norm && lane == 0) {
+    float s = 0.0f;
+    for (int j = 0; j < k; j++) s += w[(int64_t)t * k + j];
+    for (int j = 0; j < k; j++) w[(int64_t)t * k + j] /= s;
+  }
+}
+
+extern "C" moe_status moe_cu_topk(const float *logits, int64_t T, int64_t E,
+                                  int64_t k, int norm, float *probs,
+                                  int32_t *idx, float *w,
+                                  const moe_cu_view *rl, cudaStream_t s) {
+  if (E > 32 * TOPK_MAX_PER_LANE)
+    return moe_error(MOE_ERR_UNIMPLEMENTED,
+                     "CUDA router: %lld experts; the top-k kernel takes at "
+                     "most %d (pass precomputed topk_index instead)",
+                     (long long)E, 32 * TOPK_MAX_PER_LANE);
+  if (T == 0) return MOE_SUCCESS;
+  moe_topk_kernel<<<(unsigned)((T + 7) / 8), 256, 0, s>>>(
+      logits, (int)T, (int)E, (int)k, norm, probs, idx, w,
+      rl ? (float *)rl->data : NULL, rl ? rl->rs : 0, rl ? rl->cs : 0);
+  return moe_cu_launch_check("moe_topk_kernel");
+}
+
+__global__ void moe_given_kernel(const void *ti, int ti64, int64_t ti_rs,
+                                 int64_t ti_cs, const void *tw, int tw32,
+                                 int64_t tw_rs, int64_t tw_cs, int64_t T,
+                                 int k, int64_t E, int32_t *idx, float *w) {
+  int64_t s = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (s >= T * k) return;
+  int64_t t = s / k, j = s % k;
+  int64_t o = t * ti_rs + j * ti_cs;
+  int64_t e = ti64 ? ((const int64_t *)ti)[o] : ((const int32_t *)ti)[o];
+  idx[s] = e >= 0 && e < E ? (int32_t)e : -1;
+  w[s] = ld1(tw, tw32, t * tw_rs + j * tw_cs);
+}
+
+extern "C" moe_status moe_cu_given_routing(const moe_cu_view *ti,
+                                           const moe_cu_view *tw, int64_t T,
+                                           int64_t k, int64_t E, int32_t *idx,
+                                           float *w, cudaStream_t s) {
+  if (T == 0) return MOE_SUCCESS;
+  moe_given_kernel<<<blocks_for(T * k, 256), 256, 0, s>>>(
+      ti->data, ti->dtype == MOE_I64, ti->rs, ti->cs, tw->data,
+      tw->dtype == MOE_F32, tw->rs, tw->cs, T, (int)k, E, idx, w);
+  return moe_cu_launch_check("moe_given_kernel");
+}
+
+/* ---- stable counting sort -------------------------------------------------- */
+
+#define SORT_CHUNK 1024
+
+__global__ void moe_count_kernel(const int32_t *idx, int64_t S, int E,
+                                 int32_t *counts) {
+  extern __shared__ int cnt[];
+  for (int e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
+  __syncthreads();
+  int64_t s0 = (int64_t)blockIdx.x * SORT_CHUNK;
+  int64_t s1 = min(S, s0 + SORT_CHUNK);
+  for (int64_t s = s0 + threadIdx.x; s < s1; s += blockDim.x) {
+    int e = idx[s];
+    if (e >= 0 && e < E) atomicAdd(&cnt[e], 1);
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += blockDim.x)
+    counts[(int64_t)blockIdx.x * E + e] = cnt[e];
+}
+
+/// Per expert: chunk prefix of its count (in place) and its total; then the
+/// exclusive scan of the totals into offsets (int64).
+__global__ void moe_scan_kernel(int32_t *counts, int chunks, int E,
+                                int64_t *offsets) {
+  extern __shared__ int64_t tot[];
+  __shared__ int64_t wsum[32];
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    int64_t run = 0;
+    for (int c = 0; c < chunks; c++) {
+      int32_t v = counts[(int64_t)c * E + e];
+      counts[(int64_t)c * E + e] = (int32_t)run;
+      run += v;
+    }
+    tot[e] = run;
+  }
+  __syncthreads();
+  int per = (E + blockDim.x - 1) / blockDim.x;
+  int e0 = threadIdx.x * per, e1 = min(e0 + per, E);
+  int64_t s = 0;
+  for (int e = e0; e < e1; e++) s += tot[e];
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int64_t incl = s;
+  for (int d = 1; d < 32; d <<= 1) {
+    int64_t v = __shfl_up_sync(~0u, incl, d);
+    if (lane >= d) incl += v;
+  }
+  if (lane == 31) wsum[warp] = incl;
+  __syncthreads();
+  int64_t run = incl - s;
+  for (int w = 0; w < warp; w++) run += wsum[w];
+  for (int e = e0; e < e1; e++) {
+    offsets[e] = run;
+    run += tot[e];
+  }
+  if (threadIdx.x == blockDim.x - 1) offsets[E] = run;
+}
+
+/// One warp per chunk walks its slots in order, 32 at a time; lanes holding
+/// the same expert take consecutive rows in lane order (match_any + rank).
+__global__ void moe_place_kernel(const int32_t *idx, int64_t S, int k, int E,
+                                 const int32_t *counts,
+                                 const int64_t *offsets, int32_t *slot_row,
+                                 int32_t *row_token) {
+  extern __shared__ int cur[];
+  int lane = threadIdx.x;
+  for (int e = lane; e < E; e += 32)
+    cur[e] = (int)(offsets[e] + counts[(int64_t)blockIdx.x * E + e]);
+  __syncwarp();
+  int64_t s0 = (int64_t)blockIdx.x * SORT_CHUNK;
+  int64_t s1 = min(S, s0 + SORT_CHUNK);
+  for (int64_t base = s0; base < s1; base += 32) {
+    int64_t s = base + lane;
+    int e = s < s1 ? idx[s] : -1;
+    bool ok = e >= 0 && e < E;
+    unsigned peers = __match_any_sync(~0u, ok ? e : -1);
+    int row = 0;
+    if (ok) row = cur[e] + __popc(peers & ((1u << lane) - 1u));
+    __syncwarp();
+    if (ok && lane == 31 - __clz(peers)) cur[e] += __popc(peers);
+    __syncwarp();
+    if (s < s1) {
+      slot_row[s] = ok ? row : -1;
+      if (ok) row_token[row] = (int32_t)(s / k);
+    }
+  }
+}
+
+extern "C" size_t moe_cu_sort_scratch_bytes(int64_t S, int64_t E) {
+  int64_t chunks = (S + SORT_CHUNK - 1) / SORT_CHUNK;
+  if (chunks < 1) chunks = 1;
+  return (size_t)(chunks * E) * sizeof(int32_t);
+}
+
+extern "C" moe_status moe_cu_route_sort(const int32_t *idx, int64_t S,
+                                        int64_t k, int64_t E, void *scratch,
+                                        int64_t *offsets, int32_t *slot_row,
+                                        int32_t *row_token, cudaStream_t s) {
+  if ((size_t)E * sizeof(int64_t) > 40 * 1024)
+    return moe_error(MOE_ERR_UNIMPLEMENTED,
+                     "CUDA sort: %lld experts exceed the shared-memory "
+                     "counters (at most 5120)",
+                     (long long)E);
+  int chunks = (int)((S + SORT_CHUNK - 1) / SORT_CHUNK);
+  int32_t *counts = (int32_t *)scratch;
+  if (chunks > 0) {
+    moe_count_kernel<<<chunks, 256, E * sizeof(int), s>>>(idx, S, (int)E,
+                                                          counts);
+    MOE_TRY(moe_cu_launch_check("moe_count_kernel"));
+  }
+  moe_scan_kernel<<<1, 1024, E * sizeof(int64_t), s>>>(counts, chunks,
+                                                       (int)E, offsets);
+  MOE_TRY(moe_cu_launch_check("moe_scan_kernel"));
+  if (chunks > 0) {
+    moe_place_kernel<<<chunks, 32, E * sizeof(int), s>>>(
+        idx, S, (int)k, (int)E, counts, offsets, slot_row, row_token);
+    MOE_TRY(moe_cu_launch_check("moe_place_kernel"));
+  }
+  return MOE_SUCCESS;
+}
+
+/* ---- row gather (loop method's permuted copy) --------------------------- */
+
+__global__ void moe_gather_kernel(const void *x, int f32, int64_t rs,
+                                  int64_t cs, int vec, const int32_t *tok,
+                                  const int64_t *end, int64_t R, int64_t H,
+                                  void *xp) {
+  int64_t r = blockIdx.x;
+  if (r >= R || r >= *end) return;
+  int64_t t = tok[r];
+  if (vec) {
+    for (int64_t c = threadIdx.x; c < H / 8; c += blockDim.x) {
+      float v[8];
+      ld8(x, f32, t * rs + c * 8, v);
+      st8(xp, f32, r * H + c * 8, v);
+    }
+  } else {
+    for (int64_t h = threadIdx.x; h < H; h += blockDim.x)
+      st1(xp, f32, r * H + h, ld1(x, f32, t * rs + h * cs));
+  }
+}
+
+extern "C" moe_status moe_cu_gather_rows(const moe_cu_view *x,
+                                         const int32_t *row_token,
+                                         const int64_t *end, int64_t R,
+                                         int64_t H, void *xp,
+                                         cudaStream_t s) {
+  if (R == 0) return MOE_SUCCESS;
+  int vec = vec8(x->data, x->dtype, x->rs, x->cs, H) && H % 8 == 0;
+  moe_gather_kernel<<<(unsigned)R, 128, 0, s>>>(x->data, x->dtype == MOE_F32,
+                                                x->rs, x->cs, vec, row_token,
+                                                end, R, H, xp);
+  return moe_cu_launch_check("moe_gather_kernel");
+}
+
+/* ---- weighted unpermute and backward ------------------------------------ */
+
+__global__ void moe_unpermute_kernel(const void *y, int yf32,
+                                     const int32_t *slot_row, const float *w,
+                                     int k, int64_t H, int vec, void *out,
+                                     int of32, int64_t ors, int64_t ocs,
+                                     int ovec) {
+  int64_t t = blockIdx.x;
+  const int32_t *sr = slot_row + t * k;
+  const float *wt = w + t * k;
+  if (vec) {
+    for (int64_t c = threadIdx.x; c < H / 8; c += blockDim.x) {
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, v[8];
+      for (int j = 0; j < k; j++) {
+        int32_t row = sr[j];
+        if (row < 0) continue;
+        float wj = wt[j];
+        ld8(y, yf32, (int64_t)row * H + c * 8, v);
+#pragma unroll
+        for (int q = 0; q < 8; q++) acc[q] += wj * v[q];
+      }
+      if (ovec)
+        st8(out, of32, t * ors + c * 8, acc);
+      else
+        for (int q = 0; q < 8; q++)
+          st1(out, of32, t * ors + (c * 8 + q) * ocs, acc[q]);
+    }
+  } else {
+    for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
+      float acc = 0.0f;
+      for (int j = 0; j < k; j++) {
+        int32_t row = sr[j];
+        if (row < 0) continue;
+        acc += wt[j] * ld1(y, yf32, (int64_t)row * H + h);
+      }
+      st1(out, of32, t * ors + h * ocs, acc);
+    }
+  }
+}
+
+extern "C" moe_status moe_cu_unpermute(const void *y, moe_dtype yt,
+                                       const int32_t *slot_row,
+                                       const float *w, int64_t T, int64_t k,
+                                       int64_t H, const moe_cu_view *out,
+                                       cudaStream_t s) {
+  if (T == 0) return MOE_SUCCESS;
+  int vec = vec8(y, yt, H, 1, H);
+  int ovec = vec && vec8(out->data, out->dtype, out->rs, out->cs, H);
+  moe_unpermute_kernel<<<(unsigned)T, 128, 0, s>>>(
+      y, yt == MOE_F32, slot_row, w, (int)k, H, vec, out->data,
+      out->dtype == MOE_F32, out->rs, out->cs, ovec);
+  return moe_cu_launch_check("moe_unpermute_kernel");
+}
+
+/// Sum over the block of one value per thread, same tree every time.
+static __device__ float block_sum(float v, float *red) {
+  for (int d = 16; d; d >>= 1) v += __shfl_xor_sync(~0u, v, d);
+  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float s = 0.0f;
+  int nw = blockDim.x >> 5;
+  for (int i = 0; i < nw; i++) s += red[i];
+  return s;
+}
+
+__global__ void moe_unpermute_bwd_kernel(const void *g, int gf32, int64_t grs,
+                                         int64_t gcs, int gvec, const void *y,
+                                         int yf32, const int32_t *slot_row,
+                                         const float *w, int k, int64_t H,
+                                         int vec, void *dy, float *dw) {
+  __shared__ float red[32];
+  int64_t t = blockIdx.x;
+  for (int j = 0; j < k; j++) {
+    int32_t row = slot_row[t * k + j];
+    if (row < 0) { /* uniform over the block */
+      if (threadIdx.x == 0) dw[t * k + j] = 0.0f;
+      continue;
+    }
+    float wj = w[t * k + j], dot = 0.0f;
+    if (vec) {
+      for (int64_t c = threadIdx.x; c < H / 8; c += blockDim.x) {
+        float gv[8], yv[8], o[8];
+        if (gvec)
+          ld8(g, gf32, t * grs + c * 8, gv);
+        else
+          for (int q = 0; q < 8; q++) gv[q] = ld1(g, gf32, t * grs + (c * 8 + q) * gcs);
+        ld8(y, yf32, (int64_t)row * H + c * 8, yv);
+#pragma unroll
+        for (int q = 0; q < 8; q++) {
+          dot += gv[q] * yv[q];
+          o[q] = wj * gv[q];
+        }
+        st8(dy, yf32, (int64_t)row * H + c * 8, o);
+      }
+    } else {
+      for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
+        float gv = ld1(g, gf32, t * grs + h * gcs);
+        dot += gv * ld1(y, yf32, (int64_t)row * H + h);
+        st1(dy, yf32, (int64_t)row * H + h, wj * gv);
+      }
+    }
+    dot = block_sum(dot, red);
+    if (threadIdx.x == 0) dw[t * k + j] = dot;
+  }
+}
+
+extern "C" moe_status moe_cu_unpermute_backward(
+    const moe_cu_view *g, const void *y, moe_dtype yt,
+    const int32_t *slot_row, const float *w, int64_t T, int64_t k, int64_t H,
+    void *dy, float *dw, cudaStream_t s) {
+  if (T == 0) return MOE_SUCCESS;
+  int vec = vec8(y, yt, H, 1, H);
+  int gvec = vec8(g->data, g->dtype, g->rs, g->cs, H);
+  moe_unpermute_bwd_kernel<<<(unsigned)T, 128, 0, s>>>(
+      g->data, g->dtype == MOE_F32, g->rs, g->cs, gvec, y, yt == MOE_F32,
+      slot_row, w, (int)k, H, vec, dy, dw);
+  return moe_cu_launch_check("moe_unpermute_bwd_kernel");
+}
+
+__global__ void moe_permute_bwd_kernel(const void *dxp, int f32,
+                                       const int32_t *slot_row,
+                                       const float *add, int k, int64_t H,
+                                       int vec, void *out, int of32,
+                                       int64_t ors, int64_t ocs, int ovec) {
+  int64_t t = blockIdx.x;
+  const int32_t *sr = slot_row + t * k;
+  if (vec) {
+    for (int64_t c = threadIdx.x; c < H / 8; c += blockDim.x) {
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, v[8];
+      if (add) ld8(add, 1, t * H + c * 8, acc);
+      for (int j = 0; j < k; j++) {
+        int32_t row = sr[j];
+        if (row < 0) continue;
+        ld8(dxp, f32, (int64_t)row * H + c * 8, v);
+#pragma unroll
+        for (int q = 0; q < 8; q++) acc[q] += v[q];
+      }
+      if (ovec)
+        st8(out, of32, t * ors + c * 8, acc);
+      else
+        for (int q = 0; q < 8; q++)
+          st1(out, of32, t * ors + (c * 8 + q) * ocs, acc[q]);
+    }
+  } else {
+    for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
+      float acc = add ? add[t * H + h] : 0.0f;
+      for (int j = 0; j < k; j++) {
+        int32_t row = sr[j];
+        if (row < 0) continue;
+        acc += ld1(dxp, f32, (int64_t)row * H + h);
+      }
+      st1(out, of32, t * ors + h * ocs, acc);
+    }
+  }
+}
+
+extern "C" moe_status moe_cu_permute_backward(const void *dxp, moe_dtype dt,
+                                              const int32_t *slot_row,
+                                              const float *add, int64_t T,
+                                              int64_t k, int64_t H,
+                                              const moe_cu_view *out,
+                                              cudaStream_t s) {
+  if (T == 0) return MOE_SUCCESS;
+  int vec = vec8(dxp, dt, H, 1, H) &&
+            (!add || vec8(add, MOE_F32, H, 1, H));
+  int ovec = vec && vec8(out->data, out->dtype, out->rs, out->cs, H);
+  moe_permute_bwd_kernel<<<(unsigned)T, 128, 0, s>>>(
+      dxp, dt == MOE_F32, slot_row, add, (int)k, H, vec, out->data,
+      out->dtype == MOE_F32, out->rs, out->cs, ovec);
+  return moe_cu_launch_check("moe_permute_bwd_kernel");
+}
+
+/* ---- top-k backward ---------------------------------------------------------- */
+
+__global__ void moe_topk_bwd_kernel(const float *probs, const int32_t *idx,
+                                    const float *w, const float *dw, int T,
+                                    int E, int k, int norm, void *dl,
+                                    int dlf32) {
+  int t = (int)((blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5);
+  int lane = threadIdx.x & 31;
+  if (t >= T) return;
+  const float *p = probs + (int64_t)t * E;
+  const int32_t *ix = idx + (int64_t)t * k;
+  const float *wt = w + (int64_t)t * k, *dwt = dw + (int64_t)t * k;
+  float s = 0.0f, dot = 0.0f;
+  if (norm)
+    for (int j = 0; j < k; j++) {
+      s += ix[j] >= 0 ? p[ix[j]] : 0.0f;
+      dot += dwt[j] * wt[j];
+    }
+  float inner = 0.0f;
+  for (int j = 0; j < k; j++) {
+    if (ix[j] < 0) continue;
+    float d = norm ? (dwt[j] - dot) / s : dwt[j];
+    inner += d * p[ix[j]];
+  }
+  for (int e = lane; e < E; e += 32) {
+    float d = 0.0f;
+    for (int j = 0; j < k; j++)
+      if (ix[j] == e) d = norm ? (dwt[j] - dot) / s : dwt[j];
+    st1(dl, dlf32, (int64_t)t * E + e, p[e] * (d - inner));
+  }
+}
+
+extern "C" moe_status moe_cu_topk_backward(const float *probs,
+                                           const int32_t *idx, const float *w,
+                                           const float *dw, int64_t T,
+                                           int64_t E, int64_t k, int norm,
+                                           void *dl, moe_dtype dlt,
+                                           cudaStream_t s) {
+  if (T == 0) return MOE_SUCCESS;
+  moe_topk_bwd_kernel<<<(unsigned)((T + 7) / 8), 256, 0, s>>>(
+      probs, idx, w, dw, (int)T, (int)E, (int)k, norm, dl, dlt == MOE_F32);
+  return moe_cu_launch_check("moe_topk_bwd_kernel");
+}
+
+__global__ void moe_store_kernel(const float *src, int64_t T, int k,
+                                 void *out, int f32, int64_t rs,
+                                 int64_t cs) {
+  int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (i >= T * k) return;
+  st1(out, f32, (i / k) * rs + (i % k) * cs, src[i]);
+}
+
+extern "C" moe_status moe_cu_store_f32(const float *src, int64_t T,
+                                       int64_t k, const moe_cu_view *out,
+                                       cudaStream_t s) {
+  if (T * k == 0) return MOE_SUCCESS;
+  moe_store_kernel<<<blocks_for(T * k, 256), 256, 0, s>>>(
+      src, T, (int)k, out->data, out->dtype == MOE_F32, out->rs, out->cs);
+  return moe_cu_launch_check("moe_store_kernel");
+}
+
+/* ---- SwiGLU ------------------------------------------------------------------- */
+
+static __device__ __forceinline__ float sigm(float a) {
+  return 1.0f / (1.0f + expf(-a));
+}
+
+typedef struct sw_args {
+  const void *g, *u, *dh;
+  void *h, *dg, *du;
+  int f32[6];
+  int64_t rs[6], cs[6];
+  int64_t R, I;
+  const int64_t *end;
+} sw_args;
+
+template <bool BWD, bool VEC> __global__ void moe_swiglu_kernel(sw_args a) {
+  int64_t R = a.end ? min(a.R, *a.end) : a.R;
+  int64_t per = VEC ? a.I / 8 : a.I;
+  int64_t n = R * per;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    int64_t r = i / per, c = (i % per) * (VEC ? 8 : 1);
+    if (VEC) {
+      float g[8], u[8], d[8], o1[8], o2[8];
+      ld8(a.g, a.f32[0], r * a.rs[0] + c, g);
+      ld8(a.u, a.f32[1], r * a.rs[1] + c, u);
+      if (BWD) ld8(a.dh, a.f32[2], r * a.rs[2] + c, d);
+#pragma unroll
+      for (int q = 0; q < 8; q++) {
+        float s = sigm(g[q]);
+        if (!BWD) {
+          o1[q] = g[q] * s * u[q];
+        } else {
+          o1[q] = d[q] * u[q] * s * (1.0f + g[q] * (1.0f - s));
+          o2[q] = d[q] * g[q] * s;
+        }
+      }
+      if (!BWD) {
+        st8(a.h, a.f32[3], r * a.rs[3] + c, o1);
+      } else {
+        st8(a.dg, a.f32[4], r * a.rs[4] + c, o1);
+        st8(a.du, a.f32[5], r * a.rs[5] + c, o2);
+      }
+    } else {
+      float g = ld1(a.g, a.f32[0], r * a.rs[0] + c * a.cs[0]);
+      float u = ld1(a.u, a.f32[1], r * a.rs[1] + c * a.cs[1]);
+      float s = sigm(g);
+      if (!BWD) {
+        st1(a.h, a.f32[3], r * a.rs[3] + c * a.cs[3], g * s * u);
+      } else {
+        float d = ld1(a.dh, a.f32[2], r * a.rs[2] + c * a.cs[2]);
+        st1(a.dg, a.f32[4], r * a.rs[4] + c * a.cs[4],
+            d * u * s * (1.0f + g * (1.0f - s)));
+        st1(a.du, a.f32[5], r * a.rs[5] + c * a.cs[5], d * g * s);
+      }
+    }
+  }
+}
+
+static moe_status moe_cu_swiglu(bool bwd, const moe_cu_view *v[6], int64_t R,
+                                int64_t I, const int64_t *end,
+                                cudaStream_t s) {
+  if (R == 0 || I == 0) return MOE_SUCCESS;
+  sw_args a;
+  memset(&a, 0, sizeof a);
+  bool vec = true;
+  for (int i = 0; i < 6; i++) {
+    if (!v[i]) continue;
+    a.f32[i] = v[i]->dtype == MOE_F32;
+    a.rs[i] = v[i]->rs;
+    a.cs[i] = v[i]->cs;
+    vec = vec && vec8(v[i]->data, v[i]->dtype, v[i]->rs, v[i]->cs, I);
+  }
+  a.g = v[0]->data;
+  a.u = v[1]->data;
+  a.dh = v[2] ? v[2]->data : NULL;
+  a.h = v[3] ? v[3]->data : NULL;
+  a.dg = v[4] ? v[4]->data : NULL;
+  a.du = v[5] ? v[5]->data : NULL;
+  a.R = R;
+  a.I = I;
+  a.end = end;
+  int blocks = blocks_for(R * (vec ? I / 8 : I), 256);
+  if (blocks > 132 * 16) blocks = 132 * 16;
+  if (!bwd && vec)
+    moe_swiglu_kernel<false, true><<<blocks, 256, 0, s>>>(a);
+  else if (!bwd)
+    moe_swiglu_kernel<false, false><<<blocks, 256, 0, s>>>(a);
+  else if (vec)
+    moe_swiglu_kernel<true, true><<<blocks, 256, 0, s>>>(a);
+  else
+    moe_swiglu_kernel<true, false><<<blocks, 256, 0, s>>>(a);
+  return moe_cu_launch_check("moe_swiglu_kernel");
+}
+
+extern "C" moe_status moe_cu_swiglu_fwd(const moe_cu_view *g,
+                                        const moe_cu_view *u,
+                                        const moe_cu_view *h, int64_t R,
+                                        int64_t I, const int64_t *end,
+                                        cudaStream_t s) {
+  const moe_cu_view *v[6] = {g, u, NULL, h, NULL, NULL};
+  return moe_cu_swiglu(false, v, R, I, end, s);
+}
+
+extern "C" moe_status moe_cu_swiglu_bwd(const moe_cu_view *g,
+                                        const moe_cu_view *u,
+                                        const moe_cu_view *dh,
+                                        const moe_cu_view *dg,
+                                        const moe_cu_view *du, int64_t R,
+                                        int64_t I, const int64_t *end,
+                                        cudaStream_t s) {
+  const moe_cu_view *v[6] = {g, u, dh, NULL, dg, du};
+  return moe_cu_swiglu(true, v, R, I, end, s);
+}
+
+__global__ void moe_one_group_kernel(int64_t *off, int64_t n) {
+  off[0] = 0;
+  off[1] = n;
+}
+
+extern "C" moe_status moe_cu_set_one_group(int64_t *off, int64_t n,
+                                           cudaStream_t s) {
+  moe_one_group_kernel<<<1, 1, 0, s>>>(off, n);
+  return moe_cu_launch_check("moe_one_group_kernel");
+}

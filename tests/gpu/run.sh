@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# GPU tests of the CUDA backend: builds libmoe with CUDA (unless
+# MOE_BUILD_DIR names a build that has test_cuda), runs tests/gpu/test_cuda,
+# then its small cases under compute-sanitizer (memcheck, racecheck).
+# Exits 0 with "skipped: no GPU" on a machine without a usable GPU.
+#   MOE_BUILD_DIR  existing build directory to use (default: build a fresh
+#                  one in build-gpu/)
+#   MOE_SANITIZER  0 to skip compute-sanitizer
+set -u
+root=$(cd "$(dirname "$0")/../.." && pwd)
+build=${MOE_BUILD_DIR:-$root/build-gpu}
+
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+  echo "skipped: no GPU (nvidia-smi finds none)"
+  exit 0
+fi
+if [ ! -x "$build/test_cuda" ]; then
+  command -v nvcc >/dev/null 2>&1 || export PATH=/usr/local/cuda/bin:$PATH
+  cmake -S "$root" -B "$build" -DMOE_WERROR=ON -DCMAKE_BUILD_TYPE=Release \
+    || { echo "FAIL: configure"; exit 1; }
+  cmake --build "$build" -j"$(nproc)" --target test_cuda bench_cuda \
+    || { echo "FAIL: build"; exit 1; }
+fi
+
+status=0
+echo "== test_cuda"
+timeout 900 "$build/test_cuda"
+rc=$?
+if [ $rc -eq 77 ]; then
+  echo "skipped: no GPU (test_cuda found no usable device)"
+  exit 0
+fi
+[ $rc -eq 0 ] || { echo "FAIL: test_cuda exited $rc"; status=1; }
+
+if [ "${MOE_SANITIZER:-1}" != 0 ] && command -v compute-sanitizer >/dev/null 2>&1; then
+  for tool in memcheck racecheck; do
+    echo "== compute-sanitizer --tool $tool test_cuda --small"
+    timeout 600 compute-sanitizer --tool "$tool" --error-exitcode 3 \
+      --print-limit 20 "$build/test_cuda" --small
+    rc=$?
+    [ $rc -eq 0 ] || { echo "FAIL: compute-sanitizer $tool exited $rc"; status=1; }
+  done
+else
+  echo "note: compute-sanitizer not run"
+fi
+[ $status -eq 0 ] && echo "GPU tests: all passed"
+exit $status

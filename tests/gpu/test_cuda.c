@@ -1,0 +1,642 @@
+/// @file test_cuda.c
+/// GPU tests of the CUDA backend (tests/gpu/run.sh runs them, also under
+/// compute-sanitizer with --small). Exits 77 ("skipped") where no CUDA
+/// device is usable.
+///
+///  1. Grouped GEMM forward, dX and dW on device tensors against a float64
+///     CPU reference: bf16 and f32, [E, N, K] / [E, K, N] / strided weights,
+///     random groups with empty experts, one expert taking every row, rows
+///     past the last offset (must stay poisoned), extents that are and are
+///     not multiples of 8 (tensor-core and CUDA-core paths), both methods;
+///     dW of empty experts must be exact zeros; two runs bitwise equal.
+///  2. The whole layer, forward and backward, against the CPU libmoe layer
+///     on the same inputs (f32 accumulation on both sides), router and
+///     precomputed routing, fused and separate gate/up, both layouts; the
+///     grouped method runs in strict mode (no host sync allowed); a second
+///     run (workspace from cudaMallocAsync) must be bitwise equal; loop in
+///     strict mode must fail with MOE_ERR_STRICT.
+/// Each failure prints the case line that reproduces it.
+#include <cuda_runtime_api.h>
+
+#include "moe_cuda.h"
+#include "testutil.h"
+
+static bool g_small; /* --small: a few cases, for compute-sanitizer */
+
+#define CU(call)                                                             \
+  do {                                                                       \
+    cudaError_t e_ = (call);                                                 \
+    if (e_ != cudaSuccess) {                                                 \
+      printf("FATAL %s:%d %s: %s\n", __FILE__, __LINE__, #call,              \
+             cudaGetErrorString(e_));                                        \
+      exit(1);                                                               \
+    }                                                                        \
+  } while (0)
+
+/* ---- host buffers mirrored on the device -------------------------------- */
+
+typedef struct dbuf {
+  tu_buf h;    /* host copy (poisoned background) */
+  void *d;     /* device allocation of the same size */
+  moe_tensor t; /* the view on the device */
+} dbuf;
+
+static dbuf d_of(tu_buf h) {
+  dbuf b;
+  b.h = h;
+  size_t bytes = (size_t)h.cap * moe_dtype_size(h.t.dtype);
+  CU(cudaMalloc(&b.d, bytes ? bytes : 16));
+  if (bytes) CU(cudaMemcpy(b.d, h.mem, bytes, cudaMemcpyHostToDevice));
+  b.t = h.t;
+  b.t.data = (char *)b.d + ((char *)h.t.data - (char *)h.mem);
+  b.t.device.type = MOE_DEVICE_CUDA;
+  b.t.device.index = 0;
+  return b;
+}
+static void d_back(dbuf *b) {
+  size_t bytes = (size_t)b->h.cap * moe_dtype_size(b->h.t.dtype);
+  CU(cudaDeviceSynchronize());
+  if (bytes) CU(cudaMemcpy(b->h.mem, b->d, bytes, cudaMemcpyDeviceToHost));
+}
+static void d_free(dbuf *b) {
+  cudaFree(b->d);
+  tu_buf_free(&b->h);
+}
+static float *gather_new(const moe_tensor *t) {
+  float *v = tu_alloc((size_t)moe_tensor_numel(t) * sizeof(float));
+  tu_gather(t, v);
+  return v;
+}
+
+/* ---- 1. grouped GEMM ---------------------------------------------------- */
+
+enum { G_FWD, G_DX, G_DW };
+static const char *gname[] = {"fwd", "dx", "dw"};
+
+/// Counts of R_used rows over E groups: pattern 0 random over a subset that
+/// leaves experts empty, 1 all rows in one expert, 2 uniform.
+static void make_offsets(tu_rng *rng, int64_t E, int64_t used, int pattern,
+                         int64_t *off) {
+  int64_t *cnt = tu_alloc((size_t)E * sizeof *cnt);
+  for (int64_t r = 0; r < used; r++) {
+    int64_t e;
+    if (pattern == 1)
+      e = E / 2;
+    else if (pattern == 0 && E >= 3)
+      e = 1 + tu_below(rng, E - 2) / 2 * 2; /* odd-ish subset, never 0 */
+    else
+      e = tu_below(rng, E);
+    if (e >= E) e = E - 1;
+    cnt[e]++;
+  }
+  off[0] = 0;
+  for (int64_t e = 0; e < E; e++) off[e + 1] = off[e] + cnt[e];
+  free(cnt);
+}
+
+static void gemm_case(int which, moe_dtype dt, moe_layout lay, int64_t E,
+                      int64_t R, int64_t K, int64_t N, int pattern,
+                      moe_gmm_method m, uint64_t seed) {
+  const char *tile = getenv("MOE_CUDA_TILE");
+  tu_case("gemm %s dtype=%s layout=%s E=%lld R=%lld K=%lld N=%lld "
+          "pattern=%d method=%s seed=%llu MOE_CUDA_TILE=%s",
+          gname[which], moe_dtype_name(dt), moe_layout_name(lay),
+          (long long)E, (long long)R, (long long)K, (long long)N, pattern,
+          moe_gmm_method_name(m), (unsigned long long)seed,
+          tile ? tile : "auto");
+  tu_rng rng = tu_rng_make(seed);
+  int64_t used = R - R / 8;
+  int64_t *off = tu_alloc((size_t)(E + 1) * sizeof *off);
+  make_offsets(&rng, E, used, pattern, off);
+  double *xv = tu_alloc((size_t)(R * K) * sizeof(double));
+  double *wv = tu_alloc((size_t)(E * N * K) * sizeof(double));
+  double *gv = tu_alloc((size_t)(R * N) * sizeof(double));
+  tu_fill(&rng, xv, R * K, 1.0, dt);
+  tu_fill(&rng, wv, E * N * K, 1.0, dt);
+  tu_fill(&rng, gv, R * N, 1.0, dt);
+  int64_t os[1] = {E + 1};
+  tu_buf oh = tu_buf_new(MOE_I64, E + 1);
+  oh.t = moe_tensor_make(oh.mem, MOE_I64, 1, os);
+  memcpy(oh.mem, off, (size_t)(E + 1) * sizeof *off);
+  dbuf doff = d_of(oh);
+  moe_exec_options opt = {m, 0, m == MOE_GMM_GROUPED, NULL};
+
+  dbuf in1, in2 = {0}, out, out2;
+  double *ref;
+  if (which == G_FWD || which == G_DX) {
+    in1 = d_of(tu_mat_new(dt, R, which == G_FWD ? K : N,
+                          which == G_FWD ? xv : gv));
+    in2 = d_of(tu_weight_new(dt, E, N, K, lay, wv));
+    int64_t oc = which == G_FWD ? N : K;
+    out = d_of(tu_mat_new(dt, R, oc, NULL));
+    out2 = d_of(tu_mat_new(dt, R, oc, NULL));
+    ref = tu_alloc((size_t)(R * oc) * sizeof(double));
+    for (int64_t e = 0; e < E; e++)
+      for (int64_t r = off[e]; r < off[e + 1]; r++)
+        for (int64_t c = 0; c < oc; c++) {
+          double s = 0.0;
+          if (which == G_FWD)
+            for (int64_t kk = 0; kk < K; kk++)
+              s += xv[r * K + kk] * wv[(e * N + c) * K + kk];
+          else
+            for (int64_t n = 0; n < N; n++)
+              s += gv[r * N + n] * wv[(e * N + n) * K + c];
+          ref[r * oc + c] = s;
+        }
+    if (which == G_FWD) {
+      CHECK_STATUS(moe_cuda_grouped_gemm(&in1.t, &in2.t, &doff.t, &out.t,
+                                         &opt),
+                   MOE_SUCCESS);
+      CHECK_STATUS(moe_cuda_grouped_gemm(&in1.t, &in2.t, &doff.t, &out2.t,
+                                         &opt),
+                   MOE_SUCCESS);
+    } else {
+      CHECK_STATUS(moe_cuda_grouped_gemm_dx(&in1.t, &in2.t, &doff.t, &out.t,
+                                            &opt),
+                   MOE_SUCCESS);
+      CHECK_STATUS(moe_cuda_grouped_gemm_dx(&in1.t, &in2.t, &doff.t,
+                                            &out2.t, &opt),
+                   MOE_SUCCESS);
+    }
+    d_back(&out);
+    d_back(&out2);
+    /* rows of groups compared; rows past offsets[E] must be untouched */
+    float *got = gather_new(&out.h.t);
+    int64_t n_used = used * oc, poisoned_tail = 0;
+    for (int64_t i = n_used; i < R * oc; i++)
+      poisoned_tail += tu_is_poison(&out.h, i);
+    CHECK(poisoned_tail == R * oc - n_used,
+          "%lld of %lld elements past offsets[E] were written",
+          (long long)(R * oc - n_used - poisoned_tail),
+          (long long)(R * oc - n_used));
+    CHECK_REL(tu_rel_err(ref, got, n_used), dt == MOE_BF16 ? 1e-2 : 1e-5,
+              gname[which]);
+    free(got);
+  } else {
+    in1 = d_of(tu_mat_new(dt, R, K, xv));
+    in2 = d_of(tu_mat_new(dt, R, N, gv));
+    out = d_of(tu_weight_new(dt, E, N, K, lay, NULL));
+    out2 = d_of(tu_weight_new(dt, E, N, K, lay, NULL));
+    ref = tu_alloc((size_t)(E * N * K) * sizeof(double));
+    for (int64_t e = 0; e < E; e++)
+      for (int64_t n = 0; n < N; n++)
+        for (int64_t kk = 0; kk < K; kk++) {
+          double s = 0.0;
+          for (int64_t r = off[e]; r < off[e + 1]; r++)
+            s += gv[r * N + n] * xv[r * K + kk];
+          ref[(e * N + n) * K + kk] = s;
+        }
+    CHECK_STATUS(moe_cuda_grouped_gemm_dw(&in1.t, &in2.t, &doff.t, &out.t,
+                                          &opt),
+                 MOE_SUCCESS);
+    CHECK_STATUS(moe_cuda_grouped_gemm_dw(&in1.t, &in2.t, &doff.t, &out2.t,
+                                          &opt),
+                 MOE_SUCCESS);
+    d_back(&out);
+    d_back(&out2);
+    float *got = gather_new(&out.h.t);
+    CHECK_REL(tu_rel_err(ref, got, E * N * K), dt == MOE_BF16 ? 1e-2 : 1e-5,
+              "dw");
+    int64_t nonzero = 0, empties = 0;
+    for (int64_t e = 0; e < E; e++) {
+      if (off[e + 1] != off[e]) continue;
+      empties++;
+      for (int64_t i = 0; i < N * K; i++) nonzero += got[e * N * K + i] != 0.0f;
+    }
+    CHECK(nonzero == 0, "%lld elements of empty experts' dW are not 0",
+          (long long)nonzero);
+    CHECK(tu_touched_outside(&out.h) == 0, "dW wrote outside its view");
+    (void)empties;
+    free(got);
+  }
+  CHECK(memcmp(out.h.mem, out2.h.mem,
+               (size_t)out.h.cap * moe_dtype_size(dt)) == 0,
+        "two runs differ bitwise");
+  free(ref);
+  d_free(&in1);
+  if (in2.d) d_free(&in2);
+  d_free(&out);
+  d_free(&out2);
+  d_free(&doff);
+  free(off);
+  free(xv);
+  free(wv);
+  free(gv);
+}
+
+static void test_gemm(void) {
+  static const int64_t shapes[][4] = {
+      /* E, R, K, N */
+      {8, 1000, 256, 384}, {3, 300, 64, 40}, {1, 77, 48, 72},
+      {16, 700, 96, 200},  {5, 260, 36, 20}, /* not multiples of 8 */
+      {64, 3000, 512, 512},
+  };
+  int nshapes = g_small ? 2 : (int)(sizeof shapes / sizeof shapes[0]);
+  moe_dtype dts[2] = {MOE_BF16, MOE_F32};
+  moe_layout lays[3] = {MOE_LAYOUT_OUT_IN, MOE_LAYOUT_IN_OUT,
+                        MOE_LAYOUT_STRIDED};
+  uint64_t seed = 1;
+  for (int s = 0; s < nshapes; s++)
+    for (int d = 0; d < 2; d++)
+      for (int l = 0; l < 3; l++)
+        for (int which = 0; which < 3; which++) {
+          if (g_small && (d == 1 || l == 2)) continue;
+          if (shapes[s][1] * shapes[s][2] * shapes[s][3] > 50000000 &&
+              (d == 1 || l == 2))
+            continue; /* the big shape: bf16 fast paths only */
+          int pattern = (int)(seed % 3);
+          gemm_case(which, dts[d], lays[l], shapes[s][0], shapes[s][1],
+                    shapes[s][2], shapes[s][3], pattern, MOE_GMM_GROUPED,
+                    seed++);
+          if (l < 2 && !g_small)
+            gemm_case(which, dts[d], lays[l], shapes[s][0], shapes[s][1],
+                      shapes[s][2], shapes[s][3], pattern, MOE_GMM_LOOP,
+                      seed++);
+        }
+  /* every tile shape of the tensor-core kernel (MOE_CUDA_TILE) */
+  static const char *tiles[6] = {"4x8", "2x8", "4x4", "2x4", "4x4w8",
+                                 "4x4w8s5"};
+  for (int ti = 0; ti < 6 && !g_small; ti++) {
+    setenv("MOE_CUDA_TILE", tiles[ti], 1);
+    for (int l = 0; l < 2; l++)
+      for (int which = 0; which < 3; which++)
+        gemm_case(which, MOE_BF16, lays[l], 16, 900, 136, 264,
+                  (int)(seed % 3), MOE_GMM_GROUPED, seed), seed++;
+    unsetenv("MOE_CUDA_TILE");
+  }
+  /* loop under strict mode: the host sync is refused */
+  {
+    tu_case("gemm loop strict");
+    int64_t E = 2, R = 16, K = 8, N = 8;
+    dbuf x = d_of(tu_mat_new(MOE_BF16, R, K, NULL));
+    dbuf w = d_of(tu_weight_new(MOE_BF16, E, N, K, MOE_LAYOUT_OUT_IN, NULL));
+    dbuf y = d_of(tu_mat_new(MOE_BF16, R, N, NULL));
+    int64_t os[1] = {E + 1};
+    tu_buf oh = tu_buf_new(MOE_I64, E + 1);
+    oh.t = moe_tensor_make(oh.mem, MOE_I64, 1, os);
+    int64_t o[3] = {0, 8, 16};
+    memcpy(oh.mem, o, sizeof o);
+    dbuf off = d_of(oh);
+    moe_exec_options opt = {MOE_GMM_LOOP, 0, 1, NULL};
+    CHECK_ERROR(moe_cuda_grouped_gemm(&x.t, &w.t, &off.t, &y.t, &opt),
+                MOE_ERR_STRICT, "strict");
+    d_free(&x);
+    d_free(&w);
+    d_free(&y);
+    d_free(&off);
+  }
+}
+
+/* ---- 2. the layer --------------------------------------------------------- */
+
+typedef struct lcase {
+  int64_t E, H, I, k, T;
+  moe_dtype dt;
+  moe_layout lgu, ldn;
+  bool fused, router;
+  int pattern; /* given routing: 0 random over a subset, 1 all to one */
+} lcase;
+
+typedef struct lbufs {
+  tu_buf hidden, gate, topk_i, topk_w, wgu, wg, wu, wd, gout;
+  tu_buf out, logits, ghid, ggate, gtopk, gwgu, gwg, gwu, gwd;
+} lbufs;
+
+/// The layer's inputs (host, poisoned outputs) for one case.
+static void lbufs_make(const lcase *c, uint64_t seed, lbufs *b) {
+  tu_rng rng = tu_rng_make(seed);
+  int64_t E = c->E, H = c->H, I = c->I, k = c->k, T = c->T;
+  memset(b, 0, sizeof *b);
+  double *v = tu_alloc((size_t)(E * 2 * I * H + T * H + E * H + 16) *
+                       sizeof(double));
+  tu_fill(&rng, v, T * H, 1.0, c->dt);
+  b->hidden = tu_mat_new(c->dt, T, H, v);
+  tu_fill(&rng, v, T * H, 1.0, c->dt);
+  b->gout = tu_mat_new(c->dt, T, H, v);
+  if (c->router) {
+    tu_fill(&rng, v, E * H, 2.0 / sqrt((double)H), c->dt);
+    b->gate = tu_mat_new(c->dt, E, H, v);
+    b->ggate = tu_mat_new(c->dt, E, H, NULL);
+  } else {
+    int64_t s[2] = {T, k};
+    b->topk_i = tu_buf_new(MOE_I64, T * k);
+    b->topk_i.t = moe_tensor_make(b->topk_i.mem, MOE_I64, 2, s);
+    int64_t *ix = b->topk_i.mem;
+    for (int64_t t = 0; t < T; t++)
+      for (int64_t j = 0; j < k; j++) {
+        int64_t e;
+        bool dup;
+        do {
+          if (c->pattern == 1)
+            e = E / 2;
+          else if (E - 2 >= k)
+            e = 1 + tu_below(&rng, E - 2); /* experts 0 and E-1 stay empty */
+          else
+            e = tu_below(&rng, E);
+          dup = false;
+          for (int64_t q = 0; q < j; q++) dup |= ix[t * k + q] == e;
+        } while (dup && c->pattern != 1);
+        ix[t * k + j] = e;
+      }
+    tu_fill(&rng, v, T * k, 1.0, MOE_F32);
+    for (int64_t i = 0; i < T * k; i++) v[i] = fabs(v[i]);
+    b->topk_w = tu_mat_new(MOE_F32, T, k, v);
+    b->gtopk = tu_mat_new(MOE_F32, T, k, NULL);
+  }
+  double sc = 1.0 / sqrt((double)H);
+  if (c->fused) {
+    tu_fill(&rng, v, E * 2 * I * H, sc, c->dt);
+    b->wgu = tu_weight_new(c->dt, E, 2 * I, H, c->lgu, v);
+    b->gwgu = tu_weight_new(c->dt, E, 2 * I, H, c->lgu, NULL);
+  } else {
+    tu_fill(&rng, v, E * I * H, sc, c->dt);
+    b->wg = tu_weight_new(c->dt, E, I, H, c->lgu, v);
+    tu_fill(&rng, v, E * I * H, sc, c->dt);
+    b->wu = tu_weight_new(c->dt, E, I, H, c->lgu, v);
+    b->gwg = tu_weight_new(c->dt, E, I, H, c->lgu, NULL);
+    b->gwu = tu_weight_new(c->dt, E, I, H, c->lgu, NULL);
+  }
+  tu_fill(&rng, v, E * H * I, 1.0 / sqrt((double)I), c->dt);
+  b->wd = tu_weight_new(c->dt, E, H, I, c->ldn, v);
+  b->gwd = tu_weight_new(c->dt, E, H, I, c->ldn, NULL);
+  b->out = tu_mat_new(c->dt, T, H, NULL);
+  b->ghid = tu_mat_new(c->dt, T, H, NULL);
+  if (c->router) b->logits = tu_mat_new(MOE_F32, T, E, NULL);
+  free(v);
+}
+
+static void tb_free(tu_buf *b) {
+  if (b->mem) tu_buf_free(b);
+}
+static void lbufs_free(lbufs *b) {
+  tu_buf *all[] = {&b->hidden, &b->gate, &b->topk_i, &b->topk_w, &b->wgu,
+                   &b->wg,     &b->wu,   &b->wd,     &b->gout,   &b->out,
+                   &b->logits, &b->ghid, &b->ggate,  &b->gtopk,  &b->gwgu,
+                   &b->gwg,    &b->gwu,  &b->gwd};
+  for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) tb_free(all[i]);
+}
+
+/// The results compared: output, logits and every gradient.
+enum { R_OUT, R_LOGITS, R_GHID, R_GGATE, R_GTOPK, R_GWGU, R_GWG, R_GWU,
+       R_GWD, R_N };
+static const char *rnames[R_N] = {"output",    "router_logits",
+                                  "grad_hidden", "grad_gate_weight",
+                                  "grad_topk_weights", "grad_w_gate_up",
+                                  "grad_w_gate", "grad_w_up", "grad_w_down"};
+
+typedef struct lres {
+  float *v[R_N];
+  int64_t n[R_N];
+  moe_status fs, bs;
+} lres;
+
+static void lres_free(lres *r) {
+  for (int i = 0; i < R_N; i++) free(r->v[i]);
+}
+
+static moe_layer_desc desc_of(const lcase *c, bool cuda, moe_gmm_method m,
+                              int strict) {
+  moe_layer_desc d = MOE_LAYER_DESC_INIT;
+  d.num_experts = c->E;
+  d.hidden = c->H;
+  d.intermediate = c->I;
+  d.top_k = c->k;
+  d.max_tokens = c->T;
+  d.norm_topk_prob = 1;
+  d.dtype = c->dt;
+  d.gate_up_layout = c->lgu;
+  d.down_layout = c->ldn;
+  d.method = m;
+  d.strict = strict;
+  if (cuda) d.device.type = MOE_DEVICE_CUDA;
+  return d;
+}
+
+/// Runs forward + backward on the CPU (cuda = false) or the GPU; fills r.
+static void run_layer(const lcase *c, const lbufs *hb, bool cuda,
+                      moe_gmm_method m, int strict, bool own_ws, lres *r) {
+  memset(r, 0, sizeof *r);
+  moe_layer_desc d = desc_of(c, cuda, m, strict);
+  moe_layer_plan *plan = NULL;
+  CHECK_STATUS(moe_layer_plan_create(&plan, &d), MOE_SUCCESS);
+  if (!plan) return;
+  /* every tensor mirrored (device) or used in place (CPU) */
+  const tu_buf *src[R_N + 9] = {
+      &hb->out,   &hb->logits, &hb->ghid,   &hb->ggate, &hb->gtopk,
+      &hb->gwgu,  &hb->gwg,    &hb->gwu,    &hb->gwd,   &hb->hidden,
+      &hb->gate,  &hb->topk_i, &hb->topk_w, &hb->wgu,   &hb->wg,
+      &hb->wu,    &hb->wd,     &hb->gout};
+  int nsrc = R_N + 9;
+  dbuf db[R_N + 9];
+  moe_tensor t[R_N + 9];
+  tu_buf copies[R_N + 9];
+  memset(db, 0, sizeof db);
+  memset(t, 0, sizeof t);
+  memset(copies, 0, sizeof copies);
+  for (int i = 0; i < nsrc; i++) {
+    if (!src[i]->mem) continue;
+    /* a private copy of the host buffer so runs do not share outputs */
+    copies[i] = *src[i];
+    size_t bytes = (size_t)src[i]->cap * moe_dtype_size(src[i]->t.dtype);
+    copies[i].mem = tu_alloc(bytes);
+    memcpy(copies[i].mem, src[i]->mem, bytes);
+    copies[i].t.data =
+        (char *)copies[i].mem + ((char *)src[i]->t.data - (char *)src[i]->mem);
+    if (cuda) {
+      db[i] = d_of(copies[i]);
+      t[i] = db[i].t;
+    } else {
+      t[i] = copies[i].t;
+    }
+  }
+  moe_layer_fwd_args fa;
+  memset(&fa, 0, sizeof fa);
+  fa.hidden = t[9];
+  fa.gate_weight = t[10];
+  fa.topk_index = t[11];
+  fa.topk_weights = t[12];
+  fa.w_gate_up = t[13];
+  fa.w_gate = t[14];
+  fa.w_up = t[15];
+  fa.w_down = t[16];
+  fa.output = t[R_OUT];
+  fa.router_logits = t[R_LOGITS];
+  size_t wsb = 0, svb = 0;
+  CHECK_STATUS(moe_layer_plan_sizes(plan, c->T, &wsb, &svb), MOE_SUCCESS);
+  void *ws = NULL, *sv = NULL;
+  if (cuda) {
+    if (own_ws) CU(cudaMalloc(&ws, wsb ? wsb : 16));
+    CU(cudaMalloc(&sv, svb ? svb : 16));
+  } else {
+    ws = tu_alloc(wsb);
+    sv = tu_alloc(svb);
+  }
+  r->fs = moe_layer_forward(plan, &fa, sv, svb, ws, own_ws ? wsb : 0, NULL);
+  if (r->fs == MOE_SUCCESS) {
+    moe_layer_bwd_args ba;
+    memset(&ba, 0, sizeof ba);
+    ba.fwd = fa;
+    ba.fwd.output = (moe_tensor){0};
+    ba.fwd.router_logits = (moe_tensor){0};
+    ba.grad_output = t[17];
+    ba.grad_hidden = t[R_GHID];
+    ba.grad_gate_weight = t[R_GGATE];
+    ba.grad_topk_weights = t[R_GTOPK];
+    ba.grad_w_gate_up = t[R_GWGU];
+    ba.grad_w_gate = t[R_GWG];
+    ba.grad_w_up = t[R_GWU];
+    ba.grad_w_down = t[R_GWD];
+    r->bs = moe_layer_backward(plan, &ba, sv, svb, ws, own_ws ? wsb : 0,
+                               NULL);
+  }
+  if (cuda) CU(cudaDeviceSynchronize());
+  for (int i = 0; i < R_N; i++) {
+    if (!src[i]->mem) continue;
+    if (cuda) d_back(&db[i]), copies[i] = db[i].h;
+    r->n[i] = moe_tensor_numel(&copies[i].t);
+    r->v[i] = gather_new(&copies[i].t);
+  }
+  for (int i = 0; i < nsrc; i++) {
+    if (!src[i]->mem) continue;
+    if (cuda)
+      d_free(&db[i]);
+    else
+      tu_buf_free(&copies[i]);
+  }
+  if (cuda) {
+    cudaFree(ws);
+    cudaFree(sv);
+  } else {
+    free(ws);
+    free(sv);
+  }
+  moe_layer_plan_destroy(plan);
+}
+
+static void describe(const lcase *c, const char *what) {
+  tu_case("layer %s E=%lld H=%lld I=%lld k=%lld T=%lld dtype=%s gate_up=%s "
+          "down=%s %s %s pattern=%d",
+          what, (long long)c->E, (long long)c->H, (long long)c->I,
+          (long long)c->k, (long long)c->T, moe_dtype_name(c->dt),
+          moe_layout_name(c->lgu), moe_layout_name(c->ldn),
+          c->fused ? "fused" : "separate", c->router ? "router" : "given",
+          c->pattern);
+}
+
+static void layer_case(const lcase *c, uint64_t seed) {
+  lbufs hb;
+  lbufs_make(c, seed, &hb);
+  lres cpu, gpu, gpu2;
+  describe(c, "cpu");
+  run_layer(c, &hb, false, MOE_GMM_AUTO, 0, true, &cpu);
+  describe(c, "cuda grouped strict");
+  run_layer(c, &hb, true, MOE_GMM_GROUPED, 1, true, &gpu);
+  CHECK_STATUS(gpu.fs, MOE_SUCCESS);
+  CHECK_STATUS(gpu.bs, MOE_SUCCESS);
+  double tol = c->dt == MOE_BF16 ? 3e-2 : 1e-4;
+  if (cpu.fs == MOE_SUCCESS && cpu.bs == MOE_SUCCESS &&
+      gpu.bs == MOE_SUCCESS) {
+    for (int i = 0; i < R_N; i++) {
+      if (!cpu.v[i]) continue;
+      double *ref = tu_alloc((size_t)cpu.n[i] * sizeof(double));
+      for (int64_t j = 0; j < cpu.n[i]; j++) ref[j] = cpu.v[i][j];
+      CHECK_REL(tu_rel_err(ref, gpu.v[i], cpu.n[i]), tol, rnames[i]);
+      free(ref);
+    }
+    /* experts no token chose: their weight gradients are exact zeros */
+    if (!c->router && c->pattern == 0 && c->E - 2 >= c->k) {
+      int64_t per = (c->fused ? 2 : 1) * c->I * c->H, bad = 0;
+      const float *gw = c->fused ? gpu.v[R_GWGU] : gpu.v[R_GWG];
+      for (int64_t i = 0; i < per; i++) bad += gw[i] != 0.0f;
+      for (int64_t i = 0; i < c->H * c->I; i++)
+        bad += gpu.v[R_GWD][(c->E - 1) * c->H * c->I + i] != 0.0f;
+      CHECK(bad == 0, "%lld gradient elements of empty experts are not 0",
+            (long long)bad);
+    }
+  }
+  /* a second run, workspace from the stream-ordered allocator: bitwise */
+  describe(c, "cuda grouped rerun (cudaMallocAsync workspace)");
+  run_layer(c, &hb, true, MOE_GMM_GROUPED, 1, false, &gpu2);
+  CHECK_STATUS(gpu2.bs, MOE_SUCCESS);
+  for (int i = 0; i < R_N; i++) {
+    if (!gpu.v[i] || !gpu2.v[i]) continue;
+    int64_t at = tu_first_diff(gpu.v[i], gpu2.v[i], gpu.n[i]);
+    CHECK(at < 0, "%s differs bitwise between runs at %lld", rnames[i],
+          (long long)at);
+  }
+  lres_free(&gpu2);
+  if (!g_small) {
+    lres lp;
+    describe(c, "cuda loop");
+    run_layer(c, &hb, true, MOE_GMM_LOOP, 0, true, &lp);
+    CHECK_STATUS(lp.bs, MOE_SUCCESS);
+    if (cpu.bs == MOE_SUCCESS && lp.bs == MOE_SUCCESS)
+      for (int i = 0; i < R_N; i++) {
+        if (!cpu.v[i]) continue;
+        double *ref = tu_alloc((size_t)cpu.n[i] * sizeof(double));
+        for (int64_t j = 0; j < cpu.n[i]; j++) ref[j] = cpu.v[i][j];
+        CHECK_REL(tu_rel_err(ref, lp.v[i], cpu.n[i]), tol, rnames[i]);
+        free(ref);
+      }
+    lres_free(&lp);
+    describe(c, "cuda loop strict");
+    run_layer(c, &hb, true, MOE_GMM_LOOP, 1, true, &lp);
+    CHECK(lp.fs == MOE_ERR_STRICT, "loop in strict mode returned %s",
+          moe_status_name(lp.fs));
+    lres_free(&lp);
+  }
+  lres_free(&cpu);
+  lres_free(&gpu);
+  lbufs_free(&hb);
+}
+
+static void test_layer(void) {
+  static const int64_t shapes[][5] = {
+      /* E, H, I, k, T */
+      {8, 128, 64, 2, 96}, {16, 64, 96, 4, 50}, {5, 40, 24, 3, 33},
+      {6, 36, 20, 2, 40}, /* not multiples of 8: CUDA-core GEMMs */
+      {1, 64, 32, 1, 17},
+  };
+  int nshapes = g_small ? 1 : (int)(sizeof shapes / sizeof shapes[0]);
+  uint64_t seed = 100;
+  for (int s = 0; s < nshapes; s++)
+    for (int v = 0; v < 16; v++) {
+      lcase c;
+      c.E = shapes[s][0];
+      c.H = shapes[s][1];
+      c.I = shapes[s][2];
+      c.k = shapes[s][3];
+      c.T = shapes[s][4];
+      c.dt = (v & 1) ? MOE_F32 : MOE_BF16;
+      c.lgu = (v & 2) ? MOE_LAYOUT_IN_OUT : MOE_LAYOUT_OUT_IN;
+      c.ldn = (v & 2) ? MOE_LAYOUT_IN_OUT : MOE_LAYOUT_OUT_IN;
+      if (v == 6) c.ldn = MOE_LAYOUT_OUT_IN; /* mixed */
+      c.fused = !(v & 4);
+      c.router = !(v & 8);
+      c.pattern = 0;
+      if (g_small && v > 1) break;
+      layer_case(&c, seed++);
+    }
+  if (!g_small) { /* one expert takes every row */
+    lcase c = {4, 64, 32, 1, 64, MOE_BF16, MOE_LAYOUT_OUT_IN,
+               MOE_LAYOUT_IN_OUT, true, false, 1};
+    layer_case(&c, seed++);
+  }
+}
+
+int main(int argc, char **argv) {
+  for (int i = 1; i < argc; i++)
+    if (!strcmp(argv[i], "--small")) g_small = true;
+  int n = 0;
+  if (moe_cuda_device_count(&n) != MOE_SUCCESS || n == 0) {
+    printf("skipped: no GPU (%s)\n", moe_last_error());
+    return 77;
+  }
+  struct cudaDeviceProp p;
+  CU(cudaGetDeviceProperties(&p, 0));
+  printf("device 0: %s, %d SMs%s\n", p.name, p.multiProcessorCount,
+         g_small ? " (--small)" : "");
+  test_gemm();
+  test_layer();
+  return tu_finish();
+}
