@@ -194,7 +194,9 @@ MOE_API moe_status moe_layer_plan_predict(const moe_layer_plan *plan,
 /// The planner's choice and reasons, in words and numbers. Owned by the plan.
 MOE_API const char *moe_layer_plan_explain(const moe_layer_plan *plan);
 
-/// Forward arguments. Absent optional tensors have ndim == 0.
+/// Forward arguments. Absent optional tensors have ndim == 0. With a
+/// communicator of P ranks the expert weights and their gradients are this
+/// rank's shard [E/P, ...] (see moe_mpi.h); the router weight stays [E, H].
 typedef struct moe_layer_fwd_args {
   moe_tensor hidden;      ///< [T, H], dtype of the layer
   moe_tensor gate_weight; ///< [E, H] router weight (absent if topk given)

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "cli.h"
+#include "cli_ep.h"
 
 enum { B_GROUPED, B_LOOP, B_COPY, B_NMETHODS };
 static const char *bench_method_names[] = {"grouped", "loop", "loop+copy"};
@@ -416,6 +417,8 @@ static int bench_dtype(const bench_opts *o, moe_dtype dt, int *done,
 }
 
 int cmd_bench(int argc, char **argv) {
+  for (int i = 1; i < argc; i++)
+    if (!strcmp(argv[i], "--ep")) return cmd_bench_ep(argc, argv);
   bench_opts o;
   memset(&o, 0, sizeof o);
   o.preset = cli_preset_find("qwen3-30b-a3b");

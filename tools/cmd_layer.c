@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "cli_ep.h"
 #include "moe_io.h"
 
 static void layer_usage(FILE *f) {
@@ -246,6 +247,218 @@ static void *alloc_like(const moe_tensor *like, moe_layout layout,
   return p;
 }
 
+/* ---- expert parallelism under mpirun ---------------------------------- */
+/* `mpirun -np P moe layer ...`: every rank reads the same file, runs its
+   contiguous slice of the tokens (rank order) with its shard of the experts,
+   and rank 0 writes what one process would have written: token rows
+   gathered in rank order, expert-weight gradients gathered from their
+   owners, the router-weight gradient summed over the ranks in rank order.
+   Every step that can fail on one rank is followed by an agreement, so the
+   ranks stop together. */
+
+/// Rank 0 gets the sum, in rank order and in f32, of the ranks' [n]
+/// partial gradients of dtype `dt`, stored back in `dt` at `out`.
+static int layer_ep_sum(const cli_ep *ep, const void *part, moe_dtype dt,
+                        int64_t n, void *out) {
+  float *mine = malloc((size_t)n * sizeof(float) + 1);
+  float *all = ep->rank == 0 ? malloc((size_t)(n * ep->size) * 4 + 1) : NULL;
+  int rc = mine && (ep->rank != 0 || all) ? CLI_OK : CLI_ERR;
+  if (rc) fprintf(stderr, "moe layer: out of memory summing gradients\n");
+  for (int64_t i = 0; !rc && i < n; i++)
+    mine[i] = dt == MOE_F32 ? ((const float *)part)[i]
+                            : cli_bf16_to_f32(((const uint16_t *)part)[i]);
+  rc = cli_ep_agree(ep, rc);
+  if (!rc) rc = cli_ep_gather(ep, mine, n * 4, all);
+  if (!rc && ep->rank == 0)
+    for (int64_t i = 0; i < n; i++) {
+      float sum = 0.0f;
+      for (int q = 0; q < ep->size; q++)
+        sum += all[q * n + i];
+      if (dt == MOE_F32)
+        ((float *)out)[i] = sum;
+      else
+        ((uint16_t *)out)[i] = cli_f32_to_bf16(sum);
+    }
+  free(mine);
+  free(all);
+  return rc;
+}
+
+/// A buffer shaped like `like` but with n0 entries along dim 0 (a slice of
+/// tokens or a shard of experts), with its logical view.
+static void *alloc_rows(const moe_tensor *like, int64_t n0, moe_layout layout,
+                        moe_tensor *file_view, moe_tensor *logical_view) {
+  moe_tensor t = *like;
+  t.shape[0] = n0;
+  return alloc_like(&t, layout, file_view, logical_view);
+}
+
+static int layer_run_ep(const char *in, const char *out, bool backward,
+                        bool strict, moe_gmm_method method, int64_t threads) {
+  cli_ep ep;
+  int rc = cli_ep_begin("layer", &ep);
+  layer_io io;
+  memset(&io, 0, sizeof io);
+  io.path = in;
+  moe_layer_plan *plan = NULL;
+  moe_st_writer *w = NULL;
+  void *mine[8] = {0}, *full[8] = {0}, *saved = NULL, *ws = NULL;
+  moe_status s;
+  if (!rc && (s = moe_st_open(in, &io.f)) != MOE_SUCCESS) {
+    cli_fail("layer", "cannot read input", s);
+    rc = CLI_ERR;
+  }
+  if (!rc) rc = resolve(&io, backward);
+  if ((rc = cli_ep_agree(&ep, rc))) goto out;
+
+  int P = ep.size, r = ep.rank;
+  int64_t t0, T, El = io.E / P, e0 = El * r;
+  cli_ep_slice(io.T, r, P, &t0, &T);
+  moe_layer_desc d = MOE_LAYER_DESC_INIT;
+  d.num_experts = io.E;
+  d.hidden = io.H;
+  d.intermediate = io.I;
+  d.top_k = io.k;
+  d.max_tokens = (io.T + P - 1) / P;
+  d.norm_topk_prob = io.norm;
+  d.dtype = io.hidden.dtype;
+  d.gate_up_layout = io.gu_layout;
+  d.down_layout = io.down_layout;
+  d.method = method;
+  d.strict = strict;
+  d.num_threads = threads > 0 ? (int)threads : cli_ep_default_threads(&ep);
+  d.comm = ep.comm;
+  /* The library agrees on its verdicts itself: plan creation, forward and
+     backward fail on every rank or on none. */
+  rc = CLI_ERR;
+  if ((s = moe_layer_plan_create(&plan, &d)) != MOE_SUCCESS) {
+    cli_fail("layer", in, s);
+    goto out;
+  }
+  size_t ws_bytes, sv_bytes, es = moe_dtype_size(io.hidden.dtype);
+  moe_layer_plan_sizes(plan, T, &ws_bytes, &sv_bytes);
+  saved = malloc(sv_bytes ? sv_bytes : 1);
+  ws = malloc(ws_bytes ? ws_bytes : 1);
+  int64_t th[2] = {T, io.H}, te[2] = {T, io.E};
+  mine[0] = malloc((size_t)(T * io.H) * es + 1);
+  mine[1] = malloc((size_t)(T * io.E) * sizeof(float) + 1);
+  rc = saved && ws && mine[0] && mine[1] ? CLI_OK : CLI_ERR;
+  if (rc) fprintf(stderr, "moe layer: out of memory\n");
+  if ((rc = cli_ep_agree(&ep, rc))) goto out;
+  moe_layer_bwd_args ba;
+  memset(&ba, 0, sizeof ba);
+  moe_layer_fwd_args *fa = &ba.fwd;
+  moe_tensor_narrow(&io.hidden, 0, t0, T, &fa->hidden);
+  fa->gate_weight = io.gate;
+  moe_tensor lgu = logical(&io.gu, io.gu_layout),
+             ldn = logical(&io.down, io.down_layout);
+  moe_tensor_narrow(&lgu, 0, e0, El, &fa->w_gate_up);
+  moe_tensor_narrow(&ldn, 0, e0, El, &fa->w_down);
+  fa->output = moe_tensor_make(mine[0], io.hidden.dtype, 2, th);
+  fa->router_logits = moe_tensor_make(mine[1], MOE_F32, 2, te);
+  if ((s = moe_layer_forward(plan, fa, saved, sv_bytes, ws, ws_bytes, NULL))) {
+    cli_fail("layer", "forward", s);
+    rc = CLI_ERR;
+    goto out;
+  }
+  moe_tensor f_gh, f_gg, f_ggu, f_gd, unused;
+  if (backward) {
+    moe_tensor_narrow(&io.gout, 0, t0, T, &ba.grad_output);
+    mine[2] = alloc_rows(&io.hidden, T, MOE_LAYOUT_OUT_IN, &f_gh, &unused);
+    mine[3] = alloc_like(&io.gate, MOE_LAYOUT_OUT_IN, &f_gg, &unused);
+    mine[4] = alloc_rows(&io.gu, El, io.gu_layout, &f_ggu, &ba.grad_w_gate_up);
+    mine[5] = alloc_rows(&io.down, El, io.down_layout, &f_gd, &ba.grad_w_down);
+    rc = mine[2] && mine[3] && mine[4] && mine[5] ? CLI_OK : CLI_ERR;
+    if (rc) fprintf(stderr, "moe layer: out of memory for gradients\n");
+    if ((rc = cli_ep_agree(&ep, rc))) goto out;
+    ba.grad_hidden = f_gh;
+    ba.grad_gate_weight = f_gg;
+    if ((s = moe_layer_backward(plan, &ba, saved, sv_bytes, ws, ws_bytes,
+                                NULL))) {
+      cli_fail("layer", "backward", s);
+      rc = CLI_ERR;
+      goto out;
+    }
+  }
+
+  /* Gather to rank 0 into buffers of the whole problem's shapes. */
+  moe_tensor o_out, o_log, o_gh, o_gg, o_ggu, o_gd;
+  if (r == 0) {
+    full[0] = alloc_like(&io.hidden, MOE_LAYOUT_OUT_IN, &o_out, &unused);
+    o_out.dtype = io.hidden.dtype;
+    int64_t fte[2] = {io.T, io.E};
+    full[1] = malloc((size_t)(io.T * io.E) * sizeof(float) + 1);
+    o_log = moe_tensor_make(full[1], MOE_F32, 2, fte);
+    if (backward) {
+      full[2] = alloc_like(&io.hidden, MOE_LAYOUT_OUT_IN, &o_gh, &unused);
+      full[3] = alloc_like(&io.gate, MOE_LAYOUT_OUT_IN, &o_gg, &unused);
+      full[4] = alloc_like(&io.gu, io.gu_layout, &o_ggu, &unused);
+      full[5] = alloc_like(&io.down, io.down_layout, &o_gd, &unused);
+    }
+    for (int i = 0; i < (backward ? 6 : 2); i++)
+      if (!full[i]) rc = CLI_ERR;
+    if (rc) fprintf(stderr, "moe layer: out of memory gathering results\n");
+  }
+  if ((rc = cli_ep_agree(&ep, rc))) goto out;
+  rc = cli_ep_gather(&ep, mine[0], T * io.H * (int64_t)es, full[0]);
+  if (!rc)
+    rc =
+        cli_ep_gather(&ep, mine[1], T * io.E * (int64_t)sizeof(float), full[1]);
+  if (backward) {
+    int64_t gu_bytes = moe_tensor_numel(&f_ggu) * (int64_t)es,
+            gd_bytes = moe_tensor_numel(&f_gd) * (int64_t)es;
+    if (!rc) rc = cli_ep_gather(&ep, mine[2], T * io.H * (int64_t)es, full[2]);
+    if (!rc) rc = cli_ep_gather(&ep, mine[4], gu_bytes, full[4]);
+    if (!rc) rc = cli_ep_gather(&ep, mine[5], gd_bytes, full[5]);
+    if (!rc)
+      rc = layer_ep_sum(&ep, mine[3], io.gate.dtype, io.E * io.H, full[3]);
+  }
+  if (rc || r != 0) goto out;
+
+  /* Rank 0 writes exactly what one process writes. */
+  rc = CLI_ERR;
+  if ((s = moe_st_writer_create(&w)) ||
+      (s = moe_st_writer_add(w, "output", &o_out)) ||
+      (s = moe_st_writer_add(w, "router_logits", &o_log)))
+    goto lib_fail;
+  if (backward &&
+      ((s = moe_st_writer_add(w, "grad.hidden_states", &o_gh)) ||
+       (s = moe_st_writer_add(w, "grad.gate.weight", &o_gg)) ||
+       (s = moe_st_writer_add(w, "grad.experts.gate_up_proj", &o_ggu)) ||
+       (s = moe_st_writer_add(w, "grad.experts.down_proj", &o_gd))))
+    goto lib_fail;
+  {
+    char meta[64];
+    snprintf(meta, sizeof meta, "libmoe %s", moe_version());
+    moe_st_writer_set_metadata(w, "producer", meta);
+    snprintf(meta, sizeof meta, "%s/%s",
+             moe_gmm_method_name(moe_layer_plan_method(plan, 0)),
+             moe_gmm_method_name(moe_layer_plan_method(plan, 1)));
+    moe_st_writer_set_metadata(w, "method", meta);
+  }
+  if ((s = moe_st_writer_write(w, out))) {
+    cli_fail("layer", out, s);
+    goto out;
+  }
+  rc = CLI_OK;
+  goto out;
+lib_fail:
+  cli_fail("layer", "writing results", s);
+out:
+  moe_st_writer_destroy(w);
+  moe_layer_plan_destroy(plan);
+  for (int i = 0; i < 8; i++) {
+    free(mine[i]);
+    free(full[i]);
+  }
+  for (int i = 0; i < io.nowned; i++)
+    free(io.owned[i]);
+  free(saved);
+  free(ws);
+  moe_st_close(io.f);
+  return cli_ep_end(&ep, rc);
+}
+
 int cmd_layer(int argc, char **argv) {
   const char *in = NULL, *out = NULL;
   bool backward = false, strict = false;
@@ -284,6 +497,8 @@ int cmd_layer(int argc, char **argv) {
     layer_usage(stderr);
     return CLI_USAGE;
   }
+  if (cli_ep_launched()) /* under mpirun: expert parallelism */
+    return layer_run_ep(in, out, backward, strict, method, threads);
 
   layer_io io;
   memset(&io, 0, sizeof io);

@@ -3,6 +3,9 @@
 #include <string.h>
 
 #include "cli.h"
+#include "cli_ep.h"
+
+int cmd_calibrate(int argc, char **argv); /* cmd_calibrate.c */
 
 static void usage(FILE *f) {
   fprintf(f,
@@ -12,6 +15,9 @@ static void usage(FILE *f) {
           "  layer   run the expert layer on a safetensors file\n"
           "  bench   time the expert layer, each method and layout\n"
           "  plan    show the planner's choice for a preset\n"
+          "  calibrate  measure this machine for the planner\n"
+          "  train   train a tiny MoE model (mpirun -np P: expert "
+          "parallel)\n"
           "\n"
           "moe <command> --help shows a command's options. libmoe %s\n",
           moe_version());
@@ -34,6 +40,8 @@ int main(int argc, char **argv) {
   if (!strcmp(c, "layer")) return cmd_layer(argc - 1, argv + 1);
   if (!strcmp(c, "bench")) return cmd_bench(argc - 1, argv + 1);
   if (!strcmp(c, "plan")) return cmd_plan(argc - 1, argv + 1);
+  if (!strcmp(c, "calibrate")) return cmd_calibrate(argc - 1, argv + 1);
+  if (!strcmp(c, "train")) return cmd_train(argc - 1, argv + 1);
   fprintf(stderr, "moe: unknown command '%s'\n", c);
   usage(stderr);
   return CLI_USAGE;

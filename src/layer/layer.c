@@ -12,7 +12,9 @@
 #include "act/swiglu.h"
 #include "comm/comm.h"
 #include "core/env.h"
+#include "cuda/cuda_layer.h"
 #include "layer/layer.h"
+#include "layer/layer_ep.h"
 #include "plan/planner.h"
 #include "route/route.h"
 
@@ -102,13 +104,19 @@ static void moe_proj_shapes(const moe_layer_plan *p, int proj,
 
 moe_status moe_layer_plan_create(moe_layer_plan **plan,
                                  const moe_layer_desc *desc) {
+  if (moe_desc_on_cuda(desc)) return moe_cuda_layer_plan_create(plan, desc);
   if (!plan || !desc)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "moe_layer_plan_create: plan and desc must not be NULL");
   *plan = NULL;
   moe_layer_desc d;
   MOE_TRY(moe_desc_copy(&d, desc));
-  MOE_TRY(moe_desc_check(&d));
+  /* Over several ranks every rank must reach the same verdict, so the
+     checks' results are agreed on before anyone returns. */
+  int64_t ep_rows = 0;
+  MOE_TRY(moe_comm_size(d.comm) > 1
+              ? moe_ep_agree(&d, moe_desc_check(&d), &ep_rows)
+              : moe_desc_check(&d));
   moe_gmm_method env_m;
   bool env_set;
   MOE_TRY(moe_env_gmm(&env_m, &env_set));
@@ -128,17 +136,9 @@ moe_status moe_layer_plan_create(moe_layer_plan **plan,
                      "ranks of desc.comm",
                      (long long)d.num_experts, ranks);
   }
-  if (p->ranks > 1) {
-    int ranks = p->ranks;
-    free(p);
-    return moe_error(MOE_ERR_UNIMPLEMENTED,
-                     "desc.comm: expert parallelism over %d ranks is not in "
-                     "this build",
-                     ranks);
-  }
   p->e_local = d.num_experts / p->ranks;
   p->e_first = p->e_local * p->rank;
-  p->max_rows = d.max_tokens * d.top_k * p->ranks;
+  p->max_rows = p->ranks > 1 ? ep_rows : d.max_tokens * d.top_k;
 
   size_t len = 0;
   const moe_machine *m = moe_machine_get();
@@ -163,6 +163,7 @@ moe_status moe_layer_plan_create(moe_layer_plan **plan,
   if (s == MOE_SUCCESS &&
       (p->method[0] == MOE_GMM_LOOP || p->method[1] == MOE_GMM_LOOP))
     s = moe_loop_cache_create(&p->cache);
+  if (s == MOE_SUCCESS && p->ranks > 1) moe_ep_explain(p, &len);
   if (s != MOE_SUCCESS) {
     free(p);
     return s;
@@ -172,6 +173,7 @@ moe_status moe_layer_plan_create(moe_layer_plan **plan,
 }
 
 moe_status moe_layer_plan_destroy(moe_layer_plan *plan) {
+  if (moe_plan_on_cuda(plan)) return moe_cuda_layer_plan_destroy(plan);
   if (!plan) return MOE_SUCCESS;
   moe_loop_cache_destroy(plan->cache);
   free(plan);
@@ -191,6 +193,8 @@ moe_gmm_method moe_layer_plan_method(const moe_layer_plan *plan,
 moe_status moe_layer_plan_predict(const moe_layer_plan *plan, int projection,
                                   moe_gmm_method m, double *fwd_ms,
                                   double *bwd_ms) {
+  if (moe_plan_on_cuda(plan))
+    return moe_cuda_layer_plan_predict(plan, projection, m, fwd_ms, bwd_ms);
   if (!plan || projection < 0 || projection > 1 || m == MOE_GMM_AUTO)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "moe_layer_plan_predict: need a plan, projection 0 or 1 "
@@ -218,7 +222,9 @@ void moe_layer_bufs_of(const moe_layer_plan *p, int64_t T, moe_layer_bufs *b) {
   const moe_layer_desc *d = &p->d;
   size_t es = moe_dtype_size(d->dtype);
   size_t S = (size_t)(T * d->top_k), E = (size_t)d->num_experts;
-  size_t R = (size_t)(T * d->top_k * p->ranks);
+  /* Rows the experts compute: this rank's own, or with expert parallelism
+     whatever the ranks send, at most max_rows. */
+  size_t R = (size_t)(p->ranks > 1 ? p->max_rows : T * d->top_k);
   size_t H = (size_t)d->hidden, I = (size_t)d->intermediate;
   size_t at = 0;
   b->idx = moe_take(&at, S * sizeof(int32_t));
@@ -231,6 +237,7 @@ void moe_layer_bufs_of(const moe_layer_plan *p, int64_t T, moe_layer_bufs *b) {
   b->ab = moe_take(&at, R * 2 * I * es);
   b->hh = moe_take(&at, R * I * es);
   b->y = moe_take(&at, R * H * es);
+  if (p->ranks > 1) at += moe_ep_saved_bytes(p); /* at the end: layer_ep.c */
   b->saved_bytes = at;
   at = 0;
   b->cursor = moe_take(&at, E * sizeof(int64_t));
@@ -244,11 +251,15 @@ void moe_layer_bufs_of(const moe_layer_plan *p, int64_t T, moe_layer_bufs *b) {
   b->dlogits = moe_take(&at, (size_t)T * E * sizeof(float));
   b->dx = moe_take(&at, (size_t)T * H * sizeof(float));
   b->fwd_saved = moe_take(&at, b->saved_bytes);
+  if (p->ranks > 1) at += moe_ep_work_bytes(p); /* at the end: layer_ep.c */
   b->workspace_bytes = at;
 }
 
 moe_status moe_layer_plan_sizes(const moe_layer_plan *plan, int64_t tokens,
                                 size_t *workspace_bytes, size_t *saved_bytes) {
+  if (moe_plan_on_cuda(plan))
+    return moe_cuda_layer_plan_sizes(plan, tokens, workspace_bytes,
+                                     saved_bytes);
   if (!plan)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "moe_layer_plan_sizes: plan is NULL");
@@ -293,7 +304,9 @@ static moe_status moe_gate_up_of(const moe_tensor *both, const moe_tensor *g,
                                  const moe_tensor *u, const char *prefix,
                                  const moe_layer_desc *d, moe_gate_up *out) {
   char n1[64], n2[64];
-  int64_t E = d->num_experts, H = d->hidden, I = d->intermediate;
+  /* The expert weights are this rank's shard (all of them on one rank). */
+  int64_t E = d->num_experts / moe_comm_size(d->comm), H = d->hidden,
+          I = d->intermediate;
   memset(out, 0, sizeof *out);
   if (!moe_tensor_absent(both)) {
     if (!moe_tensor_absent(g) || !moe_tensor_absent(u))
@@ -368,7 +381,7 @@ static moe_status moe_check_fwd(const moe_layer_plan *p,
                              &d->device));
   }
   MOE_TRY(moe_gate_up_of(&a->w_gate_up, &a->w_gate, &a->w_up, "", d, &c->gu));
-  int64_t ds[3] = {E, H, I};
+  int64_t ds[3] = {p->e_local, H, I};
   MOE_TRY(moe_check_weight(&a->w_down, "w_down", ds, d->down_layout, d));
   return MOE_SUCCESS;
 }
@@ -534,13 +547,13 @@ static moe_status moe_exec_begin(moe_layer_plan *p, const moe_layer_bufs *b,
   return MOE_SUCCESS;
 }
 
-moe_status moe_layer_forward(moe_layer_plan *plan,
-                             const moe_layer_fwd_args *args, void *saved,
-                             size_t saved_bytes, void *workspace,
-                             size_t workspace_bytes, void *stream) {
-  if (!plan || !args)
+static moe_status moe_forward(moe_layer_plan *plan,
+                              const moe_layer_fwd_args *args, void *saved,
+                              size_t saved_bytes, void *workspace,
+                              size_t workspace_bytes, moe_ep_call *ep) {
+  if (!args)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "moe_layer_forward: plan and args must not be NULL");
+                     "moe_layer_forward: args must not be NULL");
   const moe_layer_desc *d = &plan->d;
   moe_call c;
   MOE_TRY(moe_check_fwd(plan, args, &c));
@@ -582,6 +595,11 @@ moe_status moe_layer_forward(moe_layer_plan *plan,
                        slot_row, row_slot, (int64_t *)moe_at(ws, b.cursor));
   if (s != MOE_SUCCESS) goto done;
   moe_permute_rows(&args->hidden, row_slot, R, k, xp, plan->nt);
+  if (plan->ranks > 1) { /* the rows go to their experts' ranks */
+    s = moe_ep_dispatch(ep, plan, &b, sv, ws, xp,
+                        (size_t)H * moe_dtype_size(dt), false, &x.offsets, &R);
+    if (s != MOE_SUCCESS) goto done;
+  }
 
   /* gate_up: one N = 2I product when fused, else gate then up into the two
      halves of the same [R, 2I] buffer. */
@@ -605,6 +623,8 @@ moe_status moe_layer_forward(moe_layer_plan *plan,
     moe_swiglu_fwd_rows(&tg, &tu, &th, plan->nt);
   }
   s = moe_fwd_gemm(&x, 1, hh, I, &args->w_down, y, dt, H);
+  if (s == MOE_SUCCESS && plan->ranks > 1)
+    s = moe_ep_combine(ep, plan, &b, sv, ws, y, (size_t)H * es);
   if (s != MOE_SUCCESS) goto done;
   {
     moe_tensor out = args->output;
@@ -614,6 +634,22 @@ moe_status moe_layer_forward(moe_layer_plan *plan,
 done:
   moe_free(owned);
   return s;
+}
+
+moe_status moe_layer_forward(moe_layer_plan *plan,
+                             const moe_layer_fwd_args *args, void *saved,
+                             size_t saved_bytes, void *workspace,
+                             size_t workspace_bytes, void *stream) {
+  if (moe_plan_on_cuda(plan))
+    return moe_cuda_layer_forward(plan, args, saved, saved_bytes, workspace,
+                                  workspace_bytes, stream);
+  if (!plan)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_layer_forward: plan must not be NULL");
+  moe_ep_call ep = {0, false};
+  moe_status s = moe_forward(plan, args, saved, saved_bytes, workspace,
+                             workspace_bytes, &ep);
+  return plan->ranks > 1 ? moe_ep_end(&ep, plan, false, s) : s;
 }
 
 /* ---- backward --------------------------------------------------------- */
@@ -634,14 +670,14 @@ static moe_status moe_check_grad_weight(const moe_tensor *g,
   return MOE_SUCCESS;
 }
 
-moe_status moe_layer_backward(moe_layer_plan *plan,
-                              const moe_layer_bwd_args *args,
-                              const void *saved, size_t saved_bytes,
-                              void *workspace, size_t workspace_bytes,
-                              void *stream) {
-  if (!plan || !args)
+static moe_status moe_backward(moe_layer_plan *plan,
+                               const moe_layer_bwd_args *args,
+                               const void *saved, size_t saved_bytes,
+                               void *workspace, size_t workspace_bytes,
+                               moe_ep_call *ep) {
+  if (!args)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "moe_layer_backward: plan and args must not be NULL");
+                     "moe_layer_backward: args must not be NULL");
   if (!saved)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "saved: NULL; pass the buffer the forward filled");
@@ -707,6 +743,11 @@ moe_status moe_layer_backward(moe_layer_plan *plan,
   /* Weighted scatter back: dY rows and the routing-weight gradient. */
   moe_unpermute_backward(&args->grad_output, y, dt, slot_row, w, T, k, H, dy,
                          dw, plan->nt);
+  if (plan->ranks > 1) { /* dY rows go to their experts' ranks */
+    s = moe_ep_dispatch(ep, plan, &b, sv, ws, dy, (size_t)H * es, true,
+                        &x.offsets, &R);
+    if (s != MOE_SUCCESS) goto done;
+  }
   /* down: dH = dY . Wd, dWd = dY^T . Hh */
   s = moe_dx_gemm(&x, 1, dy, H, &a->w_down, dh, dt, I, 0.0f);
   if (s == MOE_SUCCESS)
@@ -739,6 +780,8 @@ moe_status moe_layer_backward(moe_layer_plan *plan,
     if (s == MOE_SUCCESS)
       s = moe_dw_gemm(&x, 0, dab + (size_t)I * es, 2 * I, xp, H, &ggu.up);
   }
+  if (s == MOE_SUCCESS && plan->ranks > 1)
+    s = moe_ep_combine(ep, plan, &b, sv, ws, dxp, (size_t)H * sizeof(float));
   if (s != MOE_SUCCESS) goto done;
   moe_permute_backward(dxp, slot_row, T, k, H, dx, plan->nt);
 
@@ -793,4 +836,21 @@ moe_status moe_layer_backward(moe_layer_plan *plan,
 done:
   moe_free(owned);
   return s;
+}
+
+moe_status moe_layer_backward(moe_layer_plan *plan,
+                              const moe_layer_bwd_args *args,
+                              const void *saved, size_t saved_bytes,
+                              void *workspace, size_t workspace_bytes,
+                              void *stream) {
+  if (moe_plan_on_cuda(plan))
+    return moe_cuda_layer_backward(plan, args, saved, saved_bytes, workspace,
+                                   workspace_bytes, stream);
+  if (!plan)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_layer_backward: plan must not be NULL");
+  moe_ep_call ep = {0, false};
+  moe_status s = moe_backward(plan, args, saved, saved_bytes, workspace,
+                              workspace_bytes, &ep);
+  return plan->ranks > 1 ? moe_ep_end(&ep, plan, true, s) : s;
 }

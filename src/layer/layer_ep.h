@@ -1,0 +1,69 @@
+/// @file layer_ep.h
+/// Expert parallelism for the layer (layer_ep.c): plan-time agreement and
+/// explanation, the extra buffer space, and the dispatch and combine steps
+/// that layer.c calls when the plan spans several ranks.
+///
+/// Protocol of one forward (backward mirrors it; dispatch's backward is a
+/// combine and vice versa):
+///   agreement 1  alltoall of {status, rows per local expert}  (forward)
+///                alltoall of {status}                         (backward)
+///   dispatch     alltoallv of the routed rows, then a local shuffle from
+///                (source rank, expert) order to (expert, source rank)
+///   ...          local grouped compute over the local experts
+///   agreement 2  alltoall of {status}
+///   combine      the shuffle back, then alltoallv to the owning ranks
+/// A rank that fails anywhere still takes part in the next agreement with
+/// its failure, so every rank stops at the same point: no one is left
+/// waiting in a collective.
+#ifndef MOE_LAYER_EP_H
+#define MOE_LAYER_EP_H
+
+#include "layer/layer.h"
+
+/// Progress of one forward or backward call through the agreements.
+typedef struct moe_ep_call {
+  int phase;    ///< agreements completed (0, 1 or 2)
+  bool aborted; ///< an agreement reported a failure: no more collectives
+} moe_ep_call;
+
+/// Plan creation, collective: every rank sends its description and the
+/// verdict of its own checks (`local`) to every rank. Fails on every rank
+/// if any rank failed or the ranks describe different layers. `max_rows`
+/// receives the most rows this rank can receive: the sum over ranks of
+/// max_tokens * top_k.
+moe_status moe_ep_agree(const moe_layer_desc *d, moe_status local,
+                        int64_t *max_rows);
+
+/// Appends the expert-parallel lines to the plan's explanation.
+void moe_ep_explain(moe_layer_plan *p, size_t *len);
+
+/// Extra bytes at the end of `saved` (the exchange counts the backward
+/// reuses) and at the end of the workspace (exchange staging).
+size_t moe_ep_saved_bytes(const moe_layer_plan *p);
+size_t moe_ep_work_bytes(const moe_layer_plan *p);
+
+/// Dispatch. `rows` holds this rank's routed rows sorted by global expert
+/// (row_bytes each; the forward's offsets in `saved` delimit the experts);
+/// on return it holds the rows received for the local experts, grouped by
+/// expert and, within an expert, by source rank. `*offsets` then points at
+/// the local experts' row offsets (e_local + 1) and `*rows_out` is their
+/// total. The forward exchanges the counts; the backward reuses them.
+moe_status moe_ep_dispatch(moe_ep_call *c, const moe_layer_plan *p,
+                           const moe_layer_bufs *b, char *saved, char *ws,
+                           void *rows, size_t row_bytes, bool backward,
+                           const int64_t **offsets, int64_t *rows_out);
+
+/// Combine: `rows` holds the local experts' rows in dispatch's output
+/// order; on return it holds this rank's routed rows sorted by global
+/// expert, as they were before the dispatch.
+moe_status moe_ep_combine(moe_ep_call *c, const moe_layer_plan *p,
+                          const moe_layer_bufs *b, char *saved, char *ws,
+                          void *rows, size_t row_bytes);
+
+/// Called once at the end of every forward/backward of a multi-rank plan
+/// with the call's status. On a local failure it takes part in the
+/// agreement the other ranks are waiting in. Returns `s`.
+moe_status moe_ep_end(moe_ep_call *c, const moe_layer_plan *p, bool backward,
+                      moe_status s);
+
+#endif /* MOE_LAYER_EP_H */
