@@ -1,20 +1,53 @@
 /// @file driver.c
 /// The grouped GEMM driver: validation, work decomposition into
-/// (group, row-tile, column-tile) items, packing, the epilogue, and the
-/// OpenMP region. Micro-kernels (ukernel.h) do the arithmetic.
+/// (group, row-tile, column-tile) items sized by their work, packing into
+/// kernel panels (f32, or bf16 pairs along k when the kernel set has a
+/// bf16 kernel), the epilogue, and the OpenMP region. Micro-kernels
+/// (ukernel.h, docs/MICROKERNEL.md) do the arithmetic.
 ///
 /// Determinism: every output element is owned by exactly one work item, and
-/// its sum runs over the whole depth in increasing order, in KC chunks that
-/// start at the group's first row. Packing produces the same f32 panels for
-/// every source layout. Results therefore do not depend on the thread count,
-/// the schedule, the weight layout, or where a group sits in the row buffer.
+/// its sum runs over the whole depth in increasing order from the group's
+/// first row (bf16 pairs are (2p, 2p+1) counted from there; every depth
+/// chunk is even). An f32 accumulator round-trips through memory exactly,
+/// and a * b + c is the same as b * a + c, so neither the tiling, the
+/// thread count, nor solving the transposed problem (done when C is
+/// column-major, e.g. dW of [E, K, N] weights) changes a bit. Packing makes
+/// the same panels from every source layout. Results therefore do not
+/// depend on the thread count, the weight layout, or where a group sits in
+/// the row buffer; they may differ between kernel sets (ISAs).
+///
+/// Weights are read in place: a tile is packed into per-thread scratch
+/// right before use, never a whole weight.
 #include <omp.h>
 #include <stdio.h>
 
 #include "gemm.h"
 #include "ukernel.h"
 
-enum { MOE_MB = 96, MOE_NB = 256, MOE_KC = 256 };
+/* Sizes in panel units (4 bytes: one f32 or one bf16 pair). */
+enum {
+  MOE_KCU = 128,           ///< depth of one kernel call at most: B in L1
+  MOE_MB_MAX = 192,        ///< rows of one item at most (A panel height)
+  MOE_APANEL = 65536,      ///< A panel (256 KB, L2)
+  MOE_BPANEL = 65536,      ///< B panel (256 KB, L2)
+  MOE_ACC_MAX = 192 * 384, ///< floats in one item's accumulator tile
+};
+
+/// How B is read, from the view's strides (the same for every group).
+typedef enum moe_bmode {
+  /// Rows of B are contiguous (a [K, N] weight in the forward, [N, K] in
+  /// dX): an item spans as many columns as it can (all N when the rows are
+  /// few) and packs a chunk of whole rows at once, so the weight streams
+  /// in memory order; the next chunk is prefetched.
+  MOE_BMODE_ROWS,
+  /// Columns of B are contiguous (an [N, K] weight in the forward): a
+  /// sliver is NR source rows transposed 16 at a time over a long depth
+  /// chunk (the whole depth when the A panel fits), and the next sliver
+  /// is prefetched in memory order.
+  MOE_BMODE_COLS,
+  /// No unit stride: short chunks, no prefetch.
+  MOE_BMODE_GENERIC,
+} moe_bmode;
 
 moe_status moe_gemm_validate(const moe_gemm_problem *p, const char *what) {
   if (p->num_groups < 0 || !p->offsets)
@@ -42,15 +75,32 @@ moe_status moe_gemm_validate(const moe_gemm_problem *p, const char *what) {
   return MOE_SUCCESS;
 }
 
-/// One item's view: a plain strided GEMM C[m, n] (+)= A[m, k] B[k, n].
-typedef struct moe_item_view {
+
+/// One group's product as a plain strided GEMM: C(i, j) (+)= sum_p A(i, p)
+/// B(p, j) for i < M, j < N, p < K. Strides in elements.
+typedef struct moe_view {
   const char *a, *b;
   char *c;
-  int64_t rows, depth;
-} moe_item_view;
+  int64_t ars, acs, brs, bcs, crs, ccs;
+  int64_t M, N, K;
+} moe_view;
 
-static void moe_item_view_of(const moe_gemm_problem *p, int64_t g,
-                             moe_item_view *v) {
+/// Everything the items of one call share.
+typedef struct moe_job {
+  const moe_gemm_problem *p;
+  const moe_ukernel_info *uk;
+  moe_dtype at, bt, ct; ///< dtypes of the view's A, B, C
+  bool pairs;           ///< bf16 pair panels and the bf16 kernel
+  bool tr;              ///< solve C^T = B^T A^T (C is column-major)
+  bool stream;          ///< non-temporal C stores (large dW)
+  int mr, nr;
+  moe_bmode bmode;
+  bool narrow;          ///< too few m-tiles for the threads: split N too
+  int64_t target;       ///< multiply-adds one item should carry
+} moe_job;
+
+static void moe_view_of(const moe_job *J, int64_t g, moe_view *v) {
+  const moe_gemm_problem *p = J->p;
   size_t ea = moe_dtype_size(p->A.dtype), eb = moe_dtype_size(p->B.dtype),
          ec = moe_dtype_size(p->C.dtype);
   int64_t r0 = p->offsets[g], n_g = p->offsets[g + 1] - p->offsets[g];
@@ -58,162 +108,369 @@ static void moe_item_view_of(const moe_gemm_problem *p, int64_t g,
     v->a = (const char *)p->A.data + (size_t)(r0 * p->A.rs) * ea;
     v->b = (const char *)p->B.data + (size_t)(g * p->B.gs) * eb;
     v->c = (char *)p->C.data + (size_t)(r0 * p->C.rs) * ec;
-    v->rows = n_g;
-    v->depth = p->K;
+    v->M = n_g;
+    v->K = p->K;
   } else {
     v->a = (const char *)p->A.data + (size_t)(r0 * p->A.cs) * ea;
     v->b = (const char *)p->B.data + (size_t)(r0 * p->B.rs) * eb;
     v->c = (char *)p->C.data + (size_t)(g * p->C.gs) * ec;
-    v->rows = p->M;
-    v->depth = n_g;
+    v->M = p->M;
+    v->K = n_g;
+  }
+  v->N = p->N;
+  v->ars = p->A.rs;
+  v->acs = p->A.cs;
+  v->brs = p->B.rs;
+  v->bcs = p->B.cs;
+  v->crs = p->C.rs;
+  v->ccs = p->C.cs;
+  if (J->tr) {
+    /* C^T(j, i) = sum_p B^T(j, p) A^T(p, i): swap the operands. */
+    const char *t = v->a;
+    v->a = v->b;
+    v->b = t;
+    int64_t ars = v->ars, acs = v->acs;
+    v->ars = v->bcs;
+    v->acs = v->brs;
+    v->brs = acs;
+    v->bcs = ars;
+    int64_t crs = v->crs;
+    v->crs = v->ccs;
+    v->ccs = crs;
+    int64_t m = v->M;
+    v->M = v->N;
+    v->N = m;
   }
 }
 
-/// Packs A[i0 .. i0+mb, k0 .. k0+kc] into MR-row slivers, zero-padded.
-static void moe_pack_a(const moe_operand *A, const char *base, int64_t i0,
-                       int64_t mb, int64_t k0, int64_t kc, int mr,
-                       float *dst) {
-  int64_t nsl = (mb + mr - 1) / mr;
-  for (int64_t s = 0; s < nsl; s++) {
-    float *d = dst + s * kc * mr;
-    for (int i = 0; i < mr; i++) {
-      int64_t row = s * mr + i;
-      if (row >= mb) {
-        for (int64_t q = 0; q < kc; q++) d[q * mr + i] = 0.0f;
-        continue;
+/// How a group's view is cut into items: m-tiles of `mrows` rows (a
+/// multiple of MR) and n-tiles that share the `nsl` NR-wide slivers as
+/// evenly as possible. Items carry about `target` multiply-adds, so a
+/// group with few rows gets wide n-tiles and a big one narrow ones.
+typedef struct moe_tiling {
+  int64_t mrows, mt, nsl, nt;
+} moe_tiling;
+
+static void moe_tiling_of(const moe_job *J, const moe_view *v,
+                          moe_tiling *t) {
+  int mr = J->mr, nr = J->nr;
+  memset(t, 0, sizeof *t);
+  if (v->M <= 0 || v->N <= 0) return;
+  int64_t mt = (v->M + MOE_MB_MAX - 1) / MOE_MB_MAX;
+  int64_t rows = (v->M + mt - 1) / mt;
+  t->mrows = (rows + mr - 1) / mr * mr;
+  t->mt = (v->M + t->mrows - 1) / t->mrows;
+  t->nsl = (v->N + nr - 1) / nr;
+  int64_t per = t->mrows * (v->K > 0 ? v->K : 1) * nr;
+  int64_t s = J->target / per;
+  /* Weight-streaming modes give an item all of N (A is packed once, row
+     mode reads whole rows) unless the threads would starve. */
+  if (J->bmode != MOE_BMODE_GENERIC && !J->narrow) s = t->nsl;
+  int64_t cap = MOE_ACC_MAX / (t->mrows * nr);
+  if (s > cap) s = cap;
+  if (s < 1) s = 1;
+  if (s > t->nsl) s = t->nsl;
+  t->nt = (t->nsl + s - 1) / s;
+}
+
+/* ---- portable packing and store (any strides, any ISA) ---------------- */
+
+static void moe_pack_f32_portable(const void *src, moe_dtype st, int64_t sd,
+                                  int64_t sw, int64_t depth, int64_t width,
+                                  int W, float *dst) {
+  int64_t cols = (width + W - 1) / W * W;
+  for (int64_t t = 0; t < cols; t++) {
+    float *d = dst + t / W * depth * W + t % W;
+    for (int64_t p = 0; p < depth; p++)
+      d[p * W] = t < width ? moe_load_f(src, st, p * sd + t * sw) : 0.0f;
+  }
+}
+
+static void moe_pack_pairs_portable(const uint16_t *src, int64_t sd,
+                                    int64_t sw, int64_t depth, int64_t width,
+                                    int W, uint32_t *dst) {
+  int64_t kp = (depth + 1) / 2, cols = (width + W - 1) / W * W;
+  for (int64_t t = 0; t < cols; t++) {
+    uint32_t *d = dst + t / W * kp * W + t % W;
+    for (int64_t p = 0; p < kp; p++) {
+      uint32_t lo = 0, hi = 0;
+      if (t < width) {
+        lo = src[2 * p * sd + t * sw];
+        if (2 * p + 1 < depth) hi = src[(2 * p + 1) * sd + t * sw];
       }
-      int64_t off = (i0 + row) * A->rs + k0 * A->cs;
-      if (A->dtype == MOE_F32) {
-        const float *src = (const float *)base + off;
-        for (int64_t q = 0; q < kc; q++) d[q * mr + i] = src[q * A->cs];
-      } else {
-        const uint16_t *src = (const uint16_t *)base + off;
-        for (int64_t q = 0; q < kc; q++)
-          d[q * mr + i] = moe_bf16_to_f32(src[q * A->cs]);
-      }
+      d[p * W] = lo | hi << 16;
     }
   }
 }
 
-/// Packs B[k0 .. k0+kc, j0 .. j0+nb] into NR-column slivers, zero-padded.
-/// The loop order follows B's unit stride so the weight streams.
-static void moe_pack_b(const moe_operand *B, const char *base, int64_t k0,
-                       int64_t kc, int64_t j0, int64_t nb, int nr,
-                       float *dst) {
-  int64_t nsl = (nb + nr - 1) / nr;
-  bool f32 = B->dtype == MOE_F32;
-  if (B->rs == 1 && B->cs != 1) {
-    /* Column-contiguous (the "out, in" weight in the forward): walk each
-       column along k. */
-    for (int64_t s = 0; s < nsl; s++) {
-      float *d = dst + s * kc * nr;
-      for (int j = 0; j < nr; j++) {
-        int64_t col = s * nr + j;
-        if (col >= nb) {
-          for (int64_t q = 0; q < kc; q++) d[q * nr + j] = 0.0f;
-          continue;
-        }
-        int64_t off = k0 + (j0 + col) * B->cs;
-        if (f32) {
-          const float *src = (const float *)base + off;
-          for (int64_t q = 0; q < kc; q++) d[q * nr + j] = src[q];
-        } else {
-          const uint16_t *src = (const uint16_t *)base + off;
-          for (int64_t q = 0; q < kc; q++)
-            d[q * nr + j] = moe_bf16_to_f32(src[q]);
+/// C(i, j) = acc(i, j) (+ C(i, j) when beta == 1) through C's strides.
+static void moe_store_portable(const float *acc, int64_t ldacc, int64_t mb,
+                               int64_t nb, char *c, moe_dtype ct,
+                               int64_t crs, int64_t ccs, float beta) {
+  for (int64_t i = 0; i < mb; i++) {
+    const float *ar = acc + i * ldacc;
+    int64_t off = i * crs;
+    if (ct == MOE_F32) {
+      float *cf = (float *)c + off;
+      if (beta == 0.0f)
+        for (int64_t j = 0; j < nb; j++) cf[j * ccs] = ar[j];
+      else
+        for (int64_t j = 0; j < nb; j++) cf[j * ccs] += ar[j];
+    } else {
+      uint16_t *cb = (uint16_t *)c + off;
+      if (beta == 0.0f)
+        for (int64_t j = 0; j < nb; j++) cb[j * ccs] = moe_f32_to_bf16(ar[j]);
+      else
+        for (int64_t j = 0; j < nb; j++)
+          cb[j * ccs] = moe_f32_to_bf16(moe_bf16_to_f32(cb[j * ccs]) + ar[j]);
+    }
+  }
+}
+
+/* ---- one work item ------------------------------------------------------ */
+
+/// Per-thread scratch: the A panel, one B sliver and the accumulator tile.
+typedef struct moe_scratch {
+  void *ap, *bp;
+  float *acc;
+} moe_scratch;
+
+static size_t moe_scratch_floats(void) {
+  return (size_t)MOE_APANEL + (size_t)MOE_BPANEL +
+         (size_t)MOE_ACC_MAX; /* multiples of 16: 64-byte aligned parts */
+}
+
+/// Packs `width` (<= W) panel columns of X(p, t) = src[p * sd + t * sw],
+/// `depth` deep, in the job's panel format.
+static void moe_pack(const moe_job *J, const char *src, moe_dtype st,
+                     int64_t sd, int64_t sw, int64_t depth, int64_t width,
+                     int W, void *dst) {
+
+  const moe_ukernel_info *uk = J->uk;
+  if (J->pairs) {
+    moe_pack_pairs_fn f = uk->pack_pairs ? uk->pack_pairs
+                                         : moe_pack_pairs_portable;
+    f((const uint16_t *)src, sd, sw, depth, width, W, (uint32_t *)dst);
+  } else {
+    moe_pack_f32_fn f = uk->pack_f32 ? uk->pack_f32 : moe_pack_f32_portable;
+    f(src, st, sd, sw, depth, width, W, (float *)dst);
+  }
+}
+
+/// A run of prefetches over `rows` runs of `run` bytes, `stride` bytes
+/// apart, issued a few lines at a time between kernel calls so the next
+/// B region streams in from DRAM while the kernels work.
+typedef struct moe_pf {
+  const char *row; ///< the current run
+  int64_t stride, run, rows_left, off;
+} moe_pf;
+
+static void moe_pf_start(moe_pf *f, const char *base, int64_t stride,
+                         int64_t run, int64_t rows) {
+  f->row = base;
+  f->stride = stride;
+  f->run = run;
+  f->rows_left = base && run > 0 ? rows : 0;
+  f->off = 0;
+}
+
+/// Lines still to be asked for (an estimate for spreading them out).
+static int64_t moe_pf_left(const moe_pf *f) {
+  return f->rows_left > 0 ? (f->rows_left * f->run - f->off) / 64 + 1 : 0;
+}
+
+/// Issues the next `n` lines, in memory order within each run.
+static void moe_pf_step(moe_pf *f, int64_t n) {
+  for (; n > 0 && f->rows_left > 0; n--) {
+    __builtin_prefetch(f->row + f->off, 0, 2);
+    f->off += 64;
+    if (f->off >= f->run) {
+      /* The run's last byte may sit on one more line. */
+      if ((((uintptr_t)f->row + (uintptr_t)f->off - 64) >> 6) !=
+          (((uintptr_t)f->row + (uintptr_t)f->run - 1) >> 6))
+        __builtin_prefetch(f->row + f->run - 1, 0, 2);
+      f->row += f->stride;
+      f->off = 0;
+      f->rows_left--;
+    }
+  }
+}
+
+/// The epilogue: C = acc (+ C when beta == 1) for mb x nb elements.
+static void moe_store_tile(const moe_job *J, const float *acc, int64_t ldacc,
+                           int64_t mb, int64_t nb, char *c, int64_t crs,
+                           int64_t ccs) {
+  if (ccs == 1 && J->uk->store)
+    J->uk->store(acc, ldacc, mb, nb, c, J->ct, crs, J->p->beta, J->stream);
+  else
+    moe_store_portable(acc, ldacc, mb, nb, c, J->ct, crs, ccs, J->p->beta);
+}
+
+/// Computes item (mi, nj) of a group: C rows [i0, i0 + mb) and the columns
+/// of slivers [s0, s1).
+static void moe_run_item(const moe_job *J, const moe_view *v,
+                         const moe_tiling *t, int64_t mi, int64_t nj,
+                         moe_scratch *s) {
+  const moe_ukernel_info *uk = J->uk;
+  int mr = J->mr, nr = J->nr;
+  size_t ea = moe_dtype_size(J->at), eb = moe_dtype_size(J->bt),
+         ec = moe_dtype_size(J->ct);
+  int64_t i0 = mi * t->mrows;
+  int64_t mb = v->M - i0 < t->mrows ? v->M - i0 : t->mrows;
+  int64_t s0 = nj * t->nsl / t->nt, s1 = (nj + 1) * t->nsl / t->nt;
+  int64_t nsl = s1 - s0, j0 = s0 * nr;
+  int64_t nb = (s1 * nr < v->N ? s1 * nr : v->N) - j0;
+  int64_t msl = (mb + mr - 1) / mr, ldacc = nsl * nr;
+  /* Rows are dealt to the slivers evenly (33 rows: 7+7+7+6+6, not
+     8+8+8+8+1): a kernel on few rows has too few independent
+     accumulators to hide the FMA latency. Sliver is holds rows
+     [ro(is), ro(is) + mh(is)) of the tile. */
+  int64_t mbase = msl ? mb / msl : 0, mextra = msl ? mb % msl : 0;
+  int64_t upe = J->pairs ? 2 : 1; /* depth elements per panel unit */
+  /* Depth chunk in units: every chunk but the last is even in elements,
+     so bf16 pairs always start at even depth. */
+  int64_t ku;
+  if (J->bmode == MOE_BMODE_ROWS) {
+    ku = MOE_BPANEL / (nsl * nr);
+    if (ku > MOE_KCU) ku = MOE_KCU;
+  } else if (J->bmode == MOE_BMODE_COLS) {
+    ku = MOE_BPANEL / nr;
+  } else {
+    ku = MOE_KCU;
+  }
+  if (ku > MOE_APANEL / (msl * mr)) ku = MOE_APANEL / (msl * mr);
+  ku = ku >= 16 ? ku / 8 * 8 : (ku > 0 ? ku : 1);
+  int64_t kce = ku * upe; /* chunk depth in elements */
+  char *c = v->c + (size_t)(i0 * v->crs + j0 * v->ccs) * ec;
+  if (J->bmode == MOE_BMODE_ROWS && v->K > 0 && v->K <= kce) {
+    /* The whole depth is one chunk (dW: depth = the group's rows). Work
+       in bands of one m-sliver: its accumulators for every n-sliver stay
+       in L1 and go to C right away, instead of a whole tile going out to
+       L2 and back. */
+    int64_t kuc = (v->K + upe - 1) / upe;
+    for (int64_t is = 0; is < msl; is++) {
+      int64_t r = i0 + is * mbase + (is < mextra ? is : mextra);
+      moe_pack(J, v->a + (size_t)(r * v->ars) * ea, J->at, v->acs, v->ars,
+               v->K, mbase + (is < mextra), mr,
+               (uint32_t *)s->ap + is * mr * kuc);
+    }
+    moe_pack(J, v->b + (size_t)(j0 * v->bcs) * eb, J->bt, v->brs, v->bcs,
+             v->K, nb, nr, s->bp);
+    for (int64_t is = 0; is < msl; is++) {
+      int m = (int)(mbase + (is < mextra));
+      int64_t ro = is * mbase + (is < mextra ? is : mextra);
+      char *crow = c + (size_t)(ro * v->crs) * ec;
+      int64_t done = 0; /* columns of this band already in C */
+      for (int64_t js = 0; js < nsl; js++) {
+        const uint32_t *bsl = (const uint32_t *)s->bp + js * kuc * nr;
+        if (J->pairs)
+          uk->bf16(kuc, (const uint32_t *)s->ap + is * mr * kuc, bsl,
+                   s->acc + js * nr, ldacc, m, 1);
+        else
+          uk->f32(kuc, (const float *)s->ap + is * mr * kuc,
+                  (const float *)bsl, s->acc + js * nr, ldacc, m, 1);
+        /* Store as soon as the band's columns reach a cache-line
+           boundary: the writes then drain while the next kernels run,
+           in whole lines. */
+        int64_t end = js + 1 == nsl ? nb : (js + 1) * nr;
+        if (js + 1 == nsl || v->ccs != 1 ||
+            !(((uintptr_t)crow + (uintptr_t)end * ec) & 63)) {
+          moe_store_tile(J, s->acc + done, ldacc, m, end - done,
+                         crow + (size_t)(done * v->ccs) * ec, v->crs,
+                         v->ccs);
+          done = end;
         }
       }
     }
     return;
   }
-  for (int64_t s = 0; s < nsl; s++) {
-    float *d = dst + s * kc * nr;
-    int64_t cols = nb - s * nr < nr ? nb - s * nr : nr;
-    for (int64_t q = 0; q < kc; q++) {
-      int64_t off = (k0 + q) * B->rs + (j0 + s * nr) * B->cs;
-      float *dq = d + q * nr;
-      if (f32) {
-        const float *src = (const float *)base + off;
-        for (int64_t j = 0; j < cols; j++) dq[j] = src[j * B->cs];
+  if (v->K == 0)
+    for (int64_t i = 0; i < mb; i++)
+      memset(s->acc + i * ldacc, 0, sizeof(float) * (size_t)nb);
+  moe_pf pf;
+  moe_pf_start(&pf, NULL, 0, 0, 0);
+  for (int64_t k0 = 0; k0 < v->K; k0 += kce) {
+    int64_t kc = v->K - k0 < kce ? v->K - k0 : kce;
+    int64_t kuc = (kc + upe - 1) / upe; /* this chunk, in units */
+    for (int64_t is = 0; is < msl; is++) {
+      int64_t r = i0 + is * mbase + (is < mextra ? is : mextra);
+      moe_pack(J, v->a + (size_t)(r * v->ars + k0 * v->acs) * ea, J->at,
+               v->acs, v->ars, kc, mbase + (is < mextra), mr,
+               (uint32_t *)s->ap + is * mr * kuc);
+    }
+    if (J->bmode == MOE_BMODE_ROWS) {
+      /* The whole chunk of rows for every sliver, then ask for the next
+         chunk's rows while the kernels run. */
+      moe_pack(J, v->b + (size_t)(k0 * v->brs + j0 * v->bcs) * eb, J->bt,
+               v->brs, v->bcs, kc, nb, nr, s->bp);
+      int64_t nk = k0 + kc, nkc = v->K - nk < kce ? v->K - nk : kce;
+      moe_pf_start(&pf, v->b + (size_t)(nk * v->brs + j0) * eb,
+                   v->brs * (int64_t)eb, nb * (int64_t)eb, nkc);
+    }
+    for (int64_t js = 0; js < nsl; js++) {
+      int64_t c0 = j0 + js * nr;
+      const uint32_t *bsl = (const uint32_t *)s->bp;
+      if (J->bmode == MOE_BMODE_ROWS) {
+        bsl += js * kuc * nr;
       } else {
-        const uint16_t *src = (const uint16_t *)base + off;
-        for (int64_t j = 0; j < cols; j++)
-          dq[j] = moe_bf16_to_f32(src[j * B->cs]);
+        moe_pack(J, v->b + (size_t)(k0 * v->brs + c0 * v->bcs) * eb, J->bt,
+                 v->brs, v->bcs, kc, v->N - c0 < nr ? v->N - c0 : nr, nr,
+                 s->bp);
+        if (J->bmode == MOE_BMODE_COLS) {
+          /* Next: this chunk's next sliver, or the next chunk's first. */
+          int64_t pk = k0, pc = c0 + nr;
+          if (js + 1 == nsl) {
+            pk = k0 + kc;
+            pc = j0;
+          }
+          int64_t pkc = v->K - pk < kce ? v->K - pk : kce;
+          int64_t pw = v->N - pc < nr ? v->N - pc : nr;
+          moe_pf_start(&pf, v->b + (size_t)(pk + pc * v->bcs) * eb,
+                       v->bcs * (int64_t)eb, pkc * (int64_t)eb,
+                       pkc > 0 ? pw : 0);
+        }
       }
-      for (int64_t j = cols; j < nr; j++) dq[j] = 0.0f;
+      /* Spread the prefetches evenly over this sliver's kernel calls. */
+      int64_t nsub = (kuc + MOE_KCU - 1) / MOE_KCU;
+      int64_t calls = msl * nsub * (J->bmode == MOE_BMODE_ROWS ? nsl - js : 1);
+      int64_t per_call = (moe_pf_left(&pf) + calls - 1) / (calls ? calls : 1);
+      for (int64_t u0 = 0; u0 < kuc; u0 += MOE_KCU) {
+        int64_t uk0 = kuc - u0 < MOE_KCU ? kuc - u0 : MOE_KCU;
+        for (int64_t is = 0; is < msl; is++) {
+          int m = (int)(mbase + (is < mextra));
+          float *acc = s->acc + (is * mbase + (is < mextra ? is : mextra)) * ldacc +
+                       js * nr;
+          int first = k0 == 0 && u0 == 0;
+          moe_pf_step(&pf, per_call);
+          if (J->pairs)
+            uk->bf16(uk0, (const uint32_t *)s->ap + is * mr * kuc + u0 * mr,
+                     bsl + u0 * nr, acc, ldacc, m, first);
+          else
+            uk->f32(uk0, (const float *)s->ap + is * mr * kuc + u0 * mr,
+                    (const float *)(bsl + u0 * nr), acc, ldacc, m, first);
+        }
+      }
     }
   }
+  moe_store_tile(J, s->acc, ldacc, mb, nb, c, v->crs, v->ccs);
 }
 
-/// Writes C = acc (+ C when beta == 1) through C's strides and dtype.
-static void moe_epilogue(const moe_operand *C, char *base, int64_t i0,
-                         int64_t mb, int64_t j0, int64_t nb, const float *acc,
-                         int64_t ldacc, float beta) {
-  for (int64_t i = 0; i < mb; i++) {
-    const float *ar = acc + i * ldacc;
-    int64_t off = (i0 + i) * C->rs + j0 * C->cs;
-    if (C->dtype == MOE_F32) {
-      float *c = (float *)base + off;
-      if (beta == 0.0f)
-        for (int64_t j = 0; j < nb; j++) c[j * C->cs] = ar[j];
-      else
-        for (int64_t j = 0; j < nb; j++) c[j * C->cs] += ar[j];
-    } else {
-      uint16_t *c = (uint16_t *)base + off;
-      if (beta == 0.0f)
-        for (int64_t j = 0; j < nb; j++)
-          c[j * C->cs] = moe_f32_to_bf16(ar[j]);
-      else
-        for (int64_t j = 0; j < nb; j++)
-          c[j * C->cs] =
-              moe_f32_to_bf16(moe_bf16_to_f32(c[j * C->cs]) + ar[j]);
-    }
-  }
-}
-
-/// Per-thread scratch: packed A, packed B and the accumulator tile.
-typedef struct moe_scratch {
-  float *ap, *bp, *acc;
-} moe_scratch;
-
-static size_t moe_scratch_floats(const moe_ukernel_info *uk) {
-  int64_t mb = (MOE_MB + uk->mr - 1) / uk->mr * uk->mr;
-  int64_t nb = (MOE_NB + uk->nr - 1) / uk->nr * uk->nr;
-  return (size_t)(mb * MOE_KC + MOE_KC * nb + mb * nb); /* multiple of 16 */
-}
-
-/// Computes one work item: the C tile [i0, i0+mb) x [j0, j0+nb) of group g.
-static void moe_run_item(const moe_gemm_problem *p,
-                         const moe_ukernel_info *uk, const moe_item_view *v,
-                         int64_t i0, int64_t j0, moe_scratch *s) {
-  int64_t mb = v->rows - i0 < MOE_MB ? v->rows - i0 : MOE_MB;
-  int64_t nb = p->N - j0 < MOE_NB ? p->N - j0 : MOE_NB;
-  int mr = uk->mr, nr = uk->nr;
-  int64_t msl = (mb + mr - 1) / mr, nsl = (nb + nr - 1) / nr;
-  int64_t ldacc = nsl * nr;
-  memset(s->acc, 0, sizeof(float) * (size_t)(msl * mr * ldacc));
-  for (int64_t k0 = 0; k0 < v->depth; k0 += MOE_KC) {
-    int64_t kc = v->depth - k0 < MOE_KC ? v->depth - k0 : MOE_KC;
-    moe_pack_a(&p->A, v->a, i0, mb, k0, kc, mr, s->ap);
-    moe_pack_b(&p->B, v->b, k0, kc, j0, nb, nr, s->bp);
-    for (int64_t js = 0; js < nsl; js++)
-      for (int64_t is = 0; is < msl; is++)
-        uk->f32(kc, s->ap + is * kc * mr, s->bp + js * kc * nr,
-                s->acc + is * mr * ldacc + js * nr, ldacc);
-  }
-  moe_epilogue(&p->C, v->c, i0, mb, j0, nb, s->acc, ldacc, p->beta);
-}
+/* ---- the call ------------------------------------------------------------ */
 
 size_t moe_gemm_scratch_bytes(int num_threads, int64_t num_groups) {
-  const moe_ukernel_info *uk = moe_ukernel_select();
   int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
-  return moe_align64(sizeof(int64_t) * (size_t)(num_groups + 1)) +
-         (size_t)nt * moe_scratch_floats(uk) * sizeof(float);
+  return moe_align64(sizeof(int64_t) * (size_t)(num_groups + 1)) + 64 +
+         (size_t)nt * moe_scratch_floats() * sizeof(float);
 }
 
 moe_status moe_gemm_grouped(const moe_gemm_problem *p, const moe_gemm_ctx *c) {
+  return moe_gemm_grouped_with(p, c, moe_ukernel_select());
+}
+
+moe_status moe_gemm_grouped_with(const moe_gemm_problem *p,
+                                 const moe_gemm_ctx *c,
+                                 const moe_ukernel_info *uk) {
   MOE_TRY(moe_gemm_validate(p, "grouped gemm"));
-  const moe_ukernel_info *uk = moe_ukernel_select();
   int nt = c && c->num_threads > 0 ? c->num_threads : omp_get_max_threads();
   int64_t G = p->num_groups;
   size_t need = moe_gemm_scratch_bytes(nt, G);
@@ -228,49 +485,91 @@ moe_status moe_gemm_grouped(const moe_gemm_problem *p, const moe_gemm_ctx *c) {
     mem = owned = moe_alloc(need, "grouped gemm scratch");
     if (!mem) return MOE_ERR_OUT_OF_MEMORY;
   }
-  /* Count the work items: a prefix sum over groups lets every thread map a
-     flat item index back to (group, row tile, column tile). */
-  int64_t ntile_n = (p->N + MOE_NB - 1) / MOE_NB, total = 0;
-  int64_t *first = (int64_t *)mem;
+  moe_job J;
+  memset(&J, 0, sizeof J);
+  J.p = p;
+  J.uk = uk;
+  J.tr = p->C.rs == 1 && p->C.cs != 1;
+  J.at = J.tr ? p->B.dtype : p->A.dtype;
+  J.bt = J.tr ? p->A.dtype : p->B.dtype;
+  J.ct = p->C.dtype;
+  J.pairs = uk->bf16 && p->A.dtype == MOE_BF16 && p->B.dtype == MOE_BF16;
+  J.mr = J.pairs ? uk->bmr : uk->mr;
+  J.nr = J.pairs ? uk->bnr : uk->nr;
+  J.bmode = MOE_BMODE_GENERIC;
+  if (G > 0) {
+    moe_view v0;
+    moe_view_of(&J, 0, &v0); /* B's strides are the same for every group */
+    J.bmode = v0.bcs == 1   ? MOE_BMODE_ROWS
+              : v0.brs == 1 ? MOE_BMODE_COLS
+                            : MOE_BMODE_GENERIC;
+  }
+  /* Count the work: a prefix sum of items over groups lets every thread
+     map a flat item index back to (group, m-tile, n-tile). */
+  double macs = 0.0;
+  for (int64_t g = 0; g < G; g++) {
+    int64_t n_g = p->offsets[g + 1] - p->offsets[g];
+    macs += p->kind == MOE_GROUP_M ? (double)n_g * (double)p->N * (double)p->K
+                                   : (double)p->M * (double)p->N * (double)n_g;
+  }
+  /* About 8 items per thread at least, 2^20..2^25 multiply-adds each:
+     enough to balance experts of very different sizes, few enough that
+     packing A again per n-tile stays cheap. */
+  double tgt = macs / (8.0 * nt);
+  J.target = tgt < (double)(1 << 20) ? (1 << 20)
+             : tgt > (double)(1 << 25) ? (1 << 25) : (int64_t)tgt;
+  size_t ec = moe_dtype_size(p->C.dtype);
+  J.stream = p->kind == MOE_GROUP_K && p->beta == 0.0f &&
+             (double)G * (double)p->M * (double)p->N * (double)ec > 16e6;
+  /* Row mode gives each m-tile all of N; with too few m-tiles for the
+     threads (one big group, say), N is split by work as in other modes. */
+  int64_t *first = (int64_t *)mem, total = 0, mtiles = 0;
+  for (int64_t g = 0; g < G; g++) {
+    moe_view v;
+    moe_tiling t;
+    moe_view_of(&J, g, &v);
+    moe_tiling_of(&J, &v, &t);
+    mtiles += t.mt;
+  }
+  J.narrow = mtiles < 4 * (int64_t)nt;
   for (int64_t g = 0; g < G; g++) {
     first[g] = total;
-    moe_item_view v;
-    moe_item_view_of(p, g, &v);
-    total += (v.rows + MOE_MB - 1) / MOE_MB * ntile_n;
+    moe_view v;
+    moe_tiling t;
+    moe_view_of(&J, g, &v);
+    moe_tiling_of(&J, &v, &t);
+    total += t.mt * t.nt;
   }
   first[G] = total;
-  float *pool =
-      (float *)(mem + moe_align64(sizeof(int64_t) * (size_t)(G + 1)));
-  size_t per_thread = moe_scratch_floats(uk);
-  int64_t mbp = (MOE_MB + uk->mr - 1) / uk->mr * uk->mr;
-  int64_t nbp = (MOE_NB + uk->nr - 1) / uk->nr * uk->nr;
+  char *pool_base = mem + moe_align64(sizeof(int64_t) * (size_t)(G + 1));
+  float *pool = (float *)(((uintptr_t)pool_base + 63) & ~(uintptr_t)63);
+  size_t per_thread = moe_scratch_floats();
   int run_nt = total < nt ? (total > 0 ? (int)total : 1) : nt;
 #pragma omp parallel num_threads(run_nt)
   {
     float *buf = pool + (size_t)omp_get_thread_num() * per_thread;
-    moe_scratch s = {buf, buf + mbp * MOE_KC, buf + mbp * MOE_KC + MOE_KC * nbp};
+    moe_scratch s = {buf, buf + (size_t)MOE_APANEL,
+                     buf + (size_t)MOE_APANEL + (size_t)MOE_BPANEL};
     int64_t g = 0;
+    moe_view v;
+    moe_tiling t;
+    int64_t vg = -1;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < total; it++) {
       while (first[g + 1] <= it) g++;
       while (first[g] > it) g--;
-      moe_item_view v;
-      moe_item_view_of(p, g, &v);
+      if (g != vg) {
+        moe_view_of(&J, g, &v);
+        moe_tiling_of(&J, &v, &t);
+        vg = g;
+      }
       int64_t local = it - first[g];
-      moe_run_item(p, uk, &v, local / ntile_n * MOE_MB,
-                   local % ntile_n * MOE_NB, &s);
+      moe_run_item(&J, &v, &t, local / t.nt, local % t.nt, &s);
     }
-  }
-  /* GROUP_K with an empty group has no items but still owes C_g = 0. */
-  if (p->kind == MOE_GROUP_K && p->beta == 0.0f) {
-    size_t ec = moe_dtype_size(p->C.dtype);
-    for (int64_t g = 0; g < G; g++) {
-      if (p->offsets[g + 1] != p->offsets[g]) continue;
-      char *cg = (char *)p->C.data + (size_t)(g * p->C.gs) * ec;
-      for (int64_t i = 0; i < p->M; i++)
-        for (int64_t j = 0; j < p->N; j++)
-          memset(cg + (size_t)(i * p->C.rs + j * p->C.cs) * ec, 0, ec);
-    }
+#if defined(__x86_64__) || defined(__i386__)
+    /* Order this thread's non-temporal C stores before the caller reads. */
+    if (J.stream) __builtin_ia32_sfence();
+#endif
   }
   moe_free(owned);
   return MOE_SUCCESS;

@@ -1,35 +1,124 @@
 /// @file ukernel.h
-/// The micro-kernel contract between the grouped driver (driver.c) and the
-/// per-ISA kernels. docs/MICROKERNEL.md explains it in full.
+/// The contract between the grouped driver (driver.c) and the per-ISA
+/// kernels; docs/MICROKERNEL.md explains it in full.
 ///
-/// A micro-kernel multiplies a packed A sliver by a packed B sliver and adds
-/// the product into an MR x NR f32 accumulator tile:
+/// A micro-kernel multiplies a packed A sliver by a packed B sliver into an
+/// MR x NR f32 accumulator tile `acc` (row stride `ldacc`). Two precisions:
 ///
-///   acc[i * ldacc + j] += sum_{p < kc} a[p * MR + i] * b[p * NR + j]
+///  - f32: a[p * MR + i] = A(i, p), b[p * NR + j] = B(p, j), p < kc;
+///      acc(i, j) = (first ? 0 : acc(i, j)) + sum_{p < kc} A(i, p) B(p, j)
+///    with the p-sum taken one p at a time in increasing order.
+///  - bf16 pairs: a[p * MR + i] holds A(i, 2p) in its low and A(i, 2p + 1)
+///    in its high 16 bits (B the same along k); p < kp pairs;
+///      acc(i, j) = (first ? 0 : acc(i, j))
+///                  + sum_{p < kp} [A(i,2p) B(2p,j) + A(i,2p+1) B(2p+1,j)]
+///    pair after pair in increasing p; the order inside a pair is the
+///    kernel's own but must not depend on anything but the two pairs.
 ///
-/// for i < MR, j < NR, with the p-sum taken in increasing p. `a` and `b` are
-/// f32, 64-byte aligned, and fully padded: rows past the edge of the real
-/// matrix are zero in the packed buffers, so a kernel never handles edges.
-/// The driver owns packing, edges, beta and dtype conversion (the epilogue).
+/// The packed buffers are 64-byte aligned and fully padded (rows and
+/// columns past the real edge are zero), so a kernel needs no edge code.
+/// `m` (1 <= m <= MR) says how many rows are real: a kernel may skip rows
+/// i >= m and must leave acc rows >= m alone or write them; the driver never
+/// reads them. With `first` set the kernel never reads acc (it may hold
+/// NaN). kc == 0 (kp == 0) is legal: acc is then zeroed when `first` is set
+/// and untouched otherwise. The driver owns packing, edges, beta and the
+/// dtype conversion of C (the epilogue).
+///
+/// Each ISA provides a kernel set (moe_ukernel_info): an f32 kernel, an
+/// optional bf16 kernel (NULL: bf16 operands are widened to f32 and go
+/// through the f32 kernel), and optional vectorised packing and store
+/// routines (NULL: the portable ones in driver.c). Every routine computes
+/// exactly what its portable counterpart does, bit for bit.
 #ifndef MOE_UKERNEL_H
 #define MOE_UKERNEL_H
 
 #include <stdint.h>
 
+#include "gemm.h"
+
 typedef void (*moe_ukernel_f32_fn)(int64_t kc, const float *a, const float *b,
-                                   float *acc, int64_t ldacc);
+                                   float *acc, int64_t ldacc, int m,
+                                   int first);
+typedef void (*moe_ukernel_bf16_fn)(int64_t kp, const uint32_t *a,
+                                    const uint32_t *b, float *acc,
+                                    int64_t ldacc, int m, int first);
+
+/// Packs X(p, t) = src[p * sd + t * sw] (dtype st: f32, or bf16 widened
+/// exactly to f32), p < depth, t < width, into W-wide slivers of depth
+/// units each: column t goes to dst[(t / W) * depth * W + p * W + t % W],
+/// and the last sliver is zero-padded to W columns. width > W (several
+/// slivers at once, reading each source row once) needs W % 16 == 0.
+typedef void (*moe_pack_f32_fn)(const void *src, moe_dtype st, int64_t sd,
+                                int64_t sw, int64_t depth, int64_t width,
+                                int W, float *dst);
+/// Packs bf16 pairs into W-wide slivers of kp = ceil(depth / 2) pairs:
+/// X(2p, t) | X(2p + 1, t) << 16 goes to dst[(t / W) * kp * W + p * W +
+/// t % W]; a missing X(depth, t) and the padding columns are zero. width
+/// > W needs W % 16 == 0.
+typedef void (*moe_pack_pairs_fn)(const uint16_t *src, int64_t sd,
+                                  int64_t sw, int64_t depth, int64_t width,
+                                  int W, uint32_t *dst);
+/// Writes C(i, j) = acc(i, j) (+ C(i, j) when beta == 1) for i < mb, j < nb,
+/// C row-major with row stride crs and unit column stride, dtype ct (f32
+/// or bf16, rounded to nearest even). `stream` allows non-temporal stores
+/// (C is large and not read again soon; the driver fences them once per
+/// thread at the end of the call); beta == 0 never reads C.
+typedef void (*moe_store_fn)(const float *acc, int64_t ldacc, int64_t mb,
+                             int64_t nb, void *c, moe_dtype ct, int64_t crs,
+                             float beta, int stream);
 
 typedef struct moe_ukernel_info {
-  const char *name; ///< "ref_4x16", "avx512_16x32", ...
+  const char *isa;  ///< "ref", "avx512", "avx512_bf16", "amx"
+  const char *name; ///< f32 kernel, e.g. "avx512_f32_8x48"
   int mr, nr;
   moe_ukernel_f32_fn f32;
+  const char *bf16_name; ///< NULL when bf16 is widened to f32
+  int bmr, bnr;
+  moe_ukernel_bf16_fn bf16;
+  moe_pack_f32_fn pack_f32;      ///< NULL: portable
+  moe_pack_pairs_fn pack_pairs;  ///< NULL: portable
+  moe_store_fn store;            ///< NULL: portable
 } moe_ukernel_info;
 
-/// The portable reference kernel (kernel_ref.c).
+/// The portable reference kernel set (kernel_ref.c): the f32 kernel every
+/// other kernel is tested against; bf16 is widened to f32.
 extern const moe_ukernel_info moe_ukernel_ref;
+/// AVX-512F f32 kernel set (kernel_avx512.c).
+extern const moe_ukernel_info moe_ukernel_avx512;
+/// AVX-512F f32 + AVX512_BF16 vdpbf16ps kernel set (kernel_avx512bf16.c).
+extern const moe_ukernel_info moe_ukernel_avx512_bf16;
+/// AVX-512 f32 + AMX-BF16 tile kernel set (kernel_amx.c; untested: the
+/// development machine has no AMX).
+extern const moe_ukernel_info moe_ukernel_amx;
 
-/// The kernel the driver uses: the best one the CPU and the environment
-/// allow (MOE_MAX_CPU_ISA caps it). Decided once and cached.
+/// The AVX-512 f32 kernel (8 x 48) and the packing and store routines
+/// (kernel_avx512.c), shared by the AVX-512 kernel sets. Call only where
+/// AVX-512F/BW/VL are usable.
+void moe_ukernel_avx512_f32(int64_t kc, const float *a, const float *b,
+                            float *acc, int64_t ldacc, int m, int first);
+void moe_pack_f32_avx512(const void *src, moe_dtype st, int64_t sd,
+                         int64_t sw, int64_t depth, int64_t width, int W,
+                         float *dst);
+void moe_pack_pairs_avx512(const uint16_t *src, int64_t sd, int64_t sw,
+                           int64_t depth, int64_t width, int W,
+                           uint32_t *dst);
+void moe_store_avx512(const float *acc, int64_t ldacc, int64_t mb,
+                      int64_t nb, void *c, moe_dtype ct, int64_t crs,
+                      float beta, int stream);
+
+/// The kernel set the driver uses: the best one the CPU, the OS and
+/// MOE_MAX_CPU_ISA allow. Decided once and cached; MOE_VERBOSE=1 logs why
+/// each candidate was chosen or declined.
 const moe_ukernel_info *moe_ukernel_select(void);
+
+/// Every kernel set this CPU can run, best first, ending with the
+/// reference (ignores MOE_MAX_CPU_ISA; for tests and `moe calibrate`).
+/// Returns how many were written to `out` (at most `cap`).
+int moe_ukernel_usable(const moe_ukernel_info **out, int cap);
+
+/// The grouped driver with an explicit kernel set (tests compare sets).
+moe_status moe_gemm_grouped_with(const moe_gemm_problem *p,
+                                 const moe_gemm_ctx *c,
+                                 const moe_ukernel_info *uk);
 
 #endif /* MOE_UKERNEL_H */

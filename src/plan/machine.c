@@ -1,6 +1,8 @@
 /// @file machine.c
 /// Machine constants for the cost model: built-in defaults, or a calibration
-/// file (MOE_MACHINE_FILE, JSON written by `moe calibrate`).
+/// file written by `moe calibrate` (JSON). The file is the one named by
+/// MOE_MACHINE_FILE, else $XDG_CACHE_HOME/libmoe/machine.json, else
+/// $HOME/.cache/libmoe/machine.json; a missing default file is not an error.
 #include <cjson/cJSON.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,18 +12,44 @@
 static moe_machine moe_machine_value;
 static int moe_machine_ready;
 
-/// Defaults measured with `moe bench` on the 2-core CI VM (AMD EPYC,
-/// AVX-512, no AMX), 2 threads; see bench/NOTES.md.
+/// Defaults measured with `moe calibrate` on the 2-core CI VM (AMD EPYC
+/// Zen 5, AVX-512 + AVX512_BF16, no AMX), 2 threads; see bench/NOTES.md.
 static const moe_machine moe_machine_default = {
-    .grouped_gflops = {24.0, 20.0},
-    .blas_gflops = {150.0, 70.0},
-    .blas_half_rows = 24.0,
-    .call_us = 6.0,
-    .item_us = 1.0,
-    .bandwidth_gbs = 20.0,
+    .rows_at = {2, 8, 32, 128, 512},
+    .gflops =
+        {
+            /* grouped */
+            {{{45, 160, 260, 290, 300}, {40, 140, 230, 270, 290}},
+             {{90, 320, 480, 560, 600}, {80, 280, 400, 480, 520}}},
+            /* loop */
+            {{{10, 40, 110, 190, 250}, {10, 40, 100, 170, 230}},
+             {{15, 80, 250, 500, 700}, {12, 60, 180, 350, 550}}},
+        },
+    .bandwidth_gbs = 43.0,
+    .peak_gflops = {535.0, 1070.0},
+    .call_us = {3.0, 6.0},
     .threads = 2,
-    .source = "built-in defaults (2-core CI machine)",
+    .source = "built-in defaults (2-core CI machine, AMD EPYC AVX-512)",
 };
+
+static void moe_json_array(const cJSON *o, const char *key, double *dst,
+                           int n, bool *ok) {
+  const cJSON *a = cJSON_GetObjectItemCaseSensitive(o, key);
+  if (!cJSON_IsArray(a) || cJSON_GetArraySize(a) != n) {
+    *ok = false;
+    return;
+  }
+  double v[MOE_MACHINE_NPTS];
+  for (int i = 0; i < n; i++) {
+    const cJSON *e = cJSON_GetArrayItem(a, i);
+    if (!cJSON_IsNumber(e) || !(e->valuedouble > 0)) {
+      *ok = false;
+      return;
+    }
+    v[i] = e->valuedouble;
+  }
+  memcpy(dst, v, sizeof(double) * (size_t)n);
+}
 
 static double moe_json_num(const cJSON *o, const char *key, double dflt) {
   const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, key);
@@ -29,15 +57,17 @@ static double moe_json_num(const cJSON *o, const char *key, double dflt) {
 }
 
 /// Reads a calibration file; on any problem keeps the defaults and says so
-/// in `source` (never fails: planning must always be possible).
-static void moe_machine_load(moe_machine *m, const char *path) {
+/// in `source` (never fails: planning must always be possible). `named`:
+/// the user named the file, so a missing one is worth mentioning.
+static void moe_machine_load(moe_machine *m, const char *path, bool named) {
   FILE *f = fopen(path, "rb");
   if (!f) {
-    snprintf(m->source, sizeof m->source,
-             "built-in defaults (MOE_MACHINE_FILE %.120s unreadable)", path);
+    if (named)
+      snprintf(m->source, sizeof m->source,
+               "built-in defaults (MOE_MACHINE_FILE %.120s unreadable)", path);
     return;
   }
-  char buf[8192];
+  char buf[16384];
   size_t n = fread(buf, 1, sizeof buf - 1, f);
   fclose(f);
   buf[n] = '\0';
@@ -45,20 +75,51 @@ static void moe_machine_load(moe_machine *m, const char *path) {
   if (!cJSON_IsObject(o)) {
     cJSON_Delete(o);
     snprintf(m->source, sizeof m->source,
-             "built-in defaults (MOE_MACHINE_FILE %.120s is not JSON)", path);
+             "built-in defaults (%.140s is not JSON)", path);
     return;
   }
-  m->grouped_gflops[0] = moe_json_num(o, "grouped_gflops_f32", m->grouped_gflops[0]);
-  m->grouped_gflops[1] = moe_json_num(o, "grouped_gflops_bf16", m->grouped_gflops[1]);
-  m->blas_gflops[0] = moe_json_num(o, "blas_gflops_f32", m->blas_gflops[0]);
-  m->blas_gflops[1] = moe_json_num(o, "blas_gflops_bf16", m->blas_gflops[1]);
-  m->blas_half_rows = moe_json_num(o, "blas_half_rows", m->blas_half_rows);
-  m->call_us = moe_json_num(o, "call_us", m->call_us);
-  m->item_us = moe_json_num(o, "item_us", m->item_us);
-  m->bandwidth_gbs = moe_json_num(o, "bandwidth_gbs", m->bandwidth_gbs);
-  m->threads = (int)moe_json_num(o, "threads", m->threads);
+  moe_machine t = *m;
+  bool ok = true;
+  moe_json_array(o, "rows_at", t.rows_at, MOE_MACHINE_NPTS, &ok);
+  static const char *method[2] = {"grouped", "loop"},
+                    *dtype[2] = {"f32", "bf16"}, *kind[2] = {"fwd", "dw"};
+  for (int a = 0; a < 2; a++)
+    for (int b = 0; b < 2; b++)
+      for (int c = 0; c < 2; c++) {
+        char key[32];
+        snprintf(key, sizeof key, "%s_%s_%s", method[a], dtype[b], kind[c]);
+        moe_json_array(o, key, t.gflops[a][b][c], MOE_MACHINE_NPTS, &ok);
+      }
+  for (int i = 1; i < MOE_MACHINE_NPTS; i++)
+    if (!(t.rows_at[i] > t.rows_at[i - 1])) ok = false;
+  t.bandwidth_gbs = moe_json_num(o, "bandwidth_gbs", t.bandwidth_gbs);
+  t.peak_gflops[0] = moe_json_num(o, "peak_gflops_f32", t.peak_gflops[0]);
+  t.peak_gflops[1] = moe_json_num(o, "peak_gflops_bf16", t.peak_gflops[1]);
+  t.call_us[0] = moe_json_num(o, "call_us_f32", t.call_us[0]);
+  t.call_us[1] = moe_json_num(o, "call_us_bf16", t.call_us[1]);
+  t.threads = (int)moe_json_num(o, "threads", t.threads);
   cJSON_Delete(o);
+  if (!ok) {
+    snprintf(m->source, sizeof m->source,
+             "built-in defaults (%.120s lacks the rate tables; rerun moe "
+             "calibrate)",
+             path);
+    return;
+  }
+  *m = t;
   snprintf(m->source, sizeof m->source, "calibration file %.150s", path);
+}
+
+int moe_machine_default_path(char *buf, size_t n) {
+  const char *x = getenv("XDG_CACHE_HOME"), *h = getenv("HOME");
+  int w;
+  if (x && *x)
+    w = snprintf(buf, n, "%s/libmoe/machine.json", x);
+  else if (h && *h)
+    w = snprintf(buf, n, "%s/.cache/libmoe/machine.json", h);
+  else
+    return -1;
+  return w > 0 && (size_t)w < n ? 0 : -1;
 }
 
 const moe_machine *moe_machine_get(void) {
@@ -68,7 +129,11 @@ const moe_machine *moe_machine_get(void) {
       if (!moe_machine_ready) {
         moe_machine m = moe_machine_default;
         const char *p = getenv("MOE_MACHINE_FILE");
-        if (p && *p) moe_machine_load(&m, p);
+        char def[512];
+        if (p && *p)
+          moe_machine_load(&m, p, true);
+        else if (moe_machine_default_path(def, sizeof def) == 0)
+          moe_machine_load(&m, def, false);
         moe_machine_value = m;
         __atomic_store_n(&moe_machine_ready, 1, __ATOMIC_RELEASE);
       }

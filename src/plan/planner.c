@@ -1,44 +1,46 @@
 /// @file planner.c
 /// The cost model. Each projection runs three GEMMs per expert and step:
-/// forward Y = X W, backward dX = dY W^T and dW = X^T dY. For each GEMM the
-/// model takes the larger of its compute time and its weight traffic, plus
-/// fixed costs: per library call for `loop`, per work item for `grouped`.
-/// A library GEMM on m rows runs at rate * m / (m + half_rows): small
-/// per-expert row counts are where per-expert loops lose.
+/// forward Y = X W, backward dX = dY W^T and dW = X^T dY. The forward and
+/// dX stream the weight; dW writes one. For each method (grouped, loop),
+/// dtype and kind (weight-streaming or dW) `moe calibrate` measured the
+/// sustained GFLOP/s of a whole grouped problem at several rows per expert
+/// (machine.c); a prediction interpolates that table at the projection's
+/// rows per expert, so fixed costs (library calls, packing a weight for
+/// few rows, memory streaming) are in the numbers rather than guessed.
+/// Below the smallest sample the rate falls in proportion to the rows: a
+/// weight is read (and a call made) per expert however few rows it has.
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 
 #include "plan/planner.h"
 
-static double moe_max2(double a, double b) { return a > b ? a : b; }
+/// Interpolated GFLOP/s of (method, dtype, kind) at `rows` per expert.
+static double moe_rate(const moe_machine *m, int mi, int di, int kind,
+                       double rows) {
+  const double *r = m->gflops[mi][di][kind], *x = m->rows_at;
+  enum { N = MOE_MACHINE_NPTS };
+  if (rows <= x[0]) return r[0] * (rows > 0 ? rows : 1e-3) / x[0];
+  if (rows >= x[N - 1]) return r[N - 1];
+  int i = 0;
+  while (i + 2 < N && rows >= x[i + 1]) i++;
+  double t = (log(rows) - log(x[i])) / (log(x[i + 1]) - log(x[i]));
+  return r[i] + t * (r[i + 1] - r[i]);
+}
 
 /// Seconds of one GEMM kind over all experts.
 static double moe_gemm_seconds(const moe_machine *m, const moe_proj_shape *s,
-                               moe_gmm_method method, int threads) {
+                               moe_gmm_method method, int kind,
+                               int threads) {
   int di = s->dtype == MOE_BF16 ? 1 : 0;
-  double es = (double)moe_dtype_size(s->dtype);
-  double scale = (double)threads / (double)(m->threads > 0 ? m->threads : 1);
+  int mi = method == MOE_GMM_GROUPED ? 0 : 1;
   double E = (double)(s->experts > 0 ? s->experts : 1);
   double rows = (double)s->rows / E; /* expected rows per expert */
   double flops = 2.0 * (double)s->rows * (double)s->K * (double)s->N;
-  double wbytes = E * (double)s->K * (double)s->N * es;
-  double abytes = (double)s->rows * (double)(s->K + s->N) * es;
-  double bw = m->bandwidth_gbs * 1e9 * scale;
-  if (method == MOE_GMM_GROUPED) {
-    double rate = m->grouped_gflops[di] * 1e9 * scale;
-    double items = E * ceil(rows / 96.0) * ceil((double)s->N / 256.0);
-    return moe_max2(flops / rate, (wbytes + abytes) / bw) +
-           items * m->item_us * 1e-6 / (double)threads;
-  }
-  double rate = m->blas_gflops[di] * 1e9 * scale;
-  double eff = rows / (rows + m->blas_half_rows);
-  double per_expert_flops = flops / E;
-  double t = 0.0;
-  if (rows > 0)
-    t = E * moe_max2(per_expert_flops / (rate * eff),
-                     (wbytes + abytes) / E / bw);
-  return t + E * (double)s->gemms * m->call_us * 1e-6;
+  /* Rates were measured with m->threads threads; assume they scale. */
+  double scale = (double)threads / (double)(m->threads > 0 ? m->threads : 1);
+  double rate = moe_rate(m, mi, di, kind, rows) * 1e9 * scale;
+  return rate > 0 ? flops / rate : 0.0;
 }
 
 moe_proj_cost moe_predict(const moe_machine *m, const moe_proj_shape *s,
@@ -54,10 +56,11 @@ moe_proj_cost moe_predict(const moe_machine *m, const moe_proj_shape *s,
              s->name);
   }
   if (threads < 1) threads = 1;
-  /* dX reads W and dW writes it: each costs about what the forward does. */
-  double f = moe_gemm_seconds(m, s, method, threads);
+  /* dX streams W like the forward; dW writes it. */
+  double f = moe_gemm_seconds(m, s, method, MOE_KIND_FWD, threads);
+  double w = moe_gemm_seconds(m, s, method, MOE_KIND_DW, threads);
   c.fwd_ms = f * 1e3;
-  c.bwd_ms = 2.0 * f * 1e3;
+  c.bwd_ms = (f + w) * 1e3;
   return c;
 }
 
@@ -94,7 +97,7 @@ moe_status moe_plan_projection(const moe_machine *m, const moe_proj_shape *s,
                 "  loop:    predicted %.2f ms fwd, %.2f ms bwd (%lld library "
                 "calls per pass, %.1f us each)\n",
                 l.fwd_ms, l.bwd_ms, (long long)(s->experts * s->gemms),
-                m->call_us);
+                m->call_us[s->dtype == MOE_BF16 ? 1 : 0]);
   else
     moe_appendf(buf, len, cap, "  loop:    declined: %s\n", l.why_not);
   if (forced != MOE_GMM_AUTO) {

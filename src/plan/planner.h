@@ -6,19 +6,33 @@
 
 #include "internal.h"
 
+/// Rows per expert at which the rate tables are sampled.
+enum { MOE_MACHINE_NPTS = 5 };
+/// Index of a GEMM kind in the rate tables: forward and dX both stream the
+/// weight; dW writes one.
+enum { MOE_KIND_FWD = 0, MOE_KIND_DW = 1 };
+
 /// What the cost model knows about the machine. Built-in defaults were
-/// measured on the project's 2-core CI machine (bench/NOTES.md); a file named
-/// by MOE_MACHINE_FILE (written by `moe calibrate`) replaces them.
+/// measured with `moe calibrate` on the project's 2-core CI machine
+/// (bench/NOTES.md); a calibration file (MOE_MACHINE_FILE, else
+/// $XDG_CACHE_HOME/libmoe/machine.json or ~/.cache/libmoe/machine.json)
+/// replaces them.
 typedef struct moe_machine {
-  double grouped_gflops[2]; ///< grouped kernel sustained rate [f32, bf16]
-  double blas_gflops[2];    ///< library GEMM rate at large M [f32, bf16]
-  double blas_half_rows;    ///< rows at which a library GEMM reaches half rate
-  double call_us;           ///< fixed cost of one library GEMM call
-  double item_us;           ///< fixed cost of one grouped work item
-  double bandwidth_gbs;     ///< DRAM read bandwidth, all threads
-  int threads;              ///< threads the constants were measured with
-  char source[192];         ///< where the numbers came from
+  double rows_at[MOE_MACHINE_NPTS]; ///< rows per expert of each sample
+  /// Sustained GFLOP/s over a whole grouped problem whose weights stream
+  /// from memory: [method: 0 grouped, 1 loop][dtype: 0 f32, 1 bf16]
+  /// [kind][sample]. Fixed per-call and per-item costs are inside.
+  double gflops[2][2][2][MOE_MACHINE_NPTS];
+  double bandwidth_gbs;  ///< DRAM read bandwidth, all threads
+  double peak_gflops[2]; ///< register-only f32 FMA, bf16 dot, all threads
+  double call_us[2];     ///< one tiny library GEMM call [f32, bf16]
+  int threads;           ///< threads the constants were measured with
+  char source[192];      ///< where the numbers came from
 } moe_machine;
+
+/// The default calibration file path ($XDG_CACHE_HOME/libmoe/machine.json
+/// or $HOME/.cache/libmoe/machine.json); 0 on success.
+int moe_machine_default_path(char *buf, size_t n);
 
 /// The machine constants in force (defaults or MOE_MACHINE_FILE), loaded
 /// once. Never NULL.

@@ -1,0 +1,144 @@
+/// @file kernel_avx512bf16.c
+/// AVX512_BF16 kernel set: bf16 x bf16 products through vdpbf16ps, which
+/// multiplies a pair of bf16 values per 32-bit lane and adds both products
+/// into an f32 accumulator. Operands are packed as bf16 pairs along k
+/// (ukernel.h). 8 x 48 tile: 24 zmm accumulators, 3 B vectors, one 32-bit
+/// broadcast per row and pair. f32 problems use the AVX-512 f32 kernel.
+///
+/// vdpbf16ps treats denormal inputs and outputs as zero and rounds each
+/// addition to nearest even; its results differ from the f32 reference
+/// within the bf16 tolerance, and are the same on every call.
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")
+#include <immintrin.h>
+
+#include "kernel_avx512.h"
+#include "ukernel.h"
+
+enum { BF_MR = 8, BF_NR = 48 };
+
+MOE_INLINE void moe_bf16_8x48(const int M, int64_t kp, const uint32_t *a,
+                              const uint32_t *b, float *acc, int64_t ldacc,
+                              int first) {
+  __m512 c[BF_MR][3];
+#pragma GCC unroll 8
+  for (int i = 0; i < M; i++)
+#pragma GCC unroll 3
+    for (int j = 0; j < 3; j++)
+      c[i][j] = first ? _mm512_setzero_ps()
+                      : _mm512_loadu_ps(acc + i * ldacc + 16 * j);
+  for (int64_t p = 0; p < kp; p++) {
+    const uint32_t *bp = b + p * BF_NR, *ap = a + p * BF_MR;
+    __m512bh b0 = (__m512bh)_mm512_load_si512(bp),
+             b1 = (__m512bh)_mm512_load_si512(bp + 16),
+             b2 = (__m512bh)_mm512_load_si512(bp + 32);
+#pragma GCC unroll 8
+    for (int i = 0; i < M; i++) {
+      __m512bh ai = (__m512bh)_mm512_set1_epi32((int)ap[i]);
+      c[i][0] = _mm512_dpbf16_ps(c[i][0], ai, b0);
+      c[i][1] = _mm512_dpbf16_ps(c[i][1], ai, b1);
+      c[i][2] = _mm512_dpbf16_ps(c[i][2], ai, b2);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < M; i++)
+#pragma GCC unroll 3
+    for (int j = 0; j < 3; j++)
+      _mm512_storeu_ps(acc + i * ldacc + 16 * j, c[i][j]);
+}
+
+static void moe_ukernel_bf16_8x48(int64_t kp, const uint32_t *a,
+                                    const uint32_t *b, float *acc,
+                                    int64_t ldacc, int m, int first) {
+  switch (m) {
+  case 1: moe_bf16_8x48(1, kp, a, b, acc, ldacc, first); break;
+  case 2: moe_bf16_8x48(2, kp, a, b, acc, ldacc, first); break;
+  case 3: moe_bf16_8x48(3, kp, a, b, acc, ldacc, first); break;
+  case 4: moe_bf16_8x48(4, kp, a, b, acc, ldacc, first); break;
+  case 5: moe_bf16_8x48(5, kp, a, b, acc, ldacc, first); break;
+  case 6: moe_bf16_8x48(6, kp, a, b, acc, ldacc, first); break;
+  case 7: moe_bf16_8x48(7, kp, a, b, acc, ldacc, first); break;
+  default: moe_bf16_8x48(8, kp, a, b, acc, ldacc, first); break;
+  }
+}
+
+/* ---- C store ---------------------------------------------------------- */
+
+/// 32 lanes f32 -> bf16 with vcvtne2ps2bf16: round to nearest even and NaN
+/// made quiet, exactly as moe_f32_to_bf16, except that the instruction
+/// flushes denormal inputs to zero; lanes holding one take the exact
+/// integer path instead, so the result is bit for bit the portable one.
+MOE_INLINE __m512i moe_cvt32_bf16(__m512 lo, __m512 hi) {
+  __mmask16 d = _mm512_fpclass_ps_mask(lo, 0x20) | _mm512_fpclass_ps_mask(hi, 0x20);
+  if (__builtin_expect(d != 0, 0))
+    return _mm512_inserti64x4(_mm512_castsi256_si512(moe_cvt_bf16(lo)),
+                              moe_cvt_bf16(hi), 1);
+  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+/// One row segment of nb elements into bf16 C, 32 at a time.
+static void moe_store_row_bf16x(const float *a, uint16_t *c, int64_t nb,
+                                float beta, int stream) {
+  int64_t j = 0;
+  if (beta == 0.0f && stream && !((uintptr_t)c & 1)) {
+    /* Up to the first 64-byte boundary normally, whole lines
+       non-temporally. */
+    int64_t head = (int64_t)((64 - ((uintptr_t)c & 63)) & 63) / 2;
+    if (head > nb) head = nb;
+    for (; j < head; j += 32) {
+      int64_t n = head - j;
+      __m512 lo = _mm512_maskz_loadu_ps(moe_mask16(n), a + j);
+      __m512 hi = _mm512_maskz_loadu_ps(moe_mask16(n > 16 ? n - 16 : 0), a + j + 16);
+      _mm512_mask_storeu_epi16(c + j, n >= 32 ? ~0u : (1u << n) - 1u,
+                               moe_cvt32_bf16(lo, hi));
+    }
+    j = head;
+    for (; j + 32 <= nb; j += 32)
+      _mm512_stream_si512((void *)(c + j),
+                          moe_cvt32_bf16(_mm512_loadu_ps(a + j),
+                                         _mm512_loadu_ps(a + j + 16)));
+  }
+  for (; j < nb; j += 32) {
+    int64_t n = nb - j;
+    __mmask16 k0 = moe_mask16(n), k1 = moe_mask16(n > 16 ? n - 16 : 0);
+    __mmask32 k = n >= 32 ? ~0u : (1u << n) - 1u;
+    __m512 lo = _mm512_maskz_loadu_ps(k0, a + j), hi = _mm512_maskz_loadu_ps(k1, a + j + 16);
+    if (beta != 0.0f) {
+      __m512i old = _mm512_maskz_loadu_epi16(k, c + j);
+      __m512 olo = _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm512_castsi512_si256(old)), 16));
+      __m512 ohi = _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(old, 1)), 16));
+      lo = _mm512_add_ps(olo, lo);
+      hi = _mm512_add_ps(ohi, hi);
+    }
+    _mm512_mask_storeu_epi16(c + j, k, moe_cvt32_bf16(lo, hi));
+  }
+}
+
+/// bf16 C through vcvtne2ps2bf16; f32 C through the AVX-512 store.
+static void moe_store_avx512bf16(const float *acc, int64_t ldacc, int64_t mb,
+                                 int64_t nb, void *c, moe_dtype ct,
+                                 int64_t crs, float beta, int stream) {
+  if (ct != MOE_BF16) {
+    moe_store_avx512(acc, ldacc, mb, nb, c, ct, crs, beta, stream);
+    return;
+  }
+  for (int64_t i = 0; i < mb; i++)
+    moe_store_row_bf16x(acc + i * ldacc, (uint16_t *)c + i * crs, nb, beta,
+                        stream);
+}
+
+const moe_ukernel_info moe_ukernel_avx512_bf16 = {
+    .isa = "avx512_bf16",
+    .name = "avx512_f32_8x48",
+    .mr = 8,
+    .nr = 48,
+    .f32 = moe_ukernel_avx512_f32,
+    .bf16_name = "avx512bf16_8x48",
+    .bmr = BF_MR,
+    .bnr = BF_NR,
+    .bf16 = moe_ukernel_bf16_8x48,
+    .pack_f32 = moe_pack_f32_avx512,
+    .pack_pairs = moe_pack_pairs_avx512,
+    .store = moe_store_avx512bf16,
+};

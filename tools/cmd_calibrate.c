@@ -1,0 +1,386 @@
+/// @file cmd_calibrate.c
+/// `moe calibrate`: measures the machine constants of libmoe's cost model
+/// and writes them to a small JSON file that the library reads
+/// (MOE_MACHINE_FILE, else $XDG_CACHE_HOME/libmoe/machine.json, else
+/// ~/.cache/libmoe/machine.json):
+///  - register-only peaks: AVX-512 f32 FMA and AVX512_BF16 vdpbf16ps
+///    (informational: the planner uses measured rates, these say how far
+///    from the hardware they are);
+///  - DRAM read bandwidth;
+///  - the cost of one tiny library GEMM call in the per-expert loop;
+///  - the sustained GFLOP/s of the grouped and loop methods, f32 and bf16,
+///    forward (weight-streaming) and dW (weight-writing), on a grouped
+///    problem whose weights do not fit in cache, at several rows per
+///    expert. The planner interpolates these tables.
+/// Everything goes through the public API except the peak loops, which
+/// are compiled for their ISA with target attributes and run only where
+/// the CPU (and OS) supports it.
+#include <errno.h>
+#include <immintrin.h>
+#include <math.h>
+#include <stdarg.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "cli.h"
+
+/// Entry point, called from moe.c.
+int cmd_calibrate(int argc, char **argv);
+
+enum { CAL_NPTS = 5 };
+static const int64_t cal_rows[CAL_NPTS] = {2, 8, 32, 128, 512};
+
+typedef struct cal_opts {
+  const char *out;
+  int64_t threads;
+  bool quick;
+} cal_opts;
+
+static void cal_usage(FILE *f) {
+  fprintf(f,
+          "usage: moe calibrate [--out PATH] [--threads N] [--quick]\n"
+          "\n"
+          "Measures peak rates, bandwidth, per-call library overhead and the\n"
+          "grouped and loop GEMM rates the planner uses, and writes them as\n"
+          "JSON to PATH (default: $MOE_MACHINE_FILE, else\n"
+          "$XDG_CACHE_HOME/libmoe/machine.json or "
+          "~/.cache/libmoe/machine.json).\n"
+          "Takes about half a minute on 2 cores; --quick times each point once.\n"
+          "Run it on a quiet machine: other load lowers every number.\n");
+}
+
+static double cal_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int cal_cmp(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return (x > y) - (x < y);
+}
+
+/* ---- register-only peaks ------------------------------------------------ */
+
+/// 24 independent FMA chains accumulating into c (the form the kernels
+/// use); returns a value so nothing is optimised out.
+__attribute__((target("avx512f,fma"))) static float cal_fma(long iters) {
+  __m512 c[24], a = _mm512_set1_ps(1.0000001f), b = _mm512_set1_ps(0.9999999f);
+#pragma GCC unroll 24
+  for (int i = 0; i < 24; i++) c[i] = _mm512_set1_ps((float)i);
+  for (long n = 0; n < iters; n++)
+#pragma GCC unroll 24
+    for (int i = 0; i < 24; i++) c[i] = _mm512_fmadd_ps(a, b, c[i]);
+  __m512 s = c[0];
+#pragma GCC unroll 24
+  for (int i = 1; i < 24; i++) s = _mm512_add_ps(s, c[i]);
+  return _mm512_reduce_add_ps(s);
+}
+
+__attribute__((target("avx512f,avx512bf16"))) static float cal_dpbf16(
+    long iters) {
+  __m512 c[24];
+  __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80),
+           b = (__m512bh)_mm512_set1_epi32(0x3f803f80);
+#pragma GCC unroll 24
+  for (int i = 0; i < 24; i++) c[i] = _mm512_setzero_ps();
+  for (long n = 0; n < iters; n++)
+#pragma GCC unroll 24
+    for (int i = 0; i < 24; i++) c[i] = _mm512_dpbf16_ps(c[i], a, b);
+  __m512 s = c[0];
+#pragma GCC unroll 24
+  for (int i = 1; i < 24; i++) s = _mm512_add_ps(s, c[i]);
+  return _mm512_reduce_add_ps(s);
+}
+
+/// GFLOP/s of `which` (0 FMA, 1 bf16 dot) on nt threads; 0 if unsupported.
+static double cal_peak(int which, int nt) {
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("avx512f")) return 0.0;
+  if (which == 1 && !__builtin_cpu_supports("avx512bf16")) return 0.0;
+  long iters = 20000000;
+  double flops_per_iter = 24.0 * (which ? 64.0 : 32.0), best = 0.0;
+  volatile float sink = 0;
+  for (int rep = 0; rep < 3; rep++) {
+    double t0 = cal_now();
+#pragma omp parallel num_threads(nt)
+    {
+      float v = which ? cal_dpbf16(iters) : cal_fma(iters);
+#pragma omp atomic
+      sink += v;
+    }
+    double g = flops_per_iter * (double)iters * nt / (cal_now() - t0) / 1e9;
+    if (g > best) best = g;
+  }
+  (void)sink;
+  return best;
+}
+
+/// Best of three streaming reads of 1 GiB, GB/s (an integer sum, which
+/// the compiler vectorises freely).
+static double cal_bandwidth(int nt) {
+  size_t n = (size_t)1 << 27; /* 8-byte words */
+  uint64_t *a = malloc(n * sizeof *a);
+  if (!a) return 0.0;
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (size_t i = 0; i < n; i++) a[i] = i & 7;
+  double best = 0.0;
+  volatile uint64_t sink = 0;
+  for (int rep = 0; rep < 3; rep++) {
+    uint64_t s = 0;
+    double t0 = cal_now();
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : s)
+    for (size_t i = 0; i < n; i++) s += a[i];
+    double g = (double)(n * sizeof *a) / (cal_now() - t0) / 1e9;
+    sink += s;
+    if (g > best) best = g;
+  }
+  (void)sink;
+  free(a);
+  return best;
+}
+
+/* ---- grouped GEMM rates through the public API --------------------------- */
+
+typedef struct cal_bufs {
+  void *x, *w, *y, *dw;
+  int64_t *off;
+  int64_t E, K, N, R;
+} cal_bufs;
+
+static void cal_fill(void *p, moe_dtype t, size_t n) {
+#pragma omp parallel for schedule(static)
+  for (size_t i = 0; i < n; i++) {
+    float v = (float)((i * 2654435761u) >> 20 & 1023) / 1024.0f - 0.5f;
+    if (t == MOE_F32) {
+      ((float *)p)[i] = v;
+    } else {
+      uint32_t b;
+      memcpy(&b, &v, 4);
+      ((uint16_t *)p)[i] = (uint16_t)(b >> 16);
+    }
+  }
+}
+
+/// Median seconds of one call (after a warm-up) of the forward (kind 0) or
+/// dW (kind 1) on E groups of `rows` rows; negative on failure.
+static double cal_time(cal_bufs *b, moe_dtype dt, moe_gmm_method m, int kind,
+                       int64_t rows, int nt, int reps) {
+  int64_t E = b->E, K = b->K, N = b->N, R = E * rows;
+  for (int64_t e = 0; e <= E; e++) b->off[e] = e * rows;
+  int64_t xs[2] = {R, K}, ys[2] = {R, N}, ws[3] = {E, N, K}, os[1] = {E + 1};
+  moe_tensor x = moe_tensor_make(b->x, dt, 2, xs);
+  moe_tensor y = moe_tensor_make(b->y, dt, 2, ys);
+  moe_tensor w = moe_tensor_make(kind ? b->dw : b->w, dt, 3, ws);
+  moe_tensor off = moe_tensor_make(b->off, MOE_I64, 1, os);
+  moe_exec_options o;
+  memset(&o, 0, sizeof o);
+  o.method = m;
+  o.num_threads = nt;
+  double t[16];
+  if (reps > 15) reps = 15;
+  for (int r = 0; r <= reps; r++) {
+    double t0 = cal_now();
+    moe_status s = kind ? moe_grouped_gemm_dw(&x, &y, &off, &w, &o)
+                        : moe_grouped_gemm(&x, &w, &off, &y, &o);
+    t[r] = cal_now() - t0;
+    if (s) {
+      cli_fail("calibrate", moe_gmm_method_name(m), s);
+      return -1.0;
+    }
+  }
+  qsort(t + 1, (size_t)reps, sizeof(double), cal_cmp);
+  return t[1 + reps / 2];
+}
+
+/// Writes the file, creating its directory if it is the default one.
+static int cal_write(const char *path, const char *json) {
+  char dir[1024];
+  snprintf(dir, sizeof dir, "%s", path);
+  for (char *p = dir + 1; *p; p++)
+    if (*p == '/') {
+      *p = '\0';
+      if (mkdir(dir, 0755) != 0 && errno != EEXIST) break;
+      *p = '/';
+    }
+  FILE *f = fopen(path, "w");
+  if (!f) {
+    fprintf(stderr, "moe calibrate: cannot write %s: %s\n", path,
+            strerror(errno));
+    return CLI_ERR;
+  }
+  fputs(json, f);
+  if (fclose(f) != 0) {
+    fprintf(stderr, "moe calibrate: cannot write %s: %s\n", path,
+            strerror(errno));
+    return CLI_ERR;
+  }
+  return CLI_OK;
+}
+
+static void cal_append(char *buf, size_t cap, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void cal_append(char *buf, size_t cap, const char *fmt, ...) {
+  size_t len = strlen(buf);
+  if (len >= cap) return;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(buf + len, cap - len, fmt, ap);
+  va_end(ap);
+}
+
+int cmd_calibrate(int argc, char **argv) {
+  cal_opts o;
+  memset(&o, 0, sizeof o);
+  for (int i = 1; i < argc; i++) {
+    const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+    if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+      cal_usage(stdout);
+      return CLI_OK;
+    } else if (!strcmp(a, "--quick")) {
+      o.quick = true;
+    } else if (!strcmp(a, "--out") && v) {
+      o.out = v;
+      i++;
+    } else if (!strcmp(a, "--threads") && v) {
+      if (!cli_int("--threads", v, 0, 4096, &o.threads)) return CLI_USAGE;
+      i++;
+    } else {
+      fprintf(stderr, "moe calibrate: unknown or incomplete option '%s'\n", a);
+      cal_usage(stderr);
+      return CLI_USAGE;
+    }
+  }
+  char path[1024];
+  const char *env = getenv("MOE_MACHINE_FILE");
+  if (o.out)
+    snprintf(path, sizeof path, "%s", o.out);
+  else if (env && *env)
+    snprintf(path, sizeof path, "%s", env);
+  else {
+    /* The same default the library reads (src/plan/machine.c). */
+    const char *x = getenv("XDG_CACHE_HOME"), *h = getenv("HOME");
+    if (x && *x)
+      snprintf(path, sizeof path, "%s/libmoe/machine.json", x);
+    else if (h && *h)
+      snprintf(path, sizeof path, "%s/.cache/libmoe/machine.json", h);
+    else {
+      fprintf(stderr, "moe calibrate: no HOME or XDG_CACHE_HOME; use --out\n");
+      return CLI_USAGE;
+    }
+  }
+  int nt = o.threads > 0 ? (int)o.threads : omp_get_max_threads();
+  int reps = o.quick ? 1 : 3;
+
+  printf("moe calibrate: %d threads, writing %s\n", nt, path);
+  double pf = cal_peak(0, nt), pb = cal_peak(1, nt);
+  printf("  peak f32 FMA        %8.1f GFLOP/s%s\n", pf,
+         pf > 0 ? "" : " (no AVX-512)");
+  printf("  peak bf16 vdpbf16ps %8.1f GFLOP/s%s\n", pb,
+         pb > 0 ? "" : " (no AVX512_BF16)");
+  double bw = cal_bandwidth(nt);
+  printf("  DRAM read           %8.1f GB/s\n", bw);
+
+  /* Weights of 16 experts [16, 1536, 2048] (100 MB bf16, 200 MB f32):
+     larger than the caches, like a real layer's. */
+  cal_bufs b;
+  b.E = 16;
+  b.K = 2048;
+  b.N = 1536;
+  b.R = b.E * cal_rows[CAL_NPTS - 1];
+  size_t nx = (size_t)(b.R * b.K), ny = (size_t)(b.R * b.N),
+         nw = (size_t)(b.E * b.N * b.K);
+  b.x = malloc(nx * 4);
+  b.y = malloc(ny * 4);
+  b.w = malloc(nw * 4);
+  b.dw = malloc(nw * 4);
+  b.off = malloc(sizeof(int64_t) * (size_t)(b.E + 1));
+  if (!b.x || !b.y || !b.w || !b.dw || !b.off) {
+    fprintf(stderr, "moe calibrate: out of memory\n");
+    free(b.x), free(b.y), free(b.w), free(b.dw), free(b.off);
+    return CLI_ERR;
+  }
+  memset(b.dw, 0, nw * 4);
+
+  /* One tiny call per expert: the loop method's fixed cost. */
+  double call_us[2] = {0, 0};
+  for (int d = 0; d < 2; d++) {
+    moe_dtype dt = d ? MOE_BF16 : MOE_F32;
+    cal_bufs t = b;
+    t.E = 16;
+    t.K = 32;
+    t.N = 32;
+    cal_fill(b.x, dt, nx);
+    cal_fill(b.w, dt, nw);
+    double s = cal_time(&t, dt, MOE_GMM_LOOP, 0, 1, nt, o.quick ? 3 : 9);
+    call_us[d] = s > 0 ? s / (double)t.E * 1e6 : 0;
+    printf("  loop call, %-4s     %8.2f us (one %lldx%lldx%lld GEMM)\n",
+           moe_dtype_name(dt), call_us[d], 1LL, (long long)t.N,
+           (long long)t.K);
+  }
+
+  static const char *mnames[2] = {"grouped", "loop"},
+                    *knames[2] = {"fwd", "dw"};
+  double rate[2][2][2][CAL_NPTS];
+  memset(rate, 0, sizeof rate);
+  int rc = CLI_OK;
+  for (int d = 0; d < 2 && rc == CLI_OK; d++) {
+    moe_dtype dt = d ? MOE_BF16 : MOE_F32;
+    cal_fill(b.x, dt, nx);
+    cal_fill(b.y, dt, ny);
+    cal_fill(b.w, dt, nw);
+    for (int k = 0; k < 2 && rc == CLI_OK; k++)
+      for (int m = 0; m < 2 && rc == CLI_OK; m++) {
+        printf("  %-7s %-4s %-3s GFLOP/s at rows/expert", mnames[m],
+               moe_dtype_name(dt), knames[k]);
+        for (int i = 0; i < CAL_NPTS; i++) {
+          double s = cal_time(&b, dt, m ? MOE_GMM_LOOP : MOE_GMM_GROUPED, k,
+                              cal_rows[i], nt, reps);
+          if (s <= 0) {
+            rc = CLI_ERR;
+            break;
+          }
+          double flops = 2.0 * (double)(b.E * cal_rows[i]) * (double)b.K *
+                         (double)b.N;
+          rate[m][d][k][i] = flops / s / 1e9;
+          printf(" %lld:%.0f", (long long)cal_rows[i], rate[m][d][k][i]);
+          fflush(stdout);
+        }
+        printf("\n");
+      }
+  }
+  free(b.x), free(b.y), free(b.w), free(b.dw), free(b.off);
+  if (rc != CLI_OK) return rc;
+
+  char json[8192] = "";
+  cal_append(json, sizeof json,
+             "{\n  \"libmoe_machine\": 1,\n  \"threads\": %d,\n"
+             "  \"bandwidth_gbs\": %.1f,\n  \"peak_gflops_f32\": %.1f,\n"
+             "  \"peak_gflops_bf16\": %.1f,\n  \"call_us_f32\": %.2f,\n"
+             "  \"call_us_bf16\": %.2f,\n  \"rows_at\": [",
+             nt, bw, pf, pb, call_us[0], call_us[1]);
+  for (int i = 0; i < CAL_NPTS; i++)
+    cal_append(json, sizeof json, "%s%lld", i ? ", " : "",
+               (long long)cal_rows[i]);
+  cal_append(json, sizeof json, "]");
+  for (int m = 0; m < 2; m++)
+    for (int d = 0; d < 2; d++)
+      for (int k = 0; k < 2; k++) {
+        cal_append(json, sizeof json, ",\n  \"%s_%s_%s\": [", mnames[m],
+                   d ? "bf16" : "f32", knames[k]);
+        for (int i = 0; i < CAL_NPTS; i++)
+          cal_append(json, sizeof json, "%s%.1f", i ? ", " : "",
+                     rate[m][d][k][i]);
+        cal_append(json, sizeof json, "]");
+      }
+  cal_append(json, sizeof json, "\n}\n");
+  rc = cal_write(path, json);
+  if (rc == CLI_OK)
+    printf("wrote %s (the library reads it when MOE_MACHINE_FILE names it or "
+           "it is the default path)\n",
+           path);
+  return rc;
+}
