@@ -66,6 +66,43 @@ MOE_API moe_status moe_cuda_swiglu_backward(const moe_tensor *gate,
                                             moe_tensor *dgate,
                                             moe_tensor *dup, void *stream);
 
+/// Expert parallelism over NCCL. With an NCCL communicator of P ranks in
+/// moe_layer_desc.comm (desc.device naming the communicator's GPU), the
+/// layer shards the experts as moe_mpi.h describes: rank r owns experts
+/// [r*E/P, (r+1)*E/P), takes its shard of the expert weights and
+/// gradients, its own tokens (zero included), the full router weight, and
+/// writes its partial router gradient (sum it over the ranks). Counts are
+/// exchanged on the device (ncclSend/ncclRecv); NCCL's send and receive
+/// need byte counts on the host, so each forward and each backward waits
+/// for its stream once to read them (moe_layer_plan_explain says so;
+/// strict mode refuses the plan). The rows travel in rank order, so with
+/// the method pinned the outputs, grad_hidden and expert gradients are
+/// bitwise those of one GPU running the ranks' tokens concatenated in rank
+/// order. Plan creation, forward and backward are collective: every rank
+/// makes the same calls in the same order; from one process, drive each
+/// GPU from its own thread (each call waits for its peers). A failed
+/// argument check on one rank is reported on every rank.
+
+/// Wraps the caller's NCCL communicator (frameworks bring their own). The
+/// communicator stays the caller's: moe_comm_destroy releases only
+/// libmoe's wrapper; destroy it after every plan that uses it.
+/// @param comm receives the communicator
+/// @param nccl_comm an initialised ncclComm_t (blocking mode)
+/// @param device the CUDA ordinal it runs on (checked), or -1 to take it
+///   from the communicator
+/// @return MOE_SUCCESS, MOE_ERR_INVALID_ARGUMENT, MOE_ERR_BACKEND (NCCL
+///   failed), MOE_ERR_UNIMPLEMENTED (built without NCCL)
+MOE_API moe_status moe_comm_create_nccl(moe_comm **comm, void *nccl_comm,
+                                        int device);
+
+/// One process, several GPUs: ncclCommInitAll over `devices` (NULL = 0 ..
+/// ndev-1); comms[i] is rank i on devices[i] and owns its ncclComm_t
+/// (moe_comm_destroy frees it). Use each from its own host thread.
+/// @return MOE_SUCCESS, MOE_ERR_INVALID_ARGUMENT, MOE_ERR_BACKEND,
+///   MOE_ERR_UNIMPLEMENTED (no NCCL in this build, or no GPU)
+MOE_API moe_status moe_comm_create_nccl_all(moe_comm **comms, int ndev,
+                                            const int *devices);
+
 #ifdef __cplusplus
 }
 #endif

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "cli.h"
+#include "cli_cuda.h"
 #include "cli_ep.h"
 
 enum { B_GROUPED, B_LOOP, B_COPY, B_NMETHODS };
@@ -417,6 +418,9 @@ static int bench_dtype(const bench_opts *o, moe_dtype dt, int *done,
 }
 
 int cmd_bench(int argc, char **argv) {
+  for (int i = 1; i + 1 < argc; i++)
+    if (!strcmp(argv[i], "--device") && !strcmp(argv[i + 1], "cuda"))
+      return cmd_bench_cuda(argc, argv);
   for (int i = 1; i < argc; i++)
     if (!strcmp(argv[i], "--ep")) return cmd_bench_ep(argc, argv);
   bench_opts o;

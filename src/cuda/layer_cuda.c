@@ -17,6 +17,7 @@
 #include <stdlib.h>
 
 #include "core/env.h"
+#include "cuda/cuda_ep.h"
 #include "cuda/cuda_internal.h"
 #include "cuda/cuda_layer.h"
 
@@ -28,6 +29,12 @@ typedef struct moe_cuda_plan {
   double bw_gbs;      /* device memory bandwidth, read + write */
   double mma_tflops;  /* grouped kernel's sustained bf16 rate */
   double blas_tflops; /* cuBLAS per-expert rate at large row counts */
+  /* Method pinned: the router's row-wise products (logits, its dX) run on
+     libmoe's kernel, whose sums per row do not depend on the row count —
+     the same bits for a token whatever batch or rank it is in. cuBLAS may
+     pick another kernel (split-K) for another row count. */
+  bool rowwise;
+  moe_cu_ep *ep; /* expert parallelism over NCCL (layer_cuda_ep.c) */
 } moe_cuda_plan;
 
 /* Cost-model constants, from the project's first H200 run (bench/NOTES.md,
@@ -118,11 +125,6 @@ static moe_status moe_cu_desc_check(const moe_layer_desc *d) {
                      (long long)d->max_tokens, (long long)d->top_k,
                      (long long)d->num_experts, (long long)d->hidden,
                      (long long)d->intermediate);
-  if (d->comm && moe_comm_size(d->comm) > 1)
-    return moe_error(MOE_ERR_UNIMPLEMENTED,
-                     "desc.comm: expert parallelism over %d ranks is not in "
-                     "the CUDA backend yet",
-                     moe_comm_size(d->comm));
   return MOE_SUCCESS;
 }
 
@@ -135,7 +137,8 @@ typedef struct moe_cu_cost {
 static moe_cu_cost moe_cu_predict(const moe_cuda_plan *p, int proj,
                                   moe_gmm_method m) {
   const moe_layer_desc *d = &p->base.d;
-  double R = (double)(d->max_tokens * d->top_k), E = (double)d->num_experts;
+  /* with expert parallelism: the local experts, and T*k rows on average */
+  double R = (double)(d->max_tokens * d->top_k), E = (double)p->base.e_local;
   double K = (double)(proj == 0 ? d->hidden : d->intermediate);
   double N = (double)(proj == 0 ? 2 * d->intermediate : d->hidden);
   double es = (double)moe_dtype_size(d->dtype);
@@ -170,6 +173,25 @@ static moe_cu_cost moe_cu_predict(const moe_cuda_plan *p, int proj,
 
 /* ---- plan ----------------------------------------------------------------- */
 
+static moe_status moe_cu_device_props(const moe_layer_desc *d,
+                                      struct cudaDeviceProp *prop) {
+  int ndev = 0;
+  cudaError_t ce = cudaGetDeviceCount(&ndev);
+  if (ce != cudaSuccess || ndev == 0)
+    return moe_error(MOE_ERR_UNIMPLEMENTED,
+                     "desc.device: CUDA device %d requested, but no CUDA "
+                     "device is usable (%s)",
+                     d->device.index,
+                     ce != cudaSuccess ? cudaGetErrorString(ce) : "none");
+  if (d->device.index < 0 || d->device.index >= ndev)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc.device.index = %d: this machine has %d CUDA "
+                     "device(s)",
+                     d->device.index, ndev);
+  MOE_CU_TRY(cudaGetDeviceProperties(prop, d->device.index));
+  return MOE_SUCCESS;
+}
+
 static void moe_cu_say(moe_layer_plan *p, size_t *len, const char *fmt, ...)
     MOE_PRINTF(3, 4);
 static void moe_cu_say(moe_layer_plan *p, size_t *len, const char *fmt,
@@ -190,25 +212,17 @@ moe_status moe_cuda_layer_plan_create(moe_layer_plan **plan,
   *plan = NULL;
   moe_layer_desc d;
   MOE_TRY(moe_cu_desc_copy(&d, desc));
-  MOE_TRY(moe_cu_desc_check(&d));
-  moe_gmm_method env_m;
-  bool env_set;
-  MOE_TRY(moe_env_gmm(&env_m, &env_set));
-  int ndev = 0;
-  cudaError_t ce = cudaGetDeviceCount(&ndev);
-  if (ce != cudaSuccess || ndev == 0)
-    return moe_error(MOE_ERR_UNIMPLEMENTED,
-                     "desc.device: CUDA device %d requested, but no CUDA "
-                     "device is usable (%s)",
-                     d.device.index,
-                     ce != cudaSuccess ? cudaGetErrorString(ce) : "none");
-  if (d.device.index < 0 || d.device.index >= ndev)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "desc.device.index = %d: this machine has %d CUDA "
-                     "device(s)",
-                     d.device.index, ndev);
+  moe_gmm_method env_m = MOE_GMM_AUTO;
+  bool env_set = false;
   struct cudaDeviceProp prop;
-  MOE_CU_TRY(cudaGetDeviceProperties(&prop, d.device.index));
+  moe_status local = moe_cu_desc_check(&d);
+  if (local == MOE_SUCCESS) local = moe_env_gmm(&env_m, &env_set);
+  if (local == MOE_SUCCESS) local = moe_cu_device_props(&d, &prop);
+  /* Over several ranks every rank must reach the same verdict: the checks'
+     results are agreed on before anyone returns. */
+  int ranks = moe_comm_size(d.comm);
+  int64_t ep_rows = 0;
+  MOE_TRY(ranks > 1 ? moe_cu_ep_agree(&d, local, &ep_rows) : local);
 
   moe_cuda_plan *cp = calloc(1, sizeof *cp);
   if (!cp)
@@ -216,11 +230,11 @@ moe_status moe_cuda_layer_plan_create(moe_layer_plan **plan,
   moe_layer_plan *p = &cp->base;
   p->d = d;
   p->nt = 1;
-  p->rank = 0;
-  p->ranks = 1;
-  p->e_local = d.num_experts;
-  p->e_first = 0;
-  p->max_rows = d.max_tokens * d.top_k;
+  p->rank = moe_comm_rank(d.comm);
+  p->ranks = ranks;
+  p->e_local = d.num_experts / ranks;
+  p->e_first = p->rank * p->e_local;
+  p->max_rows = ranks > 1 ? ep_rows : d.max_tokens * d.top_k;
   cp->sms = prop.multiProcessorCount;
   cp->bw_gbs = strstr(prop.name, "H200") ? 4300.0
                : strstr(prop.name, "H100") ? 3000.0
@@ -233,6 +247,7 @@ moe_status moe_cuda_layer_plan_create(moe_layer_plan **plan,
 
   moe_gmm_method forced = d.method != MOE_GMM_AUTO ? d.method : env_m;
   const char *by = d.method != MOE_GMM_AUTO ? "desc.method" : "MOE_GMM";
+  cp->rowwise = forced != MOE_GMM_AUTO;
   size_t len = 0;
   int64_t rows = d.max_tokens * d.top_k;
   moe_cu_say(p, &len,
@@ -289,8 +304,13 @@ moe_status moe_cuda_layer_plan_create(moe_layer_plan **plan,
                           "MOE_ERR_STRICT"
                         : "");
   moe_cu_say(p, &len,
-             "routing: router GEMM by cuBLAS (f32 logits), softmax + top-k, "
-             "histogram + scan + stable placement on the device\n");
+             "routing: router GEMM %s (f32 logits), softmax + top-k, "
+             "histogram + scan + stable placement on the device\n",
+             cp->rowwise ? "and its dX by libmoe's kernel (method pinned: "
+                           "a token's logits do not depend on the batch), "
+                           "its dW by cuBLAS"
+                         : "by cuBLAS");
+  if (ranks > 1) moe_cu_ep_explain(p, &len);
 
   int prev;
   moe_status s = moe_cu_enter(d.device.index, &prev);
@@ -301,6 +321,7 @@ moe_status moe_cuda_layer_plan_create(moe_layer_plan **plan,
           cudaMallocHost((void **)&cp->pinned,
                          (size_t)(d.num_experts + 1) * sizeof(int64_t)),
           "cudaMallocHost");
+    if (s == MOE_SUCCESS && ranks > 1) s = moe_cu_ep_create(p, &cp->ep);
     moe_cu_leave(d.device.index, prev);
   }
   if (s != MOE_SUCCESS) {
@@ -314,8 +335,12 @@ moe_status moe_cuda_layer_plan_create(moe_layer_plan **plan,
 moe_status moe_cuda_layer_plan_destroy(moe_layer_plan *plan) {
   if (!plan) return MOE_SUCCESS;
   moe_cuda_plan *cp = moe_cp(plan);
+  int prev;
+  bool entered = moe_cu_enter(plan->d.device.index, &prev) == MOE_SUCCESS;
   if (cp->blas) cublasDestroy(cp->blas);
   if (cp->pinned) cudaFreeHost(cp->pinned);
+  moe_cu_ep_destroy(cp->ep);
+  if (entered) moe_cu_leave(plan->d.device.index, prev);
   free(cp);
   return MOE_SUCCESS;
 }
@@ -336,13 +361,20 @@ moe_status moe_cuda_layer_plan_predict(const moe_layer_plan *plan,
 
 /* ---- buffers ---------------------------------------------------------------- */
 
+/// With expert parallelism (sizes 0 on one GPU): saved xr (the received
+/// rows in expert order, gate_up's input and dW operand) and epmeta (the
+/// exchange counts and tables); forward fsend (own rows gathered for the
+/// dispatch, then the local experts' down output), fstage (rows by source
+/// rank); backward bstage and bdyr (dY, then dXp, in expert order). y then
+/// holds this rank's rows back from the combine, sorted by global expert.
 typedef struct moe_cu_bufs {
   /* saved (forward -> backward) */
-  size_t idx, w, probs, offsets, slot_row, row_token, xp, ab, hh, y, saved;
+  size_t idx, w, probs, offsets, slot_row, row_token, xp, ab, hh, y, xr,
+      epmeta, saved;
   /* forward workspace */
-  size_t sort, logits, one, fblas, fsaved, fws;
+  size_t sort, logits, one, fblas, fsaved, fsend, fstage, fws;
   /* backward workspace (overlays the forward's) */
-  size_t dy, dh, dab, dw, dl, dxr, bone, bblas, bws;
+  size_t dy, dh, dab, dw, dl, dxr, bone, bblas, bstage, bdyr, bws;
   size_t ws;
 } moe_cu_bufs;
 
@@ -358,7 +390,11 @@ static void moe_cu_bufs_of(const moe_layer_plan *p, int64_t T,
   size_t es = moe_dtype_size(d->dtype);
   size_t S = (size_t)(T * d->top_k), E = (size_t)d->num_experts;
   size_t H = (size_t)d->hidden, I = (size_t)d->intermediate;
-  bool copy_x = p->method[0] == MOE_GMM_LOOP;
+  bool ep = p->ranks > 1;
+  /* rows of the local experts: all this rank's routed rows on one GPU, up
+     to what every rank may send with expert parallelism */
+  size_t Rl = ep ? (size_t)p->max_rows : S;
+  bool copy_x = !ep && p->method[0] == MOE_GMM_LOOP;
   size_t at = 0;
   b->idx = moe_cu_take(&at, S * 4);
   b->w = moe_cu_take(&at, S * 4);
@@ -367,9 +403,11 @@ static void moe_cu_bufs_of(const moe_layer_plan *p, int64_t T,
   b->slot_row = moe_cu_take(&at, S * 4);
   b->row_token = moe_cu_take(&at, S * 4);
   b->xp = moe_cu_take(&at, copy_x ? S * H * es : 0);
-  b->ab = moe_cu_take(&at, S * 2 * I * es);
-  b->hh = moe_cu_take(&at, S * I * es);
+  b->ab = moe_cu_take(&at, Rl * 2 * I * es);
+  b->hh = moe_cu_take(&at, Rl * I * es);
   b->y = moe_cu_take(&at, S * H * es);
+  b->xr = moe_cu_take(&at, ep ? Rl * H * es : 0);
+  b->epmeta = moe_cu_take(&at, ep ? moe_cu_ep_meta_bytes(p) : 0);
   b->saved = at;
   at = 0;
   b->sort = moe_cu_take(&at, moe_cu_sort_scratch_bytes((int64_t)S, (int64_t)E));
@@ -377,16 +415,20 @@ static void moe_cu_bufs_of(const moe_layer_plan *p, int64_t T,
   b->one = moe_cu_take(&at, 16);
   b->fblas = moe_cu_take(&at, MOE_CU_BLAS_WS);
   b->fsaved = moe_cu_take(&at, b->saved);
+  b->fsend = moe_cu_take(&at, ep ? (Rl > S ? Rl : S) * H * es : 0);
+  b->fstage = moe_cu_take(&at, ep ? Rl * H * es : 0);
   b->fws = at;
   at = 0;
   b->dy = moe_cu_take(&at, S * H * 4); /* dY, then dXp (f32 at most) */
-  b->dh = moe_cu_take(&at, S * I * es);
-  b->dab = moe_cu_take(&at, S * 2 * I * es);
+  b->dh = moe_cu_take(&at, Rl * I * es);
+  b->dab = moe_cu_take(&at, Rl * 2 * I * es);
   b->dw = moe_cu_take(&at, S * 4);
   b->dl = moe_cu_take(&at, (size_t)T * E * 4);
   b->dxr = moe_cu_take(&at, (size_t)T * H * 4);
   b->bone = moe_cu_take(&at, 16);
   b->bblas = moe_cu_take(&at, MOE_CU_BLAS_WS);
+  b->bstage = moe_cu_take(&at, ep ? Rl * H * 4 : 0);
+  b->bdyr = moe_cu_take(&at, ep ? Rl * H * 4 : 0);
   b->bws = at;
   b->ws = b->fws > b->bws ? b->fws : b->bws;
 }
@@ -431,11 +473,13 @@ static moe_status moe_cu_check_weight(const moe_tensor *t, const char *name,
   return MOE_SUCCESS;
 }
 
+/// E: the experts this rank holds (all, or its shard).
 static moe_status moe_cu_gu_of(const moe_tensor *both, const moe_tensor *g,
                                const moe_tensor *u, const char *prefix,
-                               const moe_layer_desc *d, moe_cu_gu *out) {
+                               const moe_layer_desc *d, int64_t E,
+                               moe_cu_gu *out) {
   char n1[64], n2[64];
-  int64_t E = d->num_experts, H = d->hidden, I = d->intermediate;
+  int64_t H = d->hidden, I = d->intermediate;
   memset(out, 0, sizeof *out);
   if (!moe_tensor_absent(both)) {
     if (!moe_tensor_absent(g) || !moe_tensor_absent(u))
@@ -509,8 +553,9 @@ static moe_status moe_cu_check_fwd(const moe_layer_plan *p,
     MOE_TRY(moe_check_tensor(&a->topk_weights, "topk_weights", 2, s, -1,
                              &d->device));
   }
-  MOE_TRY(moe_cu_gu_of(&a->w_gate_up, &a->w_gate, &a->w_up, "", d, &c->gu));
-  int64_t ds[3] = {E, H, I};
+  MOE_TRY(moe_cu_gu_of(&a->w_gate_up, &a->w_gate, &a->w_up, "", d, p->e_local,
+                       &c->gu));
+  int64_t ds[3] = {p->e_local, H, I};
   MOE_TRY(moe_cu_check_weight(&a->w_down, "w_down", ds, d->down_layout, d));
   return MOE_SUCCESS;
 }
@@ -541,6 +586,7 @@ typedef struct moe_cu_exec {
   int64_t rows;           /* T * k */
   const int32_t *row_token;
   void *owned; /* workspace allocated here (cudaMallocAsync) */
+  bool ep_joined; /* this call took part in the ranks' agreement */
 } moe_cu_exec;
 
 static char *moe_cu_at(void *base, size_t off) { return (char *)base + off; }
@@ -623,10 +669,13 @@ static moe_status moe_cu_dense(const moe_cu_exec *x, moe_group_kind kind,
                                const moe_cu_operand *B,
                                const moe_cu_operand *C, float beta,
                                int64_t *one) {
-  moe_status s = moe_cu_blas_gemm(x->ctx.blas, x->ctx.stream, M, N, K, A, B,
-                                  C, beta);
-  if (s != MOE_ERR_UNIMPLEMENTED) return s;
-  moe_clear_error();
+  /* A pinned method keeps row-wise products off cuBLAS (see rowwise). */
+  if (!(x->cp->rowwise && kind == MOE_GROUP_M)) {
+    moe_status s = moe_cu_blas_gemm(x->ctx.blas, x->ctx.stream, M, N, K, A,
+                                    B, C, beta);
+    if (s != MOE_ERR_UNIMPLEMENTED) return s;
+    moe_clear_error();
+  }
   int64_t depth = kind == MOE_GROUP_M ? M : K;
   MOE_TRY(moe_cu_set_one_group(one, depth, x->ctx.stream));
   moe_cu_gemm g;
@@ -716,7 +765,7 @@ static moe_status moe_cu_forward_run(moe_cu_exec *x,
   const moe_layer_desc *d = &cp->base.d;
   cudaStream_t st = x->ctx.stream;
   int64_t T = c->T, k = d->top_k, H = d->hidden, I = d->intermediate,
-          E = d->num_experts, S = T * k;
+          E = d->num_experts, El = cp->base.e_local, S = T * k;
   moe_dtype dt = d->dtype;
   size_t es = moe_dtype_size(dt);
   int32_t *idx = (int32_t *)moe_cu_at(sv, b->idx);
@@ -754,12 +803,30 @@ static moe_status moe_cu_forward_run(moe_cu_exec *x,
   }
   MOE_TRY(moe_cu_route_sort(idx, S, k, E, moe_cu_at(ws, b->sort), offsets,
                             slot_row, row_token, st));
-  MOE_TRY(moe_cu_host_counts(x));
 
   /* gate_up: read hidden through the permutation, or a permuted copy for
-     cuBLAS */
+     cuBLAS; with expert parallelism, the rows the other ranks sent */
   moe_cu_operand X;
-  if (cp->base.method[0] == MOE_GMM_LOOP) {
+  char *yc = y; /* where the down projection writes */
+  char *meta = moe_cu_at(sv, b->epmeta);
+  if (!cp->ep) MOE_TRY(moe_cu_host_counts(x));
+  if (cp->ep) {
+    char *send = moe_cu_at(ws, b->fsend), *xr = moe_cu_at(sv, b->xr);
+    moe_cu_view hv = moe_cu_view_of(&a->hidden);
+    MOE_TRY(moe_cu_gather_rows(&hv, row_token, offsets + E, S, H, send, st));
+    moe_cu_ep_rows r;
+    moe_status s = moe_cu_ep_forward_begin(cp->ep, &cp->base, MOE_SUCCESS,
+                                           offsets, meta, st, &r);
+    x->ep_joined = r.joined;
+    MOE_TRY(s);
+    MOE_TRY(moe_cu_ep_dispatch(cp->ep, meta, send, (size_t)H * es,
+                               moe_cu_at(ws, b->fstage), xr, st));
+    x->offsets = r.loff_dev;
+    x->rows = r.rows;
+    x->ctx.host_offsets = r.loff_host;
+    X = moe_cu_op(xr, dt, H, 1);
+    yc = send; /* dead since the dispatch */
+  } else if (cp->base.method[0] == MOE_GMM_LOOP) {
     char *xp = moe_cu_at(sv, b->xp);
     moe_cu_view hv = moe_cu_view_of(&a->hidden);
     MOE_TRY(moe_cu_gather_rows(&hv, row_token, offsets + E, S, H, xp, st));
@@ -777,20 +844,36 @@ static moe_status moe_cu_forward_run(moe_cu_exec *x,
   }
   moe_cu_view vg = {ab, dt, 2 * I, 1}, vu = {ab + (size_t)I * es, dt, 2 * I, 1},
               vh = {hh, dt, I, 1};
-  MOE_TRY(moe_cu_swiglu_fwd(&vg, &vu, &vh, S, I, offsets + E, st));
+  MOE_TRY(moe_cu_swiglu_fwd(&vg, &vu, &vh, x->rows, I, x->offsets + El, st));
   moe_cu_operand Hh = moe_cu_op(hh, dt, I, 1);
-  MOE_TRY(moe_cu_fwd(x, 1, &Hh, &a->w_down, y, dt, H));
+  MOE_TRY(moe_cu_fwd(x, 1, &Hh, &a->w_down, yc, dt, H));
+  if (cp->ep)
+    MOE_TRY(moe_cu_ep_combine(cp->ep, meta, yc, (size_t)H * es,
+                              moe_cu_at(ws, b->fstage), y, st));
   moe_cu_view out = moe_cu_view_of(&a->output);
   return moe_cu_unpermute(y, dt, slot_row, w, T, k, H, &out, st);
 }
 
-moe_status moe_cuda_layer_forward(moe_layer_plan *plan,
-                                  const moe_layer_fwd_args *args, void *saved,
-                                  size_t saved_bytes, void *workspace,
-                                  size_t workspace_bytes, void *stream) {
-  if (!plan || !args)
+/// A multi-rank call that failed before its agreement joins it with the
+/// failure, so that the other ranks stop too instead of waiting.
+static moe_status moe_cu_ep_join(moe_layer_plan *plan, moe_status s,
+                                 bool backward, bool joined, void *stream) {
+  if (s == MOE_SUCCESS || !moe_cp(plan)->ep || joined) return s;
+  int prev;
+  if (moe_cu_enter(plan->d.device.index, &prev) != MOE_SUCCESS) return s;
+  s = moe_cu_ep_fail(moe_cp(plan)->ep, s, backward, (cudaStream_t)stream);
+  moe_cu_leave(plan->d.device.index, prev);
+  return s;
+}
+
+static moe_status moe_cu_forward_call(moe_layer_plan *plan,
+                                      const moe_layer_fwd_args *args,
+                                      void *saved, size_t saved_bytes,
+                                      void *workspace, size_t workspace_bytes,
+                                      void *stream, bool *joined) {
+  if (!args)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "moe_layer_forward: plan and args must not be NULL");
+                     "moe_layer_forward: args must not be NULL");
   moe_cuda_plan *cp = moe_cp(plan);
   const moe_layer_desc *d = &plan->d;
   moe_cu_call c;
@@ -820,73 +903,52 @@ moe_status moe_cuda_layer_forward(moe_layer_plan *plan,
     char *sv = saved ? (char *)saved : moe_cu_at(ws, b.fsaved);
     s = moe_cu_forward_run(&x, args, &c, &b, sv, ws);
   }
+  *joined = x.ep_joined;
   s = moe_cu_end(&x, s);
   moe_cu_leave(d->device.index, prev);
   return s;
 }
 
+moe_status moe_cuda_layer_forward(moe_layer_plan *plan,
+                                  const moe_layer_fwd_args *args, void *saved,
+                                  size_t saved_bytes, void *workspace,
+                                  size_t workspace_bytes, void *stream) {
+  if (!plan)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_layer_forward: plan must not be NULL");
+  bool joined = false;
+  moe_status s = moe_cu_forward_call(plan, args, saved, saved_bytes,
+                                     workspace, workspace_bytes, stream,
+                                     &joined);
+  return moe_cu_ep_join(plan, s, false, joined, stream);
+}
+
 /* ---- backward ----------------------------------------------------------------- */
 
-static moe_status moe_cu_backward_run(moe_cu_exec *x,
-                                      const moe_layer_bwd_args *args,
-                                      const moe_cu_call *c,
-                                      const moe_cu_gu *ggu,
-                                      const moe_cu_bufs *b, char *sv,
-                                      char *ws) {
+/// gate_up's dW and the router's backward (or the routing weights'
+/// gradient): the part of the backward that runs beside the dX combine.
+static moe_status moe_cu_backward_rest(moe_cu_exec *x,
+                                       const moe_layer_bwd_args *args,
+                                       const moe_cu_call *c,
+                                       const moe_cu_gu *ggu,
+                                       const moe_cu_bufs *b, char *sv,
+                                       char *ws, const moe_cu_operand *Xp,
+                                       float **dxr_out) {
   moe_cuda_plan *cp = x->cp;
   const moe_layer_desc *d = &cp->base.d;
   const moe_layer_fwd_args *a = &args->fwd;
   cudaStream_t st = x->ctx.stream;
   int64_t T = c->T, k = d->top_k, H = d->hidden, I = d->intermediate,
-          E = d->num_experts, S = T * k;
+          E = d->num_experts;
   moe_dtype dt = d->dtype;
   size_t es = moe_dtype_size(dt);
-  const int32_t *slot_row = (const int32_t *)moe_cu_at(sv, b->slot_row);
-  const int32_t *row_token = (const int32_t *)moe_cu_at(sv, b->row_token);
   const float *w = (const float *)moe_cu_at(sv, b->w);
-  const int64_t *offsets = (const int64_t *)moe_cu_at(sv, b->offsets);
-  char *ab = moe_cu_at(sv, b->ab), *hh = moe_cu_at(sv, b->hh),
-       *y = moe_cu_at(sv, b->y);
-  char *dy = moe_cu_at(ws, b->dy), *dh = moe_cu_at(ws, b->dh),
-       *dab = moe_cu_at(ws, b->dab);
+  char *dab = moe_cu_at(ws, b->dab);
   float *dw = (float *)moe_cu_at(ws, b->dw);
-  x->offsets = offsets;
-  x->rows = S;
-  x->row_token = row_token;
-  MOE_TRY(moe_cu_host_counts(x));
-
-  /* weighted scatter back: dY rows and the routing-weight gradient */
-  moe_cu_view go = moe_cu_view_of(&args->grad_output);
-  MOE_TRY(moe_cu_unpermute_backward(&go, y, dt, slot_row, w, T, k, H, dy, dw,
-                                    st));
-  /* down: dH = dY . Wd, dWd = dY^T . Hh */
-  MOE_TRY(moe_cu_dx(x, 1, dy, H, &a->w_down, dh, dt, I, 0.0f));
-  moe_cu_operand Hh = moe_cu_op(hh, dt, I, 1);
-  MOE_TRY(moe_cu_dw(x, 1, dy, H, &Hh, &args->grad_w_down));
-  moe_cu_view vg = {ab, dt, 2 * I, 1}, vu = {ab + (size_t)I * es, dt, 2 * I, 1},
-              vdh = {dh, dt, I, 1}, vdg = {dab, dt, 2 * I, 1},
-              vdu = {dab + (size_t)I * es, dt, 2 * I, 1};
-  MOE_TRY(moe_cu_swiglu_bwd(&vg, &vu, &vdh, &vdg, &vdu, S, I, offsets + E,
-                            st));
-  /* gate_up: dXp = dAB . Wgu (into dY's space, which is dead now),
-     dWgu = dAB^T . X */
-  moe_dtype dxt = c->gu.fused ? dt : MOE_F32;
-  char *dxp = dy;
-  moe_cu_operand X;
-  if (cp->base.method[0] == MOE_GMM_LOOP) {
-    X = moe_cu_op(moe_cu_at(sv, b->xp), dt, H, 1);
-  } else {
-    X = moe_cu_op(a->hidden.data, dt, a->hidden.stride[0],
-                  a->hidden.stride[1]);
-    X.gather = row_token;
-  }
+  moe_cu_operand X = *Xp;
   if (c->gu.fused) {
-    MOE_TRY(moe_cu_dx(x, 0, dab, 2 * I, &c->gu.both, dxp, dxt, H, 0.0f));
     MOE_TRY(moe_cu_dw(x, 0, dab, 2 * I, &X, &ggu->both));
   } else {
-    MOE_TRY(moe_cu_dx(x, 0, dab, 2 * I, &c->gu.gate, dxp, dxt, H, 0.0f));
-    MOE_TRY(moe_cu_dx(x, 0, dab + (size_t)I * es, 2 * I, &c->gu.up, dxp, dxt,
-                      H, 1.0f));
     MOE_TRY(moe_cu_dw(x, 0, dab, 2 * I, &X, &ggu->gate));
     MOE_TRY(moe_cu_dw(x, 0, dab + (size_t)I * es, 2 * I, &X, &ggu->up));
   }
@@ -917,18 +979,119 @@ static moe_status moe_cu_backward_run(moe_cu_exec *x,
     moe_cu_view gt = moe_cu_view_of(&args->grad_topk_weights);
     MOE_TRY(moe_cu_store_f32(dw, T, k, &gt, st));
   }
+  *dxr_out = dxr;
+  return MOE_SUCCESS;
+}
+
+static moe_status moe_cu_backward_run(moe_cu_exec *x,
+                                      const moe_layer_bwd_args *args,
+                                      const moe_cu_call *c,
+                                      const moe_cu_gu *ggu,
+                                      const moe_cu_bufs *b, char *sv,
+                                      char *ws) {
+  moe_cuda_plan *cp = x->cp;
+  const moe_layer_desc *d = &cp->base.d;
+  const moe_layer_fwd_args *a = &args->fwd;
+  cudaStream_t st = x->ctx.stream;
+  int64_t T = c->T, k = d->top_k, H = d->hidden, I = d->intermediate,
+          El = cp->base.e_local, S = T * k;
+  moe_dtype dt = d->dtype;
+  size_t es = moe_dtype_size(dt);
+  const int32_t *slot_row = (const int32_t *)moe_cu_at(sv, b->slot_row);
+  const int32_t *row_token = (const int32_t *)moe_cu_at(sv, b->row_token);
+  const float *w = (const float *)moe_cu_at(sv, b->w);
+  const int64_t *offsets = (const int64_t *)moe_cu_at(sv, b->offsets);
+  char *ab = moe_cu_at(sv, b->ab), *hh = moe_cu_at(sv, b->hh),
+       *y = moe_cu_at(sv, b->y);
+  char *dy = moe_cu_at(ws, b->dy), *dh = moe_cu_at(ws, b->dh),
+       *dab = moe_cu_at(ws, b->dab);
+  float *dw = (float *)moe_cu_at(ws, b->dw);
+  x->offsets = offsets;
+  x->rows = S;
+  x->row_token = row_token;
+  char *meta = moe_cu_at(sv, b->epmeta);
+  moe_cu_ep_rows r;
+  if (cp->ep) {
+    moe_status s = moe_cu_ep_backward_begin(cp->ep, &cp->base, MOE_SUCCESS,
+                                            offsets, meta, st, &r);
+    x->ep_joined = r.joined;
+    MOE_TRY(s);
+  } else {
+    MOE_TRY(moe_cu_host_counts(x));
+  }
+
+  /* weighted scatter back: dY rows and the routing-weight gradient */
+  moe_cu_view go = moe_cu_view_of(&args->grad_output);
+  MOE_TRY(moe_cu_unpermute_backward(&go, y, dt, slot_row, w, T, k, H, dy, dw,
+                                    st));
+  /* with expert parallelism the dY rows go to their experts' ranks */
+  char *dyc = dy;
+  if (cp->ep) {
+    dyc = moe_cu_at(ws, b->bdyr);
+    MOE_TRY(moe_cu_ep_dispatch(cp->ep, meta, dy, (size_t)H * es,
+                               moe_cu_at(ws, b->bstage), dyc, st));
+    x->offsets = r.loff_dev;
+    x->rows = r.rows;
+    x->ctx.host_offsets = r.loff_host;
+  }
+  /* down: dH = dY . Wd, dWd = dY^T . Hh */
+  MOE_TRY(moe_cu_dx(x, 1, dyc, H, &a->w_down, dh, dt, I, 0.0f));
+  moe_cu_operand Hh = moe_cu_op(hh, dt, I, 1);
+  MOE_TRY(moe_cu_dw(x, 1, dyc, H, &Hh, &args->grad_w_down));
+  moe_cu_view vg = {ab, dt, 2 * I, 1}, vu = {ab + (size_t)I * es, dt, 2 * I, 1},
+              vdh = {dh, dt, I, 1}, vdg = {dab, dt, 2 * I, 1},
+              vdu = {dab + (size_t)I * es, dt, 2 * I, 1};
+  MOE_TRY(moe_cu_swiglu_bwd(&vg, &vu, &vdh, &vdg, &vdu, x->rows, I,
+                            x->offsets + El, st));
+  /* gate_up: dXp = dAB . Wgu (into dY's space, which is dead now),
+     dWgu = dAB^T . X */
+  moe_dtype dxt = c->gu.fused ? dt : MOE_F32;
+  char *dxp = dyc;
+  moe_cu_operand X;
+  if (cp->ep) {
+    X = moe_cu_op(moe_cu_at(sv, b->xr), dt, H, 1);
+  } else if (cp->base.method[0] == MOE_GMM_LOOP) {
+    X = moe_cu_op(moe_cu_at(sv, b->xp), dt, H, 1);
+  } else {
+    X = moe_cu_op(a->hidden.data, dt, a->hidden.stride[0],
+                  a->hidden.stride[1]);
+    X.gather = row_token;
+  }
+  if (c->gu.fused) {
+    MOE_TRY(moe_cu_dx(x, 0, dab, 2 * I, &c->gu.both, dxp, dxt, H, 0.0f));
+  } else {
+    MOE_TRY(moe_cu_dx(x, 0, dab, 2 * I, &c->gu.gate, dxp, dxt, H, 0.0f));
+    MOE_TRY(moe_cu_dx(x, 0, dab + (size_t)I * es, 2 * I, &c->gu.up, dxp, dxt,
+                      H, 1.0f));
+  }
+  /* With expert parallelism the dX rows go back to the ranks that own the
+     tokens: on a second stream, behind gate_up's dW and the router's
+     backward, which need neither dxp nor dy. */
+  if (cp->ep)
+    MOE_TRY(moe_cu_ep_combine_async(cp->ep, meta, dxp,
+                                    (size_t)H * moe_dtype_size(dxt),
+                                    moe_cu_at(ws, b->bstage), dy, st));
+  float *dxr = NULL;
+  moe_status s = moe_cu_backward_rest(x, args, c, ggu, b, sv, ws, &X, &dxr);
+  if (cp->ep) {
+    moe_status wj = moe_cu_ep_combine_wait(cp->ep, st);
+    if (s == MOE_SUCCESS) s = wj;
+    dxp = dy;
+  }
+  MOE_TRY(s);
   moe_cu_view gh = moe_cu_view_of(&args->grad_hidden);
   return moe_cu_permute_backward(dxp, dxt, slot_row, dxr, T, k, H, &gh, st);
 }
 
-moe_status moe_cuda_layer_backward(moe_layer_plan *plan,
-                                   const moe_layer_bwd_args *args,
-                                   const void *saved, size_t saved_bytes,
-                                   void *workspace, size_t workspace_bytes,
-                                   void *stream) {
-  if (!plan || !args)
+static moe_status moe_cu_backward_call(moe_layer_plan *plan,
+                                       const moe_layer_bwd_args *args,
+                                       const void *saved, size_t saved_bytes,
+                                       void *workspace,
+                                       size_t workspace_bytes, void *stream,
+                                       bool *joined) {
+  if (!args)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "moe_layer_backward: plan and args must not be NULL");
+                     "moe_layer_backward: args must not be NULL");
   if (!saved)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "saved: NULL; pass the buffer the forward filled");
@@ -955,7 +1118,7 @@ moe_status moe_cuda_layer_backward(moe_layer_plan *plan,
   }
   moe_cu_gu ggu;
   MOE_TRY(moe_cu_gu_of(&args->grad_w_gate_up, &args->grad_w_gate,
-                       &args->grad_w_up, "grad_", d, &ggu));
+                       &args->grad_w_up, "grad_", d, plan->e_local, &ggu));
   if (ggu.fused != c.gu.fused)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "grad_w_gate_up: give the gradient in the form of the "
@@ -985,7 +1148,23 @@ moe_status moe_cuda_layer_backward(moe_layer_plan *plan,
     s = moe_cu_backward_run(&x, args, &c, &ggu, &b, (char *)saved,
                             (char *)workspace);
   }
+  *joined = x.ep_joined;
   s = moe_cu_end(&x, s);
   moe_cu_leave(d->device.index, prev);
   return s;
+}
+
+moe_status moe_cuda_layer_backward(moe_layer_plan *plan,
+                                   const moe_layer_bwd_args *args,
+                                   const void *saved, size_t saved_bytes,
+                                   void *workspace, size_t workspace_bytes,
+                                   void *stream) {
+  if (!plan)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_layer_backward: plan must not be NULL");
+  bool joined = false;
+  moe_status s = moe_cu_backward_call(plan, args, saved, saved_bytes,
+                                      workspace, workspace_bytes, stream,
+                                      &joined);
+  return moe_cu_ep_join(plan, s, true, joined, stream);
 }

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU tests of the CUDA backend: builds libmoe with CUDA (unless
 # MOE_BUILD_DIR names a build that has test_cuda), runs tests/gpu/test_cuda,
-# then its small cases under compute-sanitizer (memcheck, racecheck).
+# then tests/gpu/test_cuda_ep (expert parallelism over NCCL, when there are
+# 2+ GPUs), then test_cuda's small cases under compute-sanitizer (memcheck,
+# racecheck).
 # Exits 0 with "skipped: no GPU" on a machine without a usable GPU.
 #   MOE_BUILD_DIR  existing build directory to use (default: build a fresh
 #                  one in build-gpu/)
@@ -18,7 +20,7 @@ if [ ! -x "$build/test_cuda" ]; then
   command -v nvcc >/dev/null 2>&1 || export PATH=/usr/local/cuda/bin:$PATH
   cmake -S "$root" -B "$build" -DMOE_WERROR=ON -DCMAKE_BUILD_TYPE=Release \
     || { echo "FAIL: configure"; exit 1; }
-  cmake --build "$build" -j"$(nproc)" --target test_cuda bench_cuda \
+  cmake --build "$build" -j"$(nproc)" --target test_cuda test_cuda_ep bench_cuda \
     || { echo "FAIL: build"; exit 1; }
 fi
 
@@ -31,6 +33,22 @@ if [ $rc -eq 77 ]; then
   exit 0
 fi
 [ $rc -eq 0 ] || { echo "FAIL: test_cuda exited $rc"; status=1; }
+
+# Expert parallelism over NCCL: several GPUs of this process (77 = skipped:
+# fewer than 2 GPUs, or a build without NCCL). Not under compute-sanitizer:
+# NCCL's own kernels and proxy threads are not what it is meant to check.
+if [ -x "$build/test_cuda_ep" ]; then
+  echo "== test_cuda_ep"
+  timeout 600 "$build/test_cuda_ep"
+  rc=$?
+  if [ $rc -eq 77 ]; then
+    echo "note: test_cuda_ep skipped (needs 2 GPUs and NCCL)"
+  elif [ $rc -ne 0 ]; then
+    echo "FAIL: test_cuda_ep exited $rc"; status=1
+  fi
+else
+  echo "note: no test_cuda_ep in $build"
+fi
 
 if [ "${MOE_SANITIZER:-1}" != 0 ] && command -v compute-sanitizer >/dev/null 2>&1; then
   for tool in memcheck racecheck; do

@@ -1,0 +1,110 @@
+/// @file cuda_ep.h
+/// Expert parallelism of the CUDA layer over an NCCL communicator
+/// (layer_cuda_ep.c, kernels in ep_kernels.cu). layer_cuda.c calls these at
+/// fixed points of its forward and backward when the plan spans ranks.
+///
+/// One forward on every rank:
+///   route + sort (global experts) -> gather own rows into `send`
+///   begin      counts {status, rows per local expert of q} to every rank q
+///              (device all-to-all), then ONE stream sync to read them:
+///              NCCL's send/recv take host byte counts
+///   dispatch   send (sorted by global expert) -> stage (by source rank)
+///              -> rows of the local experts (by expert, then source rank)
+///   ...        the local experts' grouped GEMMs
+///   combine    expert order -> stage (by source rank) -> own rows back,
+///              sorted by global expert
+/// The backward begins with a status exchange plus reading the saved
+/// counts (one sync), then dispatches dY and combines dX the same way.
+/// Rows of an expert arrive in (source rank, token) order, the global token
+/// order when ranks hold consecutive slices of the batch: each expert sees
+/// exactly the rows, in the order, one GPU would give it.
+#ifndef MOE_CUDA_EP_H
+#define MOE_CUDA_EP_H
+
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#include "layer/layer.h"
+
+/* ---- kernels (ep_kernels.cu) ------------------------------------------ */
+
+/// send [P][El + 1]: status, then the rows of each of rank q's experts
+/// (off: this rank's sorted expert offsets [P*El + 1], or NULL for zeros).
+moe_status moe_cu_ep_pack_counts(const int64_t *off, int P, int64_t El,
+                                 int64_t status, int64_t *send, cudaStream_t s);
+/// dst[r] = src[src_start[i] + r - dst_start[i]] for the chunk i holding r:
+/// dst_start [n + 1] ascending (empty chunks allowed), dst_start[n] = rows.
+moe_status moe_cu_ep_shuffle(const void *src, void *dst, size_t row_bytes,
+                             const int64_t *dst_start, const int64_t *src_start,
+                             int64_t n, int64_t rows, cudaStream_t s);
+
+/* ---- the layer's exchange (layer_cuda_ep.c) ------------------------------ */
+
+typedef struct moe_cu_ep moe_cu_ep;
+
+/// Plan time, collective over desc->comm: this rank's verdict `local` on
+/// its own description (plus the CUDA EP checks: an NCCL communicator on
+/// desc.device, no strict mode) is agreed on by every rank; on success
+/// `*max_rows` is the most rows this rank can receive.
+moe_status moe_cu_ep_agree(const moe_layer_desc *d, moe_status local,
+                           int64_t *max_rows);
+/// Allocates the exchange state of a plan (plan's device current).
+moe_status moe_cu_ep_create(const moe_layer_plan *p, moe_cu_ep **ep);
+void moe_cu_ep_destroy(moe_cu_ep *ep);
+/// Appends the expert-parallel lines to the plan's explanation.
+void moe_cu_ep_explain(moe_layer_plan *p, size_t *len);
+/// Bytes of `saved` holding the exchange counts and shuffle tables.
+size_t moe_cu_ep_meta_bytes(const moe_layer_plan *p);
+
+/// What begin found: the local experts' rows and offsets.
+typedef struct moe_cu_ep_rows {
+  int64_t rows;             ///< rows received for the local experts
+  const int64_t *loff_dev;  ///< device [El + 1] offsets (in meta)
+  const int64_t *loff_host; ///< host copy (for the cuBLAS loop)
+  bool joined;              ///< this call took part in the agreement
+} moe_cu_ep_rows;
+
+/// Forward agreement: sends {local, counts from the sorted offsets} to
+/// every rank, waits for the stream, fails on every rank if any failed
+/// (a failed rank passes its status; offsets may then be NULL), computes
+/// the exchange sizes and the shuffle tables and stores them in `meta`.
+moe_status moe_cu_ep_forward_begin(moe_cu_ep *ep, const moe_layer_plan *p,
+                                   moe_status local, const int64_t *offsets,
+                                   char *meta, cudaStream_t s,
+                                   moe_cu_ep_rows *out);
+/// Backward agreement: a status exchange and the saved counts back to the
+/// host, one stream sync.
+moe_status moe_cu_ep_backward_begin(moe_cu_ep *ep, const moe_layer_plan *p,
+                                    moe_status local, const int64_t *offsets,
+                                    const char *meta, cudaStream_t s,
+                                    moe_cu_ep_rows *out);
+/// A call that failed before its agreement joins it with its failure, so
+/// that no rank waits for it; returns `s` with this rank's message.
+moe_status moe_cu_ep_fail(moe_cu_ep *ep, moe_status s, bool backward,
+                          cudaStream_t st);
+/// rows (this rank's, sorted by global expert) -> out (local experts' rows
+/// in expert order) through stage (rows by source rank).
+moe_status moe_cu_ep_dispatch(moe_cu_ep *ep, const char *meta, const void *rows,
+                              size_t row_bytes, void *stage, void *out,
+                              cudaStream_t s);
+/// in (local experts' rows, expert order) -> out (this rank's rows, sorted
+/// by global expert) through stage.
+moe_status moe_cu_ep_combine(moe_cu_ep *ep, const char *meta, const void *in,
+                             size_t row_bytes, void *stage, void *out,
+                             cudaStream_t s);
+
+/// The combine on the plan's second stream: it starts once `s` reaches
+/// this point and runs beside what `s` does next; `in`, `stage` and `out`
+/// stay untouched until moe_cu_ep_combine_wait makes `s` wait for it.
+moe_status moe_cu_ep_combine_async(moe_cu_ep *ep, const char *meta,
+                                   const void *in, size_t row_bytes,
+                                   void *stage, void *out, cudaStream_t s);
+moe_status moe_cu_ep_combine_wait(moe_cu_ep *ep, cudaStream_t s);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MOE_CUDA_EP_H */

@@ -1,0 +1,561 @@
+/// @file test_cuda_ep.c
+/// Expert parallelism of the CUDA layer over NCCL, several GPUs driven from
+/// this one process (moe_comm_create_nccl_all, one host thread per GPU).
+/// Exits 77 ("skipped") with fewer than 2 GPUs or without NCCL.
+///
+/// Each case runs the same problem twice with the method pinned:
+///  - on one GPU (no communicator) over all tokens, and
+///  - on P GPUs (P = 2, and 4 where there are 4), rank r holding the r-th
+///    consecutive slice of the tokens and experts [r*E/P, (r+1)*E/P),
+/// and compares: outputs, router logits, grad_hidden, the expert-weight
+/// gradients and grad_topk_weights must be bitwise equal for the grouped
+/// method; the router gradient (summed over the ranks' partials) within
+/// tolerance. Cases include a rank with no tokens, experts with no rows,
+/// a whole rank's experts empty, bf16 and f32, fused and separate gate/up,
+/// both layouts, router and precomputed routing. The cuBLAS loop is
+/// checked within tolerance and its bitwise equality reported. Also:
+/// a bad argument on one rank fails every rank (no hang), and strict mode
+/// refuses the plan on every rank.
+#include <cuda_runtime_api.h>
+#include <pthread.h>
+
+#include "moe_cuda.h"
+#include "testutil.h"
+
+#define CU(call)                                                               \
+  do {                                                                         \
+    cudaError_t e_ = (call);                                                   \
+    if (e_ != cudaSuccess) {                                                   \
+      printf("FATAL %s:%d %s: %s\n", __FILE__, __LINE__, #call,                \
+             cudaGetErrorString(e_));                                          \
+      exit(1);                                                                 \
+    }                                                                          \
+  } while (0)
+
+enum { MAXP = 8 };
+
+typedef struct epcase {
+  int64_t E, H, I, k;
+  int64_t T[MAXP]; /* tokens per rank */
+  moe_dtype dt;
+  bool router, fused, in_out;
+  moe_gmm_method m;
+  int pattern; /* given routing: 0 random, 1 only rank 0's experts */
+} epcase;
+
+/// The whole problem on the host (storage order of the weights).
+typedef struct hostdata {
+  int64_t Tt;
+  size_t es;
+  void *x, *gate, *gu, *g, *u, *down, *gout;
+  int32_t *ti;
+  float *tw;
+} hostdata;
+
+/// Results of one run, full-size, assembled from the ranks.
+typedef struct results {
+  void *out, *gx, *ggu, *gg, *gu, *gdown;
+  float *logits, *gtopk;
+  double *ggate; /* sum over the ranks' partials */
+} results;
+
+static void fill_rand(void *p, moe_dtype dt, int64_t n, double scale,
+                      tu_rng *r) {
+  for (int64_t i = 0; i < n; i++) {
+    float v = (float)(tu_uniform(r) * scale);
+    if (dt == MOE_F32)
+      ((float *)p)[i] = v;
+    else
+      ((uint16_t *)p)[i] = tu_f32_to_bf16(v);
+  }
+}
+
+static int64_t tot_tokens(const epcase *c, int P) {
+  int64_t t = 0;
+  for (int r = 0; r < P; r++)
+    t += c->T[r];
+  return t;
+}
+
+static void host_make(const epcase *c, int P, uint64_t seed, hostdata *h) {
+  tu_rng rng = tu_rng_make(seed);
+  int64_t E = c->E, H = c->H, I = c->I, k = c->k, Tt = tot_tokens(c, P);
+  size_t es = moe_dtype_size(c->dt);
+  memset(h, 0, sizeof *h);
+  h->Tt = Tt;
+  h->es = es;
+  h->x = tu_alloc((size_t)(Tt * H) * es + 16);
+  h->gout = tu_alloc((size_t)(Tt * H) * es + 16);
+  h->gate = tu_alloc((size_t)(E * H) * es);
+  h->gu = tu_alloc((size_t)(E * 2 * I * H) * es);
+  h->g = h->gu;
+  h->u = (char *)h->gu + (size_t)(E * I * H) * es; /* separate: two halves */
+  h->down = tu_alloc((size_t)(E * H * I) * es);
+  fill_rand(h->x, c->dt, Tt * H, 1.0, &rng);
+  fill_rand(h->gout, c->dt, Tt * H, 1.0, &rng);
+  fill_rand(h->gate, c->dt, E * H, 0.3, &rng);
+  fill_rand(h->gu, c->dt, E * 2 * I * H, 0.2, &rng);
+  fill_rand(h->down, c->dt, E * H * I, 0.2, &rng);
+  h->ti = tu_alloc((size_t)(Tt * k) * sizeof(int32_t) + 16);
+  h->tw = tu_alloc((size_t)(Tt * k) * sizeof(float) + 16);
+  int64_t pool = c->pattern == 1 ? E / P : E;
+  for (int64_t t = 0; t < Tt; t++)
+    for (int64_t j = 0; j < k; j++) {
+      int32_t e;
+      bool dup;
+      do { /* distinct experts per token */
+        e = (int32_t)tu_below(&rng, pool);
+        dup = false;
+        for (int64_t q = 0; q < j; q++)
+          dup |= h->ti[t * k + q] == e;
+      } while (dup);
+      h->ti[t * k + j] = e;
+      h->tw[t * k + j] = (float)(0.25 + 0.75 * fabs(tu_uniform(&rng)));
+    }
+}
+
+static void host_free(hostdata *h) {
+  free(h->x);
+  free(h->gout);
+  free(h->gate);
+  free(h->gu);
+  free(h->down);
+  free(h->ti);
+  free(h->tw);
+}
+
+static void res_make(const epcase *c, const hostdata *h, results *r) {
+  int64_t E = c->E, H = c->H, I = c->I, Tt = h->Tt;
+  size_t es = h->es;
+  memset(r, 0, sizeof *r);
+  r->out = tu_alloc((size_t)(Tt * H) * es + 16);
+  r->gx = tu_alloc((size_t)(Tt * H) * es + 16);
+  r->ggu = tu_alloc((size_t)(E * 2 * I * H) * es);
+  r->gg = r->ggu;
+  r->gu = (char *)r->ggu + (size_t)(E * I * H) * es;
+  r->gdown = tu_alloc((size_t)(E * H * I) * es);
+  r->logits = tu_alloc((size_t)(Tt * E) * 4 + 16);
+  r->gtopk = tu_alloc((size_t)(Tt * c->k) * 4 + 16);
+  r->ggate = tu_alloc((size_t)(E * H) * sizeof(double));
+  memset(r->ggate, 0, (size_t)(E * H) * sizeof(double));
+}
+
+static void res_free(results *r) {
+  free(r->out);
+  free(r->gx);
+  free(r->ggu);
+  free(r->gdown);
+  free(r->logits);
+  free(r->gtopk);
+  free(r->ggate);
+}
+
+/* ---- one rank's run (also the one-GPU reference) ------------------------- */
+
+typedef struct job {
+  const epcase *c;
+  const hostdata *h;
+  results *res;
+  pthread_mutex_t *lock; /* guards res->ggate */
+  int dev;
+  moe_comm *comm;
+  int64_t t0, T, e0, El;
+  int fault;  /* 1: this rank passes a bad output tensor to the forward */
+  int strict; /* 1: strict plan */
+  moe_status plan_st, fwd_st, bwd_st;
+  char msg[600];
+} job;
+
+static void *dput(const void *h, size_t bytes) {
+  void *d;
+  CU(cudaMalloc(&d, bytes ? bytes : 16));
+  if (bytes) CU(cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice));
+  return d;
+}
+static void *dpoison(size_t bytes) {
+  void *d;
+  CU(cudaMalloc(&d, bytes ? bytes : 16));
+  CU(cudaMemset(d, 0xff, bytes ? bytes : 16)); /* NaN in f32 and bf16 */
+  return d;
+}
+static void dget(void *h, const void *d, size_t bytes) {
+  if (bytes) CU(cudaMemcpy(h, d, bytes, cudaMemcpyDeviceToHost));
+}
+
+static moe_tensor dten(void *p, moe_dtype dt, int nd, const int64_t *s,
+                       int dev) {
+  moe_tensor t = moe_tensor_make(p, dt, nd, s);
+  t.device.type = MOE_DEVICE_CUDA;
+  t.device.index = dev;
+  return t;
+}
+/// A logical [E, out, in] view of storage [E, out, in] or [E, in, out].
+static moe_tensor wview(void *p, moe_dtype dt, int64_t E, int64_t out,
+                        int64_t in, bool in_out, int dev) {
+  int64_t s[3] = {E, in_out ? in : out, in_out ? out : in};
+  moe_tensor t = dten(p, dt, 3, s, dev), v = t;
+  if (in_out) moe_tensor_transpose(&t, 1, 2, &v);
+  return v;
+}
+
+static void *job_run(void *arg) {
+  job *j = arg;
+  const epcase *c = j->c;
+  const hostdata *h = j->h;
+  int dev = j->dev;
+  CU(cudaSetDevice(dev));
+  cudaStream_t st;
+  CU(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  int64_t E = c->E, H = c->H, I = c->I, k = c->k, T = j->T, El = j->El;
+  size_t es = h->es;
+  moe_dtype dt = c->dt;
+  size_t gu_e = (size_t)(2 * I * H) * es, g_e = (size_t)(I * H) * es,
+         d_e = (size_t)(H * I) * es;
+  void *x = dput((char *)h->x + (size_t)(j->t0 * H) * es, (size_t)(T * H) * es);
+  void *go =
+      dput((char *)h->gout + (size_t)(j->t0 * H) * es, (size_t)(T * H) * es);
+  void *gate = dput(h->gate, (size_t)(E * H) * es);
+  void *gu = dput((char *)h->gu + (size_t)j->e0 * gu_e, (size_t)El * gu_e);
+  void *wg = dput((char *)h->g + (size_t)j->e0 * g_e, (size_t)El * g_e);
+  void *wu = dput((char *)h->u + (size_t)j->e0 * g_e, (size_t)El * g_e);
+  void *down = dput((char *)h->down + (size_t)j->e0 * d_e, (size_t)El * d_e);
+  void *ti = dput(h->ti + j->t0 * k, (size_t)(T * k) * 4);
+  void *tw = dput(h->tw + j->t0 * k, (size_t)(T * k) * 4);
+  void *out = dpoison((size_t)(T * H) * es),
+       *gx = dpoison((size_t)(T * H) * es);
+  void *lg = dpoison((size_t)(T * E) * 4), *gtk = dpoison((size_t)(T * k) * 4);
+  void *ggate = dpoison((size_t)(E * H) * es);
+  void *ggu = dpoison((size_t)El * gu_e), *gg = dpoison((size_t)El * g_e),
+       *gup = dpoison((size_t)El * g_e), *gdown = dpoison((size_t)El * d_e);
+  void *sv = NULL, *ws = NULL;
+
+  moe_layer_desc d = MOE_LAYER_DESC_INIT;
+  d.num_experts = E;
+  d.hidden = H;
+  d.intermediate = I;
+  d.top_k = k;
+  d.max_tokens = T + 3 * j->e0 % 5; /* ranks may differ */
+  d.norm_topk_prob = 1;
+  d.dtype = dt;
+  d.gate_up_layout = d.down_layout =
+      c->in_out ? MOE_LAYOUT_IN_OUT : MOE_LAYOUT_OUT_IN;
+  d.method = c->m;
+  d.strict = j->strict;
+  d.device.type = MOE_DEVICE_CUDA;
+  d.device.index = dev;
+  d.comm = j->comm;
+  moe_layer_plan *plan = NULL;
+  j->plan_st = moe_layer_plan_create(&plan, &d);
+  j->fwd_st = j->bwd_st = MOE_ERR_INTERNAL;
+  if (j->plan_st != MOE_SUCCESS) {
+    snprintf(j->msg, sizeof j->msg, "%s", moe_last_error());
+    goto out;
+  }
+  size_t wsb = 0, svb = 0;
+  moe_layer_plan_sizes(plan, T, &wsb, &svb);
+  sv = dpoison(svb);
+  ws = dpoison(wsb);
+
+  moe_layer_bwd_args ba;
+  memset(&ba, 0, sizeof ba);
+  moe_layer_fwd_args *fa = &ba.fwd;
+  int64_t th[2] = {T, H}, eh[2] = {E, H}, tk[2] = {T, k}, te[2] = {T, E};
+  int64_t bad[2] = {T + 1, H};
+  fa->hidden = dten(x, dt, 2, th, dev);
+  if (c->router) {
+    fa->gate_weight = dten(gate, dt, 2, eh, dev);
+    fa->router_logits = dten(lg, MOE_F32, 2, te, dev);
+    ba.grad_gate_weight = dten(ggate, dt, 2, eh, dev);
+  } else {
+    fa->topk_index = dten(ti, MOE_I32, 2, tk, dev);
+    fa->topk_weights = dten(tw, MOE_F32, 2, tk, dev);
+    ba.grad_topk_weights = dten(gtk, MOE_F32, 2, tk, dev);
+  }
+  if (c->fused) {
+    fa->w_gate_up = wview(gu, dt, El, 2 * I, H, c->in_out, dev);
+    ba.grad_w_gate_up = wview(ggu, dt, El, 2 * I, H, c->in_out, dev);
+  } else {
+    fa->w_gate = wview(wg, dt, El, I, H, c->in_out, dev);
+    fa->w_up = wview(wu, dt, El, I, H, c->in_out, dev);
+    ba.grad_w_gate = wview(gg, dt, El, I, H, c->in_out, dev);
+    ba.grad_w_up = wview(gup, dt, El, I, H, c->in_out, dev);
+  }
+  fa->w_down = wview(down, dt, El, H, I, c->in_out, dev);
+  ba.grad_w_down = wview(gdown, dt, El, H, I, c->in_out, dev);
+  fa->output = dten(out, dt, 2, j->fault == 1 ? bad : th, dev);
+  ba.grad_output = dten(go, dt, 2, th, dev);
+  ba.grad_hidden = dten(gx, dt, 2, th, dev);
+
+  j->fwd_st = moe_layer_forward(plan, fa, sv, svb, ws, wsb, st);
+  if (j->fwd_st != MOE_SUCCESS) {
+    snprintf(j->msg, sizeof j->msg, "%s", moe_last_error());
+    goto out;
+  }
+  j->bwd_st = moe_layer_backward(plan, &ba, sv, svb, ws, wsb, st);
+  if (j->bwd_st != MOE_SUCCESS) {
+    snprintf(j->msg, sizeof j->msg, "%s", moe_last_error());
+    goto out;
+  }
+  CU(cudaStreamSynchronize(st));
+  results *r = j->res;
+  dget((char *)r->out + (size_t)(j->t0 * H) * es, out, (size_t)(T * H) * es);
+  dget((char *)r->gx + (size_t)(j->t0 * H) * es, gx, (size_t)(T * H) * es);
+  if (c->router) {
+    dget(r->logits + j->t0 * E, lg, (size_t)(T * E) * 4);
+    void *hg = tu_alloc((size_t)(E * H) * es);
+    dget(hg, ggate, (size_t)(E * H) * es);
+    pthread_mutex_lock(j->lock);
+    for (int64_t i = 0; i < E * H; i++)
+      r->ggate[i] += dt == MOE_F32 ? ((float *)hg)[i]
+                                   : tu_bf16_to_f32(((uint16_t *)hg)[i]);
+    pthread_mutex_unlock(j->lock);
+    free(hg);
+  } else {
+    dget(r->gtopk + j->t0 * k, gtk, (size_t)(T * k) * 4);
+  }
+  if (c->fused) {
+    dget((char *)r->ggu + (size_t)j->e0 * gu_e, ggu, (size_t)El * gu_e);
+  } else {
+    dget((char *)r->gg + (size_t)j->e0 * g_e, gg, (size_t)El * g_e);
+    dget((char *)r->gu + (size_t)j->e0 * g_e, gup, (size_t)El * g_e);
+  }
+  dget((char *)r->gdown + (size_t)j->e0 * d_e, gdown, (size_t)El * d_e);
+out:
+  if (plan) moe_layer_plan_destroy(plan);
+  CU(cudaStreamSynchronize(st));
+  void *all[] = {x,  go, gate, gu,    wg,  wu, down, ti,    tw, out,
+                 gx, lg, gtk,  ggate, ggu, gg, gup,  gdown, sv, ws};
+  for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+    if (all[i]) cudaFree(all[i]);
+  cudaStreamDestroy(st);
+  return NULL;
+}
+
+/// Runs the case on P ranks (P = 1: the one-GPU reference on device 0).
+static void run_case(const epcase *c, int P, moe_comm **comms,
+                     const hostdata *h, results *r, int fault_rank, int strict,
+                     job *jobs) {
+  pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+  pthread_t th[MAXP];
+  int64_t t0 = 0;
+  for (int q = 0; q < P; q++) {
+    int64_t T = P == 1 ? h->Tt : c->T[q];
+    job j = {c,
+             h,
+             r,
+             &lock,
+             q,
+             P > 1 ? comms[q] : NULL,
+             t0,
+             T,
+             q * (c->E / P),
+             c->E / P,
+             q == fault_rank,
+             strict,
+             MOE_SUCCESS,
+             MOE_SUCCESS,
+             MOE_SUCCESS,
+             ""};
+    jobs[q] = j;
+    t0 += T;
+  }
+  if (P == 1) {
+    job_run(&jobs[0]);
+    return;
+  }
+  for (int q = 0; q < P; q++)
+    pthread_create(&th[q], NULL, job_run, &jobs[q]);
+  for (int q = 0; q < P; q++)
+    pthread_join(th[q], NULL);
+}
+
+static void describe(const epcase *c, int P, char *buf, size_t n) {
+  int at = snprintf(
+      buf, n,
+      "ep P=%d E=%lld H=%lld I=%lld k=%lld dtype=%s %s %s %s "
+      "method=%s pattern=%d T={",
+      P, (long long)c->E, (long long)c->H, (long long)c->I, (long long)c->k,
+      moe_dtype_name(c->dt), c->router ? "router" : "given",
+      c->fused ? "fused" : "separate", c->in_out ? "in_out" : "out_in",
+      moe_gmm_method_name(c->m), c->pattern);
+  for (int q = 0; q < P && at > 0 && (size_t)at < n; q++)
+    at += snprintf(buf + at, n - (size_t)at, q ? ",%lld" : "%lld",
+                   (long long)c->T[q]);
+  if (at > 0 && (size_t)at < n) snprintf(buf + at, n - (size_t)at, "}");
+}
+
+static bool same(const void *a, const void *b, size_t n, const char *what,
+                 bool must) {
+  bool eq = memcmp(a, b, n) == 0;
+  if (must)
+    CHECK(eq, "%s: not bitwise equal to one GPU", what);
+  else
+    printf("INFO: [%s] %s %s bitwise equal to one GPU\n", tu_case_line, what,
+           eq ? "is" : "is NOT");
+  return eq;
+}
+
+static double rel_err_buf(const void *a, const void *b, moe_dtype dt,
+                          int64_t n) {
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < n; i++) {
+    double x = dt == MOE_F32 ? ((const float *)a)[i]
+                             : tu_bf16_to_f32(((const uint16_t *)a)[i]);
+    double y = dt == MOE_F32 ? ((const float *)b)[i]
+                             : tu_bf16_to_f32(((const uint16_t *)b)[i]);
+    num += (x - y) * (x - y);
+    den += y * y;
+  }
+  return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+static void ep_case(const epcase *c, int P, moe_comm **comms, uint64_t seed) {
+  char line[400];
+  describe(c, P, line, sizeof line);
+  tu_case("%s seed=%llu", line, (unsigned long long)seed);
+  hostdata h;
+  host_make(c, P, seed, &h);
+  results ref, ep;
+  res_make(c, &h, &ref);
+  res_make(c, &h, &ep);
+  job jobs[MAXP];
+  run_case(c, 1, NULL, &h, &ref, -1, 0, jobs);
+  CHECK(jobs[0].plan_st == MOE_SUCCESS && jobs[0].fwd_st == MOE_SUCCESS &&
+            jobs[0].bwd_st == MOE_SUCCESS,
+        "one-GPU reference failed: %s", jobs[0].msg);
+  run_case(c, P, comms, &h, &ep, -1, 0, jobs);
+  bool ok = true;
+  for (int q = 0; q < P; q++) {
+    bool good = jobs[q].plan_st == MOE_SUCCESS &&
+                jobs[q].fwd_st == MOE_SUCCESS && jobs[q].bwd_st == MOE_SUCCESS;
+    CHECK(good, "rank %d failed (plan %s, forward %s, backward %s): %s", q,
+          moe_status_name(jobs[q].plan_st), moe_status_name(jobs[q].fwd_st),
+          moe_status_name(jobs[q].bwd_st), jobs[q].msg);
+    ok &= good;
+  }
+  if (ok) {
+    int64_t E = c->E, H = c->H, I = c->I, Tt = h.Tt;
+    size_t es = h.es;
+    bool must = c->m == MOE_GMM_GROUPED;
+    bool all = true;
+    all &= same(ep.out, ref.out, (size_t)(Tt * H) * es, "output", must);
+    all &= same(ep.gx, ref.gx, (size_t)(Tt * H) * es, "grad_hidden", must);
+    all &= same(ep.ggu, ref.ggu, (size_t)(E * 2 * I * H) * es,
+                c->fused ? "grad_w_gate_up" : "grad_w_gate/grad_w_up", must);
+    all &= same(ep.gdown, ref.gdown, (size_t)(E * H * I) * es, "grad_w_down",
+                must);
+    if (c->router) {
+      all &= same(ep.logits, ref.logits, (size_t)(Tt * E) * 4, "router_logits",
+                  must);
+      double num = 0, den = 0;
+      for (int64_t i = 0; i < E * H; i++) {
+        num += (ep.ggate[i] - ref.ggate[i]) * (ep.ggate[i] - ref.ggate[i]);
+        den += ref.ggate[i] * ref.ggate[i];
+      }
+      double err = den > 0 ? sqrt(num / den) : sqrt(num);
+      CHECK_REL(err, c->dt == MOE_F32 ? 1e-5 : 2e-2,
+                "grad_gate_weight (sum of the ranks' partials)");
+    } else {
+      all &= same(ep.gtopk, ref.gtopk, (size_t)(Tt * c->k) * 4,
+                  "grad_topk_weights", must);
+    }
+    if (!must) {
+      double tol = c->dt == MOE_F32 ? 1e-5 : 2e-2;
+      CHECK_REL(rel_err_buf(ep.out, ref.out, c->dt, Tt * H), tol, "output");
+      CHECK_REL(rel_err_buf(ep.gx, ref.gx, c->dt, Tt * H), tol, "grad_hidden");
+      CHECK_REL(rel_err_buf(ep.gdown, ref.gdown, c->dt, E * H * I), tol,
+                "grad_w_down");
+    }
+    printf("%s [%s]: %s\n", all ? "bitwise" : "NOT bitwise", tu_case_line,
+           must ? "checked" : "reported");
+  }
+  res_free(&ref);
+  res_free(&ep);
+  host_free(&h);
+}
+
+/// One rank passes a bad output tensor: every rank must fail, none hang,
+/// and the communicator must still work afterwards (the next case).
+static void fault_case(int P, moe_comm **comms) {
+  epcase c = {8,        64,   32,   2,     {9, 7, 5, 3, 2, 2, 2, 2},
+              MOE_BF16, true, true, false, MOE_GMM_GROUPED,
+              0};
+  tu_case("ep P=%d fault: rank %d passes output [T+1, H]", P, P - 1);
+  hostdata h;
+  host_make(&c, P, 99, &h);
+  results r;
+  res_make(&c, &h, &r);
+  job jobs[MAXP];
+  run_case(&c, P, comms, &h, &r, P - 1, 0, jobs);
+  for (int q = 0; q < P; q++) {
+    CHECK(jobs[q].plan_st == MOE_SUCCESS, "rank %d plan: %s", q, jobs[q].msg);
+    CHECK(jobs[q].fwd_st == MOE_ERR_INVALID_ARGUMENT,
+          "rank %d forward returned %s (want MOE_ERR_INVALID_ARGUMENT): %s", q,
+          moe_status_name(jobs[q].fwd_st), jobs[q].msg);
+    CHECK(strstr(jobs[q].msg, q == P - 1 ? "output" : "rank") != NULL,
+          "rank %d message should name %s: \"%s\"", q,
+          q == P - 1 ? "output" : "the failing rank", jobs[q].msg);
+  }
+  tu_case("ep P=%d strict plan", P);
+  run_case(&c, P, comms, &h, &r, -1, 1, jobs);
+  for (int q = 0; q < P; q++)
+    CHECK(jobs[q].plan_st == MOE_ERR_STRICT && strstr(jobs[q].msg, "sync"),
+          "rank %d strict plan returned %s: %s", q,
+          moe_status_name(jobs[q].plan_st), jobs[q].msg);
+  res_free(&r);
+  host_free(&h);
+}
+
+static void test_p(int P, moe_comm **comms) {
+  const moe_gmm_method G = MOE_GMM_GROUPED, L = MOE_GMM_LOOP;
+  epcase cases[] = {
+      /* E, H, I, k, T per rank, dtype, router, fused, in_out, method, pat */
+      {8, 64, 32, 2, {37, 29, 41, 23}, MOE_BF16, true, true, false, G, 0},
+      {16, 128, 64, 4, {0, 53, 17, 0}, MOE_BF16, true, false, true, G, 0},
+      {8, 64, 48, 2, {40, 24, 0, 31}, MOE_BF16, false, true, true, G, 1},
+      {16, 96, 40, 3, {21, 0, 0, 35}, MOE_BF16, false, false, false, G, 0},
+      {8, 40, 24, 2, {20, 17, 9, 30}, MOE_F32, true, false, false, G, 0},
+      {32,
+       256,
+       128,
+       4,
+       {300, 200, 257, 129},
+       MOE_BF16,
+       true,
+       true,
+       false,
+       G,
+       0},
+      {8, 64, 32, 2, {33, 31, 12, 40}, MOE_BF16, true, true, false, L, 0},
+  };
+  fault_case(P, comms);
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+    ep_case(&cases[i], P, comms, 1000 + i);
+}
+
+int main(void) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n < 2) {
+    printf("skipped: %d CUDA device(s); EP tests need 2\n", n);
+    return 77;
+  }
+  for (int P = 2; P <= 4 && P <= n; P *= 2) {
+    moe_comm *comms[MAXP];
+    moe_status s = moe_comm_create_nccl_all(comms, P, NULL);
+    if (s == MOE_ERR_UNIMPLEMENTED) {
+      printf("skipped: %s\n", moe_last_error());
+      return 77;
+    }
+    CHECK_STATUS(s, MOE_SUCCESS);
+    if (s != MOE_SUCCESS) break;
+    for (int q = 0; q < P; q++)
+      CHECK(moe_comm_rank(comms[q]) == q && moe_comm_size(comms[q]) == P,
+            "comm %d: rank %d size %d", q, moe_comm_rank(comms[q]),
+            moe_comm_size(comms[q]));
+    test_p(P, comms);
+    for (int q = 0; q < P; q++)
+      moe_comm_destroy(comms[q]);
+  }
+  if (n < 4) printf("note: %d GPUs here; the 4-GPU cases did not run\n", n);
+  return tu_finish();
+}
