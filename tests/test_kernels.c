@@ -648,6 +648,7 @@ static void test_driver(void) {
     int64_t r2[] = {200, 3};   /* taller than one m-tile */
     int64_t r3[] = {0, 0, 0};  /* nothing at all */
     int64_t r4[] = {33, 47, 20, 32};
+    int64_t r5[] = {5, 40};
     for (size_t t = 0; t < sizeof dts / sizeof *dts; t++)
       for (int beta = 0; beta < 2; beta++) {
         float bt = (float)beta;
@@ -662,6 +663,9 @@ static void test_driver(void) {
         tc(mk(MOE_GROUP_K, 2, r2, 0, 0, 201, 9, 0, x[0], x[1], x[2], bt, seed++));
         tc(mk(MOE_GROUP_K, 4, r4, 2, 0, 65, 96, 0, x[0], x[1], x[2], bt, seed++));
         tc(mk(MOE_GROUP_K, 3, r3, 0, 0, 5, 7, 0, x[0], x[1], x[2], bt, seed++));
+        /* Depth over several long chunks (column-contiguous B packs up to
+           1360 units per chunk), odd for the last bf16 pair. */
+        tc(mk(MOE_GROUP_M, 2, r5, 1, 0, 0, 20, 3001, x[0], x[1], x[2], bt, seed++));
       }
   }
   /* Random odd shapes. */

@@ -85,8 +85,9 @@ __attribute__((target("avx512f,avx512bf16"))) static float cal_dpbf16(
   __m512 c[24];
   __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80),
            b = (__m512bh)_mm512_set1_epi32(0x3f803f80);
+  /* Distinct starting values: identical chains would be merged. */
 #pragma GCC unroll 24
-  for (int i = 0; i < 24; i++) c[i] = _mm512_setzero_ps();
+  for (int i = 0; i < 24; i++) c[i] = _mm512_set1_ps((float)i);
   for (long n = 0; n < iters; n++)
 #pragma GCC unroll 24
     for (int i = 0; i < 24; i++) c[i] = _mm512_dpbf16_ps(c[i], a, b);
@@ -126,7 +127,7 @@ static double cal_bandwidth(int nt) {
   uint64_t *a = malloc(n * sizeof *a);
   if (!a) return 0.0;
 #pragma omp parallel for num_threads(nt) schedule(static)
-  for (size_t i = 0; i < n; i++) a[i] = i & 7;
+  for (size_t i = 0; i < n; i++) a[i] = i * 0x9E3779B97F4A7C15ull;
   double best = 0.0;
   volatile uint64_t sink = 0;
   for (int rep = 0; rep < 3; rep++) {

@@ -12,24 +12,26 @@
 static moe_machine moe_machine_value;
 static int moe_machine_ready;
 
-/// Defaults measured with `moe calibrate` on the 2-core CI VM (AMD EPYC
-/// Zen 5, AVX-512 + AVX512_BF16, no AMX), 2 threads; see bench/NOTES.md.
+/// Defaults: the median of four clean `moe calibrate` runs on the 2-core CI
+/// VM (AMD EPYC Zen 5, AVX-512 + AVX512_BF16, no AMX), 2 threads,
+/// 2026-11-26; see bench/NOTES.md, "CPU kernels (issue 3)".
 static const moe_machine moe_machine_default = {
     .rows_at = {2, 8, 32, 128, 512},
     .gflops =
         {
-            /* grouped */
-            {{{45, 160, 260, 290, 300}, {40, 140, 230, 270, 290}},
-             {{90, 320, 480, 560, 600}, {80, 280, 400, 480, 520}}},
-            /* loop */
-            {{{10, 40, 110, 190, 250}, {10, 40, 100, 170, 230}},
-             {{15, 80, 250, 500, 700}, {12, 60, 180, 350, 550}}},
+            /* grouped: f32 {fwd, dW}, bf16 {fwd, dW} */
+            {{{29, 106, 286, 428, 438}, {34, 117, 274, 332, 353}},
+             {{61, 233, 597, 829, 856}, {46, 167, 455, 726, 768}}},
+            /* loop (OpenBLAS f32, oneDNN bf16) */
+            {{{18, 47, 163, 225, 249}, {20, 72, 164, 228, 249}},
+             {{62, 221, 529, 831, 932}, {36, 140, 471, 808, 862}}},
         },
-    .bandwidth_gbs = 43.0,
-    .peak_gflops = {535.0, 1070.0},
-    .call_us = {3.0, 6.0},
+    .bandwidth_gbs = 45.8,
+    .peak_gflops = {542.0, 1086.0},
+    .call_us = {0.31, 0.61},
     .threads = 2,
-    .source = "built-in defaults (2-core CI machine, AMD EPYC AVX-512)",
+    .source = "built-in defaults (2-core CI machine, AMD EPYC AVX-512, "
+              "calibrated 2026-11-26)",
 };
 
 static void moe_json_array(const cJSON *o, const char *key, double *dst,
