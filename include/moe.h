@@ -41,12 +41,12 @@ typedef enum moe_status {
   MOE_ERR_INVALID_ARGUMENT = 1, ///< an argument is wrong; message names it
   MOE_ERR_UNIMPLEMENTED = 2,    ///< valid request this build cannot serve
   MOE_ERR_OUT_OF_MEMORY = 3,
-  MOE_ERR_IO = 4,         ///< file system error
-  MOE_ERR_FORMAT = 5,     ///< malformed file contents
-  MOE_ERR_STRICT = 6,     ///< strict mode forbade a copy, padding or sync
-  MOE_ERR_BACKEND = 7,    ///< BLAS / MPI / CUDA / NCCL reported a failure
-  MOE_ERR_WORKSPACE = 8,  ///< supplied workspace or saved buffer too small
-  MOE_ERR_INTERNAL = 9,   ///< a libmoe bug; please report
+  MOE_ERR_IO = 4,        ///< file system error
+  MOE_ERR_FORMAT = 5,    ///< malformed file contents
+  MOE_ERR_STRICT = 6,    ///< strict mode forbade a copy, padding or sync
+  MOE_ERR_BACKEND = 7,   ///< BLAS / MPI / CUDA / NCCL reported a failure
+  MOE_ERR_WORKSPACE = 8, ///< supplied workspace or saved buffer too small
+  MOE_ERR_INTERNAL = 9,  ///< a libmoe bug; please report
 } moe_status;
 
 /// Short name of a status ("MOE_ERR_INVALID_ARGUMENT").
@@ -141,29 +141,31 @@ MOE_API int moe_comm_size(const moe_comm *comm);
 /// Describes an expert layer. Initialise with MOE_LAYER_DESC_INIT so that
 /// fields added in later versions get their defaults.
 typedef struct moe_layer_desc {
-  size_t struct_size; ///< sizeof(moe_layer_desc) of the caller's header
-  uint32_t magic;     ///< MOE_LAYER_DESC_MAGIC
-  uint32_t version;   ///< MOE_LAYER_DESC_VERSION
-  int64_t num_experts;  ///< E, global expert count
-  int64_t hidden;       ///< H
-  int64_t intermediate; ///< I
-  int64_t top_k;        ///< k, 1 <= k <= E
-  int64_t max_tokens;   ///< largest T per execute on this rank
-  int norm_topk_prob;   ///< renormalise the k routing weights to sum 1
-  moe_dtype dtype;      ///< activations and weights: MOE_F32 or MOE_BF16
+  size_t struct_size;        ///< sizeof(moe_layer_desc) of the caller's header
+  uint32_t magic;            ///< MOE_LAYER_DESC_MAGIC
+  uint32_t version;          ///< MOE_LAYER_DESC_VERSION
+  int64_t num_experts;       ///< E, global expert count
+  int64_t hidden;            ///< H
+  int64_t intermediate;      ///< I
+  int64_t top_k;             ///< k, 1 <= k <= E
+  int64_t max_tokens;        ///< largest T per execute on this rank
+  int norm_topk_prob;        ///< renormalise the k routing weights to sum 1
+  moe_dtype dtype;           ///< activations and weights: MOE_F32 or MOE_BF16
   moe_layout gate_up_layout; ///< layout the gate/up weights will arrive in
   moe_layout down_layout;    ///< layout the down weight will arrive in
   moe_gmm_method method;     ///< MOE_GMM_AUTO: planner (and env MOE_GMM)
-  int strict;       ///< 1: any hidden copy, padding or host sync is an error
-  int num_threads;  ///< CPU threads; 0 = OpenMP default
+  int strict;      ///< 1: any hidden copy, padding or host sync is an error
+  int num_threads; ///< CPU threads; 0 = OpenMP default
   moe_device device;
   moe_comm *comm; ///< expert-parallel communicator; NULL = one rank
 } moe_layer_desc;
 
-#define MOE_LAYER_DESC_INIT                                                  \
-  {sizeof(moe_layer_desc), MOE_LAYER_DESC_MAGIC, MOE_LAYER_DESC_VERSION, 0, \
-   0, 0, 0, 0, 1, MOE_F32, MOE_LAYOUT_OUT_IN, MOE_LAYOUT_OUT_IN,            \
-   MOE_GMM_AUTO, 0, 0, {MOE_DEVICE_CPU, 0}, NULL}
+#define MOE_LAYER_DESC_INIT                                                    \
+  {                                                                            \
+    sizeof(moe_layer_desc), MOE_LAYER_DESC_MAGIC, MOE_LAYER_DESC_VERSION, 0,   \
+        0, 0, 0, 0, 1, MOE_F32, MOE_LAYOUT_OUT_IN, MOE_LAYOUT_OUT_IN,          \
+        MOE_GMM_AUTO, 0, 0, {MOE_DEVICE_CPU, 0}, NULL                          \
+  }
 
 /// Opaque plan: the chosen methods, sizes and reasons.
 typedef struct moe_layer_plan moe_layer_plan;
@@ -176,8 +178,7 @@ MOE_API moe_status moe_layer_plan_destroy(moe_layer_plan *plan);
 /// Bytes of scratch workspace and of saved activations (forward ->
 /// backward) needed for `tokens` tokens (<= max_tokens).
 MOE_API moe_status moe_layer_plan_sizes(const moe_layer_plan *plan,
-                                        int64_t tokens,
-                                        size_t *workspace_bytes,
+                                        int64_t tokens, size_t *workspace_bytes,
                                         size_t *saved_bytes);
 
 /// The chosen method of a projection: 0 = gate_up, 1 = down.
@@ -198,25 +199,25 @@ MOE_API const char *moe_layer_plan_explain(const moe_layer_plan *plan);
 /// communicator of P ranks the expert weights and their gradients are this
 /// rank's shard [E/P, ...] (see moe_mpi.h); the router weight stays [E, H].
 typedef struct moe_layer_fwd_args {
-  moe_tensor hidden;      ///< [T, H], dtype of the layer
-  moe_tensor gate_weight; ///< [E, H] router weight (absent if topk given)
-  moe_tensor topk_index;  ///< optional [T, k] I32/I64 precomputed routing
-  moe_tensor topk_weights;   ///< optional [T, k] F32 or layer dtype
-  moe_tensor w_gate_up;      ///< [E, 2I, H], or absent when w_gate/w_up given
-  moe_tensor w_gate;         ///< [E, I, H]
-  moe_tensor w_up;           ///< [E, I, H]
-  moe_tensor w_down;         ///< [E, H, I]
-  moe_tensor output;         ///< [T, H] written
-  moe_tensor router_logits;  ///< optional [T, E] F32 written
+  moe_tensor hidden;        ///< [T, H], dtype of the layer
+  moe_tensor gate_weight;   ///< [E, H] router weight (absent if topk given)
+  moe_tensor topk_index;    ///< optional [T, k] I32/I64 precomputed routing
+  moe_tensor topk_weights;  ///< optional [T, k] F32 or layer dtype
+  moe_tensor w_gate_up;     ///< [E, 2I, H], or absent when w_gate/w_up given
+  moe_tensor w_gate;        ///< [E, I, H]
+  moe_tensor w_up;          ///< [E, I, H]
+  moe_tensor w_down;        ///< [E, H, I]
+  moe_tensor output;        ///< [T, H] written
+  moe_tensor router_logits; ///< optional [T, E] F32 written
 } moe_layer_fwd_args;
 
 /// Backward arguments: the forward's inputs again plus grad_output; writes
 /// the gradients in the shape, layout and dtype of their inputs.
 typedef struct moe_layer_bwd_args {
-  moe_layer_fwd_args fwd;     ///< the same inputs as the forward (outputs
-                              ///< output/router_logits are not touched)
-  moe_tensor grad_output;     ///< [T, H]
-  moe_tensor grad_hidden;     ///< [T, H] written
+  moe_layer_fwd_args fwd;       ///< the same inputs as the forward (outputs
+                                ///< output/router_logits are not touched)
+  moe_tensor grad_output;       ///< [T, H]
+  moe_tensor grad_hidden;       ///< [T, H] written
   moe_tensor grad_gate_weight;  ///< [E, H] written (router mode)
   moe_tensor grad_topk_weights; ///< [T, k] written (precomputed-topk mode)
   moe_tensor grad_w_gate_up;    ///< [E, 2I, H] written (fused mode)
@@ -277,8 +278,8 @@ MOE_API moe_status moe_swiglu_forward(const moe_tensor *gate,
 /// SwiGLU backward: from dh, writes dgate and dup.
 MOE_API moe_status moe_swiglu_backward(const moe_tensor *gate,
                                        const moe_tensor *up,
-                                       const moe_tensor *dh,
-                                       moe_tensor *dgate, moe_tensor *dup);
+                                       const moe_tensor *dh, moe_tensor *dgate,
+                                       moe_tensor *dup);
 
 #ifdef __cplusplus
 }

@@ -57,14 +57,14 @@ MOE_API moe_status moe_cuda_grouped_gemm_dw(const moe_tensor *x,
 
 /// SwiGLU on device [R, I] views: h = silu(gate) * up (f32 math).
 MOE_API moe_status moe_cuda_swiglu_forward(const moe_tensor *gate,
-                                           const moe_tensor *up,
-                                           moe_tensor *h, void *stream);
+                                           const moe_tensor *up, moe_tensor *h,
+                                           void *stream);
 /// SwiGLU backward on device views.
 MOE_API moe_status moe_cuda_swiglu_backward(const moe_tensor *gate,
                                             const moe_tensor *up,
                                             const moe_tensor *dh,
-                                            moe_tensor *dgate,
-                                            moe_tensor *dup, void *stream);
+                                            moe_tensor *dgate, moe_tensor *dup,
+                                            void *stream);
 
 /// Expert parallelism over NCCL. With an NCCL communicator of P ranks in
 /// moe_layer_desc.comm (desc.device naming the communicator's GPU), the

@@ -42,8 +42,7 @@ MOE_API moe_status moe_st_writer_destroy(moe_st_writer *w);
 /// is copied now, so the view may be freed after the call.
 MOE_API moe_status moe_st_writer_add(moe_st_writer *w, const char *name,
                                      const moe_tensor *t);
-MOE_API moe_status moe_st_writer_set_metadata(moe_st_writer *w,
-                                              const char *key,
+MOE_API moe_status moe_st_writer_set_metadata(moe_st_writer *w, const char *key,
                                               const char *value);
 /// Writes to a temporary file beside `path`, fsyncs, renames over `path`.
 /// On failure no file is left at `path` (an old one stays untouched) and no

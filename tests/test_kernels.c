@@ -49,8 +49,7 @@ static void test_ukernel_one(const moe_ukernel_info *u, bool bf, int m,
   int mr = bf ? u->bmr : u->mr, nr = bf ? u->bnr : u->nr;
   const char *name = bf ? u->bf16_name : u->name;
   tu_case("ukernel %s m=%d depth=%lld%s first=%d seed=%llu", name, m,
-          (long long)ku, bf ? " pairs" : "", first,
-          (unsigned long long)seed);
+          (long long)ku, bf ? " pairs" : "", first, (unsigned long long)seed);
   int64_t ld = nr + 5; /* an accumulator row stride wider than the tile */
   size_t na = (size_t)(ku * mr) + 16, nb = (size_t)(ku * nr) + 16;
   uint32_t *a = aligned_alloc(64, (na * 4 + 63) / 64 * 64);
@@ -178,14 +177,14 @@ static void test_stores(void) {
               moe_dtype ct = dt ? MOE_BF16 : MOE_F32;
               int64_t nb = widths[wi], mb = 3, ld = nb + 7, crs = nb + 40;
               tu_case("store %s nb=%lld c=%s beta=%d stream=%d offset=%d",
-                      u->isa, (long long)nb, moe_dtype_name(ct), beta,
-                      stream, shift);
+                      u->isa, (long long)nb, moe_dtype_name(ct), beta, stream,
+                      shift);
               float *acc = malloc(sizeof(float) * (size_t)(mb * ld));
               for (int64_t i = 0; i < mb * ld; i++) {
                 uint32_t bits = (uint32_t)tu_next(&r);
                 switch (tu_below(&r, 6)) {
-                case 0: bits &= 0x807fffffu; break;             /* denormal/0 */
-                case 1: bits |= 0x7f800000u; break;             /* inf/NaN */
+                case 0: bits &= 0x807fffffu; break; /* denormal/0 */
+                case 1: bits |= 0x7f800000u; break; /* inf/NaN */
                 case 2: bits = (bits & 0xffff0000u) | 0x8000u; break; /* tie */
                 default: break;
                 }
@@ -195,11 +194,13 @@ static void test_stores(void) {
               size_t cbytes = (size_t)(mb * crs + 64) * es;
               uint8_t *cb = aligned_alloc(64, (cbytes + 63) / 64 * 64);
               uint8_t *want = malloc(cbytes);
-              for (size_t i = 0; i < cbytes; i++) cb[i] = (uint8_t)tu_next(&r);
+              for (size_t i = 0; i < cbytes; i++)
+                cb[i] = (uint8_t)tu_next(&r);
               /* Keep old C finite-ish so beta 1 sums are ordinary. */
               for (int64_t i = 0; i < mb * crs + 32; i++) {
                 float v = (float)tu_uniform(&r);
-                if (ct == MOE_F32) memcpy(cb + (size_t)i * 4, &v, 4);
+                if (ct == MOE_F32)
+                  memcpy(cb + (size_t)i * 4, &v, 4);
                 else {
                   uint16_t h = tu_f32_to_bf16(v);
                   memcpy(cb + (size_t)i * 2, &h, 2);
@@ -302,9 +303,11 @@ static void kmat_fill(kmat *x, const double *v) {
   size_t es = moe_dtype_size(x->op.dtype);
   if (es == 4) {
     float nan = f32_nan();
-    for (size_t i = 0; i < x->bytes / 4; i++) ((float *)x->buf)[i] = nan;
+    for (size_t i = 0; i < x->bytes / 4; i++)
+      ((float *)x->buf)[i] = nan;
   } else {
-    for (size_t i = 0; i < x->bytes / 2; i++) ((uint16_t *)x->buf)[i] = 0x7fc1;
+    for (size_t i = 0; i < x->bytes / 2; i++)
+      ((uint16_t *)x->buf)[i] = 0x7fc1;
   }
   if (!v) return;
   for (int64_t g = 0; g < x->count; g++)
@@ -335,7 +338,8 @@ static void kdata_make(kdata *d, const kcase *c) {
   memset(d, 0, sizeof *d);
   d->c = *c;
   d->off[0] = c->lead;
-  for (int64_t g = 0; g < c->G; g++) d->off[g + 1] = d->off[g] + c->rows[g];
+  for (int64_t g = 0; g < c->G; g++)
+    d->off[g + 1] = d->off[g] + c->rows[g];
   d->R = d->off[c->G] + c->tail;
   if (c->kind == MOE_GROUP_M) {
     d->arows = d->R, d->acols = c->K;
@@ -404,8 +408,8 @@ static bool c_written(const kdata *d, int64_t i) {
 /// Runs the case with one kernel set, layouts and thread count; returns
 /// the logical C as f32 in `out` (caller-allocated), false on a failure
 /// already reported.
-static bool run_case(const kdata *d, const moe_ukernel_info *u, int la,
-                     int lb, int lc, int threads, float *out) {
+static bool run_case(const kdata *d, const moe_ukernel_info *u, int la, int lb,
+                     int lc, int threads, float *out) {
   const kcase *c = &d->c;
   kmat A, B, C;
   kmat_make(&A, c->at, 1, d->arows, d->acols, la);
@@ -425,8 +429,8 @@ static bool run_case(const kdata *d, const moe_ukernel_info *u, int la,
                     (float)d->c0[i * d->ccols + j]);
     }
   }
-  moe_gemm_problem p = {c->kind, c->G, d->off, c->M, c->N, c->K,
-                        A.op, B.op, C.op, c->beta};
+  moe_gemm_problem p = {c->kind, c->G, d->off, c->M, c->N,
+                        c->K,    A.op, B.op,   C.op, c->beta};
   moe_gemm_ctx ctx;
   memset(&ctx, 0, sizeof ctx);
   ctx.num_threads = threads;
@@ -456,8 +460,8 @@ static bool run_case(const kdata *d, const moe_ukernel_info *u, int la,
 
 static const char *dtn(moe_dtype t) { return moe_dtype_name(t); }
 
-static void case_line(const kcase *c, const moe_ukernel_info *u, int la,
-                      int lb, int lc, int threads) {
+static void case_line(const kcase *c, const moe_ukernel_info *u, int la, int lb,
+                      int lc, int threads) {
   char rows[128];
   size_t n = 0;
   rows[0] = '\0';
@@ -468,9 +472,8 @@ static void case_line(const kcase *c, const moe_ukernel_info *u, int la,
           "a=%s b=%s c=%s beta=%g layouts a%d b%d c%d threads=%d seed=%llu",
           c->kind == MOE_GROUP_M ? "group_m" : "group_k", u->isa, rows,
           (long long)c->lead, (long long)c->tail, (long long)c->M,
-          (long long)c->N, (long long)c->K, dtn(c->at), dtn(c->bt),
-          dtn(c->ct), c->beta, la, lb, lc, threads,
-          (unsigned long long)c->seed);
+          (long long)c->N, (long long)c->K, dtn(c->at), dtn(c->bt), dtn(c->ct),
+          c->beta, la, lb, lc, threads, (unsigned long long)c->seed);
 }
 
 /// Relative error of `got` against the reference over written elements;
@@ -538,8 +541,8 @@ static void test_case(const kcase *c) {
         den += d.mag[i] * d.mag[i];
       }
       double err = den > 0 ? sqrt(num / den) : sqrt(num);
-      CHECK_REL(isfinite(err) ? err : INFINITY,
-                c->ct == MOE_BF16 ? 8e-3 : 1e-5, "vs reference kernel set");
+      CHECK_REL(isfinite(err) ? err : INFINITY, c->ct == MOE_BF16 ? 8e-3 : 1e-5,
+                "vs reference kernel set");
     }
     for (int t = 1; t <= 3; t += 2) {
       case_line(c, u, 0, 0, 0, t);
@@ -574,10 +577,13 @@ static void test_case(const kcase *c) {
     for (int64_t r0 = 0; r0 < d.R; r0++) {
       int64_t r1 = r0 + 3;
       if (c->kind == MOE_GROUP_M) {
-        memcpy(d2.a + r1 * c->K, d.a + r0 * c->K, sizeof(double) * (size_t)c->K);
+        memcpy(d2.a + r1 * c->K, d.a + r0 * c->K,
+               sizeof(double) * (size_t)c->K);
       } else {
-        for (int64_t i = 0; i < c->M; i++) d2.a[i * d2.R + r1] = d.a[i * d.R + r0];
-        memcpy(d2.b + r1 * c->N, d.b + r0 * c->N, sizeof(double) * (size_t)c->N);
+        for (int64_t i = 0; i < c->M; i++)
+          d2.a[i * d2.R + r1] = d.a[i * d.R + r0];
+        memcpy(d2.b + r1 * c->N, d.b + r0 * c->N,
+               sizeof(double) * (size_t)c->N);
       }
     }
     if (c->kind == MOE_GROUP_M) {
@@ -621,7 +627,8 @@ static kcase mk(moe_group_kind kind, int64_t G, const int64_t *rows,
   memset(&c, 0, sizeof c);
   c.kind = kind;
   c.G = G;
-  for (int64_t g = 0; g < G; g++) c.rows[g] = rows[g];
+  for (int64_t g = 0; g < G; g++)
+    c.rows[g] = rows[g];
   c.lead = lead;
   c.tail = tail;
   c.M = M;
@@ -639,33 +646,41 @@ static void tc(kcase c) { test_case(&c); }
 
 static void test_driver(void) {
   const moe_dtype F = MOE_F32, H = MOE_BF16;
-  const moe_dtype dts[][3] = {{F, F, F}, {H, H, H}, {H, H, F}, {F, H, F},
-                              {H, F, H}};
+  const moe_dtype dts[][3] = {
+      {F, F, F}, {H, H, H}, {H, H, F}, {F, H, F}, {H, F, H}};
   uint64_t seed = 100;
   /* Hand-picked edges. */
   {
     int64_t r1[] = {0, 1, 9, 0, 17};
-    int64_t r2[] = {200, 3};   /* taller than one m-tile */
-    int64_t r3[] = {0, 0, 0};  /* nothing at all */
+    int64_t r2[] = {200, 3};  /* taller than one m-tile */
+    int64_t r3[] = {0, 0, 0}; /* nothing at all */
     int64_t r4[] = {33, 47, 20, 32};
     int64_t r5[] = {5, 40};
     for (size_t t = 0; t < sizeof dts / sizeof *dts; t++)
       for (int beta = 0; beta < 2; beta++) {
         float bt = (float)beta;
         const moe_dtype *x = dts[t];
-        tc(mk(MOE_GROUP_M, 5, r1, 2, 3, 0, 49, 17, x[0], x[1], x[2], bt, seed++));
-        tc(mk(MOE_GROUP_M, 2, r2, 0, 1, 0, 50, 131, x[0], x[1], x[2], bt, seed++));
-        tc(mk(MOE_GROUP_M, 3, r3, 1, 1, 0, 16, 8, x[0], x[1], x[2], bt, seed++));
-        tc(mk(MOE_GROUP_M, 4, r4, 0, 0, 0, 97, 257, x[0], x[1], x[2], bt, seed++));
+        tc(mk(MOE_GROUP_M, 5, r1, 2, 3, 0, 49, 17, x[0], x[1], x[2], bt,
+              seed++));
+        tc(mk(MOE_GROUP_M, 2, r2, 0, 1, 0, 50, 131, x[0], x[1], x[2], bt,
+              seed++));
+        tc(mk(MOE_GROUP_M, 3, r3, 1, 1, 0, 16, 8, x[0], x[1], x[2], bt,
+              seed++));
+        tc(mk(MOE_GROUP_M, 4, r4, 0, 0, 0, 97, 257, x[0], x[1], x[2], bt,
+              seed++));
         tc(mk(MOE_GROUP_M, 2, r2, 0, 0, 0, 1, 1, x[0], x[1], x[2], bt, seed++));
         tc(mk(MOE_GROUP_M, 2, r4, 1, 0, 0, 7, 0, x[0], x[1], x[2], bt, seed++));
-        tc(mk(MOE_GROUP_K, 5, r1, 1, 2, 13, 50, 0, x[0], x[1], x[2], bt, seed++));
-        tc(mk(MOE_GROUP_K, 2, r2, 0, 0, 201, 9, 0, x[0], x[1], x[2], bt, seed++));
-        tc(mk(MOE_GROUP_K, 4, r4, 2, 0, 65, 96, 0, x[0], x[1], x[2], bt, seed++));
+        tc(mk(MOE_GROUP_K, 5, r1, 1, 2, 13, 50, 0, x[0], x[1], x[2], bt,
+              seed++));
+        tc(mk(MOE_GROUP_K, 2, r2, 0, 0, 201, 9, 0, x[0], x[1], x[2], bt,
+              seed++));
+        tc(mk(MOE_GROUP_K, 4, r4, 2, 0, 65, 96, 0, x[0], x[1], x[2], bt,
+              seed++));
         tc(mk(MOE_GROUP_K, 3, r3, 0, 0, 5, 7, 0, x[0], x[1], x[2], bt, seed++));
         /* Depth over several long chunks (column-contiguous B packs up to
            1360 units per chunk), odd for the last bf16 pair. */
-        tc(mk(MOE_GROUP_M, 2, r5, 1, 0, 0, 20, 3001, x[0], x[1], x[2], bt, seed++));
+        tc(mk(MOE_GROUP_M, 2, r5, 1, 0, 0, 20, 3001, x[0], x[1], x[2], bt,
+              seed++));
       }
   }
   /* Random odd shapes. */
@@ -679,8 +694,8 @@ static void test_driver(void) {
     int64_t N = 1 + tu_below(&r, 120), K = 1 + tu_below(&r, 300),
             M = 1 + tu_below(&r, 120);
     tc(mk(kind, G, rows, tu_below(&r, 3), tu_below(&r, 3),
-                  kind == MOE_GROUP_K ? M : 0, N, kind == MOE_GROUP_M ? K : 0,
-                  x[0], x[1], x[2], (float)tu_below(&r, 2), seed++));
+          kind == MOE_GROUP_K ? M : 0, N, kind == MOE_GROUP_M ? K : 0, x[0],
+          x[1], x[2], (float)tu_below(&r, 2), seed++));
   }
 }
 
@@ -688,10 +703,10 @@ static void test_driver(void) {
 
 /// Runs this program as a child with MOE_MAX_CPU_ISA=cap and returns the
 /// isa it selected.
-static bool child_isa(const char *self, const char *cap, char *out,
-                      size_t n) {
+static bool child_isa(const char *self, const char *cap, char *out, size_t n) {
   char cmd[1024];
-  snprintf(cmd, sizeof cmd, "MOE_MAX_CPU_ISA='%s' MOE_VERBOSE=0 '%s' --print-isa 2>/dev/null",
+  snprintf(cmd, sizeof cmd,
+           "MOE_MAX_CPU_ISA='%s' MOE_VERBOSE=0 '%s' --print-isa 2>/dev/null",
            cap, self);
   FILE *f = popen(cmd, "r");
   if (!f) return false;
@@ -702,8 +717,8 @@ static bool child_isa(const char *self, const char *cap, char *out,
 }
 
 static void test_cap(const char *self) {
-  static const char *caps[] = {"ref", "avx512", "avx512_bf16", "amx", "all",
-                               "AVX512", "bogus"};
+  static const char *caps[] = {"ref", "avx512", "avx512_bf16", "amx",
+                               "all", "AVX512", "bogus"};
   for (size_t i = 0; i < sizeof caps / sizeof *caps; i++) {
     tu_case("MOE_MAX_CPU_ISA=%s", caps[i]);
     char got[64];
@@ -713,15 +728,19 @@ static void test_cap(const char *self) {
     }
     /* Expected: the best usable set at or below the cap. */
     int level_cap = 3;
-    if (!strcasecmp(caps[i], "ref")) level_cap = 0;
-    else if (!strcasecmp(caps[i], "avx512")) level_cap = 1;
-    else if (!strcasecmp(caps[i], "avx512_bf16")) level_cap = 2;
+    if (!strcasecmp(caps[i], "ref"))
+      level_cap = 0;
+    else if (!strcasecmp(caps[i], "avx512"))
+      level_cap = 1;
+    else if (!strcasecmp(caps[i], "avx512_bf16"))
+      level_cap = 2;
     const char *want = "ref";
     int best = -1;
     for (int s = 0; s < nsets; s++) {
-      int lv = !strcmp(sets[s]->isa, "amx") ? 3
+      int lv = !strcmp(sets[s]->isa, "amx")           ? 3
                : !strcmp(sets[s]->isa, "avx512_bf16") ? 2
-               : !strcmp(sets[s]->isa, "avx512") ? 1 : 0;
+               : !strcmp(sets[s]->isa, "avx512")      ? 1
+                                                      : 0;
       if (lv <= level_cap && lv > best) {
         best = lv;
         want = sets[s]->isa;

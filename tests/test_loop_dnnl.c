@@ -70,7 +70,8 @@ static buf buf_new(int64_t n, moe_dtype t) {
     fprintf(stderr, "out of memory\n");
     exit(2);
   }
-  for (int64_t i = 0; i < n; i++) moe_store_f(b.p, t, i, POISON);
+  for (int64_t i = 0; i < n; i++)
+    moe_store_f(b.p, t, i, POISON);
   return b;
 }
 
@@ -97,8 +98,7 @@ typedef struct tcase {
 } tcase;
 
 static void describe(const tcase *tc, char *s, size_t n) {
-  snprintf(s, n,
-           "kind=%s A=%s B=%s C=%s ab=%s c=%s beta=%g threads=%d%s",
+  snprintf(s, n, "kind=%s A=%s B=%s C=%s ab=%s c=%s beta=%g threads=%d%s",
            tc->kind == MOE_GROUP_M ? "M" : "K", tc->a_t ? "T" : "N",
            tc->b_rs1 ? "out,in(rs=1)" : "in,out(cs=1)",
            tc->kind == MOE_GROUP_M ? (tc->c_t ? "row-padded" : "row")
@@ -117,7 +117,8 @@ static void run_case(const tcase *tc, struct moe_loop_cache *cache) {
   describe(tc, name, sizeof name);
   int64_t off[G + 1];
   off[0] = LEAD;
-  for (int g = 0; g < G; g++) off[g + 1] = off[g] + group_rows[g];
+  for (int g = 0; g < G; g++)
+    off[g + 1] = off[g] + group_rows[g];
   const int64_t R = off[G] + TAIL; /* rows (or depth) allocated */
   const int64_t N = 37, K = tc->zero_k ? 0 : 53, M = 53;
   bool gm = tc->kind == MOE_GROUP_M;
@@ -254,8 +255,7 @@ static void run_case(const tcase *tc, struct moe_loop_cache *cache) {
   snprintf(msg, sizeof msg, "%s: relative error %.3g (tolerance %.0e)", name,
            err, tol);
   check(err < tol, msg);
-  snprintf(msg, sizeof msg, "%s: elements outside the problem untouched",
-           name);
+  snprintf(msg, sizeof msg, "%s: elements outside the problem untouched", name);
   check(outside_ok, msg);
 
   /* Empty groups of GROUP_K: exact +0 when beta is 0, unchanged when 1. */
@@ -289,8 +289,8 @@ static void run_case(const tcase *tc, struct moe_loop_cache *cache) {
     p.C.data = C1.p;
     ctx.loop_cache = NULL;
     st = moe_gemm_loop_dnnl(&p, &ctx);
-    snprintf(msg, sizeof msg, "%s: rerun with call-local cache: %s (%s)",
-             name, moe_status_name(st), moe_last_error());
+    snprintf(msg, sizeof msg, "%s: rerun with call-local cache: %s (%s)", name,
+             moe_status_name(st), moe_last_error());
     check(st == MOE_SUCCESS, msg);
     bool same = memcmp(C1.p, C.p, (size_t)c_elems * moe_dtype_size(C.t)) == 0;
     snprintf(msg, sizeof msg, "%s: bitwise identical on rerun", name);
@@ -332,8 +332,10 @@ static void test_decline(struct moe_loop_cache *cache) {
   /* A weight with no unit stride: declined (never copied), C untouched. */
   enum { KK = 4, NN = 3 };
   float w[2 * KK * 2 * NN], x[KK], y[NN] = {7, 7, 7};
-  for (int i = 0; i < 2 * KK * 2 * NN; i++) w[i] = 1;
-  for (int i = 0; i < KK; i++) x[i] = 1;
+  for (int i = 0; i < 2 * KK * 2 * NN; i++)
+    w[i] = 1;
+  for (int i = 0; i < KK; i++)
+    x[i] = 1;
   p.N = NN;
   p.K = KK;
   p.A = (moe_operand){x, MOE_F32, KK, 1, 0};
@@ -360,8 +362,9 @@ int main(void) {
         for (int c_t = 0; c_t < 2; c_t++)
           for (size_t d = 0; d < sizeof dts / sizeof *dts; d++)
             for (int beta = 0; beta < 2; beta++) {
-              tcase tc = {(moe_group_kind)kind, a_t, b_rs1, c_t, dts[d][0],
-                          dts[d][1], (float)beta, 0, 0};
+              tcase tc = {
+                  (moe_group_kind)kind, a_t, b_rs1, c_t, dts[d][0], dts[d][1],
+                  (float)beta,          0,   0};
               run_case(&tc, cache);
             }
   /* Thread counts (the primitive is keyed on them) and K == 0. */

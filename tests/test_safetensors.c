@@ -31,8 +31,7 @@ static void check(bool ok, int line, const char *fmt, ...) {
   printf("%s: ", ok ? "ok  " : "FAIL");
   vprintf(fmt, ap);
   va_end(ap);
-  if (!ok)
-    printf("  (line %d; last error: %s)", line, moe_last_error());
+  if (!ok) printf("  (line %d; last error: %s)", line, moe_last_error());
   printf("\n");
   if (ok)
     g_pass++;
@@ -52,8 +51,7 @@ static const char *tpath(const char *name) {
 
 static bool write_bytes(const char *path, const void *p, size_t n) {
   FILE *f = fopen(path, "wb");
-  if (!f)
-    return false;
+  if (!f) return false;
   bool ok = fwrite(p, 1, n, f) == n;
   return fclose(f) == 0 && ok;
 }
@@ -63,12 +61,10 @@ static bool write_bytes(const char *path, const void *p, size_t n) {
 static bool write_st(const char *path, const char *json, uint64_t hlen,
                      size_t data_len) {
   size_t jl = strlen(json);
-  if (hlen == UINT64_MAX)
-    hlen = jl;
+  if (hlen == UINT64_MAX) hlen = jl;
   size_t n = 8 + jl + data_len;
   unsigned char *buf = calloc(1, n);
-  if (!buf)
-    return false;
+  if (!buf) return false;
   for (int i = 0; i < 8; i++)
     buf[i] = (unsigned char)(hlen >> (8 * i));
   memcpy(buf + 8, json, jl);
@@ -87,13 +83,11 @@ static bool file_exists(const char *path) {
 /// Number of "*.tmp.*" entries in the test directory.
 static int count_temps(void) {
   DIR *d = opendir(g_dir);
-  if (!d)
-    return -1;
+  if (!d) return -1;
   int n = 0;
   struct dirent *e;
   while ((e = readdir(d)) != NULL)
-    if (strstr(e->d_name, ".tmp."))
-      n++;
+    if (strstr(e->d_name, ".tmp.")) n++;
   closedir(d);
   return n;
 }
@@ -112,8 +106,7 @@ static void expect_fail(const char *what, const char *path, moe_status want,
   if (needle)
     CHECK(strstr(msg, needle) != NULL, "%s: message mentions '%s'", what,
           needle);
-  if (s == MOE_SUCCESS)
-    moe_st_close(f);
+  if (s == MOE_SUCCESS) moe_st_close(f);
 }
 
 /// A malformed file with a correct length prefix and `data_len` data bytes.
@@ -143,8 +136,7 @@ static unsigned char *gather_ref(const moe_tensor *t, size_t *bytes) {
       off += idx[d] * t->stride[d];
     memcpy(out + (size_t)k * es, (const char *)t->data + off * (int64_t)es, es);
     for (int d = t->ndim - 1; d >= 0; d--) {
-      if (++idx[d] < t->shape[d])
-        break;
+      if (++idx[d] < t->shape[d]) break;
       idx[d] = 0;
     }
   }
@@ -231,8 +223,7 @@ static void test_round_trip(void) {
   FILE *fp = fopen(p, "rb");
   unsigned char len8[8] = {0};
   bool got = fp && fread(len8, 1, 8, fp) == 8;
-  if (fp)
-    fclose(fp);
+  if (fp) fclose(fp);
   uint64_t hl = 0;
   for (int i = 7; i >= 0; i--)
     hl = (hl << 8) | len8[i];
@@ -391,8 +382,7 @@ static void test_malformed(void) {
   write_st(p, "{}", big, 0);
   bool grew = truncate(p, (off_t)(8 + big + 16)) == 0;
   CHECK(grew, "sparse file of %llu bytes", (unsigned long long)(8 + big));
-  if (grew)
-    expect_fail("header over 100 MB", p, MOE_ERR_FORMAT, "limit");
+  if (grew) expect_fail("header over 100 MB", p, MOE_ERR_FORMAT, "limit");
 
   bad_header("non-JSON header", "this is not json", 0, "JSON");
   bad_header("truncated JSON", "{\"a\":{\"dtype\":", 0, "JSON");
@@ -736,15 +726,12 @@ static void test_atomic(void) {
 /// Removes the test directory's files (one level plus is_a_dir).
 static void cleanup(void) {
   DIR *d = opendir(g_dir);
-  if (!d)
-    return;
+  if (!d) return;
   struct dirent *e;
   while ((e = readdir(d)) != NULL) {
-    if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
-      continue;
+    if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
     const char *p = tpath(e->d_name);
-    if (unlink(p) != 0)
-      rmdir(p);
+    if (unlink(p) != 0) rmdir(p);
   }
   closedir(d);
   rmdir(g_dir);

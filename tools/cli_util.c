@@ -24,8 +24,7 @@ void cli_preset_list(FILE *f) {
   for (size_t i = 0; i < sizeof cli_presets / sizeof *cli_presets; i++) {
     const cli_preset *p = &cli_presets[i];
     fprintf(f, "  %-18s E=%-4lld H=%-5lld I=%-5lld top-%lld\n", p->name,
-            (long long)p->E, (long long)p->H, (long long)p->I,
-            (long long)p->k);
+            (long long)p->E, (long long)p->H, (long long)p->I, (long long)p->k);
   }
 }
 
@@ -44,9 +43,12 @@ bool cli_int(const char *opt, const char *v, int64_t lo, int64_t hi,
 }
 
 bool cli_method(const char *v, moe_gmm_method *m) {
-  if (!strcmp(v, "auto")) *m = MOE_GMM_AUTO;
-  else if (!strcmp(v, "grouped")) *m = MOE_GMM_GROUPED;
-  else if (!strcmp(v, "loop")) *m = MOE_GMM_LOOP;
+  if (!strcmp(v, "auto"))
+    *m = MOE_GMM_AUTO;
+  else if (!strcmp(v, "grouped"))
+    *m = MOE_GMM_GROUPED;
+  else if (!strcmp(v, "loop"))
+    *m = MOE_GMM_LOOP;
   else {
     fprintf(stderr, "moe: --method expects auto, grouped or loop, got '%s'\n",
             v);
@@ -56,8 +58,10 @@ bool cli_method(const char *v, moe_gmm_method *m) {
 }
 
 bool cli_dtype(const char *v, moe_dtype *t) {
-  if (!strcmp(v, "f32")) *t = MOE_F32;
-  else if (!strcmp(v, "bf16")) *t = MOE_BF16;
+  if (!strcmp(v, "f32"))
+    *t = MOE_F32;
+  else if (!strcmp(v, "bf16"))
+    *t = MOE_BF16;
   else {
     fprintf(stderr, "moe: --dtype expects f32 or bf16, got '%s'\n", v);
     return false;
@@ -66,8 +70,10 @@ bool cli_dtype(const char *v, moe_dtype *t) {
 }
 
 bool cli_layout(const char *v, moe_layout *l) {
-  if (!strcmp(v, "out_in")) *l = MOE_LAYOUT_OUT_IN;
-  else if (!strcmp(v, "in_out")) *l = MOE_LAYOUT_IN_OUT;
+  if (!strcmp(v, "out_in"))
+    *l = MOE_LAYOUT_OUT_IN;
+  else if (!strcmp(v, "in_out"))
+    *l = MOE_LAYOUT_IN_OUT;
   else {
     fprintf(stderr, "moe: --layout expects out_in or in_out, got '%s'\n", v);
     return false;

@@ -30,17 +30,16 @@ typedef struct bench_opts {
 } bench_opts;
 
 static void bench_usage(FILE *f) {
-  fprintf(f,
-          "usage: moe bench [--preset NAME] [--tokens N] [--dtype "
-          "f32|bf16|all]\n"
-          "                 [--layout out_in|in_out|all] [--threads N] "
-          "[--reps N] [--json]\n"
-          "\n"
-          "Times forward and forward+backward of one expert layer (router,\n"
-          "permute, gate_up, SwiGLU, down, unpermute) for each method and\n"
-          "weight layout; 'loop+copy' is a baseline libmoe never uses.\n"
-          "Default: --preset qwen3-30b-a3b --tokens 256 --dtype bf16 "
-          "--layout all --reps 3\n\npresets:\n");
+  fprintf(f, "usage: moe bench [--preset NAME] [--tokens N] [--dtype "
+             "f32|bf16|all]\n"
+             "                 [--layout out_in|in_out|all] [--threads N] "
+             "[--reps N] [--json]\n"
+             "\n"
+             "Times forward and forward+backward of one expert layer (router,\n"
+             "permute, gate_up, SwiGLU, down, unpermute) for each method and\n"
+             "weight layout; 'loop+copy' is a baseline libmoe never uses.\n"
+             "Default: --preset qwen3-30b-a3b --tokens 256 --dtype bf16 "
+             "--layout all --reps 3\n\npresets:\n");
   cli_preset_list(f);
 }
 
@@ -88,15 +87,17 @@ static void transpose3(const void *src, void *dst, int64_t E, int64_t a,
       for (int64_t j0 = 0; j0 < b; j0 += TB)
         for (int64_t i = i0; i < i0 + TB && i < a; i++)
           for (int64_t j = j0; j < j0 + TB && j < b; j++)
-            memcpy((char *)dst + ((size_t)(e * b + j) * (size_t)a + (size_t)i) * es,
-                   (const char *)src + ((size_t)(e * a + i) * (size_t)b + (size_t)j) * es,
+            memcpy((char *)dst +
+                       ((size_t)(e * b + j) * (size_t)a + (size_t)i) * es,
+                   (const char *)src +
+                       ((size_t)(e * a + i) * (size_t)b + (size_t)j) * es,
                    es);
 }
 
 /// One dtype's buffers, allocated once for every layout and method.
 typedef struct bench_bufs {
-  void *x, *gate, *gu, *down, *gout, *out, *logits, *ggate, *ggu, *gdown,
-      *gx, *gu_copy, *down_copy, *ggu_copy, *gdown_copy, *saved, *ws;
+  void *x, *gate, *gu, *down, *gout, *out, *logits, *ggate, *ggu, *gdown, *gx,
+      *gu_copy, *down_copy, *ggu_copy, *gdown_copy, *saved, *ws;
   size_t saved_bytes, ws_bytes;
 } bench_bufs;
 
@@ -112,9 +113,9 @@ static void *xalloc(size_t bytes) {
 }
 
 static void bufs_free(bench_bufs *b) {
-  void **all[] = {&b->x,       &b->gate,     &b->gu,         &b->down,
-                  &b->gout,    &b->out,      &b->logits,     &b->ggate,
-                  &b->ggu,     &b->gdown,    &b->gx,         &b->gu_copy,
+  void **all[] = {&b->x,         &b->gate,     &b->gu,         &b->down,
+                  &b->gout,      &b->out,      &b->logits,     &b->ggate,
+                  &b->ggu,       &b->gdown,    &b->gx,         &b->gu_copy,
                   &b->down_copy, &b->ggu_copy, &b->gdown_copy, &b->saved,
                   &b->ws};
   for (size_t i = 0; i < sizeof all / sizeof *all; i++) {
@@ -241,8 +242,8 @@ static moe_status time_steps(moe_layer_plan *plan, const bench_shape *s,
     qsort(t + 1, (size_t)reps, sizeof(double), cmp_double);
     row->mn = t[1];
     row->mx = t[reps];
-    row->med = reps % 2 ? t[1 + reps / 2]
-                        : 0.5 * (t[reps / 2] + t[reps / 2 + 1]);
+    row->med =
+        reps % 2 ? t[1 + reps / 2] : 0.5 * (t[reps / 2] + t[reps / 2 + 1]);
   }
   free(t);
   return st;
@@ -323,8 +324,9 @@ static int bench_dtype(const bench_opts *o, moe_dtype dt, int *done,
     }
     moe_gmm_method pick0 = moe_layer_plan_method(autoplan, 0),
                    pick1 = moe_layer_plan_method(autoplan, 1);
-    if (!o->json) print_explain_lines(moe_layer_plan_explain(autoplan),
-                                      moe_layout_name(layout));
+    if (!o->json)
+      print_explain_lines(moe_layer_plan_explain(autoplan),
+                          moe_layout_name(layout));
     for (int m = 0; m < B_NMETHODS && rc == CLI_OK; m++) {
       moe_gmm_method gm = m == B_GROUPED ? MOE_GMM_GROUPED : MOE_GMM_LOOP;
       moe_layout run_layout =
@@ -388,9 +390,9 @@ static int bench_dtype(const bench_opts *o, moe_dtype dt, int *done,
                  "\"gflops\":%.2f,\"bytes\":%.0f,\"planner_pick\":%s,"
                  "\"predicted_ms\":",
                  p->name, (long long)s.T, moe_dtype_name(dt),
-                 moe_layout_name(r->layout), r->method,
-                 bw ? "fwd+bwd" : "fwd", r->med, r->mn, r->mx,
-                 flops / (r->med * 1e6), bytes, r->pick ? "true" : "false");
+                 moe_layout_name(r->layout), r->method, bw ? "fwd+bwd" : "fwd",
+                 r->med, r->mn, r->mx, flops / (r->med * 1e6), bytes,
+                 r->pick ? "true" : "false");
           if (r->predicted >= 0)
             printf("%.3f,", r->predicted);
           else
@@ -402,9 +404,9 @@ static int bench_dtype(const bench_opts *o, moe_dtype dt, int *done,
           if (r->predicted >= 0)
             snprintf(pred, sizeof pred, "%.1f", r->predicted);
           printf("%-7s %-10s %-8s %10.1f %10.1f %10.1f %9.1f %9.2f %12s %s\n",
-                 moe_layout_name(r->layout), r->method,
-                 bw ? "fwd+bwd" : "fwd", r->med, r->mn, r->mx,
-                 flops / (r->med * 1e6), bytes / 1e9, pred,
+                 moe_layout_name(r->layout), r->method, bw ? "fwd+bwd" : "fwd",
+                 r->med, r->mn, r->mx, flops / (r->med * 1e6), bytes / 1e9,
+                 pred,
                  r->pick ? "<- pick"
                          : (r->predicted < 0 ? "(baseline; never used)" : ""));
         }

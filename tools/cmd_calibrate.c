@@ -40,16 +40,17 @@ typedef struct cal_opts {
 } cal_opts;
 
 static void cal_usage(FILE *f) {
-  fprintf(f,
-          "usage: moe calibrate [--out PATH] [--threads N] [--quick]\n"
-          "\n"
-          "Measures peak rates, bandwidth, per-call library overhead and the\n"
-          "grouped and loop GEMM rates the planner uses, and writes them as\n"
-          "JSON to PATH (default: $MOE_MACHINE_FILE, else\n"
-          "$XDG_CACHE_HOME/libmoe/machine.json or "
-          "~/.cache/libmoe/machine.json).\n"
-          "Takes about half a minute on 2 cores; --quick times each point once.\n"
-          "Run it on a quiet machine: other load lowers every number.\n");
+  fprintf(
+      f,
+      "usage: moe calibrate [--out PATH] [--threads N] [--quick]\n"
+      "\n"
+      "Measures peak rates, bandwidth, per-call library overhead and the\n"
+      "grouped and loop GEMM rates the planner uses, and writes them as\n"
+      "JSON to PATH (default: $MOE_MACHINE_FILE, else\n"
+      "$XDG_CACHE_HOME/libmoe/machine.json or "
+      "~/.cache/libmoe/machine.json).\n"
+      "Takes about half a minute on 2 cores; --quick times each point once.\n"
+      "Run it on a quiet machine: other load lowers every number.\n");
 }
 
 static double cal_now(void) {
@@ -70,30 +71,36 @@ static int cal_cmp(const void *a, const void *b) {
 __attribute__((target("avx512f,fma"))) static float cal_fma(long iters) {
   __m512 c[24], a = _mm512_set1_ps(1.0000001f), b = _mm512_set1_ps(0.9999999f);
 #pragma GCC unroll 24
-  for (int i = 0; i < 24; i++) c[i] = _mm512_set1_ps((float)i);
+  for (int i = 0; i < 24; i++)
+    c[i] = _mm512_set1_ps((float)i);
   for (long n = 0; n < iters; n++)
 #pragma GCC unroll 24
-    for (int i = 0; i < 24; i++) c[i] = _mm512_fmadd_ps(a, b, c[i]);
+    for (int i = 0; i < 24; i++)
+      c[i] = _mm512_fmadd_ps(a, b, c[i]);
   __m512 s = c[0];
 #pragma GCC unroll 24
-  for (int i = 1; i < 24; i++) s = _mm512_add_ps(s, c[i]);
+  for (int i = 1; i < 24; i++)
+    s = _mm512_add_ps(s, c[i]);
   return _mm512_reduce_add_ps(s);
 }
 
-__attribute__((target("avx512f,avx512bf16"))) static float cal_dpbf16(
-    long iters) {
+__attribute__((target("avx512f,avx512bf16"))) static float
+cal_dpbf16(long iters) {
   __m512 c[24];
   __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80),
            b = (__m512bh)_mm512_set1_epi32(0x3f803f80);
   /* Distinct starting values: identical chains would be merged. */
 #pragma GCC unroll 24
-  for (int i = 0; i < 24; i++) c[i] = _mm512_set1_ps((float)i);
+  for (int i = 0; i < 24; i++)
+    c[i] = _mm512_set1_ps((float)i);
   for (long n = 0; n < iters; n++)
 #pragma GCC unroll 24
-    for (int i = 0; i < 24; i++) c[i] = _mm512_dpbf16_ps(c[i], a, b);
+    for (int i = 0; i < 24; i++)
+      c[i] = _mm512_dpbf16_ps(c[i], a, b);
   __m512 s = c[0];
 #pragma GCC unroll 24
-  for (int i = 1; i < 24; i++) s = _mm512_add_ps(s, c[i]);
+  for (int i = 1; i < 24; i++)
+    s = _mm512_add_ps(s, c[i]);
   return _mm512_reduce_add_ps(s);
 }
 
@@ -127,14 +134,16 @@ static double cal_bandwidth(int nt) {
   uint64_t *a = malloc(n * sizeof *a);
   if (!a) return 0.0;
 #pragma omp parallel for num_threads(nt) schedule(static)
-  for (size_t i = 0; i < n; i++) a[i] = i * 0x9E3779B97F4A7C15ull;
+  for (size_t i = 0; i < n; i++)
+    a[i] = i * 0x9E3779B97F4A7C15ull;
   double best = 0.0;
   volatile uint64_t sink = 0;
   for (int rep = 0; rep < 3; rep++) {
     uint64_t s = 0;
     double t0 = cal_now();
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : s)
-    for (size_t i = 0; i < n; i++) s += a[i];
+    for (size_t i = 0; i < n; i++)
+      s += a[i];
     double g = (double)(n * sizeof *a) / (cal_now() - t0) / 1e9;
     sink += s;
     if (g > best) best = g;
@@ -171,7 +180,8 @@ static void cal_fill(void *p, moe_dtype t, size_t n) {
 static double cal_time(cal_bufs *b, moe_dtype dt, moe_gmm_method m, int kind,
                        int64_t rows, int nt, int reps) {
   int64_t E = b->E, K = b->K, N = b->N, R = E * rows;
-  for (int64_t e = 0; e <= E; e++) b->off[e] = e * rows;
+  for (int64_t e = 0; e <= E; e++)
+    b->off[e] = e * rows;
   int64_t xs[2] = {R, K}, ys[2] = {R, N}, ws[3] = {E, N, K}, os[1] = {E + 1};
   moe_tensor x = moe_tensor_make(b->x, dt, 2, xs);
   moe_tensor y = moe_tensor_make(b->y, dt, 2, ys);
@@ -319,8 +329,7 @@ int cmd_calibrate(int argc, char **argv) {
     double s = cal_time(&t, dt, MOE_GMM_LOOP, 0, 1, nt, o.quick ? 3 : 9);
     call_us[d] = s > 0 ? s / (double)t.E * 1e6 : 0;
     printf("  loop call, %-4s     %8.2f us (one %lldx%lldx%lld GEMM)\n",
-           moe_dtype_name(dt), call_us[d], 1LL, (long long)t.N,
-           (long long)t.K);
+           moe_dtype_name(dt), call_us[d], 1LL, (long long)t.N, (long long)t.K);
   }
 
   static const char *mnames[2] = {"grouped", "loop"},
@@ -344,8 +353,8 @@ int cmd_calibrate(int argc, char **argv) {
             rc = CLI_ERR;
             break;
           }
-          double flops = 2.0 * (double)(b.E * cal_rows[i]) * (double)b.K *
-                         (double)b.N;
+          double flops =
+              2.0 * (double)(b.E * cal_rows[i]) * (double)b.K * (double)b.N;
           rate[m][d][k][i] = flops / s / 1e9;
           printf(" %lld:%.0f", (long long)cal_rows[i], rate[m][d][k][i]);
           fflush(stdout);

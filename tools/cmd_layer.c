@@ -26,7 +26,8 @@ static void layer_usage(FILE *f) {
       "  gate_up_layout / down_layout = out_in | in_out where H = 2I or H = I\n"
       "Outputs: output [T,H], router_logits [T,E] f32; with --backward\n"
       "  grad.hidden_states, grad.gate.weight, grad.experts.gate_up_proj,\n"
-      "  grad.experts.down_proj in the shape, layout and dtype of the input.\n");
+      "  grad.experts.down_proj in the shape, layout and dtype of the "
+      "input.\n");
 }
 
 /// What the file holds, resolved to library views.
@@ -56,8 +57,7 @@ static int fail_input(const layer_io *io, const char *fmt, const char *a) {
 /// Fetches a tensor; safetensors does not promise alignment, so a
 /// misaligned one is staged into an aligned buffer (input staging of the
 /// tool, not a copy made by the library).
-static int get_tensor(layer_io *io, const char *name, int ndim,
-                      moe_tensor *t) {
+static int get_tensor(layer_io *io, const char *name, int ndim, moe_tensor *t) {
   moe_status s = moe_st_get(io->f, name, t);
   if (s != MOE_SUCCESS) return fail_input(io, "missing tensor '%s'", name);
   if (t->ndim != ndim) {
@@ -82,8 +82,10 @@ static int parse_layout_meta(layer_io *io, const char *key, moe_layout *l,
   const char *v = moe_st_metadata(io->f, key);
   *given = v != NULL;
   if (!v) return CLI_OK;
-  if (!strcmp(v, "out_in")) *l = MOE_LAYOUT_OUT_IN;
-  else if (!strcmp(v, "in_out")) *l = MOE_LAYOUT_IN_OUT;
+  if (!strcmp(v, "out_in"))
+    *l = MOE_LAYOUT_OUT_IN;
+  else if (!strcmp(v, "in_out"))
+    *l = MOE_LAYOUT_IN_OUT;
   else {
     fprintf(stderr,
             "moe layer: %s: metadata %s = '%s': expected out_in or in_out\n",
@@ -100,8 +102,7 @@ static int resolve(layer_io *io, bool backward) {
   if ((rc = get_tensor(io, "gate.weight", 2, &io->gate))) return rc;
   if ((rc = get_tensor(io, "experts.gate_up_proj", 3, &io->gu))) return rc;
   if ((rc = get_tensor(io, "experts.down_proj", 3, &io->down))) return rc;
-  if (backward && (rc = get_tensor(io, "grad_output", 2, &io->gout)))
-    return rc;
+  if (backward && (rc = get_tensor(io, "grad_output", 2, &io->gout))) return rc;
   moe_dtype dt = io->hidden.dtype;
   if (dt != MOE_F32 && dt != MOE_BF16) {
     fprintf(stderr,
@@ -142,7 +143,8 @@ static int resolve(layer_io *io, bool backward) {
   bool given;
   if ((rc = parse_layout_meta(io, "gate_up_layout", &io->gu_layout, &given)))
     return rc;
-  bool oi = g[2] == io->H && g[1] % 2 == 0, io_ = g[1] == io->H && g[2] % 2 == 0;
+  bool oi = g[2] == io->H && g[1] % 2 == 0,
+       io_ = g[1] == io->H && g[2] % 2 == 0;
   if (g[0] != io->E || (!oi && !io_)) {
     fprintf(stderr,
             "moe layer: %s: experts.gate_up_proj is [%lld,%lld,%lld], "
@@ -219,11 +221,14 @@ static int resolve(layer_io *io, bool backward) {
   const char *nv = moe_st_metadata(io->f, "norm_topk_prob");
   io->norm = 1;
   if (nv) {
-    if (!strcmp(nv, "true")) io->norm = 1;
-    else if (!strcmp(nv, "false")) io->norm = 0;
+    if (!strcmp(nv, "true"))
+      io->norm = 1;
+    else if (!strcmp(nv, "false"))
+      io->norm = 0;
     else
-      return fail_input(io, "metadata norm_topk_prob = '%s': expected true "
-                            "or false",
+      return fail_input(io,
+                        "metadata norm_topk_prob = '%s': expected true "
+                        "or false",
                         nv);
   }
   return CLI_OK;
@@ -556,8 +561,7 @@ int cmd_layer(int argc, char **argv) {
   fa.w_down = logical(&io.down, io.down_layout);
   fa.output = moe_tensor_make(bufs[0], io.hidden.dtype, 2, th);
   fa.router_logits = moe_tensor_make(bufs[1], MOE_F32, 2, te);
-  if ((s = moe_layer_forward(plan, &fa, saved, sv_bytes, ws, ws_bytes,
-                             NULL))) {
+  if ((s = moe_layer_forward(plan, &fa, saved, sv_bytes, ws, ws_bytes, NULL))) {
     cli_fail("layer", "forward", s);
     goto out;
   }
@@ -612,8 +616,10 @@ lib_fail:
 out:
   moe_st_writer_destroy(w);
   moe_layer_plan_destroy(plan);
-  for (int i = 0; i < 8; i++) free(bufs[i]);
-  for (int i = 0; i < io.nowned; i++) free(io.owned[i]);
+  for (int i = 0; i < 8; i++)
+    free(bufs[i]);
+  for (int i = 0; i < io.nowned; i++)
+    free(io.owned[i]);
   free(saved);
   free(ws);
   moe_st_close(io.f);

@@ -5,10 +5,9 @@
 #include "cli.h"
 
 static void plan_usage(FILE *f) {
-  fprintf(f,
-          "usage: moe plan --preset NAME [--tokens N] [--dtype f32|bf16]\n"
-          "                [--layout out_in|in_out] [--threads N] "
-          "[--explain]\n\npresets:\n");
+  fprintf(f, "usage: moe plan --preset NAME [--tokens N] [--dtype f32|bf16]\n"
+             "                [--layout out_in|in_out] [--threads N] "
+             "[--explain]\n\npresets:\n");
   cli_preset_list(f);
 }
 

@@ -21,23 +21,23 @@
 
 #include "moe_cuda.h"
 
-#define CU(call)                                                             \
-  do {                                                                       \
-    cudaError_t e_ = (call);                                                 \
-    if (e_ != cudaSuccess) {                                                 \
-      fprintf(stderr, "FATAL %s:%d %s: %s\n", __FILE__, __LINE__, #call,     \
-              cudaGetErrorString(e_));                                       \
-      exit(1);                                                               \
-    }                                                                        \
+#define CU(call)                                                               \
+  do {                                                                         \
+    cudaError_t e_ = (call);                                                   \
+    if (e_ != cudaSuccess) {                                                   \
+      fprintf(stderr, "FATAL %s:%d %s: %s\n", __FILE__, __LINE__, #call,       \
+              cudaGetErrorString(e_));                                         \
+      exit(1);                                                                 \
+    }                                                                          \
   } while (0)
-#define MOE(call)                                                            \
-  do {                                                                       \
-    moe_status s_ = (call);                                                  \
-    if (s_ != MOE_SUCCESS) {                                                 \
-      fprintf(stderr, "FATAL %s:%d %s: %s: %s\n", __FILE__, __LINE__, #call, \
-              moe_status_name(s_), moe_last_error());                        \
-      exit(1);                                                               \
-    }                                                                        \
+#define MOE(call)                                                              \
+  do {                                                                         \
+    moe_status s_ = (call);                                                    \
+    if (s_ != MOE_SUCCESS) {                                                   \
+      fprintf(stderr, "FATAL %s:%d %s: %s: %s\n", __FILE__, __LINE__, #call,   \
+              moe_status_name(s_), moe_last_error());                          \
+      exit(1);                                                                 \
+    }                                                                          \
   } while (0)
 
 typedef struct shape {
@@ -114,7 +114,8 @@ static double time_ms(bench_fn fn, void *ctx, int reps) {
   cudaEvent_t a, b;
   CU(cudaEventCreate(&a));
   CU(cudaEventCreate(&b));
-  for (int i = 0; i < 2; i++) fn(ctx);
+  for (int i = 0; i < 2; i++)
+    fn(ctx);
   CU(cudaStreamSynchronize(g_stream));
   double ts[64];
   if (reps > 64) reps = 64;
@@ -133,7 +134,8 @@ static double time_ms(bench_fn fn, void *ctx, int reps) {
   return ts[reps / 2];
 }
 
-/* ---- expert GEMMs ---------------------------------------------------------- */
+/* ---- expert GEMMs ----------------------------------------------------------
+ */
 
 typedef struct gemm_ctx {
   int64_t E, H, I, R;
@@ -161,17 +163,29 @@ static void run_fwdbwd(void *p) {
   gemm_fwd(p);
   gemm_bwd(p);
 }
-static const char *one_names[6] = {"gate_up fwd", "down fwd", "down dX",
+static const char *one_names[6] = {"gate_up fwd", "down fwd",   "down dX",
                                    "down dW",     "gate_up dX", "gate_up dW"};
 static void run_one(void *p) {
   gemm_ctx *c = p;
   switch (c->only) {
-  case 0: MOE(moe_cuda_grouped_gemm(&c->x, &c->wgu, &c->off, &c->ab, &c->opt)); break;
-  case 1: MOE(moe_cuda_grouped_gemm(&c->h, &c->wd, &c->off, &c->out, &c->opt)); break;
-  case 2: MOE(moe_cuda_grouped_gemm_dx(&c->gout, &c->wd, &c->off, &c->dh, &c->opt)); break;
-  case 3: MOE(moe_cuda_grouped_gemm_dw(&c->h, &c->gout, &c->off, &c->gwd, &c->opt)); break;
-  case 4: MOE(moe_cuda_grouped_gemm_dx(&c->dab, &c->wgu, &c->off, &c->dx, &c->opt)); break;
-  case 5: MOE(moe_cuda_grouped_gemm_dw(&c->x, &c->dab, &c->off, &c->gwgu, &c->opt)); break;
+  case 0:
+    MOE(moe_cuda_grouped_gemm(&c->x, &c->wgu, &c->off, &c->ab, &c->opt));
+    break;
+  case 1:
+    MOE(moe_cuda_grouped_gemm(&c->h, &c->wd, &c->off, &c->out, &c->opt));
+    break;
+  case 2:
+    MOE(moe_cuda_grouped_gemm_dx(&c->gout, &c->wd, &c->off, &c->dh, &c->opt));
+    break;
+  case 3:
+    MOE(moe_cuda_grouped_gemm_dw(&c->h, &c->gout, &c->off, &c->gwd, &c->opt));
+    break;
+  case 4:
+    MOE(moe_cuda_grouped_gemm_dx(&c->dab, &c->wgu, &c->off, &c->dx, &c->opt));
+    break;
+  case 5:
+    MOE(moe_cuda_grouped_gemm_dw(&c->x, &c->dab, &c->off, &c->gwgu, &c->opt));
+    break;
   }
 }
 static double one_flops(const gemm_ctx *c, int i) {
@@ -179,7 +193,8 @@ static double one_flops(const gemm_ctx *c, int i) {
   return (i == 0 || i == 4 || i == 5) ? 2 * R * H * 2 * I : 2 * R * I * H;
 }
 
-/* ---- the whole layer ------------------------------------------------------------ */
+/* ---- the whole layer
+ * ------------------------------------------------------------ */
 
 typedef struct layer_ctx {
   moe_layer_plan *plan;
@@ -202,8 +217,8 @@ static void run_layer_fwdbwd(void *p) {
 }
 
 static void row(const char *shape_name, const char *what, const char *method,
-                const char *layout, const char *pass, double ms,
-                double flops, double pred) {
+                const char *layout, const char *pass, double ms, double flops,
+                double pred) {
   printf("%-16s %-8s %-8s %-7s %-8s %9.3f %8.0f %10.3f\n", shape_name, what,
          method, layout, pass, ms, flops / ms / 1e9, pred);
   if (g_json)
@@ -211,15 +226,13 @@ static void row(const char *shape_name, const char *what, const char *method,
             "{\"shape\":\"%s\",\"what\":\"%s\",\"method\":\"%s\","
             "\"layout\":\"%s\",\"pass\":\"%s\",\"ms\":%.4f,\"tflops\":%.1f,"
             "\"predicted_ms\":%.4f}\n",
-            shape_name, what, method, layout, pass, ms, flops / ms / 1e9,
-            pred);
+            shape_name, what, method, layout, pass, ms, flops / ms / 1e9, pred);
 }
 
 static void bench_shape(const shape *s, bool sweep) {
   int64_t E = s->E, H = s->H, I = s->I, k = s->k, T = s->T, R = T * k;
   size_t nwgu = (size_t)(E * 2 * I * H), nwd = (size_t)(E * H * I);
-  void *wgu, *wd, *gwgu, *gwd, *x, *ab, *h, *out, *gout, *dh, *dab, *dx,
-      *offd;
+  void *wgu, *wd, *gwgu, *gwd, *x, *ab, *h, *out, *gout, *dh, *dab, *dx, *offd;
   CU(cudaMalloc(&wgu, nwgu * 2));
   CU(cudaMalloc(&wd, nwd * 2));
   CU(cudaMalloc(&gwgu, nwgu * 2));
@@ -241,8 +254,8 @@ static void bench_shape(const shape *s, bool sweep) {
   fill_bf16(dh, (size_t)(R * I), 1.0f, 6);
 
   /* routing like the baselines: k distinct experts per token, uniform */
-  int64_t *cnt = calloc((size_t)E, sizeof *cnt), *off =
-                                                     malloc((size_t)(E + 1) * 8);
+  int64_t *cnt = calloc((size_t)E, sizeof *cnt),
+          *off = malloc((size_t)(E + 1) * 8);
   uint64_t seed = 7;
   int64_t pick[64];
   for (int64_t t = 0; t < T; t++)
@@ -252,7 +265,8 @@ static void bench_shape(const shape *s, bool sweep) {
       do {
         e = (int64_t)(rng_next(&seed) % (uint64_t)E);
         dup = false;
-        for (int64_t q = 0; q < j; q++) dup |= pick[q] == e;
+        for (int64_t q = 0; q < j; q++)
+          dup |= pick[q] == e;
       } while (dup);
       pick[j] = e;
       cnt[e]++;
@@ -272,8 +286,8 @@ static void bench_shape(const shape *s, bool sweep) {
          s->name, (long long)E, (long long)H, (long long)I, (long long)k,
          (long long)T, (long long)R, (long long)cmin, (long long)cmax,
          fwd_flops / 1e9, (double)(nwgu + nwd) * 2 / 1e9);
-  printf("%-16s %-8s %-8s %-7s %-8s %9s %8s %10s\n", "shape", "what",
-         "method", "layout", "pass", "median_ms", "TFLOP/s", "pred_ms");
+  printf("%-16s %-8s %-8s %-7s %-8s %9s %8s %10s\n", "shape", "what", "method",
+         "layout", "pass", "median_ms", "TFLOP/s", "pred_ms");
 
   moe_layout lays[2] = {MOE_LAYOUT_OUT_IN, MOE_LAYOUT_IN_OUT};
   moe_gmm_method ms[2] = {MOE_GMM_GROUPED, MOE_GMM_LOOP};
@@ -329,10 +343,10 @@ static void bench_shape(const shape *s, bool sweep) {
       }
       double tf = time_ms(run_fwd, &c, g_reps);
       double tb = time_ms(run_fwdbwd, &c, g_reps > 5 ? 5 : g_reps);
-      row(s->name, "experts", moe_gmm_method_name(ms[mi]),
-          moe_layout_name(l), "fwd", tf, fwd_flops, pf);
-      row(s->name, "experts", moe_gmm_method_name(ms[mi]),
-          moe_layout_name(l), "fwd+bwd", tb, 3 * fwd_flops, pf + pb);
+      row(s->name, "experts", moe_gmm_method_name(ms[mi]), moe_layout_name(l),
+          "fwd", tf, fwd_flops, pf);
+      row(s->name, "experts", moe_gmm_method_name(ms[mi]), moe_layout_name(l),
+          "fwd+bwd", tb, 3 * fwd_flops, pf + pb);
     }
     if (sweep) {
       static const char *tiles[6] = {"4x8", "2x8",   "4x4",
@@ -399,9 +413,8 @@ static void bench_shape(const shape *s, bool sweep) {
       char mname[24];
       for (int proj = 0; proj < 2; proj++) {
         double f = 0, b = 0;
-        MOE(moe_layer_plan_predict(lc.plan, proj,
-                                   moe_layer_plan_method(lc.plan, proj), &f,
-                                   &b));
+        MOE(moe_layer_plan_predict(
+            lc.plan, proj, moe_layer_plan_method(lc.plan, proj), &f, &b));
         pf += f;
         pb += b;
       }
@@ -429,7 +442,8 @@ static void bench_shape(const shape *s, bool sweep) {
     MOE(moe_layer_plan_destroy(pp));
   }
   void *all[] = {wgu, wd, gwgu, gwd, x, ab, h, out, gout, dh, dab, dx, offd};
-  for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) CU(cudaFree(all[i]));
+  for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+    CU(cudaFree(all[i]));
   free(cnt);
   free(off);
   fflush(stdout);
@@ -468,8 +482,8 @@ static void bench_dense(void) {
       unsetenv("MOE_CUDA_TILE");
       char name[32];
       snprintf(name, sizeof name, "%s", m == 4 ? "loop" : tiles[m]);
-      row("dense16k4k4k", "ceiling", name, l ? "in_out" : "out_in", "fwd",
-          t, fl, 0.0);
+      row("dense16k4k4k", "ceiling", name, l ? "in_out" : "out_in", "fwd", t,
+          fl, 0.0);
     }
   }
   CU(cudaFree(a));

@@ -11,9 +11,12 @@ moe_status moe_env_gmm(moe_gmm_method *m, bool *set) {
   *set = false;
   *m = MOE_GMM_AUTO;
   if (!v || !*v) return MOE_SUCCESS;
-  if (!strcasecmp(v, "auto")) *m = MOE_GMM_AUTO;
-  else if (!strcasecmp(v, "grouped")) *m = MOE_GMM_GROUPED;
-  else if (!strcasecmp(v, "loop")) *m = MOE_GMM_LOOP;
+  if (!strcasecmp(v, "auto"))
+    *m = MOE_GMM_AUTO;
+  else if (!strcasecmp(v, "grouped"))
+    *m = MOE_GMM_GROUPED;
+  else if (!strcasecmp(v, "loop"))
+    *m = MOE_GMM_LOOP;
   else
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "environment MOE_GMM='%.64s': expected auto, grouped or "

@@ -45,6 +45,6 @@ const char *moe_last_error(void) { return moe_err_buf; }
 #define MOE_STR2(x) #x
 #define MOE_STR(x) MOE_STR2(x)
 const char *moe_version(void) {
-  return MOE_STR(MOE_VERSION_MAJOR) "." MOE_STR(
-      MOE_VERSION_MINOR) "." MOE_STR(MOE_VERSION_PATCH);
+  return MOE_STR(MOE_VERSION_MAJOR) "." MOE_STR(MOE_VERSION_MINOR) "." MOE_STR(
+      MOE_VERSION_PATCH);
 }

@@ -25,10 +25,10 @@ moe_status moe_error(moe_status s, const char *fmt, ...) MOE_PRINTF(2, 3);
 void moe_clear_error(void);
 
 /// Propagates a failing status.
-#define MOE_TRY(expr)                                                        \
-  do {                                                                       \
-    moe_status moe_try_s_ = (expr);                                          \
-    if (moe_try_s_ != MOE_SUCCESS) return moe_try_s_;                        \
+#define MOE_TRY(expr)                                                          \
+  do {                                                                         \
+    moe_status moe_try_s_ = (expr);                                            \
+    if (moe_try_s_ != MOE_SUCCESS) return moe_try_s_;                          \
   } while (0)
 
 /// a*b and a+b on non-negative int64 with overflow detection.

@@ -74,7 +74,8 @@ moe_tensor moe_tensor_make(void *data, moe_dtype dtype, int ndim,
 
 int64_t moe_tensor_numel(const moe_tensor *t) {
   int64_t n = 1;
-  for (int d = 0; d < t->ndim; d++) n *= t->shape[d];
+  for (int d = 0; d < t->ndim; d++)
+    n *= t->shape[d];
   return t->ndim ? n : 0;
 }
 
@@ -135,8 +136,7 @@ moe_status moe_check_tensor(const moe_tensor *t, const char *name, int ndim,
     return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: tensor is missing", name);
   if (t->ndim != ndim)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "%s: expected %d dimensions, got %d", name, ndim,
-                     t->ndim);
+                     "%s: expected %d dimensions, got %d", name, ndim, t->ndim);
   for (int d = 0; d < ndim; d++) {
     if (t->shape[d] < 0)
       return moe_error(MOE_ERR_INVALID_ARGUMENT,
@@ -160,10 +160,9 @@ moe_status moe_check_tensor(const moe_tensor *t, const char *name, int ndim,
                      "%s: dtype %s, expected f32 or bf16", name,
                      moe_dtype_name(t->dtype));
   if (dev && (t->device.type != dev->type || t->device.index != dev->index))
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "%s: on device %d:%d, the plan runs on %d:%d", name,
-                     (int)t->device.type, t->device.index, (int)dev->type,
-                     dev->index);
+    return moe_error(
+        MOE_ERR_INVALID_ARGUMENT, "%s: on device %d:%d, the plan runs on %d:%d",
+        name, (int)t->device.type, t->device.index, (int)dev->type, dev->index);
   if (!t->data && moe_tensor_numel(t) > 0)
     return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: data is NULL", name);
   return MOE_SUCCESS;
@@ -173,8 +172,8 @@ void *moe_alloc(size_t bytes, const char *what) {
   if (bytes == 0) bytes = 64;
   void *p = NULL;
   if (posix_memalign(&p, 64, moe_align64(bytes)) != 0) {
-    moe_error(MOE_ERR_OUT_OF_MEMORY, "out of memory allocating %zu bytes for %s",
-              bytes, what);
+    moe_error(MOE_ERR_OUT_OF_MEMORY,
+              "out of memory allocating %zu bytes for %s", bytes, what);
     return NULL;
   }
   return p;

@@ -57,8 +57,7 @@ typedef struct moe_cu_call_ctx {
 } moe_cu_call_ctx;
 
 static moe_status moe_cu_call_begin(const moe_exec_options *opt,
-                                    const moe_device *dev,
-                                    moe_cu_call_ctx *c) {
+                                    const moe_device *dev, moe_cu_call_ctx *c) {
   memset(c, 0, sizeof *c);
   moe_gmm_method env;
   bool set;
@@ -83,12 +82,13 @@ static moe_status moe_cu_offsets(const moe_tensor *off, int64_t E,
                                  moe_device *dev) {
   int64_t s[1] = {E + 1};
   if (off->dtype != MOE_I64)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT, "offsets: dtype %s, expected "
-                     "i64", moe_dtype_name(off->dtype));
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "offsets: dtype %s, expected "
+                     "i64",
+                     moe_dtype_name(off->dtype));
   MOE_TRY(moe_cu_on_device(off, "offsets", 1, s, dev));
   if (off->stride[0] != 1 && E + 1 > 1)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "offsets: must be contiguous");
+    return moe_error(MOE_ERR_INVALID_ARGUMENT, "offsets: must be contiguous");
   return MOE_SUCCESS;
 }
 
@@ -120,8 +120,8 @@ moe_status moe_cuda_grouped_gemm(const moe_tensor *x, const moe_tensor *w,
   p.N = w->shape[1];
   p.K = w->shape[2];
   p.A = moe_cu_op2(x);
-  p.B = (moe_cu_operand){w->data, w->dtype, w->stride[2], w->stride[1],
-                         w->stride[0], NULL};
+  p.B = (moe_cu_operand){w->data,      w->dtype,     w->stride[2],
+                         w->stride[1], w->stride[0], NULL};
   p.C = moe_cu_op2(y);
   moe_cu_call_ctx c;
   MOE_TRY(moe_cu_call_begin(opt, &dev, &c));
@@ -151,8 +151,8 @@ moe_status moe_cuda_grouped_gemm_dx(const moe_tensor *dy, const moe_tensor *w,
   p.N = w->shape[2];
   p.K = w->shape[1];
   p.A = moe_cu_op2(dy);
-  p.B = (moe_cu_operand){w->data, w->dtype, w->stride[1], w->stride[2],
-                         w->stride[0], NULL};
+  p.B = (moe_cu_operand){w->data,      w->dtype,     w->stride[1],
+                         w->stride[2], w->stride[0], NULL};
   p.C = moe_cu_op2(dx);
   moe_cu_call_ctx c;
   MOE_TRY(moe_cu_call_begin(opt, &dev, &c));
@@ -181,11 +181,11 @@ moe_status moe_cuda_grouped_gemm_dw(const moe_tensor *x, const moe_tensor *dy,
   p.rows = R;
   p.M = dw->shape[1];
   p.N = dw->shape[2];
-  p.A = (moe_cu_operand){dy->data, dy->dtype, dy->stride[1], dy->stride[0],
-                         0, NULL};
+  p.A = (moe_cu_operand){dy->data,      dy->dtype, dy->stride[1],
+                         dy->stride[0], 0,         NULL};
   p.B = moe_cu_op2(x);
-  p.C = (moe_cu_operand){dw->data, dw->dtype, dw->stride[1], dw->stride[2],
-                         dw->stride[0], NULL};
+  p.C = (moe_cu_operand){dw->data,      dw->dtype,     dw->stride[1],
+                         dw->stride[2], dw->stride[0], NULL};
   moe_cu_call_ctx c;
   MOE_TRY(moe_cu_call_begin(opt, &dev, &c));
   return moe_cu_call_end(&c, moe_cu_gemm_run(c.m, &p, &c.ctx));
@@ -204,9 +204,8 @@ static moe_status moe_cu_view2(const moe_tensor *t, const char *name,
   return MOE_SUCCESS;
 }
 
-moe_status moe_cuda_swiglu_forward(const moe_tensor *gate,
-                                   const moe_tensor *up, moe_tensor *h,
-                                   void *stream) {
+moe_status moe_cuda_swiglu_forward(const moe_tensor *gate, const moe_tensor *up,
+                                   moe_tensor *h, void *stream) {
   if (!gate || !up || !h)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "moe_cuda_swiglu_forward: NULL argument");
@@ -220,9 +219,9 @@ moe_status moe_cuda_swiglu_forward(const moe_tensor *gate,
 }
 
 moe_status moe_cuda_swiglu_backward(const moe_tensor *gate,
-                                    const moe_tensor *up,
-                                    const moe_tensor *dh, moe_tensor *dgate,
-                                    moe_tensor *dup, void *stream) {
+                                    const moe_tensor *up, const moe_tensor *dh,
+                                    moe_tensor *dgate, moe_tensor *dup,
+                                    void *stream) {
   if (!gate || !up || !dh || !dgate || !dup)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "moe_cuda_swiglu_backward: NULL argument");
@@ -233,6 +232,6 @@ moe_status moe_cuda_swiglu_backward(const moe_tensor *gate,
   MOE_TRY(moe_cu_view2(dh, "dh", gate, &dev, &d));
   MOE_TRY(moe_cu_view2(dgate, "dgate", gate, &dev, &dg));
   MOE_TRY(moe_cu_view2(dup, "dup", gate, &dev, &du));
-  return moe_cu_swiglu_bwd(&g, &u, &d, &dg, &du, gate->shape[0],
-                           gate->shape[1], NULL, (cudaStream_t)stream);
+  return moe_cu_swiglu_bwd(&g, &u, &d, &dg, &du, gate->shape[0], gate->shape[1],
+                           NULL, (cudaStream_t)stream);
 }

@@ -64,10 +64,10 @@ typedef struct moe_cu_gemm {
 /// Per-call context of the CUDA GEMM methods.
 typedef struct moe_cu_ctx {
   cudaStream_t stream;
-  cublasHandle_t blas;       ///< loop method and dense helpers
-  int strict;                ///< host syncs are errors
+  cublasHandle_t blas;         ///< loop method and dense helpers
+  int strict;                  ///< host syncs are errors
   const int64_t *host_offsets; ///< loop: counts already on the host, or NULL
-  int64_t *pinned;           ///< loop: pinned buffer of >= groups+1 entries
+  int64_t *pinned;             ///< loop: pinned buffer of >= groups+1 entries
 } moe_cu_ctx;
 
 /// libmoe's grouped kernel: bf16 tensor cores (mma.sync, f32 accumulation)
@@ -129,9 +129,9 @@ moe_status moe_cu_gather_rows(const moe_cu_view *x, const int32_t *row_token,
                               void *xp, cudaStream_t s);
 /// out[t] = sum_j w[t, j] y[slot_row[t*k + j]] (f32, j order).
 moe_status moe_cu_unpermute(const void *y, moe_dtype yt,
-                            const int32_t *slot_row, const float *w,
-                            int64_t T, int64_t k, int64_t H,
-                            const moe_cu_view *out, cudaStream_t s);
+                            const int32_t *slot_row, const float *w, int64_t T,
+                            int64_t k, int64_t H, const moe_cu_view *out,
+                            cudaStream_t s);
 /// dy[row] = w g[t] and dw[t, j] = <g[t], y[row]> (f32).
 moe_status moe_cu_unpermute_backward(const moe_cu_view *g, const void *y,
                                      moe_dtype yt, const int32_t *slot_row,

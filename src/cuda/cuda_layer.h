@@ -15,8 +15,8 @@
 /// it.
 static inline bool moe_desc_on_cuda(const moe_layer_desc *d) {
   return d && d->magic == MOE_LAYER_DESC_MAGIC &&
-         d->struct_size >= offsetof(moe_layer_desc, device) +
-                               sizeof(moe_device) &&
+         d->struct_size >=
+             offsetof(moe_layer_desc, device) + sizeof(moe_device) &&
          d->device.type == MOE_DEVICE_CUDA;
 }
 
@@ -30,8 +30,8 @@ static inline bool moe_plan_on_cuda(const moe_layer_plan *p) {
 moe_status moe_cuda_layer_plan_create(moe_layer_plan **plan,
                                       const moe_layer_desc *desc);
 moe_status moe_cuda_layer_plan_destroy(moe_layer_plan *plan);
-moe_status moe_cuda_layer_plan_sizes(const moe_layer_plan *plan,
-                                     int64_t tokens, size_t *workspace_bytes,
+moe_status moe_cuda_layer_plan_sizes(const moe_layer_plan *plan, int64_t tokens,
+                                     size_t *workspace_bytes,
                                      size_t *saved_bytes);
 moe_status moe_cuda_layer_plan_predict(const moe_layer_plan *plan,
                                        int projection, moe_gmm_method m,
@@ -54,8 +54,8 @@ static inline moe_status moe_cuda_layer_unbuilt(void) {
                    "libmoe was built without the CUDA backend (configure "
                    "with -DMOE_ENABLE_CUDA=ON on a machine with nvcc)");
 }
-static inline moe_status moe_cuda_layer_plan_create(
-    moe_layer_plan **plan, const moe_layer_desc *desc) {
+static inline moe_status
+moe_cuda_layer_plan_create(moe_layer_plan **plan, const moe_layer_desc *desc) {
   (void)desc;
   if (plan) *plan = NULL;
   return moe_cuda_layer_unbuilt();
@@ -64,30 +64,31 @@ static inline moe_status moe_cuda_layer_plan_destroy(moe_layer_plan *plan) {
   (void)plan;
   return moe_cuda_layer_unbuilt();
 }
-static inline moe_status moe_cuda_layer_plan_sizes(
-    const moe_layer_plan *plan, int64_t tokens, size_t *workspace_bytes,
-    size_t *saved_bytes) {
+static inline moe_status moe_cuda_layer_plan_sizes(const moe_layer_plan *plan,
+                                                   int64_t tokens,
+                                                   size_t *workspace_bytes,
+                                                   size_t *saved_bytes) {
   (void)plan, (void)tokens, (void)workspace_bytes, (void)saved_bytes;
   return moe_cuda_layer_unbuilt();
 }
-static inline moe_status moe_cuda_layer_plan_predict(
-    const moe_layer_plan *plan, int projection, moe_gmm_method m,
-    double *fwd_ms, double *bwd_ms) {
+static inline moe_status
+moe_cuda_layer_plan_predict(const moe_layer_plan *plan, int projection,
+                            moe_gmm_method m, double *fwd_ms, double *bwd_ms) {
   (void)plan, (void)projection, (void)m, (void)fwd_ms, (void)bwd_ms;
   return moe_cuda_layer_unbuilt();
 }
-static inline moe_status moe_cuda_layer_forward(
-    moe_layer_plan *plan, const moe_layer_fwd_args *args, void *saved,
-    size_t saved_bytes, void *workspace, size_t workspace_bytes,
-    void *stream) {
+static inline moe_status
+moe_cuda_layer_forward(moe_layer_plan *plan, const moe_layer_fwd_args *args,
+                       void *saved, size_t saved_bytes, void *workspace,
+                       size_t workspace_bytes, void *stream) {
   (void)plan, (void)args, (void)saved, (void)saved_bytes, (void)workspace,
       (void)workspace_bytes, (void)stream;
   return moe_cuda_layer_unbuilt();
 }
-static inline moe_status moe_cuda_layer_backward(
-    moe_layer_plan *plan, const moe_layer_bwd_args *args, const void *saved,
-    size_t saved_bytes, void *workspace, size_t workspace_bytes,
-    void *stream) {
+static inline moe_status
+moe_cuda_layer_backward(moe_layer_plan *plan, const moe_layer_bwd_args *args,
+                        const void *saved, size_t saved_bytes, void *workspace,
+                        size_t workspace_bytes, void *stream) {
   (void)plan, (void)args, (void)saved, (void)saved_bytes, (void)workspace,
       (void)workspace_bytes, (void)stream;
   return moe_cuda_layer_unbuilt();

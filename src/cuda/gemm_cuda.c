@@ -94,8 +94,7 @@ static cudaDataType moe_cu_type(moe_dtype t) {
 
 /// A rows x cols strided matrix as a cuBLAS column-major operand: op, ld.
 static bool moe_cu_blas_view(const moe_cu_operand *x, int64_t rows,
-                             int64_t cols, cublasOperation_t *op,
-                             int64_t *ld) {
+                             int64_t cols, cublasOperation_t *op, int64_t *ld) {
   if (x->rs == 1 || rows == 1) { /* column-major: (i, j) at i + j ld */
     *op = CUBLAS_OP_N;
     *ld = cols == 1 ? rows : x->cs;
@@ -117,8 +116,7 @@ moe_status moe_cu_blas_gemm(cublasHandle_t h, cudaStream_t s, int64_t M,
   if (A->gather || B->gather)
     return moe_error(MOE_ERR_UNIMPLEMENTED, "cuBLAS cannot gather rows");
   if (A->dtype != B->dtype || (A->dtype == MOE_F32 && C->dtype != MOE_F32))
-    return moe_error(MOE_ERR_UNIMPLEMENTED,
-                     "cuBLAS: no GEMM for %s x %s -> %s",
+    return moe_error(MOE_ERR_UNIMPLEMENTED, "cuBLAS: no GEMM for %s x %s -> %s",
                      moe_dtype_name(A->dtype), moe_dtype_name(B->dtype),
                      moe_dtype_name(C->dtype));
   if (M > INT32_MAX || N > INT32_MAX || K > INT32_MAX)
@@ -151,10 +149,9 @@ moe_status moe_cu_blas_gemm(cublasHandle_t h, cudaStream_t s, int64_t M,
   MOE_TRY(moe_cu_blas_check(cublasSetStream(h, s), "cublasSetStream"));
   return moe_cu_blas_check(
       cublasGemmEx(h, opa, opb, (int)m, (int)n, (int)K, &alpha, a.data,
-                   moe_cu_type(a.dtype), (int)lda, b.data,
-                   moe_cu_type(b.dtype), (int)ldb, &beta, cc.data,
-                   moe_cu_type(cc.dtype), (int)ldc, CUBLAS_COMPUTE_32F,
-                   CUBLAS_GEMM_DEFAULT),
+                   moe_cu_type(a.dtype), (int)lda, b.data, moe_cu_type(b.dtype),
+                   (int)ldb, &beta, cc.data, moe_cu_type(cc.dtype), (int)ldc,
+                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
       "cublasGemmEx");
 }
 
@@ -167,8 +164,7 @@ moe_status moe_cu_gemm_loop(const moe_cu_gemm *p, const moe_cu_ctx *c) {
   if (p->A.gather || p->B.gather)
     return moe_error(MOE_ERR_UNIMPLEMENTED,
                      "loop (cuBLAS): cannot read rows through a gather");
-  if (!c->blas)
-    return moe_error(MOE_ERR_INTERNAL, "loop (cuBLAS): no handle");
+  if (!c->blas) return moe_error(MOE_ERR_INTERNAL, "loop (cuBLAS): no handle");
   int64_t G = p->groups;
   const int64_t *ho = c->host_offsets;
   int64_t *tmp = NULL;
@@ -228,6 +224,6 @@ moe_status moe_cu_gemm_run(moe_gmm_method m, const moe_cu_gemm *p,
   case MOE_GMM_LOOP: return moe_cu_gemm_loop(p, c);
   default: break;
   }
-  return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                   "grouped GEMM (CUDA): method %s", moe_gmm_method_name(m));
+  return moe_error(MOE_ERR_INVALID_ARGUMENT, "grouped GEMM (CUDA): method %s",
+                   moe_gmm_method_name(m));
 }

@@ -5,9 +5,10 @@
 /// read by ldmatrix (.trans for operands whose contiguous dimension is M or
 /// N). Measured on an H200 (bench/NOTES.md): ~300 TFLOP/s on a dense
 /// problem, where ncu sees the tensor pipe 48% busy — mma.sync's ceiling on
-/// Hopper is well below wgmma's; a wgmma/TMA (sm_90a) path is the next step. Any operand whose contiguous dimension
-/// has stride 1 is read in place through its other stride, so a weight in
-/// [E, N, K] or [E, K, N] layout needs no copy.
+/// Hopper is well below wgmma's; a wgmma/TMA (sm_90a) path is the next step.
+/// Any operand whose contiguous dimension has stride 1 is read in place through
+/// its other stride, so a weight in [E, N, K] or [E, K, N] layout needs no
+/// copy.
 ///
 /// Scheduling never needs the group counts on the host. The grid is
 /// persistent (a few CTAs per SM); each CTA turns the device offsets into a
@@ -57,9 +58,9 @@ static __device__ __forceinline__ unsigned smem_u32(const void *p) {
 /// 16-byte async copy; zero-fills the destination when !valid.
 static __device__ __forceinline__ void cp_async16(void *dst, const void *src,
                                                   bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
-                   smem_u32(dst)),
-               "l"(src), "r"(valid ? 16 : 0));
+  asm volatile(
+      "cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)),
+      "l"(src), "r"(valid ? 16 : 0));
 }
 static __device__ __forceinline__ void cp_async_commit(void) {
   asm volatile("cp.async.commit_group;\n" ::);
@@ -69,10 +70,9 @@ template <int N> static __device__ __forceinline__ void cp_async_wait(void) {
 }
 
 static __device__ __forceinline__ void ldsm_x4(uint32_t *r, const void *p) {
-  asm volatile(
-      "ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-      : "r"(smem_u32(p)));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(p)));
 }
 static __device__ __forceinline__ void ldsm_x4_t(uint32_t *r, const void *p) {
   asm volatile(
@@ -83,19 +83,18 @@ static __device__ __forceinline__ void ldsm_x4_t(uint32_t *r, const void *p) {
 
 static __device__ __forceinline__ void mma_bf16(float *c, const uint32_t *a,
                                                 const uint32_t *b) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+               "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]),
+                 "r"(b[1]));
 }
 
 /* ---- epilogue ------------------------------------------------------------ */
 
 /// Stores C[i] and C[i + cs] (the pair of one accumulator row) with beta.
-static __device__ __forceinline__ void store_pair(const mma_args &p,
-                                                  int64_t i, float v0,
-                                                  float v1, bool ok0,
+static __device__ __forceinline__ void store_pair(const mma_args &p, int64_t i,
+                                                  float v0, float v1, bool ok0,
                                                   bool ok1) {
   if (p.c_f32) {
     float *q = (float *)p.c + i;
@@ -160,7 +159,8 @@ static __device__ int group_tables(const int64_t *off, int G, int64_t rows,
   if (lane == 31) wsum[warp] = incl;
   __syncthreads();
   int run = incl - s;
-  for (int w = 0; w < warp; w++) run += wsum[w];
+  for (int w = 0; w < warp; w++)
+    run += wsum[w];
   for (int g = g0; g < g1; g++) {
     ts[g] = run;
     run += (max(off_s[g + 1] - off_s[g], 0) + BM - 1) / BM;
@@ -178,12 +178,13 @@ typedef struct mma_tile {
   int kbeg, kend;   ///< K-grouped: depth rows [kbeg, kend)
 } mma_tile;
 
-/* ---- the kernel ------------------------------------------------------------ */
+/* ---- the kernel ------------------------------------------------------------
+ */
 
 /// MI x NI mma tiles per warp; 2 x WN warps (M x N): BM = 32 MI,
-/// BN = 8 NI WN; ST pipeline stages. BKMAJ: B's depth index is contiguous. GK: K-grouped (A and B
-/// then both have the M / N index contiguous and may gather depth rows);
-/// else M-grouped (A depth-contiguous, may gather rows).
+/// BN = 8 NI WN; ST pipeline stages. BKMAJ: B's depth index is contiguous. GK:
+/// K-grouped (A and B then both have the M / N index contiguous and may gather
+/// depth rows); else M-grouped (A depth-contiguous, may gather rows).
 ///
 /// The persistent loop is one continuous pipeline over this CTA's sequence
 /// of (tile, k-step) pairs: the producer issues cp.async copies ST - 1 steps
@@ -214,8 +215,7 @@ __global__ void __launch_bounds__(64 * WN, (WN == 4 && MI * NI <= 16) ? 2 : 1)
   const int MT = GK ? (p.M + BM - 1) / BM : 1;
   const int64_t total =
       GK ? (int64_t)p.G * MT * NT
-         : (int64_t)group_tables(p.off, p.G, p.rows, BM, false, off_s, ts) *
-               NT;
+         : (int64_t)group_tables(p.off, p.G, p.rows, BM, false, off_s, ts) * NT;
   if (GK) group_tables(p.off, p.G, p.rows, BM, true, off_s, ts);
 
   auto decode = [&](int64_t t, mma_tile &ti) {
@@ -390,7 +390,8 @@ __global__ void __launch_bounds__(64 * WN, (WN == 4 && MI * NI <= 16) ? 2 : 1)
   }
   seek(false);
 #pragma unroll
-  for (int s = 0; s < ST - 1; s++) issue_next();
+  for (int s = 0; s < ST - 1; s++)
+    issue_next();
 
   /* ---- consumer ---- */
   int s_cons = 0;
@@ -403,7 +404,8 @@ __global__ void __launch_bounds__(64 * WN, (WN == 4 && MI * NI <= 16) ? 2 : 1)
 #pragma unroll
       for (int j = 0; j < NI; j++)
 #pragma unroll
-        for (int q = 0; q < 4; q++) acc[i][j][q] = 0.0f;
+        for (int q = 0; q < 4; q++)
+          acc[i][j][q] = 0.0f;
 
     for (int kt = 0; kt < ct.KT; kt++) {
       cp_async_wait<ST - 2>();
@@ -449,7 +451,8 @@ __global__ void __launch_bounds__(64 * WN, (WN == 4 && MI * NI <= 16) ? 2 : 1)
 #pragma unroll
         for (int i = 0; i < MI; i++)
 #pragma unroll
-          for (int j = 0; j < NI; j++) mma_bf16(acc[i][j], af[i], bf[j]);
+          for (int j = 0; j < NI; j++)
+            mma_bf16(acc[i][j], af[i], bf[j]);
       }
     }
 
@@ -474,8 +477,8 @@ __global__ void __launch_bounds__(64 * WN, (WN == 4 && MI * NI <= 16) ? 2 : 1)
         }
         const int nb = ct.n0 + wn * (BN / WN) + (lane & 3) * 2;
         if (lean && nb + (NI - 1) * 8 + 1 < p.N) {
-          __nv_bfloat162 *q = (__nv_bfloat162 *)((__nv_bfloat16 *)p.c + base +
-                                                 nb);
+          __nv_bfloat162 *q =
+              (__nv_bfloat162 *)((__nv_bfloat16 *)p.c + base + nb);
 #pragma unroll
           for (int j = 0; j < NI; j++)
             q[j * 4] =
@@ -504,18 +507,17 @@ typedef struct mma_cfg {
   mma_fn fn;
 } mma_cfg;
 
-#define MMA_CFG(MI, NI, WN, ST, BKM, GK)                                     \
+#define MMA_CFG(MI, NI, WN, ST, BKM, GK)                                       \
   { MI, NI, WN, ST, BKM, GK, moe_mma_kernel<MI, NI, WN, ST, BKM, GK> }
-#define MMA_CFGS(BKM, GK)                                                    \
-  MMA_CFG(4, 8, 4, 4, BKM, GK), MMA_CFG(2, 8, 4, 4, BKM, GK),               \
-      MMA_CFG(4, 4, 4, 4, BKM, GK), MMA_CFG(2, 4, 4, 4, BKM, GK),           \
+#define MMA_CFGS(BKM, GK)                                                      \
+  MMA_CFG(4, 8, 4, 4, BKM, GK), MMA_CFG(2, 8, 4, 4, BKM, GK),                  \
+      MMA_CFG(4, 4, 4, 4, BKM, GK), MMA_CFG(2, 4, 4, 4, BKM, GK),              \
       MMA_CFG(4, 4, 8, 4, BKM, GK), MMA_CFG(4, 4, 8, 5, BKM, GK)
 
 /* The instantiations: per operand form, 8-warp CTAs (128x256, 64x256,
    128x128, 64x128) and 16-warp CTAs (128x256 with 4 or 5 stages). */
-static const mma_cfg mma_cfgs[] = {MMA_CFGS(true, false),
-                                   MMA_CFGS(false, false),
-                                   MMA_CFGS(false, true)};
+static const mma_cfg mma_cfgs[] = {
+    MMA_CFGS(true, false), MMA_CFGS(false, false), MMA_CFGS(false, true)};
 
 /// A tile choice: warp tile MI x NI (16 x 8 mma tiles), 2 x WN warps, ST
 /// stages.
@@ -544,9 +546,8 @@ static bool mma_tile_env(mma_tile_choice *t) {
 }
 
 /// Operand checks of the tensor-core path; `why` says which one failed.
-static bool mma_vec_ok(const void *data, int64_t ld, int64_t gs,
-                       int64_t inner, const char *name, char *why,
-                       size_t n) {
+static bool mma_vec_ok(const void *data, int64_t ld, int64_t gs, int64_t inner,
+                       const char *name, char *why, size_t n) {
   if (((uintptr_t)data & 15u) || ld % 8 || gs % 8 || inner % 8) {
     if (why)
       snprintf(why, n,
@@ -558,8 +559,7 @@ static bool mma_vec_ok(const void *data, int64_t ld, int64_t gs,
   return true;
 }
 
-extern "C" bool moe_cu_gemm_mma_ok(const moe_cu_gemm *p, char *why,
-                                   size_t n) {
+extern "C" bool moe_cu_gemm_mma_ok(const moe_cu_gemm *p, char *why, size_t n) {
   if (p->A.dtype != MOE_BF16 || p->B.dtype != MOE_BF16) {
     if (why) snprintf(why, n, "operands are not bf16");
     return false;

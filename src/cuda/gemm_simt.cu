@@ -83,9 +83,8 @@ template <bool GK> __global__ void moe_simt_kernel(const simt_args p) {
     kbeg = min(p.off[g], p.rows);
     kend = max(kbeg, min(p.off[g + 1], p.rows));
   }
-  const char *bbase =
-      (const char *)p.B.data +
-      (GK ? 0 : (int64_t)g * p.B.gs * (p.B.f32 ? 4 : 2));
+  const char *bbase = (const char *)p.B.data +
+                      (GK ? 0 : (int64_t)g * p.B.gs * (p.B.f32 ? 4 : 2));
   float acc[4][4] = {};
   for (int64_t k0 = kbeg; k0 < kend; k0 += SIMT_BK) {
     for (int e = tid; e < SIMT_BK * SIMT_BM; e += 256) {
@@ -122,13 +121,16 @@ template <bool GK> __global__ void moe_simt_kernel(const simt_args p) {
     for (int kk = 0; kk < SIMT_BK; kk++) {
       float a[4], b[4];
 #pragma unroll
-      for (int i = 0; i < 4; i++) a[i] = As[kk][ty * 4 + i];
+      for (int i = 0; i < 4; i++)
+        a[i] = As[kk][ty * 4 + i];
 #pragma unroll
-      for (int j = 0; j < 4; j++) b[j] = Bs[kk][tx * 4 + j];
+      for (int j = 0; j < 4; j++)
+        b[j] = Bs[kk][tx * 4 + j];
 #pragma unroll
       for (int i = 0; i < 4; i++)
 #pragma unroll
-        for (int j = 0; j < 4; j++) acc[i][j] += a[i] * b[j];
+        for (int j = 0; j < 4; j++)
+          acc[i][j] += a[i] * b[j];
     }
     __syncthreads();
   }
@@ -155,9 +157,8 @@ template <bool GK> __global__ void moe_simt_kernel(const simt_args p) {
         *q = p.beta != 0.0f ? v + p.beta * *q : v;
       } else {
         __nv_bfloat16 *q = (__nv_bfloat16 *)p.c + o;
-        *q = __float2bfloat16_rn(p.beta != 0.0f
-                                     ? v + p.beta * __bfloat162float(*q)
-                                     : v);
+        *q = __float2bfloat16_rn(
+            p.beta != 0.0f ? v + p.beta * __bfloat162float(*q) : v);
       }
     }
   }
@@ -205,10 +206,9 @@ extern "C" moe_status moe_cu_gemm_simt(const moe_cu_gemm *p,
 
 /* ---- zeroing the gradient of empty groups (loop method) ---------------- */
 
-__global__ void moe_zero_empty_kernel(void *c, int f32, int64_t rs,
-                                      int64_t cs, int64_t gs, int64_t M,
-                                      int64_t N, const int64_t *off,
-                                      int64_t rows) {
+__global__ void moe_zero_empty_kernel(void *c, int f32, int64_t rs, int64_t cs,
+                                      int64_t gs, int64_t M, int64_t N,
+                                      const int64_t *off, int64_t rows) {
   int g = blockIdx.y;
   if (min(off[g + 1], rows) > min(off[g], rows)) return;
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < M * N;
@@ -229,8 +229,8 @@ extern "C" moe_status moe_cu_zero_empty_groups(const moe_cu_gemm *p,
   int64_t blocks = (p->M * p->N + 255) / 256;
   if (blocks > 256) blocks = 256;
   dim3 grid((unsigned)blocks, (unsigned)p->groups);
-  moe_zero_empty_kernel<<<grid, 256, 0, s>>>(
-      p->C.data, p->C.dtype == MOE_F32, p->C.rs, p->C.cs, p->C.gs, p->M,
-      p->N, p->offsets, p->rows);
+  moe_zero_empty_kernel<<<grid, 256, 0, s>>>(p->C.data, p->C.dtype == MOE_F32,
+                                             p->C.rs, p->C.cs, p->C.gs, p->M,
+                                             p->N, p->offsets, p->rows);
   return moe_cu_launch_check("moe_zero_empty_kernel");
 }

@@ -171,7 +171,8 @@ static moe_cu_cost moe_cu_predict(const moe_cuda_plan *p, int proj,
   return c;
 }
 
-/* ---- plan ----------------------------------------------------------------- */
+/* ---- plan -----------------------------------------------------------------
+ */
 
 static moe_status moe_cu_device_props(const moe_layer_desc *d,
                                       struct cudaDeviceProp *prop) {
@@ -194,8 +195,7 @@ static moe_status moe_cu_device_props(const moe_layer_desc *d,
 
 static void moe_cu_say(moe_layer_plan *p, size_t *len, const char *fmt, ...)
     MOE_PRINTF(3, 4);
-static void moe_cu_say(moe_layer_plan *p, size_t *len, const char *fmt,
-                       ...) {
+static void moe_cu_say(moe_layer_plan *p, size_t *len, const char *fmt, ...) {
   if (*len >= sizeof p->explain) return;
   va_list ap;
   va_start(ap, fmt);
@@ -236,13 +236,12 @@ moe_status moe_cuda_layer_plan_create(moe_layer_plan **plan,
   p->e_first = p->rank * p->e_local;
   p->max_rows = ranks > 1 ? ep_rows : d.max_tokens * d.top_k;
   cp->sms = prop.multiProcessorCount;
-  cp->bw_gbs = strstr(prop.name, "H200") ? 4300.0
+  cp->bw_gbs = strstr(prop.name, "H200")   ? 4300.0
                : strstr(prop.name, "H100") ? 3000.0
-                                            : 1500.0;
-  cp->mma_tflops = MOE_CU_MMA_TFLOPS * (strstr(prop.name, "H100") ||
-                                                strstr(prop.name, "H200")
-                                            ? 1.0
-                                            : 0.4);
+                                           : 1500.0;
+  cp->mma_tflops =
+      MOE_CU_MMA_TFLOPS *
+      (strstr(prop.name, "H100") || strstr(prop.name, "H200") ? 1.0 : 0.4);
   cp->blas_tflops = MOE_CU_BLAS_TFLOPS;
 
   moe_gmm_method forced = d.method != MOE_GMM_AUTO ? d.method : env_m;
@@ -256,9 +255,9 @@ moe_status moe_cuda_layer_plan_create(moe_layer_plan **plan,
              "GB/s, grouped kernel %.0f TFLOP/s, cuBLAS %.0f TFLOP/s)\n",
              (long long)d.num_experts, (long long)d.hidden,
              (long long)d.intermediate, (long long)d.top_k,
-             (long long)d.max_tokens, (long long)rows,
-             moe_dtype_name(d.dtype), d.device.index, prop.name, cp->sms,
-             cp->bw_gbs, cp->mma_tflops, cp->blas_tflops);
+             (long long)d.max_tokens, (long long)rows, moe_dtype_name(d.dtype),
+             d.device.index, prop.name, cp->sms, cp->bw_gbs, cp->mma_tflops,
+             cp->blas_tflops);
   bool any_loop = false;
   for (int proj = 0; proj < 2; proj++) {
     moe_cu_cost g = moe_cu_predict(cp, proj, MOE_GMM_GROUPED);
@@ -359,7 +358,8 @@ moe_status moe_cuda_layer_plan_predict(const moe_layer_plan *plan,
   return MOE_SUCCESS;
 }
 
-/* ---- buffers ---------------------------------------------------------------- */
+/* ---- buffers ----------------------------------------------------------------
+ */
 
 /// With expert parallelism (sizes 0 on one GPU): saved xr (the received
 /// rows in expert order, gate_up's input and dW operand) and epmeta (the
@@ -369,8 +369,8 @@ moe_status moe_cuda_layer_plan_predict(const moe_layer_plan *plan,
 /// holds this rank's rows back from the combine, sorted by global expert.
 typedef struct moe_cu_bufs {
   /* saved (forward -> backward) */
-  size_t idx, w, probs, offsets, slot_row, row_token, xp, ab, hh, y, xr,
-      epmeta, saved;
+  size_t idx, w, probs, offsets, slot_row, row_token, xp, ab, hh, y, xr, epmeta,
+      saved;
   /* forward workspace */
   size_t sort, logits, one, fblas, fsaved, fsend, fstage, fws;
   /* backward workspace (overlays the forward's) */
@@ -384,8 +384,7 @@ static size_t moe_cu_take(size_t *at, size_t bytes) {
   return o;
 }
 
-static void moe_cu_bufs_of(const moe_layer_plan *p, int64_t T,
-                           moe_cu_bufs *b) {
+static void moe_cu_bufs_of(const moe_layer_plan *p, int64_t T, moe_cu_bufs *b) {
   const moe_layer_desc *d = &p->d;
   size_t es = moe_dtype_size(d->dtype);
   size_t S = (size_t)(T * d->top_k), E = (size_t)d->num_experts;
@@ -433,8 +432,8 @@ static void moe_cu_bufs_of(const moe_layer_plan *p, int64_t T,
   b->ws = b->fws > b->bws ? b->fws : b->bws;
 }
 
-moe_status moe_cuda_layer_plan_sizes(const moe_layer_plan *plan,
-                                     int64_t tokens, size_t *workspace_bytes,
+moe_status moe_cuda_layer_plan_sizes(const moe_layer_plan *plan, int64_t tokens,
+                                     size_t *workspace_bytes,
                                      size_t *saved_bytes) {
   if (!plan)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
@@ -451,7 +450,8 @@ moe_status moe_cuda_layer_plan_sizes(const moe_layer_plan *plan,
   return MOE_SUCCESS;
 }
 
-/* ---- argument checks ------------------------------------------------------- */
+/* ---- argument checks -------------------------------------------------------
+ */
 
 typedef struct moe_cu_gu {
   moe_tensor gate, up, both;
@@ -516,11 +516,10 @@ static moe_status moe_cu_check_fwd(const moe_layer_plan *p,
                                    const moe_layer_fwd_args *a,
                                    moe_cu_call *c) {
   const moe_layer_desc *d = &p->d;
-  int64_t E = d->num_experts, H = d->hidden, I = d->intermediate,
-          k = d->top_k;
+  int64_t E = d->num_experts, H = d->hidden, I = d->intermediate, k = d->top_k;
   int64_t hs[2] = {-1, H};
-  MOE_TRY(moe_check_tensor(&a->hidden, "hidden", 2, hs, (int)d->dtype,
-                           &d->device));
+  MOE_TRY(
+      moe_check_tensor(&a->hidden, "hidden", 2, hs, (int)d->dtype, &d->device));
   int64_t T = a->hidden.shape[0];
   if (T > d->max_tokens)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
@@ -538,8 +537,8 @@ static moe_status moe_cu_check_fwd(const moe_layer_plan *p,
   c->router = has_gate;
   if (has_gate) {
     int64_t s[2] = {E, H};
-    MOE_TRY(moe_check_tensor(&a->gate_weight, "gate_weight", 2, s, -1,
-                             &d->device));
+    MOE_TRY(
+        moe_check_tensor(&a->gate_weight, "gate_weight", 2, s, -1, &d->device));
   } else {
     int64_t s[2] = {T, k};
     if (a->topk_index.dtype != MOE_I32 && a->topk_index.dtype != MOE_I64)
@@ -548,8 +547,8 @@ static moe_status moe_cu_check_fwd(const moe_layer_plan *p,
                        moe_dtype_name(a->topk_index.dtype));
     moe_tensor ti = a->topk_index;
     ti.dtype = MOE_F32; /* shape/device/stride checks only */
-    MOE_TRY(moe_check_tensor(&ti, "topk_index", 2, s, (int)MOE_F32,
-                             &d->device));
+    MOE_TRY(
+        moe_check_tensor(&ti, "topk_index", 2, s, (int)MOE_F32, &d->device));
     MOE_TRY(moe_check_tensor(&a->topk_weights, "topk_weights", 2, s, -1,
                              &d->device));
   }
@@ -577,7 +576,8 @@ static moe_status moe_cu_check_grad_weight(const moe_tensor *g,
   return MOE_SUCCESS;
 }
 
-/* ---- execution helpers -------------------------------------------------------- */
+/* ---- execution helpers
+ * -------------------------------------------------------- */
 
 typedef struct moe_cu_exec {
   moe_cuda_plan *cp;
@@ -585,7 +585,7 @@ typedef struct moe_cu_exec {
   const int64_t *offsets; /* device */
   int64_t rows;           /* T * k */
   const int32_t *row_token;
-  void *owned; /* workspace allocated here (cudaMallocAsync) */
+  void *owned;    /* workspace allocated here (cudaMallocAsync) */
   bool ep_joined; /* this call took part in the ranks' agreement */
 } moe_cu_exec;
 
@@ -665,14 +665,13 @@ static moe_status moe_cu_dw(const moe_cu_exec *x, int proj, void *dY,
 /// cuBLAS has no kernel for the strides or dtypes.
 static moe_status moe_cu_dense(const moe_cu_exec *x, moe_group_kind kind,
                                int64_t M, int64_t N, int64_t K,
-                               const moe_cu_operand *A,
-                               const moe_cu_operand *B,
+                               const moe_cu_operand *A, const moe_cu_operand *B,
                                const moe_cu_operand *C, float beta,
                                int64_t *one) {
   /* A pinned method keeps row-wise products off cuBLAS (see rowwise). */
   if (!(x->cp->rowwise && kind == MOE_GROUP_M)) {
-    moe_status s = moe_cu_blas_gemm(x->ctx.blas, x->ctx.stream, M, N, K, A,
-                                    B, C, beta);
+    moe_status s =
+        moe_cu_blas_gemm(x->ctx.blas, x->ctx.stream, M, N, K, A, B, C, beta);
     if (s != MOE_ERR_UNIMPLEMENTED) return s;
     moe_clear_error();
   }
@@ -694,8 +693,8 @@ static moe_status moe_cu_dense(const moe_cu_exec *x, moe_group_kind kind,
   return moe_cu_gemm_grouped(&g, &x->ctx);
 }
 
-static moe_status moe_cu_check_buffer(const void *buf, size_t have,
-                                      size_t need, const char *name) {
+static moe_status moe_cu_check_buffer(const void *buf, size_t have, size_t need,
+                                      const char *name) {
   if (buf && have < need)
     return moe_error(MOE_ERR_WORKSPACE,
                      "%s: %zu bytes given, %zu needed (see "
@@ -729,8 +728,8 @@ static moe_status moe_cu_begin(moe_cuda_plan *cp, void **ws, size_t ws_bytes,
 
 static moe_status moe_cu_end(moe_cu_exec *x, moe_status s) {
   if (x->owned) {
-    moe_status f = moe_cu_check(cudaFreeAsync(x->owned, x->ctx.stream),
-                                "cudaFreeAsync");
+    moe_status f =
+        moe_cu_check(cudaFreeAsync(x->owned, x->ctx.stream), "cudaFreeAsync");
     if (s == MOE_SUCCESS) s = f;
   }
   return s;
@@ -754,13 +753,13 @@ static moe_status moe_cu_host_counts(moe_cu_exec *x) {
   return MOE_SUCCESS;
 }
 
-/* ---- forward ------------------------------------------------------------------ */
+/* ---- forward
+ * ------------------------------------------------------------------ */
 
 static moe_status moe_cu_forward_run(moe_cu_exec *x,
                                      const moe_layer_fwd_args *a,
-                                     const moe_cu_call *c,
-                                     const moe_cu_bufs *b, char *sv,
-                                     char *ws) {
+                                     const moe_cu_call *c, const moe_cu_bufs *b,
+                                     char *sv, char *ws) {
   moe_cuda_plan *cp = x->cp;
   const moe_layer_desc *d = &cp->base.d;
   cudaStream_t st = x->ctx.stream;
@@ -783,10 +782,9 @@ static moe_status moe_cu_forward_run(moe_cu_exec *x,
   if (c->router) {
     float *logits = (float *)moe_cu_at(ws, b->logits);
     const moe_tensor *g = &a->gate_weight;
-    moe_cu_operand A = moe_cu_op(a->hidden.data, dt, a->hidden.stride[0],
-                                 a->hidden.stride[1]);
-    moe_cu_operand B = moe_cu_op(g->data, g->dtype, g->stride[1],
-                                 g->stride[0]);
+    moe_cu_operand A =
+        moe_cu_op(a->hidden.data, dt, a->hidden.stride[0], a->hidden.stride[1]);
+    moe_cu_operand B = moe_cu_op(g->data, g->dtype, g->stride[1], g->stride[0]);
     moe_cu_operand C = moe_cu_op(logits, MOE_F32, E, 1);
     MOE_TRY(moe_cu_dense(x, MOE_GROUP_M, T, E, H, &A, &B, &C, 0.0f,
                          (int64_t *)moe_cu_at(ws, b->one)));
@@ -832,8 +830,7 @@ static moe_status moe_cu_forward_run(moe_cu_exec *x,
     MOE_TRY(moe_cu_gather_rows(&hv, row_token, offsets + E, S, H, xp, st));
     X = moe_cu_op(xp, dt, H, 1);
   } else {
-    X = moe_cu_op(a->hidden.data, dt, a->hidden.stride[0],
-                  a->hidden.stride[1]);
+    X = moe_cu_op(a->hidden.data, dt, a->hidden.stride[0], a->hidden.stride[1]);
     X.gather = row_token;
   }
   if (c->gu.fused) {
@@ -896,8 +893,8 @@ static moe_status moe_cu_forward_call(moe_layer_plan *plan,
   int prev;
   MOE_TRY(moe_cu_enter(d->device.index, &prev));
   moe_cu_exec x;
-  moe_status s = moe_cu_begin(cp, &workspace, workspace_bytes, b.fws, b.fblas,
-                              stream, &x);
+  moe_status s =
+      moe_cu_begin(cp, &workspace, workspace_bytes, b.fws, b.fblas, stream, &x);
   if (s == MOE_SUCCESS) {
     char *ws = workspace;
     char *sv = saved ? (char *)saved : moe_cu_at(ws, b.fsaved);
@@ -917,23 +914,21 @@ moe_status moe_cuda_layer_forward(moe_layer_plan *plan,
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "moe_layer_forward: plan must not be NULL");
   bool joined = false;
-  moe_status s = moe_cu_forward_call(plan, args, saved, saved_bytes,
-                                     workspace, workspace_bytes, stream,
-                                     &joined);
+  moe_status s = moe_cu_forward_call(plan, args, saved, saved_bytes, workspace,
+                                     workspace_bytes, stream, &joined);
   return moe_cu_ep_join(plan, s, false, joined, stream);
 }
 
-/* ---- backward ----------------------------------------------------------------- */
+/* ---- backward
+ * ----------------------------------------------------------------- */
 
 /// gate_up's dW and the router's backward (or the routing weights'
 /// gradient): the part of the backward that runs beside the dX combine.
-static moe_status moe_cu_backward_rest(moe_cu_exec *x,
-                                       const moe_layer_bwd_args *args,
-                                       const moe_cu_call *c,
-                                       const moe_cu_gu *ggu,
-                                       const moe_cu_bufs *b, char *sv,
-                                       char *ws, const moe_cu_operand *Xp,
-                                       float **dxr_out) {
+static moe_status
+moe_cu_backward_rest(moe_cu_exec *x, const moe_layer_bwd_args *args,
+                     const moe_cu_call *c, const moe_cu_gu *ggu,
+                     const moe_cu_bufs *b, char *sv, char *ws,
+                     const moe_cu_operand *Xp, float **dxr_out) {
   moe_cuda_plan *cp = x->cp;
   const moe_layer_desc *d = &cp->base.d;
   const moe_layer_fwd_args *a = &args->fwd;
@@ -961,15 +956,14 @@ static moe_status moe_cu_backward_rest(moe_cu_exec *x,
     void *dl = moe_cu_at(ws, b->dl);
     dxr = (float *)moe_cu_at(ws, b->dxr);
     MOE_TRY(moe_cu_topk_backward((const float *)moe_cu_at(sv, b->probs),
-                                 (const int32_t *)moe_cu_at(sv, b->idx), w,
-                                 dw, T, E, k, d->norm_topk_prob, dl, dlt,
-                                 st));
+                                 (const int32_t *)moe_cu_at(sv, b->idx), w, dw,
+                                 T, E, k, d->norm_topk_prob, dl, dlt, st));
     int64_t *one = (int64_t *)moe_cu_at(ws, b->bone);
     moe_cu_operand A = moe_cu_op(dl, dlt, 1, E);
-    moe_cu_operand B = moe_cu_op(a->hidden.data, dt, a->hidden.stride[0],
-                                 a->hidden.stride[1]);
-    moe_cu_operand C = moe_cu_op(gg->data, gg->dtype, gg->stride[0],
-                                 gg->stride[1]);
+    moe_cu_operand B =
+        moe_cu_op(a->hidden.data, dt, a->hidden.stride[0], a->hidden.stride[1]);
+    moe_cu_operand C =
+        moe_cu_op(gg->data, gg->dtype, gg->stride[0], gg->stride[1]);
     MOE_TRY(moe_cu_dense(x, MOE_GROUP_K, E, H, T, &A, &B, &C, 0.0f, one));
     A = moe_cu_op(dl, dlt, E, 1);
     B = moe_cu_op(g->data, g->dtype, g->stride[0], g->stride[1]);
@@ -983,12 +977,10 @@ static moe_status moe_cu_backward_rest(moe_cu_exec *x,
   return MOE_SUCCESS;
 }
 
-static moe_status moe_cu_backward_run(moe_cu_exec *x,
-                                      const moe_layer_bwd_args *args,
-                                      const moe_cu_call *c,
-                                      const moe_cu_gu *ggu,
-                                      const moe_cu_bufs *b, char *sv,
-                                      char *ws) {
+static moe_status
+moe_cu_backward_run(moe_cu_exec *x, const moe_layer_bwd_args *args,
+                    const moe_cu_call *c, const moe_cu_gu *ggu,
+                    const moe_cu_bufs *b, char *sv, char *ws) {
   moe_cuda_plan *cp = x->cp;
   const moe_layer_desc *d = &cp->base.d;
   const moe_layer_fwd_args *a = &args->fwd;
@@ -1022,8 +1014,8 @@ static moe_status moe_cu_backward_run(moe_cu_exec *x,
 
   /* weighted scatter back: dY rows and the routing-weight gradient */
   moe_cu_view go = moe_cu_view_of(&args->grad_output);
-  MOE_TRY(moe_cu_unpermute_backward(&go, y, dt, slot_row, w, T, k, H, dy, dw,
-                                    st));
+  MOE_TRY(
+      moe_cu_unpermute_backward(&go, y, dt, slot_row, w, T, k, H, dy, dw, st));
   /* with expert parallelism the dY rows go to their experts' ranks */
   char *dyc = dy;
   if (cp->ep) {
@@ -1053,16 +1045,15 @@ static moe_status moe_cu_backward_run(moe_cu_exec *x,
   } else if (cp->base.method[0] == MOE_GMM_LOOP) {
     X = moe_cu_op(moe_cu_at(sv, b->xp), dt, H, 1);
   } else {
-    X = moe_cu_op(a->hidden.data, dt, a->hidden.stride[0],
-                  a->hidden.stride[1]);
+    X = moe_cu_op(a->hidden.data, dt, a->hidden.stride[0], a->hidden.stride[1]);
     X.gather = row_token;
   }
   if (c->gu.fused) {
     MOE_TRY(moe_cu_dx(x, 0, dab, 2 * I, &c->gu.both, dxp, dxt, H, 0.0f));
   } else {
     MOE_TRY(moe_cu_dx(x, 0, dab, 2 * I, &c->gu.gate, dxp, dxt, H, 0.0f));
-    MOE_TRY(moe_cu_dx(x, 0, dab + (size_t)I * es, 2 * I, &c->gu.up, dxp, dxt,
-                      H, 1.0f));
+    MOE_TRY(moe_cu_dx(x, 0, dab + (size_t)I * es, 2 * I, &c->gu.up, dxp, dxt, H,
+                      1.0f));
   }
   /* With expert parallelism the dX rows go back to the ranks that own the
      tokens: on a second stream, behind gate_up's dW and the router's
@@ -1086,9 +1077,8 @@ static moe_status moe_cu_backward_run(moe_cu_exec *x,
 static moe_status moe_cu_backward_call(moe_layer_plan *plan,
                                        const moe_layer_bwd_args *args,
                                        const void *saved, size_t saved_bytes,
-                                       void *workspace,
-                                       size_t workspace_bytes, void *stream,
-                                       bool *joined) {
+                                       void *workspace, size_t workspace_bytes,
+                                       void *stream, bool *joined) {
   if (!args)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "moe_layer_backward: args must not be NULL");
@@ -1125,11 +1115,10 @@ static moe_status moe_cu_backward_call(moe_layer_plan *plan,
                      "weight (%s)",
                      c.gu.fused ? "fused w_gate_up" : "separate w_gate, w_up");
   if (ggu.fused)
-    MOE_TRY(moe_cu_check_grad_weight(&ggu.both, &c.gu.both, "grad_w_gate_up",
-                                     d));
+    MOE_TRY(
+        moe_cu_check_grad_weight(&ggu.both, &c.gu.both, "grad_w_gate_up", d));
   else {
-    MOE_TRY(moe_cu_check_grad_weight(&ggu.gate, &c.gu.gate, "grad_w_gate",
-                                     d));
+    MOE_TRY(moe_cu_check_grad_weight(&ggu.gate, &c.gu.gate, "grad_w_gate", d));
     MOE_TRY(moe_cu_check_grad_weight(&ggu.up, &c.gu.up, "grad_w_up", d));
   }
   MOE_TRY(moe_cu_check_grad_weight(&args->grad_w_down, &a->w_down,
@@ -1142,8 +1131,8 @@ static moe_status moe_cu_backward_call(moe_layer_plan *plan,
   int prev;
   MOE_TRY(moe_cu_enter(d->device.index, &prev));
   moe_cu_exec x;
-  moe_status s = moe_cu_begin(cp, &workspace, workspace_bytes, b.bws, b.bblas,
-                              stream, &x);
+  moe_status s =
+      moe_cu_begin(cp, &workspace, workspace_bytes, b.bws, b.bblas, stream, &x);
   if (s == MOE_SUCCESS) {
     s = moe_cu_backward_run(&x, args, &c, &ggu, &b, (char *)saved,
                             (char *)workspace);
@@ -1163,8 +1152,7 @@ moe_status moe_cuda_layer_backward(moe_layer_plan *plan,
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "moe_layer_backward: plan must not be NULL");
   bool joined = false;
-  moe_status s = moe_cu_backward_call(plan, args, saved, saved_bytes,
-                                      workspace, workspace_bytes, stream,
-                                      &joined);
+  moe_status s = moe_cu_backward_call(plan, args, saved, saved_bytes, workspace,
+                                      workspace_bytes, stream, &joined);
   return moe_cu_ep_join(plan, s, true, joined, stream);
 }

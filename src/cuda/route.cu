@@ -16,8 +16,7 @@
 
 /* ---- element access ------------------------------------------------------ */
 
-static __device__ __forceinline__ float ld1(const void *p, int f32,
-                                            int64_t i) {
+static __device__ __forceinline__ float ld1(const void *p, int f32, int64_t i) {
   return f32 ? ((const float *)p)[i]
              : __bfloat162float(((const __nv_bfloat16 *)p)[i]);
 }
@@ -57,7 +56,8 @@ static __device__ __forceinline__ void st8(void *p, int f32, int64_t i,
     uint4 u;
     __nv_bfloat162 *h = (__nv_bfloat162 *)&u;
 #pragma unroll
-    for (int q = 0; q < 4; q++) h[q] = __floats2bfloat162_rn(v[2 * q], v[2 * q + 1]);
+    for (int q = 0; q < 4; q++)
+      h[q] = __floats2bfloat162_rn(v[2 * q], v[2 * q + 1]);
     *(uint4 *)((__nv_bfloat16 *)p + i) = u;
   }
 }
@@ -65,8 +65,8 @@ static __device__ __forceinline__ void st8(void *p, int f32, int64_t i,
 /// Whether a [rows, n] view can be read in aligned 8-element chunks.
 static bool vec8(const void *p, moe_dtype t, int64_t rs, int64_t cs,
                  int64_t n) {
-  return cs == 1 && n % 8 == 0 && rs % 8 == 0 &&
-         ((uintptr_t)p % 16u) == 0 && (t == MOE_F32 || t == MOE_BF16);
+  return cs == 1 && n % 8 == 0 && rs % 8 == 0 && ((uintptr_t)p % 16u) == 0 &&
+         (t == MOE_F32 || t == MOE_BF16);
 }
 
 static int blocks_for(int64_t n, int per) {
@@ -82,8 +82,7 @@ static __device__ __forceinline__ bool ranks_above(float a, float b) {
 }
 /// (a, ea) beats (b, eb): higher value, NaN lowest, ties to the lower index;
 /// an index < 0 means "no candidate".
-static __device__ __forceinline__ bool beats(float a, int ea, float b,
-                                             int eb) {
+static __device__ __forceinline__ bool beats(float a, int ea, float b, int eb) {
   if (ea < 0) return false;
   if (eb < 0) return true;
   if (ranks_above(a, b)) return true;
@@ -94,9 +93,8 @@ static __device__ __forceinline__ bool beats(float a, int ea, float b,
 #define TOPK_MAX_PER_LANE 64 /* E <= 2048 */
 
 __global__ void moe_topk_kernel(const float *logits, int T, int E, int k,
-                                int norm, float *probs, int32_t *idx,
-                                float *w, float *rl, int64_t rl_rs,
-                                int64_t rl_cs) {
+                                int norm, float *probs, int32_t *idx, float *w,
+                                float *rl, int64_t rl_rs, int64_t rl_cs) {
   int t = (int)((blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5);
   int lane = threadIdx.x & 31;
   if (t >= T) return;
@@ -108,12 +106,16 @@ __global__ void moe_topk_kernel(const float *logits, int T, int E, int k,
     if (v > mx) mx = v;
     if (rl) rl[t * rl_rs + e * rl_cs] = v;
   }
-  for (int d = 16; d; d >>= 1) mx = fmaxf(mx, __shfl_xor_sync(~0u, mx, d));
+  for (int d = 16; d; d >>= 1)
+    mx = fmaxf(mx, __shfl_xor_sync(~0u, mx, d));
   float sum = 0.0f;
-  for (int e = lane; e < E; e += 32) sum += expf(l[e] - mx);
-  for (int d = 16; d; d >>= 1) sum += __shfl_xor_sync(~0u, sum, d);
+  for (int e = lane; e < E; e += 32)
+    sum += expf(l[e] - mx);
+  for (int d = 16; d; d >>= 1)
+    sum += __shfl_xor_sync(~0u, sum, d);
   float inv = 1.0f / sum;
-  for (int e = lane; e < E; e += 32) p[e] = expf(l[e] - mx) * inv;
+  for (int e = lane; e < E; e += 32)
+    p[e] = expf(l[e] - mx) * inv;
   __syncwarp();
   uint64_t taken = 0;
   for (int j = 0; j < k; j++) {
@@ -137,15 +139,17 @@ __global__ void moe_topk_kernel(const float *logits, int T, int E, int k,
   }
   if (norm && lane == 0) {
     float s = 0.0f;
-    for (int j = 0; j < k; j++) s += w[(int64_t)t * k + j];
-    for (int j = 0; j < k; j++) w[(int64_t)t * k + j] /= s;
+    for (int j = 0; j < k; j++)
+      s += w[(int64_t)t * k + j];
+    for (int j = 0; j < k; j++)
+      w[(int64_t)t * k + j] /= s;
   }
 }
 
 extern "C" moe_status moe_cu_topk(const float *logits, int64_t T, int64_t E,
                                   int64_t k, int norm, float *probs,
-                                  int32_t *idx, float *w,
-                                  const moe_cu_view *rl, cudaStream_t s) {
+                                  int32_t *idx, float *w, const moe_cu_view *rl,
+                                  cudaStream_t s) {
   if (E > 32 * TOPK_MAX_PER_LANE)
     return moe_error(MOE_ERR_UNIMPLEMENTED,
                      "CUDA router: %lld experts; the top-k kernel takes at "
@@ -160,8 +164,8 @@ extern "C" moe_status moe_cu_topk(const float *logits, int64_t T, int64_t E,
 
 __global__ void moe_given_kernel(const void *ti, int ti64, int64_t ti_rs,
                                  int64_t ti_cs, const void *tw, int tw32,
-                                 int64_t tw_rs, int64_t tw_cs, int64_t T,
-                                 int k, int64_t E, int32_t *idx, float *w) {
+                                 int64_t tw_rs, int64_t tw_cs, int64_t T, int k,
+                                 int64_t E, int32_t *idx, float *w) {
   int64_t s = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (s >= T * k) return;
   int64_t t = s / k, j = s % k;
@@ -182,14 +186,16 @@ extern "C" moe_status moe_cu_given_routing(const moe_cu_view *ti,
   return moe_cu_launch_check("moe_given_kernel");
 }
 
-/* ---- stable counting sort -------------------------------------------------- */
+/* ---- stable counting sort --------------------------------------------------
+ */
 
 #define SORT_CHUNK 1024
 
 __global__ void moe_count_kernel(const int32_t *idx, int64_t S, int E,
                                  int32_t *counts) {
   extern __shared__ int cnt[];
-  for (int e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
+  for (int e = threadIdx.x; e < E; e += blockDim.x)
+    cnt[e] = 0;
   __syncthreads();
   int64_t s0 = (int64_t)blockIdx.x * SORT_CHUNK;
   int64_t s1 = min(S, s0 + SORT_CHUNK);
@@ -221,7 +227,8 @@ __global__ void moe_scan_kernel(int32_t *counts, int chunks, int E,
   int per = (E + blockDim.x - 1) / blockDim.x;
   int e0 = threadIdx.x * per, e1 = min(e0 + per, E);
   int64_t s = 0;
-  for (int e = e0; e < e1; e++) s += tot[e];
+  for (int e = e0; e < e1; e++)
+    s += tot[e];
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int64_t incl = s;
   for (int d = 1; d < 32; d <<= 1) {
@@ -231,7 +238,8 @@ __global__ void moe_scan_kernel(int32_t *counts, int chunks, int E,
   if (lane == 31) wsum[warp] = incl;
   __syncthreads();
   int64_t run = incl - s;
-  for (int w = 0; w < warp; w++) run += wsum[w];
+  for (int w = 0; w < warp; w++)
+    run += wsum[w];
   for (int e = e0; e < e1; e++) {
     offsets[e] = run;
     run += tot[e];
@@ -242,9 +250,8 @@ __global__ void moe_scan_kernel(int32_t *counts, int chunks, int E,
 /// One warp per chunk walks its slots in order, 32 at a time; lanes holding
 /// the same expert take consecutive rows in lane order (match_any + rank).
 __global__ void moe_place_kernel(const int32_t *idx, int64_t S, int k, int E,
-                                 const int32_t *counts,
-                                 const int64_t *offsets, int32_t *slot_row,
-                                 int32_t *row_token) {
+                                 const int32_t *counts, const int64_t *offsets,
+                                 int32_t *slot_row, int32_t *row_token) {
   extern __shared__ int cur[];
   int lane = threadIdx.x;
   for (int e = lane; e < E; e += 32)
@@ -291,8 +298,8 @@ extern "C" moe_status moe_cu_route_sort(const int32_t *idx, int64_t S,
                                                           counts);
     MOE_TRY(moe_cu_launch_check("moe_count_kernel"));
   }
-  moe_scan_kernel<<<1, 1024, E * sizeof(int64_t), s>>>(counts, chunks,
-                                                       (int)E, offsets);
+  moe_scan_kernel<<<1, 1024, E * sizeof(int64_t), s>>>(counts, chunks, (int)E,
+                                                       offsets);
   MOE_TRY(moe_cu_launch_check("moe_scan_kernel"));
   if (chunks > 0) {
     moe_place_kernel<<<chunks, 32, E * sizeof(int), s>>>(
@@ -326,8 +333,7 @@ __global__ void moe_gather_kernel(const void *x, int f32, int64_t rs,
 extern "C" moe_status moe_cu_gather_rows(const moe_cu_view *x,
                                          const int32_t *row_token,
                                          const int64_t *end, int64_t R,
-                                         int64_t H, void *xp,
-                                         cudaStream_t s) {
+                                         int64_t H, void *xp, cudaStream_t s) {
   if (R == 0) return MOE_SUCCESS;
   int vec = vec8(x->data, x->dtype, x->rs, x->cs, H) && H % 8 == 0;
   moe_gather_kernel<<<(unsigned)R, 128, 0, s>>>(x->data, x->dtype == MOE_F32,
@@ -355,7 +361,8 @@ __global__ void moe_unpermute_kernel(const void *y, int yf32,
         float wj = wt[j];
         ld8(y, yf32, (int64_t)row * H + c * 8, v);
 #pragma unroll
-        for (int q = 0; q < 8; q++) acc[q] += wj * v[q];
+        for (int q = 0; q < 8; q++)
+          acc[q] += wj * v[q];
       }
       if (ovec)
         st8(out, of32, t * ors + c * 8, acc);
@@ -377,10 +384,9 @@ __global__ void moe_unpermute_kernel(const void *y, int yf32,
 }
 
 extern "C" moe_status moe_cu_unpermute(const void *y, moe_dtype yt,
-                                       const int32_t *slot_row,
-                                       const float *w, int64_t T, int64_t k,
-                                       int64_t H, const moe_cu_view *out,
-                                       cudaStream_t s) {
+                                       const int32_t *slot_row, const float *w,
+                                       int64_t T, int64_t k, int64_t H,
+                                       const moe_cu_view *out, cudaStream_t s) {
   if (T == 0) return MOE_SUCCESS;
   int vec = vec8(y, yt, H, 1, H);
   int ovec = vec && vec8(out->data, out->dtype, out->rs, out->cs, H);
@@ -392,14 +398,16 @@ extern "C" moe_status moe_cu_unpermute(const void *y, moe_dtype yt,
 
 /// Sum over the block of one value per thread, same tree every time.
 static __device__ float block_sum(float v, float *red) {
-  for (int d = 16; d; d >>= 1) v += __shfl_xor_sync(~0u, v, d);
+  for (int d = 16; d; d >>= 1)
+    v += __shfl_xor_sync(~0u, v, d);
   int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   __syncthreads();
   if (lane == 0) red[warp] = v;
   __syncthreads();
   float s = 0.0f;
   int nw = blockDim.x >> 5;
-  for (int i = 0; i < nw; i++) s += red[i];
+  for (int i = 0; i < nw; i++)
+    s += red[i];
   return s;
 }
 
@@ -423,7 +431,8 @@ __global__ void moe_unpermute_bwd_kernel(const void *g, int gf32, int64_t grs,
         if (gvec)
           ld8(g, gf32, t * grs + c * 8, gv);
         else
-          for (int q = 0; q < 8; q++) gv[q] = ld1(g, gf32, t * grs + (c * 8 + q) * gcs);
+          for (int q = 0; q < 8; q++)
+            gv[q] = ld1(g, gf32, t * grs + (c * 8 + q) * gcs);
         ld8(y, yf32, (int64_t)row * H + c * 8, yv);
 #pragma unroll
         for (int q = 0; q < 8; q++) {
@@ -444,10 +453,12 @@ __global__ void moe_unpermute_bwd_kernel(const void *g, int gf32, int64_t grs,
   }
 }
 
-extern "C" moe_status moe_cu_unpermute_backward(
-    const moe_cu_view *g, const void *y, moe_dtype yt,
-    const int32_t *slot_row, const float *w, int64_t T, int64_t k, int64_t H,
-    void *dy, float *dw, cudaStream_t s) {
+extern "C" moe_status moe_cu_unpermute_backward(const moe_cu_view *g,
+                                                const void *y, moe_dtype yt,
+                                                const int32_t *slot_row,
+                                                const float *w, int64_t T,
+                                                int64_t k, int64_t H, void *dy,
+                                                float *dw, cudaStream_t s) {
   if (T == 0) return MOE_SUCCESS;
   int vec = vec8(y, yt, H, 1, H);
   int gvec = vec8(g->data, g->dtype, g->rs, g->cs, H);
@@ -473,7 +484,8 @@ __global__ void moe_permute_bwd_kernel(const void *dxp, int f32,
         if (row < 0) continue;
         ld8(dxp, f32, (int64_t)row * H + c * 8, v);
 #pragma unroll
-        for (int q = 0; q < 8; q++) acc[q] += v[q];
+        for (int q = 0; q < 8; q++)
+          acc[q] += v[q];
       }
       if (ovec)
         st8(out, of32, t * ors + c * 8, acc);
@@ -494,15 +506,12 @@ __global__ void moe_permute_bwd_kernel(const void *dxp, int f32,
   }
 }
 
-extern "C" moe_status moe_cu_permute_backward(const void *dxp, moe_dtype dt,
-                                              const int32_t *slot_row,
-                                              const float *add, int64_t T,
-                                              int64_t k, int64_t H,
-                                              const moe_cu_view *out,
-                                              cudaStream_t s) {
+extern "C" moe_status
+moe_cu_permute_backward(const void *dxp, moe_dtype dt, const int32_t *slot_row,
+                        const float *add, int64_t T, int64_t k, int64_t H,
+                        const moe_cu_view *out, cudaStream_t s) {
   if (T == 0) return MOE_SUCCESS;
-  int vec = vec8(dxp, dt, H, 1, H) &&
-            (!add || vec8(add, MOE_F32, H, 1, H));
+  int vec = vec8(dxp, dt, H, 1, H) && (!add || vec8(add, MOE_F32, H, 1, H));
   int ovec = vec && vec8(out->data, out->dtype, out->rs, out->cs, H);
   moe_permute_bwd_kernel<<<(unsigned)T, 128, 0, s>>>(
       dxp, dt == MOE_F32, slot_row, add, (int)k, H, vec, out->data,
@@ -510,7 +519,8 @@ extern "C" moe_status moe_cu_permute_backward(const void *dxp, moe_dtype dt,
   return moe_cu_launch_check("moe_permute_bwd_kernel");
 }
 
-/* ---- top-k backward ---------------------------------------------------------- */
+/* ---- top-k backward
+ * ---------------------------------------------------------- */
 
 __global__ void moe_topk_bwd_kernel(const float *probs, const int32_t *idx,
                                     const float *w, const float *dw, int T,
@@ -542,36 +552,33 @@ __global__ void moe_topk_bwd_kernel(const float *probs, const int32_t *idx,
   }
 }
 
-extern "C" moe_status moe_cu_topk_backward(const float *probs,
-                                           const int32_t *idx, const float *w,
-                                           const float *dw, int64_t T,
-                                           int64_t E, int64_t k, int norm,
-                                           void *dl, moe_dtype dlt,
-                                           cudaStream_t s) {
+extern "C" moe_status
+moe_cu_topk_backward(const float *probs, const int32_t *idx, const float *w,
+                     const float *dw, int64_t T, int64_t E, int64_t k, int norm,
+                     void *dl, moe_dtype dlt, cudaStream_t s) {
   if (T == 0) return MOE_SUCCESS;
   moe_topk_bwd_kernel<<<(unsigned)((T + 7) / 8), 256, 0, s>>>(
       probs, idx, w, dw, (int)T, (int)E, (int)k, norm, dl, dlt == MOE_F32);
   return moe_cu_launch_check("moe_topk_bwd_kernel");
 }
 
-__global__ void moe_store_kernel(const float *src, int64_t T, int k,
-                                 void *out, int f32, int64_t rs,
-                                 int64_t cs) {
+__global__ void moe_store_kernel(const float *src, int64_t T, int k, void *out,
+                                 int f32, int64_t rs, int64_t cs) {
   int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (i >= T * k) return;
   st1(out, f32, (i / k) * rs + (i % k) * cs, src[i]);
 }
 
-extern "C" moe_status moe_cu_store_f32(const float *src, int64_t T,
-                                       int64_t k, const moe_cu_view *out,
-                                       cudaStream_t s) {
+extern "C" moe_status moe_cu_store_f32(const float *src, int64_t T, int64_t k,
+                                       const moe_cu_view *out, cudaStream_t s) {
   if (T * k == 0) return MOE_SUCCESS;
   moe_store_kernel<<<blocks_for(T * k, 256), 256, 0, s>>>(
       src, T, (int)k, out->data, out->dtype == MOE_F32, out->rs, out->cs);
   return moe_cu_launch_check("moe_store_kernel");
 }
 
-/* ---- SwiGLU ------------------------------------------------------------------- */
+/* ---- SwiGLU
+ * ------------------------------------------------------------------- */
 
 static __device__ __forceinline__ float sigm(float a) {
   return 1.0f / (1.0f + expf(-a));
@@ -631,8 +638,7 @@ template <bool BWD, bool VEC> __global__ void moe_swiglu_kernel(sw_args a) {
 }
 
 static moe_status moe_cu_swiglu(bool bwd, const moe_cu_view *v[6], int64_t R,
-                                int64_t I, const int64_t *end,
-                                cudaStream_t s) {
+                                int64_t I, const int64_t *end, cudaStream_t s) {
   if (R == 0 || I == 0) return MOE_SUCCESS;
   sw_args a;
   memset(&a, 0, sizeof a);
@@ -675,13 +681,11 @@ extern "C" moe_status moe_cu_swiglu_fwd(const moe_cu_view *g,
   return moe_cu_swiglu(false, v, R, I, end, s);
 }
 
-extern "C" moe_status moe_cu_swiglu_bwd(const moe_cu_view *g,
-                                        const moe_cu_view *u,
-                                        const moe_cu_view *dh,
-                                        const moe_cu_view *dg,
-                                        const moe_cu_view *du, int64_t R,
-                                        int64_t I, const int64_t *end,
-                                        cudaStream_t s) {
+extern "C" moe_status
+moe_cu_swiglu_bwd(const moe_cu_view *g, const moe_cu_view *u,
+                  const moe_cu_view *dh, const moe_cu_view *dg,
+                  const moe_cu_view *du, int64_t R, int64_t I,
+                  const int64_t *end, cudaStream_t s) {
   const moe_cu_view *v[6] = {g, u, dh, NULL, dg, du};
   return moe_cu_swiglu(true, v, R, I, end, s);
 }

@@ -13,14 +13,14 @@ typedef struct moe_gg_args {
 } moe_gg_args;
 
 /// Checks offsets (I64 [E+1], CPU, monotone, within [0, R]).
-static moe_status moe_check_offsets(const moe_tensor *off, int64_t E,
-                                    int64_t R, const char *fn) {
+static moe_status moe_check_offsets(const moe_tensor *off, int64_t E, int64_t R,
+                                    const char *fn) {
   int64_t s[1] = {E + 1};
   moe_device cpu = {MOE_DEVICE_CPU, 0};
   MOE_TRY(moe_check_tensor(off, "offsets", 1, s, (int)MOE_I64, &cpu));
   if (off->stride[0] != 1)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "%s: offsets must be contiguous", fn);
+    return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: offsets must be contiguous",
+                     fn);
   const int64_t *o = off->data;
   for (int64_t e = 0; e <= E; e++) {
     if (o[e] < 0 || o[e] > R || (e > 0 && o[e] < o[e - 1]))
@@ -43,12 +43,13 @@ static moe_status moe_pick(const moe_exec_options *opt, const moe_tensor *w,
   moe_gmm_method env;
   bool set;
   MOE_TRY(moe_env_gmm(&env, &set));
-  moe_gmm_method forced = opt && opt->method != MOE_GMM_AUTO ? opt->method
-                                                             : env;
+  moe_gmm_method forced =
+      opt && opt->method != MOE_GMM_AUTO ? opt->method : env;
   int threads =
       opt && opt->num_threads > 0 ? opt->num_threads : omp_get_max_threads();
-  moe_proj_shape s = {"weight", w->shape[0], R, w->shape[2], w->shape[1],
-                      w->dtype, moe_weight_layout(w), 1};
+  moe_proj_shape s = {
+      "weight", w->shape[0],          R, w->shape[2], w->shape[1],
+      w->dtype, moe_weight_layout(w), 1};
   char buf[1024];
   size_t len = 0;
   return moe_plan_projection(moe_machine_get(), &s, forced,
@@ -89,11 +90,17 @@ moe_status moe_grouped_gemm(const moe_tensor *x, const moe_tensor *w,
   MOE_TRY(moe_check_tensor(y, "y", 2, ys, -1, &cpu));
   moe_gmm_method m;
   MOE_TRY(moe_pick(opt, w, R, &m));
-  moe_gemm_problem p = {MOE_GROUP_M, w->shape[0], offsets->data, 0,
-                        w->shape[1], w->shape[2], moe_op2(x),
-                        {w->data, w->dtype, w->stride[2], w->stride[1],
-                         w->stride[0]},
-                        moe_op2(y), 0.0f};
+  moe_gemm_problem p = {
+      MOE_GROUP_M,
+      w->shape[0],
+      offsets->data,
+      0,
+      w->shape[1],
+      w->shape[2],
+      moe_op2(x),
+      {w->data, w->dtype, w->stride[2], w->stride[1], w->stride[0]},
+      moe_op2(y),
+      0.0f};
   moe_gemm_ctx c = moe_ctx_of(opt);
   return moe_gemm_run(m, &p, &c);
 }
@@ -114,11 +121,17 @@ moe_status moe_grouped_gemm_dx(const moe_tensor *dy, const moe_tensor *w,
   MOE_TRY(moe_check_tensor(dx, "dx", 2, xs, -1, &cpu));
   moe_gmm_method m;
   MOE_TRY(moe_pick(opt, w, R, &m));
-  moe_gemm_problem p = {MOE_GROUP_M, w->shape[0], offsets->data, 0,
-                        w->shape[2], w->shape[1], moe_op2(dy),
-                        {w->data, w->dtype, w->stride[1], w->stride[2],
-                         w->stride[0]},
-                        moe_op2(dx), 0.0f};
+  moe_gemm_problem p = {
+      MOE_GROUP_M,
+      w->shape[0],
+      offsets->data,
+      0,
+      w->shape[2],
+      w->shape[1],
+      moe_op2(dy),
+      {w->data, w->dtype, w->stride[1], w->stride[2], w->stride[0]},
+      moe_op2(dx),
+      0.0f};
   moe_gemm_ctx c = moe_ctx_of(opt);
   return moe_gemm_run(m, &p, &c);
 }
@@ -139,13 +152,17 @@ moe_status moe_grouped_gemm_dw(const moe_tensor *x, const moe_tensor *dy,
   MOE_TRY(moe_check_tensor(dw, "dw", 3, ws, -1, &cpu));
   moe_gmm_method m;
   MOE_TRY(moe_pick(opt, dw, R, &m));
-  moe_gemm_problem p = {MOE_GROUP_K, dw->shape[0], offsets->data,
-                        dw->shape[1], dw->shape[2], 0,
-                        {dy->data, dy->dtype, dy->stride[1], dy->stride[0], 0},
-                        moe_op2(x),
-                        {dw->data, dw->dtype, dw->stride[1], dw->stride[2],
-                         dw->stride[0]},
-                        0.0f};
+  moe_gemm_problem p = {
+      MOE_GROUP_K,
+      dw->shape[0],
+      offsets->data,
+      dw->shape[1],
+      dw->shape[2],
+      0,
+      {dy->data, dy->dtype, dy->stride[1], dy->stride[0], 0},
+      moe_op2(x),
+      {dw->data, dw->dtype, dw->stride[1], dw->stride[2], dw->stride[0]},
+      0.0f};
   moe_gemm_ctx c = moe_ctx_of(opt);
   return moe_gemm_run(m, &p, &c);
 }

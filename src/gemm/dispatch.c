@@ -39,7 +39,7 @@ enum {
 #define XCR0_HI16_ZMM (1ull << 7)
 #define XCR0_XTILECFG (1ull << 17)
 #define XCR0_XTILEDATA (1ull << 18)
-#define XCR0_AVX512                                                          \
+#define XCR0_AVX512                                                            \
   (XCR0_SSE | XCR0_AVX | XCR0_OPMASK | XCR0_ZMM_HI256 | XCR0_HI16_ZMM)
 /* Linux arch_prctl codes (arch/x86/include/uapi/asm/prctl.h). */
 #define MOE_ARCH_REQ_XCOMP_PERM 0x1023
@@ -67,8 +67,7 @@ static void moe_cpu_read(moe_cpu *c) {
     c->ebx7 = b;
     c->edx7 = d;
     unsigned max_sub = a;
-    if (max_sub >= 1 && __get_cpuid_count(7, 1, &a, &b, &cc, &d))
-      c->eax71 = a;
+    if (max_sub >= 1 && __get_cpuid_count(7, 1, &a, &b, &cc, &d)) c->eax71 = a;
   }
   c->osxsave = (c->ecx1 & CPUID1_ECX_OSXSAVE) != 0;
   if (c->osxsave) {
@@ -85,8 +84,7 @@ static bool moe_cpu_avx512(const moe_cpu *c, char *why, size_t n) {
   unsigned need = CPUID7_EBX_AVX512F | CPUID7_EBX_AVX512DQ |
                   CPUID7_EBX_AVX512BW | CPUID7_EBX_AVX512VL;
   if ((c->ebx7 & need) != need || !(c->ecx1 & CPUID1_ECX_FMA)) {
-    snprintf(why, n,
-             "CPUID lacks AVX-512F/DQ/BW/VL or FMA (leaf 7 EBX=0x%08x)",
+    snprintf(why, n, "CPUID lacks AVX-512F/DQ/BW/VL or FMA (leaf 7 EBX=0x%08x)",
              c->ebx7);
     return false;
   }
@@ -105,12 +103,10 @@ static bool moe_cpu_avx512(const moe_cpu *c, char *why, size_t n) {
 static bool moe_cpu_avx512_bf16(const moe_cpu *c, char *why, size_t n) {
   if (!moe_cpu_avx512(c, why, n)) return false;
   if (!(c->eax71 & CPUID71_EAX_AVX512_BF16)) {
-    snprintf(why, n, "CPUID leaf 7.1 EAX=0x%08x has no AVX512_BF16",
-             c->eax71);
+    snprintf(why, n, "CPUID leaf 7.1 EAX=0x%08x has no AVX512_BF16", c->eax71);
     return false;
   }
-  snprintf(why, n, "CPUID has AVX512_BF16 (vdpbf16ps), XCR0=0x%llx",
-           c->xcr0);
+  snprintf(why, n, "CPUID has AVX512_BF16 (vdpbf16ps), XCR0=0x%llx", c->xcr0);
   return true;
 }
 
@@ -195,7 +191,8 @@ static void moe_ukernel_pick(void) {
     char why[192] = "portable C, always available";
     if (c->level > cap) {
       if (verbose)
-        fprintf(stderr, "libmoe: isa %-12s declined: above MOE_MAX_CPU_ISA=%s\n",
+        fprintf(stderr,
+                "libmoe: isa %-12s declined: above MOE_MAX_CPU_ISA=%s\n",
                 c->name, getenv("MOE_MAX_CPU_ISA"));
       continue;
     }

@@ -59,8 +59,8 @@ moe_status moe_gemm_validate(const moe_gemm_problem *p, const char *what) {
   for (int64_t g = 0; g < p->num_groups; g++)
     if (p->offsets[g + 1] < p->offsets[g])
       return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                       "%s: offsets decrease at group %lld (%lld > %lld)",
-                       what, (long long)g, (long long)p->offsets[g],
+                       "%s: offsets decrease at group %lld (%lld > %lld)", what,
+                       (long long)g, (long long)p->offsets[g],
                        (long long)p->offsets[g + 1]);
   const moe_operand *ops[3] = {&p->A, &p->B, &p->C};
   static const char *names[3] = {"A", "B", "C"};
@@ -70,11 +70,9 @@ moe_status moe_gemm_validate(const moe_gemm_problem *p, const char *what) {
                        "%s: operand %s has dtype %s; f32 and bf16 only", what,
                        names[i], moe_dtype_name(ops[i]->dtype));
   if (p->beta != 0.0f && p->beta != 1.0f)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: beta must be 0 or 1",
-                     what);
+    return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: beta must be 0 or 1", what);
   return MOE_SUCCESS;
 }
-
 
 /// One group's product as a plain strided GEMM: C(i, j) (+)= sum_p A(i, p)
 /// B(p, j) for i < M, j < N, p < K. Strides in elements.
@@ -95,8 +93,8 @@ typedef struct moe_job {
   bool stream;          ///< non-temporal C stores (large dW)
   int mr, nr;
   moe_bmode bmode;
-  bool narrow;          ///< too few m-tiles for the threads: split N too
-  int64_t target;       ///< multiply-adds one item should carry
+  bool narrow;    ///< too few m-tiles for the threads: split N too
+  int64_t target; ///< multiply-adds one item should carry
 } moe_job;
 
 static void moe_view_of(const moe_job *J, int64_t g, moe_view *v) {
@@ -151,8 +149,7 @@ typedef struct moe_tiling {
   int64_t mrows, mt, nsl, nt;
 } moe_tiling;
 
-static void moe_tiling_of(const moe_job *J, const moe_view *v,
-                          moe_tiling *t) {
+static void moe_tiling_of(const moe_job *J, const moe_view *v, moe_tiling *t) {
   int mr = J->mr, nr = J->nr;
   memset(t, 0, sizeof *t);
   if (v->M <= 0 || v->N <= 0) return;
@@ -186,9 +183,9 @@ static void moe_pack_f32_portable(const void *src, moe_dtype st, int64_t sd,
   }
 }
 
-static void moe_pack_pairs_portable(const uint16_t *src, int64_t sd,
-                                    int64_t sw, int64_t depth, int64_t width,
-                                    int W, uint32_t *dst) {
+static void moe_pack_pairs_portable(const uint16_t *src, int64_t sd, int64_t sw,
+                                    int64_t depth, int64_t width, int W,
+                                    uint32_t *dst) {
   int64_t kp = (depth + 1) / 2, cols = (width + W - 1) / W * W;
   for (int64_t t = 0; t < cols; t++) {
     uint32_t *d = dst + t / W * kp * W + t % W;
@@ -205,21 +202,24 @@ static void moe_pack_pairs_portable(const uint16_t *src, int64_t sd,
 
 /// C(i, j) = acc(i, j) (+ C(i, j) when beta == 1) through C's strides.
 static void moe_store_portable(const float *acc, int64_t ldacc, int64_t mb,
-                               int64_t nb, char *c, moe_dtype ct,
-                               int64_t crs, int64_t ccs, float beta) {
+                               int64_t nb, char *c, moe_dtype ct, int64_t crs,
+                               int64_t ccs, float beta) {
   for (int64_t i = 0; i < mb; i++) {
     const float *ar = acc + i * ldacc;
     int64_t off = i * crs;
     if (ct == MOE_F32) {
       float *cf = (float *)c + off;
       if (beta == 0.0f)
-        for (int64_t j = 0; j < nb; j++) cf[j * ccs] = ar[j];
+        for (int64_t j = 0; j < nb; j++)
+          cf[j * ccs] = ar[j];
       else
-        for (int64_t j = 0; j < nb; j++) cf[j * ccs] += ar[j];
+        for (int64_t j = 0; j < nb; j++)
+          cf[j * ccs] += ar[j];
     } else {
       uint16_t *cb = (uint16_t *)c + off;
       if (beta == 0.0f)
-        for (int64_t j = 0; j < nb; j++) cb[j * ccs] = moe_f32_to_bf16(ar[j]);
+        for (int64_t j = 0; j < nb; j++)
+          cb[j * ccs] = moe_f32_to_bf16(ar[j]);
       else
         for (int64_t j = 0; j < nb; j++)
           cb[j * ccs] = moe_f32_to_bf16(moe_bf16_to_f32(cb[j * ccs]) + ar[j]);
@@ -248,8 +248,8 @@ static void moe_pack(const moe_job *J, const char *src, moe_dtype st,
 
   const moe_ukernel_info *uk = J->uk;
   if (J->pairs) {
-    moe_pack_pairs_fn f = uk->pack_pairs ? uk->pack_pairs
-                                         : moe_pack_pairs_portable;
+    moe_pack_pairs_fn f =
+        uk->pack_pairs ? uk->pack_pairs : moe_pack_pairs_portable;
     f((const uint16_t *)src, sd, sw, depth, width, W, (uint32_t *)dst);
   } else {
     moe_pack_f32_fn f = uk->pack_f32 ? uk->pack_f32 : moe_pack_f32_portable;
@@ -350,12 +350,11 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
     int64_t kuc = (v->K + upe - 1) / upe;
     for (int64_t is = 0; is < msl; is++) {
       int64_t r = i0 + is * mbase + (is < mextra ? is : mextra);
-      moe_pack(J, v->a + (size_t)(r * v->ars) * ea, J->at, v->acs, v->ars,
-               v->K, mbase + (is < mextra), mr,
-               (uint32_t *)s->ap + is * mr * kuc);
+      moe_pack(J, v->a + (size_t)(r * v->ars) * ea, J->at, v->acs, v->ars, v->K,
+               mbase + (is < mextra), mr, (uint32_t *)s->ap + is * mr * kuc);
     }
-    moe_pack(J, v->b + (size_t)(j0 * v->bcs) * eb, J->bt, v->brs, v->bcs,
-             v->K, nb, nr, s->bp);
+    moe_pack(J, v->b + (size_t)(j0 * v->bcs) * eb, J->bt, v->brs, v->bcs, v->K,
+             nb, nr, s->bp);
     for (int64_t is = 0; is < msl; is++) {
       int m = (int)(mbase + (is < mextra));
       int64_t ro = is * mbase + (is < mextra ? is : mextra);
@@ -367,8 +366,8 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
           uk->bf16(kuc, (const uint32_t *)s->ap + is * mr * kuc, bsl,
                    s->acc + js * nr, ldacc, m, 1);
         else
-          uk->f32(kuc, (const float *)s->ap + is * mr * kuc,
-                  (const float *)bsl, s->acc + js * nr, ldacc, m, 1);
+          uk->f32(kuc, (const float *)s->ap + is * mr * kuc, (const float *)bsl,
+                  s->acc + js * nr, ldacc, m, 1);
         /* Store as soon as the band's columns reach a cache-line
            boundary: the writes then drain while the next kernels run,
            in whole lines. */
@@ -376,8 +375,7 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
         if (js + 1 == nsl || v->ccs != 1 ||
             !(((uintptr_t)crow + (uintptr_t)end * ec) & 63)) {
           moe_store_tile(J, s->acc + done, ldacc, m, end - done,
-                         crow + (size_t)(done * v->ccs) * ec, v->crs,
-                         v->ccs);
+                         crow + (size_t)(done * v->ccs) * ec, v->crs, v->ccs);
           done = end;
         }
       }
@@ -394,8 +392,8 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
     int64_t kuc = (kc + upe - 1) / upe; /* this chunk, in units */
     for (int64_t is = 0; is < msl; is++) {
       int64_t r = i0 + is * mbase + (is < mextra ? is : mextra);
-      moe_pack(J, v->a + (size_t)(r * v->ars + k0 * v->acs) * ea, J->at,
-               v->acs, v->ars, kc, mbase + (is < mextra), mr,
+      moe_pack(J, v->a + (size_t)(r * v->ars + k0 * v->acs) * ea, J->at, v->acs,
+               v->ars, kc, mbase + (is < mextra), mr,
                (uint32_t *)s->ap + is * mr * kuc);
     }
     if (J->bmode == MOE_BMODE_ROWS) {
@@ -438,7 +436,8 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
         int64_t uk0 = kuc - u0 < MOE_KCU ? kuc - u0 : MOE_KCU;
         for (int64_t is = 0; is < msl; is++) {
           int m = (int)(mbase + (is < mextra));
-          float *acc = s->acc + (is * mbase + (is < mextra ? is : mextra)) * ldacc +
+          float *acc = s->acc +
+                       (is * mbase + (is < mextra ? is : mextra)) * ldacc +
                        js * nr;
           int first = k0 == 0 && u0 == 0;
           moe_pf_step(&pf, per_call);
@@ -516,8 +515,9 @@ moe_status moe_gemm_grouped_with(const moe_gemm_problem *p,
      enough to balance experts of very different sizes, few enough that
      packing A again per n-tile stays cheap. */
   double tgt = macs / (8.0 * nt);
-  J.target = tgt < (double)(1 << 20) ? (1 << 20)
-             : tgt > (double)(1 << 25) ? (1 << 25) : (int64_t)tgt;
+  J.target = tgt < (double)(1 << 20)   ? (1 << 20)
+             : tgt > (double)(1 << 25) ? (1 << 25)
+                                       : (int64_t)tgt;
   size_t ec = moe_dtype_size(p->C.dtype);
   J.stream = p->kind == MOE_GROUP_K && p->beta == 0.0f &&
              (double)G * (double)p->M * (double)p->N * (double)ec > 16e6;
@@ -556,8 +556,10 @@ moe_status moe_gemm_grouped_with(const moe_gemm_problem *p,
     int64_t vg = -1;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < total; it++) {
-      while (first[g + 1] <= it) g++;
-      while (first[g] > it) g--;
+      while (first[g + 1] <= it)
+        g++;
+      while (first[g] > it)
+        g--;
       if (g != vg) {
         moe_view_of(&J, g, &v);
         moe_tiling_of(&J, &v, &t);

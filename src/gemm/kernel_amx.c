@@ -14,7 +14,8 @@
 /// each 16 x 16 block is transposed into a row-major A tile first.
 /// Partial blocks (kp not a multiple of 16) are zero-padded in a local
 /// buffer, so every tile is full size and one configuration serves all.
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,amx-tile,amx-bf16")
+#pragma GCC target(                                                            \
+    "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,amx-tile,amx-bf16")
 #include <immintrin.h>
 
 #include "ukernel.h"
@@ -64,7 +65,8 @@ static void moe_amx_a_block(const uint32_t *a, int64_t np, uint32_t *out) {
     t[12 + c] = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
   }
   for (int c = 0; c < 4; c++) {
-    _mm512_store_si512(out + c * 16, _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88));
+    _mm512_store_si512(out + c * 16,
+                       _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88));
     _mm512_store_si512(out + (8 + c) * 16,
                        _mm512_shuffle_i32x4(t[c], t[8 + c], 0xDD));
     _mm512_store_si512(out + (4 + c) * 16,

@@ -14,7 +14,6 @@
 
 enum { F32_MR = 8, F32_NR = 48 };
 
-
 /* ---- f32 micro-kernel ------------------------------------------------- */
 
 /// The 8 x 48 body for M real rows (a compile-time constant after
@@ -122,15 +121,16 @@ MOE_INLINE void moe_tr_block(const uint32_t *src, int64_t sw, uint32_t *dst,
                              int64_t W) {
   __m512i r[16];
 #pragma GCC unroll 16
-  for (int t = 0; t < 16; t++) r[t] = _mm512_loadu_si512(src + t * sw);
+  for (int t = 0; t < 16; t++)
+    r[t] = _mm512_loadu_si512(src + t * sw);
   moe_tr16(r);
 #pragma GCC unroll 16
-  for (int q = 0; q < 16; q++) _mm512_storeu_si512(dst + q * W, r[q]);
+  for (int q = 0; q < 16; q++)
+    _mm512_storeu_si512(dst + q * W, r[q]);
 }
 
-void moe_pack_f32_avx512(const void *src, moe_dtype st, int64_t sd,
-                         int64_t sw, int64_t depth, int64_t width, int W,
-                         float *dstf) {
+void moe_pack_f32_avx512(const void *src, moe_dtype st, int64_t sd, int64_t sw,
+                         int64_t depth, int64_t width, int W, float *dstf) {
   uint32_t *dst = (uint32_t *)dstf;
   int64_t cols = (width + W - 1) / W * W;
   if (sw == 1) {
@@ -141,8 +141,8 @@ void moe_pack_f32_avx512(const void *src, moe_dtype st, int64_t sd,
         uint32_t *d = dst + t0 / W * depth * W + p * W;
         for (int64_t o = 0; o < W; o += 16) {
           int64_t left = width - t0 - o;
-          __mmask16 k = left >= 16 ? (__mmask16)0xFFFF
-                                   : moe_mask16(left > 0 ? left : 0);
+          __mmask16 k =
+              left >= 16 ? (__mmask16)0xFFFF : moe_mask16(left > 0 ? left : 0);
           moe_store16(d + o, moe_load16_f32(src, st, p * sd + t0 + o, k),
                       W - o);
         }
@@ -181,8 +181,7 @@ void moe_pack_f32_avx512(const void *src, moe_dtype st, int64_t sd,
 }
 
 void moe_pack_pairs_avx512(const uint16_t *src, int64_t sd, int64_t sw,
-                           int64_t depth, int64_t width, int W,
-                           uint32_t *dst) {
+                           int64_t depth, int64_t width, int W, uint32_t *dst) {
   int64_t kp = (depth + 1) / 2, full = depth / 2;
   int64_t cols = (width + W - 1) / W * W;
   if (sw == 1) {
@@ -190,9 +189,9 @@ void moe_pack_pairs_avx512(const uint16_t *src, int64_t sd, int64_t sw,
        across all slivers. */
     /* Word indices that interleave two rows: lane 2i from the first
        source, 2i + 1 from the second (index bit 5 picks the source). */
-    const __m512i ilo = _mm512_set_epi16(
-        47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7,
-        38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i ilo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11,
+                                         42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
+                                         5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
     const __m512i ihi = _mm512_add_epi16(ilo, _mm512_set1_epi16(16));
     for (int64_t p = 0; p < kp; p++) {
       const uint16_t *r0 = src + 2 * p * sd, *r1 = r0 + sd;
@@ -211,14 +210,18 @@ void moe_pack_pairs_avx512(const uint16_t *src, int64_t sd, int64_t sw,
           int64_t left = width - t0 - o;
           __m512i lo, hi = _mm512_setzero_si512();
           if (left >= 16) {
-            lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)(r0 + t0 + o)));
+            lo = _mm512_cvtepu16_epi32(
+                _mm256_loadu_si256((const void *)(r0 + t0 + o)));
             if (p < full)
-              hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)(r1 + t0 + o)));
+              hi = _mm512_cvtepu16_epi32(
+                  _mm256_loadu_si256((const void *)(r1 + t0 + o)));
           } else {
             __mmask16 k = moe_mask16(left > 0 ? left : 0);
-            lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, r0 + t0 + o));
+            lo =
+                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, r0 + t0 + o));
             if (p < full)
-              hi = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, r1 + t0 + o));
+              hi = _mm512_cvtepu16_epi32(
+                  _mm256_maskz_loadu_epi16(k, r1 + t0 + o));
           }
           moe_store16(d + o, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)),
                       W - o);
@@ -244,8 +247,7 @@ void moe_pack_pairs_avx512(const uint16_t *src, int64_t sd, int64_t sw,
 #pragma GCC unroll 16
         for (int t = 0; t < 16; t++)
           r[t] = t0 + t < width
-                     ? _mm512_maskz_loadu_epi32(
-                           k, src + (t0 + t) * sw + 2 * p0)
+                     ? _mm512_maskz_loadu_epi32(k, src + (t0 + t) * sw + 2 * p0)
                      : _mm512_setzero_si512();
         moe_tr16(r);
         int64_t np = full - p0 < 16 ? full - p0 : 16;
@@ -254,7 +256,8 @@ void moe_pack_pairs_avx512(const uint16_t *src, int64_t sd, int64_t sw,
       }
       if (kp > full)
         for (int64_t t = 0; t < 16 && t < lanes; t++)
-          d[full * W + t] = t0 + t < width ? src[(t0 + t) * sw + depth - 1] : 0u;
+          d[full * W + t] =
+              t0 + t < width ? src[(t0 + t) * sw + depth - 1] : 0u;
     }
     return;
   }
@@ -274,8 +277,8 @@ void moe_pack_pairs_avx512(const uint16_t *src, int64_t sd, int64_t sw,
 /* ---- C store ---------------------------------------------------------- */
 
 /// One row segment of nb elements, f32 C.
-static void moe_store_row_f32(const float *a, float *c, int64_t nb,
-                              float beta, int stream) {
+static void moe_store_row_f32(const float *a, float *c, int64_t nb, float beta,
+                              int stream) {
   int64_t j = 0;
   if (beta != 0.0f) {
     for (; j < nb; j += 16) {
@@ -293,8 +296,9 @@ static void moe_store_row_f32(const float *a, float *c, int64_t nb,
     if (((uintptr_t)c & 3) || head > nb) head = nb;
     if (head) {
       for (int64_t h = 0; h < head; h += 16)
-        _mm512_mask_storeu_ps(c + h, moe_mask16(head - h),
-                              _mm512_maskz_loadu_ps(moe_mask16(head - h), a + h));
+        _mm512_mask_storeu_ps(
+            c + h, moe_mask16(head - h),
+            _mm512_maskz_loadu_ps(moe_mask16(head - h), a + h));
     }
     for (j = head; j + 16 <= nb; j += 16)
       _mm512_stream_ps(c + j, _mm512_loadu_ps(a + j));
@@ -343,9 +347,9 @@ static void moe_store_row_bf16(const float *a, uint16_t *c, int64_t nb,
   }
 }
 
-void moe_store_avx512(const float *acc, int64_t ldacc, int64_t mb,
-                      int64_t nb, void *c, moe_dtype ct, int64_t crs,
-                      float beta, int stream) {
+void moe_store_avx512(const float *acc, int64_t ldacc, int64_t mb, int64_t nb,
+                      void *c, moe_dtype ct, int64_t crs, float beta,
+                      int stream) {
   for (int64_t i = 0; i < mb; i++) {
     if (ct == MOE_F32)
       moe_store_row_f32(acc + i * ldacc, (float *)c + i * crs, nb, beta,

@@ -47,8 +47,8 @@ MOE_INLINE void moe_bf16_8x48(const int M, int64_t kp, const uint32_t *a,
 }
 
 static void moe_ukernel_bf16_8x48(int64_t kp, const uint32_t *a,
-                                    const uint32_t *b, float *acc,
-                                    int64_t ldacc, int m, int first) {
+                                  const uint32_t *b, float *acc, int64_t ldacc,
+                                  int m, int first) {
   switch (m) {
   case 1: moe_bf16_8x48(1, kp, a, b, acc, ldacc, first); break;
   case 2: moe_bf16_8x48(2, kp, a, b, acc, ldacc, first); break;
@@ -68,7 +68,8 @@ static void moe_ukernel_bf16_8x48(int64_t kp, const uint32_t *a,
 /// flushes denormal inputs to zero; lanes holding one take the exact
 /// integer path instead, so the result is bit for bit the portable one.
 MOE_INLINE __m512i moe_cvt32_bf16(__m512 lo, __m512 hi) {
-  __mmask16 d = _mm512_fpclass_ps_mask(lo, 0x20) | _mm512_fpclass_ps_mask(hi, 0x20);
+  __mmask16 d =
+      _mm512_fpclass_ps_mask(lo, 0x20) | _mm512_fpclass_ps_mask(hi, 0x20);
   if (__builtin_expect(d != 0, 0))
     return _mm512_inserti64x4(_mm512_castsi256_si512(moe_cvt_bf16(lo)),
                               moe_cvt_bf16(hi), 1);
@@ -87,21 +88,23 @@ static void moe_store_row_bf16x(const float *a, uint16_t *c, int64_t nb,
     for (; j < head; j += 32) {
       int64_t n = head - j;
       __m512 lo = _mm512_maskz_loadu_ps(moe_mask16(n), a + j);
-      __m512 hi = _mm512_maskz_loadu_ps(moe_mask16(n > 16 ? n - 16 : 0), a + j + 16);
+      __m512 hi =
+          _mm512_maskz_loadu_ps(moe_mask16(n > 16 ? n - 16 : 0), a + j + 16);
       _mm512_mask_storeu_epi16(c + j, n >= 32 ? ~0u : (1u << n) - 1u,
                                moe_cvt32_bf16(lo, hi));
     }
     j = head;
     for (; j + 32 <= nb; j += 32)
-      _mm512_stream_si512((void *)(c + j),
-                          moe_cvt32_bf16(_mm512_loadu_ps(a + j),
-                                         _mm512_loadu_ps(a + j + 16)));
+      _mm512_stream_si512(
+          (void *)(c + j),
+          moe_cvt32_bf16(_mm512_loadu_ps(a + j), _mm512_loadu_ps(a + j + 16)));
   }
   for (; j < nb; j += 32) {
     int64_t n = nb - j;
     __mmask16 k0 = moe_mask16(n), k1 = moe_mask16(n > 16 ? n - 16 : 0);
     __mmask32 k = n >= 32 ? ~0u : (1u << n) - 1u;
-    __m512 lo = _mm512_maskz_loadu_ps(k0, a + j), hi = _mm512_maskz_loadu_ps(k1, a + j + 16);
+    __m512 lo = _mm512_maskz_loadu_ps(k0, a + j),
+           hi = _mm512_maskz_loadu_ps(k1, a + j + 16);
     if (beta != 0.0f) {
       __m512i old = _mm512_maskz_loadu_epi16(k, c + j);
       __m512 olo = _mm512_castsi512_ps(_mm512_slli_epi32(
@@ -117,8 +120,8 @@ static void moe_store_row_bf16x(const float *a, uint16_t *c, int64_t nb,
 
 /// bf16 C through vcvtne2ps2bf16; f32 C through the AVX-512 store.
 static void moe_store_avx512bf16(const float *acc, int64_t ldacc, int64_t mb,
-                                 int64_t nb, void *c, moe_dtype ct,
-                                 int64_t crs, float beta, int stream) {
+                                 int64_t nb, void *c, moe_dtype ct, int64_t crs,
+                                 float beta, int stream) {
   if (ct != MOE_BF16) {
     moe_store_avx512(acc, ldacc, mb, nb, c, ct, crs, beta, stream);
     return;

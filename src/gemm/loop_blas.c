@@ -10,8 +10,8 @@
 
 /// A BLAS view of one strided operand: NoTrans if columns are unit-stride,
 /// Trans if rows are. Dimensions of size <= 1 accept any stride.
-static bool moe_blas_operand(int64_t rows, int64_t cols, int64_t rs,
-                             int64_t cs, CBLAS_TRANSPOSE *t, int64_t *ld) {
+static bool moe_blas_operand(int64_t rows, int64_t cols, int64_t rs, int64_t cs,
+                             CBLAS_TRANSPOSE *t, int64_t *ld) {
   int64_t need_n = cols > 1 ? cols : 1, need_t = rows > 1 ? rows : 1;
   if (cs == 1 || cols <= 1) {
     int64_t l = rows <= 1 ? need_n : rs;
@@ -102,13 +102,13 @@ bool moe_gemm_loop_supports(const moe_gemm_problem *p, char *why, size_t n) {
 static void moe_zero_tile(const moe_operand *C, float *c, int64_t m,
                           int64_t n) {
   for (int64_t i = 0; i < m; i++)
-    for (int64_t j = 0; j < n; j++) c[i * C->rs + j * C->cs] = 0.0f;
+    for (int64_t j = 0; j < n; j++)
+      c[i * C->rs + j * C->cs] = 0.0f;
 }
 
 static moe_status moe_gemm_loop_openblas(const moe_gemm_problem *p,
                                          const moe_gemm_ctx *c) {
-  if (p->A.dtype != MOE_F32 || p->B.dtype != MOE_F32 ||
-      p->C.dtype != MOE_F32)
+  if (p->A.dtype != MOE_F32 || p->B.dtype != MOE_F32 || p->C.dtype != MOE_F32)
     return moe_error(MOE_ERR_UNIMPLEMENTED,
                      "loop (OpenBLAS): f32 only; this build's OpenBLAS has no "
                      "bf16 GEMM (use oneDNN)");
@@ -146,8 +146,8 @@ moe_status moe_gemm_loop(const moe_gemm_problem *p, const moe_gemm_ctx *c) {
   if (!moe_gemm_loop_supports(p, why, sizeof why))
     return moe_error(MOE_ERR_UNIMPLEMENTED, "loop gemm declined: %s", why);
   moe_loop_lib lib = c ? c->loop_lib : MOE_LOOP_LIB_AUTO;
-  bool all_f32 = p->A.dtype == MOE_F32 && p->B.dtype == MOE_F32 &&
-                 p->C.dtype == MOE_F32;
+  bool all_f32 =
+      p->A.dtype == MOE_F32 && p->B.dtype == MOE_F32 && p->C.dtype == MOE_F32;
   if (lib == MOE_LOOP_LIB_OPENBLAS || (lib == MOE_LOOP_LIB_AUTO && all_f32))
     return moe_gemm_loop_openblas(p, c);
   return moe_gemm_loop_dnnl(p, c);

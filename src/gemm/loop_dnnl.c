@@ -89,7 +89,8 @@ static void moe_dnnl_entry_release(moe_dnnl_entry *e) {
 
 void moe_loop_cache_destroy(struct moe_loop_cache *c) {
   if (!c) return;
-  for (int64_t i = 0; i < c->count; i++) moe_dnnl_entry_release(&c->entries[i]);
+  for (int64_t i = 0; i < c->count; i++)
+    moe_dnnl_entry_release(&c->entries[i]);
   if (c->stream) dnnl_stream_destroy(c->stream);
   if (c->engine) dnnl_engine_destroy(c->engine);
   moe_free(c->entries);
@@ -167,17 +168,16 @@ static moe_status moe_dnnl_entry_create(struct moe_loop_cache *c,
   snprintf(shape, sizeof shape,
            "A %s %lldx%lld strides (%lld,%lld), B %s %lldx%lld strides "
            "(%lld,%lld), C %s %lldx%lld strides (%lld,%lld)",
-           moe_dtype_name((moe_dtype)k->a_dt), (long long)k->m,
-           (long long)k->k, (long long)k->a_rs, (long long)k->a_cs,
-           moe_dtype_name((moe_dtype)k->b_dt), (long long)k->k,
-           (long long)k->n, (long long)k->b_rs, (long long)k->b_cs,
-           moe_dtype_name((moe_dtype)k->c_dt), (long long)k->m,
-           (long long)k->n, (long long)k->c_rs, (long long)k->c_cs);
+           moe_dtype_name((moe_dtype)k->a_dt), (long long)k->m, (long long)k->k,
+           (long long)k->a_rs, (long long)k->a_cs,
+           moe_dtype_name((moe_dtype)k->b_dt), (long long)k->k, (long long)k->n,
+           (long long)k->b_rs, (long long)k->b_cs,
+           moe_dtype_name((moe_dtype)k->c_dt), (long long)k->m, (long long)k->n,
+           (long long)k->c_rs, (long long)k->c_cs);
   dnnl_status_t s;
   for (int i = 0; i < 3; i++) {
-    s = dnnl_memory_desc_init_by_strides(&md[i], 2, dims[i],
-                                         moe_dnnl_dt((moe_dtype)dts[i]),
-                                         strides[i]);
+    s = dnnl_memory_desc_init_by_strides(
+        &md[i], 2, dims[i], moe_dnnl_dt((moe_dtype)dts[i]), strides[i]);
     if (s != dnnl_success)
       return moe_error(s == dnnl_invalid_arguments || s == dnnl_unimplemented
                            ? MOE_ERR_UNIMPLEMENTED
@@ -245,11 +245,12 @@ static moe_status moe_dnnl_entry_create(struct moe_loop_cache *c,
   if (dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &impl) ==
           dnnl_success &&
       impl && strncmp(impl, "ref", 3) == 0) {
-    st = moe_error(MOE_ERR_UNIMPLEMENTED,
-                   "loop (oneDNN): oneDNN offers only its reference matmul (%s) "
-                   "for %s on this CPU; declined as far too slow (this method "
-                   "never copies an operand to fix its layout)",
-                   impl, shape);
+    st =
+        moe_error(MOE_ERR_UNIMPLEMENTED,
+                  "loop (oneDNN): oneDNN offers only its reference matmul (%s) "
+                  "for %s on this CPU; declined as far too slow (this method "
+                  "never copies an operand to fix its layout)",
+                  impl, shape);
     goto out;
   }
   if ((s = dnnl_primitive_create(&e->prim, pd)) != dnnl_success) {
@@ -286,8 +287,7 @@ static moe_status moe_dnnl_entry_run(struct moe_loop_cache *c,
   const dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, e->mem[0]},
                                    {DNNL_ARG_WEIGHTS, e->mem[1]},
                                    {DNNL_ARG_DST, e->mem[2]}};
-  if ((s = dnnl_primitive_execute(e->prim, c->stream, 3, args)) !=
-      dnnl_success)
+  if ((s = dnnl_primitive_execute(e->prim, c->stream, 3, args)) != dnnl_success)
     return moe_dnnl_fail(s, "executing the matmul");
   if ((s = dnnl_stream_wait(c->stream)) != dnnl_success)
     return moe_dnnl_fail(s, "waiting for the stream");
@@ -382,8 +382,8 @@ static moe_status moe_dnnl_check(const moe_gemm_problem *p) {
       return moe_error(MOE_ERR_INVALID_ARGUMENT,
                        "loop (oneDNN): offsets[%lld..%lld] = %lld, %lld are "
                        "not non-negative and non-decreasing",
-                       (long long)g, (long long)g + 1,
-                       (long long)p->offsets[g], (long long)p->offsets[g + 1]);
+                       (long long)g, (long long)g + 1, (long long)p->offsets[g],
+                       (long long)p->offsets[g + 1]);
   return MOE_SUCCESS;
 }
 
@@ -403,11 +403,13 @@ static bool moe_dnnl_make_key(const moe_gemm_problem *p, int64_t m, int64_t k,
   bool swap = c_cs != 1 && c_rs == 1;
   memset(key, 0, sizeof *key);
   if (!swap) {
-    *key = (moe_dnnl_key){m, n, k, a_rs, a_cs, b_rs, b_cs, c_rs, c_cs,
-                          p->A.dtype, p->B.dtype, p->C.dtype, 0, 0};
+    *key = (moe_dnnl_key){m,          n,          k,    a_rs, a_cs,
+                          b_rs,       b_cs,       c_rs, c_cs, p->A.dtype,
+                          p->B.dtype, p->C.dtype, 0,    0};
   } else {
-    *key = (moe_dnnl_key){n, m, k, b_cs, b_rs, a_cs, a_rs, c_cs, c_rs,
-                          p->B.dtype, p->A.dtype, p->C.dtype, 0, 0};
+    *key = (moe_dnnl_key){n,          m,          k,    b_cs, b_rs,
+                          a_cs,       a_rs,       c_cs, c_rs, p->B.dtype,
+                          p->A.dtype, p->C.dtype, 0,    0};
   }
   key->beta_bits = p->beta == 0.0f ? 0 : beta_bits; /* -0 is 0 */
   /* oneDNN sizes its threading when the primitive is created. */

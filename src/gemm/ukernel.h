@@ -37,8 +37,7 @@
 #include "gemm.h"
 
 typedef void (*moe_ukernel_f32_fn)(int64_t kc, const float *a, const float *b,
-                                   float *acc, int64_t ldacc, int m,
-                                   int first);
+                                   float *acc, int64_t ldacc, int m, int first);
 typedef void (*moe_ukernel_bf16_fn)(int64_t kp, const uint32_t *a,
                                     const uint32_t *b, float *acc,
                                     int64_t ldacc, int m, int first);
@@ -49,15 +48,15 @@ typedef void (*moe_ukernel_bf16_fn)(int64_t kp, const uint32_t *a,
 /// and the last sliver is zero-padded to W columns. width > W (several
 /// slivers at once, reading each source row once) needs W % 16 == 0.
 typedef void (*moe_pack_f32_fn)(const void *src, moe_dtype st, int64_t sd,
-                                int64_t sw, int64_t depth, int64_t width,
-                                int W, float *dst);
+                                int64_t sw, int64_t depth, int64_t width, int W,
+                                float *dst);
 /// Packs bf16 pairs into W-wide slivers of kp = ceil(depth / 2) pairs:
 /// X(2p, t) | X(2p + 1, t) << 16 goes to dst[(t / W) * kp * W + p * W +
 /// t % W]; a missing X(depth, t) and the padding columns are zero. width
 /// > W needs W % 16 == 0.
-typedef void (*moe_pack_pairs_fn)(const uint16_t *src, int64_t sd,
-                                  int64_t sw, int64_t depth, int64_t width,
-                                  int W, uint32_t *dst);
+typedef void (*moe_pack_pairs_fn)(const uint16_t *src, int64_t sd, int64_t sw,
+                                  int64_t depth, int64_t width, int W,
+                                  uint32_t *dst);
 /// Writes C(i, j) = acc(i, j) (+ C(i, j) when beta == 1) for i < mb, j < nb,
 /// C row-major with row stride crs and unit column stride, dtype ct (f32
 /// or bf16, rounded to nearest even). `stream` allows non-temporal stores
@@ -75,9 +74,9 @@ typedef struct moe_ukernel_info {
   const char *bf16_name; ///< NULL when bf16 is widened to f32
   int bmr, bnr;
   moe_ukernel_bf16_fn bf16;
-  moe_pack_f32_fn pack_f32;      ///< NULL: portable
-  moe_pack_pairs_fn pack_pairs;  ///< NULL: portable
-  moe_store_fn store;            ///< NULL: portable
+  moe_pack_f32_fn pack_f32;     ///< NULL: portable
+  moe_pack_pairs_fn pack_pairs; ///< NULL: portable
+  moe_store_fn store;           ///< NULL: portable
 } moe_ukernel_info;
 
 /// The portable reference kernel set (kernel_ref.c): the f32 kernel every
@@ -96,15 +95,13 @@ extern const moe_ukernel_info moe_ukernel_amx;
 /// AVX-512F/BW/VL are usable.
 void moe_ukernel_avx512_f32(int64_t kc, const float *a, const float *b,
                             float *acc, int64_t ldacc, int m, int first);
-void moe_pack_f32_avx512(const void *src, moe_dtype st, int64_t sd,
-                         int64_t sw, int64_t depth, int64_t width, int W,
-                         float *dst);
+void moe_pack_f32_avx512(const void *src, moe_dtype st, int64_t sd, int64_t sw,
+                         int64_t depth, int64_t width, int W, float *dst);
 void moe_pack_pairs_avx512(const uint16_t *src, int64_t sd, int64_t sw,
-                           int64_t depth, int64_t width, int W,
-                           uint32_t *dst);
-void moe_store_avx512(const float *acc, int64_t ldacc, int64_t mb,
-                      int64_t nb, void *c, moe_dtype ct, int64_t crs,
-                      float beta, int stream);
+                           int64_t depth, int64_t width, int W, uint32_t *dst);
+void moe_store_avx512(const float *acc, int64_t ldacc, int64_t mb, int64_t nb,
+                      void *c, moe_dtype ct, int64_t crs, float beta,
+                      int stream);
 
 /// The kernel set the driver uses: the best one the CPU, the OS and
 /// MOE_MAX_CPU_ISA allow. Decided once and cached; MOE_VERBOSE=1 logs why

@@ -45,8 +45,7 @@ static bool st_dtype_parse(const char *s, moe_dtype *out) {
 
 static const char *st_dtype_str(moe_dtype t) {
   for (size_t i = 0; i < ST_NUM_DTYPES; i++)
-    if (st_dtype_table[i].dtype == t)
-      return st_dtype_table[i].name;
+    if (st_dtype_table[i].dtype == t) return st_dtype_table[i].name;
   return NULL;
 }
 
@@ -66,16 +65,12 @@ static bool st_utf8_valid(const unsigned char *p, size_t n, size_t *bad) {
       len = 2;
     } else if (c >= 0xE0 && c <= 0xEF) {
       len = 3;
-      if (c == 0xE0)
-        lo = 0xA0; // overlong
-      if (c == 0xED)
-        hi = 0x9F; // surrogates
+      if (c == 0xE0) lo = 0xA0; // overlong
+      if (c == 0xED) hi = 0x9F; // surrogates
     } else if (c >= 0xF0 && c <= 0xF4) {
       len = 4;
-      if (c == 0xF0)
-        lo = 0x90; // overlong
-      if (c == 0xF4)
-        hi = 0x8F; // past U+10FFFF
+      if (c == 0xF0) lo = 0x90; // overlong
+      if (c == 0xF4) hi = 0x8F; // past U+10FFFF
     } else {
       *bad = i;
       return false;
@@ -112,8 +107,7 @@ static const char *st_lex_check(const unsigned char *p, size_t n, size_t *at) {
         return "has a control character";
       continue;
     }
-    if (c < 0x20)
-      return "has a raw control character inside a string";
+    if (c < 0x20) return "has a raw control character inside a string";
     if (c == '"') {
       in_string = false;
     } else if (c == '\\' && i + 1 < n) {
@@ -128,14 +122,11 @@ static const char *st_lex_check(const unsigned char *p, size_t n, size_t *at) {
 /// If `item` is an integral JSON number in [0, 2^53), stores it and returns
 /// true. Rejects fractions, negatives, infinities and inexact magnitudes.
 static bool st_json_int(const cJSON *item, int64_t *out) {
-  if (!cJSON_IsNumber(item))
-    return false;
+  if (!cJSON_IsNumber(item)) return false;
   double v = item->valuedouble;
-  if (!(v >= 0.0 && v < ST_INT_LIMIT))
-    return false; // also rejects NaN
+  if (!(v >= 0.0 && v < ST_INT_LIMIT)) return false; // also rejects NaN
   int64_t i = (int64_t)v;
-  if ((double)i != v)
-    return false;
+  if ((double)i != v) return false;
   *out = i;
   return true;
 }
@@ -151,8 +142,7 @@ static void st_shape_str(const int64_t *shape, int ndim, char *buf, size_t n) {
     else
       k = snprintf(buf + used, n - used, "%s%lld", d ? ", " : "[",
                    (long long)shape[d]);
-    if (k < 0)
-      return;
+    if (k < 0) return;
     used += (size_t)k;
   }
 }
@@ -200,26 +190,21 @@ static int st_key_cmp(const void *a, const void *b) {
 
 static int st_range_cmp(const void *a, const void *b) {
   const st_range *x = a, *y = b;
-  if (x->begin != y->begin)
-    return x->begin < y->begin ? -1 : 1;
-  if (x->end != y->end)
-    return x->end < y->end ? -1 : 1;
+  if (x->begin != y->begin) return x->begin < y->begin ? -1 : 1;
+  if (x->end != y->end) return x->end < y->end ? -1 : 1;
   return 0;
 }
 
 /// Sorts keys by name; returns a name that occurs twice, or NULL.
 static const char *st_sort_keys(st_key *k, int64_t n) {
-  if (n > 1)
-    qsort(k, (size_t)n, sizeof *k, st_key_cmp);
+  if (n > 1) qsort(k, (size_t)n, sizeof *k, st_key_cmp);
   for (int64_t i = 1; i < n; i++)
-    if (strcmp(k[i - 1].name, k[i].name) == 0)
-      return k[i].name;
+    if (strcmp(k[i - 1].name, k[i].name) == 0) return k[i].name;
   return NULL;
 }
 
 static const st_key *st_find(const st_key *k, int64_t n, const char *name) {
-  if (n <= 0)
-    return NULL;
+  if (n <= 0) return NULL;
   st_key probe = {name, NULL, 0};
   return bsearch(&probe, k, (size_t)n, sizeof *k, st_key_cmp);
 }
@@ -238,14 +223,12 @@ static void *st_alloc_array(int64_t n, size_t size, const char *what) {
 static char *st_strdup(const char *s, const char *what) {
   size_t n = strlen(s) + 1;
   char *c = moe_alloc(n, what);
-  if (c)
-    memcpy(c, s, n);
+  if (c) memcpy(c, s, n);
   return c;
 }
 
 static void st_file_free(moe_st_file *f) {
-  if (f->map)
-    munmap(f->map, f->map_size);
+  if (f->map) munmap(f->map, f->map_size);
   cJSON_Delete(f->root);
   moe_free(f->entries);
   moe_free(f->by_name);
@@ -328,15 +311,13 @@ static moe_status st_parse_header(moe_st_file *f) {
 
   size_t at = 0;
   const char *why = st_lex_check(hdr, (size_t)n, &at);
-  if (!why && !st_utf8_valid(hdr, (size_t)n, &at))
-    why = "is not valid UTF-8";
+  if (!why && !st_utf8_valid(hdr, (size_t)n, &at)) why = "is not valid UTF-8";
   if (why)
     return moe_error(MOE_ERR_FORMAT, "%s: header %s (byte %zu)", path, why, at);
 
   // cJSON needs a NUL-terminated string; the mapping has none.
   char *text = moe_alloc((size_t)n + 1, "safetensors header");
-  if (!text)
-    return MOE_ERR_OUT_OF_MEMORY;
+  if (!text) return MOE_ERR_OUT_OF_MEMORY;
   memcpy(text, hdr, (size_t)n);
   text[n] = '\0';
   const char *end = NULL;
@@ -366,8 +347,7 @@ static moe_status st_parse_metadata(moe_st_file *f, const cJSON *md) {
   const cJSON *it;
   cJSON_ArrayForEach(it, md) n++;
   f->meta = st_alloc_array(n, sizeof *f->meta, "safetensors metadata");
-  if (!f->meta)
-    return MOE_ERR_OUT_OF_MEMORY;
+  if (!f->meta) return MOE_ERR_OUT_OF_MEMORY;
   n = 0;
   cJSON_ArrayForEach(it, md) {
     if (!cJSON_IsString(it) || !it->valuestring)
@@ -491,14 +471,12 @@ static moe_status st_parse_entry(moe_st_file *f, const cJSON *item,
 /// and cannot overlap anything.
 static moe_status st_check_overlap(moe_st_file *f) {
   st_range *r = st_alloc_array(f->count, sizeof *r, "safetensors ranges");
-  if (!r)
-    return MOE_ERR_OUT_OF_MEMORY;
+  if (!r) return MOE_ERR_OUT_OF_MEMORY;
   int64_t n = 0;
   for (int64_t i = 0; i < f->count; i++)
     if (f->entries[i].end > f->entries[i].begin)
       r[n++] = (st_range){f->entries[i].begin, f->entries[i].end, i};
-  if (n > 1)
-    qsort(r, (size_t)n, sizeof *r, st_range_cmp);
+  if (n > 1) qsort(r, (size_t)n, sizeof *r, st_range_cmp);
   moe_status s = MOE_SUCCESS;
   for (int64_t i = 1; i < n; i++)
     if (r[i].begin < r[i - 1].end) {
@@ -531,17 +509,14 @@ static moe_status st_open_impl(moe_st_file *f) {
       md = it;
     }
   }
-  if (md)
-    MOE_TRY(st_parse_metadata(f, md));
+  if (md) MOE_TRY(st_parse_metadata(f, md));
 
   f->entries = st_alloc_array(n, sizeof *f->entries, "safetensors entries");
   f->by_name = st_alloc_array(n, sizeof *f->by_name, "safetensors names");
-  if (!f->entries || !f->by_name)
-    return MOE_ERR_OUT_OF_MEMORY;
+  if (!f->entries || !f->by_name) return MOE_ERR_OUT_OF_MEMORY;
   memset(f->entries, 0, (size_t)n * sizeof *f->entries);
   cJSON_ArrayForEach(it, f->root) {
-    if (it == md)
-      continue;
+    if (it == md) continue;
     st_entry *e = &f->entries[f->count];
     MOE_TRY(st_parse_entry(f, it, e));
     f->by_name[f->count] = (st_key){e->name, NULL, f->count};
@@ -561,8 +536,7 @@ moe_status moe_st_open(const char *path, moe_st_file **file) {
   if (!path)
     return moe_error(MOE_ERR_INVALID_ARGUMENT, "moe_st_open: path is NULL");
   moe_st_file *f = moe_alloc(sizeof *f, "safetensors file");
-  if (!f)
-    return MOE_ERR_OUT_OF_MEMORY;
+  if (!f) return MOE_ERR_OUT_OF_MEMORY;
   memset(f, 0, sizeof *f);
   f->path = st_strdup(path, "safetensors path");
   if (!f->path) {
@@ -579,8 +553,7 @@ moe_status moe_st_open(const char *path, moe_st_file **file) {
 }
 
 moe_status moe_st_close(moe_st_file *file) {
-  if (file)
-    st_file_free(file);
+  if (file) st_file_free(file);
   return MOE_SUCCESS;
 }
 
@@ -625,14 +598,12 @@ moe_status moe_st_get(const moe_st_file *file, const char *name,
 }
 
 int moe_st_has(const moe_st_file *file, const char *name) {
-  if (!file || !name)
-    return 0;
+  if (!file || !name) return 0;
   return st_find(file->by_name, file->count, name) != NULL;
 }
 
 const char *moe_st_metadata(const moe_st_file *file, const char *key) {
-  if (!file || !key)
-    return NULL;
+  if (!file || !key) return NULL;
   const st_key *k = st_find(file->meta, file->meta_count, key);
   return k ? k->value : NULL;
 }
@@ -684,12 +655,10 @@ static int64_t st_slot(const moe_st_writer *w, const char *name) {
 
 /// Makes room for one more tensor in the hash set.
 static moe_status st_rehash(moe_st_writer *w) {
-  if ((w->count + 1) * 2 <= w->nslots)
-    return MOE_SUCCESS;
+  if ((w->count + 1) * 2 <= w->nslots) return MOE_SUCCESS;
   int64_t n = w->nslots ? w->nslots * 2 : 64;
   int64_t *slots = st_alloc_array(n, sizeof *slots, "safetensors name table");
-  if (!slots)
-    return MOE_ERR_OUT_OF_MEMORY;
+  if (!slots) return MOE_ERR_OUT_OF_MEMORY;
   for (int64_t i = 0; i < n; i++)
     slots[i] = -1;
   moe_free(w->slots);
@@ -703,17 +672,14 @@ static moe_status st_rehash(moe_st_writer *w) {
 /// Grows *arr (of *cap elements of `size` bytes) to hold `need` elements.
 static moe_status st_grow(void **arr, int64_t *cap, int64_t need, size_t size,
                           const char *what) {
-  if (need <= *cap)
-    return MOE_SUCCESS;
+  if (need <= *cap) return MOE_SUCCESS;
   int64_t n = *cap ? *cap : 8;
   while (n < need)
     if (!moe_mul_ok(n, 2, &n))
       return moe_error(MOE_ERR_OUT_OF_MEMORY, "%s: too many entries", what);
   void *p = st_alloc_array(n, size, what);
-  if (!p)
-    return MOE_ERR_OUT_OF_MEMORY;
-  if (*cap)
-    memcpy(p, *arr, (size_t)*cap * size);
+  if (!p) return MOE_ERR_OUT_OF_MEMORY;
+  if (*cap) memcpy(p, *arr, (size_t)*cap * size);
   moe_free(*arr);
   *arr = p;
   *cap = n;
@@ -725,15 +691,13 @@ moe_status moe_st_writer_create(moe_st_writer **w) {
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "moe_st_writer_create: w is NULL");
   *w = moe_alloc(sizeof **w, "safetensors writer");
-  if (!*w)
-    return MOE_ERR_OUT_OF_MEMORY;
+  if (!*w) return MOE_ERR_OUT_OF_MEMORY;
   memset(*w, 0, sizeof **w);
   return MOE_SUCCESS;
 }
 
 moe_status moe_st_writer_destroy(moe_st_writer *w) {
-  if (!w)
-    return MOE_SUCCESS;
+  if (!w) return MOE_SUCCESS;
   for (int64_t i = 0; i < w->count; i++) {
     moe_free(w->t[i].name);
     moe_free(w->t[i].data);
@@ -787,8 +751,7 @@ static moe_status st_check_view(const moe_tensor *t, const char *name,
   if (!moe_mul_ok(numel, es, bytes) || *bytes >= (int64_t)ST_INT_LIMIT)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "%s: tensor '%s': byte size is 2^53 or more", fn, name);
-  if (numel == 0)
-    return MOE_SUCCESS;
+  if (numel == 0) return MOE_SUCCESS;
   if (!t->data)
     return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: tensor '%s': data is NULL",
                      fn, name);
@@ -811,18 +774,10 @@ static moe_status st_check_view(const moe_tensor *t, const char *name,
 static inline void st_copy_elem(unsigned char *dst, const unsigned char *src,
                                 size_t es) {
   switch (es) {
-  case 2:
-    memcpy(dst, src, 2);
-    break;
-  case 4:
-    memcpy(dst, src, 4);
-    break;
-  case 8:
-    memcpy(dst, src, 8);
-    break;
-  default:
-    memcpy(dst, src, es);
-    break;
+  case 2: memcpy(dst, src, 2); break;
+  case 4: memcpy(dst, src, 4); break;
+  case 8: memcpy(dst, src, 8); break;
+  default: memcpy(dst, src, es); break;
   }
 }
 
@@ -837,8 +792,7 @@ static void st_gather(const moe_tensor *t, unsigned char *dst, int64_t bytes) {
   for (int d = t->ndim - 1; d >= 0; d--) {
     shape[lead + d] = t->shape[d];
     stride[lead + d] = t->stride[d];
-    if (t->shape[d] != 1 && t->stride[d] != expect)
-      packed = false;
+    if (t->shape[d] != 1 && t->stride[d] != expect) packed = false;
     expect *= t->shape[d];
   }
   const unsigned char *src = t->data;
@@ -865,10 +819,8 @@ static void st_gather(const moe_tensor *t, unsigned char *dst, int64_t bytes) {
 moe_status moe_st_writer_add(moe_st_writer *w, const char *name,
                              const moe_tensor *t) {
   const char *fn = "moe_st_writer_add";
-  if (!w)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: w is NULL", fn);
-  if (!name)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: name is NULL", fn);
+  if (!w) return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: w is NULL", fn);
+  if (!name) return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: name is NULL", fn);
   if (!t)
     return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: tensor '%s': t is NULL", fn,
                      name);
@@ -898,8 +850,7 @@ moe_status moe_st_writer_add(moe_st_writer *w, const char *name,
   st_wtensor e;
   memset(&e, 0, sizeof e);
   e.name = st_strdup(name, "safetensors tensor name");
-  if (!e.name)
-    return MOE_ERR_OUT_OF_MEMORY;
+  if (!e.name) return MOE_ERR_OUT_OF_MEMORY;
   if (bytes > 0) {
     e.data = moe_alloc((size_t)bytes, "safetensors tensor copy");
     if (!e.data) {
@@ -923,10 +874,8 @@ moe_status moe_st_writer_add(moe_st_writer *w, const char *name,
 moe_status moe_st_writer_set_metadata(moe_st_writer *w, const char *key,
                                       const char *value) {
   const char *fn = "moe_st_writer_set_metadata";
-  if (!w)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: w is NULL", fn);
-  if (!key)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: key is NULL", fn);
+  if (!w) return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: w is NULL", fn);
+  if (!key) return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: key is NULL", fn);
   if (!value)
     return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: value of '%s' is NULL", fn,
                      key);
@@ -939,8 +888,7 @@ moe_status moe_st_writer_set_metadata(moe_st_writer *w, const char *key,
                      "%s: value of '%s' is not valid UTF-8 (byte %zu)", fn, key,
                      bad);
   char *v = st_strdup(value, "safetensors metadata value");
-  if (!v)
-    return MOE_ERR_OUT_OF_MEMORY;
+  if (!v) return MOE_ERR_OUT_OF_MEMORY;
   for (int64_t i = 0; i < w->mcount; i++)
     if (strcmp(w->meta[i].key, key) == 0) {
       moe_free(w->meta[i].value);
@@ -981,16 +929,14 @@ static char *st_build_header(const moe_st_writer *w) {
     for (int d = 0; ok && d < e->ndim; d++) {
       cJSON *v = cJSON_CreateNumber((double)e->shape[d]);
       ok = v && cJSON_AddItemToArray(shape, v);
-      if (!ok)
-        cJSON_Delete(v);
+      if (!ok) cJSON_Delete(v);
     }
     // Exact as doubles: moe_st_writer_add keeps the total below 2^53.
     double be[2] = {(double)offset, (double)(offset + e->bytes)};
     for (int k = 0; ok && k < 2; k++) {
       cJSON *v = cJSON_CreateNumber(be[k]);
       ok = v && cJSON_AddItemToArray(off, v);
-      if (!ok)
-        cJSON_Delete(v);
+      if (!ok) cJSON_Delete(v);
     }
     offset += e->bytes;
   }
@@ -1005,12 +951,10 @@ static int st_write_all(int fd, const unsigned char *p, size_t n) {
     size_t chunk = n < ((size_t)1 << 30) ? n : ((size_t)1 << 30);
     ssize_t k = write(fd, p, chunk);
     if (k < 0) {
-      if (errno == EINTR)
-        continue;
+      if (errno == EINTR) continue;
       return errno;
     }
-    if (k == 0)
-      return EIO;
+    if (k == 0) return EIO;
     p += k;
     n -= (size_t)k;
   }
@@ -1024,8 +968,7 @@ static void st_sync_dir(const char *path) {
   while (n > 0 && path[n - 1] != '/')
     n--;
   char *dir = moe_alloc(n + 2, "safetensors directory name");
-  if (!dir)
-    return;
+  if (!dir) return;
   if (n == 0) {
     strcpy(dir, ".");
   } else {
@@ -1052,10 +995,8 @@ static int st_write_body(const moe_st_writer *w, int fd,
 
 moe_status moe_st_writer_write(moe_st_writer *w, const char *path) {
   const char *fn = "moe_st_writer_write";
-  if (!w)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: w is NULL", fn);
-  if (!path)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: path is NULL", fn);
+  if (!w) return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: w is NULL", fn);
+  if (!path) return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: path is NULL", fn);
   if (path[0] == '\0')
     return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: path is empty", fn);
 

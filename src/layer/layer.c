@@ -147,9 +147,9 @@ moe_status moe_layer_plan_create(moe_layer_plan **plan,
       p->explain, sizeof p->explain,
       "plan: E=%lld H=%lld I=%lld top_k=%lld, %lld tokens -> %lld routed "
       "rows, %s, %d threads, %d rank(s)\nmachine: %s\n",
-      (long long)d.num_experts, (long long)d.hidden,
-      (long long)d.intermediate, (long long)d.top_k, (long long)d.max_tokens,
-      (long long)rows, moe_dtype_name(d.dtype), p->nt, p->ranks, m->source);
+      (long long)d.num_experts, (long long)d.hidden, (long long)d.intermediate,
+      (long long)d.top_k, (long long)d.max_tokens, (long long)rows,
+      moe_dtype_name(d.dtype), p->nt, p->ranks, m->source);
   moe_gmm_method forced = d.method != MOE_GMM_AUTO ? d.method : env_m;
   const char *by = d.method != MOE_GMM_AUTO ? "desc.method" : "MOE_GMM";
   moe_proj_shape gu, dn;
@@ -343,11 +343,10 @@ typedef struct moe_call {
 static moe_status moe_check_fwd(const moe_layer_plan *p,
                                 const moe_layer_fwd_args *a, moe_call *c) {
   const moe_layer_desc *d = &p->d;
-  int64_t E = d->num_experts, H = d->hidden, I = d->intermediate,
-          k = d->top_k;
+  int64_t E = d->num_experts, H = d->hidden, I = d->intermediate, k = d->top_k;
   int64_t hs[2] = {-1, H};
-  MOE_TRY(moe_check_tensor(&a->hidden, "hidden", 2, hs, (int)d->dtype,
-                           &d->device));
+  MOE_TRY(
+      moe_check_tensor(&a->hidden, "hidden", 2, hs, (int)d->dtype, &d->device));
   int64_t T = a->hidden.shape[0];
   if (T > d->max_tokens)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
@@ -365,8 +364,8 @@ static moe_status moe_check_fwd(const moe_layer_plan *p,
   c->router = has_gate;
   if (has_gate) {
     int64_t s[2] = {E, H};
-    MOE_TRY(moe_check_tensor(&a->gate_weight, "gate_weight", 2, s, -1,
-                             &d->device));
+    MOE_TRY(
+        moe_check_tensor(&a->gate_weight, "gate_weight", 2, s, -1, &d->device));
   } else {
     int64_t s[2] = {T, k};
     if (a->topk_index.dtype != MOE_I32 && a->topk_index.dtype != MOE_I64)
@@ -375,8 +374,8 @@ static moe_status moe_check_fwd(const moe_layer_plan *p,
                        moe_dtype_name(a->topk_index.dtype));
     moe_tensor ti = a->topk_index;
     ti.dtype = MOE_F32; /* shape/device/stride checks only */
-    MOE_TRY(moe_check_tensor(&ti, "topk_index", 2, s, (int)MOE_F32,
-                             &d->device));
+    MOE_TRY(
+        moe_check_tensor(&ti, "topk_index", 2, s, (int)MOE_F32, &d->device));
     MOE_TRY(moe_check_tensor(&a->topk_weights, "topk_weights", 2, s, -1,
                              &d->device));
   }
@@ -400,14 +399,12 @@ static moe_operand moe_op_rows_t(void *data, moe_dtype t, int64_t ld) {
 }
 /// Weight [E, out, in] as B of the forward: B(k = in, n = out).
 static moe_operand moe_op_w_fwd(const moe_tensor *w) {
-  moe_operand o = {w->data, w->dtype, w->stride[2], w->stride[1],
-                   w->stride[0]};
+  moe_operand o = {w->data, w->dtype, w->stride[2], w->stride[1], w->stride[0]};
   return o;
 }
 /// Weight [E, out, in] as B of dX: B(k = out, n = in).
 static moe_operand moe_op_w_dx(const moe_tensor *w) {
-  moe_operand o = {w->data, w->dtype, w->stride[1], w->stride[2],
-                   w->stride[0]};
+  moe_operand o = {w->data, w->dtype, w->stride[1], w->stride[2], w->stride[0]};
   return o;
 }
 
@@ -426,10 +423,16 @@ static moe_status moe_run(const moe_exec *x, int proj,
 static moe_status moe_fwd_gemm(const moe_exec *x, int proj, void *X,
                                int64_t ldx, const moe_tensor *w, void *Y,
                                moe_dtype yt, int64_t ldy) {
-  moe_gemm_problem pb = {MOE_GROUP_M, x->p->e_local, x->offsets, 0,
-                         w->shape[1], w->shape[2],
-                         moe_op_rows(X, x->p->d.dtype, ldx), moe_op_w_fwd(w),
-                         moe_op_rows(Y, yt, ldy), 0.0f};
+  moe_gemm_problem pb = {MOE_GROUP_M,
+                         x->p->e_local,
+                         x->offsets,
+                         0,
+                         w->shape[1],
+                         w->shape[2],
+                         moe_op_rows(X, x->p->d.dtype, ldx),
+                         moe_op_w_fwd(w),
+                         moe_op_rows(Y, yt, ldy),
+                         0.0f};
   return moe_run(x, proj, &pb);
 }
 
@@ -437,10 +440,16 @@ static moe_status moe_fwd_gemm(const moe_exec *x, int proj, void *X,
 static moe_status moe_dx_gemm(const moe_exec *x, int proj, void *dY,
                               int64_t lddy, const moe_tensor *w, void *dX,
                               moe_dtype dxt, int64_t lddx, float beta) {
-  moe_gemm_problem pb = {MOE_GROUP_M, x->p->e_local, x->offsets, 0,
-                         w->shape[2], w->shape[1],
+  moe_gemm_problem pb = {MOE_GROUP_M,
+                         x->p->e_local,
+                         x->offsets,
+                         0,
+                         w->shape[2],
+                         w->shape[1],
                          moe_op_rows(dY, x->p->d.dtype, lddy),
-                         moe_op_w_dx(w), moe_op_rows(dX, dxt, lddx), beta};
+                         moe_op_w_dx(w),
+                         moe_op_rows(dX, dxt, lddx),
+                         beta};
   return moe_run(x, proj, &pb);
 }
 
@@ -450,10 +459,16 @@ static moe_status moe_dw_gemm(const moe_exec *x, int proj, void *dY,
                               const moe_tensor *dw) {
   moe_operand c = {dw->data, dw->dtype, dw->stride[1], dw->stride[2],
                    dw->stride[0]};
-  moe_gemm_problem pb = {MOE_GROUP_K, x->p->e_local, x->offsets, dw->shape[1],
-                         dw->shape[2], 0,
+  moe_gemm_problem pb = {MOE_GROUP_K,
+                         x->p->e_local,
+                         x->offsets,
+                         dw->shape[1],
+                         dw->shape[2],
+                         0,
                          moe_op_rows_t(dY, x->p->d.dtype, lddy),
-                         moe_op_rows(X, x->p->d.dtype, ldx), c, 0.0f};
+                         moe_op_rows(X, x->p->d.dtype, ldx),
+                         c,
+                         0.0f};
   return moe_run(x, proj, &pb);
 }
 
@@ -473,18 +488,17 @@ static moe_status moe_route(const moe_exec *x, const moe_layer_fwd_args *a,
     float *logits = (float *)moe_at(ws, b->logits);
     int64_t one[2] = {0, T};
     const moe_tensor *g = &a->gate_weight;
-    moe_gemm_problem pb = {
-        MOE_GROUP_M,
-        1,
-        one,
-        0,
-        E,
-        d->hidden,
-        {a->hidden.data, a->hidden.dtype, a->hidden.stride[0],
-         a->hidden.stride[1], 0},
-        {g->data, g->dtype, g->stride[1], g->stride[0], 0},
-        moe_op_rows(logits, MOE_F32, E),
-        0.0f};
+    moe_gemm_problem pb = {MOE_GROUP_M,
+                           1,
+                           one,
+                           0,
+                           E,
+                           d->hidden,
+                           {a->hidden.data, a->hidden.dtype,
+                            a->hidden.stride[0], a->hidden.stride[1], 0},
+                           {g->data, g->dtype, g->stride[1], g->stride[0], 0},
+                           moe_op_rows(logits, MOE_F32, E),
+                           0.0f};
     MOE_TRY(moe_gemm_grouped(&pb, &x->ctx));
     moe_route_topk(logits, T, E, k, d->norm_topk_prob,
                    (float *)moe_at(sv, b->probs), idx, w, x->p->nt);
@@ -571,8 +585,8 @@ static moe_status moe_forward(moe_layer_plan *plan,
   }
   moe_layer_bufs b;
   moe_layer_bufs_of(plan, c.T, &b);
-  MOE_TRY(moe_check_buffer(saved, saved_bytes, b.saved_bytes, "saved",
-                           d->strict));
+  MOE_TRY(
+      moe_check_buffer(saved, saved_bytes, b.saved_bytes, "saved", d->strict));
   void *owned;
   moe_exec x;
   MOE_TRY(moe_exec_begin(plan, &b, &workspace, workspace_bytes, &owned, &x));
@@ -609,8 +623,7 @@ static moe_status moe_forward(moe_layer_plan *plan,
   } else {
     s = moe_fwd_gemm(&x, 0, xp, H, &c.gu.gate, ab, dt, 2 * I);
     if (s == MOE_SUCCESS)
-      s = moe_fwd_gemm(&x, 0, xp, H, &c.gu.up, ab + (size_t)I * es, dt,
-                       2 * I);
+      s = moe_fwd_gemm(&x, 0, xp, H, &c.gu.up, ab + (size_t)I * es, dt, 2 * I);
   }
   if (s != MOE_SUCCESS) goto done;
   {
@@ -716,15 +729,14 @@ static moe_status moe_backward(moe_layer_plan *plan,
     MOE_TRY(moe_check_grad_weight(&ggu.gate, &c.gu.gate, "grad_w_gate", d));
     MOE_TRY(moe_check_grad_weight(&ggu.up, &c.gu.up, "grad_w_up", d));
   }
-  MOE_TRY(moe_check_grad_weight(&args->grad_w_down, &a->w_down, "grad_w_down",
-                                d));
+  MOE_TRY(
+      moe_check_grad_weight(&args->grad_w_down, &a->w_down, "grad_w_down", d));
 
   moe_layer_bufs b;
   moe_layer_bufs_of(plan, T, &b);
   if (saved_bytes < b.saved_bytes)
-    return moe_error(MOE_ERR_WORKSPACE,
-                     "saved: %zu bytes given, %zu needed", saved_bytes,
-                     b.saved_bytes);
+    return moe_error(MOE_ERR_WORKSPACE, "saved: %zu bytes given, %zu needed",
+                     saved_bytes, b.saved_bytes);
   void *owned;
   moe_exec x;
   MOE_TRY(moe_exec_begin(plan, &b, &workspace, workspace_bytes, &owned, &x));
@@ -769,8 +781,7 @@ static moe_status moe_backward(moe_layer_plan *plan,
   /* gate_up: dXp = dAB . Wgu (f32), dWgu = dAB^T . Xp */
   if (c.gu.fused) {
     s = moe_dx_gemm(&x, 0, dab, 2 * I, &c.gu.both, dxp, MOE_F32, H, 0.0f);
-    if (s == MOE_SUCCESS)
-      s = moe_dw_gemm(&x, 0, dab, 2 * I, xp, H, &ggu.both);
+    if (s == MOE_SUCCESS) s = moe_dw_gemm(&x, 0, dab, 2 * I, xp, H, &ggu.both);
   } else {
     s = moe_dx_gemm(&x, 0, dab, 2 * I, &c.gu.gate, dxp, MOE_F32, H, 0.0f);
     if (s == MOE_SUCCESS)
@@ -790,8 +801,8 @@ static moe_status moe_backward(moe_layer_plan *plan,
        dWg = dlogits^T . x and dx += dlogits . Wg. */
     float *dl = (float *)moe_at(ws, b.dlogits);
     moe_route_topk_backward((const float *)moe_at(sv, b.probs),
-                            (const int32_t *)moe_at(sv, b.idx), w, dw, T, E,
-                            k, d->norm_topk_prob, dl, plan->nt);
+                            (const int32_t *)moe_at(sv, b.idx), w, dw, T, E, k,
+                            d->norm_topk_prob, dl, plan->nt);
     const moe_tensor *g = &a->gate_weight, *gg = &args->grad_gate_weight;
     int64_t one[2] = {0, T};
     moe_gemm_problem pw = {
@@ -839,10 +850,9 @@ done:
 }
 
 moe_status moe_layer_backward(moe_layer_plan *plan,
-                              const moe_layer_bwd_args *args,
-                              const void *saved, size_t saved_bytes,
-                              void *workspace, size_t workspace_bytes,
-                              void *stream) {
+                              const moe_layer_bwd_args *args, const void *saved,
+                              size_t saved_bytes, void *workspace,
+                              size_t workspace_bytes, void *stream) {
   if (moe_plan_on_cuda(plan))
     return moe_cuda_layer_backward(plan, args, saved, saved_bytes, workspace,
                                    workspace_bytes, stream);

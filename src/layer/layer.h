@@ -10,11 +10,11 @@
 
 struct moe_layer_plan {
   moe_layer_desc d;
-  int nt;                    ///< resolved thread count (> 0)
-  int rank, ranks;           ///< expert-parallel position
-  int64_t e_local, e_first;  ///< local experts [e_first, e_first + e_local)
-  int64_t max_rows;          ///< routed rows this rank may compute
-  moe_gmm_method method[2];  ///< [gate_up, down]
+  int nt;                   ///< resolved thread count (> 0)
+  int rank, ranks;          ///< expert-parallel position
+  int64_t e_local, e_first; ///< local experts [e_first, e_first + e_local)
+  int64_t max_rows;         ///< routed rows this rank may compute
+  moe_gmm_method method[2]; ///< [gate_up, down]
   struct moe_loop_cache *cache;
   char explain[4096];
 };

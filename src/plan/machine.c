@@ -34,8 +34,8 @@ static const moe_machine moe_machine_default = {
               "calibrated 2026-11-26)",
 };
 
-static void moe_json_array(const cJSON *o, const char *key, double *dst,
-                           int n, bool *ok) {
+static void moe_json_array(const cJSON *o, const char *key, double *dst, int n,
+                           bool *ok) {
   const cJSON *a = cJSON_GetObjectItemCaseSensitive(o, key);
   if (!cJSON_IsArray(a) || cJSON_GetArraySize(a) != n) {
     *ok = false;

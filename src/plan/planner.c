@@ -23,15 +23,15 @@ static double moe_rate(const moe_machine *m, int mi, int di, int kind,
   if (rows <= x[0]) return r[0] * (rows > 0 ? rows : 1e-3) / x[0];
   if (rows >= x[N - 1]) return r[N - 1];
   int i = 0;
-  while (i + 2 < N && rows >= x[i + 1]) i++;
+  while (i + 2 < N && rows >= x[i + 1])
+    i++;
   double t = (log(rows) - log(x[i])) / (log(x[i + 1]) - log(x[i]));
   return r[i] + t * (r[i + 1] - r[i]);
 }
 
 /// Seconds of one GEMM kind over all experts.
 static double moe_gemm_seconds(const moe_machine *m, const moe_proj_shape *s,
-                               moe_gmm_method method, int kind,
-                               int threads) {
+                               moe_gmm_method method, int kind, int threads) {
   int di = s->dtype == MOE_BF16 ? 1 : 0;
   int mi = method == MOE_GMM_GROUPED ? 0 : 1;
   double E = (double)(s->experts > 0 ? s->experts : 1);
@@ -89,9 +89,8 @@ moe_status moe_plan_projection(const moe_machine *m, const moe_proj_shape *s,
               s->name, (long long)s->experts, rows_pe, (long long)s->K,
               (long long)s->N, moe_dtype_name(s->dtype),
               moe_layout_name(s->layout));
-  moe_appendf(buf, len, cap,
-              "  grouped: predicted %.2f ms fwd, %.2f ms bwd\n", g.fwd_ms,
-              g.bwd_ms);
+  moe_appendf(buf, len, cap, "  grouped: predicted %.2f ms fwd, %.2f ms bwd\n",
+              g.fwd_ms, g.bwd_ms);
   if (l.supported)
     moe_appendf(buf, len, cap,
                 "  loop:    predicted %.2f ms fwd, %.2f ms bwd (%lld library "
@@ -115,15 +114,15 @@ moe_status moe_plan_projection(const moe_machine *m, const moe_proj_shape *s,
     *out = MOE_GMM_GROUPED;
     if (l.supported)
       moe_appendf(buf, len, cap,
-                  "  -> grouped: %.2f ms fwd+bwd against %.2f ms (%.2fx)\n",
-                  gt, lt, lt / (gt > 0 ? gt : 1e-9));
+                  "  -> grouped: %.2f ms fwd+bwd against %.2f ms (%.2fx)\n", gt,
+                  lt, lt / (gt > 0 ? gt : 1e-9));
     else
       moe_appendf(buf, len, cap, "  -> grouped: the only method that fits\n");
   } else {
     *out = MOE_GMM_LOOP;
     moe_appendf(buf, len, cap,
-                "  -> loop: %.2f ms fwd+bwd against %.2f ms (%.2fx)\n", lt,
-                gt, gt / (lt > 0 ? lt : 1e-9));
+                "  -> loop: %.2f ms fwd+bwd against %.2f ms (%.2fx)\n", lt, gt,
+                gt / (lt > 0 ? lt : 1e-9));
   }
   return MOE_SUCCESS;
 }

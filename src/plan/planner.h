@@ -40,13 +40,13 @@ const moe_machine *moe_machine_get(void);
 
 /// One projection (gate_up or down) as the planner sees it.
 typedef struct moe_proj_shape {
-  const char *name;   ///< "gate_up" or "down"
-  int64_t experts;    ///< local experts
-  int64_t rows;       ///< routed rows on this rank (expected)
-  int64_t K, N;       ///< forward depth and width
+  const char *name; ///< "gate_up" or "down"
+  int64_t experts;  ///< local experts
+  int64_t rows;     ///< routed rows on this rank (expected)
+  int64_t K, N;     ///< forward depth and width
   moe_dtype dtype;
   moe_layout layout;
-  int gemms;          ///< GEMM calls per expert per pass (1 fused, 2 split)
+  int gemms; ///< GEMM calls per expert per pass (1 fused, 2 split)
 } moe_proj_shape;
 
 /// Predicted times in milliseconds of one projection, forward and backward.

@@ -3,11 +3,12 @@
 /// weighted scatter back (f32 accumulation), forward and backward.
 #include "route.h"
 
-moe_status moe_route_sort(const int32_t *idx, int64_t T, int64_t k,
-                          int64_t E, int64_t *offsets, int64_t *slot_row,
+moe_status moe_route_sort(const int32_t *idx, int64_t T, int64_t k, int64_t E,
+                          int64_t *offsets, int64_t *slot_row,
                           int64_t *row_slot, int64_t *cursor) {
   int64_t S = T * k;
-  for (int64_t e = 0; e <= E; e++) offsets[e] = 0;
+  for (int64_t e = 0; e <= E; e++)
+    offsets[e] = 0;
   for (int64_t s = 0; s < S; s++) {
     int32_t e = idx[s];
     if (e < 0 || e >= E)
@@ -17,11 +18,13 @@ moe_status moe_route_sort(const int32_t *idx, int64_t T, int64_t k,
                        (long long)E);
     offsets[e + 1]++;
   }
-  for (int64_t e = 0; e < E; e++) offsets[e + 1] += offsets[e];
+  for (int64_t e = 0; e < E; e++)
+    offsets[e + 1] += offsets[e];
   /* Slots in increasing order fill each expert's range front to back, so
      rows of an expert stay in token order: the property that makes results
      independent of how tokens are split across ranks. */
-  for (int64_t e = 0; e < E; e++) cursor[e] = offsets[e];
+  for (int64_t e = 0; e < E; e++)
+    cursor[e] = offsets[e];
   for (int64_t s = 0; s < S; s++) {
     int64_t r = cursor[idx[s]]++;
     slot_row[s] = r;
@@ -44,8 +47,7 @@ void moe_permute_rows(const moe_tensor *x, const int64_t *row_slot, int64_t R,
       memcpy(dst, src, (size_t)H * es);
     } else {
       for (int64_t h = 0; h < H; h++)
-        memcpy(dst + (size_t)h * es, src + (size_t)(h * x->stride[1]) * es,
-               es);
+        memcpy(dst + (size_t)h * es, src + (size_t)(h * x->stride[1]) * es, es);
     }
   }
 }
@@ -59,7 +61,8 @@ void moe_unpermute(const void *y, moe_dtype yt, const int64_t *slot_row,
     float acc[CH];
     for (int64_t h0 = 0; h0 < H; h0 += CH) {
       int64_t hn = H - h0 < CH ? H - h0 : CH;
-      for (int64_t h = 0; h < hn; h++) acc[h] = 0.0f;
+      for (int64_t h = 0; h < hn; h++)
+        acc[h] = 0.0f;
       for (int64_t j = 0; j < k; j++) {
         float wj = w[t * k + j];
         int64_t base = slot_row[t * k + j] * H + h0;
@@ -74,9 +77,8 @@ void moe_unpermute(const void *y, moe_dtype yt, const int64_t *slot_row,
 }
 
 void moe_unpermute_backward(const moe_tensor *g, const void *y, moe_dtype yt,
-                            const int64_t *slot_row, const float *w,
-                            int64_t T, int64_t k, int64_t H, void *dy,
-                            float *dw, int nt) {
+                            const int64_t *slot_row, const float *w, int64_t T,
+                            int64_t k, int64_t H, void *dy, float *dw, int nt) {
 #pragma omp parallel for schedule(static) num_threads(nt)
   for (int64_t t = 0; t < T; t++) {
     for (int64_t j = 0; j < k; j++) {
@@ -84,8 +86,8 @@ void moe_unpermute_backward(const moe_tensor *g, const void *y, moe_dtype yt,
       int64_t base = slot_row[t * k + j] * H;
       float dot = 0.0f;
       for (int64_t h = 0; h < H; h++) {
-        float gv = moe_load_f(g->data, g->dtype,
-                              t * g->stride[0] + h * g->stride[1]);
+        float gv =
+            moe_load_f(g->data, g->dtype, t * g->stride[0] + h * g->stride[1]);
         dot += gv * moe_load_f(y, yt, base + h);
         moe_store_f(dy, yt, base + h, wj * gv);
       }
@@ -94,16 +96,17 @@ void moe_unpermute_backward(const moe_tensor *g, const void *y, moe_dtype yt,
   }
 }
 
-void moe_permute_backward(const float *dxp, const int64_t *slot_row,
-                          int64_t T, int64_t k, int64_t H, float *dx,
-                          int nt) {
+void moe_permute_backward(const float *dxp, const int64_t *slot_row, int64_t T,
+                          int64_t k, int64_t H, float *dx, int nt) {
 #pragma omp parallel for schedule(static) num_threads(nt)
   for (int64_t t = 0; t < T; t++) {
     float *d = dx + t * H;
-    for (int64_t h = 0; h < H; h++) d[h] = 0.0f;
+    for (int64_t h = 0; h < H; h++)
+      d[h] = 0.0f;
     for (int64_t j = 0; j < k; j++) {
       const float *s = dxp + slot_row[t * k + j] * H;
-      for (int64_t h = 0; h < H; h++) d[h] += s[h];
+      for (int64_t h = 0; h < H; h++)
+        d[h] += s[h];
     }
   }
 }

@@ -26,8 +26,8 @@ void moe_route_topk_backward(const float *probs, const int32_t *idx,
 /// Writes
 /// offsets [E+1], slot_row [T*k] (sorted row of each slot) and row_slot
 /// [T*k] (slot of each sorted row). Fails if an index is outside [0, E).
-moe_status moe_route_sort(const int32_t *idx, int64_t T, int64_t k,
-                          int64_t E, int64_t *offsets, int64_t *slot_row,
+moe_status moe_route_sort(const int32_t *idx, int64_t T, int64_t k, int64_t E,
+                          int64_t *offsets, int64_t *slot_row,
                           int64_t *row_slot, int64_t *cursor);
 
 /// xp[row] = x[row_slot[row] / k] for rows [0, R), dtype preserved.
@@ -43,13 +43,12 @@ void moe_unpermute(const void *y, moe_dtype yt, const int64_t *slot_row,
 /// Backward of moe_unpermute: dy[slot_row[t*k+j]] = w[t,j] * g[t] (dtype
 /// yt) and dw[t, j] = <g[t], y[row]> (f32).
 void moe_unpermute_backward(const moe_tensor *g, const void *y, moe_dtype yt,
-                            const int64_t *slot_row, const float *w,
-                            int64_t T, int64_t k, int64_t H, void *dy,
-                            float *dw, int nt);
+                            const int64_t *slot_row, const float *w, int64_t T,
+                            int64_t k, int64_t H, void *dy, float *dw, int nt);
 
 /// Backward of moe_permute_rows: dx[t] = sum_j dxp[slot_row[t*k+j]] (f32
 /// rows [R, H] in, f32 [T, H] out).
-void moe_permute_backward(const float *dxp, const int64_t *slot_row,
-                          int64_t T, int64_t k, int64_t H, float *dx, int nt);
+void moe_permute_backward(const float *dxp, const int64_t *slot_row, int64_t T,
+                          int64_t k, int64_t H, float *dx, int nt);
 
 #endif /* MOE_ROUTE_H */

@@ -28,7 +28,8 @@ void moe_route_topk(const float *logits, int64_t T, int64_t E, int64_t k,
       sum += p[e];
     }
     float inv = (float)(1.0 / sum);
-    for (int64_t e = 0; e < E; e++) p[e] *= inv;
+    for (int64_t e = 0; e < E; e++)
+      p[e] *= inv;
     int32_t *ix = idx + t * k;
     float *w = weights + t * k;
     /* Selection: k passes, each taking the best expert not taken yet; the
@@ -37,7 +38,8 @@ void moe_route_topk(const float *logits, int64_t T, int64_t E, int64_t k,
       int64_t best = -1;
       for (int64_t e = 0; e < E; e++) {
         bool taken = false;
-        for (int64_t q = 0; q < j; q++) taken |= ix[q] == e;
+        for (int64_t q = 0; q < j; q++)
+          taken |= ix[q] == e;
         if (taken) continue;
         if (best < 0 || moe_ranks_above(p[e], p[best])) best = e;
       }
@@ -46,8 +48,10 @@ void moe_route_topk(const float *logits, int64_t T, int64_t E, int64_t k,
     }
     if (norm) {
       float s = 0.0f;
-      for (int64_t j = 0; j < k; j++) s += w[j];
-      for (int64_t j = 0; j < k; j++) w[j] /= s;
+      for (int64_t j = 0; j < k; j++)
+        s += w[j];
+      for (int64_t j = 0; j < k; j++)
+        w[j] /= s;
     }
   }
 }
@@ -71,12 +75,15 @@ void moe_route_topk_backward(const float *probs, const int32_t *idx,
         dot += dw[j] * w[j];
       }
     }
-    for (int64_t e = 0; e < E; e++) dl[e] = 0.0f;
+    for (int64_t e = 0; e < E; e++)
+      dl[e] = 0.0f;
     for (int64_t j = 0; j < k; j++)
       dl[ix[j]] = norm ? (dw[j] - dot) / s : dw[j];
     /* Softmax backward: dlogit_e = p_e (dp_e - sum_j dp_j p_j). */
     float inner = 0.0f;
-    for (int64_t j = 0; j < k; j++) inner += dl[ix[j]] * p[ix[j]];
-    for (int64_t e = 0; e < E; e++) dl[e] = p[e] * (dl[e] - inner);
+    for (int64_t j = 0; j < k; j++)
+      inner += dl[ix[j]] * p[ix[j]];
+    for (int64_t e = 0; e < E; e++)
+      dl[e] = p[e] * (dl[e] - inner);
   }
 }

@@ -23,21 +23,21 @@
 
 static bool g_small; /* --small: a few cases, for compute-sanitizer */
 
-#define CU(call)                                                             \
-  do {                                                                       \
-    cudaError_t e_ = (call);                                                 \
-    if (e_ != cudaSuccess) {                                                 \
-      printf("FATAL %s:%d %s: %s\n", __FILE__, __LINE__, #call,              \
-             cudaGetErrorString(e_));                                        \
-      exit(1);                                                               \
-    }                                                                        \
+#define CU(call)                                                               \
+  do {                                                                         \
+    cudaError_t e_ = (call);                                                   \
+    if (e_ != cudaSuccess) {                                                   \
+      printf("FATAL %s:%d %s: %s\n", __FILE__, __LINE__, #call,                \
+             cudaGetErrorString(e_));                                          \
+      exit(1);                                                                 \
+    }                                                                          \
   } while (0)
 
 /* ---- host buffers mirrored on the device -------------------------------- */
 
 typedef struct dbuf {
-  tu_buf h;    /* host copy (poisoned background) */
-  void *d;     /* device allocation of the same size */
+  tu_buf h;     /* host copy (poisoned background) */
+  void *d;      /* device allocation of the same size */
   moe_tensor t; /* the view on the device */
 } dbuf;
 
@@ -90,7 +90,8 @@ static void make_offsets(tu_rng *rng, int64_t E, int64_t used, int pattern,
     cnt[e]++;
   }
   off[0] = 0;
-  for (int64_t e = 0; e < E; e++) off[e + 1] = off[e] + cnt[e];
+  for (int64_t e = 0; e < E; e++)
+    off[e + 1] = off[e] + cnt[e];
   free(cnt);
 }
 
@@ -100,8 +101,8 @@ static void gemm_case(int which, moe_dtype dt, moe_layout lay, int64_t E,
   const char *tile = getenv("MOE_CUDA_TILE");
   tu_case("gemm %s dtype=%s layout=%s E=%lld R=%lld K=%lld N=%lld "
           "pattern=%d method=%s seed=%llu MOE_CUDA_TILE=%s",
-          gname[which], moe_dtype_name(dt), moe_layout_name(lay),
-          (long long)E, (long long)R, (long long)K, (long long)N, pattern,
+          gname[which], moe_dtype_name(dt), moe_layout_name(lay), (long long)E,
+          (long long)R, (long long)K, (long long)N, pattern,
           moe_gmm_method_name(m), (unsigned long long)seed,
           tile ? tile : "auto");
   tu_rng rng = tu_rng_make(seed);
@@ -124,8 +125,8 @@ static void gemm_case(int which, moe_dtype dt, moe_layout lay, int64_t E,
   dbuf in1, in2 = {0}, out, out2;
   double *ref;
   if (which == G_FWD || which == G_DX) {
-    in1 = d_of(tu_mat_new(dt, R, which == G_FWD ? K : N,
-                          which == G_FWD ? xv : gv));
+    in1 = d_of(
+        tu_mat_new(dt, R, which == G_FWD ? K : N, which == G_FWD ? xv : gv));
     in2 = d_of(tu_weight_new(dt, E, N, K, lay, wv));
     int64_t oc = which == G_FWD ? N : K;
     out = d_of(tu_mat_new(dt, R, oc, NULL));
@@ -144,19 +145,18 @@ static void gemm_case(int which, moe_dtype dt, moe_layout lay, int64_t E,
           ref[r * oc + c] = s;
         }
     if (which == G_FWD) {
-      CHECK_STATUS(moe_cuda_grouped_gemm(&in1.t, &in2.t, &doff.t, &out.t,
-                                         &opt),
+      CHECK_STATUS(moe_cuda_grouped_gemm(&in1.t, &in2.t, &doff.t, &out.t, &opt),
                    MOE_SUCCESS);
-      CHECK_STATUS(moe_cuda_grouped_gemm(&in1.t, &in2.t, &doff.t, &out2.t,
-                                         &opt),
-                   MOE_SUCCESS);
+      CHECK_STATUS(
+          moe_cuda_grouped_gemm(&in1.t, &in2.t, &doff.t, &out2.t, &opt),
+          MOE_SUCCESS);
     } else {
-      CHECK_STATUS(moe_cuda_grouped_gemm_dx(&in1.t, &in2.t, &doff.t, &out.t,
-                                            &opt),
-                   MOE_SUCCESS);
-      CHECK_STATUS(moe_cuda_grouped_gemm_dx(&in1.t, &in2.t, &doff.t,
-                                            &out2.t, &opt),
-                   MOE_SUCCESS);
+      CHECK_STATUS(
+          moe_cuda_grouped_gemm_dx(&in1.t, &in2.t, &doff.t, &out.t, &opt),
+          MOE_SUCCESS);
+      CHECK_STATUS(
+          moe_cuda_grouped_gemm_dx(&in1.t, &in2.t, &doff.t, &out2.t, &opt),
+          MOE_SUCCESS);
     }
     d_back(&out);
     d_back(&out2);
@@ -186,12 +186,12 @@ static void gemm_case(int which, moe_dtype dt, moe_layout lay, int64_t E,
             s += gv[r * N + n] * xv[r * K + kk];
           ref[(e * N + n) * K + kk] = s;
         }
-    CHECK_STATUS(moe_cuda_grouped_gemm_dw(&in1.t, &in2.t, &doff.t, &out.t,
-                                          &opt),
-                 MOE_SUCCESS);
-    CHECK_STATUS(moe_cuda_grouped_gemm_dw(&in1.t, &in2.t, &doff.t, &out2.t,
-                                          &opt),
-                 MOE_SUCCESS);
+    CHECK_STATUS(
+        moe_cuda_grouped_gemm_dw(&in1.t, &in2.t, &doff.t, &out.t, &opt),
+        MOE_SUCCESS);
+    CHECK_STATUS(
+        moe_cuda_grouped_gemm_dw(&in1.t, &in2.t, &doff.t, &out2.t, &opt),
+        MOE_SUCCESS);
     d_back(&out);
     d_back(&out2);
     float *got = gather_new(&out.h.t);
@@ -201,7 +201,8 @@ static void gemm_case(int which, moe_dtype dt, moe_layout lay, int64_t E,
     for (int64_t e = 0; e < E; e++) {
       if (off[e + 1] != off[e]) continue;
       empties++;
-      for (int64_t i = 0; i < N * K; i++) nonzero += got[e * N * K + i] != 0.0f;
+      for (int64_t i = 0; i < N * K; i++)
+        nonzero += got[e * N * K + i] != 0.0f;
     }
     CHECK(nonzero == 0, "%lld elements of empty experts' dW are not 0",
           (long long)nonzero);
@@ -209,8 +210,8 @@ static void gemm_case(int which, moe_dtype dt, moe_layout lay, int64_t E,
     (void)empties;
     free(got);
   }
-  CHECK(memcmp(out.h.mem, out2.h.mem,
-               (size_t)out.h.cap * moe_dtype_size(dt)) == 0,
+  CHECK(memcmp(out.h.mem, out2.h.mem, (size_t)out.h.cap * moe_dtype_size(dt)) ==
+            0,
         "two runs differ bitwise");
   free(ref);
   d_free(&in1);
@@ -227,8 +228,8 @@ static void gemm_case(int which, moe_dtype dt, moe_layout lay, int64_t E,
 static void test_gemm(void) {
   static const int64_t shapes[][4] = {
       /* E, R, K, N */
-      {8, 1000, 256, 384}, {3, 300, 64, 40}, {1, 77, 48, 72},
-      {16, 700, 96, 200},  {5, 260, 36, 20}, /* not multiples of 8 */
+      {8, 1000, 256, 384},  {3, 300, 64, 40}, {1, 77, 48, 72},
+      {16, 700, 96, 200},   {5, 260, 36, 20}, /* not multiples of 8 */
       {64, 3000, 512, 512},
   };
   int nshapes = g_small ? 2 : (int)(sizeof shapes / sizeof shapes[0]);
@@ -254,14 +255,15 @@ static void test_gemm(void) {
                       seed++);
         }
   /* every tile shape of the tensor-core kernel (MOE_CUDA_TILE) */
-  static const char *tiles[6] = {"4x8", "2x8", "4x4", "2x4", "4x4w8",
-                                 "4x4w8s5"};
+  static const char *tiles[6] = {"4x8", "2x8",   "4x4",
+                                 "2x4", "4x4w8", "4x4w8s5"};
   for (int ti = 0; ti < 6 && !g_small; ti++) {
     setenv("MOE_CUDA_TILE", tiles[ti], 1);
     for (int l = 0; l < 2; l++)
       for (int which = 0; which < 3; which++)
-        gemm_case(which, MOE_BF16, lays[l], 16, 900, 136, 264,
-                  (int)(seed % 3), MOE_GMM_GROUPED, seed), seed++;
+        gemm_case(which, MOE_BF16, lays[l], 16, 900, 136, 264, (int)(seed % 3),
+                  MOE_GMM_GROUPED, seed),
+            seed++;
     unsetenv("MOE_CUDA_TILE");
   }
   /* loop under strict mode: the host sync is refused */
@@ -287,7 +289,8 @@ static void test_gemm(void) {
   }
 }
 
-/* ---- 2. the layer --------------------------------------------------------- */
+/* ---- 2. the layer ---------------------------------------------------------
+ */
 
 typedef struct lcase {
   int64_t E, H, I, k, T;
@@ -307,8 +310,8 @@ static void lbufs_make(const lcase *c, uint64_t seed, lbufs *b) {
   tu_rng rng = tu_rng_make(seed);
   int64_t E = c->E, H = c->H, I = c->I, k = c->k, T = c->T;
   memset(b, 0, sizeof *b);
-  double *v = tu_alloc((size_t)(E * 2 * I * H + T * H + E * H + 16) *
-                       sizeof(double));
+  double *v =
+      tu_alloc((size_t)(E * 2 * I * H + T * H + E * H + 16) * sizeof(double));
   tu_fill(&rng, v, T * H, 1.0, c->dt);
   b->hidden = tu_mat_new(c->dt, T, H, v);
   tu_fill(&rng, v, T * H, 1.0, c->dt);
@@ -334,12 +337,14 @@ static void lbufs_make(const lcase *c, uint64_t seed, lbufs *b) {
           else
             e = tu_below(&rng, E);
           dup = false;
-          for (int64_t q = 0; q < j; q++) dup |= ix[t * k + q] == e;
+          for (int64_t q = 0; q < j; q++)
+            dup |= ix[t * k + q] == e;
         } while (dup && c->pattern != 1);
         ix[t * k + j] = e;
       }
     tu_fill(&rng, v, T * k, 1.0, MOE_F32);
-    for (int64_t i = 0; i < T * k; i++) v[i] = fabs(v[i]);
+    for (int64_t i = 0; i < T * k; i++)
+      v[i] = fabs(v[i]);
     b->topk_w = tu_mat_new(MOE_F32, T, k, v);
     b->gtopk = tu_mat_new(MOE_F32, T, k, NULL);
   }
@@ -373,16 +378,27 @@ static void lbufs_free(lbufs *b) {
                    &b->wg,     &b->wu,   &b->wd,     &b->gout,   &b->out,
                    &b->logits, &b->ghid, &b->ggate,  &b->gtopk,  &b->gwgu,
                    &b->gwg,    &b->gwu,  &b->gwd};
-  for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) tb_free(all[i]);
+  for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+    tb_free(all[i]);
 }
 
 /// The results compared: output, logits and every gradient.
-enum { R_OUT, R_LOGITS, R_GHID, R_GGATE, R_GTOPK, R_GWGU, R_GWG, R_GWU,
-       R_GWD, R_N };
-static const char *rnames[R_N] = {"output",    "router_logits",
-                                  "grad_hidden", "grad_gate_weight",
-                                  "grad_topk_weights", "grad_w_gate_up",
-                                  "grad_w_gate", "grad_w_up", "grad_w_down"};
+enum {
+  R_OUT,
+  R_LOGITS,
+  R_GHID,
+  R_GGATE,
+  R_GTOPK,
+  R_GWGU,
+  R_GWG,
+  R_GWU,
+  R_GWD,
+  R_N
+};
+static const char *rnames[R_N] = {
+    "output",           "router_logits",     "grad_hidden",
+    "grad_gate_weight", "grad_topk_weights", "grad_w_gate_up",
+    "grad_w_gate",      "grad_w_up",         "grad_w_down"};
 
 typedef struct lres {
   float *v[R_N];
@@ -391,7 +407,8 @@ typedef struct lres {
 } lres;
 
 static void lres_free(lres *r) {
-  for (int i = 0; i < R_N; i++) free(r->v[i]);
+  for (int i = 0; i < R_N; i++)
+    free(r->v[i]);
 }
 
 static moe_layer_desc desc_of(const lcase *c, bool cuda, moe_gmm_method m,
@@ -422,10 +439,9 @@ static void run_layer(const lcase *c, const lbufs *hb, bool cuda,
   if (!plan) return;
   /* every tensor mirrored (device) or used in place (CPU) */
   const tu_buf *src[R_N + 9] = {
-      &hb->out,   &hb->logits, &hb->ghid,   &hb->ggate, &hb->gtopk,
-      &hb->gwgu,  &hb->gwg,    &hb->gwu,    &hb->gwd,   &hb->hidden,
-      &hb->gate,  &hb->topk_i, &hb->topk_w, &hb->wgu,   &hb->wg,
-      &hb->wu,    &hb->wd,     &hb->gout};
+      &hb->out,    &hb->logits, &hb->ghid, &hb->ggate,  &hb->gtopk, &hb->gwgu,
+      &hb->gwg,    &hb->gwu,    &hb->gwd,  &hb->hidden, &hb->gate,  &hb->topk_i,
+      &hb->topk_w, &hb->wgu,    &hb->wg,   &hb->wu,     &hb->wd,    &hb->gout};
   int nsrc = R_N + 9;
   dbuf db[R_N + 9];
   moe_tensor t[R_N + 9];
@@ -486,8 +502,7 @@ static void run_layer(const lcase *c, const lbufs *hb, bool cuda,
     ba.grad_w_gate = t[R_GWG];
     ba.grad_w_up = t[R_GWU];
     ba.grad_w_down = t[R_GWD];
-    r->bs = moe_layer_backward(plan, &ba, sv, svb, ws, own_ws ? wsb : 0,
-                               NULL);
+    r->bs = moe_layer_backward(plan, &ba, sv, svb, ws, own_ws ? wsb : 0, NULL);
   }
   if (cuda) CU(cudaDeviceSynchronize());
   for (int i = 0; i < R_N; i++) {
@@ -534,12 +549,12 @@ static void layer_case(const lcase *c, uint64_t seed) {
   CHECK_STATUS(gpu.fs, MOE_SUCCESS);
   CHECK_STATUS(gpu.bs, MOE_SUCCESS);
   double tol = c->dt == MOE_BF16 ? 3e-2 : 1e-4;
-  if (cpu.fs == MOE_SUCCESS && cpu.bs == MOE_SUCCESS &&
-      gpu.bs == MOE_SUCCESS) {
+  if (cpu.fs == MOE_SUCCESS && cpu.bs == MOE_SUCCESS && gpu.bs == MOE_SUCCESS) {
     for (int i = 0; i < R_N; i++) {
       if (!cpu.v[i]) continue;
       double *ref = tu_alloc((size_t)cpu.n[i] * sizeof(double));
-      for (int64_t j = 0; j < cpu.n[i]; j++) ref[j] = cpu.v[i][j];
+      for (int64_t j = 0; j < cpu.n[i]; j++)
+        ref[j] = cpu.v[i][j];
       CHECK_REL(tu_rel_err(ref, gpu.v[i], cpu.n[i]), tol, rnames[i]);
       free(ref);
     }
@@ -547,7 +562,8 @@ static void layer_case(const lcase *c, uint64_t seed) {
     if (!c->router && c->pattern == 0 && c->E - 2 >= c->k) {
       int64_t per = (c->fused ? 2 : 1) * c->I * c->H, bad = 0;
       const float *gw = c->fused ? gpu.v[R_GWGU] : gpu.v[R_GWG];
-      for (int64_t i = 0; i < per; i++) bad += gw[i] != 0.0f;
+      for (int64_t i = 0; i < per; i++)
+        bad += gw[i] != 0.0f;
       for (int64_t i = 0; i < c->H * c->I; i++)
         bad += gpu.v[R_GWD][(c->E - 1) * c->H * c->I + i] != 0.0f;
       CHECK(bad == 0, "%lld gradient elements of empty experts are not 0",
@@ -574,7 +590,8 @@ static void layer_case(const lcase *c, uint64_t seed) {
       for (int i = 0; i < R_N; i++) {
         if (!cpu.v[i]) continue;
         double *ref = tu_alloc((size_t)cpu.n[i] * sizeof(double));
-        for (int64_t j = 0; j < cpu.n[i]; j++) ref[j] = cpu.v[i][j];
+        for (int64_t j = 0; j < cpu.n[i]; j++)
+          ref[j] = cpu.v[i][j];
         CHECK_REL(tu_rel_err(ref, lp.v[i], cpu.n[i]), tol, rnames[i]);
         free(ref);
       }
@@ -618,8 +635,9 @@ static void test_layer(void) {
       layer_case(&c, seed++);
     }
   if (!g_small) { /* one expert takes every row */
-    lcase c = {4, 64, 32, 1, 64, MOE_BF16, MOE_LAYOUT_OUT_IN,
-               MOE_LAYOUT_IN_OUT, true, false, 1};
+    lcase c = {
+        4,    64,    32, 1, 64, MOE_BF16, MOE_LAYOUT_OUT_IN, MOE_LAYOUT_IN_OUT,
+        true, false, 1};
     layer_case(&c, seed++);
   }
 }
