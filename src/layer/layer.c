@@ -20,7 +20,7 @@
 
 /* ---- plan ------------------------------------------------------------- */
 
-static moe_status moe_desc_copy(moe_layer_desc *d, const moe_layer_desc *in) {
+moe_status moe_layer_desc_copy(moe_layer_desc *d, const moe_layer_desc *in) {
   moe_layer_desc dflt = MOE_LAYER_DESC_INIT;
   if (in->magic != MOE_LAYER_DESC_MAGIC)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
@@ -39,7 +39,7 @@ static moe_status moe_desc_copy(moe_layer_desc *d, const moe_layer_desc *in) {
   return MOE_SUCCESS;
 }
 
-static moe_status moe_desc_check(const moe_layer_desc *d) {
+moe_status moe_layer_desc_check(const moe_layer_desc *d) {
   if (d->num_experts < 1)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "desc.num_experts = %lld: must be >= 1",
@@ -67,9 +67,6 @@ static moe_status moe_desc_check(const moe_layer_desc *d) {
   if ((unsigned)d->method > MOE_GMM_LOOP)
     return moe_error(MOE_ERR_INVALID_ARGUMENT, "desc.method = %d: unknown",
                      (int)d->method);
-  if (d->device.type != MOE_DEVICE_CPU)
-    return moe_error(MOE_ERR_UNIMPLEMENTED,
-                     "desc.device: this build's layer runs on the CPU only");
   if (d->num_threads < 0)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "desc.num_threads = %d: must be >= 0", d->num_threads);
@@ -85,6 +82,16 @@ static moe_status moe_desc_check(const moe_layer_desc *d) {
                      "I %lld)",
                      (long long)d->max_tokens, (long long)d->num_experts,
                      (long long)d->hidden, (long long)d->intermediate);
+  return MOE_SUCCESS;
+}
+
+/// The shared checks plus the CPU path's own: it runs on the CPU (CUDA
+/// descriptions were handed to the CUDA backend before this point).
+static moe_status moe_cpu_desc_check(const moe_layer_desc *d) {
+  MOE_TRY(moe_layer_desc_check(d));
+  if (d->device.type != MOE_DEVICE_CPU)
+    return moe_error(MOE_ERR_UNIMPLEMENTED,
+                     "desc.device: this build's layer runs on the CPU only");
   return MOE_SUCCESS;
 }
 
@@ -110,13 +117,13 @@ moe_status moe_layer_plan_create(moe_layer_plan **plan,
                      "moe_layer_plan_create: plan and desc must not be NULL");
   *plan = NULL;
   moe_layer_desc d;
-  MOE_TRY(moe_desc_copy(&d, desc));
+  MOE_TRY(moe_layer_desc_copy(&d, desc));
   /* Over several ranks every rank must reach the same verdict, so the
      checks' results are agreed on before anyone returns. */
   int64_t ep_rows = 0;
   MOE_TRY(moe_comm_size(d.comm) > 1
-              ? moe_ep_agree(&d, moe_desc_check(&d), &ep_rows)
-              : moe_desc_check(&d));
+              ? moe_ep_agree(&d, moe_cpu_desc_check(&d), &ep_rows)
+              : moe_cpu_desc_check(&d));
   moe_gmm_method env_m;
   bool env_set;
   MOE_TRY(moe_env_gmm(&env_m, &env_set));

@@ -31,6 +31,14 @@ typedef struct moe_layer_bufs {
   size_t workspace_bytes;
 } moe_layer_bufs;
 
+/// Copies a caller's description (checking magic and struct_size; fields
+/// newer than the caller's version keep their defaults).
+moe_status moe_layer_desc_copy(moe_layer_desc *d, const moe_layer_desc *in);
+/// Checks sizes, dtype, layouts, method and threads, and that the buffer
+/// sizes derived from them cannot overflow. Device-independent: each
+/// backend adds its own checks.
+moe_status moe_layer_desc_check(const moe_layer_desc *d);
+
 void moe_layer_bufs_of(const moe_layer_plan *p, int64_t T, moe_layer_bufs *b);
 
 #endif /* MOE_LAYER_H */
