@@ -192,6 +192,15 @@ MOE_API moe_status moe_layer_plan_predict(const moe_layer_plan *plan,
                                           int projection, moe_gmm_method m,
                                           double *fwd_ms, double *bwd_ms);
 
+/// The hardware floor of the expert GEMMs at the plan's max_tokens, in
+/// milliseconds: `compute_ms` = FLOPs over the machine's measured peak for
+/// the dtype, `memory_ms` = expert-weight bytes (read once forward; read
+/// twice and the gradient written once with `backward`) over the measured
+/// bandwidth. No method runs much faster than the larger of the two.
+MOE_API moe_status moe_layer_plan_floor(const moe_layer_plan *plan,
+                                        int backward, double *compute_ms,
+                                        double *memory_ms);
+
 /// The planner's choice and reasons, in words and numbers. Owned by the plan.
 MOE_API const char *moe_layer_plan_explain(const moe_layer_plan *plan);
 

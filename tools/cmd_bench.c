@@ -373,10 +373,29 @@ static int bench_dtype(const bench_opts *o, moe_dtype dt, int *done,
     moe_layer_plan_destroy(autoplan);
   }
   if (isatty(2)) fprintf(stderr, "\n");
+  /* The floor: FLOPs over the measured peak, weight bytes over the measured
+     bandwidth (the machine constants); the larger one bounds every row. */
+  double floor_ms[2] = {0, 0};
+  if (rc == CLI_OK) {
+    moe_layer_plan *fp;
+    if (make_plan(o, &s, MOE_LAYOUT_OUT_IN, MOE_GMM_AUTO, &fp) == MOE_SUCCESS) {
+      for (int bw = 0; bw < 2; bw++) {
+        double c = 0, m = 0;
+        if (moe_layer_plan_floor(fp, bw, &c, &m) == MOE_SUCCESS) {
+          floor_ms[bw] = c > m ? c : m;
+          if (!o->json)
+            printf("floor %-7s: compute %.3g ms (FLOPs / peak), memory %.3g "
+                   "ms (weight bytes / bandwidth) -> %.3g ms\n",
+                   bw ? "fwd+bwd" : "fwd", c, m, floor_ms[bw]);
+        }
+      }
+      moe_layer_plan_destroy(fp);
+    }
+  }
   if (rc == CLI_OK && !o->json)
-    printf("%-7s %-10s %-8s %10s %10s %10s %9s %9s %12s %s\n", "layout",
+    printf("%-7s %-10s %-8s %10s %10s %10s %9s %9s %7s %12s %s\n", "layout",
            "method", "pass", "median_ms", "min_ms", "max_ms", "GFLOP/s",
-           "GB_moved", "predicted_ms", "planner");
+           "GB_moved", "x_floor", "predicted_ms", "planner");
   for (int li = 0; li < o->nlayouts && rc == CLI_OK; li++)
     for (int bw = 0; bw < 2; bw++)
       for (int m = 0; m < B_NMETHODS; m++) {
@@ -397,16 +416,18 @@ static int bench_dtype(const bench_opts *o, moe_dtype dt, int *done,
             printf("%.3f,", r->predicted);
           else
             printf("null,");
-          printf("\"threads\":%d,\"baseline\":%s}\n", nt,
+          printf("\"floor_ms\":%.3f,\"threads\":%d,\"baseline\":%s}\n",
+                 floor_ms[bw], nt,
                  r->method == bench_method_names[B_COPY] ? "true" : "false");
         } else {
           char pred[32] = "-";
           if (r->predicted >= 0)
             snprintf(pred, sizeof pred, "%.1f", r->predicted);
-          printf("%-7s %-10s %-8s %10.1f %10.1f %10.1f %9.1f %9.2f %12s %s\n",
+          printf("%-7s %-10s %-8s %10.1f %10.1f %10.1f %9.1f %9.2f %7.2f %12s "
+                 "%s\n",
                  moe_layout_name(r->layout), r->method, bw ? "fwd+bwd" : "fwd",
                  r->med, r->mn, r->mx, flops / (r->med * 1e6), bytes / 1e9,
-                 pred,
+                 floor_ms[bw] > 0 ? r->med / floor_ms[bw] : 0.0, pred,
                  r->pick ? "<- pick"
                          : (r->predicted < 0 ? "(baseline; never used)" : ""));
         }
@@ -414,7 +435,7 @@ static int bench_dtype(const bench_opts *o, moe_dtype dt, int *done,
   if (rc == CLI_OK && !o->json)
     printf("GFLOP/s counts the expert GEMMs only (6*rows*H*I forward, 3x "
            "that for fwd+bwd); GB_moved is the expert weights read (and dW "
-           "written).\n");
+           "written); x_floor is median over the floor.\n");
   bufs_free(&b);
   return rc;
 }

@@ -217,6 +217,30 @@ moe_status moe_layer_plan_predict(const moe_layer_plan *plan, int projection,
   return MOE_SUCCESS;
 }
 
+moe_status moe_layer_plan_floor(const moe_layer_plan *plan, int backward,
+                                double *compute_ms, double *memory_ms) {
+  if (!plan)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_layer_plan_floor: plan is NULL");
+  if (moe_plan_on_cuda(plan))
+    return moe_error(MOE_ERR_UNIMPLEMENTED,
+                     "moe_layer_plan_floor: CPU plans only");
+  const moe_layer_desc *d = &plan->d;
+  const moe_machine *m = moe_machine_get();
+  double scale = (double)plan->nt / (double)(m->threads > 0 ? m->threads : 1);
+  double passes = backward ? 3.0 : 1.0;
+  double rows = (double)(d->max_tokens * d->top_k);
+  double flops =
+      passes * 6.0 * rows * (double)d->hidden * (double)d->intermediate;
+  double bytes = passes * 3.0 * (double)plan->e_local * (double)d->hidden *
+                 (double)d->intermediate * (double)moe_dtype_size(d->dtype);
+  double peak = m->peak_gflops[d->dtype == MOE_BF16 ? 1 : 0] * 1e9 * scale;
+  double bw = m->bandwidth_gbs * 1e9 * scale;
+  if (compute_ms) *compute_ms = peak > 0 ? flops / peak * 1e3 : 0.0;
+  if (memory_ms) *memory_ms = bw > 0 ? bytes / bw * 1e3 : 0.0;
+  return MOE_SUCCESS;
+}
+
 /* ---- buffers ---------------------------------------------------------- */
 
 static size_t moe_take(size_t *at, size_t bytes) {
