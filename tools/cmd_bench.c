@@ -16,8 +16,17 @@
 #include "cli_cuda.h"
 #include "cli_ep.h"
 
-enum { B_GROUPED, B_LOOP, B_COPY, B_NMETHODS };
-static const char *bench_method_names[] = {"grouped", "loop", "loop+copy"};
+/* "loop" is libmoe's loop with its default library (OpenBLAS for f32,
+   oneDNN for bf16); "loop-onednn" is the f32 loop through oneDNN, for the
+   side-by-side comparison of the two libraries. */
+enum { B_GROUPED, B_LOOP, B_LOOP_DNNL, B_COPY, B_NMETHODS };
+static const char *bench_method_names[] = {"grouped", "loop", "loop-onednn",
+                                           "loop+copy"};
+
+/// Whether method row m applies to dtype dt (bf16's loop is oneDNN already).
+static bool bench_method_applies(int m, moe_dtype dt) {
+  return m != B_LOOP_DNNL || dt == MOE_F32;
+}
 
 typedef struct bench_opts {
   const cli_preset *preset;
@@ -328,7 +337,13 @@ static int bench_dtype(const bench_opts *o, moe_dtype dt, int *done,
       print_explain_lines(moe_layer_plan_explain(autoplan),
                           moe_layout_name(layout));
     for (int m = 0; m < B_NMETHODS && rc == CLI_OK; m++) {
+      if (!bench_method_applies(m, dt)) continue;
       moe_gmm_method gm = m == B_GROUPED ? MOE_GMM_GROUPED : MOE_GMM_LOOP;
+      /* The library behind `loop` is read from MOE_LOOP_LIB at each call. */
+      if (m == B_LOOP_DNNL)
+        setenv("MOE_LOOP_LIB", "onednn", 1);
+      else
+        unsetenv("MOE_LOOP_LIB");
       moe_layout run_layout =
           m == B_COPY ? (layout == MOE_LAYOUT_OUT_IN ? MOE_LAYOUT_IN_OUT
                                                      : MOE_LAYOUT_OUT_IN)
@@ -356,8 +371,11 @@ static int bench_dtype(const bench_opts *o, moe_dtype dt, int *done,
         row->method = bench_method_names[m];
         row->layout = layout;
         row->bwd = bw;
-        row->predicted = m == B_COPY ? -1 : predicted(plan, gm, bw);
-        row->pick = m != B_COPY && pick0 == gm && pick1 == gm;
+        /* The cost model knows each method with its default library. */
+        row->predicted =
+            m == B_COPY || m == B_LOOP_DNNL ? -1 : predicted(plan, gm, bw);
+        row->pick =
+            (m == B_GROUPED || m == B_LOOP) && pick0 == gm && pick1 == gm;
         (*done)++;
         fprintf(stderr, "moe bench: [%d/%d] %s %s %s %s...%s", *done, total,
                 moe_dtype_name(dt), moe_layout_name(layout), row->method,
@@ -370,6 +388,7 @@ static int bench_dtype(const bench_opts *o, moe_dtype dt, int *done,
       }
       moe_layer_plan_destroy(plan);
     }
+    unsetenv("MOE_LOOP_LIB");
     moe_layer_plan_destroy(autoplan);
   }
   if (isatty(2)) fprintf(stderr, "\n");
@@ -393,12 +412,13 @@ static int bench_dtype(const bench_opts *o, moe_dtype dt, int *done,
     }
   }
   if (rc == CLI_OK && !o->json)
-    printf("%-7s %-10s %-8s %10s %10s %10s %9s %9s %7s %12s %s\n", "layout",
+    printf("%-7s %-11s %-8s %10s %10s %10s %9s %9s %7s %12s %s\n", "layout",
            "method", "pass", "median_ms", "min_ms", "max_ms", "GFLOP/s",
            "GB_moved", "x_floor", "predicted_ms", "planner");
   for (int li = 0; li < o->nlayouts && rc == CLI_OK; li++)
     for (int bw = 0; bw < 2; bw++)
       for (int m = 0; m < B_NMETHODS; m++) {
+        if (!bench_method_applies(m, dt)) continue;
         bench_row *r = &rows_out[li][m][bw];
         double flops = flops_fwd * (bw ? 3.0 : 1.0);
         double bytes = wbytes * (bw ? 3.0 : 1.0);
@@ -423,19 +443,23 @@ static int bench_dtype(const bench_opts *o, moe_dtype dt, int *done,
           char pred[32] = "-";
           if (r->predicted >= 0)
             snprintf(pred, sizeof pred, "%.1f", r->predicted);
-          printf("%-7s %-10s %-8s %10.1f %10.1f %10.1f %9.1f %9.2f %7.2f %12s "
+          printf("%-7s %-11s %-8s %10.1f %10.1f %10.1f %9.1f %9.2f %7.2f %12s "
                  "%s\n",
                  moe_layout_name(r->layout), r->method, bw ? "fwd+bwd" : "fwd",
                  r->med, r->mn, r->mx, flops / (r->med * 1e6), bytes / 1e9,
                  floor_ms[bw] > 0 ? r->med / floor_ms[bw] : 0.0, pred,
                  r->pick ? "<- pick"
-                         : (r->predicted < 0 ? "(baseline; never used)" : ""));
+                 : r->method == bench_method_names[B_COPY]
+                     ? "(baseline; never used)"
+                     : "");
         }
       }
   if (rc == CLI_OK && !o->json)
     printf("GFLOP/s counts the expert GEMMs only (6*rows*H*I forward, 3x "
            "that for fwd+bwd); GB_moved is the expert weights read (and dW "
-           "written); x_floor is median over the floor.\n");
+           "written); x_floor is median over the floor; loop is OpenBLAS "
+           "for f32 and oneDNN for bf16, loop-onednn the f32 loop through "
+           "oneDNN.\n");
   bufs_free(&b);
   return rc;
 }
@@ -504,7 +528,10 @@ int cmd_bench(int argc, char **argv) {
     }
   }
   if (o.tokens < 0) o.tokens = o.preset->tokens;
-  int done = 0, total = o.ndtypes * o.nlayouts * B_NMETHODS * 2;
+  int done = 0, total = 0;
+  for (int i = 0; i < o.ndtypes; i++)
+    for (int m = 0; m < B_NMETHODS; m++)
+      total += bench_method_applies(m, o.dtypes[i]) ? o.nlayouts * 2 : 0;
   for (int i = 0; i < o.ndtypes; i++) {
     int rc = bench_dtype(&o, o.dtypes[i], &done, total);
     if (rc) return rc;

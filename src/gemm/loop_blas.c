@@ -5,6 +5,7 @@
 /// copies; an operand with no unit stride is declined, not copied.
 #include <cblas.h>
 #include <stdio.h>
+#include <stdlib.h>
 
 #include "gemm.h"
 
@@ -140,12 +141,31 @@ static moe_status moe_gemm_loop_openblas(const moe_gemm_problem *p,
   return MOE_SUCCESS;
 }
 
+/// MOE_LOOP_LIB = auto | openblas | onednn pins the library behind `loop`
+/// (read per call, so a benchmark can compare the two in one process).
+static moe_status moe_env_loop_lib(moe_loop_lib *lib) {
+  const char *v = getenv("MOE_LOOP_LIB");
+  if (!v || !*v || !strcmp(v, "auto"))
+    *lib = MOE_LOOP_LIB_AUTO;
+  else if (!strcmp(v, "openblas"))
+    *lib = MOE_LOOP_LIB_OPENBLAS;
+  else if (!strcmp(v, "onednn"))
+    *lib = MOE_LOOP_LIB_ONEDNN;
+  else
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "environment MOE_LOOP_LIB='%.64s': expected auto, "
+                     "openblas or onednn",
+                     v);
+  return MOE_SUCCESS;
+}
+
 moe_status moe_gemm_loop(const moe_gemm_problem *p, const moe_gemm_ctx *c) {
   MOE_TRY(moe_gemm_validate(p, "loop gemm"));
   char why[256];
   if (!moe_gemm_loop_supports(p, why, sizeof why))
     return moe_error(MOE_ERR_UNIMPLEMENTED, "loop gemm declined: %s", why);
   moe_loop_lib lib = c ? c->loop_lib : MOE_LOOP_LIB_AUTO;
+  if (lib == MOE_LOOP_LIB_AUTO) MOE_TRY(moe_env_loop_lib(&lib));
   bool all_f32 =
       p->A.dtype == MOE_F32 && p->B.dtype == MOE_F32 && p->C.dtype == MOE_F32;
   if (lib == MOE_LOOP_LIB_OPENBLAS || (lib == MOE_LOOP_LIB_AUTO && all_f32))
