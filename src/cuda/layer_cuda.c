@@ -405,129 +405,6 @@ moe_status moe_cuda_layer_plan_sizes(const moe_layer_plan *plan, int64_t tokens,
 /* ---- argument checks -------------------------------------------------------
  */
 
-typedef struct moe_cu_gu {
-  moe_tensor gate, up, both;
-  bool fused;
-} moe_cu_gu;
-
-static moe_status moe_cu_check_weight(const moe_tensor *t, const char *name,
-                                      const int64_t *shape, moe_layout want,
-                                      const moe_layer_desc *d) {
-  MOE_TRY(moe_check_tensor(t, name, 3, shape, (int)d->dtype, &d->device));
-  moe_layout l = moe_weight_layout(t);
-  if (l != want)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "%s: strides (%lld, %lld, %lld) give layout %s, the "
-                     "plan was made for %s",
-                     name, (long long)t->stride[0], (long long)t->stride[1],
-                     (long long)t->stride[2], moe_layout_name(l),
-                     moe_layout_name(want));
-  return MOE_SUCCESS;
-}
-
-/// E: the experts this rank holds (all, or its shard).
-static moe_status moe_cu_gu_of(const moe_tensor *both, const moe_tensor *g,
-                               const moe_tensor *u, const char *prefix,
-                               const moe_layer_desc *d, int64_t E,
-                               moe_cu_gu *out) {
-  char n1[64], n2[64];
-  int64_t H = d->hidden, I = d->intermediate;
-  memset(out, 0, sizeof *out);
-  if (!moe_tensor_absent(both)) {
-    if (!moe_tensor_absent(g) || !moe_tensor_absent(u))
-      return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                       "%sw_gate_up and %sw_gate/%sw_up are both given; pass "
-                       "one form",
-                       prefix, prefix, prefix);
-    int64_t shape[3] = {E, 2 * I, H};
-    snprintf(n1, sizeof n1, "%sw_gate_up", prefix);
-    MOE_TRY(moe_cu_check_weight(both, n1, shape, d->gate_up_layout, d));
-    out->fused = true;
-    out->both = *both;
-    MOE_TRY(moe_tensor_narrow(both, 1, 0, I, &out->gate));
-    MOE_TRY(moe_tensor_narrow(both, 1, I, I, &out->up));
-    return MOE_SUCCESS;
-  }
-  int64_t shape[3] = {E, I, H};
-  snprintf(n1, sizeof n1, "%sw_gate", prefix);
-  snprintf(n2, sizeof n2, "%sw_up", prefix);
-  MOE_TRY(moe_cu_check_weight(g, n1, shape, d->gate_up_layout, d));
-  MOE_TRY(moe_cu_check_weight(u, n2, shape, d->gate_up_layout, d));
-  out->gate = *g;
-  out->up = *u;
-  return MOE_SUCCESS;
-}
-
-typedef struct moe_cu_call {
-  int64_t T;
-  bool router;
-  moe_cu_gu gu;
-} moe_cu_call;
-
-static moe_status moe_cu_check_fwd(const moe_layer_plan *p,
-                                   const moe_layer_fwd_args *a,
-                                   moe_cu_call *c) {
-  const moe_layer_desc *d = &p->d;
-  int64_t E = d->num_experts, H = d->hidden, I = d->intermediate, k = d->top_k;
-  int64_t hs[2] = {-1, H};
-  MOE_TRY(
-      moe_check_tensor(&a->hidden, "hidden", 2, hs, (int)d->dtype, &d->device));
-  int64_t T = a->hidden.shape[0];
-  if (T > d->max_tokens)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "hidden: %lld tokens, the plan holds at most "
-                     "max_tokens = %lld",
-                     (long long)T, (long long)d->max_tokens);
-  c->T = T;
-  bool has_gate = !moe_tensor_absent(&a->gate_weight);
-  bool has_topk = !moe_tensor_absent(&a->topk_index);
-  if (has_gate == has_topk)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "give either gate_weight (router) or topk_index + "
-                     "topk_weights (precomputed routing), %s",
-                     has_gate ? "not both" : "neither was given");
-  c->router = has_gate;
-  if (has_gate) {
-    int64_t s[2] = {E, H};
-    MOE_TRY(
-        moe_check_tensor(&a->gate_weight, "gate_weight", 2, s, -1, &d->device));
-  } else {
-    int64_t s[2] = {T, k};
-    if (a->topk_index.dtype != MOE_I32 && a->topk_index.dtype != MOE_I64)
-      return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                       "topk_index: dtype %s, expected i32 or i64",
-                       moe_dtype_name(a->topk_index.dtype));
-    moe_tensor ti = a->topk_index;
-    ti.dtype = MOE_F32; /* shape/device/stride checks only */
-    MOE_TRY(
-        moe_check_tensor(&ti, "topk_index", 2, s, (int)MOE_F32, &d->device));
-    MOE_TRY(moe_check_tensor(&a->topk_weights, "topk_weights", 2, s, -1,
-                             &d->device));
-  }
-  MOE_TRY(moe_cu_gu_of(&a->w_gate_up, &a->w_gate, &a->w_up, "", d, p->e_local,
-                       &c->gu));
-  int64_t ds[3] = {p->e_local, H, I};
-  MOE_TRY(moe_cu_check_weight(&a->w_down, "w_down", ds, d->down_layout, d));
-  return MOE_SUCCESS;
-}
-
-static moe_status moe_cu_check_grad_weight(const moe_tensor *g,
-                                           const moe_tensor *w,
-                                           const char *name,
-                                           const moe_layer_desc *d) {
-  MOE_TRY(moe_check_tensor(g, name, 3, w->shape, (int)w->dtype, &d->device));
-  for (int i = 0; i < 3; i++)
-    if (g->stride[i] != w->stride[i] && g->shape[i] > 1)
-      return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                       "%s: strides (%lld, %lld, %lld) differ from its "
-                       "weight's (%lld, %lld, %lld); gradients are written in "
-                       "the weight's own layout",
-                       name, (long long)g->stride[0], (long long)g->stride[1],
-                       (long long)g->stride[2], (long long)w->stride[0],
-                       (long long)w->stride[1], (long long)w->stride[2]);
-  return MOE_SUCCESS;
-}
-
 /* ---- execution helpers
  * -------------------------------------------------------- */
 
@@ -710,7 +587,7 @@ static moe_status moe_cu_host_counts(moe_cu_exec *x) {
 
 static moe_status moe_cu_forward_run(moe_cu_exec *x,
                                      const moe_layer_fwd_args *a,
-                                     const moe_cu_call *c, const moe_cu_bufs *b,
+                                     const moe_call *c, const moe_cu_bufs *b,
                                      char *sv, char *ws) {
   moe_cuda_plan *cp = x->cp;
   const moe_layer_desc *d = &cp->base.d;
@@ -825,8 +702,8 @@ static moe_status moe_cu_forward_call(moe_layer_plan *plan,
                      "moe_layer_forward: args must not be NULL");
   moe_cuda_plan *cp = moe_cp(plan);
   const moe_layer_desc *d = &plan->d;
-  moe_cu_call c;
-  MOE_TRY(moe_cu_check_fwd(plan, args, &c));
+  moe_call c;
+  MOE_TRY(moe_layer_check_fwd(plan, args, &c));
   int64_t oshape[2] = {c.T, d->hidden};
   MOE_TRY(moe_check_tensor(&args->output, "output", 2, oshape, (int)d->dtype,
                            &d->device));
@@ -878,7 +755,7 @@ moe_status moe_cuda_layer_forward(moe_layer_plan *plan,
 /// gradient): the part of the backward that runs beside the dX combine.
 static moe_status
 moe_cu_backward_rest(moe_cu_exec *x, const moe_layer_bwd_args *args,
-                     const moe_cu_call *c, const moe_cu_gu *ggu,
+                     const moe_call *c, const moe_gate_up *ggu,
                      const moe_cu_bufs *b, char *sv, char *ws,
                      const moe_cu_operand *Xp, float **dxr_out) {
   moe_cuda_plan *cp = x->cp;
@@ -929,10 +806,11 @@ moe_cu_backward_rest(moe_cu_exec *x, const moe_layer_bwd_args *args,
   return MOE_SUCCESS;
 }
 
-static moe_status
-moe_cu_backward_run(moe_cu_exec *x, const moe_layer_bwd_args *args,
-                    const moe_cu_call *c, const moe_cu_gu *ggu,
-                    const moe_cu_bufs *b, char *sv, char *ws) {
+static moe_status moe_cu_backward_run(moe_cu_exec *x,
+                                      const moe_layer_bwd_args *args,
+                                      const moe_call *c, const moe_gate_up *ggu,
+                                      const moe_cu_bufs *b, char *sv,
+                                      char *ws) {
   moe_cuda_plan *cp = x->cp;
   const moe_layer_desc *d = &cp->base.d;
   const moe_layer_fwd_args *a = &args->fwd;
@@ -1040,41 +918,11 @@ static moe_status moe_cu_backward_call(moe_layer_plan *plan,
   moe_cuda_plan *cp = moe_cp(plan);
   const moe_layer_desc *d = &plan->d;
   const moe_layer_fwd_args *a = &args->fwd;
-  moe_cu_call c;
-  MOE_TRY(moe_cu_check_fwd(plan, a, &c));
-  int64_t T = c.T, k = d->top_k;
-  moe_dtype dt = d->dtype;
-  int64_t th[2] = {T, d->hidden};
-  MOE_TRY(moe_check_tensor(&args->grad_output, "grad_output", 2, th, (int)dt,
-                           &d->device));
-  MOE_TRY(moe_check_tensor(&args->grad_hidden, "grad_hidden", 2, th, (int)dt,
-                           &d->device));
-  if (c.router) {
-    MOE_TRY(moe_check_tensor(&args->grad_gate_weight, "grad_gate_weight", 2,
-                             a->gate_weight.shape, (int)a->gate_weight.dtype,
-                             &d->device));
-  } else {
-    int64_t tk[2] = {T, k};
-    MOE_TRY(moe_check_tensor(&args->grad_topk_weights, "grad_topk_weights", 2,
-                             tk, -1, &d->device));
-  }
-  moe_cu_gu ggu;
-  MOE_TRY(moe_cu_gu_of(&args->grad_w_gate_up, &args->grad_w_gate,
-                       &args->grad_w_up, "grad_", d, plan->e_local, &ggu));
-  if (ggu.fused != c.gu.fused)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "grad_w_gate_up: give the gradient in the form of the "
-                     "weight (%s)",
-                     c.gu.fused ? "fused w_gate_up" : "separate w_gate, w_up");
-  if (ggu.fused)
-    MOE_TRY(
-        moe_cu_check_grad_weight(&ggu.both, &c.gu.both, "grad_w_gate_up", d));
-  else {
-    MOE_TRY(moe_cu_check_grad_weight(&ggu.gate, &c.gu.gate, "grad_w_gate", d));
-    MOE_TRY(moe_cu_check_grad_weight(&ggu.up, &c.gu.up, "grad_w_up", d));
-  }
-  MOE_TRY(moe_cu_check_grad_weight(&args->grad_w_down, &a->w_down,
-                                   "grad_w_down", d));
+  moe_call c;
+  MOE_TRY(moe_layer_check_fwd(plan, a, &c));
+  int64_t T = c.T;
+  moe_gate_up ggu;
+  MOE_TRY(moe_layer_check_bwd(plan, args, &c, &ggu));
   moe_cu_bufs b;
   moe_cu_bufs_of(plan, T, &b);
   if (saved_bytes < b.saved)

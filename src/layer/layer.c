@@ -308,114 +308,6 @@ moe_status moe_layer_plan_sizes(const moe_layer_plan *plan, int64_t tokens,
 
 /* ---- argument checks -------------------------------------------------- */
 
-/// The gate and up weights (or their gradients) of one call, whether they
-/// came fused or separate.
-typedef struct moe_gate_up {
-  moe_tensor gate, up; ///< [E, I, H] views
-  moe_tensor both;     ///< [E, 2I, H] when fused
-  bool fused;
-} moe_gate_up;
-
-static moe_status moe_check_weight(const moe_tensor *t, const char *name,
-                                   const int64_t *shape, moe_layout want,
-                                   const moe_layer_desc *d) {
-  MOE_TRY(moe_check_tensor(t, name, 3, shape, (int)d->dtype, &d->device));
-  moe_layout l = moe_weight_layout(t);
-  if (l != want)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "%s: strides (%lld, %lld, %lld) give layout %s, the "
-                     "plan was made for %s",
-                     name, (long long)t->stride[0], (long long)t->stride[1],
-                     (long long)t->stride[2], moe_layout_name(l),
-                     moe_layout_name(want));
-  return MOE_SUCCESS;
-}
-
-static moe_status moe_gate_up_of(const moe_tensor *both, const moe_tensor *g,
-                                 const moe_tensor *u, const char *prefix,
-                                 const moe_layer_desc *d, moe_gate_up *out) {
-  char n1[64], n2[64];
-  /* The expert weights are this rank's shard (all of them on one rank). */
-  int64_t E = d->num_experts / moe_comm_size(d->comm), H = d->hidden,
-          I = d->intermediate;
-  memset(out, 0, sizeof *out);
-  if (!moe_tensor_absent(both)) {
-    if (!moe_tensor_absent(g) || !moe_tensor_absent(u))
-      return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                       "%sw_gate_up and %sw_gate/%sw_up are both given; pass "
-                       "one form",
-                       prefix, prefix, prefix);
-    int64_t shape[3] = {E, 2 * I, H};
-    snprintf(n1, sizeof n1, "%sw_gate_up", prefix);
-    MOE_TRY(moe_check_weight(both, n1, shape, d->gate_up_layout, d));
-    out->fused = true;
-    out->both = *both;
-    MOE_TRY(moe_tensor_narrow(both, 1, 0, I, &out->gate));
-    MOE_TRY(moe_tensor_narrow(both, 1, I, I, &out->up));
-    return MOE_SUCCESS;
-  }
-  int64_t shape[3] = {E, I, H};
-  snprintf(n1, sizeof n1, "%sw_gate", prefix);
-  snprintf(n2, sizeof n2, "%sw_up", prefix);
-  MOE_TRY(moe_check_weight(g, n1, shape, d->gate_up_layout, d));
-  MOE_TRY(moe_check_weight(u, n2, shape, d->gate_up_layout, d));
-  out->gate = *g;
-  out->up = *u;
-  return MOE_SUCCESS;
-}
-
-/// Validated view of a call's inputs.
-typedef struct moe_call {
-  int64_t T;
-  bool router; ///< routing computed from gate_weight (else precomputed)
-  moe_gate_up gu;
-} moe_call;
-
-static moe_status moe_check_fwd(const moe_layer_plan *p,
-                                const moe_layer_fwd_args *a, moe_call *c) {
-  const moe_layer_desc *d = &p->d;
-  int64_t E = d->num_experts, H = d->hidden, I = d->intermediate, k = d->top_k;
-  int64_t hs[2] = {-1, H};
-  MOE_TRY(
-      moe_check_tensor(&a->hidden, "hidden", 2, hs, (int)d->dtype, &d->device));
-  int64_t T = a->hidden.shape[0];
-  if (T > d->max_tokens)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "hidden: %lld tokens, the plan holds at most "
-                     "max_tokens = %lld",
-                     (long long)T, (long long)d->max_tokens);
-  c->T = T;
-  bool has_gate = !moe_tensor_absent(&a->gate_weight);
-  bool has_topk = !moe_tensor_absent(&a->topk_index);
-  if (has_gate == has_topk)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "give either gate_weight (router) or topk_index + "
-                     "topk_weights (precomputed routing), %s",
-                     has_gate ? "not both" : "neither was given");
-  c->router = has_gate;
-  if (has_gate) {
-    int64_t s[2] = {E, H};
-    MOE_TRY(
-        moe_check_tensor(&a->gate_weight, "gate_weight", 2, s, -1, &d->device));
-  } else {
-    int64_t s[2] = {T, k};
-    if (a->topk_index.dtype != MOE_I32 && a->topk_index.dtype != MOE_I64)
-      return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                       "topk_index: dtype %s, expected i32 or i64",
-                       moe_dtype_name(a->topk_index.dtype));
-    moe_tensor ti = a->topk_index;
-    ti.dtype = MOE_F32; /* shape/device/stride checks only */
-    MOE_TRY(
-        moe_check_tensor(&ti, "topk_index", 2, s, (int)MOE_F32, &d->device));
-    MOE_TRY(moe_check_tensor(&a->topk_weights, "topk_weights", 2, s, -1,
-                             &d->device));
-  }
-  MOE_TRY(moe_gate_up_of(&a->w_gate_up, &a->w_gate, &a->w_up, "", d, &c->gu));
-  int64_t ds[3] = {p->e_local, H, I};
-  MOE_TRY(moe_check_weight(&a->w_down, "w_down", ds, d->down_layout, d));
-  return MOE_SUCCESS;
-}
-
 /* ---- GEMM problem builders -------------------------------------------- */
 
 /// Row-major [rows, ld] activation buffer as an operand.
@@ -601,7 +493,7 @@ static moe_status moe_forward(moe_layer_plan *plan,
                      "moe_layer_forward: args must not be NULL");
   const moe_layer_desc *d = &plan->d;
   moe_call c;
-  MOE_TRY(moe_check_fwd(plan, args, &c));
+  MOE_TRY(moe_layer_check_fwd(plan, args, &c));
   int64_t oshape[2] = {c.T, d->hidden};
   MOE_TRY(moe_check_tensor(&args->output, "output", 2, oshape, (int)d->dtype,
                            &d->device));
@@ -698,22 +590,6 @@ moe_status moe_layer_forward(moe_layer_plan *plan,
 
 /* ---- backward --------------------------------------------------------- */
 
-static moe_status moe_check_grad_weight(const moe_tensor *g,
-                                        const moe_tensor *w, const char *name,
-                                        const moe_layer_desc *d) {
-  MOE_TRY(moe_check_tensor(g, name, 3, w->shape, (int)w->dtype, &d->device));
-  for (int i = 0; i < 3; i++)
-    if (g->stride[i] != w->stride[i] && g->shape[i] > 1)
-      return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                       "%s: strides (%lld, %lld, %lld) differ from its "
-                       "weight's (%lld, %lld, %lld); gradients are written in "
-                       "the weight's own layout",
-                       name, (long long)g->stride[0], (long long)g->stride[1],
-                       (long long)g->stride[2], (long long)w->stride[0],
-                       (long long)w->stride[1], (long long)w->stride[2]);
-  return MOE_SUCCESS;
-}
-
 static moe_status moe_backward(moe_layer_plan *plan,
                                const moe_layer_bwd_args *args,
                                const void *saved, size_t saved_bytes,
@@ -728,41 +604,12 @@ static moe_status moe_backward(moe_layer_plan *plan,
   const moe_layer_desc *d = &plan->d;
   const moe_layer_fwd_args *a = &args->fwd;
   moe_call c;
-  MOE_TRY(moe_check_fwd(plan, a, &c));
+  MOE_TRY(moe_layer_check_fwd(plan, a, &c));
   int64_t T = c.T, k = d->top_k, H = d->hidden, I = d->intermediate,
           E = d->num_experts, R = T * k;
   moe_dtype dt = d->dtype;
-  int64_t th[2] = {T, H};
-  MOE_TRY(moe_check_tensor(&args->grad_output, "grad_output", 2, th, (int)dt,
-                           &d->device));
-  MOE_TRY(moe_check_tensor(&args->grad_hidden, "grad_hidden", 2, th, (int)dt,
-                           &d->device));
-  if (c.router) {
-    MOE_TRY(moe_check_tensor(&args->grad_gate_weight, "grad_gate_weight", 2,
-                             a->gate_weight.shape, (int)a->gate_weight.dtype,
-                             &d->device));
-  } else {
-    int64_t tk[2] = {T, k};
-    MOE_TRY(moe_check_tensor(&args->grad_topk_weights, "grad_topk_weights", 2,
-                             tk, -1, &d->device));
-  }
   moe_gate_up ggu;
-  MOE_TRY(moe_gate_up_of(&args->grad_w_gate_up, &args->grad_w_gate,
-                         &args->grad_w_up, "grad_", d, &ggu));
-  if (ggu.fused != c.gu.fused)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "grad_w_gate_up: give the gradient in the form of the "
-                     "weight (%s)",
-                     c.gu.fused ? "fused w_gate_up" : "separate w_gate, w_up");
-  if (ggu.fused)
-    MOE_TRY(moe_check_grad_weight(&ggu.both, &c.gu.both, "grad_w_gate_up", d));
-  else {
-    MOE_TRY(moe_check_grad_weight(&ggu.gate, &c.gu.gate, "grad_w_gate", d));
-    MOE_TRY(moe_check_grad_weight(&ggu.up, &c.gu.up, "grad_w_up", d));
-  }
-  MOE_TRY(
-      moe_check_grad_weight(&args->grad_w_down, &a->w_down, "grad_w_down", d));
-
+  MOE_TRY(moe_layer_check_bwd(plan, args, &c, &ggu));
   moe_layer_bufs b;
   moe_layer_bufs_of(plan, T, &b);
   if (saved_bytes < b.saved_bytes)

@@ -39,6 +39,30 @@ moe_status moe_layer_desc_copy(moe_layer_desc *d, const moe_layer_desc *in);
 /// backend adds its own checks.
 moe_status moe_layer_desc_check(const moe_layer_desc *d);
 
+/// The gate and up weights (or their gradients) of one call, whether they
+/// came fused or separate.
+typedef struct moe_gate_up {
+  moe_tensor gate, up; ///< [E, I, H] views
+  moe_tensor both;     ///< [E, 2I, H] when fused
+  bool fused;
+} moe_gate_up;
+
+/// Validated view of a call's inputs.
+typedef struct moe_call {
+  int64_t T;
+  bool router; ///< routing computed from gate_weight (else precomputed)
+  moe_gate_up gu;
+} moe_call;
+
+/// Checks a forward's arguments against the plan (args.c).
+moe_status moe_layer_check_fwd(const moe_layer_plan *p,
+                               const moe_layer_fwd_args *a, moe_call *c);
+/// Checks a backward's gradient arguments, given its checked forward part;
+/// fills the gate/up gradient views.
+moe_status moe_layer_check_bwd(const moe_layer_plan *p,
+                               const moe_layer_bwd_args *args,
+                               const moe_call *c, moe_gate_up *ggu);
+
 void moe_layer_bufs_of(const moe_layer_plan *p, int64_t T, moe_layer_bufs *b);
 
 #endif /* MOE_LAYER_H */

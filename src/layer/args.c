@@ -1,0 +1,158 @@
+/// @file args.c
+/// Validation of the layer's call arguments, shared by every backend: each
+/// tensor's shape, dtype, device and layout against the plan, the routing
+/// mode, and the gradients' form and strides. Messages name the argument.
+#include <stdio.h>
+
+#include "layer/layer.h"
+
+static moe_status moe_check_weight(const moe_tensor *t, const char *name,
+                                   const int64_t *shape, moe_layout want,
+                                   const moe_layer_desc *d) {
+  MOE_TRY(moe_check_tensor(t, name, 3, shape, (int)d->dtype, &d->device));
+  moe_layout l = moe_weight_layout(t);
+  if (l != want)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "%s: strides (%lld, %lld, %lld) give layout %s, the "
+                     "plan was made for %s",
+                     name, (long long)t->stride[0], (long long)t->stride[1],
+                     (long long)t->stride[2], moe_layout_name(l),
+                     moe_layout_name(want));
+  return MOE_SUCCESS;
+}
+
+/// The gate/up weights (or their gradients) of a call in either form; E is
+/// the experts this rank holds.
+static moe_status moe_gate_up_of(const moe_tensor *both, const moe_tensor *g,
+                                 const moe_tensor *u, const char *prefix,
+                                 const moe_layer_desc *d, int64_t E,
+                                 moe_gate_up *out) {
+  char n1[64], n2[64];
+  int64_t H = d->hidden, I = d->intermediate;
+  memset(out, 0, sizeof *out);
+  if (!moe_tensor_absent(both)) {
+    if (!moe_tensor_absent(g) || !moe_tensor_absent(u))
+      return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                       "%sw_gate_up and %sw_gate/%sw_up are both given; pass "
+                       "one form",
+                       prefix, prefix, prefix);
+    int64_t shape[3] = {E, 2 * I, H};
+    snprintf(n1, sizeof n1, "%sw_gate_up", prefix);
+    MOE_TRY(moe_check_weight(both, n1, shape, d->gate_up_layout, d));
+    out->fused = true;
+    out->both = *both;
+    MOE_TRY(moe_tensor_narrow(both, 1, 0, I, &out->gate));
+    MOE_TRY(moe_tensor_narrow(both, 1, I, I, &out->up));
+    return MOE_SUCCESS;
+  }
+  int64_t shape[3] = {E, I, H};
+  snprintf(n1, sizeof n1, "%sw_gate", prefix);
+  snprintf(n2, sizeof n2, "%sw_up", prefix);
+  MOE_TRY(moe_check_weight(g, n1, shape, d->gate_up_layout, d));
+  MOE_TRY(moe_check_weight(u, n2, shape, d->gate_up_layout, d));
+  out->gate = *g;
+  out->up = *u;
+  return MOE_SUCCESS;
+}
+
+moe_status moe_layer_check_fwd(const moe_layer_plan *p,
+                               const moe_layer_fwd_args *a, moe_call *c) {
+  const moe_layer_desc *d = &p->d;
+  int64_t E = d->num_experts, H = d->hidden, I = d->intermediate, k = d->top_k;
+  int64_t hs[2] = {-1, H};
+  MOE_TRY(
+      moe_check_tensor(&a->hidden, "hidden", 2, hs, (int)d->dtype, &d->device));
+  int64_t T = a->hidden.shape[0];
+  if (T > d->max_tokens)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "hidden: %lld tokens, the plan holds at most "
+                     "max_tokens = %lld",
+                     (long long)T, (long long)d->max_tokens);
+  c->T = T;
+  bool has_gate = !moe_tensor_absent(&a->gate_weight);
+  bool has_topk = !moe_tensor_absent(&a->topk_index);
+  if (has_gate == has_topk)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "give either gate_weight (router) or topk_index + "
+                     "topk_weights (precomputed routing), %s",
+                     has_gate ? "not both" : "neither was given");
+  c->router = has_gate;
+  if (has_gate) {
+    int64_t s[2] = {E, H};
+    MOE_TRY(
+        moe_check_tensor(&a->gate_weight, "gate_weight", 2, s, -1, &d->device));
+  } else {
+    int64_t s[2] = {T, k};
+    if (a->topk_index.dtype != MOE_I32 && a->topk_index.dtype != MOE_I64)
+      return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                       "topk_index: dtype %s, expected i32 or i64",
+                       moe_dtype_name(a->topk_index.dtype));
+    moe_tensor ti = a->topk_index;
+    ti.dtype = MOE_F32; /* shape/device/stride checks only */
+    MOE_TRY(
+        moe_check_tensor(&ti, "topk_index", 2, s, (int)MOE_F32, &d->device));
+    MOE_TRY(moe_check_tensor(&a->topk_weights, "topk_weights", 2, s, -1,
+                             &d->device));
+  }
+  MOE_TRY(moe_gate_up_of(&a->w_gate_up, &a->w_gate, &a->w_up, "", d, p->e_local,
+                         &c->gu));
+  int64_t ds[3] = {p->e_local, H, I};
+  MOE_TRY(moe_check_weight(&a->w_down, "w_down", ds, d->down_layout, d));
+  return MOE_SUCCESS;
+}
+
+static moe_status moe_check_grad_weight(const moe_tensor *g,
+                                        const moe_tensor *w, const char *name,
+                                        const moe_layer_desc *d) {
+  MOE_TRY(moe_check_tensor(g, name, 3, w->shape, (int)w->dtype, &d->device));
+  for (int i = 0; i < 3; i++)
+    if (g->stride[i] != w->stride[i] && g->shape[i] > 1)
+      return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                       "%s: strides (%lld, %lld, %lld) differ from its "
+                       "weight's (%lld, %lld, %lld); gradients are written in "
+                       "the weight's own layout",
+                       name, (long long)g->stride[0], (long long)g->stride[1],
+                       (long long)g->stride[2], (long long)w->stride[0],
+                       (long long)w->stride[1], (long long)w->stride[2]);
+  return MOE_SUCCESS;
+}
+
+moe_status moe_layer_check_bwd(const moe_layer_plan *p,
+                               const moe_layer_bwd_args *args,
+                               const moe_call *c, moe_gate_up *ggu) {
+  const moe_layer_desc *d = &p->d;
+  const moe_layer_fwd_args *a = &args->fwd;
+  int64_t T = c->T, k = d->top_k, H = d->hidden;
+  int64_t th[2] = {T, H};
+  MOE_TRY(moe_check_tensor(&args->grad_output, "grad_output", 2, th,
+                           (int)d->dtype, &d->device));
+  MOE_TRY(moe_check_tensor(&args->grad_hidden, "grad_hidden", 2, th,
+                           (int)d->dtype, &d->device));
+  if (c->router) {
+    MOE_TRY(moe_check_tensor(&args->grad_gate_weight, "grad_gate_weight", 2,
+                             a->gate_weight.shape, (int)a->gate_weight.dtype,
+                             &d->device));
+  } else {
+    int64_t tk[2] = {T, k};
+    MOE_TRY(moe_check_tensor(&args->grad_topk_weights, "grad_topk_weights", 2,
+                             tk, -1, &d->device));
+  }
+  MOE_TRY(moe_gate_up_of(&args->grad_w_gate_up, &args->grad_w_gate,
+                         &args->grad_w_up, "grad_", d, p->e_local, ggu));
+  if (ggu->fused != c->gu.fused)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "grad_w_gate_up: give the gradient in the form of the "
+                     "weight (%s)",
+                     c->gu.fused ? "fused w_gate_up" : "separate w_gate, w_up");
+  if (ggu->fused)
+    MOE_TRY(
+        moe_check_grad_weight(&ggu->both, &c->gu.both, "grad_w_gate_up", d));
+  else {
+    MOE_TRY(moe_check_grad_weight(&ggu->gate, &c->gu.gate, "grad_w_gate", d));
+    MOE_TRY(moe_check_grad_weight(&ggu->up, &c->gu.up, "grad_w_up", d));
+  }
+  MOE_TRY(
+      moe_check_grad_weight(&args->grad_w_down, &a->w_down, "grad_w_down", d));
+
+  return MOE_SUCCESS;
+}
