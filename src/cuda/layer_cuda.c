@@ -522,16 +522,6 @@ static moe_status moe_cu_dense(const moe_cu_exec *x, moe_group_kind kind,
   return moe_cu_gemm_grouped(&g, &x->ctx);
 }
 
-static moe_status moe_cu_check_buffer(const void *buf, size_t have, size_t need,
-                                      const char *name) {
-  if (buf && have < need)
-    return moe_error(MOE_ERR_WORKSPACE,
-                     "%s: %zu bytes given, %zu needed (see "
-                     "moe_layer_plan_sizes)",
-                     name, have, need);
-  return MOE_SUCCESS;
-}
-
 /// Context, workspace (allocated stream-ordered when the caller gave none)
 /// and, if a projection runs the loop method, the counts on the host.
 static moe_status moe_cu_begin(moe_cuda_plan *cp, void **ws, size_t ws_bytes,
@@ -543,7 +533,7 @@ static moe_status moe_cu_begin(moe_cuda_plan *cp, void **ws, size_t ws_bytes,
   x->ctx.blas = cp->blas;
   x->ctx.strict = cp->base.d.strict;
   x->ctx.pinned = cp->pinned;
-  MOE_TRY(moe_cu_check_buffer(*ws, ws_bytes, need, "workspace"));
+  MOE_TRY(moe_layer_check_buffer(*ws, ws_bytes, need, "workspace"));
   if (!*ws) {
     MOE_CU_TRY(cudaMallocAsync(ws, need, x->ctx.stream));
     x->owned = *ws;
@@ -704,21 +694,10 @@ static moe_status moe_cu_forward_call(moe_layer_plan *plan,
   const moe_layer_desc *d = &plan->d;
   moe_call c;
   MOE_TRY(moe_layer_check_fwd(plan, args, &c));
-  int64_t oshape[2] = {c.T, d->hidden};
-  MOE_TRY(moe_check_tensor(&args->output, "output", 2, oshape, (int)d->dtype,
-                           &d->device));
-  if (!moe_tensor_absent(&args->router_logits)) {
-    int64_t ls[2] = {c.T, d->num_experts};
-    MOE_TRY(moe_check_tensor(&args->router_logits, "router_logits", 2, ls,
-                             (int)MOE_F32, &d->device));
-    if (!c.router)
-      return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                       "router_logits: asked for, but routing is precomputed "
-                       "(no gate_weight)");
-  }
+  MOE_TRY(moe_layer_check_fwd_outputs(plan, args, &c));
   moe_cu_bufs b;
   moe_cu_bufs_of(plan, c.T, &b);
-  MOE_TRY(moe_cu_check_buffer(saved, saved_bytes, b.saved, "saved"));
+  MOE_TRY(moe_layer_check_buffer(saved, saved_bytes, b.saved, "saved"));
   int prev;
   MOE_TRY(moe_cu_enter(d->device.index, &prev));
   moe_cu_exec x;
@@ -925,9 +904,7 @@ static moe_status moe_cu_backward_call(moe_layer_plan *plan,
   MOE_TRY(moe_layer_check_bwd(plan, args, &c, &ggu));
   moe_cu_bufs b;
   moe_cu_bufs_of(plan, T, &b);
-  if (saved_bytes < b.saved)
-    return moe_error(MOE_ERR_WORKSPACE, "saved: %zu bytes given, %zu needed",
-                     saved_bytes, b.saved);
+  MOE_TRY(moe_layer_check_buffer(saved, saved_bytes, b.saved, "saved"));
   int prev;
   MOE_TRY(moe_cu_enter(d->device.index, &prev));
   moe_cu_exec x;

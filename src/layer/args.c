@@ -117,6 +117,35 @@ static moe_status moe_check_grad_weight(const moe_tensor *g,
   return MOE_SUCCESS;
 }
 
+moe_status moe_layer_check_fwd_outputs(const moe_layer_plan *p,
+                                       const moe_layer_fwd_args *args,
+                                       const moe_call *c) {
+  const moe_layer_desc *d = &p->d;
+  int64_t oshape[2] = {c->T, d->hidden};
+  MOE_TRY(moe_check_tensor(&args->output, "output", 2, oshape, (int)d->dtype,
+                           &d->device));
+  if (!moe_tensor_absent(&args->router_logits)) {
+    int64_t ls[2] = {c->T, d->num_experts};
+    MOE_TRY(moe_check_tensor(&args->router_logits, "router_logits", 2, ls,
+                             (int)MOE_F32, &d->device));
+    if (!c->router)
+      return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                       "router_logits: asked for, but routing is precomputed "
+                       "(no gate_weight)");
+  }
+  return MOE_SUCCESS;
+}
+
+moe_status moe_layer_check_buffer(const void *buf, size_t have, size_t need,
+                                  const char *name) {
+  if (buf && have < need)
+    return moe_error(MOE_ERR_WORKSPACE,
+                     "%s: %zu bytes given, %zu needed (see "
+                     "moe_layer_plan_sizes)",
+                     name, have, need);
+  return MOE_SUCCESS;
+}
+
 moe_status moe_layer_check_bwd(const moe_layer_plan *p,
                                const moe_layer_bwd_args *args,
                                const moe_call *c, moe_gate_up *ggu) {

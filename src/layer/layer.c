@@ -452,24 +452,14 @@ static moe_status moe_route(const moe_exec *x, const moe_layer_fwd_args *a,
   return MOE_SUCCESS;
 }
 
-static moe_status moe_check_buffer(const void *buf, size_t have, size_t need,
-                                   const char *name, int strict) {
-  if (buf && have < need)
-    return moe_error(MOE_ERR_WORKSPACE,
-                     "%s: %zu bytes given, %zu needed (see "
-                     "moe_layer_plan_sizes)",
-                     name, have, need);
-  return MOE_SUCCESS;
-}
-
 /// Prepares the execution context; allocates the workspace if the caller
 /// gave none (`*owned` is then freed by the caller).
 static moe_status moe_exec_begin(moe_layer_plan *p, const moe_layer_bufs *b,
                                  void **ws, size_t ws_bytes, void **owned,
                                  moe_exec *x) {
   *owned = NULL;
-  MOE_TRY(moe_check_buffer(*ws, ws_bytes, b->workspace_bytes, "workspace",
-                           p->d.strict));
+  MOE_TRY(
+      moe_layer_check_buffer(*ws, ws_bytes, b->workspace_bytes, "workspace"));
   if (!*ws) {
     *ws = *owned = moe_alloc(b->workspace_bytes, "layer workspace");
     if (!*ws) return MOE_ERR_OUT_OF_MEMORY;
@@ -494,22 +484,10 @@ static moe_status moe_forward(moe_layer_plan *plan,
   const moe_layer_desc *d = &plan->d;
   moe_call c;
   MOE_TRY(moe_layer_check_fwd(plan, args, &c));
-  int64_t oshape[2] = {c.T, d->hidden};
-  MOE_TRY(moe_check_tensor(&args->output, "output", 2, oshape, (int)d->dtype,
-                           &d->device));
-  if (!moe_tensor_absent(&args->router_logits)) {
-    int64_t ls[2] = {c.T, d->num_experts};
-    MOE_TRY(moe_check_tensor(&args->router_logits, "router_logits", 2, ls,
-                             (int)MOE_F32, &d->device));
-    if (!c.router)
-      return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                       "router_logits: asked for, but routing is precomputed "
-                       "(no gate_weight)");
-  }
+  MOE_TRY(moe_layer_check_fwd_outputs(plan, args, &c));
   moe_layer_bufs b;
   moe_layer_bufs_of(plan, c.T, &b);
-  MOE_TRY(
-      moe_check_buffer(saved, saved_bytes, b.saved_bytes, "saved", d->strict));
+  MOE_TRY(moe_layer_check_buffer(saved, saved_bytes, b.saved_bytes, "saved"));
   void *owned;
   moe_exec x;
   MOE_TRY(moe_exec_begin(plan, &b, &workspace, workspace_bytes, &owned, &x));
@@ -612,9 +590,7 @@ static moe_status moe_backward(moe_layer_plan *plan,
   MOE_TRY(moe_layer_check_bwd(plan, args, &c, &ggu));
   moe_layer_bufs b;
   moe_layer_bufs_of(plan, T, &b);
-  if (saved_bytes < b.saved_bytes)
-    return moe_error(MOE_ERR_WORKSPACE, "saved: %zu bytes given, %zu needed",
-                     saved_bytes, b.saved_bytes);
+  MOE_TRY(moe_layer_check_buffer(saved, saved_bytes, b.saved_bytes, "saved"));
   void *owned;
   moe_exec x;
   MOE_TRY(moe_exec_begin(plan, &b, &workspace, workspace_bytes, &owned, &x));

@@ -57,6 +57,13 @@ typedef struct moe_call {
 /// Checks a forward's arguments against the plan (args.c).
 moe_status moe_layer_check_fwd(const moe_layer_plan *p,
                                const moe_layer_fwd_args *a, moe_call *c);
+/// Checks a forward's outputs (output, and router_logits when asked for).
+moe_status moe_layer_check_fwd_outputs(const moe_layer_plan *p,
+                                       const moe_layer_fwd_args *args,
+                                       const moe_call *c);
+/// MOE_ERR_WORKSPACE if a supplied buffer (non-NULL) is smaller than `need`.
+moe_status moe_layer_check_buffer(const void *buf, size_t have, size_t need,
+                                  const char *name);
 /// Checks a backward's gradient arguments, given its checked forward part;
 /// fills the gate/up gradient views.
 moe_status moe_layer_check_bwd(const moe_layer_plan *p,
