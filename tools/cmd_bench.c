@@ -12,6 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench_util.h"
 #include "cli.h"
 #include "cli_cuda.h"
 #include "cli_ep.h"
@@ -50,57 +51,6 @@ static void bench_usage(FILE *f) {
              "Default: --preset qwen3-30b-a3b --tokens 256 --dtype bf16 "
              "--layout all --reps 3\n\npresets:\n");
   cli_preset_list(f);
-}
-
-static double now_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
-}
-
-static int cmp_double(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return (x > y) - (x < y);
-}
-
-/// Deterministic uniform fill in [-scale, scale], never exactly zero.
-static void fill(void *p, moe_dtype t, int64_t n, float scale, uint64_t seed) {
-  uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; i++) {
-    uint64_t z = s + (uint64_t)i * 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    float u = ((float)(z >> 40) + 0.5f) / 16777216.0f; /* (0, 1) */
-    float v = (2.0f * u - 1.0f) * scale;
-    if (t == MOE_F32) {
-      ((float *)p)[i] = v;
-    } else {
-      uint32_t b;
-      memcpy(&b, &v, 4);
-      b += 0x7fffu + ((b >> 16) & 1u);
-      ((uint16_t *)p)[i] = (uint16_t)(b >> 16);
-    }
-  }
-}
-
-/// Transposes the last two dims of a contiguous [E, a, b] tensor into a
-/// contiguous [E, b, a] one (the copy the baseline pays every step).
-static void transpose3(const void *src, void *dst, int64_t E, int64_t a,
-                       int64_t b, size_t es) {
-  enum { TB = 32 };
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t e = 0; e < E; e++)
-    for (int64_t i0 = 0; i0 < a; i0 += TB)
-      for (int64_t j0 = 0; j0 < b; j0 += TB)
-        for (int64_t i = i0; i < i0 + TB && i < a; i++)
-          for (int64_t j = j0; j < j0 + TB && j < b; j++)
-            memcpy((char *)dst +
-                       ((size_t)(e * b + j) * (size_t)a + (size_t)i) * es,
-                   (const char *)src +
-                       ((size_t)(e * a + i) * (size_t)b + (size_t)j) * es,
-                   es);
 }
 
 /// One dtype's buffers, allocated once for every layout and method.
@@ -157,11 +107,11 @@ static bool bufs_alloc(bench_bufs *b, const bench_shape *s) {
       !b->logits || !b->ggate || !b->ggu || !b->gdown || !b->gx ||
       !b->gu_copy || !b->down_copy || !b->ggu_copy || !b->gdown_copy)
     return false;
-  fill(b->x, s->dt, s->T * s->H, 1.0f, 1);
-  fill(b->gate, s->dt, s->E * s->H, 0.05f, 2);
-  fill(b->gu, s->dt, s->E * 2 * s->I * s->H, 0.03f, 3);
-  fill(b->down, s->dt, s->E * s->H * s->I, 0.03f, 4);
-  fill(b->gout, s->dt, s->T * s->H, 1.0f, 5);
+  bench_fill(b->x, s->dt, s->T * s->H, 1.0f, 1);
+  bench_fill(b->gate, s->dt, s->E * s->H, 0.05f, 2);
+  bench_fill(b->gu, s->dt, s->E * 2 * s->I * s->H, 0.03f, 3);
+  bench_fill(b->down, s->dt, s->E * s->H * s->I, 0.03f, 4);
+  bench_fill(b->gout, s->dt, s->T * s->H, 1.0f, 5);
   return true;
 }
 
@@ -231,10 +181,10 @@ static moe_status time_steps(moe_layer_plan *plan, const bench_shape *s,
   int64_t ga = io ? s->H : 2 * s->I, gb = io ? 2 * s->I : s->H;
   int64_t da = io ? s->I : s->H, db = io ? s->H : s->I;
   for (int64_t r = 0; r <= reps && st == MOE_SUCCESS; r++) {
-    double t0 = now_ms();
+    double t0 = bench_now_ms();
     if (copy) {
-      transpose3(b->gu, b->gu_copy, s->E, ga, gb, s->es);
-      transpose3(b->down, b->down_copy, s->E, da, db, s->es);
+      bench_transpose3(b->gu, b->gu_copy, s->E, ga, gb, s->es);
+      bench_transpose3(b->down, b->down_copy, s->E, da, db, s->es);
     }
     st = moe_layer_forward(plan, &a.fwd, b->saved, b->saved_bytes, b->ws,
                            b->ws_bytes, NULL);
@@ -242,13 +192,13 @@ static moe_status time_steps(moe_layer_plan *plan, const bench_shape *s,
       st = moe_layer_backward(plan, &a, b->saved, b->saved_bytes, b->ws,
                               b->ws_bytes, NULL);
     if (st == MOE_SUCCESS && bwd && copy) {
-      transpose3(b->ggu_copy, b->ggu, s->E, gb, ga, s->es);
-      transpose3(b->gdown_copy, b->gdown, s->E, db, da, s->es);
+      bench_transpose3(b->ggu_copy, b->ggu, s->E, gb, ga, s->es);
+      bench_transpose3(b->gdown_copy, b->gdown, s->E, db, da, s->es);
     }
-    t[r] = now_ms() - t0;
+    t[r] = bench_now_ms() - t0;
   }
   if (st == MOE_SUCCESS) {
-    qsort(t + 1, (size_t)reps, sizeof(double), cmp_double);
+    qsort(t + 1, (size_t)reps, sizeof(double), bench_cmp_double);
     row->mn = t[1];
     row->mx = t[reps];
     row->med =

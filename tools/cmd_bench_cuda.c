@@ -33,6 +33,7 @@ int cmd_bench_cuda(int argc, char **argv) {
 #include <cuda_runtime_api.h>
 #include <pthread.h>
 
+#include "bench_util.h"
 #include "moe_cuda.h"
 
 enum { BC_MAXG = 16, BC_MAXREPS = 200 };
@@ -60,11 +61,6 @@ static void bc_usage(FILE *f) {
           "Default: --preset qwen3-30b-a3b --tokens 8192 --layout all (EP: "
           "out_in) --reps 10\n\npresets:\n");
   cli_preset_list(f);
-}
-
-static int bc_cmpd(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return (x > y) - (x < y);
 }
 
 /* ---- one GPU's buffers and steps ---------------------------------------- */
@@ -373,7 +369,7 @@ static bc_stat bc_stats(bc_gpu *gs, int n, int ci, int64_t reps) {
     }
     t[r] = m;
   }
-  qsort(t, (size_t)reps, sizeof t[0], bc_cmpd);
+  qsort(t, (size_t)reps, sizeof t[0], bench_cmp_double);
   bc_stat s = {reps % 2 ? t[reps / 2] : 0.5 * (t[reps / 2 - 1] + t[reps / 2]),
                t[0], t[reps - 1]};
   return s;

@@ -16,6 +16,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "bench_util.h"
 #include "cli_ep.h"
 
 enum { EB_GROUPED, EB_LOOP, EB_COPY, EB_NMETHODS };
@@ -44,52 +45,6 @@ static void eb_usage(FILE *f) {
              "Default: --preset qwen3-30b-a3b --tokens <preset's> --dtype bf16 "
              "--layout out_in --reps 3\n\npresets:\n");
   cli_preset_list(f);
-}
-
-static double eb_now_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
-}
-
-static int eb_cmp(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return (x > y) - (x < y);
-}
-
-/// Deterministic uniform fill in [-scale, scale].
-static void eb_fill(void *p, moe_dtype t, int64_t n, float scale,
-                    uint64_t seed) {
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; i++) {
-    uint64_t z = (seed + 1) * 0x9E3779B97F4A7C15ull +
-                 (uint64_t)i * 0xD1B54A32D192ED03ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    float v = (((float)(z >> 40) + 0.5f) / 8388608.0f - 1.0f) * scale;
-    if (t == MOE_F32)
-      ((float *)p)[i] = v;
-    else
-      ((uint16_t *)p)[i] = cli_f32_to_bf16(v);
-  }
-}
-
-/// [n, a, b] -> [n, b, a], both contiguous: the baseline's copy.
-static void eb_transpose(const void *src, void *dst, int64_t n, int64_t a,
-                         int64_t b, size_t es) {
-  enum { TB = 32 };
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t e = 0; e < n; e++)
-    for (int64_t i0 = 0; i0 < a; i0 += TB)
-      for (int64_t j0 = 0; j0 < b; j0 += TB)
-        for (int64_t i = i0; i < i0 + TB && i < a; i++)
-          for (int64_t j = j0; j < j0 + TB && j < b; j++)
-            memcpy((char *)dst +
-                       ((size_t)(e * b + j) * (size_t)a + (size_t)i) * es,
-                   (const char *)src +
-                       ((size_t)(e * a + i) * (size_t)b + (size_t)j) * es,
-                   es);
 }
 
 /// Buffers of the whole problem; the EP=P runs use shard views of them.
@@ -123,11 +78,11 @@ static bool eb_alloc(eb_bufs *b, const eb_shape *s, int rank) {
   for (int i = 0; i < 14; i++)
     if (!(all[i] = aligned_alloc(64, (sizes[i] + 63) / 64 * 64))) return false;
   /* Weights the same everywhere; tokens differ by rank. */
-  eb_fill(b->x, s->dt, s->T * s->H, 1.0f, 100 + (uint64_t)rank);
-  eb_fill(b->gate, s->dt, s->E * s->H, 0.05f, 2);
-  eb_fill(b->gu, s->dt, s->E * 2 * s->I * s->H, 0.03f, 3);
-  eb_fill(b->down, s->dt, s->E * s->H * s->I, 0.03f, 4);
-  eb_fill(b->gout, s->dt, s->T * s->H, 1.0f, 200 + (uint64_t)rank);
+  bench_fill(b->x, s->dt, s->T * s->H, 1.0f, 100 + (uint64_t)rank);
+  bench_fill(b->gate, s->dt, s->E * s->H, 0.05f, 2);
+  bench_fill(b->gu, s->dt, s->E * 2 * s->I * s->H, 0.03f, 3);
+  bench_fill(b->down, s->dt, s->E * s->H * s->I, 0.03f, 4);
+  bench_fill(b->gout, s->dt, s->T * s->H, 1.0f, 200 + (uint64_t)rank);
   return true;
 }
 
@@ -237,10 +192,10 @@ static int eb_time(const cli_ep *ep, const eb_opts *o, const eb_shape *s,
        *gddst = (char *)b->gdown + (size_t)e0 * dper;
   for (int64_t r = 0; r <= o->reps && !rc; r++) {
     cli_ep_agree(ep, CLI_OK); /* start together */
-    double t0 = eb_now_ms();
+    double t0 = bench_now_ms();
     if (copy) {
-      eb_transpose(gsrc, b->gu_c, El, ga, gb, s->es);
-      eb_transpose(dsrc, b->down_c, El, da, db, s->es);
+      bench_transpose3(gsrc, b->gu_c, El, ga, gb, s->es);
+      bench_transpose3(dsrc, b->down_c, El, da, db, s->es);
     }
     st = moe_layer_forward(plan, &a.fwd, b->saved, b->saved_bytes, b->ws,
                            b->ws_bytes, NULL);
@@ -248,15 +203,15 @@ static int eb_time(const cli_ep *ep, const eb_opts *o, const eb_shape *s,
       st = moe_layer_backward(plan, &a, b->saved, b->saved_bytes, b->ws,
                               b->ws_bytes, NULL);
     if (!st && copy) {
-      eb_transpose(b->ggu_c, ggdst, El, gb, ga, s->es);
-      eb_transpose(b->gdown_c, gddst, El, db, da, s->es);
+      bench_transpose3(b->ggu_c, ggdst, El, gb, ga, s->es);
+      bench_transpose3(b->gdown_c, gddst, El, db, da, s->es);
     }
-    t[r] = cli_ep_max(ep, eb_now_ms() - t0);
+    t[r] = cli_ep_max(ep, bench_now_ms() - t0);
     if (st) cli_fail("bench", eb_names[method], st);
     rc = cli_ep_agree(ep, st ? CLI_ERR : CLI_OK);
   }
   if (!rc) {
-    qsort(t + 1, (size_t)o->reps, sizeof(double), eb_cmp);
+    qsort(t + 1, (size_t)o->reps, sizeof(double), bench_cmp_double);
     int64_t n = o->reps;
     row->mn = t[1];
     row->mx = t[n];
