@@ -298,6 +298,37 @@ static void *alloc_rows(const moe_tensor *like, int64_t n0, moe_layout layout,
   return alloc_like(&t, layout, file_view, logical_view);
 }
 
+/// Writes the results under the contract's names (grads: NULL, or the
+/// gradients of hidden, gate, gate_up, down in their file layouts) with
+/// producer and method metadata, atomically. Prints what failed.
+static int write_results(const char *out, const moe_layer_plan *plan,
+                         const moe_tensor *output, const moe_tensor *logits,
+                         const moe_tensor *grads) {
+  static const char *const grad_names[4] = {
+      "grad.hidden_states", "grad.gate.weight", "grad.experts.gate_up_proj",
+      "grad.experts.down_proj"};
+  moe_st_writer *w = NULL;
+  moe_status s = moe_st_writer_create(&w);
+  if (!s) s = moe_st_writer_add(w, "output", output);
+  if (!s) s = moe_st_writer_add(w, "router_logits", logits);
+  for (int i = 0; grads && i < 4 && !s; i++)
+    s = moe_st_writer_add(w, grad_names[i], &grads[i]);
+  if (!s) {
+    char meta[64];
+    snprintf(meta, sizeof meta, "libmoe %s", moe_version());
+    moe_st_writer_set_metadata(w, "producer", meta);
+    snprintf(meta, sizeof meta, "%s/%s",
+             moe_gmm_method_name(moe_layer_plan_method(plan, 0)),
+             moe_gmm_method_name(moe_layer_plan_method(plan, 1)));
+    moe_st_writer_set_metadata(w, "method", meta);
+  } else {
+    cli_fail("layer", "writing results", s);
+  }
+  if (!s && (s = moe_st_writer_write(w, out))) cli_fail("layer", out, s);
+  moe_st_writer_destroy(w);
+  return s ? CLI_ERR : CLI_OK;
+}
+
 static int layer_run_ep(const char *in, const char *out, bool backward,
                         bool strict, moe_gmm_method method, int64_t threads) {
   cli_ep ep;
@@ -306,7 +337,6 @@ static int layer_run_ep(const char *in, const char *out, bool backward,
   memset(&io, 0, sizeof io);
   io.path = in;
   moe_layer_plan *plan = NULL;
-  moe_st_writer *w = NULL;
   void *mine[8] = {0}, *full[8] = {0}, *saved = NULL, *ws = NULL;
   moe_status s;
   if (!rc && (s = moe_st_open(in, &io.f)) != MOE_SUCCESS) {
@@ -421,36 +451,11 @@ static int layer_run_ep(const char *in, const char *out, bool backward,
   if (rc || r != 0) goto out;
 
   /* Rank 0 writes exactly what one process writes. */
-  rc = CLI_ERR;
-  if ((s = moe_st_writer_create(&w)) ||
-      (s = moe_st_writer_add(w, "output", &o_out)) ||
-      (s = moe_st_writer_add(w, "router_logits", &o_log)))
-    goto lib_fail;
-  if (backward &&
-      ((s = moe_st_writer_add(w, "grad.hidden_states", &o_gh)) ||
-       (s = moe_st_writer_add(w, "grad.gate.weight", &o_gg)) ||
-       (s = moe_st_writer_add(w, "grad.experts.gate_up_proj", &o_ggu)) ||
-       (s = moe_st_writer_add(w, "grad.experts.down_proj", &o_gd))))
-    goto lib_fail;
   {
-    char meta[64];
-    snprintf(meta, sizeof meta, "libmoe %s", moe_version());
-    moe_st_writer_set_metadata(w, "producer", meta);
-    snprintf(meta, sizeof meta, "%s/%s",
-             moe_gmm_method_name(moe_layer_plan_method(plan, 0)),
-             moe_gmm_method_name(moe_layer_plan_method(plan, 1)));
-    moe_st_writer_set_metadata(w, "method", meta);
+    moe_tensor grads[4] = {o_gh, o_gg, o_ggu, o_gd};
+    rc = write_results(out, plan, &o_out, &o_log, backward ? grads : NULL);
   }
-  if ((s = moe_st_writer_write(w, out))) {
-    cli_fail("layer", out, s);
-    goto out;
-  }
-  rc = CLI_OK;
-  goto out;
-lib_fail:
-  cli_fail("layer", "writing results", s);
 out:
-  moe_st_writer_destroy(w);
   moe_layer_plan_destroy(plan);
   for (int i = 0; i < 8; i++) {
     free(mine[i]);
@@ -515,7 +520,6 @@ int cmd_layer(int argc, char **argv) {
   }
   int rc = resolve(&io, backward);
   moe_layer_plan *plan = NULL;
-  moe_st_writer *w = NULL;
   void *bufs[8] = {0};
   void *saved = NULL, *ws = NULL;
   if (rc) goto out;
@@ -565,10 +569,6 @@ int cmd_layer(int argc, char **argv) {
     cli_fail("layer", "forward", s);
     goto out;
   }
-  if ((s = moe_st_writer_create(&w))) goto lib_fail;
-  if ((s = moe_st_writer_add(w, "output", &fa.output))) goto lib_fail;
-  if ((s = moe_st_writer_add(w, "router_logits", &fa.router_logits)))
-    goto lib_fail;
   if (backward) {
     moe_layer_bwd_args ba;
     memset(&ba, 0, sizeof ba);
@@ -590,31 +590,12 @@ int cmd_layer(int argc, char **argv) {
       cli_fail("layer", "backward", s);
       goto out;
     }
-    if ((s = moe_st_writer_add(w, "grad.hidden_states", &f_gh)) ||
-        (s = moe_st_writer_add(w, "grad.gate.weight", &f_gg)) ||
-        (s = moe_st_writer_add(w, "grad.experts.gate_up_proj", &f_ggu)) ||
-        (s = moe_st_writer_add(w, "grad.experts.down_proj", &f_gd)))
-      goto lib_fail;
+    moe_tensor grads[4] = {f_gh, f_gg, f_ggu, f_gd};
+    rc = write_results(out, plan, &fa.output, &fa.router_logits, grads);
+  } else {
+    rc = write_results(out, plan, &fa.output, &fa.router_logits, NULL);
   }
-  {
-    char meta[64];
-    snprintf(meta, sizeof meta, "libmoe %s", moe_version());
-    moe_st_writer_set_metadata(w, "producer", meta);
-    snprintf(meta, sizeof meta, "%s/%s",
-             moe_gmm_method_name(moe_layer_plan_method(plan, 0)),
-             moe_gmm_method_name(moe_layer_plan_method(plan, 1)));
-    moe_st_writer_set_metadata(w, "method", meta);
-  }
-  if ((s = moe_st_writer_write(w, out))) {
-    cli_fail("layer", out, s);
-    goto out;
-  }
-  rc = CLI_OK;
-  goto out;
-lib_fail:
-  cli_fail("layer", "writing results", s);
 out:
-  moe_st_writer_destroy(w);
   moe_layer_plan_destroy(plan);
   for (int i = 0; i < 8; i++)
     free(bufs[i]);
