@@ -387,14 +387,7 @@ static void moe_cu_bufs_of(const moe_layer_plan *p, int64_t T, moe_cu_bufs *b) {
 moe_status moe_cuda_layer_plan_sizes(const moe_layer_plan *plan, int64_t tokens,
                                      size_t *workspace_bytes,
                                      size_t *saved_bytes) {
-  if (!plan)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "moe_layer_plan_sizes: plan is NULL");
-  if (tokens < 0 || tokens > plan->d.max_tokens)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "moe_layer_plan_sizes: tokens = %lld outside [0, "
-                     "max_tokens = %lld]",
-                     (long long)tokens, (long long)plan->d.max_tokens);
+  /* plan and tokens were checked by moe_layer_plan_sizes. */
   moe_cu_bufs b;
   moe_cu_bufs_of(plan, tokens, &b);
   if (workspace_bytes) *workspace_bytes = b.ws;

@@ -288,9 +288,6 @@ void moe_layer_bufs_of(const moe_layer_plan *p, int64_t T, moe_layer_bufs *b) {
 
 moe_status moe_layer_plan_sizes(const moe_layer_plan *plan, int64_t tokens,
                                 size_t *workspace_bytes, size_t *saved_bytes) {
-  if (moe_plan_on_cuda(plan))
-    return moe_cuda_layer_plan_sizes(plan, tokens, workspace_bytes,
-                                     saved_bytes);
   if (!plan)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "moe_layer_plan_sizes: plan is NULL");
@@ -299,6 +296,9 @@ moe_status moe_layer_plan_sizes(const moe_layer_plan *plan, int64_t tokens,
                      "moe_layer_plan_sizes: tokens = %lld outside [0, "
                      "max_tokens = %lld]",
                      (long long)tokens, (long long)plan->d.max_tokens);
+  if (moe_plan_on_cuda(plan))
+    return moe_cuda_layer_plan_sizes(plan, tokens, workspace_bytes,
+                                     saved_bytes);
   moe_layer_bufs b;
   moe_layer_bufs_of(plan, tokens, &b);
   if (workspace_bytes) *workspace_bytes = b.workspace_bytes;
