@@ -4,7 +4,7 @@
 #include <omp.h>
 
 #include "core/env.h"
-#include "gemm/gemm.h"
+#include "backend/cpu/gemm/gemm.h"
 #include "plan/planner.h"
 
 typedef struct moe_gg_args {

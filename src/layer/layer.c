@@ -9,14 +9,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "act/swiglu.h"
+#include "backend/cpu/swiglu.h"
 #include "comm/comm.h"
 #include "core/env.h"
-#include "cuda/cuda_layer.h"
+#include "backend/cuda/cuda_layer.h"
 #include "layer/layer.h"
 #include "layer/layer_ep.h"
 #include "plan/planner.h"
-#include "route/route.h"
+#include "backend/cpu/route.h"
 
 /* ---- plan ------------------------------------------------------------- */
 

@@ -5,7 +5,7 @@
 #ifndef MOE_LAYER_H
 #define MOE_LAYER_H
 
-#include "gemm/gemm.h"
+#include "backend/cpu/gemm/gemm.h"
 #include "internal.h"
 
 struct moe_layer_plan {

@@ -12,7 +12,7 @@
 #include <cuda_runtime.h>
 #include <math.h>
 
-#include "cuda/cuda_internal.h"
+#include "backend/cuda/cuda_internal.h"
 
 /* ---- element access ------------------------------------------------------ */
 

@@ -31,7 +31,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "cuda/cuda_internal.h"
+#include "backend/cuda/cuda_internal.h"
 
 #define MMA_BK 32
 

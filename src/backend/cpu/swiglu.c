@@ -5,7 +5,7 @@
 #include <omp.h>
 
 #include "internal.h"
-#include "act/swiglu.h"
+#include "backend/cpu/swiglu.h"
 
 static inline float moe_sigmoid(float a) { return 1.0f / (1.0f + expf(-a)); }
 

@@ -17,9 +17,9 @@
 #include <stdlib.h>
 
 #include "core/env.h"
-#include "cuda/cuda_ep.h"
-#include "cuda/cuda_internal.h"
-#include "cuda/cuda_layer.h"
+#include "backend/cuda/cuda_ep.h"
+#include "backend/cuda/cuda_internal.h"
+#include "backend/cuda/cuda_layer.h"
 
 typedef struct moe_cuda_plan {
   moe_layer_plan base; /* first: layer.c reads it */

@@ -14,7 +14,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include "cuda/cuda_internal.h"
+#include "backend/cuda/cuda_internal.h"
 
 #define SIMT_BM 64
 #define SIMT_BN 64

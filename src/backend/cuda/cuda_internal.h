@@ -18,7 +18,7 @@
 extern "C" {
 #endif
 
-#include "gemm/gemm.h"
+#include "backend/cpu/gemm/gemm.h"
 #include "internal.h"
 
 /// Turns a CUDA runtime failure into MOE_ERR_BACKEND naming the call.

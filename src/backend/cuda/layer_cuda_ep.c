@@ -15,9 +15,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "cuda/comm_nccl.h"
-#include "cuda/cuda_ep.h"
-#include "cuda/cuda_internal.h"
+#include "comm/comm_nccl.h"
+#include "backend/cuda/cuda_ep.h"
+#include "backend/cuda/cuda_internal.h"
 #include "layer/layer_ep.h"
 
 struct moe_cu_ep {

@@ -5,7 +5,7 @@
 #include <stdio.h>
 
 #include "core/env.h"
-#include "cuda/cuda_internal.h"
+#include "backend/cuda/cuda_internal.h"
 #include "moe_cuda.h"
 
 moe_status moe_cuda_device_count(int *count) {

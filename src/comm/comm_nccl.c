@@ -13,8 +13,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "cuda/comm_nccl.h"
-#include "cuda/cuda_internal.h"
+#include "comm/comm_nccl.h"
+#include "backend/cuda/cuda_internal.h"
 #include "moe_cuda.h"
 
 #ifdef MOE_HAVE_NCCL

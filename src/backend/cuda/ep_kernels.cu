@@ -6,8 +6,8 @@
 /// (by local expert, then source rank) through a chunk table.
 #include <cuda_runtime.h>
 
-#include "cuda/cuda_internal.h"
-#include "cuda/cuda_ep.h"
+#include "backend/cuda/cuda_internal.h"
+#include "backend/cuda/cuda_ep.h"
 
 /// send[q][0] = status; send[q][1 + e] = rows this rank has for rank q's
 /// local expert e (0 when off is NULL: a failed rank sends no counts).

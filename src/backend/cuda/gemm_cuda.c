@@ -11,7 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "cuda/cuda_internal.h"
+#include "backend/cuda/cuda_internal.h"
 
 moe_status moe_cu_gemm_mma(const moe_cu_gemm *p, const moe_cu_ctx *c);
 moe_status moe_cu_gemm_simt(const moe_cu_gemm *p, const moe_cu_ctx *c);
