@@ -1,24 +1,45 @@
 /// @file layer.c
-/// The expert layer: plan creation (validation, planner, sizes) and the
-/// forward and backward orchestration
-///   router -> top-k -> sort -> permute -> gate_up GEMM -> SwiGLU -> down
-///   GEMM -> weighted unpermute
-/// and its mirror image. Every matrix product, the router's included, is one
-/// grouped GEMM problem (gemm.h) run by the planned method.
-#include <omp.h>
+/// The expert layer's public calls, for every backend: validate the
+/// description and the call's device-independent arguments, pick the first
+/// backend that supports the description (backend.h), and delegate.
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "backend/cpu/swiglu.h"
-#include "comm/comm.h"
-#include "core/env.h"
-#include "backend/cuda/cuda_layer.h"
-#include "layer/layer.h"
-#include "layer/layer_ep.h"
-#include "plan/planner.h"
-#include "backend/cpu/route.h"
+#include "layer/backend.h"
 
-/* ---- plan ------------------------------------------------------------- */
+/* ---- backends --------------------------------------------------------- */
+
+#ifndef MOE_HAVE_CUDA
+/// In a build without the CUDA backend, its place in the list declines
+/// with the reason, so that a CUDA description fails with it.
+static bool moe_cuda_unbuilt_supports(const moe_layer_desc *d, char *why,
+                                      size_t n) {
+  (void)d;
+  snprintf(why, n,
+           "this libmoe was built without the CUDA backend (configure with "
+           "-DMOE_ENABLE_CUDA=ON on a machine with nvcc)");
+  return false;
+}
+static const moe_layer_backend moe_layer_backend_cuda = {
+    "cuda", moe_cuda_unbuilt_supports, NULL, NULL, NULL, NULL, NULL, NULL,
+    NULL};
+#endif
+
+const moe_layer_backend *const moe_layer_backends[] = {
+    &moe_layer_backend_cuda, &moe_layer_backend_cpu, NULL};
+
+void moe_plan_say(moe_layer_plan *p, size_t *len, const char *fmt, ...) {
+  if (*len >= sizeof p->explain) return;
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(p->explain + *len, sizeof p->explain - *len, fmt, ap);
+  va_end(ap);
+  if (n > 0) *len += (size_t)n;
+  if (*len >= sizeof p->explain) *len = sizeof p->explain - 1;
+}
+
+/* ---- description ------------------------------------------------------ */
 
 moe_status moe_layer_desc_copy(moe_layer_desc *d, const moe_layer_desc *in) {
   moe_layer_desc dflt = MOE_LAYER_DESC_INIT;
@@ -85,104 +106,56 @@ moe_status moe_layer_desc_check(const moe_layer_desc *d) {
   return MOE_SUCCESS;
 }
 
-/// The shared checks plus the CPU path's own: it runs on the CPU (CUDA
-/// descriptions were handed to the CUDA backend before this point).
-static moe_status moe_cpu_desc_check(const moe_layer_desc *d) {
-  MOE_TRY(moe_layer_desc_check(d));
-  if (d->device.type != MOE_DEVICE_CPU)
-    return moe_error(MOE_ERR_UNIMPLEMENTED,
-                     "desc.device: this build's layer runs on the CPU only");
-  return MOE_SUCCESS;
-}
-
-/// The planner's view of projection 0 (gate_up) or 1 (down).
-static void moe_proj_shapes(const moe_layer_plan *p, int proj,
-                            moe_proj_shape *s) {
-  const moe_layer_desc *d = &p->d;
-  s->name = proj == 0 ? "gate_up" : "down";
-  s->experts = p->e_local;
-  s->rows = d->max_tokens * d->top_k;
-  s->K = proj == 0 ? d->hidden : d->intermediate;
-  s->N = proj == 0 ? 2 * d->intermediate : d->hidden;
-  s->dtype = d->dtype;
-  s->layout = proj == 0 ? d->gate_up_layout : d->down_layout;
-  s->gemms = 1;
-}
+/* ---- plan ------------------------------------------------------------- */
 
 moe_status moe_layer_plan_create(moe_layer_plan **plan,
                                  const moe_layer_desc *desc) {
-  if (moe_desc_on_cuda(desc)) return moe_cuda_layer_plan_create(plan, desc);
   if (!plan || !desc)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "moe_layer_plan_create: plan and desc must not be NULL");
   *plan = NULL;
   moe_layer_desc d;
   MOE_TRY(moe_layer_desc_copy(&d, desc));
-  /* Over several ranks every rank must reach the same verdict, so the
-     checks' results are agreed on before anyone returns. */
-  int64_t ep_rows = 0;
-  MOE_TRY(moe_comm_size(d.comm) > 1
-              ? moe_ep_agree(&d, moe_cpu_desc_check(&d), &ep_rows)
-              : moe_cpu_desc_check(&d));
-  moe_gmm_method env_m;
-  bool env_set;
-  MOE_TRY(moe_env_gmm(&env_m, &env_set));
-
+  /* The first backend that takes the description serves it; the others
+     say why not, in the explanation (or in the error if none takes it). */
+  char declined[512] = "", why[256];
+  size_t dl = 0;
+  const moe_layer_backend *be = NULL;
+  for (int i = 0; moe_layer_backends[i] && !be; i++) {
+    const moe_layer_backend *b = moe_layer_backends[i];
+    why[0] = 0;
+    if (b->supports(&d, why, sizeof why)) {
+      be = b;
+    } else if (dl < sizeof declined) {
+      int n = snprintf(declined + dl, sizeof declined - dl, "%s%s: %s",
+                       dl ? "; " : "", b->name, why);
+      if (n > 0) dl += (size_t)n;
+    }
+  }
+  if (!be)
+    return moe_error(MOE_ERR_UNIMPLEMENTED,
+                     "desc.device: no backend of this build serves it (%s)",
+                     declined);
   moe_layer_plan *p = calloc(1, sizeof *p);
   if (!p)
     return moe_error(MOE_ERR_OUT_OF_MEMORY, "moe_layer_plan_create: no memory");
   p->d = d;
-  p->nt = d.num_threads > 0 ? d.num_threads : omp_get_max_threads();
-  p->rank = moe_comm_rank(d.comm);
-  p->ranks = moe_comm_size(d.comm);
-  if (d.num_experts % p->ranks != 0) {
-    int ranks = p->ranks;
-    free(p);
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "desc.num_experts = %lld is not divisible by the %d "
-                     "ranks of desc.comm",
-                     (long long)d.num_experts, ranks);
-  }
-  p->e_local = d.num_experts / p->ranks;
-  p->e_first = p->e_local * p->rank;
-  p->max_rows = p->ranks > 1 ? ep_rows : d.max_tokens * d.top_k;
-
+  p->be = be;
   size_t len = 0;
-  const moe_machine *m = moe_machine_get();
-  int64_t rows = d.max_tokens * d.top_k;
-  len += (size_t)snprintf(
-      p->explain, sizeof p->explain,
-      "plan: E=%lld H=%lld I=%lld top_k=%lld, %lld tokens -> %lld routed "
-      "rows, %s, %d threads, %d rank(s)\nmachine: %s\n",
-      (long long)d.num_experts, (long long)d.hidden, (long long)d.intermediate,
-      (long long)d.top_k, (long long)d.max_tokens, (long long)rows,
-      moe_dtype_name(d.dtype), p->nt, p->ranks, m->source);
-  moe_gmm_method forced = d.method != MOE_GMM_AUTO ? d.method : env_m;
-  const char *by = d.method != MOE_GMM_AUTO ? "desc.method" : "MOE_GMM";
-  moe_proj_shape gu, dn;
-  moe_proj_shapes(p, 0, &gu);
-  moe_proj_shapes(p, 1, &dn);
-  moe_status s = moe_plan_projection(m, &gu, forced, by, p->nt, &p->method[0],
-                                     p->explain, &len, sizeof p->explain);
-  if (s == MOE_SUCCESS)
-    s = moe_plan_projection(m, &dn, forced, by, p->nt, &p->method[1],
-                            p->explain, &len, sizeof p->explain);
-  if (s == MOE_SUCCESS &&
-      (p->method[0] == MOE_GMM_LOOP || p->method[1] == MOE_GMM_LOOP))
-    s = moe_loop_cache_create(&p->cache);
-  if (s == MOE_SUCCESS && p->ranks > 1) moe_ep_explain(p, &len);
+  moe_status s = be->plan_create(p, &len);
   if (s != MOE_SUCCESS) {
     free(p);
     return s;
   }
+  moe_plan_say(p, &len, "backend: %s%s%s\n", be->name, dl ? "; declined: " : "",
+               declined);
   *plan = p;
   return MOE_SUCCESS;
 }
 
 moe_status moe_layer_plan_destroy(moe_layer_plan *plan) {
-  if (moe_plan_on_cuda(plan)) return moe_cuda_layer_plan_destroy(plan);
   if (!plan) return MOE_SUCCESS;
-  moe_loop_cache_destroy(plan->cache);
+  plan->be->plan_destroy(plan);
   free(plan);
   return MOE_SUCCESS;
 }
@@ -200,21 +173,12 @@ moe_gmm_method moe_layer_plan_method(const moe_layer_plan *plan,
 moe_status moe_layer_plan_predict(const moe_layer_plan *plan, int projection,
                                   moe_gmm_method m, double *fwd_ms,
                                   double *bwd_ms) {
-  if (moe_plan_on_cuda(plan))
-    return moe_cuda_layer_plan_predict(plan, projection, m, fwd_ms, bwd_ms);
-  if (!plan || projection < 0 || projection > 1 || m == MOE_GMM_AUTO)
+  if (!plan || projection < 0 || projection > 1 ||
+      (m != MOE_GMM_GROUPED && m != MOE_GMM_LOOP))
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "moe_layer_plan_predict: need a plan, projection 0 or 1 "
-                     "and a method other than auto");
-  moe_proj_shape s;
-  moe_proj_shapes(plan, projection, &s);
-  moe_proj_cost c = moe_predict(moe_machine_get(), &s, m, plan->nt);
-  if (!c.supported)
-    return moe_error(MOE_ERR_UNIMPLEMENTED, "%s cannot serve %s: %s",
-                     moe_gmm_method_name(m), s.name, c.why_not);
-  if (fwd_ms) *fwd_ms = c.fwd_ms;
-  if (bwd_ms) *bwd_ms = c.bwd_ms;
-  return MOE_SUCCESS;
+                     "and the grouped or loop method");
+  return plan->be->predict(plan, projection, m, fwd_ms, bwd_ms);
 }
 
 moe_status moe_layer_plan_floor(const moe_layer_plan *plan, int backward,
@@ -222,68 +186,7 @@ moe_status moe_layer_plan_floor(const moe_layer_plan *plan, int backward,
   if (!plan)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "moe_layer_plan_floor: plan is NULL");
-  if (moe_plan_on_cuda(plan))
-    return moe_error(MOE_ERR_UNIMPLEMENTED,
-                     "moe_layer_plan_floor: CPU plans only");
-  const moe_layer_desc *d = &plan->d;
-  const moe_machine *m = moe_machine_get();
-  double scale = (double)plan->nt / (double)(m->threads > 0 ? m->threads : 1);
-  double passes = backward ? 3.0 : 1.0;
-  double rows = (double)(d->max_tokens * d->top_k);
-  double flops =
-      passes * 6.0 * rows * (double)d->hidden * (double)d->intermediate;
-  double bytes = passes * 3.0 * (double)plan->e_local * (double)d->hidden *
-                 (double)d->intermediate * (double)moe_dtype_size(d->dtype);
-  double peak = m->peak_gflops[d->dtype == MOE_BF16 ? 1 : 0] * 1e9 * scale;
-  double bw = m->bandwidth_gbs * 1e9 * scale;
-  if (compute_ms) *compute_ms = peak > 0 ? flops / peak * 1e3 : 0.0;
-  if (memory_ms) *memory_ms = bw > 0 ? bytes / bw * 1e3 : 0.0;
-  return MOE_SUCCESS;
-}
-
-/* ---- buffers ---------------------------------------------------------- */
-
-static size_t moe_take(size_t *at, size_t bytes) {
-  size_t o = *at;
-  *at += moe_align64(bytes);
-  return o;
-}
-
-void moe_layer_bufs_of(const moe_layer_plan *p, int64_t T, moe_layer_bufs *b) {
-  const moe_layer_desc *d = &p->d;
-  size_t es = moe_dtype_size(d->dtype);
-  size_t S = (size_t)(T * d->top_k), E = (size_t)d->num_experts;
-  /* Rows the experts compute: this rank's own, or with expert parallelism
-     whatever the ranks send, at most max_rows. */
-  size_t R = (size_t)(p->ranks > 1 ? p->max_rows : T * d->top_k);
-  size_t H = (size_t)d->hidden, I = (size_t)d->intermediate;
-  size_t at = 0;
-  b->idx = moe_take(&at, S * sizeof(int32_t));
-  b->w = moe_take(&at, S * sizeof(float));
-  b->probs = moe_take(&at, (size_t)T * E * sizeof(float));
-  b->offsets = moe_take(&at, (E + 1) * sizeof(int64_t));
-  b->slot_row = moe_take(&at, S * sizeof(int64_t));
-  b->row_slot = moe_take(&at, R * sizeof(int64_t));
-  b->xp = moe_take(&at, R * H * es);
-  b->ab = moe_take(&at, R * 2 * I * es);
-  b->hh = moe_take(&at, R * I * es);
-  b->y = moe_take(&at, R * H * es);
-  if (p->ranks > 1) at += moe_ep_saved_bytes(p); /* at the end: layer_ep.c */
-  b->saved_bytes = at;
-  at = 0;
-  b->cursor = moe_take(&at, E * sizeof(int64_t));
-  b->logits = moe_take(&at, (size_t)T * E * sizeof(float));
-  b->gemm = moe_take(&at, moe_gemm_scratch_bytes(p->nt, (int64_t)E));
-  b->dy = moe_take(&at, R * H * es);
-  b->dh = moe_take(&at, R * I * es);
-  b->dab = moe_take(&at, R * 2 * I * es);
-  b->dxp = moe_take(&at, R * H * sizeof(float));
-  b->dw = moe_take(&at, S * sizeof(float));
-  b->dlogits = moe_take(&at, (size_t)T * E * sizeof(float));
-  b->dx = moe_take(&at, (size_t)T * H * sizeof(float));
-  b->fwd_saved = moe_take(&at, b->saved_bytes);
-  if (p->ranks > 1) at += moe_ep_work_bytes(p); /* at the end: layer_ep.c */
-  b->workspace_bytes = at;
+  return plan->be->floor(plan, backward, compute_ms, memory_ms);
 }
 
 moe_status moe_layer_plan_sizes(const moe_layer_plan *plan, int64_t tokens,
@@ -296,425 +199,71 @@ moe_status moe_layer_plan_sizes(const moe_layer_plan *plan, int64_t tokens,
                      "moe_layer_plan_sizes: tokens = %lld outside [0, "
                      "max_tokens = %lld]",
                      (long long)tokens, (long long)plan->d.max_tokens);
-  if (moe_plan_on_cuda(plan))
-    return moe_cuda_layer_plan_sizes(plan, tokens, workspace_bytes,
-                                     saved_bytes);
-  moe_layer_bufs b;
-  moe_layer_bufs_of(plan, tokens, &b);
-  if (workspace_bytes) *workspace_bytes = b.workspace_bytes;
-  if (saved_bytes) *saved_bytes = b.saved_bytes;
+  size_t ws = 0, sv = 0;
+  plan->be->sizes(plan, tokens, &ws, &sv);
+  if (workspace_bytes) *workspace_bytes = ws;
+  if (saved_bytes) *saved_bytes = sv;
   return MOE_SUCCESS;
 }
 
-/* ---- argument checks -------------------------------------------------- */
+/* ---- forward and backward --------------------------------------------- */
 
-/* ---- GEMM problem builders -------------------------------------------- */
-
-/// Row-major [rows, ld] activation buffer as an operand.
-static moe_operand moe_op_rows(void *data, moe_dtype t, int64_t ld) {
-  moe_operand o = {data, t, ld, 1, 0};
-  return o;
-}
-/// The transpose of a row-major activation buffer: (m, r) = buf[r, m].
-static moe_operand moe_op_rows_t(void *data, moe_dtype t, int64_t ld) {
-  moe_operand o = {data, t, 1, ld, 0};
-  return o;
-}
-/// Weight [E, out, in] as B of the forward: B(k = in, n = out).
-static moe_operand moe_op_w_fwd(const moe_tensor *w) {
-  moe_operand o = {w->data, w->dtype, w->stride[2], w->stride[1], w->stride[0]};
-  return o;
-}
-/// Weight [E, out, in] as B of dX: B(k = out, n = in).
-static moe_operand moe_op_w_dx(const moe_tensor *w) {
-  moe_operand o = {w->data, w->dtype, w->stride[1], w->stride[2], w->stride[0]};
-  return o;
-}
-
-typedef struct moe_exec {
-  const moe_layer_plan *p;
-  moe_gemm_ctx ctx;
-  const int64_t *offsets; ///< local experts' row offsets
-} moe_exec;
-
-static moe_status moe_run(const moe_exec *x, int proj,
-                          const moe_gemm_problem *pb) {
-  return moe_gemm_run(x->p->method[proj], pb, &x->ctx);
-}
-
-/// Y[R, N] = X[R, K] . W_e^T for one [E, N, K] weight view.
-static moe_status moe_fwd_gemm(const moe_exec *x, int proj, void *X,
-                               int64_t ldx, const moe_tensor *w, void *Y,
-                               moe_dtype yt, int64_t ldy) {
-  moe_gemm_problem pb = {MOE_GROUP_M,
-                         x->p->e_local,
-                         x->offsets,
-                         0,
-                         w->shape[1],
-                         w->shape[2],
-                         moe_op_rows(X, x->p->d.dtype, ldx),
-                         moe_op_w_fwd(w),
-                         moe_op_rows(Y, yt, ldy),
-                         0.0f};
-  return moe_run(x, proj, &pb);
-}
-
-/// dX[R, K] (+)= dY[R, N] . W_e for one [E, N, K] weight view.
-static moe_status moe_dx_gemm(const moe_exec *x, int proj, void *dY,
-                              int64_t lddy, const moe_tensor *w, void *dX,
-                              moe_dtype dxt, int64_t lddx, float beta) {
-  moe_gemm_problem pb = {MOE_GROUP_M,
-                         x->p->e_local,
-                         x->offsets,
-                         0,
-                         w->shape[2],
-                         w->shape[1],
-                         moe_op_rows(dY, x->p->d.dtype, lddy),
-                         moe_op_w_dx(w),
-                         moe_op_rows(dX, dxt, lddx),
-                         beta};
-  return moe_run(x, proj, &pb);
-}
-
-/// dW_e[N, K] = dY_e^T . X_e written through dw's strides.
-static moe_status moe_dw_gemm(const moe_exec *x, int proj, void *dY,
-                              int64_t lddy, void *X, int64_t ldx,
-                              const moe_tensor *dw) {
-  moe_operand c = {dw->data, dw->dtype, dw->stride[1], dw->stride[2],
-                   dw->stride[0]};
-  moe_gemm_problem pb = {MOE_GROUP_K,
-                         x->p->e_local,
-                         x->offsets,
-                         dw->shape[1],
-                         dw->shape[2],
-                         0,
-                         moe_op_rows_t(dY, x->p->d.dtype, lddy),
-                         moe_op_rows(X, x->p->d.dtype, ldx),
-                         c,
-                         0.0f};
-  return moe_run(x, proj, &pb);
-}
-
-static char *moe_at(void *base, size_t off) { return (char *)base + off; }
-
-/* ---- forward ---------------------------------------------------------- */
-
-/// Routing of a forward: fills idx, w (and probs in router mode).
-static moe_status moe_route(const moe_exec *x, const moe_layer_fwd_args *a,
-                            const moe_call *c, const moe_layer_bufs *b,
-                            char *sv, char *ws) {
-  const moe_layer_desc *d = &x->p->d;
-  int64_t T = c->T, E = d->num_experts, k = d->top_k;
-  int32_t *idx = (int32_t *)moe_at(sv, b->idx);
-  float *w = (float *)moe_at(sv, b->w);
-  if (c->router) {
-    float *logits = (float *)moe_at(ws, b->logits);
-    int64_t one[2] = {0, T};
-    const moe_tensor *g = &a->gate_weight;
-    moe_gemm_problem pb = {MOE_GROUP_M,
-                           1,
-                           one,
-                           0,
-                           E,
-                           d->hidden,
-                           {a->hidden.data, a->hidden.dtype,
-                            a->hidden.stride[0], a->hidden.stride[1], 0},
-                           {g->data, g->dtype, g->stride[1], g->stride[0], 0},
-                           moe_op_rows(logits, MOE_F32, E),
-                           0.0f};
-    MOE_TRY(moe_gemm_grouped(&pb, &x->ctx));
-    moe_route_topk(logits, T, E, k, d->norm_topk_prob,
-                   (float *)moe_at(sv, b->probs), idx, w, x->p->nt);
-    if (!moe_tensor_absent(&a->router_logits)) {
-      const moe_tensor *rl = &a->router_logits;
-      for (int64_t t = 0; t < T; t++)
-        for (int64_t e = 0; e < E; e++)
-          ((float *)rl->data)[t * rl->stride[0] + e * rl->stride[1]] =
-              logits[t * E + e];
-    }
-    return MOE_SUCCESS;
-  }
-  const moe_tensor *ti = &a->topk_index, *tw = &a->topk_weights;
-  for (int64_t t = 0; t < T; t++)
-    for (int64_t j = 0; j < k; j++) {
-      int64_t o = t * ti->stride[0] + j * ti->stride[1];
-      int64_t e = ti->dtype == MOE_I32 ? ((const int32_t *)ti->data)[o]
-                                       : ((const int64_t *)ti->data)[o];
-      if (e < 0 || e >= E)
-        return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                         "topk_index[%lld][%lld] = %lld is outside [0, %lld)",
-                         (long long)t, (long long)j, (long long)e,
-                         (long long)E);
-      idx[t * k + j] = (int32_t)e;
-      w[t * k + j] = moe_load_f(tw->data, tw->dtype,
-                                t * tw->stride[0] + j * tw->stride[1]);
-    }
-  return MOE_SUCCESS;
-}
-
-/// Prepares the execution context; allocates the workspace if the caller
-/// gave none (`*owned` is then freed by the caller).
-static moe_status moe_exec_begin(moe_layer_plan *p, const moe_layer_bufs *b,
-                                 void **ws, size_t ws_bytes, void **owned,
-                                 moe_exec *x) {
-  *owned = NULL;
-  MOE_TRY(
-      moe_layer_check_buffer(*ws, ws_bytes, b->workspace_bytes, "workspace"));
-  if (!*ws) {
-    *ws = *owned = moe_alloc(b->workspace_bytes, "layer workspace");
-    if (!*ws) return MOE_ERR_OUT_OF_MEMORY;
-  }
-  memset(x, 0, sizeof *x);
-  x->p = p;
-  x->ctx.num_threads = p->nt;
-  x->ctx.strict = p->d.strict;
-  x->ctx.scratch = moe_at(*ws, b->gemm);
-  x->ctx.scratch_bytes = moe_gemm_scratch_bytes(p->nt, p->d.num_experts);
-  x->ctx.loop_cache = p->cache;
-  return MOE_SUCCESS;
-}
-
-static moe_status moe_forward(moe_layer_plan *plan,
-                              const moe_layer_fwd_args *args, void *saved,
-                              size_t saved_bytes, void *workspace,
-                              size_t workspace_bytes, moe_ep_call *ep) {
+/// The checks every backend's forward starts with.
+static moe_status moe_fwd_checks(moe_layer_plan *plan,
+                                 const moe_layer_fwd_args *args,
+                                 const void *saved, size_t saved_bytes,
+                                 moe_call *c) {
   if (!args)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "moe_layer_forward: args must not be NULL");
-  const moe_layer_desc *d = &plan->d;
-  moe_call c;
-  MOE_TRY(moe_layer_check_fwd(plan, args, &c));
-  MOE_TRY(moe_layer_check_fwd_outputs(plan, args, &c));
-  moe_layer_bufs b;
-  moe_layer_bufs_of(plan, c.T, &b);
-  MOE_TRY(moe_layer_check_buffer(saved, saved_bytes, b.saved_bytes, "saved"));
-  void *owned;
-  moe_exec x;
-  MOE_TRY(moe_exec_begin(plan, &b, &workspace, workspace_bytes, &owned, &x));
-  char *ws = workspace;
-  char *sv = saved ? (char *)saved : moe_at(ws, b.fwd_saved);
-  moe_status s = MOE_SUCCESS;
-  int64_t T = c.T, k = d->top_k, H = d->hidden, I = d->intermediate,
-          E = d->num_experts, R = T * k;
-  moe_dtype dt = d->dtype;
-  int64_t *offsets = (int64_t *)moe_at(sv, b.offsets);
-  int64_t *slot_row = (int64_t *)moe_at(sv, b.slot_row);
-  int64_t *row_slot = (int64_t *)moe_at(sv, b.row_slot);
-  char *xp = moe_at(sv, b.xp), *ab = moe_at(sv, b.ab), *hh = moe_at(sv, b.hh),
-       *y = moe_at(sv, b.y);
-  x.offsets = offsets;
-
-  s = moe_route(&x, args, &c, &b, sv, ws);
-  if (s == MOE_SUCCESS)
-    s = moe_route_sort((const int32_t *)moe_at(sv, b.idx), T, k, E, offsets,
-                       slot_row, row_slot, (int64_t *)moe_at(ws, b.cursor));
-  if (s != MOE_SUCCESS) goto done;
-  moe_permute_rows(&args->hidden, row_slot, R, k, xp, plan->nt);
-  if (plan->ranks > 1) { /* the rows go to their experts' ranks */
-    s = moe_ep_dispatch(ep, plan, &b, sv, ws, xp,
-                        (size_t)H * moe_dtype_size(dt), false, &x.offsets, &R);
-    if (s != MOE_SUCCESS) goto done;
-  }
-
-  /* gate_up: one N = 2I product when fused, else gate then up into the two
-     halves of the same [R, 2I] buffer. */
-  size_t es = moe_dtype_size(dt);
-  if (c.gu.fused) {
-    s = moe_fwd_gemm(&x, 0, xp, H, &c.gu.both, ab, dt, 2 * I);
-  } else {
-    s = moe_fwd_gemm(&x, 0, xp, H, &c.gu.gate, ab, dt, 2 * I);
-    if (s == MOE_SUCCESS)
-      s = moe_fwd_gemm(&x, 0, xp, H, &c.gu.up, ab + (size_t)I * es, dt, 2 * I);
-  }
-  if (s != MOE_SUCCESS) goto done;
-  {
-    int64_t shp[2] = {R, I};
-    moe_tensor tg = moe_tensor_make(ab, dt, 2, shp);
-    tg.stride[0] = 2 * I;
-    moe_tensor tu = tg;
-    tu.data = ab + (size_t)I * es;
-    moe_tensor th = moe_tensor_make(hh, dt, 2, shp);
-    moe_swiglu_fwd_rows(&tg, &tu, &th, plan->nt);
-  }
-  s = moe_fwd_gemm(&x, 1, hh, I, &args->w_down, y, dt, H);
-  if (s == MOE_SUCCESS && plan->ranks > 1)
-    s = moe_ep_combine(ep, plan, &b, sv, ws, y, (size_t)H * es);
-  if (s != MOE_SUCCESS) goto done;
-  {
-    moe_tensor out = args->output;
-    moe_unpermute(y, dt, slot_row, (const float *)moe_at(sv, b.w), T, k, H,
-                  &out, plan->nt);
-  }
-done:
-  moe_free(owned);
-  return s;
+  MOE_TRY(moe_layer_check_fwd(plan, args, c));
+  MOE_TRY(moe_layer_check_fwd_outputs(plan, args, c));
+  size_t ws, sv;
+  plan->be->sizes(plan, c->T, &ws, &sv);
+  return moe_layer_check_buffer(saved, saved_bytes, sv, "saved");
 }
 
 moe_status moe_layer_forward(moe_layer_plan *plan,
                              const moe_layer_fwd_args *args, void *saved,
                              size_t saved_bytes, void *workspace,
                              size_t workspace_bytes, void *stream) {
-  if (moe_plan_on_cuda(plan))
-    return moe_cuda_layer_forward(plan, args, saved, saved_bytes, workspace,
-                                  workspace_bytes, stream);
   if (!plan)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "moe_layer_forward: plan must not be NULL");
-  moe_ep_call ep = {0, false};
-  moe_status s = moe_forward(plan, args, saved, saved_bytes, workspace,
-                             workspace_bytes, &ep);
-  return plan->ranks > 1 ? moe_ep_end(&ep, plan, false, s) : s;
+  moe_call c;
+  moe_status s = moe_fwd_checks(plan, args, saved, saved_bytes, &c);
+  return plan->be->forward(plan, s, &c, args, saved, workspace, workspace_bytes,
+                           stream);
 }
 
-/* ---- backward --------------------------------------------------------- */
-
-static moe_status moe_backward(moe_layer_plan *plan,
-                               const moe_layer_bwd_args *args,
-                               const void *saved, size_t saved_bytes,
-                               void *workspace, size_t workspace_bytes,
-                               moe_ep_call *ep) {
+/// The checks every backend's backward starts with.
+static moe_status moe_bwd_checks(moe_layer_plan *plan,
+                                 const moe_layer_bwd_args *args,
+                                 const void *saved, size_t saved_bytes,
+                                 moe_call *c, moe_gate_up *ggu) {
   if (!args)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "moe_layer_backward: args must not be NULL");
   if (!saved)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "saved: NULL; pass the buffer the forward filled");
-  const moe_layer_desc *d = &plan->d;
-  const moe_layer_fwd_args *a = &args->fwd;
-  moe_call c;
-  MOE_TRY(moe_layer_check_fwd(plan, a, &c));
-  int64_t T = c.T, k = d->top_k, H = d->hidden, I = d->intermediate,
-          E = d->num_experts, R = T * k;
-  moe_dtype dt = d->dtype;
-  moe_gate_up ggu;
-  MOE_TRY(moe_layer_check_bwd(plan, args, &c, &ggu));
-  moe_layer_bufs b;
-  moe_layer_bufs_of(plan, T, &b);
-  MOE_TRY(moe_layer_check_buffer(saved, saved_bytes, b.saved_bytes, "saved"));
-  void *owned;
-  moe_exec x;
-  MOE_TRY(moe_exec_begin(plan, &b, &workspace, workspace_bytes, &owned, &x));
-  char *ws = workspace, *sv = (char *)saved;
-  size_t es = moe_dtype_size(dt);
-  const int64_t *slot_row = (const int64_t *)moe_at(sv, b.slot_row);
-  const float *w = (const float *)moe_at(sv, b.w);
-  char *xp = moe_at(sv, b.xp), *ab = moe_at(sv, b.ab), *hh = moe_at(sv, b.hh),
-       *y = moe_at(sv, b.y);
-  char *dy = moe_at(ws, b.dy), *dh = moe_at(ws, b.dh), *dab = moe_at(ws, b.dab);
-  float *dxp = (float *)moe_at(ws, b.dxp), *dw = (float *)moe_at(ws, b.dw),
-        *dx = (float *)moe_at(ws, b.dx);
-  x.offsets = (const int64_t *)moe_at(sv, b.offsets);
-  moe_status s;
-
-  /* Weighted scatter back: dY rows and the routing-weight gradient. */
-  moe_unpermute_backward(&args->grad_output, y, dt, slot_row, w, T, k, H, dy,
-                         dw, plan->nt);
-  if (plan->ranks > 1) { /* dY rows go to their experts' ranks */
-    s = moe_ep_dispatch(ep, plan, &b, sv, ws, dy, (size_t)H * es, true,
-                        &x.offsets, &R);
-    if (s != MOE_SUCCESS) goto done;
-  }
-  /* down: dH = dY . Wd, dWd = dY^T . Hh */
-  s = moe_dx_gemm(&x, 1, dy, H, &a->w_down, dh, dt, I, 0.0f);
-  if (s == MOE_SUCCESS)
-    s = moe_dw_gemm(&x, 1, dy, H, hh, I, &args->grad_w_down);
-  if (s != MOE_SUCCESS) goto done;
-  {
-    int64_t shp[2] = {R, I};
-    moe_tensor tg = moe_tensor_make(ab, dt, 2, shp), tu, tdh, tdg, tdu;
-    tg.stride[0] = 2 * I;
-    tu = tg;
-    tu.data = ab + (size_t)I * es;
-    tdh = moe_tensor_make(dh, dt, 2, shp);
-    tdg = tg;
-    tdg.data = dab;
-    tdu = tu;
-    tdu.data = dab + (size_t)I * es;
-    moe_swiglu_bwd_rows(&tg, &tu, &tdh, &tdg, &tdu, plan->nt);
-  }
-  /* gate_up: dXp = dAB . Wgu (f32), dWgu = dAB^T . Xp */
-  if (c.gu.fused) {
-    s = moe_dx_gemm(&x, 0, dab, 2 * I, &c.gu.both, dxp, MOE_F32, H, 0.0f);
-    if (s == MOE_SUCCESS) s = moe_dw_gemm(&x, 0, dab, 2 * I, xp, H, &ggu.both);
-  } else {
-    s = moe_dx_gemm(&x, 0, dab, 2 * I, &c.gu.gate, dxp, MOE_F32, H, 0.0f);
-    if (s == MOE_SUCCESS)
-      s = moe_dx_gemm(&x, 0, dab + (size_t)I * es, 2 * I, &c.gu.up, dxp,
-                      MOE_F32, H, 1.0f);
-    if (s == MOE_SUCCESS) s = moe_dw_gemm(&x, 0, dab, 2 * I, xp, H, &ggu.gate);
-    if (s == MOE_SUCCESS)
-      s = moe_dw_gemm(&x, 0, dab + (size_t)I * es, 2 * I, xp, H, &ggu.up);
-  }
-  if (s == MOE_SUCCESS && plan->ranks > 1)
-    s = moe_ep_combine(ep, plan, &b, sv, ws, dxp, (size_t)H * sizeof(float));
-  if (s != MOE_SUCCESS) goto done;
-  moe_permute_backward(dxp, slot_row, T, k, H, dx, plan->nt);
-
-  if (c.router) {
-    /* Router: dlogits from the routing-weight gradient, then
-       dWg = dlogits^T . x and dx += dlogits . Wg. */
-    float *dl = (float *)moe_at(ws, b.dlogits);
-    moe_route_topk_backward((const float *)moe_at(sv, b.probs),
-                            (const int32_t *)moe_at(sv, b.idx), w, dw, T, E, k,
-                            d->norm_topk_prob, dl, plan->nt);
-    const moe_tensor *g = &a->gate_weight, *gg = &args->grad_gate_weight;
-    int64_t one[2] = {0, T};
-    moe_gemm_problem pw = {
-        MOE_GROUP_K,
-        1,
-        one,
-        E,
-        H,
-        0,
-        moe_op_rows_t(dl, MOE_F32, E),
-        {a->hidden.data, a->hidden.dtype, a->hidden.stride[0],
-         a->hidden.stride[1], 0},
-        {gg->data, gg->dtype, gg->stride[0], gg->stride[1], 0},
-        0.0f};
-    s = moe_gemm_grouped(&pw, &x.ctx);
-    moe_gemm_problem px = {MOE_GROUP_M,
-                           1,
-                           one,
-                           0,
-                           H,
-                           E,
-                           moe_op_rows(dl, MOE_F32, E),
-                           {g->data, g->dtype, g->stride[0], g->stride[1], 0},
-                           moe_op_rows(dx, MOE_F32, H),
-                           1.0f};
-    if (s == MOE_SUCCESS) s = moe_gemm_grouped(&px, &x.ctx);
-    if (s != MOE_SUCCESS) goto done;
-  } else {
-    const moe_tensor *gt = &args->grad_topk_weights;
-    for (int64_t t = 0; t < T; t++)
-      for (int64_t j = 0; j < k; j++)
-        moe_store_f(gt->data, gt->dtype, t * gt->stride[0] + j * gt->stride[1],
-                    dw[t * k + j]);
-  }
-  {
-    const moe_tensor *gh = &args->grad_hidden;
-    for (int64_t t = 0; t < T; t++)
-      for (int64_t h = 0; h < H; h++)
-        moe_store_f(gh->data, gh->dtype, t * gh->stride[0] + h * gh->stride[1],
-                    dx[t * H + h]);
-  }
-done:
-  moe_free(owned);
-  return s;
+  MOE_TRY(moe_layer_check_fwd(plan, &args->fwd, c));
+  MOE_TRY(moe_layer_check_bwd(plan, args, c, ggu));
+  size_t ws, sv;
+  plan->be->sizes(plan, c->T, &ws, &sv);
+  return moe_layer_check_buffer(saved, saved_bytes, sv, "saved");
 }
 
 moe_status moe_layer_backward(moe_layer_plan *plan,
                               const moe_layer_bwd_args *args, const void *saved,
                               size_t saved_bytes, void *workspace,
                               size_t workspace_bytes, void *stream) {
-  if (moe_plan_on_cuda(plan))
-    return moe_cuda_layer_backward(plan, args, saved, saved_bytes, workspace,
-                                   workspace_bytes, stream);
   if (!plan)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "moe_layer_backward: plan must not be NULL");
-  moe_ep_call ep = {0, false};
-  moe_status s = moe_backward(plan, args, saved, saved_bytes, workspace,
-                              workspace_bytes, &ep);
-  return plan->ranks > 1 ? moe_ep_end(&ep, plan, true, s) : s;
+  moe_call c;
+  moe_gate_up ggu;
+  moe_status s = moe_bwd_checks(plan, args, saved, saved_bytes, &c, &ggu);
+  return plan->be->backward(plan, s, &c, &ggu, args, saved, workspace,
+                            workspace_bytes, stream);
 }

@@ -1,35 +1,25 @@
 /// @file layer.h
-/// The layer plan and the buffers it carves out of the caller's saved and
-/// workspace memory. Shared by layer.c (orchestration) and the communicator
-/// paths.
+/// The layer plan every backend fills, the shared description checks and
+/// the validated view of a call's arguments (layer.c, args.c). Device-free:
+/// a backend keeps its own state behind `ctx` (backend.h).
 #ifndef MOE_LAYER_H
 #define MOE_LAYER_H
 
-#include "backend/cpu/gemm/gemm.h"
 #include "internal.h"
+
+struct moe_layer_backend;
 
 struct moe_layer_plan {
   moe_layer_desc d;
-  int nt;                   ///< resolved thread count (> 0)
-  int rank, ranks;          ///< expert-parallel position
+  const struct moe_layer_backend *be; ///< the backend serving the plan
+  void *ctx;                          ///< the backend's own state
+  int nt;                             ///< resolved thread count (> 0)
+  int rank, ranks;                    ///< expert-parallel position
   int64_t e_local, e_first; ///< local experts [e_first, e_first + e_local)
   int64_t max_rows;         ///< routed rows this rank may compute
   moe_gmm_method method[2]; ///< [gate_up, down]
-  struct moe_loop_cache *cache;
   char explain[4096];
 };
-
-/// Offsets (bytes) of every buffer inside `saved` and `workspace` for T
-/// tokens. Sizes are 64-byte aligned.
-typedef struct moe_layer_bufs {
-  /* saved: what backward needs */
-  size_t idx, w, probs, offsets, slot_row, row_slot, xp, ab, hh, y;
-  size_t saved_bytes;
-  /* workspace */
-  size_t cursor, logits, gemm, dy, dh, dab, dxp, dw, dlogits, dx;
-  size_t fwd_saved; ///< a saved area inside the workspace for inference
-  size_t workspace_bytes;
-} moe_layer_bufs;
 
 /// Copies a caller's description (checking magic and struct_size; fields
 /// newer than the caller's version keep their defaults).
@@ -69,7 +59,5 @@ moe_status moe_layer_check_buffer(const void *buf, size_t have, size_t need,
 moe_status moe_layer_check_bwd(const moe_layer_plan *p,
                                const moe_layer_bwd_args *args,
                                const moe_call *c, moe_gate_up *ggu);
-
-void moe_layer_bufs_of(const moe_layer_plan *p, int64_t T, moe_layer_bufs *b);
 
 #endif /* MOE_LAYER_H */

@@ -69,4 +69,34 @@ moe_status moe_plan_projection(const moe_machine *m, const moe_proj_shape *s,
                                int threads, moe_gmm_method *out, char *buf,
                                size_t *len, size_t cap);
 
+/// The floor of a layer pass: its FLOPs over `peak` (FLOP/s) and its
+/// weight bytes over `bw` (bytes/s), for the threads or device in use.
+/// `experts` are the local experts; backward counts three passes.
+void moe_floor(const moe_layer_desc *d, int64_t experts, int backward,
+               double peak, double bw, double *compute_ms, double *memory_ms);
+
+/// What the cost model knows about a GPU: the device's SM count and clock,
+/// and sustained rates measured on the project's H200 runs.
+typedef struct moe_gpu_machine {
+  char name[64];
+  int sms;
+  double clock_ghz;
+  double bandwidth_gbs;  ///< device memory, read + write
+  double mma_tflops;     ///< grouped kernel, bf16 tensor cores, full tiles
+  double simt_tflops;    ///< grouped kernel, f32 on CUDA cores
+  double blas_tflops;    ///< cuBLAS per expert at large row counts (bf16)
+  double blas_half_rows; ///< rows per expert at which cuBLAS runs at half
+  double dw_half_rows;   ///< the same for the grouped dW kernel
+  double call_us;        ///< one cuBLAS call
+  double sync_us;        ///< one host sync
+  char source[192];      ///< where the numbers came from
+} moe_gpu_machine;
+
+/// The model of a device by its name, SM count and clock (GHz).
+moe_gpu_machine moe_gpu_machine_of(const char *name, int sms, double clock_ghz);
+
+/// Predicts a method's cost on a projection on the GPU.
+moe_proj_cost moe_gpu_predict(const moe_gpu_machine *g, const moe_proj_shape *s,
+                              moe_gmm_method m);
+
 #endif /* MOE_PLANNER_H */

@@ -9,8 +9,8 @@
 /// and read on the device. The loop method (cuBLAS per expert) copies them
 /// to the host once per pass, which strict mode refuses.
 ///
-/// The plan is a moe_layer_plan (first member) followed by the CUDA state,
-/// so layer.c's accessors (method, explanation) work on it unchanged.
+/// The plan's CUDA state (cuBLAS handle, pinned counts, the device model,
+/// the NCCL exchange) is the plan's `ctx` (backend.h).
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -19,16 +19,13 @@
 #include "core/env.h"
 #include "backend/cuda/cuda_ep.h"
 #include "backend/cuda/cuda_internal.h"
-#include "backend/cuda/cuda_layer.h"
+#include "layer/backend.h"
+#include "plan/planner.h"
 
 typedef struct moe_cuda_plan {
-  moe_layer_plan base; /* first: layer.c reads it */
   cublasHandle_t blas;
-  int64_t *pinned; /* E + 1 host offsets for the loop method */
-  int sms;
-  double bw_gbs;      /* device memory bandwidth, read + write */
-  double mma_tflops;  /* grouped kernel's sustained bf16 rate */
-  double blas_tflops; /* cuBLAS per-expert rate at large row counts */
+  int64_t *pinned;    /* E + 1 host offsets for the loop method */
+  moe_gpu_machine gm; /* the planner's model of the device */
   /* Method pinned: the router's row-wise products (logits, its dX) run on
      libmoe's kernel, whose sums per row do not depend on the row count —
      the same bits for a token whatever batch or rank it is in. cuBLAS may
@@ -37,22 +34,11 @@ typedef struct moe_cuda_plan {
   moe_cu_ep *ep; /* expert parallelism over NCCL (layer_cuda_ep.c) */
 } moe_cuda_plan;
 
-/* Cost-model constants, from the project's first H200 run (bench/NOTES.md,
-   "CUDA (issue 5)"): the grouped kernel's bf16 rate on full tiles, cuBLAS's
-   per-expert rate as rows grow (half rate at BLAS_HALF_ROWS rows), the cost
-   of one cuBLAS call and of the host sync. Bandwidth by the card's name.
-   They rank the methods and fill the explanation. */
-#define MOE_CU_MMA_TFLOPS 280.0
-#define MOE_CU_SIMT_TFLOPS 15.0
-#define MOE_CU_BLAS_TFLOPS 480.0
-#define MOE_CU_BLAS_HALF_ROWS 64.0
-#define MOE_CU_DW_HALF_ROWS 120.0
-#define MOE_CU_CALL_US 4.0
-#define MOE_CU_SYNC_US 30.0
+/* cuBLAS's workspace, carved from the layer's workspace. */
 #define MOE_CU_BLAS_WS ((size_t)8 << 20)
 
 static moe_cuda_plan *moe_cp(const moe_layer_plan *p) {
-  return (moe_cuda_plan *)p;
+  return (moe_cuda_plan *)p->ctx;
 }
 
 /* ---- device selection --------------------------------------------------- */
@@ -82,45 +68,24 @@ static moe_status moe_cu_desc_check(const moe_layer_desc *d) {
 
 /* ---- cost model --------------------------------------------------------- */
 
-typedef struct moe_cu_cost {
-  double fwd_ms, bwd_ms;
-} moe_cu_cost;
+/// The planner's view of projection 0 (gate_up) or 1 (down).
+static moe_proj_shape moe_cu_shape(const moe_layer_plan *p, int proj) {
+  const moe_layer_desc *d = &p->d;
+  moe_proj_shape s = {proj == 0 ? "gate_up" : "down",
+                      p->e_local,
+                      d->max_tokens * d->top_k,
+                      proj == 0 ? d->hidden : d->intermediate,
+                      proj == 0 ? 2 * d->intermediate : d->hidden,
+                      d->dtype,
+                      proj == 0 ? d->gate_up_layout : d->down_layout,
+                      1};
+  return s;
+}
 
-static moe_cu_cost moe_cu_predict(const moe_cuda_plan *p, int proj,
-                                  moe_gmm_method m) {
-  const moe_layer_desc *d = &p->base.d;
-  /* with expert parallelism: the local experts, and T*k rows on average */
-  double R = (double)(d->max_tokens * d->top_k), E = (double)p->base.e_local;
-  double K = (double)(proj == 0 ? d->hidden : d->intermediate);
-  double N = (double)(proj == 0 ? 2 * d->intermediate : d->hidden);
-  double es = (double)moe_dtype_size(d->dtype);
-  double mean = R / E > 1.0 ? R / E : 1.0;
-  double flops = 2.0 * R * K * N;
-  double wbytes = E * K * N * es, abytes = R * (K + N) * es;
-  double bw = p->bw_gbs * 1e9;
-  double fwd_rate, dx_rate, dw_rate, over_f = 0.0, over_b = 0.0;
-  if (m == MOE_GMM_LOOP) {
-    double r = (d->dtype == MOE_BF16 ? p->blas_tflops : p->blas_tflops / 8.0) *
-               mean / (mean + MOE_CU_BLAS_HALF_ROWS);
-    fwd_rate = dx_rate = dw_rate = r;
-    over_f = E * MOE_CU_CALL_US * 1e-3 + MOE_CU_SYNC_US * 1e-3;
-    over_b = 2.0 * E * MOE_CU_CALL_US * 1e-3;
-  } else if (d->dtype == MOE_BF16) {
-    /* ragged groups: the last row tile of each group is partly empty */
-    double bm = mean >= 256.0 ? 128.0 : 64.0;
-    double waste = ceil(mean / bm) * bm / mean;
-    fwd_rate = dx_rate = p->mma_tflops / waste;
-    dw_rate = p->mma_tflops * mean / (mean + MOE_CU_DW_HALF_ROWS);
-  } else {
-    fwd_rate = dx_rate = dw_rate = MOE_CU_SIMT_TFLOPS;
-  }
-  moe_cu_cost c;
-  double tf = flops / (fwd_rate * 1e12), tb = (wbytes + abytes) / bw;
-  c.fwd_ms = 1e3 * (tf > tb ? tf : tb) + over_f;
-  double tdx = flops / (dx_rate * 1e12), tdw = flops / (dw_rate * 1e12);
-  tb = (2.0 * wbytes + 2.0 * abytes) / bw;
-  c.bwd_ms = 1e3 * (tdx + tdw > tb ? tdx + tdw : tb) + over_b;
-  return c;
+static moe_proj_cost moe_cu_predict(const moe_layer_plan *p, int proj,
+                                    moe_gmm_method m) {
+  moe_proj_shape s = moe_cu_shape(p, proj);
+  return moe_gpu_predict(&moe_cp(p)->gm, &s, m);
 }
 
 /* ---- plan -----------------------------------------------------------------
@@ -145,25 +110,16 @@ static moe_status moe_cu_device_props(const moe_layer_desc *d,
   return MOE_SUCCESS;
 }
 
-static void moe_cu_say(moe_layer_plan *p, size_t *len, const char *fmt, ...)
-    MOE_PRINTF(3, 4);
-static void moe_cu_say(moe_layer_plan *p, size_t *len, const char *fmt, ...) {
-  if (*len >= sizeof p->explain) return;
-  va_list ap;
-  va_start(ap, fmt);
-  int n = vsnprintf(p->explain + *len, sizeof p->explain - *len, fmt, ap);
-  va_end(ap);
-  if (n > 0) *len += (size_t)n;
+static bool moe_cuda_supports(const moe_layer_desc *d, char *why, size_t n) {
+  if (d->device.type == MOE_DEVICE_CUDA) return true;
+  snprintf(why, n, "desc.device is not a CUDA device");
+  return false;
 }
 
-moe_status moe_cuda_layer_plan_create(moe_layer_plan **plan,
-                                      const moe_layer_desc *desc) {
-  if (!plan || !desc)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "moe_layer_plan_create: plan and desc must not be NULL");
-  *plan = NULL;
-  moe_layer_desc d;
-  MOE_TRY(moe_layer_desc_copy(&d, desc));
+static void moe_cuda_plan_destroy(moe_layer_plan *plan);
+
+static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
+  const moe_layer_desc d = p->d;
   moe_gmm_method env_m = MOE_GMM_AUTO;
   bool env_set = false;
   struct cudaDeviceProp prop;
@@ -179,41 +135,35 @@ moe_status moe_cuda_layer_plan_create(moe_layer_plan **plan,
   moe_cuda_plan *cp = calloc(1, sizeof *cp);
   if (!cp)
     return moe_error(MOE_ERR_OUT_OF_MEMORY, "moe_layer_plan_create: no memory");
-  moe_layer_plan *p = &cp->base;
-  p->d = d;
+  p->ctx = cp;
   p->nt = 1;
   p->rank = moe_comm_rank(d.comm);
   p->ranks = ranks;
   p->e_local = d.num_experts / ranks;
   p->e_first = p->rank * p->e_local;
   p->max_rows = ranks > 1 ? ep_rows : d.max_tokens * d.top_k;
-  cp->sms = prop.multiProcessorCount;
-  cp->bw_gbs = strstr(prop.name, "H200")   ? 4300.0
-               : strstr(prop.name, "H100") ? 3000.0
-                                           : 1500.0;
-  cp->mma_tflops =
-      MOE_CU_MMA_TFLOPS *
-      (strstr(prop.name, "H100") || strstr(prop.name, "H200") ? 1.0 : 0.4);
-  cp->blas_tflops = MOE_CU_BLAS_TFLOPS;
+  int clock_khz = 0;
+  cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, d.device.index);
+  cp->gm =
+      moe_gpu_machine_of(prop.name, prop.multiProcessorCount, clock_khz * 1e-6);
 
   moe_gmm_method forced = d.method != MOE_GMM_AUTO ? d.method : env_m;
   const char *by = d.method != MOE_GMM_AUTO ? "desc.method" : "MOE_GMM";
   cp->rowwise = forced != MOE_GMM_AUTO;
-  size_t len = 0;
   int64_t rows = d.max_tokens * d.top_k;
-  moe_cu_say(p, &len,
-             "plan (cuda): E=%lld H=%lld I=%lld top_k=%lld, %lld tokens -> "
-             "%lld routed rows, %s\ndevice: %d, %s, %d SMs (model: %.0f "
-             "GB/s, grouped kernel %.0f TFLOP/s, cuBLAS %.0f TFLOP/s)\n",
-             (long long)d.num_experts, (long long)d.hidden,
-             (long long)d.intermediate, (long long)d.top_k,
-             (long long)d.max_tokens, (long long)rows, moe_dtype_name(d.dtype),
-             d.device.index, prop.name, cp->sms, cp->bw_gbs, cp->mma_tflops,
-             cp->blas_tflops);
+  moe_plan_say(p, len,
+               "plan (cuda): E=%lld H=%lld I=%lld top_k=%lld, %lld tokens -> "
+               "%lld routed rows, %s\ndevice: %d, %s, %d SMs (model: %.0f "
+               "GB/s, grouped kernel %.0f TFLOP/s, cuBLAS %.0f TFLOP/s)\n",
+               (long long)d.num_experts, (long long)d.hidden,
+               (long long)d.intermediate, (long long)d.top_k,
+               (long long)d.max_tokens, (long long)rows,
+               moe_dtype_name(d.dtype), d.device.index, prop.name, cp->gm.sms,
+               cp->gm.bandwidth_gbs, cp->gm.mma_tflops, cp->gm.blas_tflops);
   bool any_loop = false;
   for (int proj = 0; proj < 2; proj++) {
-    moe_cu_cost g = moe_cu_predict(cp, proj, MOE_GMM_GROUPED);
-    moe_cu_cost l = moe_cu_predict(cp, proj, MOE_GMM_LOOP);
+    moe_proj_cost g = moe_cu_predict(p, proj, MOE_GMM_GROUPED);
+    moe_proj_cost l = moe_cu_predict(p, proj, MOE_GMM_LOOP);
     moe_gmm_method m = forced;
     const char *why = by;
     if (m == MOE_GMM_AUTO) {
@@ -230,38 +180,38 @@ moe_status moe_cuda_layer_plan_create(moe_layer_plan **plan,
     }
     p->method[proj] = m;
     any_loop |= m == MOE_GMM_LOOP;
-    moe_cu_say(p, &len,
-               "%s: %s (%s) — predicted grouped %.3f / %.3f ms, loop %.3f / "
-               "%.3f ms (fwd / bwd)\n",
-               proj == 0 ? "gate_up" : "down", moe_gmm_method_name(m), why,
-               g.fwd_ms, g.bwd_ms, l.fwd_ms, l.bwd_ms);
+    moe_plan_say(p, len,
+                 "%s: %s (%s) — predicted grouped %.3f / %.3f ms, loop %.3f / "
+                 "%.3f ms (fwd / bwd)\n",
+                 proj == 0 ? "gate_up" : "down", moe_gmm_method_name(m), why,
+                 g.fwd_ms, g.bwd_ms, l.fwd_ms, l.bwd_ms);
   }
-  moe_cu_say(p, &len,
-             "grouped: libmoe's kernel, %s, tiles scheduled on the device "
-             "from the offsets; %s\n",
-             d.dtype == MOE_BF16
-                 ? "bf16 tensor cores (mma.sync, f32 accumulate)"
-                 : "f32 on CUDA cores",
-             any_loop ? "the gate_up input is permuted into a copy for "
-                        "cuBLAS"
-                      : "gate_up reads hidden rows through the permutation "
-                        "(no permuted copy)");
+  moe_plan_say(p, len,
+               "grouped: libmoe's kernel, %s, tiles scheduled on the device "
+               "from the offsets; %s\n",
+               d.dtype == MOE_BF16
+                   ? "bf16 tensor cores (mma.sync, f32 accumulate)"
+                   : "f32 on CUDA cores",
+               any_loop ? "the gate_up input is permuted into a copy for "
+                          "cuBLAS"
+                        : "gate_up reads hidden rows through the permutation "
+                          "(no permuted copy)");
   if (any_loop)
-    moe_cu_say(p, &len,
-               "loop: one cuBLAS GEMM per expert needs the counts on the "
-               "host: one cudaMemcpy + cudaStreamSynchronize per forward "
-               "and per backward%s\n",
-               d.strict ? " — strict mode: forward/backward will fail with "
-                          "MOE_ERR_STRICT"
-                        : "");
-  moe_cu_say(p, &len,
-             "routing: router GEMM %s (f32 logits), softmax + top-k, "
-             "histogram + scan + stable placement on the device\n",
-             cp->rowwise ? "and its dX by libmoe's kernel (method pinned: "
-                           "a token's logits do not depend on the batch), "
-                           "its dW by cuBLAS"
-                         : "by cuBLAS");
-  if (ranks > 1) moe_cu_ep_explain(p, &len);
+    moe_plan_say(p, len,
+                 "loop: one cuBLAS GEMM per expert needs the counts on the "
+                 "host: one cudaMemcpy + cudaStreamSynchronize per forward "
+                 "and per backward%s\n",
+                 d.strict ? " — strict mode: forward/backward will fail with "
+                            "MOE_ERR_STRICT"
+                          : "");
+  moe_plan_say(p, len,
+               "routing: router GEMM %s (f32 logits), softmax + top-k, "
+               "histogram + scan + stable placement on the device\n",
+               cp->rowwise ? "and its dX by libmoe's kernel (method pinned: "
+                             "a token's logits do not depend on the batch), "
+                             "its dW by cuBLAS"
+                           : "by cuBLAS");
+  if (ranks > 1) moe_cu_ep_explain(p, len);
 
   int prev;
   moe_status s = moe_cu_enter(d.device.index, &prev);
@@ -275,17 +225,13 @@ moe_status moe_cuda_layer_plan_create(moe_layer_plan **plan,
     if (s == MOE_SUCCESS && ranks > 1) s = moe_cu_ep_create(p, &cp->ep);
     moe_cu_leave(d.device.index, prev);
   }
-  if (s != MOE_SUCCESS) {
-    moe_cuda_layer_plan_destroy(p);
-    return s;
-  }
-  *plan = p;
-  return MOE_SUCCESS;
+  if (s != MOE_SUCCESS) moe_cuda_plan_destroy(p);
+  return s;
 }
 
-moe_status moe_cuda_layer_plan_destroy(moe_layer_plan *plan) {
-  if (!plan) return MOE_SUCCESS;
+static void moe_cuda_plan_destroy(moe_layer_plan *plan) {
   moe_cuda_plan *cp = moe_cp(plan);
+  if (!cp) return;
   int prev;
   bool entered = moe_cu_enter(plan->d.device.index, &prev) == MOE_SUCCESS;
   if (cp->blas) cublasDestroy(cp->blas);
@@ -293,20 +239,27 @@ moe_status moe_cuda_layer_plan_destroy(moe_layer_plan *plan) {
   moe_cu_ep_destroy(cp->ep);
   if (entered) moe_cu_leave(plan->d.device.index, prev);
   free(cp);
+  plan->ctx = NULL;
+}
+
+static moe_status moe_cuda_predict(const moe_layer_plan *plan, int projection,
+                                   moe_gmm_method m, double *fwd_ms,
+                                   double *bwd_ms) {
+  moe_proj_cost c = moe_cu_predict(plan, projection, m);
+  if (fwd_ms) *fwd_ms = c.fwd_ms;
+  if (bwd_ms) *bwd_ms = c.bwd_ms;
   return MOE_SUCCESS;
 }
 
-moe_status moe_cuda_layer_plan_predict(const moe_layer_plan *plan,
-                                       int projection, moe_gmm_method m,
-                                       double *fwd_ms, double *bwd_ms) {
-  if (!plan || projection < 0 || projection > 1 ||
-      (m != MOE_GMM_GROUPED && m != MOE_GMM_LOOP))
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "moe_layer_plan_predict: need a plan, projection 0 or 1 "
-                     "and the grouped or loop method");
-  moe_cu_cost c = moe_cu_predict(moe_cp(plan), projection, m);
-  if (fwd_ms) *fwd_ms = c.fwd_ms;
-  if (bwd_ms) *bwd_ms = c.bwd_ms;
+/// The floor on the device: the grouped kernel's measured rate (tensor
+/// cores for bf16, CUDA cores for f32) and the memory bandwidth.
+static moe_status moe_cuda_floor(const moe_layer_plan *plan, int backward,
+                                 double *compute_ms, double *memory_ms) {
+  const moe_gpu_machine *g = &moe_cp(plan)->gm;
+  double peak =
+      (plan->d.dtype == MOE_BF16 ? g->mma_tflops : g->simt_tflops) * 1e12;
+  moe_floor(&plan->d, plan->e_local, backward, peak, g->bandwidth_gbs * 1e9,
+            compute_ms, memory_ms);
   return MOE_SUCCESS;
 }
 
@@ -384,15 +337,12 @@ static void moe_cu_bufs_of(const moe_layer_plan *p, int64_t T, moe_cu_bufs *b) {
   b->ws = b->fws > b->bws ? b->fws : b->bws;
 }
 
-moe_status moe_cuda_layer_plan_sizes(const moe_layer_plan *plan, int64_t tokens,
-                                     size_t *workspace_bytes,
-                                     size_t *saved_bytes) {
-  /* plan and tokens were checked by moe_layer_plan_sizes. */
+static void moe_cuda_sizes(const moe_layer_plan *plan, int64_t tokens,
+                           size_t *workspace_bytes, size_t *saved_bytes) {
   moe_cu_bufs b;
   moe_cu_bufs_of(plan, tokens, &b);
-  if (workspace_bytes) *workspace_bytes = b.ws;
-  if (saved_bytes) *saved_bytes = b.saved;
-  return MOE_SUCCESS;
+  *workspace_bytes = b.ws;
+  *saved_bytes = b.saved;
 }
 
 /* ---- argument checks -------------------------------------------------------
@@ -402,6 +352,7 @@ moe_status moe_cuda_layer_plan_sizes(const moe_layer_plan *plan, int64_t tokens,
  * -------------------------------------------------------- */
 
 typedef struct moe_cu_exec {
+  const moe_layer_plan *p;
   moe_cuda_plan *cp;
   moe_cu_ctx ctx;
   const int64_t *offsets; /* device */
@@ -441,7 +392,7 @@ static moe_status moe_cu_fwd(const moe_cu_exec *x, int proj,
   g.B = moe_cu_op(w->data, w->dtype, w->stride[2], w->stride[1]);
   g.B.gs = w->stride[0];
   g.C = moe_cu_op(Y, yt, ldy, 1);
-  return moe_cu_gemm_run(x->cp->base.method[proj], &g, &x->ctx);
+  return moe_cu_gemm_run(x->p->method[proj], &g, &x->ctx);
 }
 
 /// dX[R, K] (+)= dY[R, N] . W_e.
@@ -456,12 +407,12 @@ static moe_status moe_cu_dx(const moe_cu_exec *x, int proj, void *dY,
   g.rows = x->rows;
   g.N = w->shape[2];
   g.K = w->shape[1];
-  g.A = moe_cu_op(dY, x->cp->base.d.dtype, lddy, 1);
+  g.A = moe_cu_op(dY, x->p->d.dtype, lddy, 1);
   g.B = moe_cu_op(w->data, w->dtype, w->stride[1], w->stride[2]);
   g.B.gs = w->stride[0];
   g.C = moe_cu_op(dX, dxt, lddx, 1);
   g.beta = beta;
-  return moe_cu_gemm_run(x->cp->base.method[proj], &g, &x->ctx);
+  return moe_cu_gemm_run(x->p->method[proj], &g, &x->ctx);
 }
 
 /// dW_e[N, K] = dY_e^T . X_e through dw's strides; X may be gathered.
@@ -476,11 +427,11 @@ static moe_status moe_cu_dw(const moe_cu_exec *x, int proj, void *dY,
   g.rows = x->rows;
   g.M = dw->shape[1];
   g.N = dw->shape[2];
-  g.A = moe_cu_op(dY, x->cp->base.d.dtype, 1, lddy);
+  g.A = moe_cu_op(dY, x->p->d.dtype, 1, lddy);
   g.B = *X;
   g.C = moe_cu_op(dw->data, dw->dtype, dw->stride[1], dw->stride[2]);
   g.C.gs = dw->stride[0];
-  return moe_cu_gemm_run(x->cp->base.method[proj], &g, &x->ctx);
+  return moe_cu_gemm_run(x->p->method[proj], &g, &x->ctx);
 }
 
 /// One dense product through cuBLAS, or libmoe's kernel as one group where
@@ -517,14 +468,16 @@ static moe_status moe_cu_dense(const moe_cu_exec *x, moe_group_kind kind,
 
 /// Context, workspace (allocated stream-ordered when the caller gave none)
 /// and, if a projection runs the loop method, the counts on the host.
-static moe_status moe_cu_begin(moe_cuda_plan *cp, void **ws, size_t ws_bytes,
-                               size_t need, size_t blas_at, void *stream,
-                               moe_cu_exec *x) {
+static moe_status moe_cu_begin(const moe_layer_plan *p, void **ws,
+                               size_t ws_bytes, size_t need, size_t blas_at,
+                               void *stream, moe_cu_exec *x) {
+  moe_cuda_plan *cp = moe_cp(p);
   memset(x, 0, sizeof *x);
+  x->p = p;
   x->cp = cp;
   x->ctx.stream = (cudaStream_t)stream;
   x->ctx.blas = cp->blas;
-  x->ctx.strict = cp->base.d.strict;
+  x->ctx.strict = p->d.strict;
   x->ctx.pinned = cp->pinned;
   MOE_TRY(moe_layer_check_buffer(*ws, ws_bytes, need, "workspace"));
   if (!*ws) {
@@ -550,14 +503,15 @@ static moe_status moe_cu_end(moe_cu_exec *x, moe_status s) {
 /// The loop method's single sync: the counts to the host, once per pass.
 static moe_status moe_cu_host_counts(moe_cu_exec *x) {
   moe_cuda_plan *cp = x->cp;
-  if (cp->base.method[0] != MOE_GMM_LOOP && cp->base.method[1] != MOE_GMM_LOOP)
+  const moe_layer_plan *p = x->p;
+  if (p->method[0] != MOE_GMM_LOOP && p->method[1] != MOE_GMM_LOOP)
     return MOE_SUCCESS;
-  if (cp->base.d.strict)
+  if (p->d.strict)
     return moe_error(MOE_ERR_STRICT,
                      "method loop (cuBLAS per expert) needs the expert counts "
                      "on the host — a cudaMemcpy and a stream sync, which "
                      "strict mode forbids; use the grouped method");
-  int64_t n = cp->base.d.num_experts + 1;
+  int64_t n = p->d.num_experts + 1;
   MOE_CU_TRY(cudaMemcpyAsync(cp->pinned, x->offsets, (size_t)n * 8,
                              cudaMemcpyDeviceToHost, x->ctx.stream));
   MOE_CU_TRY(cudaStreamSynchronize(x->ctx.stream));
@@ -573,10 +527,11 @@ static moe_status moe_cu_forward_run(moe_cu_exec *x,
                                      const moe_call *c, const moe_cu_bufs *b,
                                      char *sv, char *ws) {
   moe_cuda_plan *cp = x->cp;
-  const moe_layer_desc *d = &cp->base.d;
+  const moe_layer_plan *p = x->p;
+  const moe_layer_desc *d = &p->d;
   cudaStream_t st = x->ctx.stream;
   int64_t T = c->T, k = d->top_k, H = d->hidden, I = d->intermediate,
-          E = d->num_experts, El = cp->base.e_local, S = T * k;
+          E = d->num_experts, El = p->e_local, S = T * k;
   moe_dtype dt = d->dtype;
   size_t es = moe_dtype_size(dt);
   int32_t *idx = (int32_t *)moe_cu_at(sv, b->idx);
@@ -625,8 +580,8 @@ static moe_status moe_cu_forward_run(moe_cu_exec *x,
     moe_cu_view hv = moe_cu_view_of(&a->hidden);
     MOE_TRY(moe_cu_gather_rows(&hv, row_token, offsets + E, S, H, send, st));
     moe_cu_ep_rows r;
-    moe_status s = moe_cu_ep_forward_begin(cp->ep, &cp->base, MOE_SUCCESS,
-                                           offsets, meta, st, &r);
+    moe_status s =
+        moe_cu_ep_forward_begin(cp->ep, p, MOE_SUCCESS, offsets, meta, st, &r);
     x->ep_joined = r.joined;
     MOE_TRY(s);
     MOE_TRY(moe_cu_ep_dispatch(cp->ep, meta, send, (size_t)H * es,
@@ -636,7 +591,7 @@ static moe_status moe_cu_forward_run(moe_cu_exec *x,
     x->ctx.host_offsets = r.loff_host;
     X = moe_cu_op(xr, dt, H, 1);
     yc = send; /* dead since the dispatch */
-  } else if (cp->base.method[0] == MOE_GMM_LOOP) {
+  } else if (p->method[0] == MOE_GMM_LOOP) {
     char *xp = moe_cu_at(sv, b->xp);
     moe_cu_view hv = moe_cu_view_of(&a->hidden);
     MOE_TRY(moe_cu_gather_rows(&hv, row_token, offsets + E, S, H, xp, st));
@@ -677,29 +632,21 @@ static moe_status moe_cu_ep_join(moe_layer_plan *plan, moe_status s,
 
 static moe_status moe_cu_forward_call(moe_layer_plan *plan,
                                       const moe_layer_fwd_args *args,
-                                      void *saved, size_t saved_bytes,
+                                      const moe_call *c, void *saved,
                                       void *workspace, size_t workspace_bytes,
                                       void *stream, bool *joined) {
-  if (!args)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "moe_layer_forward: args must not be NULL");
-  moe_cuda_plan *cp = moe_cp(plan);
   const moe_layer_desc *d = &plan->d;
-  moe_call c;
-  MOE_TRY(moe_layer_check_fwd(plan, args, &c));
-  MOE_TRY(moe_layer_check_fwd_outputs(plan, args, &c));
   moe_cu_bufs b;
-  moe_cu_bufs_of(plan, c.T, &b);
-  MOE_TRY(moe_layer_check_buffer(saved, saved_bytes, b.saved, "saved"));
+  moe_cu_bufs_of(plan, c->T, &b);
   int prev;
   MOE_TRY(moe_cu_enter(d->device.index, &prev));
   moe_cu_exec x;
-  moe_status s =
-      moe_cu_begin(cp, &workspace, workspace_bytes, b.fws, b.fblas, stream, &x);
+  moe_status s = moe_cu_begin(plan, &workspace, workspace_bytes, b.fws, b.fblas,
+                              stream, &x);
   if (s == MOE_SUCCESS) {
     char *ws = workspace;
     char *sv = saved ? (char *)saved : moe_cu_at(ws, b.fsaved);
-    s = moe_cu_forward_run(&x, args, &c, &b, sv, ws);
+    s = moe_cu_forward_run(&x, args, c, &b, sv, ws);
   }
   *joined = x.ep_joined;
   s = moe_cu_end(&x, s);
@@ -707,16 +654,16 @@ static moe_status moe_cu_forward_call(moe_layer_plan *plan,
   return s;
 }
 
-moe_status moe_cuda_layer_forward(moe_layer_plan *plan,
-                                  const moe_layer_fwd_args *args, void *saved,
-                                  size_t saved_bytes, void *workspace,
-                                  size_t workspace_bytes, void *stream) {
-  if (!plan)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "moe_layer_forward: plan must not be NULL");
+static moe_status moe_cuda_forward(moe_layer_plan *plan, moe_status checked,
+                                   const moe_call *c,
+                                   const moe_layer_fwd_args *args, void *saved,
+                                   void *workspace, size_t workspace_bytes,
+                                   void *stream) {
   bool joined = false;
-  moe_status s = moe_cu_forward_call(plan, args, saved, saved_bytes, workspace,
-                                     workspace_bytes, stream, &joined);
+  moe_status s = checked != MOE_SUCCESS
+                     ? checked
+                     : moe_cu_forward_call(plan, args, c, saved, workspace,
+                                           workspace_bytes, stream, &joined);
   return moe_cu_ep_join(plan, s, false, joined, stream);
 }
 
@@ -730,8 +677,8 @@ moe_cu_backward_rest(moe_cu_exec *x, const moe_layer_bwd_args *args,
                      const moe_call *c, const moe_gate_up *ggu,
                      const moe_cu_bufs *b, char *sv, char *ws,
                      const moe_cu_operand *Xp, float **dxr_out) {
-  moe_cuda_plan *cp = x->cp;
-  const moe_layer_desc *d = &cp->base.d;
+  const moe_layer_plan *p = x->p;
+  const moe_layer_desc *d = &p->d;
   const moe_layer_fwd_args *a = &args->fwd;
   cudaStream_t st = x->ctx.stream;
   int64_t T = c->T, k = d->top_k, H = d->hidden, I = d->intermediate,
@@ -784,11 +731,12 @@ static moe_status moe_cu_backward_run(moe_cu_exec *x,
                                       const moe_cu_bufs *b, char *sv,
                                       char *ws) {
   moe_cuda_plan *cp = x->cp;
-  const moe_layer_desc *d = &cp->base.d;
+  const moe_layer_plan *p = x->p;
+  const moe_layer_desc *d = &p->d;
   const moe_layer_fwd_args *a = &args->fwd;
   cudaStream_t st = x->ctx.stream;
   int64_t T = c->T, k = d->top_k, H = d->hidden, I = d->intermediate,
-          El = cp->base.e_local, S = T * k;
+          El = p->e_local, S = T * k;
   moe_dtype dt = d->dtype;
   size_t es = moe_dtype_size(dt);
   const int32_t *slot_row = (const int32_t *)moe_cu_at(sv, b->slot_row);
@@ -806,8 +754,8 @@ static moe_status moe_cu_backward_run(moe_cu_exec *x,
   char *meta = moe_cu_at(sv, b->epmeta);
   moe_cu_ep_rows r;
   if (cp->ep) {
-    moe_status s = moe_cu_ep_backward_begin(cp->ep, &cp->base, MOE_SUCCESS,
-                                            offsets, meta, st, &r);
+    moe_status s =
+        moe_cu_ep_backward_begin(cp->ep, p, MOE_SUCCESS, offsets, meta, st, &r);
     x->ep_joined = r.joined;
     MOE_TRY(s);
   } else {
@@ -844,7 +792,7 @@ static moe_status moe_cu_backward_run(moe_cu_exec *x,
   moe_cu_operand X;
   if (cp->ep) {
     X = moe_cu_op(moe_cu_at(sv, b->xr), dt, H, 1);
-  } else if (cp->base.method[0] == MOE_GMM_LOOP) {
+  } else if (p->method[0] == MOE_GMM_LOOP) {
     X = moe_cu_op(moe_cu_at(sv, b->xp), dt, H, 1);
   } else {
     X = moe_cu_op(a->hidden.data, dt, a->hidden.stride[0], a->hidden.stride[1]);
@@ -876,35 +824,21 @@ static moe_status moe_cu_backward_run(moe_cu_exec *x,
   return moe_cu_permute_backward(dxp, dxt, slot_row, dxr, T, k, H, &gh, st);
 }
 
-static moe_status moe_cu_backward_call(moe_layer_plan *plan,
-                                       const moe_layer_bwd_args *args,
-                                       const void *saved, size_t saved_bytes,
-                                       void *workspace, size_t workspace_bytes,
-                                       void *stream, bool *joined) {
-  if (!args)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "moe_layer_backward: args must not be NULL");
-  if (!saved)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "saved: NULL; pass the buffer the forward filled");
-  moe_cuda_plan *cp = moe_cp(plan);
+static moe_status
+moe_cu_backward_call(moe_layer_plan *plan, const moe_layer_bwd_args *args,
+                     const moe_call *c, const moe_gate_up *ggu,
+                     const void *saved, void *workspace, size_t workspace_bytes,
+                     void *stream, bool *joined) {
   const moe_layer_desc *d = &plan->d;
-  const moe_layer_fwd_args *a = &args->fwd;
-  moe_call c;
-  MOE_TRY(moe_layer_check_fwd(plan, a, &c));
-  int64_t T = c.T;
-  moe_gate_up ggu;
-  MOE_TRY(moe_layer_check_bwd(plan, args, &c, &ggu));
   moe_cu_bufs b;
-  moe_cu_bufs_of(plan, T, &b);
-  MOE_TRY(moe_layer_check_buffer(saved, saved_bytes, b.saved, "saved"));
+  moe_cu_bufs_of(plan, c->T, &b);
   int prev;
   MOE_TRY(moe_cu_enter(d->device.index, &prev));
   moe_cu_exec x;
-  moe_status s =
-      moe_cu_begin(cp, &workspace, workspace_bytes, b.bws, b.bblas, stream, &x);
+  moe_status s = moe_cu_begin(plan, &workspace, workspace_bytes, b.bws, b.bblas,
+                              stream, &x);
   if (s == MOE_SUCCESS) {
-    s = moe_cu_backward_run(&x, args, &c, &ggu, &b, (char *)saved,
+    s = moe_cu_backward_run(&x, args, c, ggu, &b, (char *)saved,
                             (char *)workspace);
   }
   *joined = x.ep_joined;
@@ -913,16 +847,26 @@ static moe_status moe_cu_backward_call(moe_layer_plan *plan,
   return s;
 }
 
-moe_status moe_cuda_layer_backward(moe_layer_plan *plan,
-                                   const moe_layer_bwd_args *args,
-                                   const void *saved, size_t saved_bytes,
-                                   void *workspace, size_t workspace_bytes,
-                                   void *stream) {
-  if (!plan)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "moe_layer_backward: plan must not be NULL");
+static moe_status moe_cuda_backward(moe_layer_plan *plan, moe_status checked,
+                                    const moe_call *c, const moe_gate_up *ggu,
+                                    const moe_layer_bwd_args *args,
+                                    const void *saved, void *workspace,
+                                    size_t workspace_bytes, void *stream) {
   bool joined = false;
-  moe_status s = moe_cu_backward_call(plan, args, saved, saved_bytes, workspace,
-                                      workspace_bytes, stream, &joined);
+  moe_status s =
+      checked != MOE_SUCCESS
+          ? checked
+          : moe_cu_backward_call(plan, args, c, ggu, saved, workspace,
+                                 workspace_bytes, stream, &joined);
   return moe_cu_ep_join(plan, s, true, joined, stream);
 }
+
+const moe_layer_backend moe_layer_backend_cuda = {"cuda",
+                                                  moe_cuda_supports,
+                                                  moe_cuda_plan_create,
+                                                  moe_cuda_plan_destroy,
+                                                  moe_cuda_sizes,
+                                                  moe_cuda_predict,
+                                                  moe_cuda_floor,
+                                                  moe_cuda_forward,
+                                                  moe_cuda_backward};

@@ -18,7 +18,7 @@
 #include "comm/comm_nccl.h"
 #include "backend/cuda/cuda_ep.h"
 #include "backend/cuda/cuda_internal.h"
-#include "layer/layer_ep.h"
+#include "layer/ep.h"
 
 struct moe_cu_ep {
   moe_comm *comm;

@@ -1,7 +1,7 @@
-/// @file layer_ep.h
-/// Expert parallelism for the layer (layer_ep.c): plan-time agreement and
+/// @file layer_cpu_ep.h
+/// Expert parallelism for the layer (layer_cpu_ep.c): plan-time agreement and
 /// explanation, the extra buffer space, and the dispatch and combine steps
-/// that layer.c calls when the plan spans several ranks.
+/// that layer_cpu.c calls when the plan spans several ranks.
 ///
 /// Protocol of one forward (backward mirrors it; dispatch's backward is a
 /// combine and vice versa):
@@ -15,27 +15,17 @@
 /// A rank that fails anywhere still takes part in the next agreement with
 /// its failure, so every rank stops at the same point: no one is left
 /// waiting in a collective.
-#ifndef MOE_LAYER_EP_H
-#define MOE_LAYER_EP_H
+#ifndef MOE_LAYER_CPU_EP_H
+#define MOE_LAYER_CPU_EP_H
 
-#include "layer/layer.h"
+#include "backend/cpu/layer_cpu.h"
+#include "layer/ep.h"
 
 /// Progress of one forward or backward call through the agreements.
 typedef struct moe_ep_call {
   int phase;    ///< agreements completed (0, 1 or 2)
   bool aborted; ///< an agreement reported a failure: no more collectives
 } moe_ep_call;
-
-/// Plan creation, collective: every rank sends its description and the
-/// verdict of its own checks (`local`) to every rank. Fails on every rank
-/// if any rank failed or the ranks describe different layers. `max_rows`
-/// receives the most rows this rank can receive: the sum over ranks of
-/// max_tokens * top_k.
-moe_status moe_ep_agree(const moe_layer_desc *d, moe_status local,
-                        int64_t *max_rows);
-
-/// Appends the expert-parallel lines to the plan's explanation.
-void moe_ep_explain(moe_layer_plan *p, size_t *len);
 
 /// Extra bytes at the end of `saved` (the exchange counts the backward
 /// reuses) and at the end of the workspace (exchange staging).
@@ -66,4 +56,4 @@ moe_status moe_ep_combine(moe_ep_call *c, const moe_layer_plan *p,
 moe_status moe_ep_end(moe_ep_call *c, const moe_layer_plan *p, bool backward,
                       moe_status s);
 
-#endif /* MOE_LAYER_EP_H */
+#endif /* MOE_LAYER_CPU_EP_H */
