@@ -12,9 +12,10 @@
 /// from the stream-ordered allocator (cudaMallocAsync) and give it back on
 /// the same stream. `saved` must be device memory.
 ///
-/// This header adds the building blocks on device tensors (no CUDA headers
-/// needed to include it). They take `moe_exec_options` like their CPU twins
-/// in moe.h; `stream` is a cudaStream_t. Offsets are I64 device tensors.
+/// The grouped GEMM calls of moe.h run on device tensors as they are; this
+/// header adds SwiGLU on device tensors and the NCCL communicator (no CUDA
+/// headers needed to include it). `stream` is a cudaStream_t; offsets are
+/// I64 device tensors.
 /// Methods: MOE_GMM_GROUPED (libmoe's tensor-core kernel; no host sync) and
 /// MOE_GMM_LOOP (one cuBLAS call per expert; it copies the offsets to the
 /// host and waits for the stream once, which strict mode refuses).
@@ -32,28 +33,14 @@ extern "C" {
 /// the reason.
 MOE_API moe_status moe_cuda_device_count(int *count);
 
-/// Grouped forward on device tensors: y[r] = x[r] . w[e]^T for the rows of
-/// expert e. Same contract as moe_grouped_gemm (rows at or past
-/// offsets[E] untouched; any weight strides, no weight copy).
-MOE_API moe_status moe_cuda_grouped_gemm(const moe_tensor *x,
-                                         const moe_tensor *w,
-                                         const moe_tensor *offsets,
-                                         moe_tensor *y,
-                                         const moe_exec_options *opt);
-/// Grouped dX on device tensors: dx[r] = dy[r] . w[e].
-MOE_API moe_status moe_cuda_grouped_gemm_dx(const moe_tensor *dy,
-                                            const moe_tensor *w,
-                                            const moe_tensor *offsets,
-                                            moe_tensor *dx,
-                                            const moe_exec_options *opt);
-/// K-grouped dW on device tensors: dw[e] = dy_e^T . x_e through dw's
-/// strides; one CTA owns each output tile (deterministic, no atomics);
-/// experts with no rows get exact zeros.
-MOE_API moe_status moe_cuda_grouped_gemm_dw(const moe_tensor *x,
-                                            const moe_tensor *dy,
-                                            const moe_tensor *offsets,
-                                            moe_tensor *dw,
-                                            const moe_exec_options *opt);
+/// The grouped GEMM calls of moe.h dispatch on the tensors' device:
+/// moe_grouped_gemm, moe_grouped_gemm_dx and moe_grouped_gemm_dw take
+/// device tensors (offsets I64 on the device) and `opt->stream`. AUTO means
+/// the grouped method on CUDA; its dW gives each output tile to one CTA
+/// (deterministic, no atomics). The earlier CUDA names remain as aliases.
+#define moe_cuda_grouped_gemm moe_grouped_gemm
+#define moe_cuda_grouped_gemm_dx moe_grouped_gemm_dx
+#define moe_cuda_grouped_gemm_dw moe_grouped_gemm_dw
 
 /// SwiGLU on device [R, I] views: h = silu(gate) * up (f32 math).
 MOE_API moe_status moe_cuda_swiglu_forward(const moe_tensor *gate,

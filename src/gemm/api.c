@@ -1,77 +1,30 @@
 /// @file api.c
-/// The public grouped-GEMM entry points: argument checks, translation to a
-/// moe_gemm_problem, and the method choice for standalone calls.
-#include <omp.h>
+/// The public grouped-GEMM calls, one per operation for every device: the
+/// arguments are checked in one order, the problem is built from the weight
+/// view (gemm/problem.h), and the backend of the tensors' device (api.h)
+/// picks the method and runs it.
+#include "gemm/api.h"
 
-#include "core/env.h"
-#include "backend/cpu/gemm/gemm.h"
-#include "plan/planner.h"
-
-typedef struct moe_gg_args {
-  const char *fn;
-  int64_t E, R;
-} moe_gg_args;
-
-/// Checks offsets (I64 [E+1], CPU, monotone, within [0, R]).
-static moe_status moe_check_offsets(const moe_tensor *off, int64_t E, int64_t R,
-                                    const char *fn) {
-  int64_t s[1] = {E + 1};
-  moe_device cpu = {MOE_DEVICE_CPU, 0};
-  MOE_TRY(moe_check_tensor(off, "offsets", 1, s, (int)MOE_I64, &cpu));
-  if (off->stride[0] != 1)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: offsets must be contiguous",
-                     fn);
-  const int64_t *o = off->data;
-  for (int64_t e = 0; e <= E; e++) {
-    if (o[e] < 0 || o[e] > R || (e > 0 && o[e] < o[e - 1]))
-      return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                       "%s: offsets[%lld] = %lld is out of order or outside "
-                       "[0, %lld]",
-                       fn, (long long)e, (long long)o[e], (long long)R);
-  }
-  return MOE_SUCCESS;
+static const moe_gemm_api *moe_api_of(const moe_tensor *t) {
+#ifdef MOE_HAVE_CUDA
+  if (t->ndim > 0 && t->device.type == MOE_DEVICE_CUDA)
+    return &moe_gemm_api_cuda;
+#endif
+  (void)t;
+  return &moe_gemm_api_cpu;
 }
 
 static moe_operand moe_op2(const moe_tensor *t) {
-  moe_operand o = {t->data, t->dtype, t->stride[0], t->stride[1], 0};
-  return o;
+  return moe_op(t->data, t->dtype, t->stride[0], t->stride[1]);
 }
 
-/// Resolves AUTO for a standalone call with the cost model.
-static moe_status moe_pick(const moe_exec_options *opt, const moe_tensor *w,
-                           int64_t R, moe_gmm_method *m) {
-  moe_gmm_method env;
-  bool set;
-  MOE_TRY(moe_env_gmm(&env, &set));
-  moe_gmm_method forced =
-      opt && opt->method != MOE_GMM_AUTO ? opt->method : env;
-  int threads =
-      opt && opt->num_threads > 0 ? opt->num_threads : omp_get_max_threads();
-  moe_proj_shape s = {
-      "weight", w->shape[0],          R, w->shape[2], w->shape[1],
-      w->dtype, moe_weight_layout(w), 1};
-  char buf[1024];
-  size_t len = 0;
-  return moe_plan_projection(moe_machine_get(), &s, forced,
-                             opt && opt->method ? "options" : "MOE_GMM",
-                             threads, m, buf, &len, sizeof buf);
-}
-
-static moe_gemm_ctx moe_ctx_of(const moe_exec_options *opt) {
-  moe_gemm_ctx c;
-  memset(&c, 0, sizeof c);
-  if (opt) {
-    c.num_threads = opt->num_threads;
-    c.strict = opt->strict;
-  }
-  return c;
-}
-
-static moe_status moe_gg_check(const char *fn, const moe_tensor *w,
-                               const moe_tensor *off, int64_t R) {
-  moe_device cpu = {MOE_DEVICE_CPU, 0};
-  MOE_TRY(moe_check_tensor(w, "w", 3, NULL, -1, &cpu));
-  return moe_check_offsets(off, w->shape[0], R, fn);
+/// The per-group tensor `w` (named `wname`) and the offsets over R rows.
+static moe_status moe_gg_groups(const char *fn, const moe_gemm_api *api,
+                                const moe_tensor *w, const char *wname,
+                                const moe_tensor *off, int64_t R,
+                                moe_device *dev) {
+  MOE_TRY(api->check(w, wname, 3, NULL, dev));
+  return api->offsets(off, w->shape[0], R, fn, dev);
 }
 
 moe_status moe_grouped_gemm(const moe_tensor *x, const moe_tensor *w,
@@ -80,29 +33,18 @@ moe_status moe_grouped_gemm(const moe_tensor *x, const moe_tensor *w,
   const char *fn = "moe_grouped_gemm";
   if (!x || !w || !offsets || !y)
     return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: NULL argument", fn);
-  moe_device cpu = {MOE_DEVICE_CPU, 0};
-  MOE_TRY(moe_check_tensor(x, "x", 2, NULL, -1, &cpu));
+  const moe_gemm_api *api = moe_api_of(x);
+  moe_device dev = {MOE_DEVICE_CPU, 0};
+  MOE_TRY(api->check(x, "x", 2, NULL, &dev));
   int64_t R = x->shape[0];
-  MOE_TRY(moe_gg_check(fn, w, offsets, R));
+  MOE_TRY(moe_gg_groups(fn, api, w, "w", offsets, R, &dev));
   int64_t ws[3] = {-1, -1, x->shape[1]};
-  MOE_TRY(moe_check_tensor(w, "w", 3, ws, -1, &cpu));
+  MOE_TRY(api->check(w, "w", 3, ws, &dev));
   int64_t ys[2] = {R, w->shape[1]};
-  MOE_TRY(moe_check_tensor(y, "y", 2, ys, -1, &cpu));
-  moe_gmm_method m;
-  MOE_TRY(moe_pick(opt, w, R, &m));
-  moe_gemm_problem p = {
-      MOE_GROUP_M,
-      w->shape[0],
-      offsets->data,
-      0,
-      w->shape[1],
-      w->shape[2],
-      moe_op2(x),
-      {w->data, w->dtype, w->stride[2], w->stride[1], w->stride[0]},
-      moe_op2(y),
-      0.0f};
-  moe_gemm_ctx c = moe_ctx_of(opt);
-  return moe_gemm_run(m, &p, &c);
+  MOE_TRY(api->check(y, "y", 2, ys, &dev));
+  moe_gemm_problem p =
+      moe_gemm_fwd_of(w, offsets->data, R, moe_op2(x), moe_op2(y));
+  return api->run(&p, w, &dev, opt);
 }
 
 moe_status moe_grouped_gemm_dx(const moe_tensor *dy, const moe_tensor *w,
@@ -111,29 +53,18 @@ moe_status moe_grouped_gemm_dx(const moe_tensor *dy, const moe_tensor *w,
   const char *fn = "moe_grouped_gemm_dx";
   if (!dy || !w || !offsets || !dx)
     return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: NULL argument", fn);
-  moe_device cpu = {MOE_DEVICE_CPU, 0};
-  MOE_TRY(moe_check_tensor(dy, "dy", 2, NULL, -1, &cpu));
+  const moe_gemm_api *api = moe_api_of(dy);
+  moe_device dev = {MOE_DEVICE_CPU, 0};
+  MOE_TRY(api->check(dy, "dy", 2, NULL, &dev));
   int64_t R = dy->shape[0];
-  MOE_TRY(moe_gg_check(fn, w, offsets, R));
+  MOE_TRY(moe_gg_groups(fn, api, w, "w", offsets, R, &dev));
   int64_t ws[3] = {-1, dy->shape[1], -1};
-  MOE_TRY(moe_check_tensor(w, "w", 3, ws, -1, &cpu));
+  MOE_TRY(api->check(w, "w", 3, ws, &dev));
   int64_t xs[2] = {R, w->shape[2]};
-  MOE_TRY(moe_check_tensor(dx, "dx", 2, xs, -1, &cpu));
-  moe_gmm_method m;
-  MOE_TRY(moe_pick(opt, w, R, &m));
-  moe_gemm_problem p = {
-      MOE_GROUP_M,
-      w->shape[0],
-      offsets->data,
-      0,
-      w->shape[2],
-      w->shape[1],
-      moe_op2(dy),
-      {w->data, w->dtype, w->stride[1], w->stride[2], w->stride[0]},
-      moe_op2(dx),
-      0.0f};
-  moe_gemm_ctx c = moe_ctx_of(opt);
-  return moe_gemm_run(m, &p, &c);
+  MOE_TRY(api->check(dx, "dx", 2, xs, &dev));
+  moe_gemm_problem p =
+      moe_gemm_dx_of(w, offsets->data, R, moe_op2(dy), moe_op2(dx), 0.0f);
+  return api->run(&p, w, &dev, opt);
 }
 
 moe_status moe_grouped_gemm_dw(const moe_tensor *x, const moe_tensor *dy,
@@ -142,27 +73,16 @@ moe_status moe_grouped_gemm_dw(const moe_tensor *x, const moe_tensor *dy,
   const char *fn = "moe_grouped_gemm_dw";
   if (!x || !dy || !offsets || !dw)
     return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: NULL argument", fn);
-  moe_device cpu = {MOE_DEVICE_CPU, 0};
-  MOE_TRY(moe_check_tensor(x, "x", 2, NULL, -1, &cpu));
+  const moe_gemm_api *api = moe_api_of(x);
+  moe_device dev = {MOE_DEVICE_CPU, 0};
+  MOE_TRY(api->check(x, "x", 2, NULL, &dev));
   int64_t R = x->shape[0];
   int64_t dys[2] = {R, -1};
-  MOE_TRY(moe_check_tensor(dy, "dy", 2, dys, -1, &cpu));
-  MOE_TRY(moe_gg_check(fn, dw, offsets, R));
+  MOE_TRY(api->check(dy, "dy", 2, dys, &dev));
+  MOE_TRY(moe_gg_groups(fn, api, dw, "dw", offsets, R, &dev));
   int64_t ws[3] = {-1, dy->shape[1], x->shape[1]};
-  MOE_TRY(moe_check_tensor(dw, "dw", 3, ws, -1, &cpu));
-  moe_gmm_method m;
-  MOE_TRY(moe_pick(opt, dw, R, &m));
-  moe_gemm_problem p = {
-      MOE_GROUP_K,
-      dw->shape[0],
-      offsets->data,
-      dw->shape[1],
-      dw->shape[2],
-      0,
-      {dy->data, dy->dtype, dy->stride[1], dy->stride[0], 0},
-      moe_op2(x),
-      {dw->data, dw->dtype, dw->stride[1], dw->stride[2], dw->stride[0]},
-      0.0f};
-  moe_gemm_ctx c = moe_ctx_of(opt);
-  return moe_gemm_run(m, &p, &c);
+  MOE_TRY(api->check(dw, "dw", 3, ws, &dev));
+  moe_operand dyt = moe_op(dy->data, dy->dtype, dy->stride[1], dy->stride[0]);
+  moe_gemm_problem p = moe_gemm_dw_of(dw, offsets->data, R, dyt, moe_op2(x));
+  return api->run(&p, dw, &dev, opt);
 }

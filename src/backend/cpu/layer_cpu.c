@@ -190,27 +190,11 @@ static void moe_cpu_sizes(const moe_layer_plan *plan, int64_t tokens,
   *saved_bytes = b.saved_bytes;
 }
 
-/* ---- GEMM problem builders -------------------------------------------- */
+/* ---- GEMM problems ---------------------------------------------------- */
 
 /// Row-major [rows, ld] activation buffer as an operand.
 static moe_operand moe_op_rows(void *data, moe_dtype t, int64_t ld) {
-  moe_operand o = {data, t, ld, 1, 0};
-  return o;
-}
-/// The transpose of a row-major activation buffer: (m, r) = buf[r, m].
-static moe_operand moe_op_rows_t(void *data, moe_dtype t, int64_t ld) {
-  moe_operand o = {data, t, 1, ld, 0};
-  return o;
-}
-/// Weight [E, out, in] as B of the forward: B(k = in, n = out).
-static moe_operand moe_op_w_fwd(const moe_tensor *w) {
-  moe_operand o = {w->data, w->dtype, w->stride[2], w->stride[1], w->stride[0]};
-  return o;
-}
-/// Weight [E, out, in] as B of dX: B(k = out, n = in).
-static moe_operand moe_op_w_dx(const moe_tensor *w) {
-  moe_operand o = {w->data, w->dtype, w->stride[1], w->stride[2], w->stride[0]};
-  return o;
+  return moe_op(data, t, ld, 1);
 }
 
 typedef struct moe_exec {
@@ -228,16 +212,9 @@ static moe_status moe_run(const moe_exec *x, int proj,
 static moe_status moe_fwd_gemm(const moe_exec *x, int proj, void *X,
                                int64_t ldx, const moe_tensor *w, void *Y,
                                moe_dtype yt, int64_t ldy) {
-  moe_gemm_problem pb = {MOE_GROUP_M,
-                         x->p->e_local,
-                         x->offsets,
-                         0,
-                         w->shape[1],
-                         w->shape[2],
-                         moe_op_rows(X, x->p->d.dtype, ldx),
-                         moe_op_w_fwd(w),
-                         moe_op_rows(Y, yt, ldy),
-                         0.0f};
+  moe_gemm_problem pb =
+      moe_gemm_fwd_of(w, x->offsets, 0, moe_op_rows(X, x->p->d.dtype, ldx),
+                      moe_op_rows(Y, yt, ldy));
   return moe_run(x, proj, &pb);
 }
 
@@ -245,16 +222,9 @@ static moe_status moe_fwd_gemm(const moe_exec *x, int proj, void *X,
 static moe_status moe_dx_gemm(const moe_exec *x, int proj, void *dY,
                               int64_t lddy, const moe_tensor *w, void *dX,
                               moe_dtype dxt, int64_t lddx, float beta) {
-  moe_gemm_problem pb = {MOE_GROUP_M,
-                         x->p->e_local,
-                         x->offsets,
-                         0,
-                         w->shape[2],
-                         w->shape[1],
-                         moe_op_rows(dY, x->p->d.dtype, lddy),
-                         moe_op_w_dx(w),
-                         moe_op_rows(dX, dxt, lddx),
-                         beta};
+  moe_gemm_problem pb =
+      moe_gemm_dx_of(w, x->offsets, 0, moe_op_rows(dY, x->p->d.dtype, lddy),
+                     moe_op_rows(dX, dxt, lddx), beta);
   return moe_run(x, proj, &pb);
 }
 
@@ -262,18 +232,9 @@ static moe_status moe_dx_gemm(const moe_exec *x, int proj, void *dY,
 static moe_status moe_dw_gemm(const moe_exec *x, int proj, void *dY,
                               int64_t lddy, void *X, int64_t ldx,
                               const moe_tensor *dw) {
-  moe_operand c = {dw->data, dw->dtype, dw->stride[1], dw->stride[2],
-                   dw->stride[0]};
-  moe_gemm_problem pb = {MOE_GROUP_K,
-                         x->p->e_local,
-                         x->offsets,
-                         dw->shape[1],
-                         dw->shape[2],
-                         0,
-                         moe_op_rows_t(dY, x->p->d.dtype, lddy),
-                         moe_op_rows(X, x->p->d.dtype, ldx),
-                         c,
-                         0.0f};
+  moe_gemm_problem pb =
+      moe_gemm_dw_of(dw, x->offsets, 0, moe_op(dY, x->p->d.dtype, 1, lddy),
+                     moe_op_rows(X, x->p->d.dtype, ldx));
   return moe_run(x, proj, &pb);
 }
 
@@ -293,17 +254,9 @@ static moe_status moe_route(const moe_exec *x, const moe_layer_fwd_args *a,
     float *logits = (float *)moe_at(ws, b->logits);
     int64_t one[2] = {0, T};
     const moe_tensor *g = &a->gate_weight;
-    moe_gemm_problem pb = {MOE_GROUP_M,
-                           1,
-                           one,
-                           0,
-                           E,
-                           d->hidden,
-                           {a->hidden.data, a->hidden.dtype,
-                            a->hidden.stride[0], a->hidden.stride[1], 0},
-                           {g->data, g->dtype, g->stride[1], g->stride[0], 0},
-                           moe_op_rows(logits, MOE_F32, E),
-                           0.0f};
+    moe_gemm_problem pb = moe_gemm_one_of(
+        MOE_GROUP_M, one, T, E, d->hidden, moe_op_mat(&a->hidden, false),
+        moe_op_mat(g, true), moe_op_rows(logits, MOE_F32, E), 0.0f);
     MOE_TRY(moe_gemm_grouped(&pb, &x->ctx));
     moe_route_topk(logits, T, E, k, d->norm_topk_prob,
                    (float *)moe_at(sv, b->probs), idx, w, x->p->nt);
@@ -524,29 +477,13 @@ static moe_status moe_backward(moe_layer_plan *plan,
                             d->norm_topk_prob, dl, plan->nt);
     const moe_tensor *g = &a->gate_weight, *gg = &args->grad_gate_weight;
     int64_t one[2] = {0, T};
-    moe_gemm_problem pw = {
-        MOE_GROUP_K,
-        1,
-        one,
-        E,
-        H,
-        0,
-        moe_op_rows_t(dl, MOE_F32, E),
-        {a->hidden.data, a->hidden.dtype, a->hidden.stride[0],
-         a->hidden.stride[1], 0},
-        {gg->data, gg->dtype, gg->stride[0], gg->stride[1], 0},
-        0.0f};
+    moe_gemm_problem pw = moe_gemm_one_of(
+        MOE_GROUP_K, one, E, H, T, moe_op(dl, MOE_F32, 1, E),
+        moe_op_mat(&a->hidden, false), moe_op_mat(gg, false), 0.0f);
     s = moe_gemm_grouped(&pw, &x.ctx);
-    moe_gemm_problem px = {MOE_GROUP_M,
-                           1,
-                           one,
-                           0,
-                           H,
-                           E,
-                           moe_op_rows(dl, MOE_F32, E),
-                           {g->data, g->dtype, g->stride[0], g->stride[1], 0},
-                           moe_op_rows(dx, MOE_F32, H),
-                           1.0f};
+    moe_gemm_problem px = moe_gemm_one_of(
+        MOE_GROUP_M, one, T, H, E, moe_op_rows(dl, MOE_F32, E),
+        moe_op_mat(g, false), moe_op_rows(dx, MOE_F32, H), 1.0f);
     if (s == MOE_SUCCESS) s = moe_gemm_grouped(&px, &x.ctx);
     if (s != MOE_SUCCESS) goto done;
   } else {

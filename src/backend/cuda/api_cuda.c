@@ -1,11 +1,12 @@
 /// @file api_cuda.c
-/// moe_cuda.h: the building blocks on device tensors — argument checks,
-/// translation to the device grouped-GEMM problem, the method choice
-/// (options, then MOE_GMM, then grouped) — and the device count.
+/// moe_cuda.h: the CUDA side of the public grouped-GEMM calls (gemm/api.h:
+/// device tensors, the method choice: options, then MOE_GMM, then grouped),
+/// SwiGLU on device tensors, and the device count.
 #include <stdio.h>
 
 #include "core/env.h"
 #include "backend/cuda/cuda_internal.h"
+#include "gemm/api.h"
 #include "moe_cuda.h"
 
 moe_status moe_cuda_device_count(int *count) {
@@ -42,8 +43,8 @@ static moe_status moe_cu_on_device(const moe_tensor *t, const char *name,
                                    moe_device *dev) {
   if (t->ndim > 0 && t->device.type != MOE_DEVICE_CUDA)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "%s: a CPU tensor; moe_cuda_* calls take device "
-                     "tensors",
+                     "%s: a CPU tensor; this call runs on the CUDA device "
+                     "of its tensors",
                      name);
   if (dev->type != MOE_DEVICE_CUDA) *dev = t->device;
   return moe_check_tensor(t, name, ndim, shape,
@@ -92,104 +93,24 @@ static moe_status moe_cu_offsets(const moe_tensor *off, int64_t E,
   return MOE_SUCCESS;
 }
 
-static moe_cu_operand moe_cu_op2(const moe_tensor *t) {
-  moe_cu_operand o = {t->data, t->dtype, t->stride[0], t->stride[1], 0, NULL};
-  return o;
+static moe_status moe_cu_offsets_api(const moe_tensor *off, int64_t E,
+                                     int64_t R, const char *fn,
+                                     moe_device *dev) {
+  (void)R, (void)fn;
+  return moe_cu_offsets(off, E, dev);
 }
 
-moe_status moe_cuda_grouped_gemm(const moe_tensor *x, const moe_tensor *w,
-                                 const moe_tensor *offsets, moe_tensor *y,
+static moe_status moe_cu_run_api(const moe_gemm_problem *p, const moe_tensor *w,
+                                 const moe_device *dev,
                                  const moe_exec_options *opt) {
-  if (!x || !w || !offsets || !y)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "moe_cuda_grouped_gemm: NULL argument");
-  moe_device dev = {MOE_DEVICE_CPU, 0};
-  MOE_TRY(moe_cu_on_device(x, "x", 2, NULL, &dev));
-  int64_t R = x->shape[0];
-  int64_t ws[3] = {-1, -1, x->shape[1]};
-  MOE_TRY(moe_cu_on_device(w, "w", 3, ws, &dev));
-  MOE_TRY(moe_cu_offsets(offsets, w->shape[0], &dev));
-  int64_t ys[2] = {R, w->shape[1]};
-  MOE_TRY(moe_cu_on_device(y, "y", 2, ys, &dev));
-  moe_cu_gemm p;
-  memset(&p, 0, sizeof p);
-  p.kind = MOE_GROUP_M;
-  p.groups = w->shape[0];
-  p.offsets = offsets->data;
-  p.rows = R;
-  p.N = w->shape[1];
-  p.K = w->shape[2];
-  p.A = moe_cu_op2(x);
-  p.B = (moe_cu_operand){w->data,      w->dtype,     w->stride[2],
-                         w->stride[1], w->stride[0], NULL};
-  p.C = moe_cu_op2(y);
+  (void)w;
   moe_cu_call_ctx c;
-  MOE_TRY(moe_cu_call_begin(opt, &dev, &c));
-  return moe_cu_call_end(&c, moe_cu_gemm_run(c.m, &p, &c.ctx));
+  MOE_TRY(moe_cu_call_begin(opt, dev, &c));
+  return moe_cu_call_end(&c, moe_cu_gemm_run(c.m, p, &c.ctx));
 }
 
-moe_status moe_cuda_grouped_gemm_dx(const moe_tensor *dy, const moe_tensor *w,
-                                    const moe_tensor *offsets, moe_tensor *dx,
-                                    const moe_exec_options *opt) {
-  if (!dy || !w || !offsets || !dx)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "moe_cuda_grouped_gemm_dx: NULL argument");
-  moe_device dev = {MOE_DEVICE_CPU, 0};
-  MOE_TRY(moe_cu_on_device(dy, "dy", 2, NULL, &dev));
-  int64_t R = dy->shape[0];
-  int64_t ws[3] = {-1, dy->shape[1], -1};
-  MOE_TRY(moe_cu_on_device(w, "w", 3, ws, &dev));
-  MOE_TRY(moe_cu_offsets(offsets, w->shape[0], &dev));
-  int64_t xs[2] = {R, w->shape[2]};
-  MOE_TRY(moe_cu_on_device(dx, "dx", 2, xs, &dev));
-  moe_cu_gemm p;
-  memset(&p, 0, sizeof p);
-  p.kind = MOE_GROUP_M;
-  p.groups = w->shape[0];
-  p.offsets = offsets->data;
-  p.rows = R;
-  p.N = w->shape[2];
-  p.K = w->shape[1];
-  p.A = moe_cu_op2(dy);
-  p.B = (moe_cu_operand){w->data,      w->dtype,     w->stride[1],
-                         w->stride[2], w->stride[0], NULL};
-  p.C = moe_cu_op2(dx);
-  moe_cu_call_ctx c;
-  MOE_TRY(moe_cu_call_begin(opt, &dev, &c));
-  return moe_cu_call_end(&c, moe_cu_gemm_run(c.m, &p, &c.ctx));
-}
-
-moe_status moe_cuda_grouped_gemm_dw(const moe_tensor *x, const moe_tensor *dy,
-                                    const moe_tensor *offsets, moe_tensor *dw,
-                                    const moe_exec_options *opt) {
-  if (!x || !dy || !offsets || !dw)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "moe_cuda_grouped_gemm_dw: NULL argument");
-  moe_device dev = {MOE_DEVICE_CPU, 0};
-  MOE_TRY(moe_cu_on_device(x, "x", 2, NULL, &dev));
-  int64_t R = x->shape[0];
-  int64_t dys[2] = {R, -1};
-  MOE_TRY(moe_cu_on_device(dy, "dy", 2, dys, &dev));
-  int64_t ws[3] = {-1, dy->shape[1], x->shape[1]};
-  MOE_TRY(moe_cu_on_device(dw, "dw", 3, ws, &dev));
-  MOE_TRY(moe_cu_offsets(offsets, dw->shape[0], &dev));
-  moe_cu_gemm p;
-  memset(&p, 0, sizeof p);
-  p.kind = MOE_GROUP_K;
-  p.groups = dw->shape[0];
-  p.offsets = offsets->data;
-  p.rows = R;
-  p.M = dw->shape[1];
-  p.N = dw->shape[2];
-  p.A = (moe_cu_operand){dy->data,      dy->dtype, dy->stride[1],
-                         dy->stride[0], 0,         NULL};
-  p.B = moe_cu_op2(x);
-  p.C = (moe_cu_operand){dw->data,      dw->dtype,     dw->stride[1],
-                         dw->stride[2], dw->stride[0], NULL};
-  moe_cu_call_ctx c;
-  MOE_TRY(moe_cu_call_begin(opt, &dev, &c));
-  return moe_cu_call_end(&c, moe_cu_gemm_run(c.m, &p, &c.ctx));
-}
+const moe_gemm_api moe_gemm_api_cuda = {moe_cu_on_device, moe_cu_offsets_api,
+                                        moe_cu_run_api};
 
 static moe_status moe_cu_view2(const moe_tensor *t, const char *name,
                                const moe_tensor *like, moe_device *dev,

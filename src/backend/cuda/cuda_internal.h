@@ -1,6 +1,6 @@
 /// @file cuda_internal.h
-/// What the CUDA backend's files share: the device-side grouped GEMM problem
-/// (gemm.h's problem with device offsets, row gathers and the CUDA stream),
+/// What the CUDA backend's files share: the grouped GEMM problem
+/// (gemm/problem.h, with device offsets and row gathers),
 /// the GEMM methods, the routing / activation kernels' launchers, and the
 /// error helpers. C declarations, usable from the .c and the .cu files.
 ///
@@ -18,7 +18,7 @@
 extern "C" {
 #endif
 
-#include "backend/cpu/gemm/gemm.h"
+#include "gemm/problem.h"
 #include "internal.h"
 
 /// Turns a CUDA runtime failure into MOE_ERR_BACKEND naming the call.
@@ -30,36 +30,15 @@ moe_status moe_cu_launch_check(const char *kernel);
 
 #define MOE_CU_TRY(call) MOE_TRY(moe_cu_check((call), #call))
 
-/// A strided matrix operand on the device. Element (i, j) of group g lives at
-/// data + g * gs + i * rs + j * cs (elements of dtype). `gather` (optional,
-/// int32 on the device) renames rows of the row-grouped dimension: for an
-/// M-grouped problem, A's row r is read from row gather[r]; for a K-grouped
-/// problem, the depth index r of A and B is read from row gather[r]. It lets
-/// the forward read hidden rows in expert order without a permuted copy.
-typedef struct moe_cu_operand {
-  void *data;
-  moe_dtype dtype; ///< MOE_F32 or MOE_BF16
-  int64_t rs, cs, gs;
-  const int32_t *gather;
-} moe_cu_operand;
-
-/// The grouped GEMM of gemm.h with device offsets.
-///  - MOE_GROUP_M: C(r, n) = beta C(r, n) + sum_k A(r, k) B_g(k, n) for the
-///    rows r of group g, [off[g], off[g+1]); N, K given; C rows outside every
-///    group are never touched.
-///  - MOE_GROUP_K: C_g(m, n) = beta C_g + sum_{r in group g} A(m, r) B(r, n);
-///    M, N given; an empty group gets beta C_g (exact zeros when beta == 0).
-/// `rows` bounds the grouped dimension (off[G] <= rows): grids are sized
-/// from it, so the offsets never travel to the host.
-typedef struct moe_cu_gemm {
-  moe_group_kind kind;
-  int64_t groups;
-  const int64_t *offsets; ///< device, groups + 1 entries
-  int64_t rows;
-  int64_t M, N, K;
-  moe_cu_operand A, B, C;
-  float beta; ///< 0 or 1; C is never read when 0
-} moe_cu_gemm;
+/// The device problem is the shared one (gemm/problem.h) with device
+/// offsets, `rows` bounding the grouped dimension (grids are sized from it,
+/// so the offsets never travel to the host) and optional row gathers (which
+/// let the forward read hidden rows in expert order without a permuted
+/// copy). C rows outside every group are never touched; an empty K-grouped
+/// group gets beta C_g (exact zeros when beta == 0). The CUDA names stay as
+/// aliases for the kernels.
+typedef moe_operand moe_cu_operand;
+typedef moe_gemm_problem moe_cu_gemm;
 
 /// Per-call context of the CUDA GEMM methods.
 typedef struct moe_cu_ctx {

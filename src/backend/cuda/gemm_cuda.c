@@ -55,7 +55,7 @@ static moe_cu_gemm moe_cu_transposed(const moe_cu_gemm *p) {
 }
 
 static moe_status moe_cu_validate(const moe_cu_gemm *p) {
-  if (p->groups < 1 || !p->offsets)
+  if (p->num_groups < 1 || !p->offsets)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "grouped GEMM (CUDA): need >= 1 group and offsets");
   const moe_cu_operand *ops[3] = {&p->A, &p->B, &p->C};
@@ -165,7 +165,7 @@ moe_status moe_cu_gemm_loop(const moe_cu_gemm *p, const moe_cu_ctx *c) {
     return moe_error(MOE_ERR_UNIMPLEMENTED,
                      "loop (cuBLAS): cannot read rows through a gather");
   if (!c->blas) return moe_error(MOE_ERR_INTERNAL, "loop (cuBLAS): no handle");
-  int64_t G = p->groups;
+  int64_t G = p->num_groups;
   const int64_t *ho = c->host_offsets;
   int64_t *tmp = NULL;
   if (!ho) {

@@ -564,7 +564,7 @@ extern "C" bool moe_cu_gemm_mma_ok(const moe_cu_gemm *p, char *why, size_t n) {
     if (why) snprintf(why, n, "operands are not bf16");
     return false;
   }
-  if (p->groups > 8192) {
+  if (p->num_groups > 8192) {
     if (why) snprintf(why, n, "more than 8192 groups");
     return false;
   }
@@ -609,7 +609,7 @@ static mma_tile_choice mma_pick_tile(const moe_cu_gemm *p) {
   mma_tile_choice t = {4, 4, 4, 4};
   if (mma_tile_env(&t)) return t;
   if (p->kind == MOE_GROUP_K) return t;
-  double mean = (double)p->rows / (double)(p->groups > 0 ? p->groups : 1);
+  double mean = (double)p->rows / (double)(p->num_groups > 0 ? p->num_groups : 1);
   if (mean < 256.0) t.mi = 2; /* ~160-row groups: 64-row tiles waste less */
   return t;
 }
@@ -637,7 +637,7 @@ extern "C" moe_status moe_cu_gemm_mma(const moe_cu_gemm *p,
   MOE_CU_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   MOE_CU_TRY(cudaDeviceGetAttribute(
       &optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  size_t smem = mma_smem(&tc, gk, p->groups);
+  size_t smem = mma_smem(&tc, gk, p->num_groups);
   if ((size_t)optin < smem)
     return moe_error(MOE_ERR_UNIMPLEMENTED,
                      "grouped GEMM: tile %dx%d needs %zu bytes of shared "
@@ -655,9 +655,9 @@ extern "C" moe_status moe_cu_gemm_mma(const moe_cu_gemm *p,
   int BM = 32 * tc.mi, BN = 8 * tc.ni * tc.wn;
   int64_t NT = (p->N + BN - 1) / BN, ub;
   if (gk)
-    ub = p->groups * ((p->M + BM - 1) / BM) * NT;
+    ub = p->num_groups * ((p->M + BM - 1) / BM) * NT;
   else
-    ub = (p->rows / BM + p->groups) * NT;
+    ub = (p->rows / BM + p->num_groups) * NT;
   int64_t grid = (int64_t)sms * occ;
   if (grid > ub) grid = ub;
   if (grid < 1) return MOE_SUCCESS;
@@ -683,7 +683,7 @@ extern "C" moe_status moe_cu_gemm_mma(const moe_cu_gemm *p,
   a.c_gs = p->C.gs;
   a.off = p->offsets;
   a.rows = p->rows;
-  a.G = (int)p->groups;
+  a.G = (int)p->num_groups;
   a.M = (int)p->M;
   a.N = (int)p->N;
   a.K = (int)p->K;

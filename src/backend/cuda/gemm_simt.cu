@@ -185,13 +185,13 @@ extern "C" moe_status moe_cu_gemm_simt(const moe_cu_gemm *p,
   a.M = p->M;
   a.N = p->N;
   a.K = p->K;
-  a.G = (int)p->groups;
+  a.G = (int)p->num_groups;
   a.beta = p->beta;
   int64_t NT = (p->N + SIMT_BN - 1) / SIMT_BN, blocks;
   if (p->kind == MOE_GROUP_M)
-    blocks = (p->rows / SIMT_BM + p->groups + 1) * NT;
+    blocks = (p->rows / SIMT_BM + p->num_groups + 1) * NT;
   else
-    blocks = p->groups * ((p->M + SIMT_BM - 1) / SIMT_BM) * NT;
+    blocks = p->num_groups * ((p->M + SIMT_BM - 1) / SIMT_BM) * NT;
   if (blocks <= 0) return MOE_SUCCESS;
   if (blocks > INT32_MAX)
     return moe_error(MOE_ERR_UNIMPLEMENTED,
@@ -223,12 +223,12 @@ __global__ void moe_zero_empty_kernel(void *c, int f32, int64_t rs, int64_t cs,
 
 extern "C" moe_status moe_cu_zero_empty_groups(const moe_cu_gemm *p,
                                                cudaStream_t s) {
-  if (p->groups < 1 || p->M * p->N == 0) return MOE_SUCCESS;
-  if (p->groups > 65535)
+  if (p->num_groups < 1 || p->M * p->N == 0) return MOE_SUCCESS;
+  if (p->num_groups > 65535)
     return moe_error(MOE_ERR_UNIMPLEMENTED, "more than 65535 groups");
   int64_t blocks = (p->M * p->N + 255) / 256;
   if (blocks > 256) blocks = 256;
-  dim3 grid((unsigned)blocks, (unsigned)p->groups);
+  dim3 grid((unsigned)blocks, (unsigned)p->num_groups);
   moe_zero_empty_kernel<<<grid, 256, 0, s>>>(p->C.data, p->C.dtype == MOE_F32,
                                              p->C.rs, p->C.cs, p->C.gs, p->M,
                                              p->N, p->offsets, p->rows);

@@ -364,12 +364,6 @@ typedef struct moe_cu_exec {
 
 static char *moe_cu_at(void *base, size_t off) { return (char *)base + off; }
 
-static moe_cu_operand moe_cu_op(void *data, moe_dtype t, int64_t rs,
-                                int64_t cs) {
-  moe_cu_operand o = {data, t, rs, cs, 0, NULL};
-  return o;
-}
-
 static moe_cu_view moe_cu_view_of(const moe_tensor *t) {
   moe_cu_view v = {t->data, t->dtype, t->stride[0], t->stride[1]};
   return v;
@@ -380,18 +374,8 @@ static moe_cu_view moe_cu_view_of(const moe_tensor *t) {
 static moe_status moe_cu_fwd(const moe_cu_exec *x, int proj,
                              const moe_cu_operand *X, const moe_tensor *w,
                              void *Y, moe_dtype yt, int64_t ldy) {
-  moe_cu_gemm g;
-  memset(&g, 0, sizeof g);
-  g.kind = MOE_GROUP_M;
-  g.groups = w->shape[0];
-  g.offsets = x->offsets;
-  g.rows = x->rows;
-  g.N = w->shape[1];
-  g.K = w->shape[2];
-  g.A = *X;
-  g.B = moe_cu_op(w->data, w->dtype, w->stride[2], w->stride[1]);
-  g.B.gs = w->stride[0];
-  g.C = moe_cu_op(Y, yt, ldy, 1);
+  moe_gemm_problem g =
+      moe_gemm_fwd_of(w, x->offsets, x->rows, *X, moe_op(Y, yt, ldy, 1));
   return moe_cu_gemm_run(x->p->method[proj], &g, &x->ctx);
 }
 
@@ -399,19 +383,9 @@ static moe_status moe_cu_fwd(const moe_cu_exec *x, int proj,
 static moe_status moe_cu_dx(const moe_cu_exec *x, int proj, void *dY,
                             int64_t lddy, const moe_tensor *w, void *dX,
                             moe_dtype dxt, int64_t lddx, float beta) {
-  moe_cu_gemm g;
-  memset(&g, 0, sizeof g);
-  g.kind = MOE_GROUP_M;
-  g.groups = w->shape[0];
-  g.offsets = x->offsets;
-  g.rows = x->rows;
-  g.N = w->shape[2];
-  g.K = w->shape[1];
-  g.A = moe_cu_op(dY, x->p->d.dtype, lddy, 1);
-  g.B = moe_cu_op(w->data, w->dtype, w->stride[1], w->stride[2]);
-  g.B.gs = w->stride[0];
-  g.C = moe_cu_op(dX, dxt, lddx, 1);
-  g.beta = beta;
+  moe_gemm_problem g =
+      moe_gemm_dx_of(w, x->offsets, x->rows, moe_op(dY, x->p->d.dtype, lddy, 1),
+                     moe_op(dX, dxt, lddx, 1), beta);
   return moe_cu_gemm_run(x->p->method[proj], &g, &x->ctx);
 }
 
@@ -419,18 +393,8 @@ static moe_status moe_cu_dx(const moe_cu_exec *x, int proj, void *dY,
 static moe_status moe_cu_dw(const moe_cu_exec *x, int proj, void *dY,
                             int64_t lddy, const moe_cu_operand *X,
                             const moe_tensor *dw) {
-  moe_cu_gemm g;
-  memset(&g, 0, sizeof g);
-  g.kind = MOE_GROUP_K;
-  g.groups = dw->shape[0];
-  g.offsets = x->offsets;
-  g.rows = x->rows;
-  g.M = dw->shape[1];
-  g.N = dw->shape[2];
-  g.A = moe_cu_op(dY, x->p->d.dtype, 1, lddy);
-  g.B = *X;
-  g.C = moe_cu_op(dw->data, dw->dtype, dw->stride[1], dw->stride[2]);
-  g.C.gs = dw->stride[0];
+  moe_gemm_problem g = moe_gemm_dw_of(dw, x->offsets, x->rows,
+                                      moe_op(dY, x->p->d.dtype, 1, lddy), *X);
   return moe_cu_gemm_run(x->p->method[proj], &g, &x->ctx);
 }
 
@@ -450,19 +414,9 @@ static moe_status moe_cu_dense(const moe_cu_exec *x, moe_group_kind kind,
   }
   int64_t depth = kind == MOE_GROUP_M ? M : K;
   MOE_TRY(moe_cu_set_one_group(one, depth, x->ctx.stream));
-  moe_cu_gemm g;
-  memset(&g, 0, sizeof g);
-  g.kind = kind;
-  g.groups = 1;
-  g.offsets = one;
-  g.rows = depth;
-  g.M = M;
-  g.N = N;
+  moe_gemm_problem g = moe_gemm_one_of(kind, one, M, N, K, *A, *B, *C, beta);
+  g.M = M; /* the kernels read both */
   g.K = K;
-  g.A = *A;
-  g.B = *B;
-  g.C = *C;
-  g.beta = beta;
   return moe_cu_gemm_grouped(&g, &x->ctx);
 }
 
@@ -550,9 +504,9 @@ static moe_status moe_cu_forward_run(moe_cu_exec *x,
     float *logits = (float *)moe_cu_at(ws, b->logits);
     const moe_tensor *g = &a->gate_weight;
     moe_cu_operand A =
-        moe_cu_op(a->hidden.data, dt, a->hidden.stride[0], a->hidden.stride[1]);
-    moe_cu_operand B = moe_cu_op(g->data, g->dtype, g->stride[1], g->stride[0]);
-    moe_cu_operand C = moe_cu_op(logits, MOE_F32, E, 1);
+        moe_op(a->hidden.data, dt, a->hidden.stride[0], a->hidden.stride[1]);
+    moe_cu_operand B = moe_op(g->data, g->dtype, g->stride[1], g->stride[0]);
+    moe_cu_operand C = moe_op(logits, MOE_F32, E, 1);
     MOE_TRY(moe_cu_dense(x, MOE_GROUP_M, T, E, H, &A, &B, &C, 0.0f,
                          (int64_t *)moe_cu_at(ws, b->one)));
     moe_cu_view rl = {0};
@@ -589,15 +543,15 @@ static moe_status moe_cu_forward_run(moe_cu_exec *x,
     x->offsets = r.loff_dev;
     x->rows = r.rows;
     x->ctx.host_offsets = r.loff_host;
-    X = moe_cu_op(xr, dt, H, 1);
+    X = moe_op(xr, dt, H, 1);
     yc = send; /* dead since the dispatch */
   } else if (p->method[0] == MOE_GMM_LOOP) {
     char *xp = moe_cu_at(sv, b->xp);
     moe_cu_view hv = moe_cu_view_of(&a->hidden);
     MOE_TRY(moe_cu_gather_rows(&hv, row_token, offsets + E, S, H, xp, st));
-    X = moe_cu_op(xp, dt, H, 1);
+    X = moe_op(xp, dt, H, 1);
   } else {
-    X = moe_cu_op(a->hidden.data, dt, a->hidden.stride[0], a->hidden.stride[1]);
+    X = moe_op(a->hidden.data, dt, a->hidden.stride[0], a->hidden.stride[1]);
     X.gather = row_token;
   }
   if (c->gu.fused) {
@@ -609,7 +563,7 @@ static moe_status moe_cu_forward_run(moe_cu_exec *x,
   moe_cu_view vg = {ab, dt, 2 * I, 1}, vu = {ab + (size_t)I * es, dt, 2 * I, 1},
               vh = {hh, dt, I, 1};
   MOE_TRY(moe_cu_swiglu_fwd(&vg, &vu, &vh, x->rows, I, x->offsets + El, st));
-  moe_cu_operand Hh = moe_cu_op(hh, dt, I, 1);
+  moe_cu_operand Hh = moe_op(hh, dt, I, 1);
   MOE_TRY(moe_cu_fwd(x, 1, &Hh, &a->w_down, yc, dt, H));
   if (cp->ep)
     MOE_TRY(moe_cu_ep_combine(cp->ep, meta, yc, (size_t)H * es,
@@ -707,15 +661,15 @@ moe_cu_backward_rest(moe_cu_exec *x, const moe_layer_bwd_args *args,
                                  (const int32_t *)moe_cu_at(sv, b->idx), w, dw,
                                  T, E, k, d->norm_topk_prob, dl, dlt, st));
     int64_t *one = (int64_t *)moe_cu_at(ws, b->bone);
-    moe_cu_operand A = moe_cu_op(dl, dlt, 1, E);
+    moe_cu_operand A = moe_op(dl, dlt, 1, E);
     moe_cu_operand B =
-        moe_cu_op(a->hidden.data, dt, a->hidden.stride[0], a->hidden.stride[1]);
+        moe_op(a->hidden.data, dt, a->hidden.stride[0], a->hidden.stride[1]);
     moe_cu_operand C =
-        moe_cu_op(gg->data, gg->dtype, gg->stride[0], gg->stride[1]);
+        moe_op(gg->data, gg->dtype, gg->stride[0], gg->stride[1]);
     MOE_TRY(moe_cu_dense(x, MOE_GROUP_K, E, H, T, &A, &B, &C, 0.0f, one));
-    A = moe_cu_op(dl, dlt, E, 1);
-    B = moe_cu_op(g->data, g->dtype, g->stride[0], g->stride[1]);
-    C = moe_cu_op(dxr, MOE_F32, H, 1);
+    A = moe_op(dl, dlt, E, 1);
+    B = moe_op(g->data, g->dtype, g->stride[0], g->stride[1]);
+    C = moe_op(dxr, MOE_F32, H, 1);
     MOE_TRY(moe_cu_dense(x, MOE_GROUP_M, T, H, E, &A, &B, &C, 0.0f, one));
   } else {
     moe_cu_view gt = moe_cu_view_of(&args->grad_topk_weights);
@@ -778,7 +732,7 @@ static moe_status moe_cu_backward_run(moe_cu_exec *x,
   }
   /* down: dH = dY . Wd, dWd = dY^T . Hh */
   MOE_TRY(moe_cu_dx(x, 1, dyc, H, &a->w_down, dh, dt, I, 0.0f));
-  moe_cu_operand Hh = moe_cu_op(hh, dt, I, 1);
+  moe_cu_operand Hh = moe_op(hh, dt, I, 1);
   MOE_TRY(moe_cu_dw(x, 1, dyc, H, &Hh, &args->grad_w_down));
   moe_cu_view vg = {ab, dt, 2 * I, 1}, vu = {ab + (size_t)I * es, dt, 2 * I, 1},
               vdh = {dh, dt, I, 1}, vdg = {dab, dt, 2 * I, 1},
@@ -791,11 +745,11 @@ static moe_status moe_cu_backward_run(moe_cu_exec *x,
   char *dxp = dyc;
   moe_cu_operand X;
   if (cp->ep) {
-    X = moe_cu_op(moe_cu_at(sv, b->xr), dt, H, 1);
+    X = moe_op(moe_cu_at(sv, b->xr), dt, H, 1);
   } else if (p->method[0] == MOE_GMM_LOOP) {
-    X = moe_cu_op(moe_cu_at(sv, b->xp), dt, H, 1);
+    X = moe_op(moe_cu_at(sv, b->xp), dt, H, 1);
   } else {
-    X = moe_cu_op(a->hidden.data, dt, a->hidden.stride[0], a->hidden.stride[1]);
+    X = moe_op(a->hidden.data, dt, a->hidden.stride[0], a->hidden.stride[1]);
     X.gather = row_token;
   }
   if (c->gu.fused) {

@@ -49,31 +49,6 @@ typedef enum moe_bmode {
   MOE_BMODE_GENERIC,
 } moe_bmode;
 
-moe_status moe_gemm_validate(const moe_gemm_problem *p, const char *what) {
-  if (p->num_groups < 0 || !p->offsets)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: no group offsets", what);
-  if (p->offsets[0] < 0)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "%s: offsets[0] = %lld is negative", what,
-                     (long long)p->offsets[0]);
-  for (int64_t g = 0; g < p->num_groups; g++)
-    if (p->offsets[g + 1] < p->offsets[g])
-      return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                       "%s: offsets decrease at group %lld (%lld > %lld)", what,
-                       (long long)g, (long long)p->offsets[g],
-                       (long long)p->offsets[g + 1]);
-  const moe_operand *ops[3] = {&p->A, &p->B, &p->C};
-  static const char *names[3] = {"A", "B", "C"};
-  for (int i = 0; i < 3; i++)
-    if (ops[i]->dtype != MOE_F32 && ops[i]->dtype != MOE_BF16)
-      return moe_error(MOE_ERR_UNIMPLEMENTED,
-                       "%s: operand %s has dtype %s; f32 and bf16 only", what,
-                       names[i], moe_dtype_name(ops[i]->dtype));
-  if (p->beta != 0.0f && p->beta != 1.0f)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: beta must be 0 or 1", what);
-  return MOE_SUCCESS;
-}
-
 /// One group's product as a plain strided GEMM: C(i, j) (+)= sum_p A(i, p)
 /// B(p, j) for i < M, j < N, p < K. Strides in elements.
 typedef struct moe_view {
@@ -575,15 +550,4 @@ moe_status moe_gemm_grouped_with(const moe_gemm_problem *p,
   }
   moe_free(owned);
   return MOE_SUCCESS;
-}
-
-moe_status moe_gemm_run(moe_gmm_method m, const moe_gemm_problem *p,
-                        const moe_gemm_ctx *c) {
-  switch (m) {
-  case MOE_GMM_GROUPED: return moe_gemm_grouped(p, c);
-  case MOE_GMM_LOOP: return moe_gemm_loop(p, c);
-  case MOE_GMM_AUTO: break;
-  }
-  return moe_error(MOE_ERR_INTERNAL, "moe_gemm_run: method %d not resolved",
-                   (int)m);
 }

@@ -1,47 +1,10 @@
 /// @file gemm.h
-/// The grouped GEMM problem every method solves, and the method entry points.
-///
-/// One primitive serves the forward, dX and dW of every projection:
-///
-///  - MOE_GROUP_M (forward, dX): for each group g and each row r in
-///    [off[g], off[g+1]):  C(r, n) = beta * C(r, n) + sum_k A(r, k) B_g(k, n)
-///  - MOE_GROUP_K (dW):  for each group g:
-///        C_g(m, n) = beta * C_g(m, n) + sum_{r in group g} A(m, r) B(r, n)
-///    An empty group gets C_g = beta * C_g (exact zero when beta == 0).
-///
-/// Operands are strided matrices: element (i, j) of X lives at
-/// X.data + g * X.gs + i * X.rs + j * X.cs (elements of X.dtype). The group
-/// stride gs is used by the per-group operand (B for GROUP_M, C for GROUP_K)
-/// and ignored elsewhere. Weights are always read through their own strides:
-/// no method may copy a whole weight. When beta == 0, C is never read.
+/// The CPU backend's GEMM engine: the two methods that solve the grouped
+/// GEMM problem (gemm/problem.h) on the CPU, and their shared context.
 #ifndef MOE_GEMM_H
 #define MOE_GEMM_H
 
-#include "internal.h"
-
-typedef enum moe_group_kind {
-  MOE_GROUP_M = 0,
-  MOE_GROUP_K = 1,
-} moe_group_kind;
-
-typedef struct moe_operand {
-  void *data;
-  moe_dtype dtype; ///< MOE_F32 or MOE_BF16
-  int64_t rs, cs;  ///< row and column strides, in elements
-  int64_t gs;      ///< group stride, in elements (per-group operand only)
-} moe_operand;
-
-typedef struct moe_gemm_problem {
-  moe_group_kind kind;
-  int64_t num_groups;
-  const int64_t *offsets; ///< host pointer, num_groups + 1 entries
-  /// GROUP_M: N and K are the per-group output width and depth; the rows
-  /// come from offsets. GROUP_K: M and N are the per-group output shape; the
-  /// depth comes from offsets.
-  int64_t M, N, K;
-  moe_operand A, B, C;
-  float beta; ///< 0 or 1
-} moe_gemm_problem;
+#include "gemm/problem.h"
 
 /// The library behind the loop method.
 typedef enum moe_loop_lib {
@@ -62,10 +25,6 @@ typedef struct moe_gemm_ctx {
 
 /// Scratch the grouped method needs for `num_groups` groups.
 size_t moe_gemm_scratch_bytes(int num_threads, int64_t num_groups);
-
-/// Checks the problem is well formed (offsets monotone, non-negative, dtypes
-/// supported). `what` names the problem in messages.
-moe_status moe_gemm_validate(const moe_gemm_problem *p, const char *what);
 
 /// libmoe's grouped kernel: one OpenMP parallel region over all
 /// (group, tile) work items; results independent of the thread count.

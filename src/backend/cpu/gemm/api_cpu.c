@@ -1,0 +1,92 @@
+/// @file api_cpu.c
+/// The CPU side of the public grouped-GEMM calls (gemm/api.h): host
+/// tensors, offsets read and checked on the host, AUTO resolved by the cost
+/// model; and moe_gemm_run, which runs a planned method.
+#include <omp.h>
+
+#include "backend/cpu/gemm/gemm.h"
+#include "core/env.h"
+#include "gemm/api.h"
+#include "plan/planner.h"
+
+moe_status moe_gemm_run(moe_gmm_method m, const moe_gemm_problem *p,
+                        const moe_gemm_ctx *c) {
+  switch (m) {
+  case MOE_GMM_GROUPED: return moe_gemm_grouped(p, c);
+  case MOE_GMM_LOOP: return moe_gemm_loop(p, c);
+  case MOE_GMM_AUTO: break;
+  }
+  return moe_error(MOE_ERR_INTERNAL, "moe_gemm_run: method %d not resolved",
+                   (int)m);
+}
+
+/// Checks offsets (I64 [E+1], CPU, monotone, within [0, R]).
+static moe_status moe_check_offsets(const moe_tensor *off, int64_t E, int64_t R,
+                                    const char *fn, moe_device *dev) {
+  (void)dev;
+  int64_t s[1] = {E + 1};
+  moe_device cpu = {MOE_DEVICE_CPU, 0};
+  MOE_TRY(moe_check_tensor(off, "offsets", 1, s, (int)MOE_I64, &cpu));
+  if (off->stride[0] != 1)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: offsets must be contiguous",
+                     fn);
+  const int64_t *o = off->data;
+  for (int64_t e = 0; e <= E; e++) {
+    if (o[e] < 0 || o[e] > R || (e > 0 && o[e] < o[e - 1]))
+      return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                       "%s: offsets[%lld] = %lld is out of order or outside "
+                       "[0, %lld]",
+                       fn, (long long)e, (long long)o[e], (long long)R);
+  }
+  return MOE_SUCCESS;
+}
+
+/// Resolves AUTO for a standalone call with the cost model.
+static moe_status moe_pick(const moe_exec_options *opt, const moe_tensor *w,
+                           int64_t R, moe_gmm_method *m) {
+  moe_gmm_method env;
+  bool set;
+  MOE_TRY(moe_env_gmm(&env, &set));
+  moe_gmm_method forced =
+      opt && opt->method != MOE_GMM_AUTO ? opt->method : env;
+  int threads =
+      opt && opt->num_threads > 0 ? opt->num_threads : omp_get_max_threads();
+  moe_proj_shape s = {
+      "weight", w->shape[0],          R, w->shape[2], w->shape[1],
+      w->dtype, moe_weight_layout(w), 1};
+  char buf[1024];
+  size_t len = 0;
+  return moe_plan_projection(moe_machine_get(), &s, forced,
+                             opt && opt->method ? "options" : "MOE_GMM",
+                             threads, m, buf, &len, sizeof buf);
+}
+
+static moe_gemm_ctx moe_ctx_of(const moe_exec_options *opt) {
+  moe_gemm_ctx c;
+  memset(&c, 0, sizeof c);
+  if (opt) {
+    c.num_threads = opt->num_threads;
+    c.strict = opt->strict;
+  }
+  return c;
+}
+
+static moe_status moe_cpu_check(const moe_tensor *t, const char *name, int ndim,
+                                const int64_t *shape, moe_device *dev) {
+  (void)dev;
+  moe_device cpu = {MOE_DEVICE_CPU, 0};
+  return moe_check_tensor(t, name, ndim, shape, -1, &cpu);
+}
+
+static moe_status moe_cpu_run(const moe_gemm_problem *p, const moe_tensor *w,
+                              const moe_device *dev,
+                              const moe_exec_options *opt) {
+  (void)dev;
+  moe_gmm_method m;
+  MOE_TRY(moe_pick(opt, w, p->rows, &m));
+  moe_gemm_ctx c = moe_ctx_of(opt);
+  return moe_gemm_run(m, p, &c);
+}
+
+const moe_gemm_api moe_gemm_api_cpu = {moe_cpu_check, moe_check_offsets,
+                                       moe_cpu_run};
