@@ -115,3 +115,52 @@ void moe_ep_explain(moe_layer_plan *p, size_t *len) {
   if (n > 0) *len += (size_t)n;
   if (*len >= cap) *len = cap - 1;
 }
+
+/* ---- exchange sizes --------------------------------------------------- */
+
+void moe_ep_counts_of(int P, int64_t El, const int64_t *recv, int64_t *rc) {
+  for (int s = 0; s < P; s++)
+    for (int64_t e = 0; e < El; e++)
+      rc[s * El + e] = recv[s * (El + 1) + 1 + e];
+}
+
+void moe_ep_local_offsets(int P, int64_t El, const int64_t *rc, int64_t *loff) {
+  loff[0] = 0;
+  for (int64_t e = 0; e < El; e++) {
+    int64_t t = 0;
+    for (int s = 0; s < P; s++)
+      t += rc[s * El + e];
+    loff[e + 1] = loff[e] + t;
+  }
+}
+
+moe_status moe_ep_sizes(int P, int64_t El, const int64_t *off,
+                        const int64_t *rc, int64_t max_rows, int64_t *sc,
+                        int64_t *sd, int64_t *rv, int64_t *rd, int64_t *total) {
+  int64_t at = 0;
+  for (int q = 0; q < P; q++) {
+    sc[q] = off[(q + 1) * El] - off[q * El];
+    sd[q] = off[q * El];
+    int64_t v = 0;
+    for (int64_t e = 0; e < El; e++) {
+      if (rc[q * El + e] < 0)
+        return moe_error(MOE_ERR_INTERNAL,
+                         "expert parallelism: rank %d announced %lld rows "
+                         "for local expert %lld",
+                         q, (long long)rc[q * El + e], (long long)e);
+      v += rc[q * El + e];
+    }
+    rv[q] = v;
+    rd[q] = at;
+    at += v;
+  }
+  /* Cannot happen while every rank keeps T <= its max_tokens (checked),
+     but the buffers are sized by that bound, so say so if it breaks. */
+  if (at > max_rows)
+    return moe_error(MOE_ERR_INTERNAL,
+                     "expert parallelism: %lld rows received, buffers hold "
+                     "%lld",
+                     (long long)at, (long long)max_rows);
+  *total = at;
+  return MOE_SUCCESS;
+}

@@ -18,4 +18,25 @@ moe_status moe_ep_agree(const moe_layer_desc *d, moe_status local,
 /// Appends the expert-parallel lines to the plan's explanation.
 void moe_ep_explain(moe_layer_plan *p, size_t *len);
 
+/* ---- exchange sizes, the same for every transport ----------------------
+ * Rank q owns experts [q*El, (q+1)*El). Each rank sorts its routed rows by
+ * global expert (`off`, P*El + 1 offsets), so its rows for rank q are one
+ * block. rc[s][e] is what rank s sends to this rank's local expert e. */
+
+/// rc from the forward agreement's blocks [P][El + 1] (status, then the
+/// rows for each local expert).
+void moe_ep_counts_of(int P, int64_t El, const int64_t *recv, int64_t *rc);
+
+/// The local experts' row offsets [El + 1]: every expert's rows from all
+/// source ranks, experts in order.
+void moe_ep_local_offsets(int P, int64_t El, const int64_t *rc, int64_t *loff);
+
+/// Sizes in rows: to rank q this rank sends sc[q] rows from row sd[q]; from
+/// rank s it receives rv[s] rows, placed at row rd[s] (rank order). Fails
+/// with MOE_ERR_INTERNAL on a negative count or more than `max_rows` rows
+/// received, which the plan's bounds exclude.
+moe_status moe_ep_sizes(int P, int64_t El, const int64_t *off,
+                        const int64_t *rc, int64_t max_rows, int64_t *sc,
+                        int64_t *sd, int64_t *rv, int64_t *rd, int64_t *total);
+
 #endif /* MOE_LAYER_EP_H */

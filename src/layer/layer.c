@@ -208,62 +208,62 @@ moe_status moe_layer_plan_sizes(const moe_layer_plan *plan, int64_t tokens,
 
 /* ---- forward and backward --------------------------------------------- */
 
-/// The checks every backend's forward starts with.
-static moe_status moe_fwd_checks(moe_layer_plan *plan,
-                                 const moe_layer_fwd_args *args,
-                                 const void *saved, size_t saved_bytes,
-                                 moe_call *c) {
-  if (!args)
+/// The checks every backend's forward or backward starts with.
+static moe_status moe_call_checks(moe_layer_plan *plan,
+                                  const moe_layer_fwd_args *fwd,
+                                  const moe_layer_bwd_args *bwd, bool backward,
+                                  const void *saved, size_t saved_bytes,
+                                  moe_call *c, moe_gate_up *ggu) {
+  if (!fwd)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "moe_layer_forward: args must not be NULL");
-  MOE_TRY(moe_layer_check_fwd(plan, args, c));
-  MOE_TRY(moe_layer_check_fwd_outputs(plan, args, c));
+                     "moe_layer_%s: args must not be NULL",
+                     backward ? "backward" : "forward");
+  if (backward && !saved)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "saved: NULL; pass the buffer the forward filled");
+  MOE_TRY(moe_layer_check_fwd(plan, fwd, c));
+  MOE_TRY(backward ? moe_layer_check_bwd(plan, bwd, c, ggu)
+                   : moe_layer_check_fwd_outputs(plan, fwd, c));
   size_t ws, sv;
   plan->be->sizes(plan, c->T, &ws, &sv);
   return moe_layer_check_buffer(saved, saved_bytes, sv, "saved");
+}
+
+/// A forward (`bwd` NULL) or backward: the shared checks, then the backend
+/// (which runs the call, or takes a failed check through its agreement).
+static moe_status moe_layer_call(moe_layer_plan *plan,
+                                 const moe_layer_fwd_args *fwd,
+                                 const moe_layer_bwd_args *bwd, bool backward,
+                                 const void *saved, size_t saved_bytes,
+                                 void *workspace, size_t workspace_bytes,
+                                 void *stream) {
+  if (!plan)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_layer_%s: plan must not be NULL",
+                     backward ? "backward" : "forward");
+  moe_call c;
+  moe_gate_up ggu;
+  moe_status s =
+      moe_call_checks(plan, fwd, bwd, backward, saved, saved_bytes, &c, &ggu);
+  if (backward)
+    return plan->be->backward(plan, s, &c, &ggu, bwd, saved, workspace,
+                              workspace_bytes, stream);
+  return plan->be->forward(plan, s, &c, fwd, (void *)saved, workspace,
+                           workspace_bytes, stream);
 }
 
 moe_status moe_layer_forward(moe_layer_plan *plan,
                              const moe_layer_fwd_args *args, void *saved,
                              size_t saved_bytes, void *workspace,
                              size_t workspace_bytes, void *stream) {
-  if (!plan)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "moe_layer_forward: plan must not be NULL");
-  moe_call c;
-  moe_status s = moe_fwd_checks(plan, args, saved, saved_bytes, &c);
-  return plan->be->forward(plan, s, &c, args, saved, workspace, workspace_bytes,
-                           stream);
-}
-
-/// The checks every backend's backward starts with.
-static moe_status moe_bwd_checks(moe_layer_plan *plan,
-                                 const moe_layer_bwd_args *args,
-                                 const void *saved, size_t saved_bytes,
-                                 moe_call *c, moe_gate_up *ggu) {
-  if (!args)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "moe_layer_backward: args must not be NULL");
-  if (!saved)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "saved: NULL; pass the buffer the forward filled");
-  MOE_TRY(moe_layer_check_fwd(plan, &args->fwd, c));
-  MOE_TRY(moe_layer_check_bwd(plan, args, c, ggu));
-  size_t ws, sv;
-  plan->be->sizes(plan, c->T, &ws, &sv);
-  return moe_layer_check_buffer(saved, saved_bytes, sv, "saved");
+  return moe_layer_call(plan, args, NULL, false, saved, saved_bytes, workspace,
+                        workspace_bytes, stream);
 }
 
 moe_status moe_layer_backward(moe_layer_plan *plan,
                               const moe_layer_bwd_args *args, const void *saved,
                               size_t saved_bytes, void *workspace,
                               size_t workspace_bytes, void *stream) {
-  if (!plan)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "moe_layer_backward: plan must not be NULL");
-  moe_call c;
-  moe_gate_up ggu;
-  moe_status s = moe_bwd_checks(plan, args, saved, saved_bytes, &c, &ggu);
-  return plan->be->backward(plan, s, &c, &ggu, args, saved, workspace,
-                            workspace_bytes, stream);
+  return moe_layer_call(plan, args ? &args->fwd : NULL, args, true, saved,
+                        saved_bytes, workspace, workspace_bytes, stream);
 }

@@ -158,22 +158,21 @@ static void moe_ep_shuffle(const moe_layer_plan *p, const int64_t *rc,
 
 /// Byte counts of the two sides: this rank's rows sorted by global expert
 /// (block q for rank q's experts) and the rows of the local experts by
-/// source rank.
-static void moe_ep_counts(const moe_layer_plan *p, const int64_t *off,
-                          const int64_t *rc, size_t rb, int64_t *mine_c,
-                          int64_t *mine_d, int64_t *theirs_c,
-                          int64_t *theirs_d) {
-  int64_t El = p->e_local, at = 0;
+/// source rank (layer/ep.h's sizes, times the row size).
+static moe_status moe_ep_counts(const moe_layer_plan *p, const int64_t *off,
+                                const int64_t *rc, size_t rb, int64_t *mine_c,
+                                int64_t *mine_d, int64_t *theirs_c,
+                                int64_t *theirs_d) {
+  int64_t total;
+  MOE_TRY(moe_ep_sizes(p->ranks, p->e_local, off, rc, p->max_rows, mine_c,
+                       mine_d, theirs_c, theirs_d, &total));
   for (int q = 0; q < p->ranks; q++) {
-    mine_c[q] = (off[(q + 1) * El] - off[q * El]) * (int64_t)rb;
-    mine_d[q] = off[q * El] * (int64_t)rb;
-    int64_t n = 0;
-    for (int64_t e = 0; e < El; e++)
-      n += rc[q * El + e];
-    theirs_c[q] = n * (int64_t)rb;
-    theirs_d[q] = at * (int64_t)rb;
-    at += n;
+    mine_c[q] *= (int64_t)rb;
+    mine_d[q] *= (int64_t)rb;
+    theirs_c[q] *= (int64_t)rb;
+    theirs_d[q] *= (int64_t)rb;
   }
+  return MOE_SUCCESS;
 }
 
 moe_status moe_ep_dispatch(moe_ep_call *c, const moe_layer_plan *p,
@@ -195,28 +194,13 @@ moe_status moe_ep_dispatch(moe_ep_call *c, const moe_layer_plan *p,
         w.xsend[q * n + 1 + e] = off[q * El + e + 1] - off[q * El + e];
     MOE_TRY(
         moe_ep_agree_step(c, p, MOE_SUCCESS, w.xsend, w.xrecv, n, "forward"));
-    for (int s = 0; s < P; s++)
-      for (int64_t e = 0; e < El; e++)
-        rc[s * El + e] = w.xrecv[s * n + 1 + e];
-    loff[0] = 0;
-    for (int64_t e = 0; e < El; e++) {
-      int64_t t = 0;
-      for (int s = 0; s < P; s++)
-        t += rc[s * El + e];
-      loff[e + 1] = loff[e] + t;
-    }
+    moe_ep_counts_of(P, El, w.xrecv, rc);
+    moe_ep_local_offsets(P, El, rc, loff);
   } else {
     MOE_TRY(
         moe_ep_agree_step(c, p, MOE_SUCCESS, w.xsend, w.xrecv, 1, "backward"));
   }
-  /* Cannot happen while every rank keeps T <= its max_tokens (checked),
-     but the buffers are sized by that bound, so say so if it breaks. */
-  if (loff[El] > p->max_rows)
-    return moe_error(MOE_ERR_INTERNAL,
-                     "expert parallelism: %lld rows received, buffers hold "
-                     "%lld",
-                     (long long)loff[El], (long long)p->max_rows);
-  moe_ep_counts(p, off, rc, row_bytes, w.sc, w.sd, w.rc, w.rd);
+  MOE_TRY(moe_ep_counts(p, off, rc, row_bytes, w.sc, w.sd, w.rc, w.rd));
   moe_comm *comm = p->d.comm;
   MOE_TRY(comm->ops->alltoallv(comm, rows, w.sc, w.sd, w.tmp, w.rc, w.rd));
   moe_ep_shuffle(p, rc, loff, w.chunk, w.tmp, rows, row_bytes, true);
@@ -238,7 +222,7 @@ moe_status moe_ep_combine(moe_ep_call *c, const moe_layer_plan *p,
   MOE_TRY(moe_ep_agree_step(c, p, MOE_SUCCESS, w.xsend, w.xrecv, 1, "combine"));
   moe_ep_shuffle(p, rc, loff, w.chunk, rows, w.tmp, row_bytes, false);
   /* The reverse of the dispatch: the sides swap. */
-  moe_ep_counts(p, off, rc, row_bytes, w.rc, w.rd, w.sc, w.sd);
+  MOE_TRY(moe_ep_counts(p, off, rc, row_bytes, w.rc, w.rd, w.sc, w.sd));
   moe_comm *comm = p->d.comm;
   return comm->ops->alltoallv(comm, w.tmp, w.sc, w.sd, rows, w.rc, w.rd);
 }

@@ -584,43 +584,6 @@ static moe_status moe_cu_ep_join(moe_layer_plan *plan, moe_status s,
   return s;
 }
 
-static moe_status moe_cu_forward_call(moe_layer_plan *plan,
-                                      const moe_layer_fwd_args *args,
-                                      const moe_call *c, void *saved,
-                                      void *workspace, size_t workspace_bytes,
-                                      void *stream, bool *joined) {
-  const moe_layer_desc *d = &plan->d;
-  moe_cu_bufs b;
-  moe_cu_bufs_of(plan, c->T, &b);
-  int prev;
-  MOE_TRY(moe_cu_enter(d->device.index, &prev));
-  moe_cu_exec x;
-  moe_status s = moe_cu_begin(plan, &workspace, workspace_bytes, b.fws, b.fblas,
-                              stream, &x);
-  if (s == MOE_SUCCESS) {
-    char *ws = workspace;
-    char *sv = saved ? (char *)saved : moe_cu_at(ws, b.fsaved);
-    s = moe_cu_forward_run(&x, args, c, &b, sv, ws);
-  }
-  *joined = x.ep_joined;
-  s = moe_cu_end(&x, s);
-  moe_cu_leave(d->device.index, prev);
-  return s;
-}
-
-static moe_status moe_cuda_forward(moe_layer_plan *plan, moe_status checked,
-                                   const moe_call *c,
-                                   const moe_layer_fwd_args *args, void *saved,
-                                   void *workspace, size_t workspace_bytes,
-                                   void *stream) {
-  bool joined = false;
-  moe_status s = checked != MOE_SUCCESS
-                     ? checked
-                     : moe_cu_forward_call(plan, args, c, saved, workspace,
-                                           workspace_bytes, stream, &joined);
-  return moe_cu_ep_join(plan, s, false, joined, stream);
-}
-
 /* ---- backward
  * ----------------------------------------------------------------- */
 
@@ -778,27 +741,44 @@ static moe_status moe_cu_backward_run(moe_cu_exec *x,
   return moe_cu_permute_backward(dxp, dxt, slot_row, dxr, T, k, H, &gh, st);
 }
 
-static moe_status
-moe_cu_backward_call(moe_layer_plan *plan, const moe_layer_bwd_args *args,
-                     const moe_call *c, const moe_gate_up *ggu,
-                     const void *saved, void *workspace, size_t workspace_bytes,
-                     void *stream, bool *joined) {
-  const moe_layer_desc *d = &plan->d;
-  moe_cu_bufs b;
-  moe_cu_bufs_of(plan, c->T, &b);
-  int prev;
-  MOE_TRY(moe_cu_enter(d->device.index, &prev));
-  moe_cu_exec x;
-  moe_status s = moe_cu_begin(plan, &workspace, workspace_bytes, b.bws, b.bblas,
-                              stream, &x);
+/// One forward (`bwd` NULL) or backward: device, workspace, the run, and
+/// with expert parallelism the ranks' agreement on a failure.
+static moe_status moe_cu_call(moe_layer_plan *plan, moe_status checked,
+                              const moe_call *c, const moe_layer_fwd_args *fwd,
+                              const moe_layer_bwd_args *bwd,
+                              const moe_gate_up *ggu, const void *saved,
+                              void *workspace, size_t workspace_bytes,
+                              void *stream) {
+  bool joined = false;
+  moe_status s = checked;
+  int dev = plan->d.device.index, prev;
+  if (s == MOE_SUCCESS) s = moe_cu_enter(dev, &prev);
   if (s == MOE_SUCCESS) {
-    s = moe_cu_backward_run(&x, args, c, ggu, &b, (char *)saved,
-                            (char *)workspace);
+    moe_cu_bufs b;
+    moe_cu_bufs_of(plan, c->T, &b);
+    moe_cu_exec x;
+    s = moe_cu_begin(plan, &workspace, workspace_bytes, bwd ? b.bws : b.fws,
+                     bwd ? b.bblas : b.fblas, stream, &x);
+    if (s == MOE_SUCCESS) {
+      char *ws = workspace;
+      char *sv = saved ? (char *)saved : moe_cu_at(ws, b.fsaved);
+      s = bwd ? moe_cu_backward_run(&x, bwd, c, ggu, &b, sv, ws)
+              : moe_cu_forward_run(&x, fwd, c, &b, sv, ws);
+    }
+    joined = x.ep_joined;
+    s = moe_cu_end(&x, s);
+    moe_cu_leave(dev, prev);
   }
-  *joined = x.ep_joined;
-  s = moe_cu_end(&x, s);
-  moe_cu_leave(d->device.index, prev);
-  return s;
+  return moe_cu_ep_join(plan, s, bwd != NULL, joined, stream);
+}
+
+static moe_status moe_cuda_forward(moe_layer_plan *plan, moe_status checked,
+                                   const moe_call *c,
+                                   const moe_layer_fwd_args *args, void *saved,
+                                   void *workspace, size_t workspace_bytes,
+                                   void *stream) {
+  return moe_cu_call(plan, checked, c, args, NULL, NULL, saved, workspace,
+                     workspace_bytes, stream);
 }
 
 static moe_status moe_cuda_backward(moe_layer_plan *plan, moe_status checked,
@@ -806,13 +786,8 @@ static moe_status moe_cuda_backward(moe_layer_plan *plan, moe_status checked,
                                     const moe_layer_bwd_args *args,
                                     const void *saved, void *workspace,
                                     size_t workspace_bytes, void *stream) {
-  bool joined = false;
-  moe_status s =
-      checked != MOE_SUCCESS
-          ? checked
-          : moe_cu_backward_call(plan, args, c, ggu, saved, workspace,
-                                 workspace_bytes, stream, &joined);
-  return moe_cu_ep_join(plan, s, true, joined, stream);
+  return moe_cu_call(plan, checked, c, args ? &args->fwd : NULL, args, ggu,
+                     saved, workspace, workspace_bytes, stream);
 }
 
 const moe_layer_backend moe_layer_backend_cuda = {"cuda",

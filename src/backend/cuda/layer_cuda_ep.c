@@ -188,38 +188,12 @@ static moe_status moe_cu_ep_sizes(moe_cu_ep *ep, bool tables) {
   int64_t *rc = ep->h_meta, *loff = rc + n;
   int64_t *adst = loff + El + 1, *asrc = adst + n + 1;
   int64_t *bdst = asrc + n, *bsrc = bdst + n + 1;
-  const int64_t *off = ep->h_off;
-  int64_t at = 0;
-  for (int q = 0; q < P; q++) {
-    ep->sc[q] = off[(q + 1) * El] - off[q * El];
-    ep->sd[q] = off[q * El];
-    int64_t v = 0;
-    for (int64_t e = 0; e < El; e++) {
-      if (rc[q * El + e] < 0)
-        return moe_error(MOE_ERR_INTERNAL,
-                         "expert parallelism: rank %d announced %lld rows "
-                         "for local expert %lld",
-                         q, (long long)rc[q * El + e], (long long)e);
-      v += rc[q * El + e];
-    }
-    ep->rv[q] = v;
-    ep->rd[q] = at;
-    at += v;
-  }
-  if (at > ep->max_rows)
-    return moe_error(MOE_ERR_INTERNAL,
-                     "expert parallelism: %lld rows received, buffers hold "
-                     "%lld",
-                     (long long)at, (long long)ep->max_rows);
+  int64_t at;
+  MOE_TRY(moe_ep_sizes(P, El, ep->h_off, rc, ep->max_rows, ep->sc, ep->sd,
+                       ep->rv, ep->rd, &at));
   ep->R = at;
   if (!tables) return MOE_SUCCESS;
-  loff[0] = 0;
-  for (int64_t e = 0; e < El; e++) {
-    int64_t t = 0;
-    for (int s = 0; s < P; s++)
-      t += rc[s * El + e];
-    loff[e + 1] = loff[e] + t;
-  }
+  moe_ep_local_offsets(P, El, rc, loff);
   /* A: by source -> by expert (chunks in (e, s) order);
      B: by expert -> by source (chunks in (s, e) order) */
   for (int s = 0; s < P; s++) {
@@ -306,10 +280,7 @@ moe_status moe_cu_ep_forward_begin(moe_cu_ep *ep, const moe_layer_plan *p,
                                    moe_cu_ep_rows *out) {
   (void)p;
   MOE_TRY(moe_cu_ep_agree_step(ep, local, false, offsets, NULL, s, out));
-  int64_t El = ep->El;
-  for (int q = 0; q < ep->P; q++)
-    for (int64_t e = 0; e < El; e++)
-      ep->h_meta[q * El + e] = ep->h_recv[q * (El + 1) + 1 + e];
+  moe_ep_counts_of(ep->P, ep->El, ep->h_recv, ep->h_meta);
   MOE_TRY(moe_cu_ep_sizes(ep, true));
   MOE_TRY(moe_cu_check(cudaMemcpyAsync(meta, ep->h_meta,
                                        ep->meta_elems * sizeof(int64_t),
