@@ -30,4 +30,21 @@ struct moe_comm {
   void *impl;
 };
 
+/// A communicator with `ops` and a zeroed implementation state of
+/// `impl_bytes` (impl NULL when 0); `fn` names the caller in the message.
+/// Free it with moe_comm_free.
+moe_status moe_comm_new(const moe_comm_ops *ops, size_t impl_bytes,
+                        const char *fn, moe_comm **out);
+/// Frees what moe_comm_new made.
+void moe_comm_free(moe_comm *c);
+
+/// Counts and displacements [2P] of an all-to-all moving `bytes` to every
+/// rank (counts, then displacements); NULL (message set) without memory.
+int64_t *moe_comm_uniform_counts(int P, int64_t bytes);
+
+/// An all-to-all of n int64 values per rank through the communicator's
+/// variable all-to-all (for transports without a fixed-size one).
+moe_status moe_comm_alltoall_via_v(moe_comm *c, const int64_t *send,
+                                   int64_t *recv, int64_t n);
+
 #endif /* MOE_COMM_H */

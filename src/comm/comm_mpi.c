@@ -130,8 +130,7 @@ static void moe_mpi_destroy(moe_comm *c) {
   MPI_Finalized(&finalized);
   /* After MPI_Finalize the duplicate is gone with everything else. */
   if (!finalized && m->comm != MPI_COMM_NULL) MPI_Comm_free(&m->comm);
-  free(m);
-  free(c);
+  moe_comm_free(c);
 }
 
 static const moe_comm_ops moe_mpi_ops = {"mpi", moe_mpi_alltoall_i64,
@@ -153,14 +152,10 @@ moe_status moe_comm_create_mpi(moe_comm **comm, MPI_Comm mpi_comm) {
   if (mpi_comm == MPI_COMM_NULL)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "moe_comm_create_mpi: mpi_comm is MPI_COMM_NULL");
-  moe_comm *c = calloc(1, sizeof *c);
-  moe_mpi_impl *m = calloc(1, sizeof *m);
-  if (!c || !m) {
-    free(c);
-    free(m);
-    return moe_error(MOE_ERR_OUT_OF_MEMORY,
-                     "moe_comm_create_mpi: out of memory");
-  }
+  moe_comm *c;
+  MOE_TRY(moe_comm_new(&moe_mpi_ops, sizeof(moe_mpi_impl),
+                       "moe_comm_create_mpi", &c));
+  moe_mpi_impl *m = c->impl;
   m->comm = MPI_COMM_NULL;
   int rc = MPI_Comm_dup(mpi_comm, &m->comm);
   const char *call = "MPI_Comm_dup";
@@ -179,12 +174,9 @@ moe_status moe_comm_create_mpi(moe_comm **comm, MPI_Comm mpi_comm) {
   if (rc != MPI_SUCCESS) {
     moe_status s = moe_mpi_fail(rc, call);
     if (m->comm != MPI_COMM_NULL) MPI_Comm_free(&m->comm);
-    free(m);
-    free(c);
+    moe_comm_free(c);
     return s;
   }
-  c->ops = &moe_mpi_ops;
-  c->impl = m;
   *comm = c;
   return MOE_SUCCESS;
 }

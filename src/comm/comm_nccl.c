@@ -117,13 +117,8 @@ moe_status moe_nccl_alltoallv_dev(moe_comm *c, const void *send,
 moe_status moe_nccl_alltoall_dev(moe_comm *c, const void *send, void *recv,
                                  size_t bytes, cudaStream_t s) {
   int P = c->size;
-  int64_t *t = malloc(sizeof(int64_t) * 2 * (size_t)P);
-  if (!t)
-    return moe_error(MOE_ERR_OUT_OF_MEMORY, "all-to-all: %d counts", 2 * P);
-  for (int q = 0; q < P; q++) {
-    t[q] = (int64_t)bytes;
-    t[P + q] = (int64_t)bytes * q;
-  }
+  int64_t *t = moe_comm_uniform_counts(P, (int64_t)bytes);
+  if (!t) return MOE_ERR_OUT_OF_MEMORY;
   moe_status st = moe_nccl_alltoallv_dev(c, send, t, t + P, recv, t, t + P, s);
   free(t);
   return st;
@@ -132,30 +127,32 @@ moe_status moe_nccl_alltoall_dev(moe_comm *c, const void *send, void *recv,
 /* ---- the moe_comm_ops table: host memory, blocking ------------------------
  */
 
-/// Runs a device all-to-all of host buffers through a device staging area.
-static moe_status moe_nccl_host_a2a(moe_comm *c, const void *send,
-                                    size_t send_bytes, const int64_t *sc,
-                                    const int64_t *sd, void *recv,
-                                    size_t recv_bytes, const int64_t *rc,
-                                    const int64_t *rd) {
+/// A collective on host buffers through a device staging area: `sb` bytes
+/// of `send` go to the device, `op` runs there (on the stream), `rb` bytes
+/// come back to `recv` (in place: the same staging area); one stream sync.
+typedef moe_status (*moe_nccl_staged_op)(moe_comm *c, char *dsend, char *drecv,
+                                         const void *arg);
+
+static moe_status moe_nccl_staged(moe_comm *c, const void *send, size_t sb,
+                                  void *recv, size_t rb, bool in_place,
+                                  moe_nccl_staged_op op, const void *arg) {
   moe_nccl_impl *m = moe_nccl_of(c);
   moe_nccl_dev d;
   MOE_TRY(moe_nccl_enter(m, &d));
   char *buf = NULL;
-  size_t total = send_bytes + recv_bytes;
+  size_t total = in_place ? sb : sb + rb;
   moe_status st = moe_cu_check(cudaMalloc((void **)&buf, total ? total : 16),
                                "cudaMalloc(staging)");
-  if (st == MOE_SUCCESS && send_bytes)
-    st = moe_cu_check(cudaMemcpyAsync(buf, send, send_bytes,
-                                      cudaMemcpyHostToDevice, m->stream),
-                      "cudaMemcpyAsync(to device)");
-  if (st == MOE_SUCCESS)
-    st = moe_nccl_a2a(m, c->size, c->rank, buf, sc, sd, buf + send_bytes, rc,
-                      rd, m->stream);
-  if (st == MOE_SUCCESS && recv_bytes)
-    st = moe_cu_check(cudaMemcpyAsync(recv, buf + send_bytes, recv_bytes,
-                                      cudaMemcpyDeviceToHost, m->stream),
-                      "cudaMemcpyAsync(to host)");
+  char *dr = in_place ? buf : buf + sb;
+  if (st == MOE_SUCCESS && sb)
+    st = moe_cu_check(
+        cudaMemcpyAsync(buf, send, sb, cudaMemcpyHostToDevice, m->stream),
+        "cudaMemcpyAsync(to device)");
+  if (st == MOE_SUCCESS) st = op(c, buf, dr, arg);
+  if (st == MOE_SUCCESS && rb)
+    st = moe_cu_check(
+        cudaMemcpyAsync(recv, dr, rb, cudaMemcpyDeviceToHost, m->stream),
+        "cudaMemcpyAsync(to host)");
   if (st == MOE_SUCCESS)
     st =
         moe_cu_check(cudaStreamSynchronize(m->stream), "cudaStreamSynchronize");
@@ -163,21 +160,26 @@ static moe_status moe_nccl_host_a2a(moe_comm *c, const void *send,
   return moe_nccl_leave(&d, st);
 }
 
-static moe_status moe_nccl_alltoall_i64(moe_comm *c, const int64_t *send,
-                                        int64_t *recv, int64_t n) {
-  int P = c->size;
-  int64_t *t = malloc(sizeof(int64_t) * 2 * (size_t)P);
-  if (!t)
-    return moe_error(MOE_ERR_OUT_OF_MEMORY, "all-to-all: %d counts", 2 * P);
-  for (int q = 0; q < P; q++) {
-    t[q] = n * 8;
-    t[P + q] = n * 8 * q;
-  }
-  size_t bytes = (size_t)(n * 8 * P);
-  moe_status st =
-      moe_nccl_host_a2a(c, send, bytes, t, t + P, recv, bytes, t, t + P);
-  free(t);
-  return st;
+/// Counts and displacements (bytes) of a staged all-to-all.
+typedef struct moe_nccl_a2a_arg {
+  const int64_t *sc, *sd, *rc, *rd;
+} moe_nccl_a2a_arg;
+
+static moe_status moe_nccl_a2a_op(moe_comm *c, char *dsend, char *drecv,
+                                  const void *arg) {
+  const moe_nccl_a2a_arg *a = arg;
+  moe_nccl_impl *m = moe_nccl_of(c);
+  return moe_nccl_a2a(m, c->size, c->rank, dsend, a->sc, a->sd, drecv, a->rc,
+                      a->rd, m->stream);
+}
+
+static moe_status moe_nccl_sum_op(moe_comm *c, char *dsend, char *drecv,
+                                  const void *arg) {
+  moe_nccl_impl *m = moe_nccl_of(c);
+  size_t n = *(const size_t *)arg;
+  return moe_nccl_check(
+      ncclAllReduce(dsend, drecv, n, ncclFloat32, ncclSum, m->comm, m->stream),
+      m->comm, "ncclAllReduce");
 }
 
 static moe_status moe_nccl_alltoallv(moe_comm *c, const void *send,
@@ -192,35 +194,14 @@ static moe_status moe_nccl_alltoallv(moe_comm *c, const void *send,
     e = (size_t)(recv_displs[q] + recv_counts[q]);
     if (e > rb) rb = e;
   }
-  return moe_nccl_host_a2a(c, send, sb, send_counts, send_displs, recv, rb,
-                           recv_counts, recv_displs);
+  moe_nccl_a2a_arg a = {send_counts, send_displs, recv_counts, recv_displs};
+  return moe_nccl_staged(c, send, sb, recv, rb, false, moe_nccl_a2a_op, &a);
 }
 
 static moe_status moe_nccl_allreduce(moe_comm *c, float *buf, int64_t n) {
-  moe_nccl_impl *m = moe_nccl_of(c);
-  moe_nccl_dev d;
-  MOE_TRY(moe_nccl_enter(m, &d));
-  size_t bytes = (size_t)n * sizeof(float);
-  float *dbuf = NULL;
-  moe_status st = moe_cu_check(cudaMalloc((void **)&dbuf, bytes ? bytes : 16),
-                               "cudaMalloc(staging)");
-  if (st == MOE_SUCCESS)
-    st = moe_cu_check(
-        cudaMemcpyAsync(dbuf, buf, bytes, cudaMemcpyHostToDevice, m->stream),
-        "cudaMemcpyAsync(to device)");
-  if (st == MOE_SUCCESS)
-    st = moe_nccl_check(ncclAllReduce(dbuf, dbuf, (size_t)n, ncclFloat32,
-                                      ncclSum, m->comm, m->stream),
-                        m->comm, "ncclAllReduce");
-  if (st == MOE_SUCCESS)
-    st = moe_cu_check(
-        cudaMemcpyAsync(buf, dbuf, bytes, cudaMemcpyDeviceToHost, m->stream),
-        "cudaMemcpyAsync(to host)");
-  if (st == MOE_SUCCESS)
-    st =
-        moe_cu_check(cudaStreamSynchronize(m->stream), "cudaStreamSynchronize");
-  if (dbuf) cudaFree(dbuf);
-  return moe_nccl_leave(&d, st);
+  size_t count = (size_t)n, bytes = count * sizeof(float);
+  return moe_nccl_staged(c, buf, bytes, buf, bytes, true, moe_nccl_sum_op,
+                         &count);
 }
 
 static void moe_nccl_destroy(moe_comm *c) {
@@ -231,11 +212,10 @@ static void moe_nccl_destroy(moe_comm *c) {
   if (m->stream) cudaStreamDestroy(m->stream);
   if (m->owned && m->comm) ncclCommDestroy(m->comm);
   if (prev >= 0) cudaSetDevice(prev);
-  free(m);
-  free(c);
+  moe_comm_free(c);
 }
 
-static const moe_comm_ops moe_nccl_ops = {"nccl", moe_nccl_alltoall_i64,
+static const moe_comm_ops moe_nccl_ops = {"nccl", moe_comm_alltoall_via_v,
                                           moe_nccl_alltoallv,
                                           moe_nccl_allreduce, moe_nccl_destroy};
 
@@ -251,14 +231,10 @@ static moe_status moe_nccl_wrap(ncclComm_t nc, int device, bool owned,
                      "moe_comm_create_nccl: device = %d, but the NCCL "
                      "communicator runs on CUDA device %d",
                      device, dev);
-  moe_comm *c = calloc(1, sizeof *c);
-  moe_nccl_impl *m = calloc(1, sizeof *m);
-  if (!c || !m) {
-    free(c);
-    free(m);
-    return moe_error(MOE_ERR_OUT_OF_MEMORY,
-                     "moe_comm_create_nccl: out of memory");
-  }
+  moe_comm *c;
+  MOE_TRY(moe_comm_new(&moe_nccl_ops, sizeof(moe_nccl_impl),
+                       "moe_comm_create_nccl", &c));
+  moe_nccl_impl *m = c->impl;
   m->comm = nc;
   m->device = dev;
   m->owned = owned;
@@ -271,14 +247,11 @@ static moe_status moe_nccl_wrap(ncclComm_t nc, int device, bool owned,
         "cudaStreamCreateWithFlags");
   cudaSetDevice(prev);
   if (st != MOE_SUCCESS) {
-    free(m);
-    free(c);
+    moe_comm_free(c);
     return st;
   }
-  c->ops = &moe_nccl_ops;
   c->rank = r;
   c->size = n;
-  c->impl = m;
   *out = c;
   return MOE_SUCCESS;
 }

@@ -9,16 +9,20 @@
 
 static inline float moe_sigmoid(float a) { return 1.0f / (1.0f + expf(-a)); }
 
+/// Element (r, i) of a 2-D view, as f32.
+static inline float moe_at2(const moe_tensor *t, int64_t r, int64_t i) {
+  return moe_load_f(t->data, t->dtype, moe_offset2(t, r, i));
+}
+
 void moe_swiglu_fwd_rows(const moe_tensor *g, const moe_tensor *u,
                          moe_tensor *h, int nt) {
   int64_t R = g->shape[0], I = g->shape[1];
 #pragma omp parallel for schedule(static) num_threads(nt)
   for (int64_t r = 0; r < R; r++)
     for (int64_t i = 0; i < I; i++) {
-      float a = moe_load_f(g->data, g->dtype, moe_offset2(g, r, i));
-      float b = moe_load_f(u->data, u->dtype, moe_offset2(u, r, i));
+      float a = moe_at2(g, r, i);
       moe_store_f(h->data, h->dtype, moe_offset2(h, r, i),
-                  a * moe_sigmoid(a) * b);
+                  a * moe_sigmoid(a) * moe_at2(u, r, i));
     }
 }
 
@@ -29,9 +33,7 @@ void moe_swiglu_bwd_rows(const moe_tensor *g, const moe_tensor *u,
 #pragma omp parallel for schedule(static) num_threads(nt)
   for (int64_t r = 0; r < R; r++)
     for (int64_t i = 0; i < I; i++) {
-      float a = moe_load_f(g->data, g->dtype, moe_offset2(g, r, i));
-      float b = moe_load_f(u->data, u->dtype, moe_offset2(u, r, i));
-      float d = moe_load_f(dh->data, dh->dtype, moe_offset2(dh, r, i));
+      float a = moe_at2(g, r, i), b = moe_at2(u, r, i), d = moe_at2(dh, r, i);
       float s = moe_sigmoid(a);
       float silu = a * s;
       moe_store_f(dg->data, dg->dtype, moe_offset2(dg, r, i),

@@ -116,17 +116,11 @@ moe_status moe_cu_ep_create(const moe_layer_plan *p, moe_cu_ep **out) {
   if (s == MOE_SUCCESS) {
     ep->h_off = ep->h_recv + blk;
     ep->h_meta = ep->h_off + ep->E + 1;
-    s = moe_cu_check(
-        cudaEventCreateWithFlags(&ep->pinned_done, cudaEventDisableTiming),
-        "cudaEventCreateWithFlags");
   }
-  if (s == MOE_SUCCESS)
+  cudaEvent_t *events[3] = {&ep->pinned_done, &ep->fork, &ep->join};
+  for (int i = 0; i < 3 && s == MOE_SUCCESS; i++)
     s = moe_cu_check(
-        cudaEventCreateWithFlags(&ep->fork, cudaEventDisableTiming),
-        "cudaEventCreateWithFlags");
-  if (s == MOE_SUCCESS)
-    s = moe_cu_check(
-        cudaEventCreateWithFlags(&ep->join, cudaEventDisableTiming),
+        cudaEventCreateWithFlags(events[i], cudaEventDisableTiming),
         "cudaEventCreateWithFlags");
   if (s == MOE_SUCCESS)
     s = moe_cu_check(
