@@ -344,21 +344,26 @@ extern "C" moe_status moe_cu_gather_rows(const moe_cu_view *x,
 
 /* ---- weighted unpermute and backward ------------------------------------ */
 
-__global__ void moe_unpermute_kernel(const void *y, int yf32,
-                                     const int32_t *slot_row, const float *w,
-                                     int k, int64_t H, int vec, void *out,
-                                     int of32, int64_t ors, int64_t ocs,
-                                     int ovec) {
+/// out[t] = add[t] (optional, f32 [T, H]) + sum_j w[t, j] (1 without w)
+/// y[slot_row[t*k + j]], summed in j order in f32: the weighted unpermute
+/// and the gather's backward. Multiplying by 1 is exact, so both see the
+/// sums they would see alone.
+__global__ void moe_sum_rows_kernel(const void *y, int yf32,
+                                    const int32_t *slot_row, const float *w,
+                                    const float *add, int k, int64_t H, int vec,
+                                    void *out, int of32, int64_t ors,
+                                    int64_t ocs, int ovec) {
   int64_t t = blockIdx.x;
   const int32_t *sr = slot_row + t * k;
-  const float *wt = w + t * k;
+  const float *wt = w ? w + t * k : NULL;
   if (vec) {
     for (int64_t c = threadIdx.x; c < H / 8; c += blockDim.x) {
       float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, v[8];
+      if (add) ld8(add, 1, t * H + c * 8, acc);
       for (int j = 0; j < k; j++) {
         int32_t row = sr[j];
         if (row < 0) continue;
-        float wj = wt[j];
+        float wj = wt ? wt[j] : 1.0f;
         ld8(y, yf32, (int64_t)row * H + c * 8, v);
 #pragma unroll
         for (int q = 0; q < 8; q++)
@@ -372,11 +377,11 @@ __global__ void moe_unpermute_kernel(const void *y, int yf32,
     }
   } else {
     for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
-      float acc = 0.0f;
+      float acc = add ? add[t * H + h] : 0.0f;
       for (int j = 0; j < k; j++) {
         int32_t row = sr[j];
         if (row < 0) continue;
-        acc += wt[j] * ld1(y, yf32, (int64_t)row * H + h);
+        acc += (wt ? wt[j] : 1.0f) * ld1(y, yf32, (int64_t)row * H + h);
       }
       st1(out, of32, t * ors + h * ocs, acc);
     }
@@ -390,10 +395,10 @@ extern "C" moe_status moe_cu_unpermute(const void *y, moe_dtype yt,
   if (T == 0) return MOE_SUCCESS;
   int vec = vec8(y, yt, H, 1, H);
   int ovec = vec && vec8(out->data, out->dtype, out->rs, out->cs, H);
-  moe_unpermute_kernel<<<(unsigned)T, 128, 0, s>>>(
-      y, yt == MOE_F32, slot_row, w, (int)k, H, vec, out->data,
+  moe_sum_rows_kernel<<<(unsigned)T, 128, 0, s>>>(
+      y, yt == MOE_F32, slot_row, w, NULL, (int)k, H, vec, out->data,
       out->dtype == MOE_F32, out->rs, out->cs, ovec);
-  return moe_cu_launch_check("moe_unpermute_kernel");
+  return moe_cu_launch_check("moe_sum_rows_kernel (unpermute)");
 }
 
 /// Sum over the block of one value per thread, same tree every time.
@@ -468,44 +473,6 @@ extern "C" moe_status moe_cu_unpermute_backward(const moe_cu_view *g,
   return moe_cu_launch_check("moe_unpermute_bwd_kernel");
 }
 
-__global__ void moe_permute_bwd_kernel(const void *dxp, int f32,
-                                       const int32_t *slot_row,
-                                       const float *add, int k, int64_t H,
-                                       int vec, void *out, int of32,
-                                       int64_t ors, int64_t ocs, int ovec) {
-  int64_t t = blockIdx.x;
-  const int32_t *sr = slot_row + t * k;
-  if (vec) {
-    for (int64_t c = threadIdx.x; c < H / 8; c += blockDim.x) {
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, v[8];
-      if (add) ld8(add, 1, t * H + c * 8, acc);
-      for (int j = 0; j < k; j++) {
-        int32_t row = sr[j];
-        if (row < 0) continue;
-        ld8(dxp, f32, (int64_t)row * H + c * 8, v);
-#pragma unroll
-        for (int q = 0; q < 8; q++)
-          acc[q] += v[q];
-      }
-      if (ovec)
-        st8(out, of32, t * ors + c * 8, acc);
-      else
-        for (int q = 0; q < 8; q++)
-          st1(out, of32, t * ors + (c * 8 + q) * ocs, acc[q]);
-    }
-  } else {
-    for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
-      float acc = add ? add[t * H + h] : 0.0f;
-      for (int j = 0; j < k; j++) {
-        int32_t row = sr[j];
-        if (row < 0) continue;
-        acc += ld1(dxp, f32, (int64_t)row * H + h);
-      }
-      st1(out, of32, t * ors + h * ocs, acc);
-    }
-  }
-}
-
 extern "C" moe_status
 moe_cu_permute_backward(const void *dxp, moe_dtype dt, const int32_t *slot_row,
                         const float *add, int64_t T, int64_t k, int64_t H,
@@ -513,10 +480,10 @@ moe_cu_permute_backward(const void *dxp, moe_dtype dt, const int32_t *slot_row,
   if (T == 0) return MOE_SUCCESS;
   int vec = vec8(dxp, dt, H, 1, H) && (!add || vec8(add, MOE_F32, H, 1, H));
   int ovec = vec && vec8(out->data, out->dtype, out->rs, out->cs, H);
-  moe_permute_bwd_kernel<<<(unsigned)T, 128, 0, s>>>(
-      dxp, dt == MOE_F32, slot_row, add, (int)k, H, vec, out->data,
+  moe_sum_rows_kernel<<<(unsigned)T, 128, 0, s>>>(
+      dxp, dt == MOE_F32, slot_row, NULL, add, (int)k, H, vec, out->data,
       out->dtype == MOE_F32, out->rs, out->cs, ovec);
-  return moe_cu_launch_check("moe_permute_bwd_kernel");
+  return moe_cu_launch_check("moe_sum_rows_kernel (permute backward)");
 }
 
 /* ---- top-k backward

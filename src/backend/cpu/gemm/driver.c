@@ -158,9 +158,9 @@ static void moe_pack_f32_portable(const void *src, moe_dtype st, int64_t sd,
   }
 }
 
-static void moe_pack_pairs_portable(const uint16_t *src, int64_t sd, int64_t sw,
-                                    int64_t depth, int64_t width, int W,
-                                    uint32_t *dst) {
+void moe_pack_pairs_portable(const uint16_t *src, int64_t sd, int64_t sw,
+                             int64_t depth, int64_t width, int W,
+                             uint32_t *dst) {
   int64_t kp = (depth + 1) / 2, cols = (width + W - 1) / W * W;
   for (int64_t t = 0; t < cols; t++) {
     uint32_t *d = dst + t / W * kp * W + t % W;

@@ -261,17 +261,7 @@ void moe_pack_pairs_avx512(const uint16_t *src, int64_t sd, int64_t sw,
     }
     return;
   }
-  for (int64_t t = 0; t < cols; t++) {
-    uint32_t *d = dst + t / W * kp * W + t % W;
-    for (int64_t p = 0; p < kp; p++) {
-      uint32_t lo = 0, hi = 0;
-      if (t < width) {
-        lo = src[2 * p * sd + t * sw];
-        if (2 * p + 1 < depth) hi = src[(2 * p + 1) * sd + t * sw];
-      }
-      d[p * W] = lo | hi << 16;
-    }
-  }
+  moe_pack_pairs_portable(src, sd, sw, depth, width, W, dst);
 }
 
 /* ---- C store ---------------------------------------------------------- */

@@ -99,6 +99,11 @@ void moe_pack_f32_avx512(const void *src, moe_dtype st, int64_t sd, int64_t sw,
                          int64_t depth, int64_t width, int W, float *dst);
 void moe_pack_pairs_avx512(const uint16_t *src, int64_t sd, int64_t sw,
                            int64_t depth, int64_t width, int W, uint32_t *dst);
+/// The portable bf16-pair packing (driver.c), for any strides: the
+/// fallback of the vectorised ones.
+void moe_pack_pairs_portable(const uint16_t *src, int64_t sd, int64_t sw,
+                             int64_t depth, int64_t width, int W,
+                             uint32_t *dst);
 void moe_store_avx512(const float *acc, int64_t ldacc, int64_t mb, int64_t nb,
                       void *c, moe_dtype ct, int64_t crs, float beta,
                       int stream);
