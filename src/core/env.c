@@ -25,3 +25,8 @@ moe_status moe_env_gmm(moe_gmm_method *m, bool *set) {
   *set = *m != MOE_GMM_AUTO;
   return MOE_SUCCESS;
 }
+
+const char *moe_env_gpu_machine(void) {
+  const char *v = getenv("MOE_GPU_MACHINE");
+  return v && *v ? v : NULL;
+}

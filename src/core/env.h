@@ -9,4 +9,8 @@
 /// when it pins a method.
 moe_status moe_env_gmm(moe_gmm_method *m, bool *set);
 
+/// MOE_GPU_MACHINE: overrides of the GPU cost model's rates as
+/// "key=value,..." (plan/machine_gpu.c checks the keys); NULL when unset.
+const char *moe_env_gpu_machine(void);
+
 #endif

@@ -6,14 +6,52 @@
 /// per-expert rate as rows grow (half rate at blas_half_rows rows), one
 /// cuBLAS call and one host sync. Bandwidth by the card's name. Device-free
 /// code: it only reads numbers, so it sits beside the CPU model.
+///
+/// MOE_GPU_MACHINE overrides any rate, e.g. "bandwidth_gbs=3350,
+/// mma_tflops=250" (keys: the field names of moe_gpu_machine); the
+/// explanation then says so.
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include "core/env.h"
 #include "plan/planner.h"
 
-moe_gpu_machine moe_gpu_machine_of(const char *name, int sms,
-                                   double clock_ghz) {
+/// Applies MOE_GPU_MACHINE; an unknown key or a bad value fails, naming it.
+static moe_status moe_gpu_overrides(moe_gpu_machine *m, const char *v) {
+  static const char *const keys[] = {
+      "bandwidth_gbs",  "mma_tflops",   "simt_tflops", "blas_tflops",
+      "blas_half_rows", "dw_half_rows", "call_us",     "sync_us"};
+  double *fields[] = {&m->bandwidth_gbs, &m->mma_tflops,     &m->simt_tflops,
+                      &m->blas_tflops,   &m->blas_half_rows, &m->dw_half_rows,
+                      &m->call_us,       &m->sync_us};
+  const char *at = v;
+  while (*at) {
+    size_t klen = strcspn(at, "=");
+    int f = -1;
+    for (int i = 0; i < 8; i++)
+      if (strlen(keys[i]) == klen && !strncmp(at, keys[i], klen)) f = i;
+    char *end = NULL;
+    double x = at[klen] == '=' ? strtod(at + klen + 1, &end) : 0.0;
+    if (f < 0 || !end || end == at + klen + 1 || !(x > 0.0) ||
+        (*end && *end != ','))
+      return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                       "environment MOE_GPU_MACHINE='%.96s': expected "
+                       "key=value,... with positive values and keys among "
+                       "bandwidth_gbs, mma_tflops, simt_tflops, blas_tflops, "
+                       "blas_half_rows, dw_half_rows, call_us, sync_us",
+                       v);
+    *fields[f] = x;
+    at = *end ? end + 1 : end;
+  }
+  size_t n = strlen(m->source);
+  snprintf(m->source + n, sizeof m->source - n, "; MOE_GPU_MACHINE=%.64s", v);
+  return MOE_SUCCESS;
+}
+
+moe_status moe_gpu_machine_of(const char *name, int sms, double clock_ghz,
+                              moe_gpu_machine *out) {
   bool hopper = strstr(name, "H100") || strstr(name, "H200");
   moe_gpu_machine m = {
       .sms = sms,
@@ -33,7 +71,10 @@ moe_gpu_machine moe_gpu_machine_of(const char *name, int sms,
   snprintf(m.source, sizeof m.source,
            "built-in rates measured on H200 (bench/NOTES.md)%s",
            hopper ? "" : "; not a Hopper card: grouped rate scaled by 0.4");
-  return m;
+  const char *v = moe_env_gpu_machine();
+  if (v) MOE_TRY(moe_gpu_overrides(&m, v));
+  *out = m;
+  return MOE_SUCCESS;
 }
 
 moe_proj_cost moe_gpu_predict(const moe_gpu_machine *g, const moe_proj_shape *s,

@@ -92,8 +92,10 @@ typedef struct moe_gpu_machine {
   char source[192];      ///< where the numbers came from
 } moe_gpu_machine;
 
-/// The model of a device by its name, SM count and clock (GHz).
-moe_gpu_machine moe_gpu_machine_of(const char *name, int sms, double clock_ghz);
+/// The model of a device by its name, SM count and clock (GHz), with the
+/// MOE_GPU_MACHINE overrides; fails only on a malformed MOE_GPU_MACHINE.
+moe_status moe_gpu_machine_of(const char *name, int sms, double clock_ghz,
+                              moe_gpu_machine *out);
 
 /// Predicts a method's cost on a projection on the GPU.
 moe_proj_cost moe_gpu_predict(const moe_gpu_machine *g, const moe_proj_shape *s,

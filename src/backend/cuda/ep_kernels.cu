@@ -7,7 +7,7 @@
 #include <cuda_runtime.h>
 
 #include "backend/cuda/cuda_internal.h"
-#include "backend/cuda/cuda_ep.h"
+#include "backend/cuda/layer_cuda_ep.h"
 
 /// send[q][0] = status; send[q][1 + e] = rows this rank has for rank q's
 /// local expert e (0 when off is NULL: a failed rank sends no counts).

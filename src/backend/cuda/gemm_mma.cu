@@ -609,7 +609,8 @@ static mma_tile_choice mma_pick_tile(const moe_cu_gemm *p) {
   mma_tile_choice t = {4, 4, 4, 4};
   if (mma_tile_env(&t)) return t;
   if (p->kind == MOE_GROUP_K) return t;
-  double mean = (double)p->rows / (double)(p->num_groups > 0 ? p->num_groups : 1);
+  double mean =
+      (double)p->rows / (double)(p->num_groups > 0 ? p->num_groups : 1);
   if (mean < 256.0) t.mi = 2; /* ~160-row groups: 64-row tiles waste less */
   return t;
 }

@@ -17,7 +17,7 @@
 #include <stdlib.h>
 
 #include "core/env.h"
-#include "backend/cuda/cuda_ep.h"
+#include "backend/cuda/layer_cuda_ep.h"
 #include "backend/cuda/cuda_internal.h"
 #include "layer/backend.h"
 #include "plan/planner.h"
@@ -126,6 +126,13 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
   moe_status local = moe_cu_desc_check(&d);
   if (local == MOE_SUCCESS) local = moe_env_gmm(&env_m, &env_set);
   if (local == MOE_SUCCESS) local = moe_cu_device_props(&d, &prop);
+  moe_gpu_machine gm;
+  if (local == MOE_SUCCESS) {
+    int clock_khz = 0;
+    cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, d.device.index);
+    local = moe_gpu_machine_of(prop.name, prop.multiProcessorCount,
+                               clock_khz * 1e-6, &gm);
+  }
   /* Over several ranks every rank must reach the same verdict: the checks'
      results are agreed on before anyone returns. */
   int ranks = moe_comm_size(d.comm);
@@ -142,10 +149,7 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
   p->e_local = d.num_experts / ranks;
   p->e_first = p->rank * p->e_local;
   p->max_rows = ranks > 1 ? ep_rows : d.max_tokens * d.top_k;
-  int clock_khz = 0;
-  cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, d.device.index);
-  cp->gm =
-      moe_gpu_machine_of(prop.name, prop.multiProcessorCount, clock_khz * 1e-6);
+  cp->gm = gm;
 
   moe_gmm_method forced = d.method != MOE_GMM_AUTO ? d.method : env_m;
   const char *by = d.method != MOE_GMM_AUTO ? "desc.method" : "MOE_GMM";
@@ -153,13 +157,15 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
   int64_t rows = d.max_tokens * d.top_k;
   moe_plan_say(p, len,
                "plan (cuda): E=%lld H=%lld I=%lld top_k=%lld, %lld tokens -> "
-               "%lld routed rows, %s\ndevice: %d, %s, %d SMs (model: %.0f "
-               "GB/s, grouped kernel %.0f TFLOP/s, cuBLAS %.0f TFLOP/s)\n",
+               "%lld routed rows, %s\ndevice: %d, %s, %d SMs at %.2f GHz "
+               "(model: %.0f GB/s, grouped kernel %.0f TFLOP/s, cuBLAS %.0f "
+               "TFLOP/s)\nmachine: %s\n",
                (long long)d.num_experts, (long long)d.hidden,
                (long long)d.intermediate, (long long)d.top_k,
                (long long)d.max_tokens, (long long)rows,
                moe_dtype_name(d.dtype), d.device.index, prop.name, cp->gm.sms,
-               cp->gm.bandwidth_gbs, cp->gm.mma_tflops, cp->gm.blas_tflops);
+               cp->gm.clock_ghz, cp->gm.bandwidth_gbs, cp->gm.mma_tflops,
+               cp->gm.blas_tflops, cp->gm.source);
   bool any_loop = false;
   for (int proj = 0; proj < 2; proj++) {
     moe_proj_cost g = moe_cu_predict(p, proj, MOE_GMM_GROUPED);

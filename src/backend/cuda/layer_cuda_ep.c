@@ -1,7 +1,7 @@
 /// @file layer_cuda_ep.c
 /// Expert parallelism of the CUDA layer over NCCL: plan-time agreement and
 /// explanation, the exchange state, and the begin / dispatch / combine
-/// steps layer_cuda.c calls (protocol in cuda_ep.h).
+/// steps layer_cuda.c calls (protocol in layer_cuda_ep.h).
 ///
 /// Why one host sync per pass: ncclSend/ncclRecv take their byte counts
 /// from the host, and how many rows travel depends on the routing, which
@@ -16,7 +16,7 @@
 #include <stdlib.h>
 
 #include "comm/comm_nccl.h"
-#include "backend/cuda/cuda_ep.h"
+#include "backend/cuda/layer_cuda_ep.h"
 #include "backend/cuda/cuda_internal.h"
 #include "layer/ep.h"
 

@@ -1,4 +1,4 @@
-/// @file cuda_ep.h
+/// @file layer_cuda_ep.h
 /// Expert parallelism of the CUDA layer over an NCCL communicator
 /// (layer_cuda_ep.c, kernels in ep_kernels.cu). layer_cuda.c calls these at
 /// fixed points of its forward and backward when the plan spans ranks.
@@ -18,8 +18,8 @@
 /// Rows of an expert arrive in (source rank, token) order, the global token
 /// order when ranks hold consecutive slices of the batch: each expert sees
 /// exactly the rows, in the order, one GPU would give it.
-#ifndef MOE_CUDA_EP_H
-#define MOE_CUDA_EP_H
+#ifndef MOE_LAYER_CUDA_EP_H
+#define MOE_LAYER_CUDA_EP_H
 
 #include <cuda_runtime_api.h>
 
@@ -107,4 +107,4 @@ moe_status moe_cu_ep_combine_wait(moe_cu_ep *ep, cudaStream_t s);
 #ifdef __cplusplus
 }
 #endif
-#endif /* MOE_CUDA_EP_H */
+#endif /* MOE_LAYER_CUDA_EP_H */
