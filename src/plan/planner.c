@@ -138,3 +138,33 @@ void moe_floor(const moe_layer_desc *d, int64_t experts, int backward,
   if (compute_ms) *compute_ms = peak > 0 ? flops / peak * 1e3 : 0.0;
   if (memory_ms) *memory_ms = bw > 0 ? bytes / bw * 1e3 : 0.0;
 }
+
+moe_status moe_plan_projection_gpu(const moe_gpu_machine *gm,
+                                   const moe_proj_shape *s,
+                                   moe_gmm_method forced, const char *forced_by,
+                                   bool strict, moe_gmm_method *out, char *buf,
+                                   size_t *len, size_t cap) {
+  moe_proj_cost g = moe_gpu_predict(gm, s, MOE_GMM_GROUPED);
+  moe_proj_cost l = moe_gpu_predict(gm, s, MOE_GMM_LOOP);
+  moe_gmm_method m = forced;
+  const char *why = forced_by;
+  if (m == MOE_GMM_AUTO) {
+    bool loop_wins = l.fwd_ms + l.bwd_ms < g.fwd_ms + g.bwd_ms;
+    m = loop_wins && !strict ? MOE_GMM_LOOP : MOE_GMM_GROUPED;
+    why = m == MOE_GMM_LOOP
+              ? "auto: cuBLAS per expert is predicted faster; it costs one "
+                "host sync per pass (strict mode would pick grouped)"
+          : loop_wins
+              ? "auto: strict mode forbids the loop's host sync; the "
+                "grouped kernel reads the expert offsets on the device"
+              : "auto: predicted faster, and it reads the expert offsets "
+                "on the device (no host sync)";
+  }
+  *out = m;
+  moe_appendf(buf, len, cap,
+              "%s: %s (%s) — predicted grouped %.3f / %.3f ms, loop %.3f / "
+              "%.3f ms (fwd / bwd)\n",
+              s->name, moe_gmm_method_name(m), why, g.fwd_ms, g.bwd_ms,
+              l.fwd_ms, l.bwd_ms);
+  return MOE_SUCCESS;
+}

@@ -101,4 +101,14 @@ moe_status moe_gpu_machine_of(const char *name, int sms, double clock_ghz,
 moe_proj_cost moe_gpu_predict(const moe_gpu_machine *g, const moe_proj_shape *s,
                               moe_gmm_method m);
 
+/// The GPU's choice for a projection: `forced` (not AUTO) wins; AUTO takes
+/// the cheaper predicted forward+backward, except that strict mode keeps
+/// the grouped kernel (the loop's counts need a host sync). Appends one
+/// line with the reason and both predictions.
+moe_status moe_plan_projection_gpu(const moe_gpu_machine *g,
+                                   const moe_proj_shape *s,
+                                   moe_gmm_method forced, const char *forced_by,
+                                   bool strict, moe_gmm_method *out, char *buf,
+                                   size_t *len, size_t cap);
+
 #endif /* MOE_PLANNER_H */

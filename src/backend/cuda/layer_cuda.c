@@ -168,29 +168,15 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
                cp->gm.blas_tflops, cp->gm.source);
   bool any_loop = false;
   for (int proj = 0; proj < 2; proj++) {
-    moe_proj_cost g = moe_cu_predict(p, proj, MOE_GMM_GROUPED);
-    moe_proj_cost l = moe_cu_predict(p, proj, MOE_GMM_LOOP);
-    moe_gmm_method m = forced;
-    const char *why = by;
-    if (m == MOE_GMM_AUTO) {
-      bool loop_wins = l.fwd_ms + l.bwd_ms < g.fwd_ms + g.bwd_ms;
-      m = loop_wins && !d.strict ? MOE_GMM_LOOP : MOE_GMM_GROUPED;
-      why = m == MOE_GMM_LOOP
-                ? "auto: cuBLAS per expert is predicted faster; it costs one "
-                  "host sync per pass (strict mode would pick grouped)"
-            : loop_wins
-                ? "auto: strict mode forbids the loop's host sync; the "
-                  "grouped kernel reads the expert offsets on the device"
-                : "auto: predicted faster, and it reads the expert offsets "
-                  "on the device (no host sync)";
+    moe_proj_shape sh = moe_cu_shape(p, proj);
+    moe_status s = moe_plan_projection_gpu(&cp->gm, &sh, forced, by, d.strict,
+                                           &p->method[proj], p->explain, len,
+                                           sizeof p->explain);
+    if (s != MOE_SUCCESS) {
+      moe_cuda_plan_destroy(p);
+      return s;
     }
-    p->method[proj] = m;
-    any_loop |= m == MOE_GMM_LOOP;
-    moe_plan_say(p, len,
-                 "%s: %s (%s) — predicted grouped %.3f / %.3f ms, loop %.3f / "
-                 "%.3f ms (fwd / bwd)\n",
-                 proj == 0 ? "gate_up" : "down", moe_gmm_method_name(m), why,
-                 g.fwd_ms, g.bwd_ms, l.fwd_ms, l.bwd_ms);
+    any_loop |= p->method[proj] == MOE_GMM_LOOP;
   }
   moe_plan_say(p, len,
                "grouped: libmoe's kernel, %s, tiles scheduled on the device "
