@@ -11,7 +11,7 @@ static moe_status moe_check_weight(const moe_tensor *t, const char *name,
                                    const moe_layer_desc *d) {
   MOE_TRY(moe_check_tensor(t, name, 3, shape, (int)d->dtype, &d->device));
   moe_layout l = moe_weight_layout(t);
-  if (l != want)
+  if (l != want && !moe_weight_layout_fits(t, want))
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "%s: strides (%lld, %lld, %lld) give layout %s, the "
                      "plan was made for %s",
@@ -138,6 +138,7 @@ moe_status moe_layer_check_fwd_outputs(const moe_layer_plan *p,
 
 moe_status moe_layer_check_buffer(const void *buf, size_t have, size_t need,
                                   const char *name) {
+  MOE_TRY(moe_check_align(buf, MOE_BUFFER_ALIGN, name));
   if (buf && have < need)
     return moe_error(MOE_ERR_WORKSPACE,
                      "%s: %zu bytes given, %zu needed (see "

@@ -71,12 +71,13 @@ moe_status moe_layer_desc_check(const moe_layer_desc *d) {
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "desc.num_threads = %d: must be >= 0", d->num_threads);
   /* Sizes the buffers are computed from must not overflow. */
-  int64_t r, x;
-  if (!moe_mul_ok(d->max_tokens, d->top_k, &r) ||
-      !moe_mul_ok(r, d->hidden + 2 * d->intermediate, &x) ||
+  int64_t r, i2, hi, x, y;
+  if (!moe_mul_ok(2, d->intermediate, &i2) || !moe_add_ok(d->hidden, i2, &hi) ||
+      !moe_mul_ok(d->max_tokens, d->top_k, &r) || !moe_mul_ok(r, hi, &x) ||
+      x > ((int64_t)1 << 56) ||
       !moe_mul_ok(d->max_tokens, d->num_experts, &x) ||
-      !moe_mul_ok(d->num_experts, d->hidden, &x) ||
-      !moe_mul_ok(x, 2 * d->intermediate, &x) || x > ((int64_t)1 << 56))
+      x > ((int64_t)1 << 56) || !moe_mul_ok(d->num_experts, d->hidden, &y) ||
+      !moe_mul_ok(y, i2, &x) || x > ((int64_t)1 << 56))
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "desc: sizes overflow (max_tokens %lld, E %lld, H %lld, "
                      "I %lld)",
