@@ -273,7 +273,9 @@ static int layer_ep_sum(const cli_ep *ep, const void *part, moe_dtype dt,
     mine[i] = dt == MOE_F32 ? ((const float *)part)[i]
                             : cli_bf16_to_f32(((const uint16_t *)part)[i]);
   rc = cli_ep_agree(ep, rc);
-  if (!rc) rc = cli_ep_gather(ep, mine, n * 4, all);
+  if (!rc)
+    rc = cli_ep_gather(ep, mine, n * 4, all,
+                       ep->rank == 0 ? n * ep->size * 4 : 0);
   if (!rc && ep->rank == 0)
     for (int64_t i = 0; i < n; i++) {
       float sum = 0.0f;
@@ -344,7 +346,28 @@ static int layer_run_ep(const char *in, const char *out, bool backward,
     rc = CLI_ERR;
   }
   if (!rc) rc = resolve(&io, backward);
-  if ((rc = cli_ep_agree(&ep, rc))) goto out;
+  /* Every size and option that shapes the collectives below, or the
+     result, must be the same on every rank: a rank with another T would
+     overflow rank 0's gather buffers, one with --backward alone would wait
+     in a collective the others never enter. */
+  const cli_field fields[] = {
+      {"T", CLI_FIELD_INT, io.T},
+      {"H", CLI_FIELD_INT, io.H},
+      {"E", CLI_FIELD_INT, io.E},
+      {"I", CLI_FIELD_INT, io.I},
+      {"top_k", CLI_FIELD_INT, io.k},
+      {"norm_topk_prob", CLI_FIELD_BOOL, io.norm},
+      {"dtype", CLI_FIELD_DTYPE, (int64_t)io.hidden.dtype},
+      {"gate_up_layout", CLI_FIELD_LAYOUT, (int64_t)io.gu_layout},
+      {"down_layout", CLI_FIELD_LAYOUT, (int64_t)io.down_layout},
+      {"--backward", CLI_FIELD_BOOL, backward},
+      {"--strict", CLI_FIELD_BOOL, strict},
+      {"--method", CLI_FIELD_METHOD, (int64_t)method},
+      {"--threads", CLI_FIELD_INT, threads},
+  };
+  if ((rc = cli_ep_agree_fields(&ep, "layer", rc, fields,
+                                (int)(sizeof fields / sizeof *fields))))
+    goto out;
 
   int P = ep.size, r = ep.rank;
   int64_t t0, T, El = io.E / P, e0 = El * r;
@@ -435,16 +458,22 @@ static int layer_run_ep(const char *in, const char *out, bool backward,
     if (rc) fprintf(stderr, "moe layer: out of memory gathering results\n");
   }
   if ((rc = cli_ep_agree(&ep, rc))) goto out;
-  rc = cli_ep_gather(&ep, mine[0], T * io.H * (int64_t)es, full[0]);
+  /* Capacities of rank 0's buffers: the whole problem's shapes. */
+  int64_t cap_th = r == 0 ? io.T * io.H * (int64_t)es : 0,
+          cap_te = r == 0 ? io.T * io.E * (int64_t)sizeof(float) : 0,
+          cap_gu = r == 0 ? moe_tensor_numel(&io.gu) * (int64_t)es : 0,
+          cap_gd = r == 0 ? moe_tensor_numel(&io.down) * (int64_t)es : 0;
+  rc = cli_ep_gather(&ep, mine[0], T * io.H * (int64_t)es, full[0], cap_th);
   if (!rc)
-    rc =
-        cli_ep_gather(&ep, mine[1], T * io.E * (int64_t)sizeof(float), full[1]);
+    rc = cli_ep_gather(&ep, mine[1], T * io.E * (int64_t)sizeof(float), full[1],
+                       cap_te);
   if (backward) {
     int64_t gu_bytes = moe_tensor_numel(&f_ggu) * (int64_t)es,
             gd_bytes = moe_tensor_numel(&f_gd) * (int64_t)es;
-    if (!rc) rc = cli_ep_gather(&ep, mine[2], T * io.H * (int64_t)es, full[2]);
-    if (!rc) rc = cli_ep_gather(&ep, mine[4], gu_bytes, full[4]);
-    if (!rc) rc = cli_ep_gather(&ep, mine[5], gd_bytes, full[5]);
+    if (!rc)
+      rc = cli_ep_gather(&ep, mine[2], T * io.H * (int64_t)es, full[2], cap_th);
+    if (!rc) rc = cli_ep_gather(&ep, mine[4], gu_bytes, full[4], cap_gu);
+    if (!rc) rc = cli_ep_gather(&ep, mine[5], gd_bytes, full[5], cap_gd);
     if (!rc)
       rc = layer_ep_sum(&ep, mine[3], io.gate.dtype, io.E * io.H, full[3]);
   }
