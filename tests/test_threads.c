@@ -86,8 +86,7 @@ static moe_status run_once(moe_layer_plan *plan, const shared_in *in,
   memset(&a, 0, sizeof a);
   a.fwd.hidden = moe_tensor_make(in->x, dt, 2, (int64_t[2]){T, H});
   a.fwd.gate_weight = moe_tensor_make(in->gw, dt, 2, (int64_t[2]){E, H});
-  a.fwd.w_gate_up =
-      moe_tensor_make(in->wgu, dt, 3, (int64_t[3]){E, 2 * I, H});
+  a.fwd.w_gate_up = moe_tensor_make(in->wgu, dt, 3, (int64_t[3]){E, 2 * I, H});
   a.fwd.w_down = moe_tensor_make(in->wd, dt, 3, (int64_t[3]){E, H, I});
   a.fwd.output = moe_tensor_make(b->out, dt, 2, (int64_t[2]){T, H});
   a.fwd.router_logits =
@@ -95,8 +94,7 @@ static moe_status run_once(moe_layer_plan *plan, const shared_in *in,
   a.grad_output = moe_tensor_make(in->go, dt, 2, (int64_t[2]){T, H});
   a.grad_hidden = moe_tensor_make(b->gx, dt, 2, (int64_t[2]){T, H});
   a.grad_gate_weight = moe_tensor_make(b->ggw, dt, 2, (int64_t[2]){E, H});
-  a.grad_w_gate_up =
-      moe_tensor_make(b->ggu, dt, 3, (int64_t[3]){E, 2 * I, H});
+  a.grad_w_gate_up = moe_tensor_make(b->ggu, dt, 3, (int64_t[3]){E, 2 * I, H});
   a.grad_w_down = moe_tensor_make(b->gd, dt, 3, (int64_t[3]){E, H, I});
   moe_status s = moe_layer_forward(plan, &a.fwd, b->sv, b->sv_bytes, b->ws,
                                    b->ws_bytes, NULL);
@@ -202,8 +200,8 @@ static void test_method(const tcfg *c, int iters) {
           "%d of %d calls from %d threads sharing the plan differ bitwise "
           "from the single-threaded run",
           bad, NTHREADS * iters, NTHREADS);
-    printf("INFO %s: %d calls from %d threads, %d differ, %d failed\n",
-           c->name, NTHREADS * iters, NTHREADS, bad, errs);
+    printf("INFO %s: %d calls from %d threads, %d differ, %d failed\n", c->name,
+           NTHREADS * iters, NTHREADS, bad, errs);
   }
   bufs_free(&ref);
   bufs_free(&again);
