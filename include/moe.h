@@ -14,6 +14,43 @@
 ///     [E, I, H], w_down [E, H, I], router gate_weight [E, H].
 ///   A tensor stored as [E, H, 2I] is passed as its transposed view
 ///   (moe_tensor_transpose(&t, 1, 2, &view)).
+///
+/// Thread safety
+/// - A CPU plan (moe_layer_plan) may be shared by any number of threads:
+///   moe_layer_forward / moe_layer_backward may run on it concurrently as
+///   long as each call has its own outputs, gradients, workspace and saved
+///   buffer (inputs may be shared; they are only read). Results are bitwise
+///   those of the same calls made one after another, for every method.
+///   Calls of the `loop` method on oneDNN take turns on the plan's
+///   primitive cache; for fully parallel loop calls give each thread its
+///   own plan. The plan queries (sizes, method, predict, floor, explain)
+///   may run at any time. Destroy a plan only when no call uses it.
+/// - A CUDA plan (desc.device = CUDA) serves one call at a time: its cuBLAS
+///   handle is bound to the call's stream and workspace. Give each thread
+///   its own CUDA plan.
+/// - A communicator (moe_comm) serves one collective at a time, in the same
+///   order on every rank: plans sharing a communicator must not run
+///   concurrently, and several ranks' calls must not be interleaved by
+///   threads. moe_comm_rank / moe_comm_size may run at any time.
+/// - The building blocks (moe_grouped_gemm*, moe_swiglu_*), tensor view
+///   helpers and name tables are reentrant.
+/// - moe_io.h: an open moe_st_file is read-only and may be queried from
+///   any number of threads; close it when none uses it. A moe_st_writer is
+///   used by one thread at a time; different writers may write at once.
+/// - moe_last_error() is per thread.
+///
+/// Alignment
+/// - Tensor data must be aligned to its element size (f32 / i32: 4 bytes,
+///   bf16 / f16: 2, i64 / f64: 8); workspace and saved buffers to
+///   8 bytes (malloc, C++ new and framework tensors all satisfy both).
+///   A misaligned pointer fails with MOE_ERR_INVALID_ARGUMENT naming the
+///   argument, the pointer and the alignment needed; no kernel ever reads a
+///   misaligned element.
+///
+/// Sizes
+/// - Every size and stride given by the caller is checked with overflow-safe
+///   arithmetic: a shape whose element count or byte span does not fit an
+///   int64 is rejected with MOE_ERR_INVALID_ARGUMENT, never wrapped.
 #ifndef MOE_H
 #define MOE_H
 
@@ -93,7 +130,9 @@ typedef struct moe_tensor {
   moe_device device;
 } moe_tensor;
 
-/// A contiguous row-major CPU view of `data`.
+/// A contiguous row-major CPU view of `data`. If the element count of
+/// `shape` does not fit an int64 (or ndim is outside [0, MOE_MAX_DIMS]),
+/// returns the absent view (ndim 0), which every call rejects.
 MOE_API moe_tensor moe_tensor_make(void *data, moe_dtype dtype, int ndim,
                                    const int64_t *shape);
 /// The view with dimensions d0 and d1 swapped (no data moves).
@@ -103,7 +142,9 @@ MOE_API moe_status moe_tensor_transpose(const moe_tensor *in, int d0, int d1,
 MOE_API moe_status moe_tensor_narrow(const moe_tensor *in, int dim,
                                      int64_t start, int64_t len,
                                      moe_tensor *out);
-/// Number of elements.
+/// Number of elements: 0 for an absent view (ndim 0), a NULL pointer or
+/// any size <= 0; INT64_MAX (saturated) when the product of the sizes does
+/// not fit an int64. Never negative.
 MOE_API int64_t moe_tensor_numel(const moe_tensor *t);
 
 /// Grouped-GEMM methods.

@@ -47,7 +47,27 @@ MOE_API moe_status moe_st_writer_set_metadata(moe_st_writer *w, const char *key,
 /// Writes to a temporary file beside `path`, fsyncs, renames over `path`.
 /// On failure no file is left at `path` (an old one stays untouched) and no
 /// temporary remains.
+///
+/// - An existing `path` must be a regular file (or a symbolic link to one):
+///   a directory, device, FIFO or socket is refused with MOE_ERR_IO and
+///   left as it is.
+/// - The temporary is a short hidden name in the same directory,
+///   `.moe-XXXXXXXXXXXX.tmp`, so any valid `path` (basename up to NAME_MAX)
+///   works.
+/// - Signals: libmoe installs no signal handler and changes no signal mask.
+///   A process killed by a signal during the write would leave its
+///   temporary; to prevent that, a program's handler for SIGINT, SIGTERM,
+///   SIGHUP... calls moe_st_remove_temporaries() before it ends the process
+///   (the `moe` CLI does). SIGKILL cannot be caught: a temporary may then
+///   remain.
+/// - Several threads may write different writers at the same time.
 MOE_API moe_status moe_st_writer_write(moe_st_writer *w, const char *path);
+
+/// Removes the temporary file of every moe_st_writer_write in flight in
+/// this process; those writes then fail (their rename finds no file).
+/// Async-signal-safe: meant to be called from a signal handler that then
+/// ends the process. Covers up to 16 writes in flight at once.
+MOE_API void moe_st_remove_temporaries(void);
 
 #ifdef __cplusplus
 }

@@ -14,6 +14,21 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+# clang and its libFuzzer runtime for tests/fuzz (optional: run.sh says
+# SKIP without them). Debian 12 / Ubuntu 24.04: libclang-rt-dev pulls the
+# runtime of the default clang; older Ubuntu ships libFuzzer with clang's
+# own packages (libclang-common-N-dev), so a missing name is not an error.
+fuzz=()
+for p in clang libclang-rt-dev; do
+  dpkg -s "$p" >/dev/null 2>&1 || fuzz+=("$p")
+done
+if [ ${#fuzz[@]} -gt 0 ]; then
+  [ ${#missing[@]} -gt 0 ] || $SUDO apt-get update -qq
+  for p in "${fuzz[@]}"; do
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$p" ||
+      echo "install-deps: $p not available; tests/fuzz will SKIP if libFuzzer is missing"
+  done
+fi
 # NumPy for the independent float64 reference of the CLI tests.
 if ! python3 -c "import numpy" >/dev/null 2>&1; then
   python3 -m pip install -q numpy || python3 -m pip install -q --break-system-packages numpy

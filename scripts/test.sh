@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds libmoe twice -- release and AddressSanitizer+UndefinedBehaviorSanitizer,
-# both with warnings as errors -- and runs the whole test suite on each.
+# both with warnings as errors -- and runs the whole test suite on each, then
+# fuzzes the safetensors reader and `moe layer`'s input validation for a
+# bounded time (tests/fuzz/run.sh; SKIP without clang/libFuzzer).
 # Usage: scripts/test.sh            (from the repository root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,3 +29,6 @@ export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:suppressions=$PWD/tests/asan
 export LSAN_OPTIONS=suppressions=$PWD/tests/lsan.supp
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 (cd build-asan && ctest --output-on-failure --timeout 1800)
+
+echo "== fuzzing (libFuzzer + ASan/UBSan, bounded: tests/fuzz/run.sh 900 for longer)"
+bash tests/fuzz/run.sh "${MOE_FUZZ_SECONDS:-60}"

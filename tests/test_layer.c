@@ -1055,10 +1055,17 @@ static void test_empty_batch(void) {
 }
 
 int main(void) {
-  /* (T, E, H, I, k): odd sizes, T = 1, k = 1, k = E, E = 1. */
+  /* (T, E, H, I, k): odd sizes, T = 1, k = 1, k = E, E = 1, I = 1, H = 1. */
   static const int64_t shapes[][5] = {
-      {7, 3, 11, 9, 2}, {13, 5, 24, 13, 2}, {1, 3, 11, 9, 1},
-      {7, 5, 24, 9, 5}, {13, 1, 11, 13, 1}, {7, 3, 24, 13, 3},
+      {7, 3, 11, 9, 2},
+      {13, 5, 24, 13, 2},
+      {1, 3, 11, 9, 1},
+      {7, 5, 24, 9, 5},
+      {13, 1, 11, 13, 1},
+      {7, 3, 24, 13, 3},
+      /* A size-1 dimension makes both layouts valid (issue 12, defect 4). */
+      {7, 3, 11, 1, 2},
+      {5, 3, 1, 9, 2},
   };
   int nshape = (int)(sizeof shapes / sizeof shapes[0]);
   uint64_t seed = 0x1a7e0000;

@@ -14,6 +14,7 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "moe.h"
@@ -80,14 +81,15 @@ static bool file_exists(const char *path) {
   return stat(path, &st) == 0;
 }
 
-/// Number of "*.tmp.*" entries in the test directory.
+/// Number of temporary-looking entries ("*.tmp.*", ".moe-*") in the test
+/// directory.
 static int count_temps(void) {
   DIR *d = opendir(g_dir);
   if (!d) return -1;
   int n = 0;
   struct dirent *e;
   while ((e = readdir(d)) != NULL)
-    if (strstr(e->d_name, ".tmp.")) n++;
+    if (strstr(e->d_name, ".tmp.") || strncmp(e->d_name, ".moe-", 5) == 0) n++;
   closedir(d);
   return n;
 }
@@ -723,6 +725,112 @@ static void test_atomic(void) {
   moe_st_writer_destroy(w3);
 }
 
+/* ---- issue 12: special targets, long names, signals -------------------- */
+
+static moe_st_writer *one_value_writer(float *v) {
+  int64_t n1 = 1;
+  moe_st_writer *w = NULL;
+  moe_st_writer_create(&w);
+  moe_tensor t = moe_tensor_make(v, MOE_F32, 1, &n1);
+  moe_st_writer_add(w, "v", &t);
+  return w;
+}
+
+static void test_special_targets(void) {
+  float one = 1.0f;
+  moe_st_writer *w = one_value_writer(&one);
+  struct stat st;
+  const char *fifo = tpath("a_fifo");
+  if (mkfifo(fifo, 0600) == 0) {
+    CHECK(moe_st_writer_write(w, fifo) == MOE_ERR_IO &&
+              strstr(moe_last_error(), "FIFO"),
+          "write over a FIFO is refused, naming it: %s", moe_last_error());
+    CHECK(lstat(fifo, &st) == 0 && S_ISFIFO(st.st_mode) && count_temps() == 0,
+          "... the FIFO is still a FIFO and no temporary remains");
+    unlink(fifo);
+  } else {
+    printf("skip: mkfifo unavailable: %s\n", strerror(errno));
+  }
+  const char *link = tpath("link_to_dev_null");
+  if (symlink("/dev/null", link) == 0) {
+    CHECK(moe_st_writer_write(w, link) == MOE_ERR_IO &&
+              strstr(moe_last_error(), "character device"),
+          "write over a link to /dev/null is refused: %s", moe_last_error());
+    CHECK(lstat(link, &st) == 0 && S_ISLNK(st.st_mode) && count_temps() == 0,
+          "... the link is untouched and no temporary remains");
+    unlink(link);
+  }
+  const char *dir = tpath("a_dir");
+  mkdir(dir, 0755);
+  CHECK(moe_st_writer_write(w, dir) == MOE_ERR_IO &&
+            strstr(moe_last_error(), "directory"),
+        "write over a directory is refused: %s", moe_last_error());
+  rmdir(dir);
+  moe_st_writer_destroy(w);
+}
+
+static void test_long_names(void) {
+  float one = 1.0f;
+  moe_st_writer *w = one_value_writer(&one);
+  for (int len = 245; len <= 255; len += 5) {
+    char base[256];
+    memset(base, 'n', (size_t)len);
+    memcpy(base + len - 12, ".safetensors", 12);
+    base[len] = '\0';
+    const char *p = tpath(base);
+    moe_status s = moe_st_writer_write(w, p);
+    CHECK(s == MOE_SUCCESS && first_value(p, "v") == 1.0f,
+          "write to a %d-character basename: %s", len,
+          s ? moe_last_error() : "ok");
+    CHECK(count_temps() == 0, "... no temporary remains");
+    unlink(p);
+  }
+  moe_st_writer_destroy(w);
+}
+
+/// Handler of the child below: the documented cooperation.
+static void remove_and_die(int sig) {
+  moe_st_remove_temporaries();
+  signal(sig, SIG_DFL);
+  raise(sig);
+}
+
+/// A process killed by SIGINT / SIGTERM in the middle of a large write
+/// leaves no temporary when its handler calls moe_st_remove_temporaries().
+static void test_signal_cleanup(void) {
+  size_t n = (size_t)16 << 20; /* 64 MiB of f32 */
+  for (int round = 0; round < 2; round++) {
+    int sig = round ? SIGTERM : SIGINT;
+    const char *out = tpath("interrupted.safetensors");
+    pid_t pid = fork();
+    if (pid == 0) {
+      signal(sig, remove_and_die);
+      float *big = calloc(n, sizeof *big);
+      int64_t shape = (int64_t)n;
+      moe_st_writer *w = NULL;
+      moe_st_writer_create(&w);
+      moe_tensor t = moe_tensor_make(big, MOE_F32, 1, &shape);
+      if (!big || moe_st_writer_add(w, "big", &t)) _exit(3);
+      for (;;)
+        moe_st_writer_write(w, out);
+    }
+    /* Wait until a temporary exists, then interrupt. */
+    bool seen = false;
+    for (int i = 0; i < 2000000 && !seen; i++)
+      seen = count_temps() > 0;
+    kill(pid, sig);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    CHECK(seen && WIFSIGNALED(status) && WTERMSIG(status) == sig,
+          "writer child killed by signal %d during a write (seen %d, "
+          "status 0x%x)",
+          sig, (int)seen, status);
+    CHECK(count_temps() == 0, "signal %d during a write left %d temporary", sig,
+          count_temps());
+    unlink(out);
+  }
+}
+
 /// Removes the test directory's files (one level plus is_a_dir).
 static void cleanup(void) {
   DIR *d = opendir(g_dir);
@@ -748,6 +856,9 @@ int main(void) {
   test_malformed();
   test_writer_args();
   test_atomic();
+  test_special_targets();
+  test_long_names();
+  test_signal_cleanup();
   cleanup();
   printf("%d passed, %d failed\n", g_pass, g_fail);
   return g_fail == 0 ? 0 : 1;

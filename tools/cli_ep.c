@@ -3,6 +3,7 @@
 /// under mpirun. Nothing here runs MPI unless a launcher started us.
 #include <limits.h>
 #include <omp.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -120,9 +121,81 @@ int cli_ep_end(cli_ep *ep, int rc) {
   return rc;
 }
 
-int cli_ep_gather(const cli_ep *ep, const void *send, int64_t bytes,
-                  void *recv) {
+/// "T=6", "--backward=yes", "dtype=bf16" into buf.
+static void cli_field_show(const cli_field *f, int64_t v, char *buf, size_t n) {
+  double d;
+  switch (f->kind) {
+  case CLI_FIELD_BOOL:
+    snprintf(buf, n, "%s=%s", f->name, v ? "yes" : "no");
+    return;
+  case CLI_FIELD_DTYPE:
+    snprintf(buf, n, "%s=%s", f->name, moe_dtype_name((moe_dtype)v));
+    return;
+  case CLI_FIELD_LAYOUT:
+    snprintf(buf, n, "%s=%s", f->name, moe_layout_name((moe_layout)v));
+    return;
+  case CLI_FIELD_METHOD:
+    snprintf(buf, n, "%s=%s", f->name, moe_gmm_method_name((moe_gmm_method)v));
+    return;
+  case CLI_FIELD_DOUBLE:
+    memcpy(&d, &v, sizeof d);
+    snprintf(buf, n, "%s=%.17g", f->name, d);
+    return;
+  case CLI_FIELD_INT: break;
+  }
+  snprintf(buf, n, "%s=%lld", f->name, (long long)v);
+}
+
+int cli_ep_agree_fields(const cli_ep *ep, const char *cmd, int rc,
+                        const cli_field *fields, int n) {
+  if (ep->size == 1) return rc;
+  /* Slot 0 carries the rank's state, so that a rank that failed before
+     still takes part and every rank learns of the failure. */
+  int P = ep->size, m = n + 1;
+  int64_t *mine = calloc((size_t)m, sizeof *mine);
+  int64_t *all = calloc((size_t)m * (size_t)P, sizeof *all);
+  if (!mine || !all) {
+    free(mine);
+    free(all);
+    fprintf(stderr, "moe %s: out of memory comparing the ranks' options\n",
+            cmd);
+    /* Still reach the same number of collectives as the others. */
+    return cli_ep_agree(ep, CLI_ERR);
+  }
+  mine[0] = rc;
+  for (int i = 0; i < n; i++)
+    mine[i + 1] = fields[i].value;
+  int out = cli_mpi_check(
+      MPI_Allgather(mine, m, MPI_INT64_T, all, m, MPI_INT64_T, MPI_COMM_WORLD),
+      "MPI_Allgather");
+  for (int q = 0; q < P && !out; q++)
+    if (all[(size_t)q * (size_t)m] > out) out = (int)all[(size_t)q * (size_t)m];
+  for (int q = 1; q < P && !out; q++)
+    for (int i = 0; i < n && !out; i++) {
+      int64_t v0 = all[i + 1], vq = all[(size_t)q * (size_t)m + (size_t)i + 1];
+      if (v0 == vq) continue;
+      char a[96], b[96];
+      cli_field_show(&fields[i], v0, a, sizeof a);
+      cli_field_show(&fields[i], vq, b, sizeof b);
+      fprintf(stderr,
+              "moe %s: ranks disagree: rank 0 has %s, rank %d has %s (every "
+              "rank must get the same input sizes and options)\n",
+              cmd, a, q, b);
+      out = CLI_ERR;
+    }
+  free(mine);
+  free(all);
+  return out;
+}
+
+int cli_ep_gather(const cli_ep *ep, const void *send, int64_t bytes, void *recv,
+                  int64_t recv_cap) {
   if (ep->size == 1) {
+    if (bytes > recv_cap) {
+      fprintf(stderr, "moe: a gather of %lld bytes into %lld\n",
+              (long long)bytes, (long long)recv_cap);
+      return CLI_ERR;
+    }
     if (bytes) memmove(recv, send, (size_t)bytes);
     return CLI_OK;
   }
@@ -148,6 +221,13 @@ int cli_ep_gather(const cli_ep *ep, const void *send, int64_t bytes,
     cnt[q] = (int)all[q];
     cnt[P + q] = (int)at;
     at += all[q];
+  }
+  if (!rc && ep->rank == 0 && at > recv_cap) {
+    fprintf(stderr,
+            "moe: the ranks send %lld bytes to rank 0, which holds %lld "
+            "(the ranks disagree on the problem)\n",
+            at, (long long)recv_cap);
+    rc = CLI_ERR;
   }
   rc = cli_ep_agree(ep, rc);
   if (!rc)
@@ -211,15 +291,29 @@ int cli_ep_end(cli_ep *ep, int rc) { return rc; }
 
 double cli_ep_max(const cli_ep *ep, double v) { return v; }
 
-int cli_ep_gather(const cli_ep *ep, const void *send, int64_t bytes,
-                  void *recv) {
+int cli_ep_gather(const cli_ep *ep, const void *send, int64_t bytes, void *recv,
+                  int64_t recv_cap) {
+  if (bytes > recv_cap) {
+    fprintf(stderr, "moe: a gather of %lld bytes into %lld\n", (long long)bytes,
+            (long long)recv_cap);
+    return CLI_ERR;
+  }
   if (bytes) memmove(recv, send, (size_t)bytes);
   return CLI_OK;
 }
 
 int cli_ep_allgather(const cli_ep *ep, const void *send, int64_t bytes,
                      void *recv) {
-  return cli_ep_gather(ep, send, bytes, recv);
+  return cli_ep_gather(ep, send, bytes, recv, bytes);
+}
+
+int cli_ep_agree_fields(const cli_ep *ep, const char *cmd, int rc,
+                        const cli_field *fields, int n) {
+  (void)ep;
+  (void)cmd;
+  (void)fields;
+  (void)n;
+  return rc;
 }
 
 int cli_ep_default_threads(const cli_ep *ep) { return omp_get_max_threads(); }

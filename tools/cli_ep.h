@@ -35,10 +35,45 @@ double cli_ep_max(const cli_ep *ep, double v);
 /// Agrees on the exit code, destroys the communicator and finalises MPI.
 int cli_ep_end(cli_ep *ep, int rc);
 
+/// What a field of cli_ep_agree_fields holds (how its value is printed).
+typedef enum cli_field_kind {
+  CLI_FIELD_INT,    ///< an integer
+  CLI_FIELD_BOOL,   ///< 0 / 1, printed no / yes
+  CLI_FIELD_DTYPE,  ///< a moe_dtype
+  CLI_FIELD_LAYOUT, ///< a moe_layout
+  CLI_FIELD_METHOD, ///< a moe_gmm_method
+  CLI_FIELD_DOUBLE, ///< the bit pattern of a double
+} cli_field_kind;
+
+/// One size or option every rank must agree on.
+typedef struct cli_field {
+  const char *name; ///< as printed: "T", "--backward"
+  cli_field_kind kind;
+  int64_t value;
+} cli_field;
+
+/// A field with a double value (compared bitwise).
+static inline cli_field cli_field_double(const char *name, double v) {
+  cli_field f = {name, CLI_FIELD_DOUBLE, 0};
+  memcpy(&f.value, &v, sizeof v);
+  return f;
+}
+
+/// Every rank's `n` fields, compared with rank 0's: if any rank differs,
+/// every rank prints the first difference ("moe layer: ranks disagree:
+/// rank 0 has T=6, rank 1 has T=60 ...") and gets CLI_ERR. A collective
+/// that every rank reaches whatever its fields: call it before any
+/// collective whose shape or order depends on them. `rc` is this rank's
+/// state so far; a failure anywhere fails every rank.
+int cli_ep_agree_fields(const cli_ep *ep, const char *cmd, int rc,
+                        const cli_field *fields, int n);
+
 /// Rank 0 receives the concatenation, in rank order, of every rank's
-/// `bytes` bytes (counts may differ). `recv` matters on rank 0 only.
-int cli_ep_gather(const cli_ep *ep, const void *send, int64_t bytes,
-                  void *recv);
+/// `bytes` bytes (counts may differ) into `recv`, which holds `recv_cap`
+/// bytes; more than that fails every rank. `recv` and `recv_cap` matter on
+/// rank 0 only.
+int cli_ep_gather(const cli_ep *ep, const void *send, int64_t bytes, void *recv,
+                  int64_t recv_cap);
 
 /// Every rank receives the concatenation, in rank order, of every rank's
 /// `bytes` bytes (the same count on every rank).

@@ -685,7 +685,24 @@ int cmd_train(int argc, char **argv) {
     return rc;
   }
   const train_cfg *c = &st->c;
-  rc = cli_ep_agree(&st->ep, train_setup(st));
+  /* Every option must be the same on every rank before the first
+     collective that depends on one. */
+  const cli_field fields[] = {
+      {"--steps", CLI_FIELD_INT, c->steps},
+      {"--batch", CLI_FIELD_INT, c->N},
+      {"--layers", CLI_FIELD_INT, c->L},
+      {"--experts", CLI_FIELD_INT, c->E},
+      {"--top-k", CLI_FIELD_INT, c->k},
+      {"--hidden", CLI_FIELD_INT, c->H},
+      {"--seed", CLI_FIELD_INT, (int64_t)c->seed},
+      {"--threads", CLI_FIELD_INT, c->threads},
+      cli_field_double("--lr", c->lr),
+      {"--optimizer=adam", CLI_FIELD_BOOL, c->adam},
+      {"--method", CLI_FIELD_METHOD, (int64_t)c->method},
+  };
+  rc = cli_ep_agree_fields(&st->ep, "train", CLI_OK, fields,
+                           (int)(sizeof fields / sizeof *fields));
+  if (!rc) rc = cli_ep_agree(&st->ep, train_setup(st));
   bool root = st->ep.rank == 0;
   if (!rc && root)
     printf("# moe train: %lld-symbol text, batch %lld tokens on %d rank(s) "

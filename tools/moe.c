@@ -1,9 +1,11 @@
 /// @file moe.c
 /// `moe`: the command-line front end of libmoe.
+#include <signal.h>
 #include <string.h>
 
 #include "cli.h"
 #include "cli_ep.h"
+#include "moe_io.h"
 
 int cmd_calibrate(int argc, char **argv); /* cmd_calibrate.c */
 
@@ -23,7 +25,33 @@ static void usage(FILE *f) {
           moe_version());
 }
 
+/// Ends the process on SIGINT, SIGTERM, SIGHUP or SIGQUIT as the signal
+/// would, after removing the temporary file of a results write in flight
+/// (moe_io.h: libmoe installs no handler; the program does).
+static void on_fatal_signal(int sig) {
+  moe_st_remove_temporaries();
+  signal(sig, SIG_DFL);
+  raise(sig);
+}
+
+static void install_signal_handlers(void) {
+  static const int sigs[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT};
+  for (size_t i = 0; i < sizeof sigs / sizeof *sigs; i++) {
+    struct sigaction old;
+    /* Keep a signal ignored if we were started with it ignored (nohup). */
+    if (sigaction(sigs[i], NULL, &old) == 0 && old.sa_handler == SIG_IGN)
+      continue;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_fatal_signal;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = SA_RESTART;
+    sigaction(sigs[i], &sa, NULL);
+  }
+}
+
 int main(int argc, char **argv) {
+  install_signal_handlers();
   if (argc < 2) {
     usage(stderr);
     return CLI_USAGE;

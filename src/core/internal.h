@@ -77,6 +77,11 @@ static inline void moe_store_f(void *p, moe_dtype t, int64_t i, float v) {
 moe_status moe_check_tensor(const moe_tensor *t, const char *name, int ndim,
                             const int64_t *shape, int dtype,
                             const moe_device *dev);
+/// Alignment libmoe needs of caller workspace and saved buffers (their
+/// largest element is an int64).
+#define MOE_BUFFER_ALIGN 8
+/// Fails, naming `name`, the pointer and `align`, unless p % align == 0.
+moe_status moe_check_align(const void *p, size_t align, const char *name);
 /// True if the tensor is absent (ndim == 0 and data == NULL).
 static inline bool moe_tensor_absent(const moe_tensor *t) {
   return t->ndim == 0;
@@ -84,6 +89,10 @@ static inline bool moe_tensor_absent(const moe_tensor *t) {
 /// True if `t`'s last dim has stride 1 and rows are packed with stride
 /// shape[last] (row-major contiguous in the last two dims).
 bool moe_tensor_rows_contiguous(const moe_tensor *t);
+
+/// True if the 3-D logical [E, out, in] view `w` can be read in `layout`:
+/// a dimension of size 1 has any stride, so it fits both OUT_IN and IN_OUT.
+bool moe_weight_layout_fits(const moe_tensor *w, moe_layout layout);
 
 /// Element offset of index idx in a view.
 static inline int64_t moe_offset2(const moe_tensor *t, int64_t i, int64_t j) {

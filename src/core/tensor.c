@@ -54,29 +54,49 @@ moe_layout moe_weight_layout(const moe_tensor *w) {
   return MOE_LAYOUT_STRIDED;
 }
 
+bool moe_weight_layout_fits(const moe_tensor *w, moe_layout layout) {
+  if (w->ndim != 3) return false;
+  switch (layout) {
+  case MOE_LAYOUT_OUT_IN: return w->stride[2] == 1 || w->shape[2] <= 1;
+  case MOE_LAYOUT_IN_OUT: return w->stride[1] == 1 || w->shape[1] <= 1;
+  case MOE_LAYOUT_STRIDED: return true; /* the strided path reads any */
+  }
+  return false;
+}
+
 moe_tensor moe_tensor_make(void *data, moe_dtype dtype, int ndim,
                            const int64_t *shape) {
   moe_tensor t;
   memset(&t, 0, sizeof t);
   t.data = data;
   t.dtype = dtype;
-  if (ndim < 0 || ndim > MOE_MAX_DIMS) ndim = 0;
-  t.ndim = ndim;
+  t.device.type = MOE_DEVICE_CPU;
+  if (ndim < 0 || ndim > MOE_MAX_DIMS || (ndim > 0 && !shape)) return t;
   int64_t s = 1;
   for (int d = ndim - 1; d >= 0; d--) {
     t.shape[d] = shape[d];
     t.stride[d] = s;
-    s *= shape[d] > 0 ? shape[d] : 1;
+    /* The element count must stay an int64: an overflowing shape gives
+       the absent view (ndim 0), which every call rejects. */
+    if (!moe_mul_ok(s, shape[d] > 0 ? shape[d] : 1, &s)) {
+      memset(t.shape, 0, sizeof t.shape);
+      memset(t.stride, 0, sizeof t.stride);
+      return t;
+    }
   }
-  t.device.type = MOE_DEVICE_CPU;
+  t.ndim = ndim;
   return t;
 }
 
 int64_t moe_tensor_numel(const moe_tensor *t) {
+  if (!t || t->ndim <= 0 || t->ndim > MOE_MAX_DIMS) return 0;
   int64_t n = 1;
-  for (int d = 0; d < t->ndim; d++)
-    n *= t->shape[d];
-  return t->ndim ? n : 0;
+  bool over = false;
+  for (int d = 0; d < t->ndim; d++) {
+    if (t->shape[d] <= 0) return 0; /* empty, or invalid (negative) */
+    if (!over && !moe_mul_ok(n, t->shape[d], &n)) over = true;
+  }
+  return over ? INT64_MAX : n;
 }
 
 moe_status moe_tensor_transpose(const moe_tensor *in, int d0, int d1,
@@ -163,8 +183,33 @@ moe_status moe_check_tensor(const moe_tensor *t, const char *name, int ndim,
     return moe_error(
         MOE_ERR_INVALID_ARGUMENT, "%s: on device %d:%d, the plan runs on %d:%d",
         name, (int)t->device.type, t->device.index, (int)dev->type, dev->index);
-  if (!t->data && moe_tensor_numel(t) > 0)
+  /* The last element's offset and the byte span must fit the integer
+     types every index is computed in. */
+  int64_t n = moe_tensor_numel(t), last = 0, x;
+  size_t es = moe_dtype_size(t->dtype);
+  for (int d = 0; d < ndim && n > 0; d++)
+    if (!moe_mul_ok(t->shape[d] - 1, t->stride[d], &x) ||
+        !moe_add_ok(last, x, &last))
+      return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                       "%s: shape and strides span more than 2^63 elements",
+                       name);
+  if (n > 0 && (!moe_add_ok(last, 1, &x) || !moe_mul_ok(x, (int64_t)es, &x) ||
+                n == INT64_MAX || !moe_mul_ok(n, (int64_t)es, &x)))
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "%s: shape and strides span more than 2^63 bytes", name);
+  if (!t->data && n > 0)
     return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: data is NULL", name);
+  MOE_TRY(moe_check_align(t->data, es, name));
+  return MOE_SUCCESS;
+}
+
+moe_status moe_check_align(const void *p, size_t align, const char *name) {
+  if (align > 1 && ((uintptr_t)p % align) != 0)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "%s: pointer %p is not aligned to %zu bytes; libmoe "
+                     "needs tensor data aligned to its element size and "
+                     "workspace / saved buffers aligned to %d bytes",
+                     name, p, align, MOE_BUFFER_ALIGN);
   return MOE_SUCCESS;
 }
 

@@ -5,12 +5,15 @@
 /// moe_tensor view, and every step from caller tensors to a renamed file.
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cjson/cJSON.h>
@@ -945,6 +948,99 @@ static char *st_build_header(const moe_st_writer *w) {
   return text;
 }
 
+/* ---- temporary files of the writer ----------------------------------- */
+
+/* Each write in flight records its temporary's name in a slot here, so that
+   moe_st_remove_temporaries() -- async-signal-safe: atomics and unlink()
+   only -- can remove it from a signal handler. A slot is FREE, CLAIMED
+   (its owner is writing the name) or LIVE (the name may exist on disk). */
+#define ST_TEMP_SLOTS 16
+enum { ST_TEMP_FREE = 0, ST_TEMP_CLAIMED = 1, ST_TEMP_LIVE = 2 };
+static atomic_int st_temp_state[ST_TEMP_SLOTS];
+static char st_temp_names[ST_TEMP_SLOTS][PATH_MAX];
+/// Name of the spare slot used when all ST_TEMP_SLOTS are busy: still a
+/// correct write, only not removable by a signal handler.
+static _Thread_local char st_temp_spare[PATH_MAX];
+
+static const char *st_kind_name(mode_t m) {
+  if (S_ISDIR(m)) return "a directory";
+  if (S_ISCHR(m)) return "a character device";
+  if (S_ISBLK(m)) return "a block device";
+  if (S_ISFIFO(m)) return "a FIFO";
+  if (S_ISSOCK(m)) return "a socket";
+  return "a special file";
+}
+
+/// A well-mixed 64-bit value that differs between calls, threads and
+/// processes (names only need to be unlikely to collide; O_EXCL decides).
+static uint64_t st_temp_random(void) {
+  static atomic_uint_fast64_t counter;
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  uint64_t z = (uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 30) ^
+               ((uint64_t)getpid() << 40) ^ (uint64_t)(uintptr_t)&ts ^
+               (atomic_fetch_add(&counter, 1) * 0x9e3779b97f4a7c15u);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9u;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebu;
+  return z ^ (z >> 31);
+}
+
+/// Creates the temporary file beside `path` as DIR/.moe-XXXXXXXXXXXX.tmp
+/// (a short hidden name: it fits NAME_MAX whatever the target's length),
+/// mode 0600, O_EXCL. Returns the descriptor (and *slot, the slot holding
+/// its name) or -1 with errno set.
+static int st_temp_create(const char *path, int *slot) {
+  static const char digits[] = "abcdefghijklmnopqrstuvwxyz0123456789";
+  size_t n = strlen(path);
+  while (n > 0 && path[n - 1] != '/')
+    n--;
+  if (n + 32 > PATH_MAX) {
+    errno = ENAMETOOLONG;
+    return -1;
+  }
+  int me = -1;
+  for (int i = 0; i < ST_TEMP_SLOTS && me < 0; i++) {
+    int want = ST_TEMP_FREE;
+    if (atomic_compare_exchange_strong(&st_temp_state[i], &want,
+                                       ST_TEMP_CLAIMED))
+      me = i;
+  }
+  char *name = me >= 0 ? st_temp_names[me] : st_temp_spare;
+  for (int attempt = 0; attempt < 100; attempt++) {
+    memcpy(name, path, n);
+    memcpy(name + n, ".moe-", 5);
+    uint64_t r = st_temp_random();
+    for (int i = 0; i < 12; i++, r /= 36)
+      name[n + 5 + (size_t)i] = digits[r % 36];
+    memcpy(name + n + 17, ".tmp", 5);
+    /* LIVE before the file exists: a signal from here on removes it. */
+    if (me >= 0) atomic_store(&st_temp_state[me], ST_TEMP_LIVE);
+    int fd = open(name, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd >= 0) {
+      *slot = me >= 0 ? me : ST_TEMP_SLOTS;
+      return fd;
+    }
+    int err = errno;
+    if (me >= 0) atomic_store(&st_temp_state[me], ST_TEMP_CLAIMED);
+    if (err != EEXIST) {
+      if (me >= 0) atomic_store(&st_temp_state[me], ST_TEMP_FREE);
+      errno = err;
+      return -1;
+    }
+  }
+  if (me >= 0) atomic_store(&st_temp_state[me], ST_TEMP_FREE);
+  errno = EEXIST;
+  return -1;
+}
+
+/// The name of temporary slot `slot` (ST_TEMP_SLOTS: this thread's spare).
+#define st_temp_name(slot)                                                     \
+  ((slot) < ST_TEMP_SLOTS ? st_temp_names[slot] : st_temp_spare)
+
+static void st_temp_release(int slot) {
+  if (slot < ST_TEMP_SLOTS) atomic_store(&st_temp_state[slot], ST_TEMP_FREE);
+}
+
 /// Writes all n bytes, retrying on EINTR and short writes. 0 or an errno.
 static int st_write_all(int fd, const unsigned char *p, size_t n) {
   while (n > 0) {
@@ -1018,26 +1114,32 @@ moe_status moe_st_writer_write(moe_st_writer *w, const char *path) {
   memset(hdr + 8 + len, ' ', padded - len);
   cJSON_free(json);
 
-  size_t plen = strlen(path);
-  char *tmp = moe_alloc(plen + sizeof ".tmp.XXXXXX", "safetensors temp name");
-  if (!tmp) {
-    moe_free(hdr);
-    return MOE_ERR_OUT_OF_MEMORY;
-  }
-  memcpy(tmp, path, plen);
-  memcpy(tmp + plen, ".tmp.XXXXXX", sizeof ".tmp.XXXXXX");
-
   moe_status s = MOE_SUCCESS;
-  int fd = mkstemp(tmp);
+  // Never replace a device, FIFO, socket or directory with a regular file
+  // (as root, --out /dev/null would otherwise replace the system's node).
+  // stat follows symbolic links, so a link to one is refused too.
+  struct stat st;
+  bool exists = stat(path, &st) == 0;
+  if (exists && !S_ISREG(st.st_mode)) {
+    s = moe_error(MOE_ERR_IO,
+                  "%s: %s exists and is %s, not a regular file; refusing to "
+                  "replace it",
+                  fn, path, st_kind_name(st.st_mode));
+    moe_free(hdr);
+    return s;
+  }
+  int slot = -1;
+  int fd = st_temp_create(path, &slot);
   if (fd < 0) {
     s = moe_error(MOE_ERR_IO, "%s: %s: cannot create a temporary file: %s", fn,
                   path, strerror(errno));
     goto done;
   }
-  // mkstemp creates mode 0600; give the file the mode an existing target
-  // has, else 0644. Failure (e.g. on file systems without modes) is harmless.
-  struct stat st;
-  fchmod(fd, stat(path, &st) == 0 ? (st.st_mode & 07777) : 0644);
+  const char *tmp = st_temp_name(slot);
+  // The temporary is created mode 0600; give the file the mode an existing
+  // target has, else 0644. Failure (e.g. file systems without modes) is
+  // harmless.
+  fchmod(fd, exists ? (st.st_mode & 07777) : 0644);
 
   int e = st_write_body(w, fd, hdr, 8 + padded);
   const char *step = "write";
@@ -1057,11 +1159,16 @@ moe_status moe_st_writer_write(moe_st_writer *w, const char *path) {
     unlink(tmp);
     s = moe_error(MOE_ERR_IO, "%s: cannot %s %s: %s", fn, step, path,
                   strerror(e));
-    goto done;
   }
-  st_sync_dir(path);
+  st_temp_release(slot);
+  if (!e) st_sync_dir(path);
 done:
-  moe_free(tmp);
   moe_free(hdr);
   return s;
+}
+
+void moe_st_remove_temporaries(void) {
+  for (int i = 0; i < ST_TEMP_SLOTS; i++)
+    if (atomic_load(&st_temp_state[i]) == ST_TEMP_LIVE)
+      unlink(st_temp_names[i]);
 }

@@ -1,17 +1,88 @@
 /// @file args.c
-/// Validation of the layer's call arguments, shared by every backend: each
+/// Validation of the layer's description and call arguments, shared by
+/// every backend: the description's sizes (overflow-checked); each
 /// tensor's shape, dtype, device and layout against the plan, the routing
 /// mode, and the gradients' form and strides. Messages name the argument.
 #include <stdio.h>
 
 #include "layer/layer.h"
 
+/* ---- the layer description ------------------------------------------- */
+
+moe_status moe_layer_desc_copy(moe_layer_desc *d, const moe_layer_desc *in) {
+  moe_layer_desc dflt = MOE_LAYER_DESC_INIT;
+  if (in->magic != MOE_LAYER_DESC_MAGIC)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc: bad magic 0x%08x; initialise it with "
+                     "MOE_LAYER_DESC_INIT",
+                     in->magic);
+  if (in->struct_size < offsetof(moe_layer_desc, comm) + sizeof(void *) &&
+      in->struct_size < offsetof(moe_layer_desc, num_experts))
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc: struct_size %zu is too small", in->struct_size);
+  /* Copy only what the caller's version has; newer fields keep defaults. */
+  *d = dflt;
+  size_t n = in->struct_size < sizeof *d ? in->struct_size : sizeof *d;
+  memcpy(d, in, n);
+  d->struct_size = sizeof *d;
+  return MOE_SUCCESS;
+}
+
+moe_status moe_layer_desc_check(const moe_layer_desc *d) {
+  if (d->num_experts < 1)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc.num_experts = %lld: must be >= 1",
+                     (long long)d->num_experts);
+  if (d->hidden < 1 || d->intermediate < 1)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc.hidden = %lld, desc.intermediate = %lld: both "
+                     "must be >= 1",
+                     (long long)d->hidden, (long long)d->intermediate);
+  if (d->top_k < 1 || d->top_k > d->num_experts)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc.top_k = %lld: must be in [1, num_experts = %lld]",
+                     (long long)d->top_k, (long long)d->num_experts);
+  if (d->max_tokens < 0)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc.max_tokens = %lld: must be >= 0",
+                     (long long)d->max_tokens);
+  if (d->dtype != MOE_F32 && d->dtype != MOE_BF16)
+    return moe_error(MOE_ERR_UNIMPLEMENTED,
+                     "desc.dtype = %s: the layer runs f32 or bf16",
+                     moe_dtype_name(d->dtype));
+  if ((unsigned)d->gate_up_layout > MOE_LAYOUT_STRIDED ||
+      (unsigned)d->down_layout > MOE_LAYOUT_STRIDED)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT, "desc: unknown weight layout");
+  if ((unsigned)d->method > MOE_GMM_LOOP)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT, "desc.method = %d: unknown",
+                     (int)d->method);
+  if (d->num_threads < 0)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc.num_threads = %d: must be >= 0", d->num_threads);
+  /* Sizes the buffers are computed from must not overflow. */
+  int64_t r, i2, hi, x, y;
+  if (!moe_mul_ok(2, d->intermediate, &i2) || !moe_add_ok(d->hidden, i2, &hi) ||
+      !moe_mul_ok(d->max_tokens, d->top_k, &r) || !moe_mul_ok(r, hi, &x) ||
+      x > ((int64_t)1 << 56) ||
+      !moe_mul_ok(d->max_tokens, d->num_experts, &x) ||
+      x > ((int64_t)1 << 56) || !moe_mul_ok(d->num_experts, d->hidden, &y) ||
+      !moe_mul_ok(y, i2, &x) || x > ((int64_t)1 << 56))
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc: sizes overflow (max_tokens %lld, E %lld, H %lld, "
+                     "I %lld)",
+                     (long long)d->max_tokens, (long long)d->num_experts,
+                     (long long)d->hidden, (long long)d->intermediate);
+  return MOE_SUCCESS;
+}
+
+/* ---- call arguments ----------------------------------------------------- */
+
 static moe_status moe_check_weight(const moe_tensor *t, const char *name,
                                    const int64_t *shape, moe_layout want,
                                    const moe_layer_desc *d) {
   MOE_TRY(moe_check_tensor(t, name, 3, shape, (int)d->dtype, &d->device));
   moe_layout l = moe_weight_layout(t);
-  if (l != want)
+  if (l != want && !moe_weight_layout_fits(t, want))
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "%s: strides (%lld, %lld, %lld) give layout %s, the "
                      "plan was made for %s",
@@ -138,6 +209,7 @@ moe_status moe_layer_check_fwd_outputs(const moe_layer_plan *p,
 
 moe_status moe_layer_check_buffer(const void *buf, size_t have, size_t need,
                                   const char *name) {
+  MOE_TRY(moe_check_align(buf, MOE_BUFFER_ALIGN, name));
   if (buf && have < need)
     return moe_error(MOE_ERR_WORKSPACE,
                      "%s: %zu bytes given, %zu needed (see "

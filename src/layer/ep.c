@@ -71,8 +71,9 @@ moe_status moe_ep_agree(const moe_layer_desc *d, moe_status local,
         !moe_add_ok(rows, x, &rows))
       s = MOE_ERR_INVALID_ARGUMENT;
   if (s == MOE_SUCCESS &&
-      (!moe_mul_ok(rows, d->hidden + 2 * d->intermediate, &x) ||
-       !moe_mul_ok(x, 4, &x) || x > ((int64_t)1 << 56)))
+      (!moe_mul_ok(2, d->intermediate, &x) || !moe_add_ok(x, d->hidden, &x) ||
+       !moe_mul_ok(rows, x, &x) || !moe_mul_ok(x, 4, &x) ||
+       x > ((int64_t)1 << 56)))
     s = MOE_ERR_INVALID_ARGUMENT;
   if (s != MOE_SUCCESS) {
     s = moe_error(MOE_ERR_INVALID_ARGUMENT,

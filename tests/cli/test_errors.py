@@ -428,6 +428,114 @@ def output_path_cases():
         print("SKIP --out in a read-only directory: running as root", flush=True)
 
 
+def special_target_cases():
+    """--out naming a FIFO, a character device or a link to /dev/null is
+    refused and the node left as it was (issue 12, defect 3)."""
+    import stat as st_mod
+    inp, outd = write_input(st.encode(tensors(), meta()))
+    fifo = os.path.join(outd, "fifo")
+    os.mkfifo(fifo)
+    expect("--out is a FIFO", ["layer", "--in", inp, "--out", fifo], 1,
+           (fifo, "FIFO"))
+    check("--out FIFO is still a FIFO and nothing else is left",
+          st_mod.S_ISFIFO(os.lstat(fifo).st_mode) and os.listdir(outd) == ["fifo"],
+          "now %s" % os.listdir(outd))
+    os.unlink(fifo)
+    link = os.path.join(outd, "null")
+    os.symlink("/dev/null", link)
+    expect("--out is a link to /dev/null", ["layer", "--in", inp, "--out", link],
+           1, (link, "character device"))
+    check("--out link to /dev/null untouched",
+          os.path.islink(link) and os.readlink(link) == "/dev/null"
+          and os.listdir(outd) == ["null"], "now %s" % os.listdir(outd))
+    os.unlink(link)
+    dev = os.path.join(outd, "chardev")
+    try:
+        os.mknod(dev, 0o600 | st_mod.S_IFCHR, os.makedev(1, 3))
+    except OSError as e:
+        print("SKIP --out is a character device: mknod: %s" % e, flush=True)
+        return
+    expect("--out is a character device", ["layer", "--in", inp, "--out", dev],
+           1, (dev, "character device"))
+    check("--out character device is still one",
+          st_mod.S_ISCHR(os.lstat(dev).st_mode), "mode %o" % os.lstat(dev).st_mode)
+    os.unlink(dev)
+
+
+def long_name_cases():
+    """Basenames of 245..255 characters work (issue 12, defect 8)."""
+    inp, outd = write_input(st.encode(tensors(), meta()))
+    for n in (245, 250, 255):
+        out = os.path.join(outd, "o" * (n - 12) + ".safetensors")
+        rc, _, err = run(["layer", "--in", inp, "--out", out])
+        probs = crash_problems(rc, err)
+        if rc != 0:
+            probs.append("exit %s: %s" % (rc, err.strip()[:200]))
+        left = [x for x in os.listdir(outd) if x != os.path.basename(out)]
+        if not os.path.exists(out):
+            probs.append("no output file")
+        if left:
+            probs.append("left in output dir: %s" % left)
+        check("--out with a %d-character basename" % n, not probs,
+              "; ".join(probs))
+        if os.path.exists(out):
+            os.unlink(out)
+
+
+def interrupt_cases():
+    """SIGINT / SIGTERM while `moe layer` writes a large result leaves no
+    temporary file (issue 12, defect 7)."""
+    import signal
+    import time
+    t, e, h, i = 24000, 4, 320, 8  # ~31 MB output + 0.4 MB logits
+    rng = np.random.default_rng(5)
+    arrs = {
+        "hidden_states": rng.standard_normal((t, h)),
+        "gate.weight": rng.standard_normal((e, h)),
+        "experts.gate_up_proj": rng.standard_normal((e, 2 * i, h)) * 0.1,
+        "experts.down_proj": rng.standard_normal((e, h, i)) * 0.1,
+    }
+    data = st.encode([(n, "F32", arrs[n]) for n in NAMES if n in arrs], meta())
+    inp, outd = write_input(data)
+    out = os.path.join(outd, "out.safetensors")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        caught = False
+        for attempt in range(5):
+            for x in os.listdir(outd):
+                os.unlink(os.path.join(outd, x))
+            p = subprocess.Popen([MOE, "layer", "--in", inp, "--out", out,
+                                  "--threads", "2"],
+                                 stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE)
+            deadline = time.time() + 60
+            while p.poll() is None and time.time() < deadline:
+                if [x for x in os.listdir(outd) if x != "out.safetensors"]:
+                    p.send_signal(sig)
+                    caught = True
+                    break
+            if p.poll() is None and not caught:
+                p.kill()
+            p.wait(timeout=60)
+            err = p.stderr.read().decode(errors="replace")
+            p.stderr.close()
+            if caught:
+                break
+        left = [x for x in os.listdir(outd) if x != "out.safetensors"]
+        probs = []
+        if not caught:
+            probs.append("never saw the write in progress in 5 runs")
+        elif p.returncode != -sig:
+            probs.append("exit %s, expected death by signal %d" %
+                         (p.returncode, sig))
+        if left:
+            probs.append("left behind: %s" % left)
+        for s_ in ("AddressSanitizer", "runtime error:"):
+            if s_ in err:
+                probs.append("sanitizer report")
+        check("%s during the results write leaves no temporary"
+              % signal.Signals(sig).name, not probs, "; ".join(probs))
+
+
 def usage_cases():
     ind, outd = new_dirs()
     inp = os.path.join(ind, "in.safetensors")
@@ -480,6 +588,9 @@ def main():
         file_cases()
         nan_cases()
         output_path_cases()
+        special_target_cases()
+        long_name_cases()
+        interrupt_cases()
         usage_cases()
     finally:
         for root, dirs, _ in os.walk(TMP):

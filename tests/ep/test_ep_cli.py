@@ -8,6 +8,10 @@
   with a message saying so.
 - `moe train` on 2 ranks prints the same loss curve and final parameter
   checksum as on one, bit for bit, and the loss falls.
+- Ranks given different inputs or options (an MPMD launch: `mpirun -np 1
+  moe layer ARGS0 : -np 1 moe layer ARGS1`) all fail, before any
+  collective that depends on them, with a message naming both ranks'
+  values -- no heap overflow, no mixed output, no hang (issue 12).
 
 usage: test_ep_cli.py --moe PATH --mpiexec PATH [--np-flag -n]
                       [--mpiexec-flags "--oversubscribe"]
@@ -17,6 +21,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import struct
 import subprocess
 import sys
@@ -126,6 +131,106 @@ class Runner:
         return p, " ".join(shlex.quote(c) for c in cmd)
 
 
+def run_mpmd(r, cmds, timeout=90):
+    """Runs one rank per entry of cmds (argument lists for moe) as one MPI
+    job. Returns (returncode or None on a hang, stderr, the command line);
+    a hung job is killed with its whole process group."""
+    cmd = [r.mpiexec] + r.flags
+    for i, args in enumerate(cmds):
+        if i:
+            cmd.append(":")
+        cmd += [r.np_flag, "1", r.moe] + args
+    line = " ".join(shlex.quote(c) for c in cmd)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=r.env, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+        return p.returncode, err, line
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        return None, err, line
+
+
+def test_rank_mismatch(r, tmp):
+    rng = np.random.default_rng(11)
+    files = {}
+    for tag, (T, dt, lay, norm) in {
+            "t6": (6, "F32", "out_in", "true"),
+            "t60": (60, "F32", "out_in", "true"),
+            "t7": (7, "F32", "out_in", "true"),
+            "bf16": (6, "BF16", "out_in", "true"),
+            "io": (6, "F32", "in_out", "true"),
+            "nonorm": (6, "F32", "out_in", "false")}.items():
+        path = os.path.join(tmp, "mm_%s.safetensors" % tag)
+        make_input(path, rng, T, 16, 4, 16, 2, dt, lay)
+        if norm == "false":  # rewrite with norm_topk_prob = false
+            t, meta = read_st(path)
+            meta["norm_topk_prob"] = "false"
+            write_st(path, t, meta)
+        files[tag] = path
+    out = os.path.join(tmp, "mm_out.safetensors")
+
+    def layer(tag, *extra):
+        return ["layer", "--in", files[tag], "--out", out, "--threads", "1"] \
+            + list(extra)
+
+    cases = [
+        ("T=6 vs T=60", [layer("t6"), layer("t60")],
+         ["rank 0 has T=6", "rank 1 has T=60"]),
+        ("T=6 vs T=7", [layer("t6"), layer("t7")],
+         ["rank 0 has T=6", "rank 1 has T=7"]),
+        ("--backward on rank 1 only", [layer("t6"), layer("t6", "--backward")],
+         ["rank 0 has --backward=no", "rank 1 has --backward=yes"]),
+        ("--method grouped vs loop",
+         [layer("t6", "--method", "grouped"), layer("t6", "--method", "loop")],
+         ["rank 0 has --method=grouped", "rank 1 has --method=loop"]),
+        ("--strict on rank 1 only", [layer("t6"), layer("t6", "--strict")],
+         ["rank 0 has --strict=no", "rank 1 has --strict=yes"]),
+        ("f32 vs bf16 input", [layer("t6"), layer("bf16")],
+         ["rank 0 has dtype=f32", "rank 1 has dtype=bf16"]),
+        ("out_in vs in_out input", [layer("t6"), layer("io")],
+         ["rank 0 has gate_up_layout=out_in", "rank 1 has gate_up_layout=in_out"]),
+        ("norm_topk_prob true vs false", [layer("t6"), layer("nonorm")],
+         ["rank 0 has norm_topk_prob=yes", "rank 1 has norm_topk_prob=no"]),
+        ("--backward on rank 2 of 3 only",
+         [layer("t6"), layer("t6"), layer("t6", "--backward")],
+         ["rank 0 has --backward=no", "rank 2 has --backward=yes"]),
+    ]
+    for label, cmds, want in cases:
+        if os.path.exists(out):
+            os.unlink(out)
+        rc, err, line = run_mpmd(r, cmds)
+        probs = []
+        if rc is None:
+            probs.append("hung (killed after the timeout)")
+        elif rc == 0:
+            probs.append("exit 0")
+        for w in want:
+            if w not in err:
+                probs.append("stderr lacks '%s'" % w)
+        if ("AddressSanitizer" in err or "runtime error:" in err
+                or "Segmentation" in err or "signal 11" in err):
+            probs.append("crash or sanitizer report")
+        if os.path.exists(out):
+            probs.append("an output file was written")
+        check(not probs, "ranks disagree (%s): %s\n%s\nstderr: %s"
+              % (label, "; ".join(probs), line, err[-1500:]))
+    # The same flags in another order, on every rank: accepted.
+    rc, err, line = run_mpmd(r, [layer("t6", "--strict", "--backward"),
+                                 layer("t6", "--backward", "--strict")])
+    check(rc == 0 and os.path.exists(out),
+          "ranks agreeing on flags given in another order: exit %s\n%s\n%s"
+          % (rc, line, err[-1500:]))
+    # moe train: one rank with other options.
+    rc, err, line = run_mpmd(r, [["train", "--steps", "3", "--threads", "1"],
+                                 ["train", "--steps", "4", "--threads", "1"]])
+    check(rc not in (None, 0) and "rank 0 has --steps=3" in err
+          and "rank 1 has --steps=4" in err,
+          "moe train with --steps 3 vs 4: exit %s\n%s\n%s"
+          % (rc, line, err[-1500:]))
+
+
 def test_layer(r, tmp):
     rng = np.random.default_rng(7)
     shapes = [  # T, H, E, I, k, dtype, layout
@@ -210,6 +315,7 @@ def main():
     a = ap.parse_args()
     r = Runner(a)
     with tempfile.TemporaryDirectory() as tmp:
+        test_rank_mismatch(r, tmp)
         test_layer(r, tmp)
         test_train(r)
     print("test_ep_cli: %d passed, %d failed" % (PASSED, FAILED))

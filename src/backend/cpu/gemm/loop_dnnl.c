@@ -19,6 +19,7 @@
 #include <dnnl.h>
 #include <dnnl_debug.h>
 #include <omp.h>
+#include <pthread.h>
 #include <stdio.h>
 
 #include "gemm.h"
@@ -47,9 +48,13 @@ typedef struct moe_dnnl_entry {
   dnnl_memory_t mem[3]; ///< A, B, C; no buffer, handle set per execution
 } moe_dnnl_entry;
 
-/// A primitive cache. Used by one thread at a time: callers running plans
-/// concurrently give each its own cache (or pass NULL for a call-local one).
+/// A primitive cache, shared by every call of a plan. Its entries hold
+/// memory objects whose data handles are set per execution, and one stream:
+/// `lock` makes a call's lookups and executions exclusive, so threads
+/// sharing a plan take turns here (moe.h's thread-safety contract). An
+/// uncontended lock costs nanoseconds against a matmul's microseconds.
 struct moe_loop_cache {
+  pthread_mutex_t lock;
   dnnl_engine_t engine; ///< CPU engine 0, created on first use
   dnnl_stream_t stream; ///< its in-order stream, created on first use
   moe_dnnl_entry *entries;
@@ -74,6 +79,11 @@ moe_status moe_loop_cache_create(struct moe_loop_cache **c) {
   struct moe_loop_cache *lc = moe_alloc(sizeof *lc, "oneDNN loop cache");
   if (!lc) return MOE_ERR_OUT_OF_MEMORY;
   memset(lc, 0, sizeof *lc);
+  if (pthread_mutex_init(&lc->lock, NULL) != 0) {
+    moe_free(lc);
+    return moe_error(MOE_ERR_INTERNAL,
+                     "moe_loop_cache_create: cannot create its lock");
+  }
   *c = lc;
   return MOE_SUCCESS;
 }
@@ -95,6 +105,7 @@ void moe_loop_cache_destroy(struct moe_loop_cache *c) {
   if (c->engine) dnnl_engine_destroy(c->engine);
   moe_free(c->entries);
   moe_free(c->slots);
+  pthread_mutex_destroy(&c->lock);
   moe_free(c);
 }
 
@@ -471,7 +482,10 @@ moe_status moe_gemm_loop_dnnl(const moe_gemm_problem *p,
   int prev = omp_get_max_threads();
   int want = c && c->num_threads > 0 ? c->num_threads : prev;
   if (want != prev) omp_set_num_threads(want);
+  /* A call-local cache is this call's alone; the plan's is shared. */
+  if (!local) pthread_mutex_lock(&lc->lock);
   moe_status st = moe_dnnl_groups(p, lc);
+  if (!local) pthread_mutex_unlock(&lc->lock);
   if (want != prev) omp_set_num_threads(prev);
   moe_loop_cache_destroy(local);
   return st;
