@@ -17,34 +17,25 @@ size_t moe_dtype_size(moe_dtype t) {
   return 0;
 }
 
+/// names[v] for an enum value v in [0, n), else "?".
+static const char *moe_name_of(int v, const char *const *names, int n) {
+  return v >= 0 && v < n ? names[v] : "?";
+}
+
 const char *moe_dtype_name(moe_dtype t) {
-  switch (t) {
-  case MOE_F32: return "f32";
-  case MOE_BF16: return "bf16";
-  case MOE_F16: return "f16";
-  case MOE_I32: return "i32";
-  case MOE_I64: return "i64";
-  case MOE_F64: return "f64";
-  }
-  return "?";
+  static const char *const names[] = {"f32", "bf16", "f16",
+                                      "i32", "i64",  "f64"};
+  return moe_name_of((int)t, names, 6);
 }
 
 const char *moe_gmm_method_name(moe_gmm_method m) {
-  switch (m) {
-  case MOE_GMM_AUTO: return "auto";
-  case MOE_GMM_GROUPED: return "grouped";
-  case MOE_GMM_LOOP: return "loop";
-  }
-  return "?";
+  static const char *const names[] = {"auto", "grouped", "loop"};
+  return moe_name_of((int)m, names, 3);
 }
 
 const char *moe_layout_name(moe_layout l) {
-  switch (l) {
-  case MOE_LAYOUT_OUT_IN: return "out_in";
-  case MOE_LAYOUT_IN_OUT: return "in_out";
-  case MOE_LAYOUT_STRIDED: return "strided";
-  }
-  return "?";
+  static const char *const names[] = {"out_in", "in_out", "strided"};
+  return moe_name_of((int)l, names, 3);
 }
 
 moe_layout moe_weight_layout(const moe_tensor *w) {

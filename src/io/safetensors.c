@@ -819,23 +819,42 @@ static void st_gather(const moe_tensor *t, unsigned char *dst, int64_t bytes) {
       }
 }
 
+/// MOE_ERR_INVALID_ARGUMENT unless the string argument `s` (`what`, of
+/// the entry `of` when given) is given and valid UTF-8.
+static moe_status st_str_arg(const char *fn, const char *what, const char *of,
+                             const char *s) {
+  char who[320];
+  if (of)
+    snprintf(who, sizeof who, "%s of '%.256s'", what, of);
+  else
+    snprintf(who, sizeof who, "%s", what);
+  size_t bad;
+  if (!s) return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: %s is NULL", fn, who);
+  if (!st_utf8_valid((const unsigned char *)s, strlen(s), &bad))
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "%s: %s is not valid UTF-8 (byte %zu)", fn, who, bad);
+  return MOE_SUCCESS;
+}
+
+/// The writer `w` and its first string argument.
+static moe_status st_writer_arg(const char *fn, const moe_st_writer *w,
+                                const char *what, const char *s) {
+  if (!w) return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: w is NULL", fn);
+  return st_str_arg(fn, what, NULL, s);
+}
+
 moe_status moe_st_writer_add(moe_st_writer *w, const char *name,
                              const moe_tensor *t) {
   const char *fn = "moe_st_writer_add";
-  if (!w) return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: w is NULL", fn);
-  if (!name) return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: name is NULL", fn);
+  MOE_TRY(st_writer_arg(fn, w, "name", name));
   if (!t)
     return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: tensor '%s': t is NULL", fn,
                      name);
-  size_t bad;
   if (name[0] == '\0')
     return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: name is empty", fn);
   if (strcmp(name, ST_METADATA_KEY) == 0)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "%s: name '%s' is reserved for metadata", fn, name);
-  if (!st_utf8_valid((const unsigned char *)name, strlen(name), &bad))
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "%s: name is not valid UTF-8 (byte %zu)", fn, bad);
   if (w->nslots && w->slots[st_slot(w, name)] >= 0)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "%s: tensor '%s' was already added", fn, name);
@@ -877,19 +896,8 @@ moe_status moe_st_writer_add(moe_st_writer *w, const char *name,
 moe_status moe_st_writer_set_metadata(moe_st_writer *w, const char *key,
                                       const char *value) {
   const char *fn = "moe_st_writer_set_metadata";
-  if (!w) return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: w is NULL", fn);
-  if (!key) return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: key is NULL", fn);
-  if (!value)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: value of '%s' is NULL", fn,
-                     key);
-  size_t bad;
-  if (!st_utf8_valid((const unsigned char *)key, strlen(key), &bad))
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "%s: key is not valid UTF-8 (byte %zu)", fn, bad);
-  if (!st_utf8_valid((const unsigned char *)value, strlen(value), &bad))
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "%s: value of '%s' is not valid UTF-8 (byte %zu)", fn, key,
-                     bad);
+  MOE_TRY(st_writer_arg(fn, w, "key", key));
+  MOE_TRY(st_str_arg(fn, "value", key, value));
   char *v = st_strdup(value, "safetensors metadata value");
   if (!v) return MOE_ERR_OUT_OF_MEMORY;
   for (int64_t i = 0; i < w->mcount; i++)

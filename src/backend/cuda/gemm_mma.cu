@@ -31,6 +31,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "backend/cuda/block_scan.cuh"
 #include "backend/cuda/cuda_internal.h"
 
 #define MMA_BK 32
@@ -139,7 +140,7 @@ static __device__ int group_tables(const int64_t *off, int G, int64_t rows,
                                    int BM, bool gk, int *off_s, int *ts) {
   __shared__ int wsum[32];
   const int nthr = blockDim.x;
-  int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  int tid = threadIdx.x;
   for (int g = tid; g <= G; g += nthr) {
     int64_t o = off[g];
     off_s[g] = (int)(o < 0 ? 0 : (o > rows ? rows : o));
@@ -151,16 +152,7 @@ static __device__ int group_tables(const int64_t *off, int G, int64_t rows,
   int s = 0;
   for (int g = g0; g < g1; g++)
     s += (max(off_s[g + 1] - off_s[g], 0) + BM - 1) / BM;
-  int incl = s;
-  for (int d = 1; d < 32; d <<= 1) {
-    int v = __shfl_up_sync(0xffffffffu, incl, d);
-    if (lane >= d) incl += v;
-  }
-  if (lane == 31) wsum[warp] = incl;
-  __syncthreads();
-  int run = incl - s;
-  for (int w = 0; w < warp; w++)
-    run += wsum[w];
+  int run = moe_block_exclusive_scan(s, wsum);
   for (int g = g0; g < g1; g++) {
     ts[g] = run;
     run += (max(off_s[g + 1] - off_s[g], 0) + BM - 1) / BM;

@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 #include <math.h>
 
+#include "backend/cuda/block_scan.cuh"
 #include "backend/cuda/cuda_internal.h"
 
 /* ---- element access ------------------------------------------------------ */
@@ -229,17 +230,7 @@ __global__ void moe_scan_kernel(int32_t *counts, int chunks, int E,
   int64_t s = 0;
   for (int e = e0; e < e1; e++)
     s += tot[e];
-  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int64_t incl = s;
-  for (int d = 1; d < 32; d <<= 1) {
-    int64_t v = __shfl_up_sync(~0u, incl, d);
-    if (lane >= d) incl += v;
-  }
-  if (lane == 31) wsum[warp] = incl;
-  __syncthreads();
-  int64_t run = incl - s;
-  for (int w = 0; w < warp; w++)
-    run += wsum[w];
+  int64_t run = moe_block_exclusive_scan(s, wsum);
   for (int e = e0; e < e1; e++) {
     offsets[e] = run;
     run += tot[e];
