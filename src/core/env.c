@@ -30,3 +30,5 @@ const char *moe_env_gpu_machine(void) {
   const char *v = getenv("MOE_GPU_MACHINE");
   return v && *v ? v : NULL;
 }
+
+const char *moe_env_cuda_tile(void) { return getenv("MOE_CUDA_TILE"); }

@@ -1,16 +1,28 @@
 /// @file env.h
-/// Environment variables read by the library.
+/// Environment variables read by the library: every one is read here
+/// (env.c) and documented in the README's table.
 #ifndef MOE_ENV_H
 #define MOE_ENV_H
 
 #include "internal.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 /// MOE_GMM = auto | grouped | loop (unset or empty: auto). `set` is true
 /// when it pins a method.
 moe_status moe_env_gmm(moe_gmm_method *m, bool *set);
+
+/// MOE_CUDA_TILE: the tensor-core kernel's tile, "MIxNI[wWN][sST]" (a
+/// tuning and test knob, read on every call); NULL when unset.
+const char *moe_env_cuda_tile(void);
 
 /// MOE_GPU_MACHINE: overrides of the GPU cost model's rates as
 /// "key=value,..." (plan/machine_gpu.c checks the keys); NULL when unset.
 const char *moe_env_gpu_machine(void);
 
+#ifdef __cplusplus
+}
+#endif
 #endif

@@ -33,6 +33,7 @@
 
 #include "backend/cuda/block_scan.cuh"
 #include "backend/cuda/cuda_internal.h"
+#include "core/env.h"
 
 #define MMA_BK 32
 
@@ -525,7 +526,7 @@ static size_t mma_smem(const mma_tile_choice *t, bool gk, int64_t groups) {
 /// MOE_CUDA_TILE = "MIxNI[wWN][sST]" (e.g. "4x4", "4x4w8s5"); false when
 /// unset or malformed.
 static bool mma_tile_env(mma_tile_choice *t) {
-  const char *v = getenv("MOE_CUDA_TILE");
+  const char *v = moe_env_cuda_tile();
   if (!v) return false;
   int n = 0;
   t->wn = 4;
