@@ -64,8 +64,8 @@ def _nccl_check(rc: int, what: str) -> None:
 
 
 def id_to_tensor(uid: ncclUniqueId) -> torch.Tensor:
-    return torch.frombuffer(bytearray(bytes(uid.internal.raw)),
-                            dtype=torch.uint8).clone()
+    raw = ctypes.string_at(ctypes.addressof(uid), NCCL_UNIQUE_ID_BYTES)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
 
 
 def id_from_tensor(t: torch.Tensor) -> ncclUniqueId:

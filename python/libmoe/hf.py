@@ -63,8 +63,9 @@ def unsupported_reason(module, hidden_states=None) -> str | None:
         return "gate/up weights are interleaved, not concatenated"
     if getattr(module, "has_post_expert_norm", False):
         return "the experts have a post-expert norm"
-    if getattr(type(module), "_apply_gate", hf_moe._default_apply_gate) \
-            is not hf_moe._default_apply_gate:
+    default_gate = getattr(hf_moe, "_default_apply_gate", None)
+    own_gate = getattr(type(module), "_apply_gate", default_gate)
+    if own_gate is not default_gate:
         return f"{type(module).__name__} overrides _apply_gate"
     act = getattr(module, "act_fn", None)
     cfg_act = getattr(getattr(module, "config", None), "hidden_act", None)

@@ -3,6 +3,8 @@
 (on the GPU: "grouped_mm"), plus patch_grouped_mm, torch.compile, the
 LIBMOE_HF modes, EP sentinels and a short AdamW run."""
 
+import os
+
 import pytest
 import torch
 
@@ -60,7 +62,8 @@ def moe_outputs(model):
 # decoder layers (attention, RMSNorm, router softmax, lm_head over a 97-word
 # vocab) and the cross-entropy loss amplify that summation-order noise, so
 # logits, loss and parameter gradients are compared at 1e-4 relative.
-MODEL_TOL_F32 = 1e-4
+MODEL_TOL_F32 = 1e-4 if not ON_GPU else 1e-3
+OP_TOL_F32 = 1e-5 if not ON_GPU else 1e-4
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -216,7 +219,10 @@ def test_compile_fullgraph():
     m = make_model(cfg, "libmoe", dtype=dt, transposed=True)
     ref = make_model(cfg, "libmoe", dtype=dt, transposed=True)
     torch._dynamo.reset()
-    backend = "inductor" if ON_GPU else "aot_eager"
+    # the CPU (CI) traces and runs AOT autograd without inductor's C++
+    # compile, to keep the suite short; the GPU run uses inductor
+    backend = os.environ.get("LIBMOE_TEST_COMPILE_BACKEND",
+                             "inductor" if ON_GPU else "aot_eager")
     cm = torch.compile(m, fullgraph=True, backend=backend)
     out = cm(input_ids=ids, labels=ids)
     out.loss.backward()
@@ -258,7 +264,7 @@ def test_modes(monkeypatch, caplog):
         m(input_ids=ids)
     assert calls == []
     assert sum("not SiLU" in r.message for r in caplog.records) == 1
-    assert rel(out, ref(input_ids=ids).logits) < 1e-5
+    assert rel(out, ref(input_ids=ids).logits) < OP_TOL_F32
     monkeypatch.setenv("LIBMOE_HF", "1")
     with pytest.raises(NotImplementedError, match="not SiLU"):
         m(input_ids=ids)
@@ -315,10 +321,11 @@ def test_ep_sentinels(transposed):
     gx2, gw2, ggu2 = torch.autograd.grad(yr.square().sum(), (x2, w2, gu2))
     if transposed:
         ggu2 = ggu2.transpose(1, 2)
-    assert rel(y, yr) < 1e-5 and rel(gx, gx2) < 1e-5 and rel(ggu, ggu2) < 1e-5
+    tol = OP_TOL_F32
+    assert rel(y, yr) < tol and rel(gx, gx2) < tol and rel(ggu, ggu2) < tol
     assert y[2].abs().max().item() == 0 and gx[2].abs().max().item() == 0
     assert gw[idx >= El].abs().max().item() == 0
-    assert rel(gw[idx < El], gw2[idx < El]) < 1e-5
+    assert rel(gw[idx < El], gw2[idx < El]) < tol
 
 
 def test_adamw_30_steps():
