@@ -30,6 +30,7 @@ import os
 
 import torch
 
+from . import _lib
 from . import torch as moe_torch
 
 __all__ = ["register", "patch_grouped_mm", "unpatch_grouped_mm",
@@ -40,9 +41,18 @@ _log = logging.getLogger("libmoe.hf")
 _logged: set = set()
 
 
+_hf_moe = None
+
+
 def _moe_module():
-    from transformers.integrations import moe as hf_moe
-    return hf_moe
+    """transformers.integrations.moe, imported once: the experts forward
+    runs under torch.compile, where an import statement breaks the graph
+    (transformers' lazy modules are not plain modules to dynamo)."""
+    global _hf_moe
+    if _hf_moe is None:
+        import importlib
+        _hf_moe = importlib.import_module("transformers.integrations.moe")
+    return _hf_moe
 
 
 def _mode() -> str:
@@ -83,7 +93,6 @@ def unsupported_reason(module, hidden_states=None) -> str | None:
     if w.device.type not in ("cpu", "cuda"):
         return f"weights are on {w.device.type}"
     if w.device.type == "cuda":
-        from . import _lib
         if not _lib.HAS_CUDA:
             return "this libmoe build has no CUDA backend"
     return None
