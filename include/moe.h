@@ -176,6 +176,22 @@ MOE_API moe_status moe_comm_destroy(moe_comm *comm);
 MOE_API int moe_comm_rank(const moe_comm *comm);
 MOE_API int moe_comm_size(const moe_comm *comm);
 
+/// Handling of precomputed routing indices outside [0, num_experts), e.g.
+/// the sentinels (index >= local expert count, weight 0) that an
+/// expert-parallel framework hands each rank for tokens routed elsewhere.
+typedef enum moe_topk_invalid {
+  /// Default: the forward fails with MOE_ERR_INVALID_ARGUMENT naming the
+  /// first bad slot. On CUDA the check reads one flag back from the device
+  /// (one host sync per forward with precomputed routing; strict mode
+  /// refuses it with MOE_ERR_STRICT -- use MOE_TOPK_INVALID_DROP there).
+  MOE_TOPK_INVALID_ERROR = 0,
+  /// The slot is dropped: it takes no row in any expert GEMM, adds nothing
+  /// to the output, and gets exact zero gradient (grad_topk_weights 0, no
+  /// contribution to grad_hidden or any weight gradient). Not with an
+  /// expert-parallel communicator of more than one rank.
+  MOE_TOPK_INVALID_DROP = 1,
+} moe_topk_invalid;
+
 #define MOE_LAYER_DESC_MAGIC 0x4d4f454cu /* "MOEL" */
 #define MOE_LAYER_DESC_VERSION 1u
 
@@ -199,13 +215,16 @@ typedef struct moe_layer_desc {
   int num_threads; ///< CPU threads; 0 = OpenMP default
   moe_device device;
   moe_comm *comm; ///< expert-parallel communicator; NULL = one rank
+  /// What a precomputed topk_index outside [0, num_experts) means (same on
+  /// the CPU and CUDA); see moe_topk_invalid.
+  moe_topk_invalid invalid_topk;
 } moe_layer_desc;
 
 #define MOE_LAYER_DESC_INIT                                                    \
   {                                                                            \
     sizeof(moe_layer_desc), MOE_LAYER_DESC_MAGIC, MOE_LAYER_DESC_VERSION, 0,   \
         0, 0, 0, 0, 1, MOE_F32, MOE_LAYOUT_OUT_IN, MOE_LAYOUT_OUT_IN,          \
-        MOE_GMM_AUTO, 0, 0, {MOE_DEVICE_CPU, 0}, NULL                          \
+        MOE_GMM_AUTO, 0, 0, {MOE_DEVICE_CPU, 0}, NULL, MOE_TOPK_INVALID_ERROR  \
   }
 
 /// Opaque plan: the chosen methods, sizes and reasons.

@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Builds libmoe twice -- release and AddressSanitizer+UndefinedBehaviorSanitizer,
-# both with warnings as errors -- and runs the whole test suite on each, then
+# both with warnings as errors -- and runs the whole test suite on each; then
 # fuzzes the safetensors reader and `moe layer`'s input validation for a
-# bounded time (tests/fuzz/run.sh; SKIP without clang/libFuzzer).
+# bounded time (tests/fuzz/run.sh; SKIP without clang/libFuzzer); then
+# installs the Python package (`pip install .`, CPU-only) into the venv that
+# scripts/install-deps.sh made and runs its tests (tests/python) with pytest.
 # Usage: scripts/test.sh            (from the repository root)
+#   LIBMOE_VENV       the venv (default build-py/venv)
+#   MOE_SKIP_PYTHON=1 skip the Python part (it fails, not skips, when the
+#                     venv is missing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=$(nproc 2>/dev/null || echo 2)
@@ -32,3 +37,26 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
 echo "== fuzzing (libFuzzer + ASan/UBSan, bounded: tests/fuzz/run.sh 900 for longer)"
 bash tests/fuzz/run.sh "${MOE_FUZZ_SECONDS:-60}"
+
+echo "== Python package: pip install . (CPU-only) + pytest tests/python"
+if [ "${MOE_SKIP_PYTHON:-0}" = 1 ]; then
+  echo "skipped (MOE_SKIP_PYTHON=1)"
+  exit 0
+fi
+venv=${LIBMOE_VENV:-build-py/venv}
+if ! "$venv/bin/python" -c "import torch, transformers, pytest" >/dev/null 2>&1; then
+  echo "FAIL: no Python test environment at $venv (run scripts/install-deps.sh," \
+       "or MOE_SKIP_PYTHON=1 to skip)"
+  exit 1
+fi
+unset ASAN_OPTIONS LSAN_OPTIONS UBSAN_OPTIONS
+CMAKE_ARGS="-DMOE_ENABLE_CUDA=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$jobs \
+  "$venv/bin/python" -m pip install -q --no-build-isolation --no-deps \
+  --config-settings=build-dir=build-py/wheel .
+# from outside the tree, so `import libmoe` is the installed package
+rc=0
+(cd tests/python && "$venv/bin/python" -m pytest -q -p no:cacheprovider .) || rc=$?
+if [ "$rc" = 5 ]; then
+  echo "FAIL: pytest collected no tests"
+fi
+exit "$rc"

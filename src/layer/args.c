@@ -5,6 +5,7 @@
 /// mode, and the gradients' form and strides. Messages name the argument.
 #include <stdio.h>
 
+#include "comm/comm.h"
 #include "layer/layer.h"
 
 /* ---- the layer description ------------------------------------------- */
@@ -56,6 +57,17 @@ moe_status moe_layer_desc_check(const moe_layer_desc *d) {
   if ((unsigned)d->method > MOE_GMM_LOOP)
     return moe_error(MOE_ERR_INVALID_ARGUMENT, "desc.method = %d: unknown",
                      (int)d->method);
+  if ((unsigned)d->invalid_topk > MOE_TOPK_INVALID_DROP)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc.invalid_topk = %d: unknown", (int)d->invalid_topk);
+  /* comm.h's struct is read directly: args.c links with the core alone. */
+  if (d->invalid_topk == MOE_TOPK_INVALID_DROP && d->comm &&
+      d->comm->size > 1)
+    return moe_error(MOE_ERR_UNIMPLEMENTED,
+                     "desc.invalid_topk = MOE_TOPK_INVALID_DROP with a "
+                     "communicator of %d ranks: dropping slots is for "
+                     "one rank",
+                     d->comm->size);
   if (d->num_threads < 0)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "desc.num_threads = %d: must be >= 0", d->num_threads);

@@ -425,6 +425,9 @@ static moe_layer_desc desc_of(const lcase *c, bool cuda, moe_gmm_method m,
   d.down_layout = c->ldn;
   d.method = m;
   d.strict = strict;
+  /* the default (MOE_TOPK_INVALID_ERROR) checks given indices with a host
+     sync, which strict mode refuses; these indices are all in range */
+  if (strict) d.invalid_topk = MOE_TOPK_INVALID_DROP;
   if (cuda) d.device.type = MOE_DEVICE_CUDA;
   return d;
 }

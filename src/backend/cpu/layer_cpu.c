@@ -275,11 +275,19 @@ static moe_status moe_route(const moe_exec *x, const moe_layer_fwd_args *a,
       int64_t o = t * ti->stride[0] + j * ti->stride[1];
       int64_t e = ti->dtype == MOE_I32 ? ((const int32_t *)ti->data)[o]
                                        : ((const int64_t *)ti->data)[o];
-      if (e < 0 || e >= E)
+      if (e < 0 || e >= E) {
+        if (d->invalid_topk == MOE_TOPK_INVALID_DROP) {
+          idx[t * k + j] = MOE_SLOT_DROPPED;
+          w[t * k + j] = 0.0f;
+          continue;
+        }
         return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                         "topk_index[%lld][%lld] = %lld is outside [0, %lld)",
+                         "topk_index[%lld][%lld] = %lld is outside [0, %lld) "
+                         "(desc.invalid_topk = MOE_TOPK_INVALID_DROP drops "
+                         "such slots)",
                          (long long)t, (long long)j, (long long)e,
                          (long long)E);
+      }
       idx[t * k + j] = (int32_t)e;
       w[t * k + j] = moe_load_f(tw->data, tw->dtype,
                                 t * tw->stride[0] + j * tw->stride[1]);
@@ -338,6 +346,7 @@ static moe_status moe_forward(moe_layer_plan *plan,
     s = moe_route_sort((const int32_t *)moe_at(sv, b.idx), T, k, E, offsets,
                        slot_row, row_slot, (int64_t *)moe_at(ws, b.cursor));
   if (s != MOE_SUCCESS) goto done;
+  R = offsets[E]; /* T * k less the dropped slots */
   moe_permute_rows(&args->hidden, row_slot, R, k, xp, plan->nt);
   if (plan->ranks > 1) { /* the rows go to their experts' ranks */
     s = moe_ep_dispatch(ep, plan, &b, sv, ws, xp,
@@ -422,6 +431,7 @@ static moe_status moe_backward(moe_layer_plan *plan,
   float *dxp = (float *)moe_at(ws, b.dxp), *dw = (float *)moe_at(ws, b.dw),
         *dx = (float *)moe_at(ws, b.dx);
   x.offsets = (const int64_t *)moe_at(sv, b.offsets);
+  R = x.offsets[E]; /* T * k less the dropped slots */
   moe_status s;
 
   /* Weighted scatter back: dY rows and the routing-weight gradient. */

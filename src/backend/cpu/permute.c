@@ -11,6 +11,7 @@ moe_status moe_route_sort(const int32_t *idx, int64_t T, int64_t k, int64_t E,
     offsets[e] = 0;
   for (int64_t s = 0; s < S; s++) {
     int32_t e = idx[s];
+    if (e == MOE_SLOT_DROPPED) continue;
     if (e < 0 || e >= E)
       return moe_error(MOE_ERR_INVALID_ARGUMENT,
                        "topk_index[%lld][%lld] = %d is outside [0, %lld)",
@@ -26,6 +27,10 @@ moe_status moe_route_sort(const int32_t *idx, int64_t T, int64_t k, int64_t E,
   for (int64_t e = 0; e < E; e++)
     cursor[e] = offsets[e];
   for (int64_t s = 0; s < S; s++) {
+    if (idx[s] == MOE_SLOT_DROPPED) { /* no row; offsets[E] counts the rest */
+      slot_row[s] = -1;
+      continue;
+    }
     int64_t r = cursor[idx[s]]++;
     slot_row[s] = r;
     row_slot[r] = s;
@@ -64,6 +69,7 @@ void moe_unpermute(const void *y, moe_dtype yt, const int64_t *slot_row,
       for (int64_t h = 0; h < hn; h++)
         acc[h] = 0.0f;
       for (int64_t j = 0; j < k; j++) {
+        if (slot_row[t * k + j] < 0) continue; /* dropped slot */
         float wj = w[t * k + j];
         int64_t base = slot_row[t * k + j] * H + h0;
         for (int64_t h = 0; h < hn; h++)
@@ -82,6 +88,10 @@ void moe_unpermute_backward(const moe_tensor *g, const void *y, moe_dtype yt,
 #pragma omp parallel for schedule(static) num_threads(nt)
   for (int64_t t = 0; t < T; t++) {
     for (int64_t j = 0; j < k; j++) {
+      if (slot_row[t * k + j] < 0) { /* dropped slot: exact zero gradient */
+        dw[t * k + j] = 0.0f;
+        continue;
+      }
       float wj = w[t * k + j];
       int64_t base = slot_row[t * k + j] * H;
       float dot = 0.0f;
@@ -104,6 +114,7 @@ void moe_permute_backward(const float *dxp, const int64_t *slot_row, int64_t T,
     for (int64_t h = 0; h < H; h++)
       d[h] = 0.0f;
     for (int64_t j = 0; j < k; j++) {
+      if (slot_row[t * k + j] < 0) continue; /* dropped slot */
       const float *s = dxp + slot_row[t * k + j] * H;
       for (int64_t h = 0; h < H; h++)
         d[h] += s[h];

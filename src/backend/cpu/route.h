@@ -22,10 +22,15 @@ void moe_route_topk_backward(const float *probs, const int32_t *idx,
                              int64_t T, int64_t E, int64_t k, int norm,
                              float *dlogits, int nt);
 
+/// Index of a dropped slot (moe_topk_invalid MOE_TOPK_INVALID_DROP): it
+/// takes no row; its slot_row is -1 and the unpermute kernels skip it.
+#define MOE_SLOT_DROPPED (-1)
+
 /// Counting sort of the T*k routed slots by expert, stable in slot order.
 /// Writes
-/// offsets [E+1], slot_row [T*k] (sorted row of each slot) and row_slot
-/// [T*k] (slot of each sorted row). Fails if an index is outside [0, E).
+/// offsets [E+1], slot_row [T*k] (sorted row of each slot, -1 for a
+/// dropped slot) and row_slot [offsets[E]] (slot of each sorted row). Fails
+/// if an index other than MOE_SLOT_DROPPED is outside [0, E).
 moe_status moe_route_sort(const int32_t *idx, int64_t T, int64_t k, int64_t E,
                           int64_t *offsets, int64_t *slot_row,
                           int64_t *row_slot, int64_t *cursor);

@@ -89,9 +89,12 @@ moe_status moe_cu_topk(const float *logits, int64_t T, int64_t E, int64_t k,
                        const moe_cu_view *rl, cudaStream_t s);
 /// Precomputed routing into idx / weights; an index outside [0, E) routes
 /// the slot nowhere (idx -1).
+/// Copies precomputed routing; a slot outside [0, E) gets index -1 and
+/// weight 0 (dropped), and `bad` (a device u64 preset to all ones, or NULL)
+/// receives the smallest such slot.
 moe_status moe_cu_given_routing(const moe_cu_view *ti, const moe_cu_view *tw,
                                 int64_t T, int64_t k, int64_t E, int32_t *idx,
-                                float *w, cudaStream_t s);
+                                float *w, void *bad, cudaStream_t s);
 /// Bytes of scratch the sort needs.
 size_t moe_cu_sort_scratch_bytes(int64_t S, int64_t E);
 /// Stable counting sort of the S = T*k slots by expert on the device:

@@ -468,6 +468,37 @@ static moe_status moe_cu_host_counts(moe_cu_exec *x) {
 /* ---- forward
  * ------------------------------------------------------------------ */
 
+/// Precomputed routing under desc.invalid_topk: DROP keeps out-of-range
+/// slots out of every row (as the CPU does); ERROR reads the first bad slot
+/// back (one host sync, refused in strict mode) and fails like the CPU.
+static moe_status
+moe_cu_given_routing_checked(moe_cu_exec *x, const moe_cu_view *ti,
+                             const moe_cu_view *tw, int64_t T, int64_t k,
+                             int64_t E, int32_t *idx, float *w, void *flag) {
+  moe_cuda_plan *cp = x->cp;
+  cudaStream_t st = x->ctx.stream;
+  if (x->p->d.invalid_topk == MOE_TOPK_INVALID_DROP || T == 0)
+    return moe_cu_given_routing(ti, tw, T, k, E, idx, w, NULL, st);
+  if (x->p->d.strict)
+    return moe_error(MOE_ERR_STRICT,
+                     "desc.invalid_topk = MOE_TOPK_INVALID_ERROR checks "
+                     "topk_index on the host (a stream sync), which strict "
+                     "mode forbids; set MOE_TOPK_INVALID_DROP");
+  MOE_CU_TRY(cudaMemsetAsync(flag, 0xff, 8, st));
+  MOE_TRY(moe_cu_given_routing(ti, tw, T, k, E, idx, w, flag, st));
+  MOE_CU_TRY(cudaMemcpyAsync(cp->pinned, flag, 8, cudaMemcpyDeviceToHost, st));
+  MOE_CU_TRY(cudaStreamSynchronize(st));
+  uint64_t first = (uint64_t)cp->pinned[0];
+  if (first != UINT64_MAX)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "topk_index[%lld][%lld] is outside [0, %lld) "
+                     "(desc.invalid_topk = MOE_TOPK_INVALID_DROP drops such "
+                     "slots)",
+                     (long long)(first / (uint64_t)k),
+                     (long long)(first % (uint64_t)k), (long long)E);
+  return MOE_SUCCESS;
+}
+
 static moe_status moe_cu_forward_run(moe_cu_exec *x,
                                      const moe_layer_fwd_args *a,
                                      const moe_call *c, const moe_cu_bufs *b,
@@ -510,7 +541,8 @@ static moe_status moe_cu_forward_run(moe_cu_exec *x,
   } else {
     moe_cu_view ti = moe_cu_view_of(&a->topk_index),
                 tw = moe_cu_view_of(&a->topk_weights);
-    MOE_TRY(moe_cu_given_routing(&ti, &tw, T, k, E, idx, w, st));
+    MOE_TRY(moe_cu_given_routing_checked(x, &ti, &tw, T, k, E, idx, w,
+                                         moe_cu_at(ws, b->one)));
   }
   MOE_TRY(moe_cu_route_sort(idx, S, k, E, moe_cu_at(ws, b->sort), offsets,
                             slot_row, row_token, st));

@@ -166,24 +166,31 @@ extern "C" moe_status moe_cu_topk(const float *logits, int64_t T, int64_t E,
 __global__ void moe_given_kernel(const void *ti, int ti64, int64_t ti_rs,
                                  int64_t ti_cs, const void *tw, int tw32,
                                  int64_t tw_rs, int64_t tw_cs, int64_t T, int k,
-                                 int64_t E, int32_t *idx, float *w) {
+                                 int64_t E, int32_t *idx, float *w,
+                                 unsigned long long *bad) {
   int64_t s = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (s >= T * k) return;
   int64_t t = s / k, j = s % k;
   int64_t o = t * ti_rs + j * ti_cs;
   int64_t e = ti64 ? ((const int64_t *)ti)[o] : ((const int32_t *)ti)[o];
-  idx[s] = e >= 0 && e < E ? (int32_t)e : -1;
-  w[s] = ld1(tw, tw32, t * tw_rs + j * tw_cs);
+  bool ok = e >= 0 && e < E;
+  /* out of range: the slot is dropped (-1: no row, zero weight); `bad`
+     records the first such slot for MOE_TOPK_INVALID_ERROR */
+  idx[s] = ok ? (int32_t)e : -1;
+  w[s] = ok ? ld1(tw, tw32, t * tw_rs + j * tw_cs) : 0.0f;
+  if (!ok && bad) atomicMin(bad, (unsigned long long)s);
 }
 
 extern "C" moe_status moe_cu_given_routing(const moe_cu_view *ti,
                                            const moe_cu_view *tw, int64_t T,
                                            int64_t k, int64_t E, int32_t *idx,
-                                           float *w, cudaStream_t s) {
+                                           float *w, void *bad,
+                                           cudaStream_t s) {
   if (T == 0) return MOE_SUCCESS;
   moe_given_kernel<<<blocks_for(T * k, 256), 256, 0, s>>>(
       ti->data, ti->dtype == MOE_I64, ti->rs, ti->cs, tw->data,
-      tw->dtype == MOE_F32, tw->rs, tw->cs, T, (int)k, E, idx, w);
+      tw->dtype == MOE_F32, tw->rs, tw->cs, T, (int)k, E, idx, w,
+      (unsigned long long *)bad);
   return moe_cu_launch_check("moe_given_kernel");
 }
 

@@ -1,0 +1,374 @@
+"""libmoe's expert layer and grouped GEMM as PyTorch operators.
+
+Both are `torch.library.custom_op`s with fake (meta) implementations and
+autograd, so they work under torch.compile(fullgraph=True) and
+torch.library.opcheck. Weights are read in place through their strides
+(any [E, out, in] view: contiguous, a transposed view of [E, in, out]
+storage, ...), and every gradient comes back in the strides of the tensor it
+belongs to, so autograd's gradient accumulation never copies a weight.
+CUDA work runs on torch.cuda.current_stream(); scratch and the saved
+activations are torch tensors from PyTorch's caching allocator.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import torch
+
+from . import _lib as L
+
+__all__ = ["experts", "grouped_mm", "plan_explain"]
+
+_INVALID = {"error": L.MOE_TOPK_INVALID_ERROR, "drop": L.MOE_TOPK_INVALID_DROP}
+
+# ---- plans ------------------------------------------------------------------
+
+
+class _Plan:
+    def __init__(self, desc: L.moe_layer_desc):
+        self.handle = ctypes.c_void_p()
+        L.check(L.lib.moe_layer_plan_create(ctypes.byref(self.handle),
+                                            ctypes.byref(desc)),
+                "moe_layer_plan_create")
+        self.desc = desc
+        ws, sv = ctypes.c_size_t(), ctypes.c_size_t()
+        L.check(L.lib.moe_layer_plan_sizes(self.handle, desc.max_tokens,
+                                           ctypes.byref(ws), ctypes.byref(sv)),
+                "moe_layer_plan_sizes")
+        self.workspace_bytes, self.saved_bytes = ws.value, sv.value
+
+    def explain(self) -> str:
+        return L.lib.moe_layer_plan_explain(self.handle).decode()
+
+    def __del__(self):
+        h = getattr(self, "handle", None)
+        if h and L is not None and L.lib is not None:
+            L.lib.moe_layer_plan_destroy(h)
+
+
+_plans: dict = {}
+_plans_lock = threading.Lock()
+_MAX_PLANS = 64
+
+
+def _plan_for(hidden_shape, k, gu, dn, dtype, device, invalid) -> _Plan:
+    """One plan per (shape, dtype, layouts, device, policy); tokens exact, so
+    the planner's choice and the buffer sizes are those of this call."""
+    T, H = int(hidden_shape[0]), int(hidden_shape[1])
+    E, I2 = int(gu.shape[0]), int(gu.shape[1])
+    dev = L.device_of(device)
+    key = (T, H, E, I2, int(k), dtype, L.layout_of(gu), L.layout_of(dn),
+           dev.type, dev.index, invalid)
+    with _plans_lock:
+        p = _plans.get(key)
+        if p is None:
+            d = L.moe_layer_desc()
+            d.struct_size = ctypes.sizeof(L.moe_layer_desc)
+            d.magic, d.version = L.MOE_LAYER_DESC_MAGIC, L.MOE_LAYER_DESC_VERSION
+            d.num_experts, d.hidden, d.intermediate = E, H, I2 // 2
+            d.top_k, d.max_tokens = int(k), max(T, 1)
+            d.norm_topk_prob = 0  # the caller's weights are used as given
+            d.dtype = L.dtype_of(dtype)
+            d.gate_up_layout, d.down_layout = key[6], key[7]
+            d.method = L.MOE_GMM_AUTO
+            d.device = dev
+            d.invalid_topk = invalid
+            if len(_plans) >= _MAX_PLANS:
+                _plans.pop(next(iter(_plans)))
+            p = _plans[key] = _Plan(d)
+        return p
+
+
+def _check_experts(hidden, idx, w, gu, dn):
+    if hidden.dim() != 2 or idx.dim() != 2 or w.shape != idx.shape:
+        raise ValueError(
+            "libmoe.experts: hidden_states [T, H], top_k_index [T, k] and "
+            f"top_k_weights [T, k] expected; got {tuple(hidden.shape)}, "
+            f"{tuple(idx.shape)}, {tuple(w.shape)}")
+    if gu.dim() != 3 or dn.dim() != 3:
+        raise ValueError("libmoe.experts: gate_up_proj [E, 2I, H] and "
+                         "down_proj [E, H, I] expected")
+    E, I2, H = gu.shape
+    if (H != hidden.shape[1] or I2 % 2 or dn.shape[0] != E or dn.shape[1] != H
+            or dn.shape[2] != I2 // 2):
+        raise ValueError(
+            f"libmoe.experts: hidden_states {tuple(hidden.shape)}, "
+            f"gate_up_proj {tuple(gu.shape)} and down_proj {tuple(dn.shape)} "
+            "do not fit [T, H], [E, 2I, H], [E, H, I]")
+    if not (hidden.dtype == gu.dtype == dn.dtype):
+        raise TypeError("libmoe.experts: hidden_states and both weights must "
+                        f"share a dtype; got {hidden.dtype}, {gu.dtype}, "
+                        f"{dn.dtype}")
+
+
+def _like(t: torch.Tensor, dtype=None) -> torch.Tensor:
+    """An uninitialised tensor with t's shape and strides, so a gradient
+    comes back in its tensor's own layout (a parameter's gradient is then
+    taken by AccumulateGrad without a copy). A gapped view (e.g. every 2nd
+    column) gets the same strides over a buffer of the view's extent; only
+    an overlapping view (a zero stride) gets a contiguous tensor."""
+    dtype = dtype or t.dtype
+    if t.is_contiguous() or any(st == 0 and sz > 1
+                                for st, sz in zip(t.stride(), t.shape)):
+        return torch.empty(t.shape, dtype=dtype, device=t.device)
+    return torch.empty_strided(t.shape, t.stride(), dtype=dtype,
+                               device=t.device)
+
+
+# ---- experts: forward ---------------------------------------------------------
+
+
+@torch.library.custom_op("libmoe::experts_fwd", mutates_args=())
+def _experts_fwd(hidden: torch.Tensor, top_k_index: torch.Tensor,
+                 top_k_weights: torch.Tensor, gate_up_proj: torch.Tensor,
+                 down_proj: torch.Tensor, invalid: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj)
+    T, H = hidden.shape
+    dev = hidden.device
+    p = _plan_for(hidden.shape, top_k_index.shape[1], gate_up_proj, down_proj,
+                  hidden.dtype, dev, invalid)
+    out = torch.empty((T, H), dtype=hidden.dtype, device=dev)
+    # Zeroed: the C layer leaves alignment gaps and unused sub-buffers of
+    # `saved` unwritten, and an op's outputs must be fully defined
+    # (torch.library.opcheck compares them byte for byte). One memset.
+    saved = torch.zeros((p.saved_bytes,), dtype=torch.uint8, device=dev)
+    ws = torch.empty((p.workspace_bytes,), dtype=torch.uint8, device=dev)
+    a = L.moe_layer_fwd_args()
+    a.hidden = L.view(hidden)
+    a.topk_index = L.view(top_k_index)
+    a.topk_weights = L.view(top_k_weights)
+    a.w_gate_up = L.view(gate_up_proj)
+    a.w_down = L.view(down_proj)
+    a.output = L.view(out)
+    L.check(L.lib.moe_layer_forward(p.handle, ctypes.byref(a),
+                                    saved.data_ptr() if p.saved_bytes else None,
+                                    p.saved_bytes,
+                                    ws.data_ptr() if p.workspace_bytes else None,
+                                    p.workspace_bytes, L.stream_of(dev)),
+            "moe_layer_forward")
+    return out, saved
+
+
+@_experts_fwd.register_fake
+def _(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, invalid):
+    _check_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj)
+    p = _plan_for(hidden.shape, top_k_index.shape[1], gate_up_proj, down_proj,
+                  hidden.dtype, hidden.device, invalid)
+    out = hidden.new_empty(hidden.shape, dtype=hidden.dtype).contiguous()
+    return out, hidden.new_empty((p.saved_bytes,), dtype=torch.uint8)
+
+
+# ---- experts: backward --------------------------------------------------------
+
+
+@torch.library.custom_op("libmoe::experts_bwd", mutates_args=())
+def _experts_bwd(grad_out: torch.Tensor, hidden: torch.Tensor,
+                 top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                 gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                 saved: torch.Tensor, invalid: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                            torch.Tensor]:
+    dev = hidden.device
+    p = _plan_for(hidden.shape, top_k_index.shape[1], gate_up_proj, down_proj,
+                  hidden.dtype, dev, invalid)
+    g_hidden = _like(hidden)
+    g_w = _like(top_k_weights)
+    g_gu = _like(gate_up_proj)
+    g_dn = _like(down_proj)
+    ws = torch.empty((p.workspace_bytes,), dtype=torch.uint8, device=dev)
+    if grad_out.dtype != hidden.dtype:
+        grad_out = grad_out.to(hidden.dtype)
+    b = L.moe_layer_bwd_args()
+    b.fwd.hidden = L.view(hidden)
+    b.fwd.topk_index = L.view(top_k_index)
+    b.fwd.topk_weights = L.view(top_k_weights)
+    b.fwd.w_gate_up = L.view(gate_up_proj)
+    b.fwd.w_down = L.view(down_proj)
+    b.grad_output = L.view(grad_out)
+    b.grad_hidden = L.view(g_hidden)
+    b.grad_topk_weights = L.view(g_w)
+    b.grad_w_gate_up = L.view(g_gu)
+    b.grad_w_down = L.view(g_dn)
+    L.check(L.lib.moe_layer_backward(p.handle, ctypes.byref(b),
+                                     saved.data_ptr() if p.saved_bytes else None,
+                                     p.saved_bytes,
+                                     ws.data_ptr() if p.workspace_bytes else None,
+                                     p.workspace_bytes, L.stream_of(dev)),
+            "moe_layer_backward")
+    return g_hidden, g_w, g_gu, g_dn
+
+
+@_experts_bwd.register_fake
+def _(grad_out, hidden, top_k_index, top_k_weights, gate_up_proj, down_proj,
+      saved, invalid):
+    return (_like(hidden), _like(top_k_weights), _like(gate_up_proj),
+            _like(down_proj))
+
+
+def _experts_setup(ctx, inputs, output):
+    hidden, idx, w, gu, dn, invalid = inputs
+    ctx.invalid = invalid
+    ctx.save_for_backward(hidden, idx, w, gu, dn, output[1])
+
+
+def _experts_backward(ctx, grad_out, _grad_saved):
+    hidden, idx, w, gu, dn, saved = ctx.saved_tensors
+    gh, gw, ggu, gdn = torch.ops.libmoe.experts_bwd(
+        grad_out, hidden, idx, w, gu, dn, saved, ctx.invalid)
+    return gh, None, gw, ggu, gdn, None
+
+
+_experts_fwd.register_autograd(_experts_backward, setup_context=_experts_setup)
+
+
+def experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+            top_k_weights: torch.Tensor, gate_up_proj: torch.Tensor,
+            down_proj: torch.Tensor, *, invalid_topk: str = "error"
+            ) -> torch.Tensor:
+    """The whole expert layer as one differentiable op:
+    out[t] = sum_j w[t, j] * down[e] . (silu(gate[e] . x[t]) * (up[e] . x[t]))
+    with e = top_k_index[t, j].
+
+    hidden_states [T, H]; top_k_index [T, k] int32/int64; top_k_weights
+    [T, k] (f32 or the layer dtype, used as given); gate_up_proj [E, 2I, H]
+    (gate rows first) and down_proj [E, H, I] as any strided views, e.g.
+    `w.transpose(1, 2)` of [E, H, 2I] storage. f32 or bf16.
+    invalid_topk: "error" (an index outside [0, E) raises) or "drop" (such
+    slots, e.g. expert-parallel sentinels, contribute nothing and get zero
+    gradient). Gradients flow to hidden_states, top_k_weights and both
+    weights, each in the strides of its tensor."""
+    if invalid_topk not in _INVALID:
+        raise ValueError(f"invalid_topk={invalid_topk!r}: 'error' or 'drop'")
+    out, _ = torch.ops.libmoe.experts_fwd(hidden_states, top_k_index,
+                                          top_k_weights, gate_up_proj,
+                                          down_proj, _INVALID[invalid_topk])
+    return out
+
+
+def plan_explain(hidden_states, top_k_index, gate_up_proj, down_proj,
+                 invalid_topk: str = "error") -> str:
+    """The planner's choice and reasons for experts() on these tensors."""
+    return _plan_for(hidden_states.shape, top_k_index.shape[1], gate_up_proj,
+                     down_proj, hidden_states.dtype, hidden_states.device,
+                     _INVALID[invalid_topk]).explain()
+
+
+# ---- grouped_mm ------------------------------------------------------------
+
+
+def _offsets64(offs: torch.Tensor) -> torch.Tensor:
+    """torch's int32 cumulative ends [E] -> libmoe's int64 offsets [E+1]."""
+    o = torch.zeros((offs.shape[0] + 1,), dtype=torch.int64, device=offs.device)
+    o[1:] = offs
+    return o
+
+
+def _opts(dev: torch.device) -> L.moe_exec_options:
+    o = L.moe_exec_options()
+    o.method = L.MOE_GMM_AUTO
+    o.stream = L.stream_of(dev)
+    return o
+
+
+def _gmm_fn(name: str, dev: torch.device):
+    if dev.type == "cuda":
+        if not L.HAS_CUDA:
+            raise RuntimeError("libmoe was built without the CUDA backend")
+        return getattr(L.lib, "moe_cuda_" + name[4:])
+    return getattr(L.lib, name)
+
+
+def _check_gmm(input, weight, offs):
+    if input.dim() != 2 or weight.dim() != 3 or offs.dim() != 1:
+        raise ValueError("libmoe.grouped_mm: input [S, K], weight [E, K, N], "
+                         "offs [E] expected")
+    if input.shape[1] != weight.shape[1] or offs.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"libmoe.grouped_mm: input {tuple(input.shape)}, weight "
+            f"{tuple(weight.shape)}, offs {tuple(offs.shape)} do not fit")
+    if input.dtype != weight.dtype:
+        raise TypeError("libmoe.grouped_mm: input and weight dtypes differ "
+                        f"({input.dtype}, {weight.dtype})")
+    if offs.dtype != torch.int32:
+        raise TypeError("libmoe.grouped_mm: offs must be int32")
+
+
+@torch.library.custom_op("libmoe::grouped_mm", mutates_args=())
+def _grouped_mm(input: torch.Tensor, weight: torch.Tensor,
+                offs: torch.Tensor) -> torch.Tensor:
+    _check_gmm(input, weight, offs)
+    dev = input.device
+    # rows at or past offs[-1] belong to no group: zero, not left undefined
+    out = torch.zeros((input.shape[0], weight.shape[2]), dtype=input.dtype,
+                      device=dev)
+    o64 = _offsets64(offs)
+    wt = weight.transpose(1, 2)  # libmoe's [E, N, K] view: no data moves
+    x, w, o, y = L.view(input), L.view(wt), L.view(o64), L.view(out)
+    opt = _opts(dev)
+    L.check(_gmm_fn("moe_grouped_gemm", dev)(
+        ctypes.byref(x), ctypes.byref(w), ctypes.byref(o), ctypes.byref(y),
+        ctypes.byref(opt)), "moe_grouped_gemm")
+    return out
+
+
+@_grouped_mm.register_fake
+def _(input, weight, offs):
+    _check_gmm(input, weight, offs)
+    return input.new_empty((input.shape[0], weight.shape[2]))
+
+
+@torch.library.custom_op("libmoe::grouped_mm_bwd", mutates_args=())
+def _grouped_mm_bwd(grad: torch.Tensor, input: torch.Tensor,
+                    weight: torch.Tensor, offs: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    dev = input.device
+    if grad.dtype != input.dtype:
+        grad = grad.to(input.dtype)
+    o64 = _offsets64(offs)
+    opt = _opts(dev)
+    wt = weight.transpose(1, 2)
+    dx = torch.zeros(input.shape, dtype=input.dtype, device=dev)
+    gw = _like(weight)  # the weight's own strides
+    gwt = gw.transpose(1, 2)  # [E, N, K] view the C dW writes through
+    d, w, o, x = L.view(grad), L.view(wt), L.view(o64), L.view(input)
+    vdx, vgw = L.view(dx), L.view(gwt)
+    L.check(_gmm_fn("moe_grouped_gemm_dx", dev)(
+        ctypes.byref(d), ctypes.byref(w), ctypes.byref(o), ctypes.byref(vdx),
+        ctypes.byref(opt)), "moe_grouped_gemm_dx")
+    L.check(_gmm_fn("moe_grouped_gemm_dw", dev)(
+        ctypes.byref(x), ctypes.byref(d), ctypes.byref(o), ctypes.byref(vgw),
+        ctypes.byref(opt)), "moe_grouped_gemm_dw")
+    return dx, gw
+
+
+@_grouped_mm_bwd.register_fake
+def _(grad, input, weight, offs):
+    return torch.empty_like(input, memory_format=torch.contiguous_format), \
+        _like(weight)
+
+
+def _gmm_setup(ctx, inputs, output):
+    input, weight, offs = inputs
+    ctx.save_for_backward(input, weight, offs)
+
+
+def _gmm_backward(ctx, grad):
+    input, weight, offs = ctx.saved_tensors
+    dx, gw = torch.ops.libmoe.grouped_mm_bwd(grad, input, weight, offs)
+    return dx, gw, None
+
+
+_grouped_mm.register_autograd(_gmm_backward, setup_context=_gmm_setup)
+
+
+def grouped_mm(input: torch.Tensor, weight: torch.Tensor,
+               offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm's contract: input [S, K], weight [E, K, N] (any
+    strided view, e.g. w.transpose(-2, -1) of [E, N, K] storage), offs int32
+    [E] cumulative row ends; out[r] = input[r] . weight[e] for the rows of
+    group e; rows at or past offs[-1] are zero. Differentiable; the weight
+    gradient has the weight's strides; the weight is never copied."""
+    return torch.ops.libmoe.grouped_mm(input, weight, offs)

@@ -1,0 +1,208 @@
+"""libmoe.torch.experts and libmoe.torch.grouped_mm against float64
+references, on random inputs of odd sizes, every weight layout, empty
+experts, one expert taking every row, and out-of-range routing indices."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import libmoe.torch as lt
+from conftest import DEVICE, rel
+
+E, H, I, K, T = 7, 37, 19, 3, 41
+# f32: 1e-5 on the CPU; the CUDA kernels' f32 path sums in another order
+# (tensor-core tiles), 1e-4 there. bf16: 2e-2.
+TOL = {torch.float32: 1e-5 if DEVICE.type == "cpu" else 1e-4,
+       torch.bfloat16: 2e-2}
+
+
+def ref_experts(x, idx, w, gu, dn):
+    """float64 loop over tokens and slots; indices outside [0, E) skipped."""
+    x, w, gu, dn = x.double(), w.double(), gu.double(), dn.double()
+    out = torch.zeros_like(x)
+    n = gu.shape[0]
+    for t in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            e = int(idx[t, j])
+            if e < 0 or e >= n:
+                continue
+            g, u = (gu[e] @ x[t]).chunk(2)
+            out[t] = out[t] + w[t, j] * (dn[e] @ (F.silu(g) * u))
+    return out
+
+
+def weights(layout, dtype, e=E):
+    """gate_up [E, 2I, H] and down [E, H, I] as views of the requested
+    storage: "out_in" (contiguous), "in_out" (transposed views of [E, H, 2I]
+    and [E, I, H] storage), "strided" (every 2nd column of a wider buffer)."""
+    g = torch.Generator().manual_seed(7)
+    def mk(shape):
+        return (torch.rand(shape, generator=g) - 0.5) * 0.6
+    if layout == "out_in":
+        gu, dn = mk((e, 2 * I, H)), mk((e, H, I))
+    elif layout == "in_out":
+        gu, dn = mk((e, H, 2 * I)).transpose(1, 2), mk((e, I, H)).transpose(1, 2)
+    else:
+        gu = mk((e, 2 * I, 2 * H))[:, :, ::2]
+        dn = mk((e, H, 2 * I))[:, :, ::2]
+    gu = gu.to(DEVICE, dtype).detach().requires_grad_()
+    dn = dn.to(DEVICE, dtype).detach().requires_grad_()
+    return gu, dn
+
+
+def routing(pattern, t=T, e=E, k=K, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    if pattern == "random":  # experts 0 and E-1 never chosen: empty experts
+        idx = torch.stack([torch.randperm(e - 2, generator=g)[:k] + 1
+                           for _ in range(t)])
+    elif pattern == "one":  # expert 2 takes every token's first slot
+        idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+        idx[:, 0] = 2
+        idx[:, 1:] = torch.where(idx[:, 1:] == 2, 0, idx[:, 1:])
+    w = torch.rand((t, k), generator=g) + 0.1
+    return idx.to(DEVICE), w.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["out_in", "in_out", "strided"])
+@pytest.mark.parametrize("pattern", ["random", "one"])
+def test_experts_vs_float64(dtype, layout, pattern):
+    gu, dn = weights(layout, dtype)
+    idx, w = routing(pattern)
+    w = w.to(dtype).requires_grad_()
+    g = torch.Generator().manual_seed(5)
+    x = (torch.rand((T, H), generator=g) - 0.5).to(DEVICE, dtype).requires_grad_()
+    go = (torch.rand((T, H), generator=g) - 0.5).to(DEVICE, dtype)
+    y = lt.experts(x, idx, w, gu, dn)
+    grads = torch.autograd.grad(y, (x, w, gu, dn), go)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, gu, dn)]
+    yr = ref_experts(leaves[0], idx, *leaves[1:])
+    grads_r = torch.autograd.grad(yr, leaves, go.double())
+    tol = TOL[dtype]
+    assert rel(y, yr) < tol
+    for name, a, b, src in zip(("x", "w", "gate_up", "down"), grads, grads_r,
+                               (x, w, gu, dn)):
+        assert rel(a, b) < tol, name
+        assert a.stride() == src.stride(), name  # the tensor's own strides
+    if pattern == "random":  # experts nobody chose: exact zero gradients
+        assert grads[2][0].abs().max().item() == 0
+        assert grads[3][E - 1].abs().max().item() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_invalid_topk(dtype):
+    """Sentinels (>= E, weight 0) and negatives: "error" raises naming the
+    slot, "drop" ignores them (zero output contribution, zero gradient)."""
+    gu, dn = weights("in_out", dtype)
+    idx, w = routing("random")
+    idx = idx.clone()
+    idx[3, 1] = E  # HF EP sentinel
+    idx[7, :] = E + 5  # a token routed entirely elsewhere
+    idx[9, 2] = -1
+    w = w.clone()
+    w[idx >= E] = 0.0
+    w = w.to(dtype).requires_grad_()
+    x = torch.rand((T, H), device=DEVICE).to(dtype).requires_grad_()
+    with pytest.raises(RuntimeError, match=r"topk_index\[3\]\[1\]"):
+        lt.experts(x, idx, w, gu, dn)
+    y = lt.experts(x, idx, w, gu, dn, invalid_topk="drop")
+    yr = ref_experts(x.detach(), idx, w.detach(), gu.detach(), dn.detach())
+    assert rel(y, yr) < TOL[dtype]
+    assert y[7].abs().max().item() == 0
+    gx, gw = torch.autograd.grad(y.sum(), (x, w))
+    assert gx[7].abs().max().item() == 0
+    assert gw[idx >= E].abs().max().item() == 0 and gw[9, 2].item() == 0
+
+
+def ref_grouped_mm(x, w, offs):
+    out = torch.zeros(x.shape[0], w.shape[2], dtype=torch.float64,
+                      device=x.device)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        out[start:end] = x[start:end].double() @ w[e].double()
+        start = end
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_grouped_mm_vs_float64(dtype, transposed):
+    S, Kd, N = 53, 37, 23
+    g = torch.Generator().manual_seed(11)
+    if transposed:  # what transformers passes: weight.transpose(-2, -1)
+        wt = (torch.rand((E, N, Kd), generator=g) - 0.5).to(DEVICE, dtype)
+        wt.requires_grad_()
+        w = wt.transpose(-2, -1)
+        leaf = wt
+    else:
+        w = (torch.rand((E, Kd, N), generator=g) - 0.5).to(DEVICE, dtype)
+        w.requires_grad_()
+        leaf = w
+    # groups: an empty one, uneven sizes, 5 tail rows past offs[-1]
+    sizes = [9, 0, 13, 1, 17, 4, 4]
+    offs = torch.tensor(sizes, dtype=torch.int32).cumsum(0).to(torch.int32)
+    offs = offs.to(DEVICE)
+    x = (torch.rand((S, Kd), generator=g) - 0.5).to(DEVICE, dtype)
+    x.requires_grad_()
+    go = (torch.rand((S, N), generator=g) - 0.5).to(DEVICE, dtype)
+    y = lt.grouped_mm(x, w, offs)
+    gx, gl = torch.autograd.grad(y, (x, leaf), go)
+    xd = x.detach().double().requires_grad_()
+    ld = leaf.detach().double().requires_grad_()
+    yr = ref_grouped_mm(xd, ld.transpose(-2, -1) if transposed else ld, offs)
+    gxr, glr = torch.autograd.grad(yr, (xd, ld), go.double())
+    tol = TOL[dtype]
+    assert rel(y, yr) < tol and rel(gx, gxr) < tol and rel(gl, glr) < tol
+    assert y[offs[-1]:].abs().max().item() == 0  # tail rows: zero
+    assert gx[offs[-1]:].abs().max().item() == 0
+    assert gl.stride() == leaf.stride()
+    assert gl[1].abs().max().item() == 0  # empty group: zero gradient
+
+
+def test_opcheck():
+    from torch.library import opcheck
+    gu, dn = weights("in_out", torch.float32)
+    idx, w = routing("random")
+    x = torch.rand((T, H), device=DEVICE).requires_grad_()
+    w = w.requires_grad_()
+    opcheck(torch.ops.libmoe.experts_fwd.default, (x, idx, w, gu, dn, 0),
+            test_utils=("test_schema", "test_autograd_registration",
+                        "test_faketensor", "test_aot_dispatch_dynamic"))
+    offs = torch.tensor([5, 5, 20, 30, 31, 40, 41], dtype=torch.int32,
+                        device=DEVICE)
+    xw = torch.rand((41, H), device=DEVICE).requires_grad_()
+    wt = torch.rand((E, 13, H), device=DEVICE).requires_grad_()
+    opcheck(torch.ops.libmoe.grouped_mm.default,
+            (xw, wt.transpose(-2, -1), offs))
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA streams")
+def test_side_stream():
+    """On a side stream, the ops enqueue on torch.cuda.current_stream() and
+    their results (and gradients) are bitwise those of the default stream."""
+    gu, dn = weights("in_out", torch.bfloat16)
+    idx, w = routing("random")
+    w = w.to(torch.bfloat16).requires_grad_()
+    x = torch.rand((T, H), device=DEVICE).to(torch.bfloat16).requires_grad_()
+    y0 = lt.experts(x, idx, w, gu, dn)
+    g0 = torch.autograd.grad(y0.sum(), (x, w, gu, dn))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        # a big matmul first, so a result read from the wrong stream would
+        # not be ready yet
+        big = torch.randn(4096, 4096, device=DEVICE)
+        for _ in range(4):
+            big = big @ big / 64
+        y1 = lt.experts(x, idx, w, gu, dn)
+        g1 = torch.autograd.grad(y1.sum(), (x, w, gu, dn))
+        offs = torch.tensor([5, 5, 20, 30, 31, 40, 41], dtype=torch.int32,
+                            device=DEVICE)
+        wt = gu.detach()[:, :11, :].transpose(1, 2)  # [E, H, 11] view
+        z1 = lt.grouped_mm(x.detach(), wt, offs)
+    torch.cuda.current_stream().wait_stream(s)
+    z0 = lt.grouped_mm(x.detach(), wt, offs)
+    assert torch.equal(z0, z1)
+    assert torch.equal(y0, y1)
+    for a, b in zip(g0, g1):
+        assert torch.equal(a, b)
