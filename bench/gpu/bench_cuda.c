@@ -366,7 +366,7 @@ static void bench_shape(const shape *s, bool sweep) {
     }
     if (sweep) {
       static const char *tiles[6] = {
-          "sm90:128x256", "sm90:128x128", "sm90:64x256", "4x8", "4x4", "2x4"};
+          "sm90:128x256", "sm90:128x128", "sm90:192x128", "4x8", "4x4", "2x4"};
       c.opt.method = MOE_GMM_GROUPED;
       for (int g = 0; g < 6; g++) {
         printf("  tiles %-7s %-11s", moe_layout_name(l), one_names[g]);
@@ -491,7 +491,7 @@ static void bench_dense(void) {
   for (int l = 0; l < 2; l++) {
     g.wgu = weight_view(b, 1, N, K, l ? MOE_LAYOUT_IN_OUT : MOE_LAYOUT_OUT_IN);
     static const char *tiles[5] = {"sm90:128x256", "sm90:128x128",
-                                   "sm90:64x256", "4x4", "4x4w8s5"};
+                                   "sm90:192x128", "4x4", "4x4w8s5"};
     for (int m = 0; m < 6; m++) {
       g.opt.method = m == 5 ? MOE_GMM_LOOP : MOE_GMM_GROUPED;
       if (m < 5) set_tile(tiles[m]);

@@ -35,7 +35,8 @@ __global__ void __launch_bounds__(384, 1) gemm_k_kernel(const kargs p) {
       smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
   uint64_t *full = (uint64_t *)(smem + ST * STAGE);
   uint64_t *empty = full + ST;
-  int *off_s = (int *)(empty + ST);
+  unsigned char *ep = (unsigned char *)(empty + ST); /* epilogue buffers */
+  int *off_s = (int *)(ep + 8 * EPI_WARP_BYTES);
   int *ts = off_s + p.G + 1;
 
   if (threadIdx.x == 0) {
@@ -104,6 +105,7 @@ __global__ void __launch_bounds__(384, 1) gemm_k_kernel(const kargs p) {
     /* ---- consumers ---- */
     regs_inc<224>();
     const int w = wg - 1, lane = threadIdx.x & 31;
+    unsigned char *wbuf = ep + (threadIdx.x / 32 - 4) * EPI_WARP_BYTES;
     float acc[WN / 2];
 #pragma unroll
     for (int i = 0; i < WN / 2; i++)
@@ -141,8 +143,9 @@ __global__ void __launch_bounds__(384, 1) gemm_k_kernel(const kargs p) {
       const bool none = ti.kt == 0; /* empty group: C_g = beta C_g */
       if (none && p.o.beta != 0.0f) continue;
       const int m = ti.m0 + w * 64;
-      store_block<WN>(p.o, acc, (int64_t)ti.g * p.c_gs + (int64_t)m * p.o.rs,
-                      p.M - m, ti.n0, p.N, none);
+      store_block<WN>(p.o, acc, wbuf,
+                      (int64_t)ti.g * p.c_gs + (int64_t)m * p.o.rs, p.M - m,
+                      ti.n0, p.N, none);
     }
   }
 }

@@ -27,27 +27,32 @@
 
 namespace sm90 {
 
-template <int BM, int BN, int ST, bool BMN>
-__global__ void __launch_bounds__(384, 1)
+template <int NWG, int BN, int ST, bool BMN>
+__global__ void __launch_bounds__(128 * (NWG + 1), 1)
     gemm_m_kernel(const __grid_constant__ CUtensorMap tmb, const kargs p) {
-  constexpr int BK = SM90_BK;
+  constexpr int BK = SM90_BK, BM = 64 * NWG;
   constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
   constexpr int STAGE = A_BYTES + B_BYTES;
-  constexpr int WN = BM == 128 ? BN : BN / 2; /* wgmma N of one consumer */
+  constexpr int WN = BN; /* each consumer: 64 rows x BN */
   static_assert(WN == 128 || WN == 256, "wgmma N");
+  /* registers: 65536 per SM over 128 producer and 128 NWG consumer
+     threads */
+  constexpr int PREG = NWG == 2 ? 56 : 72, CREG = NWG == 2 ? 224 : 144;
+  static_assert(NWG == 2 || BN <= 128, "three consumers hold 64 x 128 each");
 
   extern __shared__ unsigned char smem_raw[];
   unsigned char *smem =
       smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
   uint64_t *full = (uint64_t *)(smem + ST * STAGE);
   uint64_t *empty = full + ST;
-  int *off_s = (int *)(empty + ST);
+  unsigned char *ep = (unsigned char *)(empty + ST); /* epilogue buffers */
+  int *off_s = (int *)(ep + NWG * 4 * EPI_WARP_BYTES);
   int *ts = off_s + p.G + 1;
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < ST; s++) {
       mbar_init(&full[s], 128 + 1);
-      mbar_init(&empty[s], 8);
+      mbar_init(&empty[s], NWG * 4);
     }
     mbar_init_fence();
   }
@@ -58,7 +63,7 @@ __global__ void __launch_bounds__(384, 1)
 
   if (wg == 0) {
     /* ---- producer ---- */
-    regs_dec<56>();
+    regs_dec<PREG>();
     const int tid = threadIdx.x;
     if (tid == 0) tma_prefetch(&tmb);
     constexpr int AR = BM / 16; /* A rows per thread */
@@ -103,17 +108,16 @@ __global__ void __launch_bounds__(384, 1)
     }
   } else {
     /* ---- consumers ---- */
-    regs_inc<224>();
+    regs_inc<CREG>();
     const int w = wg - 1, lane = threadIdx.x & 31;
+    unsigned char *wbuf = ep + (threadIdx.x / 32 - 4) * EPI_WARP_BYTES;
     float acc[WN / 2];
 #pragma unroll
     for (int i = 0; i < WN / 2; i++)
       acc[i] = 0.0f;
     int stage = 0, phase = 0;
-    /* this warpgroup's part of a stage */
-    const uint32_t a_off = BM == 128 ? w * 64 * 128 : 0;
-    const uint32_t b_off =
-        BM == 128 ? 0 : (BMN ? w * (BN / 2 / 64) * 8192 : w * (BN / 2) * 128);
+    /* this warpgroup's rows of a stage's A tile */
+    const uint32_t a_off = w * 64 * 128;
     for (int64_t t = blockIdx.x; t < total; t += gridDim.x) {
       const tile ti = sched_get<BM, BN, BK, false>(sc, t);
       int prev = -1;
@@ -126,8 +130,8 @@ __global__ void __launch_bounds__(384, 1)
 #pragma unroll
         for (int ks = 0; ks < BK / 16; ks++) {
           uint64_t da = gmma_desc(sa + a_off + ks * 32, 0, 1024);
-          uint64_t db = BMN ? gmma_desc(sb + b_off + ks * 2048, 8192, 1024)
-                            : gmma_desc(sb + b_off + ks * 32, 0, 1024);
+          uint64_t db = BMN ? gmma_desc(sb + ks * 2048, 8192, 1024)
+                            : gmma_desc(sb + ks * 32, 0, 1024);
           if (WN == 256)
             wgmma_256<0, BMN ? 1 : 0>(acc, da, db, kt > 0 || ks > 0);
           else
@@ -145,22 +149,21 @@ __global__ void __launch_bounds__(384, 1)
       wgmma_wait<0>();
       if (prev >= 0 && lane == 0) mbar_arrive(&empty[prev]);
       if (ti.kt == 0) continue; /* K == 0 is refused on the host */
-      const int row = ti.row0 + (BM == 128 ? w * 64 : 0);
-      const int n0 = ti.n0 + (BM == 128 ? 0 : w * (BN / 2));
-      store_block<WN>(p.o, acc, (int64_t)row * p.o.rs, ti.rowend - row, n0, p.N,
-                      false);
+      const int row = ti.row0 + w * 64;
+      store_block<WN>(p.o, acc, wbuf, (int64_t)row * p.o.rs, ti.rowend - row,
+                      ti.n0, p.N, false);
     }
   }
 }
 
-template <int BM, int BN, int ST, bool BMN>
+template <int NWG, int BN, int ST, bool BMN>
 static cudaError_t launch_one(const CUtensorMap *tmb, const kargs &a, int grid,
                               size_t smem, cudaStream_t s) {
-  auto fn = gemm_m_kernel<BM, BN, ST, BMN>;
+  auto fn = gemm_m_kernel<NWG, BN, ST, BMN>;
   cudaError_t e = cudaFuncSetAttribute(
       (const void *)fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (e != cudaSuccess) return e;
-  fn<<<grid, 384, smem, s>>>(*tmb, a);
+  fn<<<grid, 128 * (NWG + 1), smem, s>>>(*tmb, a);
   return cudaGetLastError();
 }
 
@@ -168,8 +171,8 @@ cudaError_t launch_m(int tile, int bmn, const CUtensorMap *tmb, const kargs &a,
                      int grid, size_t smem, cudaStream_t s) {
 #define SM90_CASE(I, BM, BN, ST)                                               \
   case I:                                                                      \
-    return bmn ? launch_one<BM, BN, ST, true>(tmb, a, grid, smem, s)           \
-               : launch_one<BM, BN, ST, false>(tmb, a, grid, smem, s);
+    return bmn ? launch_one<BM / 64, BN, ST, true>(tmb, a, grid, smem, s)      \
+               : launch_one<BM / 64, BN, ST, false>(tmb, a, grid, smem, s);
   switch (tile) { SM90_TILES_M(SM90_CASE) }
 #undef SM90_CASE
   return cudaErrorInvalidValue;

@@ -39,10 +39,11 @@ cudaError_t launch_k(int tile, const kargs &a, int grid, size_t smem,
                      cudaStream_t s);
 
 /// Dynamic shared memory of a kernel: stages, 1024 B of alignment slack,
-/// barriers and the group tables.
+/// barriers, the consumers' epilogue buffers and the group tables.
 static inline size_t smem_bytes(int bm, int bn, int stages, int groups) {
   return (size_t)stages * (size_t)(bm + bn) * SM90_BK * 2 + 1024 +
-         (size_t)stages * 16 + (size_t)(groups + 1) * 8 + 16;
+         (size_t)stages * 16 + (size_t)(bm / 16) * EPI_WARP_BYTES +
+         (size_t)(groups + 1) * 8 + 16;
 }
 
 } // namespace sm90

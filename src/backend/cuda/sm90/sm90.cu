@@ -3,6 +3,7 @@
 /// not), the tile choice from tiles.h, the weight's TMA tensor map and the
 /// launch. No device work besides the kernel, no host sync.
 #include <cudaTypedefs.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -61,14 +62,15 @@ int tile_env(bool gk) {
 }
 
 /// The tile: the table's first (largest) shape unless the groups are small
-/// (64-row tiles waste less of a ~160-row group) or N fits 128 columns.
+/// (a 192-row tile holds a whole ~160-row expert: its weight is read once)
+/// or N fits 128 columns. From the tile sweeps in bench/NOTES.md.
 int pick_tile(const moe_cu_gemm *p) {
   bool gk = p->kind == MOE_GROUP_K;
   int e = tile_env(gk);
   if (e >= 0) return e;
   if (gk) return p->N <= 128 ? 1 : 0;
   double mean = (double)p->rows / (double)(p->groups > 0 ? p->groups : 1);
-  if (mean < 192.0 && p->N > 128) return 2;
+  if (mean <= 192.0) return 2; /* one 192-row tile per expert */
   if (p->N <= 128) return 1;
   return 0;
 }
@@ -153,6 +155,9 @@ extern "C" moe_status moe_cu_gemm_sm90(const moe_cu_gemm *p,
   a.o.pair = p->C.cs == 1 && p->C.rs % 2 == 0 && p->C.gs % 2 == 0 &&
              ((uintptr_t)p->C.data % es) == 0;
   a.o.beta = p->beta;
+  a.o.vec16 = !a.o.f32 && p->C.cs == 1 && p->beta == 0.0f && p->C.rs % 8 == 0 &&
+              (gk ? p->C.gs % 8 == 0 : true) &&
+              ((uintptr_t)p->C.data % 16) == 0;
   a.c_gs = p->C.gs;
   a.off = p->offsets;
   a.rows = p->rows;
@@ -213,4 +218,48 @@ extern "C" moe_status moe_cu_gemm_sm90(const moe_cu_gemm *p,
                      kmaj ? "K-major" : "MN-major", (int)r);
   e = sm90::launch_m(ti, kmaj ? 0 : 1, &tm, a, (int)grid, smem, c->stream);
   return moe_cu_check(e, "launching the sm_90 grouped GEMM kernel");
+}
+
+/* ---- the planner's model ------------------------------------------------ */
+
+extern "C" bool moe_cu_sm90_layer_ok(int dev, int64_t E, int64_t H, int64_t I,
+                                     moe_dtype dt, char *why, size_t n) {
+  int maj = 0, min = 0;
+  if (cudaDeviceGetAttribute(&maj, cudaDevAttrComputeCapabilityMajor, dev) !=
+          cudaSuccess ||
+      cudaDeviceGetAttribute(&min, cudaDevAttrComputeCapabilityMinor, dev) !=
+          cudaSuccess) {
+    cudaGetLastError();
+    return fail(why, n, "the device's compute capability is unknown");
+  }
+  if (maj != 9 || min != 0)
+    return fail(why, n, "the sm_90a kernels need compute capability 9.0");
+  if (dt != MOE_BF16) return fail(why, n, "the sm_90a kernels are bf16");
+  if (E > SM90_MAX_GROUPS) return fail(why, n, "more than 1024 local experts");
+  if (H % 8 || I % 8)
+    return fail(why, n,
+                "hidden and intermediate must be multiples of 8 (16-byte "
+                "rows for TMA and cp.async)");
+  const char *off = getenv("MOE_CUDA_SM90");
+  if ((off && !strcmp(off, "0")) || getenv("MOE_CUDA_TILE"))
+    return fail(why, n, "MOE_CUDA_SM90=0 / MOE_CUDA_TILE pin mma.sync");
+  return true;
+}
+
+/* Fitted to the H200 runs of issue 11 (bench/NOTES.md): M-grouped
+   forward products reach PEAK * K / (K + 110) on full tiles (short depths
+   pay the epilogue and the pipeline fill per tile), divided by the row-tile
+   waste of the tile the host picks; dW reaches 543 * mean / (mean + 100)
+   alone (a group's depth is its row count). Inside a forward + backward
+   sequence the backward products ran ~20% below their isolated rates
+   (cold L2 for the weights, gradients evicting operands), so dX and dW
+   carry a factor 0.8. */
+extern "C" void moe_cu_sm90_rates(double mean, double K, double N, double *fwd,
+                                  double *dx, double *dw) {
+  const double bm = mean <= 192.0 ? 192.0 : 128.0;
+  const double m = mean > 1.0 ? mean : 1.0;
+  const double waste = ceil(m / bm) * bm / m;
+  *fwd = MOE_SM90_PEAK_TFLOPS * K / (K + 110.0) / waste;
+  *dx = 0.8 * MOE_SM90_PEAK_TFLOPS * N / (N + 110.0) / waste;
+  *dw = 0.8 * 543.0 * m / (m + 100.0);
 }

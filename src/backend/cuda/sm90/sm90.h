@@ -23,6 +23,19 @@ bool moe_cu_sm90_ok(const moe_cu_gemm *p, char *why, size_t n);
 /// Runs the problem (moe_cu_sm90_ok must hold). Never syncs with the host.
 moe_status moe_cu_gemm_sm90(const moe_cu_gemm *p, const moe_cu_ctx *c);
 
+/// For the planner: whether a layer of E local experts, hidden H and
+/// intermediate I in dtype dt runs its grouped GEMMs on the sm_90a kernels
+/// on device `dev` (else `why` says what sends it to the mma.sync kernel).
+bool moe_cu_sm90_layer_ok(int dev, int64_t E, int64_t H, int64_t I,
+                          moe_dtype dt, char *why, size_t n);
+/// The kernels' modelled bf16 rates (TFLOP/s, counting useful rows only)
+/// for groups of `mean` rows: forward with depth K, dX with depth N, dW.
+/// Fitted to the H200 tile sweeps in bench/NOTES.md.
+void moe_cu_sm90_rates(double mean, double K, double N, double *fwd, double *dx,
+                       double *dw);
+/// The modelled rate on full tiles of large depth (for the explanation).
+#define MOE_SM90_PEAK_TFLOPS 680.0
+
 #ifdef __cplusplus
 }
 #endif

@@ -3,10 +3,16 @@
 /// Every kernel instantiation and the host's choice come from here.
 ///
 /// A CTA is one producer warpgroup (TMA for the weight, cp.async for the
-/// row operand) and two consumer warpgroups issuing wgmma. BM = 128: each
-/// consumer owns 64 rows x BN; BM = 64: each owns 64 rows x BN / 2. BK is
+/// row operand) and BM / 64 consumer warpgroups issuing wgmma, each owning
+/// 64 rows x BN (three consumers only with BN = 128: registers). BK is
 /// always 64 bf16 (one 128-byte swizzle row). Stages fill ~200 KB of the
-/// 227 KB of shared memory; the rest holds the group tables and barriers.
+/// 227 KB of shared memory; the rest holds the epilogue's per-warp staging
+/// buffers, the group tables and the barriers.
+///
+/// 192-row tiles are for small groups (~160 rows per expert): one tile
+/// covers a whole expert, so its weight panel is read once, where two
+/// 128-row tiles would read it twice (their CTAs drift apart in the
+/// persistent schedule, and L2 does not hold the panel between them).
 #ifndef MOE_SM90_TILES_H
 #define MOE_SM90_TILES_H
 
@@ -24,7 +30,7 @@ typedef struct sm90_tile {
 #define SM90_TILES_M(X)                                                        \
   X(0, 128, 256, 4)                                                            \
   X(1, 128, 128, 6)                                                            \
-  X(2, 64, 256, 5)
+  X(2, 192, 128, 4)
 #define SM90_TILES_K(X)                                                        \
   X(0, 128, 256, 4)                                                            \
   X(1, 128, 128, 6)
