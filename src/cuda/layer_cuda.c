@@ -20,6 +20,9 @@
 #include "cuda/cuda_ep.h"
 #include "cuda/cuda_internal.h"
 #include "cuda/cuda_layer.h"
+#ifdef MOE_HAVE_SM90
+#include "backend/cuda/sm90/sm90.h"
+#endif
 
 typedef struct moe_cuda_plan {
   moe_layer_plan base; /* first: layer.c reads it */
@@ -29,6 +32,8 @@ typedef struct moe_cuda_plan {
   double bw_gbs;      /* device memory bandwidth, read + write */
   double mma_tflops;  /* grouped kernel's sustained bf16 rate */
   double blas_tflops; /* cuBLAS per-expert rate at large row counts */
+  bool sm90;          /* grouped GEMMs on the sm_90a kernels (sm90/) */
+  char sm90_why[128]; /* else why not */
   /* Method pinned: the router's row-wise products (logits, its dX) run on
      libmoe's kernel, whose sums per row do not depend on the row count —
      the same bits for a token whatever batch or rank it is in. cuBLAS may
@@ -105,6 +110,10 @@ static moe_cu_cost moe_cu_predict(const moe_cuda_plan *p, int proj,
     fwd_rate = dx_rate = dw_rate = r;
     over_f = E * MOE_CU_CALL_US * 1e-3 + MOE_CU_SYNC_US * 1e-3;
     over_b = 2.0 * E * MOE_CU_CALL_US * 1e-3;
+#ifdef MOE_HAVE_SM90
+  } else if (p->sm90) {
+    moe_cu_sm90_rates(mean, K, N, &fwd_rate, &dx_rate, &dw_rate);
+#endif
   } else if (d->dtype == MOE_BF16) {
     /* ragged groups: the last row tile of each group is partly empty */
     double bm = mean >= 256.0 ? 128.0 : 64.0;
@@ -195,6 +204,15 @@ moe_status moe_cuda_layer_plan_create(moe_layer_plan **plan,
       MOE_CU_MMA_TFLOPS *
       (strstr(prop.name, "H100") || strstr(prop.name, "H200") ? 1.0 : 0.4);
   cp->blas_tflops = MOE_CU_BLAS_TFLOPS;
+#ifdef MOE_HAVE_SM90
+  cp->sm90 =
+      moe_cu_sm90_layer_ok(d.device.index, p->e_local, d.hidden, d.intermediate,
+                           d.dtype, cp->sm90_why, sizeof cp->sm90_why);
+  if (cp->sm90) cp->mma_tflops = MOE_SM90_PEAK_TFLOPS;
+#else
+  snprintf(cp->sm90_why, sizeof cp->sm90_why,
+           "this build has no sm_90a kernels (MOE_ENABLE_SM90=OFF)");
+#endif
 
   moe_gmm_method forced = d.method != MOE_GMM_AUTO ? d.method : env_m;
   const char *by = d.method != MOE_GMM_AUTO ? "desc.method" : "MOE_GMM";
@@ -239,13 +257,17 @@ moe_status moe_cuda_layer_plan_create(moe_layer_plan **plan,
   moe_cu_say(p, &len,
              "grouped: libmoe's kernel, %s, tiles scheduled on the device "
              "from the offsets; %s\n",
-             d.dtype == MOE_BF16
+             cp->sm90 ? "bf16 wgmma + TMA (sm_90a), warp-specialized, "
+                        "persistent, f32 accumulate"
+             : d.dtype == MOE_BF16
                  ? "bf16 tensor cores (mma.sync, f32 accumulate)"
                  : "f32 on CUDA cores",
              any_loop ? "the gate_up input is permuted into a copy for "
                         "cuBLAS"
                       : "gate_up reads hidden rows through the permutation "
                         "(no permuted copy)");
+  if (!cp->sm90 && d.dtype == MOE_BF16)
+    moe_cu_say(p, &len, "grouped: not the sm_90a kernels: %s\n", cp->sm90_why);
   if (any_loop)
     moe_cu_say(p, &len,
                "loop: one cuBLAS GEMM per expert needs the counts on the "
