@@ -23,6 +23,8 @@
 enum {
   CPUID1_ECX_FMA = 1u << 12,
   CPUID1_ECX_OSXSAVE = 1u << 27,
+  CPUID1_ECX_AVX = 1u << 28,
+  CPUID7_EBX_AVX2 = 1u << 5,
   CPUID7_EBX_AVX512F = 1u << 16,
   CPUID7_EBX_AVX512DQ = 1u << 17,
   CPUID7_EBX_AVX512BW = 1u << 30,
@@ -39,6 +41,7 @@ enum {
 #define XCR0_HI16_ZMM (1ull << 7)
 #define XCR0_XTILECFG (1ull << 17)
 #define XCR0_XTILEDATA (1ull << 18)
+#define XCR0_YMM (XCR0_SSE | XCR0_AVX)
 #define XCR0_AVX512                                                            \
   (XCR0_SSE | XCR0_AVX | XCR0_OPMASK | XCR0_ZMM_HI256 | XCR0_HI16_ZMM)
 /* Linux arch_prctl codes (arch/x86/include/uapi/asm/prctl.h). */
@@ -47,9 +50,10 @@ enum {
 
 typedef enum moe_isa_level {
   MOE_ISA_REF = 0,
-  MOE_ISA_AVX512 = 1,
-  MOE_ISA_AVX512_BF16 = 2,
-  MOE_ISA_AMX = 3,
+  MOE_ISA_AVX2 = 1,
+  MOE_ISA_AVX512 = 2,
+  MOE_ISA_AVX512_BF16 = 3,
+  MOE_ISA_AMX = 4,
 } moe_isa_level;
 
 typedef struct moe_cpu {
@@ -77,6 +81,26 @@ static void moe_cpu_read(moe_cpu *c) {
     c->xcr0 = ((unsigned long long)hi << 32) | lo;
   }
 #endif
+}
+
+/// Whether the CPU and the OS allow AVX2 with FMA (256-bit YMM state).
+static bool moe_cpu_avx2(const moe_cpu *c, char *why, size_t n) {
+  unsigned need1 = CPUID1_ECX_AVX | CPUID1_ECX_FMA;
+  if ((c->ecx1 & need1) != need1 || !(c->ebx7 & CPUID7_EBX_AVX2)) {
+    snprintf(why, n,
+             "CPUID lacks AVX/AVX2/FMA (leaf 1 ECX=0x%08x, leaf 7 "
+             "EBX=0x%08x)",
+             c->ecx1, c->ebx7);
+    return false;
+  }
+  if (!c->osxsave || (c->xcr0 & XCR0_YMM) != XCR0_YMM) {
+    snprintf(why, n,
+             "the OS does not save YMM state (XCR0=0x%llx, need bits 1,2)",
+             c->xcr0);
+    return false;
+  }
+  snprintf(why, n, "CPUID has AVX2+FMA, XCR0=0x%llx saves YMM", c->xcr0);
+  return true;
 }
 
 /// Whether the CPU and the OS allow AVX-512F/BW/VL/DQ with FMA.
@@ -154,6 +178,7 @@ static const moe_candidate moe_candidates[] = {
     {MOE_ISA_AVX512_BF16, "avx512_bf16", &moe_ukernel_avx512_bf16,
      moe_cpu_avx512_bf16},
     {MOE_ISA_AVX512, "avx512", &moe_ukernel_avx512, moe_cpu_avx512},
+    {MOE_ISA_AVX2, "avx2", &moe_ukernel_avx2, moe_cpu_avx2},
     {MOE_ISA_REF, "ref", &moe_ukernel_ref, NULL},
 };
 enum { MOE_NCAND = sizeof moe_candidates / sizeof moe_candidates[0] };
@@ -171,7 +196,7 @@ static moe_isa_level moe_isa_cap(bool verbose) {
     if (!strcasecmp(v, moe_candidates[i].name)) return moe_candidates[i].level;
   /* An unknown value must not silently lower or raise anything. */
   fprintf(stderr,
-          "libmoe: MOE_MAX_CPU_ISA='%.32s' is not one of ref, avx512, "
+          "libmoe: MOE_MAX_CPU_ISA='%.32s' is not one of ref, avx2, avx512, "
           "avx512_bf16, amx, all; ignored\n",
           v);
   (void)verbose;
