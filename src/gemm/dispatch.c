@@ -17,6 +17,7 @@
 #include <cpuid.h>
 #endif
 
+#include "core/env.h"
 #include "ukernel.h"
 
 /* CPUID bits (Intel SDM vol. 2A, CPUID). */
@@ -183,15 +184,10 @@ static const moe_candidate moe_candidates[] = {
 };
 enum { MOE_NCAND = sizeof moe_candidates / sizeof moe_candidates[0] };
 
-static bool moe_verbose(void) {
-  const char *v = getenv("MOE_VERBOSE");
-  return v && *v && *v != '0';
-}
-
 /// The cap from MOE_MAX_CPU_ISA: the highest level allowed.
 static moe_isa_level moe_isa_cap(bool verbose) {
-  const char *v = getenv("MOE_MAX_CPU_ISA");
-  if (!v || !*v || !strcasecmp(v, "all")) return MOE_ISA_AMX;
+  const char *v = moe_env_max_cpu_isa();
+  if (!v || !strcasecmp(v, "all")) return MOE_ISA_AMX;
   for (int i = 0; i < MOE_NCAND; i++)
     if (!strcasecmp(v, moe_candidates[i].name)) return moe_candidates[i].level;
   /* An unknown value must not silently lower or raise anything. */
@@ -206,7 +202,7 @@ static moe_isa_level moe_isa_cap(bool verbose) {
 static const moe_ukernel_info *moe_chosen;
 
 static void moe_ukernel_pick(void) {
-  bool verbose = moe_verbose();
+  bool verbose = moe_env_verbose();
   moe_isa_level cap = moe_isa_cap(verbose);
   moe_cpu cpu;
   moe_cpu_read(&cpu);
@@ -218,7 +214,7 @@ static void moe_ukernel_pick(void) {
       if (verbose)
         fprintf(stderr,
                 "libmoe: isa %-12s declined: above MOE_MAX_CPU_ISA=%s\n",
-                c->name, getenv("MOE_MAX_CPU_ISA"));
+                c->name, moe_env_max_cpu_isa());
       continue;
     }
     if (c->usable && !c->usable(&cpu, why, sizeof why)) {
@@ -254,4 +250,34 @@ int moe_ukernel_usable(const moe_ukernel_info **out, int cap) {
     if (!c->usable || c->usable(&cpu, why, sizeof why)) out[n++] = c->info;
   }
   return n;
+}
+
+const char *moe_cpu_isa(void) { return moe_ukernel_select()->isa; }
+
+static char moe_brand[49];
+
+/// The CPUID brand string (leaves 0x80000002-4), spaces trimmed.
+static void moe_cpu_brand(void) {
+#if defined(__x86_64__)
+  unsigned r[12] = {0};
+  if (__get_cpuid_max(0x80000000u, NULL) >= 0x80000004u)
+    for (unsigned l = 0; l < 3; l++)
+      __get_cpuid(0x80000002u + l, &r[4 * l], &r[4 * l + 1], &r[4 * l + 2],
+                  &r[4 * l + 3]);
+  memcpy(moe_brand, r, 48);
+#endif
+  moe_brand[48] = '\0';
+  char *b = moe_brand;
+  while (*b == ' ')
+    b++;
+  memmove(moe_brand, b, strlen(b) + 1);
+  size_t n = strlen(moe_brand);
+  while (n > 0 && moe_brand[n - 1] == ' ')
+    moe_brand[--n] = '\0';
+}
+
+const char *moe_cpu_name(void) {
+  static pthread_once_t once = PTHREAD_ONCE_INIT;
+  pthread_once(&once, moe_cpu_brand);
+  return moe_brand[0] ? moe_brand : "unknown CPU";
 }
