@@ -3,11 +3,11 @@
 /// micro-kernel (6 x 16: 12 ymm accumulators, 2 B vectors and one
 /// broadcast per k step, 15 of the 16 ymm registers) and f32 packing that
 /// widens bf16 sources exactly as it packs, so bf16 problems run through
-/// the same f32 kernel with f32 accumulation. Stores are the driver's
-/// portable ones. Built with its own flags (CMakeLists.txt); the pragma
-/// makes the file self-contained when a test compiles it directly. Select
-/// it only where dispatch.c found AVX2 and FMA in CPUID and YMM state
-/// enabled in XCR0.
+/// the same f32 kernel with f32 accumulation, and C stores (f32, bf16
+/// rounded to nearest even, non-temporal for large dW). Built with its own
+/// flags (CMakeLists.txt); the pragma makes the file self-contained when a test
+/// compiles it directly. Select it only where dispatch.c found AVX2 and FMA in
+/// CPUID and YMM state enabled in XCR0.
 #pragma GCC target("avx2,fma")
 #include <immintrin.h>
 
@@ -146,12 +146,131 @@ static void moe_pack_f32_avx2(const void *src, moe_dtype st, int64_t sd,
     }
     return;
   }
-  /* Any strides (and the A panels, W = MR = 6). */
+  if (sw == 1) {
+    /* Rows contiguous, W = MR = 6 (A of dW): row by row, in memory order. */
+    for (int64_t p = 0; p < depth; p++)
+      for (int64_t t = 0; t < cols; t++)
+        dst[t / W * depth * W + p * W + t % W] =
+            moe_x(src, st, sd, sw, p, t, width);
+    return;
+  }
+  /* Any strides, and the A panels of the forward (W = MR = 6, each source
+     row read contiguously). */
   for (int64_t t = 0; t < cols; t++) {
     float *d = dst + t / W * depth * W + t % W;
     for (int64_t p = 0; p < depth; p++)
       d[p * W] = moe_x(src, st, sd, sw, p, t, width);
   }
+}
+
+/* ---- C store ---------------------------------------------------------- */
+
+/// f32 -> bf16 bits of 16 lanes (a then b), round to nearest even, NaN kept
+/// quiet: moe_f32_to_bf16 exactly, 16 at a time.
+MOE_INLINE __m256i moe_cvt16_bf16(__m256 a, __m256 b) {
+  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff),
+                abs = _mm256_set1_epi32(0x7fffffff),
+                inf = _mm256_set1_epi32(0x7f800000),
+                quiet = _mm256_set1_epi32(0x40);
+  __m256i r[2];
+  __m256 v[2] = {a, b};
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; h++) {
+    __m256i u = _mm256_castps_si256(v[h]);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
+    __m256i rn =
+        _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, bias), lsb), 16);
+    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs), inf);
+    __m256i qn = _mm256_or_si256(_mm256_srli_epi32(u, 16), quiet);
+    r[h] = _mm256_blendv_epi8(rn, qn, nan);
+  }
+  /* Values are below 2^16, so the saturating pack is exact; it works per
+     128-bit lane, the permute puts the halves back in order. */
+  return _mm256_permute4x64_epi64(_mm256_packus_epi32(r[0], r[1]), 0xD8);
+}
+
+static void moe_store_row_f32(const float *a, float *c, int64_t nb, float beta,
+                              int stream) {
+  int64_t j = 0;
+  if (beta != 0.0f) {
+    for (; j + 8 <= nb; j += 8)
+      _mm256_storeu_ps(
+          c + j, _mm256_add_ps(_mm256_loadu_ps(c + j), _mm256_loadu_ps(a + j)));
+    for (; j < nb; j++)
+      c[j] += a[j];
+    return;
+  }
+  if (stream && !((uintptr_t)c & 3)) {
+    /* Normal stores up to the first 64-byte boundary, then whole lines
+       with non-temporal stores (no read for ownership), then the tail. */
+    int64_t head = (int64_t)((64 - ((uintptr_t)c & 63)) & 63) / 4;
+    if (head > nb) head = nb;
+    for (; j < head; j++)
+      c[j] = a[j];
+    for (; j + 16 <= nb; j += 16) {
+      _mm256_stream_ps(c + j, _mm256_loadu_ps(a + j));
+      _mm256_stream_ps(c + j + 8, _mm256_loadu_ps(a + j + 8));
+    }
+  }
+  for (; j + 8 <= nb; j += 8)
+    _mm256_storeu_ps(c + j, _mm256_loadu_ps(a + j));
+  for (; j < nb; j++)
+    c[j] = a[j];
+}
+
+static void moe_store_row_bf16(const float *a, uint16_t *c, int64_t nb,
+                               float beta, int stream) {
+  int64_t j = 0;
+  if (beta != 0.0f) {
+    for (; j + 16 <= nb; j += 16) {
+      __m256i old = _mm256_loadu_si256((const __m256i *)(c + j));
+      __m256 lo = _mm256_castsi256_ps(_mm256_slli_epi32(
+          _mm256_cvtepu16_epi32(_mm256_castsi256_si128(old)), 16));
+      __m256 hi = _mm256_castsi256_ps(_mm256_slli_epi32(
+          _mm256_cvtepu16_epi32(_mm256_extracti128_si256(old, 1)), 16));
+      _mm256_storeu_si256(
+          (__m256i *)(c + j),
+          moe_cvt16_bf16(_mm256_add_ps(lo, _mm256_loadu_ps(a + j)),
+                         _mm256_add_ps(hi, _mm256_loadu_ps(a + j + 8))));
+    }
+    for (; j < nb; j++)
+      c[j] = moe_f32_to_bf16(moe_bf16_to_f32(c[j]) + a[j]);
+    return;
+  }
+  if (stream && !((uintptr_t)c & 1)) {
+    int64_t head = (int64_t)((64 - ((uintptr_t)c & 63)) & 63) / 2;
+    if (head > nb) head = nb;
+    for (; j < head; j++)
+      c[j] = moe_f32_to_bf16(a[j]);
+    for (; j + 32 <= nb; j += 32) {
+      _mm256_stream_si256(
+          (__m256i *)(c + j),
+          moe_cvt16_bf16(_mm256_loadu_ps(a + j), _mm256_loadu_ps(a + j + 8)));
+      _mm256_stream_si256((__m256i *)(c + j + 16),
+                          moe_cvt16_bf16(_mm256_loadu_ps(a + j + 16),
+                                         _mm256_loadu_ps(a + j + 24)));
+    }
+  }
+  for (; j + 16 <= nb; j += 16)
+    _mm256_storeu_si256(
+        (__m256i *)(c + j),
+        moe_cvt16_bf16(_mm256_loadu_ps(a + j), _mm256_loadu_ps(a + j + 8)));
+  for (; j < nb; j++)
+    c[j] = moe_f32_to_bf16(a[j]);
+}
+
+static void moe_store_avx2(const float *acc, int64_t ldacc, int64_t mb,
+                           int64_t nb, void *c, moe_dtype ct, int64_t crs,
+                           float beta, int stream) {
+  for (int64_t i = 0; i < mb; i++) {
+    if (ct == MOE_F32)
+      moe_store_row_f32(acc + i * ldacc, (float *)c + i * crs, nb, beta,
+                        stream);
+    else
+      moe_store_row_bf16(acc + i * ldacc, (uint16_t *)c + i * crs, nb, beta,
+                         stream);
+  }
+  /* Non-temporal stores are fenced once per thread by the driver. */
 }
 
 const moe_ukernel_info moe_ukernel_avx2 = {
@@ -161,4 +280,5 @@ const moe_ukernel_info moe_ukernel_avx2 = {
     .nr = AVX2_NR,
     .f32 = moe_ukernel_avx2_f32,
     .pack_f32 = moe_pack_f32_avx2,
+    .store = moe_store_avx2,
 };
