@@ -41,12 +41,19 @@ typedef struct cal_opts {
   const char *out;
   int64_t threads;
   bool quick;
+  bool cpu_time;
 } cal_opts;
+
+/// Time in CPU seconds of the process instead of wall seconds (--cpu-time,
+/// one thread only): on a machine shared with other jobs this is close to
+/// what an idle core would take, where wall time is not.
+static bool cal_cpu_time;
 
 static void cal_usage(FILE *f) {
   fprintf(
       f,
-      "usage: moe calibrate [--out PATH] [--threads N] [--quick]\n"
+      "usage: moe calibrate [--out PATH] [--threads N] [--quick] "
+      "[--cpu-time]\n"
       "\n"
       "Measures peak rates, bandwidth, per-call library overhead and the\n"
       "grouped and loop GEMM rates the planner uses, and writes them as\n"
@@ -57,12 +64,15 @@ static void cal_usage(FILE *f) {
       "MOE_MAX_CPU_ISA) and the CPU model; the planner uses it only at that\n"
       "level on that CPU, else its built-in constants for the level.\n"
       "Takes about half a minute on 2 cores; --quick times each point once.\n"
+      "--cpu-time (with --threads 1) times in process CPU time: on a machine\n"
+      "shared with other jobs it is closer to an idle core than wall time;\n"
+      "the planner scales one-thread rates to its thread count.\n"
       "Run it on a quiet machine: other load lowers every number.\n");
 }
 
 static double cal_now(void) {
   struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
+  clock_gettime(cal_cpu_time ? CLOCK_PROCESS_CPUTIME_ID : CLOCK_MONOTONIC, &ts);
   return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
@@ -302,6 +312,8 @@ int cmd_calibrate(int argc, char **argv) {
       return CLI_OK;
     } else if (!strcmp(a, "--quick")) {
       o.quick = true;
+    } else if (!strcmp(a, "--cpu-time")) {
+      o.cpu_time = true;
     } else if (!strcmp(a, "--out") && v) {
       o.out = v;
       i++;
@@ -334,6 +346,11 @@ int cmd_calibrate(int argc, char **argv) {
     }
   }
   int nt = o.threads > 0 ? (int)o.threads : omp_get_max_threads();
+  if (o.cpu_time && nt != 1) {
+    fprintf(stderr, "moe calibrate: --cpu-time needs --threads 1\n");
+    return CLI_USAGE;
+  }
+  cal_cpu_time = o.cpu_time;
   int reps = o.quick ? 1 : 3;
 
   printf("moe calibrate: %d threads, isa %s, %s, writing %s\n", nt,

@@ -20,13 +20,18 @@
 static moe_machine moe_machine_value;
 static int moe_machine_ready;
 
-/// Built-in constants, one row per ISA level. Each is the median of
-/// `moe calibrate` runs on the 2-core development VM (AMD EPYC Zen 4,
-/// AVX-512 + AVX512_BF16, no AMX) with MOE_MAX_CPU_ISA capping the kernel
-/// set (and, for avx2 and ref, OPENBLAS_CORETYPE=Haswell capping OpenBLAS);
-/// bench/NOTES.md, "Machine constants per ISA level (issue 8)", has the
-/// runs. amx has no measurement (no AMX machine was available): it reuses
-/// the avx512_bf16 rates, a lower bound, since AMX only speeds up bf16.
+/// Built-in constants, one row per ISA level, each from one
+/// `moe calibrate --threads 1 --cpu-time` run on the 2-core development VM
+/// (AMD EPYC Zen 4, AVX-512 + AVX512_BF16, no AMX; 2026-12-02) with
+/// MOE_MAX_CPU_ISA capping the kernel set and, for avx2 and ref,
+/// OPENBLAS_CORETYPE=Haswell capping OpenBLAS. The VM was shared with other
+/// jobs, hence process CPU time on one thread (the planner scales rates to
+/// its thread count). Without AVX-512 no library has a native bf16 GEMM
+/// (Debian's oneDNN 2.6 has none at all there), so the avx2 and ref rows
+/// take the loop's bf16 rates from its f32 ones. amx has no measurement
+/// (no AMX machine was available): it reuses the avx512_bf16 row, a lower
+/// bound since AMX only speeds up bf16. bench/NOTES.md, "Machine constants
+/// per ISA level (issue 8)", has the runs.
 static const struct moe_machine_builtin {
   const char *isa;
   moe_machine m;
@@ -36,80 +41,101 @@ static const struct moe_machine_builtin {
          .rows_at = {2, 8, 32, 128, 512},
          .gflops =
              {
-                 {{{29, 106, 286, 428, 438}, {34, 117, 274, 332, 353}},
-                  {{61, 233, 597, 829, 856}, {46, 167, 455, 726, 768}}},
-                 {{{18, 47, 163, 225, 249}, {20, 72, 164, 228, 249}},
-                  {{62, 221, 529, 831, 932}, {36, 140, 471, 808, 862}}},
+                 {{{5.1, 14.1, 25.7, 22.8, 25.4}, {4, 12, 18.4, 21.2, 19.1}},
+                  {{4.8, 14, 22.8, 22, 24.3}, {5.2, 13.9, 19.9, 19.9, 21.1}}},
+                 {{{6.8, 29.4, 56, 73.2, 86.9}, {4.8, 19.1, 60.8, 82.2, 78.9}},
+                  {{6.8, 29.4, 56, 73.2, 86.9}, {4.8, 19.1, 60.8, 82.2, 78.9}}},
              },
-         .bandwidth_gbs = 45.8,
-         .peak_gflops = {542, 1086},
-         .call_us = {0.31, 0.61},
-         .threads = 2,
-         .source = "placeholder",
+         .bandwidth_gbs = 20.6,
+         .peak_gflops = {115.4, 115.5},
+         .call_us = {0.67, 0.67},
+         .threads = 1,
+         .source = "moe calibrate --threads 1 --cpu-time, MOE_MAX_CPU_ISA=ref, "
+                   "OPENBLAS_CORETYPE=Haswell, Zen 4 VM, 2026-12-02; loop bf16 "
+                   "set to loop f32",
      }},
     {"avx2",
      {
          .rows_at = {2, 8, 32, 128, 512},
          .gflops =
              {
-                 {{{29, 106, 286, 428, 438}, {34, 117, 274, 332, 353}},
-                  {{61, 233, 597, 829, 856}, {46, 167, 455, 726, 768}}},
-                 {{{18, 47, 163, 225, 249}, {20, 72, 164, 228, 249}},
-                  {{62, 221, 529, 831, 932}, {36, 140, 471, 808, 862}}},
+                 {{{10.1, 37.2, 57.6, 71.8, 66},
+                   {14.8, 35.6, 56.6, 69.9, 64.5}},
+                  {{17.7, 52.2, 80.7, 75.4, 77.5},
+                   {12.4, 33.1, 58.2, 70.9, 68.3}}},
+                 {{{6.1, 24.2, 46.3, 66.8, 71.4},
+                   {5.7, 22.5, 66.7, 85.9, 95.8}},
+                  {{6.1, 24.2, 46.3, 66.8, 71.4},
+                   {5.7, 22.5, 66.7, 85.9, 95.8}}},
              },
-         .bandwidth_gbs = 45.8,
-         .peak_gflops = {542, 1086},
-         .call_us = {0.31, 0.61},
-         .threads = 2,
-         .source = "placeholder",
+         .bandwidth_gbs = 20.9,
+         .peak_gflops = {114.1, 113.7},
+         .call_us = {0.42, 0.42},
+         .threads = 1,
+         .source = "moe calibrate --threads 1 --cpu-time, "
+                   "MOE_MAX_CPU_ISA=avx2, OPENBLAS_CORETYPE=Haswell, Zen 4 VM, "
+                   "2026-12-02; loop bf16 set to loop f32",
      }},
     {"avx512",
      {
          .rows_at = {2, 8, 32, 128, 512},
          .gflops =
              {
-                 {{{29, 106, 286, 428, 438}, {34, 117, 274, 332, 353}},
-                  {{61, 233, 597, 829, 856}, {46, 167, 455, 726, 768}}},
-                 {{{18, 47, 163, 225, 249}, {20, 72, 164, 228, 249}},
-                  {{62, 221, 529, 831, 932}, {36, 140, 471, 808, 862}}},
+                 {{{4.1, 24.8, 57.3, 82.2, 83.6}, {8.7, 26.1, 55.2, 74, 78.7}},
+                  {{10.2, 36.6, 67.5, 76.2, 93}, {9, 29.7, 63.8, 86.9, 83.2}}},
+                 {{{4.3, 16.8, 43.7, 74.9, 88.9},
+                   {5.5, 21.3, 50.4, 84.3, 88.5}},
+                  {{20.9, 66.3, 141.6, 193.8, 204.6},
+                   {17.8, 63.9, 140, 177.7, 188.3}}},
              },
-         .bandwidth_gbs = 45.8,
-         .peak_gflops = {542, 1086},
-         .call_us = {0.31, 0.61},
-         .threads = 2,
-         .source = "placeholder",
+         .bandwidth_gbs = 22.2,
+         .peak_gflops = {110.2, 112.5},
+         .call_us = {0.23, 0.95},
+         .threads = 1,
+         .source = "moe calibrate --threads 1 --cpu-time, "
+                   "MOE_MAX_CPU_ISA=avx512, Zen 4 VM, 2026-12-02",
      }},
     {"avx512_bf16",
      {
          .rows_at = {2, 8, 32, 128, 512},
          .gflops =
              {
-                 {{{29, 106, 286, 428, 438}, {34, 117, 274, 332, 353}},
-                  {{61, 233, 597, 829, 856}, {46, 167, 455, 726, 768}}},
-                 {{{18, 47, 163, 225, 249}, {20, 72, 164, 228, 249}},
-                  {{62, 221, 529, 831, 932}, {36, 140, 471, 808, 862}}},
+                 {{{7.5, 27.7, 58.4, 85.7, 84.1},
+                   {7.8, 21.2, 48.1, 73.4, 74.2}},
+                  {{16.1, 52.3, 113.5, 165.8, 157.2},
+                   {6.9, 25.5, 73.8, 134.1, 134.2}}},
+                 {{{4.3, 15.2, 36.8, 68.8, 87.7},
+                   {4.2, 13.5, 42.7, 73.7, 82.8}},
+                  {{19, 64.6, 130.3, 141.3, 193.8},
+                   {11.8, 44.9, 141, 164.4, 181.3}}},
              },
-         .bandwidth_gbs = 45.8,
-         .peak_gflops = {542, 1086},
-         .call_us = {0.31, 0.61},
-         .threads = 2,
-         .source = "placeholder",
+         .bandwidth_gbs = 19.5,
+         .peak_gflops = {113.9, 228.5},
+         .call_us = {0.33, 0.85},
+         .threads = 1,
+         .source = "moe calibrate --threads 1 --cpu-time, "
+                   "MOE_MAX_CPU_ISA=avx512_bf16, Zen 4 VM, 2026-12-02",
      }},
     {"amx",
      {
          .rows_at = {2, 8, 32, 128, 512},
          .gflops =
              {
-                 {{{29, 106, 286, 428, 438}, {34, 117, 274, 332, 353}},
-                  {{61, 233, 597, 829, 856}, {46, 167, 455, 726, 768}}},
-                 {{{18, 47, 163, 225, 249}, {20, 72, 164, 228, 249}},
-                  {{62, 221, 529, 831, 932}, {36, 140, 471, 808, 862}}},
+                 {{{7.5, 27.7, 58.4, 85.7, 84.1},
+                   {7.8, 21.2, 48.1, 73.4, 74.2}},
+                  {{16.1, 52.3, 113.5, 165.8, 157.2},
+                   {6.9, 25.5, 73.8, 134.1, 134.2}}},
+                 {{{4.3, 15.2, 36.8, 68.8, 87.7},
+                   {4.2, 13.5, 42.7, 73.7, 82.8}},
+                  {{19, 64.6, 130.3, 141.3, 193.8},
+                   {11.8, 44.9, 141, 164.4, 181.3}}},
              },
-         .bandwidth_gbs = 45.8,
-         .peak_gflops = {542, 1086},
-         .call_us = {0.31, 0.61},
-         .threads = 2,
-         .source = "placeholder",
+         .bandwidth_gbs = 19.5,
+         .peak_gflops = {113.9, 228.5},
+         .call_us = {0.33, 0.85},
+         .threads = 1,
+         .source = "no AMX machine measured; the avx512_bf16 rates, a lower "
+                   "bound for bf16",
      }},
 };
 enum {
