@@ -6,6 +6,7 @@
 /// wall time is not. Qwen3-30B-A3B shapes by default (E=128, H=2048,
 /// I=768, 8 of 128 experts per token, rows spread evenly).
 /// usage: bench_gemm_cpu [tokens] [f32|bf16] [out_in|in_out] [reps]
+///                       [E H I top_k]
 /// Run with OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1; MOE_MAX_CPU_ISA and
 /// MOE_LOOP_LIB choose the kernel set and the loop's library.
 #include <stdio.h>
@@ -39,7 +40,14 @@ int main(int argc, char **argv) {
   moe_dtype dt = argc > 2 && !strcmp(argv[2], "bf16") ? MOE_BF16 : MOE_F32;
   int in_out = argc > 3 && !strcmp(argv[3], "in_out");
   int reps = argc > 4 ? atoi(argv[4]) : 3;
-  const int64_t E = 128, H = 2048, I = 768, k = 8, R = T * k;
+  int64_t E = 128, H = 2048, I = 768, k = 8;
+  if (argc > 8) {
+    E = atoll(argv[5]);
+    H = atoll(argv[6]);
+    I = atoll(argv[7]);
+    k = atoll(argv[8]);
+  }
+  const int64_t R = T * k;
   size_t es = dt == MOE_F32 ? 4 : 2;
   int64_t *off = malloc(sizeof(int64_t) * (size_t)(E + 1));
   for (int64_t e = 0; e <= E; e++)
@@ -109,6 +117,9 @@ int main(int argc, char **argv) {
          in_out ? "in_out" : "out_in", t_ms[0][0], t_ms[0][1], t_ms[0][2],
          t_ms[1][0], t_ms[1][1], t_ms[1][2], fwd, flops / fwd / 1e6, all,
          3 * flops / all / 1e6);
+  printf("proj_ms gate_up %.3f down %.3f\n",
+         t_ms[0][0] + t_ms[0][1] + t_ms[0][2],
+         t_ms[1][0] + t_ms[1][1] + t_ms[1][2]);
   free(off);
   return 0;
 }
