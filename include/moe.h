@@ -92,6 +92,12 @@ MOE_API const char *moe_status_name(moe_status s);
 MOE_API const char *moe_last_error(void);
 /// Library version string, e.g. "0.1.0".
 MOE_API const char *moe_version(void);
+/// The CPU kernel set in use: "ref", "avx2", "avx512", "avx512_bf16" or
+/// "amx", the best the CPU, the OS and MOE_MAX_CPU_ISA allow (decided once
+/// per process). The planner's machine constants are those of this level.
+MOE_API const char *moe_cpu_isa(void);
+/// The CPU's model name (CPUID brand string), or "unknown CPU".
+MOE_API const char *moe_cpu_name(void);
 
 typedef enum moe_dtype {
   MOE_F32 = 0,

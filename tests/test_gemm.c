@@ -427,6 +427,7 @@ static void test_errors(void) {
 /* ---- main --------------------------------------------------------------- */
 
 int main(void) {
+  if (tu_isa_skip("test_gemm")) return TU_SKIP;
   const dtcfg dts[3] = {
       {MOE_F32, MOE_F32}, {MOE_BF16, MOE_BF16}, {MOE_BF16, MOE_F32}};
   const gshape fixed[] = {

@@ -717,8 +717,8 @@ static bool child_isa(const char *self, const char *cap, char *out, size_t n) {
 }
 
 static void test_cap(const char *self) {
-  static const char *caps[] = {"ref", "avx512", "avx512_bf16", "amx",
-                               "all", "AVX512", "bogus"};
+  static const char *caps[] = {"ref", "avx2",   "avx512", "avx512_bf16", "amx",
+                               "all", "AVX512", "AVX2",   "bogus"};
   for (size_t i = 0; i < sizeof caps / sizeof *caps; i++) {
     tu_case("MOE_MAX_CPU_ISA=%s", caps[i]);
     char got[64];
@@ -727,19 +727,22 @@ static void test_cap(const char *self) {
       continue;
     }
     /* Expected: the best usable set at or below the cap. */
-    int level_cap = 3;
+    int level_cap = 4;
     if (!strcasecmp(caps[i], "ref"))
       level_cap = 0;
-    else if (!strcasecmp(caps[i], "avx512"))
+    else if (!strcasecmp(caps[i], "avx2"))
       level_cap = 1;
-    else if (!strcasecmp(caps[i], "avx512_bf16"))
+    else if (!strcasecmp(caps[i], "avx512"))
       level_cap = 2;
+    else if (!strcasecmp(caps[i], "avx512_bf16"))
+      level_cap = 3;
     const char *want = "ref";
     int best = -1;
     for (int s = 0; s < nsets; s++) {
-      int lv = !strcmp(sets[s]->isa, "amx")           ? 3
-               : !strcmp(sets[s]->isa, "avx512_bf16") ? 2
-               : !strcmp(sets[s]->isa, "avx512")      ? 1
+      int lv = !strcmp(sets[s]->isa, "amx")           ? 4
+               : !strcmp(sets[s]->isa, "avx512_bf16") ? 3
+               : !strcmp(sets[s]->isa, "avx512")      ? 2
+               : !strcmp(sets[s]->isa, "avx2")        ? 1
                                                       : 0;
       if (lv <= level_cap && lv > best) {
         best = lv;

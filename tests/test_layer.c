@@ -1055,6 +1055,7 @@ static void test_empty_batch(void) {
 }
 
 int main(void) {
+  if (tu_isa_skip("test_layer")) return TU_SKIP;
   /* (T, E, H, I, k): odd sizes, T = 1, k = 1, k = E, E = 1, I = 1, H = 1. */
   static const int64_t shapes[][5] = {
       {7, 3, 11, 9, 2},

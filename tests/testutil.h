@@ -17,8 +17,32 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "moe.h"
+
+/* ---- kernel-set level --------------------------------------------------- */
+
+/// ctest's skip status (SKIP_RETURN_CODE in tests/CMakeLists.txt).
+enum { TU_SKIP = 77 };
+
+/// When MOE_MAX_CPU_ISA asks for a level (tests/CMakeLists.txt registers the
+/// kernel and layer tests again at each level), checks that this CPU runs
+/// exactly that level: returns true (the caller exits TU_SKIP) after
+/// printing why when the CPU only reaches a lower one, so a level the CPU
+/// lacks is reported as skipped, never passed. Prints the level in use.
+static inline bool tu_isa_skip(const char *prog) {
+  const char *want = getenv("MOE_MAX_CPU_ISA");
+  const char *got = moe_cpu_isa();
+  printf("%s: kernel set %s (MOE_MAX_CPU_ISA=%s) on %s\n", prog, got,
+         want && *want ? want : "unset", moe_cpu_name());
+  if (!want || !*want || !strcasecmp(want, "all") || !strcasecmp(want, got))
+    return false;
+  printf("SKIP: MOE_MAX_CPU_ISA=%s asks for a level this CPU (or OS) does "
+         "not offer; the best it runs is %s\n",
+         want, got);
+  return true;
+}
 
 /* ---- counting checks -------------------------------------------------- */
 

@@ -1,11 +1,15 @@
 /// @file cmd_calibrate.c
 /// `moe calibrate`: measures the machine constants of libmoe's cost model
 /// and writes them to a small JSON file that the library reads
-/// (MOE_MACHINE_FILE, else $XDG_CACHE_HOME/libmoe/machine.json, else
-/// ~/.cache/libmoe/machine.json):
-///  - register-only peaks: AVX-512 f32 FMA and AVX512_BF16 vdpbf16ps
-///    (informational: the planner uses measured rates, these say how far
-///    from the hardware they are);
+/// (MOE_MACHINE, else $XDG_CACHE_HOME/libmoe/machine.json, else
+/// ~/.cache/libmoe/machine.json). The file records the ISA level of the
+/// kernel set in use (moe_cpu_isa(), capped by MOE_MAX_CPU_ISA) and the CPU
+/// model; the library uses it only at that level on that CPU:
+///  - register-only peaks at that level: f32 FMA (AVX-512, else AVX2) and
+///    the bf16 dot (vdpbf16ps at avx512_bf16 and amx; elsewhere bf16 is
+///    widened to f32, so its peak is the f32 one) -- informational: the
+///    planner uses measured rates, these say how far from the hardware
+///    they are and give `moe bench` its floor;
 ///  - DRAM read bandwidth;
 ///  - the cost of one tiny library GEMM call in the per-expert loop;
 ///  - the sustained GFLOP/s of the grouped and loop methods, f32 and bf16,
@@ -37,25 +41,38 @@ typedef struct cal_opts {
   const char *out;
   int64_t threads;
   bool quick;
+  bool cpu_time;
 } cal_opts;
+
+/// Time in CPU seconds of the process instead of wall seconds (--cpu-time,
+/// one thread only): on a machine shared with other jobs this is close to
+/// what an idle core would take, where wall time is not.
+static bool cal_cpu_time;
 
 static void cal_usage(FILE *f) {
   fprintf(
       f,
-      "usage: moe calibrate [--out PATH] [--threads N] [--quick]\n"
+      "usage: moe calibrate [--out PATH] [--threads N] [--quick] "
+      "[--cpu-time]\n"
       "\n"
       "Measures peak rates, bandwidth, per-call library overhead and the\n"
       "grouped and loop GEMM rates the planner uses, and writes them as\n"
-      "JSON to PATH (default: $MOE_MACHINE_FILE, else\n"
+      "JSON to PATH (default: $MOE_MACHINE, else\n"
       "$XDG_CACHE_HOME/libmoe/machine.json or "
       "~/.cache/libmoe/machine.json).\n"
+      "The file records the ISA level of the kernel set in use (cap it with\n"
+      "MOE_MAX_CPU_ISA) and the CPU model; the planner uses it only at that\n"
+      "level on that CPU, else its built-in constants for the level.\n"
       "Takes about half a minute on 2 cores; --quick times each point once.\n"
+      "--cpu-time (with --threads 1) times in process CPU time: on a machine\n"
+      "shared with other jobs it is closer to an idle core than wall time;\n"
+      "the planner scales one-thread rates to its thread count.\n"
       "Run it on a quiet machine: other load lowers every number.\n");
 }
 
 static double cal_now(void) {
   struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
+  clock_gettime(cal_cpu_time ? CLOCK_PROCESS_CPUTIME_ID : CLOCK_MONOTONIC, &ts);
   return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
@@ -104,19 +121,50 @@ cal_dpbf16(long iters) {
   return _mm512_reduce_add_ps(s);
 }
 
-/// GFLOP/s of `which` (0 FMA, 1 bf16 dot) on nt threads; 0 if unsupported.
+/// 12 independent AVX2 FMA chains (the AVX2 kernel's accumulator count).
+__attribute__((target("avx2,fma"))) static float cal_fma_avx2(long iters) {
+  __m256 c[12], a = _mm256_set1_ps(1.0000001f), b = _mm256_set1_ps(0.9999999f);
+#pragma GCC unroll 12
+  for (int i = 0; i < 12; i++)
+    c[i] = _mm256_set1_ps((float)i);
+  for (long n = 0; n < iters; n++)
+#pragma GCC unroll 12
+    for (int i = 0; i < 12; i++)
+      c[i] = _mm256_fmadd_ps(a, b, c[i]);
+  __m256 s = c[0];
+#pragma GCC unroll 12
+  for (int i = 1; i < 12; i++)
+    s = _mm256_add_ps(s, c[i]);
+  float o[8];
+  _mm256_storeu_ps(o, s);
+  return o[0] + o[7];
+}
+
+/// GFLOP/s of `which` (0 FMA, 1 bf16 dot) on nt threads at the ISA level
+/// in use (avx512*/amx: AVX-512 FMA and vdpbf16ps; avx2 and ref: AVX2 FMA
+/// where the CPU has it, for both dtypes since bf16 is widened); 0 if
+/// the CPU has neither.
 static double cal_peak(int which, int nt) {
   __builtin_cpu_init();
-  if (!__builtin_cpu_supports("avx512f")) return 0.0;
-  if (which == 1 && !__builtin_cpu_supports("avx512bf16")) return 0.0;
+  const char *isa = moe_cpu_isa();
+  bool wide = strncmp(isa, "avx512", 6) == 0 || strcmp(isa, "amx") == 0;
+  bool dot = strcmp(isa, "avx512_bf16") == 0 || strcmp(isa, "amx") == 0;
+  if (wide && !__builtin_cpu_supports("avx512f")) return 0.0;
+  if (!wide &&
+      !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")))
+    return 0.0;
+  if (which == 1 && !dot) which = 0; /* bf16 is widened to f32 */
   long iters = 20000000;
-  double flops_per_iter = 24.0 * (which ? 64.0 : 32.0), best = 0.0;
+  double flops_per_iter = wide ? 24.0 * (which ? 64.0 : 32.0) : 12.0 * 16.0,
+         best = 0.0;
   volatile float sink = 0;
   for (int rep = 0; rep < 3; rep++) {
     double t0 = cal_now();
 #pragma omp parallel num_threads(nt)
     {
-      float v = which ? cal_dpbf16(iters) : cal_fma(iters);
+      float v = !wide   ? cal_fma_avx2(iters)
+                : which ? cal_dpbf16(iters)
+                        : cal_fma(iters);
 #pragma omp atomic
       sink += v;
     }
@@ -243,6 +291,17 @@ static void cal_append(char *buf, size_t cap, const char *fmt, ...) {
   va_end(ap);
 }
 
+/// The CPU name with anything a JSON string cannot hold as is replaced.
+static const char *cal_json_safe(const char *s) {
+  static char buf[64];
+  size_t i = 0;
+  for (; s[i] && i + 1 < sizeof buf; i++)
+    buf[i] =
+        s[i] == '"' || s[i] == '\\' || (unsigned char)s[i] < 32 ? '_' : s[i];
+  buf[i] = '\0';
+  return buf;
+}
+
 int cmd_calibrate(int argc, char **argv) {
   cal_opts o;
   memset(&o, 0, sizeof o);
@@ -253,6 +312,8 @@ int cmd_calibrate(int argc, char **argv) {
       return CLI_OK;
     } else if (!strcmp(a, "--quick")) {
       o.quick = true;
+    } else if (!strcmp(a, "--cpu-time")) {
+      o.cpu_time = true;
     } else if (!strcmp(a, "--out") && v) {
       o.out = v;
       i++;
@@ -266,7 +327,8 @@ int cmd_calibrate(int argc, char **argv) {
     }
   }
   char path[1024];
-  const char *env = getenv("MOE_MACHINE_FILE");
+  const char *env = getenv("MOE_MACHINE");
+  if (!env || !*env) env = getenv("MOE_MACHINE_FILE"); /* deprecated name */
   if (o.out)
     snprintf(path, sizeof path, "%s", o.out);
   else if (env && *env)
@@ -284,14 +346,20 @@ int cmd_calibrate(int argc, char **argv) {
     }
   }
   int nt = o.threads > 0 ? (int)o.threads : omp_get_max_threads();
+  if (o.cpu_time && nt != 1) {
+    fprintf(stderr, "moe calibrate: --cpu-time needs --threads 1\n");
+    return CLI_USAGE;
+  }
+  cal_cpu_time = o.cpu_time;
   int reps = o.quick ? 1 : 3;
 
-  printf("moe calibrate: %d threads, writing %s\n", nt, path);
+  printf("moe calibrate: %d threads, isa %s, %s, writing %s\n", nt,
+         moe_cpu_isa(), moe_cpu_name(), path);
   double pf = cal_peak(0, nt), pb = cal_peak(1, nt);
   printf("  peak f32 FMA        %8.1f GFLOP/s%s\n", pf,
-         pf > 0 ? "" : " (no AVX-512)");
-  printf("  peak bf16 vdpbf16ps %8.1f GFLOP/s%s\n", pb,
-         pb > 0 ? "" : " (no AVX512_BF16)");
+         pf > 0 ? "" : " (no AVX2/AVX-512)");
+  printf("  peak bf16           %8.1f GFLOP/s%s\n", pb,
+         pb > 0 ? "" : " (no AVX2/AVX-512)");
   double bw = cal_bandwidth(nt);
   printf("  DRAM read           %8.1f GB/s\n", bw);
 
@@ -367,11 +435,13 @@ int cmd_calibrate(int argc, char **argv) {
 
   char json[8192] = "";
   cal_append(json, sizeof json,
-             "{\n  \"libmoe_machine\": 1,\n  \"threads\": %d,\n"
+             "{\n  \"libmoe_machine\": 2,\n  \"isa\": \"%s\",\n"
+             "  \"cpu\": \"%s\",\n  \"threads\": %d,\n"
              "  \"bandwidth_gbs\": %.1f,\n  \"peak_gflops_f32\": %.1f,\n"
              "  \"peak_gflops_bf16\": %.1f,\n  \"call_us_f32\": %.2f,\n"
              "  \"call_us_bf16\": %.2f,\n  \"rows_at\": [",
-             nt, bw, pf, pb, call_us[0], call_us[1]);
+             moe_cpu_isa(), cal_json_safe(moe_cpu_name()), nt, bw, pf, pb,
+             call_us[0], call_us[1]);
   for (int i = 0; i < CAL_NPTS; i++)
     cal_append(json, sizeof json, "%s%lld", i ? ", " : "",
                (long long)cal_rows[i]);
@@ -389,8 +459,8 @@ int cmd_calibrate(int argc, char **argv) {
   cal_append(json, sizeof json, "\n}\n");
   rc = cal_write(path, json);
   if (rc == CLI_OK)
-    printf("wrote %s (the library reads it when MOE_MACHINE_FILE names it or "
-           "it is the default path)\n",
-           path);
+    printf("wrote %s (the library reads it at isa %s on this CPU when "
+           "MOE_MACHINE names it or it is the default path)\n",
+           path, moe_cpu_isa());
   return rc;
 }

@@ -134,6 +134,22 @@ static double time_ms(bench_fn fn, void *ctx, int reps) {
   return ts[reps / 2];
 }
 
+/// Pins a tile of the grouped kernel: "sm90:BMxBN" one of the Hopper
+/// kernels' (required: MOE_CUDA_SM90=1 makes a fallback an error), else an
+/// mma.sync tile (MOE_CUDA_TILE); NULL unpins.
+static void set_tile(const char *t) {
+  unsetenv("MOE_CUDA_TILE");
+  unsetenv("MOE_CUDA_SM90_TILE");
+  unsetenv("MOE_CUDA_SM90");
+  if (!t) return;
+  if (!strncmp(t, "sm90:", 5)) {
+    setenv("MOE_CUDA_SM90_TILE", t + 5, 1);
+    setenv("MOE_CUDA_SM90", "1", 1);
+  } else {
+    setenv("MOE_CUDA_TILE", t, 1);
+  }
+}
+
 /* ---- expert GEMMs ----------------------------------------------------------
  */
 
@@ -349,14 +365,14 @@ static void bench_shape(const shape *s, bool sweep) {
           "fwd+bwd", tb, 3 * fwd_flops, pf + pb);
     }
     if (sweep) {
-      static const char *tiles[6] = {"4x8", "2x8",   "4x4",
-                                     "2x4", "4x4w8", "4x4w8s5"};
+      static const char *tiles[6] = {
+          "sm90:128x256", "sm90:128x128", "sm90:192x128", "4x8", "4x4", "2x4"};
       c.opt.method = MOE_GMM_GROUPED;
       for (int g = 0; g < 6; g++) {
         printf("  tiles %-7s %-11s", moe_layout_name(l), one_names[g]);
         c.only = g;
         for (int ti = 0; ti < 6; ti++) {
-          setenv("MOE_CUDA_TILE", tiles[ti], 1);
+          set_tile(tiles[ti]);
           double t = time_ms(run_one, &c, 5);
           printf("  %s %7.3f ms %4.0f TF", tiles[ti], t,
                  one_flops(&c, g) / t / 1e9);
@@ -366,7 +382,7 @@ static void bench_shape(const shape *s, bool sweep) {
                     "\"gemm\":\"%s\",\"tile\":\"%s\",\"ms\":%.4f}\n",
                     s->name, moe_layout_name(l), one_names[g], tiles[ti], t);
         }
-        unsetenv("MOE_CUDA_TILE");
+        set_tile(NULL);
         c.opt.method = MOE_GMM_LOOP;
         double t = time_ms(run_one, &c, 5);
         c.opt.method = MOE_GMM_GROUPED;
@@ -474,14 +490,15 @@ static void bench_dense(void) {
   double fl = 2.0 * M * N * K;
   for (int l = 0; l < 2; l++) {
     g.wgu = weight_view(b, 1, N, K, l ? MOE_LAYOUT_IN_OUT : MOE_LAYOUT_OUT_IN);
-    static const char *tiles[4] = {"4x4", "4x8", "4x4w8", "4x4w8s5"};
-    for (int m = 0; m < 5; m++) {
-      g.opt.method = m == 4 ? MOE_GMM_LOOP : MOE_GMM_GROUPED;
-      if (m < 4) setenv("MOE_CUDA_TILE", tiles[m], 1);
+    static const char *tiles[5] = {"sm90:128x256", "sm90:128x128",
+                                   "sm90:192x128", "4x4", "4x4w8s5"};
+    for (int m = 0; m < 6; m++) {
+      g.opt.method = m == 5 ? MOE_GMM_LOOP : MOE_GMM_GROUPED;
+      if (m < 5) set_tile(tiles[m]);
       double t = time_ms(run_one, &g, g_reps);
-      unsetenv("MOE_CUDA_TILE");
+      set_tile(NULL);
       char name[32];
-      snprintf(name, sizeof name, "%s", m == 4 ? "loop" : tiles[m]);
+      snprintf(name, sizeof name, "%s", m == 5 ? "loop" : tiles[m]);
       row("dense16k4k4k", "ceiling", name, l ? "in_out" : "out_in", "fwd", t,
           fl, 0.0);
     }

@@ -26,6 +26,28 @@ moe_status moe_env_gmm(moe_gmm_method *m, bool *set) {
   return MOE_SUCCESS;
 }
 
+const char *moe_env_machine_file(const char **var) {
+  const char *v = getenv("MOE_MACHINE");
+  *var = "MOE_MACHINE";
+  if (v && *v) return v;
+  /* The older name, still honoured (deprecated). */
+  v = getenv("MOE_MACHINE_FILE");
+  *var = "MOE_MACHINE_FILE";
+  if (v && *v) return v;
+  *var = NULL;
+  return NULL;
+}
+
+const char *moe_env_max_cpu_isa(void) {
+  const char *v = getenv("MOE_MAX_CPU_ISA");
+  return v && *v ? v : NULL;
+}
+
+bool moe_env_verbose(void) {
+  const char *v = getenv("MOE_VERBOSE");
+  return v && *v && *v != '0';
+}
+
 const char *moe_env_gpu_machine(void) {
   const char *v = getenv("MOE_GPU_MACHINE");
   return v && *v ? v : NULL;

@@ -14,6 +14,18 @@ extern "C" {
 /// when it pins a method.
 moe_status moe_env_gmm(moe_gmm_method *m, bool *set);
 
+/// The calibration file the user named: MOE_MACHINE, else the deprecated
+/// MOE_MACHINE_FILE; NULL when neither is set (or both are empty). `var`
+/// receives the name of the variable that was used (NULL when none).
+const char *moe_env_machine_file(const char **var);
+
+/// MOE_MAX_CPU_ISA as given (ref, avx2, avx512, avx512_bf16, amx, all;
+/// dispatch.c checks the value), NULL when unset or empty.
+const char *moe_env_max_cpu_isa(void);
+
+/// MOE_VERBOSE set to anything but empty or "0".
+bool moe_env_verbose(void);
+
 /// MOE_CUDA_TILE: the tensor-core kernel's tile, "MIxNI[wWN][sST]" (a
 /// tuning and test knob, read on every call); NULL when unset.
 const char *moe_env_cuda_tile(void);

@@ -20,17 +20,20 @@
 
 /// Applies MOE_GPU_MACHINE; an unknown key or a bad value fails, naming it.
 static moe_status moe_gpu_overrides(moe_gpu_machine *m, const char *v) {
-  static const char *const keys[] = {
-      "bandwidth_gbs",  "mma_tflops",   "simt_tflops", "blas_tflops",
-      "blas_half_rows", "dw_half_rows", "call_us",     "sync_us"};
-  double *fields[] = {&m->bandwidth_gbs, &m->mma_tflops,     &m->simt_tflops,
-                      &m->blas_tflops,   &m->blas_half_rows, &m->dw_half_rows,
-                      &m->call_us,       &m->sync_us};
+  enum { NKEYS = 10 };
+  static const char *const keys[NKEYS] = {
+      "bandwidth_gbs",  "mma_tflops",    "simt_tflops", "blas_tflops",
+      "blas_half_rows", "dw_half_rows",  "call_us",     "sync_us",
+      "sm90_tflops",    "sm90_dw_tflops"};
+  double *fields[NKEYS] = {
+      &m->bandwidth_gbs,  &m->mma_tflops,    &m->simt_tflops, &m->blas_tflops,
+      &m->blas_half_rows, &m->dw_half_rows,  &m->call_us,     &m->sync_us,
+      &m->sm90_tflops,    &m->sm90_dw_tflops};
   const char *at = v;
   while (*at) {
     size_t klen = strcspn(at, "=");
     int f = -1;
-    for (int i = 0; i < 8; i++)
+    for (int i = 0; i < NKEYS; i++)
       if (strlen(keys[i]) == klen && !strncmp(at, keys[i], klen)) f = i;
     char *end = NULL;
     double x = at[klen] == '=' ? strtod(at + klen + 1, &end) : 0.0;
@@ -40,7 +43,8 @@ static moe_status moe_gpu_overrides(moe_gpu_machine *m, const char *v) {
                        "environment MOE_GPU_MACHINE='%.96s': expected "
                        "key=value,... with positive values and keys among "
                        "bandwidth_gbs, mma_tflops, simt_tflops, blas_tflops, "
-                       "blas_half_rows, dw_half_rows, call_us, sync_us",
+                       "blas_half_rows, dw_half_rows, call_us, sync_us, "
+                       "sm90_tflops, sm90_dw_tflops",
                        v);
     *fields[f] = x;
     at = *end ? end + 1 : end;
@@ -66,6 +70,8 @@ moe_status moe_gpu_machine_of(const char *name, int sms, double clock_ghz,
       .dw_half_rows = 120.0,
       .call_us = 4.0,
       .sync_us = 30.0,
+      .sm90_tflops = 680.0,
+      .sm90_dw_tflops = 543.0,
   };
   snprintf(m.name, sizeof m.name, "%s", name);
   snprintf(m.source, sizeof m.source,
@@ -75,6 +81,30 @@ moe_status moe_gpu_machine_of(const char *name, int sms, double clock_ghz,
   if (v) MOE_TRY(moe_gpu_overrides(&m, v));
   *out = m;
   return MOE_SUCCESS;
+}
+
+double moe_gpu_grouped_tflops(const moe_gpu_machine *g) {
+  return g->sm90 ? g->sm90_tflops : g->mma_tflops;
+}
+
+/// The sm_90a kernels' bf16 rates (TFLOP/s, useful rows only) for groups
+/// of `mean` rows: forward with depth K, dX with depth N, dW.
+/* Fitted to the H200 runs of issue 11 (bench/NOTES.md): M-grouped
+   forward products reach sm90_tflops * K / (K + 110) on full tiles (short
+   depths pay the epilogue and the pipeline fill per tile), divided by the
+   row-tile waste of the tile the host picks; dW reaches sm90_dw_tflops *
+   mean / (mean + 100) alone (a group's depth is its row count). Inside a
+   forward + backward sequence the backward products ran ~20% below their
+   isolated rates (cold L2 for the weights, gradients evicting operands), so
+   dX and dW carry a factor 0.8. */
+static void moe_gpu_sm90_rates(const moe_gpu_machine *g, double mean, double K,
+                               double N, double *fwd, double *dx, double *dw) {
+  const double bm = mean <= 192.0 ? 192.0 : 128.0;
+  const double m = mean > 1.0 ? mean : 1.0;
+  const double waste = ceil(m / bm) * bm / m;
+  *fwd = g->sm90_tflops * K / (K + 110.0) / waste;
+  *dx = 0.8 * g->sm90_tflops * N / (N + 110.0) / waste;
+  *dw = 0.8 * g->sm90_dw_tflops * m / (m + 100.0);
 }
 
 moe_proj_cost moe_gpu_predict(const moe_gpu_machine *g, const moe_proj_shape *s,
@@ -94,6 +124,8 @@ moe_proj_cost moe_gpu_predict(const moe_gpu_machine *g, const moe_proj_shape *s,
     fwd_rate = dx_rate = dw_rate = r;
     over_f = E * g->call_us * 1e-3 + g->sync_us * 1e-3;
     over_b = 2.0 * E * g->call_us * 1e-3;
+  } else if (g->sm90) {
+    moe_gpu_sm90_rates(g, mean, K, N, &fwd_rate, &dx_rate, &dw_rate);
   } else if (s->dtype == MOE_BF16) {
     /* ragged groups: the last row tile of each group is partly empty */
     double bm = mean >= 256.0 ? 128.0 : 64.0;

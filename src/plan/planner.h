@@ -12,11 +12,12 @@ enum { MOE_MACHINE_NPTS = 5 };
 /// weight; dW writes one.
 enum { MOE_KIND_FWD = 0, MOE_KIND_DW = 1 };
 
-/// What the cost model knows about the machine. Built-in defaults were
-/// measured with `moe calibrate` on the project's 2-core CI machine
-/// (bench/NOTES.md); a calibration file (MOE_MACHINE_FILE, else
+/// What the cost model knows about the machine, for one ISA level (the
+/// kernel set in use). Built-in constants per level were measured with
+/// `moe calibrate` on the project's 2-core development machine
+/// (bench/NOTES.md); a calibration file (MOE_MACHINE, else
 /// $XDG_CACHE_HOME/libmoe/machine.json or ~/.cache/libmoe/machine.json)
-/// replaces them.
+/// replaces them when it was measured at the same level on the same CPU.
 typedef struct moe_machine {
   double rows_at[MOE_MACHINE_NPTS]; ///< rows per expert of each sample
   /// Sustained GFLOP/s over a whole grouped problem whose weights stream
@@ -27,16 +28,24 @@ typedef struct moe_machine {
   double peak_gflops[2]; ///< register-only f32 FMA, bf16 dot, all threads
   double call_us[2];     ///< one tiny library GEMM call [f32, bf16]
   int threads;           ///< threads the constants were measured with
-  char source[192];      ///< where the numbers came from
+  char isa[16];          ///< the ISA level the constants are for
+  char source[768];      ///< which constants, and why (plan explain)
 } moe_machine;
 
 /// The default calibration file path ($XDG_CACHE_HOME/libmoe/machine.json
 /// or $HOME/.cache/libmoe/machine.json); 0 on success.
 int moe_machine_default_path(char *buf, size_t n);
 
-/// The machine constants in force (defaults or MOE_MACHINE_FILE), loaded
-/// once. Never NULL.
+/// The machine constants in force for the kernel set in use (built-in for
+/// its ISA level, or the calibration file when it matches), resolved once.
+/// Never NULL.
 const moe_machine *moe_machine_get(void);
+
+/// Resolves the constants for ISA level `isa` on CPU model `cpu` (the
+/// built-in row, or the calibration file when it was measured at `isa` on
+/// `cpu`), with `source` saying which and why. Reads the environment and
+/// the file every call (tests; moe_machine_get caches it).
+void moe_machine_resolve(moe_machine *m, const char *isa, const char *cpu);
 
 /// One projection (gate_up or down) as the planner sees it.
 typedef struct moe_proj_shape {
@@ -89,13 +98,22 @@ typedef struct moe_gpu_machine {
   double dw_half_rows;   ///< the same for the grouped dW kernel
   double call_us;        ///< one cuBLAS call
   double sync_us;        ///< one host sync
-  char source[192];      ///< where the numbers came from
+  /// The Hopper kernels (src/backend/cuda/sm90/): whether the plan's
+  /// grouped GEMMs run on them, their bf16 rate on full tiles of large
+  /// depth, and their dW rate (fitted to the H200 tile sweeps).
+  bool sm90;
+  double sm90_tflops, sm90_dw_tflops;
+  char source[192]; ///< where the numbers came from
 } moe_gpu_machine;
 
 /// The model of a device by its name, SM count and clock (GHz), with the
 /// MOE_GPU_MACHINE overrides; fails only on a malformed MOE_GPU_MACHINE.
 moe_status moe_gpu_machine_of(const char *name, int sms, double clock_ghz,
                               moe_gpu_machine *out);
+
+/// The grouped kernel's modelled bf16 rate on full tiles (sm_90a or
+/// mma.sync), for the explanation and the floor.
+double moe_gpu_grouped_tflops(const moe_gpu_machine *g);
 
 /// Predicts a method's cost on a projection on the GPU.
 moe_proj_cost moe_gpu_predict(const moe_gpu_machine *g, const moe_proj_shape *s,

@@ -3,7 +3,7 @@
 # MOE_BUILD_DIR names a build that has test_cuda), runs tests/gpu/test_cuda,
 # then tests/gpu/test_cuda_ep (expert parallelism over NCCL, when there are
 # 2+ GPUs), then test_cuda's small cases under compute-sanitizer (memcheck,
-# racecheck).
+# racecheck, synccheck).
 # Exits 0 with "skipped: no GPU" on a machine without a usable GPU.
 #   MOE_BUILD_DIR  existing build directory to use (default: build a fresh
 #                  one in build-gpu/)
@@ -51,7 +51,7 @@ else
 fi
 
 if [ "${MOE_SANITIZER:-1}" != 0 ] && command -v compute-sanitizer >/dev/null 2>&1; then
-  for tool in memcheck racecheck; do
+  for tool in memcheck racecheck synccheck; do
     echo "== compute-sanitizer --tool $tool test_cuda --small"
     timeout 600 compute-sanitizer --tool "$tool" --error-exitcode 3 \
       --print-limit 20 "$build/test_cuda" --small

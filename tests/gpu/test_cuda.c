@@ -22,6 +22,7 @@
 #include "testutil.h"
 
 static bool g_small; /* --small: a few cases, for compute-sanitizer */
+static bool g_sm90;  /* --sm90: only the Hopper kernel's GEMM cases */
 
 #define CU(call)                                                               \
   do {                                                                         \
@@ -69,6 +70,15 @@ static float *gather_new(const moe_tensor *t) {
 }
 
 /* ---- 1. grouped GEMM ---------------------------------------------------- */
+
+/// The device is compute capability 9.0 (H100 / H200: the sm_90a kernels).
+static bool gpu_is_sm90(void) {
+  int dev = 0, maj = 0, min = 0;
+  CU(cudaGetDevice(&dev));
+  CU(cudaDeviceGetAttribute(&maj, cudaDevAttrComputeCapabilityMajor, dev));
+  CU(cudaDeviceGetAttribute(&min, cudaDevAttrComputeCapabilityMinor, dev));
+  return maj == 9 && min == 0;
+}
 
 enum { G_FWD, G_DX, G_DW };
 static const char *gname[] = {"fwd", "dx", "dw"};
@@ -225,6 +235,48 @@ static void gemm_case(int which, moe_dtype dt, moe_layout lay, int64_t E,
   free(gv);
 }
 
+/// The Hopper (sm_90a) kernels, each tile of their table, required
+/// (MOE_CUDA_SM90=1: a problem they decline is an error, so these cases
+/// cannot pass through a fallback): odd rows, K not a multiple of 64, N not
+/// a multiple of 128, every pattern (empty experts, one expert holding all
+/// rows, uniform), both weight layouts, fwd / dX / dW. Skipped on other
+/// GPUs.
+static void test_gemm_sm90(void) {
+  if (!gpu_is_sm90()) {
+    printf("note: not an sm_90 GPU; the Hopper kernel cases are skipped\n");
+    return;
+  }
+  moe_layout lays[2] = {MOE_LAYOUT_OUT_IN, MOE_LAYOUT_IN_OUT};
+  uint64_t seed = 9001;
+  static const char *stiles[3] = {"128x256", "128x128", "192x128"};
+  static const int64_t sshapes[][4] = {
+      {16, 900, 136, 264},  {7, 1500, 200, 392}, {1, 777, 520, 200},
+      {40, 2000, 264, 136}, {3, 333, 64, 512},
+  };
+  int nss = g_small ? 1 : (int)(sizeof sshapes / sizeof sshapes[0]);
+  setenv("MOE_CUDA_SM90", "1", 1);
+  for (int ti = 0; ti < (g_small ? 1 : 3); ti++) {
+    setenv("MOE_CUDA_SM90_TILE", stiles[ti], 1);
+    for (int si = 0; si < nss; si++)
+      for (int l = 0; l < 2; l++)
+        for (int which = 0; which < 3; which++) {
+          /* dW has 128-row tiles only (192x128 leaves it on 128x256) */
+          if (which == G_DW && ti == 2) continue;
+          for (int pat = 0; pat < (si == 0 ? 3 : 1); pat++)
+            gemm_case(which, MOE_BF16, lays[l], sshapes[si][0], sshapes[si][1],
+                      sshapes[si][2], sshapes[si][3],
+                      si == 0 ? pat : (int)(seed % 3), MOE_GMM_GROUPED, seed),
+                seed++;
+        }
+    /* C rows not 16-byte aligned (N = 196): the register epilogue */
+    gemm_case(G_FWD, MOE_BF16, MOE_LAYOUT_OUT_IN, 5, 600, 136, 196,
+              (int)(seed % 3), MOE_GMM_GROUPED, seed),
+        seed++;
+  }
+  unsetenv("MOE_CUDA_SM90_TILE");
+  unsetenv("MOE_CUDA_SM90");
+}
+
 static void test_gemm(void) {
   static const int64_t shapes[][4] = {
       /* E, R, K, N */
@@ -266,6 +318,7 @@ static void test_gemm(void) {
             seed++;
     unsetenv("MOE_CUDA_TILE");
   }
+  test_gemm_sm90();
   /* loop under strict mode: the host sync is refused */
   {
     tu_case("gemm loop strict");
@@ -647,7 +700,10 @@ static void test_layer(void) {
 
 int main(int argc, char **argv) {
   for (int i = 1; i < argc; i++)
-    if (!strcmp(argv[i], "--small")) g_small = true;
+    if (!strcmp(argv[i], "--small"))
+      g_small = true;
+    else if (!strcmp(argv[i], "--sm90"))
+      g_sm90 = true;
   int n = 0;
   if (moe_cuda_device_count(&n) != MOE_SUCCESS || n == 0) {
     printf("skipped: no GPU (%s)\n", moe_last_error());
@@ -657,6 +713,10 @@ int main(int argc, char **argv) {
   CU(cudaGetDeviceProperties(&p, 0));
   printf("device 0: %s, %d SMs%s\n", p.name, p.multiProcessorCount,
          g_small ? " (--small)" : "");
+  if (g_sm90) {
+    test_gemm_sm90();
+    return tu_finish();
+  }
   test_gemm();
   test_layer();
   return tu_finish();

@@ -10,8 +10,12 @@
 /// Also the CUDA error helpers.
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "backend/cuda/cuda_internal.h"
+#ifdef MOE_HAVE_SM90
+#include "backend/cuda/sm90/sm90.h"
+#endif
 
 moe_status moe_cu_gemm_mma(const moe_cu_gemm *p, const moe_cu_ctx *c);
 moe_status moe_cu_gemm_simt(const moe_cu_gemm *p, const moe_cu_ctx *c);
@@ -82,6 +86,20 @@ moe_status moe_cu_gemm_grouped(const moe_cu_gemm *p, const moe_cu_ctx *c) {
      gradient): compute its transpose so that the stores run along rows. */
   if (q.kind == MOE_GROUP_K && q.C.rs == 1 && q.C.cs != 1)
     q = moe_cu_transposed(p);
+#ifdef MOE_HAVE_SM90
+  /* Hopper: wgmma + TMA (src/backend/cuda/sm90/) where it takes the problem */
+  {
+    char why[160];
+    if (moe_cu_sm90_ok(&q, why, sizeof why)) return moe_cu_gemm_sm90(&q, c);
+    /* MOE_CUDA_SM90=1 requires it (tests and benchmarks of the kernel) */
+    const char *req = getenv("MOE_CUDA_SM90");
+    if (req && !strcmp(req, "1"))
+      return moe_error(MOE_ERR_UNIMPLEMENTED,
+                       "grouped GEMM (CUDA): MOE_CUDA_SM90=1 but the sm_90 "
+                       "kernel declines: %s",
+                       why);
+  }
+#endif
   if (moe_cu_gemm_mma_ok(&q, NULL, 0)) return moe_cu_gemm_mma(&q, c);
   return moe_cu_gemm_simt(&q, c);
 }

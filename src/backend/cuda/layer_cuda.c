@@ -21,11 +21,15 @@
 #include "backend/cuda/cuda_internal.h"
 #include "layer/backend.h"
 #include "plan/planner.h"
+#ifdef MOE_HAVE_SM90
+#include "backend/cuda/sm90/sm90.h"
+#endif
 
 typedef struct moe_cuda_plan {
   cublasHandle_t blas;
   int64_t *pinned;    /* E + 1 host offsets for the loop method */
   moe_gpu_machine gm; /* the planner's model of the device */
+  char sm90_why[128]; /* why the grouped GEMMs are not on sm90/, if not */
   /* Method pinned: the router's row-wise products (logits, its dX) run on
      libmoe's kernel, whose sums per row do not depend on the row count —
      the same bits for a token whatever batch or rank it is in. cuBLAS may
@@ -150,22 +154,30 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
   p->e_first = p->rank * p->e_local;
   p->max_rows = ranks > 1 ? ep_rows : d.max_tokens * d.top_k;
   cp->gm = gm;
+#ifdef MOE_HAVE_SM90
+  cp->gm.sm90 =
+      moe_cu_sm90_layer_ok(d.device.index, p->e_local, d.hidden, d.intermediate,
+                           d.dtype, cp->sm90_why, sizeof cp->sm90_why);
+#else
+  snprintf(cp->sm90_why, sizeof cp->sm90_why,
+           "this build has no sm_90a kernels (MOE_ENABLE_SM90=OFF)");
+#endif
 
   moe_gmm_method forced = d.method != MOE_GMM_AUTO ? d.method : env_m;
   const char *by = d.method != MOE_GMM_AUTO ? "desc.method" : "MOE_GMM";
   cp->rowwise = forced != MOE_GMM_AUTO;
   int64_t rows = d.max_tokens * d.top_k;
-  moe_plan_say(p, len,
-               "plan (cuda): E=%lld H=%lld I=%lld top_k=%lld, %lld tokens -> "
-               "%lld routed rows, %s\ndevice: %d, %s, %d SMs at %.2f GHz "
-               "(model: %.0f GB/s, grouped kernel %.0f TFLOP/s, cuBLAS %.0f "
-               "TFLOP/s)\nmachine: %s\n",
-               (long long)d.num_experts, (long long)d.hidden,
-               (long long)d.intermediate, (long long)d.top_k,
-               (long long)d.max_tokens, (long long)rows,
-               moe_dtype_name(d.dtype), d.device.index, prop.name, cp->gm.sms,
-               cp->gm.clock_ghz, cp->gm.bandwidth_gbs, cp->gm.mma_tflops,
-               cp->gm.blas_tflops, cp->gm.source);
+  moe_plan_say(
+      p, len,
+      "plan (cuda): E=%lld H=%lld I=%lld top_k=%lld, %lld tokens -> "
+      "%lld routed rows, %s\ndevice: %d, %s, %d SMs at %.2f GHz "
+      "(model: %.0f GB/s, grouped kernel %.0f TFLOP/s, cuBLAS %.0f "
+      "TFLOP/s)\nmachine: %s\n",
+      (long long)d.num_experts, (long long)d.hidden, (long long)d.intermediate,
+      (long long)d.top_k, (long long)d.max_tokens, (long long)rows,
+      moe_dtype_name(d.dtype), d.device.index, prop.name, cp->gm.sms,
+      cp->gm.clock_ghz, cp->gm.bandwidth_gbs, moe_gpu_grouped_tflops(&cp->gm),
+      cp->gm.blas_tflops, cp->gm.source);
   bool any_loop = false;
   for (int proj = 0; proj < 2; proj++) {
     moe_proj_shape sh = moe_cu_shape(p, proj);
@@ -181,13 +193,17 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
   moe_plan_say(p, len,
                "grouped: libmoe's kernel, %s, tiles scheduled on the device "
                "from the offsets; %s\n",
-               d.dtype == MOE_BF16
+               cp->gm.sm90 ? "bf16 wgmma + TMA (sm_90a), warp-specialized, "
+                             "persistent, f32 accumulate"
+               : d.dtype == MOE_BF16
                    ? "bf16 tensor cores (mma.sync, f32 accumulate)"
                    : "f32 on CUDA cores",
                any_loop ? "the gate_up input is permuted into a copy for "
                           "cuBLAS"
                         : "gate_up reads hidden rows through the permutation "
                           "(no permuted copy)");
+  if (!cp->gm.sm90 && d.dtype == MOE_BF16)
+    moe_plan_say(p, len, "grouped: not the sm_90a kernels: %s\n", cp->sm90_why);
   if (any_loop)
     moe_plan_say(p, len,
                  "loop: one cuBLAS GEMM per expert needs the counts on the "
@@ -249,7 +265,8 @@ static moe_status moe_cuda_floor(const moe_layer_plan *plan, int backward,
                                  double *compute_ms, double *memory_ms) {
   const moe_gpu_machine *g = &moe_cp(plan)->gm;
   double peak =
-      (plan->d.dtype == MOE_BF16 ? g->mma_tflops : g->simt_tflops) * 1e12;
+      (plan->d.dtype == MOE_BF16 ? moe_gpu_grouped_tflops(g) : g->simt_tflops) *
+      1e12;
   moe_floor(&plan->d, plan->e_local, backward, peak, g->bandwidth_gbs * 1e9,
             compute_ms, memory_ms);
   return MOE_SUCCESS;

@@ -17,12 +17,15 @@
 #include <cpuid.h>
 #endif
 
+#include "core/env.h"
 #include "ukernel.h"
 
 /* CPUID bits (Intel SDM vol. 2A, CPUID). */
 enum {
   CPUID1_ECX_FMA = 1u << 12,
   CPUID1_ECX_OSXSAVE = 1u << 27,
+  CPUID1_ECX_AVX = 1u << 28,
+  CPUID7_EBX_AVX2 = 1u << 5,
   CPUID7_EBX_AVX512F = 1u << 16,
   CPUID7_EBX_AVX512DQ = 1u << 17,
   CPUID7_EBX_AVX512BW = 1u << 30,
@@ -39,6 +42,7 @@ enum {
 #define XCR0_HI16_ZMM (1ull << 7)
 #define XCR0_XTILECFG (1ull << 17)
 #define XCR0_XTILEDATA (1ull << 18)
+#define XCR0_YMM (XCR0_SSE | XCR0_AVX)
 #define XCR0_AVX512                                                            \
   (XCR0_SSE | XCR0_AVX | XCR0_OPMASK | XCR0_ZMM_HI256 | XCR0_HI16_ZMM)
 /* Linux arch_prctl codes (arch/x86/include/uapi/asm/prctl.h). */
@@ -47,9 +51,10 @@ enum {
 
 typedef enum moe_isa_level {
   MOE_ISA_REF = 0,
-  MOE_ISA_AVX512 = 1,
-  MOE_ISA_AVX512_BF16 = 2,
-  MOE_ISA_AMX = 3,
+  MOE_ISA_AVX2 = 1,
+  MOE_ISA_AVX512 = 2,
+  MOE_ISA_AVX512_BF16 = 3,
+  MOE_ISA_AMX = 4,
 } moe_isa_level;
 
 typedef struct moe_cpu {
@@ -77,6 +82,26 @@ static void moe_cpu_read(moe_cpu *c) {
     c->xcr0 = ((unsigned long long)hi << 32) | lo;
   }
 #endif
+}
+
+/// Whether the CPU and the OS allow AVX2 with FMA (256-bit YMM state).
+static bool moe_cpu_avx2(const moe_cpu *c, char *why, size_t n) {
+  unsigned need1 = CPUID1_ECX_AVX | CPUID1_ECX_FMA;
+  if ((c->ecx1 & need1) != need1 || !(c->ebx7 & CPUID7_EBX_AVX2)) {
+    snprintf(why, n,
+             "CPUID lacks AVX/AVX2/FMA (leaf 1 ECX=0x%08x, leaf 7 "
+             "EBX=0x%08x)",
+             c->ecx1, c->ebx7);
+    return false;
+  }
+  if (!c->osxsave || (c->xcr0 & XCR0_YMM) != XCR0_YMM) {
+    snprintf(why, n,
+             "the OS does not save YMM state (XCR0=0x%llx, need bits 1,2)",
+             c->xcr0);
+    return false;
+  }
+  snprintf(why, n, "CPUID has AVX2+FMA, XCR0=0x%llx saves YMM", c->xcr0);
+  return true;
 }
 
 /// Whether the CPU and the OS allow AVX-512F/BW/VL/DQ with FMA.
@@ -154,24 +179,20 @@ static const moe_candidate moe_candidates[] = {
     {MOE_ISA_AVX512_BF16, "avx512_bf16", &moe_ukernel_avx512_bf16,
      moe_cpu_avx512_bf16},
     {MOE_ISA_AVX512, "avx512", &moe_ukernel_avx512, moe_cpu_avx512},
+    {MOE_ISA_AVX2, "avx2", &moe_ukernel_avx2, moe_cpu_avx2},
     {MOE_ISA_REF, "ref", &moe_ukernel_ref, NULL},
 };
 enum { MOE_NCAND = sizeof moe_candidates / sizeof moe_candidates[0] };
 
-static bool moe_verbose(void) {
-  const char *v = getenv("MOE_VERBOSE");
-  return v && *v && *v != '0';
-}
-
 /// The cap from MOE_MAX_CPU_ISA: the highest level allowed.
 static moe_isa_level moe_isa_cap(bool verbose) {
-  const char *v = getenv("MOE_MAX_CPU_ISA");
-  if (!v || !*v || !strcasecmp(v, "all")) return MOE_ISA_AMX;
+  const char *v = moe_env_max_cpu_isa();
+  if (!v || !strcasecmp(v, "all")) return MOE_ISA_AMX;
   for (int i = 0; i < MOE_NCAND; i++)
     if (!strcasecmp(v, moe_candidates[i].name)) return moe_candidates[i].level;
   /* An unknown value must not silently lower or raise anything. */
   fprintf(stderr,
-          "libmoe: MOE_MAX_CPU_ISA='%.32s' is not one of ref, avx512, "
+          "libmoe: MOE_MAX_CPU_ISA='%.32s' is not one of ref, avx2, avx512, "
           "avx512_bf16, amx, all; ignored\n",
           v);
   (void)verbose;
@@ -181,7 +202,7 @@ static moe_isa_level moe_isa_cap(bool verbose) {
 static const moe_ukernel_info *moe_chosen;
 
 static void moe_ukernel_pick(void) {
-  bool verbose = moe_verbose();
+  bool verbose = moe_env_verbose();
   moe_isa_level cap = moe_isa_cap(verbose);
   moe_cpu cpu;
   moe_cpu_read(&cpu);
@@ -193,7 +214,7 @@ static void moe_ukernel_pick(void) {
       if (verbose)
         fprintf(stderr,
                 "libmoe: isa %-12s declined: above MOE_MAX_CPU_ISA=%s\n",
-                c->name, getenv("MOE_MAX_CPU_ISA"));
+                c->name, moe_env_max_cpu_isa());
       continue;
     }
     if (c->usable && !c->usable(&cpu, why, sizeof why)) {
@@ -229,4 +250,34 @@ int moe_ukernel_usable(const moe_ukernel_info **out, int cap) {
     if (!c->usable || c->usable(&cpu, why, sizeof why)) out[n++] = c->info;
   }
   return n;
+}
+
+const char *moe_cpu_isa(void) { return moe_ukernel_select()->isa; }
+
+static char moe_brand[49];
+
+/// The CPUID brand string (leaves 0x80000002-4), spaces trimmed.
+static void moe_cpu_brand(void) {
+#if defined(__x86_64__)
+  unsigned r[12] = {0};
+  if (__get_cpuid_max(0x80000000u, NULL) >= 0x80000004u)
+    for (unsigned l = 0; l < 3; l++)
+      __get_cpuid(0x80000002u + l, &r[4 * l], &r[4 * l + 1], &r[4 * l + 2],
+                  &r[4 * l + 3]);
+  memcpy(moe_brand, r, 48);
+#endif
+  moe_brand[48] = '\0';
+  char *b = moe_brand;
+  while (*b == ' ')
+    b++;
+  memmove(moe_brand, b, strlen(b) + 1);
+  size_t n = strlen(moe_brand);
+  while (n > 0 && moe_brand[n - 1] == ' ')
+    moe_brand[--n] = '\0';
+}
+
+const char *moe_cpu_name(void) {
+  static pthread_once_t once = PTHREAD_ONCE_INIT;
+  pthread_once(&once, moe_cpu_brand);
+  return moe_brand[0] ? moe_brand : "unknown CPU";
 }

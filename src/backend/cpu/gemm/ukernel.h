@@ -67,7 +67,7 @@ typedef void (*moe_store_fn)(const float *acc, int64_t ldacc, int64_t mb,
                              float beta, int stream);
 
 typedef struct moe_ukernel_info {
-  const char *isa;  ///< "ref", "avx512", "avx512_bf16", "amx"
+  const char *isa;  ///< "ref", "avx2", "avx512", "avx512_bf16", "amx"
   const char *name; ///< f32 kernel, e.g. "avx512_f32_8x48"
   int mr, nr;
   moe_ukernel_f32_fn f32;
@@ -82,6 +82,9 @@ typedef struct moe_ukernel_info {
 /// The portable reference kernel set (kernel_ref.c): the f32 kernel every
 /// other kernel is tested against; bf16 is widened to f32.
 extern const moe_ukernel_info moe_ukernel_ref;
+/// AVX2 + FMA f32 kernel set (kernel_avx2.c); bf16 is widened to f32 as
+/// it is packed.
+extern const moe_ukernel_info moe_ukernel_avx2;
 /// AVX-512F f32 kernel set (kernel_avx512.c).
 extern const moe_ukernel_info moe_ukernel_avx512;
 /// AVX-512F f32 + AVX512_BF16 vdpbf16ps kernel set (kernel_avx512bf16.c).

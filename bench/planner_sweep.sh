@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Planner accuracy sweep: for each cell (preset x tokens x dtype x layout x
+# projection) times the planner's two methods (grouped, loop) and reports the
+# measured fastest, the planner's pick and how far off the pick is (its time
+# over the fastest's, minus 1). The kernel set is whatever MOE_MAX_CPU_ISA
+# allows (export it to sweep one level).
+#
+# usage: bench/planner_sweep.sh BUILD_DIR > table.md
+#
+# MODE=cpu (default): one thread, the expert GEMMs of each projection
+#   (forward, dX, dW) through bench_gemm_cpu, timed in process CPU time. On a
+#   machine shared with other jobs this is what an idle core would take; wall
+#   time is not (other jobs moved wall times 5-10x on the development VM).
+#   The planner is asked for its pick at one thread (`moe plan --threads 1`).
+# MODE=wall: `moe bench --json` per cell, whole layer, both projections on
+#   the same method (a pick that mixes methods is reported as "mixed").
+#
+# environment: PRESETS="qwen3-30b-a3b tiny"  TOKENS="64 256 1024 4096"
+#   DTYPES="f32 bf16"  LAYOUTS="out_in in_out"  REPS=1
+# Presets whose f32 weights fit a 24 GiB machine: qwen3-30b-a3b, tiny.
+set -euo pipefail
+B=${1:-build}
+MODE=${MODE:-cpu}
+PRESETS=${PRESETS:-qwen3-30b-a3b tiny}
+TOKENS=${TOKENS:-64 256 1024 4096}
+DTYPES=${DTYPES:-f32 bf16}
+LAYOUTS=${LAYOUTS:-out_in in_out}
+REPS=${REPS:-1}
+dims() {
+  case $1 in
+  qwen3-30b-a3b) echo "128 2048 768 8" ;;
+  tiny) echo "8 64 32 2" ;;
+  mixtral-8x7b) echo "8 4096 14336 2" ;;
+  deepseek-v3) echo "256 7168 2048 8" ;;
+  qwen3.5-397b-a17b) echo "512 4096 1024 10" ;;
+  *) echo "unknown preset $1" >&2; exit 2 ;;
+  esac
+}
+tmp=$(mktemp)
+trap 'rm -f "$tmp"' EXIT
+start=$(date +%s)
+for p in $PRESETS; do
+  for t in $TOKENS; do
+    for d in $DTYPES; do
+      for l in $LAYOUTS; do
+        if [ "$MODE" = wall ]; then
+          "$B/moe" bench --preset "$p" --tokens "$t" --dtype "$d" \
+            --layout "$l" --reps "$REPS" --json >>"$tmp" 2>/dev/null ||
+            echo "{\"preset\":\"$p\",\"tokens\":$t,\"dtype\":\"$d\",\"layout\":\"$l\",\"failed\":true}" >>"$tmp"
+          continue
+        fi
+        picks=$(OMP_NUM_THREADS=1 "$B/moe" plan --preset "$p" --tokens "$t" \
+          --dtype "$d" --layout "$l" --threads 1 | head -1)
+        for m in grouped loop; do
+          out=$(OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 BENCH_METHOD=$m \
+            "$B/bench_gemm_cpu" "$t" "$d" "$l" "$REPS" $(dims "$p") 2>&1 |
+            grep '^proj_ms' || true)
+          echo "{\"preset\":\"$p\",\"tokens\":$t,\"dtype\":\"$d\",\"layout\":\"$l\",\"method\":\"$m\",\"proj\":\"$out\",\"picks\":\"$picks\"}" >>"$tmp"
+        done
+      done
+    done
+  done
+done
+elapsed=$(($(date +%s) - start))
+python3 - "$tmp" "$elapsed" "${MOE_MAX_CPU_ISA:-unset}" "$MODE" <<'PY'
+import json, re, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+mode = sys.argv[4]
+cells = {}
+for r in rows:
+    base = (r["preset"], r["tokens"], r["dtype"], r["layout"])
+    if mode == "wall":
+        c = cells.setdefault(base + ("layer",), {"t": {}, "pick": None})
+        if r.get("failed") or r["pass"] != "fwd+bwd" or r["method"] not in ("grouped", "loop"):
+            continue
+        c["t"][r["method"]] = r["median_ms"]
+        if r["planner_pick"]:
+            c["pick"] = r["method"]
+        continue
+    m = re.match(r"proj_ms gate_up ([0-9.]+) down ([0-9.]+)", r["proj"])
+    pk = re.search(r"gate_up -> (\w+), down -> (\w+)", r["picks"])
+    for i, proj in enumerate(("gate_up", "down")):
+        c = cells.setdefault(base + (proj,), {"t": {}, "pick": None})
+        if m:
+            c["t"][r["method"]] = float(m.group(i + 1))
+        if pk:
+            c["pick"] = pk.group(i + 1)
+print("MOE_MAX_CPU_ISA=%s, MODE=%s, %d cells, %d s" % (sys.argv[3], mode, len(cells), int(sys.argv[2])))
+print()
+print("| preset | tokens | dtype | layout | projection | grouped ms | loop ms | fastest | pick | pick off |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+hits = n = 0
+worst = 0.0
+for key in sorted(cells):
+    c, t = cells[key], cells[key]["t"]
+    if len(t) < 2:
+        print("| %s | %d | %s | %s | %s | - | - | - | - | not measured |" % key)
+        continue
+    fastest = min(t, key=t.get)
+    pick = c["pick"] or "mixed"
+    n += 1
+    off = t[pick] / t[fastest] - 1 if pick in t else float("nan")
+    hits += pick == fastest
+    if off == off:
+        worst = max(worst, off)
+    print("| %s | %d | %s | %s | %s | %.3f | %.3f | %s | %s | %s |" % (key + (
+        t["grouped"], t["loop"], fastest, pick, "%.0f%%" % (100 * off) if off == off else "n/a")))
+print()
+print("picked the measured fastest in %d of %d cells (%.0f%%); worst pick %.0f%% slower than the fastest"
+      % (hits, n, 100.0 * hits / max(n, 1), 100 * worst))
+PY

@@ -1,0 +1,284 @@
+/// @file kernel_avx2.c
+/// AVX2 + FMA kernel set for x86-64 CPUs without AVX-512: the f32 FMA
+/// micro-kernel (6 x 16: 12 ymm accumulators, 2 B vectors and one
+/// broadcast per k step, 15 of the 16 ymm registers) and f32 packing that
+/// widens bf16 sources exactly as it packs, so bf16 problems run through
+/// the same f32 kernel with f32 accumulation, and C stores (f32, bf16
+/// rounded to nearest even, non-temporal for large dW). Built with its own
+/// flags (CMakeLists.txt); the pragma makes the file self-contained when a test
+/// compiles it directly. Select it only where dispatch.c found AVX2 and FMA in
+/// CPUID and YMM state enabled in XCR0.
+#pragma GCC target("avx2,fma")
+#include <immintrin.h>
+
+#include "ukernel.h"
+
+#define MOE_INLINE static inline __attribute__((always_inline))
+
+enum { AVX2_MR = 6, AVX2_NR = 16 };
+
+/* ---- f32 micro-kernel ------------------------------------------------- */
+
+/// The 6 x 16 body for M real rows (a compile-time constant after
+/// inlining: rows past M cost nothing and the accumulators stay in
+/// registers). One FMA per (p, i, j-vector), p increasing: the order the
+/// contract fixes.
+MOE_INLINE void moe_f32_6x16(const int M, int64_t kc, const float *a,
+                             const float *b, float *acc, int64_t ldacc,
+                             int first) {
+  __m256 c[AVX2_MR][2];
+#pragma GCC unroll 6
+  for (int i = 0; i < M; i++) {
+    c[i][0] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc + i * ldacc);
+    c[i][1] =
+        first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc + i * ldacc + 8);
+  }
+  for (int64_t p = 0; p < kc; p++) {
+    const float *bp = b + p * AVX2_NR, *ap = a + p * AVX2_MR;
+    __m256 b0 = _mm256_load_ps(bp), b1 = _mm256_load_ps(bp + 8);
+#pragma GCC unroll 6
+    for (int i = 0; i < M; i++) {
+      __m256 ai = _mm256_broadcast_ss(ap + i);
+      c[i][0] = _mm256_fmadd_ps(ai, b0, c[i][0]);
+      c[i][1] = _mm256_fmadd_ps(ai, b1, c[i][1]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int i = 0; i < M; i++) {
+    _mm256_storeu_ps(acc + i * ldacc, c[i][0]);
+    _mm256_storeu_ps(acc + i * ldacc + 8, c[i][1]);
+  }
+}
+
+static void moe_ukernel_avx2_f32(int64_t kc, const float *a, const float *b,
+                                 float *acc, int64_t ldacc, int m, int first) {
+  switch (m) {
+  case 1: moe_f32_6x16(1, kc, a, b, acc, ldacc, first); break;
+  case 2: moe_f32_6x16(2, kc, a, b, acc, ldacc, first); break;
+  case 3: moe_f32_6x16(3, kc, a, b, acc, ldacc, first); break;
+  case 4: moe_f32_6x16(4, kc, a, b, acc, ldacc, first); break;
+  case 5: moe_f32_6x16(5, kc, a, b, acc, ldacc, first); break;
+  default: moe_f32_6x16(6, kc, a, b, acc, ldacc, first); break;
+  }
+}
+
+/* ---- packing ---------------------------------------------------------- */
+
+/// 8 consecutive elements of X at `at`, as f32 (bf16 widened exactly).
+MOE_INLINE __m256 moe_load8(const void *src, moe_dtype st, int64_t at) {
+  if (st == MOE_F32) return _mm256_loadu_ps((const float *)src + at);
+  __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)src + at));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/// Transposes 8 x 8 f32 in place: r[i] lane j becomes r[j] lane i.
+MOE_INLINE void moe_tr8(__m256 r[8]) {
+  __m256 t[8], u[8];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; i++) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  /* t[0] = r0_0 r1_0 r0_1 r1_1 | r0_4 r1_4 r0_5 r1_5, and so on. */
+#pragma GCC unroll 2
+  for (int g = 0; g < 2; g++) {
+    __m256 a0 = t[4 * g], a1 = t[4 * g + 1], b0 = t[4 * g + 2],
+           b1 = t[4 * g + 3];
+    u[4 * g] = _mm256_shuffle_ps(a0, b0, 0x44);     /* column 0 | 4 */
+    u[4 * g + 1] = _mm256_shuffle_ps(a0, b0, 0xEE); /* column 1 | 5 */
+    u[4 * g + 2] = _mm256_shuffle_ps(a1, b1, 0x44); /* column 2 | 6 */
+    u[4 * g + 3] = _mm256_shuffle_ps(a1, b1, 0xEE); /* column 3 | 7 */
+  }
+  /* u[c] holds rows 0..3 of columns c (low) and c + 4 (high); u[4 + c]
+     rows 4..7. */
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; c++) {
+    r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+    r[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+  }
+}
+
+/// X(p, t) as f32, or 0 outside the source (padding).
+MOE_INLINE float moe_x(const void *src, moe_dtype st, int64_t sd, int64_t sw,
+                       int64_t p, int64_t t, int64_t width) {
+  return t < width ? moe_load_f(src, st, p * sd + t * sw) : 0.0f;
+}
+
+static void moe_pack_f32_avx2(const void *src, moe_dtype st, int64_t sd,
+                              int64_t sw, int64_t depth, int64_t width, int W,
+                              float *dst) {
+  int64_t cols = (width + W - 1) / W * W;
+  if (sw == 1 && W % 8 == 0) {
+    /* Rows of X contiguous (the [K, N] weight, A of dW): copy each source
+       row once across all slivers. */
+    for (int64_t p = 0; p < depth; p++)
+      for (int64_t t0 = 0; t0 < cols; t0 += 8) {
+        float *d = dst + t0 / W * depth * W + p * W + t0 % W;
+        if (t0 + 8 <= width) {
+          _mm256_storeu_ps(d, moe_load8(src, st, p * sd + t0));
+        } else {
+          for (int q = 0; q < 8; q++)
+            d[q] = moe_x(src, st, sd, sw, p, t0 + q, width);
+        }
+      }
+    return;
+  }
+  if (sd == 1 && W % 8 == 0) {
+    /* Columns of X contiguous (the [N, K] weight in the forward): 8 x 8
+       transposes, 8 source rows streaming together. */
+    for (int64_t t0 = 0; t0 < cols; t0 += 8) {
+      float *d = dst + t0 / W * depth * W + t0 % W;
+      int64_t p0 = 0;
+      if (t0 + 8 <= width)
+        for (; p0 + 8 <= depth; p0 += 8) {
+          __m256 r[8];
+#pragma GCC unroll 8
+          for (int t = 0; t < 8; t++)
+            r[t] = moe_load8(src, st, (t0 + t) * sw + p0);
+          moe_tr8(r);
+#pragma GCC unroll 8
+          for (int q = 0; q < 8; q++)
+            _mm256_storeu_ps(d + (p0 + q) * W, r[q]);
+        }
+      for (; p0 < depth; p0++)
+        for (int q = 0; q < 8; q++)
+          d[p0 * W + q] = moe_x(src, st, sd, sw, p0, t0 + q, width);
+    }
+    return;
+  }
+  if (sw == 1) {
+    /* Rows contiguous, W = MR = 6 (A of dW): row by row, in memory order. */
+    for (int64_t p = 0; p < depth; p++)
+      for (int64_t t = 0; t < cols; t++)
+        dst[t / W * depth * W + p * W + t % W] =
+            moe_x(src, st, sd, sw, p, t, width);
+    return;
+  }
+  /* Any strides, and the A panels of the forward (W = MR = 6, each source
+     row read contiguously). */
+  for (int64_t t = 0; t < cols; t++) {
+    float *d = dst + t / W * depth * W + t % W;
+    for (int64_t p = 0; p < depth; p++)
+      d[p * W] = moe_x(src, st, sd, sw, p, t, width);
+  }
+}
+
+/* ---- C store ---------------------------------------------------------- */
+
+/// f32 -> bf16 bits of 16 lanes (a then b), round to nearest even, NaN kept
+/// quiet: moe_f32_to_bf16 exactly, 16 at a time.
+MOE_INLINE __m256i moe_cvt16_bf16(__m256 a, __m256 b) {
+  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff),
+                abs = _mm256_set1_epi32(0x7fffffff),
+                inf = _mm256_set1_epi32(0x7f800000),
+                quiet = _mm256_set1_epi32(0x40);
+  __m256i r[2];
+  __m256 v[2] = {a, b};
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; h++) {
+    __m256i u = _mm256_castps_si256(v[h]);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
+    __m256i rn =
+        _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, bias), lsb), 16);
+    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs), inf);
+    __m256i qn = _mm256_or_si256(_mm256_srli_epi32(u, 16), quiet);
+    r[h] = _mm256_blendv_epi8(rn, qn, nan);
+  }
+  /* Values are below 2^16, so the saturating pack is exact; it works per
+     128-bit lane, the permute puts the halves back in order. */
+  return _mm256_permute4x64_epi64(_mm256_packus_epi32(r[0], r[1]), 0xD8);
+}
+
+static void moe_store_row_f32(const float *a, float *c, int64_t nb, float beta,
+                              int stream) {
+  int64_t j = 0;
+  if (beta != 0.0f) {
+    for (; j + 8 <= nb; j += 8)
+      _mm256_storeu_ps(
+          c + j, _mm256_add_ps(_mm256_loadu_ps(c + j), _mm256_loadu_ps(a + j)));
+    for (; j < nb; j++)
+      c[j] += a[j];
+    return;
+  }
+  if (stream && !((uintptr_t)c & 3)) {
+    /* Normal stores up to the first 64-byte boundary, then whole lines
+       with non-temporal stores (no read for ownership), then the tail. */
+    int64_t head = (int64_t)((64 - ((uintptr_t)c & 63)) & 63) / 4;
+    if (head > nb) head = nb;
+    for (; j < head; j++)
+      c[j] = a[j];
+    for (; j + 16 <= nb; j += 16) {
+      _mm256_stream_ps(c + j, _mm256_loadu_ps(a + j));
+      _mm256_stream_ps(c + j + 8, _mm256_loadu_ps(a + j + 8));
+    }
+  }
+  for (; j + 8 <= nb; j += 8)
+    _mm256_storeu_ps(c + j, _mm256_loadu_ps(a + j));
+  for (; j < nb; j++)
+    c[j] = a[j];
+}
+
+static void moe_store_row_bf16(const float *a, uint16_t *c, int64_t nb,
+                               float beta, int stream) {
+  int64_t j = 0;
+  if (beta != 0.0f) {
+    for (; j + 16 <= nb; j += 16) {
+      __m256i old = _mm256_loadu_si256((const __m256i *)(c + j));
+      __m256 lo = _mm256_castsi256_ps(_mm256_slli_epi32(
+          _mm256_cvtepu16_epi32(_mm256_castsi256_si128(old)), 16));
+      __m256 hi = _mm256_castsi256_ps(_mm256_slli_epi32(
+          _mm256_cvtepu16_epi32(_mm256_extracti128_si256(old, 1)), 16));
+      _mm256_storeu_si256(
+          (__m256i *)(c + j),
+          moe_cvt16_bf16(_mm256_add_ps(lo, _mm256_loadu_ps(a + j)),
+                         _mm256_add_ps(hi, _mm256_loadu_ps(a + j + 8))));
+    }
+    for (; j < nb; j++)
+      c[j] = moe_f32_to_bf16(moe_bf16_to_f32(c[j]) + a[j]);
+    return;
+  }
+  if (stream && !((uintptr_t)c & 1)) {
+    int64_t head = (int64_t)((64 - ((uintptr_t)c & 63)) & 63) / 2;
+    if (head > nb) head = nb;
+    for (; j < head; j++)
+      c[j] = moe_f32_to_bf16(a[j]);
+    for (; j + 32 <= nb; j += 32) {
+      _mm256_stream_si256(
+          (__m256i *)(c + j),
+          moe_cvt16_bf16(_mm256_loadu_ps(a + j), _mm256_loadu_ps(a + j + 8)));
+      _mm256_stream_si256((__m256i *)(c + j + 16),
+                          moe_cvt16_bf16(_mm256_loadu_ps(a + j + 16),
+                                         _mm256_loadu_ps(a + j + 24)));
+    }
+  }
+  for (; j + 16 <= nb; j += 16)
+    _mm256_storeu_si256(
+        (__m256i *)(c + j),
+        moe_cvt16_bf16(_mm256_loadu_ps(a + j), _mm256_loadu_ps(a + j + 8)));
+  for (; j < nb; j++)
+    c[j] = moe_f32_to_bf16(a[j]);
+}
+
+static void moe_store_avx2(const float *acc, int64_t ldacc, int64_t mb,
+                           int64_t nb, void *c, moe_dtype ct, int64_t crs,
+                           float beta, int stream) {
+  for (int64_t i = 0; i < mb; i++) {
+    if (ct == MOE_F32)
+      moe_store_row_f32(acc + i * ldacc, (float *)c + i * crs, nb, beta,
+                        stream);
+    else
+      moe_store_row_bf16(acc + i * ldacc, (uint16_t *)c + i * crs, nb, beta,
+                         stream);
+  }
+  /* Non-temporal stores are fenced once per thread by the driver. */
+}
+
+const moe_ukernel_info moe_ukernel_avx2 = {
+    .isa = "avx2",
+    .name = "avx2_f32_6x16",
+    .mr = AVX2_MR,
+    .nr = AVX2_NR,
+    .f32 = moe_ukernel_avx2_f32,
+    .pack_f32 = moe_pack_f32_avx2,
+    .store = moe_store_avx2,
+};

@@ -1,0 +1,51 @@
+/// @file kernels.h
+/// What the Hopper kernels' files share with the host-side dispatch
+/// (sm90.cu): the argument blocks and one launcher per kernel family.
+/// C++ (CUDA) only.
+#ifndef MOE_SM90_KERNELS_H
+#define MOE_SM90_KERNELS_H
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "backend/cuda/sm90/epilogue.cuh"
+#include "backend/cuda/sm90/tiles.h"
+
+namespace sm90 {
+
+/// Arguments shared by both kernel families (by value).
+struct kargs {
+  const uint16_t *a; ///< M-grouped: A(r, k) at a + r * a_ld + k (bf16)
+  int64_t a_ld;      ///< K-grouped: A(m, r) at a + r * a_ld + m
+  const int32_t *a_gather;
+  const uint16_t *b; ///< K-grouped only: B(r, n) at b + r * b_ld + n
+  int64_t b_ld;
+  const int32_t *b_gather;
+  cout o;
+  int64_t c_gs; ///< K-grouped: C_g's group stride
+  const int64_t *off;
+  int64_t rows;
+  int G, M, N, K;
+};
+
+/// Launches the M-grouped kernel of tile `tile` (SM90_TILES_M index),
+/// B K-major (bmn = 0, tensor map over [G][N][K]) or MN-major (bmn = 1,
+/// over [G][K][N]).
+cudaError_t launch_m(int tile, int bmn, const CUtensorMap *tmb, const kargs &a,
+                     int grid, size_t smem, cudaStream_t s);
+/// Launches the K-grouped (dW) kernel of tile `tile` (SM90_TILES_K index).
+cudaError_t launch_k(int tile, const kargs &a, int grid, size_t smem,
+                     cudaStream_t s);
+
+/// Dynamic shared memory of a kernel: stages, 1024 B of alignment slack,
+/// barriers, the consumers' epilogue buffers and the group tables.
+static inline size_t smem_bytes(int bm, int bn, int stages, int groups) {
+  return (size_t)stages * (size_t)(bm + bn) * SM90_BK * 2 + 1024 +
+         (size_t)stages * 16 + (size_t)(bm / 16) * EPI_WARP_BYTES +
+         (size_t)(groups + 1) * 8 + 16;
+}
+
+} // namespace sm90
+
+#endif /* MOE_SM90_KERNELS_H */

@@ -1,0 +1,248 @@
+/// @file sm90.cu
+/// Host side of the Hopper grouped GEMM: which problems it takes (and why
+/// not), the tile choice from tiles.h, the weight's TMA tensor map and the
+/// launch. No device work besides the kernel, no host sync.
+#include <cudaTypedefs.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/cuda/sm90/kernels.h"
+#include "backend/cuda/sm90/sm90.h"
+
+namespace {
+
+struct tile_row {
+  int bm, bn, st;
+  const char *name;
+};
+#define SM90_ROW(I, BM, BN, ST) {BM, BN, ST, #BM "x" #BN},
+const tile_row tiles_m[] = {SM90_TILES_M(SM90_ROW)};
+const tile_row tiles_k[] = {SM90_TILES_K(SM90_ROW)};
+#undef SM90_ROW
+const int n_tiles_m = (int)(sizeof tiles_m / sizeof tiles_m[0]);
+const int n_tiles_k = (int)(sizeof tiles_k / sizeof tiles_k[0]);
+
+bool fail(char *why, size_t n, const char *msg) {
+  if (why) snprintf(why, n, "%s", msg);
+  return false;
+}
+
+bool al16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+
+/// The device is compute capability 9.0 (the sm_90a code runs nowhere else).
+bool device_sm90(int *sms) {
+  int dev, maj = 0, min = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&maj, cudaDevAttrComputeCapabilityMajor, dev) !=
+          cudaSuccess ||
+      cudaDeviceGetAttribute(&min, cudaDevAttrComputeCapabilityMinor, dev) !=
+          cudaSuccess)
+    return false;
+  if (sms && cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, dev) !=
+                 cudaSuccess)
+    return false;
+  return maj == 9 && min == 0;
+}
+
+/// MOE_CUDA_SM90_TILE names a tile of the table ("128x256", ...): its index,
+/// -1 unset (or, for dW, a shape only the M-grouped kernel has), -2 unknown.
+int tile_env(bool gk) {
+  const char *v = getenv("MOE_CUDA_SM90_TILE");
+  if (!v || !*v) return -1;
+  const tile_row *t = gk ? tiles_k : tiles_m;
+  int n = gk ? n_tiles_k : n_tiles_m;
+  for (int i = 0; i < n; i++)
+    if (!strcmp(v, t[i].name)) return i;
+  /* a forward-only shape leaves dW on its default tile */
+  for (int i = 0; gk && i < n_tiles_m; i++)
+    if (!strcmp(v, tiles_m[i].name)) return -1;
+  return -2;
+}
+
+/// The tile: the table's first (largest) shape unless the groups are small
+/// (a 192-row tile holds a whole ~160-row expert: its weight is read once)
+/// or N fits 128 columns. From the tile sweeps in bench/NOTES.md.
+int pick_tile(const moe_cu_gemm *p) {
+  bool gk = p->kind == MOE_GROUP_K;
+  int e = tile_env(gk);
+  if (e >= 0) return e;
+  if (gk) return p->N <= 128 ? 1 : 0;
+  double mean =
+      (double)p->rows / (double)(p->num_groups > 0 ? p->num_groups : 1);
+  if (mean <= 192.0) return 2; /* one 192-row tile per expert */
+  if (p->N <= 128) return 1;
+  return 0;
+}
+
+PFN_cuTensorMapEncodeTiled_v12000 encode_fn(void) {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn;
+  if (!fn) {
+    void *f = NULL;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000,
+                                         cudaEnableDefault,
+                                         &q) == cudaSuccess &&
+        q == cudaDriverEntryPointSuccess)
+      fn = (PFN_cuTensorMapEncodeTiled_v12000)f;
+  }
+  return fn;
+}
+
+} // namespace
+
+extern "C" bool moe_cu_sm90_ok(const moe_cu_gemm *p, char *why, size_t n) {
+  const char *off = getenv("MOE_CUDA_SM90");
+  if (off && !strcmp(off, "0"))
+    return fail(why, n, "MOE_CUDA_SM90=0 pins the mma.sync kernel");
+  if (getenv("MOE_CUDA_TILE"))
+    return fail(why, n, "MOE_CUDA_TILE pins the mma.sync kernel");
+  if (!device_sm90(NULL))
+    return fail(why, n, "the device is not sm_90 (wgmma/TMA kernels)");
+  if (p->A.dtype != MOE_BF16 || p->B.dtype != MOE_BF16)
+    return fail(why, n, "operands are not bf16");
+  if (p->num_groups > SM90_MAX_GROUPS)
+    return fail(why, n, "more groups than the sm_90 kernels' table holds");
+  if (p->M > INT32_MAX || p->N > INT32_MAX || p->K > INT32_MAX ||
+      p->rows > INT32_MAX)
+    return fail(why, n, "a dimension exceeds 2^31");
+  if (tile_env(p->kind == MOE_GROUP_K) == -2)
+    return fail(why, n, "MOE_CUDA_SM90_TILE names no tile of the table");
+  if (p->kind == MOE_GROUP_M) {
+    if (p->K <= 0 || p->N <= 0) return fail(why, n, "empty K or N");
+    if (p->A.cs != 1 || p->A.rs % 8 || p->K % 8 || !al16(p->A.data))
+      return fail(why, n,
+                  "A: rows must be contiguous, 16-byte aligned, K and the "
+                  "row stride multiples of 8");
+    bool kmaj = p->B.rs == 1, mnmaj = !kmaj && p->B.cs == 1;
+    if (!kmaj && !mnmaj) return fail(why, n, "B has no unit stride");
+    int64_t ld = kmaj ? p->B.cs : p->B.rs;
+    if (!al16(p->B.data) || ld % 8 || (p->num_groups > 1 && p->B.gs % 8) ||
+        (p->num_groups > 1 && p->B.gs == 0))
+      return fail(why, n,
+                  "B: TMA needs a 16-byte aligned base and strides that "
+                  "are multiples of 16 bytes");
+    return true;
+  }
+  if (p->M <= 0 || p->N <= 0) return fail(why, n, "empty M or N");
+  if (p->A.rs != 1 || p->B.cs != 1)
+    return fail(why, n, "dW: A(m, r) and B(r, n) must be contiguous in m, n");
+  if (p->M % 8 || p->N % 8 || p->A.cs % 8 || p->B.rs % 8 || !al16(p->A.data) ||
+      !al16(p->B.data))
+    return fail(why, n,
+                "dW: 16-byte copies need aligned bases, M, N and the depth "
+                "strides multiples of 8");
+  return true;
+}
+
+extern "C" moe_status moe_cu_gemm_sm90(const moe_cu_gemm *p,
+                                       const moe_cu_ctx *c) {
+  bool gk = p->kind == MOE_GROUP_K;
+  int ti = pick_tile(p);
+  const tile_row &t = gk ? tiles_k[ti] : tiles_m[ti];
+  int sms = 0;
+  if (!device_sm90(&sms))
+    return moe_error(MOE_ERR_INTERNAL, "sm_90 GEMM on another device");
+  size_t smem = sm90::smem_bytes(t.bm, t.bn, t.st, (int)p->num_groups);
+
+  sm90::kargs a;
+  memset(&a, 0, sizeof a);
+  a.o.c = p->C.data;
+  a.o.rs = p->C.rs;
+  a.o.cs = p->C.cs;
+  a.o.f32 = p->C.dtype == MOE_F32;
+  size_t es = a.o.f32 ? 8u : 4u;
+  a.o.pair = p->C.cs == 1 && p->C.rs % 2 == 0 && p->C.gs % 2 == 0 &&
+             ((uintptr_t)p->C.data % es) == 0;
+  a.o.beta = p->beta;
+  a.o.vec16 = !a.o.f32 && p->C.cs == 1 && p->beta == 0.0f && p->C.rs % 8 == 0 &&
+              (gk ? p->C.gs % 8 == 0 : true) &&
+              ((uintptr_t)p->C.data % 16) == 0;
+  a.c_gs = p->C.gs;
+  a.off = p->offsets;
+  a.rows = p->rows;
+  a.G = (int)p->num_groups;
+  a.M = (int)p->M;
+  a.N = (int)p->N;
+  a.K = (int)p->K;
+
+  int64_t NT = (p->N + t.bn - 1) / t.bn, ub;
+  if (gk)
+    ub = p->num_groups * ((p->M + t.bm - 1) / t.bm) * NT;
+  else
+    ub = (p->rows / t.bm + p->num_groups) * NT;
+  int64_t grid = sms < ub ? sms : ub;
+  if (grid < 1) return MOE_SUCCESS;
+
+  cudaError_t e;
+  if (gk) {
+    a.a = (const uint16_t *)p->A.data;
+    a.a_ld = p->A.cs;
+    a.a_gather = p->A.gather;
+    a.b = (const uint16_t *)p->B.data;
+    a.b_ld = p->B.rs;
+    a.b_gather = p->B.gather;
+    e = sm90::launch_k(ti, a, (int)grid, smem, c->stream);
+    return moe_cu_check(e, "launching the sm_90 dW kernel");
+  }
+  a.a = (const uint16_t *)p->A.data;
+  a.a_ld = p->A.rs;
+  a.a_gather = p->A.gather;
+  /* the weight as a 3-D tensor map over its own strides: dim 0 the
+     contiguous one (K when K-major, N when MN-major) */
+  bool kmaj = p->B.rs == 1;
+  PFN_cuTensorMapEncodeTiled_v12000 enc = encode_fn();
+  if (!enc)
+    return moe_error(MOE_ERR_BACKEND,
+                     "CUDA: the driver has no cuTensorMapEncodeTiled");
+  int64_t ld = kmaj ? p->B.cs : p->B.rs;
+  cuuint64_t dim[3], str[2];
+  cuuint32_t box[3], es1[3] = {1, 1, 1};
+  dim[0] = (cuuint64_t)(kmaj ? p->K : p->N);
+  dim[1] = (cuuint64_t)(kmaj ? p->N : p->K);
+  dim[2] = (cuuint64_t)p->num_groups;
+  str[0] = (cuuint64_t)ld * 2;
+  str[1] = p->num_groups > 1 ? (cuuint64_t)p->B.gs * 2
+                             : ((cuuint64_t)ld * 2 * dim[1] + 15) / 16 * 16;
+  box[0] = 64;
+  box[1] = kmaj ? (cuuint32_t)t.bn : 64;
+  box[2] = 1;
+  CUtensorMap tm;
+  CUresult r = enc(
+      &tm, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, p->B.data, dim, str, box, es1,
+      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    return moe_error(MOE_ERR_BACKEND,
+                     "CUDA: cuTensorMapEncodeTiled (weight, %s) failed: %d",
+                     kmaj ? "K-major" : "MN-major", (int)r);
+  e = sm90::launch_m(ti, kmaj ? 0 : 1, &tm, a, (int)grid, smem, c->stream);
+  return moe_cu_check(e, "launching the sm_90 grouped GEMM kernel");
+}
+
+/* ---- the planner's model ------------------------------------------------ */
+
+extern "C" bool moe_cu_sm90_layer_ok(int dev, int64_t E, int64_t H, int64_t I,
+                                     moe_dtype dt, char *why, size_t n) {
+  int maj = 0, min = 0;
+  if (cudaDeviceGetAttribute(&maj, cudaDevAttrComputeCapabilityMajor, dev) !=
+          cudaSuccess ||
+      cudaDeviceGetAttribute(&min, cudaDevAttrComputeCapabilityMinor, dev) !=
+          cudaSuccess) {
+    cudaGetLastError();
+    return fail(why, n, "the device's compute capability is unknown");
+  }
+  if (maj != 9 || min != 0)
+    return fail(why, n, "the sm_90a kernels need compute capability 9.0");
+  if (dt != MOE_BF16) return fail(why, n, "the sm_90a kernels are bf16");
+  if (E > SM90_MAX_GROUPS) return fail(why, n, "more than 1024 local experts");
+  if (H % 8 || I % 8)
+    return fail(why, n,
+                "hidden and intermediate must be multiples of 8 (16-byte "
+                "rows for TMA and cp.async)");
+  const char *off = getenv("MOE_CUDA_SM90");
+  if ((off && !strcmp(off, "0")) || getenv("MOE_CUDA_TILE"))
+    return fail(why, n, "MOE_CUDA_SM90=0 / MOE_CUDA_TILE pin mma.sync");
+  return true;
+}

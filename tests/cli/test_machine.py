@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Which machine constants the planner uses (`moe plan --explain`).
+
+usage: test_machine.py PATH/TO/moe
+
+The planner must use the constants of the ISA level actually selected
+(MOE_MAX_CPU_ISA caps it), never another level's: built-in ones for the
+level, or a calibration file (MOE_MACHINE, the deprecated MOE_MACHINE_FILE,
+else $XDG_CACHE_HOME/libmoe/machine.json) only when it records that level
+and this CPU. Every decision is named in the explanation. A calibration file
+that matches must change the predictions; one that does not must not.
+Prints one line per check and ends with "N passed, M failed".
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+passed = failed = 0
+
+
+def check(name, ok, detail=""):
+    global passed, failed
+    if ok:
+        passed += 1
+    else:
+        failed += 1
+    print("%s %s%s" % ("PASS" if ok else "FAIL", name,
+                       ": " + detail if detail else ""), flush=True)
+    return ok
+
+
+def plan(moe, env_extra, cache):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MOE_MACHINE", "MOE_MACHINE_FILE", "MOE_MAX_CPU_ISA",
+                        "MOE_GMM")}
+    env["XDG_CACHE_HOME"] = cache
+    env.update(env_extra)
+    r = subprocess.run([moe, "plan", "--preset", "qwen3-30b-a3b", "--tokens",
+                        "256", "--dtype", "f32", "--explain"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    machine = [l for l in r.stdout.splitlines() if l.startswith("machine:")]
+    preds = re.findall(r"grouped: predicted ([0-9.]+) ms", r.stdout)
+    return r.returncode, machine[0] if machine else "", preds, r.stdout
+
+
+def calib(isa, cpu, scale):
+    """A well-formed calibration file; `scale` sets its grouped rates."""
+    d = {"libmoe_machine": 2, "threads": 2, "bandwidth_gbs": 40.0,
+         "peak_gflops_f32": 200.0, "peak_gflops_bf16": 400.0,
+         "call_us_f32": 0.5, "call_us_bf16": 0.7,
+         "rows_at": [2, 8, 32, 128, 512]}
+    if isa is not None:
+        d["isa"] = isa
+    if cpu is not None:
+        d["cpu"] = cpu
+    for m in ("grouped", "loop"):
+        for t in ("f32", "bf16"):
+            for k in ("fwd", "dw"):
+                base = [3, 11, 37, 53, 61]
+                f = scale if m == "grouped" else 1.0
+                d["%s_%s_%s" % (m, t, k)] = [x * f for x in base]
+    return d
+
+
+def main():
+    moe = sys.argv[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = os.path.join(tmp, "empty")
+        os.mkdir(empty)
+        rc, m, base, out = plan(moe, {}, empty)
+        check("plan runs", rc == 0, out[-300:])
+        isa = re.search(r"built-in constants for isa (\w+)", m)
+        check("no file: built-in constants of the selected level named", isa,
+              m)
+        if not isa:
+            return 1
+        isa = isa.group(1)
+        check("no file: the missing default file is named",
+              "no calibration file at " + empty in m, m)
+        # Each level the CPU reaches: built-ins of exactly that level.
+        for cap in ("ref", "avx2"):
+            rc, m, p, _ = plan(moe, {"MOE_MAX_CPU_ISA": cap}, empty)
+            got = re.search(r"built-in constants for isa (\w+)", m)
+            check("MOE_MAX_CPU_ISA=%s: constants of the capped level" % cap,
+                  rc == 0 and got and (got.group(1) == cap or
+                                       (cap == "avx2" and
+                                        got.group(1) == "ref")), m)
+        # CPU name as the library reports it: from a matching file's echo.
+        cpu = None
+        path = os.path.join(tmp, "m.json")
+        with open(path, "w") as f:
+            json.dump(calib(isa, None, 0.5), f)
+        rc, m, p, _ = plan(moe, {"MOE_MACHINE": path}, empty)
+        check("file at the selected level, no cpu recorded: used",
+              rc == 0 and m.startswith("machine: calibration file " + path) and
+              "(MOE_MACHINE)" in m, m)
+        check("a used file changes the predictions", p and p != base,
+              "%s vs %s" % (p, base))
+        cm = re.search(r"on this CPU \((.*)\) with", m)
+        cpu = cm.group(1) if cm else "?"
+        with open(path, "w") as f:
+            json.dump(calib(isa, cpu, 0.5), f)
+        rc, m, p, _ = plan(moe, {"MOE_MACHINE_FILE": path}, empty)
+        check("deprecated MOE_MACHINE_FILE still honoured",
+              m.startswith("machine: calibration file " + path) and
+              "(MOE_MACHINE_FILE)" in m, m)
+        other = "avx2" if isa != "avx2" else "avx512"
+        cases = [
+            ("file from another level ignored",
+             calib(other, cpu, 0.5), "ignored: measured at isa " + other),
+            ("file from another CPU ignored",
+             calib(isa, "Some Other CPU 9000", 0.5), "ignored: measured on"),
+            ("file without an ISA level ignored",
+             calib(None, cpu, 0.5), "ignored: it records no ISA level"),
+        ]
+        for name, d, want in cases:
+            with open(path, "w") as f:
+                json.dump(d, f)
+            rc, m, p, _ = plan(moe, {"MOE_MACHINE": path}, empty)
+            check(name, rc == 0 and want in m and
+                  "built-in constants for isa " + isa in m, m)
+            check(name + ": predictions are the built-in ones", p == base,
+                  "%s vs %s" % (p, base))
+        with open(path, "w") as f:
+            f.write("{ not json")
+        rc, m, p, _ = plan(moe, {"MOE_MACHINE": path}, empty)
+        check("malformed file ignored, plan still made",
+              rc == 0 and "ignored: not JSON" in m, m)
+        rc, m, p, _ = plan(moe, {"MOE_MACHINE": path + ".missing"}, empty)
+        check("named missing file reported", rc == 0 and
+              "ignored: unreadable" in m, m)
+        # The default path ($XDG_CACHE_HOME/libmoe/machine.json) is read.
+        cache = os.path.join(tmp, "cache")
+        os.makedirs(os.path.join(cache, "libmoe"))
+        dflt = os.path.join(cache, "libmoe", "machine.json")
+        with open(dflt, "w") as f:
+            json.dump(calib(isa, cpu, 0.5), f)
+        rc, m, p, _ = plan(moe, {}, cache)
+        check("default cache file used",
+              m.startswith("machine: calibration file " + dflt), m)
+        if isa != "ref":
+            rc, m, p, _ = plan(moe, {"MOE_MAX_CPU_ISA": "ref"}, cache)
+            check("default cache file of another level ignored under a cap",
+                  "built-in constants for isa ref" in m and
+                  "ignored: measured at isa " + isa in m, m)
+    print("%d passed, %d failed" % (passed, failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
