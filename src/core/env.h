@@ -26,9 +26,21 @@ const char *moe_env_max_cpu_isa(void);
 /// MOE_VERBOSE set to anything but empty or "0".
 bool moe_env_verbose(void);
 
+/// XDG_CACHE_HOME and HOME (where the calibration file lives by default);
+/// NULL when unset or empty.
+const char *moe_env_xdg_cache_home(void);
+const char *moe_env_home(void);
+
 /// MOE_CUDA_TILE: the tensor-core kernel's tile, "MIxNI[wWN][sST]" (a
 /// tuning and test knob, read on every call); NULL when unset.
 const char *moe_env_cuda_tile(void);
+
+/// MOE_CUDA_SM90 as given (unset: the sm_90a kernels where they apply;
+/// "1": required; "0": off); read on every call.
+const char *moe_env_cuda_sm90(void);
+/// MOE_CUDA_SM90_TILE: one row of the sm90 tile table; NULL when unset or
+/// empty.
+const char *moe_env_cuda_sm90_tile(void);
 
 /// MOE_GPU_MACHINE: overrides of the GPU cost model's rates as
 /// "key=value,..." (plan/machine_gpu.c checks the keys); NULL when unset.

@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "backend/cuda/cuda_internal.h"
+#include "core/env.h"
 #ifdef MOE_HAVE_SM90
 #include "backend/cuda/sm90/sm90.h"
 #endif
@@ -92,7 +93,7 @@ moe_status moe_cu_gemm_grouped(const moe_cu_gemm *p, const moe_cu_ctx *c) {
     char why[160];
     if (moe_cu_sm90_ok(&q, why, sizeof why)) return moe_cu_gemm_sm90(&q, c);
     /* MOE_CUDA_SM90=1 requires it (tests and benchmarks of the kernel) */
-    const char *req = getenv("MOE_CUDA_SM90");
+    const char *req = moe_env_cuda_sm90();
     if (req && !strcmp(req, "1"))
       return moe_error(MOE_ERR_UNIMPLEMENTED,
                        "grouped GEMM (CUDA): MOE_CUDA_SM90=1 but the sm_90 "

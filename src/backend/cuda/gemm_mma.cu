@@ -33,6 +33,7 @@
 
 #include "backend/cuda/block_scan.cuh"
 #include "backend/cuda/cuda_internal.h"
+#include "backend/cuda/store_pair.cuh"
 #include "core/env.h"
 
 #define MMA_BK 32
@@ -98,37 +99,8 @@ static __device__ __forceinline__ void mma_bf16(float *c, const uint32_t *a,
 static __device__ __forceinline__ void store_pair(const mma_args &p, int64_t i,
                                                   float v0, float v1, bool ok0,
                                                   bool ok1) {
-  if (p.c_f32) {
-    float *q = (float *)p.c + i;
-    if (p.c_pair && ok1) {
-      if (p.beta != 0.0f) {
-        float2 o = *(const float2 *)q;
-        v0 += p.beta * o.x;
-        v1 += p.beta * o.y;
-      }
-      *(float2 *)q = make_float2(v0, v1);
-      return;
-    }
-    if (ok0) q[0] = p.beta != 0.0f ? v0 + p.beta * q[0] : v0;
-    if (ok1) q[p.c_cs] = p.beta != 0.0f ? v1 + p.beta * q[p.c_cs] : v1;
-    return;
-  }
-  __nv_bfloat16 *q = (__nv_bfloat16 *)p.c + i;
-  if (p.c_pair && ok1) {
-    if (p.beta != 0.0f) {
-      float2 o = __bfloat1622float2(*(const __nv_bfloat162 *)q);
-      v0 += p.beta * o.x;
-      v1 += p.beta * o.y;
-    }
-    *(__nv_bfloat162 *)q = __floats2bfloat162_rn(v0, v1);
-    return;
-  }
-  if (ok0)
-    q[0] = __float2bfloat16_rn(
-        p.beta != 0.0f ? v0 + p.beta * __bfloat162float(q[0]) : v0);
-  if (ok1)
-    q[p.c_cs] = __float2bfloat16_rn(
-        p.beta != 0.0f ? v1 + p.beta * __bfloat162float(q[p.c_cs]) : v1);
+  moe_cu_store_pair(p.c, p.c_f32, p.c_pair, p.c_cs, p.beta, i, v0, v1, ok0,
+                    ok1);
 }
 
 /* ---- the group tables in shared memory ---------------------------------- */

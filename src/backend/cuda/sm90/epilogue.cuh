@@ -16,6 +16,8 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "backend/cuda/store_pair.cuh"
+
 namespace sm90 {
 
 /// Shared memory of one warp's epilogue staging buffer: 16 rows x 144 B.
@@ -34,37 +36,7 @@ struct cout {
 
 static __device__ __forceinline__ void
 store2(const cout &o, int64_t i, float v0, float v1, bool ok0, bool ok1) {
-  if (o.f32) {
-    float *q = (float *)o.c + i;
-    if (o.pair && ok1) {
-      if (o.beta != 0.0f) {
-        float2 b = *(const float2 *)q;
-        v0 += o.beta * b.x;
-        v1 += o.beta * b.y;
-      }
-      *(float2 *)q = make_float2(v0, v1);
-      return;
-    }
-    if (ok0) q[0] = o.beta != 0.0f ? v0 + o.beta * q[0] : v0;
-    if (ok1) q[o.cs] = o.beta != 0.0f ? v1 + o.beta * q[o.cs] : v1;
-    return;
-  }
-  __nv_bfloat16 *q = (__nv_bfloat16 *)o.c + i;
-  if (o.pair && ok1) {
-    if (o.beta != 0.0f) {
-      float2 b = __bfloat1622float2(*(const __nv_bfloat162 *)q);
-      v0 += o.beta * b.x;
-      v1 += o.beta * b.y;
-    }
-    *(__nv_bfloat162 *)q = __floats2bfloat162_rn(v0, v1);
-    return;
-  }
-  if (ok0)
-    q[0] = __float2bfloat16_rn(
-        o.beta != 0.0f ? v0 + o.beta * __bfloat162float(q[0]) : v0);
-  if (ok1)
-    q[o.cs] = __float2bfloat16_rn(
-        o.beta != 0.0f ? v1 + o.beta * __bfloat162float(q[o.cs]) : v1);
+  moe_cu_store_pair(o.c, o.f32, o.pair, o.cs, o.beta, i, v0, v1, ok0, ok1);
 }
 
 /// Stores a 64 x WN accumulator block whose row i lives at base + i * rs

@@ -17,6 +17,8 @@
 
 #include <stdint.h>
 
+#include "backend/cuda/block_scan.cuh"
+
 namespace sm90 {
 
 struct tile {
@@ -41,7 +43,6 @@ static __device__ int64_t sched_init(sched &s, const int64_t *off, int G,
                                      int K, bool gk, int *off_s, int *ts) {
   __shared__ int wsum[32];
   const int nthr = blockDim.x, tid = threadIdx.x;
-  const int lane = tid & 31, warp = tid >> 5;
   for (int g = tid; g <= G; g += nthr) {
     int64_t o = off[g];
     off_s[g] = (int)(o < 0 ? 0 : (o > rows ? rows : o));
@@ -64,16 +65,7 @@ static __device__ int64_t sched_init(sched &s, const int64_t *off, int G,
   int cnt = 0;
   for (int g = g0; g < g1; g++)
     cnt += (max(off_s[g + 1] - max(off_s[g], 0), 0) + BM - 1) / BM;
-  int incl = cnt;
-  for (int d = 1; d < 32; d <<= 1) {
-    int v = __shfl_up_sync(0xffffffffu, incl, d);
-    if (lane >= d) incl += v;
-  }
-  if (lane == 31) wsum[warp] = incl;
-  __syncthreads();
-  int run = incl - cnt;
-  for (int w = 0; w < warp; w++)
-    run += wsum[w];
+  int run = moe_block_exclusive_scan(cnt, wsum);
   for (int g = g0; g < g1; g++) {
     ts[g] = run;
     run += (max(off_s[g + 1] - off_s[g], 0) + BM - 1) / BM;

@@ -10,6 +10,7 @@
 
 #include "backend/cuda/sm90/kernels.h"
 #include "backend/cuda/sm90/sm90.h"
+#include "core/env.h"
 
 namespace {
 
@@ -49,8 +50,8 @@ bool device_sm90(int *sms) {
 /// MOE_CUDA_SM90_TILE names a tile of the table ("128x256", ...): its index,
 /// -1 unset (or, for dW, a shape only the M-grouped kernel has), -2 unknown.
 int tile_env(bool gk) {
-  const char *v = getenv("MOE_CUDA_SM90_TILE");
-  if (!v || !*v) return -1;
+  const char *v = moe_env_cuda_sm90_tile();
+  if (!v) return -1;
   const tile_row *t = gk ? tiles_k : tiles_m;
   int n = gk ? n_tiles_k : n_tiles_m;
   for (int i = 0; i < n; i++)
@@ -93,10 +94,10 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_fn(void) {
 } // namespace
 
 extern "C" bool moe_cu_sm90_ok(const moe_cu_gemm *p, char *why, size_t n) {
-  const char *off = getenv("MOE_CUDA_SM90");
+  const char *off = moe_env_cuda_sm90();
   if (off && !strcmp(off, "0"))
     return fail(why, n, "MOE_CUDA_SM90=0 pins the mma.sync kernel");
-  if (getenv("MOE_CUDA_TILE"))
+  if (moe_env_cuda_tile())
     return fail(why, n, "MOE_CUDA_TILE pins the mma.sync kernel");
   if (!device_sm90(NULL))
     return fail(why, n, "the device is not sm_90 (wgmma/TMA kernels)");
@@ -241,8 +242,8 @@ extern "C" bool moe_cu_sm90_layer_ok(int dev, int64_t E, int64_t H, int64_t I,
     return fail(why, n,
                 "hidden and intermediate must be multiples of 8 (16-byte "
                 "rows for TMA and cp.async)");
-  const char *off = getenv("MOE_CUDA_SM90");
-  if ((off && !strcmp(off, "0")) || getenv("MOE_CUDA_TILE"))
+  const char *off = moe_env_cuda_sm90();
+  if ((off && !strcmp(off, "0")) || moe_env_cuda_tile())
     return fail(why, n, "MOE_CUDA_SM90=0 / MOE_CUDA_TILE pin mma.sync");
   return true;
 }
