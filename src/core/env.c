@@ -25,3 +25,9 @@ moe_status moe_env_gmm(moe_gmm_method *m, bool *set) {
   *set = *m != MOE_GMM_AUTO;
   return MOE_SUCCESS;
 }
+
+const char *moe_env_max_cpu_isa(void) {
+  const char *v = getenv("MOE_MAX_CPU_ISA");
+  if (!v || !*v || !strcasecmp(v, "all")) return NULL;
+  return v;
+}

@@ -9,4 +9,9 @@
 /// when it pins a method.
 moe_status moe_env_gmm(moe_gmm_method *m, bool *set);
 
+/// MOE_MAX_CPU_ISA as set (NULL when unset, empty or "all"): the kernel
+/// cap src/gemm/dispatch.c applies, which the loop libraries follow too
+/// (loop_dnnl.c caps oneDNN to the same level).
+const char *moe_env_max_cpu_isa(void);
+
 #endif

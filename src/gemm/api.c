@@ -47,9 +47,11 @@ static moe_status moe_pick(const moe_exec_options *opt, const moe_tensor *w,
       opt && opt->method != MOE_GMM_AUTO ? opt->method : env;
   int threads =
       opt && opt->num_threads > 0 ? opt->num_threads : omp_get_max_threads();
+  moe_loop_lib lib;
+  MOE_TRY(moe_loop_lib_env(&lib));
   moe_proj_shape s = {
       "weight", w->shape[0],          R, w->shape[2], w->shape[1],
-      w->dtype, moe_weight_layout(w), 1};
+      w->dtype, moe_weight_layout(w), 1, lib};
   char buf[1024];
   size_t len = 0;
   return moe_plan_projection(moe_machine_get(), &s, forced,
