@@ -59,6 +59,26 @@ static moe_status moe_pick(const moe_exec_options *opt, const moe_tensor *w,
                              threads, m, buf, &len, sizeof buf);
 }
 
+moe_status moe_gmm_available(moe_gmm_method method, moe_dtype dtype) {
+  if (dtype != MOE_F32 && dtype != MOE_BF16)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_gmm_available: dtype %s: expected f32 or bf16",
+                     moe_dtype_name(dtype));
+  if (method == MOE_GMM_AUTO || method == MOE_GMM_GROUPED) return MOE_SUCCESS;
+  if (method != MOE_GMM_LOOP)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_gmm_available: method %d is not auto, grouped or "
+                     "loop",
+                     (int)method);
+  moe_loop_lib lib;
+  MOE_TRY(moe_loop_lib_env(&lib));
+  char why[320];
+  if (!moe_loop_resolve(lib, dtype, NULL, why, sizeof why))
+    return moe_error(MOE_ERR_UNIMPLEMENTED, "method loop, %s: %s",
+                     moe_dtype_name(dtype), why);
+  return MOE_SUCCESS;
+}
+
 static moe_gemm_ctx moe_ctx_of(const moe_exec_options *opt) {
   moe_gemm_ctx c;
   memset(&c, 0, sizeof c);
