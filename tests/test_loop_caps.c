@@ -12,6 +12,8 @@
 ///    with oneDNN: oneDNN is capped too, so its bf16 matmul (which needs
 ///    AVX512_CORE) is unavailable, the reason saying so and naming the cap.
 /// Prints "N passed, M failed"; exits nonzero on any failure.
+#include <strings.h>
+
 #include "testutil.h"
 
 enum { E = 3, K = 5, N = 7, R = 6 };
@@ -110,7 +112,6 @@ static const char *reason_of(const char *msg) {
 
 int main(void) {
   const char *cap = getenv("MOE_MAX_CPU_ISA");
-  const char *own = getenv("ONEDNN_MAX_CPU_ISA");
   unsetenv("MOE_LOOP_LIB");
   unsetenv("MOE_GMM");
   bool can[2];
@@ -136,6 +137,7 @@ int main(void) {
 
 #if MOE_TEST_HAVE_ONEDNN
   tu_case("oneDNN capped by MOE_MAX_CPU_ISA");
+  const char *own = getenv("ONEDNN_MAX_CPU_ISA");
   if (cap && !strcasecmp(cap, "avx2") && !(own && *own)) {
     /* oneDNN's bf16 matmul needs AVX512_CORE: capped to AVX2 it has none
        (verified with oneDNN 2.6: no implementation; newer versions offer
