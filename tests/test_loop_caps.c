@@ -7,7 +7,8 @@
 ///    MOE_ERR_UNIMPLEMENTED and that reason, writing nothing, and AUTO plans
 ///    the grouped method instead;
 ///  - MOE_LOOP_LIB=openblas has no bf16 in any build (a path every machine
-///    exercises), and a malformed MOE_LOOP_LIB fails plan creation;
+///    exercises); MOE_LOOP_LIB naming a library not in the build, or a
+///    malformed value, fails plan creation whatever the method;
 ///  - run with MOE_MAX_CPU_ISA=avx2 (ctest's test_loop_caps_avx2) in a build
 ///    with oneDNN: oneDNN is capped too, so its bf16 matmul (which needs
 ///    AVX512_CORE) is unavailable, the reason saying so and naming the cap.
@@ -167,6 +168,18 @@ int main(void) {
   /* OpenBLAS never runs bf16 (libmoe uses it for f32 only): every build and
      CPU has this refusal to check. */
   setenv("MOE_LOOP_LIB", "openblas", 1);
+#if !MOE_TEST_HAVE_OPENBLAS
+  /* Naming a library that is not in the build stops plan creation, whatever
+     the method. */
+  tu_case("MOE_LOOP_LIB=openblas without OpenBLAS");
+  CHECK_ERROR(moe_gmm_available(MOE_GMM_LOOP, MOE_F32), MOE_ERR_UNIMPLEMENTED,
+              "MOE_LOOP_LIB");
+  moe_layer_desc da = desc_of(MOE_F32, MOE_GMM_AUTO);
+  moe_layer_plan *pa = NULL;
+  CHECK_ERROR(moe_layer_plan_create(&pa, &da), MOE_ERR_UNIMPLEMENTED,
+              "not in this build");
+  moe_layer_plan_destroy(pa);
+#else
   tu_case("MOE_LOOP_LIB=openblas, bf16");
   moe_status s = moe_gmm_available(MOE_GMM_LOOP, MOE_BF16);
   char msg[512];
@@ -176,6 +189,16 @@ int main(void) {
         "returned %s (\"%s\")", moe_status_name(s), s ? msg : "");
   if (s == MOE_ERR_UNIMPLEMENTED)
     check_refused(MOE_BF16, reason_of(msg), "MOE_LOOP_LIB=openblas");
+#endif
+#if !MOE_TEST_HAVE_ONEDNN
+  setenv("MOE_LOOP_LIB", "onednn", 1);
+  tu_case("MOE_LOOP_LIB=onednn without oneDNN");
+  moe_layer_desc dn = desc_of(MOE_BF16, MOE_GMM_AUTO);
+  moe_layer_plan *pn = NULL;
+  CHECK_ERROR(moe_layer_plan_create(&pn, &dn), MOE_ERR_UNIMPLEMENTED,
+              "oneDNN: not in this build");
+  moe_layer_plan_destroy(pn);
+#endif
 
   setenv("MOE_LOOP_LIB", "mkl", 1);
   tu_case("MOE_LOOP_LIB=mkl");

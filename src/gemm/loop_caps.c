@@ -65,6 +65,16 @@ moe_status moe_loop_lib_env(moe_loop_lib *lib) {
                      "environment MOE_LOOP_LIB='%.64s': expected auto, "
                      "openblas or onednn",
                      v);
+  if (*lib == MOE_LOOP_LIB_AUTO) return MOE_SUCCESS;
+  /* A library that can run no dtype at all here (not in this build, or no
+     usable matmul on this CPU) is a misconfiguration worth stopping for. */
+  const moe_loop_caps *c = moe_caps_get();
+  int l = *lib == MOE_LOOP_LIB_ONEDNN;
+  if (!c->can[l][0] && !c->can[l][1])
+    return moe_error(MOE_ERR_UNIMPLEMENTED,
+                     "environment MOE_LOOP_LIB=%s names a library that can "
+                     "run nothing here: %.255s",
+                     v, c->why[l][0]);
   return MOE_SUCCESS;
 }
 
