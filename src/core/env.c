@@ -40,7 +40,8 @@ const char *moe_env_machine_file(const char **var) {
 
 const char *moe_env_max_cpu_isa(void) {
   const char *v = getenv("MOE_MAX_CPU_ISA");
-  return v && *v ? v : NULL;
+  if (!v || !*v || !strcasecmp(v, "all")) return NULL;
+  return v;
 }
 
 bool moe_env_verbose(void) {

@@ -14,8 +14,9 @@ moe_status moe_env_gmm(moe_gmm_method *m, bool *set);
 /// receives the name of the variable that was used (NULL when none).
 const char *moe_env_machine_file(const char **var);
 
-/// MOE_MAX_CPU_ISA as given (ref, avx2, avx512, avx512_bf16, amx, all;
-/// dispatch.c checks the value), NULL when unset or empty.
+/// MOE_MAX_CPU_ISA as set (NULL when unset, empty or "all"): the kernel
+/// cap src/gemm/dispatch.c applies (it checks the value), which the loop
+/// libraries follow too (loop_dnnl.c caps oneDNN to the same level).
 const char *moe_env_max_cpu_isa(void);
 
 /// MOE_VERBOSE set to anything but empty or "0".

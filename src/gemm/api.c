@@ -37,9 +37,19 @@ static moe_operand moe_op2(const moe_tensor *t) {
   return o;
 }
 
-/// Resolves AUTO for a standalone call with the cost model.
+/// The dtype a call is planned as: bf16 when any operand is (the loop then
+/// goes to a bf16 library), else f32.
+static moe_dtype moe_call_dtype(const moe_tensor *a, const moe_tensor *b,
+                                const moe_tensor *c) {
+  return a->dtype == MOE_BF16 || b->dtype == MOE_BF16 || c->dtype == MOE_BF16
+             ? MOE_BF16
+             : MOE_F32;
+}
+
+/// Resolves AUTO for a standalone call with the cost model; `dt` is the
+/// call's dtype (moe_call_dtype).
 static moe_status moe_pick(const moe_exec_options *opt, const moe_tensor *w,
-                           int64_t R, moe_gmm_method *m) {
+                           int64_t R, moe_dtype dt, moe_gmm_method *m) {
   moe_gmm_method env;
   bool set;
   MOE_TRY(moe_env_gmm(&env, &set));
@@ -47,14 +57,36 @@ static moe_status moe_pick(const moe_exec_options *opt, const moe_tensor *w,
       opt && opt->method != MOE_GMM_AUTO ? opt->method : env;
   int threads =
       opt && opt->num_threads > 0 ? opt->num_threads : omp_get_max_threads();
+  moe_loop_lib lib;
+  MOE_TRY(moe_loop_lib_env(&lib));
   moe_proj_shape s = {
       "weight", w->shape[0],          R, w->shape[2], w->shape[1],
-      w->dtype, moe_weight_layout(w), 1};
+      dt,       moe_weight_layout(w), 1, lib};
   char buf[1024];
   size_t len = 0;
   return moe_plan_projection(moe_machine_get(), &s, forced,
                              opt && opt->method ? "options" : "MOE_GMM",
                              threads, m, buf, &len, sizeof buf);
+}
+
+moe_status moe_gmm_available(moe_gmm_method method, moe_dtype dtype) {
+  if (dtype != MOE_F32 && dtype != MOE_BF16)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_gmm_available: dtype %s: expected f32 or bf16",
+                     moe_dtype_name(dtype));
+  if (method == MOE_GMM_AUTO || method == MOE_GMM_GROUPED) return MOE_SUCCESS;
+  if (method != MOE_GMM_LOOP)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_gmm_available: method %d is not auto, grouped or "
+                     "loop",
+                     (int)method);
+  moe_loop_lib lib;
+  MOE_TRY(moe_loop_lib_env(&lib));
+  char why[320];
+  if (!moe_loop_resolve(lib, dtype, NULL, why, sizeof why))
+    return moe_error(MOE_ERR_UNIMPLEMENTED, "method loop, %s: %s",
+                     moe_dtype_name(dtype), why);
+  return MOE_SUCCESS;
 }
 
 static moe_gemm_ctx moe_ctx_of(const moe_exec_options *opt) {
@@ -89,7 +121,7 @@ moe_status moe_grouped_gemm(const moe_tensor *x, const moe_tensor *w,
   int64_t ys[2] = {R, w->shape[1]};
   MOE_TRY(moe_check_tensor(y, "y", 2, ys, -1, &cpu));
   moe_gmm_method m;
-  MOE_TRY(moe_pick(opt, w, R, &m));
+  MOE_TRY(moe_pick(opt, w, R, moe_call_dtype(x, w, y), &m));
   moe_gemm_problem p = {
       MOE_GROUP_M,
       w->shape[0],
@@ -120,7 +152,7 @@ moe_status moe_grouped_gemm_dx(const moe_tensor *dy, const moe_tensor *w,
   int64_t xs[2] = {R, w->shape[2]};
   MOE_TRY(moe_check_tensor(dx, "dx", 2, xs, -1, &cpu));
   moe_gmm_method m;
-  MOE_TRY(moe_pick(opt, w, R, &m));
+  MOE_TRY(moe_pick(opt, w, R, moe_call_dtype(dy, w, dx), &m));
   moe_gemm_problem p = {
       MOE_GROUP_M,
       w->shape[0],
@@ -151,7 +183,7 @@ moe_status moe_grouped_gemm_dw(const moe_tensor *x, const moe_tensor *dy,
   int64_t ws[3] = {-1, dy->shape[1], x->shape[1]};
   MOE_TRY(moe_check_tensor(dw, "dw", 3, ws, -1, &cpu));
   moe_gmm_method m;
-  MOE_TRY(moe_pick(opt, dw, R, &m));
+  MOE_TRY(moe_pick(opt, dw, R, moe_call_dtype(x, dy, dw), &m));
   moe_gemm_problem p = {
       MOE_GROUP_K,
       dw->shape[0],

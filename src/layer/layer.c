@@ -42,6 +42,7 @@ static void moe_proj_shapes(const moe_layer_plan *p, int proj,
   s->dtype = d->dtype;
   s->layout = proj == 0 ? d->gate_up_layout : d->down_layout;
   s->gemms = 1;
+  s->loop_lib = p->loop_lib;
 }
 
 moe_status moe_layer_plan_create(moe_layer_plan **plan,
@@ -62,12 +63,17 @@ moe_status moe_layer_plan_create(moe_layer_plan **plan,
   moe_gmm_method env_m;
   bool env_set;
   MOE_TRY(moe_env_gmm(&env_m, &env_set));
+  /* The loop's library is fixed when the plan is made, so a library that
+     cannot run here fails now, not in the middle of a pass. */
+  moe_loop_lib loop_lib;
+  MOE_TRY(moe_loop_lib_env(&loop_lib));
 
   moe_layer_plan *p = calloc(1, sizeof *p);
   if (!p)
     return moe_error(MOE_ERR_OUT_OF_MEMORY, "moe_layer_plan_create: no memory");
   p->d = d;
   p->nt = d.num_threads > 0 ? d.num_threads : omp_get_max_threads();
+  p->loop_lib = loop_lib;
   p->rank = moe_comm_rank(d.comm);
   p->ranks = moe_comm_size(d.comm);
   if (d.num_experts % p->ranks != 0) {
@@ -414,6 +420,7 @@ static moe_status moe_exec_begin(moe_layer_plan *p, const moe_layer_bufs *b,
   x->ctx.scratch = moe_at(*ws, b->gemm);
   x->ctx.scratch_bytes = moe_gemm_scratch_bytes(p->nt, p->d.num_experts);
   x->ctx.loop_cache = p->cache;
+  x->ctx.loop_lib = p->loop_lib;
   return MOE_SUCCESS;
 }
 

@@ -16,6 +16,7 @@ struct moe_layer_plan {
   int64_t max_rows;         ///< routed rows this rank may compute
   moe_gmm_method method[2]; ///< [gate_up, down]
   struct moe_loop_cache *cache;
+  moe_loop_lib loop_lib; ///< MOE_LOOP_LIB when the plan was made
   char explain[4096];
 };
 
