@@ -161,6 +161,13 @@ typedef enum moe_gmm_method {
 } moe_gmm_method;
 
 MOE_API const char *moe_gmm_method_name(moe_gmm_method m);
+/// Whether `method` can run `dtype` (MOE_F32 or MOE_BF16) GEMMs on this
+/// CPU, in this build: MOE_SUCCESS, or MOE_ERR_UNIMPLEMENTED with the reason
+/// in moe_last_error() (for the loop: the library, the dtype, and the CPU
+/// feature or the library that is missing). The loop's library is the one
+/// MOE_LOOP_LIB names, else the default for the dtype. Each library is
+/// probed once per process. AUTO and GROUPED always can.
+MOE_API moe_status moe_gmm_available(moe_gmm_method method, moe_dtype dtype);
 
 /// How a [E, out, in] logical weight is laid out in memory.
 typedef enum moe_layout {

@@ -154,6 +154,8 @@ typedef struct bench_row {
   bool bwd;
   double med, mn, mx, predicted; ///< predicted < 0: none
   bool pick;
+  bool na; ///< the method cannot run here (reason says why)
+  char reason[384];
 } bench_row;
 
 /// Runs one step (forward, or forward+backward) `reps` times after a
@@ -235,6 +237,20 @@ static double predicted(moe_layer_plan *plan, moe_gmm_method m, bool bwd) {
   return total;
 }
 
+/// Writes `v` as a JSON string literal.
+static void bench_json_string(FILE *f, const char *v) {
+  fputc('"', f);
+  for (const unsigned char *c = (const unsigned char *)v; *c; c++) {
+    if (*c == '"' || *c == '\\')
+      fprintf(f, "\\%c", *c);
+    else if (*c < 0x20)
+      fprintf(f, "\\u%04x", *c);
+    else
+      fputc(*c, f);
+  }
+  fputc('"', f);
+}
+
 static void print_explain_lines(const char *ex, const char *layout) {
   /* The summary lines of the explanation: each projection's "->" line. */
   const char *p = ex;
@@ -300,9 +316,27 @@ static int bench_dtype(const bench_opts *o, moe_dtype dt, int *done,
                       : layout;
       moe_layer_plan *plan;
       if ((st = make_plan(o, &s, run_layout, gm, &plan))) {
-        cli_fail("bench", "plan", st);
-        rc = CLI_ERR;
-        break;
+        if (st != MOE_ERR_UNIMPLEMENTED) {
+          cli_fail("bench", "plan", st);
+          rc = CLI_ERR;
+          break;
+        }
+        /* The method cannot run on this CPU or in this build (the plan
+           says why): an n/a row, not a failure. */
+        for (int bw = 0; bw < 2; bw++) {
+          bench_row *row = &rows_out[li][m][bw];
+          row->method = bench_method_names[m];
+          row->layout = layout;
+          row->bwd = bw;
+          row->predicted = -1;
+          row->na = true;
+          snprintf(row->reason, sizeof row->reason, "%s", moe_last_error());
+          (*done)++;
+        }
+        fprintf(stderr, "moe bench: %s %s %s: n/a (%s)\n", moe_dtype_name(dt),
+                moe_layout_name(layout), bench_method_names[m],
+                rows_out[li][m][0].reason);
+        continue;
       }
       size_t ws, sv;
       moe_layer_plan_sizes(plan, s.T, &ws, &sv);
@@ -372,6 +406,26 @@ static int bench_dtype(const bench_opts *o, moe_dtype dt, int *done,
         bench_row *r = &rows_out[li][m][bw];
         double flops = flops_fwd * (bw ? 3.0 : 1.0);
         double bytes = wbytes * (bw ? 3.0 : 1.0);
+        if (r->na && o->json) {
+          printf("{\"preset\":\"%s\",\"tokens\":%lld,\"dtype\":\"%s\","
+                 "\"layout\":\"%s\",\"method\":\"%s\",\"pass\":\"%s\","
+                 "\"median_ms\":null,\"min_ms\":null,\"max_ms\":null,"
+                 "\"gflops\":null,\"bytes\":%.0f,\"planner_pick\":false,"
+                 "\"predicted_ms\":null,\"floor_ms\":%.3f,\"threads\":%d,"
+                 "\"baseline\":%s,\"reason\":",
+                 p->name, (long long)s.T, moe_dtype_name(dt),
+                 moe_layout_name(r->layout), r->method, bw ? "fwd+bwd" : "fwd",
+                 bytes, floor_ms[bw], nt,
+                 r->method == bench_method_names[B_COPY] ? "true" : "false");
+          bench_json_string(stdout, r->reason);
+          printf("}\n");
+          continue;
+        }
+        if (r->na) {
+          printf("%-7s %-11s %-8s n/a (%s)\n", moe_layout_name(r->layout),
+                 r->method, bw ? "fwd+bwd" : "fwd", r->reason);
+          continue;
+        }
         if (o->json) {
           printf("{\"preset\":\"%s\",\"tokens\":%lld,\"dtype\":\"%s\","
                  "\"layout\":\"%s\",\"method\":\"%s\",\"pass\":\"%s\","

@@ -223,8 +223,16 @@ static void cal_fill(void *p, moe_dtype t, size_t n) {
   }
 }
 
+/// Why the last cal_time returned CAL_NA.
+static char cal_na_reason[512];
+/// cal_time's answer for a method that cannot run here (MOE_ERR_UNIMPLEMENTED
+/// from the call's up-front checks, e.g. a loop library with no bf16 on this
+/// CPU): recorded as unavailable, not a failure.
+#define CAL_NA (-2.0)
+
 /// Median seconds of one call (after a warm-up) of the forward (kind 0) or
-/// dW (kind 1) on E groups of `rows` rows; negative on failure.
+/// dW (kind 1) on E groups of `rows` rows; CAL_NA if the method cannot run
+/// here, -1 on failure.
 static double cal_time(cal_bufs *b, moe_dtype dt, moe_gmm_method m, int kind,
                        int64_t rows, int nt, int reps) {
   int64_t E = b->E, K = b->K, N = b->N, R = E * rows;
@@ -246,6 +254,10 @@ static double cal_time(cal_bufs *b, moe_dtype dt, moe_gmm_method m, int kind,
     moe_status s = kind ? moe_grouped_gemm_dw(&x, &y, &off, &w, &o)
                         : moe_grouped_gemm(&x, &w, &off, &y, &o);
     t[r] = cal_now() - t0;
+    if (s == MOE_ERR_UNIMPLEMENTED && r == 0) {
+      snprintf(cal_na_reason, sizeof cal_na_reason, "%s", moe_last_error());
+      return CAL_NA;
+    }
     if (s) {
       cli_fail("calibrate", moe_gmm_method_name(m), s);
       return -1.0;
@@ -386,6 +398,9 @@ int cmd_calibrate(int argc, char **argv) {
 
   /* One tiny call per expert: the loop method's fixed cost. */
   double call_us[2] = {0, 0};
+  /* [method][dtype]: why a method cannot run here ("" when it can). */
+  char na[2][2][512];
+  memset(na, 0, sizeof na);
   for (int d = 0; d < 2; d++) {
     moe_dtype dt = d ? MOE_BF16 : MOE_F32;
     cal_bufs t = b;
@@ -395,6 +410,11 @@ int cmd_calibrate(int argc, char **argv) {
     cal_fill(b.x, dt, nx);
     cal_fill(b.w, dt, nw);
     double s = cal_time(&t, dt, MOE_GMM_LOOP, 0, 1, nt, o.quick ? 3 : 9);
+    if (s == CAL_NA) {
+      snprintf(na[1][d], sizeof na[1][d], "%s", cal_na_reason);
+      printf("  loop call, %-4s     n/a (%s)\n", moe_dtype_name(dt), na[1][d]);
+      continue;
+    }
     call_us[d] = s > 0 ? s / (double)t.E * 1e6 : 0;
     printf("  loop call, %-4s     %8.2f us (one %lldx%lldx%lld GEMM)\n",
            moe_dtype_name(dt), call_us[d], 1LL, (long long)t.N, (long long)t.K);
@@ -414,9 +434,20 @@ int cmd_calibrate(int argc, char **argv) {
       for (int m = 0; m < 2 && rc == CLI_OK; m++) {
         printf("  %-7s %-4s %-3s GFLOP/s at rows/expert", mnames[m],
                moe_dtype_name(dt), knames[k]);
+        if (na[m][d][0]) {
+          printf(" n/a\n");
+          continue;
+        }
         for (int i = 0; i < CAL_NPTS; i++) {
           double s = cal_time(&b, dt, m ? MOE_GMM_LOOP : MOE_GMM_GROUPED, k,
                               cal_rows[i], nt, reps);
+          if (s == CAL_NA) {
+            /* Skipped, with its reason: the rates stay 0, and the planner
+               never counts a method that cannot run. */
+            snprintf(na[m][d], sizeof na[m][d], "%s", cal_na_reason);
+            printf(" n/a (%s)", na[m][d]);
+            break;
+          }
           if (s <= 0) {
             rc = CLI_ERR;
             break;
@@ -455,6 +486,17 @@ int cmd_calibrate(int argc, char **argv) {
           cal_append(json, sizeof json, "%s%.1f", i ? ", " : "",
                      rate[m][d][k][i]);
         cal_append(json, sizeof json, "]");
+      }
+  for (int m = 0; m < 2; m++)
+    for (int d = 0; d < 2; d++)
+      if (na[m][d][0]) {
+        cal_append(json, sizeof json, ",\n  \"%s_%s_unavailable\": \"",
+                   mnames[m], d ? "bf16" : "f32");
+        for (const char *c = na[m][d]; *c; c++)
+          cal_append(json, sizeof json, "%s%c",
+                     *c == '"' || *c == '\\' ? "\\" : "",
+                     (unsigned char)*c < 0x20 ? ' ' : *c);
+        cal_append(json, sizeof json, "\"");
       }
   cal_append(json, sizeof json, "\n}\n");
   rc = cal_write(path, json);

@@ -45,7 +45,17 @@ const char *moe_env_machine_file(const char **var) {
   return NULL;
 }
 
-const char *moe_env_max_cpu_isa(void) { return moe_env_str("MOE_MAX_CPU_ISA"); }
+const char *moe_env_max_cpu_isa(void) {
+  const char *v = moe_env_str("MOE_MAX_CPU_ISA");
+  return v && strcasecmp(v, "all") ? v : NULL;
+}
+
+const char *moe_env_loop_lib(void) { return moe_env_str("MOE_LOOP_LIB"); }
+
+const char *moe_env_onednn_max_cpu_isa(void) {
+  const char *v = moe_env_str("ONEDNN_MAX_CPU_ISA");
+  return v ? v : moe_env_str("DNNL_MAX_CPU_ISA");
+}
 
 bool moe_env_verbose(void) {
   const char *v = moe_env_str("MOE_VERBOSE");

@@ -19,12 +19,22 @@ moe_status moe_env_gmm(moe_gmm_method *m, bool *set);
 /// receives the name of the variable that was used (NULL when none).
 const char *moe_env_machine_file(const char **var);
 
-/// MOE_MAX_CPU_ISA as given (ref, avx2, avx512, avx512_bf16, amx, all;
-/// dispatch.c checks the value), NULL when unset or empty.
+/// MOE_MAX_CPU_ISA as set (NULL when unset, empty or "all"): the kernel
+/// cap src/backend/cpu/gemm/dispatch.c
+/// applies (it checks the value), which the loop
+/// libraries follow too (loop_dnnl.c caps oneDNN to the same level).
 const char *moe_env_max_cpu_isa(void);
 
 /// MOE_VERBOSE set to anything but empty or "0".
 bool moe_env_verbose(void);
+
+/// MOE_LOOP_LIB as given (loop_caps.c checks the value); NULL when unset
+/// or empty.
+const char *moe_env_loop_lib(void);
+
+/// oneDNN's own cap, ONEDNN_MAX_CPU_ISA (else the older DNNL_MAX_CPU_ISA);
+/// NULL when neither is set.
+const char *moe_env_onednn_max_cpu_isa(void);
 
 /// XDG_CACHE_HOME and HOME (where the calibration file lives by default);
 /// NULL when unset or empty.

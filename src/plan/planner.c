@@ -55,6 +55,12 @@ moe_proj_cost moe_predict(const moe_machine *m, const moe_proj_shape *s,
              "a copy",
              s->name);
   }
+  char why[256];
+  if (method == MOE_GMM_LOOP && c.supported &&
+      !moe_loop_resolve(s->loop_lib, s->dtype, NULL, why, sizeof why)) {
+    c.supported = false;
+    snprintf(c.why_not, sizeof c.why_not, "%s", why);
+  }
   if (threads < 1) threads = 1;
   /* dX streams W like the forward; dW writes it. */
   double f = moe_gemm_seconds(m, s, method, MOE_KIND_FWD, threads);

@@ -4,6 +4,7 @@
 #ifndef MOE_PLANNER_H
 #define MOE_PLANNER_H
 
+#include "backend/cpu/gemm/gemm.h"
 #include "internal.h"
 
 /// Rows per expert at which the rate tables are sampled.
@@ -56,16 +57,21 @@ typedef struct moe_proj_shape {
   moe_dtype dtype;
   moe_layout layout;
   int gemms; ///< GEMM calls per expert per pass (1 fused, 2 split)
+  /// The library the loop method would use (AUTO: MOE_LOOP_LIB, else the
+  /// default for the dtype). The loop counts only where it can run here.
+  moe_loop_lib loop_lib;
 } moe_proj_shape;
 
 /// Predicted times in milliseconds of one projection, forward and backward.
 typedef struct moe_proj_cost {
   double fwd_ms, bwd_ms;
   bool supported;
-  char why_not[160];
+  char why_not[320];
 } moe_proj_cost;
 
-/// Predicts a method's cost on a projection.
+/// Predicts a method's cost on a projection. `supported` is false, with
+/// the reason, where the method cannot serve it: the loop with a weight of
+/// no unit stride, or with no library that can run the dtype on this CPU.
 moe_proj_cost moe_predict(const moe_machine *m, const moe_proj_shape *s,
                           moe_gmm_method method, int threads);
 

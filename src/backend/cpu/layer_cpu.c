@@ -28,9 +28,14 @@ static bool moe_cpu_supports(const moe_layer_desc *d, char *why, size_t n) {
   return false;
 }
 
-/// The loop method's oneDNN primitive cache: the CPU plan's state.
-static struct moe_loop_cache *moe_cpu_cache(const moe_layer_plan *p) {
-  return (struct moe_loop_cache *)p->ctx;
+/// The CPU plan's own state (plan->ctx).
+typedef struct moe_cpu_plan {
+  struct moe_loop_cache *cache; ///< the loop's oneDNN primitives, or NULL
+  moe_loop_lib loop_lib;        ///< MOE_LOOP_LIB when the plan was made
+} moe_cpu_plan;
+
+static moe_cpu_plan *moe_cpu(const moe_layer_plan *p) {
+  return (moe_cpu_plan *)p->ctx;
 }
 
 /// The shared checks plus the CPU path's own: it runs on the CPU.
@@ -54,6 +59,7 @@ static void moe_proj_shapes(const moe_layer_plan *p, int proj,
   s->dtype = d->dtype;
   s->layout = proj == 0 ? d->gate_up_layout : d->down_layout;
   s->gemms = 1;
+  s->loop_lib = moe_cpu(p)->loop_lib;
 }
 
 static moe_status moe_cpu_plan_create(moe_layer_plan *p, size_t *len) {
@@ -67,6 +73,10 @@ static moe_status moe_cpu_plan_create(moe_layer_plan *p, size_t *len) {
   moe_gmm_method env_m;
   bool env_set;
   MOE_TRY(moe_env_gmm(&env_m, &env_set));
+  /* The loop's library is fixed when the plan is made, so a library that
+     cannot run here fails now, not in the middle of a pass. */
+  moe_loop_lib loop_lib;
+  MOE_TRY(moe_loop_lib_env(&loop_lib));
 
   p->nt = d.num_threads > 0 ? d.num_threads : omp_get_max_threads();
   p->rank = moe_comm_rank(d.comm);
@@ -79,6 +89,11 @@ static moe_status moe_cpu_plan_create(moe_layer_plan *p, size_t *len) {
   p->e_local = d.num_experts / p->ranks;
   p->e_first = p->e_local * p->rank;
   p->max_rows = p->ranks > 1 ? ep_rows : d.max_tokens * d.top_k;
+  moe_cpu_plan *cp = calloc(1, sizeof *cp);
+  if (!cp)
+    return moe_error(MOE_ERR_OUT_OF_MEMORY, "moe_layer_plan_create: no memory");
+  cp->loop_lib = loop_lib;
+  p->ctx = cp;
 
   const moe_machine *m = moe_machine_get();
   int64_t rows = d.max_tokens * d.top_k;
@@ -99,17 +114,20 @@ static moe_status moe_cpu_plan_create(moe_layer_plan *p, size_t *len) {
   if (s == MOE_SUCCESS)
     s = moe_plan_projection(m, &dn, forced, by, p->nt, &p->method[1],
                             p->explain, len, sizeof p->explain);
-  struct moe_loop_cache *cache = NULL;
   if (s == MOE_SUCCESS &&
       (p->method[0] == MOE_GMM_LOOP || p->method[1] == MOE_GMM_LOOP))
-    s = moe_loop_cache_create(&cache);
-  p->ctx = cache;
+    s = moe_loop_cache_create(&cp->cache);
   if (s == MOE_SUCCESS && p->ranks > 1) moe_ep_explain(p, len);
+  if (s != MOE_SUCCESS) {
+    free(cp);
+    p->ctx = NULL;
+  }
   return s;
 }
 
 static void moe_cpu_plan_destroy(moe_layer_plan *plan) {
-  moe_loop_cache_destroy(moe_cpu_cache(plan));
+  moe_loop_cache_destroy(moe_cpu(plan)->cache);
+  free(plan->ctx);
 }
 
 static moe_status moe_cpu_predict(const moe_layer_plan *plan, int projection,
@@ -313,7 +331,8 @@ static moe_status moe_exec_begin(moe_layer_plan *p, const moe_layer_bufs *b,
   x->ctx.strict = p->d.strict;
   x->ctx.scratch = moe_at(*ws, b->gemm);
   x->ctx.scratch_bytes = moe_gemm_scratch_bytes(p->nt, p->d.num_experts);
-  x->ctx.loop_cache = moe_cpu_cache(p);
+  x->ctx.loop_cache = moe_cpu(p)->cache;
+  x->ctx.loop_lib = moe_cpu(p)->loop_lib;
   return MOE_SUCCESS;
 }
 

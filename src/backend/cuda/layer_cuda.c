@@ -82,7 +82,8 @@ static moe_proj_shape moe_cu_shape(const moe_layer_plan *p, int proj) {
                       proj == 0 ? 2 * d->intermediate : d->hidden,
                       d->dtype,
                       proj == 0 ? d->gate_up_layout : d->down_layout,
-                      1};
+                      1,
+                      MOE_LOOP_LIB_AUTO};
   return s;
 }
 

@@ -41,9 +41,19 @@ static moe_status moe_check_offsets(const moe_tensor *off, int64_t E, int64_t R,
   return MOE_SUCCESS;
 }
 
-/// Resolves AUTO for a standalone call with the cost model.
+/// The dtype a call is planned as: bf16 when any operand is (the loop then
+/// goes to a bf16 library), else f32.
+static moe_dtype moe_call_dtype(const moe_gemm_problem *p) {
+  return p->A.dtype == MOE_BF16 || p->B.dtype == MOE_BF16 ||
+                 p->C.dtype == MOE_BF16
+             ? MOE_BF16
+             : MOE_F32;
+}
+
+/// Resolves AUTO for a standalone call with the cost model; `dt` is the
+/// call's dtype (moe_call_dtype).
 static moe_status moe_pick(const moe_exec_options *opt, const moe_tensor *w,
-                           int64_t R, moe_gmm_method *m) {
+                           int64_t R, moe_dtype dt, moe_gmm_method *m) {
   moe_gmm_method env;
   bool set;
   MOE_TRY(moe_env_gmm(&env, &set));
@@ -51,14 +61,36 @@ static moe_status moe_pick(const moe_exec_options *opt, const moe_tensor *w,
       opt && opt->method != MOE_GMM_AUTO ? opt->method : env;
   int threads =
       opt && opt->num_threads > 0 ? opt->num_threads : omp_get_max_threads();
+  moe_loop_lib lib;
+  MOE_TRY(moe_loop_lib_env(&lib));
   moe_proj_shape s = {
       "weight", w->shape[0],          R, w->shape[2], w->shape[1],
-      w->dtype, moe_weight_layout(w), 1};
+      dt,       moe_weight_layout(w), 1, lib};
   char buf[1024];
   size_t len = 0;
   return moe_plan_projection(moe_machine_get(), &s, forced,
                              opt && opt->method ? "options" : "MOE_GMM",
                              threads, m, buf, &len, sizeof buf);
+}
+
+moe_status moe_gmm_available(moe_gmm_method method, moe_dtype dtype) {
+  if (dtype != MOE_F32 && dtype != MOE_BF16)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_gmm_available: dtype %s: expected f32 or bf16",
+                     moe_dtype_name(dtype));
+  if (method == MOE_GMM_AUTO || method == MOE_GMM_GROUPED) return MOE_SUCCESS;
+  if (method != MOE_GMM_LOOP)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_gmm_available: method %d is not auto, grouped or "
+                     "loop",
+                     (int)method);
+  moe_loop_lib lib;
+  MOE_TRY(moe_loop_lib_env(&lib));
+  char why[320];
+  if (!moe_loop_resolve(lib, dtype, NULL, why, sizeof why))
+    return moe_error(MOE_ERR_UNIMPLEMENTED, "method loop, %s: %s",
+                     moe_dtype_name(dtype), why);
+  return MOE_SUCCESS;
 }
 
 static moe_gemm_ctx moe_ctx_of(const moe_exec_options *opt) {
@@ -83,7 +115,7 @@ static moe_status moe_cpu_run(const moe_gemm_problem *p, const moe_tensor *w,
                               const moe_exec_options *opt) {
   (void)dev;
   moe_gmm_method m;
-  MOE_TRY(moe_pick(opt, w, p->rows, &m));
+  MOE_TRY(moe_pick(opt, w, p->rows, moe_call_dtype(p), &m));
   moe_gemm_ctx c = moe_ctx_of(opt);
   return moe_gemm_run(m, p, &c);
 }

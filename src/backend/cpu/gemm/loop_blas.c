@@ -3,21 +3,30 @@
 /// CBLAS by default, bf16 to oneDNN (loop_dnnl.c; Debian's OpenBLAS has no
 /// sbgemm). Transposes are passed as flags and leading dimensions, never as
 /// copies; an operand with no unit stride is declined, not copied.
-#include <cblas.h>
+///
+/// OpenBLAS is optional (MOE_ENABLE_OPENBLAS): without it this file still
+/// holds the loop's dispatcher and stride analysis, and the OpenBLAS half
+/// answers that it is not in this build.
 #include <stdio.h>
 #include <stdlib.h>
+#ifdef MOE_HAVE_OPENBLAS
+#include <cblas.h>
+#endif
 
 #include "gemm.h"
+
+/// A BLAS transpose flag, independent of cblas.h.
+typedef enum moe_trans { MOE_NOTRANS = 0, MOE_TRANS = 1 } moe_trans;
 
 /// A BLAS view of one strided operand: NoTrans if columns are unit-stride,
 /// Trans if rows are. Dimensions of size <= 1 accept any stride.
 static bool moe_blas_operand(int64_t rows, int64_t cols, int64_t rs, int64_t cs,
-                             CBLAS_TRANSPOSE *t, int64_t *ld) {
+                             moe_trans *t, int64_t *ld) {
   int64_t need_n = cols > 1 ? cols : 1, need_t = rows > 1 ? rows : 1;
   if (cs == 1 || cols <= 1) {
     int64_t l = rows <= 1 ? need_n : rs;
     if (l >= need_n) {
-      *t = CblasNoTrans;
+      *t = MOE_NOTRANS;
       *ld = l;
       return true;
     }
@@ -25,7 +34,7 @@ static bool moe_blas_operand(int64_t rows, int64_t cols, int64_t rs, int64_t cs,
   if (rs == 1 || rows <= 1) {
     int64_t l = cols <= 1 ? need_t : cs;
     if (l >= need_t) {
-      *t = CblasTrans;
+      *t = MOE_TRANS;
       *ld = l;
       return true;
     }
@@ -37,22 +46,22 @@ static bool moe_blas_operand(int64_t rows, int64_t cols, int64_t rs, int64_t cs,
 /// C^T = B^T A^T when C is column-major.
 typedef struct moe_blas_call {
   bool swap; ///< computes C^T = B^T A^T
-  CBLAS_TRANSPOSE ta, tb;
+  moe_trans ta, tb;
   int64_t lda, ldb, ldc;
 } moe_blas_call;
 
 static bool moe_blas_plan(const moe_gemm_problem *p, int64_t m, int64_t n,
                           int64_t k, moe_blas_call *bc, char *why, size_t wn) {
   const moe_operand *A = &p->A, *B = &p->B, *C = &p->C;
-  CBLAS_TRANSPOSE tc;
+  moe_trans tc;
   memset(bc, 0, sizeof *bc);
   if (moe_blas_operand(m, n, C->rs, C->cs, &tc, &bc->ldc) &&
-      tc == CblasNoTrans) {
+      tc == MOE_NOTRANS) {
     if (moe_blas_operand(m, k, A->rs, A->cs, &bc->ta, &bc->lda) &&
         moe_blas_operand(k, n, B->rs, B->cs, &bc->tb, &bc->ldb))
       return true;
   } else if (moe_blas_operand(n, m, C->cs, C->rs, &tc, &bc->ldc) &&
-             tc == CblasNoTrans) {
+             tc == MOE_NOTRANS) {
     bc->swap = true;
     if (moe_blas_operand(n, k, B->cs, B->rs, &bc->ta, &bc->lda) &&
         moe_blas_operand(k, m, A->cs, A->rs, &bc->tb, &bc->ldb))
@@ -107,6 +116,26 @@ static void moe_zero_tile(const moe_operand *C, float *c, int64_t m,
       c[i * C->rs + j * C->cs] = 0.0f;
 }
 
+#ifdef MOE_HAVE_OPENBLAS
+static CBLAS_TRANSPOSE moe_cblas_trans(moe_trans t) {
+  return t == MOE_TRANS ? CblasTrans : CblasNoTrans;
+}
+
+bool moe_loop_probe_openblas(moe_dtype dt, char *why, size_t n) {
+  const char *cfg = openblas_get_config();
+  if (dt != MOE_F32) {
+    snprintf(why, n,
+             "%.64s: no %s GEMM (libmoe uses OpenBLAS for f32 only; bf16 "
+             "goes to oneDNN)",
+             cfg ? cfg : "OpenBLAS", moe_dtype_name(dt));
+    return false;
+  }
+  const char *core = openblas_get_corename();
+  snprintf(why, n, "%.64s: f32 sgemm (core %.32s)", cfg ? cfg : "OpenBLAS",
+           core ? core : "?");
+  return true;
+}
+
 static moe_status moe_gemm_loop_openblas(const moe_gemm_problem *p,
                                          const moe_gemm_ctx *c) {
   if (p->A.dtype != MOE_F32 || p->B.dtype != MOE_F32 || p->C.dtype != MOE_F32)
@@ -129,46 +158,62 @@ static moe_status moe_gemm_loop_openblas(const moe_gemm_problem *p,
     if (!moe_blas_plan(p, m, p->N, k, &bc, why, sizeof why))
       return moe_error(MOE_ERR_UNIMPLEMENTED, "loop (OpenBLAS): group %lld: %s",
                        (long long)g, why);
+    CBLAS_TRANSPOSE ta = moe_cblas_trans(bc.ta), tb = moe_cblas_trans(bc.tb);
     if (!bc.swap)
-      cblas_sgemm(CblasRowMajor, bc.ta, bc.tb, (blasint)m, (blasint)p->N,
-                  (blasint)k, 1.0f, a, (blasint)bc.lda, b, (blasint)bc.ldb,
-                  p->beta, cc, (blasint)bc.ldc);
+      cblas_sgemm(CblasRowMajor, ta, tb, (blasint)m, (blasint)p->N, (blasint)k,
+                  1.0f, a, (blasint)bc.lda, b, (blasint)bc.ldb, p->beta, cc,
+                  (blasint)bc.ldc);
     else
-      cblas_sgemm(CblasRowMajor, bc.ta, bc.tb, (blasint)p->N, (blasint)m,
-                  (blasint)k, 1.0f, b, (blasint)bc.lda, a, (blasint)bc.ldb,
-                  p->beta, cc, (blasint)bc.ldc);
+      cblas_sgemm(CblasRowMajor, ta, tb, (blasint)p->N, (blasint)m, (blasint)k,
+                  1.0f, b, (blasint)bc.lda, a, (blasint)bc.ldb, p->beta, cc,
+                  (blasint)bc.ldc);
   }
   return MOE_SUCCESS;
 }
+#else
+#ifdef MOE_OPENBLAS_SWITCHED_OFF
+#define MOE_OPENBLAS_ABSENT                                                    \
+  "switched off at configure time (MOE_ENABLE_OPENBLAS=OFF)"
+#else
+#define MOE_OPENBLAS_ABSENT                                                    \
+  "not found at configure time (apt-get install libopenblas-dev, then "        \
+  "reconfigure)"
+#endif
 
-/// MOE_LOOP_LIB = auto | openblas | onednn pins the library behind `loop`
-/// (read per call, so a benchmark can compare the two in one process).
-static moe_status moe_env_loop_lib(moe_loop_lib *lib) {
-  const char *v = getenv("MOE_LOOP_LIB");
-  if (!v || !*v || !strcmp(v, "auto"))
-    *lib = MOE_LOOP_LIB_AUTO;
-  else if (!strcmp(v, "openblas"))
-    *lib = MOE_LOOP_LIB_OPENBLAS;
-  else if (!strcmp(v, "onednn"))
-    *lib = MOE_LOOP_LIB_ONEDNN;
-  else
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "environment MOE_LOOP_LIB='%.64s': expected auto, "
-                     "openblas or onednn",
-                     v);
-  return MOE_SUCCESS;
+bool moe_loop_probe_openblas(moe_dtype dt, char *why, size_t n) {
+  snprintf(why, n, "OpenBLAS: not in this build (%s); no %s loop through it",
+           MOE_OPENBLAS_ABSENT, moe_dtype_name(dt));
+  return false;
 }
+
+static moe_status moe_gemm_loop_openblas(const moe_gemm_problem *p,
+                                         const moe_gemm_ctx *c) {
+  (void)p;
+  (void)c;
+  (void)moe_loop_group; /* used by the OpenBLAS half only */
+  (void)moe_zero_tile;
+  return moe_error(MOE_ERR_UNIMPLEMENTED,
+                   "loop (OpenBLAS): not in this build (%s)",
+                   MOE_OPENBLAS_ABSENT);
+}
+#endif
 
 moe_status moe_gemm_loop(const moe_gemm_problem *p, const moe_gemm_ctx *c) {
   MOE_TRY(moe_gemm_validate(p, "loop gemm"));
-  char why[256];
+  char why[512];
   if (!moe_gemm_loop_supports(p, why, sizeof why))
     return moe_error(MOE_ERR_UNIMPLEMENTED, "loop gemm declined: %s", why);
-  moe_loop_lib lib = c ? c->loop_lib : MOE_LOOP_LIB_AUTO;
-  if (lib == MOE_LOOP_LIB_AUTO) MOE_TRY(moe_env_loop_lib(&lib));
+  /* The library is resolved and checked before any group runs: one that
+     cannot run the dtype here fails the whole call up front. A problem with
+     any bf16 operand counts as bf16 (oneDNN by default). */
   bool all_f32 =
       p->A.dtype == MOE_F32 && p->B.dtype == MOE_F32 && p->C.dtype == MOE_F32;
-  if (lib == MOE_LOOP_LIB_OPENBLAS || (lib == MOE_LOOP_LIB_AUTO && all_f32))
-    return moe_gemm_loop_openblas(p, c);
+  moe_dtype dt = all_f32 ? MOE_F32 : MOE_BF16;
+  moe_loop_lib lib = MOE_LOOP_LIB_AUTO;
+  if (!moe_loop_resolve(c ? c->loop_lib : MOE_LOOP_LIB_AUTO, dt, &lib, why,
+                        sizeof why))
+    return moe_error(MOE_ERR_UNIMPLEMENTED, "loop gemm (%s): %s",
+                     moe_dtype_name(dt), why);
+  if (lib == MOE_LOOP_LIB_OPENBLAS) return moe_gemm_loop_openblas(p, c);
   return moe_gemm_loop_dnnl(p, c);
 }

@@ -21,7 +21,10 @@
 #include <omp.h>
 #include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <strings.h>
 
+#include "core/env.h"
 #include "gemm.h"
 
 /// At most this many primitives are kept; past it, a group's primitive is
@@ -71,6 +74,150 @@ static dnnl_data_type_t moe_dnnl_dt(moe_dtype t) {
   return t == MOE_BF16 ? dnnl_bf16 : dnnl_f32;
 }
 
+/* ---- the ISA cap and the probe ------------------------------------------ */
+
+/// oneDNN's ISA for a MOE_MAX_CPU_ISA level name; dnnl_cpu_isa_all for
+/// "amx" or an unknown name (dispatch.c ignores those too).
+static dnnl_cpu_isa_t moe_dnnl_isa_of(const char *level) {
+  static const struct {
+    const char *name;
+    dnnl_cpu_isa_t isa;
+  } map[] = {{"ref", dnnl_cpu_isa_sse41},
+             {"avx2", dnnl_cpu_isa_avx2},
+             {"avx512", dnnl_cpu_isa_avx512_core},
+             {"avx512_bf16", dnnl_cpu_isa_avx512_core_bf16}};
+  for (size_t i = 0; level && i < sizeof map / sizeof *map; i++)
+    if (!strcasecmp(level, map[i].name)) return map[i].isa;
+  return dnnl_cpu_isa_all;
+}
+
+static const char *moe_dnnl_isa_name(dnnl_cpu_isa_t isa) {
+  switch (isa) {
+  case dnnl_cpu_isa_sse41: return "SSE4.1";
+  case dnnl_cpu_isa_avx: return "AVX";
+  case dnnl_cpu_isa_avx2: return "AVX2";
+  case dnnl_cpu_isa_avx512_core: return "AVX512_CORE";
+  case dnnl_cpu_isa_avx512_core_vnni: return "AVX512_CORE_VNNI";
+  case dnnl_cpu_isa_avx512_core_bf16: return "AVX512_CORE_BF16";
+  case dnnl_cpu_isa_avx512_core_amx: return "AVX512_CORE_AMX";
+  case dnnl_cpu_isa_all: return "all";
+  default: return "an ISA below SSE4.1 or unnamed here";
+  }
+}
+
+/// What capped oneDNN, for messages ("" when nothing did).
+static char moe_dnnl_cap_note[128];
+
+/// Before oneDNN's first use: when MOE_MAX_CPU_ISA caps libmoe's kernels,
+/// cap oneDNN to the same level (unless the user capped oneDNN directly with
+/// ONEDNN_MAX_CPU_ISA or DNNL_MAX_CPU_ISA), so a capped run behaves like a
+/// CPU of that level throughout.
+static void moe_dnnl_init(void) {
+  const char *level = moe_env_max_cpu_isa();
+  const char *own = moe_env_onednn_max_cpu_isa();
+  bool verbose = moe_env_verbose();
+  if (own && *own) {
+    snprintf(moe_dnnl_cap_note, sizeof moe_dnnl_cap_note,
+             ", capped by ONEDNN_MAX_CPU_ISA=%.32s", own);
+    return;
+  }
+  dnnl_cpu_isa_t isa = moe_dnnl_isa_of(level);
+  if (isa == dnnl_cpu_isa_all) return;
+  dnnl_status_t s = dnnl_set_max_cpu_isa(isa);
+  if (s == dnnl_success)
+    snprintf(moe_dnnl_cap_note, sizeof moe_dnnl_cap_note,
+             ", capped by MOE_MAX_CPU_ISA=%.32s", level);
+  if (verbose)
+    fprintf(stderr, "libmoe: oneDNN capped to %s for MOE_MAX_CPU_ISA=%s: %s\n",
+            moe_dnnl_isa_name(isa), level,
+            s == dnnl_success ? "done"
+                              : "too late (oneDNN was already used in this "
+                                "process); not capped");
+}
+
+static void moe_dnnl_ready(void) {
+  static pthread_once_t once = PTHREAD_ONCE_INIT;
+  pthread_once(&once, moe_dnnl_init);
+}
+
+/// Whether oneDNN offers a real (non-reference) matmul for one representative
+/// problem: `dt` sources, destination `ct`, weights row- or column-major.
+static bool moe_dnnl_try(dnnl_engine_t eng, moe_dtype dt, moe_dtype ct,
+                         bool b_trans, char *impl, size_t n) {
+  const int64_t m = 16, k = 64, nn = 48;
+  const dnnl_dims_t dims[3] = {{m, k}, {k, nn}, {m, nn}};
+  const dnnl_dims_t strides[3] = {
+      {k, 1}, {b_trans ? 1 : nn, b_trans ? k : 1}, {nn, 1}};
+  const moe_dtype dts[3] = {dt, dt, ct};
+  dnnl_memory_desc_t md[3];
+  snprintf(impl, n, "none");
+  for (int i = 0; i < 3; i++)
+    if (dnnl_memory_desc_init_by_strides(&md[i], 2, dims[i],
+                                         moe_dnnl_dt(dts[i]),
+                                         strides[i]) != dnnl_success)
+      return false;
+  dnnl_matmul_desc_t desc;
+  if (dnnl_matmul_desc_init(&desc, &md[0], &md[1], NULL, &md[2]) !=
+      dnnl_success)
+    return false;
+  dnnl_primitive_desc_t pd = NULL;
+  if (dnnl_primitive_desc_create(&pd, &desc, NULL, eng, NULL) != dnnl_success)
+    return false;
+  const char *s = NULL;
+  bool ok = dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &s) ==
+                dnnl_success &&
+            s && strncmp(s, "ref", 3) != 0;
+  snprintf(impl, n, "%s", s ? s : "?");
+  dnnl_primitive_desc_destroy(pd);
+  return ok;
+}
+
+bool moe_loop_probe_onednn(moe_dtype dt, char *why, size_t n) {
+  moe_dnnl_ready();
+  const dnnl_version_t *v = dnnl_version();
+  char ver[48];
+  snprintf(ver, sizeof ver, "oneDNN %d.%d.%d", v ? v->major : 0,
+           v ? v->minor : 0, v ? v->patch : 0);
+  dnnl_cpu_isa_t isa = dnnl_get_effective_cpu_isa();
+  dnnl_engine_t eng = NULL;
+  if (dnnl_engine_create(&eng, dnnl_cpu, 0) != dnnl_success) {
+    snprintf(why, n, "%s: cannot create a CPU engine", ver);
+    return false;
+  }
+  /* Destinations of both dtypes (the layer writes f32 and dt), weights in
+     both orders (the "out,in" and "in,out" layouts). */
+  char impl[64] = "", bad[96] = "";
+  bool ok = true;
+  for (int ci = 0; ci < 2 && ok; ci++)
+    for (int bt = 0; bt < 2 && ok; bt++) {
+      moe_dtype ct = ci ? dt : MOE_F32;
+      if (!moe_dnnl_try(eng, dt, ct, bt, impl, sizeof impl)) {
+        snprintf(bad, sizeof bad, "%s x %s -> %s%s", moe_dtype_name(dt),
+                 moe_dtype_name(dt), moe_dtype_name(ct),
+                 bt ? ", column-major weights" : "");
+        ok = false;
+      }
+    }
+  dnnl_engine_destroy(eng);
+  if (ok) {
+    snprintf(why, n, "%s: %s matmul (%s) at %s%s", ver, moe_dtype_name(dt),
+             impl, moe_dnnl_isa_name(isa), moe_dnnl_cap_note);
+    return true;
+  }
+  /* oneDNN's bf16 matmul needs AVX512_CORE (it emulates bf16 there and
+     runs it natively with AVX512_CORE_BF16); f32 runs from SSE4.1 up. */
+  if (dt == MOE_BF16 && isa < dnnl_cpu_isa_avx512_core)
+    snprintf(why, n,
+             "%s: no bf16 matmul on this CPU (needs AVX512_CORE / "
+             "AVX512-BF16; oneDNN runs at %s here%s)",
+             ver, moe_dnnl_isa_name(isa), moe_dnnl_cap_note);
+  else
+    snprintf(why, n, "%s: no %s matmul on this CPU at %s%s (only '%s' for %s)",
+             ver, moe_dtype_name(dt), moe_dnnl_isa_name(isa), moe_dnnl_cap_note,
+             impl, bad);
+  return false;
+}
+
 moe_status moe_loop_cache_create(struct moe_loop_cache **c) {
   if (!c)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
@@ -112,6 +259,7 @@ void moe_loop_cache_destroy(struct moe_loop_cache *c) {
 /// Creates the engine and stream on first use.
 static moe_status moe_dnnl_cache_ready(struct moe_loop_cache *c) {
   dnnl_status_t s;
+  moe_dnnl_ready(); /* the ISA cap goes before oneDNN's first use */
   if (!c->engine) {
     s = dnnl_engine_create(&c->engine, dnnl_cpu, 0);
     if (s != dnnl_success) {
