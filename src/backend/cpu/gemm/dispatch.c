@@ -49,12 +49,13 @@ enum {
 #define MOE_ARCH_REQ_XCOMP_PERM 0x1023
 #define MOE_XFEATURE_XTILEDATA 18
 
+/// ISA levels, lowest first (a cap allows its level and those below).
 typedef enum moe_isa_level {
-  MOE_ISA_REF = 0,
-  MOE_ISA_AVX2 = 1,
-  MOE_ISA_AVX512 = 2,
-  MOE_ISA_AVX512_BF16 = 3,
-  MOE_ISA_AMX = 4,
+  MOE_ISA_REF,
+  MOE_ISA_AVX2,
+  MOE_ISA_AVX512,
+  MOE_ISA_AVX512_BF16,
+  MOE_ISA_AMX,
 } moe_isa_level;
 
 typedef struct moe_cpu {

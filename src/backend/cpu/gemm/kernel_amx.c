@@ -18,6 +18,7 @@
     "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,amx-tile,amx-bf16")
 #include <immintrin.h>
 
+#include "kernel_avx512.h"
 #include "ukernel.h"
 
 enum { AMX_MR = 16, AMX_NR = 32, AMX_KB = 16 };
@@ -112,17 +113,12 @@ static void moe_ukernel_amx_bf16(int64_t kp, const uint32_t *a,
   _tile_release();
 }
 
-const moe_ukernel_info moe_ukernel_amx = {
-    .isa = "amx",
-    .name = "avx512_f32_8x48",
-    .mr = 8,
-    .nr = 48,
-    .f32 = moe_ukernel_avx512_f32,
-    .bf16_name = "amx_bf16_16x32 (untested)",
-    .bmr = AMX_MR,
-    .bnr = AMX_NR,
-    .bf16 = moe_ukernel_amx_bf16,
-    .pack_f32 = moe_pack_f32_avx512,
-    .pack_pairs = moe_pack_pairs_avx512,
-    .store = moe_store_avx512,
-};
+const moe_ukernel_info moe_ukernel_amx = {.isa = "amx",
+                                          MOE_AVX512_F32_SET,
+                                          .bf16_name =
+                                              "amx_bf16_16x32 (untested)",
+                                          .bmr = AMX_MR,
+                                          .bnr = AMX_NR,
+                                          .bf16 = moe_ukernel_amx_bf16,
+                                          .pack_pairs = moe_pack_pairs_avx512,
+                                          .store = moe_store_avx512};

@@ -273,12 +273,10 @@ static void moe_store_avx2(const float *acc, int64_t ldacc, int64_t mb,
   /* Non-temporal stores are fenced once per thread by the driver. */
 }
 
-const moe_ukernel_info moe_ukernel_avx2 = {
-    .isa = "avx2",
-    .name = "avx2_f32_6x16",
-    .mr = AVX2_MR,
-    .nr = AVX2_NR,
-    .f32 = moe_ukernel_avx2_f32,
-    .pack_f32 = moe_pack_f32_avx2,
-    .store = moe_store_avx2,
-};
+const moe_ukernel_info moe_ukernel_avx2 = {.isa = "avx2",
+                                           .name = "avx2_f32_6x16",
+                                           .mr = AVX2_MR,
+                                           .nr = AVX2_NR,
+                                           .f32 = moe_ukernel_avx2_f32,
+                                           .pack_f32 = moe_pack_f32_avx2,
+                                           .store = moe_store_avx2};

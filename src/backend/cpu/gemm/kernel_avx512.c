@@ -353,11 +353,4 @@ void moe_store_avx512(const float *acc, int64_t ldacc, int64_t mb, int64_t nb,
 }
 
 const moe_ukernel_info moe_ukernel_avx512 = {
-    .isa = "avx512",
-    .name = "avx512_f32_8x48",
-    .mr = F32_MR,
-    .nr = F32_NR,
-    .f32 = moe_ukernel_avx512_f32,
-    .pack_f32 = moe_pack_f32_avx512,
-    .store = moe_store_avx512,
-};
+    .isa = "avx512", MOE_AVX512_F32_SET, .store = moe_store_avx512};

@@ -33,4 +33,10 @@ MOE_INLINE __m256i moe_cvt_bf16(__m512 v) {
   return _mm512_cvtepi32_epi16(r);
 }
 
+/// The f32 half of every AVX-512 kernel set: kernel_avx512.c's 8 x 48 FMA
+/// kernel and packing (moe_ukernel_info fields).
+#define MOE_AVX512_F32_SET                                                     \
+  .name = "avx512_f32_8x48", .mr = 8, .nr = 48, .f32 = moe_ukernel_avx512_f32, \
+  .pack_f32 = moe_pack_f32_avx512
+
 #endif /* MOE_KERNEL_AVX512_H */

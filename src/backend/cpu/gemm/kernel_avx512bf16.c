@@ -133,15 +133,10 @@ static void moe_store_avx512bf16(const float *acc, int64_t ldacc, int64_t mb,
 
 const moe_ukernel_info moe_ukernel_avx512_bf16 = {
     .isa = "avx512_bf16",
-    .name = "avx512_f32_8x48",
-    .mr = 8,
-    .nr = 48,
-    .f32 = moe_ukernel_avx512_f32,
+    MOE_AVX512_F32_SET,
     .bf16_name = "avx512bf16_8x48",
     .bmr = BF_MR,
     .bnr = BF_NR,
     .bf16 = moe_ukernel_bf16_8x48,
-    .pack_f32 = moe_pack_f32_avx512,
     .pack_pairs = moe_pack_pairs_avx512,
-    .store = moe_store_avx512bf16,
-};
+    .store = moe_store_avx512bf16};

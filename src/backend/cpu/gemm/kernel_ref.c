@@ -32,10 +32,8 @@ static void moe_ukernel_ref_f32(int64_t kc, const float *a, const float *b,
       acc[i * ldacc + j] = t[i][j];
 }
 
-const moe_ukernel_info moe_ukernel_ref = {
-    .isa = "ref",
-    .name = "ref_f32_4x8",
-    .mr = REF_MR,
-    .nr = REF_NR,
-    .f32 = moe_ukernel_ref_f32,
-};
+const moe_ukernel_info moe_ukernel_ref = {.isa = "ref",
+                                          .name = "ref_f32_4x8",
+                                          .mr = REF_MR,
+                                          .nr = REF_NR,
+                                          .f32 = moe_ukernel_ref_f32};

@@ -53,18 +53,18 @@ const char *moe_loop_lib_name(moe_loop_lib lib) {
 }
 
 moe_status moe_loop_lib_env(moe_loop_lib *lib) {
+  /* the values, in moe_loop_lib's order */
+  static const char *const names[3] = {"auto", "openblas", "onednn"};
   const char *v = moe_env_loop_lib();
-  if (!v || !strcmp(v, "auto"))
-    *lib = MOE_LOOP_LIB_AUTO;
-  else if (!strcmp(v, "openblas"))
-    *lib = MOE_LOOP_LIB_OPENBLAS;
-  else if (!strcmp(v, "onednn"))
-    *lib = MOE_LOOP_LIB_ONEDNN;
-  else
+  int i = 0;
+  while (v && i < 3 && strcmp(v, names[i]))
+    i++;
+  if (i == 3)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "environment MOE_LOOP_LIB='%.64s': expected auto, "
                      "openblas or onednn",
                      v);
+  *lib = (moe_loop_lib)i;
   if (*lib == MOE_LOOP_LIB_AUTO) return MOE_SUCCESS;
   /* A library that can run no dtype at all here (not in this build, or no
      usable matmul on this CPU) is a misconfiguration worth stopping for. */
