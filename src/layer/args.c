@@ -61,8 +61,7 @@ moe_status moe_layer_desc_check(const moe_layer_desc *d) {
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "desc.invalid_topk = %d: unknown", (int)d->invalid_topk);
   /* comm.h's struct is read directly: args.c links with the core alone. */
-  if (d->invalid_topk == MOE_TOPK_INVALID_DROP && d->comm &&
-      d->comm->size > 1)
+  if (d->invalid_topk == MOE_TOPK_INVALID_DROP && d->comm && d->comm->size > 1)
     return moe_error(MOE_ERR_UNIMPLEMENTED,
                      "desc.invalid_topk = MOE_TOPK_INVALID_DROP with a "
                      "communicator of %d ranks: dropping slots is for "
