@@ -11,7 +11,8 @@
 ///    planner uses measured rates, these say how far from the hardware
 ///    they are and give `moe bench` its floor;
 ///  - DRAM read bandwidth;
-///  - the cost of one tiny library GEMM call in the per-expert loop;
+///  - the cost of one tiny library GEMM call in the per-expert loop, and
+///    the fixed cost of a grouped call (per call and per expert);
 ///  - the sustained GFLOP/s of the grouped and loop methods, f32 and bf16,
 ///    forward (weight-streaming) and dW (weight-writing), on a grouped
 ///    problem whose weights do not fit in cache, at several rows per
@@ -388,7 +389,7 @@ int cmd_calibrate(int argc, char **argv) {
   b.y = malloc(ny * 4);
   b.w = malloc(nw * 4);
   b.dw = malloc(nw * 4);
-  b.off = malloc(sizeof(int64_t) * (size_t)(b.E + 1));
+  b.off = malloc(sizeof(int64_t) * 33); /* up to 32 experts */
   if (!b.x || !b.y || !b.w || !b.dw || !b.off) {
     fprintf(stderr, "moe calibrate: out of memory\n");
     free(b.x), free(b.y), free(b.w), free(b.dw), free(b.off);
@@ -418,6 +419,37 @@ int cmd_calibrate(int argc, char **argv) {
     call_us[d] = s > 0 ? s / (double)t.E * 1e6 : 0;
     printf("  loop call, %-4s     %8.2f us (one %lldx%lldx%lld GEMM)\n",
            moe_dtype_name(dt), call_us[d], 1LL, (long long)t.N, (long long)t.K);
+  }
+
+  /* The grouped call's fixed cost: tiny calls (1 row, 32x32 per expert)
+     on 2 and on 32 experts; the difference is the cost per expert, the
+     rest the cost per call. */
+  double gcall_us[2] = {0, 0}, gexp_us[2] = {0, 0};
+  for (int d = 0; d < 2; d++) {
+    moe_dtype dt = d ? MOE_BF16 : MOE_F32;
+    cal_bufs t = b;
+    t.K = 32;
+    t.N = 32;
+    cal_fill(b.x, dt, nx);
+    cal_fill(b.w, dt, nw);
+    double s[2];
+    for (int i = 0; i < 2; i++) {
+      t.E = i ? 32 : 2;
+      s[i] = cal_time(&t, dt, MOE_GMM_GROUPED, 0, 1, nt, o.quick ? 5 : 15);
+    }
+    if (s[0] <= 0 || s[1] <= 0) { /* cal_time said why */
+      free(b.x), free(b.y), free(b.w), free(b.dw), free(b.off);
+      return CLI_ERR;
+    }
+    double per = (s[1] - s[0]) / 30.0;
+    if (per < 0) per = 0;
+    gexp_us[d] = per * 1e6;
+    gcall_us[d] = (s[0] - 2 * per) * 1e6;
+    if (gcall_us[d] < 0.01) gcall_us[d] = 0.01;
+    if (gexp_us[d] < 0.01) gexp_us[d] = 0.01;
+    printf("  grouped call, %-4s  %8.2f us + %.2f us per expert (1x32x32 "
+           "per expert)\n",
+           moe_dtype_name(dt), gcall_us[d], gexp_us[d]);
   }
 
   static const char *mnames[2] = {"grouped", "loop"},
@@ -470,9 +502,13 @@ int cmd_calibrate(int argc, char **argv) {
              "  \"cpu\": \"%s\",\n  \"threads\": %d,\n"
              "  \"bandwidth_gbs\": %.1f,\n  \"peak_gflops_f32\": %.1f,\n"
              "  \"peak_gflops_bf16\": %.1f,\n  \"call_us_f32\": %.2f,\n"
-             "  \"call_us_bf16\": %.2f,\n  \"rows_at\": [",
+             "  \"call_us_bf16\": %.2f,\n  \"grouped_call_us_f32\": %.2f,\n"
+             "  \"grouped_call_us_bf16\": %.2f,\n"
+             "  \"grouped_expert_us_f32\": %.3f,\n"
+             "  \"grouped_expert_us_bf16\": %.3f,\n  \"rows_at\": [",
              moe_cpu_isa(), cal_json_safe(moe_cpu_name()), nt, bw, pf, pb,
-             call_us[0], call_us[1]);
+             call_us[0], call_us[1], gcall_us[0], gcall_us[1], gexp_us[0],
+             gexp_us[1]);
   for (int i = 0; i < CAL_NPTS; i++)
     cal_append(json, sizeof json, "%s%lld", i ? ", " : "",
                (long long)cal_rows[i]);

@@ -9,6 +9,11 @@
 /// few rows, memory streaming) are in the numbers rather than guessed.
 /// Below the smallest sample the rate falls in proportion to the rows: a
 /// weight is read (and a call made) per expert however few rows it has.
+/// On top of the rates, each GEMM pays a fixed cost that the large samples
+/// hide but small problems (few tokens, small experts) do not: the loop one
+/// library call per expert (call_us), grouped one call (grouped_call_us)
+/// plus a little per expert (grouped_expert_us); `moe calibrate` measures
+/// both on tiny problems.
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -40,7 +45,11 @@ static double moe_gemm_seconds(const moe_machine *m, const moe_proj_shape *s,
   /* Rates were measured with m->threads threads; assume they scale. */
   double scale = (double)threads / (double)(m->threads > 0 ? m->threads : 1);
   double rate = moe_rate(m, mi, di, kind, rows) * 1e9 * scale;
-  return rate > 0 ? flops / rate : 0.0;
+  double calls = (double)(s->gemms > 0 ? s->gemms : 1);
+  double fixed_us =
+      mi ? calls * E * m->call_us[di]
+         : calls * (m->grouped_call_us[di] + E * m->grouped_expert_us[di]);
+  return rate > 0 ? flops / rate + fixed_us * 1e-6 : 0.0;
 }
 
 moe_proj_cost moe_predict(const moe_machine *m, const moe_proj_shape *s,
@@ -95,14 +104,18 @@ moe_status moe_plan_projection(const moe_machine *m, const moe_proj_shape *s,
               s->name, (long long)s->experts, rows_pe, (long long)s->K,
               (long long)s->N, moe_dtype_name(s->dtype),
               moe_layout_name(s->layout));
-  moe_appendf(buf, len, cap, "  grouped: predicted %.2f ms fwd, %.2f ms bwd\n",
-              g.fwd_ms, g.bwd_ms);
+  int di = s->dtype == MOE_BF16 ? 1 : 0;
+  moe_appendf(buf, len, cap,
+              "  grouped: predicted %.2f ms fwd, %.2f ms bwd (%.1f us per call "
+              "+ %.2f us per expert)\n",
+              g.fwd_ms, g.bwd_ms, m->grouped_call_us[di],
+              m->grouped_expert_us[di]);
   if (l.supported)
     moe_appendf(buf, len, cap,
                 "  loop:    predicted %.2f ms fwd, %.2f ms bwd (%lld library "
                 "calls per pass, %.1f us each)\n",
                 l.fwd_ms, l.bwd_ms, (long long)(s->experts * s->gemms),
-                m->call_us[s->dtype == MOE_BF16 ? 1 : 0]);
+                m->call_us[di]);
   else
     moe_appendf(buf, len, cap, "  loop:    declined: %s\n", l.why_not);
   if (forced != MOE_GMM_AUTO) {

@@ -28,9 +28,13 @@ typedef struct moe_machine {
   double bandwidth_gbs;  ///< DRAM read bandwidth, all threads
   double peak_gflops[2]; ///< register-only f32 FMA, bf16 dot, all threads
   double call_us[2];     ///< one tiny library GEMM call [f32, bf16]
-  int threads;           ///< threads the constants were measured with
-  char isa[16];          ///< the ISA level the constants are for
-  char source[768];      ///< which constants, and why (plan explain)
+  /// Fixed cost of one grouped call (scratch, OpenMP region, tiling) and
+  /// per expert in it, microseconds [f32, bf16]: what the rate tables,
+  /// sampled on large experts, do not show on small ones.
+  double grouped_call_us[2], grouped_expert_us[2];
+  int threads;      ///< threads the constants were measured with
+  char isa[16];     ///< the ISA level the constants are for
+  char source[768]; ///< which constants, and why (plan explain)
 } moe_machine;
 
 /// The default calibration file path ($XDG_CACHE_HOME/libmoe/machine.json

@@ -101,6 +101,17 @@ def main():
               "%s vs %s" % (p, base))
         cm = re.search(r"on this CPU \((.*)\) with", m)
         cpu = cm.group(1) if cm else "?"
+        # The grouped call's fixed cost counts: 50 ms more per call (qwen3,
+        # 128 experts, forward = 1 call) shows in the forward prediction.
+        d = calib(isa, None, 0.5)
+        d["grouped_call_us_f32"] = 50000.0
+        with open(path, "w") as f:
+            json.dump(d, f)
+        rc, m, p2, _ = plan(moe, {"MOE_MACHINE": path}, empty)
+        check("grouped fixed cost per call is in the prediction",
+              rc == 0 and p and p2 and
+              abs(float(p2[0]) - float(p[0]) - 50.0) < 1.0,
+              "%s vs %s" % (p2, p))
         with open(path, "w") as f:
             json.dump(calib(isa, cpu, 0.5), f)
         rc, m, p, _ = plan(moe, {"MOE_MACHINE_FILE": path}, empty)
