@@ -20,10 +20,8 @@
 
 #include "plan/planner.h"
 
-/// Interpolated GFLOP/s of (method, dtype, kind) at `rows` per expert.
-static double moe_rate(const moe_machine *m, int mi, int di, int kind,
-                       double rows) {
-  const double *r = m->gflops[mi][di][kind], *x = m->rows_at;
+/// Interpolated GFLOP/s of the rate table `r` at `rows` per expert.
+static double moe_rate_at(const double *r, const double *x, double rows) {
   enum { N = MOE_MACHINE_NPTS };
   if (rows <= x[0]) return r[0] * (rows > 0 ? rows : 1e-3) / x[0];
   if (rows >= x[N - 1]) return r[N - 1];
@@ -32,6 +30,24 @@ static double moe_rate(const moe_machine *m, int mi, int di, int kind,
     i++;
   double t = (log(rows) - log(x[i])) / (log(x[i + 1]) - log(x[i]));
   return r[i] + t * (r[i + 1] - r[i]);
+}
+
+/// GFLOP/s of (method, dtype, kind) at `rows` per expert on `elems` weight
+/// elements: the large-weight table, moved towards the small-weight one
+/// (where measured) as the weights shrink towards cache size.
+static double moe_rate(const moe_machine *m, int mi, int di, int kind,
+                       double rows, double elems) {
+  double big = moe_rate_at(m->gflops[mi][di][kind], m->rows_at, rows);
+  const double *sr = m->gflops_small[mi][di][kind];
+  for (int i = 0; i < MOE_MACHINE_NPTS; i++)
+    if (!(sr[i] > 0)) return big;
+  if (elems >= MOE_MACHINE_LARGE_ELEMS || !(big > 0)) return big;
+  double small = moe_rate_at(sr, m->rows_at, rows);
+  double t =
+      (log(elems > MOE_MACHINE_SMALL_ELEMS ? elems : MOE_MACHINE_SMALL_ELEMS) -
+       log(MOE_MACHINE_SMALL_ELEMS)) /
+      (log(MOE_MACHINE_LARGE_ELEMS) - log(MOE_MACHINE_SMALL_ELEMS));
+  return exp((1 - t) * log(small) + t * log(big));
 }
 
 /// Seconds of one GEMM kind over all experts.
@@ -44,7 +60,8 @@ static double moe_gemm_seconds(const moe_machine *m, const moe_proj_shape *s,
   double flops = 2.0 * (double)s->rows * (double)s->K * (double)s->N;
   /* Rates were measured with m->threads threads; assume they scale. */
   double scale = (double)threads / (double)(m->threads > 0 ? m->threads : 1);
-  double rate = moe_rate(m, mi, di, kind, rows) * 1e9 * scale;
+  double elems = E * (double)s->K * (double)s->N;
+  double rate = moe_rate(m, mi, di, kind, rows, elems) * 1e9 * scale;
   double calls = (double)(s->gemms > 0 ? s->gemms : 1);
   double fixed_us =
       mi ? calls * E * m->call_us[di]

@@ -32,13 +32,13 @@ def check(name, ok, detail=""):
     return ok
 
 
-def plan(moe, env_extra, cache):
+def plan(moe, env_extra, cache, preset="qwen3-30b-a3b"):
     env = {k: v for k, v in os.environ.items()
            if k not in ("MOE_MACHINE", "MOE_MACHINE_FILE", "MOE_MAX_CPU_ISA",
                         "MOE_GMM")}
     env["XDG_CACHE_HOME"] = cache
     env.update(env_extra)
-    r = subprocess.run([moe, "plan", "--preset", "qwen3-30b-a3b", "--tokens",
+    r = subprocess.run([moe, "plan", "--preset", preset, "--tokens",
                         "256", "--dtype", "f32", "--explain"], env=env,
                        capture_output=True, text=True, timeout=120)
     machine = [l for l in r.stdout.splitlines() if l.startswith("machine:")]
@@ -112,6 +112,24 @@ def main():
               rc == 0 and p and p2 and
               abs(float(p2[0]) - float(p[0]) - 50.0) < 1.0,
               "%s vs %s" % (p2, p))
+        # Small-weight rates: used for small experts (tiny: 8 of 64 x 64),
+        # not for a large model's (qwen3: 805M weight elements).
+        d = calib(isa, None, 0.5)
+        with open(path, "w") as f:
+            json.dump(d, f)
+        _, _, q0, _ = plan(moe, {"MOE_MACHINE": path}, empty)
+        _, _, t0, _ = plan(moe, {"MOE_MACHINE": path}, empty, "tiny")
+        for k in ("fwd", "dw"):
+            d["grouped_f32_%s_small" % k] = [1, 1, 1, 1, 1]
+        with open(path, "w") as f:
+            json.dump(d, f)
+        _, _, q1, _ = plan(moe, {"MOE_MACHINE": path}, empty)
+        _, _, t1, _ = plan(moe, {"MOE_MACHINE": path}, empty, "tiny")
+        check("small-weight rates leave a large model's prediction alone",
+              q0 and q0 == q1, "%s vs %s" % (q0, q1))
+        check("small-weight rates slow a small model's prediction",
+              t0 and t1 and float(t1[0]) > 5 * float(t0[0]),
+              "%s vs %s" % (t0, t1))
         with open(path, "w") as f:
             json.dump(calib(isa, cpu, 0.5), f)
         rc, m, p, _ = plan(moe, {"MOE_MACHINE_FILE": path}, empty)
