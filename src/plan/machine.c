@@ -276,7 +276,12 @@ static void moe_machine_load(const moe_machine *base, const char *path,
   for (int a = 0; a < 2; a++)
     for (int b = 0; b < 2; b++)
       for (int c = 0; c < 2; c++) {
-        char key[32];
+        char key[40];
+        /* A method the calibration could not run here (its rates are 0):
+           keep the built-in placeholders; the planner does not count a
+           method that cannot run. */
+        snprintf(key, sizeof key, "%s_%s_unavailable", method[a], dtype[b]);
+        if (cJSON_IsString(cJSON_GetObjectItemCaseSensitive(o, key))) continue;
         snprintf(key, sizeof key, "%s_%s_%s", method[a], dtype[b], kind[c]);
         moe_json_array(o, key, t.gflops[a][b][c], MOE_MACHINE_NPTS, &ok);
         /* Optional (older files lack it): absent means not measured. */

@@ -112,6 +112,18 @@ def main():
               rc == 0 and p and p2 and
               abs(float(p2[0]) - float(p[0]) - 50.0) < 1.0,
               "%s vs %s" % (p2, p))
+        # A method the calibration could not run (rates 0, with its reason,
+        # as moe calibrate writes it): the file is still used.
+        d = calib(isa, None, 0.5)
+        for k in ("fwd", "dw"):
+            d["loop_bf16_%s" % k] = [0.0] * 5
+        d["loop_bf16_unavailable"] = "no bf16 matmul on this CPU"
+        with open(path, "w") as f:
+            json.dump(d, f)
+        rc, m, _, _ = plan(moe, {"MOE_MACHINE": path}, empty)
+        check("file with an unavailable method is used",
+              rc == 0 and m.startswith("machine: calibration file " + path),
+              m)
         # Small-weight rates: used for small experts (tiny: 8 of 64 x 64),
         # not for a large model's (qwen3: 805M weight elements).
         d = calib(isa, None, 0.5)
