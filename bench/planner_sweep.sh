@@ -17,6 +17,9 @@
 #
 # environment: PRESETS="qwen3-30b-a3b tiny"  TOKENS="64 256 1024 4096"
 #   DTYPES="f32 bf16"  LAYOUTS="out_in in_out"  REPS=1
+#   BEFORE=PATH (MODE=cpu): also ask the planner with MOE_MACHINE=PATH (e.g.
+#   older constants) and score its picks against the same timings, so that
+#   two sets of constants are compared on one measurement.
 # Presets whose f32 weights fit a 24 GiB machine: qwen3-30b-a3b, tiny.
 set -euo pipefail
 B=${1:-build}
@@ -26,6 +29,7 @@ TOKENS=${TOKENS:-64 256 1024 4096}
 DTYPES=${DTYPES:-f32 bf16}
 LAYOUTS=${LAYOUTS:-out_in in_out}
 REPS=${REPS:-1}
+BEFORE=${BEFORE:-}
 dims() {
   case $1 in
   qwen3-30b-a3b) echo "128 2048 768 8" ;;
@@ -51,11 +55,17 @@ for p in $PRESETS; do
         fi
         picks=$(OMP_NUM_THREADS=1 "$B/moe" plan --preset "$p" --tokens "$t" \
           --dtype "$d" --layout "$l" --threads 1 | head -1)
+        before=""
+        if [ -n "$BEFORE" ]; then
+          before=$(MOE_MACHINE=$BEFORE OMP_NUM_THREADS=1 "$B/moe" plan \
+            --preset "$p" --tokens "$t" --dtype "$d" --layout "$l" \
+            --threads 1 | head -1)
+        fi
         for m in grouped loop; do
           out=$(OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 BENCH_METHOD=$m \
             "$B/bench_gemm_cpu" "$t" "$d" "$l" "$REPS" $(dims "$p") 2>&1 |
             grep '^proj_ms' || true)
-          echo "{\"preset\":\"$p\",\"tokens\":$t,\"dtype\":\"$d\",\"layout\":\"$l\",\"method\":\"$m\",\"proj\":\"$out\",\"picks\":\"$picks\"}" >>"$tmp"
+          echo "{\"preset\":\"$p\",\"tokens\":$t,\"dtype\":\"$d\",\"layout\":\"$l\",\"method\":\"$m\",\"proj\":\"$out\",\"picks\":\"$picks\",\"before\":\"$before\"}" >>"$tmp"
         done
       done
     done
@@ -80,32 +90,55 @@ for r in rows:
     m = re.match(r"proj_ms gate_up ([0-9.]+) down ([0-9.]+)", r["proj"])
     pk = re.search(r"gate_up -> (\w+), down -> (\w+)", r["picks"])
     for i, proj in enumerate(("gate_up", "down")):
-        c = cells.setdefault(base + (proj,), {"t": {}, "pick": None})
+        c = cells.setdefault(base + (proj,), {"t": {}, "pick": None, "before": None})
+        pb = re.search(r"gate_up -> (\w+), down -> (\w+)", r.get("before", ""))
+        if pb:
+            c["before"] = pb.group(i + 1)
         if m:
             c["t"][r["method"]] = float(m.group(i + 1))
         if pk:
             c["pick"] = pk.group(i + 1)
 print("MOE_MAX_CPU_ISA=%s, MODE=%s, %d cells, %d s" % (sys.argv[3], mode, len(cells), int(sys.argv[2])))
 print()
-print("| preset | tokens | dtype | layout | projection | grouped ms | loop ms | fastest | pick | pick off |")
-print("|---|---|---|---|---|---|---|---|---|---|")
-hits = n = 0
-worst = 0.0
+hasb = any(c.get("before") for c in cells.values())
+print("| preset | tokens | dtype | layout | projection | grouped ms | loop ms | fastest | pick | pick off |"
+      + (" before pick | before off |" if hasb else ""))
+print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if hasb else ""))
+score = {"pick": [0, 0, 0.0], "before": [0, 0, 0.0]}  # hits, cells, worst
+
+
+def judge(t, pick, which):
+    if len(t) == 1 and pick in t:  # the other method cannot run here
+        score[which][0] += 1
+        score[which][1] += 1
+        return "0% (only method)"
+    fastest = min(t, key=t.get)
+    off = t[pick] / t[fastest] - 1 if pick in t else float("nan")
+    score[which][1] += 1
+    score[which][0] += pick == fastest
+    if off == off:
+        score[which][2] = max(score[which][2], off)
+    return "%.0f%%" % (100 * off) if off == off else "n/a"
+
+
 for key in sorted(cells):
     c, t = cells[key], cells[key]["t"]
-    if len(t) < 2:
+    if not t or (len(t) < 2 and (c["pick"] or "mixed") not in t):
         print("| %s | %d | %s | %s | %s | - | - | - | - | not measured |" % key)
         continue
     fastest = min(t, key=t.get)
     pick = c["pick"] or "mixed"
-    n += 1
-    off = t[pick] / t[fastest] - 1 if pick in t else float("nan")
-    hits += pick == fastest
-    if off == off:
-        worst = max(worst, off)
-    print("| %s | %d | %s | %s | %s | %.3f | %.3f | %s | %s | %s |" % (key + (
-        t["grouped"], t["loop"], fastest, pick, "%.0f%%" % (100 * off) if off == off else "n/a")))
+    row = "| %s | %d | %s | %s | %s | %s | %s | %s | %s | %s |" % (key + (
+        "%.3f" % t["grouped"] if "grouped" in t else "n/a",
+        "%.3f" % t["loop"] if "loop" in t else "n/a", fastest, pick,
+        judge(t, pick, "pick")))
+    if hasb:
+        b = c.get("before") or "mixed"
+        row += " %s | %s |" % (b, judge(t, b, "before"))
+    print(row)
 print()
-print("picked the measured fastest in %d of %d cells (%.0f%%); worst pick %.0f%% slower than the fastest"
-      % (hits, n, 100.0 * hits / max(n, 1), 100 * worst))
+for which in (("pick", "before") if hasb else ("pick",)):
+    h, n, w = score[which]
+    print("%s: picked the measured fastest in %d of %d cells (%.0f%%); worst pick %.0f%% slower than the fastest"
+          % ("planner" if which == "pick" else "before (" + "BEFORE constants)", h, n, 100.0 * h / max(n, 1), 100 * w))
 PY

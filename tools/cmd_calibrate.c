@@ -11,11 +11,13 @@
 ///    planner uses measured rates, these say how far from the hardware
 ///    they are and give `moe bench` its floor;
 ///  - DRAM read bandwidth;
-///  - the cost of one tiny library GEMM call in the per-expert loop;
+///  - the cost of one tiny library GEMM call in the per-expert loop, and
+///    the fixed cost of a grouped call (per call and per expert);
 ///  - the sustained GFLOP/s of the grouped and loop methods, f32 and bf16,
 ///    forward (weight-streaming) and dW (weight-writing), on a grouped
 ///    problem whose weights do not fit in cache, at several rows per
-///    expert. The planner interpolates these tables.
+///    expert, and again on small weights that stay in cache. The planner
+///    interpolates these tables.
 /// Everything goes through the public API except the peak loops, which
 /// are compiled for their ISA with target attributes and run only where
 /// the CPU (and OS) supports it.
@@ -388,7 +390,7 @@ int cmd_calibrate(int argc, char **argv) {
   b.y = malloc(ny * 4);
   b.w = malloc(nw * 4);
   b.dw = malloc(nw * 4);
-  b.off = malloc(sizeof(int64_t) * (size_t)(b.E + 1));
+  b.off = malloc(sizeof(int64_t) * 33); /* up to 32 experts */
   if (!b.x || !b.y || !b.w || !b.dw || !b.off) {
     fprintf(stderr, "moe calibrate: out of memory\n");
     free(b.x), free(b.y), free(b.w), free(b.dw), free(b.off);
@@ -418,6 +420,37 @@ int cmd_calibrate(int argc, char **argv) {
     call_us[d] = s > 0 ? s / (double)t.E * 1e6 : 0;
     printf("  loop call, %-4s     %8.2f us (one %lldx%lldx%lld GEMM)\n",
            moe_dtype_name(dt), call_us[d], 1LL, (long long)t.N, (long long)t.K);
+  }
+
+  /* The grouped call's fixed cost: tiny calls (1 row, 32x32 per expert)
+     on 2 and on 32 experts; the difference is the cost per expert, the
+     rest the cost per call. */
+  double gcall_us[2] = {0, 0}, gexp_us[2] = {0, 0};
+  for (int d = 0; d < 2; d++) {
+    moe_dtype dt = d ? MOE_BF16 : MOE_F32;
+    cal_bufs t = b;
+    t.K = 32;
+    t.N = 32;
+    cal_fill(b.x, dt, nx);
+    cal_fill(b.w, dt, nw);
+    double s[2];
+    for (int i = 0; i < 2; i++) {
+      t.E = i ? 32 : 2;
+      s[i] = cal_time(&t, dt, MOE_GMM_GROUPED, 0, 1, nt, o.quick ? 5 : 15);
+    }
+    if (s[0] <= 0 || s[1] <= 0) { /* cal_time said why */
+      free(b.x), free(b.y), free(b.w), free(b.dw), free(b.off);
+      return CLI_ERR;
+    }
+    double per = (s[1] - s[0]) / 30.0;
+    if (per < 0) per = 0;
+    gexp_us[d] = per * 1e6;
+    gcall_us[d] = (s[0] - 2 * per) * 1e6;
+    if (gcall_us[d] < 0.01) gcall_us[d] = 0.01;
+    if (gexp_us[d] < 0.01) gexp_us[d] = 0.01;
+    printf("  grouped call, %-4s  %8.2f us + %.2f us per expert (1x32x32 "
+           "per expert)\n",
+           moe_dtype_name(dt), gcall_us[d], gexp_us[d]);
   }
 
   static const char *mnames[2] = {"grouped", "loop"},
@@ -461,6 +494,41 @@ int cmd_calibrate(int argc, char **argv) {
         printf("\n");
       }
   }
+  /* The same rates on small weights that stay in cache (8 experts of
+     64 x 64), with the fixed costs measured above taken out: the planner
+     moves towards these as a projection's weights shrink. */
+  double small[2][2][2][CAL_NPTS];
+  memset(small, 0, sizeof small);
+  for (int d = 0; d < 2 && rc == CLI_OK; d++) {
+    moe_dtype dt = d ? MOE_BF16 : MOE_F32;
+    cal_bufs t = b;
+    t.E = 8;
+    t.K = 64;
+    t.N = 64;
+    for (int k = 0; k < 2 && rc == CLI_OK; k++)
+      for (int m = 0; m < 2 && rc == CLI_OK; m++) {
+        if (na[m][d][0]) continue;
+        printf("  %-7s %-4s %-3s small weights, GFLOP/s at rows/expert",
+               mnames[m], moe_dtype_name(dt), knames[k]);
+        for (int i = 0; i < CAL_NPTS; i++) {
+          double sec = cal_time(&t, dt, m ? MOE_GMM_LOOP : MOE_GMM_GROUPED, k,
+                                cal_rows[i], nt, 15);
+          if (sec <= 0) {
+            rc = CLI_ERR;
+            break;
+          }
+          double fixed = 1e-6 * (m ? (double)t.E * call_us[d]
+                                   : gcall_us[d] + (double)t.E * gexp_us[d]);
+          double net = sec - fixed > 0.2 * sec ? sec - fixed : 0.2 * sec;
+          double flops =
+              2.0 * (double)(t.E * cal_rows[i]) * (double)t.K * (double)t.N;
+          small[m][d][k][i] = flops / net / 1e9;
+          printf(" %lld:%.0f", (long long)cal_rows[i], small[m][d][k][i]);
+          fflush(stdout);
+        }
+        printf("\n");
+      }
+  }
   free(b.x), free(b.y), free(b.w), free(b.dw), free(b.off);
   if (rc != CLI_OK) return rc;
 
@@ -470,9 +538,13 @@ int cmd_calibrate(int argc, char **argv) {
              "  \"cpu\": \"%s\",\n  \"threads\": %d,\n"
              "  \"bandwidth_gbs\": %.1f,\n  \"peak_gflops_f32\": %.1f,\n"
              "  \"peak_gflops_bf16\": %.1f,\n  \"call_us_f32\": %.2f,\n"
-             "  \"call_us_bf16\": %.2f,\n  \"rows_at\": [",
+             "  \"call_us_bf16\": %.2f,\n  \"grouped_call_us_f32\": %.2f,\n"
+             "  \"grouped_call_us_bf16\": %.2f,\n"
+             "  \"grouped_expert_us_f32\": %.3f,\n"
+             "  \"grouped_expert_us_bf16\": %.3f,\n  \"rows_at\": [",
              moe_cpu_isa(), cal_json_safe(moe_cpu_name()), nt, bw, pf, pb,
-             call_us[0], call_us[1]);
+             call_us[0], call_us[1], gcall_us[0], gcall_us[1], gexp_us[0],
+             gexp_us[1]);
   for (int i = 0; i < CAL_NPTS; i++)
     cal_append(json, sizeof json, "%s%lld", i ? ", " : "",
                (long long)cal_rows[i]);
@@ -485,6 +557,12 @@ int cmd_calibrate(int argc, char **argv) {
         for (int i = 0; i < CAL_NPTS; i++)
           cal_append(json, sizeof json, "%s%.1f", i ? ", " : "",
                      rate[m][d][k][i]);
+        cal_append(json, sizeof json, "]");
+        cal_append(json, sizeof json, ",\n  \"%s_%s_%s_small\": [", mnames[m],
+                   d ? "bf16" : "f32", knames[k]);
+        for (int i = 0; i < CAL_NPTS; i++)
+          cal_append(json, sizeof json, "%s%.1f", i ? ", " : "",
+                     small[m][d][k][i]);
         cal_append(json, sizeof json, "]");
       }
   for (int m = 0; m < 2; m++)

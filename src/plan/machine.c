@@ -19,18 +19,20 @@
 static moe_machine moe_machine_value;
 static int moe_machine_ready;
 
-/// Built-in constants, one row per ISA level, each from one
-/// `moe calibrate --threads 1 --cpu-time` run on the 2-core development VM
-/// (AMD EPYC Zen 4, AVX-512 + AVX512_BF16, no AMX; 2026-12-02) with
+/// Built-in constants, one row per ISA level, each from one (avx2: the mean
+/// of two) `moe calibrate --threads 1 --cpu-time` run on the 2-core
+/// development VM (AMD EPYC Zen 4, AVX-512 + AVX512_BF16, no AMX;
+/// 2026-12-02, 05:49-05:55, load ~3-5 from other jobs) with
 /// MOE_MAX_CPU_ISA capping the kernel set and, for avx2 and ref,
-/// OPENBLAS_CORETYPE=Haswell capping OpenBLAS. The VM was shared with other
+/// OPENBLAS_CORETYPE=Haswell capping OpenBLAS (and oneDNN capped to the
+/// level by libmoe's probe). The VM was shared with other
 /// jobs, hence process CPU time on one thread (the planner scales rates to
 /// its thread count). Without AVX-512 no library has a native bf16 GEMM
-/// (Debian's oneDNN 2.6 has none at all there), so the avx2 and ref rows
-/// take the loop's bf16 rates from its f32 ones. amx has no measurement
-/// (no AMX machine was available): it reuses the avx512_bf16 row, a lower
-/// bound since AMX only speeds up bf16. bench/NOTES.md, "Machine constants
-/// per ISA level (issue 8)", has the runs.
+/// (Debian's oneDNN 2.6 has none at all there): the loop cannot run bf16 at
+/// avx2 and ref, and the rows hold its f32 rates there as placeholders. amx has
+/// no measurement (no AMX machine was available): it reuses the avx512_bf16
+/// row, a lower bound since AMX only speeds up bf16. bench/NOTES.md, "Machine
+/// constants per ISA level (issue 8)", has the runs.
 static const struct moe_machine_builtin {
   const char *isa;
   moe_machine m;
@@ -40,56 +42,87 @@ static const struct moe_machine_builtin {
          .rows_at = {2, 8, 32, 128, 512},
          .gflops =
              {
-                 {{{5.1, 14.1, 25.7, 22.8, 25.4}, {4, 12, 18.4, 21.2, 19.1}},
-                  {{4.8, 14, 22.8, 22, 24.3}, {5.2, 13.9, 19.9, 19.9, 21.1}}},
-                 {{{6.8, 29.4, 56, 73.2, 86.9}, {4.8, 19.1, 60.8, 82.2, 78.9}},
-                  {{6.8, 29.4, 56, 73.2, 86.9}, {4.8, 19.1, 60.8, 82.2, 78.9}}},
+                 {{{4.6, 11.6, 19, 25.9, 27}, {4.6, 12.8, 21.6, 20.5, 21.5}},
+                  {{5.1, 13.1, 24.1, 26.8, 22.9},
+                   {3.3, 8.1, 17.6, 21.9, 20.6}}},
+                 {{{9.1, 31.2, 65.8, 89.4, 100.6}, {4.5, 20, 62.5, 91.1, 98.5}},
+                  {{9.1, 31.2, 65.8, 89.4, 100.6},
+                   {4.5, 20, 62.5, 91.1, 98.5}}},
              },
-         .bandwidth_gbs = 20.6,
-         .peak_gflops = {115.4, 115.5},
-         .call_us = {0.67, 0.67},
+         .gflops_small =
+             {
+                 {{{5, 28, 16.3, 23.4, 23.7}, {32.6, 29.5, 16.2, 18.6, 23.8}},
+                  {{4.8, 22, 25.8, 26.8, 25.2}, {8.2, 17.6, 24.7, 27.3, 24.9}}},
+                 {{{24.9, 68.2, 90.2, 72.8, 84.3},
+                   {89.5, 96.2, 101.4, 99.1, 74.4}},
+                  {{0, 0, 0, 0, 0}, {0, 0, 0, 0, 0}}},
+             },
+         .bandwidth_gbs = 21.3,
+         .peak_gflops = {115.2, 113.2},
+         .call_us = {0.45, 0.45},
+         .grouped_call_us = {3.25, 3.30},
+         .grouped_expert_us = {0.92, 0.96},
          .threads = 1,
          .source = "moe calibrate --threads 1 --cpu-time, MOE_MAX_CPU_ISA=ref, "
-                   "OPENBLAS_CORETYPE=Haswell, Zen 4 VM, 2026-12-02; loop bf16 "
-                   "set to loop f32",
+                   "OPENBLAS_CORETYPE=Haswell, Zen 4 VM, 2026-12-02; "
+                   "no loop bf16",
      }},
     {"avx2",
      {
          .rows_at = {2, 8, 32, 128, 512},
          .gflops =
              {
-                 {{{10.1, 37.2, 57.6, 71.8, 66},
-                   {14.8, 35.6, 56.6, 69.9, 64.5}},
-                  {{17.7, 52.2, 80.7, 75.4, 77.5},
-                   {12.4, 33.1, 58.2, 70.9, 68.3}}},
-                 {{{6.1, 24.2, 46.3, 66.8, 71.4},
-                   {5.7, 22.5, 66.7, 85.9, 95.8}},
-                  {{6.1, 24.2, 46.3, 66.8, 71.4},
-                   {5.7, 22.5, 66.7, 85.9, 95.8}}},
+                 {{{11.1, 39.5, 63, 78.2, 81.8}, {15.9, 38, 58.2, 63.7, 68.2}},
+                  {{16.6, 49.7, 74.5, 75.9, 86.2},
+                   {14.3, 32.6, 53.7, 65.3, 67.2}}},
+                 {{{7.3, 27.1, 59, 79.5, 89.7}, {5.8, 23.2, 63.2, 82.7, 90.8}},
+                  {{7.3, 27.1, 59, 79.5, 89.7}, {5.8, 23.2, 63.2, 82.7, 90.8}}},
              },
-         .bandwidth_gbs = 20.9,
-         .peak_gflops = {114.1, 113.7},
-         .call_us = {0.42, 0.42},
+         .gflops_small =
+             {
+                 {{{21.2, 45.8, 54.6, 58.1, 66.7},
+                   {50.6, 40.4, 38.1, 36.2, 35.4}},
+                  {{23.7, 51.1, 62.7, 68.2, 64.5}, {14, 26.5, 33.6, 35.8, 32}}},
+                 {{{16.1, 49.5, 78.1, 90.8, 92.4},
+                   {34.4, 66.8, 88.4, 93.1, 91.4}},
+                  {{0, 0, 0, 0, 0}, {0, 0, 0, 0, 0}}},
+             },
+         .bandwidth_gbs = 20.4,
+         .peak_gflops = {112.3, 113.7},
+         .call_us = {0.45, 0.45},
+         .grouped_call_us = {5.13, 4.67},
+         .grouped_expert_us = {0.55, 0.57},
          .threads = 1,
-         .source = "moe calibrate --threads 1 --cpu-time, "
-                   "MOE_MAX_CPU_ISA=avx2, OPENBLAS_CORETYPE=Haswell, Zen 4 VM, "
-                   "2026-12-02; loop bf16 set to loop f32",
+         .source =
+             "moe calibrate --threads 1 --cpu-time, MOE_MAX_CPU_ISA=avx2, "
+             "OPENBLAS_CORETYPE=Haswell, Zen 4 VM, 2026-12-02, mean of 2 runs",
      }},
     {"avx512",
      {
          .rows_at = {2, 8, 32, 128, 512},
          .gflops =
              {
-                 {{{4.1, 24.8, 57.3, 82.2, 83.6}, {8.7, 26.1, 55.2, 74, 78.7}},
-                  {{10.2, 36.6, 67.5, 76.2, 93}, {9, 29.7, 63.8, 86.9, 83.2}}},
-                 {{{4.3, 16.8, 43.7, 74.9, 88.9},
-                   {5.5, 21.3, 50.4, 84.3, 88.5}},
-                  {{20.9, 66.3, 141.6, 193.8, 204.6},
-                   {17.8, 63.9, 140, 177.7, 188.3}}},
+                 {{{5.7, 18.7, 49.1, 80.7, 85.8}, {5.8, 19.8, 48, 71.8, 67.2}},
+                  {{7.9, 26.7, 59.4, 83.7, 88.9},
+                   {9.5, 26.2, 56.6, 78.1, 85.4}}},
+                 {{{4.2, 13.9, 35.8, 54, 82.2}, {4.2, 15.6, 43.5, 76.1, 88.7}},
+                  {{8.5, 20.4, 30.9, 35.3, 37}, {13.6, 26.3, 31.9, 36, 36}}},
              },
-         .bandwidth_gbs = 22.2,
-         .peak_gflops = {110.2, 112.5},
-         .call_us = {0.23, 0.95},
+         .gflops_small =
+             {
+                 {{{10.2, 28.5, 43.5, 48.1, 42.4}, {7.8, 24.6, 37.3, 42, 38.5}},
+                  {{22.3, 45.2, 57.1, 51.4, 46.3},
+                   {10.9, 23.2, 49.2, 50.6, 48.5}}},
+                 {{{27.7, 47.1, 59.1, 72.9, 74.4},
+                   {49.9, 86.3, 107.6, 113.8, 84.9}},
+                  {{14.2, 21.9, 33.4, 36.3, 31.1},
+                   {8.7, 24.6, 33.4, 30.9, 33.8}}},
+             },
+         .bandwidth_gbs = 18.4,
+         .peak_gflops = {114.1, 113.8},
+         .call_us = {0.26, 1.03},
+         .grouped_call_us = {5.62, 5.05},
+         .grouped_expert_us = {0.33, 0.63},
          .threads = 1,
          .source = "moe calibrate --threads 1 --cpu-time, "
                    "MOE_MAX_CPU_ISA=avx512, Zen 4 VM, 2026-12-02",
@@ -99,18 +132,29 @@ static const struct moe_machine_builtin {
          .rows_at = {2, 8, 32, 128, 512},
          .gflops =
              {
-                 {{{7.5, 27.7, 58.4, 85.7, 84.1},
-                   {7.8, 21.2, 48.1, 73.4, 74.2}},
-                  {{16.1, 52.3, 113.5, 165.8, 157.2},
-                   {6.9, 25.5, 73.8, 134.1, 134.2}}},
-                 {{{4.3, 15.2, 36.8, 68.8, 87.7},
-                   {4.2, 13.5, 42.7, 73.7, 82.8}},
-                  {{19, 64.6, 130.3, 141.3, 193.8},
-                   {11.8, 44.9, 141, 164.4, 181.3}}},
+                 {{{8.9, 30, 61.2, 84.3, 87.6}, {7.9, 22.1, 49.6, 70.6, 74.9}},
+                  {{16, 52.4, 120.6, 164.8, 170.4},
+                   {6.9, 25.6, 79, 138.9, 144.8}}},
+                 {{{5.2, 19, 48.2, 74.2, 90.2}, {5, 20.5, 55.9, 82.6, 90.4}},
+                  {{20.1, 64.6, 134.3, 180.1, 199.8},
+                   {13.2, 49, 127.8, 181.3, 185.6}}},
              },
-         .bandwidth_gbs = 19.5,
-         .peak_gflops = {113.9, 228.5},
-         .call_us = {0.33, 0.85},
+         .gflops_small =
+             {
+                 {{{11.9, 31.9, 46.5, 53.4, 50.1},
+                   {12, 27.1, 38.4, 55.3, 46.1}},
+                  {{43.5, 90.3, 109.7, 116.1, 112.2},
+                   {29.5, 65.7, 93.5, 105.1, 103.9}}},
+                 {{{46, 67.5, 63.1, 81.2, 90.2},
+                   {44.3, 83.3, 105.5, 113.5, 84.2}},
+                  {{14.5, 41.2, 102.8, 165.7, 189.7},
+                   {11.2, 34.9, 85, 125.6, 185.1}}},
+             },
+         .bandwidth_gbs = 20.8,
+         .peak_gflops = {115.6, 232.1},
+         .call_us = {0.25, 0.87},
+         .grouped_call_us = {3.21, 3.24},
+         .grouped_expert_us = {0.45, 0.30},
          .threads = 1,
          .source = "moe calibrate --threads 1 --cpu-time, "
                    "MOE_MAX_CPU_ISA=avx512_bf16, Zen 4 VM, 2026-12-02",
@@ -206,9 +250,24 @@ static void moe_machine_load(const moe_machine *base, const char *path,
   for (int a = 0; a < 2; a++)
     for (int b = 0; b < 2; b++)
       for (int c = 0; c < 2; c++) {
-        char key[32];
+        char key[40];
+        /* A method the calibration could not run here (its rates are 0):
+           keep the built-in placeholders; the planner does not count a
+           method that cannot run. */
+        snprintf(key, sizeof key, "%s_%s_unavailable", method[a], dtype[b]);
+        if (cJSON_IsString(cJSON_GetObjectItemCaseSensitive(o, key))) continue;
         snprintf(key, sizeof key, "%s_%s_%s", method[a], dtype[b], kind[c]);
         moe_json_array(o, key, t.gflops[a][b][c], MOE_MACHINE_NPTS, &ok);
+        /* Optional (older files lack it): absent means not measured. */
+        snprintf(key, sizeof key, "%s_%s_%s_small", method[a], dtype[b],
+                 kind[c]);
+        bool sok = true;
+        double v[MOE_MACHINE_NPTS];
+        moe_json_array(o, key, v, MOE_MACHINE_NPTS, &sok);
+        if (sok)
+          memcpy(t.gflops_small[a][b][c], v, sizeof v);
+        else
+          memset(t.gflops_small[a][b][c], 0, sizeof v);
       }
   for (int i = 1; i < MOE_MACHINE_NPTS; i++)
     if (!(t.rows_at[i] > t.rows_at[i - 1])) ok = false;
@@ -217,6 +276,14 @@ static void moe_machine_load(const moe_machine *base, const char *path,
   t.peak_gflops[1] = moe_json_num(o, "peak_gflops_bf16", t.peak_gflops[1]);
   t.call_us[0] = moe_json_num(o, "call_us_f32", t.call_us[0]);
   t.call_us[1] = moe_json_num(o, "call_us_bf16", t.call_us[1]);
+  t.grouped_call_us[0] =
+      moe_json_num(o, "grouped_call_us_f32", t.grouped_call_us[0]);
+  t.grouped_call_us[1] =
+      moe_json_num(o, "grouped_call_us_bf16", t.grouped_call_us[1]);
+  t.grouped_expert_us[0] =
+      moe_json_num(o, "grouped_expert_us_f32", t.grouped_expert_us[0]);
+  t.grouped_expert_us[1] =
+      moe_json_num(o, "grouped_expert_us_bf16", t.grouped_expert_us[1]);
   t.threads = (int)moe_json_num(o, "threads", t.threads);
   cJSON_Delete(o);
   if (!ok) {

@@ -9,16 +9,19 @@
 /// few rows, memory streaming) are in the numbers rather than guessed.
 /// Below the smallest sample the rate falls in proportion to the rows: a
 /// weight is read (and a call made) per expert however few rows it has.
+/// On top of the rates, each GEMM pays a fixed cost that the large samples
+/// hide but small problems (few tokens, small experts) do not: the loop one
+/// library call per expert (call_us), grouped one call (grouped_call_us)
+/// plus a little per expert (grouped_expert_us); `moe calibrate` measures
+/// both on tiny problems.
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 
 #include "plan/planner.h"
 
-/// Interpolated GFLOP/s of (method, dtype, kind) at `rows` per expert.
-static double moe_rate(const moe_machine *m, int mi, int di, int kind,
-                       double rows) {
-  const double *r = m->gflops[mi][di][kind], *x = m->rows_at;
+/// Interpolated GFLOP/s of the rate table `r` at `rows` per expert.
+static double moe_rate_at(const double *r, const double *x, double rows) {
   enum { N = MOE_MACHINE_NPTS };
   if (rows <= x[0]) return r[0] * (rows > 0 ? rows : 1e-3) / x[0];
   if (rows >= x[N - 1]) return r[N - 1];
@@ -27,6 +30,24 @@ static double moe_rate(const moe_machine *m, int mi, int di, int kind,
     i++;
   double t = (log(rows) - log(x[i])) / (log(x[i + 1]) - log(x[i]));
   return r[i] + t * (r[i + 1] - r[i]);
+}
+
+/// GFLOP/s of (method, dtype, kind) at `rows` per expert on `elems` weight
+/// elements: the large-weight table, moved towards the small-weight one
+/// (where measured) as the weights shrink towards cache size.
+static double moe_rate(const moe_machine *m, int mi, int di, int kind,
+                       double rows, double elems) {
+  double big = moe_rate_at(m->gflops[mi][di][kind], m->rows_at, rows);
+  const double *sr = m->gflops_small[mi][di][kind];
+  for (int i = 0; i < MOE_MACHINE_NPTS; i++)
+    if (!(sr[i] > 0)) return big;
+  if (elems >= MOE_MACHINE_LARGE_ELEMS || !(big > 0)) return big;
+  double small = moe_rate_at(sr, m->rows_at, rows);
+  double t =
+      (log(elems > MOE_MACHINE_SMALL_ELEMS ? elems : MOE_MACHINE_SMALL_ELEMS) -
+       log(MOE_MACHINE_SMALL_ELEMS)) /
+      (log(MOE_MACHINE_LARGE_ELEMS) - log(MOE_MACHINE_SMALL_ELEMS));
+  return exp((1 - t) * log(small) + t * log(big));
 }
 
 /// Seconds of one GEMM kind over all experts.
@@ -39,8 +60,13 @@ static double moe_gemm_seconds(const moe_machine *m, const moe_proj_shape *s,
   double flops = 2.0 * (double)s->rows * (double)s->K * (double)s->N;
   /* Rates were measured with m->threads threads; assume they scale. */
   double scale = (double)threads / (double)(m->threads > 0 ? m->threads : 1);
-  double rate = moe_rate(m, mi, di, kind, rows) * 1e9 * scale;
-  return rate > 0 ? flops / rate : 0.0;
+  double elems = E * (double)s->K * (double)s->N;
+  double rate = moe_rate(m, mi, di, kind, rows, elems) * 1e9 * scale;
+  double calls = (double)(s->gemms > 0 ? s->gemms : 1);
+  double fixed_us =
+      mi ? calls * E * m->call_us[di]
+         : calls * (m->grouped_call_us[di] + E * m->grouped_expert_us[di]);
+  return rate > 0 ? flops / rate + fixed_us * 1e-6 : 0.0;
 }
 
 moe_proj_cost moe_predict(const moe_machine *m, const moe_proj_shape *s,
@@ -95,14 +121,18 @@ moe_status moe_plan_projection(const moe_machine *m, const moe_proj_shape *s,
               s->name, (long long)s->experts, rows_pe, (long long)s->K,
               (long long)s->N, moe_dtype_name(s->dtype),
               moe_layout_name(s->layout));
-  moe_appendf(buf, len, cap, "  grouped: predicted %.2f ms fwd, %.2f ms bwd\n",
-              g.fwd_ms, g.bwd_ms);
+  int di = s->dtype == MOE_BF16 ? 1 : 0;
+  moe_appendf(buf, len, cap,
+              "  grouped: predicted %.2f ms fwd, %.2f ms bwd (%.1f us per call "
+              "+ %.2f us per expert)\n",
+              g.fwd_ms, g.bwd_ms, m->grouped_call_us[di],
+              m->grouped_expert_us[di]);
   if (l.supported)
     moe_appendf(buf, len, cap,
                 "  loop:    predicted %.2f ms fwd, %.2f ms bwd (%lld library "
                 "calls per pass, %.1f us each)\n",
                 l.fwd_ms, l.bwd_ms, (long long)(s->experts * s->gemms),
-                m->call_us[s->dtype == MOE_BF16 ? 1 : 0]);
+                m->call_us[di]);
   else
     moe_appendf(buf, len, cap, "  loop:    declined: %s\n", l.why_not);
   if (forced != MOE_GMM_AUTO) {

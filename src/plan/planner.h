@@ -12,6 +12,9 @@ enum { MOE_MACHINE_NPTS = 5 };
 /// Index of a GEMM kind in the rate tables: forward and dX both stream the
 /// weight; dW writes one.
 enum { MOE_KIND_FWD = 0, MOE_KIND_DW = 1 };
+/// Weight elements of the small and large calibration problems.
+#define MOE_MACHINE_SMALL_ELEMS (8.0 * 64 * 64)
+#define MOE_MACHINE_LARGE_ELEMS (16.0 * 1536 * 2048)
 
 /// What the cost model knows about the machine, for one ISA level (the
 /// kernel set in use). Built-in constants per level were measured with
@@ -25,12 +28,23 @@ typedef struct moe_machine {
   /// from memory: [method: 0 grouped, 1 loop][dtype: 0 f32, 1 bf16]
   /// [kind][sample]. Fixed per-call and per-item costs are inside.
   double gflops[2][2][2][MOE_MACHINE_NPTS];
+  /// The same rates on small weights that stay in cache (8 experts of
+  /// 64 x 64: MOE_MACHINE_SMALL_ELEMS), with the fixed costs below taken
+  /// out; all 0 where not measured. The large samples hold
+  /// MOE_MACHINE_LARGE_ELEMS weight elements (16 experts of 1536 x 2048);
+  /// in between, the planner interpolates geometrically in the
+  /// projection's weight elements.
+  double gflops_small[2][2][2][MOE_MACHINE_NPTS];
   double bandwidth_gbs;  ///< DRAM read bandwidth, all threads
   double peak_gflops[2]; ///< register-only f32 FMA, bf16 dot, all threads
   double call_us[2];     ///< one tiny library GEMM call [f32, bf16]
-  int threads;           ///< threads the constants were measured with
-  char isa[16];          ///< the ISA level the constants are for
-  char source[768];      ///< which constants, and why (plan explain)
+  /// Fixed cost of one grouped call (scratch, OpenMP region, tiling) and
+  /// per expert in it, microseconds [f32, bf16]: what the rate tables,
+  /// sampled on large experts, do not show on small ones.
+  double grouped_call_us[2], grouped_expert_us[2];
+  int threads;      ///< threads the constants were measured with
+  char isa[16];     ///< the ISA level the constants are for
+  char source[768]; ///< which constants, and why (plan explain)
 } moe_machine;
 
 /// The default calibration file path ($XDG_CACHE_HOME/libmoe/machine.json

@@ -32,13 +32,13 @@ def check(name, ok, detail=""):
     return ok
 
 
-def plan(moe, env_extra, cache):
+def plan(moe, env_extra, cache, preset="qwen3-30b-a3b"):
     env = {k: v for k, v in os.environ.items()
            if k not in ("MOE_MACHINE", "MOE_MACHINE_FILE", "MOE_MAX_CPU_ISA",
                         "MOE_GMM")}
     env["XDG_CACHE_HOME"] = cache
     env.update(env_extra)
-    r = subprocess.run([moe, "plan", "--preset", "qwen3-30b-a3b", "--tokens",
+    r = subprocess.run([moe, "plan", "--preset", preset, "--tokens",
                         "256", "--dtype", "f32", "--explain"], env=env,
                        capture_output=True, text=True, timeout=120)
     machine = [l for l in r.stdout.splitlines() if l.startswith("machine:")]
@@ -101,6 +101,47 @@ def main():
               "%s vs %s" % (p, base))
         cm = re.search(r"on this CPU \((.*)\) with", m)
         cpu = cm.group(1) if cm else "?"
+        # The grouped call's fixed cost counts: 50 ms more per call (qwen3,
+        # 128 experts, forward = 1 call) shows in the forward prediction.
+        d = calib(isa, None, 0.5)
+        d["grouped_call_us_f32"] = 50000.0
+        with open(path, "w") as f:
+            json.dump(d, f)
+        rc, m, p2, _ = plan(moe, {"MOE_MACHINE": path}, empty)
+        check("grouped fixed cost per call is in the prediction",
+              rc == 0 and p and p2 and
+              abs(float(p2[0]) - float(p[0]) - 50.0) < 1.0,
+              "%s vs %s" % (p2, p))
+        # A method the calibration could not run (rates 0, with its reason,
+        # as moe calibrate writes it): the file is still used.
+        d = calib(isa, None, 0.5)
+        for k in ("fwd", "dw"):
+            d["loop_bf16_%s" % k] = [0.0] * 5
+        d["loop_bf16_unavailable"] = "no bf16 matmul on this CPU"
+        with open(path, "w") as f:
+            json.dump(d, f)
+        rc, m, _, _ = plan(moe, {"MOE_MACHINE": path}, empty)
+        check("file with an unavailable method is used",
+              rc == 0 and m.startswith("machine: calibration file " + path),
+              m)
+        # Small-weight rates: used for small experts (tiny: 8 of 64 x 64),
+        # not for a large model's (qwen3: 805M weight elements).
+        d = calib(isa, None, 0.5)
+        with open(path, "w") as f:
+            json.dump(d, f)
+        _, _, q0, _ = plan(moe, {"MOE_MACHINE": path}, empty)
+        _, _, t0, _ = plan(moe, {"MOE_MACHINE": path}, empty, "tiny")
+        for k in ("fwd", "dw"):
+            d["grouped_f32_%s_small" % k] = [1, 1, 1, 1, 1]
+        with open(path, "w") as f:
+            json.dump(d, f)
+        _, _, q1, _ = plan(moe, {"MOE_MACHINE": path}, empty)
+        _, _, t1, _ = plan(moe, {"MOE_MACHINE": path}, empty, "tiny")
+        check("small-weight rates leave a large model's prediction alone",
+              q0 and q0 == q1, "%s vs %s" % (q0, q1))
+        check("small-weight rates slow a small model's prediction",
+              t0 and t1 and float(t1[0]) > 5 * float(t0[0]),
+              "%s vs %s" % (t0, t1))
         with open(path, "w") as f:
             json.dump(calib(isa, cpu, 0.5), f)
         rc, m, p, _ = plan(moe, {"MOE_MACHINE_FILE": path}, empty)
