@@ -66,6 +66,7 @@ if ! "$venv/bin/python" -c "import torch, transformers, pytest" >/dev/null 2>&1;
        "or MOE_SKIP_PYTHON=1 to skip)"
   exit 1
 fi
+venv=$(cd "$venv" && pwd) # absolute: pytest runs from tests/python
 unset ASAN_OPTIONS LSAN_OPTIONS UBSAN_OPTIONS
 CMAKE_ARGS="-DMOE_ENABLE_CUDA=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$jobs \
   "$venv/bin/python" -m pip install -q --no-build-isolation --no-deps \
