@@ -454,6 +454,41 @@ static void test_errors(void) {
 
 /* ---- main --------------------------------------------------------------- */
 
+/// A standalone dX with an expanded dy (strides 0, 0: what autograd passes
+/// for the gradient of a sum) and the method left on auto: whatever the
+/// cost model prefers, the call must run (the loop cannot take a stride-0
+/// operand, so auto must not choose it here) and match float64.
+static void test_auto_expanded(void) {
+  enum { E = 3, R = 7, N = 5, K = 6 };
+  const int64_t cnt[E] = {2, 0, 5};
+  int64_t off[E + 1] = {0};
+  for (int e = 0; e < E; e++)
+    off[e + 1] = off[e] + cnt[e];
+  float w[E * N * K], dx[R * K], g = 0.37f;
+  tu_rng r = tu_rng_make(0x5eede4full);
+  for (int i = 0; i < E * N * K; i++)
+    w[i] = (float)tu_uniform(&r) + 0.01f;
+  int64_t ws[3] = {E, N, K}, ds[2] = {R, K}, os[1] = {E + 1}, gs[2] = {R, N};
+  moe_tensor tw = moe_tensor_make(w, MOE_F32, 3, ws);
+  moe_tensor tdx = moe_tensor_make(dx, MOE_F32, 2, ds);
+  moe_tensor to = moe_tensor_make(off, MOE_I64, 1, os);
+  moe_tensor tg = moe_tensor_make(&g, MOE_F32, 2, gs);
+  tg.stride[0] = tg.stride[1] = 0; /* every element is g */
+  tu_case("grouped_gemm_dx auto, dy expanded (strides 0,0)");
+  CHECK_STATUS(moe_grouped_gemm_dx(&tg, &tw, &to, &tdx, NULL), MOE_SUCCESS);
+  double err = 0.0;
+  for (int e = 0; e < E; e++)
+    for (int64_t i = off[e]; i < off[e + 1]; i++)
+      for (int k = 0; k < K; k++) {
+        double ref = 0.0;
+        for (int n = 0; n < N; n++)
+          ref += (double)g * w[(e * N + n) * K + k];
+        double d = fabs(dx[i * K + k] - ref) / (fabs(ref) + 1e-6);
+        if (d > err) err = d;
+      }
+  CHECK_REL(err, 1e-5, "dx");
+}
+
 int main(void) {
   if (tu_isa_skip("test_gemm")) return TU_SKIP;
   const dtcfg dts[3] = {
@@ -497,6 +532,7 @@ int main(void) {
   test_swiglu(MOE_BF16, 13, 9, 0x5112);
   test_swiglu(MOE_F32, 1, 1, 0x5113);
   test_errors();
+  test_auto_expanded();
   printf("INFO: loop method %s bitwise identical across layouts (%d "
          "comparisons)\n",
          loop_same_layouts ? "was" : "was NOT", loop_cmp_layouts);

@@ -53,12 +53,14 @@ static moe_dtype moe_call_dtype(const moe_gemm_problem *p) {
 /// Resolves AUTO for a standalone call with the cost model; `dt` is the
 /// call's dtype (moe_call_dtype).
 static moe_status moe_pick(const moe_exec_options *opt, const moe_tensor *w,
-                           int64_t R, moe_dtype dt, moe_gmm_method *m) {
+                           int64_t R, moe_dtype dt, moe_gmm_method *m,
+                           bool *pinned) {
   moe_gmm_method env;
   bool set;
   MOE_TRY(moe_env_gmm(&env, &set));
   moe_gmm_method forced =
       opt && opt->method != MOE_GMM_AUTO ? opt->method : env;
+  *pinned = forced != MOE_GMM_AUTO;
   int threads =
       opt && opt->num_threads > 0 ? opt->num_threads : omp_get_max_threads();
   moe_loop_lib lib;
@@ -115,7 +117,15 @@ static moe_status moe_cpu_run(const moe_gemm_problem *p, const moe_tensor *w,
                               const moe_exec_options *opt) {
   (void)dev;
   moe_gmm_method m;
-  MOE_TRY(moe_pick(opt, w, p->rows, moe_call_dtype(p), &m));
+  bool pinned;
+  MOE_TRY(moe_pick(opt, w, p->rows, moe_call_dtype(p), &m, &pinned));
+  /* The cost model sees the weight only; the loop also needs a unit stride
+     in the activations (a caller may pass an expanded view, strides 0).
+     When the loop is the model's pick rather than pinned, such a call goes
+     to the grouped kernel, which takes any strides; a pinned loop still
+     declines with the reason. */
+  if (m == MOE_GMM_LOOP && !pinned && !moe_gemm_loop_supports(p, NULL, 0))
+    m = MOE_GMM_GROUPED;
   moe_gemm_ctx c = moe_ctx_of(opt);
   return moe_gemm_run(m, p, &c);
 }
