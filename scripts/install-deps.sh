@@ -50,24 +50,3 @@ fi
 if ! python3 -c "import numpy" >/dev/null 2>&1; then
   python3 -m pip install -q numpy || python3 -m pip install -q --break-system-packages numpy
 fi
-
-# The Python package's tests (scripts/test.sh): PyTorch, transformers, pytest
-# and the build backend, pinned, in a virtual environment of their own
-# (build-py/venv, git-ignored; LIBMOE_VENV moves it) rather than in the
-# system Python. About 6 minutes and 5.6 GB the first time (PyPI's torch
-# wheel carries CUDA libraries; the package runs without a GPU). Set
-# LIBMOE_TORCH_INDEX=URL to take torch from another package index first
-# (a CPU-only wheel is much smaller) where one is reachable.
-venv=${LIBMOE_VENV:-build-py/venv}
-py_pins=(torch==2.15.0 transformers==5.24.0 pytest==9.2.0
-         scikit-build-core==1.1.2)
-if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
-fi
-if ! "$venv/bin/python" -c "import torch, transformers, pytest, scikit_build_core" >/dev/null 2>&1; then
-  "$venv/bin/python" -m pip install -q --upgrade pip
-  if [ -n "${LIBMOE_TORCH_INDEX:-}" ]; then
-    "$venv/bin/python" -m pip install -q --index-url "$LIBMOE_TORCH_INDEX" torch==2.15.0
-  fi
-  "$venv/bin/python" -m pip install -q "${py_pins[@]}"
-fi

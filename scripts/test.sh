@@ -6,7 +6,7 @@
 # optional; then fuzzes the safetensors reader and `moe layer`'s input
 # validation for a bounded time (tests/fuzz/run.sh; SKIP without
 # clang/libFuzzer); then installs the Python package (`pip install .`,
-# CPU-only) into the venv that scripts/install-deps.sh made and runs its
+# CPU-only) into the venv that scripts/install-python-deps.sh makes and runs its
 # tests (tests/python) with pytest.
 # Usage: scripts/test.sh            (from the repository root)
 #   LIBMOE_VENV       the venv (default build-py/venv)
@@ -60,9 +60,10 @@ if [ "${MOE_SKIP_PYTHON:-0}" = 1 ]; then
   echo "skipped (MOE_SKIP_PYTHON=1)"
   exit 0
 fi
+bash scripts/install-python-deps.sh
 venv=${LIBMOE_VENV:-build-py/venv}
 if ! "$venv/bin/python" -c "import torch, transformers, pytest" >/dev/null 2>&1; then
-  echo "FAIL: no Python test environment at $venv (run scripts/install-deps.sh," \
+  echo "FAIL: no Python test environment at $venv (scripts/install-python-deps.sh failed;" \
        "or MOE_SKIP_PYTHON=1 to skip)"
   exit 1
 fi
