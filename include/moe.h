@@ -206,7 +206,7 @@ typedef enum moe_topk_invalid {
 } moe_topk_invalid;
 
 #define MOE_LAYER_DESC_MAGIC 0x4d4f454cu /* "MOEL" */
-#define MOE_LAYER_DESC_VERSION 1u
+#define MOE_LAYER_DESC_VERSION 2u
 
 /// Describes an expert layer. Initialise with MOE_LAYER_DESC_INIT so that
 /// fields added in later versions get their defaults.
@@ -231,13 +231,22 @@ typedef struct moe_layer_desc {
   /// What a precomputed topk_index outside [0, num_experts) means (same on
   /// the CPU and CUDA); see moe_topk_invalid.
   moe_topk_invalid invalid_topk;
+  /// Version 2. Plan for a built-in card without a device: "h100" or
+  /// "h200" (desc.device must be CUDA). The card's SM count, clock and
+  /// rates come from the built-in table (planning is arithmetic), so such a
+  /// plan answers every query (sizes, methods, predict, floor, explain) on
+  /// a machine with no GPU, and its forward / backward fail with
+  /// MOE_ERR_INVALID_ARGUMENT. NULL (default): the device's own properties.
+  /// The string is read during moe_layer_plan_create only.
+  const char *plan_gpu;
 } moe_layer_desc;
 
 #define MOE_LAYER_DESC_INIT                                                    \
   {                                                                            \
     sizeof(moe_layer_desc), MOE_LAYER_DESC_MAGIC, MOE_LAYER_DESC_VERSION, 0,   \
         0, 0, 0, 0, 1, MOE_F32, MOE_LAYOUT_OUT_IN, MOE_LAYOUT_OUT_IN,          \
-        MOE_GMM_AUTO, 0, 0, {MOE_DEVICE_CPU, 0}, NULL, MOE_TOPK_INVALID_ERROR  \
+        MOE_GMM_AUTO, 0, 0, {MOE_DEVICE_CPU, 0}, NULL, MOE_TOPK_INVALID_ERROR, \
+        NULL                                                                   \
   }
 
 /// Opaque plan: the chosen methods, sizes and reasons.
@@ -249,10 +258,27 @@ MOE_API moe_status moe_layer_plan_create(moe_layer_plan **plan,
 MOE_API moe_status moe_layer_plan_destroy(moe_layer_plan *plan);
 
 /// Bytes of scratch workspace and of saved activations (forward ->
-/// backward) needed for `tokens` tokens (<= max_tokens).
+/// backward) needed for `tokens` tokens (<= max_tokens). The workspace
+/// serves every pass (the largest of moe_layer_plan_pass_sizes').
 MOE_API moe_status moe_layer_plan_sizes(const moe_layer_plan *plan,
                                         int64_t tokens, size_t *workspace_bytes,
                                         size_t *saved_bytes);
+
+/// Bytes each pass needs, for a given token count (see
+/// moe_layer_plan_pass_sizes).
+typedef struct moe_layer_sizes {
+  size_t saved;           ///< forward -> backward: the `saved` buffer
+  size_t fwd_workspace;   ///< a forward given a `saved` buffer (training)
+  size_t bwd_workspace;   ///< a backward
+  size_t infer_workspace; ///< a forward with `saved` NULL (inference)
+} moe_layer_sizes;
+
+/// The saved bytes and each pass's own workspace for `tokens` tokens
+/// (<= max_tokens). A caller that allocates per pass holds only what that
+/// pass needs; moe_layer_plan_sizes' workspace is the largest of the three.
+MOE_API moe_status moe_layer_plan_pass_sizes(const moe_layer_plan *plan,
+                                             int64_t tokens,
+                                             moe_layer_sizes *sizes);
 
 /// The chosen method of a projection: 0 = gate_up, 1 = down.
 MOE_API moe_gmm_method moe_layer_plan_method(const moe_layer_plan *plan,

@@ -24,7 +24,7 @@ MOE_GMM_AUTO = 0
 MOE_LAYOUT_OUT_IN, MOE_LAYOUT_IN_OUT, MOE_LAYOUT_STRIDED = 0, 1, 2
 MOE_TOPK_INVALID_ERROR, MOE_TOPK_INVALID_DROP = 0, 1
 MOE_LAYER_DESC_MAGIC = 0x4D4F454C
-MOE_LAYER_DESC_VERSION = 1
+MOE_LAYER_DESC_VERSION = 2
 MOE_MAX_DIMS = 4
 
 
@@ -63,6 +63,16 @@ class moe_layer_desc(ctypes.Structure):
         ("device", moe_device),
         ("comm", ctypes.c_void_p),
         ("invalid_topk", ctypes.c_int),
+        ("plan_gpu", ctypes.c_char_p),
+    ]
+
+
+class moe_layer_sizes(ctypes.Structure):
+    _fields_ = [
+        ("saved", ctypes.c_size_t),
+        ("fwd_workspace", ctypes.c_size_t),
+        ("bwd_workspace", ctypes.c_size_t),
+        ("infer_workspace", ctypes.c_size_t),
     ]
 
 
@@ -133,6 +143,8 @@ _sig = {
     "moe_layer_plan_destroy": (_c.c_int, [_c.c_void_p]),
     "moe_layer_plan_sizes": (
         _c.c_int, [_c.c_void_p, _c.c_int64, P(_c.c_size_t), P(_c.c_size_t)]),
+    "moe_layer_plan_pass_sizes": (
+        _c.c_int, [_c.c_void_p, _c.c_int64, P(moe_layer_sizes)]),
     "moe_layer_plan_explain": (_c.c_char_p, [_c.c_void_p]),
     "moe_layer_forward": (
         _c.c_int,

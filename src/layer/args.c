@@ -47,6 +47,11 @@ moe_status moe_layer_desc_check(const moe_layer_desc *d) {
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "desc.max_tokens = %lld: must be >= 0",
                      (long long)d->max_tokens);
+  if (d->plan_gpu && d->device.type != MOE_DEVICE_CUDA)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc.plan_gpu = \"%.32s\": offline planning is for a "
+                     "CUDA card (desc.device.type must be MOE_DEVICE_CUDA)",
+                     d->plan_gpu);
   if (d->dtype != MOE_F32 && d->dtype != MOE_BF16)
     return moe_error(MOE_ERR_UNIMPLEMENTED,
                      "desc.dtype = %s: the layer runs f32 or bf16",

@@ -23,9 +23,9 @@ typedef struct moe_layer_backend {
   /// failure it frees what it made (destroy is not called).
   moe_status (*plan_create)(moe_layer_plan *p, size_t *len);
   void (*plan_destroy)(moe_layer_plan *p);
-  /// Saved and workspace bytes for `tokens` tokens (already checked).
-  void (*sizes)(const moe_layer_plan *p, int64_t tokens, size_t *workspace,
-                size_t *saved);
+  /// Saved bytes and each pass's workspace for `tokens` tokens (already
+  /// checked).
+  void (*sizes)(const moe_layer_plan *p, int64_t tokens, moe_layer_sizes *s);
   /// Predicted time of one projection under a method (checked arguments).
   moe_status (*predict)(const moe_layer_plan *p, int projection,
                         moe_gmm_method m, double *fwd_ms, double *bwd_ms);

@@ -122,21 +122,40 @@ moe_status moe_layer_plan_floor(const moe_layer_plan *plan, int backward,
   return plan->be->floor(plan, backward, compute_ms, memory_ms);
 }
 
-moe_status moe_layer_plan_sizes(const moe_layer_plan *plan, int64_t tokens,
-                                size_t *workspace_bytes, size_t *saved_bytes) {
-  if (!plan)
-    return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "moe_layer_plan_sizes: plan is NULL");
+static moe_status moe_sizes_of(const moe_layer_plan *plan, int64_t tokens,
+                               const char *fn, moe_layer_sizes *s) {
+  if (!plan) return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: plan is NULL", fn);
   if (tokens < 0 || tokens > plan->d.max_tokens)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "moe_layer_plan_sizes: tokens = %lld outside [0, "
-                     "max_tokens = %lld]",
+                     "%s: tokens = %lld outside [0, max_tokens = %lld]", fn,
                      (long long)tokens, (long long)plan->d.max_tokens);
-  size_t ws = 0, sv = 0;
-  plan->be->sizes(plan, tokens, &ws, &sv);
-  if (workspace_bytes) *workspace_bytes = ws;
-  if (saved_bytes) *saved_bytes = sv;
+  *s = (moe_layer_sizes){0, 0, 0, 0};
+  plan->be->sizes(plan, tokens, s);
   return MOE_SUCCESS;
+}
+
+static size_t moe_max3(size_t a, size_t b, size_t c) {
+  size_t m = a > b ? a : b;
+  return m > c ? m : c;
+}
+
+moe_status moe_layer_plan_sizes(const moe_layer_plan *plan, int64_t tokens,
+                                size_t *workspace_bytes, size_t *saved_bytes) {
+  moe_layer_sizes s;
+  MOE_TRY(moe_sizes_of(plan, tokens, "moe_layer_plan_sizes", &s));
+  if (workspace_bytes)
+    *workspace_bytes =
+        moe_max3(s.fwd_workspace, s.bwd_workspace, s.infer_workspace);
+  if (saved_bytes) *saved_bytes = s.saved;
+  return MOE_SUCCESS;
+}
+
+moe_status moe_layer_plan_pass_sizes(const moe_layer_plan *plan, int64_t tokens,
+                                     moe_layer_sizes *sizes) {
+  if (!sizes)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_layer_plan_pass_sizes: sizes is NULL");
+  return moe_sizes_of(plan, tokens, "moe_layer_plan_pass_sizes", sizes);
 }
 
 /* ---- forward and backward --------------------------------------------- */
@@ -157,9 +176,9 @@ static moe_status moe_call_checks(moe_layer_plan *plan,
   MOE_TRY(moe_layer_check_fwd(plan, fwd, c));
   MOE_TRY(backward ? moe_layer_check_bwd(plan, bwd, c, ggu)
                    : moe_layer_check_fwd_outputs(plan, fwd, c));
-  size_t ws, sv;
-  plan->be->sizes(plan, c->T, &ws, &sv);
-  return moe_layer_check_buffer(saved, saved_bytes, sv, "saved");
+  moe_layer_sizes s;
+  plan->be->sizes(plan, c->T, &s);
+  return moe_layer_check_buffer(saved, saved_bytes, s.saved, "saved");
 }
 
 /// A forward (`bwd` NULL) or backward: the shared checks, then the backend

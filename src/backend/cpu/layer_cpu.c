@@ -201,11 +201,12 @@ void moe_layer_bufs_of(const moe_layer_plan *p, int64_t T, moe_layer_bufs *b) {
 }
 
 static void moe_cpu_sizes(const moe_layer_plan *plan, int64_t tokens,
-                          size_t *workspace_bytes, size_t *saved_bytes) {
+                          moe_layer_sizes *s) {
   moe_layer_bufs b;
   moe_layer_bufs_of(plan, tokens, &b);
-  *workspace_bytes = b.workspace_bytes;
-  *saved_bytes = b.saved_bytes;
+  s->saved = b.saved_bytes;
+  /* one buffer layout serves every pass */
+  s->fwd_workspace = s->bwd_workspace = s->infer_workspace = b.workspace_bytes;
 }
 
 /* ---- GEMM problems ---------------------------------------------------- */

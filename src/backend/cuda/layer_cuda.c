@@ -62,6 +62,9 @@ static void moe_cu_leave(int dev, int prev) {
 /// kernels index routed rows with 32-bit integers.
 static moe_status moe_cu_desc_check(const moe_layer_desc *d) {
   MOE_TRY(moe_layer_desc_check(d));
+  if (d->plan_gpu)
+    return moe_error(MOE_ERR_UNIMPLEMENTED,
+                     "desc.plan_gpu: offline planning is not in this build");
   if (d->max_tokens * d->top_k > INT32_MAX - 1024)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "desc: max_tokens %lld x top_k %lld routed rows must "
@@ -348,11 +351,12 @@ static void moe_cu_bufs_of(const moe_layer_plan *p, int64_t T, moe_cu_bufs *b) {
 }
 
 static void moe_cuda_sizes(const moe_layer_plan *plan, int64_t tokens,
-                           size_t *workspace_bytes, size_t *saved_bytes) {
+                           moe_layer_sizes *s) {
   moe_cu_bufs b;
   moe_cu_bufs_of(plan, tokens, &b);
-  *workspace_bytes = b.ws;
-  *saved_bytes = b.saved;
+  s->saved = b.saved;
+  s->fwd_workspace = s->infer_workspace = b.fws; /* fws holds fsaved */
+  s->bwd_workspace = b.bws;
 }
 
 /* ---- argument checks -------------------------------------------------------
