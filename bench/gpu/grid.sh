@@ -33,7 +33,7 @@ export PYTHONPATH=$root/python${PYTHONPATH:+:$PYTHONPATH}
 if ! python3 -c "import liger_kernel" >/dev/null 2>&1; then
   whl=$(ls "$wheels"/liger_kernel-*.whl 2>/dev/null | tail -1)
   if [ -n "$whl" ]; then
-    pip install -q --no-index --no-deps --target "$site" "$whl" \
+    python3 -m pip install -q --no-index --no-deps --target "$site" "$whl" \
       && export PYTHONPATH=$PYTHONPATH:$site
   else
     echo "note: no liger_kernel wheel in $wheels: grid.py skips liger"
