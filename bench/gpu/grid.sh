@@ -31,10 +31,12 @@ if [ ! -f "$build/libmoe.so" ]; then
 fi
 export PYTHONPATH=$root/python${PYTHONPATH:+:$PYTHONPATH}
 if ! python3 -c "import liger_kernel" >/dev/null 2>&1; then
+  export PYTHONPATH=$PYTHONPATH:$site  # installed by an earlier run?
   whl=$(ls "$wheels"/liger_kernel-*.whl 2>/dev/null | tail -1)
-  if [ -n "$whl" ]; then
-    python3 -m pip install -q --no-index --no-deps --target "$site" "$whl" \
-      && export PYTHONPATH=$PYTHONPATH:$site
+  if python3 -c "import liger_kernel" >/dev/null 2>&1; then
+    :
+  elif [ -n "$whl" ]; then
+    python3 -m pip install -q --no-index --no-deps --target "$site" "$whl"
   else
     echo "note: no liger_kernel wheel in $wheels: grid.py skips liger"
   fi
