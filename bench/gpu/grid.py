@@ -188,8 +188,12 @@ def setup_impls(args, torch, hf_moe):
                 state[impl] = ("Liger's fused MoE is Triton code: it needs a "
                                "CUDA GPU")
                 continue
-            os.environ.setdefault("LIGER_FUSED_MOE_AUTOTUNE",
-                                  "1" if args.liger_autotune else "0")
+            # read by liger_kernel at import; an exported value is kept
+            # unless --liger-autotune asks for autotuning
+            if args.liger_autotune:
+                os.environ["LIGER_FUSED_MOE_AUTOTUNE"] = "1"
+            else:
+                os.environ.setdefault("LIGER_FUSED_MOE_AUTOTUNE", "0")
             try:
                 from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
             except Exception as e:
