@@ -224,17 +224,9 @@ extern "C" moe_status moe_cu_gemm_sm90(const moe_cu_gemm *p,
 
 /* ---- the planner's model ------------------------------------------------ */
 
-extern "C" bool moe_cu_sm90_layer_ok(int dev, int64_t E, int64_t H, int64_t I,
+extern "C" bool moe_cu_sm90_layer_ok(int cc, int64_t E, int64_t H, int64_t I,
                                      moe_dtype dt, char *why, size_t n) {
-  int maj = 0, min = 0;
-  if (cudaDeviceGetAttribute(&maj, cudaDevAttrComputeCapabilityMajor, dev) !=
-          cudaSuccess ||
-      cudaDeviceGetAttribute(&min, cudaDevAttrComputeCapabilityMinor, dev) !=
-          cudaSuccess) {
-    cudaGetLastError();
-    return fail(why, n, "the device's compute capability is unknown");
-  }
-  if (maj != 9 || min != 0)
+  if (cc != 90)
     return fail(why, n, "the sm_90a kernels need compute capability 9.0");
   if (dt != MOE_BF16) return fail(why, n, "the sm_90a kernels are bf16");
   if (E > SM90_MAX_GROUPS) return fail(why, n, "more than 1024 local experts");

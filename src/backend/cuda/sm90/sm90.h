@@ -25,9 +25,11 @@ moe_status moe_cu_gemm_sm90(const moe_cu_gemm *p, const moe_cu_ctx *c);
 
 /// For the planner: whether a layer of E local experts, hidden H and
 /// intermediate I in dtype dt runs its grouped GEMMs on the sm_90a kernels
-/// on device `dev` (else `why` says what sends it to the mma.sync kernel).
-bool moe_cu_sm90_layer_ok(int dev, int64_t E, int64_t H, int64_t I,
-                          moe_dtype dt, char *why, size_t n);
+/// on a device of compute capability `cc` (10 * major + minor; else `why`
+/// says what sends it to the mma.sync kernel). No CUDA call: offline plans
+/// (desc.plan_gpu) ask it too.
+bool moe_cu_sm90_layer_ok(int cc, int64_t E, int64_t H, int64_t I, moe_dtype dt,
+                          char *why, size_t n);
 /* The kernels' modelled rates are the planner's: moe_gpu_machine's sm90
    fields (src/plan/machine_gpu.c), fitted to the H200 tile sweeps. */
 
