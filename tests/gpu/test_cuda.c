@@ -30,6 +30,8 @@
 
 static bool g_small; /* --small: a few cases, for compute-sanitizer */
 static bool g_sm90;  /* --sm90: only the Hopper kernel's GEMM cases */
+/* gradients whose bits differ between the fused and unfused epilogues */
+static int g_fused_differs;
 
 #define CU(call)                                                               \
   do {                                                                         \
@@ -687,6 +689,36 @@ static void layer_case(const lcase *c, uint64_t seed) {
           (long long)at);
   }
   lres_free(&gpu2);
+  /* the sm_90a fused epilogues against the unfused path (MOE_CUDA_FUSE=0):
+     the forward bitwise (SwiGLU in gate_up's epilogue computes A from H as
+     stored); the unfused backward against the CPU like every run (the
+     fused dH epilogue keeps dA = s dA' in f32, so its bits may differ;
+     counted, to show which path ran) */
+  {
+    lres unf;
+    setenv("MOE_CUDA_FUSE", "0", 1);
+    describe(c, "cuda grouped strict, epilogues unfused");
+    run_layer(c, &hb, true, MOE_GMM_GROUPED, 1, true, &unf);
+    unsetenv("MOE_CUDA_FUSE");
+    CHECK_STATUS(unf.bs, MOE_SUCCESS);
+    for (int i = 0; i < R_N && unf.bs == MOE_SUCCESS; i++) {
+      if (!gpu.v[i] || !unf.v[i]) continue;
+      int64_t at = tu_first_diff(gpu.v[i], unf.v[i], gpu.n[i]);
+      if (i == R_OUT || i == R_LOGITS)
+        CHECK(at < 0, "%s differs bitwise between fused and unfused at %lld",
+              rnames[i], (long long)at);
+      else
+        g_fused_differs += at >= 0;
+      if (cpu.bs == MOE_SUCCESS && cpu.v[i]) {
+        double *ref = tu_alloc((size_t)cpu.n[i] * sizeof(double));
+        for (int64_t j = 0; j < cpu.n[i]; j++)
+          ref[j] = cpu.v[i][j];
+        CHECK_REL(tu_rel_err(ref, unf.v[i], cpu.n[i]), tol, rnames[i]);
+        free(ref);
+      }
+    }
+    lres_free(&unf);
+  }
   if (!g_small) {
     lres lp;
     describe(c, "cuda loop");
@@ -886,5 +918,9 @@ int main(int argc, char **argv) {
   test_sizes();
   test_gemm();
   test_layer();
+  printf("fused vs unfused epilogues: forwards bitwise equal; %d gradient "
+         "tensors differ in their bits (the fused dH path ran where they "
+         "do)\n",
+         g_fused_differs);
   return tu_finish();
 }

@@ -155,6 +155,14 @@ moe_status moe_cu_swiglu_bwd(const moe_cu_view *g, const moe_cu_view *u,
 moe_status moe_cu_act_bwd_rows(const void *h, void *dap, void *dh, moe_dtype dt,
                                const int32_t *slot_row, const float *w,
                                int64_t S, int64_t I, float *ds, cudaStream_t s);
+/// row_w[slot_row[s]] = w[s] for every routed slot (the rows' weights).
+moe_status moe_cu_row_weights(const int32_t *slot_row, const float *w,
+                              int64_t S, float *row_w, cudaStream_t s);
+/// ds[s] = sum_{t < nt} part[slot_row[s] * ld + t] in t order (0 for a
+/// dropped slot): reduces the fused dH epilogue's per-tile partials.
+moe_status moe_cu_ds_reduce(const float *part, int ld, int nt,
+                            const int32_t *slot_row, int64_t S, float *ds,
+                            cudaStream_t s);
 /// off[0] = 0, off[1] = n (a one-group offsets array on the device).
 moe_status moe_cu_set_one_group(int64_t *off, int64_t n, cudaStream_t s);
 

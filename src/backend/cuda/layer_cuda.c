@@ -277,6 +277,14 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
                           "cuBLAS"
                         : "gate_up reads hidden rows through the permutation "
                           "(no permuted copy)");
+  if (cp->gm.sm90 && ranks == 1) {
+    const char *fz = moe_env_cuda_fuse();
+    moe_plan_say(p, len,
+                 "epilogues (sm_90a, grouped method): SwiGLU in gate_up's "
+                 "(writes H and A; w_gate_up as one tensor), dSwiGLU + A' = "
+                 "s*A + dS partials in the dH product's%s\n",
+                 fz && !strcmp(fz, "0") ? " -- off (MOE_CUDA_FUSE=0)" : "");
+  }
   if (!cp->gm.sm90 && d.dtype == MOE_BF16)
     moe_plan_say(p, len, "grouped: not the sm_90a kernels: %s\n", cp->sm90_why);
   if (any_loop)
@@ -393,7 +401,8 @@ typedef struct moe_cu_lay {
   bool y_in_h; /* inference: Y written over H */
   size_t isv, iws;
   /* backward workspace */
-  size_t bblas, bone, ds, loop, r1, r2, blogits, dl, bws;
+  size_t bblas, bone, ds, loop, r1, r2, blogits, dl, rw, part, bws;
+  int part_ld; /* the fused dH epilogue's partials per row */
 } moe_cu_lay;
 
 static size_t moe_cu_max(size_t a, size_t b) { return a > b ? a : b; }
@@ -450,6 +459,11 @@ static void moe_cu_lay_of(const moe_layer_plan *p, int64_t T, bool infer,
   L->bblas = moe_cu_take(&at, MOE_CU_BLAS_WS);
   L->bone = moe_cu_take(&at, 16);
   L->ds = moe_cu_take(&at, S * 4);
+  /* the fused dH epilogue (sm_90a): each row's weight, and its partials
+     of <dA', A> per column tile (tiles are at least 128 wide) */
+  L->part_ld = (int)((I + 127) / 128);
+  L->rw = moe_cu_take(&at, S * 4);
+  L->part = moe_cu_take(&at, S * (size_t)L->part_ld * 4);
   L->loop = moe_cu_take(&at, loop0 || loop1 ? S * H * es : 0);
   L->r1 = moe_cu_take(&at, S * moe_cu_max(I, H) * es);
   size_t lg = (tE * 4 + 255u) & ~(size_t)255u;
@@ -1099,15 +1113,29 @@ static moe_status moe_cu_forward_one(moe_cu_exec *x,
 
   moe_cu_operand X;
   MOE_TRY(moe_cu_rows_of(x, 0, &a->hidden, moe_cu_at(ws, L->xp), &X));
-  if (c->gu.fused) {
-    MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.both, hb, dt, 2 * I));
-  } else {
-    MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.gate, hb, dt, 2 * I));
-    MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.up, hb + (size_t)I * es, dt, 2 * I));
+  bool act_done = false;
+#ifdef MOE_HAVE_SM90
+  /* sm_90a: SwiGLU in gate_up's epilogue writes H and A in one pass */
+  if (c->gu.fused && p->method[0] == MOE_GMM_GROUPED) {
+    moe_gemm_problem g =
+        moe_gemm_fwd_of(&c->gu.both, offsets, S, X, moe_op(hb, dt, 2 * I, 1));
+    if (moe_cu_sm90_act_ok(&g, NULL, 0)) {
+      MOE_TRY(moe_cu_gemm_sm90_act(&g, &x->ctx, ab));
+      act_done = true;
+    }
   }
-  moe_cu_view vg = {hb, dt, 2 * I, 1}, vu = {hb + (size_t)I * es, dt, 2 * I, 1},
-              va = {ab, dt, I, 1};
-  MOE_TRY(moe_cu_swiglu_fwd(&vg, &vu, &va, S, I, offsets + E, st));
+#endif
+  if (!act_done) {
+    if (c->gu.fused) {
+      MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.both, hb, dt, 2 * I));
+    } else {
+      MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.gate, hb, dt, 2 * I));
+      MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.up, hb + (size_t)I * es, dt, 2 * I));
+    }
+    moe_cu_view vg = {hb, dt, 2 * I, 1},
+                vu = {hb + (size_t)I * es, dt, 2 * I, 1}, va = {ab, dt, I, 1};
+    MOE_TRY(moe_cu_swiglu_fwd(&vg, &vu, &va, S, I, offsets + E, st));
+  }
   moe_cu_operand A = moe_op(ab, dt, I, 1);
   MOE_TRY(moe_cu_fwd(x, 1, &A, &a->w_down, y, dt, H));
   moe_cu_view out = moe_cu_view_of(&a->output);
@@ -1148,9 +1176,30 @@ static moe_status moe_cu_backward_one(moe_cu_exec *x,
   moe_cu_operand dO;
   MOE_TRY(
       moe_cu_rows_of(x, 1, &args->grad_output, moe_cu_at(ws, L->loop), &dO));
-  MOE_TRY(moe_cu_dx_op(x, 1, &dO, &a->w_down, r1, dt, I, 0.0f));
-  /* the activation pass: ds, dH (r2), A' over dA' (r1) */
-  MOE_TRY(moe_cu_act_bwd_rows(hb, r1, r2, dt, slot_row, w, S, I, ds, st));
+  bool dact_done = false;
+#ifdef MOE_HAVE_SM90
+  /* sm_90a: the dH epilogue (dSwiGLU, A' = s A, dS partials) on the
+     product's f32 accumulators; a second kernel sums the partials */
+  if (p->method[1] == MOE_GMM_GROUPED) {
+    moe_gemm_problem g = moe_gemm_dx_of(&a->w_down, x->offsets, S, dO,
+                                        moe_op(r1, dt, I, 1), 0.0f);
+    if (moe_cu_sm90_dact_ok(&g, NULL, 0)) {
+      float *rw = (float *)moe_cu_at(ws, L->rw),
+            *part = (float *)moe_cu_at(ws, L->part);
+      int nt = 0;
+      MOE_TRY(moe_cu_row_weights(slot_row, w, S, rw, st));
+      MOE_TRY(moe_cu_gemm_sm90_dact(&g, &x->ctx, hb, rw, r2, r1, part,
+                                    L->part_ld, &nt));
+      MOE_TRY(moe_cu_ds_reduce(part, L->part_ld, nt, slot_row, S, ds, st));
+      dact_done = true;
+    }
+  }
+#endif
+  if (!dact_done) {
+    MOE_TRY(moe_cu_dx_op(x, 1, &dO, &a->w_down, r1, dt, I, 0.0f));
+    /* the activation pass: ds, dH (r2), A' over dA' (r1) */
+    MOE_TRY(moe_cu_act_bwd_rows(hb, r1, r2, dt, slot_row, w, S, I, ds, st));
+  }
   moe_cu_operand dOt = moe_cu_t(dO), Ap = moe_op(r1, dt, I, 1);
   MOE_TRY(moe_cu_dw_op(x, 1, &dOt, &Ap, &args->grad_w_down));
   /* gate_up: dXp = dH . W_gu into r1 (A' is dead), dW_gu = X^T . dH */

@@ -751,6 +751,49 @@ extern "C" moe_status moe_cu_act_bwd_rows(const void *h, void *dap, void *dh,
   return moe_cu_launch_check("moe_act_bwd_rows_kernel");
 }
 
+/// row_w[slot_row[s]] = w[s] for the routed slots: each row's weight, for
+/// the fused dH epilogue (rows are all routed slots; each written once).
+__global__ void moe_row_weights_kernel(const int32_t *slot_row, const float *w,
+                                       int64_t S, float *row_w) {
+  int64_t s = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (s >= S) return;
+  int32_t row = slot_row[s];
+  if (row >= 0) row_w[row] = w[s];
+}
+
+extern "C" moe_status moe_cu_row_weights(const int32_t *slot_row,
+                                         const float *w, int64_t S,
+                                         float *row_w, cudaStream_t s) {
+  if (S == 0) return MOE_SUCCESS;
+  moe_row_weights_kernel<<<blocks_for(S, 256), 256, 0, s>>>(slot_row, w, S,
+                                                            row_w);
+  return moe_cu_launch_check("moe_row_weights_kernel");
+}
+
+/// ds[s] = sum over t < nt of part[row * ld + t], t in order (0 for a
+/// dropped slot): the second, deterministic half of the dS reduction.
+__global__ void moe_ds_reduce_kernel(const float *part, int ld, int nt,
+                                     const int32_t *slot_row, int64_t S,
+                                     float *ds) {
+  int64_t s = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (s >= S) return;
+  int32_t row = slot_row[s];
+  float acc = 0.0f;
+  if (row >= 0)
+    for (int t = 0; t < nt; t++)
+      acc += part[(int64_t)row * ld + t];
+  ds[s] = acc;
+}
+
+extern "C" moe_status moe_cu_ds_reduce(const float *part, int ld, int nt,
+                                       const int32_t *slot_row, int64_t S,
+                                       float *ds, cudaStream_t s) {
+  if (S == 0) return MOE_SUCCESS;
+  moe_ds_reduce_kernel<<<blocks_for(S, 256), 256, 0, s>>>(part, ld, nt,
+                                                          slot_row, S, ds);
+  return moe_cu_launch_check("moe_ds_reduce_kernel");
+}
+
 __global__ void moe_one_group_kernel(int64_t *off, int64_t n) {
   off[0] = 0;
   off[1] = n;
