@@ -51,8 +51,8 @@ const char *moe_env_cuda_sm90(void);
 /// MOE_CUDA_SM90_TILE: one row of the sm90 tile table; NULL when unset or
 /// empty.
 const char *moe_env_cuda_sm90_tile(void);
-/// MOE_CUDA_FUSE as given ("0": the CUDA layer's sm_90a fused epilogues
-/// off, for tests and before/after timings); read on every call.
+/// MOE_CUDA_FUSE as given ("1": the CUDA layer's sm_90a fused epilogues
+/// on; they are off otherwise); read on every call.
 const char *moe_env_cuda_fuse(void);
 
 /// MOE_GPU_MACHINE: overrides of the GPU cost model's rates as

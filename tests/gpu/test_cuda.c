@@ -689,21 +689,35 @@ static void layer_case(const lcase *c, uint64_t seed) {
           (long long)at);
   }
   lres_free(&gpu2);
-  /* the sm_90a fused epilogues against the unfused path (MOE_CUDA_FUSE=0):
-     the forward bitwise (SwiGLU in gate_up's epilogue computes A from H as
-     stored); the unfused backward against the CPU like every run (the
-     fused dH epilogue keeps dA = s dA' in f32, so its bits may differ;
-     counted, to show which path ran) */
+  /* the sm_90a fused epilogues (opt-in, MOE_CUDA_FUSE=1) against the
+     default unfused path: the forward bitwise (SwiGLU in gate_up's
+     epilogue computes A from H as stored); the fused backward against the
+     CPU like every run (the dH epilogue keeps dA = s dA' in f32, so its
+     bits may differ from the unfused path's; counted, to show which path
+     ran), and bitwise from one fused run to the next */
   {
-    lres unf;
-    setenv("MOE_CUDA_FUSE", "0", 1);
-    describe(c, "cuda grouped strict, epilogues unfused");
-    run_layer(c, &hb, true, MOE_GMM_GROUPED, 1, true, &unf);
+    lres fus, fus2;
+    setenv("MOE_CUDA_FUSE", "1", 1);
+    describe(c, "cuda grouped strict, epilogues fused");
+    run_layer(c, &hb, true, MOE_GMM_GROUPED, 1, true, &fus);
+    describe(c, "cuda grouped strict, epilogues fused, rerun");
+    run_layer(c, &hb, true, MOE_GMM_GROUPED, 1, false, &fus2);
     unsetenv("MOE_CUDA_FUSE");
-    CHECK_STATUS(unf.bs, MOE_SUCCESS);
-    for (int i = 0; i < R_N && unf.bs == MOE_SUCCESS; i++) {
-      if (!gpu.v[i] || !unf.v[i]) continue;
-      int64_t at = tu_first_diff(gpu.v[i], unf.v[i], gpu.n[i]);
+    describe(c, "cuda grouped strict, epilogues fused");
+    CHECK_STATUS(fus.fs, MOE_SUCCESS);
+    CHECK_STATUS(fus2.fs, MOE_SUCCESS);
+    CHECK_STATUS(fus2.bs, MOE_SUCCESS);
+    for (int i = 0; i < R_N && fus2.bs == MOE_SUCCESS; i++) {
+      if (!fus.v[i] || !fus2.v[i]) continue;
+      int64_t at = tu_first_diff(fus.v[i], fus2.v[i], fus.n[i]);
+      CHECK(at < 0, "%s differs bitwise between fused runs at %lld", rnames[i],
+            (long long)at);
+    }
+    lres_free(&fus2);
+    CHECK_STATUS(fus.bs, MOE_SUCCESS);
+    for (int i = 0; i < R_N && fus.bs == MOE_SUCCESS; i++) {
+      if (!gpu.v[i] || !fus.v[i]) continue;
+      int64_t at = tu_first_diff(gpu.v[i], fus.v[i], gpu.n[i]);
       if (i == R_OUT || i == R_LOGITS)
         CHECK(at < 0, "%s differs bitwise between fused and unfused at %lld",
               rnames[i], (long long)at);
@@ -713,11 +727,11 @@ static void layer_case(const lcase *c, uint64_t seed) {
         double *ref = tu_alloc((size_t)cpu.n[i] * sizeof(double));
         for (int64_t j = 0; j < cpu.n[i]; j++)
           ref[j] = cpu.v[i][j];
-        CHECK_REL(tu_rel_err(ref, unf.v[i], cpu.n[i]), tol, rnames[i]);
+        CHECK_REL(tu_rel_err(ref, fus.v[i], cpu.n[i]), tol, rnames[i]);
         free(ref);
       }
     }
-    lres_free(&unf);
+    lres_free(&fus);
   }
   if (!g_small) {
     lres lp;

@@ -26,7 +26,7 @@ moe_status moe_cu_gemm_sm90(const moe_cu_gemm *p, const moe_cu_ctx *c);
 /// Whether gate_up's forward runs with SwiGLU in its epilogue
 /// (gemm_m_act.cu): the sm_90 kernel takes p, C is a bf16 [rows, 2I] buffer
 /// with unit column stride, beta 0, I = N / 2 a multiple of 8, and
-/// MOE_CUDA_FUSE is not "0".
+/// MOE_CUDA_FUSE is "1" (opt-in: measured slower on H100, bench/NOTES.md).
 bool moe_cu_sm90_act_ok(const moe_cu_gemm *p, char *why, size_t n);
 /// gate_up's forward p (N = 2I, B the [E, 2I, H] weight, C = H) writing H
 /// and A = act(H) into `a` ([rows, I], row stride I, 16-byte aligned for the
