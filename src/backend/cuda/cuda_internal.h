@@ -84,6 +84,7 @@ typedef struct moe_cu_view {
 /// Softmax and top-k per token of logits [T, E] (f32, contiguous): probs
 /// [T, E], idx [T, k], weights [T, k] (renormalised when norm). Ties go to
 /// the lower expert, NaN ranks last. Copies the logits to `rl` if given.
+/// `probs` may be `logits` itself (softmax in place).
 moe_status moe_cu_topk(const float *logits, int64_t T, int64_t E, int64_t k,
                        int norm, float *probs, int32_t *idx, float *w,
                        const moe_cu_view *rl, cudaStream_t s);

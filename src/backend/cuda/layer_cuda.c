@@ -4,13 +4,17 @@
 ///   router GEMM (cuBLAS) -> softmax + top-k -> device counting sort ->
 ///   gate_up grouped GEMM reading hidden rows through the permutation ->
 ///   SwiGLU -> down grouped GEMM -> weighted unpermute
-/// and its mirror image, all enqueued on the caller's stream. With the
-/// grouped method nothing waits for the GPU: the expert offsets are made
-/// and read on the device. The loop method (cuBLAS per expert) copies them
-/// to the host once per pass, which strict mode refuses.
+/// and a backward that needs only the pre-activation H and the routing
+/// metadata (one GPU: moe_cu_forward_one / moe_cu_backward_one, the layout
+/// in moe_cu_lay_of; expert parallelism keeps its former path, *_ep), all
+/// enqueued on the caller's stream. With the grouped method nothing waits
+/// for the GPU: the expert offsets are made and read on the device. The
+/// loop method (cuBLAS per expert) copies them to the host once per pass,
+/// which strict mode refuses.
 ///
-/// The plan's CUDA state (cuBLAS handle, pinned counts, the device model,
-/// the NCCL exchange) is the plan's `ctx` (backend.h).
+/// The plan's CUDA state (the device model, the NCCL exchange, and the
+/// cuBLAS handle and pinned counts once a call needs them) is the plan's
+/// `ctx` (backend.h). A plan made with desc.plan_gpu has only the model.
 #include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
