@@ -51,6 +51,9 @@ const char *moe_env_cuda_sm90(void);
 /// MOE_CUDA_SM90_TILE: one row of the sm90 tile table; NULL when unset or
 /// empty.
 const char *moe_env_cuda_sm90_tile(void);
+/// MOE_CUDA_FUSE as given ("1": the CUDA layer's sm_90a fused epilogues
+/// on; they are off otherwise); read on every call.
+const char *moe_env_cuda_fuse(void);
 
 /// MOE_GPU_MACHINE: overrides of the GPU cost model's rates as
 /// "key=value,..." (plan/machine_gpu.c checks the keys); NULL when unset.

@@ -14,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "core/env.h"
 #include "plan/planner.h"
@@ -81,6 +82,41 @@ moe_status moe_gpu_machine_of(const char *name, int sms, double clock_ghz,
   if (v) MOE_TRY(moe_gpu_overrides(&m, v));
   *out = m;
   return MOE_SUCCESS;
+}
+
+/// The cards an offline plan (desc.plan_gpu) may name. Both are the GH100
+/// chip, SXM: 132 SMs, 1.98 GHz boost (the clock the runtime reports), the
+/// same tensor cores (989 dense bf16 TFLOP/s peak). So the compute rates
+/// measured on the project's H200 (moe_gpu_machine_of) hold for the H100
+/// too; the cards differ in memory: HBM3 (3.35 TB/s peak) against HBM3e
+/// (4.8 TB/s), which moe_gpu_machine_of's bandwidth by name already
+/// reflects (sustained estimates 3000 and 4300 GB/s).
+static const struct {
+  const char *card, *name;
+  int sms;
+  double clock_ghz;
+} moe_gpu_cards[] = {
+    {"h100", "NVIDIA H100 80GB HBM3", 132, 1.98},
+    {"h200", "NVIDIA H200", 132, 1.98},
+};
+
+moe_status moe_gpu_machine_builtin(const char *card, moe_gpu_machine *out) {
+  for (size_t i = 0; i < sizeof moe_gpu_cards / sizeof moe_gpu_cards[0]; i++) {
+    if (strcasecmp(card, moe_gpu_cards[i].card)) continue;
+    MOE_TRY(moe_gpu_machine_of(moe_gpu_cards[i].name, moe_gpu_cards[i].sms,
+                               moe_gpu_cards[i].clock_ghz, out));
+    char src[sizeof out->source];
+    snprintf(src, sizeof src,
+             "built-in card %s (offline, no device queried): GH100 compute "
+             "rates measured on H200; %.96s",
+             moe_gpu_cards[i].card, out->source);
+    memcpy(out->source, src, sizeof src);
+    return MOE_SUCCESS;
+  }
+  return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                   "desc.plan_gpu = \"%.16s\": not a built-in card (h100, "
+                   "h200)",
+                   card);
 }
 
 double moe_gpu_grouped_tflops(const moe_gpu_machine *g) {

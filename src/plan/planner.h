@@ -131,6 +131,12 @@ typedef struct moe_gpu_machine {
 moe_status moe_gpu_machine_of(const char *name, int sms, double clock_ghz,
                               moe_gpu_machine *out);
 
+/// The model of a built-in card ("h100" or "h200", any case) for offline
+/// planning (desc.plan_gpu): its SM count and clock from a table, then as
+/// moe_gpu_machine_of. No device is touched. An unknown card fails with
+/// MOE_ERR_INVALID_ARGUMENT naming desc.plan_gpu.
+moe_status moe_gpu_machine_builtin(const char *card, moe_gpu_machine *out);
+
 /// The grouped kernel's modelled bf16 rate on full tiles (sm_90a or
 /// mma.sync), for the explanation and the floor.
 double moe_gpu_grouped_tflops(const moe_gpu_machine *g);

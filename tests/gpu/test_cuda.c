@@ -13,16 +13,25 @@
 ///     on the same inputs (f32 accumulation on both sides), router and
 ///     precomputed routing, fused and separate gate/up, both layouts; the
 ///     grouped method runs in strict mode (no host sync allowed); a second
-///     run (workspace from cudaMallocAsync) must be bitwise equal; loop in
-///     strict mode must fail with MOE_ERR_STRICT.
+///     run (workspace from cudaMallocAsync) must be bitwise equal; a
+///     forward without a saved buffer (inference) must give the training
+///     forward's output bitwise; dropped slots (MOE_TOPK_INVALID_DROP);
+///     loop in strict mode must fail with MOE_ERR_STRICT.
+///  3. Sizes and planning: the saved bytes stay within the bound
+///     T*k*2I*es + 16*T*k + 64*E at several shapes and token counts, on the
+///     device and offline (desc.plan_gpu); offline plans refuse to run; the
+///     cost of creating a plan (printed).
 /// Each failure prints the case line that reproduces it.
 #include <cuda_runtime_api.h>
+#include <time.h>
 
 #include "moe_cuda.h"
 #include "testutil.h"
 
 static bool g_small; /* --small: a few cases, for compute-sanitizer */
 static bool g_sm90;  /* --sm90: only the Hopper kernel's GEMM cases */
+/* gradients whose bits differ between the fused and unfused epilogues */
+static int g_fused_differs;
 
 #define CU(call)                                                               \
   do {                                                                         \
@@ -350,7 +359,9 @@ typedef struct lcase {
   moe_dtype dt;
   moe_layout lgu, ldn;
   bool fused, router;
-  int pattern; /* given routing: 0 random over a subset, 1 all to one */
+  /* given routing: 0 random over a subset, 1 all to one, 2 as 0 with some
+     slots out of range (dropped: MOE_TOPK_INVALID_DROP) */
+  int pattern;
 } lcase;
 
 typedef struct lbufs {
@@ -394,6 +405,9 @@ static void lbufs_make(const lcase *c, uint64_t seed, lbufs *b) {
             dup |= ix[t * k + q] == e;
         } while (dup && c->pattern != 1);
         ix[t * k + j] = e;
+        /* pattern 2: every fifth slot points nowhere (-1 or E + j) */
+        if (c->pattern == 2 && (t * k + j) % 5 == 2)
+          ix[t * k + j] = t % 2 ? -1 : E + j;
       }
     tu_fill(&rng, v, T * k, 1.0, MOE_F32);
     for (int64_t i = 0; i < T * k; i++)
@@ -457,6 +471,8 @@ typedef struct lres {
   float *v[R_N];
   int64_t n[R_N];
   moe_status fs, bs;
+  moe_status is;      /* the inference forward (saved NULL), CUDA only */
+  int64_t infer_diff; /* its first output element unlike training's, or -1 */
 } lres;
 
 static void lres_free(lres *r) {
@@ -480,7 +496,7 @@ static moe_layer_desc desc_of(const lcase *c, bool cuda, moe_gmm_method m,
   d.strict = strict;
   /* the default (MOE_TOPK_INVALID_ERROR) checks given indices with a host
      sync, which strict mode refuses; these indices are all in range */
-  if (strict) d.invalid_topk = MOE_TOPK_INVALID_DROP;
+  if (strict || c->pattern == 2) d.invalid_topk = MOE_TOPK_INVALID_DROP;
   if (cuda) d.device.type = MOE_DEVICE_CUDA;
   return d;
 }
@@ -489,6 +505,7 @@ static moe_layer_desc desc_of(const lcase *c, bool cuda, moe_gmm_method m,
 static void run_layer(const lcase *c, const lbufs *hb, bool cuda,
                       moe_gmm_method m, int strict, bool own_ws, lres *r) {
   memset(r, 0, sizeof *r);
+  r->infer_diff = -1;
   moe_layer_desc d = desc_of(c, cuda, m, strict);
   moe_layer_plan *plan = NULL;
   CHECK_STATUS(moe_layer_plan_create(&plan, &d), MOE_SUCCESS);
@@ -561,6 +578,36 @@ static void run_layer(const lcase *c, const lbufs *hb, bool cuda,
     r->bs = moe_layer_backward(plan, &ba, sv, svb, ws, own_ws ? wsb : 0, NULL);
   }
   if (cuda) CU(cudaDeviceSynchronize());
+  /* inference: the forward without a saved buffer, into a second output;
+     its workspace layout differs (the saved block inside, Y over H), its
+     output must not */
+  if (cuda && r->fs == MOE_SUCCESS) {
+    moe_layer_sizes ps;
+    CHECK_STATUS(moe_layer_plan_pass_sizes(plan, c->T, &ps), MOE_SUCCESS);
+    CHECK(ps.infer_workspace <= wsb && ps.fwd_workspace <= wsb &&
+              ps.bwd_workspace <= wsb,
+          "pass sizes above moe_layer_plan_sizes' workspace");
+    tu_buf oh = copies[R_OUT];
+    size_t ob = (size_t)oh.cap * moe_dtype_size(oh.t.dtype);
+    oh.mem = tu_alloc(ob);
+    memcpy(oh.mem, copies[R_OUT].mem, ob);
+    oh.t.data = (char *)oh.mem +
+                ((char *)copies[R_OUT].t.data - (char *)copies[R_OUT].mem);
+    dbuf o2 = d_of(oh);
+    moe_layer_fwd_args fi = fa;
+    fi.output = o2.t;
+    fi.router_logits = (moe_tensor){0};
+    r->is = moe_layer_forward(plan, &fi, NULL, 0, ws,
+                              own_ws ? ps.infer_workspace : 0, NULL);
+    d_back(&o2);
+    d_back(&db[R_OUT]);
+    int64_t n = moe_tensor_numel(&o2.h.t);
+    float *x1 = gather_new(&o2.h.t), *x2 = gather_new(&db[R_OUT].h.t);
+    r->infer_diff = tu_first_diff(x1, x2, n);
+    free(x1);
+    free(x2);
+    d_free(&o2);
+  }
   for (int i = 0; i < R_N; i++) {
     if (!src[i]->mem) continue;
     if (cuda) d_back(&db[i]), copies[i] = db[i].h;
@@ -604,6 +651,11 @@ static void layer_case(const lcase *c, uint64_t seed) {
   run_layer(c, &hb, true, MOE_GMM_GROUPED, 1, true, &gpu);
   CHECK_STATUS(gpu.fs, MOE_SUCCESS);
   CHECK_STATUS(gpu.bs, MOE_SUCCESS);
+  CHECK_STATUS(gpu.is, MOE_SUCCESS);
+  CHECK(gpu.infer_diff < 0,
+        "the inference forward (saved NULL) differs from the training "
+        "forward at output element %lld",
+        (long long)gpu.infer_diff);
   double tol = c->dt == MOE_BF16 ? 3e-2 : 1e-4;
   if (cpu.fs == MOE_SUCCESS && cpu.bs == MOE_SUCCESS && gpu.bs == MOE_SUCCESS) {
     for (int i = 0; i < R_N; i++) {
@@ -637,6 +689,50 @@ static void layer_case(const lcase *c, uint64_t seed) {
           (long long)at);
   }
   lres_free(&gpu2);
+  /* the sm_90a fused epilogues (opt-in, MOE_CUDA_FUSE=1) against the
+     default unfused path: the forward bitwise (SwiGLU in gate_up's
+     epilogue computes A from H as stored); the fused backward against the
+     CPU like every run (the dH epilogue keeps dA = s dA' in f32, so its
+     bits may differ from the unfused path's; counted, to show which path
+     ran), and bitwise from one fused run to the next */
+  {
+    lres fus, fus2;
+    setenv("MOE_CUDA_FUSE", "1", 1);
+    describe(c, "cuda grouped strict, epilogues fused");
+    run_layer(c, &hb, true, MOE_GMM_GROUPED, 1, true, &fus);
+    describe(c, "cuda grouped strict, epilogues fused, rerun");
+    run_layer(c, &hb, true, MOE_GMM_GROUPED, 1, false, &fus2);
+    unsetenv("MOE_CUDA_FUSE");
+    describe(c, "cuda grouped strict, epilogues fused");
+    CHECK_STATUS(fus.fs, MOE_SUCCESS);
+    CHECK_STATUS(fus2.fs, MOE_SUCCESS);
+    CHECK_STATUS(fus2.bs, MOE_SUCCESS);
+    for (int i = 0; i < R_N && fus2.bs == MOE_SUCCESS; i++) {
+      if (!fus.v[i] || !fus2.v[i]) continue;
+      int64_t at = tu_first_diff(fus.v[i], fus2.v[i], fus.n[i]);
+      CHECK(at < 0, "%s differs bitwise between fused runs at %lld", rnames[i],
+            (long long)at);
+    }
+    lres_free(&fus2);
+    CHECK_STATUS(fus.bs, MOE_SUCCESS);
+    for (int i = 0; i < R_N && fus.bs == MOE_SUCCESS; i++) {
+      if (!gpu.v[i] || !fus.v[i]) continue;
+      int64_t at = tu_first_diff(gpu.v[i], fus.v[i], gpu.n[i]);
+      if (i == R_OUT || i == R_LOGITS)
+        CHECK(at < 0, "%s differs bitwise between fused and unfused at %lld",
+              rnames[i], (long long)at);
+      else
+        g_fused_differs += at >= 0;
+      if (cpu.bs == MOE_SUCCESS && cpu.v[i]) {
+        double *ref = tu_alloc((size_t)cpu.n[i] * sizeof(double));
+        for (int64_t j = 0; j < cpu.n[i]; j++)
+          ref[j] = cpu.v[i][j];
+        CHECK_REL(tu_rel_err(ref, fus.v[i], cpu.n[i]), tol, rnames[i]);
+        free(ref);
+      }
+    }
+    lres_free(&fus);
+  }
   if (!g_small) {
     lres lp;
     describe(c, "cuda loop");
@@ -696,6 +792,122 @@ static void test_layer(void) {
         true, false, 1};
     layer_case(&c, seed++);
   }
+  /* dropped slots (MOE_TOPK_INVALID_DROP): no row, no output, zero
+     gradients; bf16 on the tensor-core (sm_90a) sizes, and f32 separate */
+  {
+    lcase c = {
+        8,    128,   64, 2, 96, MOE_BF16, MOE_LAYOUT_OUT_IN, MOE_LAYOUT_OUT_IN,
+        true, false, 2};
+    layer_case(&c, seed++);
+    if (!g_small) {
+      c.dt = MOE_F32;
+      c.fused = false;
+      c.lgu = MOE_LAYOUT_IN_OUT;
+      layer_case(&c, seed++);
+    }
+  }
+}
+
+/* ---- 3. sizes and planning -------------------------------------------- */
+
+static double now_us(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec * 1e6 + (double)ts.tv_nsec * 1e-3;
+}
+
+static moe_layer_desc sizes_desc(const int64_t *sh, moe_dtype dt,
+                                 const char *card) {
+  moe_layer_desc d = MOE_LAYER_DESC_INIT;
+  d.num_experts = sh[0];
+  d.hidden = sh[1];
+  d.intermediate = sh[2];
+  d.top_k = sh[3];
+  d.max_tokens = sh[4];
+  d.dtype = dt;
+  d.device.type = MOE_DEVICE_CUDA;
+  d.plan_gpu = card;
+  return d;
+}
+
+/// The saved bytes against the bound at max_tokens and below, and
+/// the passes' workspaces (the forward's holds no saved block).
+static void check_sizes(const moe_layer_desc *d, bool print) {
+  tu_case("sizes E=%lld H=%lld I=%lld k=%lld T=%lld dtype=%s plan_gpu=%s",
+          (long long)d->num_experts, (long long)d->hidden,
+          (long long)d->intermediate, (long long)d->top_k,
+          (long long)d->max_tokens, moe_dtype_name(d->dtype),
+          d->plan_gpu ? d->plan_gpu : "(device)");
+  moe_layer_plan *plan = NULL;
+  CHECK_STATUS(moe_layer_plan_create(&plan, d), MOE_SUCCESS);
+  if (!plan) return;
+  size_t es = moe_dtype_size(d->dtype);
+  int64_t Ts[4] = {d->max_tokens, d->max_tokens / 3 + 1, 1, 0};
+  for (int i = 0; i < 4; i++) {
+    int64_t S = Ts[i] * d->top_k;
+    moe_layer_sizes z;
+    CHECK_STATUS(moe_layer_plan_pass_sizes(plan, Ts[i], &z), MOE_SUCCESS);
+    double bound = (double)S * 2.0 * (double)d->intermediate * (double)es +
+                   16.0 * (double)S + 64.0 * (double)d->num_experts;
+    CHECK((double)z.saved <= bound,
+          "T=%lld: saved %zu B above the bound %.0f B", (long long)Ts[i],
+          z.saved, bound);
+    CHECK(z.fwd_workspace <= z.infer_workspace + z.saved,
+          "T=%lld: forward workspace %zu B above inference's %zu B + saved",
+          (long long)Ts[i], z.fwd_workspace, z.infer_workspace);
+    if (print && i == 0)
+      printf("sizes %s E=%lld H=%lld I=%lld k=%lld T=%lld %s: saved %.1f MiB "
+             "(bound %.1f), workspace fwd %.1f, bwd %.1f, inference %.1f "
+             "MiB\n",
+             d->plan_gpu ? d->plan_gpu : "device", (long long)d->num_experts,
+             (long long)d->hidden, (long long)d->intermediate,
+             (long long)d->top_k, (long long)d->max_tokens,
+             moe_dtype_name(d->dtype), z.saved / 1048576.0, bound / 1048576.0,
+             z.fwd_workspace / 1048576.0, z.bwd_workspace / 1048576.0,
+             z.infer_workspace / 1048576.0);
+  }
+  moe_layer_plan_destroy(plan);
+}
+
+static void test_sizes(void) {
+  static const int64_t shapes[][5] = {
+      /* E, H, I, k, T: the layer tests' shapes, then the grid */
+      {8, 128, 64, 2, 96},         {5, 40, 24, 3, 33},
+      {1, 64, 32, 1, 17},          {128, 2048, 768, 8, 32768},
+      {128, 1536, 256, 8, 24576},  {32, 1536, 1024, 2, 24576},
+      {256, 4096, 256, 16, 32768}, {128, 4096, 512, 8, 32768},
+      {64, 4096, 1024, 4, 32768},  {128, 4096, 1024, 8, 32768},
+  };
+  int n = (int)(sizeof shapes / sizeof shapes[0]);
+  for (int i = 0; i < n; i++) {
+    moe_layer_desc d = sizes_desc(shapes[i], MOE_BF16, NULL);
+    check_sizes(&d, i >= 3);
+    d.dtype = MOE_F32;
+    if (i < 3) check_sizes(&d, false);
+    d = sizes_desc(shapes[i], MOE_BF16, i % 2 ? "h200" : "h100");
+    check_sizes(&d, false);
+  }
+  /* offline plans refusing to run: tests/test_plan_gpu.c (no GPU needed) */
+  /* the cost of a plan: device properties are cached, cuBLAS and pinned
+     memory come with the first call that needs them */
+  moe_layer_desc d = sizes_desc(shapes[3], MOE_BF16, NULL);
+  for (int off = 0; off < 2; off++) {
+    d.plan_gpu = off ? "h100" : NULL;
+    moe_layer_plan *plan = NULL;
+    CHECK_STATUS(moe_layer_plan_create(&plan, &d), MOE_SUCCESS); /* warm */
+    moe_layer_plan_destroy(plan);
+    int reps = 200;
+    double t0 = now_us();
+    for (int i = 0; i < reps; i++) {
+      plan = NULL;
+      moe_layer_plan_create(&plan, &d);
+      moe_layer_plan_destroy(plan);
+    }
+    double per = (now_us() - t0) / reps;
+    printf("plan create + destroy (%s, Qwen3-30B-A3B shape, T=32768): "
+           "%.1f us each, mean of %d (wall clock; target < 100 us)\n",
+           off ? "offline h100" : "device 0", per, reps);
+  }
 }
 
 int main(int argc, char **argv) {
@@ -717,7 +929,12 @@ int main(int argc, char **argv) {
     test_gemm_sm90();
     return tu_finish();
   }
+  test_sizes();
   test_gemm();
   test_layer();
+  printf("fused vs unfused epilogues: forwards bitwise equal; %d gradient "
+         "tensors differ in their bits (the fused dH path ran where they "
+         "do)\n",
+         g_fused_differs);
   return tu_finish();
 }

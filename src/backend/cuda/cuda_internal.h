@@ -84,6 +84,7 @@ typedef struct moe_cu_view {
 /// Softmax and top-k per token of logits [T, E] (f32, contiguous): probs
 /// [T, E], idx [T, k], weights [T, k] (renormalised when norm). Ties go to
 /// the lower expert, NaN ranks last. Copies the logits to `rl` if given.
+/// `probs` may be `logits` itself (softmax in place).
 moe_status moe_cu_topk(const float *logits, int64_t T, int64_t E, int64_t k,
                        int norm, float *probs, int32_t *idx, float *w,
                        const moe_cu_view *rl, cudaStream_t s);
@@ -126,10 +127,13 @@ moe_status moe_cu_permute_backward(const void *dxp, moe_dtype dt,
                                    int64_t T, int64_t k, int64_t H,
                                    const moe_cu_view *out, cudaStream_t s);
 /// Backward of moe_cu_topk: dlogits [T, E] stored in dlt (f32 or bf16).
-moe_status moe_cu_topk_backward(const float *probs, const int32_t *idx,
-                                const float *w, const float *dw, int64_t T,
-                                int64_t E, int64_t k, int norm, void *dl,
-                                moe_dtype dlt, cudaStream_t s);
+/// `src` holds the probabilities [T, E] the forward saved, or (from_logits)
+/// the logits, whose softmax is then recomputed bitwise as the forward's.
+moe_status moe_cu_topk_backward(const float *src, int from_logits,
+                                const int32_t *idx, const float *w,
+                                const float *dw, int64_t T, int64_t E,
+                                int64_t k, int norm, void *dl, moe_dtype dlt,
+                                cudaStream_t s);
 /// out (strided [T, k]) = dw.
 moe_status moe_cu_store_f32(const float *src, int64_t T, int64_t k,
                             const moe_cu_view *out, cudaStream_t s);
@@ -142,6 +146,24 @@ moe_status moe_cu_swiglu_bwd(const moe_cu_view *g, const moe_cu_view *u,
                              const moe_cu_view *dh, const moe_cu_view *dg,
                              const moe_cu_view *du, int64_t R, int64_t I,
                              const int64_t *end, cudaStream_t s);
+/// The backward's activation pass, one block per routed slot s of the S
+/// (slot_row[s] < 0: dropped, ds[s] = 0). From the saved pre-activation
+/// h [rows, 2I] (gate | up) it recomputes A = act(h), then writes
+/// ds[s] = <dA', A> (the routing weight's gradient: Y is never needed),
+/// dh = act'(w[s] dA'; h) [rows, 2I], and A' = w[s] A over dap [rows, I]
+/// (which holds dA' = gathered dO . W_down on entry). Contiguous buffers
+/// in dtype dt; deterministic (one block tree per slot).
+moe_status moe_cu_act_bwd_rows(const void *h, void *dap, void *dh, moe_dtype dt,
+                               const int32_t *slot_row, const float *w,
+                               int64_t S, int64_t I, float *ds, cudaStream_t s);
+/// row_w[slot_row[s]] = w[s] for every routed slot (the rows' weights).
+moe_status moe_cu_row_weights(const int32_t *slot_row, const float *w,
+                              int64_t S, float *row_w, cudaStream_t s);
+/// ds[s] = sum_{t < nt} part[slot_row[s] * ld + t] in t order (0 for a
+/// dropped slot): reduces the fused dH epilogue's per-tile partials.
+moe_status moe_cu_ds_reduce(const float *part, int ld, int nt,
+                            const int32_t *slot_row, int64_t S, float *ds,
+                            cudaStream_t s);
 /// off[0] = 0, off[1] = n (a one-group offsets array on the device).
 moe_status moe_cu_set_one_group(int64_t *off, int64_t n, cudaStream_t s);
 

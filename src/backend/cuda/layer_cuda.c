@@ -4,14 +4,19 @@
 ///   router GEMM (cuBLAS) -> softmax + top-k -> device counting sort ->
 ///   gate_up grouped GEMM reading hidden rows through the permutation ->
 ///   SwiGLU -> down grouped GEMM -> weighted unpermute
-/// and its mirror image, all enqueued on the caller's stream. With the
-/// grouped method nothing waits for the GPU: the expert offsets are made
-/// and read on the device. The loop method (cuBLAS per expert) copies them
-/// to the host once per pass, which strict mode refuses.
+/// and a backward that needs only the pre-activation H and the routing
+/// metadata (one GPU: moe_cu_forward_one / moe_cu_backward_one, the layout
+/// in moe_cu_lay_of; expert parallelism keeps its former path, *_ep), all
+/// enqueued on the caller's stream. With the grouped method nothing waits
+/// for the GPU: the expert offsets are made and read on the device. The
+/// loop method (cuBLAS per expert) copies them to the host once per pass,
+/// which strict mode refuses.
 ///
-/// The plan's CUDA state (cuBLAS handle, pinned counts, the device model,
-/// the NCCL exchange) is the plan's `ctx` (backend.h).
+/// The plan's CUDA state (the device model, the NCCL exchange, and the
+/// cuBLAS handle and pinned counts once a call needs them) is the plan's
+/// `ctx` (backend.h). A plan made with desc.plan_gpu has only the model.
 #include <math.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,8 +31,15 @@
 #endif
 
 typedef struct moe_cuda_plan {
+  /* Made on first use by a call that needs them (plan creation stays
+     cheap): cuBLAS for the router and the loop method, pinned host memory
+     for the loop's counts and the topk_index check. */
   cublasHandle_t blas;
-  int64_t *pinned;    /* E + 1 host offsets for the loop method */
+  int64_t *pinned; /* E + 1 host offsets for the loop method */
+  /* desc.plan_gpu: planned for a built-in card without a device; every
+     query answers, forward and backward refuse. */
+  bool offline;
+  char card[8];
   moe_gpu_machine gm; /* the planner's model of the device */
   char sm90_why[128]; /* why the grouped GEMMs are not on sm90/, if not */
   /* Method pinned: the router's row-wise products (logits, its dX) run on
@@ -62,9 +74,6 @@ static void moe_cu_leave(int dev, int prev) {
 /// kernels index routed rows with 32-bit integers.
 static moe_status moe_cu_desc_check(const moe_layer_desc *d) {
   MOE_TRY(moe_layer_desc_check(d));
-  if (d->plan_gpu)
-    return moe_error(MOE_ERR_UNIMPLEMENTED,
-                     "desc.plan_gpu: offline planning is not in this build");
   if (d->max_tokens * d->top_k > INT32_MAX - 1024)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "desc: max_tokens %lld x top_k %lld routed rows must "
@@ -99,22 +108,78 @@ static moe_proj_cost moe_cu_predict(const moe_layer_plan *p, int proj,
 /* ---- plan -----------------------------------------------------------------
  */
 
-static moe_status moe_cu_device_props(const moe_layer_desc *d,
-                                      struct cudaDeviceProp *prop) {
-  int ndev = 0;
-  cudaError_t ce = cudaGetDeviceCount(&ndev);
-  if (ce != cudaSuccess || ndev == 0)
-    return moe_error(MOE_ERR_UNIMPLEMENTED,
-                     "desc.device: CUDA device %d requested, but no CUDA "
-                     "device is usable (%s)",
-                     d->device.index,
-                     ce != cudaSuccess ? cudaGetErrorString(ce) : "none");
-  if (d->device.index < 0 || d->device.index >= ndev)
+/// What planning needs of a device, read once per device and process:
+/// cudaGetDeviceProperties alone costs far more than the 100 us a plan may
+/// take (a trainer plans again whenever its capacity grows).
+typedef struct moe_cu_devinfo {
+  char name[256];
+  int sms, clock_khz, cc; /* cc: 10 * major + minor */
+} moe_cu_devinfo;
+
+#define MOE_CU_MAX_DEVICES 64
+static pthread_mutex_t moe_cu_dev_lock = PTHREAD_MUTEX_INITIALIZER;
+static int moe_cu_ndev = -1; /* -1: not asked yet */
+static moe_cu_devinfo moe_cu_devs[MOE_CU_MAX_DEVICES];
+static bool moe_cu_dev_known[MOE_CU_MAX_DEVICES];
+
+static moe_status moe_cu_device_info_locked(const moe_layer_desc *d,
+                                            moe_cu_devinfo *out) {
+  if (moe_cu_ndev < 0) {
+    int n = 0;
+    cudaError_t ce = cudaGetDeviceCount(&n);
+    if (ce != cudaSuccess || n == 0) {
+      cudaGetLastError();
+      return moe_error(MOE_ERR_UNIMPLEMENTED,
+                       "desc.device: CUDA device %d requested, but no CUDA "
+                       "device is usable (%s)",
+                       d->device.index,
+                       ce != cudaSuccess ? cudaGetErrorString(ce) : "none");
+    }
+    moe_cu_ndev = n;
+  }
+  int dev = d->device.index;
+  if (dev < 0 || dev >= moe_cu_ndev)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "desc.device.index = %d: this machine has %d CUDA "
                      "device(s)",
-                     d->device.index, ndev);
-  MOE_CU_TRY(cudaGetDeviceProperties(prop, d->device.index));
+                     dev, moe_cu_ndev);
+  if (dev < MOE_CU_MAX_DEVICES && moe_cu_dev_known[dev]) {
+    *out = moe_cu_devs[dev];
+    return MOE_SUCCESS;
+  }
+  struct cudaDeviceProp prop;
+  MOE_CU_TRY(cudaGetDeviceProperties(&prop, dev));
+  moe_cu_devinfo i;
+  snprintf(i.name, sizeof i.name, "%s", prop.name);
+  i.sms = prop.multiProcessorCount;
+  i.cc = 10 * prop.major + prop.minor;
+  i.clock_khz = 0;
+  MOE_CU_TRY(cudaDeviceGetAttribute(&i.clock_khz, cudaDevAttrClockRate, dev));
+  if (dev < MOE_CU_MAX_DEVICES) {
+    moe_cu_devs[dev] = i;
+    moe_cu_dev_known[dev] = true;
+  }
+  *out = i;
+  return MOE_SUCCESS;
+}
+
+static moe_status moe_cu_device_info(const moe_layer_desc *d,
+                                     moe_cu_devinfo *out) {
+  pthread_mutex_lock(&moe_cu_dev_lock);
+  moe_status s = moe_cu_device_info_locked(d, out);
+  pthread_mutex_unlock(&moe_cu_dev_lock);
+  return s;
+}
+
+/// desc.plan_gpu: the built-in card's model, without any CUDA call.
+static moe_status moe_cu_offline_info(const moe_layer_desc *d,
+                                      moe_cu_devinfo *out,
+                                      moe_gpu_machine *gm) {
+  MOE_TRY(moe_gpu_machine_builtin(d->plan_gpu, gm));
+  snprintf(out->name, sizeof out->name, "%s", gm->name);
+  out->sms = gm->sms;
+  out->clock_khz = (int)(gm->clock_ghz * 1e6);
+  out->cc = 90;
   return MOE_SUCCESS;
 }
 
@@ -125,25 +190,31 @@ static bool moe_cuda_supports(const moe_layer_desc *d, char *why, size_t n) {
 }
 
 static void moe_cuda_plan_destroy(moe_layer_plan *plan);
+static void moe_cuda_sizes(const moe_layer_plan *plan, int64_t tokens,
+                           moe_layer_sizes *s);
 
 static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
   const moe_layer_desc d = p->d;
   moe_gmm_method env_m = MOE_GMM_AUTO;
   bool env_set = false;
-  struct cudaDeviceProp prop;
+  moe_cu_devinfo dev;
+  moe_gpu_machine gm;
+  int ranks = moe_comm_size(d.comm);
+  bool offline = d.plan_gpu != NULL;
   moe_status local = moe_cu_desc_check(&d);
   if (local == MOE_SUCCESS) local = moe_env_gmm(&env_m, &env_set);
-  if (local == MOE_SUCCESS) local = moe_cu_device_props(&d, &prop);
-  moe_gpu_machine gm;
-  if (local == MOE_SUCCESS) {
-    int clock_khz = 0;
-    cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, d.device.index);
-    local = moe_gpu_machine_of(prop.name, prop.multiProcessorCount,
-                               clock_khz * 1e-6, &gm);
-  }
+  if (local == MOE_SUCCESS && offline && ranks > 1)
+    local = moe_error(MOE_ERR_INVALID_ARGUMENT,
+                      "desc.plan_gpu = \"%.16s\": offline planning is for "
+                      "one GPU; desc.comm has %d ranks",
+                      d.plan_gpu, ranks);
+  if (local == MOE_SUCCESS)
+    local = offline ? moe_cu_offline_info(&d, &dev, &gm)
+                    : moe_cu_device_info(&d, &dev);
+  if (local == MOE_SUCCESS && !offline)
+    local = moe_gpu_machine_of(dev.name, dev.sms, dev.clock_khz * 1e-6, &gm);
   /* Over several ranks every rank must reach the same verdict: the checks'
      results are agreed on before anyone returns. */
-  int ranks = moe_comm_size(d.comm);
   int64_t ep_rows = 0;
   MOE_TRY(ranks > 1 ? moe_cu_ep_agree(&d, local, &ep_rows) : local);
 
@@ -158,9 +229,11 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
   p->e_first = p->rank * p->e_local;
   p->max_rows = ranks > 1 ? ep_rows : d.max_tokens * d.top_k;
   cp->gm = gm;
+  cp->offline = offline;
+  if (offline) snprintf(cp->card, sizeof cp->card, "%s", d.plan_gpu);
 #ifdef MOE_HAVE_SM90
   cp->gm.sm90 =
-      moe_cu_sm90_layer_ok(d.device.index, p->e_local, d.hidden, d.intermediate,
+      moe_cu_sm90_layer_ok(dev.cc, p->e_local, d.hidden, d.intermediate,
                            d.dtype, cp->sm90_why, sizeof cp->sm90_why);
 #else
   snprintf(cp->sm90_why, sizeof cp->sm90_why,
@@ -173,15 +246,17 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
   int64_t rows = d.max_tokens * d.top_k;
   moe_plan_say(
       p, len,
-      "plan (cuda): E=%lld H=%lld I=%lld top_k=%lld, %lld tokens -> "
-      "%lld routed rows, %s\ndevice: %d, %s, %d SMs at %.2f GHz "
+      "plan (cuda%s%s): E=%lld H=%lld I=%lld top_k=%lld, %lld tokens -> "
+      "%lld routed rows, %s\ndevice: %s%d, %s, %d SMs at %.2f GHz "
       "(model: %.0f GB/s, grouped kernel %.0f TFLOP/s, cuBLAS %.0f "
       "TFLOP/s)\nmachine: %s\n",
+      offline ? ", offline for the built-in " : "", offline ? cp->card : "",
       (long long)d.num_experts, (long long)d.hidden, (long long)d.intermediate,
       (long long)d.top_k, (long long)d.max_tokens, (long long)rows,
-      moe_dtype_name(d.dtype), d.device.index, prop.name, cp->gm.sms,
-      cp->gm.clock_ghz, cp->gm.bandwidth_gbs, moe_gpu_grouped_tflops(&cp->gm),
-      cp->gm.blas_tflops, cp->gm.source);
+      moe_dtype_name(d.dtype),
+      offline ? "none queried (desc.plan_gpu); would be " : "", d.device.index,
+      dev.name, cp->gm.sms, cp->gm.clock_ghz, cp->gm.bandwidth_gbs,
+      moe_gpu_grouped_tflops(&cp->gm), cp->gm.blas_tflops, cp->gm.source);
   bool any_loop = false;
   for (int proj = 0; proj < 2; proj++) {
     moe_proj_shape sh = moe_cu_shape(p, proj);
@@ -206,6 +281,17 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
                           "cuBLAS"
                         : "gate_up reads hidden rows through the permutation "
                           "(no permuted copy)");
+  if (cp->gm.sm90 && ranks == 1) {
+    const char *fz = moe_env_cuda_fuse();
+    bool on = fz && !strcmp(fz, "1");
+    moe_plan_say(p, len, "epilogues (sm_90a, grouped method): %s\n",
+                 on ? "fused (MOE_CUDA_FUSE=1): SwiGLU in gate_up's (writes H "
+                      "and A; w_gate_up as one tensor), dSwiGLU + A' = s*A + "
+                      "dS partials in the dH product's"
+                    : "unfused: SwiGLU and the dH pass are their own kernels "
+                      "(measured faster on H100; MOE_CUDA_FUSE=1 fuses "
+                      "them)");
+  }
   if (!cp->gm.sm90 && d.dtype == MOE_BF16)
     moe_plan_say(p, len, "grouped: not the sm_90a kernels: %s\n", cp->sm90_why);
   if (any_loop)
@@ -225,17 +311,28 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
                            : "by cuBLAS");
   if (ranks > 1) moe_cu_ep_explain(p, len);
 
-  int prev;
-  moe_status s = moe_cu_enter(d.device.index, &prev);
-  if (s == MOE_SUCCESS) {
-    s = moe_cu_blas_check(cublasCreate(&cp->blas), "cublasCreate");
-    if (s == MOE_SUCCESS)
-      s = moe_cu_check(
-          cudaMallocHost((void **)&cp->pinned,
-                         (size_t)(d.num_experts + 1) * sizeof(int64_t)),
-          "cudaMallocHost");
-    if (s == MOE_SUCCESS && ranks > 1) s = moe_cu_ep_create(p, &cp->ep);
-    moe_cu_leave(d.device.index, prev);
+  moe_layer_sizes sz;
+  moe_cuda_sizes(p, d.max_tokens, &sz);
+  moe_plan_say(p, len,
+               "memory at %lld tokens: saved %zu B (%s), workspace: forward "
+               "%zu B, backward %zu B, inference %zu B\n",
+               (long long)d.max_tokens, sz.saved,
+               ranks > 1 ? "expert parallelism keeps the received rows, "
+                           "the activations and the combined output"
+                         : "the pre-activation H [T*k, 2I] and the routing "
+                           "metadata",
+               sz.fwd_workspace, sz.bwd_workspace, sz.infer_workspace);
+  if (offline) moe_plan_say(p, len, "offline: forward and backward refuse\n");
+  /* No device work at plan time besides the exchange's state: cuBLAS and
+     pinned memory come with the first call that needs them. */
+  moe_status s = MOE_SUCCESS;
+  if (ranks > 1) {
+    int prev;
+    s = moe_cu_enter(d.device.index, &prev);
+    if (s == MOE_SUCCESS) {
+      s = moe_cu_ep_create(p, &cp->ep);
+      moe_cu_leave(d.device.index, prev);
+    }
   }
   if (s != MOE_SUCCESS) moe_cuda_plan_destroy(p);
   return s;
@@ -244,6 +341,11 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
 static void moe_cuda_plan_destroy(moe_layer_plan *plan) {
   moe_cuda_plan *cp = moe_cp(plan);
   if (!cp) return;
+  if (cp->offline) { /* nothing on a device */
+    free(cp);
+    plan->ctx = NULL;
+    return;
+  }
   int prev;
   bool entered = moe_cu_enter(plan->d.device.index, &prev) == MOE_SUCCESS;
   if (cp->blas) cublasDestroy(cp->blas);
@@ -278,6 +380,105 @@ static moe_status moe_cuda_floor(const moe_layer_plan *plan, int backward,
 
 /* ---- buffers ----------------------------------------------------------------
  */
+
+/// One GPU. The forward keeps for the backward only the pre-activation
+/// H = X W_gu^T [S, 2I] (layer dtype; S = T*k routed rows) and the routing
+/// metadata: idx, w, slot_row, row_token [S] (4 B each) and the expert
+/// offsets [E + 1] (8 B), packed tight: H first (16-byte aligned rows when
+/// the buffer is), so saved <= S*2I*es + 16*S + 8*(E + 1) + 7, inside the
+/// issue's bound S*2I*es + 16*S + 64*E. Not the probabilities (the
+/// backward recomputes the logits: one small GEMM), not X gathered, A, Y,
+/// dY or any f32 copy.
+///
+/// Forward workspace: routing scratch (sort counts, f32 logits, softmaxed
+/// in place), then A [S, I] and Y [S, H] (the loop method's gathered X
+/// shares Y's room: gate_up has read it before down writes Y). Inference
+/// (`saved` NULL) holds the saved block in the workspace too, and Y takes
+/// H's room when it fits (H is dead once A is made).
+///
+/// Backward workspace: ds [S] f32 (the routing weights' gradient, by slot);
+/// r1 = dA' [S, I], made A' = s A in place, later dXp [S, H]; r2 = dH
+/// [S, 2I], later the router's logits and dlogits [T, E]; with the loop
+/// method a gathered copy of dO (down) or X (gate_up), one after the other.
+typedef struct moe_cu_lay {
+  /* saved (in `saved`, or at isv in an inference workspace) */
+  size_t h, offsets, idx, w, slot_row, row_token, saved;
+  /* forward workspace */
+  size_t fblas, fone, sort, logits, a, y, xp, fws;
+  bool y_in_h; /* inference: Y written over H */
+  size_t isv, iws;
+  /* backward workspace */
+  size_t bblas, bone, ds, loop, r1, r2, blogits, dl, rw, part, bws;
+  int part_ld; /* the fused dH epilogue's partials per row */
+} moe_cu_lay;
+
+static size_t moe_cu_max(size_t a, size_t b) { return a > b ? a : b; }
+
+static size_t moe_cu_take(size_t *at, size_t bytes);
+
+/// The layout of one GPU's buffers for T tokens; `infer`: the forward
+/// without a saved buffer.
+static void moe_cu_lay_of(const moe_layer_plan *p, int64_t T, bool infer,
+                          moe_cu_lay *L) {
+  const moe_layer_desc *d = &p->d;
+  size_t es = moe_dtype_size(d->dtype);
+  size_t S = (size_t)(T * d->top_k), E = (size_t)d->num_experts;
+  size_t H = (size_t)d->hidden, I = (size_t)d->intermediate;
+  bool loop0 = p->method[0] == MOE_GMM_LOOP,
+       loop1 = p->method[1] == MOE_GMM_LOOP;
+  size_t tE = (size_t)T * E;
+  memset(L, 0, sizeof *L);
+  /* saved, tight */
+  size_t at = 0;
+  L->h = 0;
+  at = S * 2 * I * es;
+  at = (at + 7u) & ~(size_t)7u;
+  L->offsets = at;
+  at += (E + 1) * 8;
+  L->idx = at, at += S * 4;
+  L->w = at, at += S * 4;
+  L->slot_row = at, at += S * 4;
+  L->row_token = at, at += S * 4;
+  L->saved = at;
+  /* forward */
+  at = 0;
+  L->fblas = moe_cu_take(&at, MOE_CU_BLAS_WS);
+  L->fone = moe_cu_take(&at, 16);
+  L->y_in_h = infer && H <= 2 * I;
+  if (infer) L->isv = moe_cu_take(&at, L->saved);
+  size_t base = at;
+  L->sort = moe_cu_take(&at, moe_cu_sort_scratch_bytes((int64_t)S, (int64_t)E));
+  L->logits = moe_cu_take(&at, tE * 4);
+  size_t rend = at;
+  at = base;
+  L->a = moe_cu_take(&at, S * I * es);
+  if (L->y_in_h) {
+    L->y = L->isv + L->h;
+    L->xp = moe_cu_take(&at, loop0 ? S * H * es : 0);
+  } else {
+    L->y = moe_cu_take(&at, S * H * es);
+    L->xp = L->y;
+  }
+  L->fws = moe_cu_max(rend, at);
+  L->iws = L->fws;
+  /* backward */
+  at = 0;
+  L->bblas = moe_cu_take(&at, MOE_CU_BLAS_WS);
+  L->bone = moe_cu_take(&at, 16);
+  L->ds = moe_cu_take(&at, S * 4);
+  /* the fused dH epilogue (sm_90a): each row's weight, and its partials
+     of <dA', A> per column tile (tiles are at least 128 wide) */
+  L->part_ld = (int)((I + 127) / 128);
+  L->rw = moe_cu_take(&at, S * 4);
+  L->part = moe_cu_take(&at, S * (size_t)L->part_ld * 4);
+  L->loop = moe_cu_take(&at, loop0 || loop1 ? S * H * es : 0);
+  L->r1 = moe_cu_take(&at, S * moe_cu_max(I, H) * es);
+  size_t lg = (tE * 4 + 255u) & ~(size_t)255u;
+  L->r2 = moe_cu_take(&at, moe_cu_max(S * 2 * I * es, lg + tE * es));
+  L->blogits = L->r2;
+  L->dl = L->r2 + lg;
+  L->bws = at;
+}
 
 /// With expert parallelism (sizes 0 on one GPU): saved xr (the received
 /// rows in expert order, gate_up's input and dW operand) and epmeta (the
@@ -352,11 +553,21 @@ static void moe_cu_bufs_of(const moe_layer_plan *p, int64_t T, moe_cu_bufs *b) {
 
 static void moe_cuda_sizes(const moe_layer_plan *plan, int64_t tokens,
                            moe_layer_sizes *s) {
-  moe_cu_bufs b;
-  moe_cu_bufs_of(plan, tokens, &b);
-  s->saved = b.saved;
-  s->fwd_workspace = s->infer_workspace = b.fws; /* fws holds fsaved */
-  s->bwd_workspace = b.bws;
+  if (plan->ranks > 1) { /* expert parallelism: what it kept before */
+    moe_cu_bufs b;
+    moe_cu_bufs_of(plan, tokens, &b);
+    s->saved = b.saved;
+    s->fwd_workspace = s->infer_workspace = b.fws; /* fws holds fsaved */
+    s->bwd_workspace = b.bws;
+    return;
+  }
+  moe_cu_lay L, Li;
+  moe_cu_lay_of(plan, tokens, false, &L);
+  moe_cu_lay_of(plan, tokens, true, &Li);
+  s->saved = L.saved;
+  s->fwd_workspace = L.fws;
+  s->infer_workspace = Li.iws;
+  s->bwd_workspace = L.bws;
 }
 
 /* ---- argument checks -------------------------------------------------------
@@ -412,6 +623,32 @@ static moe_status moe_cu_dw(const moe_cu_exec *x, int proj, void *dY,
   return moe_cu_gemm_run(x->p->method[proj], &g, &x->ctx);
 }
 
+/// dX[R, K] (+)= dY[R, N] . W_e with dY any operand (rows may be gathered).
+static moe_status moe_cu_dx_op(const moe_cu_exec *x, int proj,
+                               const moe_cu_operand *dY, const moe_tensor *w,
+                               void *dX, moe_dtype dxt, int64_t lddx,
+                               float beta) {
+  moe_gemm_problem g = moe_gemm_dx_of(w, x->offsets, x->rows, *dY,
+                                      moe_op(dX, dxt, lddx, 1), beta);
+  return moe_cu_gemm_run(x->p->method[proj], &g, &x->ctx);
+}
+
+/// dW_e = dY_e^T . X_e with dYt the transposed view of any operand dY.
+static moe_status moe_cu_dw_op(const moe_cu_exec *x, int proj,
+                               const moe_cu_operand *dYt,
+                               const moe_cu_operand *X, const moe_tensor *dw) {
+  moe_gemm_problem g = moe_gemm_dw_of(dw, x->offsets, x->rows, *dYt, *X);
+  return moe_cu_gemm_run(x->p->method[proj], &g, &x->ctx);
+}
+
+/// The transposed view of an operand (a gather stays with its rows).
+static moe_cu_operand moe_cu_t(moe_cu_operand o) {
+  int64_t r = o.rs;
+  o.rs = o.cs;
+  o.cs = r;
+  return o;
+}
+
 /// One dense product through cuBLAS, or libmoe's kernel as one group where
 /// cuBLAS has no kernel for the strides or dtypes.
 static moe_status moe_cu_dense(const moe_cu_exec *x, moe_group_kind kind,
@@ -438,25 +675,40 @@ static moe_status moe_cu_dense(const moe_cu_exec *x, moe_group_kind kind,
 /// and, if a projection runs the loop method, the counts on the host.
 static moe_status moe_cu_begin(const moe_layer_plan *p, void **ws,
                                size_t ws_bytes, size_t need, size_t blas_at,
-                               void *stream, moe_cu_exec *x) {
+                               bool need_blas, void *stream, moe_cu_exec *x) {
   moe_cuda_plan *cp = moe_cp(p);
   memset(x, 0, sizeof *x);
   x->p = p;
   x->cp = cp;
   x->ctx.stream = (cudaStream_t)stream;
-  x->ctx.blas = cp->blas;
   x->ctx.strict = p->d.strict;
   x->ctx.pinned = cp->pinned;
   MOE_TRY(moe_layer_check_buffer(*ws, ws_bytes, need, "workspace"));
+  /* the plan's cuBLAS handle, made by the first call that needs one */
+  if (need_blas && !cp->blas)
+    MOE_TRY(moe_cu_blas_check(cublasCreate(&cp->blas), "cublasCreate"));
+  x->ctx.blas = cp->blas;
   if (!*ws) {
     MOE_CU_TRY(cudaMallocAsync(ws, need, x->ctx.stream));
     x->owned = *ws;
   }
   /* cuBLAS works in our workspace: it allocates nothing, and no call of
      this pass can find a workspace a previous caller has freed. */
+  if (!cp->blas) return MOE_SUCCESS;
   return moe_cu_blas_check(
       cublasSetWorkspace(cp->blas, moe_cu_at(*ws, blas_at), MOE_CU_BLAS_WS),
       "cublasSetWorkspace");
+}
+
+/// The plan's pinned host buffer (E + 1 entries), made on first use.
+static moe_status moe_cu_pinned(moe_cu_exec *x) {
+  moe_cuda_plan *cp = x->cp;
+  if (!cp->pinned)
+    MOE_CU_TRY(
+        cudaMallocHost((void **)&cp->pinned,
+                       (size_t)(x->p->d.num_experts + 1) * sizeof(int64_t)));
+  x->ctx.pinned = cp->pinned;
+  return MOE_SUCCESS;
 }
 
 static moe_status moe_cu_end(moe_cu_exec *x, moe_status s) {
@@ -480,6 +732,7 @@ static moe_status moe_cu_host_counts(moe_cu_exec *x) {
                      "on the host — a cudaMemcpy and a stream sync, which "
                      "strict mode forbids; use the grouped method");
   int64_t n = p->d.num_experts + 1;
+  MOE_TRY(moe_cu_pinned(x));
   MOE_CU_TRY(cudaMemcpyAsync(cp->pinned, x->offsets, (size_t)n * 8,
                              cudaMemcpyDeviceToHost, x->ctx.stream));
   MOE_CU_TRY(cudaStreamSynchronize(x->ctx.stream));
@@ -506,6 +759,7 @@ moe_cu_given_routing_checked(moe_cu_exec *x, const moe_cu_view *ti,
                      "desc.invalid_topk = MOE_TOPK_INVALID_ERROR checks "
                      "topk_index on the host (a stream sync), which strict "
                      "mode forbids; set MOE_TOPK_INVALID_DROP");
+  MOE_TRY(moe_cu_pinned(x));
   MOE_CU_TRY(cudaMemsetAsync(flag, 0xff, 8, st));
   MOE_TRY(moe_cu_given_routing(ti, tw, T, k, E, idx, w, flag, st));
   MOE_CU_TRY(cudaMemcpyAsync(cp->pinned, flag, 8, cudaMemcpyDeviceToHost, st));
@@ -521,10 +775,10 @@ moe_cu_given_routing_checked(moe_cu_exec *x, const moe_cu_view *ti,
   return MOE_SUCCESS;
 }
 
-static moe_status moe_cu_forward_run(moe_cu_exec *x,
-                                     const moe_layer_fwd_args *a,
-                                     const moe_call *c, const moe_cu_bufs *b,
-                                     char *sv, char *ws) {
+static moe_status moe_cu_forward_run_ep(moe_cu_exec *x,
+                                        const moe_layer_fwd_args *a,
+                                        const moe_call *c, const moe_cu_bufs *b,
+                                        char *sv, char *ws) {
   moe_cuda_plan *cp = x->cp;
   const moe_layer_plan *p = x->p;
   const moe_layer_desc *d = &p->d;
@@ -666,7 +920,7 @@ moe_cu_backward_rest(moe_cu_exec *x, const moe_layer_bwd_args *args,
     moe_dtype dlt = dt;
     void *dl = moe_cu_at(ws, b->dl);
     dxr = (float *)moe_cu_at(ws, b->dxr);
-    MOE_TRY(moe_cu_topk_backward((const float *)moe_cu_at(sv, b->probs),
+    MOE_TRY(moe_cu_topk_backward((const float *)moe_cu_at(sv, b->probs), 0,
                                  (const int32_t *)moe_cu_at(sv, b->idx), w, dw,
                                  T, E, k, d->norm_topk_prob, dl, dlt, st));
     int64_t *one = (int64_t *)moe_cu_at(ws, b->bone);
@@ -688,11 +942,10 @@ moe_cu_backward_rest(moe_cu_exec *x, const moe_layer_bwd_args *args,
   return MOE_SUCCESS;
 }
 
-static moe_status moe_cu_backward_run(moe_cu_exec *x,
-                                      const moe_layer_bwd_args *args,
-                                      const moe_call *c, const moe_gate_up *ggu,
-                                      const moe_cu_bufs *b, char *sv,
-                                      char *ws) {
+static moe_status
+moe_cu_backward_run_ep(moe_cu_exec *x, const moe_layer_bwd_args *args,
+                       const moe_call *c, const moe_gate_up *ggu,
+                       const moe_cu_bufs *b, char *sv, char *ws) {
   moe_cuda_plan *cp = x->cp;
   const moe_layer_plan *p = x->p;
   const moe_layer_desc *d = &p->d;
@@ -787,6 +1040,245 @@ static moe_status moe_cu_backward_run(moe_cu_exec *x,
   return moe_cu_permute_backward(dxp, dxt, slot_row, dxr, T, k, H, &gh, st);
 }
 
+/* ---- one GPU: forward and backward at the IO limit --------------------- */
+
+/// The router's logits [T, E] (f32) = hidden . gate_weight^T, by the same
+/// call in the forward and the backward (which recomputes them instead of
+/// saving probabilities): the same kernel and shapes give the same bits.
+static moe_status moe_cu_logits(moe_cu_exec *x, const moe_layer_fwd_args *a,
+                                int64_t T, float *logits, int64_t *one) {
+  const moe_layer_desc *d = &x->p->d;
+  const moe_tensor *g = &a->gate_weight;
+  moe_cu_operand A = moe_op(a->hidden.data, d->dtype, a->hidden.stride[0],
+                            a->hidden.stride[1]);
+  moe_cu_operand B = moe_op(g->data, g->dtype, g->stride[1], g->stride[0]);
+  moe_cu_operand C = moe_op(logits, MOE_F32, d->num_experts, 1);
+  return moe_cu_dense(x, MOE_GROUP_M, T, d->num_experts, d->hidden, &A, &B, &C,
+                      0.0f, one);
+}
+
+/// Rows [S, n] of a [T, n] view in expert order: read through row_token by
+/// the grouped kernels, or gathered into `copy` for cuBLAS (loop).
+static moe_status moe_cu_rows_of(moe_cu_exec *x, int proj, const moe_tensor *t,
+                                 void *copy, moe_cu_operand *out) {
+  const moe_layer_plan *p = x->p;
+  if (p->method[proj] == MOE_GMM_LOOP) {
+    moe_cu_view v = moe_cu_view_of(t);
+    MOE_TRY(moe_cu_gather_rows(&v, x->row_token, x->offsets + p->e_local,
+                               x->rows, t->shape[1], copy, x->ctx.stream));
+    *out = moe_op(copy, t->dtype, t->shape[1], 1);
+  } else {
+    *out = moe_op(t->data, t->dtype, t->stride[0], t->stride[1]);
+    out->gather = x->row_token;
+  }
+  return MOE_SUCCESS;
+}
+
+/// routing -> sort -> H = X W_gu^T (saved) -> A = act(H) -> Y = A W_d^T
+/// packed by expert -> out[t] = sum_j w[t, j] Y[row of (t, j)] (one thread
+/// per element, j in order: no atomics).
+static moe_status moe_cu_forward_one(moe_cu_exec *x,
+                                     const moe_layer_fwd_args *a,
+                                     const moe_call *c, const moe_cu_lay *L,
+                                     char *sv, char *ws) {
+  const moe_layer_plan *p = x->p;
+  const moe_layer_desc *d = &p->d;
+  cudaStream_t st = x->ctx.stream;
+  int64_t T = c->T, k = d->top_k, H = d->hidden, I = d->intermediate,
+          E = d->num_experts, S = T * k;
+  moe_dtype dt = d->dtype;
+  size_t es = moe_dtype_size(dt);
+  int32_t *idx = (int32_t *)moe_cu_at(sv, L->idx);
+  float *w = (float *)moe_cu_at(sv, L->w);
+  int64_t *offsets = (int64_t *)moe_cu_at(sv, L->offsets);
+  int32_t *slot_row = (int32_t *)moe_cu_at(sv, L->slot_row);
+  int32_t *row_token = (int32_t *)moe_cu_at(sv, L->row_token);
+  char *hb = moe_cu_at(sv, L->h), *ab = moe_cu_at(ws, L->a);
+  char *y = L->y_in_h ? hb : moe_cu_at(ws, L->y);
+  x->offsets = offsets;
+  x->rows = S;
+  x->row_token = row_token;
+
+  if (c->router) {
+    float *logits = (float *)moe_cu_at(ws, L->logits);
+    MOE_TRY(moe_cu_logits(x, a, T, logits, (int64_t *)moe_cu_at(ws, L->fone)));
+    moe_cu_view rl = {0};
+    if (!moe_tensor_absent(&a->router_logits))
+      rl = moe_cu_view_of(&a->router_logits);
+    /* probabilities in place over the logits: nothing of them is kept */
+    MOE_TRY(moe_cu_topk(logits, T, E, k, d->norm_topk_prob, logits, idx, w,
+                        rl.data ? &rl : NULL, st));
+  } else {
+    moe_cu_view ti = moe_cu_view_of(&a->topk_index),
+                tw = moe_cu_view_of(&a->topk_weights);
+    MOE_TRY(moe_cu_given_routing_checked(x, &ti, &tw, T, k, E, idx, w,
+                                         moe_cu_at(ws, L->fone)));
+  }
+  MOE_TRY(moe_cu_route_sort(idx, S, k, E, moe_cu_at(ws, L->sort), offsets,
+                            slot_row, row_token, st));
+  MOE_TRY(moe_cu_host_counts(x));
+
+  moe_cu_operand X;
+  MOE_TRY(moe_cu_rows_of(x, 0, &a->hidden, moe_cu_at(ws, L->xp), &X));
+  bool act_done = false;
+#ifdef MOE_HAVE_SM90
+  /* sm_90a: SwiGLU in gate_up's epilogue writes H and A in one pass */
+  if (c->gu.fused && p->method[0] == MOE_GMM_GROUPED) {
+    moe_gemm_problem g =
+        moe_gemm_fwd_of(&c->gu.both, offsets, S, X, moe_op(hb, dt, 2 * I, 1));
+    if (moe_cu_sm90_act_ok(&g, NULL, 0)) {
+      MOE_TRY(moe_cu_gemm_sm90_act(&g, &x->ctx, ab));
+      act_done = true;
+    }
+  }
+#endif
+  if (!act_done) {
+    if (c->gu.fused) {
+      MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.both, hb, dt, 2 * I));
+    } else {
+      MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.gate, hb, dt, 2 * I));
+      MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.up, hb + (size_t)I * es, dt, 2 * I));
+    }
+    moe_cu_view vg = {hb, dt, 2 * I, 1},
+                vu = {hb + (size_t)I * es, dt, 2 * I, 1}, va = {ab, dt, I, 1};
+    MOE_TRY(moe_cu_swiglu_fwd(&vg, &vu, &va, S, I, offsets + E, st));
+  }
+  moe_cu_operand A = moe_op(ab, dt, I, 1);
+  MOE_TRY(moe_cu_fwd(x, 1, &A, &a->w_down, y, dt, H));
+  moe_cu_view out = moe_cu_view_of(&a->output);
+  return moe_cu_unpermute(y, dt, slot_row, w, T, k, H, &out, st);
+}
+
+/// dA' = dO[row_token] . W_d (no dY buffer) -> one pass: A from H, ds =
+/// <dA', A>, dH = act'(s dA'), A' = s A -> dW_d = dO[row_token]^T . A' ->
+/// dXp = dH . W_gu (layer dtype) -> dW_gu = X[row_token]^T . dH ->
+/// grad_hidden[t] = sum_j dXp[row of (t, j)] (f32 in registers, j in order)
+/// -> the router's backward from recomputed logits (grad_hidden += its
+/// share), or ds to grad_topk_weights.
+static moe_status moe_cu_backward_one(moe_cu_exec *x,
+                                      const moe_layer_bwd_args *args,
+                                      const moe_call *c, const moe_gate_up *ggu,
+                                      const moe_cu_lay *L, const char *sv,
+                                      char *ws) {
+  const moe_layer_plan *p = x->p;
+  const moe_layer_desc *d = &p->d;
+  const moe_layer_fwd_args *a = &args->fwd;
+  cudaStream_t st = x->ctx.stream;
+  int64_t T = c->T, k = d->top_k, H = d->hidden, I = d->intermediate,
+          E = d->num_experts, S = T * k;
+  moe_dtype dt = d->dtype;
+  size_t es = moe_dtype_size(dt);
+  const int32_t *idx = (const int32_t *)(sv + L->idx);
+  const float *w = (const float *)(sv + L->w);
+  const int32_t *slot_row = (const int32_t *)(sv + L->slot_row);
+  const char *hb = sv + L->h;
+  char *r1 = moe_cu_at(ws, L->r1), *r2 = moe_cu_at(ws, L->r2);
+  float *ds = (float *)moe_cu_at(ws, L->ds);
+  x->offsets = (const int64_t *)(sv + L->offsets);
+  x->rows = S;
+  x->row_token = (const int32_t *)(sv + L->row_token);
+  MOE_TRY(moe_cu_host_counts(x));
+
+  /* down: dA' = dO[row_token] . W_d into r1 */
+  moe_cu_operand dO;
+  MOE_TRY(
+      moe_cu_rows_of(x, 1, &args->grad_output, moe_cu_at(ws, L->loop), &dO));
+  bool dact_done = false;
+#ifdef MOE_HAVE_SM90
+  /* sm_90a: the dH epilogue (dSwiGLU, A' = s A, dS partials) on the
+     product's f32 accumulators; a second kernel sums the partials */
+  if (p->method[1] == MOE_GMM_GROUPED) {
+    moe_gemm_problem g = moe_gemm_dx_of(&a->w_down, x->offsets, S, dO,
+                                        moe_op(r1, dt, I, 1), 0.0f);
+    if (moe_cu_sm90_dact_ok(&g, NULL, 0)) {
+      float *rw = (float *)moe_cu_at(ws, L->rw),
+            *part = (float *)moe_cu_at(ws, L->part);
+      int nt = 0;
+      MOE_TRY(moe_cu_row_weights(slot_row, w, S, rw, st));
+      MOE_TRY(moe_cu_gemm_sm90_dact(&g, &x->ctx, hb, rw, r2, r1, part,
+                                    L->part_ld, &nt));
+      MOE_TRY(moe_cu_ds_reduce(part, L->part_ld, nt, slot_row, S, ds, st));
+      dact_done = true;
+    }
+  }
+#endif
+  if (!dact_done) {
+    MOE_TRY(moe_cu_dx_op(x, 1, &dO, &a->w_down, r1, dt, I, 0.0f));
+    /* the activation pass: ds, dH (r2), A' over dA' (r1) */
+    MOE_TRY(moe_cu_act_bwd_rows(hb, r1, r2, dt, slot_row, w, S, I, ds, st));
+  }
+  moe_cu_operand dOt = moe_cu_t(dO), Ap = moe_op(r1, dt, I, 1);
+  MOE_TRY(moe_cu_dw_op(x, 1, &dOt, &Ap, &args->grad_w_down));
+  /* gate_up: dXp = dH . W_gu into r1 (A' is dead), dW_gu = X^T . dH */
+  moe_cu_operand dG = moe_op(r2, dt, 2 * I, 1),
+                 dU = moe_op(r2 + (size_t)I * es, dt, 2 * I, 1);
+  if (c->gu.fused) {
+    MOE_TRY(moe_cu_dx_op(x, 0, &dG, &c->gu.both, r1, dt, H, 0.0f));
+  } else { /* two products into one dXp: the up half adds (beta 1) */
+    MOE_TRY(moe_cu_dx_op(x, 0, &dG, &c->gu.gate, r1, dt, H, 0.0f));
+    MOE_TRY(moe_cu_dx_op(x, 0, &dU, &c->gu.up, r1, dt, H, 1.0f));
+  }
+  moe_cu_operand X;
+  MOE_TRY(moe_cu_rows_of(x, 0, &a->hidden, moe_cu_at(ws, L->loop), &X));
+  moe_cu_operand dGt = moe_cu_t(dG), dUt = moe_cu_t(dU);
+  if (c->gu.fused) {
+    MOE_TRY(moe_cu_dw_op(x, 0, &dGt, &X, &ggu->both));
+  } else {
+    MOE_TRY(moe_cu_dw_op(x, 0, &dGt, &X, &ggu->gate));
+    MOE_TRY(moe_cu_dw_op(x, 0, &dUt, &X, &ggu->up));
+  }
+  moe_cu_view gh = moe_cu_view_of(&args->grad_hidden);
+  MOE_TRY(moe_cu_permute_backward(r1, dt, slot_row, NULL, T, k, H, &gh, st));
+  if (!c->router) {
+    moe_cu_view gt = moe_cu_view_of(&args->grad_topk_weights);
+    return moe_cu_store_f32(ds, T, k, &gt, st);
+  }
+  /* the router (r2 is free again): logits recomputed, dlogits, then
+     dWg = dl^T . hidden and grad_hidden += dl . Wg */
+  const moe_tensor *g = &a->gate_weight, *gg = &args->grad_gate_weight;
+  int64_t *one = (int64_t *)moe_cu_at(ws, L->bone);
+  float *logits = (float *)moe_cu_at(ws, L->blogits);
+  void *dl = moe_cu_at(ws, L->dl);
+  MOE_TRY(moe_cu_logits(x, a, T, logits, one));
+  MOE_TRY(moe_cu_topk_backward(logits, 1, idx, w, ds, T, E, k,
+                               d->norm_topk_prob, dl, dt, st));
+  moe_cu_operand A = moe_op(dl, dt, 1, E);
+  moe_cu_operand B =
+      moe_op(a->hidden.data, dt, a->hidden.stride[0], a->hidden.stride[1]);
+  moe_cu_operand C = moe_op(gg->data, gg->dtype, gg->stride[0], gg->stride[1]);
+  MOE_TRY(moe_cu_dense(x, MOE_GROUP_K, E, H, T, &A, &B, &C, 0.0f, one));
+  A = moe_op(dl, dt, E, 1);
+  B = moe_op(g->data, g->dtype, g->stride[0], g->stride[1]);
+  C = moe_op(gh.data, gh.dtype, gh.rs, gh.cs);
+  return moe_cu_dense(x, MOE_GROUP_M, T, H, E, &A, &B, &C, 1.0f, one);
+}
+
+/// One forward (`bwd` NULL) or backward on one GPU: the layout, the
+/// workspace, the run.
+static moe_status moe_cu_call_one(moe_layer_plan *plan, const moe_call *c,
+                                  const moe_layer_fwd_args *fwd,
+                                  const moe_layer_bwd_args *bwd,
+                                  const moe_gate_up *ggu, const void *saved,
+                                  void *workspace, size_t workspace_bytes,
+                                  void *stream) {
+  bool infer = !bwd && !saved;
+  moe_cu_lay L;
+  moe_cu_lay_of(plan, c->T, infer, &L);
+  bool blas = c->router || plan->method[0] == MOE_GMM_LOOP ||
+              plan->method[1] == MOE_GMM_LOOP;
+  size_t need = bwd ? L.bws : infer ? L.iws : L.fws;
+  moe_cu_exec x;
+  moe_status s = moe_cu_begin(plan, &workspace, workspace_bytes, need,
+                              bwd ? L.bblas : L.fblas, blas, stream, &x);
+  if (s == MOE_SUCCESS) {
+    char *ws = workspace;
+    char *sv = saved ? (char *)saved : moe_cu_at(ws, L.isv);
+    s = bwd ? moe_cu_backward_one(&x, bwd, c, ggu, &L, sv, ws)
+            : moe_cu_forward_one(&x, fwd, c, &L, sv, ws);
+  }
+  return moe_cu_end(&x, s);
+}
+
 /// One forward (`bwd` NULL) or backward: device, workspace, the run, and
 /// with expert parallelism the ranks' agreement on a failure.
 static moe_status moe_cu_call(moe_layer_plan *plan, moe_status checked,
@@ -795,21 +1287,35 @@ static moe_status moe_cu_call(moe_layer_plan *plan, moe_status checked,
                               const moe_gate_up *ggu, const void *saved,
                               void *workspace, size_t workspace_bytes,
                               void *stream) {
+  if (checked == MOE_SUCCESS && moe_cp(plan)->offline)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc.plan_gpu = \"%s\": the plan was made offline for "
+                     "a built-in card (planning only); make a plan without "
+                     "desc.plan_gpu to run a %s on the device",
+                     moe_cp(plan)->card, bwd ? "backward" : "forward");
+  int dev = plan->d.device.index, prev;
+  if (checked == MOE_SUCCESS && !moe_cp(plan)->ep) {
+    moe_status s = moe_cu_enter(dev, &prev);
+    if (s != MOE_SUCCESS) return s;
+    s = moe_cu_call_one(plan, c, fwd, bwd, ggu, saved, workspace,
+                        workspace_bytes, stream);
+    moe_cu_leave(dev, prev);
+    return s;
+  }
   bool joined = false;
   moe_status s = checked;
-  int dev = plan->d.device.index, prev;
   if (s == MOE_SUCCESS) s = moe_cu_enter(dev, &prev);
   if (s == MOE_SUCCESS) {
     moe_cu_bufs b;
     moe_cu_bufs_of(plan, c->T, &b);
     moe_cu_exec x;
     s = moe_cu_begin(plan, &workspace, workspace_bytes, bwd ? b.bws : b.fws,
-                     bwd ? b.bblas : b.fblas, stream, &x);
+                     bwd ? b.bblas : b.fblas, true, stream, &x);
     if (s == MOE_SUCCESS) {
       char *ws = workspace;
       char *sv = saved ? (char *)saved : moe_cu_at(ws, b.fsaved);
-      s = bwd ? moe_cu_backward_run(&x, bwd, c, ggu, &b, sv, ws)
-              : moe_cu_forward_run(&x, fwd, c, &b, sv, ws);
+      s = bwd ? moe_cu_backward_run_ep(&x, bwd, c, ggu, &b, sv, ws)
+              : moe_cu_forward_run_ep(&x, fwd, c, &b, sv, ws);
     }
     joined = x.ep_joined;
     s = moe_cu_end(&x, s);

@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 #include <math.h>
 
+#include "backend/cuda/act.cuh"
 #include "backend/cuda/block_scan.cuh"
 #include "backend/cuda/cuda_internal.h"
 
@@ -91,6 +92,27 @@ static __device__ __forceinline__ bool beats(float a, int ea, float b, int eb) {
   return ea < eb;
 }
 
+/// The softmax of one token's logits (max, 1 / sum of exponentials): one
+/// code for the forward and the backward, which recomputes the probabilities
+/// bitwise as the forward's top-k saw them instead of saving them.
+static __device__ __forceinline__ void
+softmax_stats(const float *l, int E, int lane, float *mx_out, float *inv_out) {
+  float mx = -INFINITY;
+  for (int e = lane; e < E; e += 32) {
+    float v = l[e];
+    if (v > mx) mx = v;
+  }
+  for (int d = 16; d; d >>= 1)
+    mx = fmaxf(mx, __shfl_xor_sync(~0u, mx, d));
+  float sum = 0.0f;
+  for (int e = lane; e < E; e += 32)
+    sum += expf(l[e] - mx);
+  for (int d = 16; d; d >>= 1)
+    sum += __shfl_xor_sync(~0u, sum, d);
+  *mx_out = mx;
+  *inv_out = 1.0f / sum;
+}
+
 #define TOPK_MAX_PER_LANE 64 /* E <= 2048 */
 
 __global__ void moe_topk_kernel(const float *logits, int T, int E, int k,
@@ -100,21 +122,12 @@ __global__ void moe_topk_kernel(const float *logits, int T, int E, int k,
   int lane = threadIdx.x & 31;
   if (t >= T) return;
   const float *l = logits + (int64_t)t * E;
-  float *p = probs + (int64_t)t * E;
-  float mx = -INFINITY;
-  for (int e = lane; e < E; e += 32) {
-    float v = l[e];
-    if (v > mx) mx = v;
-    if (rl) rl[t * rl_rs + e * rl_cs] = v;
-  }
-  for (int d = 16; d; d >>= 1)
-    mx = fmaxf(mx, __shfl_xor_sync(~0u, mx, d));
-  float sum = 0.0f;
-  for (int e = lane; e < E; e += 32)
-    sum += expf(l[e] - mx);
-  for (int d = 16; d; d >>= 1)
-    sum += __shfl_xor_sync(~0u, sum, d);
-  float inv = 1.0f / sum;
+  float *p = probs + (int64_t)t * E; /* may be l itself (in place) */
+  if (rl)
+    for (int e = lane; e < E; e += 32)
+      rl[t * rl_rs + e * rl_cs] = l[e];
+  float mx, inv;
+  softmax_stats(l, E, lane, &mx, &inv);
   for (int e = lane; e < E; e += 32)
     p[e] = expf(l[e] - mx) * inv;
   __syncwarp();
@@ -487,43 +500,52 @@ moe_cu_permute_backward(const void *dxp, moe_dtype dt, const int32_t *slot_row,
 /* ---- top-k backward
  * ---------------------------------------------------------- */
 
-__global__ void moe_topk_bwd_kernel(const float *probs, const int32_t *idx,
-                                    const float *w, const float *dw, int T,
-                                    int E, int k, int norm, void *dl,
-                                    int dlf32) {
+/// `src` holds the probabilities [T, E], or (from_logits) the logits, whose
+/// softmax is recomputed here instead of being saved by the forward.
+__global__ void moe_topk_bwd_kernel(const float *src, int from_logits,
+                                    const int32_t *idx, const float *w,
+                                    const float *dw, int T, int E, int k,
+                                    int norm, void *dl, int dlf32) {
   int t = (int)((blockIdx.x * (int64_t)blockDim.x + threadIdx.x) >> 5);
   int lane = threadIdx.x & 31;
   if (t >= T) return;
-  const float *p = probs + (int64_t)t * E;
+  const float *p = src + (int64_t)t * E;
+  float mx = 0.0f, inv = 1.0f;
+  if (from_logits) softmax_stats(p, E, lane, &mx, &inv);
+#define PROB(e) (from_logits ? expf(p[(e)] - mx) * inv : p[(e)])
   const int32_t *ix = idx + (int64_t)t * k;
   const float *wt = w + (int64_t)t * k, *dwt = dw + (int64_t)t * k;
   float s = 0.0f, dot = 0.0f;
   if (norm)
     for (int j = 0; j < k; j++) {
-      s += ix[j] >= 0 ? p[ix[j]] : 0.0f;
+      s += ix[j] >= 0 ? PROB(ix[j]) : 0.0f;
       dot += dwt[j] * wt[j];
     }
   float inner = 0.0f;
   for (int j = 0; j < k; j++) {
     if (ix[j] < 0) continue;
     float d = norm ? (dwt[j] - dot) / s : dwt[j];
-    inner += d * p[ix[j]];
+    inner += d * PROB(ix[j]);
   }
   for (int e = lane; e < E; e += 32) {
     float d = 0.0f;
     for (int j = 0; j < k; j++)
       if (ix[j] == e) d = norm ? (dwt[j] - dot) / s : dwt[j];
-    st1(dl, dlf32, (int64_t)t * E + e, p[e] * (d - inner));
+    st1(dl, dlf32, (int64_t)t * E + e, PROB(e) * (d - inner));
   }
+#undef PROB
 }
 
-extern "C" moe_status
-moe_cu_topk_backward(const float *probs, const int32_t *idx, const float *w,
-                     const float *dw, int64_t T, int64_t E, int64_t k, int norm,
-                     void *dl, moe_dtype dlt, cudaStream_t s) {
+extern "C" moe_status moe_cu_topk_backward(const float *src, int from_logits,
+                                           const int32_t *idx, const float *w,
+                                           const float *dw, int64_t T,
+                                           int64_t E, int64_t k, int norm,
+                                           void *dl, moe_dtype dlt,
+                                           cudaStream_t s) {
   if (T == 0) return MOE_SUCCESS;
   moe_topk_bwd_kernel<<<(unsigned)((T + 7) / 8), 256, 0, s>>>(
-      probs, idx, w, dw, (int)T, (int)E, (int)k, norm, dl, dlt == MOE_F32);
+      src, from_logits, idx, w, dw, (int)T, (int)E, (int)k, norm, dl,
+      dlt == MOE_F32);
   return moe_cu_launch_check("moe_topk_bwd_kernel");
 }
 
@@ -544,10 +566,6 @@ extern "C" moe_status moe_cu_store_f32(const float *src, int64_t T, int64_t k,
 
 /* ---- SwiGLU
  * ------------------------------------------------------------------- */
-
-static __device__ __forceinline__ float sigm(float a) {
-  return 1.0f / (1.0f + expf(-a));
-}
 
 typedef struct sw_args {
   const void *g, *u, *dh;
@@ -572,13 +590,11 @@ template <bool BWD, bool VEC> __global__ void moe_swiglu_kernel(sw_args a) {
       if (BWD) ld8(a.dh, a.f32[2], r * a.rs[2] + c, d);
 #pragma unroll
       for (int q = 0; q < 8; q++) {
-        float s = sigm(g[q]);
-        if (!BWD) {
-          o1[q] = g[q] * s * u[q];
-        } else {
-          o1[q] = d[q] * u[q] * s * (1.0f + g[q] * (1.0f - s));
-          o2[q] = d[q] * g[q] * s;
-        }
+        float a;
+        if (!BWD)
+          o1[q] = moe_act_fwd(g[q], u[q]);
+        else
+          moe_act_bwd(g[q], u[q], d[q], &o1[q], &o2[q], &a);
       }
       if (!BWD) {
         st8(a.h, a.f32[3], r * a.rs[3] + c, o1);
@@ -589,14 +605,13 @@ template <bool BWD, bool VEC> __global__ void moe_swiglu_kernel(sw_args a) {
     } else {
       float g = ld1(a.g, a.f32[0], r * a.rs[0] + c * a.cs[0]);
       float u = ld1(a.u, a.f32[1], r * a.rs[1] + c * a.cs[1]);
-      float s = sigm(g);
       if (!BWD) {
-        st1(a.h, a.f32[3], r * a.rs[3] + c * a.cs[3], g * s * u);
+        st1(a.h, a.f32[3], r * a.rs[3] + c * a.cs[3], moe_act_fwd(g, u));
       } else {
-        float d = ld1(a.dh, a.f32[2], r * a.rs[2] + c * a.cs[2]);
-        st1(a.dg, a.f32[4], r * a.rs[4] + c * a.cs[4],
-            d * u * s * (1.0f + g * (1.0f - s)));
-        st1(a.du, a.f32[5], r * a.rs[5] + c * a.cs[5], d * g * s);
+        float d = ld1(a.dh, a.f32[2], r * a.rs[2] + c * a.cs[2]), dg, du, av;
+        moe_act_bwd(g, u, d, &dg, &du, &av);
+        st1(a.dg, a.f32[4], r * a.rs[4] + c * a.cs[4], dg);
+        st1(a.du, a.f32[5], r * a.rs[5] + c * a.cs[5], du);
       }
     }
   }
@@ -653,6 +668,130 @@ moe_cu_swiglu_bwd(const moe_cu_view *g, const moe_cu_view *u,
                   const int64_t *end, cudaStream_t s) {
   const moe_cu_view *v[6] = {g, u, dh, NULL, dg, du};
   return moe_cu_swiglu(true, v, R, I, end, s);
+}
+
+/* ---- the backward's activation pass ------------------------------------- */
+
+/// x rounded to the layer dtype (what a stored activation holds).
+static __device__ __forceinline__ float rnd(float x, int f32) {
+  return f32 ? x : __bfloat162float(__float2bfloat16_rn(x));
+}
+
+/// One block per routed slot s (row = slot_row[s]; a dropped slot, row < 0,
+/// gets dS 0 and touches nothing else): with H[row] = (g, u) the saved
+/// pre-activation, A = act(g, u) recomputed (rounded to the layer dtype, as
+/// the forward stored it), dA' the gathered dO . W_down row and w[s] the
+/// routing weight:
+///   ds[s]     = <dA', A>                (block tree: deterministic)
+///   dH[row]   = act'(w[s] dA'; g, u)
+///   dA'[row] <- w[s] A                  (A', the input of dW_down; in place)
+__global__ void moe_act_bwd_rows_kernel(const void *h, int f32, int64_t hrs,
+                                        void *dap, int64_t drs, void *dh,
+                                        int64_t dhrs, const int32_t *slot_row,
+                                        const float *w, int64_t I, int vec,
+                                        float *ds) {
+  __shared__ float red[32];
+  int64_t s = blockIdx.x;
+  int32_t row = slot_row[s];
+  if (row < 0) { /* uniform over the block */
+    if (threadIdx.x == 0) ds[s] = 0.0f;
+    return;
+  }
+  const float ws = w[s];
+  const int64_t hr = (int64_t)row * hrs, dr = (int64_t)row * drs,
+                dhr = (int64_t)row * dhrs;
+  float dot = 0.0f;
+  if (vec) {
+    for (int64_t c = threadIdx.x; c < I / 8; c += blockDim.x) {
+      float g[8], u[8], d[8], dg[8], du[8], ap[8];
+      ld8(h, f32, hr + c * 8, g);
+      ld8(h, f32, hr + I + c * 8, u);
+      ld8(dap, f32, dr + c * 8, d);
+#pragma unroll
+      for (int q = 0; q < 8; q++) {
+        float a;
+        moe_act_bwd(g[q], u[q], ws * d[q], &dg[q], &du[q], &a);
+        a = rnd(a, f32);
+        dot += d[q] * a;
+        ap[q] = ws * a;
+      }
+      st8(dh, f32, dhr + c * 8, dg);
+      st8(dh, f32, dhr + I + c * 8, du);
+      st8(dap, f32, dr + c * 8, ap);
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < I; i += blockDim.x) {
+      float g = ld1(h, f32, hr + i), u = ld1(h, f32, hr + I + i);
+      float d = ld1(dap, f32, dr + i), dg, du, a;
+      moe_act_bwd(g, u, ws * d, &dg, &du, &a);
+      a = rnd(a, f32);
+      dot += d * a;
+      st1(dh, f32, dhr + i, dg);
+      st1(dh, f32, dhr + I + i, du);
+      st1(dap, f32, dr + i, ws * a);
+    }
+  }
+  dot = block_sum(dot, red);
+  if (threadIdx.x == 0) ds[s] = dot;
+}
+
+extern "C" moe_status moe_cu_act_bwd_rows(const void *h, void *dap, void *dh,
+                                          moe_dtype dt, const int32_t *slot_row,
+                                          const float *w, int64_t S, int64_t I,
+                                          float *ds, cudaStream_t s) {
+  if (S == 0) return MOE_SUCCESS;
+  int vec = vec8(h, dt, 2 * I, 1, I) && vec8(dap, dt, I, 1, I) &&
+            vec8(dh, dt, 2 * I, 1, I);
+  int64_t lanes = vec ? I / 8 : I;
+  int threads = (int)((lanes + 31) / 32 * 32);
+  if (threads < 32) threads = 32;
+  if (threads > 256) threads = 256;
+  moe_act_bwd_rows_kernel<<<(unsigned)S, threads, 0, s>>>(
+      h, dt == MOE_F32, 2 * I, dap, I, dh, 2 * I, slot_row, w, I, vec, ds);
+  return moe_cu_launch_check("moe_act_bwd_rows_kernel");
+}
+
+/// row_w[slot_row[s]] = w[s] for the routed slots: each row's weight, for
+/// the fused dH epilogue (rows are all routed slots; each written once).
+__global__ void moe_row_weights_kernel(const int32_t *slot_row, const float *w,
+                                       int64_t S, float *row_w) {
+  int64_t s = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (s >= S) return;
+  int32_t row = slot_row[s];
+  if (row >= 0) row_w[row] = w[s];
+}
+
+extern "C" moe_status moe_cu_row_weights(const int32_t *slot_row,
+                                         const float *w, int64_t S,
+                                         float *row_w, cudaStream_t s) {
+  if (S == 0) return MOE_SUCCESS;
+  moe_row_weights_kernel<<<blocks_for(S, 256), 256, 0, s>>>(slot_row, w, S,
+                                                            row_w);
+  return moe_cu_launch_check("moe_row_weights_kernel");
+}
+
+/// ds[s] = sum over t < nt of part[row * ld + t], t in order (0 for a
+/// dropped slot): the second, deterministic half of the dS reduction.
+__global__ void moe_ds_reduce_kernel(const float *part, int ld, int nt,
+                                     const int32_t *slot_row, int64_t S,
+                                     float *ds) {
+  int64_t s = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (s >= S) return;
+  int32_t row = slot_row[s];
+  float acc = 0.0f;
+  if (row >= 0)
+    for (int t = 0; t < nt; t++)
+      acc += part[(int64_t)row * ld + t];
+  ds[s] = acc;
+}
+
+extern "C" moe_status moe_cu_ds_reduce(const float *part, int ld, int nt,
+                                       const int32_t *slot_row, int64_t S,
+                                       float *ds, cudaStream_t s) {
+  if (S == 0) return MOE_SUCCESS;
+  moe_ds_reduce_kernel<<<blocks_for(S, 256), 256, 0, s>>>(part, ld, nt,
+                                                          slot_row, S, ds);
+  return moe_cu_launch_check("moe_ds_reduce_kernel");
 }
 
 __global__ void moe_one_group_kernel(int64_t *off, int64_t n) {

@@ -27,6 +27,16 @@ struct kargs {
   const int64_t *off;
   int64_t rows;
   int G, M, N, K;
+  /* the fused epilogues (gemm_m_act.cu, gemm_m_dact.cu) */
+  int act_n;          ///< I: the activation's columns (gate/up halves' width)
+  cout o2;            ///< act: A [rows, I]; dact: A' = w A [rows, I]
+  cout o3;            ///< dact: dH [rows, 2I]
+  const uint16_t *h;  ///< dact: the saved pre-activation H [rows, 2I]
+  int64_t h_ld;       ///< dact: H's row stride
+  const float *row_w; ///< dact: each row's routing weight
+  float *part;        ///< dact: <dA', A> per row and column tile (f32)
+  int part_ld;        ///< dact: partials per row (>= column tiles)
+  int part_bn;        ///< dact: columns per partial (the tile's BN)
 };
 
 /// Launches the M-grouped kernel of tile `tile` (SM90_TILES_M index),
@@ -34,6 +44,16 @@ struct kargs {
 /// over [G][K][N]).
 cudaError_t launch_m(int tile, int bmn, const CUtensorMap *tmb, const kargs &a,
                      int grid, size_t smem, cudaStream_t s);
+/// The same mainloop with SwiGLU in the epilogue (gemm_m_act.cu): B holds
+/// gate rows [0, act_n) and up rows [act_n, 2 act_n); writes H (o) and
+/// A = act(H) (o2). A K-major map's box must be BN / 2 rows.
+cudaError_t launch_m_act(int tile, int bmn, const CUtensorMap *tmb,
+                         const kargs &a, int grid, size_t smem, cudaStream_t s);
+/// The same mainloop with the dH epilogue (gemm_m_dact.cu): the product is
+/// dA' = dO W_d; writes dH (o3), A' (o2) and the partials of <dA', A>.
+cudaError_t launch_m_dact(int tile, int bmn, const CUtensorMap *tmb,
+                          const kargs &a, int grid, size_t smem,
+                          cudaStream_t s);
 /// Launches the K-grouped (dW) kernel of tile `tile` (SM90_TILES_K index).
 cudaError_t launch_k(int tile, const kargs &a, int grid, size_t smem,
                      cudaStream_t s);

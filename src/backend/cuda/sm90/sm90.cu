@@ -137,8 +137,36 @@ extern "C" bool moe_cu_sm90_ok(const moe_cu_gemm *p, char *why, size_t n) {
   return true;
 }
 
-extern "C" moe_status moe_cu_gemm_sm90(const moe_cu_gemm *p,
-                                       const moe_cu_ctx *c) {
+namespace {
+
+/// What a fused epilogue adds to an M-grouped product (kind 0: none).
+struct fused_args {
+  int kind; /* 0 plain, 1 act (gate_up + SwiGLU), 2 dact (dH) */
+  void *a;  /* act: A; dact: A' */
+  const void *h;
+  const float *row_w;
+  void *dh;
+  float *part;
+  int part_ld;
+  int *ntiles; /* dact: column tiles written per row */
+};
+
+/// A bf16 [rows, n] output view's store flags (see epilogue.cuh's cout).
+sm90::cout out_of(void *c, int64_t rs) {
+  sm90::cout o;
+  memset(&o, 0, sizeof o);
+  o.c = c;
+  o.rs = rs;
+  o.cs = 1;
+  o.f32 = 0;
+  o.pair = rs % 2 == 0 && ((uintptr_t)c % 4) == 0;
+  o.beta = 0.0f;
+  o.vec16 = rs % 8 == 0 && ((uintptr_t)c % 16) == 0;
+  return o;
+}
+
+moe_status run_sm90(const moe_cu_gemm *p, const moe_cu_ctx *c,
+                    const fused_args *f) {
   bool gk = p->kind == MOE_GROUP_K;
   int ti = pick_tile(p);
   const tile_row &t = gk ? tiles_k[ti] : tiles_m[ti];
@@ -168,7 +196,24 @@ extern "C" moe_status moe_cu_gemm_sm90(const moe_cu_gemm *p,
   a.N = (int)p->N;
   a.K = (int)p->K;
 
-  int64_t NT = (p->N + t.bn - 1) / t.bn, ub;
+  if (f->kind == 1) { /* gated: tiles of bn / 2 columns over I = N / 2 */
+    a.act_n = (int)(p->N / 2);
+    a.o2 = out_of(f->a, p->N / 2);
+  } else if (f->kind == 2) {
+    a.act_n = (int)p->N;
+    a.o2 = out_of(f->a, p->N);
+    a.o3 = out_of(f->dh, 2 * p->N);
+    a.h = (const uint16_t *)f->h;
+    a.h_ld = 2 * p->N;
+    a.row_w = f->row_w;
+    a.part = f->part;
+    a.part_ld = f->part_ld;
+    a.part_bn = t.bn;
+    *f->ntiles = (int)((p->N + t.bn - 1) / t.bn);
+  }
+  int64_t NT = f->kind == 1 ? (p->N / 2 + t.bn / 2 - 1) / (t.bn / 2)
+                            : (p->N + t.bn - 1) / t.bn,
+          ub;
   if (gk)
     ub = p->num_groups * ((p->M + t.bm - 1) / t.bm) * NT;
   else
@@ -207,7 +252,7 @@ extern "C" moe_status moe_cu_gemm_sm90(const moe_cu_gemm *p,
   str[1] = p->num_groups > 1 ? (cuuint64_t)p->B.gs * 2
                              : ((cuuint64_t)ld * 2 * dim[1] + 15) / 16 * 16;
   box[0] = 64;
-  box[1] = kmaj ? (cuuint32_t)t.bn : 64;
+  box[1] = kmaj ? (cuuint32_t)(f->kind == 1 ? t.bn / 2 : t.bn) : 64;
   box[2] = 1;
   CUtensorMap tm;
   CUresult r = enc(
@@ -218,23 +263,87 @@ extern "C" moe_status moe_cu_gemm_sm90(const moe_cu_gemm *p,
     return moe_error(MOE_ERR_BACKEND,
                      "CUDA: cuTensorMapEncodeTiled (weight, %s) failed: %d",
                      kmaj ? "K-major" : "MN-major", (int)r);
-  e = sm90::launch_m(ti, kmaj ? 0 : 1, &tm, a, (int)grid, smem, c->stream);
+  if (f->kind == 1)
+    e = sm90::launch_m_act(ti, kmaj ? 0 : 1, &tm, a, (int)grid, smem,
+                           c->stream);
+  else if (f->kind == 2)
+    e = sm90::launch_m_dact(ti, kmaj ? 0 : 1, &tm, a, (int)grid, smem,
+                            c->stream);
+  else
+    e = sm90::launch_m(ti, kmaj ? 0 : 1, &tm, a, (int)grid, smem, c->stream);
   return moe_cu_check(e, "launching the sm_90 grouped GEMM kernel");
+}
+
+/// The fused epilogues' extra conditions on an M-grouped product whose
+/// output is the layer's own bf16 buffer.
+bool fused_ok(const moe_cu_gemm *p, int kind, char *why, size_t n) {
+  /* Off unless asked for: on H100 the dH epilogue made the layer's
+     fwd+bwd ~1.2 ms slower than the unfused path (bench/NOTES.md, issue
+     16), and the gate_up one gained nothing measurable. */
+  const char *f = moe_env_cuda_fuse();
+  if (!f || strcmp(f, "1"))
+    return fail(why, n,
+                "the fused epilogues are opt-in (MOE_CUDA_FUSE=1): measured "
+                "slower than the unfused path");
+  if (!moe_cu_sm90_ok(p, why, n)) return false;
+  if (p->kind != MOE_GROUP_M || p->C.dtype != MOE_BF16 || p->C.cs != 1 ||
+      p->beta != 0.0f)
+    return fail(why, n, "the fused epilogues write bf16 rows, beta 0");
+  int64_t I = kind == 1 ? p->N / 2 : p->N;
+  if ((kind == 1 && p->N % 2) || I % 8)
+    return fail(why, n, "the activation's width must be a multiple of 8");
+  return true;
+}
+
+} // namespace
+
+extern "C" moe_status moe_cu_gemm_sm90(const moe_cu_gemm *p,
+                                       const moe_cu_ctx *c) {
+  fused_args f;
+  memset(&f, 0, sizeof f);
+  return run_sm90(p, c, &f);
+}
+
+extern "C" bool moe_cu_sm90_act_ok(const moe_cu_gemm *p, char *why, size_t n) {
+  return fused_ok(p, 1, why, n);
+}
+
+extern "C" moe_status moe_cu_gemm_sm90_act(const moe_cu_gemm *p,
+                                           const moe_cu_ctx *c, void *a) {
+  fused_args f;
+  memset(&f, 0, sizeof f);
+  f.kind = 1;
+  f.a = a;
+  return run_sm90(p, c, &f);
+}
+
+extern "C" bool moe_cu_sm90_dact_ok(const moe_cu_gemm *p, char *why, size_t n) {
+  return fused_ok(p, 2, why, n);
+}
+
+extern "C" moe_status moe_cu_gemm_sm90_dact(const moe_cu_gemm *p,
+                                            const moe_cu_ctx *c, const void *h,
+                                            const float *row_w, void *dh,
+                                            void *ap, float *part, int part_ld,
+                                            int *ntiles) {
+  fused_args f;
+  memset(&f, 0, sizeof f);
+  f.kind = 2;
+  f.a = ap;
+  f.h = h;
+  f.row_w = row_w;
+  f.dh = dh;
+  f.part = part;
+  f.part_ld = part_ld;
+  f.ntiles = ntiles;
+  return run_sm90(p, c, &f);
 }
 
 /* ---- the planner's model ------------------------------------------------ */
 
-extern "C" bool moe_cu_sm90_layer_ok(int dev, int64_t E, int64_t H, int64_t I,
+extern "C" bool moe_cu_sm90_layer_ok(int cc, int64_t E, int64_t H, int64_t I,
                                      moe_dtype dt, char *why, size_t n) {
-  int maj = 0, min = 0;
-  if (cudaDeviceGetAttribute(&maj, cudaDevAttrComputeCapabilityMajor, dev) !=
-          cudaSuccess ||
-      cudaDeviceGetAttribute(&min, cudaDevAttrComputeCapabilityMinor, dev) !=
-          cudaSuccess) {
-    cudaGetLastError();
-    return fail(why, n, "the device's compute capability is unknown");
-  }
-  if (maj != 9 || min != 0)
+  if (cc != 90)
     return fail(why, n, "the sm_90a kernels need compute capability 9.0");
   if (dt != MOE_BF16) return fail(why, n, "the sm_90a kernels are bf16");
   if (E > SM90_MAX_GROUPS) return fail(why, n, "more than 1024 local experts");

@@ -1,0 +1,215 @@
+/// @file mainloop_m.cuh
+/// The M-grouped Hopper kernel (forward and dX): C(r, :) = A(r, :) B_g for
+/// the rows r of each group g, bf16 operands, f32 accumulation, with the
+/// epilogue a template parameter: the plain store (gemm_m.cu), SwiGLU
+/// writing H and A (gemm_m_act.cu), the dSwiGLU of the dH product
+/// (gemm_m_dact.cu). One mainloop, each epilogue in its own file.
+///
+/// One CTA per SM, persistent (sched.cuh), three warpgroups:
+///  - the producer warpgroup fills a ring of ST shared-memory stages. The
+///    weight tile B_g comes by TMA through a 3-D tensor map over the
+///    weight's real strides (expert, then N and K in either order: a
+///    K-major or an MN-major tile, both read by wgmma in place); the row
+///    tile of A comes by cp.async from all 128 producer threads, because
+///    its rows may be gathered (A(r) = X(gather[r])) and an expert's rows
+///    start anywhere: rows past the group's end and depth past K are
+///    zero-filled, so no padding is asked of the caller. A stage's "full"
+///    mbarrier completes when the 128 cp.async arrivals and the TMA bytes
+///    have landed;
+///  - two consumer warpgroups wait on "full", issue wgmma (m64nWNk16) on
+///    128-byte-swizzled tiles, keep one k-step in flight and release the
+///    stage before it through its "empty" mbarrier (one arrival per warp);
+///    then hand their 64 x WN block to the epilogue.
+/// The producer runs ahead across tile boundaries, so the next tile's loads
+/// overlap this tile's last math and its stores.
+///
+/// The epilogue EPI provides
+///   static constexpr bool GATED: each B tile holds weight columns n0 ..
+///     n0 + BN/2 (gate) and act_n + n0 .. (up) in its two halves, so that
+///     accumulator columns j and j + BN/2 (same thread) are a gate/up pair;
+///     tiles then step BN/2 over act_n columns;
+///   template <int WN> static __device__ void store(const kargs &p,
+///     float *acc, unsigned char *wbuf, int row, int rows, int n0):
+///     the 64 x WN block of rows row .. row + rows (valid ones), columns
+///     from n0 (tile units of BN, or BN/2 when gated).
+#ifndef MOE_SM90_MAINLOOP_M_CUH
+#define MOE_SM90_MAINLOOP_M_CUH
+
+#include <cuda_bf16.h>
+
+#include "backend/cuda/sm90/kernels.h"
+#include "backend/cuda/sm90/ptx.cuh"
+#include "backend/cuda/sm90/sched.cuh"
+
+namespace sm90 {
+
+template <int NWG, int BN, int ST, bool BMN, class EPI>
+__global__ void __launch_bounds__(128 * (NWG + 1), 1)
+    gemm_m_kernel(const __grid_constant__ CUtensorMap tmb, const kargs p) {
+  constexpr int BK = SM90_BK, BM = 64 * NWG;
+  constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
+  constexpr int STAGE = A_BYTES + B_BYTES;
+  constexpr int WN = BN; /* each consumer: 64 rows x BN */
+  static_assert(WN == 128 || WN == 256, "wgmma N");
+  /* registers: 65536 per SM over 128 producer and 128 NWG consumer
+     threads */
+  constexpr int PREG = NWG == 2 ? 56 : 72, CREG = NWG == 2 ? 224 : 144;
+  static_assert(NWG == 2 || BN <= 128, "three consumers hold 64 x 128 each");
+  /* gated: a tile's B is two halves, weight rows n0.. (gate) and
+     p.act_n + n0.. (up), so tiles step BN / 2 over act_n columns */
+  constexpr int BNS = EPI::GATED ? BN / 2 : BN;
+
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char *smem =
+      smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
+  uint64_t *full = (uint64_t *)(smem + ST * STAGE);
+  uint64_t *empty = full + ST;
+  unsigned char *ep = (unsigned char *)(empty + ST); /* epilogue buffers */
+  int *off_s = (int *)(ep + NWG * 4 * EPI_WARP_BYTES);
+  int *ts = off_s + p.G + 1;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < ST; s++) {
+      mbar_init(&full[s], 128 + 1);
+      mbar_init(&empty[s], NWG * 4);
+    }
+    mbar_init_fence();
+  }
+  sched sc;
+  const int64_t total =
+      sched_init(sc, p.off, p.G, p.rows, BM, BNS, 0, EPI::GATED ? p.act_n : p.N,
+                 p.K, false, off_s, ts);
+  const int wg = threadIdx.x / 128;
+
+  if (wg == 0) {
+    /* ---- producer ---- */
+    regs_dec<PREG>();
+    const int tid = threadIdx.x;
+    if (tid == 0) tma_prefetch(&tmb);
+    constexpr int AR = BM / 16; /* A rows per thread */
+    const int c = tid & 7, rb = tid >> 3;
+    int stage = 0, phase = 0;
+    for (int64_t t = blockIdx.x; t < total; t += gridDim.x) {
+      const tile ti = sched_get<BM, BNS, BK, false>(sc, t);
+      int src[AR];
+#pragma unroll
+      for (int i = 0; i < AR; i++) {
+        int r = ti.row0 + rb + 16 * i;
+        src[i] = r < ti.rowend ? (p.a_gather ? p.a_gather[r] : r) : -1;
+      }
+      for (int kt = 0; kt < ti.kt; kt++) {
+        mbar_wait(&empty[stage], phase ^ 1);
+        unsigned char *sa = smem + stage * STAGE, *sb = sa + A_BYTES;
+        if (tid == 0) {
+          mbar_arrive_tx(&full[stage], B_BYTES);
+          if (!BMN && !EPI::GATED) {
+            tma_load3(&tmb, &full[stage], sb, kt * BK, ti.n0, ti.g);
+          } else if (!BMN) { /* two boxes of BN / 2 rows (the host's map) */
+            tma_load3(&tmb, &full[stage], sb, kt * BK, ti.n0, ti.g);
+            tma_load3(&tmb, &full[stage], sb + B_BYTES / 2, kt * BK,
+                      p.act_n + ti.n0, ti.g);
+          } else {
+#pragma unroll
+            for (int j = 0; j < BN / 64; j++) {
+              const int n = !EPI::GATED ? ti.n0 + 64 * j
+                            : j < BN / 128
+                                ? ti.n0 + 64 * j
+                                : p.act_n + ti.n0 + 64 * (j - BN / 128);
+              tma_load3(&tmb, &full[stage], sb + j * 8192, n, kt * BK, ti.g);
+            }
+          }
+        }
+        const int k = kt * BK + c * 8;
+        const uint32_t da = smem_u32(sa) + rb * 128 + ((c ^ (rb & 7)) << 4);
+#pragma unroll
+        for (int i = 0; i < AR; i++) {
+          bool ok = src[i] >= 0 && k < p.K;
+          cp_async16(da + i * 16 * 128,
+                     ok ? p.a + (int64_t)src[i] * p.a_ld + k : p.a, ok);
+        }
+        cp_async_arrive(&full[stage]);
+        if (++stage == ST) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+    }
+  } else {
+    /* ---- consumers ---- */
+    regs_inc<CREG>();
+    const int w = wg - 1, lane = threadIdx.x & 31;
+    unsigned char *wbuf = ep + (threadIdx.x / 32 - 4) * EPI_WARP_BYTES;
+    float acc[WN / 2];
+#pragma unroll
+    for (int i = 0; i < WN / 2; i++)
+      acc[i] = 0.0f;
+    int stage = 0, phase = 0;
+    /* this warpgroup's rows of a stage's A tile */
+    const uint32_t a_off = w * 64 * 128;
+    for (int64_t t = blockIdx.x; t < total; t += gridDim.x) {
+      const tile ti = sched_get<BM, BNS, BK, false>(sc, t);
+      int prev = -1;
+      for (int kt = 0; kt < ti.kt; kt++) {
+        mbar_wait(&full[stage], phase);
+        fence_proxy_async(); /* A landed through the generic proxy */
+        const uint32_t sa = smem_u32(smem + stage * STAGE);
+        const uint32_t sb = sa + A_BYTES;
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < BK / 16; ks++) {
+          uint64_t da = gmma_desc(sa + a_off + ks * 32, 0, 1024);
+          uint64_t db = BMN ? gmma_desc(sb + ks * 2048, 8192, 1024)
+                            : gmma_desc(sb + ks * 32, 0, 1024);
+          if (WN == 256)
+            wgmma_256<0, BMN ? 1 : 0>(acc, da, db, kt > 0 || ks > 0);
+          else
+            wgmma_128<0, BMN ? 1 : 0>(acc, da, db, kt > 0 || ks > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();
+        if (prev >= 0 && lane == 0) mbar_arrive(&empty[prev]);
+        prev = stage;
+        if (++stage == ST) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+      wgmma_wait<0>();
+      if (prev >= 0 && lane == 0) mbar_arrive(&empty[prev]);
+      if (ti.kt == 0) continue; /* K == 0 is refused on the host */
+      const int row = ti.row0 + w * 64;
+      EPI::template store<WN>(p, acc, wbuf, row, ti.rowend - row, ti.n0);
+    }
+  }
+}
+
+template <int NWG, int BN, int ST, bool BMN, class EPI>
+static cudaError_t launch_one(const CUtensorMap *tmb, const kargs &a, int grid,
+                              size_t smem, cudaStream_t s) {
+  auto fn = gemm_m_kernel<NWG, BN, ST, BMN, EPI>;
+  cudaError_t e = cudaFuncSetAttribute(
+      (const void *)fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (e != cudaSuccess) return e;
+  fn<<<grid, 128 * (NWG + 1), smem, s>>>(*tmb, a);
+  return cudaGetLastError();
+}
+
+/// Launches the M-grouped kernel of tile `tile` with epilogue EPI (each
+/// kernel file instantiates its own).
+template <class EPI>
+static cudaError_t launch_m_epi(int tile, int bmn, const CUtensorMap *tmb,
+                                const kargs &a, int grid, size_t smem,
+                                cudaStream_t s) {
+#define SM90_CASE(I, BM, BN, ST)                                               \
+  case I:                                                                      \
+    return bmn ? launch_one<BM / 64, BN, ST, true, EPI>(tmb, a, grid, smem, s) \
+               : launch_one<BM / 64, BN, ST, false, EPI>(tmb, a, grid, smem,   \
+                                                         s);
+  switch (tile) { SM90_TILES_M(SM90_CASE) }
+#undef SM90_CASE
+  return cudaErrorInvalidValue;
+}
+
+} // namespace sm90
+
+#endif /* MOE_SM90_MAINLOOP_M_CUH */
