@@ -200,8 +200,9 @@ typedef enum moe_topk_invalid {
   MOE_TOPK_INVALID_ERROR = 0,
   /// The slot is dropped: it takes no row in any expert GEMM, adds nothing
   /// to the output, and gets exact zero gradient (grad_topk_weights 0, no
-  /// contribution to grad_hidden or any weight gradient). Not with an
-  /// expert-parallel communicator of more than one rank.
+  /// contribution to grad_hidden or any weight gradient). On the CPU not
+  /// with an expert-parallel communicator of more than one rank; the CUDA
+  /// layer drops them under expert parallelism too (no row is sent).
   MOE_TOPK_INVALID_DROP = 1,
 } moe_topk_invalid;
 

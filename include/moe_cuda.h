@@ -90,6 +90,24 @@ MOE_API moe_status moe_comm_create_nccl(moe_comm **comm, void *nccl_comm,
 MOE_API moe_status moe_comm_create_nccl_all(moe_comm **comms, int ndev,
                                             const int *devices);
 
+/// Virtual ranks: P expert-parallel ranks in this process on ONE GPU, for
+/// running and testing the expert-parallel path where one GPU is all there
+/// is. ranks[q] is rank q of P; drive each from its own host thread with
+/// its own stream, plan and buffers, exactly as with
+/// moe_comm_create_nccl_all (every call is collective and waits for its
+/// peers on the host). The all-to-alls become device-to-device copies
+/// between the ranks' buffers, ordered across the ranks' streams by CUDA
+/// events; the host never waits for the GPU inside them. Results are those
+/// of P GPUs (bitwise, with the method pinned); timings measure the
+/// kernels and the bookkeeping, not a network. Destroy every rank with
+/// moe_comm_destroy (the shared state goes with the last).
+/// @param P number of ranks, 1 to 1024
+/// @param device the CUDA ordinal all ranks run on
+/// @param ranks receives P communicators (NULL on failure)
+/// @return MOE_SUCCESS, MOE_ERR_INVALID_ARGUMENT, MOE_ERR_OUT_OF_MEMORY,
+///   MOE_ERR_BACKEND (CUDA failed), MOE_ERR_UNIMPLEMENTED (no GPU)
+MOE_API moe_status moe_comm_create_virtual(int P, int device, moe_comm **ranks);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,21 +1,28 @@
 /// @file test_cuda_ep.c
-/// Expert parallelism of the CUDA layer over NCCL, several GPUs driven from
-/// this one process (moe_comm_create_nccl_all, one host thread per GPU).
-/// Exits 77 ("skipped") with fewer than 2 GPUs or without NCCL.
+/// Expert parallelism of the CUDA layer, P ranks driven from this one
+/// process (one host thread per rank):
+///  - virtual ranks (moe_comm_create_virtual): P = 2, 3, 4, 8 ranks on ONE
+///    GPU, each with its own stream, plan and buffers; runs wherever a GPU
+///    is;
+///  - NCCL (moe_comm_create_nccl_all): P = 2 (and 4) GPUs, where there are
+///    several GPUs and NCCL.
+/// Exits 77 ("skipped") without a GPU. `--virtual P` runs only the virtual
+/// ranks at P (what tests/gpu/run.sh runs under compute-sanitizer).
 ///
 /// Each case runs the same problem twice with the method pinned:
 ///  - on one GPU (no communicator) over all tokens, and
-///  - on P GPUs (P = 2, and 4 where there are 4), rank r holding the r-th
-///    consecutive slice of the tokens and experts [r*E/P, (r+1)*E/P),
+///  - on P ranks, rank r holding the r-th consecutive slice of the tokens
+///    and experts [r*E/P, (r+1)*E/P),
 /// and compares: outputs, router logits, grad_hidden, the expert-weight
 /// gradients and grad_topk_weights must be bitwise equal for the grouped
 /// method; the router gradient (summed over the ranks' partials) within
-/// tolerance. Cases include a rank with no tokens, experts with no rows,
-/// a whole rank's experts empty, bf16 and f32, fused and separate gate/up,
-/// both layouts, router and precomputed routing. The cuBLAS loop is
-/// checked within tolerance and its bitwise equality reported. Also:
+/// tolerance. Cases include ranks with no tokens, experts with no rows,
+/// a whole rank's experts empty, all rows on one expert, dropped sentinel
+/// slots (MOE_TOPK_INVALID_DROP), bf16 and f32, fused and separate
+/// gate/up, both layouts, router and precomputed routing. The cuBLAS loop
+/// is checked within tolerance and its bitwise equality reported. Also:
 /// a bad argument on one rank fails every rank (no hang), and strict mode
-/// refuses the plan on every rank.
+/// refuses the exact-mode plan on every rank.
 #include <cuda_runtime_api.h>
 #include <pthread.h>
 
@@ -40,7 +47,9 @@ typedef struct epcase {
   moe_dtype dt;
   bool router, fused, in_out;
   moe_gmm_method m;
-  int pattern; /* given routing: 0 random, 1 only rank 0's experts */
+  int pattern; /* given routing: 0 random, 1 only rank 0's experts,
+                  2 random with sentinel slots (dropped), 3 every slot on
+                  the last expert (k = 1) */
 } epcase;
 
 /// The whole problem on the host (storage order of the weights).
@@ -98,17 +107,24 @@ static void host_make(const epcase *c, int P, uint64_t seed, hostdata *h) {
   fill_rand(h->down, c->dt, E * H * I, 0.2, &rng);
   h->ti = tu_alloc((size_t)(Tt * k) * sizeof(int32_t) + 16);
   h->tw = tu_alloc((size_t)(Tt * k) * sizeof(float) + 16);
+  /* pattern 1: only the first E/P experts (rank 0's with P ranks; the
+     same experts for the one-GPU reference) */
   int64_t pool = c->pattern == 1 ? E / P : E;
   for (int64_t t = 0; t < Tt; t++)
     for (int64_t j = 0; j < k; j++) {
       int32_t e;
       bool dup;
       do { /* distinct experts per token */
-        e = (int32_t)tu_below(&rng, pool);
+        e = c->pattern == 3 ? (int32_t)(E - 1 - j)
+                            : (int32_t)tu_below(&rng, pool);
         dup = false;
         for (int64_t q = 0; q < j; q++)
           dup |= h->ti[t * k + q] == e;
       } while (dup);
+      /* sentinels as an expert-parallel framework hands them: outside
+         [0, E), dropped by MOE_TOPK_INVALID_DROP */
+      if (c->pattern == 2 && tu_below(&rng, 4) == 0)
+        e = tu_below(&rng, 2) ? -1 : (int32_t)(E + 5);
       h->ti[t * k + j] = e;
       h->tw[t * k + j] = (float)(0.25 + 0.75 * fabs(tu_uniform(&rng)));
     }
@@ -244,6 +260,7 @@ static void *job_run(void *arg) {
   d.device.type = MOE_DEVICE_CUDA;
   d.device.index = dev;
   d.comm = j->comm;
+  if (c->pattern == 2) d.invalid_topk = MOE_TOPK_INVALID_DROP;
   moe_layer_plan *plan = NULL;
   j->plan_st = moe_layer_plan_create(&plan, &d);
   j->fwd_st = j->bwd_st = MOE_ERR_INTERNAL;
@@ -331,6 +348,9 @@ out:
   return NULL;
 }
 
+/// How the ranks are made: virtual ranks on device 0, or one GPU per rank.
+static bool g_virtual;
+
 /// Runs the case on P ranks (P = 1: the one-GPU reference on device 0).
 static void run_case(const epcase *c, int P, moe_comm **comms,
                      const hostdata *h, results *r, int fault_rank, int strict,
@@ -344,7 +364,7 @@ static void run_case(const epcase *c, int P, moe_comm **comms,
              h,
              r,
              &lock,
-             q,
+             g_virtual ? 0 : q,
              P > 1 ? comms[q] : NULL,
              t0,
              T,
@@ -372,12 +392,12 @@ static void run_case(const epcase *c, int P, moe_comm **comms,
 static void describe(const epcase *c, int P, char *buf, size_t n) {
   int at = snprintf(
       buf, n,
-      "ep P=%d E=%lld H=%lld I=%lld k=%lld dtype=%s %s %s %s "
+      "ep %s P=%d E=%lld H=%lld I=%lld k=%lld dtype=%s %s %s %s "
       "method=%s pattern=%d T={",
-      P, (long long)c->E, (long long)c->H, (long long)c->I, (long long)c->k,
-      moe_dtype_name(c->dt), c->router ? "router" : "given",
-      c->fused ? "fused" : "separate", c->in_out ? "in_out" : "out_in",
-      moe_gmm_method_name(c->m), c->pattern);
+      g_virtual ? "virtual" : "nccl", P, (long long)c->E, (long long)c->H,
+      (long long)c->I, (long long)c->k, moe_dtype_name(c->dt),
+      c->router ? "router" : "given", c->fused ? "fused" : "separate",
+      c->in_out ? "in_out" : "out_in", moe_gmm_method_name(c->m), c->pattern);
   for (int q = 0; q < P && at > 0 && (size_t)at < n; q++)
     at += snprintf(buf + at, n - (size_t)at, q ? ",%lld" : "%lld",
                    (long long)c->T[q]);
@@ -477,7 +497,7 @@ static void ep_case(const epcase *c, int P, moe_comm **comms, uint64_t seed) {
 /// One rank passes a bad output tensor: every rank must fail, none hang,
 /// and the communicator must still work afterwards (the next case).
 static void fault_case(int P, moe_comm **comms) {
-  epcase c = {8,        64,   32,   2,     {9, 7, 5, 3, 2, 2, 2, 2},
+  epcase c = {24,       64,   32,   2,     {9, 7, 5, 3, 2, 2, 2, 2},
               MOE_BF16, true, true, false, MOE_GMM_GROUPED,
               0};
   tu_case("ep P=%d fault: rank %d passes output [T+1, H]", P, P - 1);
@@ -508,54 +528,177 @@ static void fault_case(int P, moe_comm **comms) {
 
 static void test_p(int P, moe_comm **comms) {
   const moe_gmm_method G = MOE_GMM_GROUPED, L = MOE_GMM_LOOP;
+  /* E divisible by 2, 3, 4 and 8; odd sizes; T per rank for up to 8 ranks
+     (zeros: ranks with no tokens) */
   epcase cases[] = {
       /* E, H, I, k, T per rank, dtype, router, fused, in_out, method, pat */
-      {8, 64, 32, 2, {37, 29, 41, 23}, MOE_BF16, true, true, false, G, 0},
-      {16, 128, 64, 4, {0, 53, 17, 0}, MOE_BF16, true, false, true, G, 0},
-      {8, 64, 48, 2, {40, 24, 0, 31}, MOE_BF16, false, true, true, G, 1},
-      {16, 96, 40, 3, {21, 0, 0, 35}, MOE_BF16, false, false, false, G, 0},
-      {8, 40, 24, 2, {20, 17, 9, 30}, MOE_F32, true, false, false, G, 0},
-      {32,
-       256,
-       128,
-       4,
-       {300, 200, 257, 129},
+      {24,
+       64,
+       32,
+       2,
+       {37, 29, 41, 23, 5, 0, 19, 11},
        MOE_BF16,
        true,
        true,
        false,
        G,
        0},
-      {8, 64, 32, 2, {33, 31, 12, 40}, MOE_BF16, true, true, false, L, 0},
+      {48,
+       136,
+       72,
+       4,
+       {0, 53, 17, 0, 31, 0, 8, 45},
+       MOE_BF16,
+       true,
+       false,
+       true,
+       G,
+       0},
+      {24,
+       64,
+       48,
+       2,
+       {40, 24, 0, 31, 13, 7, 0, 22},
+       MOE_BF16,
+       false,
+       true,
+       true,
+       G,
+       1},
+      {48,
+       96,
+       40,
+       3,
+       {21, 0, 0, 35, 0, 17, 3, 0},
+       MOE_BF16,
+       false,
+       false,
+       false,
+       G,
+       0},
+      {24,
+       40,
+       24,
+       2,
+       {20, 17, 9, 30, 1, 14, 0, 6},
+       MOE_F32,
+       true,
+       false,
+       false,
+       G,
+       0},
+      {24,
+       72,
+       40,
+       3,
+       {33, 19, 0, 27, 12, 9, 25, 4},
+       MOE_BF16,
+       false,
+       true,
+       false,
+       G,
+       2},
+      {24,
+       56,
+       24,
+       2,
+       {15, 0, 29, 7, 18, 3, 0, 10},
+       MOE_F32,
+       false,
+       false,
+       true,
+       G,
+       2},
+      {24,
+       64,
+       32,
+       1,
+       {25, 13, 0, 19, 6, 30, 2, 9},
+       MOE_BF16,
+       false,
+       true,
+       false,
+       G,
+       3},
+      {48,
+       264,
+       136,
+       4,
+       {300, 200, 257, 129, 77, 0, 190, 61},
+       MOE_BF16,
+       true,
+       true,
+       false,
+       G,
+       0},
+      {24,
+       64,
+       32,
+       2,
+       {33, 31, 12, 40, 9, 21, 0, 17},
+       MOE_BF16,
+       true,
+       true,
+       false,
+       L,
+       0},
   };
   fault_case(P, comms);
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
     ep_case(&cases[i], P, comms, 1000 + i);
 }
 
-int main(void) {
+/// Every case at P ranks: virtual ranks on device 0, or NCCL over GPUs
+/// 0..P-1. Returns false (said why) when the communicator cannot be made.
+static bool run_p(int P, bool virt) {
+  moe_comm *comms[MAXP];
+  g_virtual = virt;
+  moe_status s = virt ? moe_comm_create_virtual(P, 0, comms)
+                      : moe_comm_create_nccl_all(comms, P, NULL);
+  if (s == MOE_ERR_UNIMPLEMENTED) {
+    printf("note: %s ranks not run: %s\n", virt ? "virtual" : "NCCL",
+           moe_last_error());
+    return false;
+  }
+  CHECK_STATUS(s, MOE_SUCCESS);
+  if (s != MOE_SUCCESS) return false;
+  for (int q = 0; q < P; q++)
+    CHECK(moe_comm_rank(comms[q]) == q && moe_comm_size(comms[q]) == P,
+          "comm %d: rank %d size %d", q, moe_comm_rank(comms[q]),
+          moe_comm_size(comms[q]));
+  test_p(P, comms);
+  for (int q = 0; q < P; q++)
+    moe_comm_destroy(comms[q]);
+  return true;
+}
+
+int main(int argc, char **argv) {
   int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess || n < 2) {
-    printf("skipped: %d CUDA device(s); EP tests need 2\n", n);
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n < 1) {
+    printf("skipped: no usable CUDA device\n");
     return 77;
   }
-  for (int P = 2; P <= 4 && P <= n; P *= 2) {
-    moe_comm *comms[MAXP];
-    moe_status s = moe_comm_create_nccl_all(comms, P, NULL);
-    if (s == MOE_ERR_UNIMPLEMENTED) {
-      printf("skipped: %s\n", moe_last_error());
-      return 77;
+  int only = 0; /* --virtual P: those virtual ranks only */
+  for (int i = 1; i < argc; i++)
+    if (!strcmp(argv[i], "--virtual") && i + 1 < argc) only = atoi(argv[++i]);
+  if (only) {
+    if (only < 2 || only > MAXP) {
+      printf("usage: test_cuda_ep [--virtual P]  (2 <= P <= %d)\n", MAXP);
+      return 2;
     }
-    CHECK_STATUS(s, MOE_SUCCESS);
-    if (s != MOE_SUCCESS) break;
-    for (int q = 0; q < P; q++)
-      CHECK(moe_comm_rank(comms[q]) == q && moe_comm_size(comms[q]) == P,
-            "comm %d: rank %d size %d", q, moe_comm_rank(comms[q]),
-            moe_comm_size(comms[q]));
-    test_p(P, comms);
-    for (int q = 0; q < P; q++)
-      moe_comm_destroy(comms[q]);
+    if (!run_p(only, true)) return 77;
+    return tu_finish();
   }
-  if (n < 4) printf("note: %d GPUs here; the 4-GPU cases did not run\n", n);
+  const int vp[] = {2, 3, 4, 8};
+  for (size_t i = 0; i < sizeof vp / sizeof vp[0]; i++)
+    if (!run_p(vp[i], true)) return 77;
+  for (int P = 2; P <= 4 && P <= n; P *= 2)
+    if (!run_p(P, false)) break;
+  if (n < 2)
+    printf("note: %d GPU here; expert parallelism over NCCL (several GPUs) "
+           "did not run, virtual ranks did\n",
+           n);
+  else if (n < 4)
+    printf("note: %d GPUs here; the 4-GPU NCCL cases did not run\n", n);
   return tu_finish();
 }

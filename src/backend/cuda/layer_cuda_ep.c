@@ -15,7 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "comm/comm_nccl.h"
+#include "comm/comm.h"
 #include "backend/cuda/layer_cuda_ep.h"
 #include "backend/cuda/cuda_internal.h"
 #include "layer/ep.h"
@@ -38,6 +38,7 @@ struct moe_cu_ep {
      (sc, sd) and the rows it receives from rank s (rv, rd) */
   int64_t *sc, *sd, *rv, *rd;
   int64_t *bytes; /* [4P] byte counts of one exchange */
+  int64_t *uni;   /* [2P] counts, displacements of the counts' exchange */
   int64_t R;
 };
 
@@ -48,17 +49,18 @@ moe_status moe_cu_ep_agree(const moe_layer_desc *d, moe_status local,
   moe_comm *c = d->comm;
   int P = c->size;
   if (local == MOE_SUCCESS) {
-    if (!moe_comm_is_nccl(c))
+    if (!c->ops->alltoallv_dev)
       local = moe_error(MOE_ERR_UNIMPLEMENTED,
                         "desc.comm: a %s communicator; the CUDA layer moves "
                         "rows between GPUs over NCCL (moe_comm_create_nccl "
-                        "or moe_comm_create_nccl_all)",
+                        "or moe_comm_create_nccl_all) or between the virtual "
+                        "ranks of one GPU (moe_comm_create_virtual)",
                         c->ops->name);
-    else if (moe_comm_nccl_device(c) != d->device.index)
+    else if (c->ops->device(c) != d->device.index)
       local = moe_error(MOE_ERR_INVALID_ARGUMENT,
                         "desc.device.index = %d, but desc.comm (rank %d) "
                         "runs on CUDA device %d",
-                        d->device.index, c->rank, moe_comm_nccl_device(c));
+                        d->device.index, c->rank, c->ops->device(c));
     else if (d->num_experts % P != 0)
       local = moe_error(MOE_ERR_INVALID_ARGUMENT,
                         "desc.num_experts = %lld is not divisible by the %d "
@@ -95,7 +97,7 @@ moe_status moe_cu_ep_create(const moe_layer_plan *p, moe_cu_ep **out) {
   ep->max_rows = p->max_rows;
   ep->meta_elems = moe_cu_ep_meta_bytes(p) / sizeof(int64_t);
   size_t blk = (size_t)ep->P * (size_t)(ep->El + 1);
-  ep->sc = calloc(8 * (size_t)ep->P, sizeof(int64_t));
+  ep->sc = calloc(10 * (size_t)ep->P, sizeof(int64_t));
   moe_status s = ep->sc ? MOE_SUCCESS
                         : moe_error(MOE_ERR_OUT_OF_MEMORY,
                                     "moe_layer_plan_create: no memory");
@@ -104,6 +106,11 @@ moe_status moe_cu_ep_create(const moe_layer_plan *p, moe_cu_ep **out) {
     ep->rv = ep->sc + 2 * ep->P;
     ep->rd = ep->sc + 3 * ep->P;
     ep->bytes = ep->sc + 4 * ep->P;
+    ep->uni = ep->sc + 8 * ep->P;
+    for (int q = 0; q < ep->P; q++) {
+      ep->uni[q] = (int64_t)((size_t)(ep->El + 1) * sizeof(int64_t));
+      ep->uni[ep->P + q] = q * ep->uni[q];
+    }
     s = moe_cu_check(cudaMalloc((void **)&ep->d_send, 2 * blk * 8),
                      "cudaMalloc(EP counts)");
   }
@@ -208,6 +215,15 @@ static moe_status moe_cu_ep_sizes(moe_cu_ep *ep, bool tables) {
   return MOE_SUCCESS;
 }
 
+/// The communicator's device all-to-all (NCCL or virtual ranks), on `s`.
+static moe_status moe_cu_ep_a2a(moe_cu_ep *ep, const void *send,
+                                const int64_t *sc, const int64_t *sd,
+                                void *recv, const int64_t *rc,
+                                const int64_t *rd, cudaStream_t s) {
+  return ep->comm->ops->alltoallv_dev(ep->comm, send, sc, sd, recv, rc, rd,
+                                      (void *)s);
+}
+
 static moe_status moe_cu_ep_wait_pinned(moe_cu_ep *ep) {
   if (!ep->pending) return MOE_SUCCESS;
   ep->pending = false;
@@ -228,7 +244,8 @@ static moe_status moe_cu_ep_agree_step(moe_cu_ep *ep, moe_status local,
                                                                  : NULL,
                                ep->P, ep->El, (int64_t)local, ep->d_send, s);
   if (st == MOE_SUCCESS)
-    st = moe_nccl_alltoall_dev(ep->comm, ep->d_send, ep->d_recv, blk, s);
+    st = moe_cu_ep_a2a(ep, ep->d_send, ep->uni, ep->uni + ep->P, ep->d_recv,
+                       ep->uni, ep->uni + ep->P, s);
   out->joined = true;
   if (st == MOE_SUCCESS)
     st = moe_cu_check(cudaMemcpyAsync(ep->h_recv, ep->d_recv,
@@ -331,7 +348,7 @@ moe_status moe_cu_ep_dispatch(moe_cu_ep *ep, const char *meta, const void *rows,
                               cudaStream_t s) {
   int64_t *mc, *md, *tc, *td;
   moe_cu_ep_bytes(ep, row_bytes, &mc, &md, &tc, &td);
-  MOE_TRY(moe_nccl_alltoallv_dev(ep->comm, rows, mc, md, stage, tc, td, s));
+  MOE_TRY(moe_cu_ep_a2a(ep, rows, mc, md, stage, tc, td, s));
   const int64_t *m = (const int64_t *)meta;
   const int64_t *adst = m + ep->n + ep->El + 1, *asrc = adst + ep->n + 1;
   return moe_cu_ep_shuffle(stage, out, row_bytes, adst, asrc, ep->n, ep->R, s);
@@ -346,7 +363,7 @@ moe_status moe_cu_ep_combine(moe_cu_ep *ep, const char *meta, const void *in,
   MOE_TRY(moe_cu_ep_shuffle(in, stage, row_bytes, bdst, bsrc, ep->n, ep->R, s));
   int64_t *mc, *md, *tc, *td;
   moe_cu_ep_bytes(ep, row_bytes, &mc, &md, &tc, &td);
-  return moe_nccl_alltoallv_dev(ep->comm, stage, tc, td, out, mc, md, s);
+  return moe_cu_ep_a2a(ep, stage, tc, td, out, mc, md, s);
 }
 
 moe_status moe_cu_ep_combine_async(moe_cu_ep *ep, const char *meta,
