@@ -108,6 +108,24 @@ MOE_API moe_status moe_comm_create_nccl_all(moe_comm **comms, int ndev,
 ///   MOE_ERR_BACKEND (CUDA failed), MOE_ERR_UNIMPLEMENTED (no GPU)
 MOE_API moe_status moe_comm_create_virtual(int P, int device, moe_comm **ranks);
 
+/// Capacity mode (desc.ep_exchange, moe_ep_exchange): the routed rows
+/// dropped because a rank pair's block overflowed its capacity, summed
+/// over this plan's forwards since it was made (or last reset); the
+/// backward drops the same rows and does not add to it. Reading it waits
+/// for `stream` (call it where a sync is acceptable: after a step, after
+/// replaying a graph). 0 for a plan in exact mode or of one rank.
+/// @param plan a CUDA plan
+/// @param stream the stream the plan's calls ran on (cudaStream_t)
+/// @param rows receives the count
+/// @return MOE_SUCCESS; MOE_ERR_INVALID_ARGUMENT when rows were dropped
+///   under MOE_EP_OVERFLOW_ERROR (the default; *rows says how many) or for
+///   a bad argument; MOE_ERR_BACKEND when CUDA fails
+MOE_API moe_status moe_cuda_ep_dropped(moe_layer_plan *plan, void *stream,
+                                       int64_t *rows);
+/// Sets the count of moe_cuda_ep_dropped back to 0, on `stream`.
+MOE_API moe_status moe_cuda_ep_dropped_reset(moe_layer_plan *plan,
+                                             void *stream);
+
 #ifdef __cplusplus
 }
 #endif

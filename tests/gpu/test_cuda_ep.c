@@ -180,7 +180,37 @@ typedef struct job {
   int strict; /* 1: strict plan */
   moe_status plan_st, fwd_st, bwd_st;
   char msg[600];
+  /* expert-parallel exchange (ranks > 1) */
+  moe_ep_exchange xchg;
+  double factor;
+  moe_ep_overflow ovf;
+  int64_t dropped;    /* moe_cuda_ep_dropped after the step */
+  moe_status drop_st; /* its status */
+  struct gctx *g;     /* non-NULL: capture the step in one CUDA graph */
+  int rank, P;
 } job;
+
+/// A step of all ranks captured into one CUDA graph: rank 0's stream
+/// begins the capture, the other ranks' streams join it through `fork`,
+/// and rank 0's stream waits for theirs (`join`) before it ends.
+typedef struct gctx {
+  pthread_barrier_t bar;
+  cudaEvent_t fork, join[MAXP];
+  cudaStream_t s0;
+  cudaGraphExec_t exec;
+  bool failed;
+} gctx;
+
+/// The one-GPU reference drops sentinel slots (overflow_case).
+static bool g_ref_drop;
+
+/// Run options of the ranks (not the one-GPU reference).
+static struct {
+  moe_ep_exchange xchg;
+  double factor;
+  moe_ep_overflow ovf;
+  gctx *g;
+} g_opt;
 
 static void *dput(const void *h, size_t bytes) {
   void *d;
@@ -260,7 +290,10 @@ static void *job_run(void *arg) {
   d.device.type = MOE_DEVICE_CUDA;
   d.device.index = dev;
   d.comm = j->comm;
-  if (c->pattern == 2) d.invalid_topk = MOE_TOPK_INVALID_DROP;
+  if (c->pattern == 2 || g_ref_drop) d.invalid_topk = MOE_TOPK_INVALID_DROP;
+  d.ep_exchange = j->xchg;
+  d.ep_capacity_factor = j->factor;
+  d.ep_overflow = j->ovf;
   moe_layer_plan *plan = NULL;
   j->plan_st = moe_layer_plan_create(&plan, &d);
   j->fwd_st = j->bwd_st = MOE_ERR_INTERNAL;
@@ -304,16 +337,71 @@ static void *job_run(void *arg) {
   ba.grad_hidden = dten(gx, dt, 2, th, dev);
 
   j->fwd_st = moe_layer_forward(plan, fa, sv, svb, ws, wsb, st);
-  if (j->fwd_st != MOE_SUCCESS) {
+  if (j->fwd_st == MOE_SUCCESS)
+    j->bwd_st = moe_layer_backward(plan, &ba, sv, svb, ws, wsb, st);
+  if (j->fwd_st != MOE_SUCCESS || j->bwd_st != MOE_SUCCESS)
     snprintf(j->msg, sizeof j->msg, "%s", moe_last_error());
-    goto out;
+  gctx *g = j->g;
+  if (g) { /* the same step again, every rank into rank 0's capture */
+    /* a rank that failed eagerly stops every rank: none captures */
+    if (j->fwd_st != MOE_SUCCESS || j->bwd_st != MOE_SUCCESS)
+      __atomic_store_n(&g->failed, true, __ATOMIC_SEQ_CST);
+    CU(cudaStreamSynchronize(st));
+    pthread_barrier_wait(&g->bar);
+    bool ok = !__atomic_load_n(&g->failed, __ATOMIC_SEQ_CST);
+    if (ok) {
+      if (j->rank == 0) {
+        CU(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+        CU(cudaEventRecord(g->fork, st));
+      }
+      pthread_barrier_wait(&g->bar);
+      if (j->rank != 0) CU(cudaStreamWaitEvent(st, g->fork, 0));
+      if (ok) {
+        j->fwd_st = moe_layer_forward(plan, fa, sv, svb, ws, wsb, st);
+        if (j->fwd_st == MOE_SUCCESS)
+          j->bwd_st = moe_layer_backward(plan, &ba, sv, svb, ws, wsb, st);
+        if (j->fwd_st != MOE_SUCCESS || j->bwd_st != MOE_SUCCESS)
+          snprintf(j->msg, sizeof j->msg, "captured: %s", moe_last_error());
+      }
+      CU(cudaEventRecord(g->join[j->rank], st));
+      pthread_barrier_wait(&g->bar);
+      if (j->rank == 0) {
+        for (int q = 1; q < j->P; q++)
+          CU(cudaStreamWaitEvent(st, g->join[q], 0));
+        cudaGraph_t graph = NULL;
+        cudaError_t e = cudaStreamEndCapture(st, &graph);
+        if (e == cudaSuccess) e = cudaGraphInstantiate(&g->exec, graph, 0);
+        if (graph) cudaGraphDestroy(graph);
+        if (e != cudaSuccess) {
+          g->failed = true;
+          snprintf(j->msg, sizeof j->msg, "capture: %s", cudaGetErrorString(e));
+        }
+      }
+      pthread_barrier_wait(&g->bar);
+      /* poison the outputs, then replay the step twice (the second replay
+         must leave the same bits as the first) */
+      if (!g->failed) {
+        CU(cudaMemset(out, 0xff, (size_t)(T * H) * es));
+        CU(cudaMemset(gx, 0xff, (size_t)(T * H) * es));
+        CU(cudaDeviceSynchronize());
+      }
+      pthread_barrier_wait(&g->bar);
+      if (j->rank == 0 && !g->failed) {
+        for (int rep = 0; rep < 2; rep++)
+          CU(cudaGraphLaunch(g->exec, st));
+        CU(cudaStreamSynchronize(st));
+        CU(cudaGraphExecDestroy(g->exec));
+      }
+      pthread_barrier_wait(&g->bar);
+    }
+    if (g->failed && j->fwd_st == MOE_SUCCESS) {
+      j->fwd_st = MOE_ERR_BACKEND;
+      if (j->rank != 0) snprintf(j->msg, sizeof j->msg, "capture failed");
+    }
   }
-  j->bwd_st = moe_layer_backward(plan, &ba, sv, svb, ws, wsb, st);
-  if (j->bwd_st != MOE_SUCCESS) {
-    snprintf(j->msg, sizeof j->msg, "%s", moe_last_error());
-    goto out;
-  }
+  if (j->fwd_st != MOE_SUCCESS || j->bwd_st != MOE_SUCCESS) goto out;
   CU(cudaStreamSynchronize(st));
+  j->drop_st = moe_cuda_ep_dropped(plan, st, &j->dropped);
   results *r = j->res;
   dget((char *)r->out + (size_t)(j->t0 * H) * es, out, (size_t)(T * H) * es);
   dget((char *)r->gx + (size_t)(j->t0 * H) * es, gx, (size_t)(T * H) * es);
@@ -360,22 +448,26 @@ static void run_case(const epcase *c, int P, moe_comm **comms,
   int64_t t0 = 0;
   for (int q = 0; q < P; q++) {
     int64_t T = P == 1 ? h->Tt : c->T[q];
-    job j = {c,
-             h,
-             r,
-             &lock,
-             g_virtual ? 0 : q,
-             P > 1 ? comms[q] : NULL,
-             t0,
-             T,
-             q * (c->E / P),
-             c->E / P,
-             q == fault_rank,
-             strict,
-             MOE_SUCCESS,
-             MOE_SUCCESS,
-             MOE_SUCCESS,
-             ""};
+    job j;
+    memset(&j, 0, sizeof j);
+    j.c = c;
+    j.h = h;
+    j.res = r;
+    j.lock = &lock;
+    j.dev = g_virtual ? 0 : q;
+    j.comm = P > 1 ? comms[q] : NULL;
+    j.t0 = t0;
+    j.T = T;
+    j.e0 = q * (c->E / P);
+    j.El = c->E / P;
+    j.fault = q == fault_rank;
+    j.strict = strict;
+    j.xchg = g_opt.xchg;
+    j.factor = g_opt.factor;
+    j.ovf = g_opt.ovf;
+    j.g = P > 1 ? g_opt.g : NULL;
+    j.rank = q;
+    j.P = P;
     jobs[q] = j;
     t0 += T;
   }
@@ -429,21 +521,16 @@ static double rel_err_buf(const void *a, const void *b, moe_dtype dt,
   return den > 0 ? sqrt(num / den) : sqrt(num);
 }
 
-static void ep_case(const epcase *c, int P, moe_comm **comms, uint64_t seed) {
-  char line[400];
-  describe(c, P, line, sizeof line);
-  tu_case("%s seed=%llu", line, (unsigned long long)seed);
-  hostdata h;
-  host_make(c, P, seed, &h);
-  results ref, ep;
-  res_make(c, &h, &ref);
-  res_make(c, &h, &ep);
+/// Runs the ranks under g_opt (strict as given) and compares with the
+/// one-GPU reference `ref`; want_drop: rows each rank's
+/// moe_cuda_ep_dropped must report (NULL: none) and want_st its status.
+static void ep_compare(const epcase *c, int P, moe_comm **comms,
+                       const hostdata *h, const results *ref, int strict,
+                       const int64_t *want_drop, moe_status want_st) {
+  results ep;
+  res_make(c, h, &ep);
   job jobs[MAXP];
-  run_case(c, 1, NULL, &h, &ref, -1, 0, jobs);
-  CHECK(jobs[0].plan_st == MOE_SUCCESS && jobs[0].fwd_st == MOE_SUCCESS &&
-            jobs[0].bwd_st == MOE_SUCCESS,
-        "one-GPU reference failed: %s", jobs[0].msg);
-  run_case(c, P, comms, &h, &ep, -1, 0, jobs);
+  run_case(c, P, comms, h, &ep, -1, strict, jobs);
   bool ok = true;
   for (int q = 0; q < P; q++) {
     bool good = jobs[q].plan_st == MOE_SUCCESS &&
@@ -454,43 +541,187 @@ static void ep_case(const epcase *c, int P, moe_comm **comms, uint64_t seed) {
     ok &= good;
   }
   if (ok) {
-    int64_t E = c->E, H = c->H, I = c->I, Tt = h.Tt;
-    size_t es = h.es;
+    int64_t E = c->E, H = c->H, I = c->I, Tt = h->Tt;
+    size_t es = h->es;
     bool must = c->m == MOE_GMM_GROUPED;
     bool all = true;
-    all &= same(ep.out, ref.out, (size_t)(Tt * H) * es, "output", must);
-    all &= same(ep.gx, ref.gx, (size_t)(Tt * H) * es, "grad_hidden", must);
-    all &= same(ep.ggu, ref.ggu, (size_t)(E * 2 * I * H) * es,
+    all &= same(ep.out, ref->out, (size_t)(Tt * H) * es, "output", must);
+    all &= same(ep.gx, ref->gx, (size_t)(Tt * H) * es, "grad_hidden", must);
+    all &= same(ep.ggu, ref->ggu, (size_t)(E * 2 * I * H) * es,
                 c->fused ? "grad_w_gate_up" : "grad_w_gate/grad_w_up", must);
-    all &= same(ep.gdown, ref.gdown, (size_t)(E * H * I) * es, "grad_w_down",
+    all &= same(ep.gdown, ref->gdown, (size_t)(E * H * I) * es, "grad_w_down",
                 must);
     if (c->router) {
-      all &= same(ep.logits, ref.logits, (size_t)(Tt * E) * 4, "router_logits",
+      all &= same(ep.logits, ref->logits, (size_t)(Tt * E) * 4, "router_logits",
                   must);
       double num = 0, den = 0;
       for (int64_t i = 0; i < E * H; i++) {
-        num += (ep.ggate[i] - ref.ggate[i]) * (ep.ggate[i] - ref.ggate[i]);
-        den += ref.ggate[i] * ref.ggate[i];
+        num += (ep.ggate[i] - ref->ggate[i]) * (ep.ggate[i] - ref->ggate[i]);
+        den += ref->ggate[i] * ref->ggate[i];
       }
       double err = den > 0 ? sqrt(num / den) : sqrt(num);
       CHECK_REL(err, c->dt == MOE_F32 ? 1e-5 : 2e-2,
                 "grad_gate_weight (sum of the ranks' partials)");
     } else {
-      all &= same(ep.gtopk, ref.gtopk, (size_t)(Tt * c->k) * 4,
+      all &= same(ep.gtopk, ref->gtopk, (size_t)(Tt * c->k) * 4,
                   "grad_topk_weights", must);
     }
     if (!must) {
       double tol = c->dt == MOE_F32 ? 1e-5 : 2e-2;
-      CHECK_REL(rel_err_buf(ep.out, ref.out, c->dt, Tt * H), tol, "output");
-      CHECK_REL(rel_err_buf(ep.gx, ref.gx, c->dt, Tt * H), tol, "grad_hidden");
-      CHECK_REL(rel_err_buf(ep.gdown, ref.gdown, c->dt, E * H * I), tol,
+      CHECK_REL(rel_err_buf(ep.out, ref->out, c->dt, Tt * H), tol, "output");
+      CHECK_REL(rel_err_buf(ep.gx, ref->gx, c->dt, Tt * H), tol, "grad_hidden");
+      CHECK_REL(rel_err_buf(ep.gdown, ref->gdown, c->dt, E * H * I), tol,
                 "grad_w_down");
     }
     printf("%s [%s]: %s\n", all ? "bitwise" : "NOT bitwise", tu_case_line,
            must ? "checked" : "reported");
   }
-  res_free(&ref);
+  if (ok)
+    for (int q = 0; q < P; q++) {
+      int64_t want = want_drop ? want_drop[q] : 0;
+      CHECK(jobs[q].dropped == want && jobs[q].drop_st == want_st,
+            "rank %d: moe_cuda_ep_dropped = %lld (%s), want %lld (%s)", q,
+            (long long)jobs[q].dropped, moe_status_name(jobs[q].drop_st),
+            (long long)want, moe_status_name(want_st));
+    }
   res_free(&ep);
+}
+
+static const char *xchg_name(moe_ep_exchange x) {
+  return x == MOE_EP_EXCHANGE_EXACT      ? "exact"
+         : x == MOE_EP_EXCHANGE_CAPACITY ? "capacity"
+                                         : "auto";
+}
+
+/// The case in exact mode and (grouped method) in capacity mode at the
+/// lossless default capacity: both bitwise equal to one GPU.
+static void ep_case(const epcase *c, int P, moe_comm **comms, uint64_t seed) {
+  char line[400];
+  describe(c, P, line, sizeof line);
+  tu_case("%s seed=%llu reference", line, (unsigned long long)seed);
+  hostdata h;
+  host_make(c, P, seed, &h);
+  results ref;
+  res_make(c, &h, &ref);
+  job jobs[MAXP];
+  run_case(c, 1, NULL, &h, &ref, -1, 0, jobs);
+  CHECK(jobs[0].plan_st == MOE_SUCCESS && jobs[0].fwd_st == MOE_SUCCESS &&
+            jobs[0].bwd_st == MOE_SUCCESS,
+        "one-GPU reference failed: %s", jobs[0].msg);
+  const moe_ep_exchange modes[2] = {MOE_EP_EXCHANGE_EXACT,
+                                    MOE_EP_EXCHANGE_CAPACITY};
+  for (int m = 0; m < (c->m == MOE_GMM_GROUPED ? 2 : 1); m++) {
+    tu_case("%s seed=%llu exchange=%s", line, (unsigned long long)seed,
+            xchg_name(modes[m]));
+    g_opt.xchg = modes[m];
+    ep_compare(c, P, comms, &h, &ref, 0, NULL, MOE_SUCCESS);
+  }
+  g_opt.xchg = MOE_EP_EXCHANGE_AUTO;
+  res_free(&ref);
+  host_free(&h);
+}
+
+/// Capacity mode with a capacity below the traffic: the rows each rank
+/// cuts are computed here (a block's rows in (expert, slot) order, the
+/// ones past the capacity cut), and the one-GPU reference runs with those
+/// slots turned into dropped sentinels: bitwise equal, and the count
+/// reported. DROP policy reports success, ERROR policy the error.
+static void overflow_case(int P, moe_comm **comms) {
+  epcase c = {24,       64,    40,   3,     {33, 19, 0, 27, 12, 9, 25, 4},
+              MOE_BF16, false, true, false, MOE_GMM_GROUPED,
+              0};
+  const double factor = 0.75;
+  char line[400];
+  describe(&c, P, line, sizeof line);
+  hostdata h;
+  host_make(&c, P, 4242, &h);
+  int64_t k = c.k, El = c.E / P, tmax = 0, t0 = 0, want[MAXP] = {0}, total = 0;
+  for (int q = 0; q < P; q++) { /* as job_run sets desc.max_tokens */
+    int64_t mt = c.T[q] + 3 * (q * El) % 5;
+    if (mt > tmax) tmax = mt;
+  }
+  int64_t cap = (int64_t)ceil(factor * (double)(tmax * k) / P);
+  if (cap > tmax * k) cap = tmax * k;
+  if (cap < 1) cap = 1;
+  int32_t *ti2 = tu_alloc((size_t)(h.Tt * k) * 4 + 16);
+  memcpy(ti2, h.ti, (size_t)(h.Tt * k) * 4);
+  for (int r = 0; r < P; r++) {
+    for (int q = 0; q < P; q++) {
+      int64_t seen = 0;
+      for (int64_t e = q * El; e < (q + 1) * El; e++)
+        for (int64_t i = t0 * k; i < (t0 + c.T[r]) * k; i++)
+          if (h.ti[i] == e && seen++ >= cap) {
+            ti2[i] = -1;
+            want[r]++;
+          }
+    }
+    total += want[r];
+    t0 += c.T[r];
+  }
+  tu_case("%s overflow: capacity %lld rows, %lld rows cut", line,
+          (long long)cap, (long long)total);
+  CHECK(total > 0, "the case should overflow (capacity %lld)", (long long)cap);
+  hostdata h2 = h;
+  h2.ti = ti2;
+  results ref;
+  res_make(&c, &h, &ref);
+  job jobs[MAXP];
+  g_ref_drop = true;
+  run_case(&c, 1, NULL, &h2, &ref, -1, 0, jobs);
+  g_ref_drop = false;
+  CHECK(jobs[0].plan_st == MOE_SUCCESS && jobs[0].fwd_st == MOE_SUCCESS &&
+            jobs[0].bwd_st == MOE_SUCCESS,
+        "one-GPU reference failed: %s", jobs[0].msg);
+  g_opt.xchg = MOE_EP_EXCHANGE_CAPACITY;
+  g_opt.factor = factor;
+  g_opt.ovf = MOE_EP_OVERFLOW_DROP;
+  tu_case("%s overflow policy drop", line);
+  ep_compare(&c, P, comms, &h, &ref, 0, want, MOE_SUCCESS);
+  g_opt.ovf = MOE_EP_OVERFLOW_ERROR;
+  tu_case("%s overflow policy error", line);
+  ep_compare(&c, P, comms, &h, &ref, 0, want, MOE_ERR_INVALID_ARGUMENT);
+  memset(&g_opt, 0, sizeof g_opt);
+  res_free(&ref);
+  free(ti2);
+  host_free(&h);
+}
+
+/// A Qwen3.5-397B-A17B slice scaled down (512 experts, top-10; H and I
+/// shrunk for test time) at 4 virtual ranks, 128 experts each: strict
+/// mode (so capacity mode, no host sync), the whole step of all ranks
+/// captured in one CUDA graph, the outputs poisoned, the graph replayed
+/// twice: bitwise equal to one GPU.
+static void graph_case(int P, moe_comm **comms) {
+  epcase c = {512,      264,  136,  10,    {61, 70, 45, 66, 0, 0, 0, 0},
+              MOE_BF16, true, true, false, MOE_GMM_GROUPED,
+              0};
+  char line[400];
+  describe(&c, P, line, sizeof line);
+  tu_case("%s strict, CUDA graph of the step", line);
+  hostdata h;
+  host_make(&c, P, 7777, &h);
+  results ref;
+  res_make(&c, &h, &ref);
+  job jobs[MAXP];
+  run_case(&c, 1, NULL, &h, &ref, -1, 0, jobs);
+  CHECK(jobs[0].plan_st == MOE_SUCCESS && jobs[0].fwd_st == MOE_SUCCESS &&
+            jobs[0].bwd_st == MOE_SUCCESS,
+        "one-GPU reference failed: %s", jobs[0].msg);
+  gctx g;
+  memset(&g, 0, sizeof g);
+  pthread_barrier_init(&g.bar, NULL, (unsigned)P);
+  CU(cudaEventCreateWithFlags(&g.fork, cudaEventDisableTiming));
+  for (int q = 0; q < P; q++)
+    CU(cudaEventCreateWithFlags(&g.join[q], cudaEventDisableTiming));
+  g_opt.g = &g;
+  ep_compare(&c, P, comms, &h, &ref, 1, NULL, MOE_SUCCESS);
+  g_opt.g = NULL;
+  CHECK(!g.failed, "graph capture failed");
+  cudaEventDestroy(g.fork);
+  for (int q = 0; q < P; q++)
+    cudaEventDestroy(g.join[q]);
+  pthread_barrier_destroy(&g.bar);
+  res_free(&ref);
   host_free(&h);
 }
 
@@ -516,12 +747,24 @@ static void fault_case(int P, moe_comm **comms) {
           "rank %d message should name %s: \"%s\"", q,
           q == P - 1 ? "output" : "the failing rank", jobs[q].msg);
   }
-  tu_case("ep P=%d strict plan", P);
+  tu_case("ep P=%d strict plan, exact exchange pinned", P);
+  g_opt.xchg = MOE_EP_EXCHANGE_EXACT;
   run_case(&c, P, comms, &h, &r, -1, 1, jobs);
+  g_opt.xchg = MOE_EP_EXCHANGE_AUTO;
   for (int q = 0; q < P; q++)
     CHECK(jobs[q].plan_st == MOE_ERR_STRICT && strstr(jobs[q].msg, "sync"),
           "rank %d strict plan returned %s: %s", q,
           moe_status_name(jobs[q].plan_st), jobs[q].msg);
+  tu_case("ep P=%d fault under capacity mode: rank %d passes output [T+1, H]",
+          P, P - 1);
+  g_opt.xchg = MOE_EP_EXCHANGE_CAPACITY;
+  run_case(&c, P, comms, &h, &r, P - 1, 0, jobs);
+  g_opt.xchg = MOE_EP_EXCHANGE_AUTO;
+  for (int q = 0; q < P; q++)
+    CHECK(jobs[q].fwd_st == MOE_ERR_INVALID_ARGUMENT &&
+              strstr(jobs[q].msg, q == P - 1 ? "output" : "rank") != NULL,
+          "rank %d forward returned %s: %s", q, moe_status_name(jobs[q].fwd_st),
+          jobs[q].msg);
   res_free(&r);
   host_free(&h);
 }
@@ -646,6 +889,8 @@ static void test_p(int P, moe_comm **comms) {
   fault_case(P, comms);
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
     ep_case(&cases[i], P, comms, 1000 + i);
+  overflow_case(P, comms);
+  if (P == 4 && g_virtual) graph_case(P, comms);
 }
 
 /// Every case at P ranks: virtual ranks on device 0, or NCCL over GPUs
