@@ -637,9 +637,12 @@ int cmd_bench_cuda(int argc, char **argv) {
   const moe_gmm_method ms[3] = {MOE_GMM_GROUPED, MOE_GMM_LOOP, MOE_GMM_AUTO};
   /* EP=1; with --ep N also the local work alone, then EP=N */
   int eps[3] = {1, ngpu, ngpu}, neps = ngpu > 1 ? 3 : 1;
+  /* capacity mode runs the grouped method only (the loop needs host
+     counts) */
+  int nms = o.xchg == MOE_EP_EXCHANGE_CAPACITY && ngpu > 1 ? 1 : 3;
   for (int li = 0; li < o.nlayouts; li++)
     for (int ei = 0; ei < neps; ei++)
-      for (int mi = 0; mi < 3; mi++)
+      for (int mi = 0; mi < nms; mi++)
         for (int b = 0; b < 2; b++) {
           bc_cfg c = {eps[ei], ei == 1, ms[mi], o.layouts[li], b == 1};
           cfgs[ncfg++] = c;

@@ -436,13 +436,15 @@ static moe_status moe_cu_ep_forward_begin_cap(moe_cu_ep *ep,
                                               const int64_t *offsets,
                                               char *meta, cudaStream_t s,
                                               moe_cu_ep_rows *out) {
-  MOE_TRY(moe_cu_ep_status_host(ep, MOE_SUCCESS, false, out));
+  /* checked before the agreement, so that every rank hears of it */
+  moe_status local = MOE_SUCCESS;
   if (p->method[0] == MOE_GMM_LOOP || p->method[1] == MOE_GMM_LOOP)
-    return moe_error(MOE_ERR_UNIMPLEMENTED,
-                     "expert parallelism: capacity mode never reads the row "
-                     "counts on the host, but the planner picked the cuBLAS "
-                     "loop, which needs them; pin desc.method = "
-                     "MOE_GMM_GROUPED");
+    local = moe_error(MOE_ERR_UNIMPLEMENTED,
+                      "expert parallelism: capacity mode never reads the row "
+                      "counts on the host, but the planner picked the cuBLAS "
+                      "loop, which needs them; pin desc.method = "
+                      "MOE_GMM_GROUPED");
+  MOE_TRY(moe_cu_ep_status_host(ep, local, false, out));
   MOE_TRY(moe_cu_ep_pack_counts_cap(offsets, ep->P, ep->El, ep->cap, ep->d_send,
                                     s));
   MOE_TRY(moe_cu_ep_a2a(ep, ep->d_send, ep->uni, ep->uni + ep->P, ep->d_recv,
