@@ -173,6 +173,11 @@ _cuda_sig = {
     "moe_cuda_grouped_gemm_dx": (_c.c_int, _gmm),
     "moe_cuda_grouped_gemm_dw": (_c.c_int, _gmm),
     "moe_comm_create_nccl": (_c.c_int, [P(_c.c_void_p), _c.c_void_p, _c.c_int]),
+    "moe_comm_create_virtual": (_c.c_int, [_c.c_int, _c.c_int,
+                                           P(_c.c_void_p)]),
+    "moe_cuda_ep_dropped": (_c.c_int, [_c.c_void_p, _c.c_void_p,
+                                       P(_c.c_int64)]),
+    "moe_cuda_ep_dropped_reset": (_c.c_int, [_c.c_void_p, _c.c_void_p]),
 }
 for _n, (_r, _a) in _sig.items():
     _f = getattr(lib, _n)
