@@ -57,7 +57,8 @@ struct moe_cu_ep {
    sync costs the wait plus the launch queue running dry behind it; the
    links are what one GPU's all-to-all sustains: NVLink 4 (H100/H200 SXM,
    450 GB/s a direction, ~350 GB/s reached by NCCL's all-to-all) and, for
-   virtual ranks, a device-to-device copy (HBM read + write). */
+   virtual ranks, device-to-device copies (HBM read + write) shared by the
+   P ranks of the GPU. */
 enum { MOE_EP_SYNC_US = 30 };
 static const double moe_ep_nvlink_gbs = 350.0, moe_ep_virtual_gbs = 1500.0;
 
@@ -73,7 +74,8 @@ static void moe_cu_ep_choose(const moe_layer_desc *d, int P, int64_t tmax,
   bool virt = moe_comm_is_virtual(d->comm);
   double es = (double)moe_dtype_size(d->dtype);
   double row = (double)d->hidden * (3.0 * es + 4.0); /* 4 exchanges a step */
-  double gbs = virt ? moe_ep_virtual_gbs : moe_ep_nvlink_gbs;
+  /* virtual ranks share one GPU's memory: P ranks copy at once */
+  double gbs = virt ? moe_ep_virtual_gbs / P : moe_ep_nvlink_gbs;
   double exact_rows = (double)worst * (P - 1) / P; /* uniform routing */
   double cap_rows = (double)m->cap * (P - 1);
   double exact_us = exact_rows * row / (gbs * 1e3) + 2.0 * MOE_EP_SYNC_US;
