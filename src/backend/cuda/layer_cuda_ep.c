@@ -163,7 +163,21 @@ moe_status moe_cu_ep_agree(const moe_layer_desc *d, moe_status local,
   int64_t tmax = 0;
   MOE_TRY(moe_ep_agree_ex(d, local, max_rows, &tmax));
   moe_cu_ep_choose(d, P, tmax, mode);
-  if (mode->capacity && P * mode->cap > *max_rows) *max_rows = P * mode->cap;
+  if (mode->capacity) {
+    /* the slabs hold P * cap rows; bound their bytes as moe_ep_agree bounds
+       the exact mode's (agreed fields only: every rank says the same) */
+    int64_t rows, x;
+    if (!moe_mul_ok(P, mode->cap, &rows) ||
+        !moe_mul_ok(2, d->intermediate, &x) || !moe_add_ok(x, d->hidden, &x) ||
+        !moe_mul_ok(rows, x, &x) || !moe_mul_ok(x, 4, &x) ||
+        x > ((int64_t)1 << 56))
+      return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                       "desc: capacity mode's blocks (%d ranks x %lld rows "
+                       "per pair) overflow the buffer sizes; lower "
+                       "desc.ep_capacity_factor or max_tokens",
+                       P, (long long)mode->cap);
+    if (rows > *max_rows) *max_rows = rows;
+  }
   return MOE_SUCCESS;
 }
 
