@@ -59,10 +59,13 @@ MOE_API moe_status moe_cuda_swiglu_backward(const moe_tensor *gate,
 /// [r*E/P, (r+1)*E/P), takes its shard of the expert weights and
 /// gradients, its own tokens (zero included), the full router weight, and
 /// writes its partial router gradient (sum it over the ranks). Counts are
-/// exchanged on the device (ncclSend/ncclRecv); NCCL's send and receive
-/// need byte counts on the host, so each forward and each backward waits
-/// for its stream once to read them (moe_layer_plan_explain says so;
-/// strict mode refuses the plan). The rows travel in rank order, so with
+/// exchanged on the device. In the exact exchange (desc.ep_exchange) NCCL's
+/// send and receive need byte counts on the host, so each forward and each
+/// backward waits for its stream once to read them (strict mode refuses
+/// it); the capacity exchange sends fixed blocks and never waits
+/// (moe_layer_plan_explain says which the plan runs and why). The same
+/// holds over virtual ranks (moe_comm_create_virtual, below). The rows
+/// travel in rank order, so with
 /// the method pinned the outputs, grad_hidden and expert gradients are
 /// bitwise those of one GPU running the ranks' tokens concatenated in rank
 /// order. Plan creation, forward and backward are collective: every rank

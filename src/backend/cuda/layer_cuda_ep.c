@@ -1,17 +1,24 @@
 /// @file layer_cuda_ep.c
-/// Expert parallelism of the CUDA layer over NCCL: plan-time agreement and
-/// explanation, the exchange state, and the begin / dispatch / combine
-/// steps layer_cuda.c calls (protocol in layer_cuda_ep.h).
+/// Expert parallelism of the CUDA layer over a communicator with a device
+/// face (NCCL, or the virtual ranks of one GPU): plan-time agreement, the
+/// choice of exchange and its explanation, the exchange state, and the
+/// begin / dispatch / combine steps layer_cuda.c calls (protocol in
+/// layer_cuda_ep.h).
 ///
-/// Why one host sync per pass: ncclSend/ncclRecv take their byte counts
-/// from the host, and how many rows travel depends on the routing, which
-/// the GPU computes. The counts cross the ranks on the device (a small
-/// all-to-all of {status, rows per local expert}); the host then reads
-/// them once. The alternative without a sync — fixed worst-case messages
-/// (max_tokens * top_k rows to every rank, mostly padding) — moves up to P
-/// times the bytes; a device-initiated exchange (NVSHMEM-style) is out of
-/// this file's scope. The sync is also where every rank learns whether the
-/// others failed, so a bad argument on one rank stops all of them.
+/// Two exchanges:
+///  - exact: ncclSend/ncclRecv take their byte counts from the host, and how
+///    many rows travel depends on the routing, which the GPU computes. The
+///    counts cross the ranks on the device (a small all-to-all of {status,
+///    rows per local expert}); the host then reads them once per pass. That
+///    sync is also where every rank learns whether the others failed.
+///  - capacity: every rank pair exchanges a fixed block of `cap` rows, so
+///    the byte counts are known at plan time; the counts (cut at the
+///    capacity) still cross on the device and every table is built there,
+///    so nothing waits for the GPU and a step can be captured in a graph.
+///    It moves the padded blocks (up to P times the exact bytes at the
+///    lossless default); the ranks agree on failures by a host collective
+///    of one status each. A device-initiated exchange (NVSHMEM-style) is
+///    out of this file's scope.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>

@@ -1,9 +1,10 @@
 /// @file layer_cuda_ep.h
-/// Expert parallelism of the CUDA layer over an NCCL communicator
-/// (layer_cuda_ep.c, kernels in ep_kernels.cu). layer_cuda.c calls these at
-/// fixed points of its forward and backward when the plan spans ranks.
+/// Expert parallelism of the CUDA layer over a communicator with a device
+/// face: NCCL or virtual ranks (layer_cuda_ep.c, kernels in ep_kernels.cu).
+/// layer_cuda.c calls these at fixed points of its forward and backward
+/// when the plan spans ranks.
 ///
-/// One forward on every rank:
+/// One forward on every rank (exact mode):
 ///   route + sort (global experts) -> gather own rows into `send`
 ///   begin      counts {status, rows per local expert of q} to every rank q
 ///              (device all-to-all), then ONE stream sync to read them:
@@ -15,6 +16,11 @@
 ///              sorted by global expert
 /// The backward begins with a status exchange plus reading the saved
 /// counts (one sync), then dispatches dY and combines dX the same way.
+/// Capacity mode: begin agrees on the status on the host (no GPU wait),
+/// exchanges the counts cut at `cap` and builds the tables on the device;
+/// dispatch packs slabs of cap rows per destination (K table), exchanges
+/// them and shuffles to expert order (A); combine shuffles back into slabs
+/// (B), exchanges them and unpacks (U, zeros for rows cut at the capacity).
 /// Rows of an expert arrive in (source rank, token) order, the global token
 /// order when ranks hold consecutive slices of the batch: each expert sees
 /// exactly the rows, in the order, one GPU would give it.
