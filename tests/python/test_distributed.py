@@ -199,3 +199,45 @@ def test_world_of_one_nccl_with_hf_libmoe():
         c.close()
     finally:
         dist.destroy_process_group()
+
+
+def _cpu_desc(**kw):
+    d = libmoe._lib.moe_layer_desc()
+    L = libmoe._lib
+    d.struct_size = ctypes.sizeof(L.moe_layer_desc)
+    d.magic, d.version = L.MOE_LAYER_DESC_MAGIC, L.MOE_LAYER_DESC_VERSION
+    d.num_experts, d.hidden, d.intermediate, d.top_k, d.max_tokens = \
+        8, 16, 8, 2, 4
+    d.dtype = L.MOE_F32
+    for k, v in kw.items():
+        setattr(d, k, v)
+    return d
+
+
+@pytest.mark.parametrize("field,value", [
+    ("ep_exchange", 3), ("ep_overflow", 2),
+    ("ep_capacity_factor", -1.0), ("ep_capacity_factor", float("nan")),
+    ("ep_capacity_factor", float("inf"))])
+def test_desc_rejects_bad_ep_fields(field, value):
+    """The expert-parallel fields are checked on every device, the message
+    naming the field."""
+    L = libmoe._lib
+    h = ctypes.c_void_p()
+    st = L.lib.moe_layer_plan_create(ctypes.byref(h),
+                                     ctypes.byref(_cpu_desc(**{field: value})))
+    assert st == L.MOE_ERR_INVALID_ARGUMENT
+    assert f"desc.{field}" in L.lib.moe_last_error().decode()
+
+
+def test_desc_ep_defaults_plan_on_cpu():
+    """Defaults (auto, factor 0, error) and explicit values plan on the
+    CPU, where one rank ignores them."""
+    L = libmoe._lib
+    for kw in ({}, {"ep_exchange": L.MOE_EP_EXCHANGE_CAPACITY,
+                    "ep_capacity_factor": 1.25,
+                    "ep_overflow": L.MOE_EP_OVERFLOW_DROP}):
+        h = ctypes.c_void_p()
+        L.check(L.lib.moe_layer_plan_create(ctypes.byref(h),
+                                            ctypes.byref(_cpu_desc(**kw))),
+                "moe_layer_plan_create")
+        L.lib.moe_layer_plan_destroy(h)
