@@ -217,8 +217,10 @@ typedef enum moe_ep_exchange {
   /// once per backward (a stream sync); moves only the routed rows.
   MOE_EP_EXCHANGE_EXACT = 1,
   /// Fixed-size blocks of `capacity` rows per rank pair: no count ever
-  /// reaches the host, so a whole step can be captured in a CUDA graph;
-  /// moves the padded blocks. Rows beyond the capacity follow
+  /// reaches the host, so (on virtual ranks; over NCCL the ranks'
+  /// agreement on failures still syncs once per pass) a whole step can be
+  /// captured in a CUDA graph; moves the padded blocks. Rows beyond the
+  /// capacity follow
   /// desc.ep_overflow. Grouped method only (the cuBLAS loop needs host
   /// counts).
   MOE_EP_EXCHANGE_CAPACITY = 2,

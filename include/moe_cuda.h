@@ -62,8 +62,10 @@ MOE_API moe_status moe_cuda_swiglu_backward(const moe_tensor *gate,
 /// exchanged on the device. In the exact exchange (desc.ep_exchange) NCCL's
 /// send and receive need byte counts on the host, so each forward and each
 /// backward waits for its stream once to read them (strict mode refuses
-/// it); the capacity exchange sends fixed blocks and never waits
-/// (moe_layer_plan_explain says which the plan runs and why). The same
+/// it); the capacity exchange sends fixed blocks and reads no count (over
+/// NCCL its failure agreement still syncs once per pass; on virtual ranks
+/// nothing waits for the GPU). moe_layer_plan_explain says which exchange
+/// the plan runs and why. The same
 /// holds over virtual ranks (moe_comm_create_virtual, below). The rows
 /// travel in rank order, so with
 /// the method pinned the outputs, grad_hidden and expert gradients are

@@ -184,6 +184,16 @@ moe_status moe_cu_ep_agree(const moe_layer_desc *d, moe_status local,
                        "desc.ep_capacity_factor or max_tokens",
                        P, (long long)mode->cap);
     if (rows > *max_rows) *max_rows = rows;
+    /* every rank has the same kind of communicator: the same verdict */
+    if (d->strict && !moe_comm_is_virtual(c))
+      return moe_error(MOE_ERR_STRICT,
+                       "desc.strict: capacity mode over a %s communicator "
+                       "still agrees on failures through its host "
+                       "collective, which stages through device memory "
+                       "(an allocation, a stream sync and a free per "
+                       "pass); only virtual ranks agree without waiting for "
+                       "the GPU so far",
+                       c->ops->name);
   }
   return MOE_SUCCESS;
 }
@@ -426,8 +436,9 @@ static void moe_cu_ep_rows_of(const moe_cu_ep *ep, const char *meta,
 
 /// Capacity mode's agreement on failures: one status per rank through the
 /// communicator's host collective. Virtual ranks meet on the host without
-/// touching the GPU; NCCL's host collective stages through the device on a
-/// private stream (a wait on that stream, never on the caller's).
+/// touching the GPU; NCCL's host collective stages through device memory it
+/// allocates and frees, with a stream sync (cudaFree waits for the whole
+/// device), so strict mode refuses capacity mode over NCCL (plan time).
 static moe_status moe_cu_ep_status_host(moe_cu_ep *ep, moe_status local,
                                         bool backward, moe_cu_ep_rows *out) {
   memset(out, 0, sizeof *out);
