@@ -200,10 +200,45 @@ typedef enum moe_topk_invalid {
   MOE_TOPK_INVALID_ERROR = 0,
   /// The slot is dropped: it takes no row in any expert GEMM, adds nothing
   /// to the output, and gets exact zero gradient (grad_topk_weights 0, no
-  /// contribution to grad_hidden or any weight gradient). Not with an
-  /// expert-parallel communicator of more than one rank.
+  /// contribution to grad_hidden or any weight gradient). On the CPU not
+  /// with an expert-parallel communicator of more than one rank; the CUDA
+  /// layer drops them under expert parallelism too (no row is sent).
   MOE_TOPK_INVALID_DROP = 1,
 } moe_topk_invalid;
+
+/// How the CUDA layer's expert-parallel exchange is sized (desc.comm of
+/// more than one rank on CUDA; ignored elsewhere).
+typedef enum moe_ep_exchange {
+  /// Default: the planner picks exact or capacity from the bytes each
+  /// moves and the cost of the host sync (strict mode: capacity); the
+  /// plan's explanation says which and why.
+  MOE_EP_EXCHANGE_AUTO = 0,
+  /// Exact row counts: the counts cross to the host once per forward and
+  /// once per backward (a stream sync); moves only the routed rows.
+  MOE_EP_EXCHANGE_EXACT = 1,
+  /// Fixed-size blocks of `capacity` rows per rank pair: no count ever
+  /// reaches the host, so (on virtual ranks; over NCCL the ranks'
+  /// agreement on failures still syncs once per pass) a whole step can be
+  /// captured in a CUDA graph; moves the padded blocks. Rows beyond the
+  /// capacity follow
+  /// desc.ep_overflow. Grouped method only (the cuBLAS loop needs host
+  /// counts).
+  MOE_EP_EXCHANGE_CAPACITY = 2,
+} moe_ep_exchange;
+
+/// What capacity mode does with rows beyond a rank pair's capacity. Both
+/// drop them (no row is computed; the token gets no contribution from that
+/// expert and zero gradient through it) and count them on the device;
+/// moe_cuda_ep_dropped reads the count.
+typedef enum moe_ep_overflow {
+  /// Default: an overflow is an error: moe_cuda_ep_dropped returns
+  /// MOE_ERR_INVALID_ARGUMENT while the count is non-zero (the layer
+  /// cannot fail the call itself without waiting for the GPU).
+  MOE_EP_OVERFLOW_ERROR = 0,
+  /// Dropping is intended (as capacity-factor training does); the count
+  /// is informational.
+  MOE_EP_OVERFLOW_DROP = 1,
+} moe_ep_overflow;
 
 #define MOE_LAYER_DESC_MAGIC 0x4d4f454cu /* "MOEL" */
 #define MOE_LAYER_DESC_VERSION 2u
@@ -239,6 +274,16 @@ typedef struct moe_layer_desc {
   /// MOE_ERR_INVALID_ARGUMENT. NULL (default): the device's own properties.
   /// The string is read during moe_layer_plan_create only.
   const char *plan_gpu;
+  /// Expert parallelism on CUDA: exact or capacity exchange (see
+  /// moe_ep_exchange). Every rank must pass the same value.
+  moe_ep_exchange ep_exchange;
+  /// Capacity mode: rows one rank may send another per pass,
+  /// ceil(factor * max_tokens * top_k / P) with max_tokens the largest of
+  /// the ranks', at most max_tokens * top_k (which never overflows).
+  /// 0 (default) = P: that lossless worst case.
+  double ep_capacity_factor;
+  /// Capacity mode: what rows beyond the capacity mean (moe_ep_overflow).
+  moe_ep_overflow ep_overflow;
 } moe_layer_desc;
 
 #define MOE_LAYER_DESC_INIT                                                    \
@@ -246,7 +291,7 @@ typedef struct moe_layer_desc {
     sizeof(moe_layer_desc), MOE_LAYER_DESC_MAGIC, MOE_LAYER_DESC_VERSION, 0,   \
         0, 0, 0, 0, 1, MOE_F32, MOE_LAYOUT_OUT_IN, MOE_LAYOUT_OUT_IN,          \
         MOE_GMM_AUTO, 0, 0, {MOE_DEVICE_CPU, 0}, NULL, MOE_TOPK_INVALID_ERROR, \
-        NULL                                                                   \
+        NULL, MOE_EP_EXCHANGE_AUTO, 0.0, MOE_EP_OVERFLOW_ERROR                 \
   }
 
 /// Opaque plan: the chosen methods, sizes and reasons.

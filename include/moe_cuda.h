@@ -59,10 +59,15 @@ MOE_API moe_status moe_cuda_swiglu_backward(const moe_tensor *gate,
 /// [r*E/P, (r+1)*E/P), takes its shard of the expert weights and
 /// gradients, its own tokens (zero included), the full router weight, and
 /// writes its partial router gradient (sum it over the ranks). Counts are
-/// exchanged on the device (ncclSend/ncclRecv); NCCL's send and receive
-/// need byte counts on the host, so each forward and each backward waits
-/// for its stream once to read them (moe_layer_plan_explain says so;
-/// strict mode refuses the plan). The rows travel in rank order, so with
+/// exchanged on the device. In the exact exchange (desc.ep_exchange) NCCL's
+/// send and receive need byte counts on the host, so each forward and each
+/// backward waits for its stream once to read them (strict mode refuses
+/// it); the capacity exchange sends fixed blocks and reads no count (over
+/// NCCL its failure agreement still syncs once per pass; on virtual ranks
+/// nothing waits for the GPU). moe_layer_plan_explain says which exchange
+/// the plan runs and why. The same
+/// holds over virtual ranks (moe_comm_create_virtual, below). The rows
+/// travel in rank order, so with
 /// the method pinned the outputs, grad_hidden and expert gradients are
 /// bitwise those of one GPU running the ranks' tokens concatenated in rank
 /// order. Plan creation, forward and backward are collective: every rank
@@ -89,6 +94,42 @@ MOE_API moe_status moe_comm_create_nccl(moe_comm **comm, void *nccl_comm,
 ///   MOE_ERR_UNIMPLEMENTED (no NCCL in this build, or no GPU)
 MOE_API moe_status moe_comm_create_nccl_all(moe_comm **comms, int ndev,
                                             const int *devices);
+
+/// Virtual ranks: P expert-parallel ranks in this process on ONE GPU, for
+/// running and testing the expert-parallel path where one GPU is all there
+/// is. ranks[q] is rank q of P; drive each from its own host thread with
+/// its own stream, plan and buffers, exactly as with
+/// moe_comm_create_nccl_all (every call is collective and waits for its
+/// peers on the host). The all-to-alls become device-to-device copies
+/// between the ranks' buffers, ordered across the ranks' streams by CUDA
+/// events; the host never waits for the GPU inside them. Results are those
+/// of P GPUs (bitwise, with the method pinned); timings measure the
+/// kernels and the bookkeeping, not a network. Destroy every rank with
+/// moe_comm_destroy (the shared state goes with the last).
+/// @param P number of ranks, 1 to 1024
+/// @param device the CUDA ordinal all ranks run on
+/// @param ranks receives P communicators (NULL on failure)
+/// @return MOE_SUCCESS, MOE_ERR_INVALID_ARGUMENT, MOE_ERR_OUT_OF_MEMORY,
+///   MOE_ERR_BACKEND (CUDA failed), MOE_ERR_UNIMPLEMENTED (no GPU)
+MOE_API moe_status moe_comm_create_virtual(int P, int device, moe_comm **ranks);
+
+/// Capacity mode (desc.ep_exchange, moe_ep_exchange): the routed rows
+/// dropped because a rank pair's block overflowed its capacity, summed
+/// over this plan's forwards since it was made (or last reset); the
+/// backward drops the same rows and does not add to it. Reading it waits
+/// for `stream` (call it where a sync is acceptable: after a step, after
+/// replaying a graph). 0 for a plan in exact mode or of one rank.
+/// @param plan a CUDA plan
+/// @param stream the stream the plan's calls ran on (cudaStream_t)
+/// @param rows receives the count
+/// @return MOE_SUCCESS; MOE_ERR_INVALID_ARGUMENT when rows were dropped
+///   under MOE_EP_OVERFLOW_ERROR (the default; *rows says how many) or for
+///   a bad argument; MOE_ERR_BACKEND when CUDA fails
+MOE_API moe_status moe_cuda_ep_dropped(moe_layer_plan *plan, void *stream,
+                                       int64_t *rows);
+/// Sets the count of moe_cuda_ep_dropped back to 0, on `stream`.
+MOE_API moe_status moe_cuda_ep_dropped_reset(moe_layer_plan *plan,
+                                             void *stream);
 
 #ifdef __cplusplus
 }

@@ -8,7 +8,11 @@
 ///    all experts on every GPU (EP=1, data-parallel replicas) against the
 ///    experts split over the N GPUs (EP=N, rows over NCCL). One host thread
 ///    drives each GPU; every repetition starts on all GPUs together and a
-///    step's time is the slowest GPU's.
+///    step's time is the slowest GPU's;
+///  - --ep N --virtual: the same with N virtual ranks on GPU 0
+///    (moe_comm_create_virtual): the exchange is device-to-device copies,
+///    so the times measure the kernels and the bookkeeping, not a network;
+///  - --exchange exact|capacity|auto: the EP exchange mode (moe.h).
 /// Inputs are random (a random block repeated through each buffer).
 #include <math.h>
 #include <stdio.h>
@@ -44,12 +48,15 @@ typedef struct bc_opts {
   moe_layout layouts[2];
   int nlayouts;
   bool json;
+  bool virt;            ///< --virtual: the ranks share GPU 0
+  moe_ep_exchange xchg; ///< --exchange
 } bc_opts;
 
 static void bc_usage(FILE *f) {
   fprintf(f,
-          "usage: moe bench --device cuda [--ep N] [--preset NAME] [--tokens "
-          "N]\n"
+          "usage: moe bench --device cuda [--ep N [--virtual] [--exchange "
+          "exact|capacity|auto]]\n"
+          "                 [--preset NAME] [--tokens N]\n"
           "                 [--layout out_in|in_out|all] [--reps N] "
           "[--json]\n"
           "\n"
@@ -58,6 +65,10 @@ static void bc_usage(FILE *f) {
           "method and weight layout (bf16). With --ep N: per-step time on N\n"
           "GPUs, each holding --tokens tokens, all experts on every GPU\n"
           "(EP=1) against the experts split over the N GPUs (EP=N, NCCL).\n"
+          "--virtual: N virtual ranks share GPU 0 (one stream each; the\n"
+          "exchange is device copies): times measure kernels and\n"
+          "bookkeeping, not a network. --exchange: the EP exchange mode\n"
+          "(default auto: the planner's pick).\n"
           "Default: --preset qwen3-30b-a3b --tokens 8192 --layout all (EP: "
           "out_in) --reps 10\n\npresets:\n");
   cli_preset_list(f);
@@ -81,7 +92,8 @@ typedef struct bc_cfg {
 } bc_cfg;
 
 typedef struct bc_gpu {
-  int dev, P;
+  int dev, P, rank;
+  moe_ep_exchange xchg;
   moe_comm *comm; /* rank of the EP=P communicator */
   const bc_shape *s;
   const bc_cfg *cfgs;
@@ -188,6 +200,7 @@ static moe_status bc_plan(bc_gpu *g, const bc_cfg *c, moe_gmm_method m,
   d.device.type = MOE_DEVICE_CUDA;
   d.device.index = g->dev;
   d.comm = c->ep > 1 && !c->local ? g->comm : NULL;
+  d.ep_exchange = g->xchg;
   return moe_layer_plan_create(plan, &d);
 }
 
@@ -324,7 +337,7 @@ static void *bc_gpu_main(void *arg) {
       TH, TH, TH, TH, EH, EH, GU, GU, D, D, (size_t)(s->T * s->E) * 2};
   for (int i = 0; i < 11; i++)
     BC_CU(cudaMalloc(bufs[i], (elems[i] ? elems[i] : 8) * 2));
-  uint64_t seed = 1000u * (uint64_t)g->dev;
+  uint64_t seed = 1000u * (uint64_t)g->rank;
   BC_CU(bc_fill(g->x, TH, 1.0f, seed + 1));
   BC_CU(bc_fill(g->gout, TH, 1.0f, seed + 2));
   BC_CU(bc_fill(g->gate, EH, 0.05f, 3));
@@ -383,7 +396,9 @@ static int bc_run(const bc_opts *o, int ngpu, moe_comm **comms,
   for (int q = 0; q < ngpu; q++) {
     bc_gpu *g = &gs[q];
     memset(g, 0, sizeof *g);
-    g->dev = q;
+    g->dev = o->virt ? 0 : q;
+    g->rank = q;
+    g->xchg = o->xchg;
     g->P = ngpu;
     g->comm = comms ? comms[q] : NULL;
     g->s = s;
@@ -433,11 +448,18 @@ static int bc_table(const bc_opts *o, const bc_shape *s, bc_gpu *gs, int n,
   double rows = (double)(s->T * s->k);
   double flops_fwd = 6.0 * rows * (double)s->H * (double)s->I;
   if (!o->json) {
-    printf("\n%s: E=%lld H=%lld I=%lld top-%lld, %lld tokens per GPU (%lld "
-           "routed rows), bf16, %d x %s\n",
+    printf("\n%s: E=%lld H=%lld I=%lld top-%lld, %lld tokens per %s (%lld "
+           "routed rows), bf16, %d %s%s\n",
            o->preset->name, (long long)s->E, (long long)s->H, (long long)s->I,
-           (long long)s->k, (long long)s->T, (long long)(s->T * s->k), n,
-           devname);
+           (long long)s->k, (long long)s->T, o->virt ? "rank" : "GPU",
+           (long long)(s->T * s->k), n,
+           o->virt ? "virtual ranks on one " : "x ", devname);
+    if (o->virt)
+      printf("virtual ranks: all %d ranks share GPU 0 and run at once; the "
+             "exchange is device-to-device copies, so these times measure "
+             "the kernels and the bookkeeping, NOT a network (EP=1 is %d "
+             "replicas on the same GPU)\n",
+             n, n);
     printf("%-3s %-7s %-8s %-8s %10s %10s %10s %9s %12s %s\n", "ep", "layout",
            "method", "pass", "median_ms", "min_ms", "max_ms", "TFLOP/s",
            "predicted_ms", "planner");
@@ -452,13 +474,14 @@ static int bc_table(const bc_opts *o, const bc_shape *s, bc_gpu *gs, int n,
     bc_epname(c, epn, sizeof epn);
     if (o->json) {
       printf(
-          "{\"device\":\"%s\",\"gpus\":%d,\"preset\":\"%s\",\"tokens\":%lld,"
+          "{\"device\":\"%s\",\"gpus\":%d,\"virtual\":%s,\"preset\":\"%s\","
+          "\"tokens\":%lld,"
           "\"ep\":\"%s\",\"layout\":\"%s\",\"method\":\"%s\",\"pass\":\"%s\","
           "\"median_ms\":%.4f,\"min_ms\":%.4f,\"max_ms\":%.4f,"
           "\"tflops\":%.2f,\"planner_pick\":%s,\"planner\":\"%s\","
           "\"predicted_ms\":",
-          devname, n, o->preset->name, (long long)s->T, epn,
-          moe_layout_name(c->layout), bc_mname(c->m),
+          devname, n, o->virt ? "true" : "false", o->preset->name,
+          (long long)s->T, epn, moe_layout_name(c->layout), bc_mname(c->m),
           c->bwd ? "fwd+bwd" : "fwd", st.med, st.mn, st.mx, tf,
           gs[0].pick[ci] ? "true" : "false", gs[0].explain + (size_t)ci * 256);
       if (pred >= 0)
@@ -528,6 +551,21 @@ int cmd_bench_cuda(int argc, char **argv) {
       i++;
     } else if (!strcmp(a, "--json")) {
       o.json = true;
+    } else if (!strcmp(a, "--virtual")) {
+      o.virt = true;
+    } else if (!strcmp(a, "--exchange") && v) {
+      if (!strcmp(v, "exact"))
+        o.xchg = MOE_EP_EXCHANGE_EXACT;
+      else if (!strcmp(v, "capacity"))
+        o.xchg = MOE_EP_EXCHANGE_CAPACITY;
+      else if (!strcmp(v, "auto"))
+        o.xchg = MOE_EP_EXCHANGE_AUTO;
+      else {
+        fprintf(stderr, "moe bench: --exchange %s: exact, capacity or auto\n",
+                v);
+        return CLI_USAGE;
+      }
+      i++;
     } else if (!strcmp(a, "--preset") && v) {
       if (!(o.preset = cli_preset_find(v))) {
         fprintf(stderr, "moe bench: unknown preset '%s'\n", v);
@@ -567,7 +605,11 @@ int cmd_bench_cuda(int argc, char **argv) {
     return CLI_ERR;
   }
   int ngpu = o.ep > 1 ? (int)o.ep : 1;
-  if (ngpu > ndev) {
+  if (o.virt && ngpu < 2) {
+    fprintf(stderr, "moe bench: --virtual needs --ep N with N >= 2\n");
+    return CLI_USAGE;
+  }
+  if (ngpu > ndev && !o.virt) {
     fprintf(stderr,
             "moe bench --device cuda --ep %d: this machine has %d GPU(s)\n",
             ngpu, ndev);
@@ -582,9 +624,10 @@ int cmd_bench_cuda(int argc, char **argv) {
   bc_shape s = {p->E, p->H, p->I, p->k, o.tokens, p->norm};
   moe_comm *comms[BC_MAXG] = {0};
   if (ngpu > 1) {
-    st = moe_comm_create_nccl_all(comms, ngpu, NULL);
+    st = o.virt ? moe_comm_create_virtual(ngpu, 0, comms)
+                : moe_comm_create_nccl_all(comms, ngpu, NULL);
     if (st != MOE_SUCCESS) {
-      cli_fail("bench", "NCCL communicators", st);
+      cli_fail("bench", o.virt ? "virtual ranks" : "NCCL communicators", st);
       return CLI_ERR;
     }
   }
@@ -594,9 +637,12 @@ int cmd_bench_cuda(int argc, char **argv) {
   const moe_gmm_method ms[3] = {MOE_GMM_GROUPED, MOE_GMM_LOOP, MOE_GMM_AUTO};
   /* EP=1; with --ep N also the local work alone, then EP=N */
   int eps[3] = {1, ngpu, ngpu}, neps = ngpu > 1 ? 3 : 1;
+  /* capacity mode runs the grouped method only (the loop needs host
+     counts) */
+  int nms = o.xchg == MOE_EP_EXCHANGE_CAPACITY && ngpu > 1 ? 1 : 3;
   for (int li = 0; li < o.nlayouts; li++)
     for (int ei = 0; ei < neps; ei++)
-      for (int mi = 0; mi < 3; mi++)
+      for (int mi = 0; mi < nms; mi++)
         for (int b = 0; b < 2; b++) {
           bc_cfg c = {eps[ei], ei == 1, ms[mi], o.layouts[li], b == 1};
           cfgs[ncfg++] = c;

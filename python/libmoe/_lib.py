@@ -23,6 +23,8 @@ MOE_DEVICE_CPU, MOE_DEVICE_CUDA = 0, 1
 MOE_GMM_AUTO = 0
 MOE_LAYOUT_OUT_IN, MOE_LAYOUT_IN_OUT, MOE_LAYOUT_STRIDED = 0, 1, 2
 MOE_TOPK_INVALID_ERROR, MOE_TOPK_INVALID_DROP = 0, 1
+MOE_EP_EXCHANGE_AUTO, MOE_EP_EXCHANGE_EXACT, MOE_EP_EXCHANGE_CAPACITY = 0, 1, 2
+MOE_EP_OVERFLOW_ERROR, MOE_EP_OVERFLOW_DROP = 0, 1
 MOE_LAYER_DESC_MAGIC = 0x4D4F454C
 MOE_LAYER_DESC_VERSION = 2
 MOE_MAX_DIMS = 4
@@ -64,6 +66,9 @@ class moe_layer_desc(ctypes.Structure):
         ("comm", ctypes.c_void_p),
         ("invalid_topk", ctypes.c_int),
         ("plan_gpu", ctypes.c_char_p),
+        ("ep_exchange", ctypes.c_int),
+        ("ep_capacity_factor", ctypes.c_double),
+        ("ep_overflow", ctypes.c_int),
     ]
 
 
@@ -168,6 +173,11 @@ _cuda_sig = {
     "moe_cuda_grouped_gemm_dx": (_c.c_int, _gmm),
     "moe_cuda_grouped_gemm_dw": (_c.c_int, _gmm),
     "moe_comm_create_nccl": (_c.c_int, [P(_c.c_void_p), _c.c_void_p, _c.c_int]),
+    "moe_comm_create_virtual": (_c.c_int, [_c.c_int, _c.c_int,
+                                           P(_c.c_void_p)]),
+    "moe_cuda_ep_dropped": (_c.c_int, [_c.c_void_p, _c.c_void_p,
+                                       P(_c.c_int64)]),
+    "moe_cuda_ep_dropped_reset": (_c.c_int, [_c.c_void_p, _c.c_void_p]),
 }
 for _n, (_r, _a) in _sig.items():
     _f = getattr(lib, _n)

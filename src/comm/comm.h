@@ -1,14 +1,15 @@
 /// @file comm.h
 /// The communicator interface the layer uses for expert parallelism. Each
-/// implementation (local here; MPI and NCCL in their own files) fills a
-/// moe_comm_ops table. Collectives are blocking on the CPU.
+/// implementation (local here; MPI, NCCL and the virtual ranks of one GPU in
+/// their own files) fills a moe_comm_ops table. Collectives are blocking on
+/// the CPU; the device face (CUDA communicators) is stream-ordered.
 #ifndef MOE_COMM_H
 #define MOE_COMM_H
 
 #include "internal.h"
 
 typedef struct moe_comm_ops {
-  const char *name; ///< "local", "mpi", "nccl"
+  const char *name; ///< "local", "mpi", "nccl", "virtual"
   /// Every rank sends n int64 values to every rank: send [size * n],
   /// recv [size * n] (block r of recv came from rank r).
   moe_status (*alltoall_i64)(moe_comm *c, const int64_t *send, int64_t *recv,
@@ -22,6 +23,16 @@ typedef struct moe_comm_ops {
   /// In-place sum of n floats over all ranks, same order on every rank.
   moe_status (*allreduce_sum_f32)(moe_comm *c, float *buf, int64_t n);
   void (*destroy)(moe_comm *c);
+  /* ---- the device face: CUDA communicators only (NULL elsewhere) ---- */
+  /// The CUDA ordinal this rank runs on.
+  int (*device)(const moe_comm *c);
+  /// Variable all-to-all of device bytes, enqueued on `stream` (a
+  /// cudaStream_t) without waiting for the GPU; counts and displacements
+  /// (bytes) on the host. Rank q's block is send + sd[q] (sc[q] bytes);
+  /// rank s's block lands at recv + rd[s] (rc[s] bytes).
+  moe_status (*alltoallv_dev)(moe_comm *c, const void *send, const int64_t *sc,
+                              const int64_t *sd, void *recv, const int64_t *rc,
+                              const int64_t *rd, void *stream);
 } moe_comm_ops;
 
 struct moe_comm {
@@ -46,5 +57,9 @@ int64_t *moe_comm_uniform_counts(int P, int64_t bytes);
 /// variable all-to-all (for transports without a fixed-size one).
 moe_status moe_comm_alltoall_via_v(moe_comm *c, const int64_t *send,
                                    int64_t *recv, int64_t n);
+
+/// True for a rank made by moe_comm_create_virtual (several ranks of one
+/// process on one GPU; comm_virtual.c). False in builds without CUDA.
+bool moe_comm_is_virtual(const moe_comm *c);
 
 #endif /* MOE_COMM_H */

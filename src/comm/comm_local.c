@@ -30,9 +30,13 @@ static moe_status moe_local_allreduce(moe_comm *c, float *buf, int64_t n) {
 
 static void moe_local_destroy(moe_comm *c) { moe_comm_free(c); }
 
-static const moe_comm_ops moe_local_ops = {
-    "local", moe_local_alltoall_i64, moe_local_alltoallv, moe_local_allreduce,
-    moe_local_destroy};
+static const moe_comm_ops moe_local_ops = {"local",
+                                           moe_local_alltoall_i64,
+                                           moe_local_alltoallv,
+                                           moe_local_allreduce,
+                                           moe_local_destroy,
+                                           NULL,
+                                           NULL};
 
 moe_status moe_comm_create_local(moe_comm **comm) {
   if (!comm)

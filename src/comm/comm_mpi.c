@@ -133,9 +133,13 @@ static void moe_mpi_destroy(moe_comm *c) {
   moe_comm_free(c);
 }
 
-static const moe_comm_ops moe_mpi_ops = {"mpi", moe_mpi_alltoall_i64,
-                                         moe_mpi_alltoallv, moe_mpi_allreduce,
-                                         moe_mpi_destroy};
+static const moe_comm_ops moe_mpi_ops = {"mpi",
+                                         moe_mpi_alltoall_i64,
+                                         moe_mpi_alltoallv,
+                                         moe_mpi_allreduce,
+                                         moe_mpi_destroy,
+                                         NULL,
+                                         NULL};
 
 moe_status moe_comm_create_mpi(moe_comm **comm, MPI_Comm mpi_comm) {
   if (!comm)

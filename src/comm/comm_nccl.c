@@ -215,9 +215,26 @@ static void moe_nccl_destroy(moe_comm *c) {
   moe_comm_free(c);
 }
 
-static const moe_comm_ops moe_nccl_ops = {"nccl", moe_comm_alltoall_via_v,
+static int moe_nccl_device_op(const moe_comm *c) {
+  return moe_nccl_of(c)->device;
+}
+
+static moe_status moe_nccl_alltoallv_dev_op(moe_comm *c, const void *send,
+                                            const int64_t *sc,
+                                            const int64_t *sd, void *recv,
+                                            const int64_t *rc,
+                                            const int64_t *rd, void *stream) {
+  return moe_nccl_alltoallv_dev(c, send, sc, sd, recv, rc, rd,
+                                (cudaStream_t)stream);
+}
+
+static const moe_comm_ops moe_nccl_ops = {"nccl",
+                                          moe_comm_alltoall_via_v,
                                           moe_nccl_alltoallv,
-                                          moe_nccl_allreduce, moe_nccl_destroy};
+                                          moe_nccl_allreduce,
+                                          moe_nccl_destroy,
+                                          moe_nccl_device_op,
+                                          moe_nccl_alltoallv_dev_op};
 
 /// Wraps an initialised ncclComm_t.
 static moe_status moe_nccl_wrap(ncclComm_t nc, int device, bool owned,

@@ -66,11 +66,26 @@ moe_status moe_layer_desc_check(const moe_layer_desc *d) {
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "desc.invalid_topk = %d: unknown", (int)d->invalid_topk);
   /* comm.h's struct is read directly: args.c links with the core alone. */
-  if (d->invalid_topk == MOE_TOPK_INVALID_DROP && d->comm && d->comm->size > 1)
+  if ((unsigned)d->ep_exchange > MOE_EP_EXCHANGE_CAPACITY)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT, "desc.ep_exchange = %d: unknown",
+                     (int)d->ep_exchange);
+  if ((unsigned)d->ep_overflow > MOE_EP_OVERFLOW_DROP)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT, "desc.ep_overflow = %d: unknown",
+                     (int)d->ep_overflow);
+  if (!(d->ep_capacity_factor >= 0.0 && d->ep_capacity_factor <= 1e6))
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc.ep_capacity_factor = %g: must be in [0, 1e6] "
+                     "(0 = the lossless default)",
+                     d->ep_capacity_factor);
+  /* The CUDA exchange sends only the kept rows (issue 18); the CPU's does
+     not drop. */
+  if (d->invalid_topk == MOE_TOPK_INVALID_DROP && d->comm &&
+      d->comm->size > 1 && d->device.type != MOE_DEVICE_CUDA)
     return moe_error(MOE_ERR_UNIMPLEMENTED,
                      "desc.invalid_topk = MOE_TOPK_INVALID_DROP with a "
-                     "communicator of %d ranks: dropping slots is for "
-                     "one rank",
+                     "communicator of %d ranks on the CPU: dropping slots "
+                     "is for one rank there (the CUDA layer drops them "
+                     "under expert parallelism too)",
                      d->comm->size);
   if (d->num_threads < 0)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,

@@ -12,14 +12,33 @@
 
 /* ---- plan ------------------------------------------------------------- */
 
-enum { MOE_EP_FIELDS = 8 }; /* status, E, H, I, k, max_tokens, dtype, norm */
+/* status, E, H, I, k, max_tokens, dtype, norm, then the CUDA exchange's
+   choices (the same on every rank, else the ranks' block sizes differ) */
+enum { MOE_EP_FIELDS = 13 };
 
 static const char *const moe_ep_field_names[MOE_EP_FIELDS] = {
-    "status", "num_experts", "hidden", "intermediate",
-    "top_k",  "max_tokens",  "dtype",  "norm_topk_prob"};
+    "status",
+    "num_experts",
+    "hidden",
+    "intermediate",
+    "top_k",
+    "max_tokens",
+    "dtype",
+    "norm_topk_prob",
+    "ep_exchange",
+    "ep_overflow",
+    "ep_capacity_factor",
+    "strict",
+    "method"};
 
 moe_status moe_ep_agree(const moe_layer_desc *d, moe_status local,
                         int64_t *max_rows) {
+  int64_t most;
+  return moe_ep_agree_ex(d, local, max_rows, &most);
+}
+
+moe_status moe_ep_agree_ex(const moe_layer_desc *d, moe_status local,
+                           int64_t *max_rows, int64_t *max_tokens_all) {
   moe_comm *c = d->comm;
   int P = c->size;
   int64_t *send = malloc(sizeof(int64_t) * 2 * MOE_EP_FIELDS * (size_t)P);
@@ -29,10 +48,21 @@ moe_status moe_ep_agree(const moe_layer_desc *d, moe_status local,
                      "description with %d ranks",
                      P);
   int64_t *recv = send + MOE_EP_FIELDS * P;
-  int64_t mine[MOE_EP_FIELDS] = {(int64_t)local,    d->num_experts,
-                                 d->hidden,         d->intermediate,
-                                 d->top_k,          d->max_tokens,
-                                 (int64_t)d->dtype, d->norm_topk_prob != 0};
+  int64_t factor_bits;
+  memcpy(&factor_bits, &d->ep_capacity_factor, sizeof factor_bits);
+  int64_t mine[MOE_EP_FIELDS] = {(int64_t)local,
+                                 d->num_experts,
+                                 d->hidden,
+                                 d->intermediate,
+                                 d->top_k,
+                                 d->max_tokens,
+                                 (int64_t)d->dtype,
+                                 d->norm_topk_prob != 0,
+                                 (int64_t)d->ep_exchange,
+                                 (int64_t)d->ep_overflow,
+                                 factor_bits,
+                                 d->strict != 0,
+                                 (int64_t)d->method};
   for (int q = 0; q < P; q++)
     memcpy(send + q * MOE_EP_FIELDS, mine, sizeof mine);
   moe_status s = c->ops->alltoall_i64(c, send, recv, MOE_EP_FIELDS);
@@ -83,6 +113,10 @@ moe_status moe_ep_agree(const moe_layer_desc *d, moe_status local,
     goto out;
   }
   *max_rows = rows;
+  *max_tokens_all = 0;
+  for (int q = 0; q < P; q++)
+    if (recv[q * MOE_EP_FIELDS + 5] > *max_tokens_all)
+      *max_tokens_all = recv[q * MOE_EP_FIELDS + 5];
 out:
   free(send);
   return s;

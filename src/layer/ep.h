@@ -15,6 +15,10 @@
 moe_status moe_ep_agree(const moe_layer_desc *d, moe_status local,
                         int64_t *max_rows);
 
+/// moe_ep_agree, also returning the largest max_tokens of the ranks.
+moe_status moe_ep_agree_ex(const moe_layer_desc *d, moe_status local,
+                           int64_t *max_rows, int64_t *max_tokens_all);
+
 /// Appends the expert-parallel lines to the plan's explanation.
 void moe_ep_explain(moe_layer_plan *p, size_t *len);
 

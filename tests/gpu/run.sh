@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # GPU tests of the CUDA backend: builds libmoe with CUDA (unless
 # MOE_BUILD_DIR names a build that has test_cuda), runs tests/gpu/test_cuda,
-# then tests/gpu/test_cuda_ep (expert parallelism over NCCL, when there are
-# 2+ GPUs), then test_cuda's small cases under compute-sanitizer (memcheck,
-# racecheck, synccheck).
+# then tests/gpu/test_cuda_ep (expert parallelism: virtual ranks on one GPU,
+# and over NCCL when there are 2+ GPUs), then test_cuda's small cases under
+# compute-sanitizer (memcheck, racecheck, synccheck) and test_cuda_ep's
+# virtual ranks at P = 2 under memcheck.
 # Exits 0 with "skipped: no GPU" on a machine without a usable GPU.
 #   MOE_BUILD_DIR  existing build directory to use (default: build a fresh
 #                  one in build-gpu/)
@@ -34,15 +35,16 @@ if [ $rc -eq 77 ]; then
 fi
 [ $rc -eq 0 ] || { echo "FAIL: test_cuda exited $rc"; status=1; }
 
-# Expert parallelism over NCCL: several GPUs of this process (77 = skipped:
-# fewer than 2 GPUs, or a build without NCCL). Not under compute-sanitizer:
-# NCCL's own kernels and proxy threads are not what it is meant to check.
+# Expert parallelism: virtual ranks (P = 2, 3, 4, 8 on GPU 0), then NCCL
+# over several GPUs of this process where there are 2+ and NCCL. NCCL is not
+# run under compute-sanitizer (its own kernels and proxy threads are not
+# what it is meant to check); the virtual ranks are, at P = 2.
 if [ -x "$build/test_cuda_ep" ]; then
   echo "== test_cuda_ep"
   timeout 600 "$build/test_cuda_ep"
   rc=$?
   if [ $rc -eq 77 ]; then
-    echo "note: test_cuda_ep skipped (needs 2 GPUs and NCCL)"
+    echo "note: test_cuda_ep skipped (no usable GPU)"
   elif [ $rc -ne 0 ]; then
     echo "FAIL: test_cuda_ep exited $rc"; status=1
   fi
@@ -58,6 +60,13 @@ if [ "${MOE_SANITIZER:-1}" != 0 ] && command -v compute-sanitizer >/dev/null 2>&
     rc=$?
     [ $rc -eq 0 ] || { echo "FAIL: compute-sanitizer $tool exited $rc"; status=1; }
   done
+  if [ -x "$build/test_cuda_ep" ]; then
+    echo "== compute-sanitizer --tool memcheck test_cuda_ep --virtual 2"
+    timeout 600 compute-sanitizer --tool memcheck --error-exitcode 3 \
+      --print-limit 20 "$build/test_cuda_ep" --virtual 2
+    rc=$?
+    [ $rc -eq 0 ] || { echo "FAIL: compute-sanitizer memcheck test_cuda_ep exited $rc"; status=1; }
+  fi
 else
   echo "note: compute-sanitizer not run"
 fi

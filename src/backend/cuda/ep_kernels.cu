@@ -34,15 +34,117 @@ extern "C" moe_status moe_cu_ep_pack_counts(const int64_t *off, int P,
   return moe_cu_launch_check("moe_ep_pack_kernel");
 }
 
+/// Capacity mode, sending side: the rows this rank sends to rank q's local
+/// expert e once q's block is cut at `cap` rows (experts in order: the
+/// last rows of the block are the ones cut).
+__global__ void moe_ep_pack_cap_kernel(const int64_t *off, int P, int64_t El,
+                                       int64_t cap, int64_t *send) {
+  int q = (int)(blockIdx.x * blockDim.x + threadIdx.x);
+  if (q >= P) return;
+  int64_t left = cap, *o = send + (int64_t)q * (El + 1);
+  o[0] = 0;
+  for (int64_t e = 0; e < El; e++) {
+    int64_t c = off[q * El + e + 1] - off[q * El + e];
+    int64_t k = c < left ? c : left;
+    o[1 + e] = k;
+    left -= k;
+  }
+}
+
+extern "C" moe_status moe_cu_ep_pack_counts_cap(const int64_t *off, int P,
+                                                int64_t El, int64_t cap,
+                                                int64_t *send, cudaStream_t s) {
+  moe_ep_pack_cap_kernel<<<(unsigned)((P + 63) / 64), 64, 0, s>>>(off, P, El,
+                                                                  cap, send);
+  return moe_cu_launch_check("moe_ep_pack_cap_kernel");
+}
+
+/// Capacity mode: every table of a pass from this rank's offsets and the
+/// counts received, on the device (layout in layer_cuda_ep.h). One thread:
+/// the tables are O(P * P * El) small integers, and computing them here
+/// keeps every count off the host.
+__global__ void moe_ep_cap_tables_kernel(const int64_t *off,
+                                         const int64_t *recv, int P, int64_t El,
+                                         int64_t cap, int64_t *m,
+                                         int64_t *dropped) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  int64_t n = (int64_t)P * El, nb = (int64_t)P * (El + 1);
+  int64_t *rc = m, *loff = rc + n, *adst = loff + El + 1, *asrc = adst + n + 1;
+  int64_t *bdst = asrc + n, *bsrc = bdst + nb + 1, *kdst = bsrc + nb;
+  int64_t *ksrc = kdst + 2 * P + 1, *udst = ksrc + 2 * P;
+  int64_t *usrc = udst + 2 * P + 1;
+  for (int s = 0; s < P; s++)
+    for (int64_t e = 0; e < El; e++)
+      rc[s * El + e] = recv[s * (El + 1) + 1 + e];
+  loff[0] = 0;
+  for (int64_t e = 0; e < El; e++) {
+    int64_t t = 0;
+    for (int s = 0; s < P; s++)
+      t += rc[s * El + e];
+    loff[e + 1] = loff[e] + t;
+  }
+  /* A: slabs by source -> rows by (expert, source); B: the way back, each
+     slab's unused tail a zero-filled chunk (src -1) */
+  for (int s = 0; s < P; s++) {
+    int64_t src = (int64_t)s * cap;
+    for (int64_t e = 0; e < El; e++) {
+      int64_t dst = loff[e];
+      for (int s2 = 0; s2 < s; s2++)
+        dst += rc[s2 * El + e];
+      adst[e * P + s] = dst;
+      asrc[e * P + s] = src;
+      bdst[s * (El + 1) + e] = src;
+      bsrc[s * (El + 1) + e] = dst;
+      src += rc[s * El + e];
+    }
+    bdst[s * (El + 1) + El] = src;
+    bsrc[s * (El + 1) + El] = -1;
+  }
+  adst[n] = loff[El];
+  bdst[nb] = (int64_t)P * cap;
+  /* K: sorted rows -> one slab of cap rows per destination (kept rows,
+     then zeros); U: slabs back -> sorted rows (cut rows get zeros) */
+  int64_t drop = 0;
+  for (int q = 0; q < P; q++) {
+    int64_t a = off[q * El], sc = off[(q + 1) * El] - a;
+    int64_t kept = sc < cap ? sc : cap;
+    drop += sc - kept;
+    kdst[2 * q] = (int64_t)q * cap;
+    ksrc[2 * q] = a;
+    kdst[2 * q + 1] = (int64_t)q * cap + kept;
+    ksrc[2 * q + 1] = -1;
+    udst[2 * q] = a;
+    usrc[2 * q] = (int64_t)q * cap;
+    udst[2 * q + 1] = a + kept;
+    usrc[2 * q + 1] = -1;
+  }
+  kdst[2 * P] = (int64_t)P * cap;
+  udst[2 * P] = off[n];
+  if (dropped) *dropped += drop;
+}
+
+extern "C" moe_status moe_cu_ep_cap_tables(const int64_t *off,
+                                           const int64_t *recv, int P,
+                                           int64_t El, int64_t cap,
+                                           int64_t *meta, int64_t *dropped,
+                                           cudaStream_t s) {
+  moe_ep_cap_tables_kernel<<<1, 32, 0, s>>>(off, recv, P, El, cap, meta,
+                                            dropped);
+  return moe_cu_launch_check("moe_ep_cap_tables_kernel");
+}
+
 /// One warp per destination row: finds the row's chunk (the last chunk
 /// starting at or before it; empty chunks share their start with the next
-/// one and are skipped by the search) and copies the row.
+/// one and are skipped by the search) and copies the row, or writes zeros
+/// for a chunk whose source is -1. `rows` is a host bound; the table's end
+/// ds[n] (on the device) is the true count.
 template <typename V>
 __global__ void moe_ep_shuffle_kernel(const V *src, V *dst, int64_t vpr,
                                       const int64_t *ds, const int64_t *ss,
                                       int n, int64_t rows) {
   const int warps = blockDim.x >> 5, lane = threadIdx.x & 31;
-  for (int64_t r = (int64_t)blockIdx.x * warps + (threadIdx.x >> 5); r < rows;
+  int64_t end = ds[n] < rows ? ds[n] : rows;
+  for (int64_t r = (int64_t)blockIdx.x * warps + (threadIdx.x >> 5); r < end;
        r += (int64_t)gridDim.x * warps) {
     int lo = 0, hi = n - 1;
     while (lo < hi) {
@@ -52,8 +154,13 @@ __global__ void moe_ep_shuffle_kernel(const V *src, V *dst, int64_t vpr,
       else
         hi = mid - 1;
     }
-    const V *a = src + (ss[lo] + (r - ds[lo])) * vpr;
     V *b = dst + r * vpr;
+    if (ss[lo] < 0) {
+      for (int64_t j = lane; j < vpr; j += 32)
+        b[j] = V{};
+      continue;
+    }
+    const V *a = src + (ss[lo] + (r - ds[lo])) * vpr;
     for (int64_t j = lane; j < vpr; j += 32)
       b[j] = a[j];
   }

@@ -216,7 +216,8 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
   /* Over several ranks every rank must reach the same verdict: the checks'
      results are agreed on before anyone returns. */
   int64_t ep_rows = 0;
-  MOE_TRY(ranks > 1 ? moe_cu_ep_agree(&d, local, &ep_rows) : local);
+  moe_cu_ep_mode ep_mode;
+  MOE_TRY(ranks > 1 ? moe_cu_ep_agree(&d, local, &ep_rows, &ep_mode) : local);
 
   moe_cuda_plan *cp = calloc(1, sizeof *cp);
   if (!cp)
@@ -309,7 +310,7 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
                              "a token's logits do not depend on the batch), "
                              "its dW by cuBLAS"
                            : "by cuBLAS");
-  if (ranks > 1) moe_cu_ep_explain(p, len);
+  if (ranks > 1) moe_cu_ep_explain(p, &ep_mode, len);
 
   moe_layer_sizes sz;
   moe_cuda_sizes(p, d.max_tokens, &sz);
@@ -330,12 +331,16 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
     int prev;
     s = moe_cu_enter(d.device.index, &prev);
     if (s == MOE_SUCCESS) {
-      s = moe_cu_ep_create(p, &cp->ep);
+      s = moe_cu_ep_create(p, &ep_mode, &cp->ep);
       moe_cu_leave(d.device.index, prev);
     }
   }
   if (s != MOE_SUCCESS) moe_cuda_plan_destroy(p);
   return s;
+}
+
+moe_cu_ep *moe_cuda_plan_ep(const moe_layer_plan *p) {
+  return p->ctx ? moe_cp(p)->ep : NULL;
 }
 
 static void moe_cuda_plan_destroy(moe_layer_plan *plan) {

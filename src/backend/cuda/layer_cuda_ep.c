@@ -1,24 +1,33 @@
 /// @file layer_cuda_ep.c
-/// Expert parallelism of the CUDA layer over NCCL: plan-time agreement and
-/// explanation, the exchange state, and the begin / dispatch / combine
-/// steps layer_cuda.c calls (protocol in layer_cuda_ep.h).
+/// Expert parallelism of the CUDA layer over a communicator with a device
+/// face (NCCL, or the virtual ranks of one GPU): plan-time agreement, the
+/// choice of exchange and its explanation, the exchange state, and the
+/// begin / dispatch / combine steps layer_cuda.c calls (protocol in
+/// layer_cuda_ep.h).
 ///
-/// Why one host sync per pass: ncclSend/ncclRecv take their byte counts
-/// from the host, and how many rows travel depends on the routing, which
-/// the GPU computes. The counts cross the ranks on the device (a small
-/// all-to-all of {status, rows per local expert}); the host then reads
-/// them once. The alternative without a sync — fixed worst-case messages
-/// (max_tokens * top_k rows to every rank, mostly padding) — moves up to P
-/// times the bytes; a device-initiated exchange (NVSHMEM-style) is out of
-/// this file's scope. The sync is also where every rank learns whether the
-/// others failed, so a bad argument on one rank stops all of them.
+/// Two exchanges:
+///  - exact: ncclSend/ncclRecv take their byte counts from the host, and how
+///    many rows travel depends on the routing, which the GPU computes. The
+///    counts cross the ranks on the device (a small all-to-all of {status,
+///    rows per local expert}); the host then reads them once per pass. That
+///    sync is also where every rank learns whether the others failed.
+///  - capacity: every rank pair exchanges a fixed block of `cap` rows, so
+///    the byte counts are known at plan time; the counts (cut at the
+///    capacity) still cross on the device and every table is built there,
+///    so nothing waits for the GPU and a step can be captured in a graph.
+///    It moves the padded blocks (up to P times the exact bytes at the
+///    lossless default); the ranks agree on failures by a host collective
+///    of one status each. A device-initiated exchange (NVSHMEM-style) is
+///    out of this file's scope.
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 
-#include "comm/comm_nccl.h"
+#include "comm/comm.h"
 #include "backend/cuda/layer_cuda_ep.h"
 #include "backend/cuda/cuda_internal.h"
 #include "layer/ep.h"
+#include "moe_cuda.h"
 
 struct moe_cu_ep {
   moe_comm *comm;
@@ -38,50 +47,167 @@ struct moe_cu_ep {
      (sc, sd) and the rows it receives from rank s (rv, rd) */
   int64_t *sc, *sd, *rv, *rd;
   int64_t *bytes; /* [4P] byte counts of one exchange */
+  int64_t *uni;   /* [2P] counts, displacements of the counts' exchange */
+  int64_t *hst;   /* [2P] the capacity mode's host status exchange */
+  /* capacity mode: blocks of cap rows per rank pair; dropped rows counted
+     on the device */
+  bool capacity;
+  int64_t cap, s_max;
+  moe_ep_overflow overflow;
+  int64_t *d_dropped;
   int64_t R;
 };
 
 /* ---- plan -------------------------------------------------------------- */
 
+/* The planner's cost model for the exchange (moe_cu_ep_choose). A host
+   sync costs the wait plus the launch queue running dry behind it; the
+   links are what one GPU's all-to-all sustains: NVLink 4 (H100/H200 SXM,
+   450 GB/s a direction, ~350 GB/s reached by NCCL's all-to-all) and, for
+   virtual ranks, device-to-device copies (HBM read + write) shared by the
+   P ranks of the GPU. */
+enum { MOE_EP_SYNC_US = 30 };
+static const double moe_ep_nvlink_gbs = 350.0, moe_ep_virtual_gbs = 1500.0;
+
+/// Picks exact or capacity mode from agreed fields only, so that every
+/// rank picks the same.
+static void moe_cu_ep_choose(const moe_layer_desc *d, int P, int64_t tmax,
+                             moe_cu_ep_mode *m) {
+  int64_t worst = tmax * d->top_k;
+  double f = d->ep_capacity_factor > 0 ? d->ep_capacity_factor : (double)P;
+  double c = ceil(f * (double)worst / (double)P);
+  m->cap = c < 1 ? 1 : c > (double)worst ? worst : (int64_t)c;
+  if (worst < 1) m->cap = 1;
+  bool virt = moe_comm_is_virtual(d->comm);
+  double es = (double)moe_dtype_size(d->dtype);
+  double row = (double)d->hidden * (3.0 * es + 4.0); /* 4 exchanges a step */
+  /* virtual ranks share one GPU's memory: P ranks copy at once */
+  double gbs = virt ? moe_ep_virtual_gbs / P : moe_ep_nvlink_gbs;
+  double exact_rows = (double)worst * (P - 1) / P; /* uniform routing */
+  double cap_rows = (double)m->cap * (P - 1);
+  double exact_us = exact_rows * row / (gbs * 1e3) + 2.0 * MOE_EP_SYNC_US;
+  double cap_us = cap_rows * row / (gbs * 1e3);
+  const char *src = d->ep_capacity_factor > 0 ? "desc.ep_capacity_factor"
+                                              : "the lossless default P";
+  int n = snprintf(
+      m->why, sizeof m->why,
+      "ep: capacity %lld rows per rank pair (factor %.3g, %s; worst case "
+      "%lld); per step (4 exchanges, %s at %.0f GB/s) exact moves ~%.0f "
+      "rows + 2 host syncs (~%d us each) = %.1f us, capacity moves %.0f "
+      "rows = %.1f us -> ",
+      (long long)m->cap, f, src, (long long)worst,
+      virt ? "device copies" : "NVLink", gbs, exact_rows, MOE_EP_SYNC_US,
+      exact_us, cap_rows, cap_us);
+  if (n < 0 || (size_t)n >= sizeof m->why) n = 0;
+  char *w = m->why + n;
+  size_t left = sizeof m->why - (size_t)n;
+  if (d->ep_exchange == MOE_EP_EXCHANGE_CAPACITY) {
+    m->capacity = true;
+    snprintf(w, left, "capacity (desc.ep_exchange)");
+  } else if (d->ep_exchange == MOE_EP_EXCHANGE_EXACT) {
+    m->capacity = false;
+    snprintf(w, left, "exact (desc.ep_exchange)");
+  } else if (d->strict) {
+    m->capacity = true;
+    snprintf(w, left,
+             "capacity (strict mode refuses the exact mode's "
+             "host sync)");
+  } else if (d->method != MOE_GMM_GROUPED) {
+    m->capacity = false;
+    snprintf(w, left,
+             "exact (desc.method is not pinned to grouped: the "
+             "cuBLAS loop the planner may pick needs host counts)");
+  } else {
+    m->capacity = cap_us < exact_us;
+    snprintf(w, left, "%s (the cheaper)", m->capacity ? "capacity" : "exact");
+  }
+}
+
 moe_status moe_cu_ep_agree(const moe_layer_desc *d, moe_status local,
-                           int64_t *max_rows) {
+                           int64_t *max_rows, moe_cu_ep_mode *mode) {
   moe_comm *c = d->comm;
   int P = c->size;
+  memset(mode, 0, sizeof *mode);
   if (local == MOE_SUCCESS) {
-    if (!moe_comm_is_nccl(c))
+    if (!c->ops->alltoallv_dev)
       local = moe_error(MOE_ERR_UNIMPLEMENTED,
                         "desc.comm: a %s communicator; the CUDA layer moves "
                         "rows between GPUs over NCCL (moe_comm_create_nccl "
-                        "or moe_comm_create_nccl_all)",
+                        "or moe_comm_create_nccl_all) or between the virtual "
+                        "ranks of one GPU (moe_comm_create_virtual)",
                         c->ops->name);
-    else if (moe_comm_nccl_device(c) != d->device.index)
+    else if (c->ops->device(c) != d->device.index)
       local = moe_error(MOE_ERR_INVALID_ARGUMENT,
                         "desc.device.index = %d, but desc.comm (rank %d) "
                         "runs on CUDA device %d",
-                        d->device.index, c->rank, moe_comm_nccl_device(c));
+                        d->device.index, c->rank, c->ops->device(c));
     else if (d->num_experts % P != 0)
       local = moe_error(MOE_ERR_INVALID_ARGUMENT,
                         "desc.num_experts = %lld is not divisible by the %d "
                         "ranks of desc.comm",
                         (long long)d->num_experts, P);
-    else if (d->strict)
+    else if (d->strict && d->ep_exchange == MOE_EP_EXCHANGE_EXACT)
       local = moe_error(MOE_ERR_STRICT,
-                        "desc.strict: expert parallelism over NCCL reads the "
-                        "exchange counts on the host (ncclSend/ncclRecv take "
+                        "desc.strict with desc.ep_exchange = "
+                        "MOE_EP_EXCHANGE_EXACT: the exact exchange reads the "
+                        "row counts on the host (NCCL's send/receive take "
                         "host sizes): one stream sync per forward and per "
-                        "backward, which strict mode forbids");
+                        "backward, which strict mode forbids; "
+                        "MOE_EP_EXCHANGE_CAPACITY needs none");
+    else if (d->ep_exchange == MOE_EP_EXCHANGE_CAPACITY &&
+             d->method == MOE_GMM_LOOP)
+      local = moe_error(MOE_ERR_INVALID_ARGUMENT,
+                        "desc.ep_exchange = MOE_EP_EXCHANGE_CAPACITY with "
+                        "desc.method = MOE_GMM_LOOP: the cuBLAS loop needs "
+                        "the row counts on the host, which capacity mode "
+                        "never reads; use MOE_GMM_GROUPED");
+    else if (d->strict && d->method == MOE_GMM_LOOP)
+      local = moe_error(MOE_ERR_STRICT,
+                        "desc.strict with desc.method = MOE_GMM_LOOP under "
+                        "expert parallelism: the loop needs the row counts "
+                        "on the host (a stream sync)");
   }
-  return moe_ep_agree(d, local, max_rows);
+  int64_t tmax = 0;
+  MOE_TRY(moe_ep_agree_ex(d, local, max_rows, &tmax));
+  moe_cu_ep_choose(d, P, tmax, mode);
+  if (mode->capacity) {
+    /* the slabs hold P * cap rows; bound their bytes as moe_ep_agree bounds
+       the exact mode's (agreed fields only: every rank says the same) */
+    int64_t rows, x;
+    if (!moe_mul_ok(P, mode->cap, &rows) ||
+        !moe_mul_ok(2, d->intermediate, &x) || !moe_add_ok(x, d->hidden, &x) ||
+        !moe_mul_ok(rows, x, &x) || !moe_mul_ok(x, 4, &x) ||
+        x > ((int64_t)1 << 56))
+      return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                       "desc: capacity mode's blocks (%d ranks x %lld rows "
+                       "per pair) overflow the buffer sizes; lower "
+                       "desc.ep_capacity_factor or max_tokens",
+                       P, (long long)mode->cap);
+    if (rows > *max_rows) *max_rows = rows;
+    /* every rank has the same kind of communicator: the same verdict */
+    if (d->strict && !moe_comm_is_virtual(c))
+      return moe_error(MOE_ERR_STRICT,
+                       "desc.strict: capacity mode over a %s communicator "
+                       "still agrees on failures through its host "
+                       "collective, which stages through device memory "
+                       "(an allocation, a stream sync and a free per "
+                       "pass); only virtual ranks agree without waiting for "
+                       "the GPU so far",
+                       c->ops->name);
+  }
+  return MOE_SUCCESS;
 }
 
 size_t moe_cu_ep_meta_bytes(const moe_layer_plan *p) {
   int64_t n = (int64_t)p->ranks * p->e_local;
-  /* rc [n] | loff [El+1] | A_dst [n+1] | A_src [n] | B_dst [n+1] | B_src [n] */
-  size_t elems = (size_t)(5 * n + p->e_local + 3);
+  /* exact: rc [n] | loff [El+1] | A_dst [n+1] | A_src [n] | B_dst [n+1] |
+     B_src [n]; capacity (layer_cuda_ep.h): 5n + El + 10P + 5 */
+  size_t elems = (size_t)(5 * n + p->e_local + 10 * p->ranks + 8);
   return (elems * sizeof(int64_t) + 255u) & ~(size_t)255u;
 }
 
-moe_status moe_cu_ep_create(const moe_layer_plan *p, moe_cu_ep **out) {
+moe_status moe_cu_ep_create(const moe_layer_plan *p, const moe_cu_ep_mode *mode,
+                            moe_cu_ep **out) {
   *out = NULL;
   moe_cu_ep *ep = calloc(1, sizeof *ep);
   if (!ep)
@@ -93,9 +219,13 @@ moe_status moe_cu_ep_create(const moe_layer_plan *p, moe_cu_ep **out) {
   ep->E = p->d.num_experts;
   ep->n = (int64_t)ep->P * ep->El;
   ep->max_rows = p->max_rows;
+  ep->capacity = mode->capacity;
+  ep->cap = mode->cap;
+  ep->s_max = p->d.max_tokens * p->d.top_k;
+  ep->overflow = p->d.ep_overflow;
   ep->meta_elems = moe_cu_ep_meta_bytes(p) / sizeof(int64_t);
   size_t blk = (size_t)ep->P * (size_t)(ep->El + 1);
-  ep->sc = calloc(8 * (size_t)ep->P, sizeof(int64_t));
+  ep->sc = calloc(12 * (size_t)ep->P, sizeof(int64_t));
   moe_status s = ep->sc ? MOE_SUCCESS
                         : moe_error(MOE_ERR_OUT_OF_MEMORY,
                                     "moe_layer_plan_create: no memory");
@@ -104,11 +234,21 @@ moe_status moe_cu_ep_create(const moe_layer_plan *p, moe_cu_ep **out) {
     ep->rv = ep->sc + 2 * ep->P;
     ep->rd = ep->sc + 3 * ep->P;
     ep->bytes = ep->sc + 4 * ep->P;
-    s = moe_cu_check(cudaMalloc((void **)&ep->d_send, 2 * blk * 8),
+    ep->uni = ep->sc + 8 * ep->P;
+    ep->hst = ep->sc + 10 * ep->P;
+    for (int q = 0; q < ep->P; q++) {
+      ep->uni[q] = (int64_t)((size_t)(ep->El + 1) * sizeof(int64_t));
+      ep->uni[ep->P + q] = q * ep->uni[q];
+    }
+    s = moe_cu_check(cudaMalloc((void **)&ep->d_send, (2 * blk + 1) * 8),
                      "cudaMalloc(EP counts)");
   }
   if (s == MOE_SUCCESS) {
     ep->d_recv = ep->d_send + blk;
+    ep->d_dropped = ep->d_recv + blk;
+    s = moe_cu_check(cudaMemset(ep->d_dropped, 0, 8), "cudaMemset");
+  }
+  if (s == MOE_SUCCESS) {
     size_t host = blk + (size_t)(ep->E + 1) + ep->meta_elems;
     s = moe_cu_check(cudaMallocHost((void **)&ep->h_recv, host * 8),
                      "cudaMallocHost(EP counts)");
@@ -152,20 +292,36 @@ void moe_cu_ep_destroy(moe_cu_ep *ep) {
   free(ep);
 }
 
-void moe_cu_ep_explain(moe_layer_plan *p, size_t *len) {
+void moe_cu_ep_explain(moe_layer_plan *p, const moe_cu_ep_mode *mode,
+                       size_t *len) {
   moe_ep_explain(p, len);
   size_t cap = sizeof p->explain;
   if (*len >= cap) return;
+  bool virt = moe_comm_is_virtual(p->d.comm);
   int n = snprintf(
       p->explain + *len, cap - *len,
-      "ep (cuda): counts cross the ranks on the device (an all-to-all of "
-      "{status, rows per local expert}); ncclSend/ncclRecv need byte counts "
-      "on the host, so forward and backward each wait for their stream once "
-      "(strict mode refuses expert parallelism)\n"
+      "%s\n%s"
       "ep (cuda): rows are gathered into a send buffer in expert order, "
-      "travel by grouped ncclSend/ncclRecv in rank order and are shuffled "
-      "into (expert, source rank) order on the device; the combine mirrors "
-      "it; the method's GEMMs run on the local experts\n");
+      "travel %s in rank order and are shuffled into (expert, source rank) "
+      "order on the device; the combine mirrors it; the method's GEMMs run "
+      "on the local experts\n%s",
+      mode->why,
+      mode->capacity
+          ? "ep (cuda): capacity mode: counts cut at the capacity cross the "
+            "ranks on the device and every table is computed there; blocks "
+            "of fixed size travel, so no count reaches the host and a step "
+            "can be captured in a CUDA graph; rows beyond the capacity are "
+            "dropped and counted (moe_cuda_ep_dropped); the ranks agree on "
+            "failures by a host collective of one status each\n"
+          : "ep (cuda): exact mode: counts cross the ranks on the device (an "
+            "all-to-all of {status, rows per local expert}); the send and "
+            "receive sizes are host numbers, so forward and backward each "
+            "wait for their stream once (strict mode refuses it)\n",
+      virt ? "as device-to-device copies between the virtual ranks' buffers"
+           : "by grouped ncclSend/ncclRecv",
+      virt ? "ep (cuda): virtual ranks: all ranks share one GPU; timings "
+             "measure kernels and bookkeeping, not a network\n"
+           : "");
   if (n > 0) *len += (size_t)n;
   if (*len >= cap) *len = cap - 1;
 }
@@ -208,6 +364,15 @@ static moe_status moe_cu_ep_sizes(moe_cu_ep *ep, bool tables) {
   return MOE_SUCCESS;
 }
 
+/// The communicator's device all-to-all (NCCL or virtual ranks), on `s`.
+static moe_status moe_cu_ep_a2a(moe_cu_ep *ep, const void *send,
+                                const int64_t *sc, const int64_t *sd,
+                                void *recv, const int64_t *rc,
+                                const int64_t *rd, cudaStream_t s) {
+  return ep->comm->ops->alltoallv_dev(ep->comm, send, sc, sd, recv, rc, rd,
+                                      (void *)s);
+}
+
 static moe_status moe_cu_ep_wait_pinned(moe_cu_ep *ep) {
   if (!ep->pending) return MOE_SUCCESS;
   ep->pending = false;
@@ -228,7 +393,8 @@ static moe_status moe_cu_ep_agree_step(moe_cu_ep *ep, moe_status local,
                                                                  : NULL,
                                ep->P, ep->El, (int64_t)local, ep->d_send, s);
   if (st == MOE_SUCCESS)
-    st = moe_nccl_alltoall_dev(ep->comm, ep->d_send, ep->d_recv, blk, s);
+    st = moe_cu_ep_a2a(ep, ep->d_send, ep->uni, ep->uni + ep->P, ep->d_recv,
+                       ep->uni, ep->uni + ep->P, s);
   out->joined = true;
   if (st == MOE_SUCCESS)
     st = moe_cu_check(cudaMemcpyAsync(ep->h_recv, ep->d_recv,
@@ -263,16 +429,73 @@ static moe_status moe_cu_ep_agree_step(moe_cu_ep *ep, moe_status local,
 
 static void moe_cu_ep_rows_of(const moe_cu_ep *ep, const char *meta,
                               moe_cu_ep_rows *out) {
-  out->rows = ep->R;
+  out->rows = ep->capacity ? (int64_t)ep->P * ep->cap : ep->R;
   out->loff_dev = (const int64_t *)meta + ep->n;
-  out->loff_host = ep->h_meta + ep->n;
+  out->loff_host = ep->capacity ? NULL : ep->h_meta + ep->n;
+}
+
+/// Capacity mode's agreement on failures: one status per rank through the
+/// communicator's host collective. Virtual ranks meet on the host without
+/// touching the GPU; NCCL's host collective stages through device memory it
+/// allocates and frees, with a stream sync (cudaFree waits for the whole
+/// device), so strict mode refuses capacity mode over NCCL (plan time).
+static moe_status moe_cu_ep_status_host(moe_cu_ep *ep, moe_status local,
+                                        bool backward, moe_cu_ep_rows *out) {
+  memset(out, 0, sizeof *out);
+  int P = ep->P;
+  for (int q = 0; q < P; q++)
+    ep->hst[q] = (int64_t)local;
+  moe_status st =
+      ep->comm->ops->alltoall_i64(ep->comm, ep->hst, ep->hst + P, 1);
+  out->joined = true;
+  if (st != MOE_SUCCESS) return st;
+  if (local != MOE_SUCCESS) return local; /* this rank's own message stays */
+  for (int q = 0; q < P; q++) {
+    moe_status qs = (moe_status)ep->hst[P + q];
+    if (qs != MOE_SUCCESS)
+      return moe_error(qs,
+                       "expert parallelism: rank %d of %d failed in the %s "
+                       "with %s; that rank's moe_last_error() says why",
+                       q, P, backward ? "backward" : "forward",
+                       moe_status_name(qs));
+  }
+  return MOE_SUCCESS;
+}
+
+/// Capacity mode's forward begin: the agreement on the host, then counts
+/// cut at the capacity cross the ranks and the tables are built, all on
+/// the device.
+static moe_status moe_cu_ep_forward_begin_cap(moe_cu_ep *ep,
+                                              const moe_layer_plan *p,
+                                              const int64_t *offsets,
+                                              char *meta, cudaStream_t s,
+                                              moe_cu_ep_rows *out) {
+  /* checked before the agreement, so that every rank hears of it */
+  moe_status local = MOE_SUCCESS;
+  if (p->method[0] == MOE_GMM_LOOP || p->method[1] == MOE_GMM_LOOP)
+    local = moe_error(MOE_ERR_UNIMPLEMENTED,
+                      "expert parallelism: capacity mode never reads the row "
+                      "counts on the host, but the planner picked the cuBLAS "
+                      "loop, which needs them; pin desc.method = "
+                      "MOE_GMM_GROUPED");
+  MOE_TRY(moe_cu_ep_status_host(ep, local, false, out));
+  MOE_TRY(moe_cu_ep_pack_counts_cap(offsets, ep->P, ep->El, ep->cap, ep->d_send,
+                                    s));
+  MOE_TRY(moe_cu_ep_a2a(ep, ep->d_send, ep->uni, ep->uni + ep->P, ep->d_recv,
+                        ep->uni, ep->uni + ep->P, s));
+  MOE_TRY(moe_cu_ep_cap_tables(offsets, ep->d_recv, ep->P, ep->El, ep->cap,
+                               (int64_t *)meta, ep->d_dropped, s));
+  moe_cu_ep_rows_of(ep, meta, out);
+  out->joined = true;
+  return MOE_SUCCESS;
 }
 
 moe_status moe_cu_ep_forward_begin(moe_cu_ep *ep, const moe_layer_plan *p,
                                    moe_status local, const int64_t *offsets,
                                    char *meta, cudaStream_t s,
                                    moe_cu_ep_rows *out) {
-  (void)p;
+  if (ep->capacity)
+    return moe_cu_ep_forward_begin_cap(ep, p, offsets, meta, s, out);
   MOE_TRY(moe_cu_ep_agree_step(ep, local, false, offsets, NULL, s, out));
   moe_ep_counts_of(ep->P, ep->El, ep->h_recv, ep->h_meta);
   MOE_TRY(moe_cu_ep_sizes(ep, true));
@@ -291,6 +514,12 @@ moe_status moe_cu_ep_backward_begin(moe_cu_ep *ep, const moe_layer_plan *p,
                                     const char *meta, cudaStream_t s,
                                     moe_cu_ep_rows *out) {
   (void)p;
+  if (ep->capacity) {
+    MOE_TRY(moe_cu_ep_status_host(ep, local, true, out));
+    moe_cu_ep_rows_of(ep, meta, out);
+    out->joined = true;
+    return MOE_SUCCESS;
+  }
   MOE_TRY(moe_cu_ep_agree_step(ep, local, true, offsets, meta, s, out));
   MOE_TRY(moe_cu_ep_sizes(ep, false));
   moe_cu_ep_rows_of(ep, meta, out);
@@ -302,7 +531,10 @@ moe_status moe_cu_ep_fail(moe_cu_ep *ep, moe_status s, bool backward,
   char msg[1024];
   snprintf(msg, sizeof msg, "%s", moe_last_error());
   moe_cu_ep_rows r;
-  moe_cu_ep_agree_step(ep, s, backward, NULL, NULL, st, &r);
+  if (ep->capacity)
+    moe_cu_ep_status_host(ep, s, backward, &r);
+  else
+    moe_cu_ep_agree_step(ep, s, backward, NULL, NULL, st, &r);
   return moe_error(s, "%s", msg);
 }
 
@@ -314,6 +546,20 @@ static void moe_cu_ep_bytes(moe_cu_ep *ep, size_t rb, int64_t **mc,
                             int64_t **md, int64_t **tc, int64_t **td) {
   int P = ep->P;
   int64_t *b = ep->bytes;
+  if (ep->capacity) {
+    int64_t blk = ep->cap * (int64_t)rb;
+    for (int q = 0; q < P; q++)
+      b[q] = b[P + q] = b[2 * P + q] = b[3 * P + q] = 0;
+    for (int q = 0; q < P; q++) {
+      b[q] = b[2 * P + q] = blk;
+      b[P + q] = b[3 * P + q] = q * blk;
+    }
+    *mc = b;
+    *md = b + P;
+    *tc = b + 2 * P;
+    *td = b + 3 * P;
+    return;
+  }
   for (int q = 0; q < P; q++) {
     b[q] = ep->sc[q] * (int64_t)rb;
     b[P + q] = ep->sd[q] * (int64_t)rb;
@@ -326,12 +572,66 @@ static void moe_cu_ep_bytes(moe_cu_ep *ep, size_t rb, int64_t **mc,
   *td = b + 3 * P;
 }
 
+/// Capacity mode's table pointers in meta (layout in layer_cuda_ep.h).
+typedef struct moe_cap_tables {
+  const int64_t *adst, *asrc, *bdst, *bsrc, *kdst, *ksrc, *udst, *usrc;
+} moe_cap_tables;
+
+static moe_cap_tables moe_cu_ep_cap_of(const moe_cu_ep *ep, const char *meta) {
+  int64_t n = ep->n, El = ep->El, P = ep->P, nb = P * (El + 1);
+  const int64_t *m = (const int64_t *)meta;
+  moe_cap_tables t;
+  t.adst = m + n + El + 1;
+  t.asrc = t.adst + n + 1;
+  t.bdst = t.asrc + n;
+  t.bsrc = t.bdst + nb + 1;
+  t.kdst = t.bsrc + nb;
+  t.ksrc = t.kdst + 2 * P + 1;
+  t.udst = t.ksrc + 2 * P;
+  t.usrc = t.udst + 2 * P + 1;
+  return t;
+}
+
+/// Capacity mode: rows (sorted) -> out as slabs of cap rows per
+/// destination, slabs exchanged into stage, stage -> out in expert order.
+static moe_status moe_cu_ep_dispatch_cap(moe_cu_ep *ep, const char *meta,
+                                         const void *rows, size_t rb,
+                                         void *stage, void *out,
+                                         cudaStream_t s) {
+  moe_cap_tables t = moe_cu_ep_cap_of(ep, meta);
+  int64_t slab = (int64_t)ep->P * ep->cap;
+  MOE_TRY(moe_cu_ep_shuffle(rows, out, rb, t.kdst, t.ksrc, 2 * ep->P, slab, s));
+  int64_t *mc, *md, *tc, *td;
+  moe_cu_ep_bytes(ep, rb, &mc, &md, &tc, &td);
+  MOE_TRY(moe_cu_ep_a2a(ep, out, mc, md, stage, tc, td, s));
+  return moe_cu_ep_shuffle(stage, out, rb, t.adst, t.asrc, ep->n, slab, s);
+}
+
+/// Capacity mode: in (expert order) -> stage as slabs by source, slabs
+/// exchanged back into in, in -> out (sorted; rows cut at the capacity
+/// get zeros).
+static moe_status moe_cu_ep_combine_cap(moe_cu_ep *ep, const char *meta,
+                                        void *in, size_t rb, void *stage,
+                                        void *out, cudaStream_t s) {
+  moe_cap_tables t = moe_cu_ep_cap_of(ep, meta);
+  int64_t slab = (int64_t)ep->P * ep->cap;
+  MOE_TRY(moe_cu_ep_shuffle(in, stage, rb, t.bdst, t.bsrc,
+                            (int64_t)ep->P * (ep->El + 1), slab, s));
+  int64_t *mc, *md, *tc, *td;
+  moe_cu_ep_bytes(ep, rb, &mc, &md, &tc, &td);
+  MOE_TRY(moe_cu_ep_a2a(ep, stage, tc, td, in, mc, md, s));
+  return moe_cu_ep_shuffle(in, out, rb, t.udst, t.usrc, 2 * ep->P, ep->s_max,
+                           s);
+}
+
 moe_status moe_cu_ep_dispatch(moe_cu_ep *ep, const char *meta, const void *rows,
                               size_t row_bytes, void *stage, void *out,
                               cudaStream_t s) {
+  if (ep->capacity)
+    return moe_cu_ep_dispatch_cap(ep, meta, rows, row_bytes, stage, out, s);
   int64_t *mc, *md, *tc, *td;
   moe_cu_ep_bytes(ep, row_bytes, &mc, &md, &tc, &td);
-  MOE_TRY(moe_nccl_alltoallv_dev(ep->comm, rows, mc, md, stage, tc, td, s));
+  MOE_TRY(moe_cu_ep_a2a(ep, rows, mc, md, stage, tc, td, s));
   const int64_t *m = (const int64_t *)meta;
   const int64_t *adst = m + ep->n + ep->El + 1, *asrc = adst + ep->n + 1;
   return moe_cu_ep_shuffle(stage, out, row_bytes, adst, asrc, ep->n, ep->R, s);
@@ -340,13 +640,16 @@ moe_status moe_cu_ep_dispatch(moe_cu_ep *ep, const char *meta, const void *rows,
 moe_status moe_cu_ep_combine(moe_cu_ep *ep, const char *meta, const void *in,
                              size_t row_bytes, void *stage, void *out,
                              cudaStream_t s) {
+  if (ep->capacity)
+    return moe_cu_ep_combine_cap(ep, meta, (void *)in, row_bytes, stage, out,
+                                 s);
   const int64_t *m = (const int64_t *)meta;
   const int64_t *adst = m + ep->n + ep->El + 1, *asrc = adst + ep->n + 1;
   const int64_t *bdst = asrc + ep->n, *bsrc = bdst + ep->n + 1;
   MOE_TRY(moe_cu_ep_shuffle(in, stage, row_bytes, bdst, bsrc, ep->n, ep->R, s));
   int64_t *mc, *md, *tc, *td;
   moe_cu_ep_bytes(ep, row_bytes, &mc, &md, &tc, &td);
-  return moe_nccl_alltoallv_dev(ep->comm, stage, tc, td, out, mc, md, s);
+  return moe_cu_ep_a2a(ep, stage, tc, td, out, mc, md, s);
 }
 
 moe_status moe_cu_ep_combine_async(moe_cu_ep *ep, const char *meta,
@@ -366,4 +669,66 @@ moe_status moe_cu_ep_combine_async(moe_cu_ep *ep, const char *meta,
 moe_status moe_cu_ep_combine_wait(moe_cu_ep *ep, cudaStream_t s) {
   return moe_cu_check(cudaStreamWaitEvent(s, ep->join, 0),
                       "cudaStreamWaitEvent");
+}
+
+/* ---- the public count of dropped rows ----------------------------------- */
+
+static moe_status moe_cu_ep_enter(int dev, int *prev) {
+  MOE_TRY(moe_cu_check(cudaGetDevice(prev), "cudaGetDevice"));
+  if (*prev != dev) MOE_TRY(moe_cu_check(cudaSetDevice(dev), "cudaSetDevice"));
+  return MOE_SUCCESS;
+}
+static void moe_cu_ep_leave(int dev, int prev) {
+  if (prev != dev) cudaSetDevice(prev);
+}
+
+moe_status moe_cuda_ep_dropped(moe_layer_plan *plan, void *stream,
+                               int64_t *rows) {
+  if (!plan || !rows)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_cuda_ep_dropped: plan and rows must not be NULL");
+  *rows = 0;
+  if (plan->d.device.type != MOE_DEVICE_CUDA)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_cuda_ep_dropped: the plan is not a CUDA plan");
+  moe_cu_ep *ep = moe_cuda_plan_ep(plan);
+  if (!ep || !ep->capacity) return MOE_SUCCESS; /* nothing is ever dropped */
+  int prev;
+  MOE_TRY(moe_cu_ep_enter(plan->d.device.index, &prev));
+  cudaStream_t s = (cudaStream_t)stream;
+  int64_t got = 0;
+  moe_status st = moe_cu_check(
+      cudaMemcpyAsync(&got, ep->d_dropped, 8, cudaMemcpyDeviceToHost, s),
+      "cudaMemcpyAsync(dropped rows)");
+  if (st == MOE_SUCCESS)
+    st = moe_cu_check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+  moe_cu_ep_leave(plan->d.device.index, prev);
+  MOE_TRY(st);
+  *rows = got;
+  if (got > 0 && ep->overflow == MOE_EP_OVERFLOW_ERROR)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "expert parallelism: %lld routed rows overflowed the "
+                     "capacity of %lld rows per rank pair and were dropped "
+                     "(desc.ep_overflow = MOE_EP_OVERFLOW_ERROR); raise "
+                     "desc.ep_capacity_factor or set MOE_EP_OVERFLOW_DROP",
+                     (long long)got, (long long)ep->cap);
+  return MOE_SUCCESS;
+}
+
+moe_status moe_cuda_ep_dropped_reset(moe_layer_plan *plan, void *stream) {
+  if (!plan)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_cuda_ep_dropped_reset: plan must not be NULL");
+  if (plan->d.device.type != MOE_DEVICE_CUDA)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_cuda_ep_dropped_reset: the plan is not a CUDA plan");
+  moe_cu_ep *ep = moe_cuda_plan_ep(plan);
+  if (!ep || !ep->capacity) return MOE_SUCCESS;
+  int prev;
+  MOE_TRY(moe_cu_ep_enter(plan->d.device.index, &prev));
+  moe_status st =
+      moe_cu_check(cudaMemsetAsync(ep->d_dropped, 0, 8, (cudaStream_t)stream),
+                   "cudaMemsetAsync(dropped rows)");
+  moe_cu_ep_leave(plan->d.device.index, prev);
+  return st;
 }

@@ -1,9 +1,10 @@
 /// @file layer_cuda_ep.h
-/// Expert parallelism of the CUDA layer over an NCCL communicator
-/// (layer_cuda_ep.c, kernels in ep_kernels.cu). layer_cuda.c calls these at
-/// fixed points of its forward and backward when the plan spans ranks.
+/// Expert parallelism of the CUDA layer over a communicator with a device
+/// face: NCCL or virtual ranks (layer_cuda_ep.c, kernels in ep_kernels.cu).
+/// layer_cuda.c calls these at fixed points of its forward and backward
+/// when the plan spans ranks.
 ///
-/// One forward on every rank:
+/// One forward on every rank (exact mode):
 ///   route + sort (global experts) -> gather own rows into `send`
 ///   begin      counts {status, rows per local expert of q} to every rank q
 ///              (device all-to-all), then ONE stream sync to read them:
@@ -15,6 +16,11 @@
 ///              sorted by global expert
 /// The backward begins with a status exchange plus reading the saved
 /// counts (one sync), then dispatches dY and combines dX the same way.
+/// Capacity mode: begin agrees on the status on the host (no GPU wait),
+/// exchanges the counts cut at `cap` and builds the tables on the device;
+/// dispatch packs slabs of cap rows per destination (K table), exchanges
+/// them and shuffles to expert order (A); combine shuffles back into slabs
+/// (B), exchanges them and unpacks (U, zeros for rows cut at the capacity).
 /// Rows of an expert arrive in (source rank, token) order, the global token
 /// order when ranks hold consecutive slices of the batch: each expert sees
 /// exactly the rows, in the order, one GPU would give it.
@@ -35,8 +41,26 @@ extern "C" {
 /// (off: this rank's sorted expert offsets [P*El + 1], or NULL for zeros).
 moe_status moe_cu_ep_pack_counts(const int64_t *off, int P, int64_t El,
                                  int64_t status, int64_t *send, cudaStream_t s);
-/// dst[r] = src[src_start[i] + r - dst_start[i]] for the chunk i holding r:
-/// dst_start [n + 1] ascending (empty chunks allowed), dst_start[n] = rows.
+/// Capacity mode: send [P][El + 1] as above (status 0) with rank q's block
+/// cut at `cap` rows.
+moe_status moe_cu_ep_pack_counts_cap(const int64_t *off, int P, int64_t El,
+                                     int64_t cap, int64_t *send,
+                                     cudaStream_t s);
+/// Capacity mode: the pass's tables into meta (device), from this rank's
+/// sorted offsets and the counts received [P][El + 1]; adds the rows cut
+/// at the capacity to *dropped (device; NULL: not counted). Layout:
+///   rc [n] | loff [El+1] | A_dst [n+1] | A_src [n] | B_dst [nb+1] |
+///   B_src [nb] | K_dst [2P+1] | K_src [2P] | U_dst [2P+1] | U_src [2P]
+/// with n = P*El, nb = P*(El+1); A: slabs -> expert order, B: back (each
+/// slab's unused tail zero-filled), K: sorted rows -> slabs of cap rows,
+/// U: slabs -> sorted rows (rows cut at the capacity get zeros).
+moe_status moe_cu_ep_cap_tables(const int64_t *off, const int64_t *recv, int P,
+                                int64_t El, int64_t cap, int64_t *meta,
+                                int64_t *dropped, cudaStream_t s);
+/// dst[r] = src[src_start[i] + r - dst_start[i]] for the chunk i holding r,
+/// zeros where src_start[i] is -1: dst_start [n + 1] ascending (empty
+/// chunks allowed), dst_start[n] (device) = rows written; `rows` is a host
+/// bound on it.
 moe_status moe_cu_ep_shuffle(const void *src, void *dst, size_t row_bytes,
                              const int64_t *dst_start, const int64_t *src_start,
                              int64_t n, int64_t rows, cudaStream_t s);
@@ -45,25 +69,39 @@ moe_status moe_cu_ep_shuffle(const void *src, void *dst, size_t row_bytes,
 
 typedef struct moe_cu_ep moe_cu_ep;
 
+/// The exchange a plan runs: exact (one host sync per pass) or capacity
+/// (fixed blocks of `cap` rows per rank pair, no sync), and why.
+typedef struct moe_cu_ep_mode {
+  bool capacity;
+  int64_t cap;   ///< rows per rank pair in capacity mode
+  char why[640]; ///< the planner's reason (for the explanation)
+} moe_cu_ep_mode;
+
 /// Plan time, collective over desc->comm: this rank's verdict `local` on
-/// its own description (plus the CUDA EP checks: an NCCL communicator on
-/// desc.device, no strict mode) is agreed on by every rank; on success
-/// `*max_rows` is the most rows this rank can receive.
+/// its own description (plus the CUDA EP checks: a communicator with a
+/// device face (NCCL, virtual ranks) on desc.device, the exchange mode and
+/// strict mode) is agreed on by every rank; on success `*max_rows` is the
+/// most rows this rank can receive and `*mode` the exchange it runs.
 moe_status moe_cu_ep_agree(const moe_layer_desc *d, moe_status local,
-                           int64_t *max_rows);
+                           int64_t *max_rows, moe_cu_ep_mode *mode);
 /// Allocates the exchange state of a plan (plan's device current).
-moe_status moe_cu_ep_create(const moe_layer_plan *p, moe_cu_ep **ep);
+moe_status moe_cu_ep_create(const moe_layer_plan *p, const moe_cu_ep_mode *mode,
+                            moe_cu_ep **ep);
 void moe_cu_ep_destroy(moe_cu_ep *ep);
 /// Appends the expert-parallel lines to the plan's explanation.
-void moe_cu_ep_explain(moe_layer_plan *p, size_t *len);
+void moe_cu_ep_explain(moe_layer_plan *p, const moe_cu_ep_mode *mode,
+                       size_t *len);
+/// The plan's exchange state (NULL for one rank); layer_cuda.c.
+moe_cu_ep *moe_cuda_plan_ep(const moe_layer_plan *p);
 /// Bytes of `saved` holding the exchange counts and shuffle tables.
 size_t moe_cu_ep_meta_bytes(const moe_layer_plan *p);
 
 /// What begin found: the local experts' rows and offsets.
 typedef struct moe_cu_ep_rows {
-  int64_t rows;             ///< rows received for the local experts
+  int64_t rows;             ///< rows received for the local experts (capacity
+                            ///< mode: a bound; loff_dev[El] is the count)
   const int64_t *loff_dev;  ///< device [El + 1] offsets (in meta)
-  const int64_t *loff_host; ///< host copy (for the cuBLAS loop)
+  const int64_t *loff_host; ///< host copy (cuBLAS loop; NULL in capacity mode)
   bool joined;              ///< this call took part in the agreement
 } moe_cu_ep_rows;
 
