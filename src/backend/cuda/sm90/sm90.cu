@@ -168,7 +168,8 @@ sm90::cout out_of(void *c, int64_t rs) {
 moe_status run_sm90(const moe_cu_gemm *p, const moe_cu_ctx *c,
                     const fused_args *f) {
   bool gk = p->kind == MOE_GROUP_K;
-  int ti = pick_tile(p);
+  /* the dH epilogue exists for one tile (tiles.h) */
+  int ti = f->kind == 2 ? SM90_TILE_DACT : pick_tile(p);
   const tile_row &t = gk ? tiles_k[ti] : tiles_m[ti];
   int sms = 0;
   if (!device_sm90(&sms))
@@ -203,6 +204,9 @@ moe_status run_sm90(const moe_cu_gemm *p, const moe_cu_ctx *c,
     a.act_n = (int)p->N;
     a.o2 = out_of(f->a, p->N);
     a.o3 = out_of(f->dh, 2 * p->N);
+    if (((uintptr_t)f->h & 3u) != 0)
+      return moe_error(MOE_ERR_INTERNAL,
+                       "sm_90 dH epilogue: H must be 4-byte aligned");
     a.h = (const uint16_t *)f->h;
     a.h_ld = 2 * p->N;
     a.row_w = f->row_w;
