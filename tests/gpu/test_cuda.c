@@ -809,9 +809,15 @@ static void layer_case(const lcase *c, uint64_t seed) {
 static void test_layer(void) {
   static const int64_t shapes[][5] = {
       /* E, H, I, k, T */
-      {8, 128, 64, 2, 96}, {16, 64, 96, 4, 50}, {5, 40, 24, 3, 33},
+      {8, 128, 64, 2, 96},
+      {16, 64, 96, 4, 50},
+      {5, 40, 24, 3, 33},
       {6, 36, 20, 2, 40}, /* not multiples of 8: CUDA-core GEMMs */
       {1, 64, 32, 1, 17},
+      /* I over one 128-column tile (the fused dH epilogue's partials of
+         two tiles, the second partial), H over 256 (several column passes
+         under MOE_CUDA_COLS) */
+      {6, 264, 200, 2, 150},
   };
   int nshapes = g_small ? 1 : (int)(sizeof shapes / sizeof shapes[0]);
   uint64_t seed = 100;
