@@ -7,7 +7,13 @@
 ///    floor, the explanation (which names the card and says it is offline);
 ///  - forward and backward refuse with MOE_ERR_INVALID_ARGUMENT naming
 ///    desc.plan_gpu (their arguments point nowhere: nothing may touch them);
-///  - an unknown card, and a card with a CPU device, are refused by name.
+///  - an unknown card, and a card with a CPU device, are refused by name;
+///  - the hidden columns in passes (issue 16, second round): the plan's
+///    pass width C (from its explanation) bounds the backward workspace by
+///    S (max(I, C) + 2I) es + its small parts, MOE_CUDA_COLS=n sets C to n
+///    and =0 to H (one pass), and passes never need more memory than one
+///    pass; each shape's peak (saved + the larger pass workspace) is
+///    printed beside the one-pass peak.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,6 +32,73 @@ static moe_layer_desc desc_of(const int64_t *sh, const char *card) {
   d.device.type = MOE_DEVICE_CUDA;
   d.plan_gpu = card;
   return d;
+}
+
+/// C as the explanation says it ("hidden columns in P passes of C"), or H.
+static int64_t cols_of(const moe_layer_plan *plan, int64_t H) {
+  const char *ex = moe_layer_plan_explain(plan);
+  const char *at = strstr(ex, "hidden columns in ");
+  long long P = 0, C = 0;
+  if (!at || sscanf(at, "hidden columns in %lld passes of %lld", &P, &C) != 2)
+    return H;
+  return C;
+}
+
+/// The backward workspace's bound for pass width C: r1 [S, max(I, C)] and
+/// r2 [S, 2I] (bf16), ds, the row weights and the dS partials (f32), the
+/// cuBLAS workspace (8 MiB), 16 B and 256-byte rounding of 8 pieces.
+static double bwd_bound(int64_t S, int64_t I, int64_t C) {
+  double s = (double)S, m = (double)(I > C ? I : C);
+  return s * (m + 2.0 * (double)I) * 2.0 +
+         s * 4.0 * (2.0 + (double)((I + 127) / 128)) + 8.0 * 1048576.0 + 16.0 +
+         8.0 * 256.0;
+}
+
+static void test_cols(moe_layer_plan *plan, const int64_t *sh) {
+  int64_t H = sh[1], I = sh[2], k = sh[3], T = sh[4], S = T * k;
+  moe_layer_sizes z, one, set;
+  int64_t C = cols_of(plan, H);
+  CHECK_STATUS(moe_layer_plan_pass_sizes(plan, T, &z), MOE_SUCCESS);
+  CHECK(C == H || (C % 256 == 0 && C >= I && C < H),
+        "pass width %lld (H %lld, I %lld): a multiple of 256 in [I, H)",
+        (long long)C, (long long)H, (long long)I);
+  CHECK((double)z.bwd_workspace <= bwd_bound(S, I, C),
+        "backward workspace %zu above S (max(I, C) + 2I) es + parts %.0f",
+        z.bwd_workspace, bwd_bound(S, I, C));
+  setenv("MOE_CUDA_COLS", "0", 1);
+  CHECK_STATUS(moe_layer_plan_pass_sizes(plan, T, &one), MOE_SUCCESS);
+  CHECK((double)one.bwd_workspace >= (double)S * (double)(H + 2 * I) * 2.0,
+        "MOE_CUDA_COLS=0: backward workspace %zu cannot hold dXp [S, H] and "
+        "dH [S, 2I]",
+        one.bwd_workspace);
+  char v[32];
+  int64_t want = H > 16 ? (H / 3 + 7) / 8 * 8 : H;
+  snprintf(v, sizeof v, "%lld", (long long)want);
+  setenv("MOE_CUDA_COLS", v, 1);
+  CHECK_STATUS(moe_layer_plan_pass_sizes(plan, T, &set), MOE_SUCCESS);
+  CHECK((double)set.bwd_workspace <= bwd_bound(S, I, want),
+        "MOE_CUDA_COLS=%s: backward workspace %zu above %.0f", v,
+        set.bwd_workspace, bwd_bound(S, I, want));
+  unsetenv("MOE_CUDA_COLS");
+  CHECK(z.saved == one.saved && z.saved == set.saved,
+        "the pass width changed the saved bytes");
+  CHECK(z.fwd_workspace <= one.fwd_workspace &&
+            z.bwd_workspace <= one.bwd_workspace &&
+            z.infer_workspace <= one.infer_workspace,
+        "passes need more than one pass: fwd %zu / %zu, bwd %zu / %zu, "
+        "inference %zu / %zu",
+        z.fwd_workspace, one.fwd_workspace, z.bwd_workspace, one.bwd_workspace,
+        z.infer_workspace, one.infer_workspace);
+  double gib = 1024.0 * 1024.0 * 1024.0;
+  size_t pk = z.saved + (z.fwd_workspace > z.bwd_workspace ? z.fwd_workspace
+                                                           : z.bwd_workspace),
+         pk1 = one.saved + (one.fwd_workspace > one.bwd_workspace
+                                ? one.fwd_workspace
+                                : one.bwd_workspace);
+  printf("  columns per pass %lld of %lld: peak (saved + larger workspace) "
+         "%.3f GiB (saved %.3f, fwd %.3f, bwd %.3f); one pass %.3f GiB\n",
+         (long long)C, (long long)H, pk / gib, z.saved / gib,
+         z.fwd_workspace / gib, z.bwd_workspace / gib, pk1 / gib);
 }
 
 /// A device view at an address nothing may read (the call must refuse
@@ -66,6 +139,7 @@ static void test_card(const int64_t *sh, const char *card) {
              z.fwd_workspace / 1048576.0, z.bwd_workspace / 1048576.0,
              z.infer_workspace / 1048576.0);
   }
+  test_cols(plan, sh);
   for (int proj = 0; proj < 2; proj++) {
     CHECK(moe_layer_plan_method(plan, proj) == MOE_GMM_GROUPED,
           "projection %d: method %s (the grouped kernel expected)", proj,

@@ -6,11 +6,18 @@
 ///    of both projections and the SwiGLU backward;
 ///  - the whole layer through the public API (router, top-k, sort, GEMMs,
 ///    unpermute), forward and forward+backward, as the HF block is timed;
-///  - the grouped kernel's tile shapes, per GEMM (MOE_CUDA_TILE sweep).
+///  - the grouped kernel's tile shapes, per GEMM (MOE_CUDA_TILE sweep);
+///  - `--fuse-ab`: only the whole layer at Qwen3-30B-A3B T=16384 and the
+///    issue's 7B n=256 shape (E 128, H 1536, I 256, k 8, T 24576), with
+///    the sm_90a fused epilogues off and on (MOE_CUDA_FUSE=0 / 1) and the
+///    hidden columns in one pass or in two (MOE_CUDA_COLS = 0 / H/2), all
+///    four on one plan and one card, interleaved over rounds so that drift
+///    hits them alike (issue 16, second round).
 /// Each row: method x layout x pass, median ms over CUDA events, TFLOP/s,
 /// and the plan's predicted ms. `--json FILE` also writes the numbers.
 ///
 /// usage: bench_cuda [--shapes a,b,c] [--reps N] [--json FILE] [--no-sweep]
+///                   [--fuse-ab]
 ///   shapes: qwen35_ep1, qwen35_ep4_local, qwen3_30b (default all)
 #include <cuda_runtime_api.h>
 #include <math.h>
@@ -465,6 +472,138 @@ static void bench_shape(const shape *s, bool sweep) {
   fflush(stdout);
 }
 
+/* ---- fused epilogues and column passes, side by side ------------------- */
+
+static const shape ab_shapes[] = {
+    {"qwen3_30b", 128, 2048, 768, 8, 16384},
+    {"7b_n256", 128, 1536, 256, 8, 24576},
+};
+
+static void set_env(const char *name, const char *v) {
+  if (v)
+    setenv(name, v, 1);
+  else
+    unsetenv(name);
+}
+
+#define AB_ROUNDS 3
+
+/// The whole layer (router included, method auto) with MOE_CUDA_FUSE 0 / 1
+/// x MOE_CUDA_COLS 0 (one pass) / H/2 (two passes), for both
+/// weight layouts. Per configuration: the median over AB_ROUNDS rounds of
+/// each round's median ms (the configurations take turns within a round),
+/// fwd and bwd = (fwd+bwd) - fwd TFLOP/s as the issue counts them, and the
+/// plan's peak = saved + the larger pass workspace.
+static void bench_fuse_ab(const shape *s) {
+  int64_t E = s->E, H = s->H, I = s->I, k = s->k, T = s->T;
+  size_t nwgu = (size_t)(E * 2 * I * H), nwd = (size_t)(E * H * I);
+  void *wgu, *wd, *gwgu, *gwd, *gate, *ggate, *hid, *out, *gout, *dx;
+  CU(cudaMalloc(&wgu, nwgu * 2));
+  CU(cudaMalloc(&wd, nwd * 2));
+  CU(cudaMalloc(&gwgu, nwgu * 2));
+  CU(cudaMalloc(&gwd, nwd * 2));
+  CU(cudaMalloc(&gate, (size_t)(E * H) * 2));
+  CU(cudaMalloc(&ggate, (size_t)(E * H) * 2));
+  CU(cudaMalloc(&hid, (size_t)(T * H) * 2));
+  CU(cudaMalloc(&out, (size_t)(T * H) * 2));
+  CU(cudaMalloc(&gout, (size_t)(T * H) * 2));
+  CU(cudaMalloc(&dx, (size_t)(T * H) * 2));
+  fill_bf16(wgu, nwgu, 0.02f, 1);
+  fill_bf16(wd, nwd, 0.02f, 2);
+  fill_bf16(gate, (size_t)(E * H), 0.02f, 8);
+  fill_bf16(hid, (size_t)(T * H), 1.0f, 9);
+  fill_bf16(gout, (size_t)(T * H), 1.0f, 4);
+  double fwd_flops = 6.0 * (double)(T * k) * (double)H * (double)I;
+  printf("\nfuse-ab %s: E=%lld H=%lld I=%lld top_k=%lld T=%lld (layer, "
+         "router included, method auto; median of %d round medians)\n",
+         s->name, (long long)E, (long long)H, (long long)I, (long long)k,
+         (long long)T, AB_ROUNDS);
+  printf("%-10s %-7s %-5s %-6s %9s %9s %8s %8s %9s\n", "shape", "layout",
+         "fuse", "cols", "fwd_ms", "fwdbwd_ms", "fwd_TF", "bwd_TF", "peak_GiB");
+  /* the hidden columns in one pass, and in two (MOE_CUDA_COLS = H/2
+     rounded up to 256: what the planner picks at qwen3_30b; at 7b_n256 it
+     keeps one pass, and this measures what two would cost) */
+  char half[32];
+  snprintf(half, sizeof half, "%lld", (long long)((H / 2 + 255) / 256 * 256));
+  const char *fz[4] = {"0", "1", "0", "1"}, *cl[4] = {"0", "0", half, half};
+  moe_layout lays[2] = {MOE_LAYOUT_OUT_IN, MOE_LAYOUT_IN_OUT};
+  for (int li = 0; li < 2; li++) {
+    moe_layer_desc d = MOE_LAYER_DESC_INIT;
+    d.num_experts = E;
+    d.hidden = H;
+    d.intermediate = I;
+    d.top_k = k;
+    d.max_tokens = T;
+    d.dtype = MOE_BF16;
+    d.gate_up_layout = d.down_layout = lays[li];
+    d.device.type = MOE_DEVICE_CUDA;
+    layer_ctx lc;
+    memset(&lc, 0, sizeof lc);
+    MOE(moe_layer_plan_create(&lc.plan, &d));
+    /* one workspace for all four: the largest they need */
+    double peak[4];
+    for (int c = 0; c < 4; c++) {
+      set_env("MOE_CUDA_COLS", cl[c]);
+      moe_layer_sizes z;
+      MOE(moe_layer_plan_pass_sizes(lc.plan, T, &z));
+      size_t w =
+          z.fwd_workspace > z.bwd_workspace ? z.fwd_workspace : z.bwd_workspace;
+      peak[c] = (double)(z.saved + w) / (1024.0 * 1024.0 * 1024.0);
+      lc.wsb = w > lc.wsb ? w : lc.wsb;
+      lc.svb = z.saved;
+    }
+    set_env("MOE_CUDA_COLS", NULL);
+    CU(cudaMalloc(&lc.ws, lc.wsb));
+    CU(cudaMalloc(&lc.sv, lc.svb));
+    int64_t th[2] = {T, H}, eh[2] = {E, H};
+    lc.fa.hidden = dev_tensor(hid, MOE_BF16, 2, th);
+    lc.fa.gate_weight = dev_tensor(gate, MOE_BF16, 2, eh);
+    lc.fa.w_gate_up = weight_view(wgu, E, 2 * I, H, lays[li]);
+    lc.fa.w_down = weight_view(wd, E, H, I, lays[li]);
+    lc.fa.output = dev_tensor(out, MOE_BF16, 2, th);
+    lc.ba.fwd = lc.fa;
+    lc.ba.fwd.output = (moe_tensor){0};
+    lc.ba.grad_output = dev_tensor(gout, MOE_BF16, 2, th);
+    lc.ba.grad_hidden = dev_tensor(dx, MOE_BF16, 2, th);
+    lc.ba.grad_gate_weight = dev_tensor(ggate, MOE_BF16, 2, eh);
+    lc.ba.grad_w_gate_up = weight_view(gwgu, E, 2 * I, H, lays[li]);
+    lc.ba.grad_w_down = weight_view(gwd, E, H, I, lays[li]);
+    double tf[4][AB_ROUNDS], tb[4][AB_ROUNDS];
+    for (int r = 0; r < AB_ROUNDS; r++)
+      for (int c = 0; c < 4; c++) {
+        set_env("MOE_CUDA_FUSE", fz[c]);
+        set_env("MOE_CUDA_COLS", cl[c]);
+        tf[c][r] = time_ms(run_layer_fwd, &lc, g_reps);
+        tb[c][r] = time_ms(run_layer_fwdbwd, &lc, g_reps > 5 ? 5 : g_reps);
+      }
+    set_env("MOE_CUDA_FUSE", NULL);
+    set_env("MOE_CUDA_COLS", NULL);
+    for (int c = 0; c < 4; c++) {
+      qsort(tf[c], AB_ROUNDS, sizeof(double), cmpd);
+      qsort(tb[c], AB_ROUNDS, sizeof(double), cmpd);
+      double f = tf[c][AB_ROUNDS / 2], b = tb[c][AB_ROUNDS / 2];
+      printf("%-10s %-7s %-5s %-6s %9.3f %9.3f %8.0f %8.0f %9.3f\n", s->name,
+             moe_layout_name(lays[li]), fz[c], cl[c], f, b, fwd_flops / f / 1e9,
+             2.0 * fwd_flops / (b - f) / 1e9, peak[c]);
+      if (g_json)
+        fprintf(g_json,
+                "{\"shape\":\"%s\",\"what\":\"fuse_ab\",\"layout\":\"%s\","
+                "\"fuse\":%s,\"cols\":\"%s\",\"fwd_ms\":%.4f,"
+                "\"fwdbwd_ms\":%.4f,\"peak_gib\":%.4f}\n",
+                s->name, moe_layout_name(lays[li]), fz[c], cl[c], f, b,
+                peak[c]);
+    }
+    if (li == 0) printf("%s", moe_layer_plan_explain(lc.plan));
+    MOE(moe_layer_plan_destroy(lc.plan));
+    CU(cudaFree(lc.ws));
+    CU(cudaFree(lc.sv));
+  }
+  void *all[] = {wgu, wd, gwgu, gwd, gate, ggate, hid, out, gout, dx};
+  for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+    CU(cudaFree(all[i]));
+  fflush(stdout);
+}
+
 /// The kernels' ceiling: one dense 16384 x 4096 x 4096 product as a single
 /// group, through the grouped kernel and through cuBLAS.
 static void bench_dense(void) {
@@ -511,7 +650,7 @@ static void bench_dense(void) {
 
 int main(int argc, char **argv) {
   const char *want = NULL;
-  bool sweep = true;
+  bool sweep = true, ab = false;
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--shapes") && i + 1 < argc)
       want = argv[++i];
@@ -525,10 +664,12 @@ int main(int argc, char **argv) {
       }
     } else if (!strcmp(argv[i], "--no-sweep"))
       sweep = false;
+    else if (!strcmp(argv[i], "--fuse-ab"))
+      ab = true;
     else {
       fprintf(stderr,
               "usage: bench_cuda [--shapes a,b] [--reps N] [--json FILE] "
-              "[--no-sweep]\n");
+              "[--no-sweep] [--fuse-ab]\n");
       return 2;
     }
   }
@@ -543,6 +684,14 @@ int main(int argc, char **argv) {
   printf("device: %s, %d SMs, libmoe %s\n", p.name, p.multiProcessorCount,
          moe_version());
   CU(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
+  if (ab) {
+    for (size_t i = 0; i < sizeof ab_shapes / sizeof ab_shapes[0]; i++)
+      if (!want || strstr(want, ab_shapes[i].name))
+        bench_fuse_ab(&ab_shapes[i]);
+    if (g_json) fclose(g_json);
+    CU(cudaStreamDestroy(g_stream));
+    return 0;
+  }
   bench_dense();
   for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
     if (!want || strstr(want, shapes[i].name)) bench_shape(&shapes[i], sweep);

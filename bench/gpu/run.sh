@@ -25,6 +25,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 if [ "${MOE_EP_ONLY:-0}" != 1 ]; then
   echo "== bench_cuda $*"
   timeout 600 "$build/bench_cuda" --json "$out/bench_cuda.json" "$@"
+  echo "== bench_cuda --fuse-ab (fused epilogues off/on x hidden columns in 1/2 passes)"
+  timeout 600 "$build/bench_cuda" --fuse-ab --json "$out/bench_fuse_ab.json"
   echo "== torch_baselines.py"
   PYTHONUNBUFFERED=1 OUT=$out timeout 600 python3 "$root/bench/gpu/torch_baselines.py"
 fi

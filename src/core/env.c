@@ -79,3 +79,4 @@ const char *moe_env_cuda_sm90_tile(void) {
 }
 
 const char *moe_env_cuda_fuse(void) { return moe_env_str("MOE_CUDA_FUSE"); }
+const char *moe_env_cuda_cols(void) { return moe_env_str("MOE_CUDA_COLS"); }

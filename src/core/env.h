@@ -54,6 +54,10 @@ const char *moe_env_cuda_sm90_tile(void);
 /// MOE_CUDA_FUSE as given ("1": the CUDA layer's sm_90a fused epilogues
 /// on; they are off otherwise); read on every call.
 const char *moe_env_cuda_fuse(void);
+/// MOE_CUDA_COLS as given: the columns of Y and dXp the one-GPU CUDA layer
+/// makes per pass ("0": all at once; unset: the planner's choice); read
+/// whenever a layout is made (sizes and calls alike).
+const char *moe_env_cuda_cols(void);
 
 /// MOE_GPU_MACHINE: overrides of the GPU cost model's rates as
 /// "key=value,..." (plan/machine_gpu.c checks the keys); NULL when unset.

@@ -32,6 +32,8 @@ static bool g_small; /* --small: a few cases, for compute-sanitizer */
 static bool g_sm90;  /* --sm90: only the Hopper kernel's GEMM cases */
 /* gradients whose bits differ between the fused and unfused epilogues */
 static int g_fused_differs;
+/* tensors whose bits differ between hidden-column passes and one pass */
+static int g_cols_differs, g_cols_runs;
 
 #define CU(call)                                                               \
   do {                                                                         \
@@ -733,6 +735,51 @@ static void layer_case(const lcase *c, uint64_t seed) {
     }
     lres_free(&fus);
   }
+  /* the hidden columns in passes (MOE_CUDA_COLS: Y and dXp [T*k, C], each
+     pass writing its own columns of output / grad_hidden; a partial last
+     pass here): against the CPU like every run, bitwise from one run to
+     the next, and its bits against the one-pass run counted (the same
+     where the grouped kernel's sums do not depend on the columns) */
+  {
+    lres pc, pc2;
+    char cv[32];
+    snprintf(cv, sizeof cv, "%lld", (long long)((c->H / 3 + 7) / 8 * 8));
+    setenv("MOE_CUDA_COLS", cv, 1);
+    describe(c, "cuda grouped strict, hidden columns in passes");
+    run_layer(c, &hb, true, MOE_GMM_GROUPED, 1, true, &pc);
+    describe(c, "cuda grouped strict, hidden columns in passes, rerun");
+    run_layer(c, &hb, true, MOE_GMM_GROUPED, 1, false, &pc2);
+    unsetenv("MOE_CUDA_COLS");
+    describe(c, "cuda grouped strict, hidden columns in passes");
+    CHECK_STATUS(pc.fs, MOE_SUCCESS);
+    CHECK_STATUS(pc.bs, MOE_SUCCESS);
+    CHECK_STATUS(pc.is, MOE_SUCCESS);
+    CHECK_STATUS(pc2.bs, MOE_SUCCESS);
+    CHECK(pc.infer_diff < 0,
+          "passes: the inference forward differs from the training forward "
+          "at output element %lld",
+          (long long)pc.infer_diff);
+    for (int i = 0; i < R_N && pc.bs == MOE_SUCCESS; i++) {
+      if (!pc.v[i]) continue;
+      if (pc2.bs == MOE_SUCCESS && pc2.v[i]) {
+        int64_t at = tu_first_diff(pc.v[i], pc2.v[i], pc.n[i]);
+        CHECK(at < 0, "%s differs bitwise between runs in passes at %lld",
+              rnames[i], (long long)at);
+      }
+      if (gpu.v[i])
+        g_cols_differs += tu_first_diff(gpu.v[i], pc.v[i], gpu.n[i]) >= 0;
+      if (cpu.fs == MOE_SUCCESS && cpu.bs == MOE_SUCCESS && cpu.v[i]) {
+        double *ref = tu_alloc((size_t)cpu.n[i] * sizeof(double));
+        for (int64_t j = 0; j < cpu.n[i]; j++)
+          ref[j] = cpu.v[i][j];
+        CHECK_REL(tu_rel_err(ref, pc.v[i], cpu.n[i]), tol, rnames[i]);
+        free(ref);
+      }
+    }
+    g_cols_runs++;
+    lres_free(&pc2);
+    lres_free(&pc);
+  }
   if (!g_small) {
     lres lp;
     describe(c, "cuda loop");
@@ -762,9 +809,15 @@ static void layer_case(const lcase *c, uint64_t seed) {
 static void test_layer(void) {
   static const int64_t shapes[][5] = {
       /* E, H, I, k, T */
-      {8, 128, 64, 2, 96}, {16, 64, 96, 4, 50}, {5, 40, 24, 3, 33},
+      {8, 128, 64, 2, 96},
+      {16, 64, 96, 4, 50},
+      {5, 40, 24, 3, 33},
       {6, 36, 20, 2, 40}, /* not multiples of 8: CUDA-core GEMMs */
       {1, 64, 32, 1, 17},
+      /* I over one 128-column tile (the fused dH epilogue's partials of
+         two tiles, the second partial), H over 256 (several column passes
+         under MOE_CUDA_COLS) */
+      {6, 264, 200, 2, 150},
   };
   int nshapes = g_small ? 1 : (int)(sizeof shapes / sizeof shapes[0]);
   uint64_t seed = 100;
@@ -936,5 +989,8 @@ int main(int argc, char **argv) {
          "tensors differ in their bits (the fused dH path ran where they "
          "do)\n",
          g_fused_differs);
+  printf("hidden columns in passes (MOE_CUDA_COLS) vs one pass: %d cases, "
+         "%d tensors differ in their bits\n",
+         g_cols_runs, g_cols_differs);
   return tu_finish();
 }

@@ -53,6 +53,8 @@ typedef struct moe_cuda_plan {
 /* cuBLAS's workspace, carved from the layer's workspace. */
 #define MOE_CU_BLAS_WS ((size_t)8 << 20)
 
+static int64_t moe_cu_cols(const moe_layer_plan *p);
+
 static moe_cuda_plan *moe_cp(const moe_layer_plan *p) {
   return (moe_cuda_plan *)p->ctx;
 }
@@ -323,6 +325,17 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
                          : "the pre-activation H [T*k, 2I] and the routing "
                            "metadata",
                sz.fwd_workspace, sz.bwd_workspace, sz.infer_workspace);
+  if (ranks == 1) {
+    int64_t cols = moe_cu_cols(p);
+    if (cols < d.hidden)
+      moe_plan_say(p, len,
+                   "hidden columns in %lld passes of %lld: the down product "
+                   "+ unpermute and gate_up's dX + permute-back each write "
+                   "[T*k, %lld] at a time, not [T*k, %lld] (MOE_CUDA_COLS "
+                   "overrides; 0: one pass)\n",
+                   (long long)((d.hidden + cols - 1) / cols), (long long)cols,
+                   (long long)cols, (long long)d.hidden);
+  }
   if (offline) moe_plan_say(p, len, "offline: forward and backward refuse\n");
   /* No device work at plan time besides the exchange's state: cuBLAS and
      pinned memory come with the first call that needs them. */
@@ -396,15 +409,44 @@ static moe_status moe_cuda_floor(const moe_layer_plan *plan, int backward,
 /// dY or any f32 copy.
 ///
 /// Forward workspace: routing scratch (sort counts, f32 logits, softmaxed
-/// in place), then A [S, I] and Y [S, H] (the loop method's gathered X
+/// in place), then A [S, I] and Y [S, C] (the loop method's gathered X
 /// shares Y's room: gate_up has read it before down writes Y). Inference
 /// (`saved` NULL) holds the saved block in the workspace too, and Y takes
 /// H's room when it fits (H is dead once A is made).
 ///
 /// Backward workspace: ds [S] f32 (the routing weights' gradient, by slot);
-/// r1 = dA' [S, I], made A' = s A in place, later dXp [S, H]; r2 = dH
+/// r1 = dA' [S, I], made A' = s A in place, later dXp [S, C]; r2 = dH
 /// [S, 2I], later the router's logits and dlogits [T, E]; with the loop
 /// method a gathered copy of dO (down) or X (gate_up), one after the other.
+///
+/// C (moe_cu_cols) is the hidden columns of Y and of dXp made per pass: the
+/// down product and the unpermute (forward), the dX product of gate_up and
+/// the permute-back (backward) run over the hidden columns in passes of C,
+/// each writing its own column slice of `output` / `grad_hidden` (a weight
+/// slice is a narrowed view: no copy), so that the [S, H] buffers that set
+/// the peak shrink to [S, C]. Each element's sum is the same in any pass
+/// (the sm_90a kernel's depth order does not depend on N), so the bits do
+/// not change. Lifetimes on one GPU, in stream order (no two kernels ever
+/// run at once on one buffer):
+///   forward, passes p = 1 .. P
+///     logits, sort scratch: router GEMM .. sort
+///     H (saved): written by gate_up, read by act (and by the backward)
+///     A: written by act, read by every pass's down product
+///     Y [S, C]: written by pass p's down product, read by its unpermute,
+///       rewritten by pass p + 1
+///   backward
+///     r1: dA' (down's dX) -> A' = s A in place (act pass) -> read by
+///       dW_down -> dXp [S, C] of each pass (gate_up's dX, then its
+///       permute-back)
+///     r2: dH (act pass) -> read by every dXp pass and by dW_gu -> the
+///       router's logits and dlogits
+///     ds, rw, part: act pass -> router or grad_topk_weights
+/// Y cannot live in A's room (the down product reads A while writing Y),
+/// nor in H's when training (the backward reads H); dXp cannot overlay dH
+/// (the dX product reads dH while writing dXp, dW_gu reads it after). So
+/// the workspace is S (I + C) es forward and S (max(I, C) + 2I) es
+/// backward (plus small parts): with one pass (C = H) the backward's
+/// S (H + 2I) es sets the peak, and C is what is left to trade.
 typedef struct moe_cu_lay {
   /* saved (in `saved`, or at isv in an inference workspace) */
   size_t h, offsets, idx, w, slot_row, row_token, saved;
@@ -414,12 +456,72 @@ typedef struct moe_cu_lay {
   size_t isv, iws;
   /* backward workspace */
   size_t bblas, bone, ds, loop, r1, r2, blogits, dl, rw, part, bws;
-  int part_ld; /* the fused dH epilogue's partials per row */
+  int part_ld;  /* the fused dH epilogue's partials per row */
+  int64_t cols; /* C: hidden columns of Y and dXp per pass */
 } moe_cu_lay;
 
 static size_t moe_cu_max(size_t a, size_t b) { return a > b ? a : b; }
 
 static size_t moe_cu_take(size_t *at, size_t bytes);
+
+/// Below this many bytes of Y [S, H] (at the plan's max_tokens) one pass
+/// does: the memory saved is small, the launches are not.
+#define MOE_CU_COLS_MIN_BYTES ((size_t)256 << 20)
+/// What one more pass costs each of the two products besides its re-read
+/// (a launch gap and a partial last wave), seconds: a guess, to measure.
+#define MOE_CU_PASS_S 10e-6
+
+/// C, the hidden columns of Y and dXp per pass (see moe_cu_lay): H, unless
+/// MOE_CUDA_COLS says otherwise ("0": H; n: n rounded up to a multiple of
+/// 8) or, for bf16 on the sm_90a kernels, the model says that passes cost
+/// under 2% of the layer's fwd+bwd. Passes re-read the product's input
+/// (A in the forward, dH in the backward) once each, per row
+///   down:      max(2 I H / F, es (P I + H) / B)
+///   gate_up dX: max(4 I H / F, es (2 P I + H) / B)
+/// (F the grouped kernel's rate, B the bandwidth, P passes), plus
+/// MOE_CU_PASS_S per product and extra pass, against the layer's
+/// 18 I H / F per row; P doubles while that holds and C = H / P, rounded up
+/// to 256 (the widest tile), stays >= max(I, 256) (below I the backward's
+/// dA' room sets the peak). Depends on the plan only (max_tokens), not on
+/// T, so workspace sizes grow with T.
+static int64_t moe_cu_cols(const moe_layer_plan *p) {
+  const moe_layer_desc *d = &p->d;
+  int64_t H = d->hidden, I = d->intermediate;
+  const char *e = moe_env_cuda_cols();
+  if (e) {
+    char *end = NULL;
+    long long v = strtoll(e, &end, 10);
+    if (end == e || *end || v <= 0 || v >= H) return H;
+    return (v + 7) / 8 * 8 < H ? (v + 7) / 8 * 8 : H;
+  }
+  const moe_cuda_plan *cp = moe_cp(p);
+  size_t es = moe_dtype_size(d->dtype);
+  if (!cp || !cp->gm.sm90 || d->dtype != MOE_BF16 ||
+      (size_t)(d->max_tokens * d->top_k) * (size_t)H * es <
+          MOE_CU_COLS_MIN_BYTES)
+    return H;
+  double F = moe_gpu_grouped_tflops(&cp->gm) * 1e12,
+         B = cp->gm.bandwidth_gbs * 1e9;
+  if (!(F > 0) || !(B > 0)) return H;
+  double i = (double)I, h = (double)H, esd = (double)es,
+         S = (double)(d->max_tokens * d->top_k);
+  double layer = S * 18.0 * i * h / F;
+  double base = S * (fmax(2.0 * i * h / F, esd * (i + h) / B) +
+                     fmax(4.0 * i * h / F, esd * (2.0 * i + h) / B));
+  int64_t best = H, lo = I > 256 ? I : 256;
+  for (int64_t P = 2; P <= 64; P *= 2) {
+    int64_t c = ((H + P - 1) / P + 255) / 256 * 256;
+    if (c >= best) continue;
+    if (c < lo) break;
+    double np = (double)((H + c - 1) / c);
+    double t = S * (fmax(2.0 * i * h / F, esd * (np * i + h) / B) +
+                    fmax(4.0 * i * h / F, esd * (2.0 * np * i + h) / B)) +
+               (np - 1.0) * 2.0 * MOE_CU_PASS_S;
+    if (t - base > 0.02 * layer) break;
+    best = c;
+  }
+  return best;
+}
 
 /// The layout of one GPU's buffers for T tokens; `infer`: the forward
 /// without a saved buffer.
@@ -433,6 +535,8 @@ static void moe_cu_lay_of(const moe_layer_plan *p, int64_t T, bool infer,
        loop1 = p->method[1] == MOE_GMM_LOOP;
   size_t tE = (size_t)T * E;
   memset(L, 0, sizeof *L);
+  L->cols = moe_cu_cols(p);
+  size_t C = (size_t)L->cols;
   /* saved, tight */
   size_t at = 0;
   L->h = 0;
@@ -449,7 +553,7 @@ static void moe_cu_lay_of(const moe_layer_plan *p, int64_t T, bool infer,
   at = 0;
   L->fblas = moe_cu_take(&at, MOE_CU_BLAS_WS);
   L->fone = moe_cu_take(&at, 16);
-  L->y_in_h = infer && H <= 2 * I;
+  L->y_in_h = infer && C <= 2 * I;
   if (infer) L->isv = moe_cu_take(&at, L->saved);
   size_t base = at;
   L->sort = moe_cu_take(&at, moe_cu_sort_scratch_bytes((int64_t)S, (int64_t)E));
@@ -461,7 +565,8 @@ static void moe_cu_lay_of(const moe_layer_plan *p, int64_t T, bool infer,
     L->y = L->isv + L->h;
     L->xp = moe_cu_take(&at, loop0 ? S * H * es : 0);
   } else {
-    L->y = moe_cu_take(&at, S * H * es);
+    /* the loop method's gathered X [S, H] is dead before Y is written */
+    L->y = moe_cu_take(&at, S * (loop0 ? H : C) * es);
     L->xp = L->y;
   }
   L->fws = moe_cu_max(rend, at);
@@ -477,7 +582,7 @@ static void moe_cu_lay_of(const moe_layer_plan *p, int64_t T, bool infer,
   L->rw = moe_cu_take(&at, S * 4);
   L->part = moe_cu_take(&at, S * (size_t)L->part_ld * 4);
   L->loop = moe_cu_take(&at, loop0 || loop1 ? S * H * es : 0);
-  L->r1 = moe_cu_take(&at, S * moe_cu_max(I, H) * es);
+  L->r1 = moe_cu_take(&at, S * moe_cu_max(I, C) * es);
   size_t lg = (tE * 4 + 255u) & ~(size_t)255u;
   L->r2 = moe_cu_take(&at, moe_cu_max(S * 2 * I * es, lg + tE * es));
   L->blogits = L->r2;
@@ -1062,6 +1167,13 @@ static moe_status moe_cu_logits(moe_cu_exec *x, const moe_layer_fwd_args *a,
                       0.0f, one);
 }
 
+/// Columns c0.. of a [T, H] view (no data moves).
+static moe_cu_view moe_cu_view_from(const moe_cu_view *v, int64_t c0) {
+  moe_cu_view o = *v;
+  o.data = (char *)v->data + c0 * v->cs * (int64_t)moe_dtype_size(v->dtype);
+  return o;
+}
+
 /// Rows [S, n] of a [T, n] view in expert order: read through row_token by
 /// the grouped kernels, or gathered into `copy` for cuBLAS (loop).
 static moe_status moe_cu_rows_of(moe_cu_exec *x, int proj, const moe_tensor *t,
@@ -1149,9 +1261,19 @@ static moe_status moe_cu_forward_one(moe_cu_exec *x,
     MOE_TRY(moe_cu_swiglu_fwd(&vg, &vu, &va, S, I, offsets + E, st));
   }
   moe_cu_operand A = moe_op(ab, dt, I, 1);
-  MOE_TRY(moe_cu_fwd(x, 1, &A, &a->w_down, y, dt, H));
   moe_cu_view out = moe_cu_view_of(&a->output);
-  return moe_cu_unpermute(y, dt, slot_row, w, T, k, H, &out, st);
+  /* Y [S, n] for hidden columns c0 .. c0 + n, one pass of L->cols at a
+     time (moe_cu_lay): w_down's rows c0.. as a view, then those columns
+     of the output */
+  for (int64_t c0 = 0; c0 < H; c0 += L->cols) {
+    int64_t n = H - c0 < L->cols ? H - c0 : L->cols;
+    moe_tensor wd = a->w_down;
+    if (n < H) MOE_TRY(moe_tensor_narrow(&a->w_down, 1, c0, n, &wd));
+    MOE_TRY(moe_cu_fwd(x, 1, &A, &wd, y, dt, n));
+    moe_cu_view oc = moe_cu_view_from(&out, c0);
+    MOE_TRY(moe_cu_unpermute(y, dt, slot_row, w, T, k, n, &oc, st));
+  }
+  return MOE_SUCCESS;
 }
 
 /// dA' = dO[row_token] . W_d (no dY buffer) -> one pass: A from H, ds =
@@ -1214,14 +1336,29 @@ static moe_status moe_cu_backward_one(moe_cu_exec *x,
   }
   moe_cu_operand dOt = moe_cu_t(dO), Ap = moe_op(r1, dt, I, 1);
   MOE_TRY(moe_cu_dw_op(x, 1, &dOt, &Ap, &args->grad_w_down));
-  /* gate_up: dXp = dH . W_gu into r1 (A' is dead), dW_gu = X^T . dH */
+  /* gate_up: dXp = dH . W_gu into r1 (A' is dead), then grad_hidden[t] =
+     sum_j dXp[row of (t, j)], for hidden columns c0 .. c0 + n, one pass of
+     L->cols at a time (moe_cu_lay): W_gu's columns c0.. as views */
   moe_cu_operand dG = moe_op(r2, dt, 2 * I, 1),
                  dU = moe_op(r2 + (size_t)I * es, dt, 2 * I, 1);
-  if (c->gu.fused) {
-    MOE_TRY(moe_cu_dx_op(x, 0, &dG, &c->gu.both, r1, dt, H, 0.0f));
-  } else { /* two products into one dXp: the up half adds (beta 1) */
-    MOE_TRY(moe_cu_dx_op(x, 0, &dG, &c->gu.gate, r1, dt, H, 0.0f));
-    MOE_TRY(moe_cu_dx_op(x, 0, &dU, &c->gu.up, r1, dt, H, 1.0f));
+  moe_cu_view gh = moe_cu_view_of(&args->grad_hidden);
+  for (int64_t c0 = 0; c0 < H; c0 += L->cols) {
+    int64_t n = H - c0 < L->cols ? H - c0 : L->cols;
+    moe_gate_up gc = c->gu;
+    if (n < H && c->gu.fused)
+      MOE_TRY(moe_tensor_narrow(&c->gu.both, 2, c0, n, &gc.both));
+    if (n < H && !c->gu.fused) {
+      MOE_TRY(moe_tensor_narrow(&c->gu.gate, 2, c0, n, &gc.gate));
+      MOE_TRY(moe_tensor_narrow(&c->gu.up, 2, c0, n, &gc.up));
+    }
+    if (c->gu.fused) {
+      MOE_TRY(moe_cu_dx_op(x, 0, &dG, &gc.both, r1, dt, n, 0.0f));
+    } else { /* two products into one dXp: the up half adds (beta 1) */
+      MOE_TRY(moe_cu_dx_op(x, 0, &dG, &gc.gate, r1, dt, n, 0.0f));
+      MOE_TRY(moe_cu_dx_op(x, 0, &dU, &gc.up, r1, dt, n, 1.0f));
+    }
+    moe_cu_view gc0 = moe_cu_view_from(&gh, c0);
+    MOE_TRY(moe_cu_permute_backward(r1, dt, slot_row, NULL, T, k, n, &gc0, st));
   }
   moe_cu_operand X;
   MOE_TRY(moe_cu_rows_of(x, 0, &a->hidden, moe_cu_at(ws, L->loop), &X));
@@ -1232,8 +1369,6 @@ static moe_status moe_cu_backward_one(moe_cu_exec *x,
     MOE_TRY(moe_cu_dw_op(x, 0, &dGt, &X, &ggu->gate));
     MOE_TRY(moe_cu_dw_op(x, 0, &dUt, &X, &ggu->up));
   }
-  moe_cu_view gh = moe_cu_view_of(&args->grad_hidden);
-  MOE_TRY(moe_cu_permute_backward(r1, dt, slot_row, NULL, T, k, H, &gh, st));
   if (!c->router) {
     moe_cu_view gt = moe_cu_view_of(&args->grad_topk_weights);
     return moe_cu_store_f32(ds, T, k, &gt, st);

@@ -19,12 +19,17 @@ static __device__ __forceinline__ float bf16_round(float x) {
 
 struct epi_act {
   static constexpr bool GATED = true;
+  static constexpr int TILE = -1;
+  template <int WN> struct pre_t {};
+  template <int WN>
+  static __device__ __forceinline__ void pre(const kargs &, pre_t<WN> &, int,
+                                             int, int) {}
   /// acc: this warpgroup's 64 x WN block; its first WN/2 columns are gate
   /// columns n0 .., the last WN/2 the matching up columns.
   template <int WN>
   static __device__ __forceinline__ void store(const kargs &p, float *acc,
                                                unsigned char *wbuf, int row,
-                                               int rows, int n0) {
+                                               int rows, int n0, pre_t<WN> &) {
     constexpr int HW = WN / 2; /* columns of each half */
     const int64_t hb = (int64_t)row * p.o.rs;
     store_block<HW>(p.o, acc, wbuf, hb, rows, n0, p.act_n, false);

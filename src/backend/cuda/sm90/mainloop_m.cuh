@@ -28,10 +28,17 @@
 ///     n0 + BN/2 (gate) and act_n + n0 .. (up) in its two halves, so that
 ///     accumulator columns j and j + BN/2 (same thread) are a gate/up pair;
 ///     tiles then step BN/2 over act_n columns;
+///   static constexpr int TILE: the one SM90_TILES_M index it is built
+///     for, or -1 for all (the host picks that tile);
+///   template <int WN> struct pre_t: what the epilogue loads for a tile
+///     before its mainloop (registers; empty for most);
+///   template <int WN> static __device__ void pre(const kargs &p,
+///     pre_t<WN> &pf, int row, int rows, int n0): issues those loads at
+///     the tile's start, so that they land while the tensor cores work;
 ///   template <int WN> static __device__ void store(const kargs &p,
-///     float *acc, unsigned char *wbuf, int row, int rows, int n0):
-///     the 64 x WN block of rows row .. row + rows (valid ones), columns
-///     from n0 (tile units of BN, or BN/2 when gated).
+///     float *acc, unsigned char *wbuf, int row, int rows, int n0,
+///     pre_t<WN> &pf): the 64 x WN block of rows row .. row + rows (valid
+///     ones), columns from n0 (tile units of BN, or BN/2 when gated).
 #ifndef MOE_SM90_MAINLOOP_M_CUH
 #define MOE_SM90_MAINLOOP_M_CUH
 
@@ -140,6 +147,7 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1)
     const int w = wg - 1, lane = threadIdx.x & 31;
     unsigned char *wbuf = ep + (threadIdx.x / 32 - 4) * EPI_WARP_BYTES;
     float acc[WN / 2];
+    typename EPI::template pre_t<WN> pf;
 #pragma unroll
     for (int i = 0; i < WN / 2; i++)
       acc[i] = 0.0f;
@@ -148,6 +156,8 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1)
     const uint32_t a_off = w * 64 * 128;
     for (int64_t t = blockIdx.x; t < total; t += gridDim.x) {
       const tile ti = sched_get<BM, BNS, BK, false>(sc, t);
+      const int row = ti.row0 + w * 64;
+      EPI::template pre<WN>(p, pf, row, ti.rowend - row, ti.n0);
       int prev = -1;
       for (int kt = 0; kt < ti.kt; kt++) {
         mbar_wait(&full[stage], phase);
@@ -177,8 +187,7 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1)
       wgmma_wait<0>();
       if (prev >= 0 && lane == 0) mbar_arrive(&empty[prev]);
       if (ti.kt == 0) continue; /* K == 0 is refused on the host */
-      const int row = ti.row0 + w * 64;
-      EPI::template store<WN>(p, acc, wbuf, row, ti.rowend - row, ti.n0);
+      EPI::template store<WN>(p, acc, wbuf, row, ti.rowend - row, ti.n0, pf);
     }
   }
 }
@@ -195,16 +204,21 @@ static cudaError_t launch_one(const CUtensorMap *tmb, const kargs &a, int grid,
 }
 
 /// Launches the M-grouped kernel of tile `tile` with epilogue EPI (each
-/// kernel file instantiates its own).
+/// kernel file instantiates its own; an EPI built for one tile refuses the
+/// others).
 template <class EPI>
 static cudaError_t launch_m_epi(int tile, int bmn, const CUtensorMap *tmb,
                                 const kargs &a, int grid, size_t smem,
                                 cudaStream_t s) {
 #define SM90_CASE(I, BM, BN, ST)                                               \
   case I:                                                                      \
-    return bmn ? launch_one<BM / 64, BN, ST, true, EPI>(tmb, a, grid, smem, s) \
-               : launch_one<BM / 64, BN, ST, false, EPI>(tmb, a, grid, smem,   \
-                                                         s);
+    if constexpr (EPI::TILE < 0 || EPI::TILE == I)                             \
+      return bmn ? launch_one<BM / 64, BN, ST, true, EPI>(tmb, a, grid, smem,  \
+                                                          s)                   \
+                 : launch_one<BM / 64, BN, ST, false, EPI>(tmb, a, grid, smem, \
+                                                           s);                 \
+    else                                                                       \
+      return cudaErrorInvalidValue;
   switch (tile) { SM90_TILES_M(SM90_CASE) }
 #undef SM90_CASE
   return cudaErrorInvalidValue;

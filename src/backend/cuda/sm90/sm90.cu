@@ -168,7 +168,8 @@ sm90::cout out_of(void *c, int64_t rs) {
 moe_status run_sm90(const moe_cu_gemm *p, const moe_cu_ctx *c,
                     const fused_args *f) {
   bool gk = p->kind == MOE_GROUP_K;
-  int ti = pick_tile(p);
+  /* the dH epilogue exists for one tile (tiles.h) */
+  int ti = f->kind == 2 ? SM90_TILE_DACT : pick_tile(p);
   const tile_row &t = gk ? tiles_k[ti] : tiles_m[ti];
   int sms = 0;
   if (!device_sm90(&sms))
@@ -203,6 +204,9 @@ moe_status run_sm90(const moe_cu_gemm *p, const moe_cu_ctx *c,
     a.act_n = (int)p->N;
     a.o2 = out_of(f->a, p->N);
     a.o3 = out_of(f->dh, 2 * p->N);
+    if (((uintptr_t)f->h & 3u) != 0)
+      return moe_error(MOE_ERR_INTERNAL,
+                       "sm_90 dH epilogue: H must be 4-byte aligned");
     a.h = (const uint16_t *)f->h;
     a.h_ld = 2 * p->N;
     a.row_w = f->row_w;
@@ -292,6 +296,20 @@ bool fused_ok(const moe_cu_gemm *p, int kind, char *why, size_t n) {
   int64_t I = kind == 1 ? p->N / 2 : p->N;
   if ((kind == 1 && p->N % 2) || I % 8)
     return fail(why, n, "the activation's width must be a multiple of 8");
+  /* The dH product is built for 128 x 128 only (tiles.h). Where the
+     unfused product would take the 192-row tile (groups of <= 192 rows,
+     one tile per expert) and the weights exceed L2, two 128-row tiles
+     would read each expert's weight twice (issue 11's sweep: 35% slower
+     at qwen35_ep1): stay unfused there. */
+  double mean =
+      (double)p->rows / (double)(p->num_groups > 0 ? p->num_groups : 1);
+  if (kind == 2 && mean <= 192.0 &&
+      (double)p->num_groups * (double)p->N * (double)p->K * 2.0 >
+          32.0 * 1048576.0)
+    return fail(why, n,
+                "the fused dH product has the 128x128 tile only: groups of "
+                "<= 192 rows with weights beyond L2 stay on the unfused "
+                "192-row tile");
   return true;
 }
 

@@ -31,6 +31,11 @@ typedef struct sm90_tile {
   X(0, 128, 256, 4)                                                            \
   X(1, 128, 128, 6)                                                            \
   X(2, 192, 128, 4)
+/// The dH product with its fused epilogue (gemm_m_dact.cu) is built for
+/// this M tile only, 128 x 128: 64 accumulators per consumer thread leave
+/// registers for the tile's H fragment and the packed outputs (128 x 256
+/// spilled).
+#define SM90_TILE_DACT 1
 #define SM90_TILES_K(X)                                                        \
   X(0, 128, 256, 4)                                                            \
   X(1, 128, 128, 6)
