@@ -1186,6 +1186,30 @@ static void test_pass_sizes(const lcfg *c) {
         "inference in infer_workspace differs from the training forward");
   free(o);
   tu_buf_free(&o2);
+  /* Every byte of `saved` written (a framework op returns it): the same
+     bytes whatever the buffer held before, dropped slots included. */
+  if (c->route == ROUTE_GIVEN) {
+    moe_layer_desc dd = desc;
+    dd.invalid_topk = MOE_TOPK_INVALID_DROP;
+    moe_layer_plan *pd = NULL;
+    CHECK_STATUS(moe_layer_plan_create(&pd, &dd), MOE_SUCCESS);
+    tu_store(&b.ti.t, 1, (double)c->E); /* a dropped slot */
+    tu_store(&b.ti.t, 2 * c->k, -1.0);  /* and another */
+    char *s0 = tu_alloc(z.saved);
+    memset(sv, 0xff, z.saved);
+    memset(s0, 0x00, z.saved);
+    CHECK_STATUS(moe_layer_forward(pd, &b.fa, sv, z.saved, fw,
+                                   z.fwd_workspace, NULL),
+                 MOE_SUCCESS);
+    CHECK_STATUS(moe_layer_forward(pd, &b.fa, s0, z.saved, fw,
+                                   z.fwd_workspace, NULL),
+                 MOE_SUCCESS);
+    CHECK(memcmp(sv, s0, z.saved) == 0,
+          "saved bytes depend on what the buffer held before the forward "
+          "(dropped slots): an unwritten gap");
+    free(s0);
+    moe_layer_plan_destroy(pd);
+  }
   lres_free(&got);
   free(sv);
   free(fw);

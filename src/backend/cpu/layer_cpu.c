@@ -416,6 +416,14 @@ static moe_status moe_forward(moe_layer_plan *plan,
                        slot_row, row_slot, (int64_t *)moe_at(ws, b.f_cursor));
   if (s != MOE_SUCCESS) goto done;
   R = offsets[E]; /* T * k less the dropped slots */
+  if (saved) {
+    /* Every byte of `saved` is defined, so that it can be a framework op's
+       output (compared byte for byte): the maps' unused tail (dropped
+       slots) and the padding before the exchange counts. */
+    size_t end = b.row_slot + (size_t)(T * k) * sizeof(int32_t);
+    memset(row_slot + R, 0, (size_t)(T * k - R) * sizeof(int32_t));
+    memset(sv + end, 0, b.saved_bytes - end);
+  }
   moe_permute_rows(&args->hidden, row_slot, R, k, xp, H, NULL, plan->nt);
   if (plan->ranks > 1) { /* the rows go to their experts' ranks */
     s = moe_ep_dispatch(ep, plan, &b, sv, ws, xp, (size_t)H * es, false,
@@ -434,6 +442,10 @@ static moe_status moe_forward(moe_layer_plan *plan,
       s = moe_fwd_gemm(&x, 0, xp, H, &c.gu.up, hp + (size_t)I * es, dt, 2 * I);
   }
   if (s != MOE_SUCCESS) goto done;
+  if (saved) { /* rows no slot took (dropped, or EP capacity) and padding */
+    size_t used = (size_t)(R * 2 * I) * es;
+    memset(hp + used, 0, b.offsets - b.hpre - used);
+  }
   {
     int64_t shp[2] = {R, I};
     moe_tensor tg = moe_tensor_make(hp, dt, 2, shp);
