@@ -1198,12 +1198,12 @@ static void test_pass_sizes(const lcfg *c) {
     char *s0 = tu_alloc(z.saved);
     memset(sv, 0xff, z.saved);
     memset(s0, 0x00, z.saved);
-    CHECK_STATUS(moe_layer_forward(pd, &b.fa, sv, z.saved, fw,
-                                   z.fwd_workspace, NULL),
-                 MOE_SUCCESS);
-    CHECK_STATUS(moe_layer_forward(pd, &b.fa, s0, z.saved, fw,
-                                   z.fwd_workspace, NULL),
-                 MOE_SUCCESS);
+    CHECK_STATUS(
+        moe_layer_forward(pd, &b.fa, sv, z.saved, fw, z.fwd_workspace, NULL),
+        MOE_SUCCESS);
+    CHECK_STATUS(
+        moe_layer_forward(pd, &b.fa, s0, z.saved, fw, z.fwd_workspace, NULL),
+        MOE_SUCCESS);
     CHECK(memcmp(sv, s0, z.saved) == 0,
           "saved bytes depend on what the buffer held before the forward "
           "(dropped slots): an unwritten gap");
