@@ -991,16 +991,19 @@ static void test_errors(void) {
   memset(&a.gate_weight, 0, sizeof a.gate_weight);
   memset(&a.topk_index, 0, sizeof a.topk_index);
   CHECK_ERROR(small_fwd(&s, &a), MOE_ERR_INVALID_ARGUMENT, "gate_weight");
-  /* workspace and saved too small */
+  /* workspace and saved too small (the forward's own size: see
+     test_pass_sizes) */
+  moe_layer_sizes ps;
+  CHECK_STATUS(moe_layer_plan_pass_sizes(s.plan, 7, &ps), MOE_SUCCESS);
   CHECK_ERROR(moe_layer_forward(s.plan, &s.b.fa, s.saved, s.sv_bytes, s.ws,
-                                s.ws_bytes - 1, NULL),
+                                ps.fwd_workspace - 1, NULL),
               MOE_ERR_WORKSPACE, "workspace");
   CHECK_ERROR(moe_layer_forward(s.plan, &s.b.fa, s.saved, s.sv_bytes - 1, s.ws,
                                 s.ws_bytes, NULL),
               MOE_ERR_WORKSPACE, "saved");
   CHECK_STATUS(small_fwd(&s, &s.b.fa), MOE_SUCCESS);
   CHECK_ERROR(moe_layer_backward(s.plan, &s.b.ba, s.saved, s.sv_bytes, s.ws,
-                                 s.ws_bytes - 1, NULL),
+                                 ps.bwd_workspace - 1, NULL),
               MOE_ERR_WORKSPACE, "workspace");
   CHECK_ERROR(moe_layer_backward(s.plan, &s.b.ba, s.saved, s.sv_bytes - 1, s.ws,
                                  s.ws_bytes, NULL),
@@ -1045,6 +1048,177 @@ static void test_errors(void) {
   CHECK(small_fwd(&s, &a) == MOE_ERR_INVALID_ARGUMENT && moe_last_error()[0],
         "router_logits in precomputed mode: expected an error");
   small_free(&s);
+}
+
+/* ---- saved state and per-pass workspace --------------------------------- */
+
+/// A buffer of exactly `need` bytes filled with NaN bytes (so that nothing
+/// may count on zeroed memory), followed by a 64-byte canary.
+enum { CANARY = 64 };
+static char *exact_new(size_t need) {
+  char *p = tu_alloc(need + CANARY);
+  memset(p, 0xff, need);
+  memset(p + need, 0xa5, CANARY);
+  return p;
+}
+static bool canary_ok(const char *p, size_t need) {
+  for (size_t i = 0; i < CANARY; i++)
+    if ((unsigned char)p[need + i] != 0xa5) return false;
+  return true;
+}
+
+/// The results of one run, as run_layer gathers them.
+static lres lres_of(const lcfg *c, const lbufs *b) {
+  lres r;
+  memset(&r, 0, sizeof r);
+  r.ok = true;
+  r.out = gather_new(&b->out.t);
+  r.gx = gather_new(&b->gx.t);
+  r.gwd = gather_new(&b->gwd.t);
+  r.gwgu = gather_new(&b->gwgu.t);
+  if (c->route == ROUTE_ROUTER) {
+    r.logits = gather_new(&b->logits.t);
+    r.gwg = gather_new(&b->gwg.t);
+  } else {
+    r.gtw = gather_new(&b->gtw.t);
+  }
+  return r;
+}
+
+/// The saved state stays within T*k*2I*es + 16*T*k + 64*E bytes (the
+/// pre-activation and the routing metadata), at every T up to a capacity
+/// above the batch; a forward given exactly fwd_workspace bytes and a
+/// backward given exactly bwd_workspace bytes (NaN-filled, never zeroed)
+/// match the run with the library's own allocations bit for bit, and write
+/// nothing past their sizes; inference runs in infer_workspace; one byte
+/// less fails with MOE_ERR_WORKSPACE naming the workspace and the pass.
+static void test_pass_sizes(const lcfg *c) {
+  char cfg[256];
+  describe_cfg(c, cfg, sizeof cfg);
+  tu_case("layer pass sizes %s", cfg);
+  ldata d;
+  data_make(c, &d);
+  const lvar v = {"pass-sizes", OI, OI, 0, 1, 0, 1, 0};
+  lres base =
+      run_layer(c, &d, &(lvar){"pass-sizes-base", OI, OI, 0, 1, 0, 0, 0},
+                MOE_GMM_GROUPED);
+  tu_case("layer pass sizes %s", cfg);
+  moe_layer_desc desc = desc_of(c, &v, MOE_GMM_GROUPED);
+  desc.max_tokens = 2 * c->T + 5; /* a capacity, not the batch */
+  moe_layer_plan *plan = NULL;
+  CHECK_STATUS(moe_layer_plan_create(&plan, &desc), MOE_SUCCESS);
+  if (!plan) {
+    lres_free(&base);
+    data_free(&d);
+    return;
+  }
+  size_t es = moe_dtype_size(c->dt);
+  size_t prev = 0;
+  for (int64_t T = 0; T <= desc.max_tokens; T++) {
+    moe_layer_sizes z;
+    size_t ws = 0, sv = 0;
+    CHECK_STATUS(moe_layer_plan_pass_sizes(plan, T, &z), MOE_SUCCESS);
+    CHECK_STATUS(moe_layer_plan_sizes(plan, T, &ws, &sv), MOE_SUCCESS);
+    size_t S = (size_t)(T * c->k);
+    size_t bound = S * 2 * (size_t)c->I * es + 16 * S + 64 * (size_t)c->E;
+    CHECK(z.saved <= bound,
+          "T=%lld: saved %zu bytes > T*k*2I*es + 16*T*k + 64*E = %zu",
+          (long long)T, z.saved, bound);
+    CHECK(z.saved >= S * 2 * (size_t)c->I * es,
+          "T=%lld: saved %zu bytes cannot hold the pre-activation",
+          (long long)T, z.saved);
+    CHECK(z.saved >= prev, "T=%lld: saved shrank from %zu to %zu", (long long)T,
+          prev, z.saved);
+    prev = z.saved;
+    size_t mx =
+        z.fwd_workspace > z.bwd_workspace ? z.fwd_workspace : z.bwd_workspace;
+    mx = mx > z.infer_workspace ? mx : z.infer_workspace;
+    CHECK(sv == z.saved && ws == mx,
+          "T=%lld: moe_layer_plan_sizes (%zu, %zu) is not the largest pass "
+          "(%zu) and the saved bytes (%zu)",
+          (long long)T, ws, sv, mx, z.saved);
+    CHECK(z.infer_workspace >= z.fwd_workspace + z.saved,
+          "T=%lld: inference workspace %zu holds less than the forward's "
+          "%zu and the saved %zu",
+          (long long)T, z.infer_workspace, z.fwd_workspace, z.saved);
+  }
+  moe_layer_sizes z;
+  CHECK_STATUS(moe_layer_plan_pass_sizes(plan, c->T, &z), MOE_SUCCESS);
+  printf("INFO: %s: saved %zu B, workspace fwd %zu B, bwd %zu B, infer %zu B "
+         "at T=%lld\n",
+         cfg, z.saved, z.fwd_workspace, z.bwd_workspace, z.infer_workspace,
+         (long long)c->T);
+  lbufs b;
+  lbufs_make(c, &d, &v, &b);
+  char *sv = exact_new(z.saved), *fw = exact_new(z.fwd_workspace);
+  char *bw = exact_new(z.bwd_workspace), *iw = exact_new(z.infer_workspace);
+  CHECK_ERROR(moe_layer_forward(plan, &b.fa, sv, z.saved, fw,
+                                z.fwd_workspace - 1, NULL),
+              MOE_ERR_WORKSPACE, "forward");
+  CHECK_ERROR(
+      moe_layer_forward(plan, &b.fa, NULL, 0, iw, z.infer_workspace - 1, NULL),
+      MOE_ERR_WORKSPACE, "inference");
+  CHECK_STATUS(
+      moe_layer_forward(plan, &b.fa, sv, z.saved, fw, z.fwd_workspace, NULL),
+      MOE_SUCCESS);
+  CHECK_ERROR(moe_layer_backward(plan, &b.ba, sv, z.saved, bw,
+                                 z.bwd_workspace - 1, NULL),
+              MOE_ERR_WORKSPACE, "backward");
+  CHECK_STATUS(
+      moe_layer_backward(plan, &b.ba, sv, z.saved, bw, z.bwd_workspace, NULL),
+      MOE_SUCCESS);
+  CHECK(canary_ok(sv, z.saved) && canary_ok(fw, z.fwd_workspace) &&
+            canary_ok(bw, z.bwd_workspace),
+        "a pass wrote past the saved or workspace size it was given");
+  lres got = lres_of(c, &b);
+  cmp_bits(c, &base, &got, true, "exact per-pass buffers vs own allocation");
+  /* inference in exactly infer_workspace: the training forward's output */
+  tu_buf o2 = tu_mat_new(c->dt, c->T, c->H, NULL);
+  moe_layer_fwd_args fa = b.fa;
+  fa.output = o2.t;
+  CHECK_STATUS(
+      moe_layer_forward(plan, &fa, NULL, 0, iw, z.infer_workspace, NULL),
+      MOE_SUCCESS);
+  CHECK(canary_ok(iw, z.infer_workspace),
+        "inference wrote past infer_workspace");
+  float *o = gather_new(&o2.t);
+  CHECK(tu_first_diff(o, got.out, c->T * c->H) < 0,
+        "inference in infer_workspace differs from the training forward");
+  free(o);
+  tu_buf_free(&o2);
+  /* Every byte of `saved` written (a framework op returns it): the same
+     bytes whatever the buffer held before, dropped slots included. */
+  if (c->route == ROUTE_GIVEN) {
+    moe_layer_desc dd = desc;
+    dd.invalid_topk = MOE_TOPK_INVALID_DROP;
+    moe_layer_plan *pd = NULL;
+    CHECK_STATUS(moe_layer_plan_create(&pd, &dd), MOE_SUCCESS);
+    tu_store(&b.ti.t, 1, (double)c->E); /* a dropped slot */
+    tu_store(&b.ti.t, 2 * c->k, -1.0);  /* and another */
+    char *s0 = tu_alloc(z.saved);
+    memset(sv, 0xff, z.saved);
+    memset(s0, 0x00, z.saved);
+    CHECK_STATUS(
+        moe_layer_forward(pd, &b.fa, sv, z.saved, fw, z.fwd_workspace, NULL),
+        MOE_SUCCESS);
+    CHECK_STATUS(
+        moe_layer_forward(pd, &b.fa, s0, z.saved, fw, z.fwd_workspace, NULL),
+        MOE_SUCCESS);
+    CHECK(memcmp(sv, s0, z.saved) == 0,
+          "saved bytes depend on what the buffer held before the forward "
+          "(dropped slots): an unwritten gap");
+    free(s0);
+    moe_layer_plan_destroy(pd);
+  }
+  lres_free(&got);
+  free(sv);
+  free(fw);
+  free(bw);
+  free(iw);
+  lbufs_free(&b);
+  moe_layer_plan_destroy(plan);
+  lres_free(&base);
+  data_free(&d);
 }
 
 /// T = 0 tokens: nothing to do, nothing written, success.
@@ -1124,6 +1298,9 @@ int main(void) {
         {13, 3, 11, 13, 1, ROUTE_EXPERT0, MOE_I64, MOE_F32},
         {7, 5, 24, 9, 2, ROUTE_EXPERT0, MOE_I64, dt},
         {1, 3, 11, 9, 3, ROUTE_GIVEN, MOE_I64, MOE_F32},
+        /* More routed rows than a backward block (MOE_BWD_ROWS = 512):
+           expert 0 takes every token, so its rows span two blocks. */
+        {601, 3, 11, 9, 2, ROUTE_EXPERT0, MOE_I64, MOE_F32},
     };
     for (size_t i = 0; i < sizeof pre / sizeof pre[0]; i++) {
       lcfg c = {dt,         pre[i].T,  pre[i].E,     pre[i].H,
@@ -1134,6 +1311,24 @@ int main(void) {
   }
   test_errors();
   test_empty_batch();
+  {
+    /* odd sizes; router and precomputed routing with a dropped-free and
+       an expert-0-heavy draw; one expert taking every row (E = 1) */
+    const lcfg pcs[] = {
+        {MOE_F32, 7, 3, 11, 9, 2, 1, ROUTE_ROUTER, MOE_I64, MOE_F32, MOE_F32,
+         0x5a0001},
+        {MOE_BF16, 13, 5, 24, 13, 2, 0, ROUTE_ROUTER, MOE_I64, MOE_F32,
+         MOE_BF16, 0x5a0002},
+        {MOE_F32, 13, 5, 11, 9, 3, 0, ROUTE_GIVEN, MOE_I32, MOE_F32, MOE_F32,
+         0x5a0003},
+        {MOE_BF16, 7, 5, 24, 9, 2, 1, ROUTE_EXPERT0, MOE_I64, MOE_BF16,
+         MOE_BF16, 0x5a0004},
+        {MOE_BF16, 9, 1, 11, 13, 1, 0, ROUTE_GIVEN, MOE_I64, MOE_F32, MOE_BF16,
+         0x5a0005},
+    };
+    for (size_t i = 0; i < sizeof pcs / sizeof pcs[0]; i++)
+      test_pass_sizes(&pcs[i]);
+  }
   for (int k = 0; k < LOOP_NKINDS; k++)
     printf("INFO: loop method %s bitwise identical across %s (%d "
            "comparisons)\n",

@@ -27,17 +27,31 @@ _INVALID = {"error": L.MOE_TOPK_INVALID_ERROR, "drop": L.MOE_TOPK_INVALID_DROP}
 
 
 class _Plan:
+    """One C plan, made for up to `capacity` tokens; it serves any T up to
+    that, with the saved and per-pass workspace sizes of the actual T."""
+
     def __init__(self, desc: L.moe_layer_desc):
         self.handle = ctypes.c_void_p()
         L.check(L.lib.moe_layer_plan_create(ctypes.byref(self.handle),
                                             ctypes.byref(desc)),
                 "moe_layer_plan_create")
         self.desc = desc
-        ws, sv = ctypes.c_size_t(), ctypes.c_size_t()
-        L.check(L.lib.moe_layer_plan_sizes(self.handle, desc.max_tokens,
-                                           ctypes.byref(ws), ctypes.byref(sv)),
-                "moe_layer_plan_sizes")
-        self.workspace_bytes, self.saved_bytes = ws.value, sv.value
+        self.capacity = int(desc.max_tokens)
+        self._sizes: dict = {}
+
+    def sizes(self, tokens: int) -> L.moe_layer_sizes:
+        """moe_layer_plan_pass_sizes(tokens): saved, fwd_workspace,
+        bwd_workspace, infer_workspace (cached per token count)."""
+        s = self._sizes.get(tokens)
+        if s is None:
+            s = L.moe_layer_sizes()
+            L.check(L.lib.moe_layer_plan_pass_sizes(self.handle, int(tokens),
+                                                    ctypes.byref(s)),
+                    "moe_layer_plan_pass_sizes")
+            if len(self._sizes) >= 256:
+                self._sizes.clear()
+            self._sizes[tokens] = s
+        return s
 
     def explain(self) -> str:
         return L.lib.moe_layer_plan_explain(self.handle).decode()
@@ -48,36 +62,56 @@ class _Plan:
             L.lib.moe_layer_plan_destroy(h)
 
 
+# key -> plans of growing capacity (each twice the one before, or more)
 _plans: dict = {}
 _plans_lock = threading.Lock()
 _MAX_PLANS = 64
+# The smallest capacity a plan is made for; beyond it, the next power of two.
+_MIN_CAPACITY = 256
+
+
+def _capacity_for(tokens: int) -> int:
+    c = _MIN_CAPACITY
+    while c < tokens:
+        c *= 2
+    return c
 
 
 def _plan_for(hidden_shape, k, gu, dn, dtype, device, invalid) -> _Plan:
-    """One plan per (shape, dtype, layouts, device, policy); tokens exact, so
-    the planner's choice and the buffer sizes are those of this call."""
+    """The plan for (shapes, dtype, layouts, device, policy), whatever the
+    token count: the smallest-capacity plan of that key that holds T, else a
+    new one for the next power of two >= T (at least _MIN_CAPACITY). A
+    trainer whose T varies step to step makes O(log T) plans, not one per
+    T; and the forward and backward of one step pick the same plan (plans
+    are only ever added above every capacity the key already has)."""
     T, H = int(hidden_shape[0]), int(hidden_shape[1])
     E, I2 = int(gu.shape[0]), int(gu.shape[1])
     dev = L.device_of(device)
-    key = (T, H, E, I2, int(k), dtype, L.layout_of(gu), L.layout_of(dn),
+    key = (H, E, I2, int(k), dtype, L.layout_of(gu), L.layout_of(dn),
            dev.type, dev.index, invalid)
     with _plans_lock:
-        p = _plans.get(key)
-        if p is None:
-            d = L.moe_layer_desc()
-            d.struct_size = ctypes.sizeof(L.moe_layer_desc)
-            d.magic, d.version = L.MOE_LAYER_DESC_MAGIC, L.MOE_LAYER_DESC_VERSION
-            d.num_experts, d.hidden, d.intermediate = E, H, I2 // 2
-            d.top_k, d.max_tokens = int(k), max(T, 1)
-            d.norm_topk_prob = 0  # the caller's weights are used as given
-            d.dtype = L.dtype_of(dtype)
-            d.gate_up_layout, d.down_layout = key[6], key[7]
-            d.method = L.MOE_GMM_AUTO
-            d.device = dev
-            d.invalid_topk = invalid
+        ps = _plans.get(key)
+        if ps is not None:
+            for p in ps:
+                if p.capacity >= T:
+                    return p
+        d = L.moe_layer_desc()
+        d.struct_size = ctypes.sizeof(L.moe_layer_desc)
+        d.magic, d.version = L.MOE_LAYER_DESC_MAGIC, L.MOE_LAYER_DESC_VERSION
+        d.num_experts, d.hidden, d.intermediate = E, H, I2 // 2
+        d.top_k, d.max_tokens = int(k), _capacity_for(T)
+        d.norm_topk_prob = 0  # the caller's weights are used as given
+        d.dtype = L.dtype_of(dtype)
+        d.gate_up_layout, d.down_layout = key[5], key[6]
+        d.method = L.MOE_GMM_AUTO
+        d.device = dev
+        d.invalid_topk = invalid
+        p = _Plan(d)
+        if ps is None:
             if len(_plans) >= _MAX_PLANS:
                 _plans.pop(next(iter(_plans)))
-            p = _plans[key] = _Plan(d)
+            ps = _plans[key] = []
+        ps.append(p)
         return p
 
 
@@ -131,11 +165,17 @@ def _experts_fwd(hidden: torch.Tensor, top_k_index: torch.Tensor,
     p = _plan_for(hidden.shape, top_k_index.shape[1], gate_up_proj, down_proj,
                   hidden.dtype, dev, invalid)
     out = torch.empty((T, H), dtype=hidden.dtype, device=dev)
-    # Zeroed: the C layer leaves alignment gaps and unused sub-buffers of
-    # `saved` unwritten, and an op's outputs must be fully defined
-    # (torch.library.opcheck compares them byte for byte). One memset.
-    saved = torch.zeros((p.saved_bytes,), dtype=torch.uint8, device=dev)
-    ws = torch.empty((p.workspace_bytes,), dtype=torch.uint8, device=dev)
+    sz = p.sizes(T)
+    # `saved` is an op output, so every byte must be defined
+    # (torch.library.opcheck compares outputs byte for byte). The CPU layer
+    # writes every byte (tests/test_layer.c checks it): no memset. The CUDA
+    # layer's guarantee comes with its own saved-state work; until then one
+    # memset there.
+    if dev.type == "cpu":
+        saved = torch.empty((sz.saved,), dtype=torch.uint8, device=dev)
+    else:
+        saved = torch.zeros((sz.saved,), dtype=torch.uint8, device=dev)
+    ws = torch.empty((sz.fwd_workspace,), dtype=torch.uint8, device=dev)
     a = L.moe_layer_fwd_args()
     a.hidden = L.view(hidden)
     a.topk_index = L.view(top_k_index)
@@ -144,10 +184,10 @@ def _experts_fwd(hidden: torch.Tensor, top_k_index: torch.Tensor,
     a.w_down = L.view(down_proj)
     a.output = L.view(out)
     L.check(L.lib.moe_layer_forward(p.handle, ctypes.byref(a),
-                                    saved.data_ptr() if p.saved_bytes else None,
-                                    p.saved_bytes,
-                                    ws.data_ptr() if p.workspace_bytes else None,
-                                    p.workspace_bytes, L.stream_of(dev)),
+                                    saved.data_ptr() if sz.saved else None,
+                                    sz.saved,
+                                    ws.data_ptr() if sz.fwd_workspace else None,
+                                    sz.fwd_workspace, L.stream_of(dev)),
             "moe_layer_forward")
     return out, saved
 
@@ -158,7 +198,8 @@ def _(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, invalid):
     p = _plan_for(hidden.shape, top_k_index.shape[1], gate_up_proj, down_proj,
                   hidden.dtype, hidden.device, invalid)
     out = hidden.new_empty(hidden.shape, dtype=hidden.dtype).contiguous()
-    return out, hidden.new_empty((p.saved_bytes,), dtype=torch.uint8)
+    saved_bytes = p.sizes(int(hidden.shape[0])).saved
+    return out, hidden.new_empty((saved_bytes,), dtype=torch.uint8)
 
 
 # ---- experts: backward --------------------------------------------------------
@@ -178,7 +219,8 @@ def _experts_bwd(grad_out: torch.Tensor, hidden: torch.Tensor,
     g_w = _like(top_k_weights)
     g_gu = _like(gate_up_proj)
     g_dn = _like(down_proj)
-    ws = torch.empty((p.workspace_bytes,), dtype=torch.uint8, device=dev)
+    sz = p.sizes(int(hidden.shape[0]))
+    ws = torch.empty((sz.bwd_workspace,), dtype=torch.uint8, device=dev)
     if grad_out.dtype != hidden.dtype:
         grad_out = grad_out.to(hidden.dtype)
     b = L.moe_layer_bwd_args()
@@ -193,10 +235,10 @@ def _experts_bwd(grad_out: torch.Tensor, hidden: torch.Tensor,
     b.grad_w_gate_up = L.view(g_gu)
     b.grad_w_down = L.view(g_dn)
     L.check(L.lib.moe_layer_backward(p.handle, ctypes.byref(b),
-                                     saved.data_ptr() if p.saved_bytes else None,
-                                     p.saved_bytes,
-                                     ws.data_ptr() if p.workspace_bytes else None,
-                                     p.workspace_bytes, L.stream_of(dev)),
+                                     saved.data_ptr() if sz.saved else None,
+                                     sz.saved,
+                                     ws.data_ptr() if sz.bwd_workspace else None,
+                                     sz.bwd_workspace, L.stream_of(dev)),
             "moe_layer_backward")
     return g_hidden, g_w, g_gu, g_dn
 

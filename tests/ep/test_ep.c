@@ -692,6 +692,18 @@ static void edge_case(tcase *c, int kind) {
     c->E = 2 * P;
     c->skew = 1;
     break;
+  case 6: /* every expert gets more rows than a block of the CPU
+              backward's dA' (MOE_BWD_ROWS = 512): blocks cut experts at
+              fixed offsets from their first row, whatever the rank count */
+  case 7:
+    c->T = 1100 * P;
+    c->E = 2 * P;
+    c->H = 260;
+    c->I = 7;
+    c->router = 1;
+    c->dt = kind == 7 ? MOE_BF16 : MOE_F32;
+    c->method = kind == 7 ? MOE_GMM_GROUPED : MOE_GMM_LOOP;
+    break;
   default: /* deep: H and the rows per expert exceed the kernel's K chunk,
               so sums span several chunks */
     c->T = 280;
@@ -751,7 +763,7 @@ int main(int argc, char **argv) {
   c.start = calloc((size_t)g_size, sizeof(int64_t));
   c.maxt = calloc((size_t)g_size, sizeof(int64_t));
   if (only < 0) {
-    for (int kind = 0; kind < 6; kind++) {
+    for (int kind = 0; kind < 8; kind++) {
       edge_case(&c, kind);
       run_case(&c, -1 - kind, seed);
     }

@@ -206,3 +206,75 @@ def test_side_stream():
     assert torch.equal(y0, y1)
     for a, b in zip(g0, g1):
         assert torch.equal(a, b)
+
+
+def test_one_plan_per_capacity():
+    """A varying token count reuses one plan: the plan's max_tokens is a
+    capacity (the next power of two >= T, at least 256) that serves every
+    T up to it, with saved and workspace sized for the actual T; a larger T
+    adds one plan of twice the capacity or more, and smaller T keep using
+    the first. Results stay those of the float64 reference at every T."""
+    e, k = 5, 2  # a key no other test uses
+    gu, dn = weights("in_out", torch.float32, e=e)
+    key_plan = None
+    for t in (5, 37, 200, 1, 256, 300, 7):
+        idx, w = routing("random", t=t, e=e, k=k, seed=t)
+        w = w.requires_grad_()
+        g = torch.Generator().manual_seed(t)
+        x = (torch.rand((t, H), generator=g) - 0.5).to(DEVICE).requires_grad_()
+        y = lt.experts(x, idx, w, gu, dn)
+        gx, gw = torch.autograd.grad(y.sum(), (x, w))
+        leaves = [v.detach().double().requires_grad_() for v in (x, w)]
+        yr = ref_experts(leaves[0], idx, leaves[1], gu.detach(), dn.detach())
+        gxr, gwr = torch.autograd.grad(yr.sum(), leaves)
+        tol = TOL[torch.float32]
+        assert rel(y, yr) < tol and rel(gx, gxr) < tol and rel(gw, gwr) < tol
+        p = lt._plan_for(x.shape, k, gu, dn, torch.float32, x.device, 0)
+        if t <= 256:
+            if key_plan is None:
+                key_plan = p
+            assert p is key_plan, t  # one plan for every T <= 256
+            assert p.capacity == 256
+        else:
+            assert p is not key_plan and p.capacity == 512
+        s = p.sizes(t)
+        es, S = 4, t * k
+        # Issue 16's bound on the saved state. The CPU layer meets it; the
+        # CUDA layer's minimal saved state lands separately (helper
+        # h16cuda): the lead enables the check there after that merge.
+        if DEVICE.type == "cpu":
+            assert S * 2 * I * es <= s.saved <= \
+                S * 2 * I * es + 16 * S + 64 * e
+        assert min(s.fwd_workspace, s.bwd_workspace, s.infer_workspace) > 0
+    key = next(kk for kk, ps in lt._plans.items() if key_plan in ps)
+    assert [q.capacity for q in lt._plans[key]] == [256, 512]
+
+
+def test_plan_create_cost():
+    """Creating a plan costs under 100 us of process CPU time (median of
+    200, the Qwen3-30B-A3B layer at a 16k-token capacity; the machine is
+    shared, so CPU time, not wall time)."""
+    import ctypes
+    import statistics
+    import time
+    from libmoe import _lib as L
+    if DEVICE.type != "cpu":
+        pytest.skip("the CPU plan's cost; a CUDA plan queries its device")
+    d = L.moe_layer_desc()
+    d.struct_size = ctypes.sizeof(L.moe_layer_desc)
+    d.magic, d.version = L.MOE_LAYER_DESC_MAGIC, L.MOE_LAYER_DESC_VERSION
+    d.num_experts, d.hidden, d.intermediate, d.top_k = 128, 2048, 768, 8
+    d.max_tokens = 16384
+    d.dtype = L.dtype_of(torch.bfloat16)
+    d.device = L.device_of(torch.device("cpu"))
+    h = ctypes.c_void_p()
+    ts = []
+    for _ in range(201):
+        t0 = time.process_time_ns()
+        L.check(L.lib.moe_layer_plan_create(ctypes.byref(h), ctypes.byref(d)),
+                "moe_layer_plan_create")
+        ts.append((time.process_time_ns() - t0) / 1e3)
+        L.lib.moe_layer_plan_destroy(h)
+    med = statistics.median(ts[1:])  # the first also reads the machine file
+    print("plan creation: median %.1f us CPU time" % med)
+    assert med < 100.0, med

@@ -89,6 +89,15 @@ static moe_status moe_cpu_plan_create(moe_layer_plan *p, size_t *len) {
   p->e_local = d.num_experts / p->ranks;
   p->e_first = p->e_local * p->rank;
   p->max_rows = p->ranks > 1 ? ep_rows : d.max_tokens * d.top_k;
+  /* The saved slot <-> row maps are int32 (16 bytes of metadata a slot). */
+  if (d.max_tokens * d.top_k > INT32_MAX || p->max_rows > INT32_MAX)
+    return moe_error(MOE_ERR_UNIMPLEMENTED,
+                     "desc.max_tokens * desc.top_k = %lld routed rows: the "
+                     "CPU layer takes at most %d",
+                     (long long)(p->max_rows > d.max_tokens * d.top_k
+                                     ? p->max_rows
+                                     : d.max_tokens * d.top_k),
+                     (int)INT32_MAX);
   moe_cpu_plan *cp = calloc(1, sizeof *cp);
   if (!cp)
     return moe_error(MOE_ERR_OUT_OF_MEMORY, "moe_layer_plan_create: no memory");
@@ -163,6 +172,14 @@ static size_t moe_take(size_t *at, size_t bytes) {
   return o;
 }
 
+/// Like moe_take, but packed: only `align` (a power of two) is kept, so that
+/// the saved metadata costs its bytes and no padding.
+static size_t moe_take_packed(size_t *at, size_t bytes, size_t align) {
+  size_t o = (*at + align - 1) & ~(align - 1);
+  *at = o + bytes;
+  return o;
+}
+
 void moe_layer_bufs_of(const moe_layer_plan *p, int64_t T, moe_layer_bufs *b) {
   const moe_layer_desc *d = &p->d;
   size_t es = moe_dtype_size(d->dtype);
@@ -171,33 +188,46 @@ void moe_layer_bufs_of(const moe_layer_plan *p, int64_t T, moe_layer_bufs *b) {
      whatever the ranks send, at most max_rows. */
   size_t R = (size_t)(p->ranks > 1 ? p->max_rows : T * d->top_k);
   size_t H = (size_t)d->hidden, I = (size_t)d->intermediate;
+  size_t TE = (size_t)T * E * sizeof(float);
+  size_t gemm = moe_gemm_scratch_bytes(p->nt, (int64_t)E);
   size_t at = 0;
-  b->idx = moe_take(&at, S * sizeof(int32_t));
-  b->w = moe_take(&at, S * sizeof(float));
-  b->probs = moe_take(&at, (size_t)T * E * sizeof(float));
-  b->offsets = moe_take(&at, (E + 1) * sizeof(int64_t));
-  b->slot_row = moe_take(&at, S * sizeof(int64_t));
-  b->row_slot = moe_take(&at, R * sizeof(int64_t));
-  b->xp = moe_take(&at, R * H * es);
-  b->ab = moe_take(&at, R * 2 * I * es);
-  b->hh = moe_take(&at, R * I * es);
-  b->y = moe_take(&at, R * H * es);
-  if (p->ranks > 1) at += moe_ep_saved_bytes(p); /* at the end: layer_ep.c */
+  /* saved: hpre first (aligned with the buffer), the metadata packed */
+  b->hpre = moe_take_packed(&at, R * 2 * I * es, 64);
+  b->offsets = moe_take_packed(&at, (E + 1) * sizeof(int64_t), 8);
+  b->idx = moe_take_packed(&at, S * sizeof(int32_t), 4);
+  b->w = moe_take_packed(&at, S * sizeof(float), 4);
+  b->slot_row = moe_take_packed(&at, S * sizeof(int32_t), 4);
+  b->row_slot = moe_take_packed(&at, S * sizeof(int32_t), 4);
+  if (p->ranks > 1) /* at the end: layer_cpu_ep.c */
+    moe_take_packed(&at, moe_ep_saved_bytes(p), 64);
   b->saved_bytes = at;
-  at = 0;
-  b->cursor = moe_take(&at, E * sizeof(int64_t));
-  b->logits = moe_take(&at, (size_t)T * E * sizeof(float));
-  b->gemm = moe_take(&at, moe_gemm_scratch_bytes(p->nt, (int64_t)E));
-  b->dy = moe_take(&at, R * H * es);
-  b->dh = moe_take(&at, R * I * es);
-  b->dab = moe_take(&at, R * 2 * I * es);
-  b->dxp = moe_take(&at, R * H * sizeof(float));
-  b->dw = moe_take(&at, S * sizeof(float));
-  b->dlogits = moe_take(&at, (size_t)T * E * sizeof(float));
-  b->dx = moe_take(&at, (size_t)T * H * sizeof(float));
-  b->fwd_saved = moe_take(&at, b->saved_bytes);
-  if (p->ranks > 1) at += moe_ep_work_bytes(p); /* at the end: layer_ep.c */
-  b->workspace_bytes = at;
+
+  b->ep_work = p->ranks > 1 ? moe_ep_work_bytes(p) : 0;
+  at = b->ep_work;
+  b->f_cursor = moe_take(&at, E * sizeof(int64_t));
+  b->f_logits = moe_take(&at, TE);
+  b->f_gemm = moe_take(&at, gemm);
+  b->f_xp = moe_take(&at, R * H * es);
+  b->f_act = moe_take(&at, R * I * es);
+  b->fwd_workspace = at;
+  b->f_saved = moe_take(&at, b->saved_bytes);
+  b->infer_workspace = at;
+
+  b->ld_rows = (int64_t)(H + 4 / es);
+  at = b->ep_work;
+  b->b_gemm = moe_take(&at, gemm);
+  b->b_rows = moe_take(&at, R * (size_t)b->ld_rows * es);
+  size_t RB = R < MOE_BWD_ROWS ? R : MOE_BWD_ROWS;
+  b->b_dap = moe_take(&at, RB * I * sizeof(float));
+  b->b_off = moe_take(&at, (E + 1) * sizeof(int64_t));
+  b->b_da = moe_take(&at, R * I * es);
+  b->b_dh = moe_take(&at, R * 2 * I * es);
+  b->b_ds = moe_take(&at, R * sizeof(float));
+  b->b_probs = moe_take(&at, TE);
+  b->b_dlogits = moe_take(&at, TE);
+  b->b_dx = moe_take(&at, (size_t)MOE_BWD_TOKENS * H * sizeof(float));
+  b->b_dw = moe_take(&at, S * sizeof(float));
+  b->bwd_workspace = at;
 }
 
 static void moe_cpu_sizes(const moe_layer_plan *plan, int64_t tokens,
@@ -205,8 +235,9 @@ static void moe_cpu_sizes(const moe_layer_plan *plan, int64_t tokens,
   moe_layer_bufs b;
   moe_layer_bufs_of(plan, tokens, &b);
   s->saved = b.saved_bytes;
-  /* one buffer layout serves every pass */
-  s->fwd_workspace = s->bwd_workspace = s->infer_workspace = b.workspace_bytes;
+  s->fwd_workspace = b.fwd_workspace;
+  s->bwd_workspace = b.bwd_workspace;
+  s->infer_workspace = b.infer_workspace;
 }
 
 /* ---- GEMM problems ---------------------------------------------------- */
@@ -261,7 +292,21 @@ static char *moe_at(void *base, size_t off) { return (char *)base + off; }
 
 /* ---- forward ---------------------------------------------------------- */
 
-/// Routing of a forward: fills idx, w (and probs in router mode).
+/// logits [T, E] (f32) = hidden . gate_weight^T: the forward's, and the
+/// backward's recomputation, bit for bit.
+static moe_status moe_router_logits(const moe_exec *x,
+                                    const moe_layer_fwd_args *a, int64_t T,
+                                    float *logits) {
+  const moe_layer_desc *d = &x->p->d;
+  int64_t one[2] = {0, T};
+  moe_gemm_problem pb = moe_gemm_one_of(
+      MOE_GROUP_M, one, T, d->num_experts, d->hidden,
+      moe_op_mat(&a->hidden, false), moe_op_mat(&a->gate_weight, true),
+      moe_op_rows(logits, MOE_F32, d->num_experts), 0.0f);
+  return moe_gemm_grouped(&pb, &x->ctx);
+}
+
+/// Routing of a forward: fills idx and w (in the saved area).
 static moe_status moe_route(const moe_exec *x, const moe_layer_fwd_args *a,
                             const moe_call *c, const moe_layer_bufs *b,
                             char *sv, char *ws) {
@@ -270,15 +315,8 @@ static moe_status moe_route(const moe_exec *x, const moe_layer_fwd_args *a,
   int32_t *idx = (int32_t *)moe_at(sv, b->idx);
   float *w = (float *)moe_at(sv, b->w);
   if (c->router) {
-    float *logits = (float *)moe_at(ws, b->logits);
-    int64_t one[2] = {0, T};
-    const moe_tensor *g = &a->gate_weight;
-    moe_gemm_problem pb = moe_gemm_one_of(
-        MOE_GROUP_M, one, T, E, d->hidden, moe_op_mat(&a->hidden, false),
-        moe_op_mat(g, true), moe_op_rows(logits, MOE_F32, E), 0.0f);
-    MOE_TRY(moe_gemm_grouped(&pb, &x->ctx));
-    moe_route_topk(logits, T, E, k, d->norm_topk_prob,
-                   (float *)moe_at(sv, b->probs), idx, w, x->p->nt);
+    float *logits = (float *)moe_at(ws, b->f_logits);
+    MOE_TRY(moe_router_logits(x, a, T, logits));
     if (!moe_tensor_absent(&a->router_logits)) {
       const moe_tensor *rl = &a->router_logits;
       for (int64_t t = 0; t < T; t++)
@@ -286,6 +324,9 @@ static moe_status moe_route(const moe_exec *x, const moe_layer_fwd_args *a,
           ((float *)rl->data)[t * rl->stride[0] + e * rl->stride[1]] =
               logits[t * E + e];
     }
+    /* The probabilities replace the logits: the backward recomputes both. */
+    moe_route_topk(logits, T, E, k, d->norm_topk_prob, logits, idx, w,
+                   x->p->nt);
     return MOE_SUCCESS;
   }
   const moe_tensor *ti = &a->topk_index, *tw = &a->topk_weights;
@@ -314,23 +355,28 @@ static moe_status moe_route(const moe_exec *x, const moe_layer_fwd_args *a,
   return MOE_SUCCESS;
 }
 
-/// Prepares the execution context; allocates the workspace if the caller
-/// gave none (`*owned` is then freed by the caller).
-static moe_status moe_exec_begin(moe_layer_plan *p, const moe_layer_bufs *b,
-                                 void **ws, size_t ws_bytes, void **owned,
-                                 moe_exec *x) {
+/// Checks the caller's workspace against what this pass needs (`need`
+/// bytes, `pass` names it), allocates it if the caller gave none (`*owned`
+/// is then freed by the caller), and prepares the execution context.
+static moe_status moe_exec_begin(moe_layer_plan *p, size_t need,
+                                 const char *pass, size_t gemm_at, void **ws,
+                                 size_t ws_bytes, void **owned, moe_exec *x) {
   *owned = NULL;
-  MOE_TRY(
-      moe_layer_check_buffer(*ws, ws_bytes, b->workspace_bytes, "workspace"));
+  MOE_TRY(moe_layer_check_buffer(*ws, ws_bytes, 0, "workspace"));
+  if (*ws && ws_bytes < need)
+    return moe_error(MOE_ERR_WORKSPACE,
+                     "workspace: %zu bytes given, the %s needs %zu "
+                     "(moe_layer_plan_pass_sizes)",
+                     ws_bytes, pass, need);
   if (!*ws) {
-    *ws = *owned = moe_alloc(b->workspace_bytes, "layer workspace");
+    *ws = *owned = moe_alloc(need, "layer workspace");
     if (!*ws) return MOE_ERR_OUT_OF_MEMORY;
   }
   memset(x, 0, sizeof *x);
   x->p = p;
   x->ctx.num_threads = p->nt;
   x->ctx.strict = p->d.strict;
-  x->ctx.scratch = moe_at(*ws, b->gemm);
+  x->ctx.scratch = moe_at(*ws, gemm_at);
   x->ctx.scratch_bytes = moe_gemm_scratch_bytes(p->nt, p->d.num_experts);
   x->ctx.loop_cache = moe_cpu(p)->cache;
   x->ctx.loop_lib = moe_cpu(p)->loop_lib;
@@ -347,54 +393,71 @@ static moe_status moe_forward(moe_layer_plan *plan,
   moe_layer_bufs_of(plan, c.T, &b);
   void *owned;
   moe_exec x;
-  MOE_TRY(moe_exec_begin(plan, &b, &workspace, workspace_bytes, &owned, &x));
+  MOE_TRY(moe_exec_begin(plan, saved ? b.fwd_workspace : b.infer_workspace,
+                         saved ? "forward" : "inference forward (saved = NULL)",
+                         b.f_gemm, &workspace, workspace_bytes, &owned, &x));
   char *ws = workspace;
-  char *sv = saved ? (char *)saved : moe_at(ws, b.fwd_saved);
+  char *sv = saved ? (char *)saved : moe_at(ws, b.f_saved);
   moe_status s = MOE_SUCCESS;
   int64_t T = c.T, k = d->top_k, H = d->hidden, I = d->intermediate,
           E = d->num_experts, R = T * k;
   moe_dtype dt = d->dtype;
+  size_t es = moe_dtype_size(dt);
   int64_t *offsets = (int64_t *)moe_at(sv, b.offsets);
-  int64_t *slot_row = (int64_t *)moe_at(sv, b.slot_row);
-  int64_t *row_slot = (int64_t *)moe_at(sv, b.row_slot);
-  char *xp = moe_at(sv, b.xp), *ab = moe_at(sv, b.ab), *hh = moe_at(sv, b.hh),
-       *y = moe_at(sv, b.y);
+  int32_t *slot_row = (int32_t *)moe_at(sv, b.slot_row);
+  int32_t *row_slot = (int32_t *)moe_at(sv, b.row_slot);
+  char *hp = moe_at(sv, b.hpre), *xp = moe_at(ws, b.f_xp),
+       *act = moe_at(ws, b.f_act);
   x.offsets = offsets;
 
   s = moe_route(&x, args, &c, &b, sv, ws);
   if (s == MOE_SUCCESS)
     s = moe_route_sort((const int32_t *)moe_at(sv, b.idx), T, k, E, offsets,
-                       slot_row, row_slot, (int64_t *)moe_at(ws, b.cursor));
+                       slot_row, row_slot, (int64_t *)moe_at(ws, b.f_cursor));
   if (s != MOE_SUCCESS) goto done;
   R = offsets[E]; /* T * k less the dropped slots */
-  moe_permute_rows(&args->hidden, row_slot, R, k, xp, plan->nt);
+  if (saved) {
+    /* Every byte of `saved` is defined, so that it can be a framework op's
+       output (compared byte for byte): the maps' unused tail (dropped
+       slots) and the padding before the exchange counts. */
+    size_t end = b.row_slot + (size_t)(T * k) * sizeof(int32_t);
+    memset(row_slot + R, 0, (size_t)(T * k - R) * sizeof(int32_t));
+    memset(sv + end, 0, b.saved_bytes - end);
+  }
+  moe_permute_rows(&args->hidden, row_slot, R, k, xp, H, NULL, plan->nt);
   if (plan->ranks > 1) { /* the rows go to their experts' ranks */
-    s = moe_ep_dispatch(ep, plan, &b, sv, ws, xp,
-                        (size_t)H * moe_dtype_size(dt), false, &x.offsets, &R);
+    s = moe_ep_dispatch(ep, plan, &b, sv, ws, xp, (size_t)H * es, false,
+                        &x.offsets, &R);
     if (s != MOE_SUCCESS) goto done;
   }
 
   /* gate_up: one N = 2I product when fused, else gate then up into the two
-     halves of the same [R, 2I] buffer. */
-  size_t es = moe_dtype_size(dt);
+     halves of the same [R, 2I] buffer: the pre-activation the backward
+     keeps. */
   if (c.gu.fused) {
-    s = moe_fwd_gemm(&x, 0, xp, H, &c.gu.both, ab, dt, 2 * I);
+    s = moe_fwd_gemm(&x, 0, xp, H, &c.gu.both, hp, dt, 2 * I);
   } else {
-    s = moe_fwd_gemm(&x, 0, xp, H, &c.gu.gate, ab, dt, 2 * I);
+    s = moe_fwd_gemm(&x, 0, xp, H, &c.gu.gate, hp, dt, 2 * I);
     if (s == MOE_SUCCESS)
-      s = moe_fwd_gemm(&x, 0, xp, H, &c.gu.up, ab + (size_t)I * es, dt, 2 * I);
+      s = moe_fwd_gemm(&x, 0, xp, H, &c.gu.up, hp + (size_t)I * es, dt, 2 * I);
   }
   if (s != MOE_SUCCESS) goto done;
+  if (saved) { /* rows no slot took (dropped, or EP capacity) and padding */
+    size_t used = (size_t)(R * 2 * I) * es;
+    memset(hp + used, 0, b.offsets - b.hpre - used);
+  }
   {
     int64_t shp[2] = {R, I};
-    moe_tensor tg = moe_tensor_make(ab, dt, 2, shp);
+    moe_tensor tg = moe_tensor_make(hp, dt, 2, shp);
     tg.stride[0] = 2 * I;
     moe_tensor tu = tg;
-    tu.data = ab + (size_t)I * es;
-    moe_tensor th = moe_tensor_make(hh, dt, 2, shp);
-    moe_swiglu_fwd_rows(&tg, &tu, &th, plan->nt);
+    tu.data = hp + (size_t)I * es;
+    moe_tensor ta = moe_tensor_make(act, dt, 2, shp);
+    moe_swiglu_fwd_rows(&tg, &tu, &ta, plan->nt);
   }
-  s = moe_fwd_gemm(&x, 1, hh, I, &args->w_down, y, dt, H);
+  /* down: Y over the gathered input, which gate_up has consumed */
+  char *y = xp;
+  s = moe_fwd_gemm(&x, 1, act, I, &args->w_down, y, dt, H);
   if (s == MOE_SUCCESS && plan->ranks > 1)
     s = moe_ep_combine(ep, plan, &b, sv, ws, y, (size_t)H * es);
   if (s != MOE_SUCCESS) goto done;
@@ -424,6 +487,58 @@ static moe_status moe_cpu_forward(moe_layer_plan *plan, moe_status checked,
 
 /* ---- backward --------------------------------------------------------- */
 
+/// The last step of the backward, by blocks of MOE_BWD_TOKENS tokens:
+/// grad_hidden = the sum over k of the routed rows' dXp (f32), plus in
+/// router mode dlogits . Wg.
+static moe_status moe_grad_hidden(const moe_exec *x,
+                                  const moe_layer_bwd_args *args,
+                                  const moe_call *c, const moe_layer_bufs *b,
+                                  const char *sv, char *ws, const float *dl) {
+  const moe_layer_desc *d = &x->p->d;
+  int64_t T = c->T, k = d->top_k, H = d->hidden, E = d->num_experts;
+  const int32_t *slot_row = (const int32_t *)(sv + b->slot_row);
+  float *dx = (float *)moe_at(ws, b->b_dx);
+  const moe_tensor *gh = &args->grad_hidden, *g = &args->fwd.gate_weight;
+  for (int64_t t0 = 0; t0 < T; t0 += MOE_BWD_TOKENS) {
+    int64_t tn = T - t0 < MOE_BWD_TOKENS ? T - t0 : MOE_BWD_TOKENS;
+    moe_permute_backward(moe_at(ws, b->b_rows), d->dtype, b->ld_rows, slot_row,
+                         t0, tn, k, H, dx, x->p->nt);
+    if (dl) { /* dx += dlogits . Wg */
+      int64_t one[2] = {0, tn};
+      moe_gemm_problem px = moe_gemm_one_of(
+          MOE_GROUP_M, one, tn, H, E,
+          moe_op_rows((void *)(dl + t0 * E), MOE_F32, E), moe_op_mat(g, false),
+          moe_op_rows(dx, MOE_F32, H), 1.0f);
+      MOE_TRY(moe_gemm_grouped(&px, &x->ctx));
+    }
+#pragma omp parallel for schedule(static) num_threads(x->p->nt)
+    for (int64_t t = 0; t < tn; t++)
+      for (int64_t h = 0; h < H; h++)
+        moe_store_f(gh->data, gh->dtype,
+                    (t0 + t) * gh->stride[0] + h * gh->stride[1],
+                    dx[t * H + h]);
+  }
+  return MOE_SUCCESS;
+}
+
+/// Rows of the backward's dA' block starting at row r0 (<= MOE_BWD_ROWS).
+/// A block holds whole experts, or one piece of an expert with more rows,
+/// cut at multiples of MOE_BWD_ROWS from the expert's first row. So every
+/// expert's products are the same calls whatever the other experts hold,
+/// and the results do not depend on how many ranks share the experts (the
+/// loop method's library may sum differently for another M).
+static int64_t moe_bwd_block(const int64_t *off, int64_t experts, int64_t r0) {
+  int64_t e = 0;
+  while (off[e + 1] <= r0)
+    e++;
+  if (off[e + 1] - off[e] > MOE_BWD_ROWS)
+    return off[e + 1] - r0 < MOE_BWD_ROWS ? off[e + 1] - r0 : MOE_BWD_ROWS;
+  int64_t r1 = off[e + 1];
+  for (e++; e < experts && off[e + 1] - r0 <= MOE_BWD_ROWS; e++)
+    r1 = off[e + 1];
+  return r1 - r0;
+}
+
 static moe_status moe_backward(moe_layer_plan *plan,
                                const moe_layer_bwd_args *args,
                                const moe_call *cp, const moe_gate_up *ggup,
@@ -440,95 +555,130 @@ static moe_status moe_backward(moe_layer_plan *plan,
   moe_layer_bufs_of(plan, T, &b);
   void *owned;
   moe_exec x;
-  MOE_TRY(moe_exec_begin(plan, &b, &workspace, workspace_bytes, &owned, &x));
+  MOE_TRY(moe_exec_begin(plan, b.bwd_workspace, "backward", b.b_gemm,
+                         &workspace, workspace_bytes, &owned, &x));
   char *ws = workspace, *sv = (char *)saved;
   size_t es = moe_dtype_size(dt);
-  const int64_t *slot_row = (const int64_t *)moe_at(sv, b.slot_row);
+  int64_t ld = b.ld_rows;
+  const int64_t *offsets = (const int64_t *)moe_at(sv, b.offsets);
+  const int32_t *row_slot = (const int32_t *)moe_at(sv, b.row_slot);
   const float *w = (const float *)moe_at(sv, b.w);
-  char *xp = moe_at(sv, b.xp), *ab = moe_at(sv, b.ab), *hh = moe_at(sv, b.hh),
-       *y = moe_at(sv, b.y);
-  char *dy = moe_at(ws, b.dy), *dh = moe_at(ws, b.dh), *dab = moe_at(ws, b.dab);
-  float *dxp = (float *)moe_at(ws, b.dxp), *dw = (float *)moe_at(ws, b.dw),
-        *dx = (float *)moe_at(ws, b.dx);
-  x.offsets = (const int64_t *)moe_at(sv, b.offsets);
-  R = x.offsets[E]; /* T * k less the dropped slots */
+  char *hp = moe_at(sv, b.hpre);
+  char *rows = moe_at(ws, b.b_rows), *da = moe_at(ws, b.b_da),
+       *dh = moe_at(ws, b.b_dh);
+  float *ds = (float *)moe_at(ws, b.b_ds), *dw = (float *)moe_at(ws, b.b_dw);
+  x.offsets = offsets;
+  R = offsets[E]; /* T * k less the dropped slots */
+  int64_t R_here = R;
   moe_status s;
 
-  /* Weighted scatter back: dY rows and the routing-weight gradient. */
-  moe_unpermute_backward(&args->grad_output, y, dt, slot_row, w, T, k, H, dy,
-                         dw, plan->nt);
-  if (plan->ranks > 1) { /* dY rows go to their experts' ranks */
-    s = moe_ep_dispatch(ep, plan, &b, sv, ws, dy, (size_t)H * es, true,
-                        &x.offsets, &R);
+  /* dO rows gathered (unweighted), each with its router weight in the
+     tail, and sent to their experts' ranks. */
+  moe_permute_rows(&args->grad_output, row_slot, R, k, rows, ld, w, plan->nt);
+  if (plan->ranks > 1) {
+    s = moe_ep_dispatch(ep, plan, &b, sv, ws, rows, (size_t)ld * es, true,
+                        &x.offsets, &R_here);
     if (s != MOE_SUCCESS) goto done;
   }
-  /* down: dH = dY . Wd, dWd = dY^T . Hh */
-  s = moe_dx_gemm(&x, 1, dy, H, &a->w_down, dh, dt, I, 0.0f);
-  if (s == MOE_SUCCESS)
-    s = moe_dw_gemm(&x, 1, dy, H, hh, I, &args->grad_w_down);
-  if (s != MOE_SUCCESS) goto done;
-  {
-    int64_t shp[2] = {R, I};
-    moe_tensor tg = moe_tensor_make(ab, dt, 2, shp), tu, tdh, tdg, tdu;
-    tg.stride[0] = 2 * I;
-    tu = tg;
-    tu.data = ab + (size_t)I * es;
-    tdh = moe_tensor_make(dh, dt, 2, shp);
-    tdg = tg;
-    tdg.data = dab;
-    tdu = tu;
-    tdu.data = dab + (size_t)I * es;
-    moe_swiglu_bwd_rows(&tg, &tu, &tdh, &tdg, &tdu, plan->nt);
+  /* By blocks of rows: dA' = dO . W_down (f32, the block only); then one
+     pass per row from the saved hpre: A, dS = <dA', A>, dH, A' = s A. */
+  for (int64_t r0 = 0, rn; r0 < R_here; r0 += rn) {
+    rn = moe_bwd_block(x.offsets, plan->e_local, r0);
+    int64_t *off = (int64_t *)moe_at(ws, b.b_off);
+    for (int64_t e = 0; e <= plan->e_local; e++) {
+      int64_t o = x.offsets[e] < r0 ? r0 : x.offsets[e];
+      off[e] = (o > r0 + rn ? r0 + rn : o) - r0;
+    }
+    moe_exec xb = x;
+    xb.offsets = off;
+    float *dap = (float *)moe_at(ws, b.b_dap);
+    char *dor = rows + (size_t)(r0 * ld) * es;
+    s = moe_dx_gemm(&xb, 1, dor, ld, &a->w_down, dap, MOE_F32, I, 0.0f);
+    if (s != MOE_SUCCESS) goto done;
+    moe_swiglu_bwd_saved_rows(hp + (size_t)(r0 * 2 * I) * es, dt, rn, I, dor,
+                              ld, H, dap, da + (size_t)(r0 * I) * es,
+                              dh + (size_t)(r0 * 2 * I) * es, ds + r0,
+                              plan->nt);
   }
-  /* gate_up: dXp = dAB . Wgu (f32), dWgu = dAB^T . Xp */
-  if (c.gu.fused) {
-    s = moe_dx_gemm(&x, 0, dab, 2 * I, &c.gu.both, dxp, MOE_F32, H, 0.0f);
-    if (s == MOE_SUCCESS) s = moe_dw_gemm(&x, 0, dab, 2 * I, xp, H, &ggu.both);
-  } else {
-    s = moe_dx_gemm(&x, 0, dab, 2 * I, &c.gu.gate, dxp, MOE_F32, H, 0.0f);
-    if (s == MOE_SUCCESS)
-      s = moe_dx_gemm(&x, 0, dab + (size_t)I * es, 2 * I, &c.gu.up, dxp,
-                      MOE_F32, H, 1.0f);
-    if (s == MOE_SUCCESS) s = moe_dw_gemm(&x, 0, dab, 2 * I, xp, H, &ggu.gate);
-    if (s == MOE_SUCCESS)
-      s = moe_dw_gemm(&x, 0, dab + (size_t)I * es, 2 * I, xp, H, &ggu.up);
-  }
-  if (s == MOE_SUCCESS && plan->ranks > 1)
-    s = moe_ep_combine(ep, plan, &b, sv, ws, dxp, (size_t)H * sizeof(float));
+  /* dW_down = dO^T . A' */
+  s = moe_dw_gemm(&x, 1, rows, ld, da, I, &args->grad_w_down);
   if (s != MOE_SUCCESS) goto done;
-  moe_permute_backward(dxp, slot_row, T, k, H, dx, plan->nt);
 
-  if (c.router) {
-    /* Router: dlogits from the routing-weight gradient, then
-       dWg = dlogits^T . x and dx += dlogits . Wg. */
-    float *dl = (float *)moe_at(ws, b.dlogits);
-    moe_route_topk_backward((const float *)moe_at(sv, b.probs),
-                            (const int32_t *)moe_at(sv, b.idx), w, dw, T, E, k,
-                            d->norm_topk_prob, dl, plan->nt);
-    const moe_tensor *g = &a->gate_weight, *gg = &args->grad_gate_weight;
-    int64_t one[2] = {0, T};
-    moe_gemm_problem pw = moe_gemm_one_of(
-        MOE_GROUP_K, one, E, H, T, moe_op(dl, MOE_F32, 1, E),
-        moe_op_mat(&a->hidden, false), moe_op_mat(gg, false), 0.0f);
-    s = moe_gemm_grouped(&pw, &x.ctx);
-    moe_gemm_problem px = moe_gemm_one_of(
-        MOE_GROUP_M, one, T, H, E, moe_op_rows(dl, MOE_F32, E),
-        moe_op_mat(g, false), moe_op_rows(dx, MOE_F32, H), 1.0f);
-    if (s == MOE_SUCCESS) s = moe_gemm_grouped(&px, &x.ctx);
+  /* The gathered input again (it was not saved), for dW_gate_up. */
+  moe_permute_rows(&a->hidden, row_slot, R, k, rows, H, NULL, plan->nt);
+  if (plan->ranks > 1) {
+    const int64_t *off2;
+    int64_t r2;
+    s = moe_ep_dispatch(ep, plan, &b, sv, ws, rows, (size_t)H * es, true, &off2,
+                        &r2);
     if (s != MOE_SUCCESS) goto done;
+  }
+  if (c.gu.fused) {
+    s = moe_dw_gemm(&x, 0, dh, 2 * I, rows, H, &ggu.both);
   } else {
+    s = moe_dw_gemm(&x, 0, dh, 2 * I, rows, H, &ggu.gate);
+    if (s == MOE_SUCCESS)
+      s = moe_dw_gemm(&x, 0, dh + (size_t)I * es, 2 * I, rows, H, &ggu.up);
+  }
+  if (s != MOE_SUCCESS) goto done;
+  /* dXp = dH . W_gate_up in the layer dtype, over the gathered input, each
+     row's dS in its tail; back to the rows' own ranks. */
+  if (c.gu.fused) {
+    s = moe_dx_gemm(&x, 0, dh, 2 * I, &c.gu.both, rows, dt, ld, 0.0f);
+  } else {
+    s = moe_dx_gemm(&x, 0, dh, 2 * I, &c.gu.gate, rows, dt, ld, 0.0f);
+    if (s == MOE_SUCCESS)
+      s = moe_dx_gemm(&x, 0, dh + (size_t)I * es, 2 * I, &c.gu.up, rows, dt, ld,
+                      1.0f);
+  }
+  if (s != MOE_SUCCESS) goto done;
+#pragma omp parallel for schedule(static) num_threads(plan->nt)
+  for (int64_t r = 0; r < R_here; r++)
+    memcpy(rows + (size_t)(r * ld + H) * es, &ds[r], sizeof(float));
+  if (plan->ranks > 1) {
+    s = moe_ep_combine(ep, plan, &b, sv, ws, rows, (size_t)ld * es);
+    if (s != MOE_SUCCESS) goto done;
+  }
+
+  /* Each slot's routing-weight gradient, out of its row's tail. */
+  {
+    const int32_t *slot_row = (const int32_t *)moe_at(sv, b.slot_row);
+    for (int64_t q = 0; q < T * k; q++) {
+      if (slot_row[q] < 0) { /* dropped slot: exact zero gradient */
+        dw[q] = 0.0f;
+        continue;
+      }
+      memcpy(&dw[q], rows + (size_t)((int64_t)slot_row[q] * ld + H) * es,
+             sizeof(float));
+    }
+  }
+  float *dl = NULL;
+  if (c.router) {
+    /* The router's forward again (logits, probabilities: not saved), then
+       dWg = dlogits^T . x; dx's share, dlogits . Wg, joins grad_hidden. */
+    float *probs = (float *)moe_at(ws, b.b_probs);
+    dl = (float *)moe_at(ws, b.b_dlogits);
+    s = moe_router_logits(&x, a, T, probs);
+    if (s != MOE_SUCCESS) goto done;
+    moe_route_probs(probs, T, E, plan->nt);
+    moe_route_topk_backward(probs, (const int32_t *)moe_at(sv, b.idx), w, dw, T,
+                            E, k, d->norm_topk_prob, dl, plan->nt);
+    int64_t one[2] = {0, T};
+    moe_gemm_problem pw =
+        moe_gemm_one_of(MOE_GROUP_K, one, E, H, T, moe_op(dl, MOE_F32, 1, E),
+                        moe_op_mat(&a->hidden, false),
+                        moe_op_mat(&args->grad_gate_weight, false), 0.0f);
+    s = moe_gemm_grouped(&pw, &x.ctx);
+    if (s != MOE_SUCCESS) goto done;
+  }
+  s = moe_grad_hidden(&x, args, &c, &b, sv, ws, dl);
+  if (s != MOE_SUCCESS || c.router) goto done;
+  {
     const moe_tensor *gt = &args->grad_topk_weights;
     for (int64_t t = 0; t < T; t++)
       for (int64_t j = 0; j < k; j++)
         moe_store_f(gt->data, gt->dtype, t * gt->stride[0] + j * gt->stride[1],
                     dw[t * k + j]);
-  }
-  {
-    const moe_tensor *gh = &args->grad_hidden;
-    for (int64_t t = 0; t < T; t++)
-      for (int64_t h = 0; h < H; h++)
-        moe_store_f(gh->data, gh->dtype, t * gh->stride[0] + h * gh->stride[1],
-                    dx[t * H + h]);
   }
 done:
   moe_free(owned);

@@ -34,7 +34,7 @@ typedef struct moe_ep_work {
   int64_t *xsend, *xrecv;     ///< agreement blocks [P][e_local + 1]
   int64_t *sc, *sd, *rc, *rd; ///< alltoallv byte counts and displacements
   int64_t *chunk;             ///< shuffle: [P*e_local][2] row starts
-  char *tmp;                  ///< rows in flight: max_rows * H * 4 bytes
+  char *tmp; ///< rows in flight: max_rows rows of H f32 and a 4-byte tail
 } moe_ep_work;
 
 static size_t moe_ep_work_layout(const moe_layer_plan *p, char *base,
@@ -50,7 +50,7 @@ static size_t moe_ep_work_layout(const moe_layer_plan *p, char *base,
   size_t o_chunk = at;
   at += moe_align64(i64 * 2 * P * El);
   size_t o_tmp = at;
-  at += moe_align64((size_t)p->max_rows * (size_t)p->d.hidden * 4);
+  at += moe_align64((size_t)p->max_rows * ((size_t)p->d.hidden * 4 + 4));
   if (base && w) {
     w->xsend = (int64_t *)(base + o_xs);
     w->xrecv = (int64_t *)(base + o_xr);
@@ -70,7 +70,8 @@ size_t moe_ep_work_bytes(const moe_layer_plan *p) {
 
 static void moe_ep_work_of(const moe_layer_plan *p, const moe_layer_bufs *b,
                            char *ws, moe_ep_work *w) {
-  moe_ep_work_layout(p, ws + b->workspace_bytes - moe_ep_work_bytes(p), w);
+  (void)b; /* the staging leads every pass's workspace */
+  moe_ep_work_layout(p, ws, w);
 }
 
 static int64_t *moe_ep_meta(const moe_layer_plan *p, const moe_layer_bufs *b,
@@ -110,7 +111,9 @@ static moe_status moe_ep_agree_step(moe_ep_call *c, const moe_layer_plan *p,
 
 moe_status moe_ep_end(moe_ep_call *c, const moe_layer_plan *p, bool backward,
                       moe_status s) {
-  if (s == MOE_SUCCESS || c->aborted || c->phase >= 2) return s;
+  if (s == MOE_SUCCESS || c->aborted ||
+      c->phase >= (backward ? MOE_EP_BWD_AGREEMENTS : MOE_EP_FWD_AGREEMENTS))
+    return s;
   /* The other ranks wait in the next agreement: join it with our failure,
      keeping this rank's message. */
   char msg[1024];

@@ -3,15 +3,17 @@
 /// explanation, the extra buffer space, and the dispatch and combine steps
 /// that layer_cpu.c calls when the plan spans several ranks.
 ///
-/// Protocol of one forward (backward mirrors it; dispatch's backward is a
-/// combine and vice versa):
-///   agreement 1  alltoall of {status, rows per local expert}  (forward)
-///                alltoall of {status}                         (backward)
+/// Protocol of one forward:
+///   agreement 1  alltoall of {status, rows per local expert}
 ///   dispatch     alltoallv of the routed rows, then a local shuffle from
 ///                (source rank, expert) order to (expert, source rank)
 ///   ...          local grouped compute over the local experts
 ///   agreement 2  alltoall of {status}
 ///   combine      the shuffle back, then alltoallv to the owning ranks
+/// The backward reuses the forward's counts and has three agreements, each
+/// {status}: dispatch of the dO rows (each with its router weight in a
+/// 4-byte tail), dispatch of the input rows (the forward does not keep
+/// them), and the combine of the dX rows (each with its dS in the tail).
 /// A rank that fails anywhere still takes part in the next agreement with
 /// its failure, so every rank stops at the same point: no one is left
 /// waiting in a collective.
@@ -21,9 +23,13 @@
 #include "backend/cpu/layer_cpu.h"
 #include "layer/ep.h"
 
+/// Agreements of a forward and of a backward (see the protocol above).
+#define MOE_EP_FWD_AGREEMENTS 2
+#define MOE_EP_BWD_AGREEMENTS 3
+
 /// Progress of one forward or backward call through the agreements.
 typedef struct moe_ep_call {
-  int phase;    ///< agreements completed (0, 1 or 2)
+  int phase;    ///< agreements completed
   bool aborted; ///< an agreement reported a failure: no more collectives
 } moe_ep_call;
 

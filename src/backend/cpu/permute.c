@@ -1,11 +1,12 @@
 /// @file permute.c
-/// Stable counting sort of routed slots by expert, the row gather, and the
-/// weighted scatter back (f32 accumulation), forward and backward.
+/// Stable counting sort of routed slots by expert, the row gather, the
+/// weighted scatter back (f32 accumulation), and the backward's per-token
+/// sum of the routed rows' input gradients.
 #include "route.h"
 
 moe_status moe_route_sort(const int32_t *idx, int64_t T, int64_t k, int64_t E,
-                          int64_t *offsets, int64_t *slot_row,
-                          int64_t *row_slot, int64_t *cursor) {
+                          int64_t *offsets, int32_t *slot_row,
+                          int32_t *row_slot, int64_t *cursor) {
   int64_t S = T * k;
   for (int64_t e = 0; e <= E; e++)
     offsets[e] = 0;
@@ -32,21 +33,22 @@ moe_status moe_route_sort(const int32_t *idx, int64_t T, int64_t k, int64_t E,
       continue;
     }
     int64_t r = cursor[idx[s]]++;
-    slot_row[s] = r;
-    row_slot[r] = s;
+    slot_row[s] = (int32_t)r;
+    row_slot[r] = (int32_t)s;
   }
   return MOE_SUCCESS;
 }
 
-void moe_permute_rows(const moe_tensor *x, const int64_t *row_slot, int64_t R,
-                      int64_t k, void *xp, int nt) {
+void moe_permute_rows(const moe_tensor *x, const int32_t *row_slot, int64_t R,
+                      int64_t k, void *xp, int64_t ld, const float *tail,
+                      int nt) {
   int64_t H = x->shape[1];
   size_t es = moe_dtype_size(x->dtype);
   bool rowc = x->stride[1] == 1;
 #pragma omp parallel for schedule(static) num_threads(nt)
   for (int64_t r = 0; r < R; r++) {
     int64_t t = row_slot[r] / k;
-    char *dst = (char *)xp + (size_t)(r * H) * es;
+    char *dst = (char *)xp + (size_t)(r * ld) * es;
     const char *src = (const char *)x->data + (size_t)(t * x->stride[0]) * es;
     if (rowc) {
       memcpy(dst, src, (size_t)H * es);
@@ -54,10 +56,11 @@ void moe_permute_rows(const moe_tensor *x, const int64_t *row_slot, int64_t R,
       for (int64_t h = 0; h < H; h++)
         memcpy(dst + (size_t)h * es, src + (size_t)(h * x->stride[1]) * es, es);
     }
+    if (tail) memcpy(dst + (size_t)H * es, &tail[row_slot[r]], sizeof(float));
   }
 }
 
-void moe_unpermute(const void *y, moe_dtype yt, const int64_t *slot_row,
+void moe_unpermute(const void *y, moe_dtype yt, const int32_t *slot_row,
                    const float *w, int64_t T, int64_t k, int64_t H,
                    moe_tensor *out, int nt) {
   enum { CH = 256 }; /* f32 accumulator chunk on the stack */
@@ -71,7 +74,7 @@ void moe_unpermute(const void *y, moe_dtype yt, const int64_t *slot_row,
       for (int64_t j = 0; j < k; j++) {
         if (slot_row[t * k + j] < 0) continue; /* dropped slot */
         float wj = w[t * k + j];
-        int64_t base = slot_row[t * k + j] * H + h0;
+        int64_t base = (int64_t)slot_row[t * k + j] * H + h0;
         for (int64_t h = 0; h < hn; h++)
           acc[h] += wj * moe_load_f(y, yt, base + h);
       }
@@ -82,42 +85,21 @@ void moe_unpermute(const void *y, moe_dtype yt, const int64_t *slot_row,
   }
 }
 
-void moe_unpermute_backward(const moe_tensor *g, const void *y, moe_dtype yt,
-                            const int64_t *slot_row, const float *w, int64_t T,
-                            int64_t k, int64_t H, void *dy, float *dw, int nt) {
-#pragma omp parallel for schedule(static) num_threads(nt)
-  for (int64_t t = 0; t < T; t++) {
-    for (int64_t j = 0; j < k; j++) {
-      if (slot_row[t * k + j] < 0) { /* dropped slot: exact zero gradient */
-        dw[t * k + j] = 0.0f;
-        continue;
-      }
-      float wj = w[t * k + j];
-      int64_t base = slot_row[t * k + j] * H;
-      float dot = 0.0f;
-      for (int64_t h = 0; h < H; h++) {
-        float gv =
-            moe_load_f(g->data, g->dtype, t * g->stride[0] + h * g->stride[1]);
-        dot += gv * moe_load_f(y, yt, base + h);
-        moe_store_f(dy, yt, base + h, wj * gv);
-      }
-      dw[t * k + j] = dot;
-    }
-  }
-}
-
-void moe_permute_backward(const float *dxp, const int64_t *slot_row, int64_t T,
+void moe_permute_backward(const void *dxp, moe_dtype dt, int64_t ld,
+                          const int32_t *slot_row, int64_t t0, int64_t tn,
                           int64_t k, int64_t H, float *dx, int nt) {
+  size_t es = moe_dtype_size(dt);
 #pragma omp parallel for schedule(static) num_threads(nt)
-  for (int64_t t = 0; t < T; t++) {
-    float *d = dx + t * H;
+  for (int64_t t = t0; t < t0 + tn; t++) {
+    float *d = dx + (t - t0) * H;
     for (int64_t h = 0; h < H; h++)
       d[h] = 0.0f;
     for (int64_t j = 0; j < k; j++) {
-      if (slot_row[t * k + j] < 0) continue; /* dropped slot */
-      const float *s = dxp + slot_row[t * k + j] * H;
+      int64_t r = slot_row[t * k + j];
+      if (r < 0) continue; /* dropped slot */
+      const char *row = (const char *)dxp + (size_t)(r * ld) * es;
       for (int64_t h = 0; h < H; h++)
-        d[h] += s[h];
+        d[h] += moe_load_f(row, dt, h);
     }
   }
 }

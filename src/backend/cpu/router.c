@@ -12,24 +12,35 @@ static inline bool moe_ranks_above(float a, float b) {
   return a > b;
 }
 
+/// Softmax of one row, l -> p (p may be l). The forward and the backward's
+/// recomputation both come here, so their probabilities agree bit for bit.
+static void moe_softmax_row(const float *l, float *p, int64_t E) {
+  float mx = -INFINITY;
+  for (int64_t e = 0; e < E; e++)
+    if (l[e] > mx) mx = l[e];
+  double sum = 0.0;
+  for (int64_t e = 0; e < E; e++) {
+    p[e] = expf(l[e] - mx);
+    sum += p[e];
+  }
+  float inv = (float)(1.0 / sum);
+  for (int64_t e = 0; e < E; e++)
+    p[e] *= inv;
+}
+
+void moe_route_probs(float *logits, int64_t T, int64_t E, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t t = 0; t < T; t++)
+    moe_softmax_row(logits + t * E, logits + t * E, E);
+}
+
 void moe_route_topk(const float *logits, int64_t T, int64_t E, int64_t k,
                     int norm, float *probs, int32_t *idx, float *weights,
                     int nt) {
 #pragma omp parallel for schedule(static) num_threads(nt)
   for (int64_t t = 0; t < T; t++) {
-    const float *l = logits + t * E;
     float *p = probs + t * E;
-    float mx = -INFINITY;
-    for (int64_t e = 0; e < E; e++)
-      if (l[e] > mx) mx = l[e];
-    double sum = 0.0;
-    for (int64_t e = 0; e < E; e++) {
-      p[e] = expf(l[e] - mx);
-      sum += p[e];
-    }
-    float inv = (float)(1.0 / sum);
-    for (int64_t e = 0; e < E; e++)
-      p[e] *= inv;
+    moe_softmax_row(logits + t * E, p, E);
     int32_t *ix = idx + t * k;
     float *w = weights + t * k;
     /* Selection: k passes, each taking the best expert not taken yet; the

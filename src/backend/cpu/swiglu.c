@@ -42,6 +42,36 @@ void moe_swiglu_bwd_rows(const moe_tensor *g, const moe_tensor *u,
     }
 }
 
+void moe_swiglu_bwd_saved_rows(const void *hpre, moe_dtype dt, int64_t R,
+                               int64_t I, const void *dop, int64_t lddo,
+                               int64_t H, const float *dap, void *aprime,
+                               void *dhpre, float *ds, int nt) {
+  size_t es = moe_dtype_size(dt);
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t r = 0; r < R; r++) {
+    const char *hr = (const char *)hpre + (size_t)(r * 2 * I) * es;
+    const float *dr = dap + r * I;
+    char *ar = (char *)aprime + (size_t)(r * I) * es;
+    char *dhr = (char *)dhpre + (size_t)(r * 2 * I) * es;
+    float s; /* the router weight, in the 4 bytes after the dO row */
+    memcpy(&s, (const char *)dop + (size_t)(r * lddo + H) * es, sizeof s);
+    float dot = 0.0f;
+    for (int64_t i = 0; i < I; i++) {
+      float g = moe_load_f(hr, dt, i), u = moe_load_f(hr, dt, I + i);
+      float sg = moe_sigmoid(g), silu = g * sg;
+      /* A as the forward's down projection read it: rounded to dt. */
+      float a = silu * u;
+      if (dt == MOE_BF16) a = moe_bf16_to_f32(moe_f32_to_bf16(a));
+      dot += dr[i] * a;
+      float d = s * dr[i]; /* dA */
+      moe_store_f(dhr, dt, i, d * u * sg * (1.0f + g * (1.0f - sg)));
+      moe_store_f(dhr, dt, I + i, d * silu);
+      moe_store_f(ar, dt, i, s * a);
+    }
+    ds[r] = dot;
+  }
+}
+
 static moe_status moe_swiglu_check(const moe_tensor *t, const char *name,
                                    const moe_tensor *like) {
   int64_t shape[2] = {-1, -1};
