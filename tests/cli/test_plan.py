@@ -54,6 +54,9 @@ def check_sizes(name, j):
 
 def main():
     moe = sys.argv[1]
+    # "cuda" when the build has the CUDA backend (tests/CMakeLists.txt):
+    # then offline planning must work, GPU or not.
+    has_cuda = len(sys.argv) > 2 and sys.argv[2] == "cuda"
     prev = None
     for preset, tokens, dt in (("tiny", "64", "bf16"),
                                ("qwen3-30b-a3b", "257", "bf16"),
@@ -95,16 +98,16 @@ def main():
                   nums.get(label) == j[key], "%s vs %s" % (nums.get(label),
                                                            j[key]))
 
-    # Offline planning for a built-in card. Until the CUDA backend's offline
-    # plan lands (helper h16cuda's branch), a build answers
-    # MOE_ERR_UNIMPLEMENTED (no CUDA backend, or one that does not plan
-    # offline yet): the CLI must say so in one line and exit 1. This test
-    # accepts either outcome; the lead tightens it to the offline plan's
-    # numbers after the merge.
+    # Offline planning for a built-in card: a build with the CUDA backend
+    # plans from the built-in table without a GPU (CI has nvcc, no GPU);
+    # one without it answers MOE_ERR_UNIMPLEMENTED in one line, exit 1.
     for gpu, extra in (("h100", ["--device", "cuda"]), ("h200", [])):
         name = "--gpu %s%s" % (gpu, " --device cuda" if extra else "")
         rc, out, err = run(moe, "--preset", "qwen3-30b-a3b", "--tokens",
                            "4096", "--json", "--gpu", gpu, *extra)
+        if has_cuda:
+            check(name + ": offline plan succeeds in a CUDA build", rc == 0,
+                  "rc %d, stderr %r" % (rc, err))
         if rc == 0:
             j = json.loads(out)
             check(name + ": offline plan for the card",
