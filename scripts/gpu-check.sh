@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Everything a GPU machine checks, in one command per phase, so a short lease
+# covers it (the lent machine keeps nothing between leases):
+#   scripts/gpu-check.sh test    build (-Werror, CUDA) + tests/gpu/run.sh
+#                                (test_cuda, test_cuda_act, test_cuda_ep on
+#                                virtual ranks, compute-sanitizer) +
+#                                tests/gpu/run_python.sh + the wheel check
+#                                when a CUDA wheel is in .whl-libmoe/
+#   scripts/gpu-check.sh bench   the issue-16 grid and scaling runs
+#                                (bench/gpu/grid.sh: libmoe, HF grouped_mm,
+#                                Liger), variable token counts, the fused
+#                                epilogues side by side
+# Logs and JSON go to $OUT (default ./gpu-out). Exits non-zero when a test
+# failed; a benchmark's failure is printed, not fatal.
+set -u
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+export PATH=/usr/local/cuda/bin:$PATH
+out=${OUT:-$root/gpu-out}
+mkdir -p "$out"
+export MOE_BUILD_DIR=${MOE_BUILD_DIR:-$root/build-gpu}
+phase=${1:-test}
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm \
+  --format=csv,noheader
+status=0
+build() {
+  [ -f "$MOE_BUILD_DIR/libmoe.so" ] && [ -x "$MOE_BUILD_DIR/test_cuda" ] && return 0
+  cmake -S "$root" -B "$MOE_BUILD_DIR" -DMOE_WERROR=ON \
+    -DCMAKE_BUILD_TYPE=Release -DMOE_ENABLE_MPI=OFF -DMOE_USE_SYSTEM_CJSON=OFF \
+    >"$out/configure.log" 2>&1 || { echo "FAIL: configure"; tail -20 "$out/configure.log"; exit 1; }
+  cmake --build "$MOE_BUILD_DIR" -j"$(nproc)" >"$out/build.log" 2>&1 \
+    || { echo "FAIL: build"; grep -E "error|warning" "$out/build.log" | head -30; exit 1; }
+  echo "build ok"
+}
+build
+case $phase in
+test)
+  echo "== tests/gpu/run.sh"
+  bash tests/gpu/run.sh >"$out/gpu_tests.log" 2>&1 || status=1
+  grep -E "passed|failed|FAIL|ERROR SUMMARY|skipped|note:|tensors differ" \
+    "$out/gpu_tests.log" | tail -40
+  echo "== tests/gpu/run_python.sh"
+  bash tests/gpu/run_python.sh >"$out/gpu_python.log" 2>&1 || status=1
+  grep -E "passed|failed|FAIL|Error" "$out/gpu_python.log" | tail -15
+  if [ -x tests/gpu/check_wheel.sh ] && ls .whl-libmoe/*.whl >/dev/null 2>&1; then
+    echo "== tests/gpu/check_wheel.sh"
+    bash tests/gpu/check_wheel.sh >"$out/wheel.log" 2>&1 || status=1
+    tail -25 "$out/wheel.log"
+  fi
+  ;;
+bench)
+  export OUT=$out
+  echo "== grid"
+  LIGER_WHEEL_DIR=$root/.whl timeout 420 bash bench/gpu/grid.sh --json "$out/grid.json" \
+    >"$out/grid.log" 2>&1 || echo "grid: exit $?"
+  tail -30 "$out/grid.log"
+  echo "== scaling"
+  LIGER_WHEEL_DIR=$root/.whl timeout 240 bash bench/gpu/grid.sh --scaling \
+    --json "$out/scaling.json" >"$out/scaling.log" 2>&1 || echo "scaling: exit $?"
+  tail -14 "$out/scaling.log"
+  echo "== variable token counts"
+  PYTHONPATH=$root/python LIBMOE_LIBRARY=$MOE_BUILD_DIR/libmoe.so PYTHONUNBUFFERED=1 \
+    timeout 240 python3 bench/gpu/variable_tokens.py >"$out/variable_tokens.log" 2>&1 \
+    || echo "variable_tokens: exit $?"
+  tail -8 "$out/variable_tokens.log"
+  echo "== fused epilogues side by side"
+  timeout 240 "$MOE_BUILD_DIR/bench_cuda" --fuse-ab --json "$out/bench_fuse_ab.json" \
+    >"$out/fuse_ab.log" 2>&1 || echo "fuse-ab: exit $?"
+  tail -16 "$out/fuse_ab.log"
+  ;;
+*) echo "usage: scripts/gpu-check.sh test|bench"; exit 2 ;;
+esac
+exit $status
