@@ -271,8 +271,10 @@ _gmm_logged: set = set()
 # torch's own operator, captured before patch_grouped_mm() can replace it:
 # what a declined call runs.
 _torch_grouped_mm = getattr(torch, "_grouped_mm", None)
-# dtypes the C grouped GEMM runs (gemm/problem.c); others are declined.
-_GMM_DTYPES = (torch.float32, torch.bfloat16)
+# dtypes the C grouped GEMM runs, per backend (gemm/problem.c; the CUDA
+# kernels take f32 and bf16); others are declined.
+_GMM_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16),
+               "cuda": (torch.float32, torch.bfloat16)}
 
 
 def _gmm_kind(a: torch.Tensor, b: torch.Tensor) -> str:
@@ -544,12 +546,12 @@ def grouped_mm_decline_reason(mat_a: torch.Tensor, mat_b: torch.Tensor,
                 f"{mat_a.dtype}")
     if mat_a.dtype != mat_b.dtype:
         return f"mixed dtypes {mat_a.dtype} and {mat_b.dtype}"
-    if mat_a.dtype not in _GMM_DTYPES:
-        return (f"dtype {mat_a.dtype}; libmoe's grouped GEMM runs "
-                + ", ".join(str(d) for d in _GMM_DTYPES))
     dev = mat_a.device
     if dev.type not in ("cpu", "cuda"):
         return f"device {dev.type}"
+    if mat_a.dtype not in _GMM_DTYPES[dev.type]:
+        return (f"dtype {mat_a.dtype}; libmoe's {dev.type} grouped GEMM runs "
+                + ", ".join(str(d) for d in _GMM_DTYPES[dev.type]))
     if dev.type == "cuda" and not L.HAS_CUDA:
         return "this libmoe build has no CUDA backend"
     if max(mat_a.dim(), mat_b.dim()) > L.MOE_MAX_DIMS:
@@ -562,7 +564,7 @@ def grouped_mm(mat_a: torch.Tensor, mat_b: torch.Tensor,
                bias: torch.Tensor | None = None,
                out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """torch._grouped_mm / torch.nn.functional.grouped_mm on libmoe's
-    grouped GEMM. Every layout of torch's contract, f32 and bf16:
+    grouped GEMM. Every layout of torch's contract, f32, bf16 and f16:
 
       mat_a [M_total, K], mat_b [G, K, N], offs [G] -> [M_total, N]
           rows of mat_a grouped by offs (the MoE forward);
@@ -575,10 +577,11 @@ def grouped_mm(mat_a: torch.Tensor, mat_b: torch.Tensor,
     offs are int32 cumulative group ends; parts of the grouped dimension
     past offs[-1] give zero output and get zero gradient. Operands are any
     strided views (no 16-byte rule, no copy); both gradients come back in
-    their operand's strides. What the C library cannot run (a bias, an
-    out_dtype other than the operands', f16 while unsupported, another
-    device) goes to torch's own operator, logging the reason once; torch
-    then runs it or raises."""
+    their operand's strides. f16 runs on the CPU (f32 accumulation, output
+    rounded to nearest even). What the C library cannot run (a bias, an
+    out_dtype other than the operands', f16 on CUDA, another device) goes to
+    torch's own operator, logging the reason once; torch then runs it or
+    raises."""
     reason = grouped_mm_decline_reason(mat_a, mat_b, offs, bias, out_dtype)
     if reason is not None:
         if _torch_grouped_mm is None:

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 import libmoe.torch as lt
 from conftest import DEVICE, rel
 
-DTYPES = [d for d in (torch.bfloat16, torch.float32, torch.float16)
-          if d in lt._GMM_DTYPES]
+DTYPES = [torch.bfloat16, torch.float32, torch.float16]
 # relative to the reference's largest |value|: f32 sums in another order
 # (1e-5 CPU, 1e-4 on the GPU's tensor-core tiles); bf16 and f16 round each
 # operand and the output (8 and 11 significant bits).
@@ -120,6 +119,9 @@ def _grad_strides(t):
 
 
 def _check(a, b, offs, dtype, backward=True):
+    if dtype not in lt._GMM_DTYPES[DEVICE.type]:
+        pytest.skip(f"libmoe's {DEVICE.type} grouped GEMM declines {dtype} "
+                    "(the call goes to torch's own operator)")
     assert lt.grouped_mm_decline_reason(a, b, offs) is None
     a = a.detach().requires_grad_()
     b = b.detach().requires_grad_()
@@ -316,3 +318,38 @@ def test_opcheck(kind):
     opcheck(torch.ops.libmoe.grouped_mm.default,
             (a.requires_grad_(), b.transpose(-2, -1).contiguous()
              .transpose(-2, -1).requires_grad_(), offs))
+
+
+def test_f16_rounding_is_ieee():
+    """Depth 1: every output is one exact f32 product of two f16 values,
+    so libmoe's f16 result must equal torch's round-to-nearest-even of it
+    bit for bit: normals, subnormals, overflow to inf, values that round to
+    a signed zero; and every finite f16 value but -0 (63487 of them) times 1
+    comes back unchanged: the widening and the narrowing are exact inverses.
+    (-0 times 1 gives +0: the sum over k starts from +0, as in any GEMM.)"""
+    if torch.float16 not in lt._GMM_DTYPES[DEVICE.type]:
+        pytest.skip(f"libmoe's {DEVICE.type} grouped GEMM declines f16")
+    g = torch.Generator().manual_seed(11)
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    allh = bits.view(torch.float16)
+    finite = allh[torch.isfinite(allh) & (bits != -32768)]
+    one = torch.ones((1, 1, 1), dtype=torch.float16)
+    offs = torch.tensor([finite.numel()], dtype=torch.int32)
+    out = lt.grouped_mm(finite.view(-1, 1).to(DEVICE), one.to(DEVICE),
+                        offs.to(DEVICE)).cpu().view(-1)
+    assert torch.equal(out.view(torch.int16), finite.view(torch.int16))
+    # random magnitudes from 2^-24 to 2^15 times factors around 1 and 2^-10
+    # and 2^4: results that are subnormal, normal, and past 65504
+    a = (torch.randn(50001, generator=g) * 2.0 ** torch.randint(
+        -24, 16, (50001,), generator=g)).to(torch.float16)
+    a = a[a != 0]  # inputs that were flushed to (-)0 already: see above
+    n = a.numel()
+    b = torch.tensor([[[1.2345]], [[-0.00098]], [[17.5]]],
+                     dtype=torch.float16)
+    offs = torch.tensor([n // 3, 2 * n // 3, n], dtype=torch.int32)
+    out = lt.grouped_mm(a.view(-1, 1).to(DEVICE), b.to(DEVICE),
+                        offs.to(DEVICE)).cpu().view(-1)
+    o = [0] + offs.tolist()
+    want = torch.cat([(a[o[i]:o[i + 1]].float() * b[i].float().view(()))
+                      .half() for i in range(3)])
+    assert torch.equal(out.view(torch.int16), want.view(torch.int16))
