@@ -363,9 +363,9 @@ typedef struct moe_exec_options {
 /// Grouped forward: y[r, :] = x[r, :] . w[e]^T for the rows r of expert e,
 /// rows offsets[e] .. offsets[e+1]. x [R, K]; w [E, N, K] any strides;
 /// offsets [E+1] I64 on the tensors' device; y [R, N]. Rows at or past
-/// offsets[E] are left untouched. Operands f32 or bf16, and on the CPU also
-/// f16 (widened exactly, f32 accumulation, the output rounded to nearest
-/// even; the grouped method).
+/// offsets[E] are left untouched. Operands f32, bf16 or f16 (f16: f32
+/// accumulation, the output rounded to nearest even; the CPU's grouped
+/// method, CUDA's CUDA-core kernel).
 MOE_API moe_status moe_grouped_gemm(const moe_tensor *x, const moe_tensor *w,
                                     const moe_tensor *offsets, moe_tensor *y,
                                     const moe_exec_options *opt);

@@ -271,10 +271,10 @@ _gmm_logged: set = set()
 # torch's own operator, captured before patch_grouped_mm() can replace it:
 # what a declined call runs.
 _torch_grouped_mm = getattr(torch, "_grouped_mm", None)
-# dtypes the C grouped GEMM runs, per backend (gemm/problem.c; the CUDA
-# kernels take f32 and bf16); others are declined.
+# dtypes the C grouped GEMM runs, per backend (gemm/problem.c; f16 on the
+# CPU's grouped kernel and CUDA's CUDA-core kernel); others are declined.
 _GMM_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16),
-               "cuda": (torch.float32, torch.bfloat16)}
+               "cuda": (torch.float32, torch.bfloat16, torch.float16)}
 
 
 def _gmm_kind(a: torch.Tensor, b: torch.Tensor) -> str:
@@ -577,11 +577,11 @@ def grouped_mm(mat_a: torch.Tensor, mat_b: torch.Tensor,
     offs are int32 cumulative group ends; parts of the grouped dimension
     past offs[-1] give zero output and get zero gradient. Operands are any
     strided views (no 16-byte rule, no copy); both gradients come back in
-    their operand's strides. f16 runs on the CPU (f32 accumulation, output
-    rounded to nearest even). What the C library cannot run (a bias, an
-    out_dtype other than the operands', f16 on CUDA, another device) goes to
-    torch's own operator, logging the reason once; torch then runs it or
-    raises."""
+    their operand's strides. f16 accumulates in f32 and rounds the output
+    to nearest even (on CUDA on the CUDA cores: correct, not fast). What the
+    C library cannot run (a bias, an out_dtype other than the operands',
+    another device) goes to torch's own operator, logging the reason once;
+    torch then runs it or raises."""
     reason = grouped_mm_decline_reason(mat_a, mat_b, offs, bias, out_dtype)
     if reason is not None:
         if _torch_grouped_mm is None:
