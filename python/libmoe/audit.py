@@ -153,6 +153,7 @@ def _plan(E, H, I, k, T, dtype, lay_gu, lay_dn, device, gpu):
         if st == 0:
             total += f.value + b.value
     res["predicted_ms"] = total
+    res["explain"] = p.explain()
     _plans[key] = res
     return res
 
@@ -222,10 +223,11 @@ def _copies(module, x, idx, w, min_bytes):
     return found
 
 
-def _time(fn, module, x, idx, w, reps=3):
-    """Median wall ms of one forward + backward, and (on the CPU) the
-    median process CPU ms: the wall clock of a shared machine is noise, the
-    CPU time (summed over threads) much less so."""
+def _time(fn, module, x, idx, w, reps=5):
+    """Best-of-`reps` wall ms of one forward + backward, and (on the CPU)
+    best-of-`reps` process CPU ms (summed over threads, OpenMP spin-waits
+    included). The minimum: on a shared machine interference only ever
+    adds time."""
     def once():
         _fwd_bwd(fn, module, x, idx, w)
         if x.device.type == "cuda":
@@ -237,9 +239,7 @@ def _time(fn, module, x, idx, w, reps=3):
         once()
         ts.append((time.perf_counter() - t0) * 1e3)
         cs.append((time.process_time() - c0) * 1e3)
-    mid = len(ts) // 2
-    return sorted(ts)[mid], (sorted(cs)[mid] if x.device.type == "cpu"
-                             else None)
+    return min(ts), (min(cs) if x.device.type == "cpu" else None)
 
 
 def _capture(model, batch):
