@@ -402,8 +402,15 @@ def _gmm_forward(a, b, offs) -> torch.Tensor:
     kind = _gmm_kind(a, b)
     dev = a.device
     shape = _gmm_out_shape(a, b, offs)
-    out = torch.zeros(shape, dtype=a.dtype, device=dev)
-    if a.numel() == 0 or b.numel() == 0 or out.numel() == 0:
+    empty = a.numel() == 0 or b.numel() == 0
+    # Zeroed only where the call leaves parts unwritten (the grouped rows or
+    # columns past offs[-1]); dW-shaped and batched outputs are written
+    # whole (an empty group gets exact zero).
+    if empty or kind in ("2d3d", "3d2d"):
+        out = torch.zeros(shape, dtype=a.dtype, device=dev)
+    else:
+        out = torch.empty(shape, dtype=a.dtype, device=dev)
+    if empty or out.numel() == 0:
         return out  # an empty product, or a zero-depth one: exact zero
     if kind == "2d3d":
         _fwd(a, b.transpose(1, 2), _offsets64(offs), out)
@@ -440,9 +447,17 @@ def _gmm_backward_impl(grad, a, b, offs, need_a: bool, need_b: bool):
         # an expanded gradient (e.g. of .sum()): the weight-side operand of
         # a call must not overlap itself; this copies the gradient only
         grad = grad.contiguous()
-    da = _like(a).zero_() if need_a else a.new_empty((0,))
-    db = _like(b).zero_() if need_b else b.new_empty((0,))
-    if a.numel() == 0 or b.numel() == 0 or grad.numel() == 0:
+    empty = a.numel() == 0 or b.numel() == 0 or grad.numel() == 0
+    # Zeroed only where the call leaves parts unwritten (the operand's rows
+    # or columns past offs[-1]): never the weight gradient of the MoE
+    # forward (2d3d's db, written whole by dW), nor 3d3d's or 3d2d's da.
+    zero_a = empty or kind in ("2d3d", "2d2d")
+    zero_b = empty or kind in ("2d2d", "3d2d")
+    da = (_like(a).zero_() if zero_a else _like(a)) if need_a else \
+        a.new_empty((0,))
+    db = (_like(b).zero_() if zero_b else _like(b)) if need_b else \
+        b.new_empty((0,))
+    if empty:
         return da, db
     if kind == "2d3d":
         o = _offsets64(offs)
