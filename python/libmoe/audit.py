@@ -97,10 +97,14 @@ def _logical(module, name, w):
 
 
 def _recognise(module) -> str | None:
+    """hf's recogniser; a meta-device module's only objection, its device,
+    is dropped (the weights will be on a CPU or CUDA device). The recogniser
+    checks the device last, so other reasons are not hidden behind it."""
     from . import hf
     reason = hf.unsupported_reason(module)
-    if reason is not None and reason.startswith("weights are on meta"):
-        return None  # served once the weights are on a CPU or CUDA device
+    on_meta = any(p.device.type == "meta" for p in module.parameters(False))
+    if reason is not None and on_meta and "meta" in reason:
+        return None
     return reason
 
 
@@ -493,7 +497,11 @@ def _model_from_config(path: str, impl: str):
     import transformers
     from . import hf
     hf.register()
-    cfg = transformers.AutoConfig.from_pretrained(path)
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"libmoe.audit: cannot read a config from {path}: "
+                         f"{e}") from None
     dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)

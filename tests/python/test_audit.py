@@ -148,3 +148,12 @@ def test_cli_table_and_plot(tmp_path, capsys):
         assert not out.exists()
     else:
         assert rc == 0 and out.stat().st_size > 0
+
+
+def test_cli_bad_config(tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text('{"model_type": "no_such_model"}')
+    with pytest.raises(SystemExit, match="libmoe.audit: cannot"):
+        la.main([str(bad)])
+    with pytest.raises(SystemExit, match="libmoe.audit: cannot"):
+        la.main([str(tmp_path / "missing.json")])
