@@ -161,7 +161,8 @@ typedef enum moe_gmm_method {
 } moe_gmm_method;
 
 MOE_API const char *moe_gmm_method_name(moe_gmm_method m);
-/// Whether `method` can run `dtype` (MOE_F32 or MOE_BF16) GEMMs on this
+/// Whether `method` can run `dtype` (MOE_F32, MOE_BF16 or MOE_F16; no
+/// loop library takes f16) GEMMs on this
 /// CPU, in this build: MOE_SUCCESS, or MOE_ERR_UNIMPLEMENTED with the reason
 /// in moe_last_error() (for the loop: the library, the dtype, and the CPU
 /// feature or the library that is missing). The loop's library is the one
@@ -407,7 +408,9 @@ typedef struct moe_exec_options {
 /// Grouped forward: y[r, :] = x[r, :] . w[e]^T for the rows r of expert e,
 /// rows offsets[e] .. offsets[e+1]. x [R, K]; w [E, N, K] any strides;
 /// offsets [E+1] I64 on the tensors' device; y [R, N]. Rows at or past
-/// offsets[E] are left untouched.
+/// offsets[E] are left untouched. Operands f32, bf16 or f16 (f16: f32
+/// accumulation, the output rounded to nearest even; the CPU's grouped
+/// method, CUDA's CUDA-core kernel).
 MOE_API moe_status moe_grouped_gemm(const moe_tensor *x, const moe_tensor *w,
                                     const moe_tensor *offsets, moe_tensor *y,
                                     const moe_exec_options *opt);

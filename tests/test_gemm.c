@@ -5,7 +5,8 @@
 ///    offsets[0] and at or past offsets[E] left untouched (poisoned with a
 ///    NaN sentinel whose bits are checked afterwards; the same poison in the
 ///    written region also catches a kernel that reads C when beta is 0);
-///  - f32, bf16, and bf16 inputs with an f32 output;
+///  - f32, bf16, bf16 inputs with an f32 output, f16, and f16 inputs with
+///    an f32 output (f16 runs on the grouped method; the loop declines it);
 ///  - weights (and dW) in the out_in layout, the in_out transposed view, and
 ///    a strided view with no unit stride, which the grouped method must
 ///    serve and the loop method must decline with MOE_ERR_UNIMPLEMENTED
@@ -17,6 +18,12 @@
 #include "testutil.h"
 
 /* ---- problems --------------------------------------------------------- */
+
+/// Relative tolerance of an output dtype: f32 accumulation, then one
+/// rounding to the output (bf16: 8 significant bits, f16: 11).
+static double out_tol(moe_dtype out) {
+  return out == MOE_BF16 ? 2e-2 : out == MOE_F16 ? 2e-3 : 1e-5;
+}
 
 enum { MAX_G = 8 };
 
@@ -131,8 +138,8 @@ static void set_case(const gproblem *p, gop op, moe_layout wl, moe_gmm_method m,
 /// MOE_ERR_UNIMPLEMENTED, names the dtype and writes nothing.
 static int loop_skipped;
 static bool loop_can(moe_dtype dt) {
-  static int state[2]; /* 0 not asked, 1 can, 2 cannot */
-  int i = dt == MOE_BF16;
+  static int state[MOE_F64 + 1]; /* 0 not asked, 1 can, 2 cannot */
+  int i = (int)dt;
   if (!state[i]) {
     moe_status s = moe_gmm_available(MOE_GMM_LOOP, dt);
     CHECK(s == MOE_SUCCESS || s == MOE_ERR_UNIMPLEMENTED,
@@ -204,7 +211,7 @@ static float *run_op(const gproblem *p, gop op, moe_layout wl, moe_gmm_method m,
   CHECK(s == MOE_SUCCESS, "returned %s: %s", moe_status_name(s),
         moe_last_error());
   if (s != MOE_SUCCESS) goto done;
-  double tol = p->d.out == MOE_BF16 ? 2e-2 : 1e-5;
+  double tol = out_tol(p->d.out);
   int64_t n = op == OP_DW ? E * N * K : R * cols;
   res = tu_alloc(sizeof(float) * (size_t)n);
   tu_gather(&out.t, res);
@@ -252,7 +259,7 @@ static void test_problem(const gproblem *p) {
   int64_t E = p->s.E, K = p->s.K, N = p->s.N, R = p->R;
   static const moe_layout layouts[3] = {MOE_LAYOUT_OUT_IN, MOE_LAYOUT_IN_OUT,
                                         MOE_LAYOUT_STRIDED};
-  double tol = p->d.out == MOE_BF16 ? 2e-2 : 1e-5;
+  double tol = out_tol(p->d.out);
   for (int op = 0; op < 3; op++) {
     int64_t n = op == OP_DW ? E * N * K : R * (op == OP_FWD ? N : K);
     float *base = NULL, *loop_base = NULL;
@@ -443,7 +450,7 @@ static void test_errors(void) {
   CHECK_ERROR(moe_grouped_gemm_dx(&tdy, &tw, &off, &dxb, &opt),
               MOE_ERR_INVALID_ARGUMENT, "dx");
   moe_tensor xh = tx;
-  xh.dtype = MOE_F16;
+  xh.dtype = MOE_F64;
   CHECK_ERROR(moe_grouped_gemm(&xh, &tw, &off, &ty, &opt),
               MOE_ERR_INVALID_ARGUMENT, "x");
   moe_tensor dwb = tdw;
@@ -491,8 +498,12 @@ static void test_auto_expanded(void) {
 
 int main(void) {
   if (tu_isa_skip("test_gemm")) return TU_SKIP;
-  const dtcfg dts[3] = {
-      {MOE_F32, MOE_F32}, {MOE_BF16, MOE_BF16}, {MOE_BF16, MOE_F32}};
+  enum { NDT = 5 };
+  const dtcfg dts[NDT] = {{MOE_F32, MOE_F32},
+                          {MOE_BF16, MOE_BF16},
+                          {MOE_BF16, MOE_F32},
+                          {MOE_F16, MOE_F16},
+                          {MOE_F16, MOE_F32}};
   const gshape fixed[] = {
       {5, {0, 1, 7, 0, 33}, 0, 3, 11, 9}, /* empty groups, odd sizes */
       {4, {0, 0, 20, 0}, 2, 2, 24, 13},   /* one group holds every row */
@@ -521,7 +532,7 @@ int main(void) {
   }
   int nshapes = nfixed + NRAND;
   for (int si = 0; si < nshapes; si++)
-    for (int di = 0; di < 3; di++) {
+    for (int di = 0; di < NDT; di++) {
       gproblem p;
       problem_make(&p, &shapes[si], dts[di],
                    0x5eed0000ull + (uint64_t)si * 16u + (uint64_t)di);

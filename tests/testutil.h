@@ -195,8 +195,45 @@ static inline float tu_bf16_to_f32(uint16_t h) {
   return f;
 }
 
-/// The value `v` takes when stored in `dt` (F32 or BF16).
+/* ---- f16 (IEEE binary16), written independently of the library's ---- */
+
+/// The binary16 value nearest v (ties to even: nearbyint in the default
+/// rounding mode), as a double; +-inf from 65520 up.
+static inline double tu_f16_round(double v) {
+  double a = fabs(v);
+  if (a == 0.0 || isnan(a)) return v;
+  if (a >= 65520.0) return copysign(INFINITY, v);
+  int ex;
+  frexp(a, &ex); /* a = m * 2^ex, m in [0.5, 1): exponent ex - 1 */
+  int e = ex - 1 < -14 ? -14 : ex - 1;
+  double q = ldexp(1.0, e - 10); /* the spacing of halves near a */
+  return copysign(nearbyint(a / q) * q, v);
+}
+
+/// Bits of a double that is already a binary16 value (tu_f16_round).
+static inline uint16_t tu_f16_bits(double h) {
+  uint16_t s = signbit(h) ? 0x8000u : 0u;
+  double a = fabs(h);
+  if (isnan(a)) return (uint16_t)(s | 0x7e00u);
+  if (isinf(a)) return (uint16_t)(s | 0x7c00u);
+  if (a < ldexp(1.0, -14)) return (uint16_t)(s | (uint16_t)ldexp(a, 24));
+  int ex;
+  frexp(a, &ex);
+  return (uint16_t)(s | (uint16_t)((ex - 1 + 15) << 10) |
+                    (uint16_t)(ldexp(a, 11 - ex) - 1024.0));
+}
+
+static inline double tu_f16_value(uint16_t h) {
+  int e = (h >> 10) & 0x1f, m = h & 0x3ff;
+  double a = e == 0    ? ldexp((double)m, -24)
+             : e == 31 ? (m ? NAN : INFINITY)
+                       : ldexp((double)(1024 + m), e - 25);
+  return (h & 0x8000u) ? -a : a;
+}
+
+/// The value `v` takes when stored in `dt` (F32, BF16 or F16).
 static inline double tu_round(double v, moe_dtype dt) {
+  if (dt == MOE_F16) return tu_f16_round(v);
   float f = (float)v;
   return dt == MOE_BF16 ? (double)tu_bf16_to_f32(tu_f32_to_bf16(f)) : (double)f;
 }
@@ -226,6 +263,7 @@ static inline double tu_load(const moe_tensor *t, int64_t off) {
   switch (t->dtype) {
   case MOE_F32: return ((const float *)t->data)[off];
   case MOE_BF16: return tu_bf16_to_f32(((const uint16_t *)t->data)[off]);
+  case MOE_F16: return tu_f16_value(((const uint16_t *)t->data)[off]);
   case MOE_F64: return ((const double *)t->data)[off];
   case MOE_I32: return ((const int32_t *)t->data)[off];
   case MOE_I64: return (double)((const int64_t *)t->data)[off];
@@ -237,6 +275,9 @@ static inline void tu_store(moe_tensor *t, int64_t off, double v) {
   switch (t->dtype) {
   case MOE_F32: ((float *)t->data)[off] = (float)v; break;
   case MOE_BF16: ((uint16_t *)t->data)[off] = tu_f32_to_bf16((float)v); break;
+  case MOE_F16:
+    ((uint16_t *)t->data)[off] = tu_f16_bits(tu_f16_round(v));
+    break;
   case MOE_F64: ((double *)t->data)[off] = v; break;
   case MOE_I32: ((int32_t *)t->data)[off] = (int32_t)v; break;
   case MOE_I64: ((int64_t *)t->data)[off] = (int64_t)v; break;
@@ -260,8 +301,8 @@ static inline void tu_scatter(moe_tensor *t, const double *v) {
     tu_store(t, tu_off(t, idx), v[i]);
 }
 
-/// Reads the view into logical row-major f32 values (exact for f32 and
-/// bf16, so bitwise comparisons of the result compare the stored bits).
+/// Reads the view into logical row-major f32 values (exact for f32, bf16
+/// and f16, so bitwise comparisons of the result compare the stored bits).
 static inline void tu_gather(const moe_tensor *t, float *v) {
   int64_t idx[MOE_MAX_DIMS] = {0}, n = moe_tensor_numel(t);
   for (int64_t i = 0; i < n; i++, tu_step(t->ndim, t->shape, idx))
@@ -305,6 +346,7 @@ static inline void *tu_alloc(size_t bytes) {
 
 #define TU_POISON_F32 0x7fc0beefu /* quiet NaN */
 #define TU_POISON_BF16 0x7fdeu    /* quiet NaN */
+#define TU_POISON_F16 0x7e5au     /* quiet NaN */
 
 /// A view over a larger allocation of `cap` elements, all poisoned with a
 /// quiet NaN (f32, bf16) so that unwritten or wrongly written elements show.
@@ -325,9 +367,11 @@ static inline tu_buf tu_buf_new(moe_dtype dt, int64_t cap) {
       memcpy((float *)b.mem + i, &p, sizeof p);
     } else if (dt == MOE_BF16) {
       ((uint16_t *)b.mem)[i] = TU_POISON_BF16;
+    } else if (dt == MOE_F16) {
+      ((uint16_t *)b.mem)[i] = TU_POISON_F16;
     }
   }
-  if (dt != MOE_F32 && dt != MOE_BF16) /* integer views: any fixed bytes */
+  if (dt != MOE_F32 && dt != MOE_BF16 && dt != MOE_F16) /* integer views */
     memset(b.mem, 0xa5, (size_t)cap * moe_dtype_size(dt));
   b.t.data = b.mem;
   b.t.dtype = dt;
@@ -340,7 +384,8 @@ static inline bool tu_is_poison(const tu_buf *b, int64_t off) {
     memcpy(&u, (const float *)b->mem + off, sizeof u);
     return u == TU_POISON_F32;
   }
-  return ((const uint16_t *)b->mem)[off] == TU_POISON_BF16;
+  return ((const uint16_t *)b->mem)[off] ==
+         (b->t.dtype == MOE_F16 ? TU_POISON_F16 : TU_POISON_BF16);
 }
 
 static inline void tu_buf_free(tu_buf *b) {

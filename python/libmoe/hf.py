@@ -168,3 +168,14 @@ def unpatch_grouped_mm() -> None:
             _original_grouped_mm is not None:
         hf_moe._grouped_mm = _original_grouped_mm
     _original_grouped_mm = None
+
+
+def audit(model, batch=None, **kwargs):
+    """Audits the model's expert layers (libmoe.audit.audit): per layer the
+    experts class, the implementation in effect or the fallback and why,
+    weight layouts and strides, whether a forward + backward copies a
+    weight-sized tensor, libmoe's plan, and with `batch` the measured time
+    against transformers' grouped_mm. Returns an AuditReport (print it,
+    .to_json(), .plot(FILE)). Works on a meta-device model (no weights)."""
+    from .audit import audit as _audit
+    return _audit(model, batch, **kwargs)

@@ -299,10 +299,84 @@ def plan_explain(hidden_states, top_k_index, gate_up_proj, down_proj,
 
 
 # ---- grouped_mm ------------------------------------------------------------
+#
+# torch._grouped_mm's whole contract on libmoe's three grouped GEMM calls
+# (moe_grouped_gemm: y[r] = x[r] . w[e]^T, rows grouped; _dx: dx[r] =
+# dy[r] . w[e]; _dw: dw[e] = dy_e^T . x_e, depth grouped). Every variant and
+# its gradients is one of them on strided views of the operands, so nothing
+# is copied; see _gmm_forward / _gmm_backward_impl for the mapping.
+
+import logging as _logging  # noqa: E402  (this section's own imports)
+
+_gmm_log = _logging.getLogger("libmoe.torch")
+_gmm_logged: set = set()
+# torch's own operator, captured before patch_grouped_mm() can replace it:
+# what a declined call runs.
+_torch_grouped_mm = getattr(torch, "_grouped_mm", None)
+# dtypes the C grouped GEMM runs, per backend (gemm/problem.c; f16 on the
+# CPU's grouped kernel and CUDA's CUDA-core kernel); others are declined.
+_GMM_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16),
+               "cuda": (torch.float32, torch.bfloat16, torch.float16)}
+
+
+def _gmm_kind(a: torch.Tensor, b: torch.Tensor) -> str:
+    return f"{a.dim()}d{b.dim()}d"
+
+
+def _check_gmm(a, b, offs):
+    """torch._grouped_mm's shape rules (aten GroupedMMUtils.h, the meta
+    function): raises ValueError / TypeError naming the argument."""
+    if a.dim() not in (2, 3) or b.dim() not in (2, 3):
+        raise ValueError("libmoe.grouped_mm: mat_a and mat_b must be 2-D or "
+                         f"3-D; got {a.dim()}-D and {b.dim()}-D")
+    kind = _gmm_kind(a, b)
+    if kind == "3d3d":
+        if offs is not None:
+            raise ValueError("libmoe.grouped_mm: offs must be None for 3-D x "
+                             "3-D (batched) operands")
+        if a.shape[0] != b.shape[0]:
+            raise ValueError("libmoe.grouped_mm: batch sizes differ: mat_a "
+                             f"{tuple(a.shape)}, mat_b {tuple(b.shape)}")
+    else:
+        if offs is None:
+            raise ValueError(f"libmoe.grouped_mm: {a.dim()}-D x {b.dim()}-D "
+                             "operands need offs")
+        if offs.dim() != 1 or offs.dtype != torch.int32:
+            raise TypeError("libmoe.grouped_mm: offs must be a 1-D int32 "
+                            f"tensor; got {offs.dim()}-D {offs.dtype}")
+        if offs.device != a.device:
+            raise ValueError(f"libmoe.grouped_mm: offs is on {offs.device}, "
+                             f"mat_a on {a.device}")
+        if kind == "2d3d" and offs.shape[0] != b.shape[0]:
+            raise ValueError(f"libmoe.grouped_mm: offs has {offs.shape[0]} "
+                             f"groups, mat_b {b.shape[0]}")
+        if kind == "3d2d" and offs.shape[0] != a.shape[0]:
+            raise ValueError(f"libmoe.grouped_mm: offs has {offs.shape[0]} "
+                             f"groups, mat_a {a.shape[0]}")
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError("libmoe.grouped_mm: contraction dimensions differ: "
+                         f"mat_a {tuple(a.shape)}, mat_b {tuple(b.shape)}")
+    if a.dtype != b.dtype:
+        raise TypeError("libmoe.grouped_mm: mat_a and mat_b dtypes differ "
+                        f"({a.dtype}, {b.dtype})")
+    if a.device != b.device:
+        raise ValueError(f"libmoe.grouped_mm: mat_a is on {a.device}, mat_b "
+                         f"on {b.device}")
+
+
+def _gmm_out_shape(a, b, offs):
+    kind = _gmm_kind(a, b)
+    if kind == "2d2d":  # [G, M, N]: one product per slice of the shared K
+        return (offs.shape[0], a.shape[0], b.shape[1])
+    if kind == "2d3d":  # [M_total, N]: rows grouped
+        return (a.shape[0], b.shape[2])
+    if kind == "3d2d":  # [M, N_total]: columns of mat_b grouped
+        return (a.shape[1], b.shape[1])
+    return (a.shape[0], a.shape[1], b.shape[2])  # batched
 
 
 def _offsets64(offs: torch.Tensor) -> torch.Tensor:
-    """torch's int32 cumulative ends [E] -> libmoe's int64 offsets [E+1]."""
+    """torch's int32 cumulative ends [G] -> libmoe's int64 offsets [G+1]."""
     o = torch.zeros((offs.shape[0] + 1,), dtype=torch.int64, device=offs.device)
     o[1:] = offs
     return o
@@ -323,94 +397,287 @@ def _gmm_fn(name: str, dev: torch.device):
     return getattr(L.lib, name)
 
 
-def _check_gmm(input, weight, offs):
-    if input.dim() != 2 or weight.dim() != 3 or offs.dim() != 1:
-        raise ValueError("libmoe.grouped_mm: input [S, K], weight [E, K, N], "
-                         "offs [E] expected")
-    if input.shape[1] != weight.shape[1] or offs.shape[0] != weight.shape[0]:
-        raise ValueError(
-            f"libmoe.grouped_mm: input {tuple(input.shape)}, weight "
-            f"{tuple(weight.shape)}, offs {tuple(offs.shape)} do not fit")
-    if input.dtype != weight.dtype:
-        raise TypeError("libmoe.grouped_mm: input and weight dtypes differ "
-                        f"({input.dtype}, {weight.dtype})")
-    if offs.dtype != torch.int32:
-        raise TypeError("libmoe.grouped_mm: offs must be int32")
-
-
-@torch.library.custom_op("libmoe::grouped_mm", mutates_args=())
-def _grouped_mm(input: torch.Tensor, weight: torch.Tensor,
-                offs: torch.Tensor) -> torch.Tensor:
-    _check_gmm(input, weight, offs)
-    dev = input.device
-    # rows at or past offs[-1] belong to no group: zero, not left undefined
-    out = torch.zeros((input.shape[0], weight.shape[2]), dtype=input.dtype,
-                      device=dev)
-    o64 = _offsets64(offs)
-    wt = weight.transpose(1, 2)  # libmoe's [E, N, K] view: no data moves
-    x, w, o, y = L.view(input), L.view(wt), L.view(o64), L.view(out)
+def _gg(name: str, a, b, o64, c) -> None:
+    """One grouped GEMM call (moe_grouped_gemm, _dx or _dw) on views."""
+    dev = a.device
+    va, vb, vo, vc = L.view(a), L.view(b), L.view(o64), L.view(c)
     opt = _opts(dev)
-    L.check(_gmm_fn("moe_grouped_gemm", dev)(
-        ctypes.byref(x), ctypes.byref(w), ctypes.byref(o), ctypes.byref(y),
-        ctypes.byref(opt)), "moe_grouped_gemm")
+    L.check(_gmm_fn(name, dev)(ctypes.byref(va), ctypes.byref(vb),
+                               ctypes.byref(vo), ctypes.byref(vc),
+                               ctypes.byref(opt)), name)
+
+
+def _fwd(x, w, o, y):  # y[r] = x[r] . w[e]^T   x [R, K], w [E, N, K]
+    _gg("moe_grouped_gemm", x, w, o, y)
+
+
+def _dx(dy, w, o, dx):  # dx[r] = dy[r] . w[e]   dy [R, N], w [E, N, K]
+    _gg("moe_grouped_gemm_dx", dy, w, o, dx)
+
+
+def _dw(x, dy, o, dw):  # dw[e] = dy_e^T . x_e   x [R, K], dy [R, N]
+    _gg("moe_grouped_gemm_dw", x, dy, o, dw)
+
+
+def _flat(t: torch.Tensor):
+    """[G, M, X] as the [G*M, X] view over the same memory, or None when
+    its strides do not allow one (then the batched product runs group by
+    group)."""
+    try:
+        return t.view(t.shape[0] * t.shape[1], t.shape[2])
+    except RuntimeError:
+        return None
+
+
+def _batch_offsets(G: int, M: int, dev) -> torch.Tensor:
+    return torch.arange(0, (G + 1) * M, M, dtype=torch.int64,
+                        device=dev)[:G + 1]
+
+
+def _gmm_forward(a, b, offs) -> torch.Tensor:
+    """The product of one variant, written through strided views:
+      2d3d  out [R, N]     = fwd(x=a, w=b^T [G, N, K]), rows by offs
+      2d2d  out [G, M, N]  = dw(x=b [Kt, N], dy=a^T [Kt, M]), depth by offs
+      3d2d  out^T [Nt, M]  = fwd(x=b^T [Nt, K], w=a [G, M, K]), rows of b^T
+      3d3d  out [G*M, N]   = fwd(x=a flat, w=b^T) with offsets 0, M, 2M, ...
+    Rows or columns past offs[-1] are zero (torch leaves them undefined)."""
+    kind = _gmm_kind(a, b)
+    dev = a.device
+    shape = _gmm_out_shape(a, b, offs)
+    empty = a.numel() == 0 or b.numel() == 0
+    # Zeroed only where the call leaves parts unwritten (the grouped rows or
+    # columns past offs[-1]); dW-shaped and batched outputs are written
+    # whole (an empty group gets exact zero).
+    if empty or kind in ("2d3d", "3d2d"):
+        out = torch.zeros(shape, dtype=a.dtype, device=dev)
+    else:
+        out = torch.empty(shape, dtype=a.dtype, device=dev)
+    if empty or out.numel() == 0:
+        return out  # an empty product, or a zero-depth one: exact zero
+    if kind == "2d3d":
+        _fwd(a, b.transpose(1, 2), _offsets64(offs), out)
+    elif kind == "2d2d":
+        _dw(b, a.t(), _offsets64(offs), out)
+    elif kind == "3d2d":
+        _fwd(b.t(), a, _offsets64(offs), out.t())
+    else:
+        G, M = a.shape[0], a.shape[1]
+        af = _flat(a)
+        if af is not None:
+            _fwd(af, b.transpose(1, 2), _batch_offsets(G, M, dev),
+                 out.view(G * M, -1))
+        else:
+            one = _batch_offsets(1, M, dev)
+            for g in range(G):
+                _fwd(a[g], b[g:g + 1].transpose(1, 2), one, out[g])
     return out
 
 
+def _gmm_backward_impl(grad, a, b, offs, need_a: bool, need_b: bool):
+    """Both gradients, each in its operand's strides (_like), through the
+    same three calls:
+      2d3d  da = dx(dy=g, w=b^T)               db^T = dw(x=a, dy=g)
+      2d2d  da^T = fwd(x=b, w=g [G, M, N])     db = dx(dy=a^T, w=g)
+      3d2d  db^T = dx(dy=g^T, w=a)             da = dw(x=b^T, dy=g^T)
+      3d3d  da = dx(dy=g, w=b^T) per batch     db^T = dw(x=a, dy=g) per batch
+    Parts of an operand no group covers get zero gradient."""
+    kind = _gmm_kind(a, b)
+    dev = a.device
+    if grad.dtype != a.dtype:
+        grad = grad.to(a.dtype)
+    if any(st == 0 and sz > 1 for st, sz in zip(grad.stride(), grad.shape)):
+        # an expanded gradient (e.g. of .sum()): the weight-side operand of
+        # a call must not overlap itself; this copies the gradient only
+        grad = grad.contiguous()
+    empty = a.numel() == 0 or b.numel() == 0 or grad.numel() == 0
+    # Zeroed only where the call leaves parts unwritten (the operand's rows
+    # or columns past offs[-1]): never the weight gradient of the MoE
+    # forward (2d3d's db, written whole by dW), nor 3d3d's or 3d2d's da.
+    zero_a = empty or kind in ("2d3d", "2d2d")
+    zero_b = empty or kind in ("2d2d", "3d2d")
+    da = (_like(a).zero_() if zero_a else _like(a)) if need_a else \
+        a.new_empty((0,))
+    db = (_like(b).zero_() if zero_b else _like(b)) if need_b else \
+        b.new_empty((0,))
+    if empty:
+        return da, db
+    if kind == "2d3d":
+        o = _offsets64(offs)
+        if need_a:
+            _dx(grad, b.transpose(1, 2), o, da)
+        if need_b:
+            _dw(a, grad, o, db.transpose(1, 2))
+    elif kind == "2d2d":
+        o = _offsets64(offs)
+        if need_a:
+            _fwd(b, grad, o, da.t())
+        if need_b:
+            _dx(a.t(), grad, o, db)
+    elif kind == "3d2d":
+        o = _offsets64(offs)
+        if need_b:
+            _dx(grad.t(), a, o, db.t())
+        if need_a:
+            _dw(b.t(), grad.t(), o, da)
+    else:
+        G, M = a.shape[0], a.shape[1]
+        gf = _flat(grad)
+        af, daf = _flat(a), (_flat(da) if need_a else None)
+        ob = _batch_offsets(G, M, dev)
+        one = _batch_offsets(1, M, dev)
+        if need_a:
+            if gf is not None and daf is not None:
+                _dx(gf, b.transpose(1, 2), ob, daf)
+            else:
+                for g in range(G):
+                    _dx(grad[g], b[g:g + 1].transpose(1, 2), one, da[g])
+        if need_b:
+            if gf is not None and af is not None:
+                _dw(af, gf, ob, db.transpose(1, 2))
+            else:
+                for g in range(G):
+                    _dw(a[g], grad[g], one, db[g:g + 1].transpose(1, 2))
+    return da, db
+
+
+@torch.library.custom_op("libmoe::grouped_mm", mutates_args=())
+def _grouped_mm(mat_a: torch.Tensor, mat_b: torch.Tensor,
+                offs: torch.Tensor | None) -> torch.Tensor:
+    _check_gmm(mat_a, mat_b, offs)
+    return _gmm_forward(mat_a, mat_b, offs)
+
+
 @_grouped_mm.register_fake
-def _(input, weight, offs):
-    _check_gmm(input, weight, offs)
-    return input.new_empty((input.shape[0], weight.shape[2]))
+def _(mat_a, mat_b, offs):
+    _check_gmm(mat_a, mat_b, offs)
+    return mat_a.new_empty(_gmm_out_shape(mat_a, mat_b, offs))
 
 
 @torch.library.custom_op("libmoe::grouped_mm_bwd", mutates_args=())
-def _grouped_mm_bwd(grad: torch.Tensor, input: torch.Tensor,
-                    weight: torch.Tensor, offs: torch.Tensor
+def _grouped_mm_bwd(grad: torch.Tensor, mat_a: torch.Tensor,
+                    mat_b: torch.Tensor, offs: torch.Tensor | None,
+                    need_a: bool, need_b: bool
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    dev = input.device
-    if grad.dtype != input.dtype:
-        grad = grad.to(input.dtype)
-    o64 = _offsets64(offs)
-    opt = _opts(dev)
-    wt = weight.transpose(1, 2)
-    dx = torch.zeros(input.shape, dtype=input.dtype, device=dev)
-    gw = _like(weight)  # the weight's own strides
-    gwt = gw.transpose(1, 2)  # [E, N, K] view the C dW writes through
-    d, w, o, x = L.view(grad), L.view(wt), L.view(o64), L.view(input)
-    vdx, vgw = L.view(dx), L.view(gwt)
-    L.check(_gmm_fn("moe_grouped_gemm_dx", dev)(
-        ctypes.byref(d), ctypes.byref(w), ctypes.byref(o), ctypes.byref(vdx),
-        ctypes.byref(opt)), "moe_grouped_gemm_dx")
-    L.check(_gmm_fn("moe_grouped_gemm_dw", dev)(
-        ctypes.byref(x), ctypes.byref(d), ctypes.byref(o), ctypes.byref(vgw),
-        ctypes.byref(opt)), "moe_grouped_gemm_dw")
-    return dx, gw
+    return _gmm_backward_impl(grad, mat_a, mat_b, offs, need_a, need_b)
 
 
 @_grouped_mm_bwd.register_fake
-def _(grad, input, weight, offs):
-    return torch.empty_like(input, memory_format=torch.contiguous_format), \
-        _like(weight)
+def _(grad, mat_a, mat_b, offs, need_a, need_b):
+    return (_like(mat_a) if need_a else mat_a.new_empty((0,)),
+            _like(mat_b) if need_b else mat_b.new_empty((0,)))
 
 
 def _gmm_setup(ctx, inputs, output):
-    input, weight, offs = inputs
-    ctx.save_for_backward(input, weight, offs)
+    mat_a, mat_b, offs = inputs
+    ctx.save_for_backward(mat_a, mat_b, offs)
 
 
 def _gmm_backward(ctx, grad):
-    input, weight, offs = ctx.saved_tensors
-    dx, gw = torch.ops.libmoe.grouped_mm_bwd(grad, input, weight, offs)
-    return dx, gw, None
+    mat_a, mat_b, offs = ctx.saved_tensors
+    need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_a or need_b):
+        return None, None, None
+    da, db = torch.ops.libmoe.grouped_mm_bwd(grad, mat_a, mat_b, offs,
+                                             need_a, need_b)
+    return (da if need_a else None), (db if need_b else None), None
 
 
 _grouped_mm.register_autograd(_gmm_backward, setup_context=_gmm_setup)
 
 
-def grouped_mm(input: torch.Tensor, weight: torch.Tensor,
-               offs: torch.Tensor) -> torch.Tensor:
-    """torch._grouped_mm's contract: input [S, K], weight [E, K, N] (any
-    strided view, e.g. w.transpose(-2, -1) of [E, N, K] storage), offs int32
-    [E] cumulative row ends; out[r] = input[r] . weight[e] for the rows of
-    group e; rows at or past offs[-1] are zero. Differentiable; the weight
-    gradient has the weight's strides; the weight is never copied."""
-    return torch.ops.libmoe.grouped_mm(input, weight, offs)
+def grouped_mm_decline_reason(mat_a: torch.Tensor, mat_b: torch.Tensor,
+                              offs: torch.Tensor | None = None,
+                              bias: torch.Tensor | None = None,
+                              out_dtype: torch.dtype | None = None
+                              ) -> str | None:
+    """Why libmoe's C grouped GEMM cannot run this torch._grouped_mm call
+    (None: it can). Only capability limits are reasons; a call that breaks
+    torch's shape rules is an error, raised by grouped_mm."""
+    if not isinstance(mat_a, torch.Tensor) or \
+            not isinstance(mat_b, torch.Tensor):
+        return "mat_a and mat_b must be tensors"
+    if bias is not None:
+        return "a bias (torch._grouped_mm does not take one either)"
+    if out_dtype is not None and out_dtype != mat_a.dtype:
+        return (f"out_dtype {out_dtype} differs from the operands' "
+                f"{mat_a.dtype}")
+    if mat_a.dtype != mat_b.dtype:
+        return f"mixed dtypes {mat_a.dtype} and {mat_b.dtype}"
+    dev = mat_a.device
+    if dev.type not in ("cpu", "cuda"):
+        return f"device {dev.type}"
+    if mat_a.dtype not in _GMM_DTYPES[dev.type]:
+        return (f"dtype {mat_a.dtype}; libmoe's {dev.type} grouped GEMM runs "
+                + ", ".join(str(d) for d in _GMM_DTYPES[dev.type]))
+    if dev.type == "cuda" and not L.HAS_CUDA:
+        return "this libmoe build has no CUDA backend"
+    if max(mat_a.dim(), mat_b.dim()) > L.MOE_MAX_DIMS:
+        return f"{max(mat_a.dim(), mat_b.dim())}-D operands"
+    return None
+
+
+def grouped_mm(mat_a: torch.Tensor, mat_b: torch.Tensor,
+               offs: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """torch._grouped_mm / torch.nn.functional.grouped_mm on libmoe's
+    grouped GEMM. Every layout of torch's contract, f32, bf16 and f16:
+
+      mat_a [M_total, K], mat_b [G, K, N], offs [G] -> [M_total, N]
+          rows of mat_a grouped by offs (the MoE forward);
+      mat_a [M, K_total], mat_b [K_total, N], offs [G] -> [G, M, N]
+          the shared K grouped by offs (the weight gradient);
+      mat_a [G, M, K], mat_b [K, N_total], offs [G] -> [M, N_total]
+          columns of mat_b grouped by offs;
+      mat_a [G, M, K], mat_b [G, K, N], offs None -> [G, M, N] (batched).
+
+    offs are int32 cumulative group ends; parts of the grouped dimension
+    past offs[-1] give zero output and get zero gradient. Operands are any
+    strided views (no 16-byte rule, no copy); both gradients come back in
+    their operand's strides. f16 accumulates in f32 and rounds the output
+    to nearest even (on CUDA on the CUDA cores: correct, not fast). What the
+    C library cannot run (a bias, an out_dtype other than the operands',
+    another device) goes to torch's own operator, logging the reason once;
+    torch then runs it or raises."""
+    reason = grouped_mm_decline_reason(mat_a, mat_b, offs, bias, out_dtype)
+    if reason is not None:
+        if _torch_grouped_mm is None:
+            raise NotImplementedError(
+                f"libmoe.grouped_mm: {reason}, and this torch has no "
+                "_grouped_mm to fall back to")
+        if reason not in _gmm_logged:
+            _gmm_logged.add(reason)
+            _gmm_log.warning("libmoe.grouped_mm: %s; running torch's "
+                             "_grouped_mm", reason)
+        return _torch_grouped_mm(mat_a, mat_b, offs=offs, bias=bias,
+                                 out_dtype=out_dtype)
+    return torch.ops.libmoe.grouped_mm(mat_a, mat_b, offs)
+
+
+_patched_from = None
+
+
+def patch_grouped_mm() -> None:
+    """torch._grouped_mm := libmoe.torch.grouped_mm, so every caller
+    (torch.nn.functional.grouped_mm, transformers' grouped_mm experts,
+    torchtitan-style MoE code) runs libmoe; declined calls still reach
+    torch's own operator. Idempotent; undo with unpatch_grouped_mm()."""
+    global _patched_from
+    if _torch_grouped_mm is None:
+        raise NotImplementedError("this torch has no _grouped_mm to patch")
+    if torch._grouped_mm is grouped_mm:
+        return
+    _patched_from = torch._grouped_mm
+    torch._grouped_mm = grouped_mm
+
+
+def unpatch_grouped_mm() -> None:
+    """Restores the torch._grouped_mm that patch_grouped_mm() replaced."""
+    global _patched_from
+    if torch._grouped_mm is grouped_mm and _patched_from is not None:
+        torch._grouped_mm = _patched_from
+    _patched_from = None
+
+
+__all__ += ["grouped_mm_decline_reason", "patch_grouped_mm",
+            "unpatch_grouped_mm"]

@@ -59,14 +59,58 @@ static inline uint16_t moe_f32_to_bf16(float f) {
   u += 0x7fffu + ((u >> 16) & 1u);
   return (uint16_t)(u >> 16);
 }
-/// Loads element i of a float buffer of dtype `t` (F32 or BF16) as f32.
+/// IEEE binary16 <-> f32, in integer arithmetic (no F16C needed). The
+/// widening is exact (subnormals included); the narrowing rounds to nearest
+/// even, overflows to infinity from 65520 up, and keeps NaN a (quiet) NaN.
+static inline float moe_f16_to_f32(uint16_t h) {
+  uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu,
+           m = h & 0x3ffu, u;
+  if (e == 0x1fu)
+    u = s | 0x7f800000u | (m << 13); /* infinity, NaN (payload kept) */
+  else if (e != 0)
+    u = s | ((e + 112u) << 23) | (m << 13); /* rebias 15 -> 127 */
+  else {
+    float f = (float)m * 5.9604644775390625e-8f; /* m * 2^-24, exact */
+    memcpy(&u, &f, sizeof u);
+    u |= s;
+  }
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+static inline uint16_t moe_f32_to_f16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  uint16_t s = (uint16_t)((u >> 16) & 0x8000u);
+  uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) /* NaN: quiet, top payload bits kept */
+    return (uint16_t)(s | 0x7e00u | ((a >> 13) & 0x3ffu));
+  if (a >= 0x477ff000u) return (uint16_t)(s | 0x7c00u); /* >= 65520: inf */
+  if (a >= 0x38800000u) {         /* a normal half: >= 2^-14 */
+    uint32_t r = a - 0x38000000u; /* rebias 127 -> 15 */
+    r += 0xfffu + ((r >> 13) & 1u);
+    return (uint16_t)(s | (r >> 13));
+  }
+  if (a <= 0x33000000u) return s; /* <= 2^-25: ties to even zero */
+  /* a subnormal half: round(|f| * 2^24) with |f| = m * 2^(e - 150) */
+  uint32_t e = a >> 23, m = (a & 0x7fffffu) | 0x800000u;
+  uint32_t sh = 126u - e, q = m >> sh, rem = m & ((1u << sh) - 1u),
+           half = 1u << (sh - 1u);
+  if (rem > half || (rem == half && (q & 1u))) q++;
+  return (uint16_t)(s | q);
+}
+/// Loads element i of a float buffer of dtype `t` (F32, BF16 or F16) as
+/// f32.
 static inline float moe_load_f(const void *p, moe_dtype t, int64_t i) {
-  return t == MOE_F32 ? ((const float *)p)[i]
-                      : moe_bf16_to_f32(((const uint16_t *)p)[i]);
+  if (t == MOE_F32) return ((const float *)p)[i];
+  if (t == MOE_F16) return moe_f16_to_f32(((const uint16_t *)p)[i]);
+  return moe_bf16_to_f32(((const uint16_t *)p)[i]);
 }
 static inline void moe_store_f(void *p, moe_dtype t, int64_t i, float v) {
   if (t == MOE_F32)
     ((float *)p)[i] = v;
+  else if (t == MOE_F16)
+    ((uint16_t *)p)[i] = moe_f32_to_f16(v);
   else
     ((uint16_t *)p)[i] = moe_f32_to_bf16(v);
 }

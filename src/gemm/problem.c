@@ -18,10 +18,11 @@ moe_status moe_gemm_validate(const moe_gemm_problem *p, const char *what) {
   const moe_operand *ops[3] = {&p->A, &p->B, &p->C};
   static const char *names[3] = {"A", "B", "C"};
   for (int i = 0; i < 3; i++)
-    if (ops[i]->dtype != MOE_F32 && ops[i]->dtype != MOE_BF16)
+    if (ops[i]->dtype != MOE_F32 && ops[i]->dtype != MOE_BF16 &&
+        ops[i]->dtype != MOE_F16)
       return moe_error(MOE_ERR_UNIMPLEMENTED,
-                       "%s: operand %s has dtype %s; f32 and bf16 only", what,
-                       names[i], moe_dtype_name(ops[i]->dtype));
+                       "%s: operand %s has dtype %s; f32, bf16 and f16 only",
+                       what, names[i], moe_dtype_name(ops[i]->dtype));
   if (p->beta != 0.0f && p->beta != 1.0f)
     return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: beta must be 0 or 1", what);
   return MOE_SUCCESS;

@@ -109,7 +109,20 @@ static moe_status moe_cu_run_api(const moe_gemm_problem *p, const moe_tensor *w,
   return moe_cu_call_end(&c, moe_cu_gemm_run(c.m, p, &c.ctx));
 }
 
-const moe_gemm_api moe_gemm_api_cuda = {moe_cu_on_device, moe_cu_offsets_api,
+/// The grouped-GEMM calls' tensor check: moe_cu_on_device, and f16 too
+/// (gemm_cuda.c runs f16 on the CUDA-core kernel; the other CUDA building
+/// blocks stay f32 / bf16).
+static moe_status moe_cu_gemm_arg(const moe_tensor *t, const char *name,
+                                  int ndim, const int64_t *shape,
+                                  moe_device *dev) {
+  if (t->ndim > 0 && t->dtype == MOE_F16 && t->device.type == MOE_DEVICE_CUDA) {
+    if (dev->type != MOE_DEVICE_CUDA) *dev = t->device;
+    return moe_check_tensor(t, name, ndim, shape, (int)MOE_F16, dev);
+  }
+  return moe_cu_on_device(t, name, ndim, shape, dev);
+}
+
+const moe_gemm_api moe_gemm_api_cuda = {moe_cu_gemm_arg, moe_cu_offsets_api,
                                         moe_cu_run_api};
 
 static moe_status moe_cu_view2(const moe_tensor *t, const char *name,

@@ -65,10 +65,11 @@ static moe_status moe_cu_validate(const moe_cu_gemm *p) {
                      "grouped GEMM (CUDA): need >= 1 group and offsets");
   const moe_cu_operand *ops[3] = {&p->A, &p->B, &p->C};
   for (int i = 0; i < 3; i++)
-    if (ops[i]->dtype != MOE_F32 && ops[i]->dtype != MOE_BF16)
+    if (ops[i]->dtype != MOE_F32 && ops[i]->dtype != MOE_BF16 &&
+        ops[i]->dtype != MOE_F16)
       return moe_error(MOE_ERR_UNIMPLEMENTED,
-                       "grouped GEMM (CUDA): operand %c is %s; f32 or bf16 "
-                       "only",
+                       "grouped GEMM (CUDA): operand %c is %s; f32, bf16 or "
+                       "f16 only",
                        "ABC"[i], moe_dtype_name(ops[i]->dtype));
   if (p->beta != 0.0f && p->beta != 1.0f)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
@@ -87,6 +88,10 @@ moe_status moe_cu_gemm_grouped(const moe_cu_gemm *p, const moe_cu_ctx *c) {
      gradient): compute its transpose so that the stores run along rows. */
   if (q.kind == MOE_GROUP_K && q.C.rs == 1 && q.C.cs != 1)
     q = moe_cu_transposed(p);
+  /* f16 anywhere: the CUDA-core kernel (the tensor-core kernels are bf16
+     in, f32 / bf16 out) */
+  if (q.A.dtype == MOE_F16 || q.B.dtype == MOE_F16 || q.C.dtype == MOE_F16)
+    return moe_cu_gemm_simt(&q, c);
 #ifdef MOE_HAVE_SM90
   /* Hopper: wgmma + TMA (src/backend/cuda/sm90/) where it takes the problem */
   {
@@ -108,7 +113,7 @@ moe_status moe_cu_gemm_grouped(const moe_cu_gemm *p, const moe_cu_ctx *c) {
 /* ---- cuBLAS ------------------------------------------------------------ */
 
 static cudaDataType moe_cu_type(moe_dtype t) {
-  return t == MOE_F32 ? CUDA_R_32F : CUDA_R_16BF;
+  return t == MOE_F32 ? CUDA_R_32F : t == MOE_F16 ? CUDA_R_16F : CUDA_R_16BF;
 }
 
 /// A rows x cols strided matrix as a cuBLAS column-major operand: op, ld.
@@ -134,7 +139,8 @@ moe_status moe_cu_blas_gemm(cublasHandle_t h, cudaStream_t s, int64_t M,
   if (M == 0 || N == 0) return MOE_SUCCESS;
   if (A->gather || B->gather)
     return moe_error(MOE_ERR_UNIMPLEMENTED, "cuBLAS cannot gather rows");
-  if (A->dtype != B->dtype || (A->dtype == MOE_F32 && C->dtype != MOE_F32))
+  if (A->dtype != B->dtype || (C->dtype != MOE_F32 && C->dtype != A->dtype) ||
+      (A->dtype == MOE_F32 && C->dtype != MOE_F32))
     return moe_error(MOE_ERR_UNIMPLEMENTED, "cuBLAS: no GEMM for %s x %s -> %s",
                      moe_dtype_name(A->dtype), moe_dtype_name(B->dtype),
                      moe_dtype_name(C->dtype));

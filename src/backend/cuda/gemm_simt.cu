@@ -1,8 +1,8 @@
 /// @file gemm_simt.cu
 /// The grouped GEMM on CUDA cores: the path for what the tensor-core kernel
-/// declines (f32 operands, mixed dtypes, operands with no unit stride,
-/// extents that are not multiples of 8). Same problem, same ownership rule
-/// (one CTA per output tile, the depth summed in order, no atomics), f32
+/// declines (f32 and f16 operands, mixed dtypes, operands with no unit
+/// stride, extents that are not multiples of 8). Same problem, same ownership
+/// rule (one CTA per output tile, the depth summed in order, no atomics), f32
 /// arithmetic; every element is read through its strides and converted, so
 /// it is correct for anything and fast for nothing.
 ///
@@ -12,6 +12,7 @@
 /// binary search over the offsets and leaves if its tile is past the group's
 /// rows.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "backend/cuda/cuda_internal.h"
@@ -24,24 +25,25 @@ typedef struct simt_op {
   const void *data;
   int64_t rs, cs, gs;
   const int32_t *gather;
-  int f32;
+  moe_dtype dt; ///< f32, bf16 or f16
 } simt_op;
 
 typedef struct simt_args {
   simt_op A, B;
   void *c;
   int64_t c_rs, c_cs, c_gs;
-  int c_f32;
+  moe_dtype c_dt;
   const int64_t *off;
   int64_t rows, M, N, K;
   int G;
   float beta;
 } simt_args;
 
-static __device__ __forceinline__ float ld_el(const void *p, int f32,
+static __device__ __forceinline__ float ld_el(const void *p, moe_dtype dt,
                                               int64_t i) {
-  return f32 ? ((const float *)p)[i]
-             : __bfloat162float(((const __nv_bfloat16 *)p)[i]);
+  if (dt == MOE_F32) return ((const float *)p)[i];
+  if (dt == MOE_F16) return __half2float(((const __half *)p)[i]);
+  return __bfloat162float(((const __nv_bfloat16 *)p)[i]);
 }
 
 static __device__ __forceinline__ int64_t slot_of(const int64_t *off,
@@ -83,8 +85,9 @@ template <bool GK> __global__ void moe_simt_kernel(const simt_args p) {
     kbeg = min(p.off[g], p.rows);
     kend = max(kbeg, min(p.off[g + 1], p.rows));
   }
-  const char *bbase = (const char *)p.B.data +
-                      (GK ? 0 : (int64_t)g * p.B.gs * (p.B.f32 ? 4 : 2));
+  const char *bbase =
+      (const char *)p.B.data +
+      (GK ? 0 : (int64_t)g * p.B.gs * (p.B.dt == MOE_F32 ? 4 : 2));
   float acc[4][4] = {};
   for (int64_t k0 = kbeg; k0 < kend; k0 += SIMT_BK) {
     for (int e = tid; e < SIMT_BK * SIMT_BM; e += 256) {
@@ -95,13 +98,13 @@ template <bool GK> __global__ void moe_simt_kernel(const simt_args p) {
         int64_t r = row0 + mm;
         if (r < rowend && k < kend) {
           int64_t src = p.A.gather ? p.A.gather[r] : r;
-          v = ld_el(p.A.data, p.A.f32, src * p.A.rs + k * p.A.cs);
+          v = ld_el(p.A.data, p.A.dt, src * p.A.rs + k * p.A.cs);
         }
       } else {
         int64_t m = m0 + mm;
         if (m < p.M && k < kend) {
           int64_t src = p.A.gather ? p.A.gather[k] : k;
-          v = ld_el(p.A.data, p.A.f32, m * p.A.rs + src * p.A.cs);
+          v = ld_el(p.A.data, p.A.dt, m * p.A.rs + src * p.A.cs);
         }
       }
       As[kk][mm] = v;
@@ -112,7 +115,7 @@ template <bool GK> __global__ void moe_simt_kernel(const simt_args p) {
       float v = 0.0f;
       if (k < kend && n < p.N) {
         int64_t src = GK && p.B.gather ? p.B.gather[k] : k;
-        v = ld_el(bbase, p.B.f32, src * p.B.rs + n * p.B.cs);
+        v = ld_el(bbase, p.B.dt, src * p.B.rs + n * p.B.cs);
       }
       Bs[kk][nn] = v;
     }
@@ -152,9 +155,13 @@ template <bool GK> __global__ void moe_simt_kernel(const simt_args p) {
       if (n >= p.N) continue;
       int64_t o = base + n * p.c_cs;
       float v = acc[i][j];
-      if (p.c_f32) {
+      if (p.c_dt == MOE_F32) {
         float *q = (float *)p.c + o;
         *q = p.beta != 0.0f ? v + p.beta * *q : v;
+      } else if (p.c_dt == MOE_F16) {
+        __half *q = (__half *)p.c + o;
+        *q =
+            __float2half_rn(p.beta != 0.0f ? v + p.beta * __half2float(*q) : v);
       } else {
         __nv_bfloat16 *q = (__nv_bfloat16 *)p.c + o;
         *q = __float2bfloat16_rn(
@@ -165,7 +172,7 @@ template <bool GK> __global__ void moe_simt_kernel(const simt_args p) {
 }
 
 static simt_op simt_op_of(const moe_cu_operand *o) {
-  simt_op s = {o->data, o->rs, o->cs, o->gs, o->gather, o->dtype == MOE_F32};
+  simt_op s = {o->data, o->rs, o->cs, o->gs, o->gather, o->dtype};
   return s;
 }
 
@@ -179,7 +186,7 @@ extern "C" moe_status moe_cu_gemm_simt(const moe_cu_gemm *p,
   a.c_rs = p->C.rs;
   a.c_cs = p->C.cs;
   a.c_gs = p->C.gs;
-  a.c_f32 = p->C.dtype == MOE_F32;
+  a.c_dt = p->C.dtype;
   a.off = p->offsets;
   a.rows = p->rows;
   a.M = p->M;
@@ -216,7 +223,7 @@ __global__ void moe_zero_empty_kernel(void *c, int f32, int64_t rs, int64_t cs,
     int64_t o = g * gs + (e / N) * rs + (e % N) * cs;
     if (f32)
       ((float *)c)[o] = 0.0f;
-    else
+    else /* +0 has the same bits in bf16 and f16 */
       ((__nv_bfloat16 *)c)[o] = __float2bfloat16_rn(0.0f);
   }
 }

@@ -76,9 +76,9 @@ static moe_status moe_pick(const moe_exec_options *opt, const moe_tensor *w,
 }
 
 moe_status moe_gmm_available(moe_gmm_method method, moe_dtype dtype) {
-  if (dtype != MOE_F32 && dtype != MOE_BF16)
+  if (dtype != MOE_F32 && dtype != MOE_BF16 && dtype != MOE_F16)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
-                     "moe_gmm_available: dtype %s: expected f32 or bf16",
+                     "moe_gmm_available: dtype %s: expected f32, bf16 or f16",
                      moe_dtype_name(dtype));
   if (method == MOE_GMM_AUTO || method == MOE_GMM_GROUPED) return MOE_SUCCESS;
   if (method != MOE_GMM_LOOP)
@@ -86,6 +86,10 @@ moe_status moe_gmm_available(moe_gmm_method method, moe_dtype dtype) {
                      "moe_gmm_available: method %d is not auto, grouped or "
                      "loop",
                      (int)method);
+  if (dtype == MOE_F16)
+    return moe_error(MOE_ERR_UNIMPLEMENTED,
+                     "method loop, f16: no loop library takes f16 (the "
+                     "grouped method runs it)");
   moe_loop_lib lib;
   MOE_TRY(moe_loop_lib_env(&lib));
   char why[320];
@@ -109,7 +113,17 @@ static moe_status moe_cpu_check(const moe_tensor *t, const char *name, int ndim,
                                 const int64_t *shape, moe_device *dev) {
   (void)dev;
   moe_device cpu = {MOE_DEVICE_CPU, 0};
-  return moe_check_tensor(t, name, ndim, shape, -1, &cpu);
+  /* f16 operands run on the grouped kernel only (moe_cpu_run). */
+  return moe_check_tensor(
+      t, name, ndim, shape,
+      t->ndim > 0 && t->dtype == MOE_F16 ? (int)MOE_F16 : -1, &cpu);
+}
+
+/// Whether an operand is f16: the grouped kernel widens it as it packs and
+/// rounds C to nearest even; no loop library takes it.
+static bool moe_has_f16(const moe_gemm_problem *p) {
+  return p->A.dtype == MOE_F16 || p->B.dtype == MOE_F16 ||
+         p->C.dtype == MOE_F16;
 }
 
 static moe_status moe_cpu_run(const moe_gemm_problem *p, const moe_tensor *w,
@@ -124,6 +138,13 @@ static moe_status moe_cpu_run(const moe_gemm_problem *p, const moe_tensor *w,
      When the loop is the model's pick rather than pinned, such a call goes
      to the grouped kernel, which takes any strides; a pinned loop still
      declines with the reason. */
+  if (m == MOE_GMM_LOOP && moe_has_f16(p)) {
+    if (pinned)
+      return moe_error(MOE_ERR_UNIMPLEMENTED,
+                       "grouped gemm: method loop cannot run f16 operands "
+                       "(no loop library takes f16); use grouped or auto");
+    m = MOE_GMM_GROUPED;
+  }
   if (m == MOE_GMM_LOOP && !pinned && !moe_gemm_loop_supports(p, NULL, 0))
     m = MOE_GMM_GROUPED;
   moe_gemm_ctx c = moe_ctx_of(opt);

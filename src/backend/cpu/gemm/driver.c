@@ -190,6 +190,11 @@ static void moe_store_portable(const float *acc, int64_t ldacc, int64_t mb,
       else
         for (int64_t j = 0; j < nb; j++)
           cf[j * ccs] += ar[j];
+    } else if (ct == MOE_F16) {
+      uint16_t *ch = (uint16_t *)c + off;
+      for (int64_t j = 0; j < nb; j++)
+        ch[j * ccs] = moe_f32_to_f16(
+            beta == 0.0f ? ar[j] : moe_f16_to_f32(ch[j * ccs]) + ar[j]);
     } else {
       uint16_t *cb = (uint16_t *)c + off;
       if (beta == 0.0f)
@@ -275,7 +280,7 @@ static void moe_pf_step(moe_pf *f, int64_t n) {
 static void moe_store_tile(const moe_job *J, const float *acc, int64_t ldacc,
                            int64_t mb, int64_t nb, char *c, int64_t crs,
                            int64_t ccs) {
-  if (ccs == 1 && J->uk->store)
+  if (ccs == 1 && J->uk->store && J->ct != MOE_F16)
     J->uk->store(acc, ldacc, mb, nb, c, J->ct, crs, J->p->beta, J->stream);
   else
     moe_store_portable(acc, ldacc, mb, nb, c, J->ct, crs, ccs, J->p->beta);

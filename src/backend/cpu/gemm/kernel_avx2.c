@@ -64,9 +64,16 @@ static void moe_ukernel_avx2_f32(int64_t kc, const float *a, const float *b,
 
 /* ---- packing ---------------------------------------------------------- */
 
-/// 8 consecutive elements of X at `at`, as f32 (bf16 widened exactly).
+/// 8 consecutive elements of X at `at`, as f32 (bf16 and f16 widened
+/// exactly; f16 lane by lane, F16C not being part of this set's CPUID check).
 MOE_INLINE __m256 moe_load8(const void *src, moe_dtype st, int64_t at) {
   if (st == MOE_F32) return _mm256_loadu_ps((const float *)src + at);
+  if (st == MOE_F16) {
+    float f[8];
+    for (int q = 0; q < 8; q++)
+      f[q] = moe_f16_to_f32(((const uint16_t *)src)[at + q]);
+    return _mm256_loadu_ps(f);
+  }
   __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)src + at));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }

@@ -103,6 +103,8 @@ MOE_INLINE __m512i moe_load16_f32(const void *src, moe_dtype st, int64_t at,
   if (st == MOE_F32)
     return _mm512_maskz_loadu_epi32(k, (const float *)src + at);
   __m256i h = _mm256_maskz_loadu_epi16(k, (const uint16_t *)src + at);
+  if (st == MOE_F16) /* vcvtph2ps (AVX512F): exact, subnormals included */
+    return _mm512_castps_si512(_mm512_cvtph_ps(h));
   return _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
 }
 
