@@ -90,7 +90,8 @@ def test_ep_experts_bad_options():
 
 def test_desc_mirror_has_the_ep_fields():
     names = [n for n, _ in libmoe._lib.moe_layer_desc._fields_]
-    assert names[-3:] == ["ep_exchange", "ep_capacity_factor", "ep_overflow"]
+    assert names[-4:] == ["ep_exchange", "ep_capacity_factor", "ep_overflow",
+                          "ep_chunks"]
 
 
 def _problem(E, H, I, k, T, seed, sentinels=False):
