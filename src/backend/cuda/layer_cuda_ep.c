@@ -208,7 +208,10 @@ static moe_status moe_cu_ep_chunks_choose(const moe_layer_desc *d, int P,
       }
     }
   }
-  if (C > El) C = (int)El;
+  if (C > El) {
+    C = (int)El;
+    by = "desc.ep_chunks, cut to the local experts";
+  }
   if (C < 1) C = 1;
   m->chunks = C;
   snprintf(m->why_chunks, sizeof m->why_chunks,
