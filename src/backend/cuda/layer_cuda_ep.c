@@ -27,6 +27,7 @@
 #include "backend/cuda/layer_cuda_ep.h"
 #include "backend/cuda/cuda_internal.h"
 #include "layer/ep.h"
+#include "layer/ep_chunks.h"
 #include "moe_cuda.h"
 
 struct moe_cu_ep {
@@ -498,28 +499,9 @@ static int64_t moe_cu_ep_cbase(const moe_cu_ep *ep) {
 
 int moe_cu_ep_chunks(const moe_cu_ep *ep) { return ep ? ep->chunks : 1; }
 
-static void moe_cu_ep_experts_of(const moe_cu_ep *ep, int c, int64_t *e0,
-                                 int64_t *e1) {
-  *e0 = (int64_t)c * ep->El / ep->chunks;
-  *e1 = (int64_t)(c + 1) * ep->El / ep->chunks;
-}
-
-/// Offset (in elements, from the chunk area) of chunk c's tables: the
-/// area holds count [C], then per chunk A_dst [Nc+1] | A_src [Nc] |
-/// B_dst [Nc+1] | B_src [Nc] with Nc = P (e1 - e0).
-static int64_t moe_cu_ep_ctab(const moe_cu_ep *ep, int c) {
-  int64_t at = ep->chunks;
-  for (int i = 0; i < c; i++) {
-    int64_t e0, e1;
-    moe_cu_ep_experts_of(ep, i, &e0, &e1);
-    at += 4 * (int64_t)ep->P * (e1 - e0) + 2;
-  }
-  return at;
-}
-
 void moe_cu_ep_chunk_range(const moe_cu_ep *ep, int c, int64_t *e0, int64_t *e1,
                            int64_t *r0, int64_t *r1) {
-  moe_cu_ep_experts_of(ep, c, e0, e1);
+  moe_ep_chunk_experts(ep->El, ep->chunks, c, e0, e1);
   const int64_t *loff = ep->h_meta + ep->n;
   *r0 = loff[*e0];
   *r1 = loff[*e1];
@@ -530,61 +512,27 @@ const int64_t *moe_cu_ep_chunk_count(const moe_cu_ep *ep, const char *meta,
   return (const int64_t *)meta + moe_cu_ep_cbase(ep) + c;
 }
 
-/// The chunk's host sizes from rc, loff (h_meta) and this rank's offsets
-/// (h_off), in rows: what this rank sends to rank q (csc at csd in the
-/// send buffer: its rows for q's experts [e0, e1)) and receives from rank
-/// s (crv at crd in the stage: the chunk's slice [r0, r1), by source).
-static void moe_cu_ep_chunk_sizes(moe_cu_ep *ep, int c) {
-  int P = ep->P;
-  int64_t El = ep->El, e0, e1, r0, r1;
-  const int64_t *rc = ep->h_meta;
-  moe_cu_ep_chunk_range(ep, c, &e0, &e1, &r0, &r1);
-  int64_t at = r0;
-  for (int q = 0; q < P; q++) {
-    ep->csd[q] = ep->h_off[q * El + e0];
-    ep->csc[q] = ep->h_off[q * El + e1] - ep->csd[q];
-    int64_t v = 0;
-    for (int64_t e = e0; e < e1; e++)
-      v += rc[q * El + e];
-    ep->crv[q] = v;
-    ep->crd[q] = at;
-    at += v;
-  }
+/// Chunk c's tables in meta (device): A_dst, then A_src, B_dst, B_src.
+static const int64_t *moe_cu_ep_ctab(const moe_cu_ep *ep, const char *meta,
+                                     int c) {
+  return (const int64_t *)meta + moe_cu_ep_cbase(ep) +
+         moe_ep_chunk_tables_at(ep->P, ep->El, ep->chunks, c);
 }
 
-/// Every chunk's shuffle tables (host, into h_meta's chunk area; the copy
-/// to meta carries them), relative to the chunk's slice [r0, r1): A from
-/// the stage's slice (by source rank) to expert order, B back.
-static void moe_cu_ep_chunk_tables(moe_cu_ep *ep) {
-  int P = ep->P;
-  int64_t El = ep->El;
+/// The chunk's host sizes (ep_chunks.h) from rc, loff (h_meta) and this
+/// rank's offsets (h_off), in rows.
+static void moe_cu_ep_chunk_sizes(moe_cu_ep *ep, int c) {
   const int64_t *rc = ep->h_meta, *loff = rc + ep->n;
-  int64_t *area = ep->h_meta + moe_cu_ep_cbase(ep);
-  for (int c = 0; c < ep->chunks; c++) {
-    int64_t e0, e1, r0, r1;
-    moe_cu_ep_chunk_range(ep, c, &e0, &e1, &r0, &r1);
-    moe_cu_ep_chunk_sizes(ep, c);
-    int64_t Nc = (int64_t)P * (e1 - e0);
-    int64_t *adst = area + moe_cu_ep_ctab(ep, c), *asrc = adst + Nc + 1;
-    int64_t *bdst = asrc + Nc, *bsrc = bdst + Nc + 1;
-    area[c] = r1 - r0;
-    for (int q = 0; q < P; q++) {
-      int64_t src = ep->crd[q] - r0;
-      for (int64_t e = e0; e < e1; e++) {
-        int64_t dst = loff[e] - r0;
-        for (int q2 = 0; q2 < q; q2++)
-          dst += rc[q2 * El + e];
-        int64_t ia = (e - e0) * P + q, ib = (int64_t)q * (e1 - e0) + (e - e0);
-        adst[ia] = dst;
-        asrc[ia] = src;
-        bdst[ib] = src;
-        bsrc[ib] = dst;
-        src += rc[q * El + e];
-      }
-    }
-    adst[Nc] = r1 - r0;
-    bdst[Nc] = r1 - r0;
-  }
+  moe_ep_chunk_sizes(ep->P, ep->El, ep->chunks, c, ep->h_off, rc, loff, ep->csc,
+                     ep->csd, ep->crv, ep->crd);
+}
+
+/// Every chunk's shuffle tables into h_meta's chunk area (the copy to meta
+/// carries them).
+static void moe_cu_ep_chunk_tables(moe_cu_ep *ep) {
+  const int64_t *rc = ep->h_meta, *loff = rc + ep->n;
+  moe_ep_chunk_tables(ep->P, ep->El, ep->chunks, rc, loff,
+                      ep->h_meta + moe_cu_ep_cbase(ep), ep->crv);
 }
 
 /// The communicator's device all-to-all (NCCL or virtual ranks), on `s`.
@@ -934,8 +882,7 @@ moe_status moe_cu_ep_dispatch_chunk(moe_cu_ep *ep, const char *meta, int c,
   moe_status st =
       moe_cu_ep_a2a(ep, rows, b, b + P, stage, b + 2 * P, b + 3 * P, x);
   if (st == MOE_SUCCESS) {
-    const int64_t *tab =
-        (const int64_t *)meta + moe_cu_ep_cbase(ep) + moe_cu_ep_ctab(ep, c);
+    const int64_t *tab = moe_cu_ep_ctab(ep, meta, c);
     int64_t Nc = (int64_t)P * (e1 - e0);
     st = moe_cu_ep_shuffle((const char *)stage + (size_t)r0 * rb,
                            (char *)out + (size_t)r0 * rb, rb, tab, tab + Nc + 1,
@@ -964,8 +911,7 @@ moe_status moe_cu_ep_combine_chunk(moe_cu_ep *ep, const char *meta, int c,
   moe_cu_ep_chunk_range(ep, c, &e0, &e1, &r0, &r1);
   int P = ep->P;
   int64_t Nc = (int64_t)P * (e1 - e0);
-  const int64_t *tab = (const int64_t *)meta + moe_cu_ep_cbase(ep) +
-                       moe_cu_ep_ctab(ep, c) + 2 * Nc + 1;
+  const int64_t *tab = moe_cu_ep_ctab(ep, meta, c) + 2 * Nc + 1;
   int t = moe_cu_ep_tl_open(ep, 1, c, "combine", x);
   moe_status st = moe_cu_ep_shuffle((const char *)in + (size_t)r0 * rb,
                                     (char *)stage + (size_t)r0 * rb, rb, tab,
