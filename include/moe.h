@@ -285,6 +285,13 @@ typedef struct moe_layer_desc {
   double ep_capacity_factor;
   /// Capacity mode: what rows beyond the capacity mean (moe_ep_overflow).
   moe_ep_overflow ep_overflow;
+  /// Expert parallelism on CUDA, exact exchange: split each pass into this
+  /// many chunks of local experts so that one chunk's exchange runs on a
+  /// second stream under another chunk's expert GEMMs (results bitwise
+  /// equal to one chunk). 0 (default) = the planner's pick from its cost
+  /// model, 1 = no overlap, at most 64 (and at most the local experts).
+  /// Capacity mode runs one chunk. Every rank must pass the same value.
+  int ep_chunks;
 } moe_layer_desc;
 
 #define MOE_LAYER_DESC_INIT                                                    \
@@ -292,7 +299,7 @@ typedef struct moe_layer_desc {
     sizeof(moe_layer_desc), MOE_LAYER_DESC_MAGIC, MOE_LAYER_DESC_VERSION, 0,   \
         0, 0, 0, 0, 1, MOE_F32, MOE_LAYOUT_OUT_IN, MOE_LAYOUT_OUT_IN,          \
         MOE_GMM_AUTO, 0, 0, {MOE_DEVICE_CPU, 0}, NULL, MOE_TOPK_INVALID_ERROR, \
-        NULL, MOE_EP_EXCHANGE_AUTO, 0.0, MOE_EP_OVERFLOW_ERROR                 \
+        NULL, MOE_EP_EXCHANGE_AUTO, 0.0, MOE_EP_OVERFLOW_ERROR, 0              \
   }
 
 /// Opaque plan: the chosen methods, sizes and reasons.

@@ -131,6 +131,35 @@ MOE_API moe_status moe_cuda_ep_dropped(moe_layer_plan *plan, void *stream,
 MOE_API moe_status moe_cuda_ep_dropped_reset(moe_layer_plan *plan,
                                              void *stream);
 
+/// One interval of an expert-parallel pass's timeline
+/// (moe_cuda_ep_timeline_read).
+typedef struct moe_cuda_ep_interval {
+  int stream;       ///< 0: the caller's stream, 1: the plan's exchange stream
+  int chunk;        ///< the chunk of local experts (desc.ep_chunks), from 0
+  const char *what; ///< "dispatch", "gemms", "combine" (static string)
+  int backward;     ///< 0: forward, 1: backward
+  double start_ms;  ///< from the pass's start (its first recorded event)
+  double end_ms;
+} moe_cuda_ep_interval;
+
+/// Turns the timeline of an expert-parallel CUDA plan on (1) or off (0).
+/// While on, every forward and backward records CUDA timing events around
+/// each chunk's exchange and expert GEMMs on the stream that runs them (a
+/// little extra work per pass; not for production). With virtual ranks the
+/// exchanges are one GPU's device copies, not a network.
+/// @return MOE_SUCCESS; MOE_ERR_INVALID_ARGUMENT for a plan that is not a
+///   CUDA plan over several ranks; MOE_ERR_BACKEND when CUDA fails
+MOE_API moe_status moe_cuda_ep_timeline(moe_layer_plan *plan, int enable);
+/// The intervals of the last pass (forward or backward) since the
+/// timeline was turned on; waits for their events.
+/// @param out receives up to cap intervals (may be NULL when cap is 0)
+/// @param count receives how many the pass recorded
+/// @return MOE_SUCCESS; MOE_ERR_INVALID_ARGUMENT (no timeline on, bad
+///   argument); MOE_ERR_BACKEND when CUDA fails
+MOE_API moe_status moe_cuda_ep_timeline_read(moe_layer_plan *plan,
+                                             moe_cuda_ep_interval *out, int cap,
+                                             int *count);
+
 #ifdef __cplusplus
 }
 #endif

@@ -12,7 +12,13 @@
 ///  - --ep N --virtual: the same with N virtual ranks on GPU 0
 ///    (moe_comm_create_virtual): the exchange is device-to-device copies,
 ///    so the times measure the kernels and the bookkeeping, not a network;
-///  - --exchange exact|capacity|auto: the EP exchange mode (moe.h).
+///  - --exchange exact|capacity|auto: the EP exchange mode (moe.h);
+///  - --chunks N: desc.ep_chunks (the overlap of the exchange with the
+///    expert GEMMs; 0 = the planner's pick, 1 = none);
+///  - --timeline (with --ep): one more step in 1 chunk and in --chunks (or
+///    the planner's pick) with the plan's timeline on
+///    (moe_cuda_ep_timeline): per-stream intervals of each chunk's
+///    exchange and GEMMs, and the overlap measured from them.
 /// Inputs are random (a random block repeated through each buffer).
 #include <math.h>
 #include <stdio.h>
@@ -40,7 +46,7 @@ int cmd_bench_cuda(int argc, char **argv) {
 #include "bench_util.h"
 #include "moe_cuda.h"
 
-enum { BC_MAXG = 16, BC_MAXREPS = 200 };
+enum { BC_MAXG = 16, BC_MAXREPS = 200, BC_TL = 256 };
 
 typedef struct bc_opts {
   const cli_preset *preset;
@@ -50,12 +56,15 @@ typedef struct bc_opts {
   bool json;
   bool virt;            ///< --virtual: the ranks share GPU 0
   moe_ep_exchange xchg; ///< --exchange
+  int64_t chunks;       ///< --chunks (desc.ep_chunks)
+  bool timeline;        ///< --timeline
 } bc_opts;
 
 static void bc_usage(FILE *f) {
   fprintf(f,
           "usage: moe bench --device cuda [--ep N [--virtual] [--exchange "
-          "exact|capacity|auto]]\n"
+          "exact|capacity|auto]\n"
+          "                 [--chunks N] [--timeline]]\n"
           "                 [--preset NAME] [--tokens N]\n"
           "                 [--layout out_in|in_out|all] [--reps N] "
           "[--json]\n"
@@ -68,7 +77,10 @@ static void bc_usage(FILE *f) {
           "--virtual: N virtual ranks share GPU 0 (one stream each; the\n"
           "exchange is device copies): times measure kernels and\n"
           "bookkeeping, not a network. --exchange: the EP exchange mode\n"
-          "(default auto: the planner's pick).\n"
+          "(default auto: the planner's pick). --chunks N: the overlap's\n"
+          "chunks of local experts (desc.ep_chunks; 0 = planner, 1 = none).\n"
+          "--timeline: per-stream intervals of one step in 1 chunk and in\n"
+          "--chunks chunks, from CUDA events, and the overlap measured.\n"
           "Default: --preset qwen3-30b-a3b --tokens 8192 --layout all (EP: "
           "out_in) --reps 10\n\npresets:\n");
   cli_preset_list(f);
@@ -89,6 +101,8 @@ typedef struct bc_cfg {
   moe_gmm_method m; ///< AUTO: the planner's pick
   moe_layout layout;
   bool bwd;
+  int chunks; ///< desc.ep_chunks
+  bool tl;    ///< record the timeline of one more step
 } bc_cfg;
 
 typedef struct bc_gpu {
@@ -107,6 +121,9 @@ typedef struct bc_gpu {
   double *pred;  /* [ncfg] */
   int *pick;     /* [ncfg]: the auto plan picked this method for both */
   char *explain; /* [ncfg][256]: the auto plan's method lines */
+  /* [ncfg][2 passes][BC_TL]: the timeline of a tl configuration */
+  moe_cuda_ep_interval *tl;
+  int *tln; /* [ncfg][2] */
   moe_status st;
   char msg[600];
 } bc_gpu;
@@ -201,6 +218,7 @@ static moe_status bc_plan(bc_gpu *g, const bc_cfg *c, moe_gmm_method m,
   d.device.index = g->dev;
   d.comm = c->ep > 1 && !c->local ? g->comm : NULL;
   d.ep_exchange = g->xchg;
+  d.ep_chunks = c->ep > 1 && !c->local ? c->chunks : 0;
   return moe_layer_plan_create(plan, &d);
 }
 
@@ -311,6 +329,22 @@ static moe_status bc_run_cfg(bc_gpu *g, int ci, cudaStream_t st, cudaEvent_t e0,
       g->times[(size_t)ci * (size_t)g->reps + (size_t)rep] = ms;
     }
   }
+  /* one more step with the timeline on: the forward's, then the
+     backward's intervals */
+  if (r == MOE_SUCCESS && c->tl) {
+    pthread_barrier_wait(g->bar);
+    r = moe_cuda_ep_timeline(plan, 1);
+    moe_cuda_ep_interval *tl = g->tl + (size_t)ci * 2 * BC_TL;
+    int *n = g->tln + (size_t)ci * 2;
+    if (r == MOE_SUCCESS)
+      r = moe_layer_forward(plan, &a.fwd, g->sv, g->svb, g->ws, g->wsb, st);
+    if (r == MOE_SUCCESS) r = moe_cuda_ep_timeline_read(plan, tl, BC_TL, &n[0]);
+    if (r == MOE_SUCCESS)
+      r = moe_layer_backward(plan, &a, g->sv, g->svb, g->ws, g->wsb, st);
+    if (r == MOE_SUCCESS)
+      r = moe_cuda_ep_timeline_read(plan, tl + BC_TL, BC_TL, &n[1]);
+    if (r == MOE_SUCCESS) r = moe_cuda_ep_timeline(plan, 0);
+  }
 out:
   if (plan != autop) moe_layer_plan_destroy(plan);
   moe_layer_plan_destroy(autop);
@@ -410,7 +444,9 @@ static int bc_run(const bc_opts *o, int ngpu, moe_comm **comms,
     g->pred = calloc((size_t)ncfg, sizeof(double));
     g->pick = calloc((size_t)ncfg, sizeof(int));
     g->explain = calloc((size_t)ncfg, 256);
-    if (!g->times || !g->pred || !g->pick || !g->explain) {
+    g->tl = calloc((size_t)ncfg * 2 * BC_TL, sizeof(moe_cuda_ep_interval));
+    g->tln = calloc((size_t)ncfg * 2, sizeof(int));
+    if (!g->times || !g->pred || !g->pick || !g->explain || !g->tl || !g->tln) {
       fprintf(stderr, "moe bench: out of memory\n");
       return CLI_ERR;
     }
@@ -428,12 +464,132 @@ static void bc_free(bc_gpu *gs, int n) {
     free(gs[q].pred);
     free(gs[q].pick);
     free(gs[q].explain);
+    free(gs[q].tl);
+    free(gs[q].tln);
+  }
+}
+
+/* ---- the timeline ---------------------------------------------------------
+ */
+
+typedef struct bc_span {
+  double a, b;
+} bc_span;
+
+static int bc_span_cmp(const void *x, const void *y) {
+  double a = ((const bc_span *)x)->a, b = ((const bc_span *)y)->a;
+  return a < b ? -1 : a > b;
+}
+
+/// The union of the intervals whose kind is `what` ("gemms", or NULL: the
+/// exchanges, dispatch and combine) as sorted disjoint spans; returns how
+/// many.
+static int bc_union(const moe_cuda_ep_interval *iv, int n, const char *what,
+                    bc_span *out) {
+  int m = 0;
+  for (int i = 0; i < n; i++) {
+    bool g = !strcmp(iv[i].what, "gemms");
+    if (what ? !g : g) continue;
+    out[m].a = iv[i].start_ms;
+    out[m++].b = iv[i].end_ms;
+  }
+  qsort(out, (size_t)m, sizeof *out, bc_span_cmp);
+  int k = 0;
+  for (int i = 0; i < m; i++) {
+    if (k && out[i].a <= out[k - 1].b) {
+      if (out[i].b > out[k - 1].b) out[k - 1].b = out[i].b;
+    } else {
+      out[k++] = out[i];
+    }
+  }
+  return k;
+}
+
+static double bc_len(const bc_span *s, int n) {
+  double t = 0;
+  for (int i = 0; i < n; i++)
+    t += s[i].b - s[i].a;
+  return t;
+}
+
+/// Time both kinds run at once: the intersection of two unions.
+static double bc_both(const bc_span *x, int nx, const bc_span *y, int ny) {
+  double t = 0;
+  for (int i = 0, j = 0; i < nx && j < ny;) {
+    double a = x[i].a > y[j].a ? x[i].a : y[j].a;
+    double b = x[i].b < y[j].b ? x[i].b : y[j].b;
+    if (b > a) t += b - a;
+    if (x[i].b < y[j].b)
+      i++;
+    else
+      j++;
+  }
+  return t;
+}
+
+/// Exchange time, GEMM time, both at once and the pass's end, of one
+/// rank's pass.
+static void bc_overlap(const moe_cuda_ep_interval *iv, int n, double *xch,
+                       double *gemm, double *both, double *end) {
+  bc_span ux[BC_TL], ug[BC_TL];
+  int nx = bc_union(iv, n, NULL, ux), ng = bc_union(iv, n, "gemms", ug);
+  *xch = bc_len(ux, nx);
+  *gemm = bc_len(ug, ng);
+  *both = bc_both(ux, nx, ug, ng);
+  *end = 0;
+  for (int i = 0; i < n; i++)
+    if (iv[i].end_ms > *end) *end = iv[i].end_ms;
+}
+
+static void bc_timeline(const bc_opts *o, bc_gpu *gs, int n, const bc_cfg *cfgs,
+                        int ncfg) {
+  printf("\ntimeline (moe_cuda_ep_timeline): CUDA events around each chunk's "
+         "exchange (dispatch, combine) and expert GEMMs, per stream (0: the "
+         "caller's stream, 1: the plan's exchange stream), ms from the "
+         "pass's start; overlap = time an exchange and GEMMs run at once / "
+         "exchange time.%s\n",
+         o->virt ? " Virtual ranks: the exchange is one GPU's "
+                   "device-to-device copies sharing its memory with the "
+                   "GEMMs, NOT a network"
+                 : "");
+  for (int ci = 0; ci < ncfg; ci++) {
+    if (!cfgs[ci].tl) continue;
+    for (int pass = 0; pass < 2; pass++) {
+      const moe_cuda_ep_interval *iv =
+          gs[0].tl + ((size_t)ci * 2 + (size_t)pass) * BC_TL;
+      int m = gs[0].tln[ci * 2 + pass];
+      if (m > BC_TL) m = BC_TL;
+      int C = 0;
+      for (int i = 0; i < m; i++)
+        if (iv[i].chunk + 1 > C) C = iv[i].chunk + 1;
+      printf("-- EP=%d, desc.ep_chunks = %d (%d chunk%s), %s, rank 0:\n",
+             cfgs[ci].ep, cfgs[ci].chunks, C, C == 1 ? "" : "s",
+             pass ? "backward" : "forward");
+      printf("   %-6s %-5s %-9s %9s %9s\n", "stream", "chunk", "what",
+             "start_ms", "end_ms");
+      for (int i = 0; i < m; i++)
+        printf("   %-6d %-5d %-9s %9.3f %9.3f\n", iv[i].stream, iv[i].chunk,
+               iv[i].what, iv[i].start_ms, iv[i].end_ms);
+      for (int q = 0; q < n; q++) {
+        const moe_cuda_ep_interval *v =
+            gs[q].tl + ((size_t)ci * 2 + (size_t)pass) * BC_TL;
+        int mq = gs[q].tln[ci * 2 + pass];
+        double x, g, b, e;
+        bc_overlap(v, mq > BC_TL ? BC_TL : mq, &x, &g, &b, &e);
+        printf("   rank %d: exchange %.3f ms, GEMMs %.3f ms, both at once "
+               "%.3f ms -> overlap %.0f%% of the exchange; last event at %.3f "
+               "ms\n",
+               q, x, g, b, x > 0 ? 100.0 * b / x : 0.0, e);
+      }
+    }
   }
 }
 
 static const char *bc_epname(const bc_cfg *c, char *buf, size_t n) {
   if (c->local)
     snprintf(buf, n, "loc");
+  else if (c->ep > 1 && c->chunks > 0)
+    snprintf(buf, n, "%d/%d", c->ep, c->chunks); /* EP / desc.ep_chunks */
   else
     snprintf(buf, n, "%d", c->ep);
   return buf;
@@ -470,7 +626,7 @@ static int bc_table(const bc_opts *o, const bc_shape *s, bc_gpu *gs, int n,
     double fl = flops_fwd * (c->bwd ? 3.0 : 1.0);
     double tf = fl / (st.med * 1e9);
     double pred = gs[0].pred[ci];
-    char epn[16];
+    char epn[32];
     bc_epname(c, epn, sizeof epn);
     if (o->json) {
       printf(
@@ -500,7 +656,10 @@ static int bc_table(const bc_opts *o, const bc_shape *s, bc_gpu *gs, int n,
   }
   if (!o->json) {
     printf("TFLOP/s counts the expert GEMMs per GPU (6*rows*H*I forward, 3x "
-           "that for fwd+bwd); a step's time is the slowest GPU's.\n");
+           "that for fwd+bwd); a step's time is the slowest GPU's.%s\n",
+           o->ep > 1 ? " ep P/C: P ranks, desc.ep_chunks = C (0 or none: the "
+                       "planner's pick)."
+                     : "");
     if (o->ep > 1) {
       for (int m = 0; m < 3; m++) {
         moe_gmm_method mm = m == 0   ? MOE_GMM_GROUPED
@@ -508,7 +667,7 @@ static int bc_table(const bc_opts *o, const bc_shape *s, bc_gpu *gs, int n,
                                      : MOE_GMM_AUTO;
         int a = -1, b = -1, l = -1;
         for (int ci = 0; ci < ncfg; ci++)
-          if (cfgs[ci].m == mm && cfgs[ci].bwd)
+          if (cfgs[ci].m == mm && cfgs[ci].bwd && !cfgs[ci].tl)
             *(cfgs[ci].local ? &l : cfgs[ci].ep == 1 ? &a : &b) = ci;
         if (a < 0 || b < 0) continue;
         double t1 = bc_stats(gs, n, a, o->reps).med,
@@ -553,6 +712,11 @@ int cmd_bench_cuda(int argc, char **argv) {
       o.json = true;
     } else if (!strcmp(a, "--virtual")) {
       o.virt = true;
+    } else if (!strcmp(a, "--timeline")) {
+      o.timeline = true;
+    } else if (!strcmp(a, "--chunks") && v) {
+      if (!cli_int("--chunks", v, 0, 64, &o.chunks)) return CLI_USAGE;
+      i++;
     } else if (!strcmp(a, "--exchange") && v) {
       if (!strcmp(v, "exact"))
         o.xchg = MOE_EP_EXCHANGE_EXACT;
@@ -609,6 +773,16 @@ int cmd_bench_cuda(int argc, char **argv) {
     fprintf(stderr, "moe bench: --virtual needs --ep N with N >= 2\n");
     return CLI_USAGE;
   }
+  if ((o.timeline || o.chunks) && ngpu < 2) {
+    fprintf(stderr, "moe bench: --timeline and --chunks need --ep N with N "
+                    ">= 2\n");
+    return CLI_USAGE;
+  }
+  if (o.timeline && o.xchg == MOE_EP_EXCHANGE_CAPACITY) {
+    fprintf(stderr, "moe bench: --timeline compares chunks, which run in the "
+                    "exact exchange (not --exchange capacity)\n");
+    return CLI_USAGE;
+  }
   if (ngpu > ndev && !o.virt) {
     fprintf(stderr,
             "moe bench --device cuda --ep %d: this machine has %d GPU(s)\n",
@@ -644,9 +818,18 @@ int cmd_bench_cuda(int argc, char **argv) {
     for (int ei = 0; ei < neps; ei++)
       for (int mi = 0; mi < nms; mi++)
         for (int b = 0; b < 2; b++) {
-          bc_cfg c = {eps[ei], ei == 1, ms[mi], o.layouts[li], b == 1};
+          bc_cfg c = {eps[ei], ei == 1,       ms[mi], o.layouts[li],
+                      b == 1,  (int)o.chunks, false};
           cfgs[ncfg++] = c;
         }
+  /* the timeline: one chunk, then --chunks (or the planner's pick) */
+  for (int t = 0; t < 2 && o.timeline; t++) {
+    bc_cfg c = {ngpu,         false, MOE_GMM_GROUPED,
+                o.layouts[0], true,  t == 0 ? 1 : (int)o.chunks,
+                true};
+    if (t == 1 && o.chunks == 1) c.chunks = 0;
+    cfgs[ncfg++] = c;
+  }
   struct cudaDeviceProp prop;
   char devname[256] = "GPU";
   if (cudaGetDeviceProperties(&prop, 0) == cudaSuccess)
@@ -654,6 +837,8 @@ int cmd_bench_cuda(int argc, char **argv) {
   bc_gpu gs[BC_MAXG];
   int rc = bc_run(&o, ngpu, ngpu > 1 ? comms : NULL, cfgs, ncfg, gs, &s);
   if (rc == CLI_OK) rc = bc_table(&o, &s, gs, ngpu, cfgs, ncfg, devname);
+  if (rc == CLI_OK && o.timeline && !o.json)
+    bc_timeline(&o, gs, ngpu, cfgs, ncfg);
   bc_free(gs, ngpu);
   for (int q = 0; q < ngpu; q++)
     if (comms[q]) moe_comm_destroy(comms[q]);

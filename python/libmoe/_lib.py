@@ -69,6 +69,7 @@ class moe_layer_desc(ctypes.Structure):
         ("ep_exchange", ctypes.c_int),
         ("ep_capacity_factor", ctypes.c_double),
         ("ep_overflow", ctypes.c_int),
+        ("ep_chunks", ctypes.c_int),
     ]
 
 

@@ -77,6 +77,11 @@ moe_status moe_layer_desc_check(const moe_layer_desc *d) {
                      "desc.ep_capacity_factor = %g: must be in [0, 1e6] "
                      "(0 = the lossless default)",
                      d->ep_capacity_factor);
+  if (d->ep_chunks < 0 || d->ep_chunks > 64)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc.ep_chunks = %d: must be in [0, 64] (0 = the "
+                     "planner's pick, 1 = no overlap)",
+                     d->ep_chunks);
   /* The CUDA exchange sends only the kept rows (issue 18); the CPU's does
      not drop. */
   if (d->invalid_topk == MOE_TOPK_INVALID_DROP && d->comm &&

@@ -14,7 +14,7 @@
 
 /* status, E, H, I, k, max_tokens, dtype, norm, then the CUDA exchange's
    choices (the same on every rank, else the ranks' block sizes differ) */
-enum { MOE_EP_FIELDS = 13 };
+enum { MOE_EP_FIELDS = 14 };
 
 static const char *const moe_ep_field_names[MOE_EP_FIELDS] = {
     "status",
@@ -29,7 +29,8 @@ static const char *const moe_ep_field_names[MOE_EP_FIELDS] = {
     "ep_overflow",
     "ep_capacity_factor",
     "strict",
-    "method"};
+    "method",
+    "ep_chunks"};
 
 moe_status moe_ep_agree(const moe_layer_desc *d, moe_status local,
                         int64_t *max_rows) {
@@ -62,7 +63,8 @@ moe_status moe_ep_agree_ex(const moe_layer_desc *d, moe_status local,
                                  (int64_t)d->ep_overflow,
                                  factor_bits,
                                  d->strict != 0,
-                                 (int64_t)d->method};
+                                 (int64_t)d->method,
+                                 (int64_t)d->ep_chunks};
   for (int q = 0; q < P; q++)
     memcpy(send + q * MOE_EP_FIELDS, mine, sizeof mine);
   moe_status s = c->ops->alltoall_i64(c, send, recv, MOE_EP_FIELDS);

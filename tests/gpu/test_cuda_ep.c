@@ -23,8 +23,18 @@
 /// is checked within tolerance and its bitwise equality reported. Also:
 /// a bad argument on one rank fails every rank (no hang), and strict mode
 /// refuses the exact-mode plan on every rank.
+///
+/// The overlap (desc.ep_chunks): every case's exact exchange also runs in
+/// 1, 2 and 3 chunks of local experts; 2 and 3 must be bitwise equal to 1
+/// (whatever the method) and, for the grouped method, to one GPU. One
+/// rank's forward and backward record the timeline (moe_cuda_ep_timeline)
+/// and its intervals are checked: every chunk's dispatch and combine on the
+/// exchange stream, its GEMMs on the caller's, each interval ordered. Capacity
+/// mode refuses chunks (every rank), and an out-of-range ep_chunks fails
+/// the plan.
 #include <cuda_runtime_api.h>
 #include <pthread.h>
+#include <stdarg.h>
 
 #include "moe_cuda.h"
 #include "testutil.h"
@@ -188,6 +198,10 @@ typedef struct job {
   moe_status drop_st; /* its status */
   struct gctx *g;     /* non-NULL: capture the step in one CUDA graph */
   int rank, P;
+  int chunks;   /* desc.ep_chunks */
+  int timeline; /* 1: record and check the timeline of this rank */
+  int tl_bad;   /* what the timeline check found wrong (0: nothing) */
+  char tl_msg[200];
 } job;
 
 /// A step of all ranks captured into one CUDA graph: rank 0's stream
@@ -210,6 +224,7 @@ static struct {
   double factor;
   moe_ep_overflow ovf;
   gctx *g;
+  int chunks; /* desc.ep_chunks */
 } g_opt;
 
 static void *dput(const void *h, size_t bytes) {
@@ -242,6 +257,79 @@ static moe_tensor wview(void *p, moe_dtype dt, int64_t E, int64_t out,
   moe_tensor t = dten(p, dt, 3, s, dev), v = t;
   if (in_out) moe_tensor_transpose(&t, 1, 2, &v);
   return v;
+}
+
+/// Notes the first thing wrong with a rank's timeline.
+static void tl_fail(job *j, const char *fmt, ...) {
+  if (j->tl_bad++) return;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(j->tl_msg, sizeof j->tl_msg, fmt, ap);
+  va_end(ap);
+}
+
+/// The pass just run (forward, or backward) as the timeline recorded it:
+/// intervals ordered, of this pass; with C chunks every chunk's GEMMs once
+/// on stream 0 and its dispatch and combine once each on stream 1; one
+/// chunk: dispatch, GEMMs and combine once each (the backward's combine on
+/// stream 1, beside the rest).
+static void tl_check(job *j, moe_layer_plan *plan, int bwd) {
+  moe_cuda_ep_interval iv[64];
+  int n = 0;
+  if (moe_cuda_ep_timeline_read(plan, iv, 64, &n) != MOE_SUCCESS) {
+    tl_fail(j, "moe_cuda_ep_timeline_read: %s", moe_last_error());
+    return;
+  }
+  int C = j->chunks > 1 ? j->chunks : 1;
+  int seen[3][8] = {{0}}; /* dispatch, gemms, combine per chunk */
+  if (n > 64 || n != 3 * C) {
+    tl_fail(j, "%s: %d intervals, want %d", bwd ? "backward" : "forward", n,
+            3 * C);
+    return;
+  }
+  for (int i = 0; i < n; i++) {
+    const moe_cuda_ep_interval *v = &iv[i];
+    int w = !strcmp(v->what, "dispatch")  ? 0
+            : !strcmp(v->what, "gemms")   ? 1
+            : !strcmp(v->what, "combine") ? 2
+                                          : -1;
+    bool on1 = w != 1 && (C > 1 || (bwd && w == 2));
+    if (w < 0 || v->chunk < 0 || v->chunk >= C || v->chunk >= 8 ||
+        v->backward != bwd || v->stream != (on1 ? 1 : 0) ||
+        !(v->start_ms >= 0 && v->end_ms >= v->start_ms)) {
+      tl_fail(j, "%s interval %d: %s chunk %d stream %d bwd %d [%g, %g] ms",
+              bwd ? "backward" : "forward", i, v->what, v->chunk, v->stream,
+              v->backward, v->start_ms, v->end_ms);
+      return;
+    }
+    seen[w][v->chunk]++;
+  }
+  for (int w = 0; w < 3; w++)
+    for (int c = 0; c < C; c++)
+      if (seen[w][c] != 1) {
+        tl_fail(j, "%s: chunk %d has %d %s intervals",
+                bwd ? "backward" : "forward", c, seen[w][c],
+                w == 0   ? "dispatch"
+                : w == 1 ? "gemms"
+                         : "combine");
+        return;
+      }
+  /* a chunk's GEMMs start after its dispatch ends, its combine after
+     its GEMMs end (the events order them) */
+  for (int c = 0; c < C; c++) {
+    double de = 0, gs = 0, ge = 0, cs = 0;
+    for (int i = 0; i < n; i++) {
+      if (iv[i].chunk != c) continue;
+      if (!strcmp(iv[i].what, "dispatch")) de = iv[i].end_ms;
+      if (!strcmp(iv[i].what, "gemms")) gs = iv[i].start_ms, ge = iv[i].end_ms;
+      if (!strcmp(iv[i].what, "combine")) cs = iv[i].start_ms;
+    }
+    if (gs < de || (C > 1 && cs < ge))
+      tl_fail(j,
+              "%s chunk %d out of order: dispatch ends %g, GEMMs [%g, %g], "
+              "combine starts %g ms",
+              bwd ? "backward" : "forward", c, de, gs, ge, cs);
+  }
 }
 
 static void *job_run(void *arg) {
@@ -294,6 +382,7 @@ static void *job_run(void *arg) {
   d.ep_exchange = j->xchg;
   d.ep_capacity_factor = j->factor;
   d.ep_overflow = j->ovf;
+  d.ep_chunks = j->chunks;
   moe_layer_plan *plan = NULL;
   j->plan_st = moe_layer_plan_create(&plan, &d);
   j->fwd_st = j->bwd_st = MOE_ERR_INTERNAL;
@@ -336,9 +425,13 @@ static void *job_run(void *arg) {
   ba.grad_output = dten(go, dt, 2, th, dev);
   ba.grad_hidden = dten(gx, dt, 2, th, dev);
 
+  if (j->timeline && moe_cuda_ep_timeline(plan, 1) != MOE_SUCCESS)
+    tl_fail(j, "moe_cuda_ep_timeline: %s", moe_last_error());
   j->fwd_st = moe_layer_forward(plan, fa, sv, svb, ws, wsb, st);
+  if (j->timeline && j->fwd_st == MOE_SUCCESS) tl_check(j, plan, 0);
   if (j->fwd_st == MOE_SUCCESS)
     j->bwd_st = moe_layer_backward(plan, &ba, sv, svb, ws, wsb, st);
+  if (j->timeline && j->bwd_st == MOE_SUCCESS) tl_check(j, plan, 1);
   if (j->fwd_st != MOE_SUCCESS || j->bwd_st != MOE_SUCCESS)
     snprintf(j->msg, sizeof j->msg, "%s", moe_last_error());
   gctx *g = j->g;
@@ -466,6 +559,8 @@ static void run_case(const epcase *c, int P, moe_comm **comms,
     j.factor = g_opt.factor;
     j.ovf = g_opt.ovf;
     j.g = P > 1 ? g_opt.g : NULL;
+    j.chunks = P > 1 ? g_opt.chunks : 0;
+    j.timeline = P > 1 && q == P - 1 && g_opt.chunks > 0;
     j.rank = q;
     j.P = P;
     jobs[q] = j;
@@ -525,9 +620,45 @@ static double rel_err_buf(const void *a, const void *b, moe_dtype dt,
 /// one-GPU reference `ref`; want_drop: rows each rank's
 /// moe_cuda_ep_dropped must report (NULL: none) and want_st its status
 /// where that count is non-zero (MOE_SUCCESS where it is 0).
+static void ep_compare_ex(const epcase *c, int P, moe_comm **comms,
+                          const hostdata *h, const results *ref, int strict,
+                          const int64_t *want_drop, moe_status want_st,
+                          const results *base, results *keep);
+
 static void ep_compare(const epcase *c, int P, moe_comm **comms,
                        const hostdata *h, const results *ref, int strict,
                        const int64_t *want_drop, moe_status want_st) {
+  ep_compare_ex(c, P, comms, h, ref, strict, want_drop, want_st, NULL, NULL);
+}
+
+/// Every output and gradient of two P-rank runs bitwise equal (the
+/// overlap against one chunk: the same kernels over the same rows).
+static void same_as_base(const epcase *c, const hostdata *h, const results *a,
+                         const results *base) {
+  int64_t E = c->E, H = c->H, I = c->I, Tt = h->Tt;
+  size_t es = h->es;
+  CHECK(!memcmp(a->out, base->out, (size_t)(Tt * H) * es) &&
+            !memcmp(a->gx, base->gx, (size_t)(Tt * H) * es) &&
+            !memcmp(a->ggu, base->ggu, (size_t)(E * 2 * I * H) * es) &&
+            !memcmp(a->gdown, base->gdown, (size_t)(E * H * I) * es),
+        "output, grad_hidden or an expert-weight gradient not bitwise equal "
+        "to one chunk");
+  /* grad_gate_weight is a sum of the ranks' partials in thread order:
+     ep_compare checks it within tolerance */
+  if (c->router)
+    CHECK(!memcmp(a->logits, base->logits, (size_t)(Tt * E) * 4),
+          "router logits not bitwise equal to one chunk");
+  else
+    CHECK(!memcmp(a->gtopk, base->gtopk, (size_t)(Tt * c->k) * 4),
+          "grad_topk_weights not bitwise equal to one chunk");
+}
+
+/// ep_compare, and with `base` every result also bitwise equal to it;
+/// with `keep` the results are handed back (the caller frees them).
+static void ep_compare_ex(const epcase *c, int P, moe_comm **comms,
+                          const hostdata *h, const results *ref, int strict,
+                          const int64_t *want_drop, moe_status want_st,
+                          const results *base, results *keep) {
   results ep;
   res_make(c, h, &ep);
   job jobs[MAXP];
@@ -540,7 +671,10 @@ static void ep_compare(const epcase *c, int P, moe_comm **comms,
           moe_status_name(jobs[q].plan_st), moe_status_name(jobs[q].fwd_st),
           moe_status_name(jobs[q].bwd_st), jobs[q].msg);
     ok &= good;
+    if (good && jobs[q].timeline)
+      CHECK(jobs[q].tl_bad == 0, "rank %d timeline: %s", q, jobs[q].tl_msg);
   }
+  if (ok && base) same_as_base(c, h, &ep, base);
   if (ok) {
     int64_t E = c->E, H = c->H, I = c->I, Tt = h->Tt;
     size_t es = h->es;
@@ -588,7 +722,10 @@ static void ep_compare(const epcase *c, int P, moe_comm **comms,
             (long long)jobs[q].dropped, moe_status_name(jobs[q].drop_st),
             (long long)want, moe_status_name(ws));
     }
-  res_free(&ep);
+  if (keep)
+    *keep = ep;
+  else
+    res_free(&ep);
 }
 
 static const char *xchg_name(moe_ep_exchange x) {
@@ -619,6 +756,21 @@ static void ep_case(const epcase *c, int P, moe_comm **comms, uint64_t seed) {
             xchg_name(modes[m]));
     g_opt.xchg = modes[m];
     ep_compare(c, P, comms, &h, &ref, 0, NULL, MOE_SUCCESS);
+    if (modes[m] != MOE_EP_EXCHANGE_EXACT) continue;
+    /* the overlap: one chunk, then 2 and 3 against it */
+    results one;
+    g_opt.chunks = 1;
+    tu_case("%s seed=%llu exchange=exact chunks=1", line,
+            (unsigned long long)seed);
+    ep_compare_ex(c, P, comms, &h, &ref, 0, NULL, MOE_SUCCESS, NULL, &one);
+    for (int ch = 2; ch <= 3 && ch <= c->E / P; ch++) {
+      g_opt.chunks = ch;
+      tu_case("%s seed=%llu exchange=exact chunks=%d", line,
+              (unsigned long long)seed, ch);
+      ep_compare_ex(c, P, comms, &h, &ref, 0, NULL, MOE_SUCCESS, &one, NULL);
+    }
+    g_opt.chunks = 0;
+    res_free(&one);
   }
   g_opt.xchg = MOE_EP_EXCHANGE_AUTO;
   res_free(&ref);
@@ -759,6 +911,36 @@ static void fault_case(int P, moe_comm **comms) {
     CHECK(jobs[q].plan_st == MOE_ERR_STRICT && strstr(jobs[q].msg, "sync"),
           "rank %d strict plan returned %s: %s", q,
           moe_status_name(jobs[q].plan_st), jobs[q].msg);
+  tu_case("ep P=%d fault in 2 chunks: rank %d passes output [T+1, H]", P,
+          P - 1);
+  g_opt.chunks = 2;
+  run_case(&c, P, comms, &h, &r, P - 1, 0, jobs);
+  for (int q = 0; q < P; q++)
+    CHECK(jobs[q].plan_st == MOE_SUCCESS &&
+              jobs[q].fwd_st == MOE_ERR_INVALID_ARGUMENT &&
+              strstr(jobs[q].msg, q == P - 1 ? "output" : "rank") != NULL,
+          "rank %d (2 chunks) plan %s, forward %s: %s", q,
+          moe_status_name(jobs[q].plan_st), moe_status_name(jobs[q].fwd_st),
+          jobs[q].msg);
+  tu_case("ep P=%d capacity mode with desc.ep_chunks = 2: every rank refuses",
+          P);
+  g_opt.xchg = MOE_EP_EXCHANGE_CAPACITY;
+  run_case(&c, P, comms, &h, &r, -1, 0, jobs);
+  for (int q = 0; q < P; q++)
+    CHECK(jobs[q].plan_st == MOE_ERR_UNIMPLEMENTED &&
+              strstr(jobs[q].msg, "desc.ep_chunks"),
+          "rank %d capacity + 2 chunks: plan returned %s: %s", q,
+          moe_status_name(jobs[q].plan_st), jobs[q].msg);
+  tu_case("ep P=%d desc.ep_chunks = 65: every rank refuses", P);
+  g_opt.xchg = MOE_EP_EXCHANGE_AUTO;
+  g_opt.chunks = 65;
+  run_case(&c, P, comms, &h, &r, -1, 0, jobs);
+  for (int q = 0; q < P; q++)
+    CHECK(jobs[q].plan_st == MOE_ERR_INVALID_ARGUMENT &&
+              strstr(jobs[q].msg, "desc.ep_chunks"),
+          "rank %d ep_chunks 65: plan returned %s: %s", q,
+          moe_status_name(jobs[q].plan_st), jobs[q].msg);
+  g_opt.chunks = 0;
   tu_case("ep P=%d fault under capacity mode: rank %d passes output [T+1, H]",
           P, P - 1);
   g_opt.xchg = MOE_EP_EXCHANGE_CAPACITY;

@@ -90,7 +90,8 @@ def test_ep_experts_bad_options():
 
 def test_desc_mirror_has_the_ep_fields():
     names = [n for n, _ in libmoe._lib.moe_layer_desc._fields_]
-    assert names[-3:] == ["ep_exchange", "ep_capacity_factor", "ep_overflow"]
+    assert names[-4:] == ["ep_exchange", "ep_capacity_factor", "ep_overflow",
+                          "ep_chunks"]
 
 
 def _problem(E, H, I, k, T, seed, sentinels=False):
@@ -217,7 +218,8 @@ def _cpu_desc(**kw):
 @pytest.mark.parametrize("field,value", [
     ("ep_exchange", 3), ("ep_overflow", 2),
     ("ep_capacity_factor", -1.0), ("ep_capacity_factor", float("nan")),
-    ("ep_capacity_factor", float("inf"))])
+    ("ep_capacity_factor", float("inf")), ("ep_chunks", -1),
+    ("ep_chunks", 65)])
 def test_desc_rejects_bad_ep_fields(field, value):
     """The expert-parallel fields are checked on every device, the message
     naming the field."""
@@ -235,7 +237,8 @@ def test_desc_ep_defaults_plan_on_cpu():
     L = libmoe._lib
     for kw in ({}, {"ep_exchange": L.MOE_EP_EXCHANGE_CAPACITY,
                     "ep_capacity_factor": 1.25,
-                    "ep_overflow": L.MOE_EP_OVERFLOW_DROP}):
+                    "ep_overflow": L.MOE_EP_OVERFLOW_DROP},
+               {"ep_chunks": 3}):
         h = ctypes.c_void_p()
         L.check(L.lib.moe_layer_plan_create(ctypes.byref(h),
                                             ctypes.byref(_cpu_desc(**kw))),

@@ -48,6 +48,7 @@ typedef struct moe_cuda_plan {
      pick another kernel (split-K) for another row count. */
   bool rowwise;
   moe_cu_ep *ep; /* expert parallelism over NCCL (layer_cuda_ep.c) */
+  int ep_chunks; /* the overlap's chunks (layer_cuda_ep.h); 1: none */
 } moe_cuda_plan;
 
 /* cuBLAS's workspace, carved from the layer's workspace. */
@@ -231,6 +232,7 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
   p->e_local = d.num_experts / ranks;
   p->e_first = p->rank * p->e_local;
   p->max_rows = ranks > 1 ? ep_rows : d.max_tokens * d.top_k;
+  cp->ep_chunks = ranks > 1 && !ep_mode.capacity ? ep_mode.chunks : 1;
   cp->gm = gm;
   cp->offline = offline;
   if (offline) snprintf(cp->card, sizeof cp->card, "%s", d.plan_gpu);
@@ -596,6 +598,10 @@ static void moe_cu_lay_of(const moe_layer_plan *p, int64_t T, bool infer,
 /// dispatch, then the local experts' down output), fstage (rows by source
 /// rank); backward bstage and bdyr (dY, then dXp, in expert order). y then
 /// holds this rank's rows back from the combine, sorted by global expert.
+/// The overlap (chunks > 1) adds fyc (the down output, which may no longer
+/// overlay fsend: later chunks still send from it), bdxp (dXp in expert
+/// order) and bdx (dX back home): wider dX rows must not overwrite dY
+/// rows that later chunks still send.
 typedef struct moe_cu_bufs {
   /* saved (forward -> backward) */
   size_t idx, w, probs, offsets, slot_row, row_token, xp, ab, hh, y, xr, epmeta,
@@ -605,6 +611,7 @@ typedef struct moe_cu_bufs {
   /* backward workspace (overlays the forward's) */
   size_t dy, dh, dab, dw, dl, dxr, bone, bblas, bstage, bdyr, bws;
   size_t ws;
+  size_t fyc, bdxp, bdx; /* the overlap's (0 bytes without it) */
 } moe_cu_bufs;
 
 static size_t moe_cu_take(size_t *at, size_t bytes) {
@@ -645,6 +652,8 @@ static void moe_cu_bufs_of(const moe_layer_plan *p, int64_t T, moe_cu_bufs *b) {
   b->fsaved = moe_cu_take(&at, b->saved);
   b->fsend = moe_cu_take(&at, ep ? (Rl > S ? Rl : S) * H * es : 0);
   b->fstage = moe_cu_take(&at, ep ? Rl * H * es : 0);
+  bool ov = ep && moe_cp(p)->ep_chunks > 1;
+  b->fyc = moe_cu_take(&at, ov ? Rl * H * es : 0);
   b->fws = at;
   at = 0;
   b->dy = moe_cu_take(&at, S * H * 4); /* dY, then dXp (f32 at most) */
@@ -657,6 +666,8 @@ static void moe_cu_bufs_of(const moe_layer_plan *p, int64_t T, moe_cu_bufs *b) {
   b->bblas = moe_cu_take(&at, MOE_CU_BLAS_WS);
   b->bstage = moe_cu_take(&at, ep ? Rl * H * 4 : 0);
   b->bdyr = moe_cu_take(&at, ep ? Rl * H * 4 : 0);
+  b->bdxp = moe_cu_take(&at, ov ? Rl * H * 4 : 0);
+  b->bdx = moe_cu_take(&at, ov ? S * H * 4 : 0);
   b->bws = at;
   b->ws = b->fws > b->bws ? b->fws : b->bws;
 }
@@ -885,6 +896,83 @@ moe_cu_given_routing_checked(moe_cu_exec *x, const moe_cu_view *ti,
   return MOE_SUCCESS;
 }
 
+/* ---- the overlap: a pass in chunks of local experts (layer_cuda_ep.h) ---- */
+
+/// Experts [e0, e1) of a weight (or gradient) view.
+static moe_tensor moe_cu_experts(const moe_tensor *w, int64_t e0, int64_t e1) {
+  moe_tensor v = *w;
+  v.data =
+      (char *)w->data + (size_t)(e0 * w->stride[0]) * moe_dtype_size(w->dtype);
+  v.shape[0] = e1 - e0;
+  return v;
+}
+
+/// The GEMMs of chunk [e0, e1) see only its experts: offsets from e0 (rows
+/// stay absolute, so every row is where one chunk would put it).
+static moe_cu_exec moe_cu_chunk_exec(const moe_cu_exec *x, int64_t e0) {
+  moe_cu_exec xc = *x;
+  xc.offsets = x->offsets + e0;
+  if (x->ctx.host_offsets) xc.ctx.host_offsets = x->ctx.host_offsets + e0;
+  return xc;
+}
+
+/// The forward after the agreement, in chunks: dispatch c+1 and combine
+/// c-1 on the exchange stream under chunk c's GEMMs.
+static moe_status moe_cu_forward_chunks(moe_cu_exec *x, const moe_call *c,
+                                        const moe_layer_fwd_args *a,
+                                        const moe_cu_bufs *b, char *sv,
+                                        char *ws, const char *meta,
+                                        const char *send) {
+  moe_cu_ep *ep = x->cp->ep;
+  const moe_layer_desc *d = &x->p->d;
+  cudaStream_t st = x->ctx.stream;
+  int64_t H = d->hidden, I = d->intermediate;
+  moe_dtype dt = d->dtype;
+  size_t es = moe_dtype_size(dt), rb = (size_t)H * es;
+  char *xr = moe_cu_at(sv, b->xr), *ab = moe_cu_at(sv, b->ab),
+       *hh = moe_cu_at(sv, b->hh), *y = moe_cu_at(sv, b->y);
+  char *yc = moe_cu_at(ws, b->fyc), *stage = moe_cu_at(ws, b->fstage);
+  int C = moe_cu_ep_chunks(ep);
+  moe_cu_operand X = moe_op(xr, dt, H, 1), Hh = moe_op(hh, dt, I, 1);
+  MOE_TRY(moe_cu_ep_fork(ep, st));
+  for (int i = 0; i < 2 && i < C; i++)
+    MOE_TRY(moe_cu_ep_dispatch_chunk(ep, meta, i, send, rb, stage, xr));
+  for (int i = 0; i < C; i++) {
+    int64_t e0, e1, r0, r1;
+    moe_cu_ep_chunk_range(ep, i, &e0, &e1, &r0, &r1);
+    MOE_TRY(moe_cu_ep_dispatch_wait(ep, i, st));
+    int t = moe_cu_ep_tl_open(ep, 0, i, "gemms", st);
+    moe_cu_exec xc = moe_cu_chunk_exec(x, e0);
+    if (c->gu.fused) {
+      moe_tensor w = moe_cu_experts(&c->gu.both, e0, e1);
+      MOE_TRY(moe_cu_fwd(&xc, 0, &X, &w, ab, dt, 2 * I));
+    } else {
+      moe_tensor wg = moe_cu_experts(&c->gu.gate, e0, e1),
+                 wu = moe_cu_experts(&c->gu.up, e0, e1);
+      MOE_TRY(moe_cu_fwd(&xc, 0, &X, &wg, ab, dt, 2 * I));
+      MOE_TRY(moe_cu_fwd(&xc, 0, &X, &wu, ab + (size_t)I * es, dt, 2 * I));
+    }
+    size_t r = (size_t)r0;
+    moe_cu_view vg = {ab + r * 2 * I * es, dt, 2 * I, 1},
+                vu = {ab + (r * 2 * I + I) * es, dt, 2 * I, 1},
+                vh = {hh + r * I * es, dt, I, 1};
+    MOE_TRY(moe_cu_swiglu_fwd(&vg, &vu, &vh, r1 - r0, I,
+                              moe_cu_ep_chunk_count(ep, meta, i), st));
+    moe_tensor wd = moe_cu_experts(&a->w_down, e0, e1);
+    MOE_TRY(moe_cu_fwd(&xc, 1, &Hh, &wd, yc, dt, H));
+    moe_cu_ep_tl_close(ep, t, st);
+    MOE_TRY(moe_cu_ep_combine_chunk(ep, meta, i, yc, rb, stage, y, st));
+    if (i + 2 < C)
+      MOE_TRY(moe_cu_ep_dispatch_chunk(ep, meta, i + 2, send, rb, stage, xr));
+  }
+  MOE_TRY(moe_cu_ep_combine_wait(ep, st));
+  moe_cu_view out = moe_cu_view_of(&a->output);
+  const moe_layer_plan *p = x->p;
+  return moe_cu_unpermute(y, dt, (const int32_t *)moe_cu_at(sv, b->slot_row),
+                          (const float *)moe_cu_at(sv, b->w), c->T, p->d.top_k,
+                          H, &out, st);
+}
+
 static moe_status moe_cu_forward_run_ep(moe_cu_exec *x,
                                         const moe_layer_fwd_args *a,
                                         const moe_call *c, const moe_cu_bufs *b,
@@ -907,6 +995,7 @@ static moe_status moe_cu_forward_run_ep(moe_cu_exec *x,
   x->offsets = offsets;
   x->rows = S;
   x->row_token = row_token;
+  if (cp->ep) moe_cu_ep_tl_begin(cp->ep, false, st);
 
   /* routing */
   if (c->router) {
@@ -948,11 +1037,19 @@ static moe_status moe_cu_forward_run_ep(moe_cu_exec *x,
         moe_cu_ep_forward_begin(cp->ep, p, MOE_SUCCESS, offsets, meta, st, &r);
     x->ep_joined = r.joined;
     MOE_TRY(s);
-    MOE_TRY(moe_cu_ep_dispatch(cp->ep, meta, send, (size_t)H * es,
-                               moe_cu_at(ws, b->fstage), xr, st));
     x->offsets = r.loff_dev;
     x->rows = r.rows;
     x->ctx.host_offsets = r.loff_host;
+    if (moe_cu_ep_chunks(cp->ep) > 1) {
+      /* joined even after a failure: no exchange outlives the call */
+      moe_status f = moe_cu_forward_chunks(x, c, a, b, sv, ws, meta, send);
+      moe_status j = moe_cu_ep_settle(cp->ep, st);
+      return f != MOE_SUCCESS ? f : j;
+    }
+    int t = moe_cu_ep_tl_open(cp->ep, 0, 0, "dispatch", st);
+    MOE_TRY(moe_cu_ep_dispatch(cp->ep, meta, send, (size_t)H * es,
+                               moe_cu_at(ws, b->fstage), xr, st));
+    moe_cu_ep_tl_close(cp->ep, t, st);
     X = moe_op(xr, dt, H, 1);
     yc = send; /* dead since the dispatch */
   } else if (p->method[0] == MOE_GMM_LOOP) {
@@ -964,6 +1061,7 @@ static moe_status moe_cu_forward_run_ep(moe_cu_exec *x,
     X = moe_op(a->hidden.data, dt, a->hidden.stride[0], a->hidden.stride[1]);
     X.gather = row_token;
   }
+  int tg = cp->ep ? moe_cu_ep_tl_open(cp->ep, 0, 0, "gemms", st) : -1;
   if (c->gu.fused) {
     MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.both, ab, dt, 2 * I));
   } else {
@@ -975,9 +1073,13 @@ static moe_status moe_cu_forward_run_ep(moe_cu_exec *x,
   MOE_TRY(moe_cu_swiglu_fwd(&vg, &vu, &vh, x->rows, I, x->offsets + El, st));
   moe_cu_operand Hh = moe_op(hh, dt, I, 1);
   MOE_TRY(moe_cu_fwd(x, 1, &Hh, &a->w_down, yc, dt, H));
-  if (cp->ep)
+  if (cp->ep) {
+    moe_cu_ep_tl_close(cp->ep, tg, st);
+    int t = moe_cu_ep_tl_open(cp->ep, 0, 0, "combine", st);
     MOE_TRY(moe_cu_ep_combine(cp->ep, meta, yc, (size_t)H * es,
                               moe_cu_at(ws, b->fstage), y, st));
+    moe_cu_ep_tl_close(cp->ep, t, st);
+  }
   moe_cu_view out = moe_cu_view_of(&a->output);
   return moe_cu_unpermute(y, dt, slot_row, w, T, k, H, &out, st);
 }
@@ -1015,12 +1117,12 @@ moe_cu_backward_rest(moe_cu_exec *x, const moe_layer_bwd_args *args,
   const float *w = (const float *)moe_cu_at(sv, b->w);
   char *dab = moe_cu_at(ws, b->dab);
   float *dw = (float *)moe_cu_at(ws, b->dw);
-  moe_cu_operand X = *Xp;
-  if (c->gu.fused) {
-    MOE_TRY(moe_cu_dw(x, 0, dab, 2 * I, &X, &ggu->both));
-  } else {
-    MOE_TRY(moe_cu_dw(x, 0, dab, 2 * I, &X, &ggu->gate));
-    MOE_TRY(moe_cu_dw(x, 0, dab + (size_t)I * es, 2 * I, &X, &ggu->up));
+  /* Xp NULL: the overlap computed gate_up's dW chunk by chunk */
+  if (Xp && c->gu.fused) {
+    MOE_TRY(moe_cu_dw(x, 0, dab, 2 * I, Xp, &ggu->both));
+  } else if (Xp) {
+    MOE_TRY(moe_cu_dw(x, 0, dab, 2 * I, Xp, &ggu->gate));
+    MOE_TRY(moe_cu_dw(x, 0, dab + (size_t)I * es, 2 * I, Xp, &ggu->up));
   }
 
   float *dxr = NULL;
@@ -1052,6 +1154,89 @@ moe_cu_backward_rest(moe_cu_exec *x, const moe_layer_bwd_args *args,
   return MOE_SUCCESS;
 }
 
+/// The backward after dY's scatter, in chunks: dispatch c+1 and combine
+/// c-1 on the exchange stream under chunk c's GEMMs (dX, and each expert's
+/// dW whole: one product over all its rows), then the router's backward.
+static moe_status moe_cu_backward_chunks(moe_cu_exec *x,
+                                         const moe_layer_bwd_args *args,
+                                         const moe_call *c,
+                                         const moe_gate_up *ggu,
+                                         const moe_cu_bufs *b, char *sv,
+                                         char *ws, const char *meta) {
+  moe_cu_ep *ep = x->cp->ep;
+  const moe_layer_desc *d = &x->p->d;
+  const moe_layer_fwd_args *a = &args->fwd;
+  cudaStream_t st = x->ctx.stream;
+  int64_t H = d->hidden, I = d->intermediate, T = c->T, k = d->top_k;
+  moe_dtype dt = d->dtype;
+  moe_dtype dxt = c->gu.fused ? dt : MOE_F32;
+  size_t es = moe_dtype_size(dt), rb = (size_t)H * es,
+         rbx = (size_t)H * moe_dtype_size(dxt);
+  char *ab = moe_cu_at(sv, b->ab), *hh = moe_cu_at(sv, b->hh);
+  char *dy = moe_cu_at(ws, b->dy), *dyc = moe_cu_at(ws, b->bdyr),
+       *dh = moe_cu_at(ws, b->dh), *dab = moe_cu_at(ws, b->dab),
+       *dxp = moe_cu_at(ws, b->bdxp), *dx = moe_cu_at(ws, b->bdx),
+       *stage = moe_cu_at(ws, b->bstage);
+  int C = moe_cu_ep_chunks(ep);
+  moe_cu_operand X = moe_op(moe_cu_at(sv, b->xr), dt, H, 1),
+                 Hh = moe_op(hh, dt, I, 1);
+  MOE_TRY(moe_cu_ep_fork(ep, st));
+  for (int i = 0; i < 2 && i < C; i++)
+    MOE_TRY(moe_cu_ep_dispatch_chunk(ep, meta, i, dy, rb, stage, dyc));
+  for (int i = 0; i < C; i++) {
+    int64_t e0, e1, r0, r1;
+    moe_cu_ep_chunk_range(ep, i, &e0, &e1, &r0, &r1);
+    MOE_TRY(moe_cu_ep_dispatch_wait(ep, i, st));
+    int t = moe_cu_ep_tl_open(ep, 0, i, "gemms", st);
+    moe_cu_exec xc = moe_cu_chunk_exec(x, e0);
+    /* down: dH = dY . Wd, dWd = dY^T . Hh */
+    moe_tensor wd = moe_cu_experts(&a->w_down, e0, e1),
+               gwd = moe_cu_experts(&args->grad_w_down, e0, e1);
+    MOE_TRY(moe_cu_dx(&xc, 1, dyc, H, &wd, dh, dt, I, 0.0f));
+    MOE_TRY(moe_cu_dw(&xc, 1, dyc, H, &Hh, &gwd));
+    size_t r = (size_t)r0;
+    moe_cu_view vg = {ab + r * 2 * I * es, dt, 2 * I, 1},
+                vu = {ab + (r * 2 * I + I) * es, dt, 2 * I, 1},
+                vdh = {dh + r * I * es, dt, I, 1},
+                vdg = {dab + r * 2 * I * es, dt, 2 * I, 1},
+                vdu = {dab + (r * 2 * I + I) * es, dt, 2 * I, 1};
+    MOE_TRY(moe_cu_swiglu_bwd(&vg, &vu, &vdh, &vdg, &vdu, r1 - r0, I,
+                              moe_cu_ep_chunk_count(ep, meta, i), st));
+    /* gate_up: dXp = dAB . Wgu, dWgu = dAB^T . X */
+    if (c->gu.fused) {
+      moe_tensor w = moe_cu_experts(&c->gu.both, e0, e1),
+                 gw = moe_cu_experts(&ggu->both, e0, e1);
+      MOE_TRY(moe_cu_dx(&xc, 0, dab, 2 * I, &w, dxp, dxt, H, 0.0f));
+      MOE_TRY(moe_cu_dw(&xc, 0, dab, 2 * I, &X, &gw));
+    } else {
+      moe_tensor wg = moe_cu_experts(&c->gu.gate, e0, e1),
+                 wu = moe_cu_experts(&c->gu.up, e0, e1),
+                 gg = moe_cu_experts(&ggu->gate, e0, e1),
+                 gu = moe_cu_experts(&ggu->up, e0, e1);
+      MOE_TRY(moe_cu_dx(&xc, 0, dab, 2 * I, &wg, dxp, dxt, H, 0.0f));
+      MOE_TRY(moe_cu_dx(&xc, 0, dab + (size_t)I * es, 2 * I, &wu, dxp, dxt, H,
+                        1.0f));
+      MOE_TRY(moe_cu_dw(&xc, 0, dab, 2 * I, &X, &gg));
+      MOE_TRY(moe_cu_dw(&xc, 0, dab + (size_t)I * es, 2 * I, &X, &gu));
+    }
+    moe_cu_ep_tl_close(ep, t, st);
+    MOE_TRY(moe_cu_ep_combine_chunk(ep, meta, i, dxp, rbx, stage, dx, st));
+    if (i + 2 < C)
+      MOE_TRY(moe_cu_ep_dispatch_chunk(ep, meta, i + 2, dy, rb, stage, dyc));
+  }
+  /* the router's backward (or the routing weights' gradient) runs beside
+     the last combine */
+  float *dxr = NULL;
+  moe_status s = moe_cu_backward_rest(x, args, c, ggu, b, sv, ws, NULL, &dxr);
+  moe_status wj = moe_cu_ep_combine_wait(ep, st);
+  MOE_TRY(s);
+  MOE_TRY(wj);
+  moe_cu_view gh = moe_cu_view_of(&args->grad_hidden);
+  return moe_cu_permute_backward(dx, dxt,
+                                 (const int32_t *)moe_cu_at(sv, b->slot_row),
+                                 dxr, T, k, H, &gh, st);
+}
+
 static moe_status
 moe_cu_backward_run_ep(moe_cu_exec *x, const moe_layer_bwd_args *args,
                        const moe_call *c, const moe_gate_up *ggu,
@@ -1079,6 +1264,7 @@ moe_cu_backward_run_ep(moe_cu_exec *x, const moe_layer_bwd_args *args,
   x->row_token = row_token;
   char *meta = moe_cu_at(sv, b->epmeta);
   moe_cu_ep_rows r;
+  if (cp->ep) moe_cu_ep_tl_begin(cp->ep, true, st);
   if (cp->ep) {
     moe_status s =
         moe_cu_ep_backward_begin(cp->ep, p, MOE_SUCCESS, offsets, meta, st, &r);
@@ -1094,13 +1280,22 @@ moe_cu_backward_run_ep(moe_cu_exec *x, const moe_layer_bwd_args *args,
       moe_cu_unpermute_backward(&go, y, dt, slot_row, w, T, k, H, dy, dw, st));
   /* with expert parallelism the dY rows go to their experts' ranks */
   char *dyc = dy;
+  int tg = -1;
   if (cp->ep) {
     dyc = moe_cu_at(ws, b->bdyr);
-    MOE_TRY(moe_cu_ep_dispatch(cp->ep, meta, dy, (size_t)H * es,
-                               moe_cu_at(ws, b->bstage), dyc, st));
     x->offsets = r.loff_dev;
     x->rows = r.rows;
     x->ctx.host_offsets = r.loff_host;
+    if (moe_cu_ep_chunks(cp->ep) > 1) {
+      moe_status f = moe_cu_backward_chunks(x, args, c, ggu, b, sv, ws, meta);
+      moe_status j = moe_cu_ep_settle(cp->ep, st);
+      return f != MOE_SUCCESS ? f : j;
+    }
+    int t = moe_cu_ep_tl_open(cp->ep, 0, 0, "dispatch", st);
+    MOE_TRY(moe_cu_ep_dispatch(cp->ep, meta, dy, (size_t)H * es,
+                               moe_cu_at(ws, b->bstage), dyc, st));
+    moe_cu_ep_tl_close(cp->ep, t, st);
+    tg = moe_cu_ep_tl_open(cp->ep, 0, 0, "gemms", st);
   }
   /* down: dH = dY . Wd, dWd = dY^T . Hh */
   MOE_TRY(moe_cu_dx(x, 1, dyc, H, &a->w_down, dh, dt, I, 0.0f));
@@ -1134,6 +1329,7 @@ moe_cu_backward_run_ep(moe_cu_exec *x, const moe_layer_bwd_args *args,
   /* With expert parallelism the dX rows go back to the ranks that own the
      tokens: on a second stream, behind gate_up's dW and the router's
      backward, which need neither dxp nor dy. */
+  if (cp->ep) moe_cu_ep_tl_close(cp->ep, tg, st);
   if (cp->ep)
     MOE_TRY(moe_cu_ep_combine_async(cp->ep, meta, dxp,
                                     (size_t)H * moe_dtype_size(dxt),

@@ -27,6 +27,7 @@
 #include "backend/cuda/layer_cuda_ep.h"
 #include "backend/cuda/cuda_internal.h"
 #include "layer/ep.h"
+#include "layer/ep_chunks.h"
 #include "moe_cuda.h"
 
 struct moe_cu_ep {
@@ -56,7 +57,23 @@ struct moe_cu_ep {
   moe_ep_overflow overflow;
   int64_t *d_dropped;
   int64_t R;
+  /* overlap (exact mode): a pass in `chunks` ranges of local experts; the
+     exchanges run on `side`, ordered with the caller's stream by one event
+     per chunk and direction (xdone: exchange done, gdone: GEMMs done) */
+  int chunks;
+  cudaEvent_t *xdone, *gdone;
+  int64_t *csc, *csd, *crv, *crd; /* [P] the current chunk's byte counts */
+  /* the timeline (moe_cuda_ep_timeline): timing events around each chunk's
+     exchange and GEMMs, per stream */
+  bool tl_on, tl_bwd;
+  int tl_n;
+  cudaEvent_t tl_t0, *tl_ev; /* [2 * MOE_CU_EP_TL_MAX] */
+  moe_cuda_ep_interval tl[MOE_CU_EP_TL_MAX];
 };
+
+static void moe_cu_ep_tl_free(moe_cu_ep *ep);
+static moe_status moe_cu_ep_enter(int dev, int *prev);
+static void moe_cu_ep_leave(int dev, int prev);
 
 /* ---- plan -------------------------------------------------------------- */
 
@@ -112,6 +129,11 @@ static void moe_cu_ep_choose(const moe_layer_desc *d, int P, int64_t tmax,
     snprintf(w, left,
              "capacity (strict mode refuses the exact mode's "
              "host sync)");
+  } else if (d->ep_chunks > 1) {
+    m->capacity = false;
+    snprintf(w, left,
+             "exact (desc.ep_chunks asks for the overlap, which runs in "
+             "the exact exchange)");
   } else if (d->method != MOE_GMM_GROUPED) {
     m->capacity = false;
     snprintf(w, left,
@@ -121,6 +143,87 @@ static void moe_cu_ep_choose(const moe_layer_desc *d, int P, int64_t tmax,
     m->capacity = cap_us < exact_us;
     snprintf(w, left, "%s (the cheaper)", m->capacity ? "capacity" : "exact");
   }
+}
+
+/* The overlap's cost model (moe_cu_ep_chunks_choose): what the expert
+   GEMMs sustain (bf16 tensor cores; f32 on CUDA cores) and the fixed cost
+   of one more exchange (a grouped NCCL send/receive launch, or the
+   virtual ranks' host barriers) plus its events. */
+static const double moe_ep_gemm_tflops_bf16 = 400.0,
+                    moe_ep_gemm_tflops_f32 = 20.0;
+enum { MOE_EP_CHUNK_US_NCCL = 12, MOE_EP_CHUNK_US_VIRTUAL = 8 };
+enum { MOE_EP_CHUNKS_AUTO_MAX = 8 };
+
+/// Predicted forward time (us) of a pass in C chunks: the exchange stream
+/// moves 2 D (dispatch + combine), the caller's stream computes G; the
+/// first dispatch and the last combine are exposed, the rest hides under
+/// the other stream as far as it is shorter.
+static double moe_ep_overlap_us(double D, double G, int C, double per) {
+  double a = G + 2.0 * D / C, b = 2.0 * D + G / C;
+  return (a > b ? a : b) + 2.0 * (C - 1) * per;
+}
+
+/// How many chunks a pass runs in, from agreed fields only (every rank
+/// must exchange the same number of times).
+static moe_status moe_cu_ep_chunks_choose(const moe_layer_desc *d, int P,
+                                          int64_t tmax, moe_cu_ep_mode *m) {
+  int64_t El = d->num_experts / P;
+  bool virt = moe_comm_is_virtual(d->comm);
+  m->chunks = 1;
+  if (m->capacity) {
+    if (d->ep_chunks > 1)
+      return moe_error(MOE_ERR_UNIMPLEMENTED,
+                       "desc.ep_chunks = %d: the overlap runs in the exact "
+                       "exchange only (capacity mode's fixed blocks per rank "
+                       "pair are not split into chunks); %s",
+                       d->ep_chunks,
+                       d->strict ? "strict mode picks capacity mode (it "
+                                   "refuses the exact mode's host sync)"
+                                 : "set desc.ep_exchange = "
+                                   "MOE_EP_EXCHANGE_EXACT or ep_chunks <= 1");
+    snprintf(m->why_chunks, sizeof m->why_chunks,
+             "ep: overlap: none (capacity mode runs a pass in one chunk)");
+    return MOE_SUCCESS;
+  }
+  double es = (double)moe_dtype_size(d->dtype);
+  double gbs = virt ? moe_ep_virtual_gbs / P : moe_ep_nvlink_gbs;
+  double rows = (double)tmax * (double)d->top_k; /* received, uniform */
+  double D = rows * (P - 1) / P * (double)d->hidden * es / (gbs * 1e3);
+  double tf =
+      d->dtype == MOE_BF16 ? moe_ep_gemm_tflops_bf16 : moe_ep_gemm_tflops_f32;
+  double G =
+      6.0 * rows * (double)d->hidden * (double)d->intermediate / (tf * 1e6);
+  double per = virt ? MOE_EP_CHUNK_US_VIRTUAL : MOE_EP_CHUNK_US_NCCL;
+  int C = 1;
+  const char *by = "the cost model";
+  if (d->ep_chunks > 0) {
+    C = d->ep_chunks;
+    by = "desc.ep_chunks";
+  } else {
+    double best = moe_ep_overlap_us(D, G, 1, per);
+    for (int c = 2; c <= MOE_EP_CHUNKS_AUTO_MAX && c <= El; c++) {
+      double t = moe_ep_overlap_us(D, G, c, per);
+      if (t < 0.97 * best) { /* a chunk more must pay for itself */
+        best = t;
+        C = c;
+      }
+    }
+  }
+  if (C > El) {
+    C = (int)El;
+    by = "desc.ep_chunks, cut to the local experts";
+  }
+  if (C < 1) C = 1;
+  m->chunks = C;
+  snprintf(m->why_chunks, sizeof m->why_chunks,
+           "ep: overlap: %d chunk%s of ~%lld local experts (%s); forward "
+           "model: exchange %.1f us each way (%s at %.0f GB/s), expert GEMMs "
+           "%.1f us (%.0f TFLOP/s), ~%d us per extra exchange -> %.1f us in "
+           "one chunk, %.1f us in %d",
+           C, C == 1 ? "" : "s", (long long)(El / C), by, D,
+           virt ? "device copies" : "NVLink", gbs, G, tf, (int)per,
+           moe_ep_overlap_us(D, G, 1, per), moe_ep_overlap_us(D, G, C, per), C);
+  return MOE_SUCCESS;
 }
 
 moe_status moe_cu_ep_agree(const moe_layer_desc *d, moe_status local,
@@ -170,6 +273,7 @@ moe_status moe_cu_ep_agree(const moe_layer_desc *d, moe_status local,
   int64_t tmax = 0;
   MOE_TRY(moe_ep_agree_ex(d, local, max_rows, &tmax));
   moe_cu_ep_choose(d, P, tmax, mode);
+  MOE_TRY(moe_cu_ep_chunks_choose(d, P, tmax, mode));
   if (mode->capacity) {
     /* the slabs hold P * cap rows; bound their bytes as moe_ep_agree bounds
        the exact mode's (agreed fields only: every rank says the same) */
@@ -202,7 +306,9 @@ size_t moe_cu_ep_meta_bytes(const moe_layer_plan *p) {
   int64_t n = (int64_t)p->ranks * p->e_local;
   /* exact: rc [n] | loff [El+1] | A_dst [n+1] | A_src [n] | B_dst [n+1] |
      B_src [n]; capacity (layer_cuda_ep.h): 5n + El + 10P + 5 */
-  size_t elems = (size_t)(5 * n + p->e_local + 10 * p->ranks + 8);
+  /* then the overlap's chunk area (moe_cu_ep_chunk_tables) */
+  size_t elems = (size_t)(5 * n + p->e_local + 10 * p->ranks + 8) +
+                 (size_t)(4 * n + 3 * p->e_local + 8);
   return (elems * sizeof(int64_t) + 255u) & ~(size_t)255u;
 }
 
@@ -224,8 +330,9 @@ moe_status moe_cu_ep_create(const moe_layer_plan *p, const moe_cu_ep_mode *mode,
   ep->s_max = p->d.max_tokens * p->d.top_k;
   ep->overflow = p->d.ep_overflow;
   ep->meta_elems = moe_cu_ep_meta_bytes(p) / sizeof(int64_t);
+  ep->chunks = mode->capacity || mode->chunks < 1 ? 1 : mode->chunks;
   size_t blk = (size_t)ep->P * (size_t)(ep->El + 1);
-  ep->sc = calloc(12 * (size_t)ep->P, sizeof(int64_t));
+  ep->sc = calloc(16 * (size_t)ep->P, sizeof(int64_t));
   moe_status s = ep->sc ? MOE_SUCCESS
                         : moe_error(MOE_ERR_OUT_OF_MEMORY,
                                     "moe_layer_plan_create: no memory");
@@ -236,6 +343,17 @@ moe_status moe_cu_ep_create(const moe_layer_plan *p, const moe_cu_ep_mode *mode,
     ep->bytes = ep->sc + 4 * ep->P;
     ep->uni = ep->sc + 8 * ep->P;
     ep->hst = ep->sc + 10 * ep->P;
+    ep->csc = ep->sc + 12 * ep->P;
+    ep->csd = ep->sc + 13 * ep->P;
+    ep->crv = ep->sc + 14 * ep->P;
+    ep->crd = ep->sc + 15 * ep->P;
+    ep->xdone = calloc(2 * (size_t)ep->chunks, sizeof(cudaEvent_t));
+    if (!ep->xdone)
+      s = moe_error(MOE_ERR_OUT_OF_MEMORY, "moe_layer_plan_create: no memory");
+    else
+      ep->gdone = ep->xdone + ep->chunks;
+  }
+  if (s == MOE_SUCCESS) {
     for (int q = 0; q < ep->P; q++) {
       ep->uni[q] = (int64_t)((size_t)(ep->El + 1) * sizeof(int64_t));
       ep->uni[ep->P + q] = q * ep->uni[q];
@@ -262,6 +380,10 @@ moe_status moe_cu_ep_create(const moe_layer_plan *p, const moe_cu_ep_mode *mode,
     s = moe_cu_check(
         cudaEventCreateWithFlags(events[i], cudaEventDisableTiming),
         "cudaEventCreateWithFlags");
+  for (int i = 0; i < 2 * ep->chunks && ep->chunks > 1 && s == MOE_SUCCESS; i++)
+    s = moe_cu_check(
+        cudaEventCreateWithFlags(&ep->xdone[i], cudaEventDisableTiming),
+        "cudaEventCreateWithFlags");
   if (s == MOE_SUCCESS)
     s = moe_cu_check(
         cudaStreamCreateWithFlags(&ep->side, cudaStreamNonBlocking),
@@ -286,6 +408,10 @@ void moe_cu_ep_destroy(moe_cu_ep *ep) {
   }
   if (ep->fork) cudaEventDestroy(ep->fork);
   if (ep->join) cudaEventDestroy(ep->join);
+  for (int i = 0; ep->xdone && i < 2 * ep->chunks; i++)
+    if (ep->xdone[i]) cudaEventDestroy(ep->xdone[i]);
+  free(ep->xdone);
+  moe_cu_ep_tl_free(ep);
   if (ep->d_send) cudaFree(ep->d_send);
   if (ep->h_recv) cudaFreeHost(ep->h_recv);
   free(ep->sc);
@@ -300,12 +426,12 @@ void moe_cu_ep_explain(moe_layer_plan *p, const moe_cu_ep_mode *mode,
   bool virt = moe_comm_is_virtual(p->d.comm);
   int n = snprintf(
       p->explain + *len, cap - *len,
-      "%s\n%s"
+      "%s\n%s\n%s"
       "ep (cuda): rows are gathered into a send buffer in expert order, "
       "travel %s in rank order and are shuffled into (expert, source rank) "
       "order on the device; the combine mirrors it; the method's GEMMs run "
       "on the local experts\n%s",
-      mode->why,
+      mode->why, mode->why_chunks,
       mode->capacity
           ? "ep (cuda): capacity mode: counts cut at the capacity cross the "
             "ranks on the device and every table is computed there; blocks "
@@ -362,6 +488,51 @@ static moe_status moe_cu_ep_sizes(moe_cu_ep *ep, bool tables) {
   adst[n] = at;
   bdst[n] = at;
   return MOE_SUCCESS;
+}
+
+/* ---- the overlap's chunks (layer_cuda_ep.h) ------------------------------ */
+
+/// Where the chunk area starts in meta (after both modes' tables).
+static int64_t moe_cu_ep_cbase(const moe_cu_ep *ep) {
+  return 5 * ep->n + ep->El + 10 * (int64_t)ep->P + 8;
+}
+
+int moe_cu_ep_chunks(const moe_cu_ep *ep) { return ep ? ep->chunks : 1; }
+
+void moe_cu_ep_chunk_range(const moe_cu_ep *ep, int c, int64_t *e0, int64_t *e1,
+                           int64_t *r0, int64_t *r1) {
+  moe_ep_chunk_experts(ep->El, ep->chunks, c, e0, e1);
+  const int64_t *loff = ep->h_meta + ep->n;
+  *r0 = loff[*e0];
+  *r1 = loff[*e1];
+}
+
+const int64_t *moe_cu_ep_chunk_count(const moe_cu_ep *ep, const char *meta,
+                                     int c) {
+  return (const int64_t *)meta + moe_cu_ep_cbase(ep) + c;
+}
+
+/// Chunk c's tables in meta (device): A_dst, then A_src, B_dst, B_src.
+static const int64_t *moe_cu_ep_ctab(const moe_cu_ep *ep, const char *meta,
+                                     int c) {
+  return (const int64_t *)meta + moe_cu_ep_cbase(ep) +
+         moe_ep_chunk_tables_at(ep->P, ep->El, ep->chunks, c);
+}
+
+/// The chunk's host sizes (ep_chunks.h) from rc, loff (h_meta) and this
+/// rank's offsets (h_off), in rows.
+static void moe_cu_ep_chunk_sizes(moe_cu_ep *ep, int c) {
+  const int64_t *rc = ep->h_meta, *loff = rc + ep->n;
+  moe_ep_chunk_sizes(ep->P, ep->El, ep->chunks, c, ep->h_off, rc, loff, ep->csc,
+                     ep->csd, ep->crv, ep->crd);
+}
+
+/// Every chunk's shuffle tables into h_meta's chunk area (the copy to meta
+/// carries them).
+static void moe_cu_ep_chunk_tables(moe_cu_ep *ep) {
+  const int64_t *rc = ep->h_meta, *loff = rc + ep->n;
+  moe_ep_chunk_tables(ep->P, ep->El, ep->chunks, rc, loff,
+                      ep->h_meta + moe_cu_ep_cbase(ep), ep->crv);
 }
 
 /// The communicator's device all-to-all (NCCL or virtual ranks), on `s`.
@@ -499,6 +670,7 @@ moe_status moe_cu_ep_forward_begin(moe_cu_ep *ep, const moe_layer_plan *p,
   MOE_TRY(moe_cu_ep_agree_step(ep, local, false, offsets, NULL, s, out));
   moe_ep_counts_of(ep->P, ep->El, ep->h_recv, ep->h_meta);
   MOE_TRY(moe_cu_ep_sizes(ep, true));
+  if (ep->chunks > 1) moe_cu_ep_chunk_tables(ep);
   MOE_TRY(moe_cu_check(cudaMemcpyAsync(meta, ep->h_meta,
                                        ep->meta_elems * sizeof(int64_t),
                                        cudaMemcpyHostToDevice, s),
@@ -658,8 +830,10 @@ moe_status moe_cu_ep_combine_async(moe_cu_ep *ep, const char *meta,
   MOE_TRY(moe_cu_check(cudaEventRecord(ep->fork, s), "cudaEventRecord"));
   MOE_TRY(moe_cu_check(cudaStreamWaitEvent(ep->side, ep->fork, 0),
                        "cudaStreamWaitEvent"));
+  int t = moe_cu_ep_tl_open(ep, 1, 0, "combine", ep->side);
   moe_status st =
       moe_cu_ep_combine(ep, meta, in, row_bytes, stage, out, ep->side);
+  moe_cu_ep_tl_close(ep, t, ep->side);
   /* recorded even after a failure, so that the wait never hangs */
   moe_status r =
       moe_cu_check(cudaEventRecord(ep->join, ep->side), "cudaEventRecord");
@@ -669,6 +843,226 @@ moe_status moe_cu_ep_combine_async(moe_cu_ep *ep, const char *meta,
 moe_status moe_cu_ep_combine_wait(moe_cu_ep *ep, cudaStream_t s) {
   return moe_cu_check(cudaStreamWaitEvent(s, ep->join, 0),
                       "cudaStreamWaitEvent");
+}
+
+/* ---- the overlapped exchanges ------------------------------------------- */
+
+cudaStream_t moe_cu_ep_side(const moe_cu_ep *ep) { return ep->side; }
+
+moe_status moe_cu_ep_fork(moe_cu_ep *ep, cudaStream_t s) {
+  MOE_TRY(moe_cu_check(cudaEventRecord(ep->fork, s), "cudaEventRecord"));
+  return moe_cu_check(cudaStreamWaitEvent(ep->side, ep->fork, 0),
+                      "cudaStreamWaitEvent");
+}
+
+/// The chunk's byte counts (rows times rb) into ep->bytes: mine (send
+/// side) and theirs (stage side).
+static void moe_cu_ep_chunk_bytes(moe_cu_ep *ep, size_t rb) {
+  int P = ep->P;
+  int64_t *b = ep->bytes;
+  for (int q = 0; q < P; q++) {
+    b[q] = ep->csc[q] * (int64_t)rb;
+    b[P + q] = ep->csd[q] * (int64_t)rb;
+    b[2 * P + q] = ep->crv[q] * (int64_t)rb;
+    b[3 * P + q] = ep->crd[q] * (int64_t)rb;
+  }
+}
+
+moe_status moe_cu_ep_dispatch_chunk(moe_cu_ep *ep, const char *meta, int c,
+                                    const void *rows, size_t rb, void *stage,
+                                    void *out) {
+  cudaStream_t x = ep->side;
+  int64_t e0, e1, r0, r1;
+  moe_cu_ep_chunk_range(ep, c, &e0, &e1, &r0, &r1);
+  moe_cu_ep_chunk_sizes(ep, c);
+  moe_cu_ep_chunk_bytes(ep, rb);
+  int P = ep->P;
+  int64_t *b = ep->bytes;
+  int t = moe_cu_ep_tl_open(ep, 1, c, "dispatch", x);
+  moe_status st =
+      moe_cu_ep_a2a(ep, rows, b, b + P, stage, b + 2 * P, b + 3 * P, x);
+  if (st == MOE_SUCCESS) {
+    const int64_t *tab = moe_cu_ep_ctab(ep, meta, c);
+    int64_t Nc = (int64_t)P * (e1 - e0);
+    st = moe_cu_ep_shuffle((const char *)stage + (size_t)r0 * rb,
+                           (char *)out + (size_t)r0 * rb, rb, tab, tab + Nc + 1,
+                           Nc, r1 - r0, x);
+  }
+  moe_cu_ep_tl_close(ep, t, x);
+  /* recorded even after a failure, so that the wait never hangs */
+  moe_status r =
+      moe_cu_check(cudaEventRecord(ep->xdone[c], x), "cudaEventRecord");
+  return st != MOE_SUCCESS ? st : r;
+}
+
+moe_status moe_cu_ep_dispatch_wait(moe_cu_ep *ep, int c, cudaStream_t s) {
+  return moe_cu_check(cudaStreamWaitEvent(s, ep->xdone[c], 0),
+                      "cudaStreamWaitEvent");
+}
+
+moe_status moe_cu_ep_combine_chunk(moe_cu_ep *ep, const char *meta, int c,
+                                   const void *in, size_t rb, void *stage,
+                                   void *out, cudaStream_t s) {
+  cudaStream_t x = ep->side;
+  MOE_TRY(moe_cu_check(cudaEventRecord(ep->gdone[c], s), "cudaEventRecord"));
+  MOE_TRY(moe_cu_check(cudaStreamWaitEvent(x, ep->gdone[c], 0),
+                       "cudaStreamWaitEvent"));
+  int64_t e0, e1, r0, r1;
+  moe_cu_ep_chunk_range(ep, c, &e0, &e1, &r0, &r1);
+  int P = ep->P;
+  int64_t Nc = (int64_t)P * (e1 - e0);
+  const int64_t *tab = moe_cu_ep_ctab(ep, meta, c) + 2 * Nc + 1;
+  int t = moe_cu_ep_tl_open(ep, 1, c, "combine", x);
+  moe_status st = moe_cu_ep_shuffle((const char *)in + (size_t)r0 * rb,
+                                    (char *)stage + (size_t)r0 * rb, rb, tab,
+                                    tab + Nc + 1, Nc, r1 - r0, x);
+  if (st == MOE_SUCCESS) {
+    moe_cu_ep_chunk_sizes(ep, c);
+    moe_cu_ep_chunk_bytes(ep, rb);
+    int64_t *b = ep->bytes;
+    st = moe_cu_ep_a2a(ep, stage, b + 2 * P, b + 3 * P, out, b, b + P, x);
+  }
+  moe_cu_ep_tl_close(ep, t, x);
+  /* the caller joins the exchange stream with moe_cu_ep_combine_wait */
+  moe_status r = moe_cu_check(cudaEventRecord(ep->join, x), "cudaEventRecord");
+  return st != MOE_SUCCESS ? st : r;
+}
+
+moe_status moe_cu_ep_settle(moe_cu_ep *ep, cudaStream_t s) {
+  MOE_TRY(moe_cu_check(cudaEventRecord(ep->join, ep->side), "cudaEventRecord"));
+  return moe_cu_check(cudaStreamWaitEvent(s, ep->join, 0),
+                      "cudaStreamWaitEvent");
+}
+
+/* ---- the timeline ----------------------------------------------------------
+ */
+
+static void moe_cu_ep_tl_free(moe_cu_ep *ep) {
+  if (ep->tl_t0) cudaEventDestroy(ep->tl_t0);
+  for (int i = 0; ep->tl_ev && i < 2 * MOE_CU_EP_TL_MAX; i++)
+    if (ep->tl_ev[i]) cudaEventDestroy(ep->tl_ev[i]);
+  free(ep->tl_ev);
+  ep->tl_ev = NULL;
+  ep->tl_t0 = NULL;
+  ep->tl_on = false;
+  ep->tl_n = 0;
+}
+
+void moe_cu_ep_tl_begin(moe_cu_ep *ep, bool backward, cudaStream_t s) {
+  if (!ep->tl_on) return;
+  ep->tl_n = 0;
+  (void)cudaEventRecord(ep->tl_t0, s);
+  ep->tl_bwd = backward;
+}
+
+int moe_cu_ep_tl_open(moe_cu_ep *ep, int stream, int chunk, const char *what,
+                      cudaStream_t s) {
+  if (!ep->tl_on || ep->tl_n >= MOE_CU_EP_TL_MAX) return -1;
+  int i = ep->tl_n++;
+  moe_cuda_ep_interval *v = &ep->tl[i];
+  v->stream = stream;
+  v->chunk = chunk;
+  v->what = what;
+  v->backward = ep->tl_bwd;
+  v->start_ms = v->end_ms = 0;
+  (void)cudaEventRecord(ep->tl_ev[2 * i], s);
+  return i;
+}
+
+void moe_cu_ep_tl_close(moe_cu_ep *ep, int i, cudaStream_t s) {
+  if (i < 0 || !ep->tl_on) return;
+  (void)cudaEventRecord(ep->tl_ev[2 * i + 1], s);
+}
+
+static moe_status moe_cu_ep_plan_of(moe_layer_plan *plan, const char *fn,
+                                    moe_cu_ep **out) {
+  if (!plan)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT, "%s: plan must not be NULL", fn);
+  if (plan->d.device.type != MOE_DEVICE_CUDA)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "%s: the plan is not a CUDA plan", fn);
+  *out = moe_cuda_plan_ep(plan);
+  if (!*out)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "%s: the plan runs on one rank (desc.comm): it has no "
+                     "exchange to show",
+                     fn);
+  return MOE_SUCCESS;
+}
+
+moe_status moe_cuda_ep_timeline(moe_layer_plan *plan, int enable) {
+  moe_cu_ep *ep;
+  MOE_TRY(moe_cu_ep_plan_of(plan, "moe_cuda_ep_timeline", &ep));
+  int prev;
+  MOE_TRY(moe_cu_ep_enter(plan->d.device.index, &prev));
+  moe_status st = MOE_SUCCESS;
+  if (!enable) {
+    /* the events may still be pending on the streams */
+    st = moe_cu_check(cudaStreamSynchronize(ep->side), "cudaStreamSynchronize");
+    if (ep->tl_t0) cudaEventSynchronize(ep->tl_t0);
+    for (int i = 0; ep->tl_ev && i < 2 * ep->tl_n; i++)
+      cudaEventSynchronize(ep->tl_ev[i]);
+    moe_cu_ep_tl_free(ep);
+  } else if (!ep->tl_on) {
+    ep->tl_ev = calloc(2 * MOE_CU_EP_TL_MAX, sizeof(cudaEvent_t));
+    if (!ep->tl_ev)
+      st = moe_error(MOE_ERR_OUT_OF_MEMORY, "moe_cuda_ep_timeline: no memory");
+    if (st == MOE_SUCCESS)
+      st = moe_cu_check(cudaEventCreate(&ep->tl_t0), "cudaEventCreate");
+    for (int i = 0; i < 2 * MOE_CU_EP_TL_MAX && st == MOE_SUCCESS; i++)
+      st = moe_cu_check(cudaEventCreate(&ep->tl_ev[i]), "cudaEventCreate");
+    if (st != MOE_SUCCESS)
+      moe_cu_ep_tl_free(ep);
+    else {
+      ep->tl_on = true;
+      ep->tl_n = 0;
+    }
+  }
+  moe_cu_ep_leave(plan->d.device.index, prev);
+  return st;
+}
+
+moe_status moe_cuda_ep_timeline_read(moe_layer_plan *plan,
+                                     moe_cuda_ep_interval *out, int cap,
+                                     int *count) {
+  moe_cu_ep *ep;
+  if (!count)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_cuda_ep_timeline_read: count must not be NULL");
+  *count = 0;
+  if (cap < 0 || (cap > 0 && !out))
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_cuda_ep_timeline_read: cap = %d with out %s", cap,
+                     out ? "given" : "NULL");
+  MOE_TRY(moe_cu_ep_plan_of(plan, "moe_cuda_ep_timeline_read", &ep));
+  if (!ep->tl_on)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_cuda_ep_timeline_read: the timeline is off "
+                     "(moe_cuda_ep_timeline(plan, 1) first)");
+  int prev;
+  MOE_TRY(moe_cu_ep_enter(plan->d.device.index, &prev));
+  moe_status st = MOE_SUCCESS;
+  int n = ep->tl_n;
+  for (int i = 0; i < n && st == MOE_SUCCESS; i++) {
+    float a = 0, b = 0;
+    st = moe_cu_check(cudaEventSynchronize(ep->tl_ev[2 * i + 1]),
+                      "cudaEventSynchronize");
+    if (st == MOE_SUCCESS)
+      st = moe_cu_check(cudaEventElapsedTime(&a, ep->tl_t0, ep->tl_ev[2 * i]),
+                        "cudaEventElapsedTime");
+    if (st == MOE_SUCCESS)
+      st = moe_cu_check(
+          cudaEventElapsedTime(&b, ep->tl_t0, ep->tl_ev[2 * i + 1]),
+          "cudaEventElapsedTime");
+    ep->tl[i].start_ms = a;
+    ep->tl[i].end_ms = b;
+  }
+  moe_cu_ep_leave(plan->d.device.index, prev);
+  MOE_TRY(st);
+  *count = n;
+  for (int i = 0; i < n && i < cap; i++)
+    out[i] = ep->tl[i];
+  return MOE_SUCCESS;
 }
 
 /* ---- the public count of dropped rows ----------------------------------- */

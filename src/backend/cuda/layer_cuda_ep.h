@@ -34,6 +34,10 @@ extern "C" {
 #endif
 
 #include "layer/layer.h"
+#include "moe_cuda.h"
+
+/// Intervals one pass's timeline holds (moe_cuda_ep_timeline).
+enum { MOE_CU_EP_TL_MAX = 256 };
 
 /* ---- kernels (ep_kernels.cu) ------------------------------------------ */
 
@@ -73,8 +77,10 @@ typedef struct moe_cu_ep moe_cu_ep;
 /// (fixed blocks of `cap` rows per rank pair, no sync), and why.
 typedef struct moe_cu_ep_mode {
   bool capacity;
-  int64_t cap;   ///< rows per rank pair in capacity mode
-  char why[640]; ///< the planner's reason (for the explanation)
+  int64_t cap;          ///< rows per rank pair in capacity mode
+  char why[640];        ///< the planner's reason (for the explanation)
+  int chunks;           ///< pieces of a pass (local experts) for the overlap
+  char why_chunks[400]; ///< the planner's reason for `chunks`
 } moe_cu_ep_mode;
 
 /// Plan time, collective over desc->comm: this rank's verdict `local` on
@@ -141,6 +147,66 @@ moe_status moe_cu_ep_combine_async(moe_cu_ep *ep, const char *meta,
                                    const void *in, size_t row_bytes,
                                    void *stage, void *out, cudaStream_t s);
 moe_status moe_cu_ep_combine_wait(moe_cu_ep *ep, cudaStream_t s);
+
+/* ---- the overlap: a pass in chunks of local experts ----------------------
+
+   With chunks > 1 (exact mode only) a pass runs, for chunk c = 0..C-1 of
+   the local experts [e0, e1) (equal shares in expert order):
+     exchange stream: dispatch c (all-to-all of the rows for those experts
+                      into the stage's slice, then the shuffle into expert
+                      order) -> event xdone[c]
+     caller's stream: waits xdone[c], the chunk's GEMMs over its rows
+                      [r0, r1) -> event gdone[c]
+     exchange stream: waits gdone[c], combine c (the shuffle back and the
+                      all-to-all of those rows home)
+   issued in the order D0 D1 C0 D2 C1 ... so that dispatch c+1 and combine
+   c-1 run under chunk c's GEMMs. The stage is laid out by chunk, then
+   source rank, so every chunk's slices are contiguous; each row is moved
+   by the same copies and computed by the same kernels over the same rows
+   as with one chunk, and every expert's dW is one product over all its
+   rows: the results are bitwise those of one chunk. */
+
+/// Chunks of this plan's passes (1: no overlap).
+int moe_cu_ep_chunks(const moe_cu_ep *ep);
+/// Chunk c's local experts [e0, e1) and (host, after begin) its rows
+/// [r0, r1) in expert order.
+void moe_cu_ep_chunk_range(const moe_cu_ep *ep, int c, int64_t *e0, int64_t *e1,
+                           int64_t *r0, int64_t *r1);
+/// Chunk c's row count on the device (in meta): a kernel's end bound.
+const int64_t *moe_cu_ep_chunk_count(const moe_cu_ep *ep, const char *meta,
+                                     int c);
+/// The exchange stream starts from where `s` is now (before chunk 0).
+moe_status moe_cu_ep_fork(moe_cu_ep *ep, cudaStream_t s);
+/// Dispatch of chunk c on the exchange stream (rows, stage, out as in
+/// moe_cu_ep_dispatch; rows beyond the chunk untouched); records xdone[c].
+moe_status moe_cu_ep_dispatch_chunk(moe_cu_ep *ep, const char *meta, int c,
+                                    const void *rows, size_t row_bytes,
+                                    void *stage, void *out);
+/// `s` waits for chunk c's dispatch.
+moe_status moe_cu_ep_dispatch_wait(moe_cu_ep *ep, int c, cudaStream_t s);
+/// Combine of chunk c on the exchange stream once `s` got here (its GEMMs
+/// done): in (expert order) -> stage -> out (this rank's rows, sorted).
+moe_status moe_cu_ep_combine_chunk(moe_cu_ep *ep, const char *meta, int c,
+                                   const void *in, size_t row_bytes,
+                                   void *stage, void *out, cudaStream_t s);
+
+/// `s` waits for everything the exchange stream was given so far (after a
+/// chunked pass, failed or not).
+moe_status moe_cu_ep_settle(moe_cu_ep *ep, cudaStream_t s);
+
+/* ---- the timeline (moe_cuda_ep_timeline) ----------------------------------
+ */
+
+/// A pass begins: forgets the previous pass's intervals, records its start
+/// on `s`. No-op while the timeline is off.
+void moe_cu_ep_tl_begin(moe_cu_ep *ep, bool backward, cudaStream_t s);
+/// Opens an interval on `s` (stream 0: the caller's, 1: the exchange
+/// stream); returns its index, -1 when off or full.
+int moe_cu_ep_tl_open(moe_cu_ep *ep, int stream, int chunk, const char *what,
+                      cudaStream_t s);
+void moe_cu_ep_tl_close(moe_cu_ep *ep, int i, cudaStream_t s);
+/// The exchange stream (for intervals recorded on it).
+cudaStream_t moe_cu_ep_side(const moe_cu_ep *ep);
 
 #ifdef __cplusplus
 }
