@@ -77,3 +77,11 @@ const char *moe_env_cuda_sm90(void) { return getenv("MOE_CUDA_SM90"); }
 const char *moe_env_cuda_sm90_tile(void) {
   return moe_env_str("MOE_CUDA_SM90_TILE");
 }
+
+const char *moe_env_openblas_library(void) {
+  return moe_env_str("MOE_OPENBLAS_LIBRARY");
+}
+
+const char *moe_env_onednn_library(void) {
+  return moe_env_str("MOE_ONEDNN_LIBRARY");
+}
