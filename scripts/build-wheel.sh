@@ -3,15 +3,14 @@
 # with auditwheel and checks it: manylinux_2_28 or older, nothing of the
 # build machine inside, under the size limit.
 #
-# Usage: scripts/build-wheel.sh [cpu|cuda] [OUTDIR]
-#   (default: cpu; OUTDIR dist for cpu, dist/cuNN for cuda, NN = the CUDA
-#   major: both wheels have the same file name)
+# Usage: scripts/build-wheel.sh [cpu|cuda] [OUTDIR]      (default: cpu dist)
 #   cpu   every CPU ISA kernel, picked at run time as in any build;
 #         OpenBLAS and oneDNN are opened at run time when present, never
 #         linked or vendored (src/backend/cpu/gemm/loop_dl.c). Limit 10 MB.
 #   cuda  the same plus the CUDA backend for sm_80 (mma.sync) and sm_90a
 #         (wgmma) with compute_90 PTX for newer cards, built by the nvcc on
-#         PATH: one wheel per CUDA major (libcudart.so.N). cudart, cuBLAS and
+#         PATH: one wheel per CUDA major (libcudart.so.N), version 0.1.0+cuN
+#         (libmoe-0.1.0+cu13-py3-none-manylinux_...whl). cudart, cuBLAS and
 #         NCCL are linked by soname and come from the nvidia-* wheels torch
 #         depends on (RPATH ../../nvidia/... from site-packages, and `import
 #         torch`, which libmoe does first, has loaded them); nothing of the
@@ -41,7 +40,7 @@ case "$kind" in
     limit_mb=60
     command -v nvcc >/dev/null || { echo "build-wheel: cuda wheel: no nvcc on PATH" >&2; exit 1; }
     major=$(nvcc --version | sed -n 's/.*release \([0-9]*\)\..*/\1/p')
-    out=${2:-dist/cu$major} ;;
+    out=${2:-dist} ;;
   *) echo "build-wheel: unknown kind '$kind' (cpu or cuda)" >&2; exit 2 ;;
 esac
 mkdir -p "$out"
@@ -113,24 +112,41 @@ PATH="$tools/bin:$PATH" LD_LIBRARY_PATH="$gomp${LD_LIBRARY_PATH:+:$LD_LIBRARY_PA
   "$aw" repair --plat manylinux_2_28_x86_64 "${excl[@]}" -w "$build/repaired" "$raw"
 whl=$(ls "$build"/repaired/libmoe-*.whl)
 
-# auditwheel keeps only RPATH entries inside the wheel: put back the ones
-# CMake gave libmoe for the nvidia-* wheels (CMakeLists.txt, MOE_WHEEL).
-mkdir -p "$build/unpacked"
-(cd "$build/unpacked" && unzip -q -o "$raw" 'libmoe/lib/libmoe.so' -d orig)
-want=$("$pe" --print-rpath "$build/unpacked/orig/libmoe/lib/libmoe.so")
-if [ -n "$want" ]; then
+# The CUDA wheel, unpacked once more:
+#  - libmoe's RPATH entries for the nvidia-* wheels (CMakeLists.txt,
+#    MOE_WHEEL) must survive the repair: auditwheel keeps the entries that
+#    resolve inside the wheel's root (site-packages), as these do; any it
+#    dropped are put back;
+#  - the version gets the local label +cuNN, so the CPU and the CUDA wheel
+#    have different file names (PyPI takes no local versions: an index of
+#    its own, like torch's, or the file itself).
+if [ "$kind" = cuda ]; then
+  mkdir -p "$build/unpacked"
+  "$tools/bin/python" -m zipfile -e "$raw" "$build/unpacked/orig"
+  want=$("$pe" --print-rpath "$build/unpacked/orig/libmoe/lib/libmoe.so")
   "$tools/bin/python" -m wheel unpack -d "$build/unpacked" "$whl" >/dev/null
-  so=$(ls "$build"/unpacked/libmoe-*/libmoe/lib/libmoe.so)
+  top=$(ls -d "$build"/unpacked/libmoe-*/)
+  so=$top/libmoe/lib/libmoe.so
   have=$("$pe" --print-rpath "$so")
-  "$pe" --set-rpath "${have:+$have:}$want" "$so"
+  new=$have
+  IFS=: read -r -a entries <<<"$want"
+  for e in "${entries[@]}"; do
+    case ":$new:" in *":$e:"*) ;; *) new=${new:+$new:}$e ;; esac
+  done
+  [ "$new" = "$have" ] || "$pe" --set-rpath "$new" "$so"
+  di=$(ls -d "$top"/libmoe-*.dist-info)
+  ver=$(sed -n 's/^Version: //p' "$di/METADATA")
+  local_ver=$ver+cu$major
+  sed -i "s/^Version: .*/Version: $local_ver/" "$di/METADATA"
+  mv "$di" "$top/libmoe-$local_ver.dist-info"
   rm "$whl"
-  "$tools/bin/python" -m wheel pack -d "$build/repaired" "$(dirname "$(dirname "$(dirname "$so")")")" >/dev/null
+  "$tools/bin/python" -m wheel pack -d "$build/repaired" "$top" >/dev/null
   whl=$(ls "$build"/repaired/libmoe-*.whl)
 fi
 
 # ---- checks ----
 mkdir -p "$build/check" && rm -rf "$build/check"/*
-(cd "$build/check" && unzip -q "$whl")
+"$tools/bin/python" -m zipfile -e "$whl" "$build/check"
 so=$build/check/libmoe/lib/libmoe.so
 say "libmoe.so: NEEDED $(readelf -d "$so" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p' | tr '\n' ' ')"
 say "libmoe.so: RPATH $("$pe" --print-rpath "$so")"
