@@ -9,8 +9,9 @@
 #      tree (cmake, the default architectures), alternated twice, and the
 #      libmoe rows compared: the wheel must be within 3% of the source build.
 # Usage: tests/gpu/check_wheel.sh [WHEEL]
-#   WHEEL  default: the newest .whl-libmoe/cu*/libmoe-*.whl of the checkout
-#          (scripts/build-wheel.sh cuda built it on a machine with nvcc)
+#   WHEEL  default: the newest .whl-libmoe/libmoe-*+cu*.whl of the checkout
+#          (or of /work/main when run from a worktree .wt/NAME):
+#          `scripts/build-wheel.sh cuda .whl-libmoe` built it where nvcc is
 #   CHECK_WHEEL_HF_ONLY  hf_block's workload (default qwen3_30b_a3b; "all"
 #                        for every workload)
 #   MOE_BUILD_DIR        the source build (default build-gpu-src)
@@ -26,7 +27,7 @@ fi
 whl=${1:-}
 if [ -z "$whl" ]; then
   for d in "$root/.whl-libmoe" "$root/../../.whl-libmoe"; do
-    c=$(ls -t "$d"/cu*/libmoe-*.whl 2>/dev/null | head -1)
+    c=$(ls -t "$d"/libmoe-*+cu*.whl 2>/dev/null | head -1)
     [ -n "$c" ] && { whl=$c; break; }
   done
 fi
