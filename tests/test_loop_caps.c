@@ -11,7 +11,12 @@
 ///    malformed value, fails plan creation whatever the method;
 ///  - run with MOE_MAX_CPU_ISA=avx2 (ctest's test_loop_caps_avx2) in a build
 ///    with oneDNN: oneDNN is capped too, so its bf16 matmul (which needs
-///    AVX512_CORE) is unavailable, the reason saying so and naming the cap.
+///    AVX512_CORE) is unavailable, the reason saying so and naming the cap;
+///  - the libraries are opened at run time: with MOE_OPENBLAS_LIBRARY and
+///    MOE_ONEDNN_LIBRARY naming files that do not exist (ctest's
+///    test_loop_caps_nolibs, MOE_TEST_NO_LOOP_LIBS=1) the loop is
+///    unavailable for every dtype, each reason naming the library, the
+///    variable and "not found", and everything else above still holds.
 /// Prints "N passed, M failed"; exits nonzero on any failure.
 #include <strings.h>
 
@@ -180,15 +185,27 @@ int main(void) {
               "not in this build");
   moe_layer_plan_destroy(pa);
 #else
-  tu_case("MOE_LOOP_LIB=openblas, bf16");
-  moe_status s = moe_gmm_available(MOE_GMM_LOOP, MOE_BF16);
+  /* In the build but opened at run time: where no OpenBLAS loads, naming it
+     stops plan creation as above; where one does, it refuses bf16. */
   char msg[512];
+  moe_status s = moe_gmm_available(MOE_GMM_LOOP, MOE_F32);
   snprintf(msg, sizeof msg, "%s", moe_last_error());
-  CHECK(s == MOE_ERR_UNIMPLEMENTED && strstr(msg, "OpenBLAS") &&
-            strstr(msg, "bf16"),
-        "returned %s (\"%s\")", moe_status_name(s), s ? msg : "");
-  if (s == MOE_ERR_UNIMPLEMENTED)
-    check_refused(MOE_BF16, reason_of(msg), "MOE_LOOP_LIB=openblas");
+  if (s != MOE_SUCCESS) {
+    tu_case("MOE_LOOP_LIB=openblas where no OpenBLAS loads");
+    printf("INFO: %s\n", msg);
+    CHECK(s == MOE_ERR_UNIMPLEMENTED && strstr(msg, "MOE_LOOP_LIB") &&
+              strstr(msg, "OpenBLAS"),
+          "returned %s (\"%s\")", moe_status_name(s), msg);
+  } else {
+    tu_case("MOE_LOOP_LIB=openblas, bf16");
+    s = moe_gmm_available(MOE_GMM_LOOP, MOE_BF16);
+    snprintf(msg, sizeof msg, "%s", moe_last_error());
+    CHECK(s == MOE_ERR_UNIMPLEMENTED && strstr(msg, "OpenBLAS") &&
+              strstr(msg, "bf16"),
+          "returned %s (\"%s\")", moe_status_name(s), s ? msg : "");
+    if (s == MOE_ERR_UNIMPLEMENTED)
+      check_refused(MOE_BF16, reason_of(msg), "MOE_LOOP_LIB=openblas");
+  }
 #endif
 #if !MOE_TEST_HAVE_ONEDNN
   setenv("MOE_LOOP_LIB", "onednn", 1);
@@ -199,6 +216,29 @@ int main(void) {
               "oneDNN: not in this build");
   moe_layer_plan_destroy(pn);
 #endif
+
+  const char *nolibs = getenv("MOE_TEST_NO_LOOP_LIBS");
+  if (nolibs && !strcmp(nolibs, "1")) {
+    /* Both libraries named as files that do not exist: the probes say so,
+       naming the library and the variable, for both dtypes. */
+    tu_case("MOE_OPENBLAS_LIBRARY / MOE_ONEDNN_LIBRARY not found");
+    unsetenv("MOE_LOOP_LIB");
+    for (int di = 0; di < 2; di++) {
+      moe_dtype dt = di ? MOE_BF16 : MOE_F32;
+      moe_status s2 = moe_gmm_available(MOE_GMM_LOOP, dt);
+      const char *m = moe_last_error();
+      CHECK(s2 == MOE_ERR_UNIMPLEMENTED && !can[di],
+            "loop %s available with no library loadable (%s)",
+            moe_dtype_name(dt), moe_status_name(s2));
+      CHECK(s2 == MOE_SUCCESS ||
+                (strstr(m, "oneDNN: MOE_ONEDNN_LIBRARY=") &&
+                 strstr(m, "not found") &&
+                 (di || strstr(m, "OpenBLAS: MOE_OPENBLAS_LIBRARY="))),
+            "loop %s: the reason \"%s\" does not name the libraries, their "
+            "variables and \"not found\"",
+            moe_dtype_name(dt), m);
+    }
+  }
 
   setenv("MOE_LOOP_LIB", "mkl", 1);
   tu_case("MOE_LOOP_LIB=mkl");

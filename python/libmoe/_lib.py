@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import pathlib
+import re
 
 import torch  # noqa: F401  (loaded first on purpose: one NCCL, one cudart)
 
@@ -125,19 +126,44 @@ def _candidates():
         yield here / name
 
 
+def _load_error(path, err):
+    """An ImportError message for a libmoe.so that exists but does not load:
+    says which library is missing and what to install instead."""
+    msg = str(err)
+    m = re.search(r"(lib(?:cudart|cublas|cublasLt|nccl)\.so\.(\d+))", msg)
+    if m:
+        cuda = getattr(torch.version, "cuda", None)
+        return (
+            "libmoe: %s has the CUDA backend and needs %s (CUDA %s), which "
+            "torch's CUDA wheels bring (the nvidia-* packages); this torch "
+            "(%s) is built for %s. Install a torch built for CUDA %s, or "
+            "libmoe's CPU wheel (README, Install). Loader: %s"
+            % (path, m.group(1), m.group(2), torch.__version__,
+               "CUDA %s" % cuda if cuda else "the CPU only", m.group(2), msg))
+    return ("libmoe: cannot load %s: %s (README, Install: the wheel, or "
+            "`pip install .` from the source)" % (path, msg))
+
+
 def _load():
     tried = []
     for p in _candidates():
         tried.append(str(p))
         if p.exists():
-            return ctypes.CDLL(str(p), mode=ctypes.RTLD_GLOBAL)
+            try:
+                return ctypes.CDLL(str(p), mode=ctypes.RTLD_GLOBAL), p
+            except OSError as e:
+                raise ImportError(_load_error(p, e)) from e
     raise ImportError(
-        "libmoe: shared library not found (tried %s); install the package "
-        "with `pip install .` or set LIBMOE_LIBRARY" % ", ".join(tried)
+        "libmoe: shared library not found (tried %s); install libmoe's "
+        "wheel or `pip install .` (README, Install), or set LIBMOE_LIBRARY"
+        % ", ".join(tried)
     )
 
 
-lib = _load()
+# The loaded file: the wheel's or source build's libmoe/lib/libmoe.so, or
+# LIBMOE_LIBRARY. A wheel's libmoe.so finds its vendored OpenMP runtime in
+# libmoe.libs/ (RPATH) and the CUDA libraries torch loaded above.
+lib, LIBRARY_PATH = _load()
 
 P = ctypes.POINTER
 _c = ctypes

@@ -80,3 +80,11 @@ const char *moe_env_cuda_sm90_tile(void) {
 
 const char *moe_env_cuda_fuse(void) { return moe_env_str("MOE_CUDA_FUSE"); }
 const char *moe_env_cuda_cols(void) { return moe_env_str("MOE_CUDA_COLS"); }
+
+const char *moe_env_openblas_library(void) {
+  return moe_env_str("MOE_OPENBLAS_LIBRARY");
+}
+
+const char *moe_env_onednn_library(void) {
+  return moe_env_str("MOE_ONEDNN_LIBRARY");
+}

@@ -63,6 +63,12 @@ const char *moe_env_cuda_cols(void);
 /// "key=value,..." (plan/machine_gpu.c checks the keys); NULL when unset.
 const char *moe_env_gpu_machine(void);
 
+/// MOE_OPENBLAS_LIBRARY and MOE_ONEDNN_LIBRARY: the file name or path the
+/// loop method opens instead of its default sonames (libopenblas.so.0,
+/// libdnnl.so.2; loop_dl.c); NULL when unset or empty.
+const char *moe_env_openblas_library(void);
+const char *moe_env_onednn_library(void);
+
 #ifdef __cplusplus
 }
 #endif

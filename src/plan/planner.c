@@ -127,13 +127,17 @@ moe_status moe_plan_projection(const moe_machine *m, const moe_proj_shape *s,
               "+ %.2f us per expert)\n",
               g.fwd_ms, g.bwd_ms, m->grouped_call_us[di],
               m->grouped_expert_us[di]);
-  if (l.supported)
+  char lib[256];
+  if (l.supported) {
     moe_appendf(buf, len, cap,
                 "  loop:    predicted %.2f ms fwd, %.2f ms bwd (%lld library "
                 "calls per pass, %.1f us each)\n",
                 l.fwd_ms, l.bwd_ms, (long long)(s->experts * s->gemms),
                 m->call_us[di]);
-  else
+    /* Which library file the loop opened (loop_dl.c), and what it is. */
+    if (moe_loop_resolve(s->loop_lib, s->dtype, NULL, lib, sizeof lib))
+      moe_appendf(buf, len, cap, "           through %s\n", lib);
+  } else
     moe_appendf(buf, len, cap, "  loop:    declined: %s\n", l.why_not);
   if (forced != MOE_GMM_AUTO) {
     if (forced == MOE_GMM_LOOP && !l.supported)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The Python tests on a GPU (bf16 on CUDA against transformers' grouped_mm,
 # a side stream, torch.compile), with the libmoe built by MOE_BUILD_DIR (or a
-# fresh CUDA build in build-gpu/), and test_cuda_topk_drop.
+# fresh CUDA build in build-gpu/), and test_cuda_topk_drop; or, with
+# LIBMOE_INSTALLED=DIR, against a libmoe installed in DIR (a wheel).
 # Exits 0 with "skipped: no GPU" on a machine without a usable GPU.
 set -u
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -9,6 +10,16 @@ build=${MOE_BUILD_DIR:-$root/build-gpu}
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
   echo "skipped: no GPU (nvidia-smi finds none)"
   exit 0
+fi
+# LIBMOE_INSTALLED=DIR: the tests against an installed libmoe (a wheel
+# installed with pip --target DIR; tests/gpu/check_wheel.sh) instead of a
+# build: nothing is built, DIR goes on PYTHONPATH, LIBMOE_LIBRARY is unset.
+if [ -n "${LIBMOE_INSTALLED:-}" ]; then
+  echo "== python tests on cuda (libmoe installed in $LIBMOE_INSTALLED)"
+  unset LIBMOE_LIBRARY
+  export LIBMOE_TEST_DEVICE=cuda
+  export PYTHONPATH=$LIBMOE_INSTALLED${PYTHONPATH:+:$PYTHONPATH}
+  cd "$root/tests/python" && exec python3 -m pytest -q -p no:cacheprovider "$@"
 fi
 if [ ! -f "$build/libmoe.so" ]; then
   command -v nvcc >/dev/null 2>&1 || export PATH=/usr/local/cuda/bin:$PATH

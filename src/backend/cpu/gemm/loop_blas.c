@@ -4,16 +4,22 @@
 /// sbgemm). Transposes are passed as flags and leading dimensions, never as
 /// copies; an operand with no unit stride is declined, not copied.
 ///
-/// OpenBLAS is optional (MOE_ENABLE_OPENBLAS): without it this file still
-/// holds the loop's dispatcher and stride analysis, and the OpenBLAS half
-/// answers that it is not in this build.
+/// OpenBLAS is opened at run time (libopenblas.so.0, or the file
+/// MOE_OPENBLAS_LIBRARY names; loop_dl.h), never linked: a library built
+/// with it switched on still loads where OpenBLAS is absent, and the probe
+/// then says it was not found and why. cblas.h is not needed to build:
+/// cblas_sgemm's C ABI (int-sized enums with fixed values, 32-bit blasint)
+/// is declared here, and an OpenBLAS built with 64-bit integers is declined.
+/// With MOE_ENABLE_OPENBLAS=OFF this file still holds the loop's dispatcher
+/// and stride analysis, and the OpenBLAS half answers that it is not in
+/// this build.
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
-#ifdef MOE_HAVE_OPENBLAS
-#include <cblas.h>
-#endif
 
+#include "core/env.h"
 #include "gemm.h"
+#include "loop_dl.h"
 
 /// A BLAS transpose flag, independent of cblas.h.
 typedef enum moe_trans { MOE_NOTRANS = 0, MOE_TRANS = 1 } moe_trans;
@@ -117,22 +123,102 @@ static void moe_zero_tile(const moe_operand *C, float *c, int64_t m,
 }
 
 #ifdef MOE_HAVE_OPENBLAS
-static CBLAS_TRANSPOSE moe_cblas_trans(moe_trans t) {
-  return t == MOE_TRANS ? CblasTrans : CblasNoTrans;
+/* CBLAS's enumerators, fixed by the CBLAS standard (cblas.h). */
+enum {
+  MOE_CBLAS_ROW_MAJOR = 101,
+  MOE_CBLAS_NO_TRANS = 111,
+  MOE_CBLAS_TRANS = 112
+};
+
+/// The OpenBLAS entry points the loop uses, resolved once per process.
+static struct moe_openblas {
+  moe_dl_lib lib;
+  bool ok;
+  char why[256]; ///< what was found, or why it cannot be used
+  void (*cblas_sgemm)(int order, int ta, int tb, int m, int n, int k,
+                      float alpha, const float *a, int lda, const float *b,
+                      int ldb, float beta, float *c, int ldc);
+  void (*openblas_set_num_threads)(int n);
+  char *(*openblas_get_config)(void);
+  char *(*openblas_get_corename)(void); ///< optional (older releases)
+} moe_ob;
+
+static void moe_openblas_open(void) {
+  static const char *const names[] = {"libopenblas.so.0", "libopenblas.so",
+                                      NULL};
+  char err[200];
+  if (!moe_dl_open(&moe_ob.lib, "MOE_OPENBLAS_LIBRARY",
+                   moe_env_openblas_library(), names, "cblas_sgemm", err,
+                   sizeof err)) {
+    snprintf(moe_ob.why, sizeof moe_ob.why, "OpenBLAS: %s", err);
+    return;
+  }
+  /* dlsym returns an object pointer; POSIX guarantees it converts to the
+     function's pointer type. */
+  moe_ob.cblas_sgemm =
+      (__typeof__(moe_ob.cblas_sgemm))moe_dl_sym(&moe_ob.lib, "cblas_sgemm");
+  moe_ob.openblas_set_num_threads =
+      (__typeof__(moe_ob.openblas_set_num_threads))moe_dl_sym(
+          &moe_ob.lib, "openblas_set_num_threads");
+  moe_ob.openblas_get_config =
+      (__typeof__(moe_ob.openblas_get_config))moe_dl_sym(&moe_ob.lib,
+                                                         "openblas_get_config");
+  moe_ob.openblas_get_corename =
+      (__typeof__(moe_ob.openblas_get_corename))moe_dl_sym(
+          &moe_ob.lib, "openblas_get_corename");
+  const char *where = moe_ob.lib.path[0] ? moe_ob.lib.path : moe_ob.lib.file;
+  if (!moe_ob.cblas_sgemm || !moe_ob.openblas_set_num_threads ||
+      !moe_ob.openblas_get_config) {
+    snprintf(moe_ob.why, sizeof moe_ob.why,
+             "OpenBLAS: %.160s lacks %s (not an OpenBLAS with CBLAS)", where,
+             !moe_ob.cblas_sgemm                ? "cblas_sgemm"
+             : !moe_ob.openblas_set_num_threads ? "openblas_set_num_threads"
+                                                : "openblas_get_config");
+    return;
+  }
+  const char *cfg = moe_ob.openblas_get_config();
+  if (cfg && strstr(cfg, "USE64BITINT")) {
+    snprintf(moe_ob.why, sizeof moe_ob.why,
+             "OpenBLAS: %.100s is built with 64-bit integers (%.48s); "
+             "libmoe calls the 32-bit-integer CBLAS",
+             where, cfg);
+    return;
+  }
+  const char *core =
+      moe_ob.openblas_get_corename ? moe_ob.openblas_get_corename() : NULL;
+  snprintf(moe_ob.why, sizeof moe_ob.why,
+           "%.64s (%.120s): f32 sgemm (core %.32s)", cfg ? cfg : "OpenBLAS",
+           where, core ? core : "?");
+  moe_ob.ok = true;
+}
+
+/// OpenBLAS, opened on first use; NULL (reason in moe_ob.why) when absent.
+static const struct moe_openblas *moe_openblas(void) {
+  static pthread_once_t once = PTHREAD_ONCE_INIT;
+  pthread_once(&once, moe_openblas_open);
+  return moe_ob.ok ? &moe_ob : NULL;
+}
+
+static int moe_cblas_trans(moe_trans t) {
+  return t == MOE_TRANS ? MOE_CBLAS_TRANS : MOE_CBLAS_NO_TRANS;
 }
 
 bool moe_loop_probe_openblas(moe_dtype dt, char *why, size_t n) {
-  const char *cfg = openblas_get_config();
+  const struct moe_openblas *ob = moe_openblas();
+  if (!ob) {
+    snprintf(why, n, "%.200s; no %s loop through it", moe_ob.why,
+             moe_dtype_name(dt));
+    return false;
+  }
   if (dt != MOE_F32) {
     snprintf(why, n,
              "%.64s: no %s GEMM (libmoe uses OpenBLAS for f32 only; bf16 "
              "goes to oneDNN)",
-             cfg ? cfg : "OpenBLAS", moe_dtype_name(dt));
+             ob->openblas_get_config() ? ob->openblas_get_config() : "OpenBLAS",
+             moe_dtype_name(dt));
     return false;
   }
-  const char *core = openblas_get_corename();
-  snprintf(why, n, "%.64s: f32 sgemm (core %.32s)", cfg ? cfg : "OpenBLAS",
-           core ? core : "?");
+  snprintf(why, n, "%s", ob->why);
   return true;
 }
 
@@ -142,7 +228,10 @@ static moe_status moe_gemm_loop_openblas(const moe_gemm_problem *p,
     return moe_error(MOE_ERR_UNIMPLEMENTED,
                      "loop (OpenBLAS): f32 only; this build's OpenBLAS has no "
                      "bf16 GEMM (use oneDNN)");
-  if (c && c->num_threads > 0) openblas_set_num_threads(c->num_threads);
+  const struct moe_openblas *ob = moe_openblas();
+  if (!ob)
+    return moe_error(MOE_ERR_UNIMPLEMENTED, "loop (OpenBLAS): %s", moe_ob.why);
+  if (c && c->num_threads > 0) ob->openblas_set_num_threads(c->num_threads);
   for (int64_t g = 0; g < p->num_groups; g++) {
     int64_t m, k;
     const float *a, *b;
@@ -158,27 +247,21 @@ static moe_status moe_gemm_loop_openblas(const moe_gemm_problem *p,
     if (!moe_blas_plan(p, m, p->N, k, &bc, why, sizeof why))
       return moe_error(MOE_ERR_UNIMPLEMENTED, "loop (OpenBLAS): group %lld: %s",
                        (long long)g, why);
-    CBLAS_TRANSPOSE ta = moe_cblas_trans(bc.ta), tb = moe_cblas_trans(bc.tb);
+    int ta = moe_cblas_trans(bc.ta), tb = moe_cblas_trans(bc.tb);
     if (!bc.swap)
-      cblas_sgemm(CblasRowMajor, ta, tb, (blasint)m, (blasint)p->N, (blasint)k,
-                  1.0f, a, (blasint)bc.lda, b, (blasint)bc.ldb, p->beta, cc,
-                  (blasint)bc.ldc);
+      ob->cblas_sgemm(MOE_CBLAS_ROW_MAJOR, ta, tb, (int)m, (int)p->N, (int)k,
+                      1.0f, a, (int)bc.lda, b, (int)bc.ldb, p->beta, cc,
+                      (int)bc.ldc);
     else
-      cblas_sgemm(CblasRowMajor, ta, tb, (blasint)p->N, (blasint)m, (blasint)k,
-                  1.0f, b, (blasint)bc.lda, a, (blasint)bc.ldb, p->beta, cc,
-                  (blasint)bc.ldc);
+      ob->cblas_sgemm(MOE_CBLAS_ROW_MAJOR, ta, tb, (int)p->N, (int)m, (int)k,
+                      1.0f, b, (int)bc.lda, a, (int)bc.ldb, p->beta, cc,
+                      (int)bc.ldc);
   }
   return MOE_SUCCESS;
 }
 #else
-#ifdef MOE_OPENBLAS_SWITCHED_OFF
 #define MOE_OPENBLAS_ABSENT                                                    \
   "switched off at configure time (MOE_ENABLE_OPENBLAS=OFF)"
-#else
-#define MOE_OPENBLAS_ABSENT                                                    \
-  "not found at configure time (apt-get install libopenblas-dev, then "        \
-  "reconfigure)"
-#endif
 
 bool moe_loop_probe_openblas(moe_dtype dt, char *why, size_t n) {
   snprintf(why, n, "OpenBLAS: not in this build (%s); no %s loop through it",

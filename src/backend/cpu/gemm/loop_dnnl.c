@@ -16,6 +16,15 @@
 ///
 /// Determinism: with the same inputs at the same addresses and the same
 /// thread count, oneDNN's CPU matmul gives bitwise the same outputs.
+///
+/// oneDNN is opened at run time (libdnnl.so.<the major of the dnnl.h this
+/// was built with>, or the file MOE_ONEDNN_LIBRARY names; loop_dl.h), never
+/// linked: only its headers are needed to build this file. Every oneDNN
+/// call goes through moe_onednn, resolved once per process; the probe says
+/// which file was loaded, or why none could be. oneDNN's OpenMP calls
+/// (omp_get_max_threads, omp_set_num_threads) are resolved through
+/// oneDNN's handle, so they reach the OpenMP runtime oneDNN runs on even
+/// when libmoe carries its own (a wheel's vendored libgomp).
 #include <dnnl.h>
 #include <dnnl_debug.h>
 #include <omp.h>
@@ -26,6 +35,107 @@
 
 #include "core/env.h"
 #include "gemm.h"
+#include "loop_dl.h"
+
+/* ---- oneDNN, opened at run time ----------------------------------------- */
+
+/// Every oneDNN function this file calls, by its real name.
+#define MOE_DNNL_SYMBOLS(X)                                                    \
+  X(dnnl_engine_create)                                                        \
+  X(dnnl_engine_destroy)                                                       \
+  X(dnnl_get_effective_cpu_isa)                                                \
+  X(dnnl_matmul_desc_init)                                                     \
+  X(dnnl_memory_create)                                                        \
+  X(dnnl_memory_desc_init_by_strides)                                          \
+  X(dnnl_memory_destroy)                                                       \
+  X(dnnl_memory_set_data_handle)                                               \
+  X(dnnl_post_ops_append_sum)                                                  \
+  X(dnnl_post_ops_create)                                                      \
+  X(dnnl_post_ops_destroy)                                                     \
+  X(dnnl_primitive_attr_create)                                                \
+  X(dnnl_primitive_attr_destroy)                                               \
+  X(dnnl_primitive_attr_set_post_ops)                                          \
+  X(dnnl_primitive_create)                                                     \
+  X(dnnl_primitive_desc_create)                                                \
+  X(dnnl_primitive_desc_destroy)                                               \
+  X(dnnl_primitive_desc_query)                                                 \
+  X(dnnl_primitive_destroy)                                                    \
+  X(dnnl_primitive_execute)                                                    \
+  X(dnnl_set_max_cpu_isa)                                                      \
+  X(dnnl_status2str)                                                           \
+  X(dnnl_stream_create)                                                        \
+  X(dnnl_stream_destroy)                                                       \
+  X(dnnl_stream_wait)                                                          \
+  X(dnnl_version)
+
+/// The resolved entry points: each field has its function's own type
+/// (from dnnl.h and omp.h), so a call is checked as a direct one would be.
+static struct moe_onednn_api {
+#define MOE_DNNL_FIELD(f) __typeof__(&f) f;
+  MOE_DNNL_SYMBOLS(MOE_DNNL_FIELD)
+#undef MOE_DNNL_FIELD
+  __typeof__(&omp_get_max_threads) omp_get_max_threads;
+  __typeof__(&omp_set_num_threads) omp_set_num_threads;
+} moe_onednn;
+
+#define MOE_DNNL_STR2(x) #x
+#define MOE_DNNL_STR(x) MOE_DNNL_STR2(x)
+/// The soname of the oneDNN whose API dnnl.h describes here.
+#define MOE_DNNL_SONAME "libdnnl.so." MOE_DNNL_STR(DNNL_VERSION_MAJOR)
+
+static moe_dl_lib moe_dnnl_lib;
+static bool moe_dnnl_loaded;
+/// What was loaded, or why nothing was (for the probe's reason).
+static char moe_dnnl_found[256];
+
+/// Opens oneDNN and resolves moe_onednn; false (reason in moe_dnnl_found)
+/// when the library or one of its entry points is missing.
+static bool moe_dnnl_open(void) {
+  static const char *const names[] = {MOE_DNNL_SONAME, NULL};
+  char err[200];
+  if (!moe_dl_open(&moe_dnnl_lib, "MOE_ONEDNN_LIBRARY",
+                   moe_env_onednn_library(), names, "dnnl_version", err,
+                   sizeof err)) {
+    snprintf(moe_dnnl_found, sizeof moe_dnnl_found, "oneDNN: %s", err);
+    return false;
+  }
+  const char *where =
+      moe_dnnl_lib.path[0] ? moe_dnnl_lib.path : moe_dnnl_lib.file;
+  const char *missing = NULL;
+  /* dlsym returns an object pointer; POSIX guarantees it converts to the
+     function's pointer type. */
+#define MOE_DNNL_RESOLVE(f)                                                    \
+  moe_onednn.f = (__typeof__(&f))moe_dl_sym(&moe_dnnl_lib, #f);                \
+  if (!moe_onednn.f && !missing) missing = #f;
+  MOE_DNNL_SYMBOLS(MOE_DNNL_RESOLVE)
+#undef MOE_DNNL_RESOLVE
+  if (missing) {
+    snprintf(moe_dnnl_found, sizeof moe_dnnl_found,
+             "oneDNN: %.160s lacks %s (not oneDNN %d.x, whose API this "
+             "build uses)",
+             where, missing, DNNL_VERSION_MAJOR);
+    return false;
+  }
+  const dnnl_version_t *v = moe_onednn.dnnl_version();
+  if (!v || v->major != DNNL_VERSION_MAJOR) {
+    snprintf(moe_dnnl_found, sizeof moe_dnnl_found,
+             "oneDNN: %.160s is version %d, this build speaks oneDNN %d.x",
+             where, v ? v->major : -1, DNNL_VERSION_MAJOR);
+    return false;
+  }
+  /* oneDNN's OpenMP threads are steered through oneDNN's own runtime; a
+     oneDNN on another threading runtime ignores them, so libmoe's will do. */
+  moe_onednn.omp_get_max_threads = (__typeof__(&omp_get_max_threads))moe_dl_sym(
+      &moe_dnnl_lib, "omp_get_max_threads");
+  moe_onednn.omp_set_num_threads = (__typeof__(&omp_set_num_threads))moe_dl_sym(
+      &moe_dnnl_lib, "omp_set_num_threads");
+  if (!moe_onednn.omp_get_max_threads || !moe_onednn.omp_set_num_threads) {
+    moe_onednn.omp_get_max_threads = omp_get_max_threads;
+    moe_onednn.omp_set_num_threads = omp_set_num_threads;
+  }
+  snprintf(moe_dnnl_found, sizeof moe_dnnl_found, "%.200s", where);
+  return true;
+}
 
 /// At most this many primitives are kept; past it, a group's primitive is
 /// created, executed and destroyed (nothing is evicted, so a long-lived plan
@@ -67,7 +177,7 @@ struct moe_loop_cache {
 
 static moe_status moe_dnnl_fail(dnnl_status_t s, const char *what) {
   return moe_error(MOE_ERR_BACKEND, "loop (oneDNN): %s failed: %s", what,
-                   dnnl_status2str(s));
+                   moe_onednn.dnnl_status2str(s));
 }
 
 static dnnl_data_type_t moe_dnnl_dt(moe_dtype t) {
@@ -108,11 +218,16 @@ static const char *moe_dnnl_isa_name(dnnl_cpu_isa_t isa) {
 /// What capped oneDNN, for messages ("" when nothing did).
 static char moe_dnnl_cap_note[128];
 
-/// Before oneDNN's first use: when MOE_MAX_CPU_ISA caps libmoe's kernels,
-/// cap oneDNN to the same level (unless the user capped oneDNN directly with
-/// ONEDNN_MAX_CPU_ISA or DNNL_MAX_CPU_ISA), so a capped run behaves like a
-/// CPU of that level throughout.
+/// Opens oneDNN; then, before its first use: when MOE_MAX_CPU_ISA caps
+/// libmoe's kernels, caps oneDNN to the same level (unless the user capped
+/// oneDNN directly with ONEDNN_MAX_CPU_ISA or DNNL_MAX_CPU_ISA), so a capped
+/// run behaves like a CPU of that level throughout.
 static void moe_dnnl_init(void) {
+  moe_dnnl_loaded = moe_dnnl_open();
+  if (moe_env_verbose())
+    fprintf(stderr, "libmoe: oneDNN %s: %s\n",
+            moe_dnnl_loaded ? "loaded" : "unavailable", moe_dnnl_found);
+  if (!moe_dnnl_loaded) return;
   const char *level = moe_env_max_cpu_isa();
   const char *own = moe_env_onednn_max_cpu_isa();
   bool verbose = moe_env_verbose();
@@ -123,7 +238,7 @@ static void moe_dnnl_init(void) {
   }
   dnnl_cpu_isa_t isa = moe_dnnl_isa_of(level);
   if (isa == dnnl_cpu_isa_all) return;
-  dnnl_status_t s = dnnl_set_max_cpu_isa(isa);
+  dnnl_status_t s = moe_onednn.dnnl_set_max_cpu_isa(isa);
   if (s == dnnl_success)
     snprintf(moe_dnnl_cap_note, sizeof moe_dnnl_cap_note,
              ", capped by MOE_MAX_CPU_ISA=%.32s", level);
@@ -135,9 +250,11 @@ static void moe_dnnl_init(void) {
                                 "process); not capped");
 }
 
-static void moe_dnnl_ready(void) {
+/// Whether oneDNN is loaded (opened and capped once per process).
+static bool moe_dnnl_ready(void) {
   static pthread_once_t once = PTHREAD_ONCE_INIT;
   pthread_once(&once, moe_dnnl_init);
+  return moe_dnnl_loaded;
 }
 
 /// Whether oneDNN offers a real (non-reference) matmul for one representative
@@ -152,35 +269,40 @@ static bool moe_dnnl_try(dnnl_engine_t eng, moe_dtype dt, moe_dtype ct,
   dnnl_memory_desc_t md[3];
   snprintf(impl, n, "none");
   for (int i = 0; i < 3; i++)
-    if (dnnl_memory_desc_init_by_strides(&md[i], 2, dims[i],
-                                         moe_dnnl_dt(dts[i]),
-                                         strides[i]) != dnnl_success)
+    if (moe_onednn.dnnl_memory_desc_init_by_strides(&md[i], 2, dims[i],
+                                                    moe_dnnl_dt(dts[i]),
+                                                    strides[i]) != dnnl_success)
       return false;
   dnnl_matmul_desc_t desc;
-  if (dnnl_matmul_desc_init(&desc, &md[0], &md[1], NULL, &md[2]) !=
+  if (moe_onednn.dnnl_matmul_desc_init(&desc, &md[0], &md[1], NULL, &md[2]) !=
       dnnl_success)
     return false;
   dnnl_primitive_desc_t pd = NULL;
-  if (dnnl_primitive_desc_create(&pd, &desc, NULL, eng, NULL) != dnnl_success)
+  if (moe_onednn.dnnl_primitive_desc_create(&pd, &desc, NULL, eng, NULL) !=
+      dnnl_success)
     return false;
   const char *s = NULL;
-  bool ok = dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &s) ==
-                dnnl_success &&
+  bool ok = moe_onednn.dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str,
+                                                 0, &s) == dnnl_success &&
             s && strncmp(s, "ref", 3) != 0;
   snprintf(impl, n, "%s", s ? s : "?");
-  dnnl_primitive_desc_destroy(pd);
+  moe_onednn.dnnl_primitive_desc_destroy(pd);
   return ok;
 }
 
 bool moe_loop_probe_onednn(moe_dtype dt, char *why, size_t n) {
-  moe_dnnl_ready();
-  const dnnl_version_t *v = dnnl_version();
-  char ver[48];
-  snprintf(ver, sizeof ver, "oneDNN %d.%d.%d", v ? v->major : 0,
-           v ? v->minor : 0, v ? v->patch : 0);
-  dnnl_cpu_isa_t isa = dnnl_get_effective_cpu_isa();
+  if (!moe_dnnl_ready()) {
+    snprintf(why, n, "%.200s; no %s matmul", moe_dnnl_found,
+             moe_dtype_name(dt));
+    return false;
+  }
+  const dnnl_version_t *v = moe_onednn.dnnl_version();
+  char ver[160];
+  snprintf(ver, sizeof ver, "oneDNN %d.%d.%d (%.100s)", v ? v->major : 0,
+           v ? v->minor : 0, v ? v->patch : 0, moe_dnnl_found);
+  dnnl_cpu_isa_t isa = moe_onednn.dnnl_get_effective_cpu_isa();
   dnnl_engine_t eng = NULL;
-  if (dnnl_engine_create(&eng, dnnl_cpu, 0) != dnnl_success) {
+  if (moe_onednn.dnnl_engine_create(&eng, dnnl_cpu, 0) != dnnl_success) {
     snprintf(why, n, "%s: cannot create a CPU engine", ver);
     return false;
   }
@@ -198,7 +320,7 @@ bool moe_loop_probe_onednn(moe_dtype dt, char *why, size_t n) {
         ok = false;
       }
     }
-  dnnl_engine_destroy(eng);
+  moe_onednn.dnnl_engine_destroy(eng);
   if (ok) {
     snprintf(why, n, "%s: %s matmul (%s) at %s%s", ver, moe_dtype_name(dt),
              impl, moe_dnnl_isa_name(isa), moe_dnnl_cap_note);
@@ -238,8 +360,8 @@ moe_status moe_loop_cache_create(struct moe_loop_cache **c) {
 static void moe_dnnl_entry_release(moe_dnnl_entry *e) {
   /* Destroy calls on valid handles cannot fail in a way we could act on. */
   for (int i = 0; i < 3; i++)
-    if (e->mem[i]) dnnl_memory_destroy(e->mem[i]);
-  if (e->prim) dnnl_primitive_destroy(e->prim);
+    if (e->mem[i]) moe_onednn.dnnl_memory_destroy(e->mem[i]);
+  if (e->prim) moe_onednn.dnnl_primitive_destroy(e->prim);
   memset(e->mem, 0, sizeof e->mem);
   e->prim = NULL;
 }
@@ -248,8 +370,8 @@ void moe_loop_cache_destroy(struct moe_loop_cache *c) {
   if (!c) return;
   for (int64_t i = 0; i < c->count; i++)
     moe_dnnl_entry_release(&c->entries[i]);
-  if (c->stream) dnnl_stream_destroy(c->stream);
-  if (c->engine) dnnl_engine_destroy(c->engine);
+  if (c->stream) moe_onednn.dnnl_stream_destroy(c->stream);
+  if (c->engine) moe_onednn.dnnl_engine_destroy(c->engine);
   moe_free(c->entries);
   moe_free(c->slots);
   pthread_mutex_destroy(&c->lock);
@@ -259,16 +381,20 @@ void moe_loop_cache_destroy(struct moe_loop_cache *c) {
 /// Creates the engine and stream on first use.
 static moe_status moe_dnnl_cache_ready(struct moe_loop_cache *c) {
   dnnl_status_t s;
-  moe_dnnl_ready(); /* the ISA cap goes before oneDNN's first use */
+  /* the ISA cap goes before oneDNN's first use */
+  if (!moe_dnnl_ready())
+    return moe_error(MOE_ERR_UNIMPLEMENTED, "loop (oneDNN): %s",
+                     moe_dnnl_found);
   if (!c->engine) {
-    s = dnnl_engine_create(&c->engine, dnnl_cpu, 0);
+    s = moe_onednn.dnnl_engine_create(&c->engine, dnnl_cpu, 0);
     if (s != dnnl_success) {
       c->engine = NULL;
       return moe_dnnl_fail(s, "creating the CPU engine");
     }
   }
   if (!c->stream) {
-    s = dnnl_stream_create(&c->stream, c->engine, dnnl_stream_default_flags);
+    s = moe_onednn.dnnl_stream_create(&c->stream, c->engine,
+                                      dnnl_stream_default_flags);
     if (s != dnnl_success) {
       c->stream = NULL;
       return moe_dnnl_fail(s, "creating the stream");
@@ -335,7 +461,7 @@ static moe_status moe_dnnl_entry_create(struct moe_loop_cache *c,
            (long long)k->c_rs, (long long)k->c_cs);
   dnnl_status_t s;
   for (int i = 0; i < 3; i++) {
-    s = dnnl_memory_desc_init_by_strides(
+    s = moe_onednn.dnnl_memory_desc_init_by_strides(
         &md[i], 2, dims[i], moe_dnnl_dt((moe_dtype)dts[i]), strides[i]);
     if (s != dnnl_success)
       return moe_error(s == dnnl_invalid_arguments || s == dnnl_unimplemented
@@ -343,16 +469,16 @@ static moe_status moe_dnnl_entry_create(struct moe_loop_cache *c,
                            : MOE_ERR_BACKEND,
                        "loop (oneDNN): cannot describe operand %s (%s): "
                        "%s",
-                       names[i], shape, dnnl_status2str(s));
+                       names[i], shape, moe_onednn.dnnl_status2str(s));
   }
   dnnl_matmul_desc_t desc;
-  s = dnnl_matmul_desc_init(&desc, &md[0], &md[1], NULL, &md[2]);
+  s = moe_onednn.dnnl_matmul_desc_init(&desc, &md[0], &md[1], NULL, &md[2]);
   if (s != dnnl_success)
     return moe_error(s == dnnl_invalid_arguments || s == dnnl_unimplemented
                          ? MOE_ERR_UNIMPLEMENTED
                          : MOE_ERR_BACKEND,
                      "loop (oneDNN): no matmul descriptor for %s: %s", shape,
-                     dnnl_status2str(s));
+                     moe_onednn.dnnl_status2str(s));
 
   moe_status st = MOE_SUCCESS;
   dnnl_post_ops_t ops = NULL;
@@ -364,26 +490,27 @@ static moe_status moe_dnnl_entry_create(struct moe_loop_cache *c,
   if (beta != 0.0f) {
     /* C = beta*C + A.B is oneDNN's accumulate (sum) post-op; without it the
        matmul only writes C, which is what beta == 0 must do. */
-    if ((s = dnnl_post_ops_create(&ops)) != dnnl_success) {
+    if ((s = moe_onednn.dnnl_post_ops_create(&ops)) != dnnl_success) {
       ops = NULL;
       st = moe_dnnl_fail(s, "creating post-ops");
       goto out;
     }
-    if ((s = dnnl_post_ops_append_sum(ops, beta)) != dnnl_success) {
+    if ((s = moe_onednn.dnnl_post_ops_append_sum(ops, beta)) != dnnl_success) {
       st = moe_dnnl_fail(s, "appending the sum post-op");
       goto out;
     }
-    if ((s = dnnl_primitive_attr_create(&attr)) != dnnl_success) {
+    if ((s = moe_onednn.dnnl_primitive_attr_create(&attr)) != dnnl_success) {
       attr = NULL;
       st = moe_dnnl_fail(s, "creating primitive attributes");
       goto out;
     }
-    if ((s = dnnl_primitive_attr_set_post_ops(attr, ops)) != dnnl_success) {
+    if ((s = moe_onednn.dnnl_primitive_attr_set_post_ops(attr, ops)) !=
+        dnnl_success) {
       st = moe_dnnl_fail(s, "setting post-ops");
       goto out;
     }
   }
-  s = dnnl_primitive_desc_create(&pd, &desc, attr, c->engine, NULL);
+  s = moe_onednn.dnnl_primitive_desc_create(&pd, &desc, attr, c->engine, NULL);
   if (s != dnnl_success) {
     pd = NULL;
     if (s == dnnl_unimplemented)
@@ -394,15 +521,15 @@ static moe_status moe_dnnl_entry_create(struct moe_loop_cache *c,
     else
       st = moe_error(MOE_ERR_BACKEND,
                      "loop (oneDNN): creating the matmul for %s failed: %s",
-                     shape, dnnl_status2str(s));
+                     shape, moe_onednn.dnnl_status2str(s));
     goto out;
   }
   /* oneDNN's last resort, ref:any, accepts any strides but runs one scalar
      dot product per element: orders of magnitude slower than libmoe's own
      grouped kernel. Decline rather than hand the caller that. */
   const char *impl = NULL;
-  if (dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &impl) ==
-          dnnl_success &&
+  if (moe_onednn.dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0,
+                                           &impl) == dnnl_success &&
       impl && strncmp(impl, "ref", 3) == 0) {
     st =
         moe_error(MOE_ERR_UNIMPLEMENTED,
@@ -412,13 +539,14 @@ static moe_status moe_dnnl_entry_create(struct moe_loop_cache *c,
                   impl, shape);
     goto out;
   }
-  if ((s = dnnl_primitive_create(&e->prim, pd)) != dnnl_success) {
+  if ((s = moe_onednn.dnnl_primitive_create(&e->prim, pd)) != dnnl_success) {
     e->prim = NULL;
     st = moe_dnnl_fail(s, "creating the matmul primitive");
     goto out;
   }
   for (int i = 0; i < 3; i++) {
-    s = dnnl_memory_create(&e->mem[i], &md[i], c->engine, DNNL_MEMORY_NONE);
+    s = moe_onednn.dnnl_memory_create(&e->mem[i], &md[i], c->engine,
+                                      DNNL_MEMORY_NONE);
     if (s != dnnl_success) {
       e->mem[i] = NULL;
       st = moe_dnnl_fail(s, "creating a memory object");
@@ -426,9 +554,9 @@ static moe_status moe_dnnl_entry_create(struct moe_loop_cache *c,
     }
   }
 out:
-  if (pd) dnnl_primitive_desc_destroy(pd);
-  if (attr) dnnl_primitive_attr_destroy(attr);
-  if (ops) dnnl_post_ops_destroy(ops);
+  if (pd) moe_onednn.dnnl_primitive_desc_destroy(pd);
+  if (attr) moe_onednn.dnnl_primitive_attr_destroy(attr);
+  if (ops) moe_onednn.dnnl_post_ops_destroy(ops);
   if (st != MOE_SUCCESS) moe_dnnl_entry_release(e);
   return st;
 }
@@ -441,14 +569,16 @@ static moe_status moe_dnnl_entry_run(struct moe_loop_cache *c,
   void *h[3] = {(void *)(uintptr_t)a, (void *)(uintptr_t)b, cc};
   dnnl_status_t s;
   for (int i = 0; i < 3; i++)
-    if ((s = dnnl_memory_set_data_handle(e->mem[i], h[i])) != dnnl_success)
+    if ((s = moe_onednn.dnnl_memory_set_data_handle(e->mem[i], h[i])) !=
+        dnnl_success)
       return moe_dnnl_fail(s, "setting a memory handle");
   const dnnl_exec_arg_t args[3] = {{DNNL_ARG_SRC, e->mem[0]},
                                    {DNNL_ARG_WEIGHTS, e->mem[1]},
                                    {DNNL_ARG_DST, e->mem[2]}};
-  if ((s = dnnl_primitive_execute(e->prim, c->stream, 3, args)) != dnnl_success)
+  if ((s = moe_onednn.dnnl_primitive_execute(e->prim, c->stream, 3, args)) !=
+      dnnl_success)
     return moe_dnnl_fail(s, "executing the matmul");
-  if ((s = dnnl_stream_wait(c->stream)) != dnnl_success)
+  if ((s = moe_onednn.dnnl_stream_wait(c->stream)) != dnnl_success)
     return moe_dnnl_fail(s, "waiting for the stream");
   return MOE_SUCCESS;
 }
@@ -572,7 +702,7 @@ static bool moe_dnnl_make_key(const moe_gemm_problem *p, int64_t m, int64_t k,
   }
   key->beta_bits = p->beta == 0.0f ? 0 : beta_bits; /* -0 is 0 */
   /* oneDNN sizes its threading when the primitive is created. */
-  key->nthr = omp_get_max_threads();
+  key->nthr = moe_onednn.omp_get_max_threads();
   return swap;
 }
 
@@ -620,21 +750,24 @@ static moe_status moe_dnnl_groups(const moe_gemm_problem *p,
 moe_status moe_gemm_loop_dnnl(const moe_gemm_problem *p,
                               const moe_gemm_ctx *c) {
   MOE_TRY(moe_dnnl_check(p));
+  if (!moe_dnnl_ready())
+    return moe_error(MOE_ERR_UNIMPLEMENTED, "loop (oneDNN): %s",
+                     moe_dnnl_found);
   struct moe_loop_cache *lc = c ? c->loop_cache : NULL, *local = NULL;
   if (!lc) {
     MOE_TRY(moe_loop_cache_create(&local));
     lc = local;
   }
-  /* oneDNN's OpenMP runtime parallelises over omp_get_max_threads(); set it
-     for this call only and give the caller theirs back. */
-  int prev = omp_get_max_threads();
+  /* oneDNN's OpenMP runtime parallelises over moe_onednn.omp_get_max_threads();
+     set it for this call only and give the caller theirs back. */
+  int prev = moe_onednn.omp_get_max_threads();
   int want = c && c->num_threads > 0 ? c->num_threads : prev;
-  if (want != prev) omp_set_num_threads(want);
+  if (want != prev) moe_onednn.omp_set_num_threads(want);
   /* A call-local cache is this call's alone; the plan's is shared. */
   if (!local) pthread_mutex_lock(&lc->lock);
   moe_status st = moe_dnnl_groups(p, lc);
   if (!local) pthread_mutex_unlock(&lc->lock);
-  if (want != prev) omp_set_num_threads(prev);
+  if (want != prev) moe_onednn.omp_set_num_threads(prev);
   moe_loop_cache_destroy(local);
   return st;
 }

@@ -1,6 +1,7 @@
 /// @file loop_dnnl_none.c
 /// The oneDNN half of the loop method in a build without oneDNN
-/// (MOE_ENABLE_ONEDNN=OFF, or libdnnl-dev not found at configure time):
+/// (MOE_ENABLE_ONEDNN=OFF, or oneDNN's headers, dnnl.h, not found at
+/// configure time; the library itself would be opened at run time):
 /// the probe says so, so the planner never picks loop for bf16 (or for f32
 /// through oneDNN), and a pinned loop fails when its plan is created.
 #include <stdio.h>
@@ -12,8 +13,8 @@
   "switched off at configure time (MOE_ENABLE_ONEDNN=OFF)"
 #else
 #define MOE_ONEDNN_ABSENT                                                      \
-  "not found at configure time (apt-get install libdnnl-dev, then "            \
-  "reconfigure)"
+  "its headers were not found at configure time (apt-get install "             \
+  "libdnnl-dev, then reconfigure)"
 #endif
 
 /// Without oneDNN the cache holds nothing; plans still create and destroy
