@@ -13,7 +13,7 @@
 #include "backend/cpu/gemm/gemm.h"
 #include "backend/cpu/layer_cpu_ep.h"
 #include "backend/cpu/route.h"
-#include "backend/cpu/swiglu.h"
+#include "backend/cpu/act.h"
 #include "comm/comm.h"
 #include "core/env.h"
 #include "layer/backend.h"
@@ -55,7 +55,9 @@ static void moe_proj_shapes(const moe_layer_plan *p, int proj,
   s->experts = p->e_local;
   s->rows = d->max_tokens * d->top_k;
   s->K = proj == 0 ? d->hidden : d->intermediate;
-  s->N = proj == 0 ? 2 * d->intermediate : d->hidden;
+  s->N = proj == 0 ? (moe_activation_has_gate(d->activation) ? 2 : 1) *
+                         d->intermediate
+                   : d->hidden;
   s->dtype = d->dtype;
   s->layout = proj == 0 ? d->gate_up_layout : d->down_layout;
   s->gemms = 1;
@@ -386,15 +388,28 @@ static moe_status moe_forward(moe_layer_plan *plan,
   }
   if (s != MOE_SUCCESS) goto done;
   {
+    /* the expert epilogue (act.h): biases, then the activation; with no
+       gate the up projection sits in columns [0, I) */
+    moe_act act = moe_act_of(d);
+    int64_t uc = moe_activation_has_gate(d->activation) ? I : 0;
+    if (!moe_tensor_absent(&c.bias.gate))
+      moe_bias_add_rows(ab, dt, 2 * I, 0, I, x.offsets, plan->e_local,
+                        &c.bias.gate, plan->nt);
+    if (!moe_tensor_absent(&c.bias.up))
+      moe_bias_add_rows(ab, dt, 2 * I, uc, I, x.offsets, plan->e_local,
+                        &c.bias.up, plan->nt);
     int64_t shp[2] = {R, I};
     moe_tensor tg = moe_tensor_make(ab, dt, 2, shp);
     tg.stride[0] = 2 * I;
     moe_tensor tu = tg;
-    tu.data = ab + (size_t)I * es;
+    tu.data = ab + (size_t)uc * es;
     moe_tensor th = moe_tensor_make(hh, dt, 2, shp);
-    moe_swiglu_fwd_rows(&tg, &tu, &th, plan->nt);
+    moe_act_fwd_rows(&act, &tg, &tu, &th, plan->nt);
   }
   s = moe_fwd_gemm(&x, 1, hh, I, &args->w_down, y, dt, H);
+  if (s == MOE_SUCCESS && !moe_tensor_absent(&c.bias.down))
+    moe_bias_add_rows(y, dt, H, 0, H, x.offsets, plan->e_local, &c.bias.down,
+                      plan->nt);
   if (s == MOE_SUCCESS && plan->ranks > 1)
     s = moe_ep_combine(ep, plan, &b, sv, ws, y, (size_t)H * es);
   if (s != MOE_SUCCESS) goto done;
@@ -462,23 +477,36 @@ static moe_status moe_backward(moe_layer_plan *plan,
                         &x.offsets, &R);
     if (s != MOE_SUCCESS) goto done;
   }
+  moe_biases gb;
+  moe_layer_bias_grads(plan, args, &gb);
+  if (!moe_tensor_absent(&gb.down))
+    moe_bias_grad_rows(dy, dt, H, 0, H, x.offsets, plan->e_local, &gb.down,
+                       plan->nt);
   /* down: dH = dY . Wd, dWd = dY^T . Hh */
   s = moe_dx_gemm(&x, 1, dy, H, &a->w_down, dh, dt, I, 0.0f);
   if (s == MOE_SUCCESS)
     s = moe_dw_gemm(&x, 1, dy, H, hh, I, &args->grad_w_down);
   if (s != MOE_SUCCESS) goto done;
   {
+    moe_act act = moe_act_of(d);
+    int64_t uc = moe_activation_has_gate(d->activation) ? I : 0;
     int64_t shp[2] = {R, I};
     moe_tensor tg = moe_tensor_make(ab, dt, 2, shp), tu, tdh, tdg, tdu;
     tg.stride[0] = 2 * I;
     tu = tg;
-    tu.data = ab + (size_t)I * es;
+    tu.data = ab + (size_t)uc * es;
     tdh = moe_tensor_make(dh, dt, 2, shp);
     tdg = tg;
     tdg.data = dab;
     tdu = tu;
-    tdu.data = dab + (size_t)I * es;
-    moe_swiglu_bwd_rows(&tg, &tu, &tdh, &tdg, &tdu, plan->nt);
+    tdu.data = dab + (size_t)uc * es;
+    moe_act_bwd_rows(&act, &tg, &tu, &tdh, &tdg, &tdu, plan->nt);
+    if (!moe_tensor_absent(&gb.gate))
+      moe_bias_grad_rows(dab, dt, 2 * I, 0, I, x.offsets, plan->e_local,
+                         &gb.gate, plan->nt);
+    if (!moe_tensor_absent(&gb.up))
+      moe_bias_grad_rows(dab, dt, 2 * I, uc, I, x.offsets, plan->e_local,
+                         &gb.up, plan->nt);
   }
   /* gate_up: dXp = dAB . Wgu (f32), dWgu = dAB^T . Xp */
   if (c.gu.fused) {

@@ -1,0 +1,130 @@
+/// @file act.c
+/// The CPU expert epilogue (act.h): the activation's row loops, forward
+/// and backward, in f32 arithmetic on strided 2-D views of f32 or bf16
+/// data; the per-expert bias add and bias gradient; and the public SwiGLU
+/// building blocks (moe_swiglu_forward / _backward).
+#include <math.h>
+#include <omp.h>
+
+#include "internal.h"
+#include "backend/cpu/act.h"
+
+/// Element (r, i) of a 2-D view, as f32.
+static inline float moe_at2(const moe_tensor *t, int64_t r, int64_t i) {
+  return moe_load_f(t->data, t->dtype, moe_offset2(t, r, i));
+}
+
+void moe_act_fwd_rows(const moe_act *a, const moe_tensor *g,
+                      const moe_tensor *u, moe_tensor *h, int nt) {
+  int64_t R = u->shape[0], I = u->shape[1];
+  bool gate = moe_activation_has_gate(a->kind);
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t r = 0; r < R; r++)
+    for (int64_t i = 0; i < I; i++) {
+      float gv = gate ? moe_at2(g, r, i) : 0.0f;
+      moe_store_f(h->data, h->dtype, moe_offset2(h, r, i),
+                  moe_act_fwd1(a, gv, moe_at2(u, r, i)));
+    }
+}
+
+void moe_act_bwd_rows(const moe_act *a, const moe_tensor *g,
+                      const moe_tensor *u, const moe_tensor *dh, moe_tensor *dg,
+                      moe_tensor *du, int nt) {
+  int64_t R = u->shape[0], I = u->shape[1];
+  bool gate = moe_activation_has_gate(a->kind);
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t r = 0; r < R; r++)
+    for (int64_t i = 0; i < I; i++) {
+      float gv = gate ? moe_at2(g, r, i) : 0.0f, ddg, ddu;
+      moe_act_bwd1(a, gv, moe_at2(u, r, i), moe_at2(dh, r, i), &ddg, &ddu);
+      if (gate) moe_store_f(dg->data, dg->dtype, moe_offset2(dg, r, i), ddg);
+      moe_store_f(du->data, du->dtype, moe_offset2(du, r, i), ddu);
+    }
+}
+
+void moe_swiglu_fwd_rows(const moe_tensor *g, const moe_tensor *u,
+                         moe_tensor *h, int nt) {
+  moe_act a = {MOE_ACT_SWIGLU, 0.0f, 0.0f, 0.0f, 0.0f};
+  moe_act_fwd_rows(&a, g, u, h, nt);
+}
+
+void moe_swiglu_bwd_rows(const moe_tensor *g, const moe_tensor *u,
+                         const moe_tensor *dh, moe_tensor *dg, moe_tensor *du,
+                         int nt) {
+  moe_act a = {MOE_ACT_SWIGLU, 0.0f, 0.0f, 0.0f, 0.0f};
+  moe_act_bwd_rows(&a, g, u, dh, dg, du, nt);
+}
+
+void moe_bias_add_rows(void *buf, moe_dtype dt, int64_t ld, int64_t c0,
+                       int64_t n, const int64_t *offsets, int64_t E,
+                       const moe_tensor *bias, int nt) {
+  int64_t R = offsets[E];
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t r = 0; r < R; r++) {
+    int64_t lo = 0, hi = E; /* the expert e with offsets[e] <= r < [e+1] */
+    while (hi - lo > 1) {
+      int64_t mid = (lo + hi) / 2;
+      if (offsets[mid] <= r)
+        lo = mid;
+      else
+        hi = mid;
+    }
+    for (int64_t j = 0; j < n; j++) {
+      int64_t o = r * ld + c0 + j;
+      moe_store_f(buf, dt, o, moe_load_f(buf, dt, o) + moe_at2(bias, lo, j));
+    }
+  }
+}
+
+void moe_bias_grad_rows(const void *buf, moe_dtype dt, int64_t ld, int64_t c0,
+                        int64_t n, const int64_t *offsets, int64_t E,
+                        moe_tensor *gb, int nt) {
+  /* One (expert, column) sum per iteration, rows in order: the result does
+     not depend on the thread count. */
+#pragma omp parallel for schedule(static) collapse(2) num_threads(nt)
+  for (int64_t e = 0; e < E; e++)
+    for (int64_t j = 0; j < n; j++) {
+      float acc = 0.0f;
+      for (int64_t r = offsets[e]; r < offsets[e + 1]; r++)
+        acc += moe_load_f(buf, dt, r * ld + c0 + j);
+      moe_store_f(gb->data, gb->dtype, moe_offset2(gb, e, j), acc);
+    }
+}
+
+static moe_status moe_swiglu_check(const moe_tensor *t, const char *name,
+                                   const moe_tensor *like) {
+  int64_t shape[2] = {-1, -1};
+  if (like) {
+    shape[0] = like->shape[0];
+    shape[1] = like->shape[1];
+  }
+  moe_device cpu = {MOE_DEVICE_CPU, 0};
+  return moe_check_tensor(t, name, 2, shape, -1, &cpu);
+}
+
+moe_status moe_swiglu_forward(const moe_tensor *gate, const moe_tensor *up,
+                              moe_tensor *h) {
+  if (!gate || !up || !h)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_swiglu_forward: gate, up and h must not be NULL");
+  MOE_TRY(moe_swiglu_check(gate, "gate", NULL));
+  MOE_TRY(moe_swiglu_check(up, "up", gate));
+  MOE_TRY(moe_swiglu_check(h, "h", gate));
+  moe_swiglu_fwd_rows(gate, up, h, omp_get_max_threads());
+  return MOE_SUCCESS;
+}
+
+moe_status moe_swiglu_backward(const moe_tensor *gate, const moe_tensor *up,
+                               const moe_tensor *dh, moe_tensor *dgate,
+                               moe_tensor *dup) {
+  if (!gate || !up || !dh || !dgate || !dup)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "moe_swiglu_backward: no argument may be NULL");
+  MOE_TRY(moe_swiglu_check(gate, "gate", NULL));
+  MOE_TRY(moe_swiglu_check(up, "up", gate));
+  MOE_TRY(moe_swiglu_check(dh, "dh", gate));
+  MOE_TRY(moe_swiglu_check(dgate, "dgate", gate));
+  MOE_TRY(moe_swiglu_check(dup, "dup", gate));
+  moe_swiglu_bwd_rows(gate, up, dh, dgate, dup, omp_get_max_threads());
+  return MOE_SUCCESS;
+}
