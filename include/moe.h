@@ -208,8 +208,7 @@ typedef enum moe_topk_invalid {
 /// The expert function between the gate_up and the down projection, on the
 /// gate half g and the up half u of each routed row (f32 arithmetic, stored
 /// in the layer dtype). Every member has its exact backward; at a clamp
-/// edge the gradient passes (clamp's own convention in torch autograd:
-/// the bound itself is inside).
+/// bound itself the gradient is 0, as torch autograd's clamp has it.
 typedef enum moe_activation {
   /// silu(g) * u (default).
   MOE_ACT_SWIGLU = 0,

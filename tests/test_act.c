@@ -489,23 +489,27 @@ static void run_case(const acfg *c, bool nt2) {
 
 /* ---- clamp edges ------------------------------------------------------ */
 
-/// At a clamp bound torch's clamp passes the gradient (the bound is
-/// inside); just past it the gradient is 0; relu'(0) = 0.
+/// At a clamp bound torch autograd's clamp gives 0 (the bound counts as
+/// clamped), just inside it the gradient passes; relu'(0) = 0.
 static void test_edges(void) {
   tu_case("clamp and relu edges");
   float L = 0.75f, dg, du;
   moe_act a = {MOE_ACT_SWIGLU_CLAMP, 0.0f, L, 0.0f, 0.0f};
   moe_act_bwd1(&a, L, -L, 1.0f, &dg, &du);
-  float s = 1.0f / (1.0f + expf(-L));
-  CHECK(fabsf(dg - (-L) * s * (1.0f + L * (1.0f - s))) < 1e-6f &&
-            fabsf(du - L * s) < 1e-6f,
-        "swiglu_clamp at g = L, u = -L: gradient passes (dg %g, du %g)",
-        (double)dg, (double)du);
-  moe_act_bwd1(&a, nextafterf(L, 2.0f), nextafterf(-L, -2.0f), 1.0f, &dg, &du);
-  CHECK(dg == 0.0f && du == 0.0f, "swiglu_clamp past the bounds: 0");
+  CHECK(dg == 0.0f && du == 0.0f,
+        "swiglu_clamp at g = L, u = -L: 0 (dg %g, du %g)", (double)dg,
+        (double)du);
+  float gi = nextafterf(L, 0.0f), ui = nextafterf(-L, 0.0f);
+  moe_act_bwd1(&a, gi, ui, 1.0f, &dg, &du);
+  float s = 1.0f / (1.0f + expf(-gi));
+  CHECK(fabsf(dg - ui * s * (1.0f + gi * (1.0f - s))) < 1e-6f &&
+            fabsf(du - gi * s) < 1e-6f,
+        "swiglu_clamp just inside the bounds: the gradient passes");
   moe_act o = {MOE_ACT_GPT_OSS, 1.702f, L, 0.0f, 0.0f};
   moe_act_bwd1(&o, L, L, 1.0f, &dg, &du);
-  CHECK(dg != 0.0f && du != 0.0f, "gpt_oss at the bounds: gradient passes");
+  CHECK(dg == 0.0f && du == 0.0f, "gpt_oss at the bounds: 0");
+  moe_act_bwd1(&o, -L, -2.0f * L, 1.0f, &dg, &du);
+  CHECK(dg != 0.0f && du == 0.0f, "gpt_oss: no lower clamp on the gate");
   CHECK(moe_act_fwd1(&o, 5.0f, -5.0f) ==
             L / (1.0f + expf(-1.702f * L)) * (1.0f - L),
         "gpt_oss clamps gate from above and up on both sides");

@@ -50,8 +50,9 @@ static inline float moe_act_fwd1(const moe_act *a, float g, float u) {
   return 0.0f;
 }
 
-/// dh/dg * d and dh/du * d at (g, u). At a clamp bound the gradient passes
-/// (torch's clamp: the bound is inside); relu'(0) = 0.
+/// dh/dg * d and dh/du * d at (g, u). At a clamp bound the gradient is 0,
+/// as torch autograd's clamp gives it (the bound counts as clamped);
+/// relu'(0) = 0.
 static inline void moe_act_bwd1(const moe_act *a, float g, float u, float d,
                                 float *dg, float *du) {
   switch (a->kind) {
@@ -63,7 +64,7 @@ static inline void moe_act_bwd1(const moe_act *a, float g, float u, float d,
   }
   case MOE_ACT_SWIGLU_CLAMP: {
     float L = a->limit;
-    bool gin = g <= L, uin = u >= -L && u <= L;
+    bool gin = g<L, uin = u> - L && u < L;
     g = g > L ? L : g;
     u = u > L ? L : (u < -L ? -L : u);
     float s = moe_act_sigmoid(g);
@@ -73,7 +74,7 @@ static inline void moe_act_bwd1(const moe_act *a, float g, float u, float d,
   }
   case MOE_ACT_GPT_OSS: {
     float L = a->limit, al = a->alpha;
-    bool gin = g <= L, uin = u >= -L && u <= L;
+    bool gin = g<L, uin = u> - L && u < L;
     g = g > L ? L : g;
     u = u > L ? L : (u < -L ? -L : u);
     float s = moe_act_sigmoid(al * g);

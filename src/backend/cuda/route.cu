@@ -2,7 +2,9 @@
 /// The layer's memory-bound kernels on the GPU: softmax + top-k, the stable
 /// counting sort of routed slots (histogram, scan, in-order placement: the
 /// offsets never leave the device), row gather, weighted unpermute and its
-/// backward, the permute backward, the top-k backward and SwiGLU.
+/// backward, the permute backward, the top-k backward, and the expert
+/// epilogue: the activation (act.cuh) and the per-expert bias add and bias
+/// gradient.
 ///
 /// Determinism: every output element is computed by one thread or reduced
 /// by one block in a fixed order (per token, j = 0..k-1); integer
@@ -12,6 +14,7 @@
 #include <cuda_runtime.h>
 #include <math.h>
 
+#include "backend/cuda/act.cuh"
 #include "backend/cuda/block_scan.cuh"
 #include "backend/cuda/cuda_internal.h"
 
@@ -542,12 +545,7 @@ extern "C" moe_status moe_cu_store_f32(const float *src, int64_t T, int64_t k,
   return moe_cu_launch_check("moe_store_kernel");
 }
 
-/* ---- SwiGLU
- * ------------------------------------------------------------------- */
-
-static __device__ __forceinline__ float sigm(float a) {
-  return 1.0f / (1.0f + expf(-a));
-}
+/* ---- the expert epilogue: activation and biases ----------------------- */
 
 typedef struct sw_args {
   const void *g, *u, *dh;
@@ -556,9 +554,11 @@ typedef struct sw_args {
   int64_t rs[6], cs[6];
   int64_t R, I;
   const int64_t *end;
+  moe_act act; ///< the member and its parameters (act.cuh)
+  bool gate;   ///< false: no gate view (MOE_ACT_RELU2)
 } sw_args;
 
-template <bool BWD, bool VEC> __global__ void moe_swiglu_kernel(sw_args a) {
+template <bool BWD, bool VEC> __global__ void moe_act_kernel(sw_args a) {
   int64_t R = a.end ? min(a.R, *a.end) : a.R;
   int64_t per = VEC ? a.I / 8 : a.I;
   int64_t n = R * per;
@@ -566,60 +566,59 @@ template <bool BWD, bool VEC> __global__ void moe_swiglu_kernel(sw_args a) {
        i += (int64_t)gridDim.x * blockDim.x) {
     int64_t r = i / per, c = (i % per) * (VEC ? 8 : 1);
     if (VEC) {
-      float g[8], u[8], d[8], o1[8], o2[8];
-      ld8(a.g, a.f32[0], r * a.rs[0] + c, g);
+      float g[8] = {0}, u[8], d[8], o1[8], o2[8];
+      if (a.gate) ld8(a.g, a.f32[0], r * a.rs[0] + c, g);
       ld8(a.u, a.f32[1], r * a.rs[1] + c, u);
       if (BWD) ld8(a.dh, a.f32[2], r * a.rs[2] + c, d);
 #pragma unroll
       for (int q = 0; q < 8; q++) {
-        float s = sigm(g[q]);
-        if (!BWD) {
-          o1[q] = g[q] * s * u[q];
-        } else {
-          o1[q] = d[q] * u[q] * s * (1.0f + g[q] * (1.0f - s));
-          o2[q] = d[q] * g[q] * s;
-        }
+        if (!BWD)
+          o1[q] = moe_act_fwd(a.act, g[q], u[q]);
+        else
+          moe_act_bwd(a.act, g[q], u[q], d[q], &o1[q], &o2[q]);
       }
       if (!BWD) {
         st8(a.h, a.f32[3], r * a.rs[3] + c, o1);
       } else {
-        st8(a.dg, a.f32[4], r * a.rs[4] + c, o1);
+        if (a.gate) st8(a.dg, a.f32[4], r * a.rs[4] + c, o1);
         st8(a.du, a.f32[5], r * a.rs[5] + c, o2);
       }
     } else {
-      float g = ld1(a.g, a.f32[0], r * a.rs[0] + c * a.cs[0]);
+      float g = a.gate ? ld1(a.g, a.f32[0], r * a.rs[0] + c * a.cs[0]) : 0.0f;
       float u = ld1(a.u, a.f32[1], r * a.rs[1] + c * a.cs[1]);
-      float s = sigm(g);
       if (!BWD) {
-        st1(a.h, a.f32[3], r * a.rs[3] + c * a.cs[3], g * s * u);
+        st1(a.h, a.f32[3], r * a.rs[3] + c * a.cs[3], moe_act_fwd(a.act, g, u));
       } else {
-        float d = ld1(a.dh, a.f32[2], r * a.rs[2] + c * a.cs[2]);
-        st1(a.dg, a.f32[4], r * a.rs[4] + c * a.cs[4],
-            d * u * s * (1.0f + g * (1.0f - s)));
-        st1(a.du, a.f32[5], r * a.rs[5] + c * a.cs[5], d * g * s);
+        float d = ld1(a.dh, a.f32[2], r * a.rs[2] + c * a.cs[2]), dg, du;
+        moe_act_bwd(a.act, g, u, d, &dg, &du);
+        if (a.gate) st1(a.dg, a.f32[4], r * a.rs[4] + c * a.cs[4], dg);
+        st1(a.du, a.f32[5], r * a.rs[5] + c * a.cs[5], du);
       }
     }
   }
 }
 
-static moe_status moe_cu_swiglu(bool bwd, const moe_cu_view *v[6], int64_t R,
-                                int64_t I, const int64_t *end, cudaStream_t s) {
+static moe_status moe_cu_act(bool bwd, const moe_act *act,
+                             const moe_cu_view *v[6], int64_t R, int64_t I,
+                             const int64_t *end, cudaStream_t s) {
   if (R == 0 || I == 0) return MOE_SUCCESS;
   sw_args a;
   memset(&a, 0, sizeof a);
+  a.act = *act;
+  a.gate = moe_activation_has_gate(act->kind) != 0;
   bool vec = true;
   for (int i = 0; i < 6; i++) {
-    if (!v[i]) continue;
+    if (!v[i] || (!a.gate && (i == 0 || i == 4))) continue;
     a.f32[i] = v[i]->dtype == MOE_F32;
     a.rs[i] = v[i]->rs;
     a.cs[i] = v[i]->cs;
     vec = vec && vec8(v[i]->data, v[i]->dtype, v[i]->rs, v[i]->cs, I);
   }
-  a.g = v[0]->data;
+  a.g = a.gate ? v[0]->data : NULL;
   a.u = v[1]->data;
   a.dh = v[2] ? v[2]->data : NULL;
   a.h = v[3] ? v[3]->data : NULL;
-  a.dg = v[4] ? v[4]->data : NULL;
+  a.dg = v[4] && a.gate ? v[4]->data : NULL;
   a.du = v[5] ? v[5]->data : NULL;
   a.R = R;
   a.I = I;
@@ -627,23 +626,41 @@ static moe_status moe_cu_swiglu(bool bwd, const moe_cu_view *v[6], int64_t R,
   int blocks = blocks_for(R * (vec ? I / 8 : I), 256);
   if (blocks > 132 * 16) blocks = 132 * 16;
   if (!bwd && vec)
-    moe_swiglu_kernel<false, true><<<blocks, 256, 0, s>>>(a);
+    moe_act_kernel<false, true><<<blocks, 256, 0, s>>>(a);
   else if (!bwd)
-    moe_swiglu_kernel<false, false><<<blocks, 256, 0, s>>>(a);
+    moe_act_kernel<false, false><<<blocks, 256, 0, s>>>(a);
   else if (vec)
-    moe_swiglu_kernel<true, true><<<blocks, 256, 0, s>>>(a);
+    moe_act_kernel<true, true><<<blocks, 256, 0, s>>>(a);
   else
-    moe_swiglu_kernel<true, false><<<blocks, 256, 0, s>>>(a);
-  return moe_cu_launch_check("moe_swiglu_kernel");
+    moe_act_kernel<true, false><<<blocks, 256, 0, s>>>(a);
+  return moe_cu_launch_check("moe_act_kernel");
 }
+
+extern "C" moe_status moe_cu_act_fwd(const moe_act *act, const moe_cu_view *g,
+                                     const moe_cu_view *u, const moe_cu_view *h,
+                                     int64_t R, int64_t I, const int64_t *end,
+                                     cudaStream_t s) {
+  const moe_cu_view *v[6] = {g, u, NULL, h, NULL, NULL};
+  return moe_cu_act(false, act, v, R, I, end, s);
+}
+
+extern "C" moe_status
+moe_cu_act_bwd(const moe_act *act, const moe_cu_view *g, const moe_cu_view *u,
+               const moe_cu_view *dh, const moe_cu_view *dg,
+               const moe_cu_view *du, int64_t R, int64_t I, const int64_t *end,
+               cudaStream_t s) {
+  const moe_cu_view *v[6] = {g, u, dh, NULL, dg, du};
+  return moe_cu_act(true, act, v, R, I, end, s);
+}
+
+static const moe_act moe_act_swiglu = {MOE_ACT_SWIGLU, 0.0f, 0.0f, 0.0f, 0.0f};
 
 extern "C" moe_status moe_cu_swiglu_fwd(const moe_cu_view *g,
                                         const moe_cu_view *u,
                                         const moe_cu_view *h, int64_t R,
                                         int64_t I, const int64_t *end,
                                         cudaStream_t s) {
-  const moe_cu_view *v[6] = {g, u, NULL, h, NULL, NULL};
-  return moe_cu_swiglu(false, v, R, I, end, s);
+  return moe_cu_act_fwd(&moe_act_swiglu, g, u, h, R, I, end, s);
 }
 
 extern "C" moe_status
@@ -651,8 +668,71 @@ moe_cu_swiglu_bwd(const moe_cu_view *g, const moe_cu_view *u,
                   const moe_cu_view *dh, const moe_cu_view *dg,
                   const moe_cu_view *du, int64_t R, int64_t I,
                   const int64_t *end, cudaStream_t s) {
-  const moe_cu_view *v[6] = {g, u, dh, NULL, dg, du};
-  return moe_cu_swiglu(true, v, R, I, end, s);
+  return moe_cu_act_bwd(&moe_act_swiglu, g, u, dh, dg, du, R, I, end, s);
+}
+
+/// buf[r, c0 + j] += bias[e(r), j]: one thread per element of the rows
+/// [0, off[E]); the expert of a row by binary search in the offsets.
+__global__ void moe_bias_add_kernel(void *buf, int f32, int64_t ld, int64_t c0,
+                                    int64_t n, const int64_t *off, int64_t E,
+                                    int64_t R, const void *b, int bf32,
+                                    int64_t brs, int64_t bcs) {
+  int64_t rows = min(R, off[E]);
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < rows * n;
+       i += (int64_t)gridDim.x * blockDim.x) {
+    int64_t r = i / n, j = i % n, lo = 0, hi = E;
+    while (hi - lo > 1) {
+      int64_t mid = (lo + hi) / 2;
+      if (off[mid] <= r)
+        lo = mid;
+      else
+        hi = mid;
+    }
+    int64_t o = r * ld + c0 + j;
+    st1(buf, f32, o, ld1(buf, f32, o) + ld1(b, bf32, lo * brs + j * bcs));
+  }
+}
+
+extern "C" moe_status moe_cu_bias_add(void *buf, moe_dtype dt, int64_t ld,
+                                      int64_t c0, int64_t n, const int64_t *off,
+                                      int64_t E, int64_t R,
+                                      const moe_cu_view *bias, cudaStream_t s) {
+  if (R == 0 || n == 0) return MOE_SUCCESS;
+  int blocks = blocks_for(R * n, 256);
+  if (blocks > 132 * 16) blocks = 132 * 16;
+  moe_bias_add_kernel<<<blocks, 256, 0, s>>>(
+      buf, dt == MOE_F32, ld, c0, n, off, E, R, bias->data,
+      bias->dtype == MOE_F32, bias->rs, bias->cs);
+  return moe_cu_launch_check("moe_bias_add_kernel");
+}
+
+/// gb[e, j] = sum of buf[r, c0 + j] over expert e's rows, in row order: one
+/// thread per (expert, column), so the sums are deterministic.
+__global__ void moe_bias_grad_kernel(const void *buf, int f32, int64_t ld,
+                                     int64_t c0, int64_t n, const int64_t *off,
+                                     void *gb, int gf32, int64_t grs,
+                                     int64_t gcs) {
+  int64_t e = blockIdx.y;
+  for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < n;
+       j += (int64_t)gridDim.x * blockDim.x) {
+    float acc = 0.0f;
+    for (int64_t r = off[e]; r < off[e + 1]; r++)
+      acc += ld1(buf, f32, r * ld + c0 + j);
+    st1(gb, gf32, e * grs + j * gcs, acc);
+  }
+}
+
+extern "C" moe_status moe_cu_bias_grad(const void *buf, moe_dtype dt,
+                                       int64_t ld, int64_t c0, int64_t n,
+                                       const int64_t *off, int64_t E,
+                                       const moe_cu_view *gb, cudaStream_t s) {
+  if (E == 0 || n == 0) return MOE_SUCCESS;
+  int64_t bx = (n + 255) / 256;
+  dim3 grid((unsigned)(bx > 64 ? 64 : bx), (unsigned)E);
+  moe_bias_grad_kernel<<<grid, 256, 0, s>>>(buf, dt == MOE_F32, ld, c0, n, off,
+                                            gb->data, gb->dtype == MOE_F32,
+                                            gb->rs, gb->cs);
+  return moe_cu_launch_check("moe_bias_grad_kernel");
 }
 
 __global__ void moe_one_group_kernel(int64_t *off, int64_t n) {
