@@ -6,6 +6,10 @@
 #ifndef MOE_LAYER_ACT_H
 #define MOE_LAYER_ACT_H
 
+#ifdef __cplusplus /* act.cuh includes this from CUDA C++ */
+extern "C" {
+#endif
+
 #include "internal.h"
 
 /// An activation and its parameters, as the kernels take it (by value).
@@ -23,4 +27,7 @@ moe_act moe_act_of(const moe_layer_desc *d);
 /// Checks desc.activation and the parameters its member uses.
 moe_status moe_act_check(const moe_layer_desc *d);
 
+#ifdef __cplusplus
+}
+#endif
 #endif /* MOE_LAYER_ACT_H */
