@@ -14,32 +14,104 @@ static inline float moe_at2(const moe_tensor *t, int64_t r, int64_t i) {
   return moe_load_f(t->data, t->dtype, moe_offset2(t, r, i));
 }
 
+#if defined(__GNUC__)
+#define MOE_ACT_INLINE static inline __attribute__((always_inline))
+#else
+#define MOE_ACT_INLINE static inline
+#endif
+
+/* One row for a member known at compile time: `kind` is a constant at each
+   call site below, so moe_act_fwd1's switch folds away and the loop over
+   the row is that member's own straight-line code. */
+MOE_ACT_INLINE void moe_act_row_fwd(moe_act a, moe_activation kind,
+                                    const moe_tensor *g, const moe_tensor *u,
+                                    moe_tensor *h, int64_t r, int64_t I) {
+  a.kind = kind;
+  bool gate = kind != MOE_ACT_RELU2;
+  for (int64_t i = 0; i < I; i++) {
+    float gv = gate ? moe_at2(g, r, i) : 0.0f;
+    moe_store_f(h->data, h->dtype, moe_offset2(h, r, i),
+                moe_act_fwd1(&a, gv, moe_at2(u, r, i)));
+  }
+}
+
+MOE_ACT_INLINE void moe_act_row_bwd(moe_act a, moe_activation kind,
+                                    const moe_tensor *g, const moe_tensor *u,
+                                    const moe_tensor *dh, moe_tensor *dg,
+                                    moe_tensor *du, int64_t r, int64_t I) {
+  a.kind = kind;
+  bool gate = kind != MOE_ACT_RELU2;
+  for (int64_t i = 0; i < I; i++) {
+    float gv = gate ? moe_at2(g, r, i) : 0.0f, ddg, ddu;
+    moe_act_bwd1(&a, gv, moe_at2(u, r, i), moe_at2(dh, r, i), &ddg, &ddu);
+    if (gate) moe_store_f(dg->data, dg->dtype, moe_offset2(dg, r, i), ddg);
+    moe_store_f(du->data, du->dtype, moe_offset2(du, r, i), ddu);
+  }
+}
+
+/// The member's switch, once per row.
+static void moe_act_row_fwd_any(const moe_act *a, const moe_tensor *g,
+                                const moe_tensor *u, moe_tensor *h, int64_t r,
+                                int64_t I) {
+  switch (a->kind) {
+  case MOE_ACT_SWIGLU:
+    moe_act_row_fwd(*a, MOE_ACT_SWIGLU, g, u, h, r, I);
+    return;
+  case MOE_ACT_SWIGLU_CLAMP:
+    moe_act_row_fwd(*a, MOE_ACT_SWIGLU_CLAMP, g, u, h, r, I);
+    return;
+  case MOE_ACT_GPT_OSS:
+    moe_act_row_fwd(*a, MOE_ACT_GPT_OSS, g, u, h, r, I);
+    return;
+  case MOE_ACT_SOFTCAP_SWIGLU:
+    moe_act_row_fwd(*a, MOE_ACT_SOFTCAP_SWIGLU, g, u, h, r, I);
+    return;
+  case MOE_ACT_GEGLU: moe_act_row_fwd(*a, MOE_ACT_GEGLU, g, u, h, r, I); return;
+  case MOE_ACT_RELU2: moe_act_row_fwd(*a, MOE_ACT_RELU2, g, u, h, r, I); return;
+  }
+}
+
+static void moe_act_row_bwd_any(const moe_act *a, const moe_tensor *g,
+                                const moe_tensor *u, const moe_tensor *dh,
+                                moe_tensor *dg, moe_tensor *du, int64_t r,
+                                int64_t I) {
+  switch (a->kind) {
+  case MOE_ACT_SWIGLU:
+    moe_act_row_bwd(*a, MOE_ACT_SWIGLU, g, u, dh, dg, du, r, I);
+    return;
+  case MOE_ACT_SWIGLU_CLAMP:
+    moe_act_row_bwd(*a, MOE_ACT_SWIGLU_CLAMP, g, u, dh, dg, du, r, I);
+    return;
+  case MOE_ACT_GPT_OSS:
+    moe_act_row_bwd(*a, MOE_ACT_GPT_OSS, g, u, dh, dg, du, r, I);
+    return;
+  case MOE_ACT_SOFTCAP_SWIGLU:
+    moe_act_row_bwd(*a, MOE_ACT_SOFTCAP_SWIGLU, g, u, dh, dg, du, r, I);
+    return;
+  case MOE_ACT_GEGLU:
+    moe_act_row_bwd(*a, MOE_ACT_GEGLU, g, u, dh, dg, du, r, I);
+    return;
+  case MOE_ACT_RELU2:
+    moe_act_row_bwd(*a, MOE_ACT_RELU2, g, u, dh, dg, du, r, I);
+    return;
+  }
+}
+
 void moe_act_fwd_rows(const moe_act *a, const moe_tensor *g,
                       const moe_tensor *u, moe_tensor *h, int nt) {
   int64_t R = u->shape[0], I = u->shape[1];
-  bool gate = moe_activation_has_gate(a->kind);
 #pragma omp parallel for schedule(static) num_threads(nt)
   for (int64_t r = 0; r < R; r++)
-    for (int64_t i = 0; i < I; i++) {
-      float gv = gate ? moe_at2(g, r, i) : 0.0f;
-      moe_store_f(h->data, h->dtype, moe_offset2(h, r, i),
-                  moe_act_fwd1(a, gv, moe_at2(u, r, i)));
-    }
+    moe_act_row_fwd_any(a, g, u, h, r, I);
 }
 
 void moe_act_bwd_rows(const moe_act *a, const moe_tensor *g,
                       const moe_tensor *u, const moe_tensor *dh, moe_tensor *dg,
                       moe_tensor *du, int nt) {
   int64_t R = u->shape[0], I = u->shape[1];
-  bool gate = moe_activation_has_gate(a->kind);
 #pragma omp parallel for schedule(static) num_threads(nt)
   for (int64_t r = 0; r < R; r++)
-    for (int64_t i = 0; i < I; i++) {
-      float gv = gate ? moe_at2(g, r, i) : 0.0f, ddg, ddu;
-      moe_act_bwd1(a, gv, moe_at2(u, r, i), moe_at2(dh, r, i), &ddg, &ddu);
-      if (gate) moe_store_f(dg->data, dg->dtype, moe_offset2(dg, r, i), ddg);
-      moe_store_f(du->data, du->dtype, moe_offset2(du, r, i), ddu);
-    }
+    moe_act_row_bwd_any(a, g, u, dh, dg, du, r, I);
 }
 
 void moe_swiglu_fwd_rows(const moe_tensor *g, const moe_tensor *u,
