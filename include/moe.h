@@ -277,6 +277,13 @@ typedef struct moe_layer_desc {
   float act_limit;    ///< clamp bound L > 0 (+inf: no clamp)
   float act_gate_cap; ///< MOE_ACT_SOFTCAP_SWIGLU: gate softcap > 0
   float act_up_cap;   ///< MOE_ACT_SOFTCAP_SWIGLU: up softcap > 0
+  /// 1: the fused w_gate_up (and b_gate_up, and their gradients) hold gate
+  /// and up rows interleaved -- gate = rows 0::2, up = rows 1::2, as
+  /// gpt-oss stores them -- instead of gate rows first. The projection
+  /// still runs as one N = 2I product in the weight's own layout; only the
+  /// epilogue reads its columns at stride 2. 0 (default): gate first.
+  /// Ignored without a gate.
+  int gate_up_interleaved;
 } moe_layer_desc;
 
 #define MOE_LAYER_DESC_INIT                                                    \
@@ -284,7 +291,7 @@ typedef struct moe_layer_desc {
     sizeof(moe_layer_desc), MOE_LAYER_DESC_MAGIC, MOE_LAYER_DESC_VERSION, 0,   \
         0, 0, 0, 0, 1, MOE_F32, MOE_LAYOUT_OUT_IN, MOE_LAYOUT_OUT_IN,          \
         MOE_GMM_AUTO, 0, 0, {MOE_DEVICE_CPU, 0}, NULL, MOE_TOPK_INVALID_ERROR, \
-        NULL, MOE_ACT_SWIGLU, 0.0f, 0.0f, 0.0f, 0.0f                           \
+        NULL, MOE_ACT_SWIGLU, 0.0f, 0.0f, 0.0f, 0.0f, 0                        \
   }
 
 /// Opaque plan: the chosen methods, sizes and reasons.

@@ -131,10 +131,13 @@ typedef struct acfg {
   moe_dtype dt;
   moe_activation act;
   int64_t T, E, H, I, k;
-  int interleaved; ///< 0: fused w_gate_up; 1: w_gate/w_up stride-2 views
-  moe_layout lay;  ///< OUT_IN or IN_OUT storage
-  int bias;        ///< 0 none; 1 b_gate_up + b_down; 2 interleaved views
-  int route;       ///< 0 random; 1 experts 1 and E-1 empty; 2 all on e=0
+  /// 0: fused w_gate_up, gate rows first; 1: w_gate/w_up stride-2 views of
+  /// an interleaved tensor; 2: the interleaved tensor fused, with
+  /// desc.gate_up_interleaved (and an interleaved fused bias)
+  int interleaved;
+  moe_layout lay; ///< OUT_IN or IN_OUT storage
+  int bias;       ///< 0 none; 1 b_gate_up + b_down; 2 interleaved views
+  int route;      ///< 0 random; 1 experts 1 and E-1 empty; 2 all on e=0
   uint64_t seed;
 } acfg;
 
@@ -224,12 +227,40 @@ static void halves(const double *v, int64_t E, int64_t I, int64_t H, double *gv,
       }
 }
 
+/// Storage row of logical gate/up row n (gate rows first) in the fused
+/// interleaved form (interleaved == 2): gate i -> 2i, up i -> 2i + 1.
+static int64_t il_row(const acfg *c, int64_t NG, int64_t n) {
+  if (c->interleaved != 2 || NG == c->I) return n;
+  return n < c->I ? 2 * n : 2 * (n - c->I) + 1;
+}
+
+/// v [E, NG, W] in logical row order -> storage row order (or back).
+static void il_perm(const acfg *c, int64_t NG, int64_t W, const double *v,
+                    double *o, bool back) {
+  for (int64_t e = 0; e < c->E; e++)
+    for (int64_t n = 0; n < NG; n++)
+      for (int64_t q = 0; q < W; q++) {
+        int64_t a = (e * NG + n) * W + q,
+                b = (e * NG + il_row(c, NG, n)) * W + q;
+        if (back)
+          o[a] = v[b];
+        else
+          o[b] = v[a];
+      }
+}
+
 static gu_store gu_new(const acfg *c, int64_t NG, const double *v) {
   gu_store s;
   memset(&s, 0, sizeof s);
   int64_t E = c->E, I = c->I, H = c->H;
-  if (!c->interleaved || NG == I) {
-    s.fused = tu_weight_new(c->dt, E, NG, H, c->lay, v);
+  if (c->interleaved != 1 || NG == I) {
+    double *pv = NULL;
+    if (v) {
+      pv = dalloc(E * NG * H);
+      il_perm(c, NG, H, v, pv, false);
+    }
+    s.fused = tu_weight_new(c->dt, E, NG, H, c->lay, pv);
+    free(pv);
     return s;
   }
   int64_t sh[3] = {E, I, H};
@@ -264,7 +295,18 @@ static gu_store gu_new(const acfg *c, int64_t NG, const double *v) {
 static void gu_gather(const acfg *c, int64_t NG, const gu_store *s, float *o) {
   int64_t E = c->E, I = c->I, H = c->H;
   if (s->fused.mem) {
-    tu_gather(&s->fused.t, o);
+    int64_t n = E * NG * H;
+    float *st = tu_alloc(sizeof(float) * (size_t)n);
+    double *dv = dalloc(n), *lv = dalloc(n);
+    tu_gather(&s->fused.t, st);
+    for (int64_t i = 0; i < n; i++)
+      dv[i] = st[i];
+    il_perm(c, NG, H, dv, lv, true);
+    for (int64_t i = 0; i < n; i++)
+      o[i] = (float)lv[i];
+    free(st);
+    free(dv);
+    free(lv);
     return;
   }
   float *gv = tu_alloc(sizeof(float) * (size_t)(E * I * H));
@@ -316,7 +358,12 @@ static b_store bias_new(const acfg *c, int64_t NG, const double *v) {
     if (v) tu_scatter(&b.u, v);
   } else {
     b.both = b.mem.t;
-    if (v) tu_scatter(&b.both, v);
+    if (v) {
+      double *pv = dalloc(E * NG);
+      il_perm(c, NG, 1, v, pv, false);
+      tu_scatter(&b.both, pv);
+      free(pv);
+    }
   }
   return b;
 }
@@ -330,7 +377,17 @@ static void bias_gather(const acfg *c, int64_t NG, const b_store *b, float *o) {
         o[e * NG + I + i] = (float)tu_load(&b->u, e * b->u.stride[0] + i * 2);
       }
   } else {
-    tu_gather(&b->mem.t, o);
+    float *st = tu_alloc(sizeof(float) * (size_t)(E * NG));
+    double *dv = dalloc(E * NG), *lv = dalloc(E * NG);
+    tu_gather(&b->mem.t, st);
+    for (int64_t i = 0; i < E * NG; i++)
+      dv[i] = st[i];
+    il_perm(c, NG, 1, dv, lv, true);
+    for (int64_t i = 0; i < E * NG; i++)
+      o[i] = (float)lv[i];
+    free(st);
+    free(dv);
+    free(lv);
   }
 }
 
@@ -346,7 +403,8 @@ static void set_desc(moe_layer_desc *d, const acfg *c, const actp *p) {
   d->top_k = c->k;
   d->max_tokens = c->T;
   d->dtype = c->dt;
-  d->gate_up_layout = c->interleaved && c->lay == MOE_LAYOUT_IN_OUT &&
+  d->gate_up_interleaved = c->interleaved == 2;
+  d->gate_up_layout = c->interleaved == 1 && c->lay == MOE_LAYOUT_IN_OUT &&
                               moe_activation_has_gate(c->act)
                           ? MOE_LAYOUT_STRIDED
                           : c->lay;
@@ -719,7 +777,7 @@ int main(void) {
   uint64_t seed = 0xac7000;
   for (int ai = 0; ai < 6; ai++)
     for (int dt = 0; dt < 2; dt++)
-      for (int form = 0; form < 4; form++) {
+      for (int form = 0; form < 6; form++) {
         acfg c = {dt ? MOE_BF16 : MOE_F32,
                   acts[ai],
                   11,
@@ -727,8 +785,8 @@ int main(void) {
                   7,
                   5,
                   2,
-                  form & 1,
-                  (form & 2) ? MOE_LAYOUT_IN_OUT : MOE_LAYOUT_OUT_IN,
+                  form % 3,
+                  form >= 3 ? MOE_LAYOUT_IN_OUT : MOE_LAYOUT_OUT_IN,
                   (form + ai) % 3,
                   (form + ai + dt) % 3 == 1 ? 1 : 0,
                   ++seed};

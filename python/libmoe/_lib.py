@@ -72,6 +72,7 @@ class moe_layer_desc(ctypes.Structure):
         ("act_limit", ctypes.c_float),
         ("act_gate_cap", ctypes.c_float),
         ("act_up_cap", ctypes.c_float),
+        ("gate_up_interleaved", ctypes.c_int),
     ]
 
 

@@ -68,9 +68,8 @@ def _plan_for(hidden_shape, k, gu, dn, dtype, device, invalid,
     T, H = int(hidden_shape[0]), int(hidden_shape[1])
     E, I2 = int(gu.shape[0]), 2 * int(dn.shape[2])
     dev = L.device_of(device)
-    gl = L.layout_of(gu[:, ::2] if interleaved else gu)
-    key = (T, H, E, I2, int(k), dtype, gl, L.layout_of(dn),
-           dev.type, dev.index, invalid, tuple(act))
+    key = (T, H, E, I2, int(k), dtype, L.layout_of(gu), L.layout_of(dn),
+           dev.type, dev.index, invalid, tuple(act), bool(interleaved))
     with _plans_lock:
         p = _plans.get(key)
         if p is None:
@@ -88,6 +87,7 @@ def _plan_for(hidden_shape, k, gu, dn, dtype, device, invalid,
             d.activation = int(act[0])
             d.act_alpha, d.act_limit, d.act_gate_cap, d.act_up_cap = (
                 float(v) for v in act[1:])
+            d.gate_up_interleaved = int(bool(interleaved))
             if len(_plans) >= _MAX_PLANS:
                 _plans.pop(next(iter(_plans)))
             p = _plans[key] = _Plan(d)
@@ -125,20 +125,16 @@ def _check_experts(hidden, idx, w, gu, dn, gate=True, bgu=None, bdn=None):
 
 
 def _gate_up_views(args, gu, bgu, interleaved, gate, grad=False):
-    """Sets the gate/up weight and bias of a (grad_) argument struct: fused,
-    or for interleaved rows (gate = rows 0::2, up = 1::2) two stride-2 views
-    of the one tensor -- no copy; gradients land in the one tensor too."""
+    """Sets the gate/up weight and bias of a (grad_) argument struct. Always
+    the one fused tensor: interleaved rows (gate = 0::2, up = 1::2) are the
+    plan's desc.gate_up_interleaved, so the projection stays one product in
+    the weight's own layout (the sm90 kernel takes gpt-oss's [E, H, 2I]
+    storage this way; two stride-2 views of it would have no unit stride)
+    and the gradient lands in the one tensor."""
     pre = "grad_" if grad else ""
-    if interleaved and gate:
-        setattr(args, pre + "w_gate", L.view(gu[:, 0::2]))
-        setattr(args, pre + "w_up", L.view(gu[:, 1::2]))
-        if bgu is not None:
-            setattr(args, pre + "b_gate", L.view(bgu[:, 0::2]))
-            setattr(args, pre + "b_up", L.view(bgu[:, 1::2]))
-    else:
-        setattr(args, pre + "w_gate_up", L.view(gu))
-        if bgu is not None:
-            setattr(args, pre + "b_gate_up", L.view(bgu))
+    setattr(args, pre + "w_gate_up", L.view(gu))
+    if bgu is not None:
+        setattr(args, pre + "b_gate_up", L.view(bgu))
 
 
 def _like(t: torch.Tensor, dtype=None) -> torch.Tensor:

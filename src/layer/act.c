@@ -23,6 +23,17 @@ moe_act moe_act_of(const moe_layer_desc *d) {
   return a;
 }
 
+moe_ab_cols moe_ab_cols_of(const moe_layer_desc *d, bool fused) {
+  moe_ab_cols c = {0, d->intermediate, 1};
+  if (!moe_activation_has_gate(d->activation)) {
+    c.up = 0;
+  } else if (fused && d->gate_up_interleaved) {
+    c.up = 1;
+    c.step = 2;
+  }
+  return c;
+}
+
 /// A clamp bound or a softcap: > 0, +inf allowed where `inf_ok`.
 static moe_status moe_act_positive(float v, const char *name, bool inf_ok,
                                    moe_activation a) {

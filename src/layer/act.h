@@ -27,6 +27,17 @@ moe_act moe_act_of(const moe_layer_desc *d);
 /// Checks desc.activation and the parameters its member uses.
 moe_status moe_act_check(const moe_layer_desc *d);
 
+/// Where the gate and up halves sit in a layer's [R, 2I] gate_up output
+/// (and its gradient): first column of each and the step between columns.
+/// Gate first: gate 0, up I, step 1; interleaved fused weights
+/// (desc.gate_up_interleaved): gate 0, up 1, step 2; no gate: up 0.
+typedef struct moe_ab_cols {
+  int64_t gate, up, step;
+} moe_ab_cols;
+
+/// The column layout for a call whose gate/up weights came `fused` or not.
+moe_ab_cols moe_ab_cols_of(const moe_layer_desc *d, bool fused);
+
 #ifdef __cplusplus
 }
 #endif

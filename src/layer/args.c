@@ -77,6 +77,10 @@ moe_status moe_layer_desc_check(const moe_layer_desc *d) {
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "desc.num_threads = %d: must be >= 0", d->num_threads);
   MOE_TRY(moe_act_check(d));
+  if (d->gate_up_interleaved != 0 && d->gate_up_interleaved != 1)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc.gate_up_interleaved = %d: 0 or 1",
+                     d->gate_up_interleaved);
   /* Sizes the buffers are computed from must not overflow. */
   int64_t r, i2, hi, x, y;
   if (!moe_mul_ok(2, d->intermediate, &i2) || !moe_add_ok(d->hidden, i2, &hi) ||
@@ -107,6 +111,23 @@ static moe_status moe_check_weight(const moe_tensor *t, const char *name,
                      name, (long long)t->stride[0], (long long)t->stride[1],
                      (long long)t->stride[2], moe_layout_name(l),
                      moe_layout_name(want));
+  return MOE_SUCCESS;
+}
+
+/// The gate and up halves (dimension 1) of a fused gate/up weight or bias:
+/// gate rows first, or interleaved (gate = 0::2, up = 1::2) by desc.
+static moe_status moe_halves(const moe_tensor *both, const moe_layer_desc *d,
+                             moe_tensor *g, moe_tensor *u) {
+  int64_t I = d->intermediate;
+  if (!d->gate_up_interleaved) {
+    MOE_TRY(moe_tensor_narrow(both, 1, 0, I, g));
+    return moe_tensor_narrow(both, 1, I, I, u);
+  }
+  MOE_TRY(moe_tensor_narrow(both, 1, 0, 2 * I - 1, g));
+  MOE_TRY(moe_tensor_narrow(both, 1, 1, 2 * I - 1, u));
+  g->shape[1] = u->shape[1] = I;
+  g->stride[1] *= 2;
+  u->stride[1] *= 2;
   return MOE_SUCCESS;
 }
 
@@ -147,9 +168,7 @@ static moe_status moe_gate_up_of(const moe_tensor *both, const moe_tensor *g,
     MOE_TRY(moe_check_weight(both, n1, shape, d->gate_up_layout, d));
     out->fused = true;
     out->both = *both;
-    MOE_TRY(moe_tensor_narrow(both, 1, 0, I, &out->gate));
-    MOE_TRY(moe_tensor_narrow(both, 1, I, I, &out->up));
-    return MOE_SUCCESS;
+    return moe_halves(both, d, &out->gate, &out->up);
   }
   int64_t shape[3] = {E, I, H};
   snprintf(n1, sizeof n1, "%sw_gate", prefix);
@@ -197,8 +216,7 @@ static moe_status moe_biases_of(const moe_tensor *both, const moe_tensor *g,
         both, n1, E, gate ? 2 * I : I, d,
         like ? (moe_tensor_absent(&like->up) ? NULL : &like->up) : NULL));
     if (gate) {
-      MOE_TRY(moe_tensor_narrow(both, 1, 0, I, &out->gate));
-      MOE_TRY(moe_tensor_narrow(both, 1, I, I, &out->up));
+      MOE_TRY(moe_halves(both, d, &out->gate, &out->up));
     } else {
       out->up = *both;
     }
@@ -379,13 +397,11 @@ moe_status moe_layer_check_bwd(const moe_layer_plan *p,
 void moe_layer_bias_grads(const moe_layer_plan *p,
                           const moe_layer_bwd_args *args, moe_biases *gb) {
   const moe_layer_desc *d = &p->d;
-  int64_t I = d->intermediate;
   memset(gb, 0, sizeof *gb);
   const moe_tensor *both = &args->grad_b_gate_up;
   if (!moe_tensor_absent(both)) {
     if (moe_activation_has_gate(d->activation)) {
-      (void)moe_tensor_narrow(both, 1, 0, I, &gb->gate);
-      (void)moe_tensor_narrow(both, 1, I, I, &gb->up);
+      (void)moe_halves(both, d, &gb->gate, &gb->up);
     } else {
       gb->up = *both;
     }

@@ -128,7 +128,7 @@ void moe_swiglu_bwd_rows(const moe_tensor *g, const moe_tensor *u,
 }
 
 void moe_bias_add_rows(void *buf, moe_dtype dt, int64_t ld, int64_t c0,
-                       int64_t n, const int64_t *offsets, int64_t E,
+                       int64_t cs, int64_t n, const int64_t *offsets, int64_t E,
                        const moe_tensor *bias, int nt) {
   int64_t R = offsets[E];
 #pragma omp parallel for schedule(static) num_threads(nt)
@@ -142,15 +142,15 @@ void moe_bias_add_rows(void *buf, moe_dtype dt, int64_t ld, int64_t c0,
         hi = mid;
     }
     for (int64_t j = 0; j < n; j++) {
-      int64_t o = r * ld + c0 + j;
+      int64_t o = r * ld + c0 + j * cs;
       moe_store_f(buf, dt, o, moe_load_f(buf, dt, o) + moe_at2(bias, lo, j));
     }
   }
 }
 
 void moe_bias_grad_rows(const void *buf, moe_dtype dt, int64_t ld, int64_t c0,
-                        int64_t n, const int64_t *offsets, int64_t E,
-                        moe_tensor *gb, int nt) {
+                        int64_t cs, int64_t n, const int64_t *offsets,
+                        int64_t E, moe_tensor *gb, int nt) {
   /* One (expert, column) sum per iteration, rows in order: the result does
      not depend on the thread count. */
 #pragma omp parallel for schedule(static) collapse(2) num_threads(nt)
@@ -158,7 +158,7 @@ void moe_bias_grad_rows(const void *buf, moe_dtype dt, int64_t ld, int64_t c0,
     for (int64_t j = 0; j < n; j++) {
       float acc = 0.0f;
       for (int64_t r = offsets[e]; r < offsets[e + 1]; r++)
-        acc += moe_load_f(buf, dt, r * ld + c0 + j);
+        acc += moe_load_f(buf, dt, r * ld + c0 + j * cs);
       moe_store_f(gb->data, gb->dtype, moe_offset2(gb, e, j), acc);
     }
 }

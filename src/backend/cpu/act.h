@@ -117,18 +117,19 @@ void moe_act_bwd_rows(const moe_act *a, const moe_tensor *g,
                       const moe_tensor *u, const moe_tensor *dh, moe_tensor *dg,
                       moe_tensor *du, int nt);
 
-/// buf[r, c0 + j] += bias[e, j] for j < n and the rows r of each expert e
-/// (offsets [E+1]); buf is row-major with leading dimension ld, dtype dt
-/// (stored rounded to dt, as an add after the GEMM would).
+/// buf[r, c0 + j * cs] += bias[e, j] for j < n and the rows r of each
+/// expert e (offsets [E+1]); buf is row-major with leading dimension ld,
+/// dtype dt (stored rounded to dt, as an add after the GEMM would). cs is
+/// 2 for the halves of interleaved gate/up columns, else 1.
 void moe_bias_add_rows(void *buf, moe_dtype dt, int64_t ld, int64_t c0,
-                       int64_t n, const int64_t *offsets, int64_t E,
+                       int64_t cs, int64_t n, const int64_t *offsets, int64_t E,
                        const moe_tensor *bias, int nt);
 /// gb[e, j] = sum over the rows r of expert e, in row order, of
-/// buf[r, c0 + j] (f32 sums; experts with no rows get 0), written through
-/// gb's strides.
+/// buf[r, c0 + j * cs] (f32 sums; experts with no rows get 0), written
+/// through gb's strides.
 void moe_bias_grad_rows(const void *buf, moe_dtype dt, int64_t ld, int64_t c0,
-                        int64_t n, const int64_t *offsets, int64_t E,
-                        moe_tensor *gb, int nt);
+                        int64_t cs, int64_t n, const int64_t *offsets,
+                        int64_t E, moe_tensor *gb, int nt);
 
 /// SwiGLU's own kernels (the public moe_swiglu_* building blocks).
 void moe_swiglu_fwd_rows(const moe_tensor *g, const moe_tensor *u,

@@ -388,27 +388,28 @@ static moe_status moe_forward(moe_layer_plan *plan,
   }
   if (s != MOE_SUCCESS) goto done;
   {
-    /* the expert epilogue (act.h): biases, then the activation; with no
-       gate the up projection sits in columns [0, I) */
+    /* the expert epilogue (act.h): biases, then the activation, on the
+       gate and up columns where the GEMM put them (moe_ab_cols) */
     moe_act act = moe_act_of(d);
-    int64_t uc = moe_activation_has_gate(d->activation) ? I : 0;
+    moe_ab_cols ac = moe_ab_cols_of(d, c.gu.fused);
     if (!moe_tensor_absent(&c.bias.gate))
-      moe_bias_add_rows(ab, dt, 2 * I, 0, I, x.offsets, plan->e_local,
-                        &c.bias.gate, plan->nt);
+      moe_bias_add_rows(ab, dt, 2 * I, ac.gate, ac.step, I, x.offsets,
+                        plan->e_local, &c.bias.gate, plan->nt);
     if (!moe_tensor_absent(&c.bias.up))
-      moe_bias_add_rows(ab, dt, 2 * I, uc, I, x.offsets, plan->e_local,
-                        &c.bias.up, plan->nt);
+      moe_bias_add_rows(ab, dt, 2 * I, ac.up, ac.step, I, x.offsets,
+                        plan->e_local, &c.bias.up, plan->nt);
     int64_t shp[2] = {R, I};
     moe_tensor tg = moe_tensor_make(ab, dt, 2, shp);
     tg.stride[0] = 2 * I;
+    tg.stride[1] = ac.step;
     moe_tensor tu = tg;
-    tu.data = ab + (size_t)uc * es;
+    tu.data = ab + (size_t)ac.up * es;
     moe_tensor th = moe_tensor_make(hh, dt, 2, shp);
     moe_act_fwd_rows(&act, &tg, &tu, &th, plan->nt);
   }
   s = moe_fwd_gemm(&x, 1, hh, I, &args->w_down, y, dt, H);
   if (s == MOE_SUCCESS && !moe_tensor_absent(&c.bias.down))
-    moe_bias_add_rows(y, dt, H, 0, H, x.offsets, plan->e_local, &c.bias.down,
+    moe_bias_add_rows(y, dt, H, 0, 1, H, x.offsets, plan->e_local, &c.bias.down,
                       plan->nt);
   if (s == MOE_SUCCESS && plan->ranks > 1)
     s = moe_ep_combine(ep, plan, &b, sv, ws, y, (size_t)H * es);
@@ -480,7 +481,7 @@ static moe_status moe_backward(moe_layer_plan *plan,
   moe_biases gb;
   moe_layer_bias_grads(plan, args, &gb);
   if (!moe_tensor_absent(&gb.down))
-    moe_bias_grad_rows(dy, dt, H, 0, H, x.offsets, plan->e_local, &gb.down,
+    moe_bias_grad_rows(dy, dt, H, 0, 1, H, x.offsets, plan->e_local, &gb.down,
                        plan->nt);
   /* down: dH = dY . Wd, dWd = dY^T . Hh */
   s = moe_dx_gemm(&x, 1, dy, H, &a->w_down, dh, dt, I, 0.0f);
@@ -489,24 +490,25 @@ static moe_status moe_backward(moe_layer_plan *plan,
   if (s != MOE_SUCCESS) goto done;
   {
     moe_act act = moe_act_of(d);
-    int64_t uc = moe_activation_has_gate(d->activation) ? I : 0;
+    moe_ab_cols ac = moe_ab_cols_of(d, c.gu.fused);
     int64_t shp[2] = {R, I};
     moe_tensor tg = moe_tensor_make(ab, dt, 2, shp), tu, tdh, tdg, tdu;
     tg.stride[0] = 2 * I;
+    tg.stride[1] = ac.step;
     tu = tg;
-    tu.data = ab + (size_t)uc * es;
+    tu.data = ab + (size_t)ac.up * es;
     tdh = moe_tensor_make(dh, dt, 2, shp);
     tdg = tg;
     tdg.data = dab;
     tdu = tu;
-    tdu.data = dab + (size_t)uc * es;
+    tdu.data = dab + (size_t)ac.up * es;
     moe_act_bwd_rows(&act, &tg, &tu, &tdh, &tdg, &tdu, plan->nt);
     if (!moe_tensor_absent(&gb.gate))
-      moe_bias_grad_rows(dab, dt, 2 * I, 0, I, x.offsets, plan->e_local,
-                         &gb.gate, plan->nt);
+      moe_bias_grad_rows(dab, dt, 2 * I, ac.gate, ac.step, I, x.offsets,
+                         plan->e_local, &gb.gate, plan->nt);
     if (!moe_tensor_absent(&gb.up))
-      moe_bias_grad_rows(dab, dt, 2 * I, uc, I, x.offsets, plan->e_local,
-                         &gb.up, plan->nt);
+      moe_bias_grad_rows(dab, dt, 2 * I, ac.up, ac.step, I, x.offsets,
+                         plan->e_local, &gb.up, plan->nt);
   }
   /* gate_up: dXp = dAB . Wgu (f32), dWgu = dAB^T . Xp */
   if (c.gu.fused) {

@@ -154,16 +154,18 @@ moe_status moe_cu_act_bwd(const struct moe_act *act, const moe_cu_view *g,
                           const moe_cu_view *dg, const moe_cu_view *du,
                           int64_t R, int64_t I, const int64_t *end,
                           cudaStream_t s);
-/// buf[r, c0 + j] += bias[e, j] (j < n) for the rows r < min(R, off[E]) of
+/// buf[r, c0 + j * cs] += bias[e, j] (j < n; cs 2 for interleaved gate/up
+/// columns, else 1) for the rows r < min(R, off[E]) of
 /// each expert e (off: device offsets [E+1]); buf row-major, ld, dtype dt.
 moe_status moe_cu_bias_add(void *buf, moe_dtype dt, int64_t ld, int64_t c0,
-                           int64_t n, const int64_t *off, int64_t E, int64_t R,
-                           const moe_cu_view *bias, cudaStream_t s);
-/// gb[e, j] = sum over expert e's rows, in row order, of buf[r, c0 + j]
+                           int64_t cs, int64_t n, const int64_t *off, int64_t E,
+                           int64_t R, const moe_cu_view *bias, cudaStream_t s);
+/// gb[e, j] = sum over expert e's rows, in row order, of buf[r, c0 + j * cs]
 /// (f32 sums; an expert with no rows gets 0).
 moe_status moe_cu_bias_grad(const void *buf, moe_dtype dt, int64_t ld,
-                            int64_t c0, int64_t n, const int64_t *off,
-                            int64_t E, const moe_cu_view *gb, cudaStream_t s);
+                            int64_t c0, int64_t cs, int64_t n,
+                            const int64_t *off, int64_t E,
+                            const moe_cu_view *gb, cudaStream_t s);
 /// off[0] = 0, off[1] = n (a one-group offsets array on the device).
 moe_status moe_cu_set_one_group(int64_t *off, int64_t n, cudaStream_t s);
 

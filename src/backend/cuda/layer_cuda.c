@@ -610,28 +610,30 @@ static moe_status moe_cu_forward_run(moe_cu_exec *x,
     MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.gate, ab, dt, 2 * I));
     MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.up, ab + (size_t)I * es, dt, 2 * I));
   }
-  /* the expert epilogue (act.cuh): biases, then the activation; with no
-     gate the up projection sits in columns [0, I) */
+  /* the expert epilogue (act.cuh): biases, then the activation, on the
+     gate and up columns where the GEMM put them (moe_ab_cols) */
   moe_act act = moe_act_of(d);
-  int64_t uc = moe_activation_has_gate(d->activation) ? I : 0;
+  moe_ab_cols ac = moe_ab_cols_of(d, c->gu.fused);
   if (!moe_tensor_absent(&c->bias.gate)) {
     moe_cu_view bv = moe_cu_view_of(&c->bias.gate);
-    MOE_TRY(
-        moe_cu_bias_add(ab, dt, 2 * I, 0, I, x->offsets, El, x->rows, &bv, st));
+    MOE_TRY(moe_cu_bias_add(ab, dt, 2 * I, ac.gate, ac.step, I, x->offsets, El,
+                            x->rows, &bv, st));
   }
   if (!moe_tensor_absent(&c->bias.up)) {
     moe_cu_view bv = moe_cu_view_of(&c->bias.up);
-    MOE_TRY(moe_cu_bias_add(ab, dt, 2 * I, uc, I, x->offsets, El, x->rows, &bv,
-                            st));
+    MOE_TRY(moe_cu_bias_add(ab, dt, 2 * I, ac.up, ac.step, I, x->offsets, El,
+                            x->rows, &bv, st));
   }
-  moe_cu_view vg = {ab, dt, 2 * I, 1},
-              vu = {ab + (size_t)uc * es, dt, 2 * I, 1}, vh = {hh, dt, I, 1};
+  moe_cu_view vg = {ab, dt, 2 * I, ac.step},
+              vu = {ab + (size_t)ac.up * es, dt, 2 * I, ac.step},
+              vh = {hh, dt, I, 1};
   MOE_TRY(moe_cu_act_fwd(&act, &vg, &vu, &vh, x->rows, I, x->offsets + El, st));
   moe_cu_operand Hh = moe_op(hh, dt, I, 1);
   MOE_TRY(moe_cu_fwd(x, 1, &Hh, &a->w_down, yc, dt, H));
   if (!moe_tensor_absent(&c->bias.down)) {
     moe_cu_view bv = moe_cu_view_of(&c->bias.down);
-    MOE_TRY(moe_cu_bias_add(yc, dt, H, 0, H, x->offsets, El, x->rows, &bv, st));
+    MOE_TRY(
+        moe_cu_bias_add(yc, dt, H, 0, 1, H, x->offsets, El, x->rows, &bv, st));
   }
   if (cp->ep)
     MOE_TRY(moe_cu_ep_combine(cp->ep, meta, yc, (size_t)H * es,
@@ -765,27 +767,29 @@ static moe_status moe_cu_backward_run(moe_cu_exec *x,
   moe_layer_bias_grads(p, args, &gb);
   if (!moe_tensor_absent(&gb.down)) {
     moe_cu_view gv = moe_cu_view_of(&gb.down);
-    MOE_TRY(moe_cu_bias_grad(dyc, dt, H, 0, H, x->offsets, El, &gv, st));
+    MOE_TRY(moe_cu_bias_grad(dyc, dt, H, 0, 1, H, x->offsets, El, &gv, st));
   }
   /* down: dH = dY . Wd, dWd = dY^T . Hh */
   MOE_TRY(moe_cu_dx(x, 1, dyc, H, &a->w_down, dh, dt, I, 0.0f));
   moe_cu_operand Hh = moe_op(hh, dt, I, 1);
   MOE_TRY(moe_cu_dw(x, 1, dyc, H, &Hh, &args->grad_w_down));
   moe_act act = moe_act_of(d);
-  int64_t uc = moe_activation_has_gate(d->activation) ? I : 0;
-  moe_cu_view vg = {ab, dt, 2 * I, 1},
-              vu = {ab + (size_t)uc * es, dt, 2 * I, 1}, vdh = {dh, dt, I, 1},
-              vdg = {dab, dt, 2 * I, 1},
-              vdu = {dab + (size_t)uc * es, dt, 2 * I, 1};
+  moe_ab_cols ac = moe_ab_cols_of(d, c->gu.fused);
+  moe_cu_view vg = {ab, dt, 2 * I, ac.step},
+              vu = {ab + (size_t)ac.up * es, dt, 2 * I, ac.step},
+              vdh = {dh, dt, I, 1}, vdg = {dab, dt, 2 * I, ac.step},
+              vdu = {dab + (size_t)ac.up * es, dt, 2 * I, ac.step};
   MOE_TRY(moe_cu_act_bwd(&act, &vg, &vu, &vdh, &vdg, &vdu, x->rows, I,
                          x->offsets + El, st));
   if (!moe_tensor_absent(&gb.gate)) {
     moe_cu_view gv = moe_cu_view_of(&gb.gate);
-    MOE_TRY(moe_cu_bias_grad(dab, dt, 2 * I, 0, I, x->offsets, El, &gv, st));
+    MOE_TRY(moe_cu_bias_grad(dab, dt, 2 * I, ac.gate, ac.step, I, x->offsets,
+                             El, &gv, st));
   }
   if (!moe_tensor_absent(&gb.up)) {
     moe_cu_view gv = moe_cu_view_of(&gb.up);
-    MOE_TRY(moe_cu_bias_grad(dab, dt, 2 * I, uc, I, x->offsets, El, &gv, st));
+    MOE_TRY(moe_cu_bias_grad(dab, dt, 2 * I, ac.up, ac.step, I, x->offsets, El,
+                             &gv, st));
   }
   /* gate_up: dXp = dAB . Wgu (into dY's space, which is dead now),
      dWgu = dAB^T . X */

@@ -671,12 +671,12 @@ moe_cu_swiglu_bwd(const moe_cu_view *g, const moe_cu_view *u,
   return moe_cu_act_bwd(&moe_act_swiglu, g, u, dh, dg, du, R, I, end, s);
 }
 
-/// buf[r, c0 + j] += bias[e(r), j]: one thread per element of the rows
+/// buf[r, c0 + j * cs] += bias[e(r), j]: one thread per element of the rows
 /// [0, off[E]); the expert of a row by binary search in the offsets.
 __global__ void moe_bias_add_kernel(void *buf, int f32, int64_t ld, int64_t c0,
-                                    int64_t n, const int64_t *off, int64_t E,
-                                    int64_t R, const void *b, int bf32,
-                                    int64_t brs, int64_t bcs) {
+                                    int64_t cs, int64_t n, const int64_t *off,
+                                    int64_t E, int64_t R, const void *b,
+                                    int bf32, int64_t brs, int64_t bcs) {
   int64_t rows = min(R, off[E]);
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < rows * n;
        i += (int64_t)gridDim.x * blockDim.x) {
@@ -688,49 +688,49 @@ __global__ void moe_bias_add_kernel(void *buf, int f32, int64_t ld, int64_t c0,
       else
         hi = mid;
     }
-    int64_t o = r * ld + c0 + j;
+    int64_t o = r * ld + c0 + j * cs;
     st1(buf, f32, o, ld1(buf, f32, o) + ld1(b, bf32, lo * brs + j * bcs));
   }
 }
 
 extern "C" moe_status moe_cu_bias_add(void *buf, moe_dtype dt, int64_t ld,
-                                      int64_t c0, int64_t n, const int64_t *off,
-                                      int64_t E, int64_t R,
+                                      int64_t c0, int64_t cs, int64_t n,
+                                      const int64_t *off, int64_t E, int64_t R,
                                       const moe_cu_view *bias, cudaStream_t s) {
   if (R == 0 || n == 0) return MOE_SUCCESS;
   int blocks = blocks_for(R * n, 256);
   if (blocks > 132 * 16) blocks = 132 * 16;
   moe_bias_add_kernel<<<blocks, 256, 0, s>>>(
-      buf, dt == MOE_F32, ld, c0, n, off, E, R, bias->data,
+      buf, dt == MOE_F32, ld, c0, cs, n, off, E, R, bias->data,
       bias->dtype == MOE_F32, bias->rs, bias->cs);
   return moe_cu_launch_check("moe_bias_add_kernel");
 }
 
-/// gb[e, j] = sum of buf[r, c0 + j] over expert e's rows, in row order: one
-/// thread per (expert, column), so the sums are deterministic.
+/// gb[e, j] = sum of buf[r, c0 + j * cs] over expert e's rows, in row order:
+/// one thread per (expert, column), so the sums are deterministic.
 __global__ void moe_bias_grad_kernel(const void *buf, int f32, int64_t ld,
-                                     int64_t c0, int64_t n, const int64_t *off,
-                                     void *gb, int gf32, int64_t grs,
-                                     int64_t gcs) {
+                                     int64_t c0, int64_t cs, int64_t n,
+                                     const int64_t *off, void *gb, int gf32,
+                                     int64_t grs, int64_t gcs) {
   int64_t e = blockIdx.y;
   for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < n;
        j += (int64_t)gridDim.x * blockDim.x) {
     float acc = 0.0f;
     for (int64_t r = off[e]; r < off[e + 1]; r++)
-      acc += ld1(buf, f32, r * ld + c0 + j);
+      acc += ld1(buf, f32, r * ld + c0 + j * cs);
     st1(gb, gf32, e * grs + j * gcs, acc);
   }
 }
 
 extern "C" moe_status moe_cu_bias_grad(const void *buf, moe_dtype dt,
-                                       int64_t ld, int64_t c0, int64_t n,
-                                       const int64_t *off, int64_t E,
+                                       int64_t ld, int64_t c0, int64_t cs,
+                                       int64_t n, const int64_t *off, int64_t E,
                                        const moe_cu_view *gb, cudaStream_t s) {
   if (E == 0 || n == 0) return MOE_SUCCESS;
   int64_t bx = (n + 255) / 256;
   dim3 grid((unsigned)(bx > 64 ? 64 : bx), (unsigned)E);
-  moe_bias_grad_kernel<<<grid, 256, 0, s>>>(buf, dt == MOE_F32, ld, c0, n, off,
-                                            gb->data, gb->dtype == MOE_F32,
+  moe_bias_grad_kernel<<<grid, 256, 0, s>>>(buf, dt == MOE_F32, ld, c0, cs, n,
+                                            off, gb->data, gb->dtype == MOE_F32,
                                             gb->rs, gb->cs);
   return moe_cu_launch_check("moe_bias_grad_kernel");
 }
