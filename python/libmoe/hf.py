@@ -137,7 +137,7 @@ def _candidates(found, gate):
             yield ("softcap_swiglu", 0.0, 0.0, gc, uc)
 
 
-def _probe(fn, width, scale, interleaved=None):
+def _probe(fn, width, scale):
     """fn on random f32 probe rows (CPU); returns (input, output) or None
     when fn cannot run on them."""
     gen = torch.Generator().manual_seed(1234)
@@ -166,18 +166,23 @@ def _identify(module, gate, I):
                                if v < float("inf")])
     if gate:
         width = 2 * max(int(I), 1)
-        pr = _probe(module._apply_gate, width, scale)
+        fn = getattr(module, "_apply_gate", None)
+        if fn is None:  # transformers without _apply_gate: the default one
+            def fn(x):
+                g, u = x.chunk(2, dim=-1)
+                return module.act_fn(g) * u
+        pr = _probe(fn, width, scale)
         what = f"{type(module).__name__}._apply_gate"
     else:
         width = max(int(I), 1)
-        pr = _probe(module.act_fn, width, scale)
-        what = f"the no-gate activation {type(module.act_fn).__name__}"
+        pr = _probe(getattr(module, "act_fn", None), width, scale)
+        what = ("the no-gate activation "
+                f"{type(getattr(module, 'act_fn', None)).__name__}")
     if pr is None:
         return f"{what} could not be probed on CPU float32 values"
     x, y = pr
     xd = x.double()
-    layouts = ((False, True) if not getattr(module, "is_concatenated", True)
-               else (False, True)) if gate else (False,)
+    layouts = (False, True) if gate else (False,)  # both row orders
     for interleaved in layouts:
         if gate:
             g, u = ((xd[:, 0::2], xd[:, 1::2]) if interleaved
