@@ -14,6 +14,10 @@
 ///     [E, I, H], w_down [E, H, I], router gate_weight [E, H].
 ///   A tensor stored as [E, H, 2I] is passed as its transposed view
 ///   (moe_tensor_transpose(&t, 1, 2, &view)).
+///   Interleaved gate/up rows (gpt-oss) are desc.gate_up_interleaved; an
+///   expert function without gate (MOE_ACT_RELU2) has an [E, I, H] up
+///   weight in place of w_gate_up. Optional expert biases: b_gate_up
+///   [E, 2I], b_down [E, H].
 ///
 /// Thread safety
 /// - A CPU plan (moe_layer_plan) may be shared by any number of threads:
