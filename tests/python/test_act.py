@@ -190,6 +190,16 @@ def test_probe_plain_function_and_decline():
     m = _Experts(act_fn=torch.nn.GELU(approximate="tanh"))
     assert libmoe.hf._spec(m)[1] == "geglu"
 
+    # transformers' own activation modules; GELUTanh's f32 rounding at large
+    # |g| must not read as a mismatch (it did with a fixed 1e-6 bound)
+    from transformers.activations import ACT2FN
+    for name, member in (("gelu_pytorch_tanh", "geglu"), ("silu", "swiglu"),
+                         ("swish", "swiglu"), ("gelu_new", "geglu")):
+        m = _Experts(act_fn=ACT2FN[name])
+        assert libmoe.hf._spec(m)[1:2] == (member,), (name, libmoe.hf._spec(m))
+    m = _Experts(act_fn=ACT2FN["gelu"])  # exact (erf) GELU: not a member
+    assert "matches none" in libmoe.hf.unsupported_reason(m)
+
     def odd_gate(self, gu):  # a gate function libmoe does not have
         g, u = gu.chunk(2, dim=-1)
         return torch.tanh(g) * u
