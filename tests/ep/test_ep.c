@@ -117,6 +117,7 @@ typedef struct tcase {
   moe_layout lgu, ldown;
   int fused, router, norm, nt, idx64, skew;
   int act, bias; /* moe_activation (gated members); expert biases */
+  int inter;     /* desc.gate_up_interleaved (fused gate/up only) */
 } tcase;
 
 static const char *lname(moe_layout l) {
@@ -135,13 +136,13 @@ static void describe(const tcase *c, int id, uint64_t seed) {
                   q ? " " : "", (long long)c->cnt[q], (long long)c->maxt[q]);
   snprintf(g_case + n, sizeof g_case - (size_t)n,
            "] %s gate=%s %s gu=%s%s down=%s %s%s norm=%d threads=%d act=%s "
-           "bias=%d",
+           "bias=%d interleaved=%d",
            moe_dtype_name(c->dt), moe_dtype_name(c->gdt),
            moe_gmm_method_name(c->method), lname(c->lgu),
            c->fused ? "(fused)" : "(split)", lname(c->ldown),
            c->router ? "router" : (c->idx64 ? "topk-i64" : "topk-i32"),
            c->skew ? "(skewed)" : "", c->norm, c->nt,
-           moe_activation_name((moe_activation)c->act), c->bias);
+           moe_activation_name((moe_activation)c->act), c->bias, c->inter);
 }
 
 /// The logical [E, out, in] view of storage in `layout`.
@@ -262,6 +263,7 @@ static moe_status run_layer(const tcase *c, const tdata *d, moe_comm *comm,
   desc.act_limit = 0.5f; /* small: the clamps act at these scales */
   desc.act_gate_cap = 0.8f;
   desc.act_up_cap = 1.2f;
+  desc.gate_up_interleaved = c->inter;
   memset(r, 0, sizeof *r);
   moe_layer_plan *plan;
   moe_status s = moe_layer_plan_create(&plan, &desc);
@@ -561,6 +563,7 @@ static void draw_case(tcase *c, int id, uint64_t seed) {
      members in turn; a third with expert biases. */
   c->act = id % 2 ? 1 + (id / 2) % 4 : 0;
   c->bias = id % 3 == 1;
+  c->inter = c->fused && id % 4 == 3;
 }
 
 /* ---- failures must be collective -------------------------------------- */
@@ -728,6 +731,7 @@ static void edge_case(tcase *c, int kind) {
   c->nt = 1;
   c->act = kind % 2 ? MOE_ACT_GPT_OSS : MOE_ACT_SWIGLU;
   c->bias = kind % 2;
+  c->inter = kind % 2;
   switch (kind) {
   case 0: /* no tokens anywhere */ c->T = 0; break;
   case 1: /* every token on the last rank */ c->T = 9; break;
