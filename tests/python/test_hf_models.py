@@ -81,6 +81,8 @@ def test_compile_fullgraph(family, monkeypatch):
     """torch.compile(fullgraph=True) through the binding: the probe is a
     constant under dynamo, the extended op (biases, activation, interleaved)
     traces; results as eager libmoe."""
+    if DEVICE.type != "cpu":
+        pytest.skip("f32 on the CPU (test_hf.py compiles on the GPU)")
     libmoe.hf.register()
     monkeypatch.setenv("LIBMOE_HF", "1")
     cls, cfg = MODELS[family]()
