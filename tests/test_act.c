@@ -812,6 +812,50 @@ int main(void) {
                   0,       MOE_LAYOUT_OUT_IN, 1,  1, ++seed};
     run_case(&empty, ai == 2);
   }
+  /* The CUDA layer's hidden-column passes (MOE_CUDA_COLS = 16 of H = 40:
+     passes of 16, 16, 8 columns) with the down bias added per pass, for a
+     gated member, gpt-oss's interleaved form and the gateless one. The
+     variable means nothing to the CPU layer, which runs the same cases. */
+  setenv("MOE_CUDA_COLS", "16", 1);
+  static const moe_activation pass_acts[3] = {MOE_ACT_SWIGLU, MOE_ACT_GPT_OSS,
+                                              MOE_ACT_RELU2};
+  for (int ai = 0; ai < 3; ai++)
+    for (int dt = 0; dt < 2; dt++) {
+      acfg c = {dt ? MOE_BF16 : MOE_F32,
+                pass_acts[ai],
+                9,
+                4,
+                40,
+                24,
+                2,
+                ai == 1 ? 2 : 0,
+                MOE_LAYOUT_OUT_IN,
+                1,
+                ai == 2 ? 1 : 0,
+                ++seed};
+      run_case(&c, false);
+    }
+  unsetenv("MOE_CUDA_COLS");
+  /* MOE_CUDA_FUSE=1 asks for the sm_90a fused epilogues: SwiGLU without
+     biases may take them; a bias or interleaved rows must fall back to the
+     general kernels and still be right. (Ignored on the CPU.) */
+  setenv("MOE_CUDA_FUSE", "1", 1);
+  for (int form = 0; form < 3; form++) {
+    acfg c = {MOE_BF16,
+              MOE_ACT_SWIGLU,
+              9,
+              4,
+              40,
+              24,
+              2,
+              form == 2 ? 2 : 0,
+              MOE_LAYOUT_OUT_IN,
+              form == 1 ? 1 : 0,
+              0,
+              ++seed};
+    run_case(&c, false);
+  }
+  unsetenv("MOE_CUDA_FUSE");
   if (!ACT_GPU) { /* host-side checks: once, on the CPU build */
     test_edges();
     test_errors();
