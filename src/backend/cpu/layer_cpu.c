@@ -2,8 +2,9 @@
 /// The CPU backend of the expert layer (backend.h): plan (its checks, the
 /// planner's method choice, sizes) and the forward and backward
 /// orchestration
-///   router -> top-k -> sort -> permute -> gate_up GEMM -> SwiGLU -> down
-///   GEMM -> weighted unpermute
+///   router -> top-k -> sort -> permute -> gate_up GEMM (+ bias) -> the
+///   expert function (desc.activation) -> down GEMM (+ bias) -> weighted
+///   unpermute
 /// and its mirror image. Every matrix product, the router's included, is one
 /// grouped GEMM problem (gemm.h) run by the planned method.
 #include <omp.h>
