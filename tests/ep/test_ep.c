@@ -285,18 +285,23 @@ static moe_status run_layer(const tcase *c, const tdata *d, moe_comm *comm,
     moe_tensor_narrow(&full, 0, t0, T, &f->topk_weights);
   }
   moe_tensor w;
+  /* gate_up rows: 2I, or I (the up weight alone) without a gate */
+  bool gate = moe_activation_has_gate((moe_activation)c->act);
+  int64_t NG = gate ? 2 * I : I;
   if (c->fused) {
-    w = wview(d->gu, c->dt, E, 2 * I, H, c->lgu);
+    w = wview(d->gu, c->dt, E, NG, H, c->lgu);
     f->w_gate_up = shard(&w, e0, El);
   } else {
-    w = wview(d->g, c->dt, E, I, H, c->lgu);
-    f->w_gate = shard(&w, e0, El);
+    if (gate) {
+      w = wview(d->g, c->dt, E, I, H, c->lgu);
+      f->w_gate = shard(&w, e0, El);
+    }
     w = wview(d->u, c->dt, E, I, H, c->lgu);
     f->w_up = shard(&w, e0, El);
   }
   w = wview(d->down, c->dt, E, H, I, c->ldown);
   f->w_down = shard(&w, e0, El);
-  int64_t e2i[2] = {E, 2 * I};
+  int64_t e2i[2] = {E, NG};
   if (c->bias) {
     w = moe_tensor_make(d->bgu, c->dt, 2, e2i);
     f->b_gate_up = shard(&w, e0, El);
@@ -340,17 +345,19 @@ static moe_status run_layer(const tcase *c, const tdata *d, moe_comm *comm,
       a.grad_topk_weights = moe_tensor_make(r->gtw, MOE_F32, 2, tk);
     }
     if (c->fused) {
-      r->ggu = xalloc(wbytes(c, 2 * I, H));
-      memset(r->ggu, 0xff, wbytes(c, 2 * I, H));
-      w = wview(r->ggu, c->dt, E, 2 * I, H, c->lgu);
+      r->ggu = xalloc(wbytes(c, NG, H));
+      memset(r->ggu, 0xff, wbytes(c, NG, H));
+      w = wview(r->ggu, c->dt, E, NG, H, c->lgu);
       a.grad_w_gate_up = shard(&w, e0, El);
     } else {
-      r->gg_ = xalloc(wbytes(c, I, H));
+      if (gate) {
+        r->gg_ = xalloc(wbytes(c, I, H));
+        memset(r->gg_, 0xff, wbytes(c, I, H));
+        w = wview(r->gg_, c->dt, E, I, H, c->lgu);
+        a.grad_w_gate = shard(&w, e0, El);
+      }
       r->gu_ = xalloc(wbytes(c, I, H));
-      memset(r->gg_, 0xff, wbytes(c, I, H));
       memset(r->gu_, 0xff, wbytes(c, I, H));
-      w = wview(r->gg_, c->dt, E, I, H, c->lgu);
-      a.grad_w_gate = shard(&w, e0, El);
       w = wview(r->gu_, c->dt, E, I, H, c->lgu);
       a.grad_w_up = shard(&w, e0, El);
     }
@@ -359,8 +366,8 @@ static moe_status run_layer(const tcase *c, const tdata *d, moe_comm *comm,
     w = wview(r->gd, c->dt, E, H, I, c->ldown);
     a.grad_w_down = shard(&w, e0, El);
     if (c->bias) { /* full-size, 0xff outside this rank's shard */
-      r->gbgu = xalloc((size_t)(E * 2 * I) * es);
-      memset(r->gbgu, 0xff, (size_t)(E * 2 * I) * es);
+      r->gbgu = xalloc((size_t)(E * NG) * es);
+      memset(r->gbgu, 0xff, (size_t)(E * NG) * es);
       w = moe_tensor_make(r->gbgu, c->dt, 2, e2i);
       a.grad_b_gate_up = shard(&w, e0, El);
       r->gbd = xalloc((size_t)(E * H) * es);
@@ -444,11 +451,12 @@ static void run_case(tcase *c, int id, uint64_t seed) {
       same("grad_topk_weights", ep.gtw, (char *)ref.gtw + (size_t)(t0 * k) * 4,
            (size_t)(T * k) * 4, 4);
     }
+    int64_t NG = moe_activation_has_gate((moe_activation)c->act) ? 2 * I : I;
     struct {
       const char *n;
       void *a, *b;
       int64_t out, in;
-    } g[3] = {{"grad_w_gate_up", ep.ggu, ref.ggu, 2 * I, H},
+    } g[3] = {{"grad_w_gate_up", ep.ggu, ref.ggu, NG, H},
               {"grad_w_gate", ep.gg_, ref.gg_, I, H},
               {"grad_w_up", ep.gu_, ref.gu_, I, H}};
     for (int i = 0; i < 3; i++) {
@@ -465,7 +473,7 @@ static void run_case(tcase *c, int id, uint64_t seed) {
     untouched("grad_w_down", ep.gd, (size_t)e0 * per, (size_t)(e0 + El) * per,
               (size_t)E * per);
     if (c->bias) {
-      size_t pg = (size_t)(2 * I) * es, pd = (size_t)H * es;
+      size_t pg = (size_t)NG * es, pd = (size_t)H * es;
       same("grad_b_gate_up", (char *)ep.gbgu + (size_t)e0 * pg,
            (char *)ref.gbgu + (size_t)e0 * pg, (size_t)El * pg, es);
       untouched("grad_b_gate_up", ep.gbgu, (size_t)e0 * pg,
@@ -559,9 +567,10 @@ static void draw_case(tcase *c, int id, uint64_t seed) {
   c->norm = (int)rng_int(&s, 0, 1);
   c->nt = (int)rng_int(&s, 1, 2);
   /* Drawn from the id, after the rest, so the other fields of each case
-     stay what they were: half the cases SwiGLU, the others the gated
-     members in turn; a third with expert biases. */
-  c->act = id % 2 ? 1 + (id / 2) % 4 : 0;
+     stay what they were: half the cases SwiGLU, the others the other
+     members in turn (ReLU^2 without a gate: H is [rows, I]); a third with
+     expert biases. */
+  c->act = id % 2 ? 1 + (id / 2) % 5 : 0;
   c->bias = id % 3 == 1;
   c->inter = c->fused && id % 4 == 3;
 }
