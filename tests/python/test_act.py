@@ -206,3 +206,22 @@ def test_probe_plain_function_and_decline():
     m = _Experts(act_fn=F.silu, gate=odd_gate)
     r = libmoe.hf.unsupported_reason(m)
     assert r is not None and "matches none" in r, r
+
+
+@pytest.mark.parametrize("act", list(lt.ACTIVATIONS))
+def test_saved_bound_per_member(act):
+    """Issue 16's saved-state bound at the member's real gate_up width W
+    (2I, or I for relu2 without a gate): W*T*k*es <= saved <= that + 16*T*k
+    + 64*E, on the plan the binding makes (its forward returns `saved` of
+    exactly that size)."""
+    (x, w, gu, dn, bgu, bdn), idx = make(act, "out_in", torch.float32, False)
+    p = lt._plan_for(x.shape, K, gu, dn, torch.float32, x.device, 0,
+                     lt._act_of(lt.ACTIVATIONS[act],
+                                [PARAMS[n] for n in ("alpha", "limit",
+                                                     "gate_cap", "up_cap")]))
+    W = I if act == "relu2" else 2 * I
+    S, es = T * K, 4
+    s = p.sizes(T)
+    assert S * W * es <= s.saved <= S * W * es + 16 * S + 64 * E
+    y = lt.experts(x, idx, w, gu, dn, activation=act, **PARAMS)
+    assert y.shape == x.shape
