@@ -79,6 +79,15 @@ if [ "${MOE_SANITIZER:-1}" != 0 ] && command -v compute-sanitizer >/dev/null 2>&
     rc=$?
     [ $rc -eq 0 ] || { echo "FAIL: compute-sanitizer memcheck test_cuda_ep exited $rc"; status=1; }
   fi
+  # the expert-function kernels (general activation passes, bias add and
+  # bias gradients, hidden-column passes with the down bias): small cases
+  if [ -x "$build/test_cuda_act" ]; then
+    echo "== compute-sanitizer --tool memcheck test_cuda_act"
+    timeout 600 compute-sanitizer --tool memcheck --error-exitcode 3 \
+      --print-limit 20 "$build/test_cuda_act"
+    rc=$?
+    [ $rc -eq 0 ] || { echo "FAIL: compute-sanitizer memcheck test_cuda_act exited $rc"; status=1; }
+  fi
 else
   echo "note: compute-sanitizer not run"
 fi
