@@ -14,6 +14,10 @@
 ///     [E, I, H], w_down [E, H, I], router gate_weight [E, H].
 ///   A tensor stored as [E, H, 2I] is passed as its transposed view
 ///   (moe_tensor_transpose(&t, 1, 2, &view)).
+///   Interleaved gate/up rows (gpt-oss) are desc.gate_up_interleaved; an
+///   expert function without gate (MOE_ACT_RELU2) has an [E, I, H] up
+///   weight in place of w_gate_up. Optional expert biases: b_gate_up
+///   [E, 2I], b_down [E, H].
 ///
 /// Thread safety
 /// - A CPU plan (moe_layer_plan) may be shared by any number of threads:
@@ -241,8 +245,39 @@ typedef enum moe_ep_overflow {
   MOE_EP_OVERFLOW_DROP = 1,
 } moe_ep_overflow;
 
+/// The expert function between the gate_up and the down projection, on the
+/// gate half g and the up half u of each routed row (f32 arithmetic, stored
+/// in the layer dtype). Every member has its exact backward; at a clamp
+/// bound itself the gradient is 0, as torch autograd's clamp has it.
+typedef enum moe_activation {
+  /// silu(g) * u (default).
+  MOE_ACT_SWIGLU = 0,
+  /// silu(min(g, L)) * clamp(u, -L, L), L = desc.act_limit
+  /// (DeepSeek-V4, GLM-5-next, HY-V4).
+  MOE_ACT_SWIGLU_CLAMP = 1,
+  /// gpt-oss gating: g' sigmoid(a g') (u' + 1) with g' = min(g, L),
+  /// u' = clamp(u, -L, L), a = desc.act_alpha, L = desc.act_limit.
+  MOE_ACT_GPT_OSS = 2,
+  /// Soft-capped SwiGLU (Inkling2): cg tanh(g / cg) sigmoid(g) cu tanh(u /
+  /// cu), cg = desc.act_gate_cap, cu = desc.act_up_cap.
+  MOE_ACT_SOFTCAP_SWIGLU = 3,
+  /// GeGLU: gelu_tanh(g) * u (Gemma 4).
+  MOE_ACT_GEGLU = 4,
+  /// relu(u)^2 with no gate (Nemotron-H): the gate_up projection has I
+  /// rows, not 2I -- w_gate_up is [E, I, H] (or w_up alone, w_gate
+  /// absent) and its bias [E, I].
+  MOE_ACT_RELU2 = 5,
+} moe_activation;
+
+/// "swiglu", "swiglu_clamp", "gpt_oss", "softcap_swiglu", "geglu", "relu2"
+/// or "?".
+MOE_API const char *moe_activation_name(moe_activation a);
+/// Whether the activation multiplies a gate half with an up half (every
+/// member but MOE_ACT_RELU2).
+MOE_API int moe_activation_has_gate(moe_activation a);
+
 #define MOE_LAYER_DESC_MAGIC 0x4d4f454cu /* "MOEL" */
-#define MOE_LAYER_DESC_VERSION 2u
+#define MOE_LAYER_DESC_VERSION 3u
 
 /// Describes an expert layer. Initialise with MOE_LAYER_DESC_INIT so that
 /// fields added in later versions get their defaults.
@@ -292,6 +327,20 @@ typedef struct moe_layer_desc {
   /// model, 1 = no overlap, at most 64 (and at most the local experts).
   /// Capacity mode runs one chunk. Every rank must pass the same value.
   int ep_chunks;
+  /// Version 3. The expert function (default MOE_ACT_SWIGLU) and its
+  /// parameters; a parameter the member does not use is ignored.
+  moe_activation activation;
+  float act_alpha;    ///< MOE_ACT_GPT_OSS: sigmoid scale (finite)
+  float act_limit;    ///< clamp bound L > 0 (+inf: no clamp)
+  float act_gate_cap; ///< MOE_ACT_SOFTCAP_SWIGLU: gate softcap > 0
+  float act_up_cap;   ///< MOE_ACT_SOFTCAP_SWIGLU: up softcap > 0
+  /// 1: the fused w_gate_up (and b_gate_up, and their gradients) hold gate
+  /// and up rows interleaved -- gate = rows 0::2, up = rows 1::2, as
+  /// gpt-oss stores them -- instead of gate rows first. The projection
+  /// still runs as one N = 2I product in the weight's own layout; only the
+  /// epilogue reads its columns at stride 2. 0 (default): gate first.
+  /// Ignored without a gate.
+  int gate_up_interleaved;
 } moe_layer_desc;
 
 #define MOE_LAYER_DESC_INIT                                                    \
@@ -299,7 +348,8 @@ typedef struct moe_layer_desc {
     sizeof(moe_layer_desc), MOE_LAYER_DESC_MAGIC, MOE_LAYER_DESC_VERSION, 0,   \
         0, 0, 0, 0, 1, MOE_F32, MOE_LAYOUT_OUT_IN, MOE_LAYOUT_OUT_IN,          \
         MOE_GMM_AUTO, 0, 0, {MOE_DEVICE_CPU, 0}, NULL, MOE_TOPK_INVALID_ERROR, \
-        NULL, MOE_EP_EXCHANGE_AUTO, 0.0, MOE_EP_OVERFLOW_ERROR, 0              \
+        NULL, MOE_EP_EXCHANGE_AUTO, 0.0, MOE_EP_OVERFLOW_ERROR, 0,             \
+        MOE_ACT_SWIGLU, 0.0f, 0.0f, 0.0f, 0.0f, 0                              \
   }
 
 /// Opaque plan: the chosen methods, sizes and reasons.
@@ -370,6 +420,16 @@ typedef struct moe_layer_fwd_args {
   moe_tensor w_down;        ///< [E, H, I]
   moe_tensor output;        ///< [T, H] written
   moe_tensor router_logits; ///< optional [T, E] F32 written
+  /// Optional expert biases (absent: none), any strides, F32 or the layer
+  /// dtype: added to the projection outputs before the activation
+  /// (gate_up) and before the routing weight (down). The gate/up bias comes
+  /// as b_gate_up [E, 2I] (gate columns first; [E, I] with no gate) or as
+  /// b_gate + b_up [E, I] (e.g. stride-2 views of an interleaved one),
+  /// whatever form the weights take.
+  moe_tensor b_gate_up;
+  moe_tensor b_gate;
+  moe_tensor b_up;
+  moe_tensor b_down; ///< [E, H]
 } moe_layer_fwd_args;
 
 /// Backward arguments: the forward's inputs again plus grad_output; writes
@@ -385,6 +445,14 @@ typedef struct moe_layer_bwd_args {
   moe_tensor grad_w_gate;       ///< [E, I, H] written (separate mode)
   moe_tensor grad_w_up;         ///< [E, I, H] written (separate mode)
   moe_tensor grad_w_down;       ///< [E, H, I] written
+  /// The biases' gradients (per-expert column sums of the projection
+  /// gradients, summed in row order: deterministic), required for each
+  /// bias the forward part gives, in its form, written through their own
+  /// strides; an expert with no rows gets exact 0.
+  moe_tensor grad_b_gate_up;
+  moe_tensor grad_b_gate;
+  moe_tensor grad_b_up;
+  moe_tensor grad_b_down;
 } moe_layer_bwd_args;
 
 /// Runs the forward. `saved` (saved_bytes from moe_layer_plan_sizes, or NULL

@@ -183,6 +183,54 @@ static void test_card(const int64_t *sh, const char *card) {
   moe_layer_plan_destroy(plan);
 }
 
+/// Every expert function: the saved bytes within issue 16's bound at the
+/// real gate_up width W (2I, or I for ReLU^2 without a gate); with
+/// MOE_CUDA_FUSE=1, a plan whose function the fused SwiGLU epilogues
+/// cannot serve says it runs unfused, and why.
+static void test_act_sizes(const int64_t *sh, const char *card) {
+  static const moe_activation acts[6] = {
+      MOE_ACT_SWIGLU,         MOE_ACT_SWIGLU_CLAMP, MOE_ACT_GPT_OSS,
+      MOE_ACT_SOFTCAP_SWIGLU, MOE_ACT_GEGLU,        MOE_ACT_RELU2};
+  int64_t E = sh[0], I = sh[2], k = sh[3], T = sh[4];
+  setenv("MOE_CUDA_FUSE", "1", 1);
+  for (int ai = 0; ai < 6; ai++) {
+    moe_layer_desc d = desc_of(sh, card);
+    d.activation = acts[ai];
+    d.act_alpha = 1.702f;
+    d.act_limit = 7.0f;
+    d.act_gate_cap = 10.0f;
+    d.act_up_cap = 10.0f;
+    tu_case("plan_gpu=%s act=%s E=%lld I=%lld k=%lld T=%lld", card,
+            moe_activation_name(acts[ai]), (long long)E, (long long)I,
+            (long long)k, (long long)T);
+    moe_layer_plan *plan = NULL;
+    CHECK_STATUS(moe_layer_plan_create(&plan, &d), MOE_SUCCESS);
+    if (!plan) continue;
+    double W = (double)(moe_activation_has_gate(acts[ai]) ? 2 * I : I);
+    int64_t Ts[3] = {T, T / 7 + 1, 0};
+    for (int i = 0; i < 3; i++) {
+      moe_layer_sizes z;
+      CHECK_STATUS(moe_layer_plan_pass_sizes(plan, Ts[i], &z), MOE_SUCCESS);
+      double S = (double)(Ts[i] * k);
+      double bound = S * W * 2.0 + 16.0 * S + 64.0 * (double)E;
+      CHECK((double)z.saved <= bound, "T=%lld: saved %zu above the bound %.0f",
+            (long long)Ts[i], z.saved, bound);
+      CHECK(Ts[i] == 0 || z.saved >= S * W * 2.0,
+            "T=%lld: saved %zu cannot hold H [T*k, %.0f]", (long long)Ts[i],
+            z.saved, W);
+    }
+    const char *ex = moe_layer_plan_explain(plan);
+    if (strstr(ex, "epilogues (sm_90a"))
+      CHECK(acts[ai] == MOE_ACT_SWIGLU
+                ? !strstr(ex, "unfused although")
+                : strstr(ex, "unfused although") && strstr(ex, "SwiGLU only"),
+            "act=%s: the explanation's epilogue line: %s",
+            moe_activation_name(acts[ai]), ex);
+    moe_layer_plan_destroy(plan);
+  }
+  unsetenv("MOE_CUDA_FUSE");
+}
+
 int main(void) {
   static const int64_t grid[][5] = {
       /* E, H, I, k, T: the issue's grid, Qwen3-30B-A3B, odd sizes */
@@ -194,6 +242,8 @@ int main(void) {
   for (size_t i = 0; i < sizeof grid / sizeof grid[0]; i++)
     test_card(grid[i], i % 2 ? "h200" : "h100");
   test_card(grid[0], "H100"); /* any case */
+  test_act_sizes(grid[0], "h100");
+  test_act_sizes(grid[7], "h200");
 
   tu_case("plan_gpu: unknown card");
   moe_layer_desc d = desc_of(grid[0], "a100");

@@ -149,11 +149,13 @@ int cmd_plan(int argc, char **argv) {
     moe_layer_plan_destroy(plan);
     return CLI_ERR;
   }
-  /* Issue 16's bound: the pre-activation and 16 bytes of routing metadata
-     a routed slot, 64 a expert. */
+  /* Issue 16's bound: the pre-activation (2I wide, or I without a gate)
+     and 16 bytes of routing metadata a routed slot, 64 a expert. */
   size_t S = (size_t)(d.max_tokens * d.top_k);
-  size_t bound = S * 2 * (size_t)d.intermediate * moe_dtype_size(dt) + 16 * S +
-                 64 * (size_t)d.num_experts;
+  size_t W = (moe_activation_has_gate(d.activation) ? 2u : 1u) *
+             (size_t)d.intermediate;
+  size_t bound =
+      S * W * moe_dtype_size(dt) + 16 * S + 64 * (size_t)d.num_experts;
   const char *m0 = moe_gmm_method_name(moe_layer_plan_method(plan, 0));
   const char *m1 = moe_gmm_method_name(moe_layer_plan_method(plan, 1));
   if (json) {

@@ -27,7 +27,10 @@ MOE_TOPK_INVALID_ERROR, MOE_TOPK_INVALID_DROP = 0, 1
 MOE_EP_EXCHANGE_AUTO, MOE_EP_EXCHANGE_EXACT, MOE_EP_EXCHANGE_CAPACITY = 0, 1, 2
 MOE_EP_OVERFLOW_ERROR, MOE_EP_OVERFLOW_DROP = 0, 1
 MOE_LAYER_DESC_MAGIC = 0x4D4F454C
-MOE_LAYER_DESC_VERSION = 2
+MOE_LAYER_DESC_VERSION = 3
+# moe_activation
+(MOE_ACT_SWIGLU, MOE_ACT_SWIGLU_CLAMP, MOE_ACT_GPT_OSS, MOE_ACT_SOFTCAP_SWIGLU,
+ MOE_ACT_GEGLU, MOE_ACT_RELU2) = range(6)
 MOE_MAX_DIMS = 4
 
 
@@ -71,6 +74,12 @@ class moe_layer_desc(ctypes.Structure):
         ("ep_capacity_factor", ctypes.c_double),
         ("ep_overflow", ctypes.c_int),
         ("ep_chunks", ctypes.c_int),
+        ("activation", ctypes.c_int),
+        ("act_alpha", ctypes.c_float),
+        ("act_limit", ctypes.c_float),
+        ("act_gate_cap", ctypes.c_float),
+        ("act_up_cap", ctypes.c_float),
+        ("gate_up_interleaved", ctypes.c_int),
     ]
 
 
@@ -89,6 +98,7 @@ class moe_layer_fwd_args(ctypes.Structure):
         for n in (
             "hidden", "gate_weight", "topk_index", "topk_weights", "w_gate_up",
             "w_gate", "w_up", "w_down", "output", "router_logits",
+            "b_gate_up", "b_gate", "b_up", "b_down",
         )
     ]
 
@@ -99,7 +109,8 @@ class moe_layer_bwd_args(ctypes.Structure):
         for n in (
             "grad_output", "grad_hidden", "grad_gate_weight",
             "grad_topk_weights", "grad_w_gate_up", "grad_w_gate", "grad_w_up",
-            "grad_w_down",
+            "grad_w_down", "grad_b_gate_up", "grad_b_gate", "grad_b_up",
+            "grad_b_down",
         )
     ]
 

@@ -9,11 +9,16 @@
 The "libmoe" experts implementation runs transformers' experts modules
 (those decorated with `use_experts_implementation`) through
 libmoe.torch.experts: weights read in place in either `is_transposed`
-layout, expert-parallel sentinel indices (>= the local expert count, weight
-0) dropped. Configurations libmoe cannot run (bias, an activation other
-than SiLU, no gate, interleaved gate/up, a post-expert norm, a custom
-`_apply_gate`, a dtype other than f32/bf16) are handled by the environment
-variable LIBMOE_HF:
+layout, concatenated or interleaved gate/up rows (stride-2 views, no copy),
+with or without biases and gate, expert-parallel sentinel indices (>= the
+local expert count, weight 0) dropped. The expert function is recognised by
+what the module computes: its `_apply_gate` (or, with no gate, `act_fn`) is
+probed on random values and matched against libmoe's members (SwiGLU,
+clamped SwiGLU, gpt-oss gating, soft-capped SwiGLU, GeGLU, ReLU^2) under
+the limits, alphas and softcaps the module or its config holds.
+Configurations libmoe cannot run (an expert function it does not have, a
+post-expert norm, a dtype other than f32/bf16) are handled by the
+environment variable LIBMOE_HF:
     auto (default)  fall back to transformers' grouped_mm, logging the reason once
     1               raise with the reason
     0               always use transformers' grouped_mm
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 
 import torch
 
@@ -62,32 +68,203 @@ def _mode() -> str:
     return m
 
 
+# ---- recognising the expert function ----------------------------------------
+#
+# The binding reads what a module computes, not what its class is called:
+# the gate function (`_apply_gate`, the default or an override) or, without
+# a gate, `act_fn` is run on random probe values on the CPU and compared
+# with each libmoe member (float64 math) under the parameters the module
+# or its config carries. Whatever matches none is declined with the reason.
+
+_ACT_PARAM_WORDS = ("limit", "alpha", "cap")
+
+
+def _param_candidates(module):
+    """Float parameters the module, its act_fn's submodules and its config
+    hold, by kind: limits, alphas, caps."""
+    found = {w: set() for w in _ACT_PARAM_WORDS}
+    objs = [module, getattr(module, "config", None)]
+    act = getattr(module, "act_fn", None)
+    if isinstance(act, torch.nn.Module):
+        objs += [m for _, m in act.named_modules()]
+    for o in objs:
+        if o is None:
+            continue
+        for name, v in list(vars(o).items()):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            for w in _ACT_PARAM_WORDS:
+                if w in name.lower():
+                    found[w].add(float(v))
+    found["alpha"].add(1.702)  # gpt-oss's published value
+    return found
+
+
+def _ref_member(name, g, u, alpha=0.0, limit=0.0, gcap=0.0, ucap=0.0):
+    """libmoe's members in float64 (the definitions of include/moe.h)."""
+    F = torch.nn.functional
+    if name == "swiglu":
+        return F.silu(g) * u
+    if name == "swiglu_clamp":
+        return F.silu(g.clamp(max=limit)) * u.clamp(-limit, limit)
+    if name == "gpt_oss":
+        g = g.clamp(max=limit)
+        return g * torch.sigmoid(alpha * g) * (u.clamp(-limit, limit) + 1)
+    if name == "softcap_swiglu":
+        return (gcap * torch.tanh(g / gcap) * torch.sigmoid(g) * ucap *
+                torch.tanh(u / ucap))
+    if name == "geglu":
+        return F.gelu(g, approximate="tanh") * u
+    if name == "relu2":
+        return F.relu(u).square()
+    raise ValueError(name)
+
+
+def _candidates(found, gate):
+    if not gate:
+        yield ("relu2", 0.0, 0.0, 0.0, 0.0)
+        return
+    yield ("swiglu", 0.0, 0.0, 0.0, 0.0)
+    yield ("geglu", 0.0, 0.0, 0.0, 0.0)
+    for lim in sorted(found["limit"]):
+        if lim > 0:
+            yield ("swiglu_clamp", 0.0, lim, 0.0, 0.0)
+            for al in sorted(found["alpha"]):
+                yield ("gpt_oss", al, lim, 0.0, 0.0)
+    caps = sorted(c for c in found["cap"] if 0 < c < float("inf"))
+    for gc in caps:
+        for uc in caps:
+            yield ("softcap_swiglu", 0.0, 0.0, gc, uc)
+
+
+def _probe(fn, width, scale):
+    """fn on random f32 probe rows (CPU); returns (input, output) or None
+    when fn cannot run on them."""
+    gen = torch.Generator().manual_seed(1234)
+    x = torch.randn((64, width), generator=gen) * scale
+    x[0] = torch.linspace(-scale, scale, width)  # both tails, and near 0
+    try:
+        with torch.no_grad():
+            y = fn(x)
+    except Exception:  # noqa: BLE001 -- a probe failure is a decline
+        return None
+    if not isinstance(y, torch.Tensor):
+        return None
+    return x, y
+
+
+def _matches(y, ref, mag):
+    """Elementwise, within f32 rounding of the module's own arithmetic: its
+    error grows with the operands (gelu(g) at large |g| cancels to ~1e-7 |g|
+    absolute), so the bound is 1e-5 (1 + |g|)(1 + |u|) -- far below the
+    differences between members (exact vs tanh GELU: ~1e-3 at |g| ~ 2)."""
+    return (y.shape == ref.shape and
+            bool(((y.double() - ref).abs() <= 1e-5 * mag).all()))
+
+
+def _identify(module, gate, I):
+    """(member, alpha, limit, gate_cap, up_cap, interleaved) the module
+    computes, or a reason string."""
+    found = _param_candidates(module)
+    scale = 2.0 * max([3.0] + [v for w in ("limit", "cap") for v in found[w]
+                               if v < float("inf")])
+    if gate:
+        width = 2 * max(int(I), 1)
+        fn = getattr(module, "_apply_gate", None)
+        if fn is None:  # transformers without _apply_gate: the default one
+            def fn(x):
+                g, u = x.chunk(2, dim=-1)
+                return module.act_fn(g) * u
+        pr = _probe(fn, width, scale)
+        what = f"{type(module).__name__}._apply_gate"
+    else:
+        width = max(int(I), 1)
+        pr = _probe(getattr(module, "act_fn", None), width, scale)
+        what = ("the no-gate activation "
+                f"{type(getattr(module, 'act_fn', None)).__name__}")
+    if pr is None:
+        return f"{what} could not be probed on CPU float32 values"
+    x, y = pr
+    xd = x.double()
+    layouts = (False, True) if gate else (False,)  # both row orders
+    for interleaved in layouts:
+        if gate:
+            g, u = ((xd[:, 0::2], xd[:, 1::2]) if interleaved
+                    else xd.chunk(2, dim=-1))
+        else:
+            g, u = None, xd
+        mag = (1 + u.abs()) * (1 + (g.abs() if g is not None else u.abs()))
+        for cand in _candidates(found, gate):
+            if _matches(y, _ref_member(cand[0], g, u, *cand[1:]), mag):
+                return cand + (interleaved,)
+    return (f"{what} matches none of libmoe's expert functions (SwiGLU, "
+            "clamped SwiGLU, gpt-oss gating, soft-capped SwiGLU, GeGLU, "
+            "ReLU^2 without gate) on probe values")
+
+
+_specs = weakref.WeakKeyDictionary()
+
+
+@torch._dynamo.assume_constant_result
+def _spec(module):
+    """What libmoe runs for this module: (None, member, alpha, limit,
+    gate_cap, up_cap, interleaved) or (reason,). Computed once per module
+    and act_fn (outside any graph: a constant under torch.compile)."""
+    key = (id(getattr(module, "act_fn", None)),
+           getattr(type(module), "_apply_gate", None),
+           bool(getattr(module, "has_gate", True)),
+           bool(getattr(module, "is_concatenated", True)))
+    hit = _specs.get(module)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    gate = bool(getattr(module, "has_gate", True))
+    dn = getattr(module, "down_proj", None)
+    if not isinstance(dn, torch.Tensor) or dn.dim() != 3:
+        res = ("down_proj is not a 3-D expert weight",)
+    else:
+        I = dn.shape[1] if getattr(module, "is_transposed", False) \
+            else dn.shape[2]
+        r = _identify(module, gate, I)
+        res = (r,) if isinstance(r, str) else (None,) + r
+    _specs[module] = (key, res)
+    return res
+
+
+def _weights(module):
+    """gate_up (or up) and down as logical [E, out, in] views, and the
+    biases (None when absent)."""
+    gate = getattr(module, "has_gate", True)
+    gu = module.gate_up_proj if gate else module.up_proj
+    dn = module.down_proj
+    if module.is_transposed:  # [E, H, 2I] / [E, I, H] storage: logical views
+        gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
+    bgu = bdn = None
+    if getattr(module, "has_bias", False):
+        bgu = getattr(module, "gate_up_proj_bias" if gate else "up_proj_bias",
+                      None)
+        bdn = getattr(module, "down_proj_bias", None)
+    return gu, dn, bgu, bdn
+
+
 def unsupported_reason(module, hidden_states=None) -> str | None:
     """Why libmoe cannot run this experts module (None: it can)."""
-    hf_moe = _moe_module()
-    if getattr(module, "has_bias", False):
-        return "the experts have biases"
-    if not getattr(module, "has_gate", True):
-        return "the experts have no gate (up projection only)"
-    if not getattr(module, "is_concatenated", True):
-        return "gate/up weights are interleaved, not concatenated"
     if getattr(module, "has_post_expert_norm", False):
         return "the experts have a post-expert norm"
-    default_gate = getattr(hf_moe, "_default_apply_gate", None)
-    own_gate = getattr(type(module), "_apply_gate", default_gate)
-    if own_gate is not default_gate:
-        return f"{type(module).__name__} overrides _apply_gate"
-    act = getattr(module, "act_fn", None)
-    cfg_act = getattr(getattr(module, "config", None), "hidden_act", None)
-    if not (isinstance(act, torch.nn.SiLU) or
-            type(act).__name__ in ("SiLUActivation", "SiLU")) or \
-            cfg_act not in (None, "silu", "swish"):
-        return f"activation {cfg_act or type(act).__name__} is not SiLU"
-    for n in ("gate_up_proj", "down_proj"):
+    gate = getattr(module, "has_gate", True)
+    for n in ("gate_up_proj" if gate else "up_proj", "down_proj"):
         w = getattr(module, n, None)
         if not isinstance(w, torch.Tensor) or w.dim() != 3:
             return f"{n} is not a 3-D expert weight"
-    w = module.gate_up_proj
+    if getattr(module, "has_bias", False):
+        for n in ("gate_up_proj_bias" if gate else "up_proj_bias",
+                  "down_proj_bias"):
+            b = getattr(module, n, None)
+            if not isinstance(b, torch.Tensor) or b.dim() != 2:
+                return f"has_bias is set but {n} is not a 2-D expert bias"
+    spec = _spec(module)
+    if spec[0] is not None:
+        return spec[0]
+    w = module.gate_up_proj if gate else module.up_proj
     if w.dtype not in (torch.float32, torch.bfloat16):
         return f"weights are {w.dtype}; libmoe runs float32 and bfloat16"
     if w.device.type not in ("cpu", "cuda"):
@@ -115,16 +292,18 @@ def experts_forward(self, hidden_states: torch.Tensor,
                              "grouped_mm (LIBMOE_HF=auto)", reason)
         return _moe_module().grouped_mm_experts_forward(
             self, hidden_states, top_k_index, top_k_weights)
-    gu, dn = self.gate_up_proj, self.down_proj
-    if self.is_transposed:  # [E, H, 2I] / [E, I, H] storage: logical views
-        gu, dn = gu.transpose(1, 2), dn.transpose(1, 2)
+    _, act, alpha, limit, gcap, ucap, interleaved = _spec(self)
+    gu, dn, bgu, bdn = _weights(self)
     x = hidden_states
     if x.dtype != gu.dtype:  # autocast may hand f32 activations
         x = x.to(gu.dtype)
     w = top_k_weights
     if w.dtype not in (torch.float32, gu.dtype):
         w = w.to(torch.float32)
-    out = moe_torch.experts(x, top_k_index, w, gu, dn, invalid_topk="drop")
+    out = moe_torch.experts(x, top_k_index, w, gu, dn, invalid_topk="drop",
+                            activation=act, alpha=alpha, limit=limit,
+                            gate_cap=gcap, up_cap=ucap, gate_up_bias=bgu,
+                            down_bias=bdn, interleaved=interleaved)
     return out.to(hidden_states.dtype)
 
 

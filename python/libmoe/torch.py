@@ -22,6 +22,12 @@ from . import _lib as L
 __all__ = ["experts", "grouped_mm", "plan_explain"]
 
 _INVALID = {"error": L.MOE_TOPK_INVALID_ERROR, "drop": L.MOE_TOPK_INVALID_DROP}
+# expert functions (moe_activation) by name
+ACTIVATIONS = {"swiglu": L.MOE_ACT_SWIGLU, "swiglu_clamp": L.MOE_ACT_SWIGLU_CLAMP,
+               "gpt_oss": L.MOE_ACT_GPT_OSS,
+               "softcap_swiglu": L.MOE_ACT_SOFTCAP_SWIGLU,
+               "geglu": L.MOE_ACT_GEGLU, "relu2": L.MOE_ACT_RELU2}
+_NO_GATE = (L.MOE_ACT_RELU2,)
 
 # ---- plans ------------------------------------------------------------------
 
@@ -77,18 +83,21 @@ def _capacity_for(tokens: int) -> int:
     return c
 
 
-def _plan_for(hidden_shape, k, gu, dn, dtype, device, invalid) -> _Plan:
-    """The plan for (shapes, dtype, layouts, device, policy), whatever the
-    token count: the smallest-capacity plan of that key that holds T, else a
-    new one for the next power of two >= T (at least _MIN_CAPACITY). A
-    trainer whose T varies step to step makes O(log T) plans, not one per
-    T; and the forward and backward of one step pick the same plan (plans
-    are only ever added above every capacity the key already has)."""
+def _plan_for(hidden_shape, k, gu, dn, dtype, device, invalid,
+              act=(L.MOE_ACT_SWIGLU, 0.0, 0.0, 0.0, 0.0),
+              interleaved=False) -> _Plan:
+    """The plan for (shapes, dtype, layouts, device, policy, activation),
+    whatever the token count: the smallest-capacity plan of that key that
+    holds T, else a new one for the next power of two >= T (at least
+    _MIN_CAPACITY). A trainer whose T varies step to step makes O(log T)
+    plans, not one per T; and the forward and backward of one step pick the
+    same plan (plans are only ever added above every capacity the key
+    already has)."""
     T, H = int(hidden_shape[0]), int(hidden_shape[1])
-    E, I2 = int(gu.shape[0]), int(gu.shape[1])
+    E, I2 = int(gu.shape[0]), 2 * int(dn.shape[2])
     dev = L.device_of(device)
     key = (H, E, I2, int(k), dtype, L.layout_of(gu), L.layout_of(dn),
-           dev.type, dev.index, invalid)
+           dev.type, dev.index, invalid, tuple(act), bool(interleaved))
     with _plans_lock:
         ps = _plans.get(key)
         if ps is not None:
@@ -106,6 +115,10 @@ def _plan_for(hidden_shape, k, gu, dn, dtype, device, invalid) -> _Plan:
         d.method = L.MOE_GMM_AUTO
         d.device = dev
         d.invalid_topk = invalid
+        d.activation = int(act[0])
+        d.act_alpha, d.act_limit, d.act_gate_cap, d.act_up_cap = (
+            float(v) for v in act[1:])
+        d.gate_up_interleaved = int(bool(interleaved))
         p = _Plan(d)
         if ps is None:
             if len(_plans) >= _MAX_PLANS:
@@ -115,7 +128,7 @@ def _plan_for(hidden_shape, k, gu, dn, dtype, device, invalid) -> _Plan:
         return p
 
 
-def _check_experts(hidden, idx, w, gu, dn):
+def _check_experts(hidden, idx, w, gu, dn, gate=True, bgu=None, bdn=None):
     if hidden.dim() != 2 or idx.dim() != 2 or w.shape != idx.shape:
         raise ValueError(
             "libmoe.experts: hidden_states [T, H], top_k_index [T, k] and "
@@ -125,16 +138,37 @@ def _check_experts(hidden, idx, w, gu, dn):
         raise ValueError("libmoe.experts: gate_up_proj [E, 2I, H] and "
                          "down_proj [E, H, I] expected")
     E, I2, H = gu.shape
-    if (H != hidden.shape[1] or I2 % 2 or dn.shape[0] != E or dn.shape[1] != H
-            or dn.shape[2] != I2 // 2):
+    f = 2 if gate else 1
+    if (H != hidden.shape[1] or I2 % f or dn.shape[0] != E or dn.shape[1] != H
+            or dn.shape[2] != I2 // f):
         raise ValueError(
             f"libmoe.experts: hidden_states {tuple(hidden.shape)}, "
             f"gate_up_proj {tuple(gu.shape)} and down_proj {tuple(dn.shape)} "
-            "do not fit [T, H], [E, 2I, H], [E, H, I]")
+            "do not fit [T, H], "
+            f"{'[E, 2I, H]' if gate else '[E, I, H] (no gate)'}, [E, H, I]")
     if not (hidden.dtype == gu.dtype == dn.dtype):
         raise TypeError("libmoe.experts: hidden_states and both weights must "
                         f"share a dtype; got {hidden.dtype}, {gu.dtype}, "
                         f"{dn.dtype}")
+    if bgu is not None and tuple(bgu.shape) != (E, I2):
+        raise ValueError(f"libmoe.experts: gate_up_bias {tuple(bgu.shape)}, "
+                         f"expected {(E, I2)}")
+    if bdn is not None and tuple(bdn.shape) != (E, H):
+        raise ValueError(f"libmoe.experts: down_bias {tuple(bdn.shape)}, "
+                         f"expected {(E, H)}")
+
+
+def _gate_up_views(args, gu, bgu, interleaved, gate, grad=False):
+    """Sets the gate/up weight and bias of a (grad_) argument struct. Always
+    the one fused tensor: interleaved rows (gate = 0::2, up = 1::2) are the
+    plan's desc.gate_up_interleaved, so the projection stays one product in
+    the weight's own layout (the sm90 kernel takes gpt-oss's [E, H, 2I]
+    storage this way; two stride-2 views of it would have no unit stride)
+    and the gradient lands in the one tensor."""
+    pre = "grad_" if grad else ""
+    setattr(args, pre + "w_gate_up", L.view(gu))
+    if bgu is not None:
+        setattr(args, pre + "b_gate_up", L.view(bgu))
 
 
 def _like(t: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -154,16 +188,38 @@ def _like(t: torch.Tensor, dtype=None) -> torch.Tensor:
 # ---- experts: forward ---------------------------------------------------------
 
 
-@torch.library.custom_op("libmoe::experts_fwd", mutates_args=())
+def _act_of(act: int, params):
+    p = list(params or ()) + [0.0] * (4 - len(params or ()))
+    return (int(act), p[0], p[1], p[2], p[3])
+
+
+# the trailing arguments have defaults, so calls written before they existed
+# (the first six arguments) keep working
+_EXTRA = ("Tensor? gate_up_bias=None, Tensor? down_bias=None, int act=0, "
+          "float[]? act_params=None, bool interleaved=False")
+
+
+@torch.library.custom_op(
+    "libmoe::experts_fwd", mutates_args=(),
+    schema="(Tensor hidden, Tensor top_k_index, Tensor top_k_weights, "
+    "Tensor gate_up_proj, Tensor down_proj, int invalid, " + _EXTRA +
+    ") -> (Tensor, Tensor)")
 def _experts_fwd(hidden: torch.Tensor, top_k_index: torch.Tensor,
                  top_k_weights: torch.Tensor, gate_up_proj: torch.Tensor,
-                 down_proj: torch.Tensor, invalid: int
+                 down_proj: torch.Tensor, invalid: int,
+                 gate_up_bias: torch.Tensor | None = None,
+                 down_bias: torch.Tensor | None = None, act: int = 0,
+                 act_params: list[float] | None = None,
+                 interleaved: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj)
+    gate = act not in _NO_GATE
+    _check_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj,
+                   gate, gate_up_bias, down_bias)
     T, H = hidden.shape
     dev = hidden.device
     p = _plan_for(hidden.shape, top_k_index.shape[1], gate_up_proj, down_proj,
-                  hidden.dtype, dev, invalid)
+                  hidden.dtype, dev, invalid, _act_of(act, act_params),
+                  interleaved and gate)
     out = torch.empty((T, H), dtype=hidden.dtype, device=dev)
     sz = p.sizes(T)
     # `saved` is an op output, so every byte must be defined
@@ -180,8 +236,9 @@ def _experts_fwd(hidden: torch.Tensor, top_k_index: torch.Tensor,
     a.hidden = L.view(hidden)
     a.topk_index = L.view(top_k_index)
     a.topk_weights = L.view(top_k_weights)
-    a.w_gate_up = L.view(gate_up_proj)
+    _gate_up_views(a, gate_up_proj, gate_up_bias, interleaved, gate)
     a.w_down = L.view(down_proj)
+    a.b_down = L.view(down_bias)
     a.output = L.view(out)
     L.check(L.lib.moe_layer_forward(p.handle, ctypes.byref(a),
                                     saved.data_ptr() if sz.saved else None,
@@ -193,10 +250,15 @@ def _experts_fwd(hidden: torch.Tensor, top_k_index: torch.Tensor,
 
 
 @_experts_fwd.register_fake
-def _(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, invalid):
-    _check_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj)
+def _(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, invalid,
+      gate_up_bias=None, down_bias=None, act=0, act_params=None,
+      interleaved=False):
+    gate = act not in _NO_GATE
+    _check_experts(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj,
+                   gate, gate_up_bias, down_bias)
     p = _plan_for(hidden.shape, top_k_index.shape[1], gate_up_proj, down_proj,
-                  hidden.dtype, hidden.device, invalid)
+                  hidden.dtype, hidden.device, invalid,
+                  _act_of(act, act_params), interleaved and gate)
     out = hidden.new_empty(hidden.shape, dtype=hidden.dtype).contiguous()
     saved_bytes = p.sizes(int(hidden.shape[0])).saved
     return out, hidden.new_empty((saved_bytes,), dtype=torch.uint8)
@@ -205,20 +267,39 @@ def _(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, invalid):
 # ---- experts: backward --------------------------------------------------------
 
 
-@torch.library.custom_op("libmoe::experts_bwd", mutates_args=())
+def _no_grad_like(t: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor:
+    """The bias gradient's buffer, or an empty stand-in (custom ops return
+    tensors, never None) when there is no bias."""
+    return _like(t) if t is not None else ref.new_empty((0,))
+
+
+@torch.library.custom_op(
+    "libmoe::experts_bwd", mutates_args=(),
+    schema="(Tensor grad_out, Tensor hidden, Tensor top_k_index, "
+    "Tensor top_k_weights, Tensor gate_up_proj, Tensor down_proj, "
+    "Tensor saved, int invalid, " + _EXTRA + ") -> (Tensor, Tensor, Tensor, "
+    "Tensor, Tensor, Tensor)")
 def _experts_bwd(grad_out: torch.Tensor, hidden: torch.Tensor,
                  top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                  gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-                 saved: torch.Tensor, invalid: int
+                 saved: torch.Tensor, invalid: int,
+                 gate_up_bias: torch.Tensor | None = None,
+                 down_bias: torch.Tensor | None = None, act: int = 0,
+                 act_params: list[float] | None = None,
+                 interleaved: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                            torch.Tensor]:
+                            torch.Tensor, torch.Tensor, torch.Tensor]:
     dev = hidden.device
+    gate = act not in _NO_GATE
     p = _plan_for(hidden.shape, top_k_index.shape[1], gate_up_proj, down_proj,
-                  hidden.dtype, dev, invalid)
+                  hidden.dtype, dev, invalid, _act_of(act, act_params),
+                  interleaved and gate)
     g_hidden = _like(hidden)
     g_w = _like(top_k_weights)
     g_gu = _like(gate_up_proj)
     g_dn = _like(down_proj)
+    g_bgu = _no_grad_like(gate_up_bias, hidden)
+    g_bdn = _no_grad_like(down_bias, hidden)
     sz = p.sizes(int(hidden.shape[0]))
     ws = torch.empty((sz.bwd_workspace,), dtype=torch.uint8, device=dev)
     if grad_out.dtype != hidden.dtype:
@@ -227,40 +308,52 @@ def _experts_bwd(grad_out: torch.Tensor, hidden: torch.Tensor,
     b.fwd.hidden = L.view(hidden)
     b.fwd.topk_index = L.view(top_k_index)
     b.fwd.topk_weights = L.view(top_k_weights)
-    b.fwd.w_gate_up = L.view(gate_up_proj)
+    _gate_up_views(b.fwd, gate_up_proj, gate_up_bias, interleaved, gate)
     b.fwd.w_down = L.view(down_proj)
+    b.fwd.b_down = L.view(down_bias)
     b.grad_output = L.view(grad_out)
     b.grad_hidden = L.view(g_hidden)
     b.grad_topk_weights = L.view(g_w)
-    b.grad_w_gate_up = L.view(g_gu)
+    _gate_up_views(b, g_gu, g_bgu if gate_up_bias is not None else None,
+                   interleaved, gate, grad=True)
     b.grad_w_down = L.view(g_dn)
+    if down_bias is not None:
+        b.grad_b_down = L.view(g_bdn)
     L.check(L.lib.moe_layer_backward(p.handle, ctypes.byref(b),
                                      saved.data_ptr() if sz.saved else None,
                                      sz.saved,
                                      ws.data_ptr() if sz.bwd_workspace else None,
                                      sz.bwd_workspace, L.stream_of(dev)),
             "moe_layer_backward")
-    return g_hidden, g_w, g_gu, g_dn
+    return g_hidden, g_w, g_gu, g_dn, g_bgu, g_bdn
 
 
 @_experts_bwd.register_fake
 def _(grad_out, hidden, top_k_index, top_k_weights, gate_up_proj, down_proj,
-      saved, invalid):
+      saved, invalid, gate_up_bias=None, down_bias=None, act=0,
+      act_params=None, interleaved=False):
     return (_like(hidden), _like(top_k_weights), _like(gate_up_proj),
-            _like(down_proj))
+            _like(down_proj), _no_grad_like(gate_up_bias, hidden),
+            _no_grad_like(down_bias, hidden))
 
 
 def _experts_setup(ctx, inputs, output):
-    hidden, idx, w, gu, dn, invalid = inputs
-    ctx.invalid = invalid
-    ctx.save_for_backward(hidden, idx, w, gu, dn, output[1])
+    (hidden, idx, w, gu, dn, invalid, bgu, bdn, act, act_params,
+     interleaved) = inputs
+    ctx.invalid, ctx.act, ctx.act_params = invalid, act, act_params
+    ctx.interleaved = interleaved
+    ctx.has_bgu, ctx.has_bdn = bgu is not None, bdn is not None
+    ctx.save_for_backward(hidden, idx, w, gu, dn, output[1], bgu, bdn)
 
 
 def _experts_backward(ctx, grad_out, _grad_saved):
-    hidden, idx, w, gu, dn, saved = ctx.saved_tensors
-    gh, gw, ggu, gdn = torch.ops.libmoe.experts_bwd(
-        grad_out, hidden, idx, w, gu, dn, saved, ctx.invalid)
-    return gh, None, gw, ggu, gdn, None
+    hidden, idx, w, gu, dn, saved, bgu, bdn = ctx.saved_tensors
+    gh, gw, ggu, gdn, gbgu, gbdn = torch.ops.libmoe.experts_bwd(
+        grad_out, hidden, idx, w, gu, dn, saved, ctx.invalid, bgu, bdn,
+        ctx.act, ctx.act_params, ctx.interleaved)
+    return (gh, None, gw, ggu, gdn, None,
+            gbgu if ctx.has_bgu else None, gbdn if ctx.has_bdn else None,
+            None, None, None)
 
 
 _experts_fwd.register_autograd(_experts_backward, setup_context=_experts_setup)
@@ -268,25 +361,41 @@ _experts_fwd.register_autograd(_experts_backward, setup_context=_experts_setup)
 
 def experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor,
             top_k_weights: torch.Tensor, gate_up_proj: torch.Tensor,
-            down_proj: torch.Tensor, *, invalid_topk: str = "error"
-            ) -> torch.Tensor:
+            down_proj: torch.Tensor, *, invalid_topk: str = "error",
+            activation: str = "swiglu", alpha: float = 0.0,
+            limit: float = 0.0, gate_cap: float = 0.0, up_cap: float = 0.0,
+            gate_up_bias: torch.Tensor | None = None,
+            down_bias: torch.Tensor | None = None,
+            interleaved: bool = False) -> torch.Tensor:
     """The whole expert layer as one differentiable op:
-    out[t] = sum_j w[t, j] * down[e] . (silu(gate[e] . x[t]) * (up[e] . x[t]))
-    with e = top_k_index[t, j].
+    out[t] = sum_j w[t, j] * (down[e] . act(gate_up[e] . x[t] + bgu[e])
+    + bd[e]) with e = top_k_index[t, j].
 
     hidden_states [T, H]; top_k_index [T, k] int32/int64; top_k_weights
     [T, k] (f32 or the layer dtype, used as given); gate_up_proj [E, 2I, H]
-    (gate rows first) and down_proj [E, H, I] as any strided views, e.g.
-    `w.transpose(1, 2)` of [E, H, 2I] storage. f32 or bf16.
+    (gate rows first, or with `interleaved` gate rows 0::2 and up rows 1::2,
+    as gpt-oss stores them) and down_proj [E, H, I] as any strided views,
+    e.g. `w.transpose(1, 2)` of [E, H, 2I] storage. f32 or bf16.
+    activation: "swiglu" (silu(g) u), "swiglu_clamp" (`limit`), "gpt_oss"
+    (`alpha`, `limit`), "softcap_swiglu" (`gate_cap`, `up_cap`), "geglu"
+    (gelu_tanh(g) u) or "relu2" (relu(u)^2, no gate: gate_up_proj is then
+    the [E, I, H] up projection). gate_up_bias [E, 2I] (in the weight's row
+    order) and down_bias [E, H] are optional.
     invalid_topk: "error" (an index outside [0, E) raises) or "drop" (such
     slots, e.g. expert-parallel sentinels, contribute nothing and get zero
-    gradient). Gradients flow to hidden_states, top_k_weights and both
-    weights, each in the strides of its tensor."""
+    gradient). Gradients flow to hidden_states, top_k_weights, both
+    weights and both biases, each in the strides of its tensor."""
     if invalid_topk not in _INVALID:
         raise ValueError(f"invalid_topk={invalid_topk!r}: 'error' or 'drop'")
-    out, _ = torch.ops.libmoe.experts_fwd(hidden_states, top_k_index,
-                                          top_k_weights, gate_up_proj,
-                                          down_proj, _INVALID[invalid_topk])
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r}: one of "
+                         f"{', '.join(ACTIVATIONS)}")
+    out, _ = torch.ops.libmoe.experts_fwd(
+        hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj,
+        _INVALID[invalid_topk], gate_up_bias, down_bias,
+        ACTIVATIONS[activation],
+        [float(alpha), float(limit), float(gate_cap), float(up_cap)],
+        bool(interleaved))
     return out
 
 

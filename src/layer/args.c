@@ -6,6 +6,7 @@
 #include <stdio.h>
 
 #include "comm/comm.h"
+#include "layer/act.h"
 #include "layer/layer.h"
 
 /* ---- the layer description ------------------------------------------- */
@@ -95,6 +96,11 @@ moe_status moe_layer_desc_check(const moe_layer_desc *d) {
   if (d->num_threads < 0)
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "desc.num_threads = %d: must be >= 0", d->num_threads);
+  MOE_TRY(moe_act_check(d));
+  if (d->gate_up_interleaved != 0 && d->gate_up_interleaved != 1)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc.gate_up_interleaved = %d: 0 or 1",
+                     d->gate_up_interleaved);
   /* Sizes the buffers are computed from must not overflow. */
   int64_t r, i2, hi, x, y;
   if (!moe_mul_ok(2, d->intermediate, &i2) || !moe_add_ok(d->hidden, i2, &hi) ||
@@ -128,6 +134,23 @@ static moe_status moe_check_weight(const moe_tensor *t, const char *name,
   return MOE_SUCCESS;
 }
 
+/// The gate and up halves (dimension 1) of a fused gate/up weight or bias:
+/// gate rows first, or interleaved (gate = 0::2, up = 1::2) by desc.
+static moe_status moe_halves(const moe_tensor *both, const moe_layer_desc *d,
+                             moe_tensor *g, moe_tensor *u) {
+  int64_t I = d->intermediate;
+  if (!d->gate_up_interleaved) {
+    MOE_TRY(moe_tensor_narrow(both, 1, 0, I, g));
+    return moe_tensor_narrow(both, 1, I, I, u);
+  }
+  MOE_TRY(moe_tensor_narrow(both, 1, 0, 2 * I - 1, g));
+  MOE_TRY(moe_tensor_narrow(both, 1, 1, 2 * I - 1, u));
+  g->shape[1] = u->shape[1] = I;
+  g->stride[1] *= 2;
+  u->stride[1] *= 2;
+  return MOE_SUCCESS;
+}
+
 /// The gate/up weights (or their gradients) of a call in either form; E is
 /// the experts this rank holds.
 static moe_status moe_gate_up_of(const moe_tensor *both, const moe_tensor *g,
@@ -137,6 +160,23 @@ static moe_status moe_gate_up_of(const moe_tensor *both, const moe_tensor *g,
   char n1[64], n2[64];
   int64_t H = d->hidden, I = d->intermediate;
   memset(out, 0, sizeof *out);
+  if (!moe_activation_has_gate(d->activation)) {
+    /* Up projection only: [E, I, H], given as w_gate_up or as w_up. */
+    const moe_tensor *w = !moe_tensor_absent(both) ? both : u;
+    if (!moe_tensor_absent(g) ||
+        (!moe_tensor_absent(both) && !moe_tensor_absent(u)))
+      return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                       "%s%s: activation %s has no gate; give the [E, I, H] "
+                       "up weight alone, as %sw_gate_up or %sw_up",
+                       prefix, !moe_tensor_absent(g) ? "w_gate" : "w_up",
+                       moe_activation_name(d->activation), prefix, prefix);
+    int64_t shape[3] = {E, I, H};
+    snprintf(n1, sizeof n1, "%s%s", prefix, w == both ? "w_gate_up" : "w_up");
+    MOE_TRY(moe_check_weight(w, n1, shape, d->gate_up_layout, d));
+    out->fused = true;
+    out->both = out->up = *w;
+    return MOE_SUCCESS;
+  }
   if (!moe_tensor_absent(both)) {
     if (!moe_tensor_absent(g) || !moe_tensor_absent(u))
       return moe_error(MOE_ERR_INVALID_ARGUMENT,
@@ -148,9 +188,7 @@ static moe_status moe_gate_up_of(const moe_tensor *both, const moe_tensor *g,
     MOE_TRY(moe_check_weight(both, n1, shape, d->gate_up_layout, d));
     out->fused = true;
     out->both = *both;
-    MOE_TRY(moe_tensor_narrow(both, 1, 0, I, &out->gate));
-    MOE_TRY(moe_tensor_narrow(both, 1, I, I, &out->up));
-    return MOE_SUCCESS;
+    return moe_halves(both, d, &out->gate, &out->up);
   }
   int64_t shape[3] = {E, I, H};
   snprintf(n1, sizeof n1, "%sw_gate", prefix);
@@ -159,6 +197,72 @@ static moe_status moe_gate_up_of(const moe_tensor *both, const moe_tensor *g,
   MOE_TRY(moe_check_weight(u, n2, shape, d->gate_up_layout, d));
   out->gate = *g;
   out->up = *u;
+  return MOE_SUCCESS;
+}
+
+/// A bias (or its gradient) [E, n]: F32 or the layer dtype, any strides;
+/// a gradient (`like` given) has its bias's dtype.
+static moe_status moe_check_bias(const moe_tensor *t, const char *name,
+                                 int64_t E, int64_t n, const moe_layer_desc *d,
+                                 const moe_tensor *like) {
+  int64_t shape[2] = {E, n};
+  MOE_TRY(moe_check_tensor(t, name, 2, shape, like ? (int)like->dtype : -1,
+                           &d->device));
+  if (t->dtype != MOE_F32 && t->dtype != d->dtype)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "%s: dtype %s; a bias is f32 or the layer dtype (%s)",
+                     name, moe_dtype_name(t->dtype), moe_dtype_name(d->dtype));
+  return MOE_SUCCESS;
+}
+
+/// The biases of a call (or their gradients, prefix "grad_", checked
+/// against the forward's `like`) in either gate/up form.
+static moe_status moe_biases_of(const moe_tensor *both, const moe_tensor *g,
+                                const moe_tensor *u, const moe_tensor *dn,
+                                const char *prefix, const moe_layer_desc *d,
+                                int64_t E, const moe_biases *like,
+                                moe_biases *out) {
+  char n1[64], n2[64];
+  int64_t H = d->hidden, I = d->intermediate;
+  bool gate = moe_activation_has_gate(d->activation);
+  memset(out, 0, sizeof *out);
+  snprintf(n1, sizeof n1, "%sb_gate_up", prefix);
+  if (!moe_tensor_absent(both)) {
+    if (!moe_tensor_absent(g) || !moe_tensor_absent(u))
+      return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                       "%s and %sb_gate/%sb_up are both given; pass one form",
+                       n1, prefix, prefix);
+    MOE_TRY(moe_check_bias(
+        both, n1, E, gate ? 2 * I : I, d,
+        like ? (moe_tensor_absent(&like->up) ? NULL : &like->up) : NULL));
+    if (gate) {
+      MOE_TRY(moe_halves(both, d, &out->gate, &out->up));
+    } else {
+      out->up = *both;
+    }
+  } else if (!moe_tensor_absent(g) || !moe_tensor_absent(u)) {
+    snprintf(n1, sizeof n1, "%sb_gate", prefix);
+    snprintf(n2, sizeof n2, "%sb_up", prefix);
+    if (!gate && !moe_tensor_absent(g))
+      return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                       "%s: activation %s has no gate", n1,
+                       moe_activation_name(d->activation));
+    if (gate && (moe_tensor_absent(g) || moe_tensor_absent(u)))
+      return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                       "%s: give both %s and %s, or neither",
+                       moe_tensor_absent(g) ? n1 : n2, n1, n2);
+    if (gate) {
+      MOE_TRY(moe_check_bias(g, n1, E, I, d, like ? &like->gate : NULL));
+      out->gate = *g;
+    }
+    MOE_TRY(moe_check_bias(u, n2, E, I, d, like ? &like->up : NULL));
+    out->up = *u;
+  }
+  if (!moe_tensor_absent(dn)) {
+    snprintf(n1, sizeof n1, "%sb_down", prefix);
+    MOE_TRY(moe_check_bias(dn, n1, E, H, d, like ? &like->down : NULL));
+    out->down = *dn;
+  }
   return MOE_SUCCESS;
 }
 
@@ -205,6 +309,8 @@ moe_status moe_layer_check_fwd(const moe_layer_plan *p,
                          &c->gu));
   int64_t ds[3] = {p->e_local, H, I};
   MOE_TRY(moe_check_weight(&a->w_down, "w_down", ds, d->down_layout, d));
+  MOE_TRY(moe_biases_of(&a->b_gate_up, &a->b_gate, &a->b_up, &a->b_down, "", d,
+                        p->e_local, NULL, &c->bias));
   return MOE_SUCCESS;
 }
 
@@ -290,6 +396,38 @@ moe_status moe_layer_check_bwd(const moe_layer_plan *p,
   }
   MOE_TRY(
       moe_check_grad_weight(&args->grad_w_down, &a->w_down, "grad_w_down", d));
-
+  /* Each bias the forward part has needs its gradient, and no other. */
+  moe_biases gb;
+  MOE_TRY(moe_biases_of(&args->grad_b_gate_up, &args->grad_b_gate,
+                        &args->grad_b_up, &args->grad_b_down, "grad_", d,
+                        p->e_local, &c->bias, &gb));
+  static const char *const what[3] = {"gate", "up", "down"};
+  const moe_tensor *have[3] = {&c->bias.gate, &c->bias.up, &c->bias.down};
+  const moe_tensor *grad[3] = {&gb.gate, &gb.up, &gb.down};
+  for (int i = 0; i < 3; i++)
+    if (moe_tensor_absent(have[i]) != moe_tensor_absent(grad[i]))
+      return moe_error(MOE_ERR_INVALID_ARGUMENT, "grad_b_%s%s: %s", what[i],
+                       i == 2 ? "" : " (or its half of grad_b_gate_up)",
+                       moe_tensor_absent(grad[i])
+                           ? "missing; the forward has this bias"
+                           : "given, but the forward has no such bias");
   return MOE_SUCCESS;
+}
+
+void moe_layer_bias_grads(const moe_layer_plan *p,
+                          const moe_layer_bwd_args *args, moe_biases *gb) {
+  const moe_layer_desc *d = &p->d;
+  memset(gb, 0, sizeof *gb);
+  const moe_tensor *both = &args->grad_b_gate_up;
+  if (!moe_tensor_absent(both)) {
+    if (moe_activation_has_gate(d->activation)) {
+      (void)moe_halves(both, d, &gb->gate, &gb->up);
+    } else {
+      gb->up = *both;
+    }
+  } else {
+    gb->gate = args->grad_b_gate;
+    gb->up = args->grad_b_up;
+  }
+  gb->down = args->grad_b_down;
 }

@@ -37,12 +37,28 @@ typedef struct moe_gate_up {
   bool fused;
 } moe_gate_up;
 
+/// The expert biases of a call (or their gradients), whatever form they
+/// came in; an absent view (ndim 0) means none.
+typedef struct moe_biases {
+  moe_tensor gate; ///< [E, I] (absent with no gate)
+  moe_tensor up;   ///< [E, I]
+  moe_tensor down; ///< [E, H]
+} moe_biases;
+
 /// Validated view of a call's inputs.
 typedef struct moe_call {
   int64_t T;
   bool router; ///< routing computed from gate_weight (else precomputed)
+  /// Gate/up weights. With an activation without gate (MOE_ACT_RELU2) the
+  /// up weight [E, I, H] is held as fused `both` (and `up`), gate absent.
   moe_gate_up gu;
+  moe_biases bias; ///< the expert biases (act.h's epilogue adds them)
 } moe_call;
+
+/// The bias-gradient views of a checked backward (moe_layer_check_bwd has
+/// validated them): b_gate_up narrowed to its gate and up halves.
+void moe_layer_bias_grads(const moe_layer_plan *p,
+                          const moe_layer_bwd_args *args, moe_biases *gb);
 
 /// Checks a forward's arguments against the plan (args.c).
 moe_status moe_layer_check_fwd(const moe_layer_plan *p,

@@ -171,9 +171,11 @@ void moe_floor(const moe_layer_desc *d, int64_t experts, int backward,
                double peak, double bw, double *compute_ms, double *memory_ms) {
   double passes = backward ? 3.0 : 1.0;
   double rows = (double)(d->max_tokens * d->top_k);
+  /* three [H, I] matrices per expert (gate, up, down), two without gate */
+  double mats = moe_activation_has_gate(d->activation) ? 3.0 : 2.0;
   double flops =
-      passes * 6.0 * rows * (double)d->hidden * (double)d->intermediate;
-  double bytes = passes * 3.0 * (double)experts * (double)d->hidden *
+      passes * 2.0 * mats * rows * (double)d->hidden * (double)d->intermediate;
+  double bytes = passes * mats * (double)experts * (double)d->hidden *
                  (double)d->intermediate * (double)moe_dtype_size(d->dtype);
   if (compute_ms) *compute_ms = peak > 0 ? flops / peak * 1e3 : 0.0;
   if (memory_ms) *memory_ms = bw > 0 ? bytes / bw * 1e3 : 0.0;

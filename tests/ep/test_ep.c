@@ -116,6 +116,8 @@ typedef struct tcase {
   moe_gmm_method method;
   moe_layout lgu, ldown;
   int fused, router, norm, nt, idx64, skew;
+  int act, bias; /* moe_activation (gated members); expert biases */
+  int inter;     /* desc.gate_up_interleaved (fused gate/up only) */
 } tcase;
 
 static const char *lname(moe_layout l) {
@@ -133,12 +135,14 @@ static void describe(const tcase *c, int id, uint64_t seed) {
     n += snprintf(g_case + n, sizeof g_case - (size_t)n, "%s%lld/%lld",
                   q ? " " : "", (long long)c->cnt[q], (long long)c->maxt[q]);
   snprintf(g_case + n, sizeof g_case - (size_t)n,
-           "] %s gate=%s %s gu=%s%s down=%s %s%s norm=%d threads=%d",
+           "] %s gate=%s %s gu=%s%s down=%s %s%s norm=%d threads=%d act=%s "
+           "bias=%d interleaved=%d",
            moe_dtype_name(c->dt), moe_dtype_name(c->gdt),
            moe_gmm_method_name(c->method), lname(c->lgu),
            c->fused ? "(fused)" : "(split)", lname(c->ldown),
            c->router ? "router" : (c->idx64 ? "topk-i64" : "topk-i32"),
-           c->skew ? "(skewed)" : "", c->norm, c->nt);
+           c->skew ? "(skewed)" : "", c->norm, c->nt,
+           moe_activation_name((moe_activation)c->act), c->bias, c->inter);
 }
 
 /// The logical [E, out, in] view of storage in `layout`.
@@ -161,10 +165,12 @@ static moe_tensor shard(const moe_tensor *full, int64_t first, int64_t n) {
 typedef struct tdata {
   void *x, *gate, *gu, *g, *u, *down, *gout, *tw;
   void *tidx;
+  void *bgu, *bd; /* biases [E, 2I], [E, H] */
 } tdata;
 
 typedef struct tres {
   void *out, *logits, *gh, *gg, *gtw, *ggu, *gg_, *gu_, *gd;
+  void *gbgu, *gbd;
 } tres;
 
 static size_t wbytes(const tcase *c, int64_t out, int64_t in) {
@@ -189,6 +195,10 @@ static void make_data(const tcase *c, uint64_t *s, tdata *d) {
   fill(d->gout, c->dt, T * H, 1.0f, s);
   d->tw = xalloc((size_t)(T * k) * 4);
   d->tidx = xalloc((size_t)(T * k) * 8);
+  d->bgu = xalloc((size_t)(E * 2 * I) * 4);
+  fill(d->bgu, c->dt, E * 2 * I, 0.3f, s);
+  d->bd = xalloc((size_t)(E * H) * 4);
+  fill(d->bd, c->dt, E * H, 0.3f, s);
   /* Precomputed routing: k distinct experts per token; when skewed, from
      the first ceil(E/3) + k experts only, so the others get no row
      anywhere. */
@@ -248,6 +258,12 @@ static moe_status run_layer(const tcase *c, const tdata *d, moe_comm *comm,
   desc.method = c->method;
   desc.num_threads = c->nt;
   desc.comm = comm;
+  desc.activation = (moe_activation)c->act;
+  desc.act_alpha = 1.702f;
+  desc.act_limit = 0.5f; /* small: the clamps act at these scales */
+  desc.act_gate_cap = 0.8f;
+  desc.act_up_cap = 1.2f;
+  desc.gate_up_interleaved = c->inter;
   memset(r, 0, sizeof *r);
   moe_layer_plan *plan;
   moe_status s = moe_layer_plan_create(&plan, &desc);
@@ -269,17 +285,29 @@ static moe_status run_layer(const tcase *c, const tdata *d, moe_comm *comm,
     moe_tensor_narrow(&full, 0, t0, T, &f->topk_weights);
   }
   moe_tensor w;
+  /* gate_up rows: 2I, or I (the up weight alone) without a gate */
+  bool gate = moe_activation_has_gate((moe_activation)c->act);
+  int64_t NG = gate ? 2 * I : I;
   if (c->fused) {
-    w = wview(d->gu, c->dt, E, 2 * I, H, c->lgu);
+    w = wview(d->gu, c->dt, E, NG, H, c->lgu);
     f->w_gate_up = shard(&w, e0, El);
   } else {
-    w = wview(d->g, c->dt, E, I, H, c->lgu);
-    f->w_gate = shard(&w, e0, El);
+    if (gate) {
+      w = wview(d->g, c->dt, E, I, H, c->lgu);
+      f->w_gate = shard(&w, e0, El);
+    }
     w = wview(d->u, c->dt, E, I, H, c->lgu);
     f->w_up = shard(&w, e0, El);
   }
   w = wview(d->down, c->dt, E, H, I, c->ldown);
   f->w_down = shard(&w, e0, El);
+  int64_t e2i[2] = {E, NG};
+  if (c->bias) {
+    w = moe_tensor_make(d->bgu, c->dt, 2, e2i);
+    f->b_gate_up = shard(&w, e0, El);
+    w = moe_tensor_make(d->bd, c->dt, 2, eh);
+    f->b_down = shard(&w, e0, El);
+  }
   r->out = xalloc((size_t)(T * H) * es);
   f->output = moe_tensor_make(r->out, c->dt, 2, th);
   if (c->router) {
@@ -317,17 +345,19 @@ static moe_status run_layer(const tcase *c, const tdata *d, moe_comm *comm,
       a.grad_topk_weights = moe_tensor_make(r->gtw, MOE_F32, 2, tk);
     }
     if (c->fused) {
-      r->ggu = xalloc(wbytes(c, 2 * I, H));
-      memset(r->ggu, 0xff, wbytes(c, 2 * I, H));
-      w = wview(r->ggu, c->dt, E, 2 * I, H, c->lgu);
+      r->ggu = xalloc(wbytes(c, NG, H));
+      memset(r->ggu, 0xff, wbytes(c, NG, H));
+      w = wview(r->ggu, c->dt, E, NG, H, c->lgu);
       a.grad_w_gate_up = shard(&w, e0, El);
     } else {
-      r->gg_ = xalloc(wbytes(c, I, H));
+      if (gate) {
+        r->gg_ = xalloc(wbytes(c, I, H));
+        memset(r->gg_, 0xff, wbytes(c, I, H));
+        w = wview(r->gg_, c->dt, E, I, H, c->lgu);
+        a.grad_w_gate = shard(&w, e0, El);
+      }
       r->gu_ = xalloc(wbytes(c, I, H));
-      memset(r->gg_, 0xff, wbytes(c, I, H));
       memset(r->gu_, 0xff, wbytes(c, I, H));
-      w = wview(r->gg_, c->dt, E, I, H, c->lgu);
-      a.grad_w_gate = shard(&w, e0, El);
       w = wview(r->gu_, c->dt, E, I, H, c->lgu);
       a.grad_w_up = shard(&w, e0, El);
     }
@@ -335,6 +365,16 @@ static moe_status run_layer(const tcase *c, const tdata *d, moe_comm *comm,
     memset(r->gd, 0xff, wbytes(c, H, I));
     w = wview(r->gd, c->dt, E, H, I, c->ldown);
     a.grad_w_down = shard(&w, e0, El);
+    if (c->bias) { /* full-size, 0xff outside this rank's shard */
+      r->gbgu = xalloc((size_t)(E * NG) * es);
+      memset(r->gbgu, 0xff, (size_t)(E * NG) * es);
+      w = moe_tensor_make(r->gbgu, c->dt, 2, e2i);
+      a.grad_b_gate_up = shard(&w, e0, El);
+      r->gbd = xalloc((size_t)(E * H) * es);
+      memset(r->gbd, 0xff, (size_t)(E * H) * es);
+      w = moe_tensor_make(r->gbd, c->dt, 2, eh);
+      a.grad_b_down = shard(&w, e0, El);
+    }
     s = moe_layer_backward(plan, &a, sv, sv_bytes, ws, ws_bytes, NULL);
   }
   free(ws);
@@ -411,11 +451,12 @@ static void run_case(tcase *c, int id, uint64_t seed) {
       same("grad_topk_weights", ep.gtw, (char *)ref.gtw + (size_t)(t0 * k) * 4,
            (size_t)(T * k) * 4, 4);
     }
+    int64_t NG = moe_activation_has_gate((moe_activation)c->act) ? 2 * I : I;
     struct {
       const char *n;
       void *a, *b;
       int64_t out, in;
-    } g[3] = {{"grad_w_gate_up", ep.ggu, ref.ggu, 2 * I, H},
+    } g[3] = {{"grad_w_gate_up", ep.ggu, ref.ggu, NG, H},
               {"grad_w_gate", ep.gg_, ref.gg_, I, H},
               {"grad_w_up", ep.gu_, ref.gu_, I, H}};
     for (int i = 0; i < 3; i++) {
@@ -431,6 +472,17 @@ static void run_case(tcase *c, int id, uint64_t seed) {
          (char *)ref.gd + (size_t)e0 * per, (size_t)El * per, es);
     untouched("grad_w_down", ep.gd, (size_t)e0 * per, (size_t)(e0 + El) * per,
               (size_t)E * per);
+    if (c->bias) {
+      size_t pg = (size_t)NG * es, pd = (size_t)H * es;
+      same("grad_b_gate_up", (char *)ep.gbgu + (size_t)e0 * pg,
+           (char *)ref.gbgu + (size_t)e0 * pg, (size_t)El * pg, es);
+      untouched("grad_b_gate_up", ep.gbgu, (size_t)e0 * pg,
+                (size_t)(e0 + El) * pg, (size_t)E * pg);
+      same("grad_b_down", (char *)ep.gbd + (size_t)e0 * pd,
+           (char *)ref.gbd + (size_t)e0 * pd, (size_t)El * pd, es);
+      untouched("grad_b_down", ep.gbd, (size_t)e0 * pd, (size_t)(e0 + El) * pd,
+                (size_t)E * pd);
+    }
   }
   /* Router-weight gradient: each rank's partial, summed in rank order. */
   if (c->router) {
@@ -514,6 +566,13 @@ static void draw_case(tcase *c, int id, uint64_t seed) {
   c->skew = (int)rng_int(&s, 0, 1);
   c->norm = (int)rng_int(&s, 0, 1);
   c->nt = (int)rng_int(&s, 1, 2);
+  /* Drawn from the id, after the rest, so the other fields of each case
+     stay what they were: half the cases SwiGLU, the others the other
+     members in turn (ReLU^2 without a gate: H is [rows, I]); a third with
+     expert biases. */
+  c->act = id % 2 ? 1 + (id / 2) % 5 : 0;
+  c->bias = id % 3 == 1;
+  c->inter = c->fused && id % 4 == 3;
 }
 
 /* ---- failures must be collective -------------------------------------- */
@@ -679,6 +738,9 @@ static void edge_case(tcase *c, int kind) {
   c->skew = 0;
   c->norm = 1;
   c->nt = 1;
+  c->act = kind % 2 ? MOE_ACT_GPT_OSS : MOE_ACT_SWIGLU;
+  c->bias = kind % 2;
+  c->inter = kind % 2;
   switch (kind) {
   case 0: /* no tokens anywhere */ c->T = 0; break;
   case 1: /* every token on the last rank */ c->T = 9; break;

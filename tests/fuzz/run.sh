@@ -36,7 +36,8 @@ flags=(-g -O1 -std=c11 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined
 core=("$root/src/io/safetensors.c" "$root/src/core/error.c" "$root/src/core/tensor.c")
 "$cc" "${flags[@]}" "$root/tests/fuzz/fuzz_st.c" "${core[@]}" $cjson_libs -o "$out/fuzz_st"
 "$cc" "${flags[@]}" "$root/tests/fuzz/fuzz_layer_input.c" "$root/tools/layer_input.c" \
-  "$root/src/layer/args.c" "${core[@]}" $cjson_libs -o "$out/fuzz_layer_input"
+  "$root/src/layer/args.c" "$root/src/layer/act.c" "${core[@]}" $cjson_libs \
+  -o "$out/fuzz_layer_input"
 
 python3 "$root/tests/fuzz/make_corpus.py" "$out/seeds"
 per=$(( secs / ${#targets[@]} )); [ "$per" -ge 1 ] || per=1

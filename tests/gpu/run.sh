@@ -21,7 +21,8 @@ if [ ! -x "$build/test_cuda" ]; then
   command -v nvcc >/dev/null 2>&1 || export PATH=/usr/local/cuda/bin:$PATH
   cmake -S "$root" -B "$build" -DMOE_WERROR=ON -DCMAKE_BUILD_TYPE=Release \
     || { echo "FAIL: configure"; exit 1; }
-  cmake --build "$build" -j"$(nproc)" --target test_cuda test_cuda_ep bench_cuda \
+  cmake --build "$build" -j"$(nproc)" --target test_cuda test_cuda_ep \
+    test_cuda_act bench_cuda \
     || { echo "FAIL: build"; exit 1; }
 fi
 
@@ -34,6 +35,17 @@ if [ $rc -eq 77 ]; then
   exit 0
 fi
 [ $rc -eq 0 ] || { echo "FAIL: test_cuda exited $rc"; status=1; }
+
+# The expert functions, biases and interleaved gate/up (tests/test_act.c
+# on the GPU layer).
+if [ -x "$build/test_cuda_act" ]; then
+  echo "== test_cuda_act"
+  timeout 600 "$build/test_cuda_act"
+  rc=$?
+  [ $rc -eq 0 ] || { echo "FAIL: test_cuda_act exited $rc"; status=1; }
+else
+  echo "note: no test_cuda_act in $build"
+fi
 
 # Expert parallelism: virtual ranks (P = 2, 3, 4, 8 on GPU 0), then NCCL
 # over several GPUs of this process where there are 2+ and NCCL. NCCL is not
@@ -66,6 +78,15 @@ if [ "${MOE_SANITIZER:-1}" != 0 ] && command -v compute-sanitizer >/dev/null 2>&
       --print-limit 20 "$build/test_cuda_ep" --virtual 2
     rc=$?
     [ $rc -eq 0 ] || { echo "FAIL: compute-sanitizer memcheck test_cuda_ep exited $rc"; status=1; }
+  fi
+  # the expert-function kernels (general activation passes, bias add and
+  # bias gradients, hidden-column passes with the down bias): small cases
+  if [ -x "$build/test_cuda_act" ]; then
+    echo "== compute-sanitizer --tool memcheck test_cuda_act"
+    timeout 600 compute-sanitizer --tool memcheck --error-exitcode 3 \
+      --print-limit 20 "$build/test_cuda_act"
+    rc=$?
+    [ $rc -eq 0 ] || { echo "FAIL: compute-sanitizer memcheck test_cuda_act exited $rc"; status=1; }
   fi
 else
   echo "note: compute-sanitizer not run"

@@ -900,8 +900,11 @@ static void check_sizes(const moe_layer_desc *d, bool print) {
     int64_t S = Ts[i] * d->top_k;
     moe_layer_sizes z;
     CHECK_STATUS(moe_layer_plan_pass_sizes(plan, Ts[i], &z), MOE_SUCCESS);
-    double bound = (double)S * 2.0 * (double)d->intermediate * (double)es +
-                   16.0 * (double)S + 64.0 * (double)d->num_experts;
+    /* gate_up width: 2I, or I without a gate (ReLU^2) */
+    double W = (moe_activation_has_gate(d->activation) ? 2.0 : 1.0) *
+               (double)d->intermediate;
+    double bound = (double)S * W * (double)es + 16.0 * (double)S +
+                   64.0 * (double)d->num_experts;
     CHECK((double)z.saved <= bound,
           "T=%lld: saved %zu B above the bound %.0f B", (long long)Ts[i],
           z.saved, bound);
@@ -939,6 +942,11 @@ static void test_sizes(void) {
     if (i < 3) check_sizes(&d, false);
     d = sizes_desc(shapes[i], MOE_BF16, i % 2 ? "h200" : "h100");
     check_sizes(&d, false);
+    if (i < 4) { /* no gate: H is [T*k, I] (the bound at that width) */
+      d = sizes_desc(shapes[i], MOE_BF16, NULL);
+      d.activation = MOE_ACT_RELU2;
+      check_sizes(&d, false);
+    }
   }
   /* offline plans refusing to run: tests/test_plan_gpu.c (no GPU needed) */
   /* the cost of a plan: device properties are cached, cuBLAS and pinned

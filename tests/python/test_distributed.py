@@ -89,9 +89,14 @@ def test_ep_experts_bad_options():
 
 
 def test_desc_mirror_has_the_ep_fields():
+    # moe.h's order: plan_gpu, the EP fields (issue 18), then the expert
+    # function's (issue 17, version 3)
     names = [n for n, _ in libmoe._lib.moe_layer_desc._fields_]
-    assert names[-4:] == ["ep_exchange", "ep_capacity_factor", "ep_overflow",
-                          "ep_chunks"]
+    i = names.index("plan_gpu")
+    assert names[i:] == ["plan_gpu", "ep_exchange", "ep_capacity_factor",
+                         "ep_overflow", "ep_chunks", "activation", "act_alpha",
+                         "act_limit", "act_gate_cap", "act_up_cap",
+                         "gate_up_interleaved"]
 
 
 def _problem(E, H, I, k, T, seed, sentinels=False):

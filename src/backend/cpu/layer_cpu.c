@@ -2,8 +2,9 @@
 /// The CPU backend of the expert layer (backend.h): plan (its checks, the
 /// planner's method choice, sizes) and the forward and backward
 /// orchestration
-///   router -> top-k -> sort -> permute -> gate_up GEMM -> SwiGLU -> down
-///   GEMM -> weighted unpermute
+///   router -> top-k -> sort -> permute -> gate_up GEMM (+ bias) -> the
+///   expert function (desc.activation) -> down GEMM (+ bias) -> weighted
+///   unpermute
 /// and its mirror image. Every matrix product, the router's included, is one
 /// grouped GEMM problem (gemm.h) run by the planned method.
 #include <omp.h>
@@ -13,7 +14,7 @@
 #include "backend/cpu/gemm/gemm.h"
 #include "backend/cpu/layer_cpu_ep.h"
 #include "backend/cpu/route.h"
-#include "backend/cpu/swiglu.h"
+#include "backend/cpu/act.h"
 #include "comm/comm.h"
 #include "core/env.h"
 #include "layer/backend.h"
@@ -55,7 +56,9 @@ static void moe_proj_shapes(const moe_layer_plan *p, int proj,
   s->experts = p->e_local;
   s->rows = d->max_tokens * d->top_k;
   s->K = proj == 0 ? d->hidden : d->intermediate;
-  s->N = proj == 0 ? 2 * d->intermediate : d->hidden;
+  s->N = proj == 0 ? (moe_activation_has_gate(d->activation) ? 2 : 1) *
+                         d->intermediate
+                   : d->hidden;
   s->dtype = d->dtype;
   s->layout = proj == 0 ? d->gate_up_layout : d->down_layout;
   s->gemms = 1;
@@ -192,7 +195,8 @@ void moe_layer_bufs_of(const moe_layer_plan *p, int64_t T, moe_layer_bufs *b) {
   size_t gemm = moe_gemm_scratch_bytes(p->nt, (int64_t)E);
   size_t at = 0;
   /* saved: hpre first (aligned with the buffer), the metadata packed */
-  b->hpre = moe_take_packed(&at, R * 2 * I * es, 64);
+  size_t W = (size_t)moe_gu_width(d);
+  b->hpre = moe_take_packed(&at, R * W * es, 64);
   b->offsets = moe_take_packed(&at, (E + 1) * sizeof(int64_t), 8);
   b->idx = moe_take_packed(&at, S * sizeof(int32_t), 4);
   b->w = moe_take_packed(&at, S * sizeof(float), 4);
@@ -221,7 +225,7 @@ void moe_layer_bufs_of(const moe_layer_plan *p, int64_t T, moe_layer_bufs *b) {
   b->b_dap = moe_take(&at, RB * I * sizeof(float));
   b->b_off = moe_take(&at, (E + 1) * sizeof(int64_t));
   b->b_da = moe_take(&at, R * I * es);
-  b->b_dh = moe_take(&at, R * 2 * I * es);
+  b->b_dh = moe_take(&at, R * W * es);
   b->b_ds = moe_take(&at, R * sizeof(float));
   b->b_probs = moe_take(&at, TE);
   b->b_dlogits = moe_take(&at, TE);
@@ -431,33 +435,51 @@ static moe_status moe_forward(moe_layer_plan *plan,
     if (s != MOE_SUCCESS) goto done;
   }
 
-  /* gate_up: one N = 2I product when fused, else gate then up into the two
-     halves of the same [R, 2I] buffer: the pre-activation the backward
-     keeps. */
+  /* gate_up: one N = W product when fused (W = 2I, or I with no gate),
+     else gate then up into the two halves of the same [R, 2I] buffer: the
+     pre-activation the backward keeps (with the gate_up bias, added before
+     the activation). */
+  int64_t W = moe_gu_width(d);
   if (c.gu.fused) {
-    s = moe_fwd_gemm(&x, 0, xp, H, &c.gu.both, hp, dt, 2 * I);
+    s = moe_fwd_gemm(&x, 0, xp, H, &c.gu.both, hp, dt, W);
   } else {
-    s = moe_fwd_gemm(&x, 0, xp, H, &c.gu.gate, hp, dt, 2 * I);
+    s = moe_fwd_gemm(&x, 0, xp, H, &c.gu.gate, hp, dt, W);
     if (s == MOE_SUCCESS)
-      s = moe_fwd_gemm(&x, 0, xp, H, &c.gu.up, hp + (size_t)I * es, dt, 2 * I);
+      s = moe_fwd_gemm(&x, 0, xp, H, &c.gu.up, hp + (size_t)I * es, dt, W);
   }
   if (s != MOE_SUCCESS) goto done;
-  if (saved) { /* rows no slot took (dropped, or EP capacity) and padding */
-    size_t used = (size_t)(R * 2 * I) * es;
-    memset(hp + used, 0, b.offsets - b.hpre - used);
-  }
   {
+    /* the expert epilogue (act.h): biases, then the activation, on the
+       gate and up columns where the GEMM put them (moe_ab_cols) */
+    moe_act ak = moe_act_of(d);
+    moe_ab_cols ac = moe_ab_cols_of(d, c.gu.fused);
+    if (!moe_tensor_absent(&c.bias.gate))
+      moe_bias_add_rows(hp, dt, W, ac.gate, ac.step, I, x.offsets,
+                        plan->e_local, &c.bias.gate, plan->nt);
+    if (!moe_tensor_absent(&c.bias.up))
+      moe_bias_add_rows(hp, dt, W, ac.up, ac.step, I, x.offsets, plan->e_local,
+                        &c.bias.up, plan->nt);
     int64_t shp[2] = {R, I};
     moe_tensor tg = moe_tensor_make(hp, dt, 2, shp);
-    tg.stride[0] = 2 * I;
+    tg.stride[0] = W;
+    tg.stride[1] = ac.step;
     moe_tensor tu = tg;
-    tu.data = hp + (size_t)I * es;
+    tu.data = hp + (size_t)ac.up * es;
     moe_tensor ta = moe_tensor_make(act, dt, 2, shp);
-    moe_swiglu_fwd_rows(&tg, &tu, &ta, plan->nt);
+    moe_act_fwd_rows(&ak, &tg, &tu, &ta, plan->nt);
   }
-  /* down: Y over the gathered input, which gate_up has consumed */
+  if (saved) { /* rows no slot took (dropped, or EP capacity) and padding */
+    size_t used = (size_t)(R * W) * es;
+    memset(hp + used, 0, b.offsets - b.hpre - used);
+  }
+  /* down: Y (+ the down bias: the router weight multiplies Y + b, as the
+     eager HF experts have it) over the gathered input, which gate_up has
+     consumed */
   char *y = xp;
   s = moe_fwd_gemm(&x, 1, act, I, &args->w_down, y, dt, H);
+  if (s == MOE_SUCCESS && !moe_tensor_absent(&c.bias.down))
+    moe_bias_add_rows(y, dt, H, 0, 1, H, x.offsets, plan->e_local, &c.bias.down,
+                      plan->nt);
   if (s == MOE_SUCCESS && plan->ranks > 1)
     s = moe_ep_combine(ep, plan, &b, sv, ws, y, (size_t)H * es);
   if (s != MOE_SUCCESS) goto done;
@@ -582,6 +604,10 @@ static moe_status moe_backward(moe_layer_plan *plan,
   }
   /* By blocks of rows: dA' = dO . W_down (f32, the block only); then one
      pass per row from the saved hpre: A, dS = <dA', A>, dH, A' = s A. */
+  int64_t W = moe_gu_width(d);
+  moe_act ak = moe_act_of(d);
+  moe_ab_cols ac = moe_ab_cols_of(d, c.gu.fused);
+  moe_hrows hr = {W, ac.gate, ac.up, ac.step};
   for (int64_t r0 = 0, rn; r0 < R_here; r0 += rn) {
     rn = moe_bwd_block(x.offsets, plan->e_local, r0);
     int64_t *off = (int64_t *)moe_at(ws, b.b_off);
@@ -595,10 +621,28 @@ static moe_status moe_backward(moe_layer_plan *plan,
     char *dor = rows + (size_t)(r0 * ld) * es;
     s = moe_dx_gemm(&xb, 1, dor, ld, &a->w_down, dap, MOE_F32, I, 0.0f);
     if (s != MOE_SUCCESS) goto done;
-    moe_swiglu_bwd_saved_rows(hp + (size_t)(r0 * 2 * I) * es, dt, rn, I, dor,
-                              ld, H, dap, da + (size_t)(r0 * I) * es,
-                              dh + (size_t)(r0 * 2 * I) * es, ds + r0,
-                              plan->nt);
+    moe_act_bwd_saved_rows(&ak, hr, hp + (size_t)(r0 * W) * es, dt, rn, I, dor,
+                           ld, H, dap, da + (size_t)(r0 * I) * es,
+                           dh + (size_t)(r0 * W) * es, ds + r0, plan->nt);
+  }
+  {
+    /* The biases: the down bias's share of dS and its gradient (s dO
+       summed), the gate_up bias's gradient (dH summed), per expert in row
+       order. */
+    moe_biases gb;
+    moe_layer_bias_grads(plan, args, &gb);
+    bool bd = !moe_tensor_absent(&c.bias.down),
+         gd = !moe_tensor_absent(&gb.down);
+    if (bd || gd)
+      moe_bias_down_rows(rows, dt, ld, H, x.offsets, plan->e_local,
+                         bd ? &c.bias.down : NULL, ds, gd ? &gb.down : NULL,
+                         plan->nt);
+    if (!moe_tensor_absent(&gb.gate))
+      moe_bias_grad_rows(dh, dt, W, ac.gate, ac.step, I, x.offsets,
+                         plan->e_local, &gb.gate, plan->nt);
+    if (!moe_tensor_absent(&gb.up))
+      moe_bias_grad_rows(dh, dt, W, ac.up, ac.step, I, x.offsets, plan->e_local,
+                         &gb.up, plan->nt);
   }
   /* dW_down = dO^T . A' */
   s = moe_dw_gemm(&x, 1, rows, ld, da, I, &args->grad_w_down);
@@ -614,21 +658,21 @@ static moe_status moe_backward(moe_layer_plan *plan,
     if (s != MOE_SUCCESS) goto done;
   }
   if (c.gu.fused) {
-    s = moe_dw_gemm(&x, 0, dh, 2 * I, rows, H, &ggu.both);
+    s = moe_dw_gemm(&x, 0, dh, W, rows, H, &ggu.both);
   } else {
-    s = moe_dw_gemm(&x, 0, dh, 2 * I, rows, H, &ggu.gate);
+    s = moe_dw_gemm(&x, 0, dh, W, rows, H, &ggu.gate);
     if (s == MOE_SUCCESS)
-      s = moe_dw_gemm(&x, 0, dh + (size_t)I * es, 2 * I, rows, H, &ggu.up);
+      s = moe_dw_gemm(&x, 0, dh + (size_t)I * es, W, rows, H, &ggu.up);
   }
   if (s != MOE_SUCCESS) goto done;
   /* dXp = dH . W_gate_up in the layer dtype, over the gathered input, each
      row's dS in its tail; back to the rows' own ranks. */
   if (c.gu.fused) {
-    s = moe_dx_gemm(&x, 0, dh, 2 * I, &c.gu.both, rows, dt, ld, 0.0f);
+    s = moe_dx_gemm(&x, 0, dh, W, &c.gu.both, rows, dt, ld, 0.0f);
   } else {
-    s = moe_dx_gemm(&x, 0, dh, 2 * I, &c.gu.gate, rows, dt, ld, 0.0f);
+    s = moe_dx_gemm(&x, 0, dh, W, &c.gu.gate, rows, dt, ld, 0.0f);
     if (s == MOE_SUCCESS)
-      s = moe_dx_gemm(&x, 0, dh + (size_t)I * es, 2 * I, &c.gu.up, rows, dt, ld,
+      s = moe_dx_gemm(&x, 0, dh + (size_t)I * es, W, &c.gu.up, rows, dt, ld,
                       1.0f);
   }
   if (s != MOE_SUCCESS) goto done;

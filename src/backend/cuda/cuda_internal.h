@@ -146,16 +146,62 @@ moe_status moe_cu_swiglu_bwd(const moe_cu_view *g, const moe_cu_view *u,
                              const moe_cu_view *dh, const moe_cu_view *dg,
                              const moe_cu_view *du, int64_t R, int64_t I,
                              const int64_t *end, cudaStream_t s);
+struct moe_act;
+/// The activation `act` (layer/act.h) on [R, I] views, forward and
+/// backward; g and dg are not touched (may be NULL) without a gate. Rows
+/// at or past *end (device, may be NULL) are skipped.
+moe_status moe_cu_act_fwd(const struct moe_act *act, const moe_cu_view *g,
+                          const moe_cu_view *u, const moe_cu_view *h, int64_t R,
+                          int64_t I, const int64_t *end, cudaStream_t s);
+moe_status moe_cu_act_bwd(const struct moe_act *act, const moe_cu_view *g,
+                          const moe_cu_view *u, const moe_cu_view *dh,
+                          const moe_cu_view *dg, const moe_cu_view *du,
+                          int64_t R, int64_t I, const int64_t *end,
+                          cudaStream_t s);
+/// buf[r, c0 + j * cs] += bias[e, j] (j < n; cs 2 for interleaved gate/up
+/// columns, else 1) for the rows r < min(R, off[E]) of
+/// each expert e (off: device offsets [E+1]); buf row-major, ld, dtype dt.
+moe_status moe_cu_bias_add(void *buf, moe_dtype dt, int64_t ld, int64_t c0,
+                           int64_t cs, int64_t n, const int64_t *off, int64_t E,
+                           int64_t R, const moe_cu_view *bias, cudaStream_t s);
+/// gb[e, j] = sum over expert e's rows, in row order, of buf[r, c0 + j * cs]
+/// (f32 sums; an expert with no rows gets 0).
+moe_status moe_cu_bias_grad(const void *buf, moe_dtype dt, int64_t ld,
+                            int64_t c0, int64_t cs, int64_t n,
+                            const int64_t *off, int64_t E,
+                            const moe_cu_view *gb, cudaStream_t s);
+/// Where the gate_up rows of the layer sit: ld elements a row (2I, or I
+/// with no gate) and the gate / up columns (first column, step 2 when
+/// interleaved, else 1; moe_ab_cols_of).
+typedef struct moe_cu_hrows {
+  int64_t ld, gate, up, step;
+} moe_cu_hrows;
 /// The backward's activation pass, one block per routed slot s of the S
 /// (slot_row[s] < 0: dropped, ds[s] = 0). From the saved pre-activation
-/// h [rows, 2I] (gate | up) it recomputes A = act(h), then writes
-/// ds[s] = <dA', A> (the routing weight's gradient: Y is never needed),
-/// dh = act'(w[s] dA'; h) [rows, 2I], and A' = w[s] A over dap [rows, I]
-/// (which holds dA' = gathered dO . W_down on entry). Contiguous buffers
-/// in dtype dt; deterministic (one block tree per slot).
-moe_status moe_cu_act_bwd_rows(const void *h, void *dap, void *dh, moe_dtype dt,
-                               const int32_t *slot_row, const float *w,
-                               int64_t S, int64_t I, float *ds, cudaStream_t s);
+/// h (rows laid out per hl) it recomputes A = act(h) (`act`: layer/act.h),
+/// then writes ds[s] = <dA', A> (the routing weight's gradient less the
+/// down bias's share: Y is never needed), dh = act'(w[s] dA'; h) (laid out
+/// like h), and A' = w[s] A over dap [rows, I] (which holds dA' = gathered
+/// dO . W_down on entry). Dtype dt; deterministic (one block tree per slot).
+moe_status moe_cu_act_bwd_rows(const struct moe_act *act, const void *h,
+                               moe_cu_hrows hl, void *dap, void *dh,
+                               moe_dtype dt, const int32_t *slot_row,
+                               const float *w, int64_t S, int64_t I, float *ds,
+                               cudaStream_t s);
+/// ds[s] += <dout[s / k], bias[idx[s]]> over H columns for each routed slot
+/// (dropped ones keep theirs): the down bias's share of the routing-weight
+/// gradient (the weight multiplies Y + b). Deterministic.
+moe_status moe_cu_bias_ds(const moe_cu_view *dout, const moe_cu_view *bias,
+                          const int32_t *idx, const int32_t *slot_row,
+                          int64_t S, int64_t k, int64_t H, float *ds,
+                          cudaStream_t s);
+/// gb[e, j] = sum over expert e's rows r (off: device offsets [E+1]), in
+/// row order, of row_w[r] * dout[row_token[r], j]: the down bias's
+/// gradient. Deterministic (one thread per expert and column).
+moe_status moe_cu_bias_grad_down(const moe_cu_view *dout,
+                                 const int32_t *row_token, const float *row_w,
+                                 const int64_t *off, int64_t E, int64_t H,
+                                 const moe_cu_view *gb, cudaStream_t s);
 /// row_w[slot_row[s]] = w[s] for every routed slot (the rows' weights).
 moe_status moe_cu_row_weights(const int32_t *slot_row, const float *w,
                               int64_t S, float *row_w, cudaStream_t s);

@@ -24,6 +24,7 @@
 #include "core/env.h"
 #include "backend/cuda/layer_cuda_ep.h"
 #include "backend/cuda/cuda_internal.h"
+#include "layer/act.h"
 #include "layer/backend.h"
 #include "plan/planner.h"
 #ifdef MOE_HAVE_SM90
@@ -62,6 +63,22 @@ static moe_cuda_plan *moe_cp(const moe_layer_plan *p) {
 
 /* ---- device selection --------------------------------------------------- */
 
+/// Why the sm_90a fused epilogues (MOE_CUDA_FUSE=1) cannot serve this
+/// layer or call, or NULL: they compute SwiGLU on gate-first halves and
+/// know no bias, so any other expert function, interleaved gate/up rows
+/// or an expert bias runs the unfused kernels (act.cuh, general).
+static const char *moe_cu_fuse_why(const moe_layer_desc *d, const moe_call *c) {
+  if (d->activation != MOE_ACT_SWIGLU)
+    return "they serve SwiGLU only (desc.activation is another function)";
+  if (d->gate_up_interleaved)
+    return "they read gate-first halves (desc.gate_up_interleaved is set)";
+  if (c &&
+      (!moe_tensor_absent(&c->bias.gate) || !moe_tensor_absent(&c->bias.up) ||
+       !moe_tensor_absent(&c->bias.down)))
+    return "they add no expert bias (this call has biases)";
+  return NULL;
+}
+
 static moe_status moe_cu_enter(int dev, int *prev) {
   MOE_CU_TRY(cudaGetDevice(prev));
   if (*prev != dev) MOE_CU_TRY(cudaSetDevice(dev));
@@ -94,7 +111,10 @@ static moe_proj_shape moe_cu_shape(const moe_layer_plan *p, int proj) {
                       p->e_local,
                       d->max_tokens * d->top_k,
                       proj == 0 ? d->hidden : d->intermediate,
-                      proj == 0 ? 2 * d->intermediate : d->hidden,
+                      proj == 0
+                          ? (moe_activation_has_gate(d->activation) ? 2 : 1) *
+                                d->intermediate
+                          : d->hidden,
                       d->dtype,
                       proj == 0 ? d->gate_up_layout : d->down_layout,
                       1,
@@ -289,13 +309,23 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
   if (cp->gm.sm90 && ranks == 1) {
     const char *fz = moe_env_cuda_fuse();
     bool on = fz && !strcmp(fz, "1");
-    moe_plan_say(p, len, "epilogues (sm_90a, grouped method): %s\n",
-                 on ? "fused (MOE_CUDA_FUSE=1): SwiGLU in gate_up's (writes H "
-                      "and A; w_gate_up as one tensor), dSwiGLU + A' = s*A + "
-                      "dS partials in the dH product's"
-                    : "unfused: SwiGLU and the dH pass are their own kernels "
-                      "(measured faster on H100; MOE_CUDA_FUSE=1 fuses "
-                      "them)");
+    const char *no = moe_cu_fuse_why(&d, NULL);
+    if (on && no)
+      moe_plan_say(p, len,
+                   "epilogues (sm_90a, grouped method): unfused although "
+                   "MOE_CUDA_FUSE=1: %s; the %s pass and the dH pass are "
+                   "their own kernels\n",
+                   no, moe_activation_name(d.activation));
+    else
+      moe_plan_say(p, len, "epilogues (sm_90a, grouped method): %s\n",
+                   on ? "fused (MOE_CUDA_FUSE=1): SwiGLU in gate_up's (writes "
+                        "H and A; w_gate_up as one tensor), dSwiGLU + A' = "
+                        "s*A + dS partials in the dH product's; a call with "
+                        "expert biases runs unfused (the epilogues add none)"
+                      : "unfused: the activation and the dH pass are their "
+                        "own kernels (measured faster on H100; "
+                        "MOE_CUDA_FUSE=1 fuses them for SwiGLU without "
+                        "biases)");
   }
   if (!cp->gm.sm90 && d.dtype == MOE_BF16)
     moe_plan_say(p, len, "grouped: not the sm_90a kernels: %s\n", cp->sm90_why);
@@ -541,8 +571,9 @@ static void moe_cu_lay_of(const moe_layer_plan *p, int64_t T, bool infer,
   size_t C = (size_t)L->cols;
   /* saved, tight */
   size_t at = 0;
+  size_t W = (size_t)moe_gu_width(d); /* 2I, or I with no gate */
   L->h = 0;
-  at = S * 2 * I * es;
+  at = S * W * es;
   at = (at + 7u) & ~(size_t)7u;
   L->offsets = at;
   at += (E + 1) * 8;
@@ -555,7 +586,7 @@ static void moe_cu_lay_of(const moe_layer_plan *p, int64_t T, bool infer,
   at = 0;
   L->fblas = moe_cu_take(&at, MOE_CU_BLAS_WS);
   L->fone = moe_cu_take(&at, 16);
-  L->y_in_h = infer && C <= 2 * I;
+  L->y_in_h = infer && C <= W;
   if (infer) L->isv = moe_cu_take(&at, L->saved);
   size_t base = at;
   L->sort = moe_cu_take(&at, moe_cu_sort_scratch_bytes((int64_t)S, (int64_t)E));
@@ -586,7 +617,7 @@ static void moe_cu_lay_of(const moe_layer_plan *p, int64_t T, bool infer,
   L->loop = moe_cu_take(&at, loop0 || loop1 ? S * H * es : 0);
   L->r1 = moe_cu_take(&at, S * moe_cu_max(I, C) * es);
   size_t lg = (tE * 4 + 255u) & ~(size_t)255u;
-  L->r2 = moe_cu_take(&at, moe_cu_max(S * 2 * I * es, lg + tE * es));
+  L->r2 = moe_cu_take(&at, moe_cu_max(S * W * es, lg + tE * es));
   L->blogits = L->r2;
   L->dl = L->r2 + lg;
   L->bws = at;
@@ -1068,11 +1099,31 @@ static moe_status moe_cu_forward_run_ep(moe_cu_exec *x,
     MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.gate, ab, dt, 2 * I));
     MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.up, ab + (size_t)I * es, dt, 2 * I));
   }
-  moe_cu_view vg = {ab, dt, 2 * I, 1}, vu = {ab + (size_t)I * es, dt, 2 * I, 1},
+  /* the expert epilogue (act.cuh): biases, then the activation, on the
+     gate and up columns where the GEMM put them (moe_ab_cols) */
+  moe_act act = moe_act_of(d);
+  moe_ab_cols ac = moe_ab_cols_of(d, c->gu.fused);
+  if (!moe_tensor_absent(&c->bias.gate)) {
+    moe_cu_view bv = moe_cu_view_of(&c->bias.gate);
+    MOE_TRY(moe_cu_bias_add(ab, dt, 2 * I, ac.gate, ac.step, I, x->offsets, El,
+                            x->rows, &bv, st));
+  }
+  if (!moe_tensor_absent(&c->bias.up)) {
+    moe_cu_view bv = moe_cu_view_of(&c->bias.up);
+    MOE_TRY(moe_cu_bias_add(ab, dt, 2 * I, ac.up, ac.step, I, x->offsets, El,
+                            x->rows, &bv, st));
+  }
+  moe_cu_view vg = {ab, dt, 2 * I, ac.step},
+              vu = {ab + (size_t)ac.up * es, dt, 2 * I, ac.step},
               vh = {hh, dt, I, 1};
-  MOE_TRY(moe_cu_swiglu_fwd(&vg, &vu, &vh, x->rows, I, x->offsets + El, st));
+  MOE_TRY(moe_cu_act_fwd(&act, &vg, &vu, &vh, x->rows, I, x->offsets + El, st));
   moe_cu_operand Hh = moe_op(hh, dt, I, 1);
   MOE_TRY(moe_cu_fwd(x, 1, &Hh, &a->w_down, yc, dt, H));
+  if (!moe_tensor_absent(&c->bias.down)) {
+    moe_cu_view bv = moe_cu_view_of(&c->bias.down);
+    MOE_TRY(
+        moe_cu_bias_add(yc, dt, H, 0, 1, H, x->offsets, El, x->rows, &bv, st));
+  }
   if (cp->ep) {
     moe_cu_ep_tl_close(cp->ep, tg, st);
     int t = moe_cu_ep_tl_open(cp->ep, 0, 0, "combine", st);
@@ -1297,15 +1348,34 @@ moe_cu_backward_run_ep(moe_cu_exec *x, const moe_layer_bwd_args *args,
     moe_cu_ep_tl_close(cp->ep, t, st);
     tg = moe_cu_ep_tl_open(cp->ep, 0, 0, "gemms", st);
   }
+  moe_biases gb;
+  moe_layer_bias_grads(p, args, &gb);
+  if (!moe_tensor_absent(&gb.down)) {
+    moe_cu_view gv = moe_cu_view_of(&gb.down);
+    MOE_TRY(moe_cu_bias_grad(dyc, dt, H, 0, 1, H, x->offsets, El, &gv, st));
+  }
   /* down: dH = dY . Wd, dWd = dY^T . Hh */
   MOE_TRY(moe_cu_dx(x, 1, dyc, H, &a->w_down, dh, dt, I, 0.0f));
   moe_cu_operand Hh = moe_op(hh, dt, I, 1);
   MOE_TRY(moe_cu_dw(x, 1, dyc, H, &Hh, &args->grad_w_down));
-  moe_cu_view vg = {ab, dt, 2 * I, 1}, vu = {ab + (size_t)I * es, dt, 2 * I, 1},
-              vdh = {dh, dt, I, 1}, vdg = {dab, dt, 2 * I, 1},
-              vdu = {dab + (size_t)I * es, dt, 2 * I, 1};
-  MOE_TRY(moe_cu_swiglu_bwd(&vg, &vu, &vdh, &vdg, &vdu, x->rows, I,
-                            x->offsets + El, st));
+  moe_act act = moe_act_of(d);
+  moe_ab_cols ac = moe_ab_cols_of(d, c->gu.fused);
+  moe_cu_view vg = {ab, dt, 2 * I, ac.step},
+              vu = {ab + (size_t)ac.up * es, dt, 2 * I, ac.step},
+              vdh = {dh, dt, I, 1}, vdg = {dab, dt, 2 * I, ac.step},
+              vdu = {dab + (size_t)ac.up * es, dt, 2 * I, ac.step};
+  MOE_TRY(moe_cu_act_bwd(&act, &vg, &vu, &vdh, &vdg, &vdu, x->rows, I,
+                         x->offsets + El, st));
+  if (!moe_tensor_absent(&gb.gate)) {
+    moe_cu_view gv = moe_cu_view_of(&gb.gate);
+    MOE_TRY(moe_cu_bias_grad(dab, dt, 2 * I, ac.gate, ac.step, I, x->offsets,
+                             El, &gv, st));
+  }
+  if (!moe_tensor_absent(&gb.up)) {
+    moe_cu_view gv = moe_cu_view_of(&gb.up);
+    MOE_TRY(moe_cu_bias_grad(dab, dt, 2 * I, ac.up, ac.step, I, x->offsets, El,
+                             &gv, st));
+  }
   /* gate_up: dXp = dAB . Wgu (into dY's space, which is dead now),
      dWgu = dAB^T . X */
   moe_dtype dxt = c->gu.fused ? dt : MOE_F32;
@@ -1433,12 +1503,15 @@ static moe_status moe_cu_forward_one(moe_cu_exec *x,
 
   moe_cu_operand X;
   MOE_TRY(moe_cu_rows_of(x, 0, &a->hidden, moe_cu_at(ws, L->xp), &X));
+  int64_t W = moe_gu_width(d);
   bool act_done = false;
 #ifdef MOE_HAVE_SM90
-  /* sm_90a: SwiGLU in gate_up's epilogue writes H and A in one pass */
-  if (c->gu.fused && p->method[0] == MOE_GMM_GROUPED) {
+  /* sm_90a: SwiGLU in gate_up's epilogue writes H and A in one pass (SwiGLU
+     without biases or interleaving only: moe_cu_fuse_why) */
+  if (c->gu.fused && p->method[0] == MOE_GMM_GROUPED &&
+      !moe_cu_fuse_why(d, c)) {
     moe_gemm_problem g =
-        moe_gemm_fwd_of(&c->gu.both, offsets, S, X, moe_op(hb, dt, 2 * I, 1));
+        moe_gemm_fwd_of(&c->gu.both, offsets, S, X, moe_op(hb, dt, W, 1));
     if (moe_cu_sm90_act_ok(&g, NULL, 0)) {
       MOE_TRY(moe_cu_gemm_sm90_act(&g, &x->ctx, ab));
       act_done = true;
@@ -1447,14 +1520,29 @@ static moe_status moe_cu_forward_one(moe_cu_exec *x,
 #endif
   if (!act_done) {
     if (c->gu.fused) {
-      MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.both, hb, dt, 2 * I));
+      MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.both, hb, dt, W));
     } else {
-      MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.gate, hb, dt, 2 * I));
-      MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.up, hb + (size_t)I * es, dt, 2 * I));
+      MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.gate, hb, dt, W));
+      MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.up, hb + (size_t)I * es, dt, W));
     }
-    moe_cu_view vg = {hb, dt, 2 * I, 1},
-                vu = {hb + (size_t)I * es, dt, 2 * I, 1}, va = {ab, dt, I, 1};
-    MOE_TRY(moe_cu_swiglu_fwd(&vg, &vu, &va, S, I, offsets + E, st));
+    /* the expert epilogue: the gate_up bias into H (saved with it), then
+       the activation, on the columns moe_ab_cols_of places */
+    moe_ab_cols ac = moe_ab_cols_of(d, c->gu.fused);
+    if (!moe_tensor_absent(&c->bias.gate)) {
+      moe_cu_view bg = moe_cu_view_of(&c->bias.gate);
+      MOE_TRY(moe_cu_bias_add(hb, dt, W, ac.gate, ac.step, I, offsets, E, S,
+                              &bg, st));
+    }
+    if (!moe_tensor_absent(&c->bias.up)) {
+      moe_cu_view bu = moe_cu_view_of(&c->bias.up);
+      MOE_TRY(moe_cu_bias_add(hb, dt, W, ac.up, ac.step, I, offsets, E, S, &bu,
+                              st));
+    }
+    moe_act act = moe_act_of(d);
+    moe_cu_view vg = {hb + (size_t)ac.gate * es, dt, W, ac.step},
+                vu = {hb + (size_t)ac.up * es, dt, W, ac.step},
+                va = {ab, dt, I, 1};
+    MOE_TRY(moe_cu_act_fwd(&act, &vg, &vu, &va, S, I, offsets + E, st));
   }
   moe_cu_operand A = moe_op(ab, dt, I, 1);
   moe_cu_view out = moe_cu_view_of(&a->output);
@@ -1466,6 +1554,11 @@ static moe_status moe_cu_forward_one(moe_cu_exec *x,
     moe_tensor wd = a->w_down;
     if (n < H) MOE_TRY(moe_tensor_narrow(&a->w_down, 1, c0, n, &wd));
     MOE_TRY(moe_cu_fwd(x, 1, &A, &wd, y, dt, n));
+    if (!moe_tensor_absent(&c->bias.down)) { /* Y + b: w multiplies both */
+      moe_cu_view bd = moe_cu_view_of(&c->bias.down);
+      bd = moe_cu_view_from(&bd, c0);
+      MOE_TRY(moe_cu_bias_add(y, dt, n, 0, 1, n, offsets, E, S, &bd, st));
+    }
     moe_cu_view oc = moe_cu_view_from(&out, c0);
     MOE_TRY(moe_cu_unpermute(y, dt, slot_row, w, T, k, n, &oc, st));
   }
@@ -1506,11 +1599,14 @@ static moe_status moe_cu_backward_one(moe_cu_exec *x,
   moe_cu_operand dO;
   MOE_TRY(
       moe_cu_rows_of(x, 1, &args->grad_output, moe_cu_at(ws, L->loop), &dO));
+  int64_t W = moe_gu_width(d);
+  moe_ab_cols ac = moe_ab_cols_of(d, c->gu.fused);
   bool dact_done = false;
 #ifdef MOE_HAVE_SM90
   /* sm_90a: the dH epilogue (dSwiGLU, A' = s A, dS partials) on the
-     product's f32 accumulators; a second kernel sums the partials */
-  if (p->method[1] == MOE_GMM_GROUPED) {
+     product's f32 accumulators; a second kernel sums the partials (SwiGLU
+     without biases or interleaving only: moe_cu_fuse_why) */
+  if (p->method[1] == MOE_GMM_GROUPED && !moe_cu_fuse_why(d, c)) {
     moe_gemm_problem g = moe_gemm_dx_of(&a->w_down, x->offsets, S, dO,
                                         moe_op(r1, dt, I, 1), 0.0f);
     if (moe_cu_sm90_dact_ok(&g, NULL, 0)) {
@@ -1528,15 +1624,47 @@ static moe_status moe_cu_backward_one(moe_cu_exec *x,
   if (!dact_done) {
     MOE_TRY(moe_cu_dx_op(x, 1, &dO, &a->w_down, r1, dt, I, 0.0f));
     /* the activation pass: ds, dH (r2), A' over dA' (r1) */
-    MOE_TRY(moe_cu_act_bwd_rows(hb, r1, r2, dt, slot_row, w, S, I, ds, st));
+    moe_act act = moe_act_of(d);
+    moe_cu_hrows hl = {W, ac.gate, ac.up, ac.step};
+    MOE_TRY(moe_cu_act_bwd_rows(&act, hb, hl, r1, r2, dt, slot_row, w, S, I, ds,
+                                st));
+  }
+  {
+    /* the biases: the down bias's share of dS and its gradient
+       (sum of s dO per expert), the gate_up bias's (dH summed) -- r2 holds
+       dH until the router's pass */
+    moe_biases gb;
+    moe_layer_bias_grads(p, args, &gb);
+    moe_cu_view gout = moe_cu_view_of(&args->grad_output);
+    if (!moe_tensor_absent(&c->bias.down)) {
+      moe_cu_view bd = moe_cu_view_of(&c->bias.down);
+      MOE_TRY(moe_cu_bias_ds(&gout, &bd, idx, slot_row, S, k, H, ds, st));
+    }
+    if (!moe_tensor_absent(&gb.down)) {
+      float *rw = (float *)moe_cu_at(ws, L->rw);
+      moe_cu_view gd = moe_cu_view_of(&gb.down);
+      MOE_TRY(moe_cu_row_weights(slot_row, w, S, rw, st));
+      MOE_TRY(moe_cu_bias_grad_down(&gout, x->row_token, rw, x->offsets, E, H,
+                                    &gd, st));
+    }
+    if (!moe_tensor_absent(&gb.gate)) {
+      moe_cu_view gg = moe_cu_view_of(&gb.gate);
+      MOE_TRY(moe_cu_bias_grad(r2, dt, W, ac.gate, ac.step, I, x->offsets, E,
+                               &gg, st));
+    }
+    if (!moe_tensor_absent(&gb.up)) {
+      moe_cu_view gu = moe_cu_view_of(&gb.up);
+      MOE_TRY(moe_cu_bias_grad(r2, dt, W, ac.up, ac.step, I, x->offsets, E, &gu,
+                               st));
+    }
   }
   moe_cu_operand dOt = moe_cu_t(dO), Ap = moe_op(r1, dt, I, 1);
   MOE_TRY(moe_cu_dw_op(x, 1, &dOt, &Ap, &args->grad_w_down));
   /* gate_up: dXp = dH . W_gu into r1 (A' is dead), then grad_hidden[t] =
      sum_j dXp[row of (t, j)], for hidden columns c0 .. c0 + n, one pass of
      L->cols at a time (moe_cu_lay): W_gu's columns c0.. as views */
-  moe_cu_operand dG = moe_op(r2, dt, 2 * I, 1),
-                 dU = moe_op(r2 + (size_t)I * es, dt, 2 * I, 1);
+  moe_cu_operand dG = moe_op(r2, dt, W, 1),
+                 dU = moe_op(r2 + (size_t)I * es, dt, W, 1);
   moe_cu_view gh = moe_cu_view_of(&args->grad_hidden);
   for (int64_t c0 = 0; c0 < H; c0 += L->cols) {
     int64_t n = H - c0 < L->cols ? H - c0 : L->cols;

@@ -1,0 +1,227 @@
+"""libmoe.torch.experts with every expert function, expert biases and
+interleaved gate/up rows, against a float64 autograd reference of the
+models' eager code, at odd sizes, f32 and bf16, concatenated and
+interleaved, both layouts; the gradient at the exact clamp bounds against
+torch autograd of gpt-oss's own _apply_gate; opcheck of the extended op;
+and the HF binding's recognition by probing (a plain-function SiLU is
+served, an unknown gate function is declined with the reason)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import libmoe.hf
+import libmoe.torch as lt
+from conftest import DEVICE, rel
+
+E, H, I, K, T = 5, 23, 11, 2, 31
+TOL = {torch.float32: 1e-5 if DEVICE.type == "cpu" else 1e-4,
+       torch.bfloat16: 3e-2}
+PARAMS = dict(alpha=1.702, limit=0.7, gate_cap=0.8, up_cap=1.3)
+
+
+def ref_act(name, g, u, alpha, limit, gate_cap, up_cap):
+    if name == "swiglu":
+        return F.silu(g) * u
+    if name == "swiglu_clamp":  # deepseek_v4 / glm5_next / hy_v4
+        return F.silu(g.clamp(max=limit)) * u.clamp(min=-limit, max=limit)
+    if name == "gpt_oss":
+        g = g.clamp(min=None, max=limit)
+        u = u.clamp(min=-limit, max=limit)
+        return (u + 1) * (g * torch.sigmoid(g * alpha))
+    if name == "softcap_swiglu":  # inkling2
+        return (torch.tanh(g / gate_cap) * gate_cap * torch.sigmoid(g) *
+                torch.tanh(u / up_cap) * up_cap)
+    if name == "geglu":
+        return F.gelu(g, approximate="tanh") * u
+    if name == "relu2":
+        return torch.square(F.relu(u))
+    raise ValueError(name)
+
+
+def ref_experts(x, idx, w, gu, dn, bgu, bdn, act, interleaved, dtype=None):
+    """float64 loop (autograd gives the reference gradients). With a bf16
+    `dtype` the projection outputs are rounded to it where the layer stores
+    them (as transformers' grouped_mm path does too), so a clamp or a relu
+    decides on the same side of its kink as the layer does."""
+    def rd(v):
+        return v.to(dtype).double() if dtype == torch.bfloat16 else v
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            e = int(idx[t, j])
+            a = rd(gu[e] @ x[t])
+            if bgu is not None:
+                a = rd(a + bgu[e])
+            if act == "relu2":
+                g, u = None, a
+            elif interleaved:
+                g, u = a[0::2], a[1::2]
+            else:
+                g, u = a.chunk(2)
+            h = ref_act(act, g, u, **PARAMS)
+            y = dn[e] @ h + (bdn[e] if bdn is not None else 0)
+            out[t] = out[t] + w[t, j] * y
+    return out
+
+
+def make(act, layout, dtype, bias, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    rows = I if act == "relu2" else 2 * I
+
+    def mk(shape, s=0.5):
+        return (torch.rand(shape, generator=g) - 0.5) * 2 * s
+    if layout == "out_in":
+        gu, dn = mk((E, rows, H)), mk((E, H, I))
+    else:
+        gu = mk((E, H, rows)).transpose(1, 2)
+        dn = mk((E, I, H)).transpose(1, 2)
+    bgu = mk((E, rows), 0.3) if bias else None
+    bdn = mk((E, H), 0.3) if bias else None
+    idx = torch.stack([torch.randperm(E - 1, generator=g)[:K] + 1
+                       for _ in range(T)])  # expert 0 empty
+    w = torch.rand((T, K), generator=g)
+    x = mk((T, H), 1.0)
+    ts = [x, w, gu, dn, bgu, bdn]
+    ts = [t.to(DEVICE, dtype if i != 1 else torch.float32)
+          .detach().requires_grad_() if t is not None else None
+          for i, t in enumerate(ts)]
+    return ts, idx.to(DEVICE)
+
+
+@pytest.mark.parametrize("act", list(lt.ACTIVATIONS))
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_experts_act(act, layout, interleaved, bias, dtype):
+    if act == "relu2" and interleaved:
+        pytest.skip("relu2 has no gate to interleave")
+    (x, w, gu, dn, bgu, bdn), idx = make(act, layout, dtype, bias)
+    y = lt.experts(x, idx, w, gu, dn, activation=act, gate_up_bias=bgu,
+                   down_bias=bdn, interleaved=interleaved, **PARAMS)
+    gy = torch.linspace(-1, 1, y.numel(), device=DEVICE).view_as(y)
+    ins = [t for t in (x, w, gu, dn, bgu, bdn) if t is not None]
+    grads = torch.autograd.grad((y.float() * gy).sum(), ins)
+    d = [t.detach().double().requires_grad_() for t in ins]
+    dd = dict(zip(["x", "w", "gu", "dn"], d[:4]))
+    if bias:
+        dd["bgu"], dd["bdn"] = d[4], d[5]
+    yr = ref_experts(dd["x"], idx, dd["w"], dd["gu"], dd["dn"],
+                     dd.get("bgu"), dd.get("bdn"), act, interleaved, dtype)
+    rgrads = torch.autograd.grad((yr * gy.double()).sum(), d)
+    tol = TOL[dtype]
+    assert rel(y, yr) < tol
+    for name, a, b, t in zip(["x", "w", "gu", "dn", "bgu", "bdn"], grads,
+                             rgrads, ins):
+        assert rel(a, b) < tol, (name, rel(a, b))
+        assert a.stride() == t.stride(), name  # the tensor's own strides
+
+
+def test_clamp_edges_match_autograd():
+    """Pre-activations exactly at the clamp bounds (where torch autograd's
+    clamp gives 0) and just past them: libmoe's gradients equal torch
+    autograd of gpt-oss's eager gate."""
+    L = 0.75  # exact in f32
+    x = torch.ones((1, 1), device=DEVICE, requires_grad=True)
+    # interleaved rows: (gate, up) pairs at g = L, u = -L; g = L, u = L;
+    # g past L, u past -L; both inside
+    vals = [L, -L, L, L, L + 0.25, -L - 0.25, 0.5, -0.25]
+    gu = torch.tensor(vals, device=DEVICE).view(1, 8, 1).requires_grad_()
+    dn = torch.tensor([[[0.5, -1.0, 2.0, 1.5]]],
+                      device=DEVICE).requires_grad_()
+    idx = torch.zeros((1, 1), dtype=torch.int64, device=DEVICE)
+    w = torch.ones((1, 1), device=DEVICE, requires_grad=True)
+    y = lt.experts(x, idx, w, gu, dn, activation="gpt_oss", alpha=1.702,
+                   limit=L, interleaved=True)
+    got = torch.autograd.grad(y.sum(), (x, gu, dn))
+
+    class Mod:
+        alpha, limit = 1.702, L
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    a = gu[0, :, 0] * x[0, 0]
+    h = GptOssExperts._apply_gate(Mod(), a)
+    yr = (dn[0] @ h) * w[0, 0]
+    want = torch.autograd.grad(yr.sum(), (x, gu, dn))
+    for g1, g2 in zip(got, want):
+        # zero where torch's clamp gives zero (the bounds), equal elsewhere
+        assert torch.equal(g1.reshape(-1) == 0, g2.reshape(-1) == 0), (g1, g2)
+        assert torch.allclose(g1.reshape(-1), g2.reshape(-1), rtol=1e-5,
+                              atol=1e-6), (g1, g2)
+
+
+def test_opcheck_extended():
+    from torch.library import opcheck
+    (x, w, gu, dn, bgu, bdn), idx = make("gpt_oss", "in_out", torch.float32,
+                                         True)
+    opcheck(torch.ops.libmoe.experts_fwd.default,
+            (x, idx, w, gu, dn, 0, bgu, bdn, lt.ACTIVATIONS["gpt_oss"],
+             [1.702, 0.7, 0.0, 0.0], True),
+            test_utils=("test_schema", "test_autograd_registration",
+                        "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+class _Experts(torch.nn.Module):
+    """A minimal experts module in the shape of transformers' decorated
+    classes (attributes only; forward comes from the binding)."""
+
+    def __init__(self, act_fn=None, gate=None):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.gate_up_proj = torch.nn.Parameter(torch.randn((E, 2 * I, H),
+                                                           generator=g) * 0.3)
+        self.down_proj = torch.nn.Parameter(torch.randn((E, H, I),
+                                                        generator=g) * 0.3)
+        self.act_fn = act_fn
+        self.has_gate, self.has_bias, self.is_transposed = True, False, False
+        self.is_concatenated, self.has_post_expert_norm = True, False
+        if gate is not None:
+            self._apply_gate = gate.__get__(self)
+
+    def _apply_gate(self, gu):
+        g, u = gu.chunk(2, dim=-1)
+        return self.act_fn(g) * u
+
+
+def test_probe_plain_function_and_decline():
+    m = _Experts(act_fn=F.silu)  # lfm2_moe holds F.silu as a function
+    assert libmoe.hf.unsupported_reason(m) is None
+    assert libmoe.hf._spec(m)[1] == "swiglu"
+    m = _Experts(act_fn=torch.nn.GELU(approximate="tanh"))
+    assert libmoe.hf._spec(m)[1] == "geglu"
+
+    # transformers' own activation modules; GELUTanh's f32 rounding at large
+    # |g| must not read as a mismatch (it did with a fixed 1e-6 bound)
+    from transformers.activations import ACT2FN
+    for name, member in (("gelu_pytorch_tanh", "geglu"), ("silu", "swiglu"),
+                         ("swish", "swiglu"), ("gelu_new", "geglu")):
+        m = _Experts(act_fn=ACT2FN[name])
+        assert libmoe.hf._spec(m)[1:2] == (member,), (name, libmoe.hf._spec(m))
+    m = _Experts(act_fn=ACT2FN["gelu"])  # exact (erf) GELU: not a member
+    assert "matches none" in libmoe.hf.unsupported_reason(m)
+
+    def odd_gate(self, gu):  # a gate function libmoe does not have
+        g, u = gu.chunk(2, dim=-1)
+        return torch.tanh(g) * u
+    m = _Experts(act_fn=F.silu, gate=odd_gate)
+    r = libmoe.hf.unsupported_reason(m)
+    assert r is not None and "matches none" in r, r
+
+
+@pytest.mark.parametrize("act", list(lt.ACTIVATIONS))
+def test_saved_bound_per_member(act):
+    """Issue 16's saved-state bound at the member's real gate_up width W
+    (2I, or I for relu2 without a gate): W*T*k*es <= saved <= that + 16*T*k
+    + 64*E, on the plan the binding makes (its forward returns `saved` of
+    exactly that size)."""
+    (x, w, gu, dn, bgu, bdn), idx = make(act, "out_in", torch.float32, False)
+    p = lt._plan_for(x.shape, K, gu, dn, torch.float32, x.device, 0,
+                     lt._act_of(lt.ACTIVATIONS[act],
+                                [PARAMS[n] for n in ("alpha", "limit",
+                                                     "gate_cap", "up_cap")]))
+    W = I if act == "relu2" else 2 * I
+    S, es = T * K, 4
+    s = p.sizes(T)
+    assert S * W * es <= s.saved <= S * W * es + 16 * S + 64 * E
+    y = lt.experts(x, idx, w, gu, dn, activation=act, **PARAMS)
+    assert y.shape == x.shape
