@@ -113,10 +113,40 @@ static void test_ukernel_one(const moe_ukernel_info *u, bool bf, int m,
       if (mag > scale) scale = mag;
     }
   float right_of_tile = acc[nr];
-  if (bf)
-    u->bf16(ku, a, b, acc, ld, m, first);
-  else
-    u->f32(ku, (const float *)a, (const float *)b, acc, ld, m, first);
+  float *below = malloc(sizeof(float) * (size_t)(mr * ld)); /* rows >= m */
+  memcpy(below, acc, sizeof(float) * (size_t)(mr * ld));
+  uint32_t *ak = a; /* A in the kernel's own format */
+  if (bf && u->pack_a_pairs) {
+    /* The set packs A its own way: build it with its packer from A as a
+       row-major [mr][2 ku] bf16 matrix (k contiguous, the forward's
+       activations) and again from the column-major one (the transposing
+       path, dW's); both panels must be the same, bit for bit. */
+    int64_t kb = u->a_kblock > 1 ? u->a_kblock : 1;
+    size_t nk = (size_t)((ku + kb - 1) / kb * kb * mr);
+    uint16_t *rm = malloc(sizeof(uint16_t) * (size_t)(2 * ku * mr + 1));
+    uint16_t *cm = malloc(sizeof(uint16_t) * (size_t)(2 * ku * mr + 1));
+    uint32_t *ak2 = aligned_alloc(64, (nk * 4 + 63) / 64 * 64 + 64);
+    ak = aligned_alloc(64, (nk * 4 + 63) / 64 * 64 + 64);
+    for (int i = 0; i < mr; i++)
+      for (int64_t p = 0; p < ku; p++)
+        for (int h = 0; h < 2; h++) {
+          uint16_t v = (uint16_t)(a[p * mr + i] >> (16 * h));
+          rm[i * 2 * ku + 2 * p + h] = v;
+          cm[(2 * p + h) * mr + i] = v;
+        }
+    u->pack_a_pairs(rm, 1, 2 * ku, 2 * ku, m, mr, ak);
+    u->pack_a_pairs(cm, mr, 1, 2 * ku, m, mr, ak2);
+    CHECK(memcmp(ak, ak2, nk * 4) == 0,
+          "%s: A packed from row- and column-major sources differs", name);
+    free(rm);
+    free(cm);
+    free(ak2);
+  }
+  if (bf && u->bf16_begin) u->bf16_begin();
+  if (bf) u->bf16(ku, ak, b, acc, ld, m, first);
+  if (bf && u->bf16_end) u->bf16_end();
+  if (ak != a) free(ak);
+  if (!bf) u->f32(ku, (const float *)a, (const float *)b, acc, ld, m, first);
   double worst = 0.0;
   bool finite = true;
   for (int i = 0; i < m; i++)
@@ -137,6 +167,12 @@ static void test_ukernel_one(const moe_ukernel_info *u, bool bf, int m,
   memcpy(&x0, &c0, 4);
   memcpy(&x1, &right_of_tile, 4);
   CHECK(x0 == x1, "%s wrote past column NR", name);
+  /* Rows m..MR-1 may be another sliver's rows (the driver deals rows to
+     slivers evenly): a kernel must leave them alone. */
+  CHECK(memcmp(below + m * ld, acc + m * ld,
+               sizeof(float) * (size_t)((mr - m) * ld)) == 0,
+        "%s wrote acc rows past m=%d", name, m);
+  free(below);
   free(a);
   free(b);
   free(acc);

@@ -67,6 +67,7 @@ typedef struct moe_job {
   bool tr;              ///< solve C^T = B^T A^T (C is column-major)
   bool stream;          ///< non-temporal C stores (large dW)
   int mr, nr;
+  int akb; ///< A panel depth blocking in units (uk->a_kblock for pairs)
   moe_bmode bmode;
   bool narrow;    ///< too few m-tiles for the threads: split N too
   int64_t target; ///< multiply-adds one item should carry
@@ -232,6 +233,21 @@ static void moe_pack(const moe_job *J, const char *src, moe_dtype st,
   }
 }
 
+/// Packs an A sliver: the kernel set's own A format when it has one.
+static void moe_pack_a(const moe_job *J, const char *src, int64_t sd,
+                       int64_t sw, int64_t depth, int64_t width, void *dst) {
+  if (J->pairs && J->uk->pack_a_pairs)
+    J->uk->pack_a_pairs((const uint16_t *)src, sd, sw, depth, width, J->mr,
+                        (uint32_t *)dst);
+  else
+    moe_pack(J, src, J->at, sd, sw, depth, width, J->mr, dst);
+}
+
+/// `units` rounded up to the A panel's depth blocking.
+static int64_t moe_a_units(const moe_job *J, int64_t units) {
+  return (units + J->akb - 1) / J->akb * J->akb;
+}
+
 /// A run of prefetches over `rows` runs of `run` bytes, `stride` bytes
 /// apart, issued a few lines at a time between kernel calls so the next
 /// B region streams in from DRAM while the kernels work.
@@ -315,6 +331,9 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
   }
   if (ku > MOE_APANEL / (msl * mr)) ku = MOE_APANEL / (msl * mr);
   ku = ku >= 16 ? ku / 8 * 8 : (ku > 0 ? ku : 1);
+  /* Every chunk but the last is whole A blocks, so the padding pairs of a
+     blocked A panel only ever sit at the end of the depth. */
+  if (J->akb > 1 && ku >= J->akb) ku = ku / J->akb * J->akb;
   int64_t kce = ku * upe; /* chunk depth in elements */
   char *c = v->c + (size_t)(i0 * v->crs + j0 * v->ccs) * ec;
   if (J->bmode == MOE_BMODE_ROWS && v->K > 0 && v->K <= kce) {
@@ -322,11 +341,11 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
        in bands of one m-sliver: its accumulators for every n-sliver stay
        in L1 and go to C right away, instead of a whole tile going out to
        L2 and back. */
-    int64_t kuc = (v->K + upe - 1) / upe;
+    int64_t kuc = (v->K + upe - 1) / upe, kua = moe_a_units(J, kuc);
     for (int64_t is = 0; is < msl; is++) {
       int64_t r = i0 + is * mbase + (is < mextra ? is : mextra);
-      moe_pack(J, v->a + (size_t)(r * v->ars) * ea, J->at, v->acs, v->ars, v->K,
-               mbase + (is < mextra), mr, (uint32_t *)s->ap + is * mr * kuc);
+      moe_pack_a(J, v->a + (size_t)(r * v->ars) * ea, v->acs, v->ars, v->K,
+                 mbase + (is < mextra), (uint32_t *)s->ap + is * mr * kua);
     }
     moe_pack(J, v->b + (size_t)(j0 * v->bcs) * eb, J->bt, v->brs, v->bcs, v->K,
              nb, nr, s->bp);
@@ -338,10 +357,10 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
       for (int64_t js = 0; js < nsl; js++) {
         const uint32_t *bsl = (const uint32_t *)s->bp + js * kuc * nr;
         if (J->pairs)
-          uk->bf16(kuc, (const uint32_t *)s->ap + is * mr * kuc, bsl,
+          uk->bf16(kuc, (const uint32_t *)s->ap + is * mr * kua, bsl,
                    s->acc + js * nr, ldacc, m, 1);
         else
-          uk->f32(kuc, (const float *)s->ap + is * mr * kuc, (const float *)bsl,
+          uk->f32(kuc, (const float *)s->ap + is * mr * kua, (const float *)bsl,
                   s->acc + js * nr, ldacc, m, 1);
         /* Store as soon as the band's columns reach a cache-line
            boundary: the writes then drain while the next kernels run,
@@ -365,11 +384,12 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
   for (int64_t k0 = 0; k0 < v->K; k0 += kce) {
     int64_t kc = v->K - k0 < kce ? v->K - k0 : kce;
     int64_t kuc = (kc + upe - 1) / upe; /* this chunk, in units */
+    int64_t kua = moe_a_units(J, kuc);  /* its A panel depth */
     for (int64_t is = 0; is < msl; is++) {
       int64_t r = i0 + is * mbase + (is < mextra ? is : mextra);
-      moe_pack(J, v->a + (size_t)(r * v->ars + k0 * v->acs) * ea, J->at, v->acs,
-               v->ars, kc, mbase + (is < mextra), mr,
-               (uint32_t *)s->ap + is * mr * kuc);
+      moe_pack_a(J, v->a + (size_t)(r * v->ars + k0 * v->acs) * ea, v->acs,
+                 v->ars, kc, mbase + (is < mextra),
+                 (uint32_t *)s->ap + is * mr * kua);
     }
     if (J->bmode == MOE_BMODE_ROWS) {
       /* The whole chunk of rows for every sliver, then ask for the next
@@ -417,10 +437,10 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
           int first = k0 == 0 && u0 == 0;
           moe_pf_step(&pf, per_call);
           if (J->pairs)
-            uk->bf16(uk0, (const uint32_t *)s->ap + is * mr * kuc + u0 * mr,
+            uk->bf16(uk0, (const uint32_t *)s->ap + is * mr * kua + u0 * mr,
                      bsl + u0 * nr, acc, ldacc, m, first);
           else
-            uk->f32(uk0, (const float *)s->ap + is * mr * kuc + u0 * mr,
+            uk->f32(uk0, (const float *)s->ap + is * mr * kua + u0 * mr,
                     (const float *)(bsl + u0 * nr), acc, ldacc, m, first);
         }
       }
@@ -470,6 +490,7 @@ moe_status moe_gemm_grouped_with(const moe_gemm_problem *p,
   J.pairs = uk->bf16 && p->A.dtype == MOE_BF16 && p->B.dtype == MOE_BF16;
   J.mr = J.pairs ? uk->bmr : uk->mr;
   J.nr = J.pairs ? uk->bnr : uk->nr;
+  J.akb = J.pairs && uk->a_kblock > 1 ? uk->a_kblock : 1;
   J.bmode = MOE_BMODE_GENERIC;
   if (G > 0) {
     moe_view v0;
@@ -529,6 +550,8 @@ moe_status moe_gemm_grouped_with(const moe_gemm_problem *p,
     moe_view v;
     moe_tiling t;
     int64_t vg = -1;
+    bool hooks = J.pairs && uk->bf16_begin;
+    if (hooks) uk->bf16_begin();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < total; it++) {
       while (first[g + 1] <= it)
@@ -543,6 +566,7 @@ moe_status moe_gemm_grouped_with(const moe_gemm_problem *p,
       int64_t local = it - first[g];
       moe_run_item(&J, &v, &t, local / t.nt, local % t.nt, &s);
     }
+    if (hooks && uk->bf16_end) uk->bf16_end();
 #if defined(__x86_64__) || defined(__i386__)
     /* Order this thread's non-temporal C stores before the caller reads. */
     if (J.stream) __builtin_ia32_sfence();

@@ -64,39 +64,6 @@ void moe_ukernel_avx512_f32(int64_t kc, const float *a, const float *b,
 
 /* ---- packing ---------------------------------------------------------- */
 
-/// Transposes a 16 x 16 block of 32-bit elements in place: r[i] lane j
-/// becomes r[j] lane i.
-MOE_INLINE void moe_tr16(__m512i r[16]) {
-  __m512i t[16];
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; i++) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  /* r[4g + c], 128-bit lane L: rows 4g..4g+3 of column 4L + c. */
-#pragma GCC unroll 4
-  for (int g = 0; g < 4; g++) {
-    r[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
-    r[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
-    r[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
-    r[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
-  }
-#pragma GCC unroll 4
-  for (int c = 0; c < 4; c++) {
-    t[c] = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88);
-    t[4 + c] = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD);
-    t[8 + c] = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
-    t[12 + c] = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
-  }
-#pragma GCC unroll 4
-  for (int c = 0; c < 4; c++) {
-    r[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);
-    r[8 + c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xDD);
-    r[4 + c] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0x88);
-    r[12 + c] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0xDD);
-  }
-}
-
 /// 16 elements of X along one unit-stride run, as f32 bits, masked.
 MOE_INLINE __m512i moe_load16_f32(const void *src, moe_dtype st, int64_t at,
                                   __mmask16 k) {

@@ -77,6 +77,22 @@ typedef struct moe_ukernel_info {
   moe_pack_f32_fn pack_f32;     ///< NULL: portable
   moe_pack_pairs_fn pack_pairs; ///< NULL: portable
   moe_store_fn store;           ///< NULL: portable
+  /// The bf16 kernel's own A panel format (NULL: the bf16-pair panel of
+  /// pack_pairs). Same arguments as moe_pack_pairs_fn with width <= W; the
+  /// layout is the kernel's business, but it must hold A's depth in
+  /// blocks of `a_kblock` pairs (zero-padded), so the driver sizes a
+  /// sliver as W * ceil(kp / a_kblock) * a_kblock words and starts every
+  /// kernel call at a block boundary (call depth offsets are multiples of
+  /// a_kblock). Part of the kernel's contract, not a helper: tests never
+  /// replace it by a portable one.
+  moe_pack_pairs_fn pack_a_pairs;
+  int a_kblock; ///< 0 or 1: no blocking
+  /// Called by each thread of the driver's parallel region before its
+  /// first bf16 kernel call and after its last (NULL: nothing): state the
+  /// kernel keeps across calls (AMX's tile configuration). Direct callers
+  /// of `bf16` (tests, benches) must bracket their calls the same way.
+  void (*bf16_begin)(void);
+  void (*bf16_end)(void);
 } moe_ukernel_info;
 
 /// The portable reference kernel set (kernel_ref.c): the f32 kernel every
@@ -89,8 +105,8 @@ extern const moe_ukernel_info moe_ukernel_avx2;
 extern const moe_ukernel_info moe_ukernel_avx512;
 /// AVX-512F f32 + AVX512_BF16 vdpbf16ps kernel set (kernel_avx512bf16.c).
 extern const moe_ukernel_info moe_ukernel_avx512_bf16;
-/// AVX-512 f32 + AMX-BF16 tile kernel set (kernel_amx.c; untested: the
-/// development machine has no AMX).
+/// AVX-512 f32 + AMX-BF16 tile kernel set (kernel_amx.c): 32 x 32 tiles,
+/// its own A panel format (pack_a_pairs, blocks of 16 pairs).
 extern const moe_ukernel_info moe_ukernel_amx;
 
 /// The AVX-512 f32 kernel (8 x 48) and the packing and store routines
