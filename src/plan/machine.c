@@ -29,10 +29,10 @@ static int moe_machine_ready;
 /// jobs, hence process CPU time on one thread (the planner scales rates to
 /// its thread count). Without AVX-512 no library has a native bf16 GEMM
 /// (Debian's oneDNN 2.6 has none at all there): the loop cannot run bf16 at
-/// avx2 and ref, and the rows hold its f32 rates there as placeholders. amx has
-/// no measurement (no AMX machine was available): it reuses the avx512_bf16
-/// row, a lower bound since AMX only speeds up bf16. bench/NOTES.md, "Machine
-/// constants per ISA level (issue 8)", has the runs.
+/// avx2 and ref, and the rows hold its f32 rates there as placeholders. The
+/// amx row is its own: measured on an Intel Xeon with AMX (issue 20), its
+/// bf16 peak the tdpbf16ps one. bench/NOTES.md, "Machine constants per ISA
+/// level (issue 8)" and issue 20's section, has the runs.
 static const struct moe_machine_builtin {
   const char *isa;
   moe_machine m;
@@ -158,24 +158,51 @@ static const struct moe_machine_builtin {
                    "Zen 4 VM, median of four (issue 3); the rest: "
                    "--threads 1 --cpu-time 2026-12-02, scaled to 2",
      }},
+    {"amx",
+     {
+         .rows_at = {2, 8, 32, 128, 512},
+         .gflops =
+             {
+                 {{{7.8, 27.9, 76.1, 147.1, 158.9},
+                   {9, 31.5, 81.8, 122.8, 127.2}},
+                  {{14.7, 60.5, 215, 460.7, 705},
+                   {10.6, 40.2, 160.1, 444.9, 608}}},
+                 {{{6.6, 24.8, 72.9, 135.5, 178.3},
+                   {4.3, 16.2, 61.4, 137.3, 175.9}},
+                  {{26.8, 94.3, 302.7, 427, 574},
+                   {9.1, 33.1, 65.8, 164.1, 474}}},
+             },
+         .gflops_small =
+             {
+                 {{{19.1, 32.3, 36.5, 37.8, 34.1},
+                   {36.5, 51.3, 35.2, 36.7, 33.5}},
+                  {{99.2, 355.4, 929.8, 507.5, 440.6},
+                   {63.5, 206.4, 394.8, 522.2, 479.5}}},
+                 {{{32.4, 29.5, 48.1, 57, 56.5}, {54.5, 99.1, 48.9, 48.4, 61}},
+                  {{38.3, 61.5, 186.5, 623.4, 786.4},
+                   {19.4, 73.4, 204.1, 413.7, 593.6}}},
+             },
+         .bandwidth_gbs = 13.3,
+         .peak_gflops = {240.7, 3685.1},
+         .call_us = {0.4, 0.91},
+         .grouped_call_us = {2.39, 7.36},
+         .grouped_expert_us = {0.319, 0.067},
+         .threads = 1,
+         .source = "moe calibrate --threads 1 --cpu-time, isa amx, Intel "
+                   "Xeon (Sapphire Rapids, model 167) KVM guest, 2026-12-07 "
+                   "09:06, load ~6 on 2 cores (bench/NOTES.md, issue 20)",
+     }},
 };
 enum {
   MOE_NBUILTIN = sizeof moe_machine_builtins / sizeof moe_machine_builtins[0]
 };
 
-/// The built-in constants of `isa` (the reference's when unknown). amx
-/// has no row of its own: it takes the avx512_bf16 one (see above).
+/// The built-in constants of `isa` (the reference's when unknown).
 static void moe_machine_builtin(const char *isa, moe_machine *m) {
-  bool amx = !strcmp(isa, "amx");
-  const char *row = amx ? "avx512_bf16" : isa;
   *m = moe_machine_builtins[0].m;
   for (int i = 0; i < MOE_NBUILTIN; i++)
-    if (!strcmp(moe_machine_builtins[i].isa, row))
+    if (!strcmp(moe_machine_builtins[i].isa, isa))
       *m = moe_machine_builtins[i].m;
-  if (amx)
-    snprintf(m->source, sizeof m->source,
-             "no AMX machine measured; the avx512_bf16 rates, a lower bound "
-             "for bf16");
 }
 
 static void moe_json_array(const cJSON *o, const char *key, double *dst, int n,
