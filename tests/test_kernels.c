@@ -692,6 +692,12 @@ static void test_driver(void) {
     int64_t r3[] = {0, 0, 0}; /* nothing at all */
     int64_t r4[] = {33, 47, 20, 32};
     int64_t r5[] = {5, 40};
+    /* Decode sizes (the GEMV path takes groups of <= MOE_GEMV_MAX_M rows):
+       one token in one expert; empty experts between groups of 1..6 rows;
+       the boundary (7 rows: kernels, 6: GEMV) side by side. */
+    int64_t d1[] = {1};
+    int64_t d2[] = {0, 2, 0, 6, 1, 5, 0, 3};
+    int64_t d3[] = {7, 6};
     for (size_t t = 0; t < sizeof dts / sizeof *dts; t++)
       for (int beta = 0; beta < 2; beta++) {
         float bt = (float)beta;
@@ -716,6 +722,12 @@ static void test_driver(void) {
         /* Depth over several long chunks (column-contiguous B packs up to
            1360 units per chunk), odd for the last bf16 pair. */
         tc(mk(MOE_GROUP_M, 2, r5, 1, 0, 0, 20, 3001, x[0], x[1], x[2], bt,
+              seed++));
+        tc(mk(MOE_GROUP_M, 1, d1, 0, 0, 0, 301, 77, x[0], x[1], x[2], bt,
+              seed++));
+        tc(mk(MOE_GROUP_M, 8, d2, 1, 1, 0, 300, 129, x[0], x[1], x[2], bt,
+              seed++));
+        tc(mk(MOE_GROUP_M, 2, d3, 0, 2, 0, 65, 1001, x[0], x[1], x[2], bt,
               seed++));
       }
   }

@@ -31,6 +31,11 @@ enum {
   MOE_APANEL = 65536,      ///< A panel (256 KB, L2)
   MOE_BPANEL = 65536,      ///< B panel (256 KB, L2)
   MOE_ACC_MAX = 192 * 384, ///< floats in one item's accumulator tile
+  /// Columns of one decode item: 256 x 6 rows of f32 fit the accumulator,
+  /// and an expert of 1536 columns still makes 6 items to share out.
+  MOE_GEMV_COLS = 256,
+  /// The same where B's rows are contiguous (the GEMV sweeps whole rows).
+  MOE_GEMV_COLS_ROWS = 2048,
 };
 
 /// How B is read, from the view's strides (the same for every group).
@@ -69,7 +74,9 @@ typedef struct moe_job {
   int mr, nr;
   int akb; ///< A panel depth blocking in units (uk->a_kblock for pairs)
   moe_bmode bmode;
-  bool narrow;    ///< too few m-tiles for the threads: split N too
+  bool narrow; ///< too few m-tiles for the threads: split N too
+  /// Decode GEMV for groups of at most MOE_GEMV_MAX_M rows (NULL: none).
+  moe_gemv_fn gemv;
   int64_t target; ///< multiply-adds one item should carry
 } moe_job;
 
@@ -125,10 +132,48 @@ typedef struct moe_tiling {
   int64_t mrows, mt, nsl, nt;
 } moe_tiling;
 
+/// The view as the problem states it (undoing the transposition of a
+/// column-major C): the decode GEMV always works on the group's rows.
+static void moe_view_plain(const moe_job *J, const moe_view *v, moe_view *o) {
+  *o = *v;
+  if (!J->tr) return;
+  o->a = v->b;
+  o->b = v->a;
+  o->ars = v->bcs;
+  o->acs = v->brs;
+  o->brs = v->acs;
+  o->bcs = v->ars;
+  o->crs = v->ccs;
+  o->ccs = v->crs;
+  o->M = v->N;
+  o->N = v->M;
+}
+
+/// Whether a group's view goes to the decode GEMV: a few rows (of the
+/// problem, whichever way the driver solves it), depth that fits the panel.
+static bool moe_is_gemv(const moe_job *J, const moe_view *v) {
+  int64_t rows = J->tr ? v->N : v->M, cols = J->tr ? v->M : v->N;
+  return J->gemv && rows > 0 && cols > 0 && rows <= MOE_GEMV_MAX_M &&
+         v->K <= MOE_APANEL / MOE_GEMV_W;
+}
+
 static void moe_tiling_of(const moe_job *J, const moe_view *v, moe_tiling *t) {
   int mr = J->mr, nr = J->nr;
   memset(t, 0, sizeof *t);
   if (v->M <= 0 || v->N <= 0) return;
+  if (moe_is_gemv(J, v)) {
+    /* One m-tile; items of MOE_GEMV_COLS columns ("slivers" of 64). */
+    moe_view w;
+    moe_view_plain(J, v, &w);
+    /* Rows of B contiguous: wide items, so each weight row is read in
+       long runs; otherwise 16 weight rows stream side by side anyway. */
+    int64_t width = w.bcs == 1 ? MOE_GEMV_COLS_ROWS : MOE_GEMV_COLS;
+    t->mrows = w.M;
+    t->mt = 1;
+    t->nsl = (w.N + 63) / 64;
+    t->nt = (t->nsl + width / 64 - 1) / (width / 64);
+    return;
+  }
   int64_t mt = (v->M + MOE_MB_MAX - 1) / MOE_MB_MAX;
   int64_t rows = (v->M + mt - 1) / mt;
   t->mrows = (rows + mr - 1) / mr * mr;
@@ -306,6 +351,24 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
   int mr = J->mr, nr = J->nr;
   size_t ea = moe_dtype_size(J->at), eb = moe_dtype_size(J->bt),
          ec = moe_dtype_size(J->ct);
+  if (moe_is_gemv(J, v)) {
+    /* Decode: A widened to f32 once per item (a few rows), B read in
+       place by the GEMV, once. */
+    moe_view w;
+    moe_view_plain(J, v, &w);
+    moe_dtype at = J->tr ? J->bt : J->at, bt = J->tr ? J->at : J->bt;
+    int64_t j0 = nj * t->nsl / t->nt * 64;
+    int64_t j1 = (nj + 1) * t->nsl / t->nt * 64;
+    int64_t nb = (j1 < w.N ? j1 : w.N) - j0;
+    moe_pack_f32_fn pf = uk->pack_f32 ? uk->pack_f32 : moe_pack_f32_portable;
+    pf(w.a, at, w.acs, w.ars, w.K, w.M, MOE_GEMV_W, (float *)s->ap);
+    J->gemv(w.K, (int)w.M, (const float *)s->ap,
+            w.b + (size_t)(j0 * w.bcs) * moe_dtype_size(bt), bt, w.brs, w.bcs,
+            nb, s->acc, nb);
+    moe_store_tile(J, s->acc, nb, w.M, nb, w.c + (size_t)(j0 * w.ccs) * ec,
+                   w.crs, w.ccs);
+    return;
+  }
   int64_t i0 = mi * t->mrows;
   int64_t mb = v->M - i0 < t->mrows ? v->M - i0 : t->mrows;
   int64_t s0 = nj * t->nsl / t->nt, s1 = (nj + 1) * t->nsl / t->nt;
@@ -491,6 +554,7 @@ moe_status moe_gemm_grouped_with(const moe_gemm_problem *p,
   J.mr = J.pairs ? uk->bmr : uk->mr;
   J.nr = J.pairs ? uk->bnr : uk->nr;
   J.akb = J.pairs && uk->a_kblock > 1 ? uk->a_kblock : 1;
+  J.gemv = p->kind == MOE_GROUP_M ? uk->gemv : NULL;
   J.bmode = MOE_BMODE_GENERIC;
   if (G > 0) {
     moe_view v0;

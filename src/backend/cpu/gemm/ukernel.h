@@ -66,6 +66,23 @@ typedef void (*moe_store_fn)(const float *acc, int64_t ldacc, int64_t mb,
                              int64_t nb, void *c, moe_dtype ct, int64_t crs,
                              float beta, int stream);
 
+/// Decode-sized groups (a few rows, GROUP_M, forward and dX) skip packing
+/// B: a GEMV-like kernel streams the weight once, in its own layout.
+enum {
+  MOE_GEMV_W = 8,     ///< width of the f32 A panel the GEMV reads
+  MOE_GEMV_MAX_M = 6, ///< rows of a group that take the GEMV, at most
+};
+
+/// acc(i, j) = sum_{p < K} A(i, p) B(p, j) for i < m (<= MOE_GEMV_MAX_M),
+/// j < nb, each sum one fused multiply-add per p in increasing p from
+/// zero: the same value for every way B is read (and the same as the f32
+/// kernels' definition). `a` is f32 k-major, a[p * MOE_GEMV_W + i]; B(p, j)
+/// = b[p * brs + j * bcs] in dtype bt (f32, or bf16 widened exactly), any
+/// strides. acc has row stride ldacc; only rows < m are written.
+typedef void (*moe_gemv_fn)(int64_t K, int m, const float *a, const void *b,
+                            moe_dtype bt, int64_t brs, int64_t bcs, int64_t nb,
+                            float *acc, int64_t ldacc);
+
 typedef struct moe_ukernel_info {
   const char *isa;  ///< "ref", "avx2", "avx512", "avx512_bf16", "amx"
   const char *name; ///< f32 kernel, e.g. "avx512_f32_8x48"
@@ -93,6 +110,8 @@ typedef struct moe_ukernel_info {
   /// of `bf16` (tests, benches) must bracket their calls the same way.
   void (*bf16_begin)(void);
   void (*bf16_end)(void);
+  /// Decode-sized groups (NULL: they go through the kernels like others).
+  moe_gemv_fn gemv;
 } moe_ukernel_info;
 
 /// The portable reference kernel set (kernel_ref.c): the f32 kernel every
@@ -126,6 +145,10 @@ void moe_pack_pairs_portable(const uint16_t *src, int64_t sd, int64_t sw,
 void moe_store_avx512(const float *acc, int64_t ldacc, int64_t mb, int64_t nb,
                       void *c, moe_dtype ct, int64_t crs, float beta,
                       int stream);
+/// The AVX-512 decode GEMV (kernel_avx512.c), shared by the AVX-512 sets.
+void moe_gemv_avx512(int64_t K, int m, const float *a, const void *b,
+                     moe_dtype bt, int64_t brs, int64_t bcs, int64_t nb,
+                     float *acc, int64_t ldacc);
 
 /// The kernel set the driver uses: the best one the CPU, the OS and
 /// MOE_MAX_CPU_ISA allow. Decided once and cached; MOE_VERBOSE=1 logs why
