@@ -77,6 +77,8 @@ typedef struct moe_job {
   bool narrow; ///< too few m-tiles for the threads: split N too
   /// Decode GEMV for groups of at most MOE_GEMV_MAX_M rows (NULL: none).
   moe_gemv_fn gemv;
+  /// Software prefetch of the next B sliver in column mode (see below).
+  bool pf_cols;
   int64_t target; ///< multiply-adds one item should carry
 } moe_job;
 
@@ -472,7 +474,7 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
         moe_pack(J, v->b + (size_t)(k0 * v->brs + c0 * v->bcs) * eb, J->bt,
                  v->brs, v->bcs, kc, v->N - c0 < nr ? v->N - c0 : nr, nr,
                  s->bp);
-        if (J->bmode == MOE_BMODE_COLS) {
+        if (J->bmode == MOE_BMODE_COLS && J->pf_cols) {
           /* Next: this chunk's next sliver, or the next chunk's first. */
           int64_t pk = k0, pc = c0 + nr;
           if (js + 1 == nsl) {
@@ -555,6 +557,13 @@ moe_status moe_gemm_grouped_with(const moe_gemm_problem *p,
   J.nr = J.pairs ? uk->bnr : uk->nr;
   J.akb = J.pairs && uk->a_kblock > 1 ? uk->a_kblock : 1;
   J.gemv = p->kind == MOE_GROUP_M ? uk->gemv : NULL;
+  /* Column mode prefetches the next sliver between kernel calls, which
+     keeps DRAM busy while slow kernels run. A tile kernel (AMX) finishes
+     a call in ~150 ns: the prefetches then pile up and stall on full fill
+     buffers (19% of samples), and the hardware prefetchers following the
+     packer's 16 row streams do better (bench/NOTES.md, issue 20: gate_up
+     forward 135 -> 87 ms on one core). */
+  J.pf_cols = !(J.pairs && uk->sw_prefetch_off);
   J.bmode = MOE_BMODE_GENERIC;
   if (G > 0) {
     moe_view v0;

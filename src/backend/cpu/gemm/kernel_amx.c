@@ -235,4 +235,5 @@ const moe_ukernel_info moe_ukernel_amx = {.isa = "amx",
                                           .pack_a_pairs = moe_pack_a_amx,
                                           .a_kblock = AMX_KB,
                                           .bf16_begin = moe_amx_begin,
-                                          .bf16_end = moe_amx_end};
+                                          .bf16_end = moe_amx_end,
+                                          .sw_prefetch_off = true};

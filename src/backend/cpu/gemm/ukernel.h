@@ -112,6 +112,10 @@ typedef struct moe_ukernel_info {
   void (*bf16_end)(void);
   /// Decode-sized groups (NULL: they go through the kernels like others).
   moe_gemv_fn gemv;
+  /// The bf16 kernel is fast enough that the driver's software prefetch of
+  /// the next weight sliver (column mode) stalls it: leave that stream to
+  /// the hardware prefetchers.
+  bool sw_prefetch_off;
 } moe_ukernel_info;
 
 /// The portable reference kernel set (kernel_ref.c): the f32 kernel every
