@@ -556,7 +556,12 @@ moe_status moe_gemm_grouped_with(const moe_gemm_problem *p,
   J.mr = J.pairs ? uk->bmr : uk->mr;
   J.nr = J.pairs ? uk->bnr : uk->nr;
   J.akb = J.pairs && uk->a_kblock > 1 ? uk->a_kblock : 1;
-  J.gemv = p->kind == MOE_GROUP_M ? uk->gemv : NULL;
+  /* The GEMV computes what the f32 kernels do, bit for bit, so taking it
+     for a small group changes nothing but the speed. The bf16-pair kernels
+     (vdpbf16ps, tdpbf16ps) round differently: there a row's result would
+     depend on how many rows share its group (e.g. on the expert-parallel
+     split), so pair problems keep their kernels. */
+  J.gemv = p->kind == MOE_GROUP_M && !J.pairs ? uk->gemv : NULL;
   /* Column mode prefetches the next sliver between kernel calls, which
      keeps DRAM busy while slow kernels run. A tile kernel (AMX) finishes
      a call in ~150 ns: the prefetches then pile up and stall on full fill
