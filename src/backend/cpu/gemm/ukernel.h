@@ -67,7 +67,9 @@ typedef void (*moe_store_fn)(const float *acc, int64_t ldacc, int64_t mb,
                              float beta, int stream);
 
 /// Decode-sized groups (a few rows, GROUP_M, forward and dX) skip packing
-/// B: a GEMV-like kernel streams the weight once, in its own layout.
+/// B: a GEMV-like kernel streams the weight once, in its own layout. Used
+/// only where the set's kernel for the problem is the f32 FMA kernel (f32,
+/// or bf16 widened), whose bits it reproduces; never for bf16 pairs.
 enum {
   MOE_GEMV_W = 8,     ///< width of the f32 A panel the GEMV reads
   MOE_GEMV_MAX_M = 6, ///< rows of a group that take the GEMV, at most
