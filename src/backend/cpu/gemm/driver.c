@@ -77,6 +77,7 @@ typedef struct moe_job {
   bool narrow; ///< too few m-tiles for the threads: split N too
   /// Decode GEMV for groups of at most MOE_GEMV_MAX_M rows (NULL: none).
   moe_gemv_fn gemv;
+  moe_gemv_pairs_fn gemv_pairs; ///< the same for bf16-pair problems
   /// Software prefetch of the next B sliver in column mode (see below).
   bool pf_cols;
   int64_t target; ///< multiply-adds one item should carry
@@ -155,7 +156,12 @@ static void moe_view_plain(const moe_job *J, const moe_view *v, moe_view *o) {
 /// problem, whichever way the driver solves it), depth that fits the panel.
 static bool moe_is_gemv(const moe_job *J, const moe_view *v) {
   int64_t rows = J->tr ? v->N : v->M, cols = J->tr ? v->M : v->N;
-  return J->gemv && rows > 0 && cols > 0 && rows <= MOE_GEMV_MAX_M &&
+  /* The pair GEMV reads [N, K] weights only (16 rows side by side, at the
+     bandwidth); row mode stays on the kernels, whose bits it equals
+     anyway, so the choice never shows in the results. */
+  int64_t bcs = J->tr ? v->ars : v->bcs;
+  bool ok = J->gemv || (J->gemv_pairs && bcs != 1);
+  return ok && rows > 0 && cols > 0 && rows <= MOE_GEMV_MAX_M &&
          v->K <= MOE_APANEL / MOE_GEMV_W;
 }
 
@@ -362,6 +368,19 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
     int64_t j0 = nj * t->nsl / t->nt * 64;
     int64_t j1 = (nj + 1) * t->nsl / t->nt * 64;
     int64_t nb = (j1 < w.N ? j1 : w.N) - j0;
+    if (J->gemv_pairs) {
+      moe_pack_pairs_fn pp =
+          uk->pack_pairs ? uk->pack_pairs : moe_pack_pairs_portable;
+      pp((const uint16_t *)(const void *)w.a, w.acs, w.ars, w.K, w.M,
+         MOE_GEMV_W, (uint32_t *)s->ap);
+      J->gemv_pairs(
+          w.K, (int)w.M, (const uint32_t *)s->ap,
+          (const uint16_t *)(const void *)(w.b + (size_t)(j0 * w.bcs) * 2),
+          w.brs, w.bcs, nb, s->acc, nb);
+      moe_store_tile(J, s->acc, nb, w.M, nb, w.c + (size_t)(j0 * w.ccs) * ec,
+                     w.crs, w.ccs);
+      return;
+    }
     moe_pack_f32_fn pf = uk->pack_f32 ? uk->pack_f32 : moe_pack_f32_portable;
     pf(w.a, at, w.acs, w.ars, w.K, w.M, MOE_GEMV_W, (float *)s->ap);
     J->gemv(w.K, (int)w.M, (const float *)s->ap,
@@ -562,6 +581,9 @@ moe_status moe_gemm_grouped_with(const moe_gemm_problem *p,
      depend on how many rows share its group (e.g. on the expert-parallel
      split), so pair problems keep their kernels. */
   J.gemv = p->kind == MOE_GROUP_M && !J.pairs ? uk->gemv : NULL;
+  /* ...unless the set has a GEMV on pairs that computes its pair kernel's
+     sums exactly (avx512_bf16). */
+  J.gemv_pairs = p->kind == MOE_GROUP_M && J.pairs ? uk->gemv_pairs : NULL;
   /* Column mode prefetches the next sliver between kernel calls, which
      keeps DRAM busy while slow kernels run. A tile kernel (AMX) finishes
      a call in ~150 ns: the prefetches then pile up and stall on full fill

@@ -85,6 +85,17 @@ typedef void (*moe_gemv_fn)(int64_t K, int m, const float *a, const void *b,
                             moe_dtype bt, int64_t brs, int64_t bcs, int64_t nb,
                             float *acc, int64_t ldacc);
 
+/// The bf16-pair twin of moe_gemv_fn, for sets whose bf16 kernel works on
+/// pairs: acc(i, j) = sum over pairs p in increasing order of the set's
+/// pair product of A pair (i, p) and B pair (p, j), from zero -- exactly
+/// what the set's bf16 kernel computes, so a row's result does not depend
+/// on the group's size. `a` holds A pairs k-major, a[p * MOE_GEMV_W + i];
+/// B is bf16 read in place, B(k, j) = b[k * brs + j * bcs]; a missing
+/// B(K, j) of an odd K is zero, as in the packed panels.
+typedef void (*moe_gemv_pairs_fn)(int64_t K, int m, const uint32_t *a,
+                                  const uint16_t *b, int64_t brs, int64_t bcs,
+                                  int64_t nb, float *acc, int64_t ldacc);
+
 typedef struct moe_ukernel_info {
   const char *isa;  ///< "ref", "avx2", "avx512", "avx512_bf16", "amx"
   const char *name; ///< f32 kernel, e.g. "avx512_f32_8x48"
@@ -118,6 +129,8 @@ typedef struct moe_ukernel_info {
   /// the next weight sliver (column mode) stalls it: leave that stream to
   /// the hardware prefetchers.
   bool sw_prefetch_off;
+  /// Decode-sized groups of bf16-pair problems (NULL: the pair kernels).
+  moe_gemv_pairs_fn gemv_pairs;
 } moe_ukernel_info;
 
 /// The portable reference kernel set (kernel_ref.c): the f32 kernel every
