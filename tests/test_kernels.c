@@ -113,10 +113,40 @@ static void test_ukernel_one(const moe_ukernel_info *u, bool bf, int m,
       if (mag > scale) scale = mag;
     }
   float right_of_tile = acc[nr];
-  if (bf)
-    u->bf16(ku, a, b, acc, ld, m, first);
-  else
-    u->f32(ku, (const float *)a, (const float *)b, acc, ld, m, first);
+  float *below = malloc(sizeof(float) * (size_t)(mr * ld)); /* rows >= m */
+  memcpy(below, acc, sizeof(float) * (size_t)(mr * ld));
+  uint32_t *ak = a; /* A in the kernel's own format */
+  if (bf && u->pack_a_pairs) {
+    /* The set packs A its own way: build it with its packer from A as a
+       row-major [mr][2 ku] bf16 matrix (k contiguous, the forward's
+       activations) and again from the column-major one (the transposing
+       path, dW's); both panels must be the same, bit for bit. */
+    int64_t kb = u->a_kblock > 1 ? u->a_kblock : 1;
+    size_t nk = (size_t)((ku + kb - 1) / kb * kb * mr);
+    uint16_t *rm = malloc(sizeof(uint16_t) * (size_t)(2 * ku * mr + 1));
+    uint16_t *cm = malloc(sizeof(uint16_t) * (size_t)(2 * ku * mr + 1));
+    uint32_t *ak2 = aligned_alloc(64, (nk * 4 + 63) / 64 * 64 + 64);
+    ak = aligned_alloc(64, (nk * 4 + 63) / 64 * 64 + 64);
+    for (int i = 0; i < mr; i++)
+      for (int64_t p = 0; p < ku; p++)
+        for (int h = 0; h < 2; h++) {
+          uint16_t v = (uint16_t)(a[p * mr + i] >> (16 * h));
+          rm[i * 2 * ku + 2 * p + h] = v;
+          cm[(2 * p + h) * mr + i] = v;
+        }
+    u->pack_a_pairs(rm, 1, 2 * ku, 2 * ku, m, mr, ak);
+    u->pack_a_pairs(cm, mr, 1, 2 * ku, m, mr, ak2);
+    CHECK(memcmp(ak, ak2, nk * 4) == 0,
+          "%s: A packed from row- and column-major sources differs", name);
+    free(rm);
+    free(cm);
+    free(ak2);
+  }
+  if (bf && u->bf16_begin) u->bf16_begin();
+  if (bf) u->bf16(ku, ak, b, acc, ld, m, first);
+  if (bf && u->bf16_end) u->bf16_end();
+  if (ak != a) free(ak);
+  if (!bf) u->f32(ku, (const float *)a, (const float *)b, acc, ld, m, first);
   double worst = 0.0;
   bool finite = true;
   for (int i = 0; i < m; i++)
@@ -137,6 +167,12 @@ static void test_ukernel_one(const moe_ukernel_info *u, bool bf, int m,
   memcpy(&x0, &c0, 4);
   memcpy(&x1, &right_of_tile, 4);
   CHECK(x0 == x1, "%s wrote past column NR", name);
+  /* Rows m..MR-1 may be another sliver's rows (the driver deals rows to
+     slivers evenly): a kernel must leave them alone. */
+  CHECK(memcmp(below + m * ld, acc + m * ld,
+               sizeof(float) * (size_t)((mr - m) * ld)) == 0,
+        "%s wrote acc rows past m=%d", name, m);
+  free(below);
   free(a);
   free(b);
   free(acc);
@@ -656,6 +692,12 @@ static void test_driver(void) {
     int64_t r3[] = {0, 0, 0}; /* nothing at all */
     int64_t r4[] = {33, 47, 20, 32};
     int64_t r5[] = {5, 40};
+    /* Decode sizes (the GEMV path takes groups of <= MOE_GEMV_MAX_M rows):
+       one token in one expert; empty experts between groups of 1..6 rows;
+       the boundary (7 rows: kernels, 6: GEMV) side by side. */
+    int64_t d1[] = {1};
+    int64_t d2[] = {0, 2, 0, 6, 1, 5, 0, 3};
+    int64_t d3[] = {7, 6};
     for (size_t t = 0; t < sizeof dts / sizeof *dts; t++)
       for (int beta = 0; beta < 2; beta++) {
         float bt = (float)beta;
@@ -681,6 +723,12 @@ static void test_driver(void) {
            1360 units per chunk), odd for the last bf16 pair. */
         tc(mk(MOE_GROUP_M, 2, r5, 1, 0, 0, 20, 3001, x[0], x[1], x[2], bt,
               seed++));
+        tc(mk(MOE_GROUP_M, 1, d1, 0, 0, 0, 301, 77, x[0], x[1], x[2], bt,
+              seed++));
+        tc(mk(MOE_GROUP_M, 8, d2, 1, 1, 0, 300, 129, x[0], x[1], x[2], bt,
+              seed++));
+        tc(mk(MOE_GROUP_M, 2, d3, 0, 2, 0, 65, 1001, x[0], x[1], x[2], bt,
+              seed++));
       }
   }
   /* Random odd shapes. */
@@ -696,6 +744,71 @@ static void test_driver(void) {
     tc(mk(kind, G, rows, tu_below(&r, 3), tu_below(&r, 3),
           kind == MOE_GROUP_K ? M : 0, N, kind == MOE_GROUP_M ? K : 0, x[0],
           x[1], x[2], (float)tu_below(&r, 2), seed++));
+  }
+}
+
+/* ---- a row's result does not depend on its group's size -------------- */
+
+/// Expert parallelism splits tokens across ranks, so the same row meets
+/// different row counts in its group (the router GEMM of each rank, an
+/// expert's rows). Its result must not change: rows [0, r) of a group of
+/// r rows equal those of a group of 40, bit for bit, for every set, dtype
+/// and weight layout (small groups take the decode GEMV where it gives
+/// the kernels' bits).
+static void test_row_independence(void) {
+  enum { R = 40, K = 77, N = 50 };
+  static const int rs[] = {1, 3, 6, 8, 9, 17};
+  const moe_dtype F = MOE_F32, H = MOE_BF16;
+  const moe_dtype dts[][2] = {{F, F}, {H, H}, {H, F}};
+  for (size_t di = 0; di < sizeof dts / sizeof *dts; di++) {
+    moe_dtype at = dts[di][0], bt = dts[di][1];
+    size_t ea = moe_dtype_size(at), eb = moe_dtype_size(bt);
+    char *a = malloc((size_t)(R * K) * ea), *b = malloc((size_t)(K * N) * eb);
+    float *c40 = malloc(sizeof(float) * R * N),
+          *cr = malloc(sizeof(float) * R * N);
+    tu_rng r = tu_rng_make(500 + di);
+    for (int64_t i = 0; i < R * K; i++)
+      moe_store_f(a, at, i, (float)tu_uniform(&r));
+    for (int64_t i = 0; i < K * N; i++)
+      moe_store_f(b, bt, i, (float)tu_uniform(&r));
+    for (int s = 0; s < nsets; s++)
+      for (int lay = 0; lay < 2; lay++) {
+        /* lay 0: B [K, N] row-major; 1: the same values as [N, K]^T. */
+        char *bl = b;
+        if (lay) {
+          bl = malloc((size_t)(K * N) * eb);
+          for (int64_t k = 0; k < K; k++)
+            for (int64_t j = 0; j < N; j++)
+              moe_store_f(bl, bt, j * K + k, moe_load_f(b, bt, k * N + j));
+        }
+        moe_operand B = lay ? moe_op(bl, bt, 1, K) : moe_op(bl, bt, N, 1);
+        for (size_t ri = 0; ri <= sizeof rs / sizeof *rs; ri++) {
+          int64_t rows = ri == 0 ? R : rs[ri - 1];
+          int64_t off[2] = {0, rows};
+          float *out = ri == 0 ? c40 : cr;
+          moe_gemm_problem p = {
+              MOE_GROUP_M,          1,   off, 0, N, K, moe_op(a, at, K, 1), B,
+              moe_op(out, F, N, 1), 0.0f};
+          moe_gemm_ctx ctx;
+          memset(&ctx, 0, sizeof ctx);
+          ctx.num_threads = 2;
+          tu_case("row independence isa=%s a=%s b=%s layout=%s rows=%lld",
+                  sets[s]->isa, moe_dtype_name(at), moe_dtype_name(bt),
+                  lay ? "[N,K]" : "[K,N]", (long long)rows);
+          moe_status st = moe_gemm_grouped_with(&p, &ctx, sets[s]);
+          CHECK(st == MOE_SUCCESS, "grouped gemm failed: %s", moe_last_error());
+          if (ri > 0)
+            CHECK(same_bits(c40, cr, rows * N),
+                  "rows of a %lld-row group differ from the same rows in a "
+                  "%d-row group",
+                  (long long)rows, R);
+        }
+        if (lay) free(bl);
+      }
+    free(a);
+    free(b);
+    free(c40);
+    free(cr);
   }
 }
 
@@ -774,6 +887,7 @@ int main(int argc, char **argv) {
   test_ukernels();
   test_stores();
   test_driver();
+  test_row_independence();
   test_cap(argv[0]);
   return tu_finish();
 }

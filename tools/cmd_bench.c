@@ -37,6 +37,8 @@ typedef struct bench_opts {
   moe_layout layouts[2];
   int nlayouts;
   bool json;
+  bool decode;       ///< --decode: forward only at decode sizes
+  bool tokens_given; ///< --tokens was passed
 } bench_opts;
 
 static void bench_usage(FILE *f) {
@@ -44,10 +46,15 @@ static void bench_usage(FILE *f) {
              "f32|bf16|all]\n"
              "                 [--layout out_in|in_out|all] [--threads N] "
              "[--reps N] [--json]\n"
+             "       moe bench --decode [--tokens N] [same options]\n"
              "\n"
              "Times forward and forward+backward of one expert layer (router,\n"
              "permute, gate_up, SwiGLU, down, unpermute) for each method and\n"
              "weight layout; 'loop+copy' is a baseline libmoe never uses.\n"
+             "--decode times the forward alone at decode sizes (T = 1, 8, 64\n"
+             "unless --tokens is given), caches flushed before each call, and\n"
+             "prints tokens/s and the GB/s of the touched experts' weights\n"
+             "against the DRAM read bandwidth measured at the start.\n"
              "Default: --preset qwen3-30b-a3b --tokens 256 --dtype bf16 "
              "--layout all --reps 3\n\npresets:\n");
   cli_preset_list(f);
@@ -468,6 +475,190 @@ static int bench_dtype(const bench_opts *o, moe_dtype dt, int *done,
   return rc;
 }
 
+/* ---- --decode ------------------------------------------------------------ */
+
+/// Streams `n` words of `buf` with nt threads; returns GB/s. Also evicts
+/// the caches before a timed decode call (1 GiB: larger than any L3 here).
+static double bench_stream(const uint64_t *buf, size_t n, int nt,
+                           volatile uint64_t *sink) {
+  uint64_t acc = 0;
+  double t0 = bench_now_ms();
+#pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : acc)
+  for (size_t i = 0; i < n; i++)
+    acc += buf[i];
+  double ms = bench_now_ms() - t0;
+  *sink += acc;
+  return (double)(n * sizeof *buf) / (ms * 1e6);
+}
+
+/// Experts that the forward's router picked, from its logits [T, E]: the
+/// top k per token (k distinct experts), counted once each.
+static int64_t bench_touched(const float *logits, int64_t T, int64_t E,
+                             int64_t k, unsigned char *seen) {
+  memset(seen, 0, (size_t)E);
+  for (int64_t t = 0; t < T; t++) {
+    const float *l = logits + t * E;
+    for (int64_t j = 0; j < k; j++) {
+      int64_t best = -1;
+      for (int64_t e = 0; e < E; e++)
+        if (!(seen[e] & 2) && (best < 0 || l[e] > l[best])) best = e;
+      if (best < 0) break;
+      seen[best] |= 3; /* 2: taken by this token, 1: touched */
+    }
+    for (int64_t e = 0; e < E; e++)
+      seen[e] &= 1;
+  }
+  int64_t n = 0;
+  for (int64_t e = 0; e < E; e++)
+    n += seen[e];
+  return n;
+}
+
+/// `moe bench --decode`: the layer's forward at decode sizes, auto plan.
+/// Each timed call starts with cold caches (a 1 GiB read first, not
+/// timed), so the touched experts' weights come from DRAM as they would
+/// at inference over many layers.
+static int bench_decode(const bench_opts *o) {
+  const cli_preset *p = o->preset;
+  int nt = o->threads > 0 ? (int)o->threads : omp_get_max_threads();
+  int64_t sizes[3] = {1, 8, 64}, nsizes = 3;
+  if (o->tokens_given) {
+    sizes[0] = o->tokens;
+    nsizes = 1;
+  }
+  int64_t tmax = 0;
+  for (int i = 0; i < nsizes; i++)
+    tmax = sizes[i] > tmax ? sizes[i] : tmax;
+  size_t nflush = ((size_t)1 << 30) / sizeof(uint64_t);
+  uint64_t *flush = xalloc(nflush * sizeof *flush);
+  unsigned char *seen = malloc((size_t)p->E);
+  if (!flush || !seen) {
+    free(flush);
+    free(seen);
+    fprintf(stderr, "moe bench: out of memory for the 1 GiB flush buffer\n");
+    return CLI_ERR;
+  }
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (size_t i = 0; i < nflush; i++)
+    flush[i] = i * 0x9E3779B97F4A7C15ull;
+  volatile uint64_t sink = 0;
+  double bw = 0;
+  for (int r = 0; r < 3; r++) {
+    double g = bench_stream(flush, nflush, nt, &sink);
+    bw = g > bw ? g : bw;
+  }
+  printf("\n%s decode: E=%lld H=%lld I=%lld top-%lld, forward only, %d "
+         "threads, isa %s\n"
+         "DRAM read bandwidth %.1f GB/s: measured here (1 GiB streaming read, "
+         "%d threads, best of 3); the same read flushes the caches before "
+         "every timed forward\n",
+         p->name, (long long)p->E, (long long)p->H, (long long)p->I,
+         (long long)p->k, nt, moe_cpu_isa(), bw, nt);
+  printf("%-5s %-7s %5s %10s %10s %8s %8s %8s %6s %12s\n", "dtype", "layout",
+         "T", "median_ms", "tokens/s", "experts", "GB", "GB/s", "%bw",
+         "predicted_ms");
+  int rc = CLI_OK;
+  for (int di = 0; di < o->ndtypes && rc == CLI_OK; di++) {
+    moe_dtype dt = o->dtypes[di];
+    bench_shape s = {tmax, p->E, p->H, p->I, p->k, dt, moe_dtype_size(dt)};
+    bench_bufs b;
+    memset(&b, 0, sizeof b);
+    size_t es = s.es;
+    b.x = xalloc((size_t)(tmax * s.H) * es);
+    b.gate = xalloc((size_t)(s.E * s.H) * es);
+    b.gu = xalloc((size_t)(s.E * 2 * s.I * s.H) * es);
+    b.down = xalloc((size_t)(s.E * s.H * s.I) * es);
+    b.out = xalloc((size_t)(tmax * s.H) * es);
+    b.logits = xalloc((size_t)(tmax * s.E) * 4);
+    if (!b.x || !b.gate || !b.gu || !b.down || !b.out || !b.logits) {
+      fprintf(stderr, "moe bench: out of memory for %s %s weights\n", p->name,
+              moe_dtype_name(dt));
+      rc = CLI_ERR;
+      bufs_free(&b);
+      break;
+    }
+    bench_fill(b.x, dt, tmax * s.H, 1.0f, 1);
+    bench_fill(b.gate, dt, s.E * s.H, 0.05f, 2);
+    bench_fill(b.gu, dt, s.E * 2 * s.I * s.H, 0.03f, 3);
+    bench_fill(b.down, dt, s.E * s.H * s.I, 0.03f, 4);
+    double ebytes = 3.0 * (double)(s.H * s.I) * (double)es; /* one expert */
+    for (int li = 0; li < o->nlayouts && rc == CLI_OK; li++) {
+      moe_layout layout = o->layouts[li];
+      for (int ti = 0; ti < nsizes && rc == CLI_OK; ti++) {
+        s.T = sizes[ti];
+        moe_layer_plan *plan;
+        moe_status st = make_plan(o, &s, layout, MOE_GMM_AUTO, &plan);
+        if (st) {
+          cli_fail("bench", "plan", st);
+          rc = CLI_ERR;
+          break;
+        }
+        size_t ws, sv;
+        moe_layer_plan_sizes(plan, s.T, &ws, &sv);
+        if (ws > b.ws_bytes) {
+          free(b.ws);
+          b.ws = xalloc(ws);
+          b.ws_bytes = ws;
+        }
+        if (sv > b.saved_bytes) {
+          free(b.saved);
+          b.saved = xalloc(sv);
+          b.saved_bytes = sv;
+        }
+        moe_layer_bwd_args a;
+        make_args(&s, &b, b.gu, b.down, NULL, NULL, layout, &a);
+        int64_t reps = o->reps < 5 ? 5 : o->reps;
+        double *t = calloc((size_t)reps + 1, sizeof(double));
+        if (!t || (b.ws_bytes && !b.ws) || (b.saved_bytes && !b.saved)) {
+          free(t);
+          moe_layer_plan_destroy(plan);
+          rc = CLI_ERR;
+          break;
+        }
+        for (int64_t r = 0; r <= reps && st == MOE_SUCCESS; r++) {
+          bench_stream(flush, nflush, nt, &sink);
+          double t0 = bench_now_ms();
+          st = moe_layer_forward(plan, &a.fwd, b.saved, b.saved_bytes, b.ws,
+                                 b.ws_bytes, NULL);
+          t[r] = bench_now_ms() - t0;
+        }
+        if (st) {
+          cli_fail("bench", "forward", st);
+          free(t);
+          moe_layer_plan_destroy(plan);
+          rc = CLI_ERR;
+          break;
+        }
+        qsort(t + 1, (size_t)reps, sizeof(double), bench_cmp_double);
+        double med =
+            reps % 2 ? t[1 + reps / 2] : 0.5 * (t[reps / 2] + t[reps / 2 + 1]);
+        free(t);
+        int64_t ne = bench_touched(b.logits, s.T, s.E, s.k, seen);
+        double gb = (double)ne * ebytes / 1e9, gbs = gb / (med / 1e3);
+        moe_gmm_method pick = moe_layer_plan_method(plan, 0);
+        double pred = predicted(plan, pick, false);
+        printf("%-5s %-7s %5lld %10.3f %10.1f %8lld %8.3f %8.1f %5.0f%% ",
+               moe_dtype_name(dt), moe_layout_name(layout), (long long)s.T, med,
+               (double)s.T / (med / 1e3), (long long)ne, gb, gbs,
+               100.0 * gbs / bw);
+        if (pred > 0)
+          printf("%12.3f\n", pred);
+        else
+          printf("%12s\n", "-");
+        moe_layer_plan_destroy(plan);
+      }
+    }
+    bufs_free(&b);
+  }
+  printf("GB is the touched experts' gate_up and down weights (each read "
+         "once at best); %%bw is GB/s over the measured read bandwidth; the "
+         "time is the whole forward (router, permute, GEMMs, SwiGLU, "
+         "unpermute).\n");
+  free(flush);
+  free(seen);
+  return rc;
+}
+
 int cmd_bench(int argc, char **argv) {
   for (int i = 1; i + 1 < argc; i++)
     if (!strcmp(argv[i], "--device") && !strcmp(argv[i + 1], "cuda"))
@@ -491,6 +682,8 @@ int cmd_bench(int argc, char **argv) {
       return CLI_OK;
     } else if (!strcmp(a, "--json")) {
       o.json = true;
+    } else if (!strcmp(a, "--decode")) {
+      o.decode = true;
     } else if (!strcmp(a, "--preset") && v) {
       if (!(o.preset = cli_preset_find(v))) {
         fprintf(stderr, "moe bench: unknown preset '%s'\n", v);
@@ -500,6 +693,7 @@ int cmd_bench(int argc, char **argv) {
       i++;
     } else if (!strcmp(a, "--tokens") && v) {
       if (!cli_int("--tokens", v, 1, 1 << 20, &o.tokens)) return CLI_USAGE;
+      o.tokens_given = true;
       i++;
     } else if (!strcmp(a, "--threads") && v) {
       if (!cli_int("--threads", v, 0, 4096, &o.threads)) return CLI_USAGE;
@@ -531,6 +725,7 @@ int cmd_bench(int argc, char **argv) {
       return CLI_USAGE;
     }
   }
+  if (o.decode) return bench_decode(&o);
   if (o.tokens < 0) o.tokens = o.preset->tokens;
   int done = 0, total = 0;
   for (int i = 0; i < o.ndtypes; i++)

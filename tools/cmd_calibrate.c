@@ -6,8 +6,8 @@
 /// kernel set in use (moe_cpu_isa(), capped by MOE_MAX_CPU_ISA) and the CPU
 /// model; the library uses it only at that level on that CPU:
 ///  - register-only peaks at that level: f32 FMA (AVX-512, else AVX2) and
-///    the bf16 dot (vdpbf16ps at avx512_bf16 and amx; elsewhere bf16 is
-///    widened to f32, so its peak is the f32 one) -- informational: the
+///    the bf16 dot (vdpbf16ps at avx512_bf16, tdpbf16ps at amx; elsewhere bf16
+///    is widened to f32, so its peak is the f32 one) -- informational: the
 ///    planner uses measured rates, these say how far from the hardware
 ///    they are and give `moe bench` its floor;
 ///  - DRAM read bandwidth;
@@ -123,6 +123,48 @@ cal_dpbf16(long iters) {
   return _mm512_reduce_add_ps(s);
 }
 
+/// Four independent tdpbf16ps chains on resident 16 x 16 tiles (16,384
+/// FLOP each), the AMX-BF16 kernel's accumulator count. Runs only at the
+/// amx level, where the library has been granted tile data (dispatch.c).
+__attribute__((target("amx-tile,amx-bf16,avx512f"))) static float
+cal_amx(long iters) {
+  struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } cfg __attribute__((aligned(64)));
+  memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  for (int t = 0; t < 8; t++) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  /* GCC 12 does not see ldtilecfg read memory: keep the stores. */
+  __asm__ volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+  uint16_t ab[16 * 32] __attribute__((aligned(64)));
+  float out[16 * 16] __attribute__((aligned(64)));
+  for (int i = 0; i < 16 * 32; i++)
+    ab[i] = 0x3c00; /* 2^-7: the sums stay finite */
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_loadd(4, ab, 64);
+  _tile_loadd(5, ab, 64);
+  _tile_loadd(6, ab, 64);
+  _tile_loadd(7, ab, 64);
+  for (long n = 0; n < iters; n++) {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, out, 64);
+  _tile_release();
+  return out[0];
+}
+
 /// 12 independent AVX2 FMA chains (the AVX2 kernel's accumulator count).
 __attribute__((target("avx2,fma"))) static float cal_fma_avx2(long iters) {
   __m256 c[12], a = _mm256_set1_ps(1.0000001f), b = _mm256_set1_ps(0.9999999f);
@@ -143,7 +185,8 @@ __attribute__((target("avx2,fma"))) static float cal_fma_avx2(long iters) {
 }
 
 /// GFLOP/s of `which` (0 FMA, 1 bf16 dot) on nt threads at the ISA level
-/// in use (avx512*/amx: AVX-512 FMA and vdpbf16ps; avx2 and ref: AVX2 FMA
+/// in use (avx512*: AVX-512 FMA and vdpbf16ps; amx: AVX-512 FMA and AMX
+/// tdpbf16ps; avx2 and ref: AVX2 FMA
 /// where the CPU has it, for both dtypes since bf16 is widened); 0 if
 /// the CPU has neither.
 static double cal_peak(int which, int nt) {
@@ -156,8 +199,11 @@ static double cal_peak(int which, int nt) {
       !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")))
     return 0.0;
   if (which == 1 && !dot) which = 0; /* bf16 is widened to f32 */
-  long iters = 20000000;
-  double flops_per_iter = wide ? 24.0 * (which ? 64.0 : 32.0) : 12.0 * 16.0,
+  bool amx = which == 1 && strcmp(isa, "amx") == 0;
+  long iters = amx ? 400000 : 20000000;
+  double flops_per_iter = amx    ? 4.0 * 16384.0
+                          : wide ? 24.0 * (which ? 64.0 : 32.0)
+                                 : 12.0 * 16.0,
          best = 0.0;
   volatile float sink = 0;
   for (int rep = 0; rep < 3; rep++) {
@@ -165,6 +211,7 @@ static double cal_peak(int which, int nt) {
 #pragma omp parallel num_threads(nt)
     {
       float v = !wide   ? cal_fma_avx2(iters)
+                : amx   ? cal_amx(iters)
                 : which ? cal_dpbf16(iters)
                         : cal_fma(iters);
 #pragma omp atomic

@@ -29,10 +29,10 @@ static int moe_machine_ready;
 /// jobs, hence process CPU time on one thread (the planner scales rates to
 /// its thread count). Without AVX-512 no library has a native bf16 GEMM
 /// (Debian's oneDNN 2.6 has none at all there): the loop cannot run bf16 at
-/// avx2 and ref, and the rows hold its f32 rates there as placeholders. amx has
-/// no measurement (no AMX machine was available): it reuses the avx512_bf16
-/// row, a lower bound since AMX only speeds up bf16. bench/NOTES.md, "Machine
-/// constants per ISA level (issue 8)", has the runs.
+/// avx2 and ref, and the rows hold its f32 rates there as placeholders. The
+/// amx row is its own: measured on an Intel Xeon with AMX (issue 20), its
+/// bf16 peak the tdpbf16ps one. bench/NOTES.md, "Machine constants per ISA
+/// level (issue 8)" and issue 20's section, has the runs.
 static const struct moe_machine_builtin {
   const char *isa;
   moe_machine m;
@@ -158,24 +158,51 @@ static const struct moe_machine_builtin {
                    "Zen 4 VM, median of four (issue 3); the rest: "
                    "--threads 1 --cpu-time 2026-12-02, scaled to 2",
      }},
+    {"amx",
+     {
+         .rows_at = {2, 8, 32, 128, 512},
+         .gflops =
+             {
+                 {{{27.4, 53.6, 123.1, 259.6, 292.2},
+                   {14.6, 53.3, 143.1, 230.8, 248.7}},
+                  {{46, 202.3, 773.4, 1207.5, 1432.2},
+                   {16.4, 64.8, 282, 858.5, 1263.5}}},
+                 {{{12.5, 41.2, 131.8, 241.4, 297.5},
+                   {6, 23.6, 104.8, 225.2, 307.8}},
+                  {{54.7, 246.7, 699.6, 1183.1, 1073.6},
+                   {13.1, 57.5, 123.4, 288.7, 886.6}}},
+             },
+         .gflops_small =
+             {
+                 {{{85, 61.3, 65.2, 66, 67.3}, {0, 64.1, 55.9, 68.3, 64.6}},
+                  {{104, 394, 1174.5, 1613.1, 805.6},
+                   {77.3, 270.1, 1076.3, 1633.6, 1125.1}}},
+                 {{{23.5, 26.5, 44.8, 45, 51}, {34.3, 77.8, 45.8, 45.9, 81}},
+                  {{33.7, 100.3, 271.9, 312.1, 826.4},
+                   {9.1, 33.6, 105.4, 303.6, 611.7}}},
+             },
+         .bandwidth_gbs = 20.5,
+         .peak_gflops = {430.4, 6076.7},
+         .call_us = {0.22, 0.89},
+         .grouped_call_us = {4.72, 8.99},
+         .grouped_expert_us = {0.197, 0.163},
+         .threads = 2,
+         .source = "moe calibrate --threads 2, isa amx, Intel Xeon (Sapphire "
+                   "Rapids, model 167) KVM guest, 2026-12-07 10:08, load "
+                   "1.7 on 2 cores (bench/NOTES.md, issue 20); one small-"
+                   "weight f32 dW sample came out 0 (not measured)",
+     }},
 };
 enum {
   MOE_NBUILTIN = sizeof moe_machine_builtins / sizeof moe_machine_builtins[0]
 };
 
-/// The built-in constants of `isa` (the reference's when unknown). amx
-/// has no row of its own: it takes the avx512_bf16 one (see above).
+/// The built-in constants of `isa` (the reference's when unknown).
 static void moe_machine_builtin(const char *isa, moe_machine *m) {
-  bool amx = !strcmp(isa, "amx");
-  const char *row = amx ? "avx512_bf16" : isa;
   *m = moe_machine_builtins[0].m;
   for (int i = 0; i < MOE_NBUILTIN; i++)
-    if (!strcmp(moe_machine_builtins[i].isa, row))
+    if (!strcmp(moe_machine_builtins[i].isa, isa))
       *m = moe_machine_builtins[i].m;
-  if (amx)
-    snprintf(m->source, sizeof m->source,
-             "no AMX machine measured; the avx512_bf16 rates, a lower bound "
-             "for bf16");
 }
 
 static void moe_json_array(const cJSON *o, const char *key, double *dst, int n,

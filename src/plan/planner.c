@@ -8,7 +8,9 @@
 /// rows per expert, so fixed costs (library calls, packing a weight for
 /// few rows, memory streaming) are in the numbers rather than guessed.
 /// Below the smallest sample the rate falls in proportion to the rows: a
-/// weight is read (and a call made) per expert however few rows it has.
+/// weight is read (and a call made) per expert however few rows it has;
+/// for the weight-streaming GEMMs "expert" means one some row went to
+/// (decode sizes touch few of them).
 /// On top of the rates, each GEMM pays a fixed cost that the large samples
 /// hide but small problems (few tokens, small experts) do not: the loop one
 /// library call per expert (call_us), grouped one call (grouped_call_us)
@@ -57,6 +59,15 @@ static double moe_gemm_seconds(const moe_machine *m, const moe_proj_shape *s,
   int mi = method == MOE_GMM_GROUPED ? 0 : 1;
   double E = (double)(s->experts > 0 ? s->experts : 1);
   double rows = (double)s->rows / E; /* expected rows per expert */
+  if (kind == MOE_KIND_FWD && s->rows > 0) {
+    /* Weight-streaming GEMMs read only the experts some row went to. At
+       decode sizes (rows < experts) that is far fewer than E: with rows
+       spread at random, E (1 - (1 - 1/E)^rows) are touched. Evaluate the
+       rate at their rows each (the flops do not change). dW writes every
+       expert's gradient, touched or not, so it keeps E. */
+    double touched = E * -expm1((double)s->rows * log1p(-1.0 / E));
+    if (E > 1 && touched >= 1.0) rows = (double)s->rows / touched;
+  }
   double flops = 2.0 * (double)s->rows * (double)s->K * (double)s->N;
   /* Rates were measured with m->threads threads; assume they scale. */
   double scale = (double)threads / (double)(m->threads > 0 ? m->threads : 1);

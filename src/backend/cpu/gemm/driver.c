@@ -31,6 +31,11 @@ enum {
   MOE_APANEL = 65536,      ///< A panel (256 KB, L2)
   MOE_BPANEL = 65536,      ///< B panel (256 KB, L2)
   MOE_ACC_MAX = 192 * 384, ///< floats in one item's accumulator tile
+  /// Columns of one decode item: 256 x 6 rows of f32 fit the accumulator,
+  /// and an expert of 1536 columns still makes 6 items to share out.
+  MOE_GEMV_COLS = 256,
+  /// The same where B's rows are contiguous (the GEMV sweeps whole rows).
+  MOE_GEMV_COLS_ROWS = 2048,
 };
 
 /// How B is read, from the view's strides (the same for every group).
@@ -67,8 +72,14 @@ typedef struct moe_job {
   bool tr;              ///< solve C^T = B^T A^T (C is column-major)
   bool stream;          ///< non-temporal C stores (large dW)
   int mr, nr;
+  int akb; ///< A panel depth blocking in units (uk->a_kblock for pairs)
   moe_bmode bmode;
-  bool narrow;    ///< too few m-tiles for the threads: split N too
+  bool narrow; ///< too few m-tiles for the threads: split N too
+  /// Decode GEMV for groups of at most MOE_GEMV_MAX_M rows (NULL: none).
+  moe_gemv_fn gemv;
+  moe_gemv_pairs_fn gemv_pairs; ///< the same for bf16-pair problems
+  /// Software prefetch of the next B sliver in column mode (see below).
+  bool pf_cols;
   int64_t target; ///< multiply-adds one item should carry
 } moe_job;
 
@@ -124,10 +135,53 @@ typedef struct moe_tiling {
   int64_t mrows, mt, nsl, nt;
 } moe_tiling;
 
+/// The view as the problem states it (undoing the transposition of a
+/// column-major C): the decode GEMV always works on the group's rows.
+static void moe_view_plain(const moe_job *J, const moe_view *v, moe_view *o) {
+  *o = *v;
+  if (!J->tr) return;
+  o->a = v->b;
+  o->b = v->a;
+  o->ars = v->bcs;
+  o->acs = v->brs;
+  o->brs = v->acs;
+  o->bcs = v->ars;
+  o->crs = v->ccs;
+  o->ccs = v->crs;
+  o->M = v->N;
+  o->N = v->M;
+}
+
+/// Whether a group's view goes to the decode GEMV: a few rows (of the
+/// problem, whichever way the driver solves it), depth that fits the panel.
+static bool moe_is_gemv(const moe_job *J, const moe_view *v) {
+  int64_t rows = J->tr ? v->N : v->M, cols = J->tr ? v->M : v->N;
+  /* The pair GEMV reads [N, K] weights only (16 rows side by side, at the
+     bandwidth); row mode stays on the kernels, whose bits it equals
+     anyway, so the choice never shows in the results. */
+  int64_t bcs = J->tr ? v->ars : v->bcs;
+  bool ok = J->gemv || (J->gemv_pairs && bcs != 1);
+  return ok && rows > 0 && cols > 0 && rows <= MOE_GEMV_MAX_M &&
+         v->K <= MOE_APANEL / MOE_GEMV_W;
+}
+
 static void moe_tiling_of(const moe_job *J, const moe_view *v, moe_tiling *t) {
   int mr = J->mr, nr = J->nr;
   memset(t, 0, sizeof *t);
   if (v->M <= 0 || v->N <= 0) return;
+  if (moe_is_gemv(J, v)) {
+    /* One m-tile; items of MOE_GEMV_COLS columns ("slivers" of 64). */
+    moe_view w;
+    moe_view_plain(J, v, &w);
+    /* Rows of B contiguous: wide items, so each weight row is read in
+       long runs; otherwise 16 weight rows stream side by side anyway. */
+    int64_t width = w.bcs == 1 ? MOE_GEMV_COLS_ROWS : MOE_GEMV_COLS;
+    t->mrows = w.M;
+    t->mt = 1;
+    t->nsl = (w.N + 63) / 64;
+    t->nt = (t->nsl + width / 64 - 1) / (width / 64);
+    return;
+  }
   int64_t mt = (v->M + MOE_MB_MAX - 1) / MOE_MB_MAX;
   int64_t rows = (v->M + mt - 1) / mt;
   t->mrows = (rows + mr - 1) / mr * mr;
@@ -237,6 +291,21 @@ static void moe_pack(const moe_job *J, const char *src, moe_dtype st,
   }
 }
 
+/// Packs an A sliver: the kernel set's own A format when it has one.
+static void moe_pack_a(const moe_job *J, const char *src, int64_t sd,
+                       int64_t sw, int64_t depth, int64_t width, void *dst) {
+  if (J->pairs && J->uk->pack_a_pairs)
+    J->uk->pack_a_pairs((const uint16_t *)src, sd, sw, depth, width, J->mr,
+                        (uint32_t *)dst);
+  else
+    moe_pack(J, src, J->at, sd, sw, depth, width, J->mr, dst);
+}
+
+/// `units` rounded up to the A panel's depth blocking.
+static int64_t moe_a_units(const moe_job *J, int64_t units) {
+  return (units + J->akb - 1) / J->akb * J->akb;
+}
+
 /// A run of prefetches over `rows` runs of `run` bytes, `stride` bytes
 /// apart, issued a few lines at a time between kernel calls so the next
 /// B region streams in from DRAM while the kernels work.
@@ -295,6 +364,37 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
   int mr = J->mr, nr = J->nr;
   size_t ea = moe_dtype_size(J->at), eb = moe_dtype_size(J->bt),
          ec = moe_dtype_size(J->ct);
+  if (moe_is_gemv(J, v)) {
+    /* Decode: A widened to f32 once per item (a few rows), B read in
+       place by the GEMV, once. */
+    moe_view w;
+    moe_view_plain(J, v, &w);
+    moe_dtype at = J->tr ? J->bt : J->at, bt = J->tr ? J->at : J->bt;
+    int64_t j0 = nj * t->nsl / t->nt * 64;
+    int64_t j1 = (nj + 1) * t->nsl / t->nt * 64;
+    int64_t nb = (j1 < w.N ? j1 : w.N) - j0;
+    if (J->gemv_pairs) {
+      moe_pack_pairs_fn pp =
+          uk->pack_pairs ? uk->pack_pairs : moe_pack_pairs_portable;
+      pp((const uint16_t *)(const void *)w.a, w.acs, w.ars, w.K, w.M,
+         MOE_GEMV_W, (uint32_t *)s->ap);
+      J->gemv_pairs(
+          w.K, (int)w.M, (const uint32_t *)s->ap,
+          (const uint16_t *)(const void *)(w.b + (size_t)(j0 * w.bcs) * 2),
+          w.brs, w.bcs, nb, s->acc, nb);
+      moe_store_tile(J, s->acc, nb, w.M, nb, w.c + (size_t)(j0 * w.ccs) * ec,
+                     w.crs, w.ccs);
+      return;
+    }
+    moe_pack_f32_fn pf = uk->pack_f32 ? uk->pack_f32 : moe_pack_f32_portable;
+    pf(w.a, at, w.acs, w.ars, w.K, w.M, MOE_GEMV_W, (float *)s->ap);
+    J->gemv(w.K, (int)w.M, (const float *)s->ap,
+            w.b + (size_t)(j0 * w.bcs) * moe_dtype_size(bt), bt, w.brs, w.bcs,
+            nb, s->acc, nb);
+    moe_store_tile(J, s->acc, nb, w.M, nb, w.c + (size_t)(j0 * w.ccs) * ec,
+                   w.crs, w.ccs);
+    return;
+  }
   int64_t i0 = mi * t->mrows;
   int64_t mb = v->M - i0 < t->mrows ? v->M - i0 : t->mrows;
   int64_t s0 = nj * t->nsl / t->nt, s1 = (nj + 1) * t->nsl / t->nt;
@@ -320,6 +420,9 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
   }
   if (ku > MOE_APANEL / (msl * mr)) ku = MOE_APANEL / (msl * mr);
   ku = ku >= 16 ? ku / 8 * 8 : (ku > 0 ? ku : 1);
+  /* Every chunk but the last is whole A blocks, so the padding pairs of a
+     blocked A panel only ever sit at the end of the depth. */
+  if (J->akb > 1 && ku >= J->akb) ku = ku / J->akb * J->akb;
   int64_t kce = ku * upe; /* chunk depth in elements */
   char *c = v->c + (size_t)(i0 * v->crs + j0 * v->ccs) * ec;
   if (J->bmode == MOE_BMODE_ROWS && v->K > 0 && v->K <= kce) {
@@ -327,11 +430,11 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
        in bands of one m-sliver: its accumulators for every n-sliver stay
        in L1 and go to C right away, instead of a whole tile going out to
        L2 and back. */
-    int64_t kuc = (v->K + upe - 1) / upe;
+    int64_t kuc = (v->K + upe - 1) / upe, kua = moe_a_units(J, kuc);
     for (int64_t is = 0; is < msl; is++) {
       int64_t r = i0 + is * mbase + (is < mextra ? is : mextra);
-      moe_pack(J, v->a + (size_t)(r * v->ars) * ea, J->at, v->acs, v->ars, v->K,
-               mbase + (is < mextra), mr, (uint32_t *)s->ap + is * mr * kuc);
+      moe_pack_a(J, v->a + (size_t)(r * v->ars) * ea, v->acs, v->ars, v->K,
+                 mbase + (is < mextra), (uint32_t *)s->ap + is * mr * kua);
     }
     moe_pack(J, v->b + (size_t)(j0 * v->bcs) * eb, J->bt, v->brs, v->bcs, v->K,
              nb, nr, s->bp);
@@ -343,10 +446,10 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
       for (int64_t js = 0; js < nsl; js++) {
         const uint32_t *bsl = (const uint32_t *)s->bp + js * kuc * nr;
         if (J->pairs)
-          uk->bf16(kuc, (const uint32_t *)s->ap + is * mr * kuc, bsl,
+          uk->bf16(kuc, (const uint32_t *)s->ap + is * mr * kua, bsl,
                    s->acc + js * nr, ldacc, m, 1);
         else
-          uk->f32(kuc, (const float *)s->ap + is * mr * kuc, (const float *)bsl,
+          uk->f32(kuc, (const float *)s->ap + is * mr * kua, (const float *)bsl,
                   s->acc + js * nr, ldacc, m, 1);
         /* Store as soon as the band's columns reach a cache-line
            boundary: the writes then drain while the next kernels run,
@@ -370,11 +473,12 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
   for (int64_t k0 = 0; k0 < v->K; k0 += kce) {
     int64_t kc = v->K - k0 < kce ? v->K - k0 : kce;
     int64_t kuc = (kc + upe - 1) / upe; /* this chunk, in units */
+    int64_t kua = moe_a_units(J, kuc);  /* its A panel depth */
     for (int64_t is = 0; is < msl; is++) {
       int64_t r = i0 + is * mbase + (is < mextra ? is : mextra);
-      moe_pack(J, v->a + (size_t)(r * v->ars + k0 * v->acs) * ea, J->at, v->acs,
-               v->ars, kc, mbase + (is < mextra), mr,
-               (uint32_t *)s->ap + is * mr * kuc);
+      moe_pack_a(J, v->a + (size_t)(r * v->ars + k0 * v->acs) * ea, v->acs,
+                 v->ars, kc, mbase + (is < mextra),
+                 (uint32_t *)s->ap + is * mr * kua);
     }
     if (J->bmode == MOE_BMODE_ROWS) {
       /* The whole chunk of rows for every sliver, then ask for the next
@@ -394,7 +498,7 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
         moe_pack(J, v->b + (size_t)(k0 * v->brs + c0 * v->bcs) * eb, J->bt,
                  v->brs, v->bcs, kc, v->N - c0 < nr ? v->N - c0 : nr, nr,
                  s->bp);
-        if (J->bmode == MOE_BMODE_COLS) {
+        if (J->bmode == MOE_BMODE_COLS && J->pf_cols) {
           /* Next: this chunk's next sliver, or the next chunk's first. */
           int64_t pk = k0, pc = c0 + nr;
           if (js + 1 == nsl) {
@@ -422,10 +526,10 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
           int first = k0 == 0 && u0 == 0;
           moe_pf_step(&pf, per_call);
           if (J->pairs)
-            uk->bf16(uk0, (const uint32_t *)s->ap + is * mr * kuc + u0 * mr,
+            uk->bf16(uk0, (const uint32_t *)s->ap + is * mr * kua + u0 * mr,
                      bsl + u0 * nr, acc, ldacc, m, first);
           else
-            uk->f32(uk0, (const float *)s->ap + is * mr * kuc + u0 * mr,
+            uk->f32(uk0, (const float *)s->ap + is * mr * kua + u0 * mr,
                     (const float *)(bsl + u0 * nr), acc, ldacc, m, first);
         }
       }
@@ -475,6 +579,23 @@ moe_status moe_gemm_grouped_with(const moe_gemm_problem *p,
   J.pairs = uk->bf16 && p->A.dtype == MOE_BF16 && p->B.dtype == MOE_BF16;
   J.mr = J.pairs ? uk->bmr : uk->mr;
   J.nr = J.pairs ? uk->bnr : uk->nr;
+  J.akb = J.pairs && uk->a_kblock > 1 ? uk->a_kblock : 1;
+  /* The GEMV computes what the f32 kernels do, bit for bit, so taking it
+     for a small group changes nothing but the speed. The bf16-pair kernels
+     (vdpbf16ps, tdpbf16ps) round differently: there a row's result would
+     depend on how many rows share its group (e.g. on the expert-parallel
+     split), so pair problems keep their kernels. */
+  J.gemv = p->kind == MOE_GROUP_M && !J.pairs ? uk->gemv : NULL;
+  /* ...unless the set has a GEMV on pairs that computes its pair kernel's
+     sums exactly (avx512_bf16). */
+  J.gemv_pairs = p->kind == MOE_GROUP_M && J.pairs ? uk->gemv_pairs : NULL;
+  /* Column mode prefetches the next sliver between kernel calls, which
+     keeps DRAM busy while slow kernels run. A tile kernel (AMX) finishes
+     a call in ~150 ns: the prefetches then pile up and stall on full fill
+     buffers (19% of samples), and the hardware prefetchers following the
+     packer's 16 row streams do better (bench/NOTES.md, issue 20: gate_up
+     forward 135 -> 87 ms on one core). */
+  J.pf_cols = !(J.pairs && uk->sw_prefetch_off);
   J.bmode = MOE_BMODE_GENERIC;
   if (G > 0) {
     moe_view v0;
@@ -534,6 +655,8 @@ moe_status moe_gemm_grouped_with(const moe_gemm_problem *p,
     moe_view v;
     moe_tiling t;
     int64_t vg = -1;
+    bool hooks = J.pairs && uk->bf16_begin;
+    if (hooks) uk->bf16_begin();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < total; it++) {
       while (first[g + 1] <= it)
@@ -548,6 +671,7 @@ moe_status moe_gemm_grouped_with(const moe_gemm_problem *p,
       int64_t local = it - first[g];
       moe_run_item(&J, &v, &t, local / t.nt, local % t.nt, &s);
     }
+    if (hooks && uk->bf16_end) uk->bf16_end();
 #if defined(__x86_64__) || defined(__i386__)
     /* Order this thread's non-temporal C stores before the caller reads. */
     if (J.stream) __builtin_ia32_sfence();

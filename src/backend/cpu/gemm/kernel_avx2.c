@@ -10,6 +10,7 @@
 /// CPUID and YMM state enabled in XCR0.
 #pragma GCC target("avx2,fma")
 #include <immintrin.h>
+#include <math.h>
 
 #include "ukernel.h"
 
@@ -280,10 +281,178 @@ static void moe_store_avx2(const float *acc, int64_t ldacc, int64_t mb,
   /* Non-temporal stores are fenced once per thread by the driver. */
 }
 
+/* ---- decode GEMV ------------------------------------------------------ */
+
+/// One output by the definition (one FMA per p, increasing p): the edges
+/// of the vector paths.
+static float moe_gemv_dot(int64_t K, const float *a, int i, const void *b,
+                          moe_dtype bt, int64_t brs, int64_t bcs, int64_t j) {
+  float s = 0.0f;
+  for (int64_t p = 0; p < K; p++)
+    s = fmaf(a[p * MOE_GEMV_W + i], moe_load_f(b, bt, p * brs + j * bcs), s);
+  return s;
+}
+
+/// Rows of B contiguous (an [K, N] weight): blocks of 32 rows of B, each
+/// swept in 16-column pieces with M rows of two accumulators (M <= 6: 12 +
+/// 2 of the 16 ymm registers; kept in acc between blocks), while the next
+/// block's rows are prefetched whole, in memory order.
+MOE_INLINE void moe_gemv_rows_avx2(const int M, int64_t K, const float *a,
+                                   const void *b, moe_dtype bt, int64_t brs,
+                                   int64_t nb, float *acc, int64_t ldacc) {
+  enum { PB = 32 };
+  size_t eb = bt == MOE_F32 ? 4 : 2;
+  const char *bc = (const char *)b;
+  int64_t nfull = nb / 16 * 16;
+  int64_t row_lines = ((int64_t)nb * (int64_t)eb + 63) / 64;
+  int64_t ncb = nfull / 16;
+  for (int64_t p0 = 0; p0 < K; p0 += PB) {
+    int64_t pn = K - p0 < PB ? K - p0 : PB;
+    int64_t nrows = K - p0 - PB < PB ? K - p0 - PB : PB;
+    int64_t pf_total = nrows > 0 ? nrows * row_lines : 0, pf_next = 0;
+    int64_t steps = ncb * pn;
+    int64_t pf_per = (pf_total + steps - 1) / (steps > 0 ? steps : 1);
+    for (int64_t j0 = 0; j0 < nfull; j0 += 16) {
+      __m256 c[MOE_GEMV_MAX_M][2];
+#pragma GCC unroll 6
+      for (int i = 0; i < M; i++) {
+        c[i][0] = p0 == 0 ? _mm256_setzero_ps()
+                          : _mm256_loadu_ps(acc + i * ldacc + j0);
+        c[i][1] = p0 == 0 ? _mm256_setzero_ps()
+                          : _mm256_loadu_ps(acc + i * ldacc + j0 + 8);
+      }
+      for (int64_t p = p0; p < p0 + pn; p++) {
+        for (int64_t q = 0; q < pf_per && pf_next < pf_total; q++, pf_next++)
+          _mm_prefetch(
+              bc + (size_t)((p0 + PB + pf_next / row_lines) * brs) * eb +
+                  (size_t)(pf_next % row_lines) * 64,
+              _MM_HINT_T0);
+        __m256 b0 = moe_load8(b, bt, p * brs + j0),
+               b1 = moe_load8(b, bt, p * brs + j0 + 8);
+#pragma GCC unroll 6
+        for (int i = 0; i < M; i++) {
+          __m256 ai = _mm256_broadcast_ss(a + p * MOE_GEMV_W + i);
+          c[i][0] = _mm256_fmadd_ps(ai, b0, c[i][0]);
+          c[i][1] = _mm256_fmadd_ps(ai, b1, c[i][1]);
+        }
+      }
+#pragma GCC unroll 6
+      for (int i = 0; i < M; i++) {
+        _mm256_storeu_ps(acc + i * ldacc + j0, c[i][0]);
+        _mm256_storeu_ps(acc + i * ldacc + j0 + 8, c[i][1]);
+      }
+    }
+  }
+  if (K == 0)
+    for (int i = 0; i < M; i++)
+      for (int64_t j = 0; j < nfull; j++)
+        acc[i * ldacc + j] = 0.0f;
+  for (int64_t j = nfull; j < nb; j++)
+    for (int i = 0; i < M; i++)
+      acc[i * ldacc + j] = moe_gemv_dot(K, a, i, b, bt, brs, 1, j);
+}
+
+/// Columns of B contiguous (an [N, K] weight, the HF layout): 8 columns
+/// (8 weight rows side by side) at a time; 8 x 8 blocks of 32-bit words
+/// transposed in registers so each column's sum runs one p at a time (a
+/// bf16 word is the pair p, p + 1). The depth tail is gathered.
+MOE_INLINE void moe_gemv_cols_avx2(const int M, int64_t K, const float *a,
+                                   const void *b, moe_dtype bt, int64_t bcs,
+                                   int64_t nb, float *acc, int64_t ldacc) {
+  const int64_t step = bt == MOE_F32 ? 8 : 16;
+  const int64_t kfull = K / step * step;
+  size_t eb = bt == MOE_F32 ? 4 : 2;
+  const __m256i hi_mask = _mm256_set1_epi32((int)0xFFFF0000u);
+  int64_t j0 = 0;
+  for (; j0 + 8 <= nb; j0 += 8) {
+    __m256 c[MOE_GEMV_MAX_M];
+#pragma GCC unroll 6
+    for (int i = 0; i < M; i++)
+      c[i] = _mm256_setzero_ps();
+    for (int64_t p0 = 0; p0 < kfull; p0 += step) {
+      __m256 r[8];
+#pragma GCC unroll 8
+      for (int t = 0; t < 8; t++) {
+        const char *src = (const char *)b + (size_t)((j0 + t) * bcs + p0) * eb;
+        r[t] = _mm256_loadu_ps((const float *)(const void *)src);
+        _mm_prefetch(src + 512, _MM_HINT_T0);
+      }
+      moe_tr8(r);
+      if (bt == MOE_F32) {
+#pragma GCC unroll 8
+        for (int q = 0; q < 8; q++)
+#pragma GCC unroll 6
+          for (int i = 0; i < M; i++)
+            c[i] = _mm256_fmadd_ps(
+                _mm256_broadcast_ss(a + (p0 + q) * MOE_GEMV_W + i), r[q], c[i]);
+      } else {
+#pragma GCC unroll 8
+        for (int q = 0; q < 8; q++) {
+          __m256i w = _mm256_castps_si256(r[q]);
+          __m256 lo = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+          __m256 hi = _mm256_castsi256_ps(_mm256_and_si256(w, hi_mask));
+          const float *ap = a + (p0 + 2 * q) * MOE_GEMV_W;
+#pragma GCC unroll 6
+          for (int i = 0; i < M; i++)
+            c[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(ap + i), lo, c[i]);
+#pragma GCC unroll 6
+          for (int i = 0; i < M; i++)
+            c[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(ap + MOE_GEMV_W + i), hi,
+                                   c[i]);
+        }
+      }
+    }
+    for (int64_t p = kfull; p < K; p++) {
+      float g[8];
+      for (int t = 0; t < 8; t++)
+        g[t] = moe_load_f(b, bt, p + (j0 + t) * bcs);
+      __m256 bq = _mm256_loadu_ps(g);
+#pragma GCC unroll 6
+      for (int i = 0; i < M; i++)
+        c[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(a + p * MOE_GEMV_W + i), bq,
+                               c[i]);
+    }
+#pragma GCC unroll 6
+    for (int i = 0; i < M; i++)
+      _mm256_storeu_ps(acc + i * ldacc + j0, c[i]);
+  }
+  for (; j0 < nb; j0++)
+    for (int i = 0; i < M; i++)
+      acc[i * ldacc + j0] = moe_gemv_dot(K, a, i, b, bt, 1, bcs, j0);
+}
+
+static void moe_gemv_avx2(int64_t K, int m, const float *a, const void *b,
+                          moe_dtype bt, int64_t brs, int64_t bcs, int64_t nb,
+                          float *acc, int64_t ldacc) {
+  if (bcs != 1 && brs != 1) {
+    for (int i = 0; i < m; i++)
+      for (int64_t j = 0; j < nb; j++)
+        acc[i * ldacc + j] = moe_gemv_dot(K, a, i, b, bt, brs, bcs, j);
+    return;
+  }
+#define MOE_GEMV_CASE(M)                                                       \
+  case M:                                                                      \
+    if (bcs == 1)                                                              \
+      moe_gemv_rows_avx2(M, K, a, b, bt, brs, nb, acc, ldacc);                 \
+    else                                                                       \
+      moe_gemv_cols_avx2(M, K, a, b, bt, bcs, nb, acc, ldacc);                 \
+    break;
+  switch (m) {
+    MOE_GEMV_CASE(1)
+    MOE_GEMV_CASE(2)
+    MOE_GEMV_CASE(3)
+    MOE_GEMV_CASE(4)
+    MOE_GEMV_CASE(5)
+  default: MOE_GEMV_CASE(6)
+  }
+#undef MOE_GEMV_CASE
+}
+
 const moe_ukernel_info moe_ukernel_avx2 = {.isa = "avx2",
                                            .name = "avx2_f32_6x16",
                                            .mr = AVX2_MR,
                                            .nr = AVX2_NR,
                                            .f32 = moe_ukernel_avx2_f32,
                                            .pack_f32 = moe_pack_f32_avx2,
-                                           .store = moe_store_avx2};
+                                           .store = moe_store_avx2,
+                                           .gemv = moe_gemv_avx2};

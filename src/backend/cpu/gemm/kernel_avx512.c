@@ -8,6 +8,7 @@
 /// AVX-512F/BW/VL in CPUID and ZMM state enabled in XCR0.
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
 #include <immintrin.h>
+#include <math.h>
 
 #include "kernel_avx512.h"
 #include "ukernel.h"
@@ -63,39 +64,6 @@ void moe_ukernel_avx512_f32(int64_t kc, const float *a, const float *b,
 }
 
 /* ---- packing ---------------------------------------------------------- */
-
-/// Transposes a 16 x 16 block of 32-bit elements in place: r[i] lane j
-/// becomes r[j] lane i.
-MOE_INLINE void moe_tr16(__m512i r[16]) {
-  __m512i t[16];
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; i++) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  /* r[4g + c], 128-bit lane L: rows 4g..4g+3 of column 4L + c. */
-#pragma GCC unroll 4
-  for (int g = 0; g < 4; g++) {
-    r[4 * g] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
-    r[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
-    r[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
-    r[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
-  }
-#pragma GCC unroll 4
-  for (int c = 0; c < 4; c++) {
-    t[c] = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88);
-    t[4 + c] = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD);
-    t[8 + c] = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
-    t[12 + c] = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
-  }
-#pragma GCC unroll 4
-  for (int c = 0; c < 4; c++) {
-    r[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);
-    r[8 + c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xDD);
-    r[4 + c] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0x88);
-    r[12 + c] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0xDD);
-  }
-}
 
 /// 16 elements of X along one unit-stride run, as f32 bits, masked.
 MOE_INLINE __m512i moe_load16_f32(const void *src, moe_dtype st, int64_t at,
@@ -352,6 +320,187 @@ void moe_store_avx512(const float *acc, int64_t ldacc, int64_t mb, int64_t nb,
   }
   /* Non-temporal stores are fenced once per thread by the driver, not
      here: a fence per tile stalls until every store has drained. */
+}
+
+/* ---- decode GEMV ------------------------------------------------------ */
+
+/// 16 elements of B along a unit-stride run as f32, masked (bf16 widened).
+MOE_INLINE __m512 moe_gemv_ld16(const void *b, moe_dtype bt, int64_t at,
+                                __mmask16 k) {
+  return _mm512_castsi512_ps(moe_load16_f32(b, bt, at, k));
+}
+
+/// Rows of B contiguous (an [K, N] weight): blocks of 32 rows of B, each
+/// swept in 64-column pieces with M rows of accumulators in registers
+/// (kept in acc between blocks), while the next block's rows are
+/// prefetched whole, in memory order: DRAM sees long runs, not one
+/// 128-byte piece per row.
+MOE_INLINE void moe_gemv_rows(const int M, int64_t K, const float *a,
+                              const void *b, moe_dtype bt, int64_t brs,
+                              int64_t nb, float *acc, int64_t ldacc) {
+  enum { PB = 32 };
+  size_t eb = bt == MOE_F32 ? 4 : 2;
+  const char *bc = (const char *)b;
+  int64_t row_lines = ((int64_t)nb * (int64_t)eb + 63) / 64;
+  int64_t ncb = (nb + 63) / 64;
+  for (int64_t p0 = 0; p0 < K || p0 == 0; p0 += PB) {
+    int64_t pn = K - p0 < PB ? K - p0 : PB;
+    /* Next block's lines, spread over this block's (piece, row) steps. */
+    int64_t nrows = K - p0 - PB < PB ? K - p0 - PB : PB;
+    int64_t pf_total = nrows > 0 ? nrows * row_lines : 0, pf_next = 0;
+    int64_t steps = ncb * (pn > 0 ? pn : 1);
+    int64_t pf_per = (pf_total + steps - 1) / (steps > 0 ? steps : 1);
+    for (int64_t j0 = 0; j0 < nb; j0 += 64) {
+      __mmask16 km[4];
+      for (int v = 0; v < 4; v++)
+        km[v] = moe_mask16(nb - j0 - 16 * v > 0 ? nb - j0 - 16 * v : 0);
+      __m512 c[MOE_GEMV_MAX_M][4];
+#pragma GCC unroll 6
+      for (int i = 0; i < M; i++)
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; v++)
+          c[i][v] =
+              p0 == 0
+                  ? _mm512_setzero_ps()
+                  : _mm512_maskz_loadu_ps(km[v], acc + i * ldacc + j0 + 16 * v);
+      for (int64_t p = p0; p < p0 + pn; p++) {
+        for (int64_t q = 0; q < pf_per && pf_next < pf_total; q++, pf_next++)
+          _mm_prefetch(
+              bc + (size_t)((p0 + PB + pf_next / row_lines) * brs) * eb +
+                  (size_t)(pf_next % row_lines) * 64,
+              _MM_HINT_T0);
+        __m512 bv[4];
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; v++)
+          bv[v] = moe_gemv_ld16(b, bt, p * brs + j0 + 16 * v, km[v]);
+#pragma GCC unroll 6
+        for (int i = 0; i < M; i++) {
+          __m512 ai = _mm512_set1_ps(a[p * MOE_GEMV_W + i]);
+#pragma GCC unroll 4
+          for (int v = 0; v < 4; v++)
+            c[i][v] = _mm512_fmadd_ps(ai, bv[v], c[i][v]);
+        }
+      }
+#pragma GCC unroll 6
+      for (int i = 0; i < M; i++)
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; v++)
+          _mm512_mask_storeu_ps(acc + i * ldacc + j0 + 16 * v, km[v], c[i][v]);
+    }
+    if (K == 0) break;
+  }
+}
+
+/// Columns of B contiguous (an [N, K] weight, the HF layout): 16 columns
+/// at a time, i.e. 16 weight rows read side by side along k; each 16 x 16
+/// block of 32-bit words is transposed in registers so every column's sum
+/// still runs one p at a time. A bf16 word is a pair (p, p + 1).
+MOE_INLINE void moe_gemv_cols(const int M, int64_t K, const float *a,
+                              const void *b, moe_dtype bt, int64_t bcs,
+                              int64_t nb, float *acc, int64_t ldacc) {
+  const int64_t step = bt == MOE_F32 ? 16 : 32; /* depth per block */
+  size_t eb = bt == MOE_F32 ? 4 : 2;
+  const __m512i hi_mask = _mm512_set1_epi32((int)0xFFFF0000u);
+  for (int64_t j0 = 0; j0 < nb; j0 += 16) {
+    int64_t nj = nb - j0 < 16 ? nb - j0 : 16;
+    __m512 c[MOE_GEMV_MAX_M];
+#pragma GCC unroll 6
+    for (int i = 0; i < M; i++)
+      c[i] = _mm512_setzero_ps();
+    for (int64_t p0 = 0; p0 < K; p0 += step) {
+      int64_t np = K - p0 < step ? K - p0 : step;
+      __m512i r[16];
+      if (bt == MOE_F32) {
+        __mmask16 k = moe_mask16(np);
+#pragma GCC unroll 16
+        for (int t = 0; t < 16; t++)
+          r[t] = t < nj ? _mm512_maskz_loadu_epi32(k, (const float *)b +
+                                                          (j0 + t) * bcs + p0)
+                        : _mm512_setzero_si512();
+      } else {
+        __mmask32 k =
+            np >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << np) - 1u);
+#pragma GCC unroll 16
+        for (int t = 0; t < 16; t++)
+          r[t] = t < nj ? _mm512_maskz_loadu_epi16(k, (const uint16_t *)b +
+                                                          (j0 + t) * bcs + p0)
+                        : _mm512_setzero_si512();
+      }
+#pragma GCC unroll 16
+      for (int t = 0; t < 16; t++)
+        if (t < nj)
+          _mm_prefetch((const char *)b + (size_t)((j0 + t) * bcs + p0) * eb +
+                           512,
+                       _MM_HINT_T0);
+      moe_tr16(r);
+      if (bt == MOE_F32) {
+        for (int64_t q = 0; q < np; q++) {
+          __m512 bq = _mm512_castsi512_ps(r[q]);
+#pragma GCC unroll 6
+          for (int i = 0; i < M; i++)
+            c[i] = _mm512_fmadd_ps(_mm512_set1_ps(a[(p0 + q) * MOE_GEMV_W + i]),
+                                   bq, c[i]);
+        }
+      } else {
+        for (int64_t q = 0; 2 * q < np; q++) {
+          __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(r[q], 16));
+          __m512 hi = _mm512_castsi512_ps(_mm512_and_si512(r[q], hi_mask));
+          const float *ap = a + (p0 + 2 * q) * MOE_GEMV_W;
+#pragma GCC unroll 6
+          for (int i = 0; i < M; i++)
+            c[i] = _mm512_fmadd_ps(_mm512_set1_ps(ap[i]), lo, c[i]);
+          if (2 * q + 1 < np)
+#pragma GCC unroll 6
+            for (int i = 0; i < M; i++)
+              c[i] =
+                  _mm512_fmadd_ps(_mm512_set1_ps(ap[MOE_GEMV_W + i]), hi, c[i]);
+        }
+      }
+    }
+    __mmask16 kj = moe_mask16(nj);
+#pragma GCC unroll 6
+    for (int i = 0; i < M; i++)
+      _mm512_mask_storeu_ps(acc + i * ldacc + j0, kj, c[i]);
+  }
+}
+
+/// Any strides: the same sums, one element at a time.
+static void moe_gemv_any(int64_t K, int m, const float *a, const void *b,
+                         moe_dtype bt, int64_t brs, int64_t bcs, int64_t nb,
+                         float *acc, int64_t ldacc) {
+  for (int i = 0; i < m; i++)
+    for (int64_t j = 0; j < nb; j++) {
+      float s = 0.0f;
+      for (int64_t p = 0; p < K; p++)
+        s = fmaf(a[p * MOE_GEMV_W + i], moe_load_f(b, bt, p * brs + j * bcs),
+                 s);
+      acc[i * ldacc + j] = s;
+    }
+}
+
+void moe_gemv_avx512(int64_t K, int m, const float *a, const void *b,
+                     moe_dtype bt, int64_t brs, int64_t bcs, int64_t nb,
+                     float *acc, int64_t ldacc) {
+#define MOE_GEMV_CASE(M)                                                       \
+  case M:                                                                      \
+    if (bcs == 1)                                                              \
+      moe_gemv_rows(M, K, a, b, bt, brs, nb, acc, ldacc);                      \
+    else                                                                       \
+      moe_gemv_cols(M, K, a, b, bt, bcs, nb, acc, ldacc);                      \
+    break;
+  if (bcs != 1 && brs != 1) {
+    moe_gemv_any(K, m, a, b, bt, brs, bcs, nb, acc, ldacc);
+    return;
+  }
+  switch (m) {
+    MOE_GEMV_CASE(1)
+    MOE_GEMV_CASE(2)
+    MOE_GEMV_CASE(3)
+    MOE_GEMV_CASE(4)
+    MOE_GEMV_CASE(5)
+  default: MOE_GEMV_CASE(6)
+  }
+#undef MOE_GEMV_CASE
 }
 
 const moe_ukernel_info moe_ukernel_avx512 = {

@@ -131,6 +131,136 @@ static void moe_store_avx512bf16(const float *acc, int64_t ldacc, int64_t mb,
                         stream);
 }
 
+/* ---- decode GEMV on pairs ------------------------------------------------ */
+
+/// Rows of B contiguous ([K, N]): pair vectors built from rows 2p and
+/// 2p + 1 (16 columns each), 64 columns at a time, M rows of accumulators;
+/// each step is the kernel's own vdpbf16ps on the same operands.
+MOE_INLINE void moe_gemvp_rows(const int M, int64_t K, const uint32_t *a,
+                               const uint16_t *b, int64_t brs, int64_t nb,
+                               float *acc, int64_t ldacc) {
+  int64_t kp = (K + 1) / 2;
+  for (int64_t j0 = 0; j0 < nb; j0 += 64) {
+    __mmask16 km[4];
+    for (int v = 0; v < 4; v++)
+      km[v] = moe_mask16(nb - j0 - 16 * v > 0 ? nb - j0 - 16 * v : 0);
+    __m512 c[MOE_GEMV_MAX_M][4];
+#pragma GCC unroll 6
+    for (int i = 0; i < M; i++)
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; v++)
+        c[i][v] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < kp; p++) {
+      const uint16_t *r0 = b + 2 * p * brs + j0, *r1 = r0 + brs;
+      bool has1 = 2 * p + 1 < K;
+      _mm_prefetch((const char *)(r0 + 16 * brs), _MM_HINT_T0);
+      _mm_prefetch((const char *)(r0 + 16 * brs) + 64, _MM_HINT_T0);
+      __m512i bv[4];
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; v++) {
+        __m512i lo =
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(km[v], r0 + 16 * v));
+        __m512i hi = has1 ? _mm512_cvtepu16_epi32(
+                                _mm256_maskz_loadu_epi16(km[v], r1 + 16 * v))
+                          : _mm512_setzero_si512();
+        bv[v] = _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
+      }
+#pragma GCC unroll 6
+      for (int i = 0; i < M; i++) {
+        __m512bh ai = (__m512bh)_mm512_set1_epi32((int)a[p * MOE_GEMV_W + i]);
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; v++)
+          c[i][v] = _mm512_dpbf16_ps(c[i][v], ai, (__m512bh)bv[v]);
+      }
+    }
+#pragma GCC unroll 6
+    for (int i = 0; i < M; i++)
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; v++)
+        _mm512_mask_storeu_ps(acc + i * ldacc + j0 + 16 * v, km[v], c[i][v]);
+  }
+}
+
+/// Columns of B contiguous ([N, K], the HF layout): 16 weight rows side by
+/// side; a 32-bit word of a row is the pair (k, k + 1), so a 16 x 16
+/// transpose gives the pair vectors the kernel sees.
+MOE_INLINE void moe_gemvp_cols(const int M, int64_t K, const uint32_t *a,
+                               const uint16_t *b, int64_t bcs, int64_t nb,
+                               float *acc, int64_t ldacc) {
+  for (int64_t j0 = 0; j0 < nb; j0 += 16) {
+    int64_t nj = nb - j0 < 16 ? nb - j0 : 16;
+    __m512 c[MOE_GEMV_MAX_M];
+#pragma GCC unroll 6
+    for (int i = 0; i < M; i++)
+      c[i] = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += 32) {
+      int64_t ne = K - k0 < 32 ? K - k0 : 32;
+      __mmask32 km =
+          ne >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << ne) - 1u);
+      __m512i r[16];
+#pragma GCC unroll 16
+      for (int t = 0; t < 16; t++) {
+        const uint16_t *src = b + (j0 + t) * bcs + k0;
+        r[t] =
+            t < nj ? _mm512_maskz_loadu_epi16(km, src) : _mm512_setzero_si512();
+        if (t < nj) _mm_prefetch((const char *)src + 512, _MM_HINT_T0);
+      }
+      moe_tr16(r);
+      int64_t np = (ne + 1) / 2;
+      const uint32_t *ap = a + (k0 / 2) * MOE_GEMV_W;
+      for (int64_t q = 0; q < np; q++)
+#pragma GCC unroll 6
+        for (int i = 0; i < M; i++)
+          c[i] = _mm512_dpbf16_ps(
+              c[i], (__m512bh)_mm512_set1_epi32((int)ap[q * MOE_GEMV_W + i]),
+              (__m512bh)r[q]);
+    }
+    __mmask16 kj = moe_mask16(nj);
+#pragma GCC unroll 6
+    for (int i = 0; i < M; i++)
+      _mm512_mask_storeu_ps(acc + i * ldacc + j0, kj, c[i]);
+  }
+}
+
+static void moe_gemv_pairs_avx512bf16(int64_t K, int m, const uint32_t *a,
+                                      const uint16_t *b, int64_t brs,
+                                      int64_t bcs, int64_t nb, float *acc,
+                                      int64_t ldacc) {
+  if (bcs != 1 && brs != 1) {
+    /* Any strides: one lane at a time through the same instruction. */
+    int64_t kp = (K + 1) / 2;
+    for (int i = 0; i < m; i++)
+      for (int64_t j = 0; j < nb; j++) {
+        __m128 s = _mm_setzero_ps();
+        for (int64_t p = 0; p < kp; p++) {
+          uint32_t lo = b[2 * p * brs + j * bcs];
+          uint32_t hi = 2 * p + 1 < K ? b[(2 * p + 1) * brs + j * bcs] : 0u;
+          s = _mm_dpbf16_ps(
+              s, (__m128bh)_mm_set1_epi32((int)a[p * MOE_GEMV_W + i]),
+              (__m128bh)_mm_set1_epi32((int)(lo | hi << 16)));
+        }
+        acc[i * ldacc + j] = _mm_cvtss_f32(s);
+      }
+    return;
+  }
+#define MOE_GEMVP_CASE(M)                                                      \
+  case M:                                                                      \
+    if (bcs == 1)                                                              \
+      moe_gemvp_rows(M, K, a, b, brs, nb, acc, ldacc);                         \
+    else                                                                       \
+      moe_gemvp_cols(M, K, a, b, bcs, nb, acc, ldacc);                         \
+    break;
+  switch (m) {
+    MOE_GEMVP_CASE(1)
+    MOE_GEMVP_CASE(2)
+    MOE_GEMVP_CASE(3)
+    MOE_GEMVP_CASE(4)
+    MOE_GEMVP_CASE(5)
+  default: MOE_GEMVP_CASE(6)
+  }
+#undef MOE_GEMVP_CASE
+}
+
 const moe_ukernel_info moe_ukernel_avx512_bf16 = {
     .isa = "avx512_bf16",
     MOE_AVX512_F32_SET,
@@ -139,4 +269,5 @@ const moe_ukernel_info moe_ukernel_avx512_bf16 = {
     .bnr = BF_NR,
     .bf16 = moe_ukernel_bf16_8x48,
     .pack_pairs = moe_pack_pairs_avx512,
-    .store = moe_store_avx512bf16};
+    .store = moe_store_avx512bf16,
+    .gemv_pairs = moe_gemv_pairs_avx512bf16};

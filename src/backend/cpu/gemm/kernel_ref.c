@@ -15,7 +15,7 @@ static void moe_ukernel_ref_f32(int64_t kc, const float *a, const float *b,
   float t[REF_MR][REF_NR];
   for (int i = 0; i < REF_MR; i++)
     for (int j = 0; j < REF_NR; j++)
-      t[i][j] = first ? 0.0f : acc[i * ldacc + j];
+      t[i][j] = first || i >= m ? 0.0f : acc[i * ldacc + j];
   for (int64_t p = 0; p < kc; p++) {
     const float *ap = a + p * REF_MR, *bp = b + p * REF_NR;
     for (int i = 0; i < REF_MR; i++) {
@@ -24,10 +24,10 @@ static void moe_ukernel_ref_f32(int64_t kc, const float *a, const float *b,
         t[i][j] += ai * bp[j];
     }
   }
-  /* Rows >= m are computed and written too (on zero padding): the contract
-     allows it and fixed trip counts keep t[][] in registers. */
-  (void)m;
-  for (int i = 0; i < REF_MR; i++)
+  /* Rows >= m are computed (on zero padding: fixed trip counts keep t[][]
+     in registers) but never stored: the driver deals an m-tile's rows to
+     slivers evenly, so they may be the next sliver's rows. */
+  for (int i = 0; i < m; i++)
     for (int j = 0; j < REF_NR; j++)
       acc[i * ldacc + j] = t[i][j];
 }

@@ -66,6 +66,36 @@ typedef void (*moe_store_fn)(const float *acc, int64_t ldacc, int64_t mb,
                              int64_t nb, void *c, moe_dtype ct, int64_t crs,
                              float beta, int stream);
 
+/// Decode-sized groups (a few rows, GROUP_M, forward and dX) skip packing
+/// B: a GEMV-like kernel streams the weight once, in its own layout. Used
+/// only where the set's kernel for the problem is the f32 FMA kernel (f32,
+/// or bf16 widened), whose bits it reproduces; never for bf16 pairs.
+enum {
+  MOE_GEMV_W = 8,     ///< width of the f32 A panel the GEMV reads
+  MOE_GEMV_MAX_M = 6, ///< rows of a group that take the GEMV, at most
+};
+
+/// acc(i, j) = sum_{p < K} A(i, p) B(p, j) for i < m (<= MOE_GEMV_MAX_M),
+/// j < nb, each sum one fused multiply-add per p in increasing p from
+/// zero: the same value for every way B is read (and the same as the f32
+/// kernels' definition). `a` is f32 k-major, a[p * MOE_GEMV_W + i]; B(p, j)
+/// = b[p * brs + j * bcs] in dtype bt (f32, or bf16 widened exactly), any
+/// strides. acc has row stride ldacc; only rows < m are written.
+typedef void (*moe_gemv_fn)(int64_t K, int m, const float *a, const void *b,
+                            moe_dtype bt, int64_t brs, int64_t bcs, int64_t nb,
+                            float *acc, int64_t ldacc);
+
+/// The bf16-pair twin of moe_gemv_fn, for sets whose bf16 kernel works on
+/// pairs: acc(i, j) = sum over pairs p in increasing order of the set's
+/// pair product of A pair (i, p) and B pair (p, j), from zero -- exactly
+/// what the set's bf16 kernel computes, so a row's result does not depend
+/// on the group's size. `a` holds A pairs k-major, a[p * MOE_GEMV_W + i];
+/// B is bf16 read in place, B(k, j) = b[k * brs + j * bcs]; a missing
+/// B(K, j) of an odd K is zero, as in the packed panels.
+typedef void (*moe_gemv_pairs_fn)(int64_t K, int m, const uint32_t *a,
+                                  const uint16_t *b, int64_t brs, int64_t bcs,
+                                  int64_t nb, float *acc, int64_t ldacc);
+
 typedef struct moe_ukernel_info {
   const char *isa;  ///< "ref", "avx2", "avx512", "avx512_bf16", "amx"
   const char *name; ///< f32 kernel, e.g. "avx512_f32_8x48"
@@ -77,6 +107,30 @@ typedef struct moe_ukernel_info {
   moe_pack_f32_fn pack_f32;     ///< NULL: portable
   moe_pack_pairs_fn pack_pairs; ///< NULL: portable
   moe_store_fn store;           ///< NULL: portable
+  /// The bf16 kernel's own A panel format (NULL: the bf16-pair panel of
+  /// pack_pairs). Same arguments as moe_pack_pairs_fn with width <= W; the
+  /// layout is the kernel's business, but it must hold A's depth in
+  /// blocks of `a_kblock` pairs (zero-padded), so the driver sizes a
+  /// sliver as W * ceil(kp / a_kblock) * a_kblock words and starts every
+  /// kernel call at a block boundary (call depth offsets are multiples of
+  /// a_kblock). Part of the kernel's contract, not a helper: tests never
+  /// replace it by a portable one.
+  moe_pack_pairs_fn pack_a_pairs;
+  int a_kblock; ///< 0 or 1: no blocking
+  /// Called by each thread of the driver's parallel region before its
+  /// first bf16 kernel call and after its last (NULL: nothing): state the
+  /// kernel keeps across calls (AMX's tile configuration). Direct callers
+  /// of `bf16` (tests, benches) must bracket their calls the same way.
+  void (*bf16_begin)(void);
+  void (*bf16_end)(void);
+  /// Decode-sized groups (NULL: they go through the kernels like others).
+  moe_gemv_fn gemv;
+  /// The bf16 kernel is fast enough that the driver's software prefetch of
+  /// the next weight sliver (column mode) stalls it: leave that stream to
+  /// the hardware prefetchers.
+  bool sw_prefetch_off;
+  /// Decode-sized groups of bf16-pair problems (NULL: the pair kernels).
+  moe_gemv_pairs_fn gemv_pairs;
 } moe_ukernel_info;
 
 /// The portable reference kernel set (kernel_ref.c): the f32 kernel every
@@ -89,8 +143,8 @@ extern const moe_ukernel_info moe_ukernel_avx2;
 extern const moe_ukernel_info moe_ukernel_avx512;
 /// AVX-512F f32 + AVX512_BF16 vdpbf16ps kernel set (kernel_avx512bf16.c).
 extern const moe_ukernel_info moe_ukernel_avx512_bf16;
-/// AVX-512 f32 + AMX-BF16 tile kernel set (kernel_amx.c; untested: the
-/// development machine has no AMX).
+/// AVX-512 f32 + AMX-BF16 tile kernel set (kernel_amx.c): 32 x 32 tiles,
+/// its own A panel format (pack_a_pairs, blocks of 16 pairs).
 extern const moe_ukernel_info moe_ukernel_amx;
 
 /// The AVX-512 f32 kernel (8 x 48) and the packing and store routines
@@ -110,6 +164,10 @@ void moe_pack_pairs_portable(const uint16_t *src, int64_t sd, int64_t sw,
 void moe_store_avx512(const float *acc, int64_t ldacc, int64_t mb, int64_t nb,
                       void *c, moe_dtype ct, int64_t crs, float beta,
                       int stream);
+/// The AVX-512 decode GEMV (kernel_avx512.c), shared by the AVX-512 sets.
+void moe_gemv_avx512(int64_t K, int m, const float *a, const void *b,
+                     moe_dtype bt, int64_t brs, int64_t bcs, int64_t nb,
+                     float *acc, int64_t ldacc);
 
 /// The kernel set the driver uses: the best one the CPU, the OS and
 /// MOE_MAX_CPU_ISA allow. Decided once and cached; MOE_VERBOSE=1 logs why
