@@ -372,11 +372,12 @@ class AuditReport:
             import matplotlib
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
-        except ImportError:
+        except Exception as e:  # a broken install fails with more than
+            # ImportError (seen: SystemError from a mismatched extension)
             raise RuntimeError(
-                "libmoe.audit --plot needs matplotlib, which is not "
-                "installed (pip install matplotlib); the table and --json "
-                "need nothing") from None
+                "libmoe.audit --plot needs matplotlib, which cannot be "
+                "imported here (%s: %s; pip install matplotlib); the table "
+                "and --json need nothing" % (type(e).__name__, e)) from None
         names = [r["name"] for r in self.layers]
         series = {
             "libmoe predicted": [(r.get("plan") or {}).get("predicted_ms")

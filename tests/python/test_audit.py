@@ -111,15 +111,20 @@ def test_cli_qwen3_30b_a3b():
     the Qwen3-30B-A3B config (48 layers, 128 experts; bf16 on the meta
     device). Target: under 10 s on a 2-core CPU; asserted on the process's
     CPU time (user + system: imports, model build, plans; the wall clock of
-    a shared CI machine is noise), the wall time printed."""
+    a shared CI machine is noise), the wall time printed. The child runs on
+    two cores with two threads, as the target says, also on a bigger
+    machine (16 threads spinning on 16 cores multiply the CPU time)."""
     import resource
     import subprocess
     import sys
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     w0 = time.perf_counter()
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    env = dict(os.environ, OMP_NUM_THREADS=str(len(cpus)))
     p = subprocess.run([sys.executable, "-m", "libmoe.audit", str(CONFIG_30B),
                         "--json", "--tokens", "8192"], capture_output=True,
-                       text=True, env=dict(os.environ), timeout=300)
+                       text=True, env=env, timeout=300,
+                       preexec_fn=lambda: os.sched_setaffinity(0, cpus))
     wall = time.perf_counter() - w0
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
@@ -142,8 +147,10 @@ def test_cli_table_and_plot(tmp_path, capsys):
     text = capsys.readouterr()
     assert "model.layers.{0..47}.mlp.experts (x48)" in text.out
     try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+    except Exception:  # missing, or installed but broken (as on one image)
         assert rc == 2 and "needs matplotlib" in text.err
         assert not out.exists()
     else:
