@@ -8,7 +8,7 @@
 # Exits 0 with "skipped: no GPU" on a machine without a usable GPU.
 #   MOE_BUILD_DIR  existing build directory to use (default: build a fresh
 #                  one in build-gpu/)
-#   MOE_SANITIZER  0 to skip compute-sanitizer
+#   MOE_SANITIZER  0 to skip compute-sanitizer; memcheck for memcheck alone
 set -u
 root=$(cd "$(dirname "$0")/../.." && pwd)
 build=${MOE_BUILD_DIR:-$root/build-gpu}
@@ -65,7 +65,9 @@ else
 fi
 
 if [ "${MOE_SANITIZER:-1}" != 0 ] && command -v compute-sanitizer >/dev/null 2>&1; then
-  for tool in memcheck racecheck synccheck; do
+  tools="memcheck racecheck synccheck"
+  [ "${MOE_SANITIZER:-1}" = memcheck ] && tools=memcheck
+  for tool in $tools; do
     echo "== compute-sanitizer --tool $tool test_cuda --small"
     timeout 600 compute-sanitizer --tool "$tool" --error-exitcode 3 \
       --print-limit 20 "$build/test_cuda" --small
