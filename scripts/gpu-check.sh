@@ -42,6 +42,10 @@ test)
   echo "== tests/gpu/run_python.sh"
   bash tests/gpu/run_python.sh >"$out/gpu_python.log" 2>&1 || status=1
   grep -E "passed|failed|FAIL|Error" "$out/gpu_python.log" | tail -15
+  echo "== moe bench --device cuda --ep 4 --virtual --timeline (issue 18: overlap on virtual ranks)"
+  timeout 120 "$MOE_BUILD_DIR/moe" bench --device cuda --ep 4 --virtual --timeline \
+    --tokens 2048 --reps 3 >"$out/ep_timeline.log" 2>&1 || echo "ep timeline: exit $?"
+  tail -30 "$out/ep_timeline.log"
   echo "== bench/gpu/hf_act_block.py (issue 17: gpt-oss-20b, GeGLU at Qwen3-30B)"
   PYTHONPATH=$root/python LIBMOE_LIBRARY=$MOE_BUILD_DIR/libmoe.so PYTHONUNBUFFERED=1 \
     OUT=$out timeout 240 python3 bench/gpu/hf_act_block.py >"$out/hf_act_block.log" 2>&1 \
