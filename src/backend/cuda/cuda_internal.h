@@ -160,7 +160,8 @@ moe_status moe_cu_act_bwd(const struct moe_act *act, const moe_cu_view *g,
                           cudaStream_t s);
 /// buf[r, c0 + j * cs] += bias[e, j] (j < n; cs 2 for interleaved gate/up
 /// columns, else 1) for the rows r < min(R, off[E]) of
-/// each expert e (off: device offsets [E+1]); buf row-major, ld, dtype dt.
+/// each expert e (off: device offsets [E+1], rows from off[0]: a chunk of
+/// experts may start past row 0); buf row-major, ld, dtype dt.
 moe_status moe_cu_bias_add(void *buf, moe_dtype dt, int64_t ld, int64_t c0,
                            int64_t cs, int64_t n, const int64_t *off, int64_t E,
                            int64_t R, const moe_cu_view *bias, cudaStream_t s);

@@ -191,3 +191,53 @@ extern "C" moe_status moe_cu_ep_shuffle(const void *src, void *dst,
         dst_start, src_start, (int)n, rows);
   return moe_cu_launch_check("moe_ep_shuffle_kernel");
 }
+
+/// The backward's per-row tables on the expert side: iota[r] = r for the
+/// received rows r < *count (device), -1 beyond (capacity mode's bound),
+/// and expert[r] = the local expert whose rows [off[e], off[e + 1]) hold r.
+__global__ void moe_ep_row_tables_kernel(const int64_t *off, int64_t El,
+                                         int64_t rows, int32_t *iota,
+                                         int32_t *expert) {
+  int64_t r = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= rows) return;
+  bool in = r < off[El];
+  iota[r] = in ? (int32_t)r : -1;
+  int64_t lo = 0, hi = El; /* the last e with off[e] <= r */
+  while (hi - lo > 1) {
+    int64_t m = (lo + hi) / 2;
+    if (off[m] <= r)
+      lo = m;
+    else
+      hi = m;
+  }
+  expert[r] = in ? (int32_t)lo : 0;
+}
+
+extern "C" moe_status moe_cu_ep_row_tables(const int64_t *off, int64_t El,
+                                           int64_t rows, int32_t *iota,
+                                           int32_t *expert, cudaStream_t s) {
+  if (rows <= 0 || El <= 0) return MOE_SUCCESS;
+  moe_ep_row_tables_kernel<<<(unsigned)((rows + 255) / 256), 256, 0, s>>>(
+      off, El, rows, iota, expert);
+  return moe_cu_launch_check("moe_ep_row_tables_kernel");
+}
+
+/// ds[s] = row_ds[slot_row[s]] (a copy: the bits the expert side computed),
+/// 0 for a dropped slot.
+__global__ void moe_ep_slot_ds_kernel(const float *row_ds,
+                                      const int32_t *slot_row, int64_t S,
+                                      float *ds) {
+  int64_t s = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (s >= S) return;
+  int32_t r = slot_row[s];
+  ds[s] = r >= 0 ? row_ds[r] : 0.0f;
+}
+
+extern "C" moe_status moe_cu_ep_slot_ds(const float *row_ds,
+                                        const int32_t *slot_row, int64_t S,
+                                        float *ds, cudaStream_t s) {
+  if (S <= 0) return MOE_SUCCESS;
+  moe_ep_slot_ds_kernel<<<(unsigned)((S + 255) / 256), 256, 0, s>>>(
+      row_ds, slot_row, S, ds);
+  return moe_cu_launch_check("moe_ep_slot_ds_kernel");
+}

@@ -643,6 +643,11 @@ typedef struct moe_cu_bufs {
   size_t dy, dh, dab, dw, dl, dxr, bone, bblas, bstage, bdyr, bws;
   size_t ws;
   size_t fyc, bdxp, bdx; /* the overlap's (0 bytes without it) */
+  /* the backward's per-row side channel (expert parallelism): the rows'
+     routing weights (sent, received), dS per received row and per sent row
+     back, the row tables, a 4-byte stage, the fused dH epilogue's partials */
+  size_t brw, brwr, bdsr, bdsrow, biota, brexp, bstage4, bpart;
+  int part_ld;
 } moe_cu_bufs;
 
 static size_t moe_cu_take(size_t *at, size_t bytes) {
@@ -697,8 +702,17 @@ static void moe_cu_bufs_of(const moe_layer_plan *p, int64_t T, moe_cu_bufs *b) {
   b->bblas = moe_cu_take(&at, MOE_CU_BLAS_WS);
   b->bstage = moe_cu_take(&at, ep ? Rl * H * 4 : 0);
   b->bdyr = moe_cu_take(&at, ep ? Rl * H * 4 : 0);
-  b->bdxp = moe_cu_take(&at, ov ? Rl * H * 4 : 0);
-  b->bdx = moe_cu_take(&at, ov ? S * H * 4 : 0);
+  b->bdxp = moe_cu_take(&at, ep ? Rl * H * es : 0); /* dXp (layer dtype) */
+  b->bdx = moe_cu_take(&at, ov ? S * H * es : 0);
+  b->part_ld = (int)((I + 127) / 128);
+  b->brw = moe_cu_take(&at, ep ? S * 4 : 0);
+  b->brwr = moe_cu_take(&at, ep ? Rl * 4 : 0);
+  b->bdsr = moe_cu_take(&at, ep ? Rl * 4 : 0);
+  b->bdsrow = moe_cu_take(&at, ep ? S * 4 : 0);
+  b->biota = moe_cu_take(&at, ep ? Rl * 4 : 0);
+  b->brexp = moe_cu_take(&at, ep ? Rl * 4 : 0);
+  b->bstage4 = moe_cu_take(&at, ep ? Rl * 4 : 0);
+  b->bpart = moe_cu_take(&at, ep ? Rl * (size_t)b->part_ld * 4 : 0);
   b->bws = at;
   b->ws = b->fws > b->bws ? b->fws : b->bws;
 }
@@ -965,6 +979,8 @@ static moe_status moe_cu_forward_chunks(moe_cu_exec *x, const moe_call *c,
   char *yc = moe_cu_at(ws, b->fyc), *stage = moe_cu_at(ws, b->fstage);
   int C = moe_cu_ep_chunks(ep);
   moe_cu_operand X = moe_op(xr, dt, H, 1), Hh = moe_op(hh, dt, I, 1);
+  moe_act act = moe_act_of(d);
+  moe_ab_cols ac = moe_ab_cols_of(d, c->gu.fused);
   MOE_TRY(moe_cu_ep_fork(ep, st));
   for (int i = 0; i < 2 && i < C; i++)
     MOE_TRY(moe_cu_ep_dispatch_chunk(ep, meta, i, send, rb, stage, xr));
@@ -983,14 +999,36 @@ static moe_status moe_cu_forward_chunks(moe_cu_exec *x, const moe_call *c,
       MOE_TRY(moe_cu_fwd(&xc, 0, &X, &wg, ab, dt, 2 * I));
       MOE_TRY(moe_cu_fwd(&xc, 0, &X, &wu, ab + (size_t)I * es, dt, 2 * I));
     }
+    /* the expert epilogue as without chunks (act.cuh): the chunk's biases,
+       then the activation over its rows */
+    int64_t Ec = e1 - e0;
+    if (!moe_tensor_absent(&c->bias.gate)) {
+      moe_tensor bt = moe_cu_experts(&c->bias.gate, e0, e1);
+      moe_cu_view bv = moe_cu_view_of(&bt);
+      MOE_TRY(moe_cu_bias_add(ab, dt, 2 * I, ac.gate, ac.step, I, xc.offsets,
+                              Ec, x->rows, &bv, st));
+    }
+    if (!moe_tensor_absent(&c->bias.up)) {
+      moe_tensor bt = moe_cu_experts(&c->bias.up, e0, e1);
+      moe_cu_view bv = moe_cu_view_of(&bt);
+      MOE_TRY(moe_cu_bias_add(ab, dt, 2 * I, ac.up, ac.step, I, xc.offsets, Ec,
+                              x->rows, &bv, st));
+    }
     size_t r = (size_t)r0;
-    moe_cu_view vg = {ab + r * 2 * I * es, dt, 2 * I, 1},
-                vu = {ab + (r * 2 * I + I) * es, dt, 2 * I, 1},
+    moe_cu_view vg = {ab + r * 2 * I * es, dt, 2 * I, ac.step},
+                vu = {ab + (r * 2 * I + (size_t)ac.up) * es, dt, 2 * I,
+                      ac.step},
                 vh = {hh + r * I * es, dt, I, 1};
-    MOE_TRY(moe_cu_swiglu_fwd(&vg, &vu, &vh, r1 - r0, I,
-                              moe_cu_ep_chunk_count(ep, meta, i), st));
+    MOE_TRY(moe_cu_act_fwd(&act, &vg, &vu, &vh, r1 - r0, I,
+                           moe_cu_ep_chunk_count(ep, meta, i), st));
     moe_tensor wd = moe_cu_experts(&a->w_down, e0, e1);
     MOE_TRY(moe_cu_fwd(&xc, 1, &Hh, &wd, yc, dt, H));
+    if (!moe_tensor_absent(&c->bias.down)) {
+      moe_tensor bt = moe_cu_experts(&c->bias.down, e0, e1);
+      moe_cu_view bv = moe_cu_view_of(&bt);
+      MOE_TRY(moe_cu_bias_add(yc, dt, H, 0, 1, H, xc.offsets, Ec, x->rows, &bv,
+                              st));
+    }
     moe_cu_ep_tl_close(ep, t, st);
     MOE_TRY(moe_cu_ep_combine_chunk(ep, meta, i, yc, rb, stage, y, st));
     if (i + 2 < C)
@@ -1150,64 +1188,157 @@ static moe_status moe_cu_ep_join(moe_layer_plan *plan, moe_status s,
 /* ---- backward
  * ----------------------------------------------------------------- */
 
-/// gate_up's dW and the router's backward (or the routing weights'
-/// gradient): the part of the backward that runs beside the dX combine.
 static moe_status
-moe_cu_backward_rest(moe_cu_exec *x, const moe_layer_bwd_args *args,
-                     const moe_call *c, const moe_gate_up *ggu,
-                     const moe_cu_bufs *b, char *sv, char *ws,
-                     const moe_cu_operand *Xp, float **dxr_out) {
-  const moe_layer_plan *p = x->p;
-  const moe_layer_desc *d = &p->d;
+moe_cu_down_act_bwd(moe_cu_exec *x, const moe_call *c, const moe_tensor *wd,
+                    const moe_cu_operand *dO, const char *hb, int64_t hld,
+                    char *r1, char *r2, const int32_t *slot_row, const float *w,
+                    int64_t S, float *rw, float *part, int part_ld, float *ds);
+
+/// The expert side's backward over the received rows [r0, r1) of local
+/// experts [e0, e1) (xc: their offsets; rows stay absolute), with the
+/// one-GPU backward's kernels in its order: dA' = dO . W_d and the
+/// activation pass (moe_cu_down_act_bwd: dS per row, dH, A'), the down
+/// bias's share of dS, dW_d = dO^T . A', dXp = dH . W_gu (layer dtype)
+/// into `dxp`, dW_gu = X^T . dH. The rows are already in expert order
+/// (the slot of row r is r itself), every expert's rows in rank order =
+/// the token order one GPU sorts them in.
+static moe_status moe_cu_bwd_rows_ep(moe_cu_exec *xc,
+                                     const moe_layer_bwd_args *args,
+                                     const moe_call *c, const moe_gate_up *ggu,
+                                     const moe_cu_bufs *b, char *sv, char *ws,
+                                     int64_t e0, int64_t e1, int64_t r0,
+                                     int64_t r1, char *dxp) {
+  const moe_layer_desc *d = &xc->p->d;
   const moe_layer_fwd_args *a = &args->fwd;
-  cudaStream_t st = x->ctx.stream;
-  int64_t T = c->T, k = d->top_k, H = d->hidden, I = d->intermediate,
-          E = d->num_experts;
+  cudaStream_t st = xc->ctx.stream;
+  int64_t H = d->hidden, I = d->intermediate, n = r1 - r0;
   moe_dtype dt = d->dtype;
   size_t es = moe_dtype_size(dt);
-  const float *w = (const float *)moe_cu_at(sv, b->w);
-  char *dab = moe_cu_at(ws, b->dab);
-  float *dw = (float *)moe_cu_at(ws, b->dw);
-  /* Xp NULL: the overlap computed gate_up's dW chunk by chunk */
-  if (Xp && c->gu.fused) {
-    MOE_TRY(moe_cu_dw(x, 0, dab, 2 * I, Xp, &ggu->both));
-  } else if (Xp) {
-    MOE_TRY(moe_cu_dw(x, 0, dab, 2 * I, Xp, &ggu->gate));
-    MOE_TRY(moe_cu_dw(x, 0, dab + (size_t)I * es, 2 * I, Xp, &ggu->up));
+  char *ab = moe_cu_at(sv, b->ab), *dyc = moe_cu_at(ws, b->bdyr),
+       *ap = moe_cu_at(ws, b->dh), *dab = moe_cu_at(ws, b->dab);
+  const int32_t *iota = (const int32_t *)moe_cu_at(ws, b->biota) + r0;
+  const int32_t *rexp = (const int32_t *)moe_cu_at(ws, b->brexp) + r0;
+  float *rwr = (float *)moe_cu_at(ws, b->brwr),
+        *dsr = (float *)moe_cu_at(ws, b->bdsr);
+  moe_tensor wd = moe_cu_experts(&a->w_down, e0, e1),
+             gwd = moe_cu_experts(&args->grad_w_down, e0, e1);
+  moe_cu_operand dO = moe_op(dyc, dt, H, 1);
+  /* slot_row the identity: the slots' weights are the rows' (rwr) */
+  MOE_TRY(moe_cu_down_act_bwd(
+      xc, c, &wd, &dO, ab, 2 * I, ap, dab, iota, rwr + r0, n, rwr,
+      (float *)moe_cu_at(ws, b->bpart), b->part_ld, dsr + r0));
+  if (!moe_tensor_absent(&c->bias.down)) {
+    /* ds[r] += <dO[r], b_down[expert of r]> (the one-GPU kernel, k = 1) */
+    moe_cu_view bd = moe_cu_view_of(&c->bias.down);
+    moe_cu_view dv = {dyc + (size_t)r0 * H * es, dt, H, 1};
+    MOE_TRY(moe_cu_bias_ds(&dv, &bd, rexp, iota, n, 1, H, dsr + r0, st));
   }
-
-  float *dxr = NULL;
-  if (c->router) {
-    /* dlogits, then dWg = dl^T . x and dx_router = dl . Wg (f32) */
-    const moe_tensor *g = &a->gate_weight, *gg = &args->grad_gate_weight;
-    moe_dtype dlt = dt;
-    void *dl = moe_cu_at(ws, b->dl);
-    dxr = (float *)moe_cu_at(ws, b->dxr);
-    MOE_TRY(moe_cu_topk_backward((const float *)moe_cu_at(sv, b->probs), 0,
-                                 (const int32_t *)moe_cu_at(sv, b->idx), w, dw,
-                                 T, E, k, d->norm_topk_prob, dl, dlt, st));
-    int64_t *one = (int64_t *)moe_cu_at(ws, b->bone);
-    moe_cu_operand A = moe_op(dl, dlt, 1, E);
-    moe_cu_operand B =
-        moe_op(a->hidden.data, dt, a->hidden.stride[0], a->hidden.stride[1]);
-    moe_cu_operand C =
-        moe_op(gg->data, gg->dtype, gg->stride[0], gg->stride[1]);
-    MOE_TRY(moe_cu_dense(x, MOE_GROUP_K, E, H, T, &A, &B, &C, 0.0f, one));
-    A = moe_op(dl, dlt, E, 1);
-    B = moe_op(g->data, g->dtype, g->stride[0], g->stride[1]);
-    C = moe_op(dxr, MOE_F32, H, 1);
-    MOE_TRY(moe_cu_dense(x, MOE_GROUP_M, T, H, E, &A, &B, &C, 0.0f, one));
-  } else {
-    moe_cu_view gt = moe_cu_view_of(&args->grad_topk_weights);
-    MOE_TRY(moe_cu_store_f32(dw, T, k, &gt, st));
+  moe_cu_operand dOt = moe_cu_t(dO), Ap = moe_op(ap, dt, I, 1);
+  MOE_TRY(moe_cu_dw_op(xc, 1, &dOt, &Ap, &gwd));
+  moe_cu_operand dG = moe_op(dab, dt, 2 * I, 1),
+                 dU = moe_op(dab + (size_t)I * es, dt, 2 * I, 1);
+  moe_cu_operand X = moe_op(moe_cu_at(sv, b->xr), dt, H, 1);
+  moe_cu_operand dGt = moe_cu_t(dG), dUt = moe_cu_t(dU);
+  if (c->gu.fused) {
+    moe_tensor w = moe_cu_experts(&c->gu.both, e0, e1),
+               gw = moe_cu_experts(&ggu->both, e0, e1);
+    MOE_TRY(moe_cu_dx_op(xc, 0, &dG, &w, dxp, dt, H, 0.0f));
+    MOE_TRY(moe_cu_dw_op(xc, 0, &dGt, &X, &gw));
+  } else { /* two products into one dXp: the up half adds (beta 1) */
+    moe_tensor wg = moe_cu_experts(&c->gu.gate, e0, e1),
+               wu = moe_cu_experts(&c->gu.up, e0, e1),
+               gg = moe_cu_experts(&ggu->gate, e0, e1),
+               gu = moe_cu_experts(&ggu->up, e0, e1);
+    MOE_TRY(moe_cu_dx_op(xc, 0, &dG, &wg, dxp, dt, H, 0.0f));
+    MOE_TRY(moe_cu_dx_op(xc, 0, &dU, &wu, dxp, dt, H, 1.0f));
+    MOE_TRY(moe_cu_dw_op(xc, 0, &dGt, &X, &gg));
+    MOE_TRY(moe_cu_dw_op(xc, 0, &dUt, &X, &gu));
   }
-  *dxr_out = dxr;
   return MOE_SUCCESS;
 }
 
-/// The backward after dY's scatter, in chunks: dispatch c+1 and combine
-/// c-1 on the exchange stream under chunk c's GEMMs (dX, and each expert's
-/// dW whole: one product over all its rows), then the router's backward.
+/// The expert side's bias gradients over all received rows (after every
+/// chunk): the down bias's (sum of s dO per expert, rows in order) and the
+/// gate_up bias's (dH summed), by the one-GPU kernels.
+static moe_status moe_cu_bias_grads_ep(moe_cu_exec *x,
+                                       const moe_layer_bwd_args *args,
+                                       const moe_call *c, const moe_cu_bufs *b,
+                                       char *ws) {
+  const moe_layer_desc *d = &x->p->d;
+  cudaStream_t st = x->ctx.stream;
+  int64_t H = d->hidden, I = d->intermediate, El = x->p->e_local;
+  moe_dtype dt = d->dtype;
+  moe_biases gb;
+  moe_layer_bias_grads(x->p, args, &gb);
+  moe_ab_cols ac = moe_ab_cols_of(d, c->gu.fused);
+  char *dab = moe_cu_at(ws, b->dab);
+  if (!moe_tensor_absent(&gb.down)) {
+    moe_cu_view dv = {moe_cu_at(ws, b->bdyr), dt, H, 1};
+    moe_cu_view gd = moe_cu_view_of(&gb.down);
+    MOE_TRY(moe_cu_bias_grad_down(&dv, (const int32_t *)moe_cu_at(ws, b->biota),
+                                  (const float *)moe_cu_at(ws, b->brwr),
+                                  x->offsets, El, H, &gd, st));
+  }
+  if (!moe_tensor_absent(&gb.gate)) {
+    moe_cu_view gg = moe_cu_view_of(&gb.gate);
+    MOE_TRY(moe_cu_bias_grad(dab, dt, 2 * I, ac.gate, ac.step, I, x->offsets,
+                             El, &gg, st));
+  }
+  if (!moe_tensor_absent(&gb.up)) {
+    moe_cu_view gu = moe_cu_view_of(&gb.up);
+    MOE_TRY(moe_cu_bias_grad(dab, dt, 2 * I, ac.up, ac.step, I, x->offsets, El,
+                             &gu, st));
+  }
+  return MOE_SUCCESS;
+}
+
+/// The token owner's end of the backward, as one GPU's: dS per slot from
+/// the rows' (a copy), grad_hidden[t] = sum_j dXp[row of (t, j)] (f32, j in
+/// order), then the router's backward (grad_hidden += dl . Wg) or dS to
+/// grad_topk_weights.
+static moe_status moe_cu_bwd_tail_ep(moe_cu_exec *x,
+                                     const moe_layer_bwd_args *args,
+                                     const moe_call *c, const moe_cu_bufs *b,
+                                     char *sv, char *ws, const char *dxp,
+                                     const float *dsrow) {
+  const moe_layer_desc *d = &x->p->d;
+  const moe_layer_fwd_args *a = &args->fwd;
+  cudaStream_t st = x->ctx.stream;
+  int64_t T = c->T, k = d->top_k, H = d->hidden, E = d->num_experts, S = T * k;
+  moe_dtype dt = d->dtype;
+  const int32_t *slot_row = (const int32_t *)moe_cu_at(sv, b->slot_row);
+  const int32_t *idx = (const int32_t *)moe_cu_at(sv, b->idx);
+  const float *w = (const float *)moe_cu_at(sv, b->w);
+  float *ds = (float *)moe_cu_at(ws, b->dw);
+  MOE_TRY(moe_cu_ep_slot_ds(dsrow, slot_row, S, ds, st));
+  moe_cu_view gh = moe_cu_view_of(&args->grad_hidden);
+  MOE_TRY(moe_cu_permute_backward(dxp, dt, slot_row, NULL, T, k, H, &gh, st));
+  if (!c->router) {
+    moe_cu_view gt = moe_cu_view_of(&args->grad_topk_weights);
+    return moe_cu_store_f32(ds, T, k, &gt, st);
+  }
+  /* dlogits from the saved probabilities (the softmax the forward made),
+     then dWg = dl^T . hidden and grad_hidden += dl . Wg */
+  const moe_tensor *g = &a->gate_weight, *gg = &args->grad_gate_weight;
+  int64_t *one = (int64_t *)moe_cu_at(ws, b->bone);
+  void *dl = moe_cu_at(ws, b->dl);
+  MOE_TRY(moe_cu_topk_backward((const float *)moe_cu_at(sv, b->probs), 0, idx,
+                               w, ds, T, E, k, d->norm_topk_prob, dl, dt, st));
+  moe_cu_operand A = moe_op(dl, dt, 1, E);
+  moe_cu_operand B =
+      moe_op(a->hidden.data, dt, a->hidden.stride[0], a->hidden.stride[1]);
+  moe_cu_operand C = moe_op(gg->data, gg->dtype, gg->stride[0], gg->stride[1]);
+  MOE_TRY(moe_cu_dense(x, MOE_GROUP_K, E, H, T, &A, &B, &C, 0.0f, one));
+  A = moe_op(dl, dt, E, 1);
+  B = moe_op(g->data, g->dtype, g->stride[0], g->stride[1]);
+  C = moe_op(gh.data, gh.dtype, gh.rs, gh.cs);
+  return moe_cu_dense(x, MOE_GROUP_M, T, H, E, &A, &B, &C, 1.0f, one);
+}
+
+/// The backward after dO's gather, in chunks: dispatch c+1 and combine c-1
+/// on the exchange stream under chunk c's kernels (moe_cu_bwd_rows_ep; each
+/// expert's dW whole: one product over all its rows), then the bias
+/// gradients and the token owner's end.
 static moe_status moe_cu_backward_chunks(moe_cu_exec *x,
                                          const moe_layer_bwd_args *args,
                                          const moe_call *c,
@@ -1216,78 +1347,51 @@ static moe_status moe_cu_backward_chunks(moe_cu_exec *x,
                                          char *ws, const char *meta) {
   moe_cu_ep *ep = x->cp->ep;
   const moe_layer_desc *d = &x->p->d;
-  const moe_layer_fwd_args *a = &args->fwd;
   cudaStream_t st = x->ctx.stream;
-  int64_t H = d->hidden, I = d->intermediate, T = c->T, k = d->top_k;
+  int64_t H = d->hidden;
   moe_dtype dt = d->dtype;
-  moe_dtype dxt = c->gu.fused ? dt : MOE_F32;
-  size_t es = moe_dtype_size(dt), rb = (size_t)H * es,
-         rbx = (size_t)H * moe_dtype_size(dxt);
-  char *ab = moe_cu_at(sv, b->ab), *hh = moe_cu_at(sv, b->hh);
-  char *dy = moe_cu_at(ws, b->dy), *dyc = moe_cu_at(ws, b->bdyr),
-       *dh = moe_cu_at(ws, b->dh), *dab = moe_cu_at(ws, b->dab),
+  size_t rb = (size_t)H * moe_dtype_size(dt);
+  char *send = moe_cu_at(ws, b->dy), *dyc = moe_cu_at(ws, b->bdyr),
        *dxp = moe_cu_at(ws, b->bdxp), *dx = moe_cu_at(ws, b->bdx),
-       *stage = moe_cu_at(ws, b->bstage);
+       *stage = moe_cu_at(ws, b->bstage), *stage4 = moe_cu_at(ws, b->bstage4),
+       *rw = moe_cu_at(ws, b->brw), *rwr = moe_cu_at(ws, b->brwr),
+       *dsr = moe_cu_at(ws, b->bdsr), *dsrow = moe_cu_at(ws, b->bdsrow);
   int C = moe_cu_ep_chunks(ep);
-  moe_cu_operand X = moe_op(moe_cu_at(sv, b->xr), dt, H, 1),
-                 Hh = moe_op(hh, dt, I, 1);
   MOE_TRY(moe_cu_ep_fork(ep, st));
-  for (int i = 0; i < 2 && i < C; i++)
-    MOE_TRY(moe_cu_ep_dispatch_chunk(ep, meta, i, dy, rb, stage, dyc));
+  for (int i = 0; i < 2 && i < C; i++) {
+    MOE_TRY(moe_cu_ep_dispatch_chunk(ep, meta, i, send, rb, stage, dyc));
+    MOE_TRY(moe_cu_ep_dispatch_chunk(ep, meta, i, rw, 4, stage4, rwr));
+  }
   for (int i = 0; i < C; i++) {
     int64_t e0, e1, r0, r1;
     moe_cu_ep_chunk_range(ep, i, &e0, &e1, &r0, &r1);
     MOE_TRY(moe_cu_ep_dispatch_wait(ep, i, st));
     int t = moe_cu_ep_tl_open(ep, 0, i, "gemms", st);
     moe_cu_exec xc = moe_cu_chunk_exec(x, e0);
-    /* down: dH = dY . Wd, dWd = dY^T . Hh */
-    moe_tensor wd = moe_cu_experts(&a->w_down, e0, e1),
-               gwd = moe_cu_experts(&args->grad_w_down, e0, e1);
-    MOE_TRY(moe_cu_dx(&xc, 1, dyc, H, &wd, dh, dt, I, 0.0f));
-    MOE_TRY(moe_cu_dw(&xc, 1, dyc, H, &Hh, &gwd));
-    size_t r = (size_t)r0;
-    moe_cu_view vg = {ab + r * 2 * I * es, dt, 2 * I, 1},
-                vu = {ab + (r * 2 * I + I) * es, dt, 2 * I, 1},
-                vdh = {dh + r * I * es, dt, I, 1},
-                vdg = {dab + r * 2 * I * es, dt, 2 * I, 1},
-                vdu = {dab + (r * 2 * I + I) * es, dt, 2 * I, 1};
-    MOE_TRY(moe_cu_swiglu_bwd(&vg, &vu, &vdh, &vdg, &vdu, r1 - r0, I,
-                              moe_cu_ep_chunk_count(ep, meta, i), st));
-    /* gate_up: dXp = dAB . Wgu, dWgu = dAB^T . X */
-    if (c->gu.fused) {
-      moe_tensor w = moe_cu_experts(&c->gu.both, e0, e1),
-                 gw = moe_cu_experts(&ggu->both, e0, e1);
-      MOE_TRY(moe_cu_dx(&xc, 0, dab, 2 * I, &w, dxp, dxt, H, 0.0f));
-      MOE_TRY(moe_cu_dw(&xc, 0, dab, 2 * I, &X, &gw));
-    } else {
-      moe_tensor wg = moe_cu_experts(&c->gu.gate, e0, e1),
-                 wu = moe_cu_experts(&c->gu.up, e0, e1),
-                 gg = moe_cu_experts(&ggu->gate, e0, e1),
-                 gu = moe_cu_experts(&ggu->up, e0, e1);
-      MOE_TRY(moe_cu_dx(&xc, 0, dab, 2 * I, &wg, dxp, dxt, H, 0.0f));
-      MOE_TRY(moe_cu_dx(&xc, 0, dab + (size_t)I * es, 2 * I, &wu, dxp, dxt, H,
-                        1.0f));
-      MOE_TRY(moe_cu_dw(&xc, 0, dab, 2 * I, &X, &gg));
-      MOE_TRY(moe_cu_dw(&xc, 0, dab + (size_t)I * es, 2 * I, &X, &gu));
-    }
+    MOE_TRY(
+        moe_cu_bwd_rows_ep(&xc, args, c, ggu, b, sv, ws, e0, e1, r0, r1, dxp));
     moe_cu_ep_tl_close(ep, t, st);
-    MOE_TRY(moe_cu_ep_combine_chunk(ep, meta, i, dxp, rbx, stage, dx, st));
-    if (i + 2 < C)
-      MOE_TRY(moe_cu_ep_dispatch_chunk(ep, meta, i + 2, dy, rb, stage, dyc));
+    MOE_TRY(moe_cu_ep_combine_chunk(ep, meta, i, dxp, rb, stage, dx, st));
+    MOE_TRY(moe_cu_ep_combine_chunk(ep, meta, i, dsr, 4, stage4, dsrow, st));
+    if (i + 2 < C) {
+      MOE_TRY(moe_cu_ep_dispatch_chunk(ep, meta, i + 2, send, rb, stage, dyc));
+      MOE_TRY(moe_cu_ep_dispatch_chunk(ep, meta, i + 2, rw, 4, stage4, rwr));
+    }
   }
-  /* the router's backward (or the routing weights' gradient) runs beside
-     the last combine */
-  float *dxr = NULL;
-  moe_status s = moe_cu_backward_rest(x, args, c, ggu, b, sv, ws, NULL, &dxr);
+  /* the bias gradients run beside the last combine */
+  moe_status s = moe_cu_bias_grads_ep(x, args, c, b, ws);
   moe_status wj = moe_cu_ep_combine_wait(ep, st);
   MOE_TRY(s);
   MOE_TRY(wj);
-  moe_cu_view gh = moe_cu_view_of(&args->grad_hidden);
-  return moe_cu_permute_backward(dx, dxt,
-                                 (const int32_t *)moe_cu_at(sv, b->slot_row),
-                                 dxr, T, k, H, &gh, st);
+  return moe_cu_bwd_tail_ep(x, args, c, b, sv, ws, dx, (const float *)dsrow);
 }
 
+/// The expert-parallel backward, row for row the one-GPU math: the token
+/// owner gathers the UNSCALED dO rows in expert-sorted order (as the
+/// forward's dispatch) and their routing weights (a 4-byte side exchange);
+/// the expert side runs the one-GPU kernels over the received rows
+/// (moe_cu_bwd_rows_ep) and sends back dXp rows (layer dtype) and each
+/// row's dS; the token owner ends as one GPU does (moe_cu_bwd_tail_ep).
 static moe_status
 moe_cu_backward_run_ep(moe_cu_exec *x, const moe_layer_bwd_args *args,
                        const moe_call *c, const moe_gate_up *ggu,
@@ -1295,125 +1399,70 @@ moe_cu_backward_run_ep(moe_cu_exec *x, const moe_layer_bwd_args *args,
   moe_cuda_plan *cp = x->cp;
   const moe_layer_plan *p = x->p;
   const moe_layer_desc *d = &p->d;
-  const moe_layer_fwd_args *a = &args->fwd;
   cudaStream_t st = x->ctx.stream;
-  int64_t T = c->T, k = d->top_k, H = d->hidden, I = d->intermediate,
+  int64_t T = c->T, k = d->top_k, H = d->hidden, E = d->num_experts,
           El = p->e_local, S = T * k;
   moe_dtype dt = d->dtype;
-  size_t es = moe_dtype_size(dt);
+  size_t rb = (size_t)H * moe_dtype_size(dt);
   const int32_t *slot_row = (const int32_t *)moe_cu_at(sv, b->slot_row);
   const int32_t *row_token = (const int32_t *)moe_cu_at(sv, b->row_token);
   const float *w = (const float *)moe_cu_at(sv, b->w);
   const int64_t *offsets = (const int64_t *)moe_cu_at(sv, b->offsets);
-  char *ab = moe_cu_at(sv, b->ab), *hh = moe_cu_at(sv, b->hh),
-       *y = moe_cu_at(sv, b->y);
-  char *dy = moe_cu_at(ws, b->dy), *dh = moe_cu_at(ws, b->dh),
-       *dab = moe_cu_at(ws, b->dab);
-  float *dw = (float *)moe_cu_at(ws, b->dw);
+  char *meta = moe_cu_at(sv, b->epmeta);
+  char *send = moe_cu_at(ws, b->dy), *dyc = moe_cu_at(ws, b->bdyr),
+       *dxp = moe_cu_at(ws, b->bdxp), *stage = moe_cu_at(ws, b->bstage),
+       *stage4 = moe_cu_at(ws, b->bstage4);
+  float *rw = (float *)moe_cu_at(ws, b->brw),
+        *rwr = (float *)moe_cu_at(ws, b->brwr),
+        *dsr = (float *)moe_cu_at(ws, b->bdsr),
+        *dsrow = (float *)moe_cu_at(ws, b->bdsrow);
+  if (!cp->ep)
+    return moe_error(MOE_ERR_INTERNAL, "the expert-parallel backward without "
+                                       "an exchange");
   x->offsets = offsets;
   x->rows = S;
   x->row_token = row_token;
-  char *meta = moe_cu_at(sv, b->epmeta);
   moe_cu_ep_rows r;
-  if (cp->ep) moe_cu_ep_tl_begin(cp->ep, true, st);
-  if (cp->ep) {
-    moe_status s =
-        moe_cu_ep_backward_begin(cp->ep, p, MOE_SUCCESS, offsets, meta, st, &r);
-    x->ep_joined = r.joined;
-    MOE_TRY(s);
-  } else {
-    MOE_TRY(moe_cu_host_counts(x));
-  }
-
-  /* weighted scatter back: dY rows and the routing-weight gradient */
-  moe_cu_view go = moe_cu_view_of(&args->grad_output);
-  MOE_TRY(
-      moe_cu_unpermute_backward(&go, y, dt, slot_row, w, T, k, H, dy, dw, st));
-  /* with expert parallelism the dY rows go to their experts' ranks */
-  char *dyc = dy;
-  int tg = -1;
-  if (cp->ep) {
-    dyc = moe_cu_at(ws, b->bdyr);
-    x->offsets = r.loff_dev;
-    x->rows = r.rows;
-    x->ctx.host_offsets = r.loff_host;
-    if (moe_cu_ep_chunks(cp->ep) > 1) {
-      moe_status f = moe_cu_backward_chunks(x, args, c, ggu, b, sv, ws, meta);
-      moe_status j = moe_cu_ep_settle(cp->ep, st);
-      return f != MOE_SUCCESS ? f : j;
-    }
-    int t = moe_cu_ep_tl_open(cp->ep, 0, 0, "dispatch", st);
-    MOE_TRY(moe_cu_ep_dispatch(cp->ep, meta, dy, (size_t)H * es,
-                               moe_cu_at(ws, b->bstage), dyc, st));
-    moe_cu_ep_tl_close(cp->ep, t, st);
-    tg = moe_cu_ep_tl_open(cp->ep, 0, 0, "gemms", st);
-  }
-  moe_biases gb;
-  moe_layer_bias_grads(p, args, &gb);
-  if (!moe_tensor_absent(&gb.down)) {
-    moe_cu_view gv = moe_cu_view_of(&gb.down);
-    MOE_TRY(moe_cu_bias_grad(dyc, dt, H, 0, 1, H, x->offsets, El, &gv, st));
-  }
-  /* down: dH = dY . Wd, dWd = dY^T . Hh */
-  MOE_TRY(moe_cu_dx(x, 1, dyc, H, &a->w_down, dh, dt, I, 0.0f));
-  moe_cu_operand Hh = moe_op(hh, dt, I, 1);
-  MOE_TRY(moe_cu_dw(x, 1, dyc, H, &Hh, &args->grad_w_down));
-  moe_act act = moe_act_of(d);
-  moe_ab_cols ac = moe_ab_cols_of(d, c->gu.fused);
-  moe_cu_view vg = {ab, dt, 2 * I, ac.step},
-              vu = {ab + (size_t)ac.up * es, dt, 2 * I, ac.step},
-              vdh = {dh, dt, I, 1}, vdg = {dab, dt, 2 * I, ac.step},
-              vdu = {dab + (size_t)ac.up * es, dt, 2 * I, ac.step};
-  MOE_TRY(moe_cu_act_bwd(&act, &vg, &vu, &vdh, &vdg, &vdu, x->rows, I,
-                         x->offsets + El, st));
-  if (!moe_tensor_absent(&gb.gate)) {
-    moe_cu_view gv = moe_cu_view_of(&gb.gate);
-    MOE_TRY(moe_cu_bias_grad(dab, dt, 2 * I, ac.gate, ac.step, I, x->offsets,
-                             El, &gv, st));
-  }
-  if (!moe_tensor_absent(&gb.up)) {
-    moe_cu_view gv = moe_cu_view_of(&gb.up);
-    MOE_TRY(moe_cu_bias_grad(dab, dt, 2 * I, ac.up, ac.step, I, x->offsets, El,
-                             &gv, st));
-  }
-  /* gate_up: dXp = dAB . Wgu (into dY's space, which is dead now),
-     dWgu = dAB^T . X */
-  moe_dtype dxt = c->gu.fused ? dt : MOE_F32;
-  char *dxp = dyc;
-  moe_cu_operand X;
-  if (cp->ep) {
-    X = moe_op(moe_cu_at(sv, b->xr), dt, H, 1);
-  } else if (p->method[0] == MOE_GMM_LOOP) {
-    X = moe_op(moe_cu_at(sv, b->xp), dt, H, 1);
-  } else {
-    X = moe_op(a->hidden.data, dt, a->hidden.stride[0], a->hidden.stride[1]);
-    X.gather = row_token;
-  }
-  if (c->gu.fused) {
-    MOE_TRY(moe_cu_dx(x, 0, dab, 2 * I, &c->gu.both, dxp, dxt, H, 0.0f));
-  } else {
-    MOE_TRY(moe_cu_dx(x, 0, dab, 2 * I, &c->gu.gate, dxp, dxt, H, 0.0f));
-    MOE_TRY(moe_cu_dx(x, 0, dab + (size_t)I * es, 2 * I, &c->gu.up, dxp, dxt, H,
-                      1.0f));
-  }
-  /* With expert parallelism the dX rows go back to the ranks that own the
-     tokens: on a second stream, behind gate_up's dW and the router's
-     backward, which need neither dxp nor dy. */
-  if (cp->ep) moe_cu_ep_tl_close(cp->ep, tg, st);
-  if (cp->ep)
-    MOE_TRY(moe_cu_ep_combine_async(cp->ep, meta, dxp,
-                                    (size_t)H * moe_dtype_size(dxt),
-                                    moe_cu_at(ws, b->bstage), dy, st));
-  float *dxr = NULL;
-  moe_status s = moe_cu_backward_rest(x, args, c, ggu, b, sv, ws, &X, &dxr);
-  if (cp->ep) {
-    moe_status wj = moe_cu_ep_combine_wait(cp->ep, st);
-    if (s == MOE_SUCCESS) s = wj;
-    dxp = dy;
-  }
+  moe_cu_ep_tl_begin(cp->ep, true, st);
+  moe_status s =
+      moe_cu_ep_backward_begin(cp->ep, p, MOE_SUCCESS, offsets, meta, st, &r);
+  x->ep_joined = r.joined;
   MOE_TRY(s);
-  moe_cu_view gh = moe_cu_view_of(&args->grad_hidden);
-  return moe_cu_permute_backward(dxp, dxt, slot_row, dxr, T, k, H, &gh, st);
+
+  /* the token owner: dO rows unscaled, in the forward's dispatch order, and
+     the rows' routing weights */
+  moe_cu_view go = moe_cu_view_of(&args->grad_output);
+  MOE_TRY(moe_cu_gather_rows(&go, row_token, offsets + E, S, H, send, st));
+  MOE_TRY(moe_cu_row_weights(slot_row, w, S, rw, st));
+  x->offsets = r.loff_dev;
+  x->rows = r.rows;
+  x->ctx.host_offsets = r.loff_host;
+  x->row_token = NULL;
+  MOE_TRY(moe_cu_ep_row_tables(r.loff_dev, El, r.rows,
+                               (int32_t *)moe_cu_at(ws, b->biota),
+                               (int32_t *)moe_cu_at(ws, b->brexp), st));
+  if (moe_cu_ep_chunks(cp->ep) > 1) {
+    moe_status f = moe_cu_backward_chunks(x, args, c, ggu, b, sv, ws, meta);
+    moe_status j = moe_cu_ep_settle(cp->ep, st);
+    return f != MOE_SUCCESS ? f : j;
+  }
+  int t = moe_cu_ep_tl_open(cp->ep, 0, 0, "dispatch", st);
+  MOE_TRY(moe_cu_ep_dispatch(cp->ep, meta, send, rb, stage, dyc, st));
+  MOE_TRY(moe_cu_ep_dispatch(cp->ep, meta, rw, 4, stage4, rwr, st));
+  moe_cu_ep_tl_close(cp->ep, t, st);
+  int tg = moe_cu_ep_tl_open(cp->ep, 0, 0, "gemms", st);
+  MOE_TRY(
+      moe_cu_bwd_rows_ep(x, args, c, ggu, b, sv, ws, 0, El, 0, r.rows, dxp));
+  moe_cu_ep_tl_close(cp->ep, tg, st);
+  /* dXp and dS go back to the ranks that own the tokens on the second
+     stream, beside the bias gradients (which need neither) */
+  MOE_TRY(moe_cu_ep_combine_async(cp->ep, meta, dxp, rb, stage, send, st));
+  MOE_TRY(moe_cu_ep_combine_async(cp->ep, meta, dsr, 4, stage4, dsrow, st));
+  s = moe_cu_bias_grads_ep(x, args, c, b, ws);
+  moe_status wj = moe_cu_ep_combine_wait(cp->ep, st);
+  MOE_TRY(s);
+  MOE_TRY(wj);
+  return moe_cu_bwd_tail_ep(x, args, c, b, sv, ws, send, dsrow);
 }
 
 /* ---- one GPU: forward and backward at the IO limit --------------------- */
@@ -1565,6 +1614,52 @@ static moe_status moe_cu_forward_one(moe_cu_exec *x,
   return MOE_SUCCESS;
 }
 
+/// dA' = dO . W_d into r1 (x's rows), then the activation pass over S
+/// slots (slot_row: the slot's row, -1 dropped; w: the slots' routing
+/// weights): ds[s] = <dA', A>, dH (r2, laid out like H: row length hld),
+/// A' = s A over dA' (r1). rw: the rows' weights, filled from slot_row and w
+/// unless it is w itself (slot_row the identity). One GPU and the expert
+/// side of expert parallelism run this same code (the same kernels and tile
+/// choices, so the same bits per row).
+static moe_status
+moe_cu_down_act_bwd(moe_cu_exec *x, const moe_call *c, const moe_tensor *wd,
+                    const moe_cu_operand *dO, const char *hb, int64_t hld,
+                    char *r1, char *r2, const int32_t *slot_row, const float *w,
+                    int64_t S, float *rw, float *part, int part_ld, float *ds) {
+  const moe_layer_plan *p = x->p;
+  const moe_layer_desc *d = &p->d;
+  cudaStream_t st = x->ctx.stream;
+  int64_t I = d->intermediate;
+  moe_dtype dt = d->dtype;
+  moe_ab_cols ac = moe_ab_cols_of(d, c->gu.fused);
+#ifdef MOE_HAVE_SM90
+  /* sm_90a: the dH epilogue (dSwiGLU, A' = s A, dS partials) on the
+     product's f32 accumulators; a second kernel sums the partials (SwiGLU
+     without biases or interleaving only: moe_cu_fuse_why) */
+  if (p->method[1] == MOE_GMM_GROUPED && !moe_cu_fuse_why(d, c)) {
+    moe_gemm_problem g = moe_gemm_dx_of(wd, x->offsets, x->rows, *dO,
+                                        moe_op(r1, dt, I, 1), 0.0f);
+    if (moe_cu_sm90_dact_ok(&g, NULL, 0)) {
+      int nt = 0;
+      if (rw != w) MOE_TRY(moe_cu_row_weights(slot_row, w, S, rw, st));
+      MOE_TRY(moe_cu_gemm_sm90_dact(&g, &x->ctx, hb, rw, r2, r1, part, part_ld,
+                                    &nt));
+      return moe_cu_ds_reduce(part, part_ld, nt, slot_row, S, ds, st);
+    }
+  }
+#else
+  (void)rw;
+  (void)part;
+  (void)part_ld;
+#endif
+  MOE_TRY(moe_cu_dx_op(x, 1, dO, wd, r1, dt, I, 0.0f));
+  /* the activation pass: ds, dH (r2), A' over dA' (r1) */
+  moe_act act = moe_act_of(d);
+  moe_cu_hrows hl = {hld, ac.gate, ac.up, ac.step};
+  return moe_cu_act_bwd_rows(&act, hb, hl, r1, r2, dt, slot_row, w, S, I, ds,
+                             st);
+}
+
 /// dA' = dO[row_token] . W_d (no dY buffer) -> one pass: A from H, ds =
 /// <dA', A>, dH = act'(s dA'), A' = s A -> dW_d = dO[row_token]^T . A' ->
 /// dXp = dH . W_gu (layer dtype) -> dW_gu = X[row_token]^T . dH ->
@@ -1601,34 +1696,9 @@ static moe_status moe_cu_backward_one(moe_cu_exec *x,
       moe_cu_rows_of(x, 1, &args->grad_output, moe_cu_at(ws, L->loop), &dO));
   int64_t W = moe_gu_width(d);
   moe_ab_cols ac = moe_ab_cols_of(d, c->gu.fused);
-  bool dact_done = false;
-#ifdef MOE_HAVE_SM90
-  /* sm_90a: the dH epilogue (dSwiGLU, A' = s A, dS partials) on the
-     product's f32 accumulators; a second kernel sums the partials (SwiGLU
-     without biases or interleaving only: moe_cu_fuse_why) */
-  if (p->method[1] == MOE_GMM_GROUPED && !moe_cu_fuse_why(d, c)) {
-    moe_gemm_problem g = moe_gemm_dx_of(&a->w_down, x->offsets, S, dO,
-                                        moe_op(r1, dt, I, 1), 0.0f);
-    if (moe_cu_sm90_dact_ok(&g, NULL, 0)) {
-      float *rw = (float *)moe_cu_at(ws, L->rw),
-            *part = (float *)moe_cu_at(ws, L->part);
-      int nt = 0;
-      MOE_TRY(moe_cu_row_weights(slot_row, w, S, rw, st));
-      MOE_TRY(moe_cu_gemm_sm90_dact(&g, &x->ctx, hb, rw, r2, r1, part,
-                                    L->part_ld, &nt));
-      MOE_TRY(moe_cu_ds_reduce(part, L->part_ld, nt, slot_row, S, ds, st));
-      dact_done = true;
-    }
-  }
-#endif
-  if (!dact_done) {
-    MOE_TRY(moe_cu_dx_op(x, 1, &dO, &a->w_down, r1, dt, I, 0.0f));
-    /* the activation pass: ds, dH (r2), A' over dA' (r1) */
-    moe_act act = moe_act_of(d);
-    moe_cu_hrows hl = {W, ac.gate, ac.up, ac.step};
-    MOE_TRY(moe_cu_act_bwd_rows(&act, hb, hl, r1, r2, dt, slot_row, w, S, I, ds,
-                                st));
-  }
+  MOE_TRY(moe_cu_down_act_bwd(x, c, &a->w_down, &dO, hb, W, r1, r2, slot_row, w,
+                              S, (float *)moe_cu_at(ws, L->rw),
+                              (float *)moe_cu_at(ws, L->part), L->part_ld, ds));
   {
     /* the biases: the down bias's share of dS and its gradient
        (sum of s dO per expert), the gate_up bias's (dH summed) -- r2 holds

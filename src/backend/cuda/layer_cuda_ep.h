@@ -69,6 +69,16 @@ moe_status moe_cu_ep_shuffle(const void *src, void *dst, size_t row_bytes,
                              const int64_t *dst_start, const int64_t *src_start,
                              int64_t n, int64_t rows, cudaStream_t s);
 
+/// The backward on the expert side, over the received rows (`rows`: a host
+/// bound, off[El] on the device the count): iota[r] = r (-1 beyond the
+/// count) and expert[r] = r's local expert.
+moe_status moe_cu_ep_row_tables(const int64_t *off, int64_t El, int64_t rows,
+                                int32_t *iota, int32_t *expert, cudaStream_t s);
+/// ds[s] = row_ds[slot_row[s]] (0 for a dropped slot): the per-row dS the
+/// expert side sent back, in slot order.
+moe_status moe_cu_ep_slot_ds(const float *row_ds, const int32_t *slot_row,
+                             int64_t S, float *ds, cudaStream_t s);
+
 /* ---- the layer's exchange (layer_cuda_ep.c) ------------------------------ */
 
 typedef struct moe_cu_ep moe_cu_ep;

@@ -698,10 +698,10 @@ __global__ void moe_bias_add_kernel(void *buf, int f32, int64_t ld, int64_t c0,
                                     int64_t cs, int64_t n, const int64_t *off,
                                     int64_t E, int64_t R, const void *b,
                                     int bf32, int64_t brs, int64_t bcs) {
-  int64_t rows = min(R, off[E]);
+  int64_t r0 = off[0], rows = min(R, off[E]) - r0; /* off[0] > 0: a chunk */
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < rows * n;
        i += (int64_t)gridDim.x * blockDim.x) {
-    int64_t r = i / n, j = i % n, lo = 0, hi = E;
+    int64_t r = r0 + i / n, j = i % n, lo = 0, hi = E;
     while (hi - lo > 1) {
       int64_t mid = (lo + hi) / 2;
       if (off[mid] <= r)
