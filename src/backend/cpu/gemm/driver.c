@@ -586,6 +586,13 @@ moe_status moe_gemm_grouped_with(const moe_gemm_problem *p,
      depend on how many rows share its group (e.g. on the expert-parallel
      split), so pair problems keep their kernels. */
   J.gemv = p->kind == MOE_GROUP_M && !J.pairs ? uk->gemv : NULL;
+  /* The GEMV reads B (the weight) in place as f32 or bf16 only: its
+     column mode loads 32-bit words and widens each 16-bit half as bf16,
+     which would misread f16. An f16 weight is widened by the packers
+     (moe_load8 / moe_load16_f32 / moe_load_f) and goes to the f32
+     kernels, whose bits the GEMV equals anyway, so this costs only the
+     decode speed of f16 weights. */
+  if (p->B.dtype != MOE_F32 && p->B.dtype != MOE_BF16) J.gemv = NULL;
   /* ...unless the set has a GEMV on pairs that computes its pair kernel's
      sums exactly (avx512_bf16). */
   J.gemv_pairs = p->kind == MOE_GROUP_M && J.pairs ? uk->gemv_pairs : NULL;

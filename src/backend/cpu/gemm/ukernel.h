@@ -69,7 +69,9 @@ typedef void (*moe_store_fn)(const float *acc, int64_t ldacc, int64_t mb,
 /// Decode-sized groups (a few rows, GROUP_M, forward and dX) skip packing
 /// B: a GEMV-like kernel streams the weight once, in its own layout. Used
 /// only where the set's kernel for the problem is the f32 FMA kernel (f32,
-/// or bf16 widened), whose bits it reproduces; never for bf16 pairs.
+/// or bf16 widened), whose bits it reproduces; never for bf16 pairs, and
+/// never for an f16 B (the driver declines it: the column modes widen
+/// 16-bit words as bf16).
 enum {
   MOE_GEMV_W = 8,     ///< width of the f32 A panel the GEMV reads
   MOE_GEMV_MAX_M = 6, ///< rows of a group that take the GEMV, at most
