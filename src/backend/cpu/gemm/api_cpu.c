@@ -126,12 +126,30 @@ static bool moe_has_f16(const moe_gemm_problem *p) {
          p->C.dtype == MOE_F16;
 }
 
+static moe_status moe_f16_loop_refusal(void) {
+  return moe_error(MOE_ERR_UNIMPLEMENTED,
+                   "grouped gemm: method loop cannot run f16 operands "
+                   "(no loop library takes f16); use grouped or auto");
+}
+
 static moe_status moe_cpu_run(const moe_gemm_problem *p, const moe_tensor *w,
                               const moe_device *dev,
                               const moe_exec_options *opt) {
   (void)dev;
   moe_gmm_method m;
   bool pinned;
+  /* A loop pinned for f16 operands is refused for the dtype before the
+     planner looks at the loop libraries: without them (the minimal build)
+     the planner's refusal would name the libraries, not the f16 operands
+     that no library could take anyway. */
+  if (moe_has_f16(p)) {
+    moe_gmm_method env;
+    bool set;
+    MOE_TRY(moe_env_gmm(&env, &set));
+    if ((opt && opt->method != MOE_GMM_AUTO ? opt->method : env) ==
+        MOE_GMM_LOOP)
+      return moe_f16_loop_refusal();
+  }
   MOE_TRY(moe_pick(opt, w, p->rows, moe_call_dtype(p), &m, &pinned));
   /* The cost model sees the weight only; the loop also needs a unit stride
      in the activations (a caller may pass an expanded view, strides 0).
@@ -139,10 +157,7 @@ static moe_status moe_cpu_run(const moe_gemm_problem *p, const moe_tensor *w,
      to the grouped kernel, which takes any strides; a pinned loop still
      declines with the reason. */
   if (m == MOE_GMM_LOOP && moe_has_f16(p)) {
-    if (pinned)
-      return moe_error(MOE_ERR_UNIMPLEMENTED,
-                       "grouped gemm: method loop cannot run f16 operands "
-                       "(no loop library takes f16); use grouped or auto");
+    if (pinned) return moe_f16_loop_refusal();
     m = MOE_GMM_GROUPED;
   }
   if (m == MOE_GMM_LOOP && !pinned && !moe_gemm_loop_supports(p, NULL, 0))
