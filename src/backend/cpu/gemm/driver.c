@@ -78,8 +78,6 @@ typedef struct moe_job {
   /// Decode GEMV for groups of at most MOE_GEMV_MAX_M rows (NULL: none).
   moe_gemv_fn gemv;
   moe_gemv_pairs_fn gemv_pairs; ///< the same for bf16-pair problems
-  /// Depth-small f32 products (dW of few-row experts; NULL: none).
-  moe_outer_fn outer;
   /// Software prefetch of the next B sliver in column mode (see below).
   bool pf_cols;
   int64_t target; ///< multiply-adds one item should carry
@@ -427,39 +425,6 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
   if (J->akb > 1 && ku >= J->akb) ku = ku / J->akb * J->akb;
   int64_t kce = ku * upe; /* chunk depth in elements */
   char *c = v->c + (size_t)(i0 * v->crs + j0 * v->ccs) * ec;
-  if (J->outer && J->bmode == MOE_BMODE_ROWS && v->K > 0 &&
-      v->K <= MOE_OUTER_MAX_K && v->K * nb <= MOE_BPANEL) {
-    /* A few rows deep (dW of a small expert): a sum of K outer products.
-       A and B are widened to f32 as they are (K * (mb + nb) values, tiny
-       beside the mb * nb output), then each band of rows is computed and
-       stored at once, the output written once, in order. The sums are the
-       f32 kernel's (one FMA per p from zero), so the bits are the same. */
-    int K = (int)v->K;
-    float *af = (float *)s->ap;
-    for (int64_t i = 0; i < mb; i++)
-      for (int p = 0; p < K; p++)
-        af[i * K + p] = moe_load_f(v->a, J->at, (i0 + i) * v->ars + p * v->acs);
-    const float *bf =
-        (const float *)(const void *)(v->b + (size_t)(j0 * v->bcs) * eb);
-    int64_t ldb = v->brs;
-    if (J->bt != MOE_F32) {
-      float *w = (float *)s->bp;
-      for (int p = 0; p < K; p++)
-        for (int64_t j = 0; j < nb; j++)
-          w[p * nb + j] = moe_load_f(v->b, J->bt, p * v->brs + (j0 + j));
-      bf = w;
-      ldb = nb;
-    }
-    /* Bands of 4 rows: their accumulators (<= 4 x 12288 floats) stay in
-       L2 while they go to C. */
-    for (int64_t r = 0; r < mb; r += 4) {
-      int64_t h = mb - r < 4 ? mb - r : 4;
-      J->outer(K, h, af + r * K, bf, ldb, nb, s->acc, ldacc);
-      moe_store_tile(J, s->acc, ldacc, h, nb, c + (size_t)(r * v->crs) * ec,
-                     v->crs, v->ccs);
-    }
-    return;
-  }
   if (J->bmode == MOE_BMODE_ROWS && v->K > 0 && v->K <= kce) {
     /* The whole depth is one chunk (dW: depth = the group's rows). Work
        in bands of one m-sliver: its accumulators for every n-sliver stay
@@ -638,11 +603,6 @@ moe_status moe_gemm_grouped_with(const moe_gemm_problem *p,
      packer's 16 row streams do better (bench/NOTES.md, issue 20: gate_up
      forward 135 -> 87 ms on one core). */
   J.pf_cols = !(J.pairs && uk->sw_prefetch_off);
-  /* dW of experts with at most MOE_OUTER_MAX_K rows: the outer-product
-     path computes the f32 kernels' sums bit for bit (operands widened
-     exactly, f16 included, as the packers do); bf16-pair kernels round
-     their own way, so pair problems keep them.*/
-  J.outer = p->kind == MOE_GROUP_K && !J.pairs ? uk->outer : NULL;
   J.bmode = MOE_BMODE_GENERIC;
   if (G > 0) {
     moe_view v0;

@@ -448,62 +448,6 @@ static void moe_gemv_avx2(int64_t K, int m, const float *a, const void *b,
 #undef MOE_GEMV_CASE
 }
 
-/* ---- depth-small outer products (dW of few-row experts) --------------- */
-
-/// One output row per pass: K broadcasts of A(i, p) stay in registers and
-/// B's K rows (L1) are read in 32-column runs, one FMA per p from zero, so
-/// each acc element gets exactly the f32 kernel's chain.
-MOE_INLINE void moe_outer_k_avx2(const int K, int64_t m, const float *a,
-                                 const float *b, int64_t ldb, int64_t n,
-                                 float *acc, int64_t ldacc) {
-  for (int64_t i = 0; i < m; i++) {
-    __m256 av[MOE_OUTER_MAX_K];
-    for (int p = 0; p < K; p++)
-      av[p] = _mm256_broadcast_ss(a + i * K + p);
-    float *ci = acc + i * ldacc;
-    int64_t j = 0;
-    for (; j + 32 <= n; j += 32) {
-      __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
-      for (int p = 0; p < K; p++) {
-        const float *bp = b + p * ldb + j;
-        c0 = _mm256_fmadd_ps(av[p], _mm256_loadu_ps(bp), c0);
-        c1 = _mm256_fmadd_ps(av[p], _mm256_loadu_ps(bp + 8), c1);
-        c2 = _mm256_fmadd_ps(av[p], _mm256_loadu_ps(bp + 16), c2);
-        c3 = _mm256_fmadd_ps(av[p], _mm256_loadu_ps(bp + 24), c3);
-      }
-      _mm256_storeu_ps(ci + j, c0);
-      _mm256_storeu_ps(ci + j + 8, c1);
-      _mm256_storeu_ps(ci + j + 16, c2);
-      _mm256_storeu_ps(ci + j + 24, c3);
-    }
-    for (; j + 8 <= n; j += 8) {
-      __m256 c0 = _mm256_setzero_ps();
-      for (int p = 0; p < K; p++)
-        c0 = _mm256_fmadd_ps(av[p], _mm256_loadu_ps(b + p * ldb + j), c0);
-      _mm256_storeu_ps(ci + j, c0);
-    }
-    for (; j < n; j++) {
-      __m128 c0 = _mm_setzero_ps();
-      for (int p = 0; p < K; p++)
-        c0 = _mm_fmadd_ss(_mm_load_ss(a + i * K + p),
-                          _mm_load_ss(b + p * ldb + j), c0);
-      _mm_store_ss(ci + j, c0);
-    }
-  }
-}
-
-static void moe_outer_avx2(int k, int64_t m, const float *a, const float *b,
-                           int64_t ldb, int64_t n, float *acc, int64_t ldacc) {
-  switch (k) {
-  case 1: moe_outer_k_avx2(1, m, a, b, ldb, n, acc, ldacc); break;
-  case 2: moe_outer_k_avx2(2, m, a, b, ldb, n, acc, ldacc); break;
-  case 3: moe_outer_k_avx2(3, m, a, b, ldb, n, acc, ldacc); break;
-  case 4: moe_outer_k_avx2(4, m, a, b, ldb, n, acc, ldacc); break;
-  case 5: moe_outer_k_avx2(5, m, a, b, ldb, n, acc, ldacc); break;
-  default: moe_outer_k_avx2(6, m, a, b, ldb, n, acc, ldacc); break;
-  }
-}
-
 const moe_ukernel_info moe_ukernel_avx2 = {.isa = "avx2",
                                            .name = "avx2_f32_6x16",
                                            .mr = AVX2_MR,
@@ -511,5 +455,4 @@ const moe_ukernel_info moe_ukernel_avx2 = {.isa = "avx2",
                                            .f32 = moe_ukernel_avx2_f32,
                                            .pack_f32 = moe_pack_f32_avx2,
                                            .store = moe_store_avx2,
-                                           .gemv = moe_gemv_avx2,
-                                           .outer = moe_outer_avx2};
+                                           .gemv = moe_gemv_avx2};

@@ -503,57 +503,5 @@ void moe_gemv_avx512(int64_t K, int m, const float *a, const void *b,
 #undef MOE_GEMV_CASE
 }
 
-/* ---- depth-small outer products (dW of few-row experts) --------------- */
-
-/// As kernel_avx2.c's: one output row per pass, K broadcasts in registers,
-/// 64-column runs of B's K rows, one FMA per p from zero (the 8 x 48
-/// kernel's chain); the tail is masked.
-MOE_INLINE void moe_outer_k(const int K, int64_t m, const float *a,
-                            const float *b, int64_t ldb, int64_t n, float *acc,
-                            int64_t ldacc) {
-  for (int64_t i = 0; i < m; i++) {
-    __m512 av[MOE_OUTER_MAX_K];
-    for (int p = 0; p < K; p++)
-      av[p] = _mm512_set1_ps(a[i * K + p]);
-    float *ci = acc + i * ldacc;
-    int64_t j = 0;
-    for (; j + 64 <= n; j += 64) {
-      __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
-      for (int p = 0; p < K; p++) {
-        const float *bp = b + p * ldb + j;
-        c0 = _mm512_fmadd_ps(av[p], _mm512_loadu_ps(bp), c0);
-        c1 = _mm512_fmadd_ps(av[p], _mm512_loadu_ps(bp + 16), c1);
-        c2 = _mm512_fmadd_ps(av[p], _mm512_loadu_ps(bp + 32), c2);
-        c3 = _mm512_fmadd_ps(av[p], _mm512_loadu_ps(bp + 48), c3);
-      }
-      _mm512_storeu_ps(ci + j, c0);
-      _mm512_storeu_ps(ci + j + 16, c1);
-      _mm512_storeu_ps(ci + j + 32, c2);
-      _mm512_storeu_ps(ci + j + 48, c3);
-    }
-    for (; j < n; j += 16) {
-      __mmask16 km =
-          n - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - j)) - 1);
-      __m512 c0 = _mm512_setzero_ps();
-      for (int p = 0; p < K; p++)
-        c0 = _mm512_fmadd_ps(av[p], _mm512_maskz_loadu_ps(km, b + p * ldb + j),
-                             c0);
-      _mm512_mask_storeu_ps(ci + j, km, c0);
-    }
-  }
-}
-
-void moe_outer_avx512(int k, int64_t m, const float *a, const float *b,
-                      int64_t ldb, int64_t n, float *acc, int64_t ldacc) {
-  switch (k) {
-  case 1: moe_outer_k(1, m, a, b, ldb, n, acc, ldacc); break;
-  case 2: moe_outer_k(2, m, a, b, ldb, n, acc, ldacc); break;
-  case 3: moe_outer_k(3, m, a, b, ldb, n, acc, ldacc); break;
-  case 4: moe_outer_k(4, m, a, b, ldb, n, acc, ldacc); break;
-  case 5: moe_outer_k(5, m, a, b, ldb, n, acc, ldacc); break;
-  default: moe_outer_k(6, m, a, b, ldb, n, acc, ldacc); break;
-  }
-}
-
 const moe_ukernel_info moe_ukernel_avx512 = {
     .isa = "avx512", MOE_AVX512_F32_SET, .store = moe_store_avx512};

@@ -70,7 +70,6 @@ MOE_INLINE void moe_tr16(__m512i r[16]) {
 /// kernel and packing (moe_ukernel_info fields).
 #define MOE_AVX512_F32_SET                                                     \
   .name = "avx512_f32_8x48", .mr = 8, .nr = 48, .f32 = moe_ukernel_avx512_f32, \
-  .pack_f32 = moe_pack_f32_avx512, .gemv = moe_gemv_avx512,                    \
-  .outer = moe_outer_avx512
+  .pack_f32 = moe_pack_f32_avx512, .gemv = moe_gemv_avx512
 
 #endif /* MOE_KERNEL_AVX512_H */

@@ -98,17 +98,6 @@ typedef void (*moe_gemv_pairs_fn)(int64_t K, int m, const uint32_t *a,
                                   const uint16_t *b, int64_t brs, int64_t bcs,
                                   int64_t nb, float *acc, int64_t ldacc);
 
-/// Depth-small products (dW of an expert with a few rows: dW_e = dY_e^T X_e
-/// is then a sum of k outer products), up to MOE_OUTER_MAX_K deep.
-enum { MOE_OUTER_MAX_K = 6 };
-/// acc(i, j) = sum_{p < k} a[i * k + p] * b[p * ldb + j] for i < m, j < n,
-/// 1 <= k <= MOE_OUTER_MAX_K, each sum one fused multiply-add per p in
-/// increasing p from zero: exactly what the set's f32 kernel computes for
-/// the same depth in one call with `first` set, so taking it changes no
-/// bit. a, b f32 (the driver widens bf16/f16 exactly); acc row stride
-/// ldacc. Any n; no alignment needed.
-typedef void (*moe_outer_fn)(int k, int64_t m, const float *a, const float *b,
-                             int64_t ldb, int64_t n, float *acc, int64_t ldacc);
 typedef struct moe_ukernel_info {
   const char *isa;  ///< "ref", "avx2", "avx512", "avx512_bf16", "amx"
   const char *name; ///< f32 kernel, e.g. "avx512_f32_8x48"
@@ -144,8 +133,6 @@ typedef struct moe_ukernel_info {
   bool sw_prefetch_off;
   /// Decode-sized groups of bf16-pair problems (NULL: the pair kernels).
   moe_gemv_pairs_fn gemv_pairs;
-  /// Depth-small f32 problems (dW of few-row experts; NULL: the kernels).
-  moe_outer_fn outer;
 } moe_ukernel_info;
 
 /// The portable reference kernel set (kernel_ref.c): the f32 kernel every
@@ -183,9 +170,6 @@ void moe_store_avx512(const float *acc, int64_t ldacc, int64_t mb, int64_t nb,
 void moe_gemv_avx512(int64_t K, int m, const float *a, const void *b,
                      moe_dtype bt, int64_t brs, int64_t bcs, int64_t nb,
                      float *acc, int64_t ldacc);
-/// The AVX-512 depth-small outer products (kernel_avx512.c), shared too.
-void moe_outer_avx512(int k, int64_t m, const float *a, const float *b,
-                      int64_t ldb, int64_t n, float *acc, int64_t ldacc);
 
 /// The kernel set the driver uses: the best one the CPU, the OS and
 /// MOE_MAX_CPU_ISA allow. Decided once and cached; MOE_VERBOSE=1 logs why
