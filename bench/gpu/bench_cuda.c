@@ -141,15 +141,22 @@ static double time_ms(bench_fn fn, void *ctx, int reps) {
   return ts[reps / 2];
 }
 
-/// Pins a tile of the grouped kernel: "sm90:BMxBN" one of the Hopper
-/// kernels' (required: MOE_CUDA_SM90=1 makes a fallback an error), else an
-/// mma.sync tile (MOE_CUDA_TILE); NULL unpins.
+/// Pins a tile of the grouped kernel: "sm90:BMxBN[pp]" one of the Hopper
+/// kernels' (required: MOE_CUDA_SM90=1 makes a fallback an error),
+/// "sm90cp:BMxBN" the same with the dW kernel's operands all by cp.async
+/// (MOE_CUDA_SM90_DW_TMA=0: the TMA loads' A/B), else an mma.sync tile
+/// (MOE_CUDA_TILE); NULL unpins.
 static void set_tile(const char *t) {
   unsetenv("MOE_CUDA_TILE");
   unsetenv("MOE_CUDA_SM90_TILE");
   unsetenv("MOE_CUDA_SM90");
+  unsetenv("MOE_CUDA_SM90_DW_TMA");
   if (!t) return;
-  if (!strncmp(t, "sm90:", 5)) {
+  if (!strncmp(t, "sm90cp:", 7)) {
+    setenv("MOE_CUDA_SM90_TILE", t + 7, 1);
+    setenv("MOE_CUDA_SM90", "1", 1);
+    setenv("MOE_CUDA_SM90_DW_TMA", "0", 1);
+  } else if (!strncmp(t, "sm90:", 5)) {
     setenv("MOE_CUDA_SM90_TILE", t + 5, 1);
     setenv("MOE_CUDA_SM90", "1", 1);
   } else {
@@ -372,10 +379,16 @@ static void bench_shape(const shape *s, bool sweep) {
           "fwd+bwd", tb, 3 * fwd_flops, pf + pb);
     }
     if (sweep) {
-      static const char *tiles[6] = {
+      /* the dW rows (g 3, 5) add the ping-pong tile and the cp.async
+         loads; the others the mma.sync tiles */
+      static const char *tiles_mk[6] = {
           "sm90:128x256", "sm90:128x128", "sm90:192x128", "4x8", "4x4", "2x4"};
+      static const char *tiles_dw[6] = {"sm90:128x256",   "sm90:128x128",
+                                        "sm90:128x128pp", "sm90cp:128x256",
+                                        "sm90cp:128x128", "4x4"};
       c.opt.method = MOE_GMM_GROUPED;
       for (int g = 0; g < 6; g++) {
+        const char **tiles = g == 3 || g == 5 ? tiles_dw : tiles_mk;
         printf("  tiles %-7s %-11s", moe_layout_name(l), one_names[g]);
         c.only = g;
         for (int ti = 0; ti < 6; ti++) {

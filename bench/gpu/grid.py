@@ -131,6 +131,10 @@ def parse_args(argv=None):
     ap.add_argument("--no-check", action="store_true",
                     help="skip the rel_* comparison with grouped_mm")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed runs, one more fwd+bwd per cell "
+                    "between cudaProfilerStart/Stop (for ncu "
+                    "--profile-from-start off: bench/gpu/ncu.sh)")
     ap.add_argument("--json", default=None, help="output JSON path")
     a = ap.parse_args(argv)
     if a.reps < 1 or a.warmup < 0 or a.tokens_scale <= 0:
@@ -339,6 +343,12 @@ def run_cell(args, torch, clock, cfg, blk, x, g, impl, shape, ref):
         r["param_grad_GiB"] = pg / 2**30
         r["dx_GiB"] = nbytes(x.grad) / 2**30
         r["act_GiB"] = (peak - pg) / 2**30
+    if cuda and args.profile:
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()
+        fb()
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
     if not args.no_check:
         x.grad = None
         blk.zero_grad(set_to_none=True)

@@ -78,6 +78,10 @@ const char *moe_env_cuda_sm90_tile(void) {
   return moe_env_str("MOE_CUDA_SM90_TILE");
 }
 
+const char *moe_env_cuda_sm90_dw_tma(void) {
+  return moe_env_str("MOE_CUDA_SM90_DW_TMA");
+}
+
 const char *moe_env_cuda_fuse(void) { return moe_env_str("MOE_CUDA_FUSE"); }
 const char *moe_env_cuda_cols(void) { return moe_env_str("MOE_CUDA_COLS"); }
 

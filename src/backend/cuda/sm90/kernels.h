@@ -37,6 +37,8 @@ struct kargs {
   float *part;        ///< dact: <dA', A> per row and column tile (f32)
   int part_ld;        ///< dact: partials per row (>= column tiles)
   int part_bn;        ///< dact: columns per partial (the tile's BN)
+  /* K-grouped: the operands read in place (no gather) come by TMA */
+  int a_tma, b_tma; ///< the tensor map of A / B is valid and used
 };
 
 /// Launches the M-grouped kernel of tile `tile` (SM90_TILES_M index),
@@ -54,15 +56,23 @@ cudaError_t launch_m_act(int tile, int bmn, const CUtensorMap *tmb,
 cudaError_t launch_m_dact(int tile, int bmn, const CUtensorMap *tmb,
                           const kargs &a, int grid, size_t smem,
                           cudaStream_t s);
-/// Launches the K-grouped (dW) kernel of tile `tile` (SM90_TILES_K index).
-cudaError_t launch_k(int tile, const kargs &a, int grid, size_t smem,
-                     cudaStream_t s);
+/// Launches the K-grouped (dW) kernel of tile `tile` (SM90_TILES_K index):
+/// the cooperative tiles (gemm_k.cu) and the ping-pong ones (gemm_k_pp.cu).
+/// tma / tmb: 2-D tensor maps [rows][M] / [rows][N] of the operands read
+/// in place (a.a_tma / a.b_tma), 64 x 64 boxes, 128-byte swizzle.
+cudaError_t launch_k(int tile, const CUtensorMap *tma, const CUtensorMap *tmb,
+                     const kargs &a, int grid, size_t smem, cudaStream_t s);
+cudaError_t launch_k_pp(int tile, const CUtensorMap *tma,
+                        const CUtensorMap *tmb, const kargs &a, int grid,
+                        size_t smem, cudaStream_t s);
 
 /// Dynamic shared memory of a kernel: stages, 1024 B of alignment slack,
-/// barriers, the consumers' epilogue buffers and the group tables.
+/// barriers (two per stage, two turn barriers), the consumers' epilogue
+/// buffers (eight warps) and the group tables.
 static inline size_t smem_bytes(int bm, int bn, int stages, int groups) {
+  int warps = bm / 16 > 8 ? bm / 16 : 8;
   return (size_t)stages * (size_t)(bm + bn) * SM90_BK * 2 + 1024 +
-         (size_t)stages * 16 + (size_t)(bm / 16) * EPI_WARP_BYTES +
+         (size_t)stages * 16 + 16 + (size_t)warps * EPI_WARP_BYTES +
          (size_t)(groups + 1) * 8 + 16;
 }
 

@@ -67,6 +67,15 @@ static __device__ __forceinline__ void cp_async_arrive(uint64_t *bar) {
 static __device__ __forceinline__ void tma_prefetch(const CUtensorMap *m) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"((uint64_t)m) : "memory");
 }
+/// 2-D tile load (c0 innermost) into shared memory, completing on `bar`.
+static __device__ __forceinline__ void
+tma_load2(const CUtensorMap *m, uint64_t *bar, void *dst, int c0, int c1) {
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile."
+               "mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], "
+               "[%2];\n" ::"r"(smem_u32(dst)),
+               "l"((uint64_t)m), "r"(smem_u32(bar)), "r"(c0), "r"(c1)
+               : "memory");
+}
 /// 3-D tile load (c0 innermost) into shared memory, completing on `bar`.
 static __device__ __forceinline__ void tma_load3(const CUtensorMap *m,
                                                  uint64_t *bar, void *dst,

@@ -17,11 +17,15 @@ namespace {
 struct tile_row {
   int bm, bn, st;
   const char *name;
+  bool pp; ///< K-grouped: ping-pong consumers
 };
-#define SM90_ROW(I, BM, BN, ST) {BM, BN, ST, #BM "x" #BN},
+#define SM90_ROW(I, BM, BN, ST) {BM, BN, ST, #BM "x" #BN, false},
+#define SM90_ROW_K(I, BM, BN, ST, PP)                                          \
+  {BM, BN, ST, PP ? #BM "x" #BN "pp" : #BM "x" #BN, PP},
 const tile_row tiles_m[] = {SM90_TILES_M(SM90_ROW)};
-const tile_row tiles_k[] = {SM90_TILES_K(SM90_ROW)};
+const tile_row tiles_k[] = {SM90_TILES_K(SM90_ROW_K)};
 #undef SM90_ROW
+#undef SM90_ROW_K
 const int n_tiles_m = (int)(sizeof tiles_m / sizeof tiles_m[0]);
 const int n_tiles_k = (int)(sizeof tiles_k / sizeof tiles_k[0]);
 
@@ -47,8 +51,9 @@ bool device_sm90(int *sms) {
   return maj == 9 && min == 0;
 }
 
-/// MOE_CUDA_SM90_TILE names a tile of the table ("128x256", ...): its index,
-/// -1 unset (or, for dW, a shape only the M-grouped kernel has), -2 unknown.
+/// MOE_CUDA_SM90_TILE names a tile of the table ("128x256", "128x128pp",
+/// ...): its index, -1 unset (or a shape only the other kernel family has:
+/// that family stays on its default tile), -2 unknown.
 int tile_env(bool gk) {
   const char *v = moe_env_cuda_sm90_tile();
   if (!v) return -1;
@@ -56,9 +61,10 @@ int tile_env(bool gk) {
   int n = gk ? n_tiles_k : n_tiles_m;
   for (int i = 0; i < n; i++)
     if (!strcmp(v, t[i].name)) return i;
-  /* a forward-only shape leaves dW on its default tile */
-  for (int i = 0; gk && i < n_tiles_m; i++)
-    if (!strcmp(v, tiles_m[i].name)) return -1;
+  const tile_row *o = gk ? tiles_m : tiles_k;
+  int no = gk ? n_tiles_m : n_tiles_k;
+  for (int i = 0; i < no; i++)
+    if (!strcmp(v, o[i].name)) return -1;
   return -2;
 }
 
@@ -89,6 +95,29 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_fn(void) {
       fn = (PFN_cuTensorMapEncodeTiled_v12000)f;
   }
   return fn;
+}
+
+/// A 2-D tensor map over rows x cols bf16 elements (cols contiguous, row
+/// stride ld elements), 64 x 64 boxes with the 128-byte swizzle: the dW
+/// kernel's operand read in place (mainloop_k.cuh).
+moe_status map_rows(CUtensorMap *tm, const void *base, int64_t rows,
+                    int64_t cols, int64_t ld, const char *what) {
+  PFN_cuTensorMapEncodeTiled_v12000 enc = encode_fn();
+  if (!enc)
+    return moe_error(MOE_ERR_BACKEND,
+                     "CUDA: the driver has no cuTensorMapEncodeTiled");
+  cuuint64_t dim[2] = {(cuuint64_t)cols, (cuuint64_t)(rows > 0 ? rows : 1)};
+  cuuint64_t str[1] = {(cuuint64_t)ld * 2};
+  cuuint32_t box[2] = {64, 64}, es1[2] = {1, 1};
+  CUresult r = enc(
+      tm, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void *>(base), dim,
+      str, box, es1, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    return moe_error(MOE_ERR_BACKEND,
+                     "CUDA: cuTensorMapEncodeTiled (dW operand %s) failed: %d",
+                     what, (int)r);
+  return MOE_SUCCESS;
 }
 
 } // namespace
@@ -233,7 +262,25 @@ moe_status run_sm90(const moe_cu_gemm *p, const moe_cu_ctx *c,
     a.b = (const uint16_t *)p->B.data;
     a.b_ld = p->B.rs;
     a.b_gather = p->B.gather;
-    e = sm90::launch_k(ti, a, (int)grid, smem, c->stream);
+    /* operands read in place come by TMA (MOE_CUDA_SM90_DW_TMA=0: by
+       cp.async, the A/B knob of bench/NOTES.md) */
+    const char *tv = moe_env_cuda_sm90_dw_tma();
+    bool tma_on = !(tv && !strcmp(tv, "0"));
+    CUtensorMap tma, tmb;
+    memset(&tma, 0, sizeof tma);
+    memset(&tmb, 0, sizeof tmb);
+    if (tma_on && !a.a_gather) {
+      moe_status st = map_rows(&tma, a.a, p->rows, p->M, a.a_ld, "A");
+      if (st != MOE_SUCCESS) return st;
+      a.a_tma = 1;
+    }
+    if (tma_on && !a.b_gather) {
+      moe_status st = map_rows(&tmb, a.b, p->rows, p->N, a.b_ld, "B");
+      if (st != MOE_SUCCESS) return st;
+      a.b_tma = 1;
+    }
+    e = t.pp ? sm90::launch_k_pp(ti, &tma, &tmb, a, (int)grid, smem, c->stream)
+             : sm90::launch_k(ti, &tma, &tmb, a, (int)grid, smem, c->stream);
     return moe_cu_check(e, "launching the sm_90 dW kernel");
   }
   a.a = (const uint16_t *)p->A.data;

@@ -36,8 +36,12 @@ typedef struct sm90_tile {
 /// registers for the tile's H fragment and the packed outputs (128 x 256
 /// spilled).
 #define SM90_TILE_DACT 1
+/// K-grouped (dW) tiles: X(index, BM, BN, stages, ping-pong). Cooperative
+/// tiles split BM over the two consumer warpgroups; ping-pong tiles give
+/// each warpgroup a whole BM x BN tile, the two alternating (mainloop_k.cuh).
 #define SM90_TILES_K(X)                                                        \
-  X(0, 128, 256, 4)                                                            \
-  X(1, 128, 128, 6)
+  X(0, 128, 256, 4, false)                                                     \
+  X(1, 128, 128, 6, false)                                                     \
+  X(2, 128, 128, 6, true)
 
 #endif /* MOE_SM90_TILES_H */

@@ -1,0 +1,287 @@
+/// @file mainloop_k.cuh
+/// The K-grouped Hopper kernel (dW): C_g(m, n) = beta C_g + sum over the
+/// rows r of group g of A(m, r) B(r, n), bf16 operands, f32 accumulation.
+/// Both operands have the output index contiguous (A = dY^T, B = X), so both
+/// tiles are MN-major and wgmma reads them transposed in place. One
+/// mainloop, two consumer schemes, each instantiated in its own file:
+///  - cooperative (gemm_k.cu): both consumer warpgroups work on one BM x BN
+///    output tile, 64 rows each;
+///  - ping-pong (gemm_k_pp.cu): each consumer warpgroup owns a whole BM x BN
+///    tile (BM / 64 wgmma row blocks), the two taking this CTA's tiles in
+///    turn. The producer fills the one ring in tile order, so one warpgroup
+///    runs its mainloop while the other finishes its last stages and writes
+///    its tile: the stores hide under the other's tensor-core work.
+///
+/// Each work item is one (group, m tile, n tile) output tile that sums the
+/// group's whole depth in order — one warpgroup set owns each output tile,
+/// no split over the depth and no atomics, so the result is bitwise
+/// reproducible and the same under either scheme (each accumulator sums the
+/// same k16 steps in the same order); an empty group's tiles have no depth
+/// and store zeros.
+///
+/// Loads, by the producer warpgroup into a ring of ST stages:
+///  - an operand read through a row table (the routing's gather) comes by
+///    cp.async from all 128 producer threads, 16 bytes each;
+///  - an operand read in place comes by TMA (a 2-D tensor map [rows][M or N]
+///    over its real row stride, 64 x 64 boxes, the 128-byte swizzle that
+///    the cp.async path writes by hand), issued by one thread;
+///  - a group's depth starts anywhere and ends anywhere. TMA zero-fills
+///    only outside the tensor, and the rows past a group's end are the next
+///    group's; so a stage that runs past the group's end (its last, partial
+///    block) loads both operands by cp.async with those rows zero-filled.
+///    No padding is asked of the caller and no other group's values (even
+///    Inf or NaN) reach a tile.
+/// A stage's "full" mbarrier expects 129 arrivals: one cp.async arrival per
+/// producer thread (after its copies land) plus thread 0's (with the TMA
+/// bytes when the stage has TMA boxes). "empty" takes one arrival per
+/// consumer warp that read the stage.
+///
+/// Ping-pong's turn barriers: a warpgroup skips the other's stages without
+/// waiting on them, so it could reach a stage two fills ahead of the
+/// barrier's phase, where a parity wait cannot tell the fills apart. So a
+/// warpgroup begins its mainloop only once the other has waited on every
+/// stage of the tile before (turn[w], one arrival per tile): each full
+/// barrier it waits on has then completed every earlier fill, and the two
+/// warpgroups' tensor-core phases alternate as ping-pong intends.
+#ifndef MOE_SM90_MAINLOOP_K_CUH
+#define MOE_SM90_MAINLOOP_K_CUH
+
+#include <cuda_bf16.h>
+
+#include "backend/cuda/sm90/kernels.h"
+#include "backend/cuda/sm90/ptx.cuh"
+#include "backend/cuda/sm90/sched.cuh"
+
+namespace sm90 {
+
+/// Steps a ring position (stage, phase) by n stages.
+template <int ST>
+static __device__ __forceinline__ void ring_skip(int &stage, int &phase,
+                                                 int n) {
+  const int s = stage + n;
+  phase ^= (s / ST) & 1;
+  stage = s % ST;
+}
+
+template <int BM, int BN, int ST, bool PP>
+__global__ void __launch_bounds__(384, 1)
+    gemm_k_kernel(const __grid_constant__ CUtensorMap tma,
+                  const __grid_constant__ CUtensorMap tmb, const kargs p) {
+  constexpr int BK = SM90_BK;
+  constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
+  constexpr int STAGE = A_BYTES + B_BYTES;
+  /* cooperative: each consumer 64 rows x BN; ping-pong: BM rows x BN */
+  constexpr int MW = PP ? BM / 64 : 1; /* wgmma row blocks per consumer */
+  constexpr int WN = BN;
+  static_assert(PP || BM == 128, "cooperative: two consumers of 64 rows");
+  static_assert(WN == 128 || WN == 256, "wgmma N");
+  static_assert(MW * WN <= 256, "accumulators: at most 128 per thread");
+  constexpr int CONSUMER_WARPS = PP ? 4 : 8; /* warps that read a stage */
+
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char *smem =
+      smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
+  uint64_t *full = (uint64_t *)(smem + ST * STAGE);
+  uint64_t *empty = full + ST;
+  uint64_t *turn = empty + ST;                     /* ping-pong: 2 */
+  unsigned char *ep = (unsigned char *)(turn + 2); /* epilogue buffers */
+  int *off_s = (int *)(ep + 8 * EPI_WARP_BYTES);
+  int *ts = off_s + p.G + 1;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < ST; s++) {
+      mbar_init(&full[s], 128 + 1);
+      mbar_init(&empty[s], CONSUMER_WARPS);
+    }
+    mbar_init(&turn[0], 1);
+    mbar_init(&turn[1], 1);
+    mbar_init_fence();
+  }
+  sched sc;
+  const int64_t total =
+      sched_init(sc, p.off, p.G, p.rows, BM, BN, p.M, p.N, 0, true, off_s, ts);
+  const int wg = threadIdx.x / 128;
+
+  if (wg == 0) {
+    /* ---- producer. cp.async chunk (r, mc): 8 consecutive m of depth row
+       r, stored in the 64-wide strip mc / 8 at row r, chunk
+       (mc % 8) ^ (r % 8): the layout TMA's 128-byte swizzle writes. ---- */
+    regs_dec<56>();
+    const int tid = threadIdx.x;
+    const bool ta = p.a_tma, tb = p.b_tma;
+    if (tid == 0) {
+      if (ta) tma_prefetch(&tma);
+      if (tb) tma_prefetch(&tmb);
+    }
+    constexpr int ACH = BM / 8, BCH = BN / 8; /* chunks per depth row */
+    constexpr int AI = BK * ACH / 128, BI = BK * BCH / 128;
+    constexpr int ARS = 128 / ACH, BRS = 128 / BCH; /* row step per i */
+    static_assert(ARS % 8 == 0, "A rows of one thread share a swizzle");
+    const int amc = tid % ACH, ar0 = tid / ACH;
+    const int bnc = tid % BCH, br0 = tid / BCH;
+    const uint32_t tx = (ta ? A_BYTES : 0) + (tb ? B_BYTES : 0);
+    int stage = 0, phase = 0;
+    for (int64_t t = blockIdx.x; t < total; t += gridDim.x) {
+      const tile ti = sched_get<BM, BN, BK, true>(sc, t);
+      const bool aok = ti.m0 + amc * 8 < p.M;
+      const bool bok = ti.n0 + bnc * 8 < p.N;
+      const uint16_t *ab = p.a + ti.m0 + amc * 8;
+      const uint16_t *bb = p.b + ti.n0 + bnc * 8;
+      for (int kt = 0; kt < ti.kt; kt++) {
+        mbar_wait(&empty[stage], phase ^ 1);
+        unsigned char *sap = smem + stage * STAGE;
+        const uint32_t sa = smem_u32(sap);
+        const uint32_t sb = sa + A_BYTES;
+        const int r0 = ti.kbeg + kt * BK;
+        /* the group's last, partial block: every operand by cp.async */
+        const bool tail = r0 + BK > ti.kend;
+        if (tid == 0) {
+          if (tx && !tail) {
+            mbar_arrive_tx(&full[stage], tx);
+            if (ta)
+#pragma unroll
+              for (int j = 0; j < BM / 64; j++)
+                tma_load2(&tma, &full[stage], sap + j * 8192, ti.m0 + 64 * j,
+                          r0);
+            if (tb)
+#pragma unroll
+              for (int j = 0; j < BN / 64; j++)
+                tma_load2(&tmb, &full[stage], sap + A_BYTES + j * 8192,
+                          ti.n0 + 64 * j, r0);
+          } else {
+            mbar_arrive(&full[stage]);
+          }
+        }
+        if (!ta || tail) {
+          const uint32_t adst = sa + (amc >> 3) * 8192 + ar0 * 128 +
+                                (((amc & 7) ^ (ar0 & 7)) << 4);
+#pragma unroll
+          for (int i = 0; i < AI; i++) {
+            int r = r0 + ar0 + i * ARS;
+            bool ok = aok && r < ti.kend;
+            int64_t src = ok ? (p.a_gather ? p.a_gather[r] : r) : 0;
+            /* ARS % 8 == 0: row ar0 + i ARS swizzles as row ar0 */
+            cp_async16(adst + i * ARS * 128, ab + src * p.a_ld, ok);
+          }
+        }
+        if (!tb || tail) {
+          const uint32_t bdst = sb + (bnc >> 3) * 8192;
+#pragma unroll 4
+          for (int i = 0; i < BI; i++) {
+            int rl = br0 + i * BRS, r = r0 + rl;
+            bool ok = bok && r < ti.kend;
+            int64_t src = ok ? (p.b_gather ? p.b_gather[r] : r) : 0;
+            cp_async16(bdst + rl * 128 + (((bnc & 7) ^ (rl & 7)) << 4),
+                       bb + src * p.b_ld, ok);
+          }
+        }
+        cp_async_arrive(&full[stage]);
+        if (++stage == ST) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+    }
+  } else {
+    /* ---- consumers ---- */
+    regs_inc<224>();
+    const int w = wg - 1, lane = threadIdx.x & 31;
+    unsigned char *wbuf = ep + (threadIdx.x / 32 - 4) * EPI_WARP_BYTES;
+    float acc[MW][WN / 2];
+    int stage = 0, phase = 0;
+    int own = 0;   /* ping-pong: this warpgroup's tiles so far */
+    int64_t j = 0; /* this CTA's work items, in order */
+    for (int64_t t = blockIdx.x; t < total; t += gridDim.x, j++) {
+      const tile ti = sched_get<BM, BN, BK, true>(sc, t);
+      if (PP && (j & 1) != w) { /* the other warpgroup's tile */
+        ring_skip<ST>(stage, phase, ti.kt);
+        continue;
+      }
+      if (PP) { /* my turn: the other warpgroup waited on its last stage */
+        if (w == 1)
+          mbar_wait(&turn[1], own & 1);
+        else if (own > 0)
+          mbar_wait(&turn[0], (own - 1) & 1);
+      }
+      /* A strip(s) of this warpgroup: 64 m each, 8 KB apart */
+      const uint32_t a_strip = PP ? 0 : w * 8192;
+      int prev = -1;
+      for (int kt = 0; kt < ti.kt; kt++) {
+        mbar_wait(&full[stage], phase);
+        fence_proxy_async(); /* cp.async data landed through the generic
+                                proxy */
+        const uint32_t sa = smem_u32(smem + stage * STAGE);
+        const uint32_t sb = sa + A_BYTES;
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < BK / 16; ks++) {
+          uint64_t db = gmma_desc(sb + ks * 2048, 8192, 1024);
+#pragma unroll
+          for (int mi = 0; mi < MW; mi++) {
+            uint64_t da =
+                gmma_desc(sa + a_strip + mi * 8192 + ks * 2048, 8192, 1024);
+            if (WN == 256)
+              wgmma_256<1, 1>(acc[mi], da, db, kt > 0 || ks > 0);
+            else
+              wgmma_128<1, 1>(acc[mi], da, db, kt > 0 || ks > 0);
+          }
+        }
+        wgmma_commit();
+        wgmma_wait<1>();
+        if (prev >= 0 && lane == 0) mbar_arrive(&empty[prev]);
+        prev = stage;
+        if (++stage == ST) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+      if (PP && (threadIdx.x & 127) == 0) mbar_arrive(&turn[w ^ 1]);
+      own++;
+      wgmma_wait<0>();
+      if (prev >= 0 && lane == 0) mbar_arrive(&empty[prev]);
+      const bool none = ti.kt == 0; /* empty group: C_g = beta C_g */
+      if (none && p.o.beta != 0.0f) continue;
+#pragma unroll
+      for (int mi = 0; mi < MW; mi++) {
+        const int m = ti.m0 + (PP ? mi : w) * 64;
+        if (m >= p.M) continue;
+        store_block<WN>(p.o, acc[mi], wbuf,
+                        (int64_t)ti.g * p.c_gs + (int64_t)m * p.o.rs, p.M - m,
+                        ti.n0, p.N, none);
+      }
+    }
+  }
+}
+
+template <int BM, int BN, int ST, bool PP>
+static cudaError_t launch_k_one(const CUtensorMap *tma, const CUtensorMap *tmb,
+                                const kargs &a, int grid, size_t smem,
+                                cudaStream_t s) {
+  auto fn = gemm_k_kernel<BM, BN, ST, PP>;
+  cudaError_t e = cudaFuncSetAttribute(
+      (const void *)fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (e != cudaSuccess) return e;
+  fn<<<grid, 384, smem, s>>>(*tma, *tmb, a);
+  return cudaGetLastError();
+}
+
+/// Launches the K-grouped kernel of tile `tile` (SM90_TILES_K index) if its
+/// scheme is PP (each scheme's file instantiates its own tiles).
+template <bool PP>
+static cudaError_t launch_k_scheme(int tile, const CUtensorMap *tma,
+                                   const CUtensorMap *tmb, const kargs &a,
+                                   int grid, size_t smem, cudaStream_t s) {
+#define SM90_CASE(I, BM, BN, ST, P)                                            \
+  case I:                                                                      \
+    if constexpr (P == PP)                                                     \
+      return launch_k_one<BM, BN, ST, P>(tma, tmb, a, grid, smem, s);          \
+    else                                                                       \
+      return cudaErrorInvalidValue;
+  switch (tile) { SM90_TILES_K(SM90_CASE) }
+#undef SM90_CASE
+  return cudaErrorInvalidValue;
+}
+
+} // namespace sm90
+
+#endif /* MOE_SM90_MAINLOOP_K_CUH */
