@@ -223,14 +223,10 @@ def _experts_fwd(hidden: torch.Tensor, top_k_index: torch.Tensor,
     out = torch.empty((T, H), dtype=hidden.dtype, device=dev)
     sz = p.sizes(T)
     # `saved` is an op output, so every byte must be defined
-    # (torch.library.opcheck compares outputs byte for byte). The CPU layer
-    # writes every byte (tests/test_layer.c checks it): no memset. The CUDA
-    # layer's guarantee comes with its own saved-state work; until then one
-    # memset there.
-    if dev.type == "cpu":
-        saved = torch.empty((sz.saved,), dtype=torch.uint8, device=dev)
-    else:
-        saved = torch.zeros((sz.saved,), dtype=torch.uint8, device=dev)
+    # (torch.library.opcheck compares outputs byte for byte). Both layers
+    # write every byte of it (tests/test_layer.c on the CPU,
+    # tests/gpu/test_cuda.c's test_saved_bytes on CUDA): no memset.
+    saved = torch.empty((sz.saved,), dtype=torch.uint8, device=dev)
     ws = torch.empty((sz.fwd_workspace,), dtype=torch.uint8, device=dev)
     a = L.moe_layer_fwd_args()
     a.hidden = L.view(hidden)

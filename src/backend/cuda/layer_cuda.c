@@ -490,6 +490,7 @@ typedef struct moe_cu_lay {
   size_t bblas, bone, ds, loop, r1, r2, blogits, dl, rw, part, bws;
   int part_ld;  /* the fused dH epilogue's partials per row */
   int64_t cols; /* C: hidden columns of Y and dXp per pass */
+  bool infer;   /* the forward without a saved buffer */
 } moe_cu_lay;
 
 static size_t moe_cu_max(size_t a, size_t b) { return a > b ? a : b; }
@@ -567,6 +568,7 @@ static void moe_cu_lay_of(const moe_layer_plan *p, int64_t T, bool infer,
        loop1 = p->method[1] == MOE_GMM_LOOP;
   size_t tE = (size_t)T * E;
   memset(L, 0, sizeof *L);
+  L->infer = infer;
   L->cols = moe_cu_cols(p);
   size_t C = (size_t)L->cols;
   /* saved, tight */
@@ -927,6 +929,8 @@ moe_cu_given_routing_checked(moe_cu_exec *x, const moe_cu_view *ti,
                      "topk_index on the host (a stream sync), which strict "
                      "mode forbids; set MOE_TOPK_INVALID_DROP");
   MOE_TRY(moe_cu_pinned(x));
+  /* kept: the kernel lowers this flag to the first bad slot (an atomic
+     min), so it starts at "none" (all ones) */
   MOE_CU_TRY(cudaMemsetAsync(flag, 0xff, 8, st));
   MOE_TRY(moe_cu_given_routing(ti, tw, T, k, E, idx, w, flag, st));
   MOE_CU_TRY(cudaMemcpyAsync(cp->pinned, flag, 8, cudaMemcpyDeviceToHost, st));
@@ -1558,6 +1562,21 @@ static moe_status moe_cu_forward_one(moe_cu_exec *x,
   moe_cu_operand X;
   MOE_TRY(moe_cu_rows_of(x, 0, &a->hidden, moe_cu_at(ws, L->xp), &X));
   int64_t W = moe_gu_width(d);
+  if (!L->infer) {
+    /* `saved` is the caller's, and may be an op output that a framework
+       compares byte for byte: every byte of it is written, none twice.
+       The kernels write H's rows below offsets[E] and the metadata; what
+       is left are the rows of slots dropped under MOE_TOPK_INVALID_DROP
+       (H and row_token past offsets[E]: zeros, from the count on the
+       device) and the at most 7 bytes of padding that align the offsets */
+    size_t hb_end = L->h + (size_t)S * (size_t)W * es;
+    if (!c->router && d->invalid_topk == MOE_TOPK_INVALID_DROP)
+      MOE_TRY(moe_cu_zero_tails(hb, (size_t)W * es, L->offsets - L->h,
+                                moe_cu_at(sv, L->row_token), 4, (size_t)S * 4,
+                                offsets + E, st));
+    else if (L->offsets > hb_end)
+      MOE_CU_TRY(cudaMemsetAsync(sv + hb_end, 0, L->offsets - hb_end, st));
+  }
   bool act_done = false;
 #ifdef MOE_HAVE_SM90
   /* sm_90a: SwiGLU in gate_up's epilogue writes H and A in one pass (SwiGLU
