@@ -1075,6 +1075,75 @@ static moe_status moe_cu_down_bias_add(const moe_cu_exec *x, const moe_call *c,
                          &bv, x->ctx.stream);
 }
 
+/// Experts [e0, e1) of the gate/up views in use (`both`, or gate and up).
+static moe_gate_up moe_cu_gu_experts(const moe_gate_up *g, int64_t e0,
+                                     int64_t e1) {
+  moe_gate_up v = *g;
+  if (g->fused) {
+    v.both = moe_cu_experts(&g->both, e0, e1);
+  } else {
+    v.gate = moe_cu_experts(&g->gate, e0, e1);
+    v.up = moe_cu_experts(&g->up, e0, e1);
+  }
+  return v;
+}
+
+/// H = X . W_gu^T into buf (row length ld): one product of the fused
+/// weight, or the gate and up products into its halves (up from column I).
+static moe_status moe_cu_gu_fwd(const moe_cu_exec *x, const moe_gate_up *g,
+                                const moe_cu_operand *X, char *buf,
+                                int64_t ld) {
+  moe_dtype dt = x->p->d.dtype;
+  if (g->fused) return moe_cu_fwd(x, 0, X, &g->both, buf, dt, ld);
+  MOE_TRY(moe_cu_fwd(x, 0, X, &g->gate, buf, dt, ld));
+  return moe_cu_fwd(x, 0, X, &g->up,
+                    buf + (size_t)x->p->d.intermediate * moe_dtype_size(dt), dt,
+                    ld);
+}
+
+/// dXp = dH . W_gu (layer dtype, row length ld): one product of the fused
+/// weight, or two into the same dXp, the up half adding (beta 1).
+static moe_status moe_cu_gu_dx(const moe_cu_exec *x, const moe_gate_up *g,
+                               const moe_cu_operand *dG,
+                               const moe_cu_operand *dU, void *dxp,
+                               int64_t ld) {
+  moe_dtype dt = x->p->d.dtype;
+  if (g->fused) return moe_cu_dx_op(x, 0, dG, &g->both, dxp, dt, ld, 0.0f);
+  MOE_TRY(moe_cu_dx_op(x, 0, dG, &g->gate, dxp, dt, ld, 0.0f));
+  return moe_cu_dx_op(x, 0, dU, &g->up, dxp, dt, ld, 1.0f);
+}
+
+/// dW_gu = dH^T . X: the fused gradient's product, or gate's and up's
+/// (dGt, dUt: the transposed views of dH's halves).
+static moe_status moe_cu_gu_dw(const moe_cu_exec *x, const moe_gate_up *gg,
+                               const moe_cu_operand *dGt,
+                               const moe_cu_operand *dUt,
+                               const moe_cu_operand *X) {
+  if (gg->fused) return moe_cu_dw_op(x, 0, dGt, X, &gg->both);
+  MOE_TRY(moe_cu_dw_op(x, 0, dGt, X, &gg->gate));
+  return moe_cu_dw_op(x, 0, dUt, X, &gg->up);
+}
+
+/// The gate_up biases' gradients: dH summed per expert over its rows
+/// (dh: row length ld; the gate and up columns where moe_ab_cols_of puts
+/// them; ne experts from `offsets`).
+static moe_status moe_cu_gu_bias_grads(const moe_cu_exec *x, const moe_call *c,
+                                       const moe_biases *gb, const void *dh,
+                                       int64_t ld, const int64_t *offsets,
+                                       int64_t ne) {
+  const moe_layer_desc *d = &x->p->d;
+  moe_ab_cols ac = moe_ab_cols_of(d, c->gu.fused);
+  const moe_tensor *b[2] = {&gb->gate, &gb->up};
+  int64_t c0[2] = {ac.gate, ac.up};
+  for (int i = 0; i < 2; i++) {
+    if (moe_tensor_absent(b[i])) continue;
+    moe_cu_view v = moe_cu_view_of(b[i]);
+    MOE_TRY(moe_cu_bias_grad(dh, d->dtype, ld, c0[i], ac.step, d->intermediate,
+                             offsets, ne, &v, x->ctx.stream));
+  }
+  return MOE_SUCCESS;
+}
+
 /* ---- the overlap: a pass in chunks of local experts (layer_cuda_ep.h) ---- */
 
 /// The GEMMs of chunk [e0, e1) see only its experts: offsets from e0 (rows
@@ -1115,15 +1184,8 @@ static moe_status moe_cu_forward_chunks(moe_cu_exec *x, const moe_call *c,
     MOE_TRY(moe_cu_ep_dispatch_wait(ep, i, st));
     int t = moe_cu_ep_tl_open(ep, 0, i, "gemms", st);
     moe_cu_exec xc = moe_cu_chunk_exec(x, e0);
-    if (c->gu.fused) {
-      moe_tensor w = moe_cu_experts(&c->gu.both, e0, e1);
-      MOE_TRY(moe_cu_fwd(&xc, 0, &X, &w, ab, dt, 2 * I));
-    } else {
-      moe_tensor wg = moe_cu_experts(&c->gu.gate, e0, e1),
-                 wu = moe_cu_experts(&c->gu.up, e0, e1);
-      MOE_TRY(moe_cu_fwd(&xc, 0, &X, &wg, ab, dt, 2 * I));
-      MOE_TRY(moe_cu_fwd(&xc, 0, &X, &wu, ab + (size_t)I * es, dt, 2 * I));
-    }
+    moe_gate_up gc = moe_cu_gu_experts(&c->gu, e0, e1);
+    MOE_TRY(moe_cu_gu_fwd(&xc, &gc, &X, ab, 2 * I));
     /* the expert epilogue as without chunks (act.cuh): the chunk's biases,
        then the activation over its rows */
     MOE_TRY(moe_cu_gu_bias_add(x, c, ab, 2 * I, xc.offsets, e0, e1, x->rows));
@@ -1209,12 +1271,7 @@ static moe_status moe_cu_forward_run_ep(moe_cu_exec *x,
   moe_cu_operand X = moe_op(xr, dt, H, 1);
   char *yc = send; /* the down output: fsend is dead since the dispatch */
   int tg = moe_cu_ep_tl_open(cp->ep, 0, 0, "gemms", st);
-  if (c->gu.fused) {
-    MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.both, ab, dt, 2 * I));
-  } else {
-    MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.gate, ab, dt, 2 * I));
-    MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.up, ab + (size_t)I * es, dt, 2 * I));
-  }
+  MOE_TRY(moe_cu_gu_fwd(x, &c->gu, &X, ab, 2 * I));
   /* the expert epilogue (act.cuh): biases, then the activation, on the
      gate and up columns where the GEMM put them (moe_ab_cols) */
   moe_act act = moe_act_of(d);
@@ -1302,22 +1359,10 @@ static moe_status moe_cu_bwd_rows_ep(moe_cu_exec *xc,
                  dU = moe_op(dab + (size_t)I * es, dt, 2 * I, 1);
   moe_cu_operand X = moe_op(moe_cu_at(sv, b->xr), dt, H, 1);
   moe_cu_operand dGt = moe_cu_t(dG), dUt = moe_cu_t(dU);
-  if (c->gu.fused) {
-    moe_tensor w = moe_cu_experts(&c->gu.both, e0, e1),
-               gw = moe_cu_experts(&ggu->both, e0, e1);
-    MOE_TRY(moe_cu_dx_op(xc, 0, &dG, &w, dxp, dt, H, 0.0f));
-    MOE_TRY(moe_cu_dw_op(xc, 0, &dGt, &X, &gw));
-  } else { /* two products into one dXp: the up half adds (beta 1) */
-    moe_tensor wg = moe_cu_experts(&c->gu.gate, e0, e1),
-               wu = moe_cu_experts(&c->gu.up, e0, e1),
-               gg = moe_cu_experts(&ggu->gate, e0, e1),
-               gu = moe_cu_experts(&ggu->up, e0, e1);
-    MOE_TRY(moe_cu_dx_op(xc, 0, &dG, &wg, dxp, dt, H, 0.0f));
-    MOE_TRY(moe_cu_dx_op(xc, 0, &dU, &wu, dxp, dt, H, 1.0f));
-    MOE_TRY(moe_cu_dw_op(xc, 0, &dGt, &X, &gg));
-    MOE_TRY(moe_cu_dw_op(xc, 0, &dUt, &X, &gu));
-  }
-  return MOE_SUCCESS;
+  moe_gate_up gc = moe_cu_gu_experts(&c->gu, e0, e1),
+              gg = moe_cu_gu_experts(ggu, e0, e1);
+  MOE_TRY(moe_cu_gu_dx(xc, &gc, &dG, &dU, dxp, H));
+  return moe_cu_gu_dw(xc, &gg, &dGt, &dUt, &X);
 }
 
 /// The expert side's bias gradients over all received rows (after every
@@ -1333,7 +1378,6 @@ static moe_status moe_cu_bias_grads_ep(moe_cu_exec *x,
   moe_dtype dt = d->dtype;
   moe_biases gb;
   moe_layer_bias_grads(x->p, args, &gb);
-  moe_ab_cols ac = moe_ab_cols_of(d, c->gu.fused);
   char *dab = moe_cu_at(ws, b->dab);
   if (!moe_tensor_absent(&gb.down)) {
     moe_cu_view dv = {moe_cu_at(ws, b->bdyr), dt, H, 1};
@@ -1342,17 +1386,7 @@ static moe_status moe_cu_bias_grads_ep(moe_cu_exec *x,
                                   (const float *)moe_cu_at(ws, b->brwr),
                                   x->offsets, El, H, &gd, st));
   }
-  if (!moe_tensor_absent(&gb.gate)) {
-    moe_cu_view gg = moe_cu_view_of(&gb.gate);
-    MOE_TRY(moe_cu_bias_grad(dab, dt, 2 * I, ac.gate, ac.step, I, x->offsets,
-                             El, &gg, st));
-  }
-  if (!moe_tensor_absent(&gb.up)) {
-    moe_cu_view gu = moe_cu_view_of(&gb.up);
-    MOE_TRY(moe_cu_bias_grad(dab, dt, 2 * I, ac.up, ac.step, I, x->offsets, El,
-                             &gu, st));
-  }
-  return MOE_SUCCESS;
+  return moe_cu_gu_bias_grads(x, c, &gb, dab, 2 * I, x->offsets, El);
 }
 
 /// The token owner's end of the backward, as one GPU's: dS per slot from
@@ -1592,12 +1626,7 @@ static moe_status moe_cu_forward_one(moe_cu_exec *x,
   }
 #endif
   if (!act_done) {
-    if (c->gu.fused) {
-      MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.both, hb, dt, W));
-    } else {
-      MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.gate, hb, dt, W));
-      MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.up, hb + (size_t)I * es, dt, W));
-    }
+    MOE_TRY(moe_cu_gu_fwd(x, &c->gu, &X, hb, W));
     /* the expert epilogue: the gate_up bias into H (saved with it), then
        the activation, on the columns moe_ab_cols_of places */
     moe_ab_cols ac = moe_ab_cols_of(d, c->gu.fused);
@@ -1706,7 +1735,6 @@ static moe_status moe_cu_backward_one(moe_cu_exec *x,
   MOE_TRY(
       moe_cu_rows_of(x, 1, &args->grad_output, moe_cu_at(ws, L->loop), &dO));
   int64_t W = moe_gu_width(d);
-  moe_ab_cols ac = moe_ab_cols_of(d, c->gu.fused);
   MOE_TRY(moe_cu_down_act_bwd(x, c, &a->w_down, &dO, hb, W, r1, r2, slot_row, w,
                               S, (float *)moe_cu_at(ws, L->rw),
                               (float *)moe_cu_at(ws, L->part), L->part_ld, ds));
@@ -1728,16 +1756,7 @@ static moe_status moe_cu_backward_one(moe_cu_exec *x,
       MOE_TRY(moe_cu_bias_grad_down(&gout, x->row_token, rw, x->offsets, E, H,
                                     &gd, st));
     }
-    if (!moe_tensor_absent(&gb.gate)) {
-      moe_cu_view gg = moe_cu_view_of(&gb.gate);
-      MOE_TRY(moe_cu_bias_grad(r2, dt, W, ac.gate, ac.step, I, x->offsets, E,
-                               &gg, st));
-    }
-    if (!moe_tensor_absent(&gb.up)) {
-      moe_cu_view gu = moe_cu_view_of(&gb.up);
-      MOE_TRY(moe_cu_bias_grad(r2, dt, W, ac.up, ac.step, I, x->offsets, E, &gu,
-                               st));
-    }
+    MOE_TRY(moe_cu_gu_bias_grads(x, c, &gb, r2, W, x->offsets, E));
   }
   moe_cu_operand dOt = moe_cu_t(dO), Ap = moe_op(r1, dt, I, 1);
   MOE_TRY(moe_cu_dw_op(x, 1, &dOt, &Ap, &args->grad_w_down));
@@ -1756,24 +1775,14 @@ static moe_status moe_cu_backward_one(moe_cu_exec *x,
       MOE_TRY(moe_tensor_narrow(&c->gu.gate, 2, c0, n, &gc.gate));
       MOE_TRY(moe_tensor_narrow(&c->gu.up, 2, c0, n, &gc.up));
     }
-    if (c->gu.fused) {
-      MOE_TRY(moe_cu_dx_op(x, 0, &dG, &gc.both, r1, dt, n, 0.0f));
-    } else { /* two products into one dXp: the up half adds (beta 1) */
-      MOE_TRY(moe_cu_dx_op(x, 0, &dG, &gc.gate, r1, dt, n, 0.0f));
-      MOE_TRY(moe_cu_dx_op(x, 0, &dU, &gc.up, r1, dt, n, 1.0f));
-    }
+    MOE_TRY(moe_cu_gu_dx(x, &gc, &dG, &dU, r1, n));
     moe_cu_view gc0 = moe_cu_view_from(&gh, c0);
     MOE_TRY(moe_cu_permute_backward(r1, dt, slot_row, NULL, T, k, n, &gc0, st));
   }
   moe_cu_operand X;
   MOE_TRY(moe_cu_rows_of(x, 0, &a->hidden, moe_cu_at(ws, L->loop), &X));
   moe_cu_operand dGt = moe_cu_t(dG), dUt = moe_cu_t(dU);
-  if (c->gu.fused) {
-    MOE_TRY(moe_cu_dw_op(x, 0, &dGt, &X, &ggu->both));
-  } else {
-    MOE_TRY(moe_cu_dw_op(x, 0, &dGt, &X, &ggu->gate));
-    MOE_TRY(moe_cu_dw_op(x, 0, &dUt, &X, &ggu->up));
-  }
+  MOE_TRY(moe_cu_gu_dw(x, ggu, &dGt, &dUt, &X));
   /* the routing's backward: r2 is free again for the logits */
   return moe_cu_routing_bwd(
       x, args, c, idx, w, ds, (float *)moe_cu_at(ws, L->blogits),
