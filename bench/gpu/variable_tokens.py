@@ -29,7 +29,8 @@ what a changing T costs by itself); a fresh variable sequence B
 "new" in its steady state. The ratios to the fixed run are printed. The
 caching allocator's cudaMalloc calls (segment.all.allocated) and retries
 (num_alloc_retries: a cache flush, which synchronises) are counted per
-sequence. "experts_only" repeats the protocol with libmoe's experts op
+sequence, with the host's CPU time per step (host_cpu_ms: near the wall
+time, the steps are host-bound). "experts_only" repeats the protocol with libmoe's experts op
 alone (libmoe.torch.experts, a fixed top-k draw, invalid_topk="drop" as
 the HF path passes it), to tell libmoe's share from the rest of the
 block's.
@@ -93,12 +94,16 @@ def protocol(step, sync, dev, rng, lo, hi, fixed, warmup, steps):
     def run(Ts):
         sync()
         c0 = alloc_counts(dev)
-        t0 = time.perf_counter()
+        t0, p0 = time.perf_counter(), time.process_time()
         for T in Ts:
             step(T)
         sync()
         ms = (time.perf_counter() - t0) * 1e3 / len(Ts)
-        return ms, delta(c0, alloc_counts(dev))
+        a = delta(c0, alloc_counts(dev))
+        # the host's CPU time per step: near the wall time, the steps are
+        # host-bound (the GPU waits for launches)
+        a["host_cpu_ms"] = round((time.process_time() - p0) * 1e3 / len(Ts), 3)
+        return ms, a
 
     def nplans():
         return sum(len(ps) for ps in lt._plans.values())
@@ -123,9 +128,8 @@ def protocol(step, sync, dev, rng, lo, hi, fixed, warmup, steps):
          "mean_T": [round(sum(var_a) / steps, 1),
                     round(sum(var_b) / steps, 1)],
          "plans_made_by_variable_runs": [plans1 - plans0, nplans() - plans1]}
-    if dev == "cuda":
-        r["allocator"] = {"variable_first": a1, "fixed": af,
-                          "variable_again": a2, "variable_new": a3}
+    r["counts"] = {"variable_first": a1, "fixed": af, "variable_again": a2,
+                   "variable_new": a3}
     return r
 
 
