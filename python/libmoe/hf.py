@@ -202,14 +202,60 @@ def _identify(module, gate, I):
             "ReLU^2 without gate) on probe values")
 
 
-_specs = weakref.WeakKeyDictionary()
+_specs = weakref.WeakKeyDictionary()     # module -> (key, spec)
+_modules_by_id = weakref.WeakValueDictionary()  # id(module) -> module
 
 
-@torch._dynamo.assume_constant_result
 def _spec(module):
     """What libmoe runs for this module: (None, member, alpha, limit,
     gate_cap, up_cap, interleaved) or (reason,). Computed once per module
-    and act_fn (outside any graph: a constant under torch.compile)."""
+    and act_fn, always outside any graph, so that under torch.compile the
+    traced code only reads a constant.
+
+    Eagerly this is _spec_of(module). Under dynamo the probe cannot be
+    traced (it runs the gate function on random values and compares on the
+    host), so it is evaluated at trace time through
+    torch._dynamo.assume_constant_result. That decorator's arguments must be
+    Python constants: torch >= 2.15's dynamo accepts an nn.Module argument
+    (guarding its identity), torch 2.11's does not (AsPythonConstantNot-
+    ImplementedError on the module). Both trace id(module) to a constant
+    with an ID_MATCH guard on the module, so the traced call passes the id
+    and _traced_spec resolves it back to the live module."""
+    if torch.compiler.is_compiling():
+        return _traced_spec(id(module))
+    _modules_by_id[id(module)] = module
+    return _spec_of(module)
+
+
+@torch._dynamo.assume_constant_result
+def _traced_spec(module_id):
+    """_spec of the module whose id dynamo traced; runs at trace time, never
+    in the graph. The module is the one being traced, so it is alive: it is
+    in _modules_by_id if the binding saw it eagerly, else it is found once
+    among the objects the garbage collector tracks (a compiled first call)."""
+    m = _modules_by_id.get(module_id)
+    if m is None:
+        m = _find_experts_module(module_id)
+    if m is None:  # not expected: the id is of a module being traced
+        return ("the experts module could not be found at torch.compile "
+                "trace time; run the model once eagerly first",)
+    return _spec_of(m)
+
+
+def _find_experts_module(module_id):
+    """The live nn.Module with this id, recording every experts-shaped
+    module met on the way (one scan serves a whole model's layers)."""
+    import gc
+    found = None
+    for o in gc.get_objects():
+        if issubclass(type(o), torch.nn.Module) and hasattr(o, "down_proj"):
+            _modules_by_id[id(o)] = o
+            if id(o) == module_id:
+                found = o
+    return found
+
+
+def _spec_of(module):
     key = (id(getattr(module, "act_fn", None)),
            getattr(type(module), "_apply_gate", None),
            bool(getattr(module, "has_gate", True)),
