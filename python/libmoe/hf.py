@@ -137,11 +137,19 @@ def _candidates(found, gate):
             yield ("softcap_swiglu", 0.0, 0.0, gc, uc)
 
 
+_PROBE_VALUES = 8192  # per probe; under torch's intra-op grain (32768)
+
+
 def _probe(fn, width, scale):
     """fn on random f32 probe rows (CPU); returns (input, output) or None
-    when fn cannot run on them."""
+    when fn cannot run on them. 4 to 64 rows, about _PROBE_VALUES values:
+    every op of the probe and of the comparison stays under torch's
+    parallel grain, so it runs on the calling thread (at a real model's
+    width, 64 rows made each op an OpenMP region whose spinning threads cost
+    the audit of a 48-layer model up to 3 s of CPU on 2 loaded cores)."""
     gen = torch.Generator().manual_seed(1234)
-    x = torch.randn((64, width), generator=gen) * scale
+    rows = max(4, min(64, _PROBE_VALUES // max(width, 1)))
+    x = torch.randn((rows, width), generator=gen) * scale
     x[0] = torch.linspace(-scale, scale, width)  # both tails, and near 0
     try:
         with torch.no_grad():

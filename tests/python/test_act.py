@@ -306,6 +306,54 @@ def test_probe_plain_function_and_decline():
     assert r is not None and "matches none" in r, r
 
 
+def _softcap_gate(self, gu):  # inkling2's form, caps on the module
+    g, u = gu.chunk(2, dim=-1)
+    return (self.gate_softcap * torch.tanh(g / self.gate_softcap) *
+            torch.sigmoid(g) * self.up_softcap *
+            torch.tanh(u / self.up_softcap))
+
+
+def _relu2(x):
+    return torch.square(F.relu(x))
+
+
+@pytest.mark.parametrize("width_i", [11, 768, 1407])
+def test_probe_at_model_widths(width_i):
+    """The recogniser at a real model's width (I = 768: Qwen3-30B-A3B; 1407
+    odd), where the probe has few rows (hf._PROBE_VALUES values in all):
+    every member is identified with its parameters and row order, and exact
+    GELU (1e-3 from the tanh form) is still declined."""
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import \
+        DeepseekV4Experts
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    def mk(act_fn=F.silu, gate=None, gate_fn=True, **attrs):
+        m = _Experts(act_fn=act_fn, gate=gate)
+        m.down_proj = torch.nn.Parameter(torch.zeros((2, 3, width_i)))
+        m.has_gate = gate_fn
+        for k, v in attrs.items():
+            setattr(m, k, v)
+        return m
+    cases = [
+        (mk(), ("swiglu", 0.0, 0.0, 0.0, 0.0, False)),
+        (mk(act_fn=torch.nn.GELU(approximate="tanh")),
+         ("geglu", 0.0, 0.0, 0.0, 0.0, False)),
+        (mk(gate=DeepseekV4Experts._apply_gate, limit=10.0),
+         ("swiglu_clamp", 0.0, 10.0, 0.0, 0.0, False)),
+        (mk(gate=GptOssExperts._apply_gate, alpha=1.702, limit=7.0),
+         ("gpt_oss", 1.702, 7.0, 0.0, 0.0, True)),
+        (mk(gate=_softcap_gate, gate_softcap=4.0, up_softcap=25.0),
+         ("softcap_swiglu", 0.0, 0.0, 4.0, 25.0, False)),
+        (mk(act_fn=_relu2, gate_fn=False),
+         ("relu2", 0.0, 0.0, 0.0, 0.0, False)),
+    ]
+    for m, want in cases:
+        got = libmoe.hf._spec(m)
+        assert got[0] is None and got[1:] == want, (want, got)
+    m = mk(act_fn=torch.nn.GELU())  # exact (erf) GELU: not a member
+    assert "matches none" in libmoe.hf._spec(m)[0]
+
+
 @pytest.mark.parametrize("act", list(lt.ACTIVATIONS))
 def test_saved_bound_per_member(act):
     """Issue 16's saved-state bound at the member's real gate_up width W
