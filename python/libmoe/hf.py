@@ -224,11 +224,11 @@ def _spec(module):
     traced (it runs the gate function on random values and compares on the
     host), so it is evaluated at trace time through
     torch._dynamo.assume_constant_result. That decorator's arguments must be
-    Python constants: torch >= 2.15's dynamo accepts an nn.Module argument
-    (guarding its identity), torch 2.11's does not (AsPythonConstantNot-
-    ImplementedError on the module). Both trace id(module) to a constant
-    with an ID_MATCH guard on the module, so the traced call passes the id
-    and _traced_spec resolves it back to the live module."""
+    Python constants: torch 2.15's dynamo accepts an nn.Module argument
+    (guarding its identity), torch 2.11's refuses it
+    (AsPythonConstantNotImplementedError). Both trace id(module) to a
+    constant with an ID_MATCH guard on the module, so the traced call passes
+    the id and _traced_spec resolves it back to the live module."""
     if torch.compiler.is_compiling():
         return _traced_spec(id(module))
     _modules_by_id[id(module)] = module

@@ -354,6 +354,23 @@ def test_probe_at_model_widths(width_i):
     assert "matches none" in libmoe.hf._spec(m)[0]
 
 
+def test_traced_spec_resolves_module_ids():
+    """What dynamo calls at trace time (hf._traced_spec, given id(module)):
+    a module the binding met eagerly comes from the registry; one never met
+    (a compiled first call) is found by the one scan of live objects, which
+    also records its siblings; both give the eager answer."""
+    seen = _Experts(act_fn=F.silu)
+    assert libmoe.hf._spec(seen)[1] == "swiglu"
+    assert libmoe.hf._modules_by_id.get(id(seen)) is seen
+    assert libmoe.hf._traced_spec(id(seen)) == libmoe.hf._spec(seen)
+    fresh = [_Experts(act_fn=torch.nn.GELU(approximate="tanh"))
+             for _ in range(3)]
+    assert all(id(m) not in libmoe.hf._modules_by_id for m in fresh)
+    assert libmoe.hf._traced_spec(id(fresh[0]))[1] == "geglu"
+    assert all(libmoe.hf._modules_by_id.get(id(m)) is m for m in fresh)
+    assert libmoe.hf._traced_spec(id(fresh[2])) == libmoe.hf._spec(fresh[2])
+
+
 @pytest.mark.parametrize("act", list(lt.ACTIVATIONS))
 def test_saved_bound_per_member(act):
     """Issue 16's saved-state bound at the member's real gate_up width W
