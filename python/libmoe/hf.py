@@ -256,10 +256,15 @@ def _find_experts_module(module_id):
     import gc
     found = None
     for o in gc.get_objects():
-        if issubclass(type(o), torch.nn.Module) and hasattr(o, "down_proj"):
-            _modules_by_id[id(o)] = o
-            if id(o) == module_id:
-                found = o
+        if not issubclass(type(o), torch.nn.Module):
+            continue
+        d = vars(o)  # no getattr: nothing of the object's own code runs
+        if not any("down_proj" in c for c in
+                   (d, d.get("_parameters", {}), d.get("_buffers", {}))):
+            continue
+        _modules_by_id[id(o)] = o
+        if id(o) == module_id:
+            found = o
     return found
 
 
