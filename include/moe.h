@@ -248,7 +248,8 @@ typedef enum moe_ep_overflow {
 /// The expert function between the gate_up and the down projection, on the
 /// gate half g and the up half u of each routed row (f32 arithmetic, stored
 /// in the layer dtype). Every member has its exact backward; at a clamp
-/// bound itself the gradient is 0, as torch autograd's clamp has it.
+/// bound itself the gradient is 0 (it passes only strictly inside the
+/// range; torch's clamp agrees from 2.14, passes it at the bound up to 2.13).
 typedef enum moe_activation {
   /// silu(g) * u (default).
   MOE_ACT_SWIGLU = 0,

@@ -13,10 +13,10 @@
 /// odd sizes, f32 and bf16, fused and interleaved (stride-2 views of one
 /// tensor, the gpt-oss storage) gate/up in both layouts, biases absent,
 /// fused and interleaved, with empty experts and with one expert taking
-/// every row. The gradient at a clamp bound is checked against torch's
-/// convention (the bound passes the gradient), results for bitwise
-/// determinism across thread counts, and bad descriptions and arguments for
-/// their messages. Prints "N passed, M failed".
+/// every row. The gradient at a clamp bound is checked to be 0 (libmoe's
+/// convention: torch >= 2.14's clamp; torch <= 2.13's passes it); results
+/// for bitwise determinism across thread counts, and bad descriptions and
+/// arguments for their messages. Prints "N passed, M failed".
 ///
 /// Built a second time with ACT_CUDA as test_cuda_act (tests/gpu/run.sh):
 /// the same cases on the GPU layer, the tensors copied to the device with
@@ -656,8 +656,9 @@ static void run_case(const acfg *c, bool nt2) {
 
 /* ---- clamp edges ------------------------------------------------------ */
 
-/// At a clamp bound torch autograd's clamp gives 0 (the bound counts as
-/// clamped), just inside it the gradient passes; relu'(0) = 0.
+/// At a clamp bound the gradient is 0 (the bound counts as clamped, as in
+/// torch >= 2.14's clamp and F.hardtanh; torch <= 2.13's clamp passes it),
+/// just inside it the gradient passes; relu'(0) = 0.
 static void test_edges(void) {
   tu_case("clamp and relu edges");
   float L = 0.75f, dg, du;

@@ -137,11 +137,19 @@ def _candidates(found, gate):
             yield ("softcap_swiglu", 0.0, 0.0, gc, uc)
 
 
+_PROBE_VALUES = 8192  # per probe; under torch's intra-op grain (32768)
+
+
 def _probe(fn, width, scale):
     """fn on random f32 probe rows (CPU); returns (input, output) or None
-    when fn cannot run on them."""
+    when fn cannot run on them. 4 to 64 rows, about _PROBE_VALUES values:
+    every op of the probe and of the comparison stays under torch's
+    parallel grain, so it runs on the calling thread (at a real model's
+    width, 64 rows made each op an OpenMP region whose spinning threads cost
+    the audit of a 48-layer model up to 3 s of CPU on 2 loaded cores)."""
     gen = torch.Generator().manual_seed(1234)
-    x = torch.randn((64, width), generator=gen) * scale
+    rows = max(4, min(64, _PROBE_VALUES // max(width, 1)))
+    x = torch.randn((rows, width), generator=gen) * scale
     x[0] = torch.linspace(-scale, scale, width)  # both tails, and near 0
     try:
         with torch.no_grad():
@@ -202,14 +210,65 @@ def _identify(module, gate, I):
             "ReLU^2 without gate) on probe values")
 
 
-_specs = weakref.WeakKeyDictionary()
+_specs = weakref.WeakKeyDictionary()     # module -> (key, spec)
+_modules_by_id = weakref.WeakValueDictionary()  # id(module) -> module
 
 
-@torch._dynamo.assume_constant_result
 def _spec(module):
     """What libmoe runs for this module: (None, member, alpha, limit,
     gate_cap, up_cap, interleaved) or (reason,). Computed once per module
-    and act_fn (outside any graph: a constant under torch.compile)."""
+    and act_fn, always outside any graph, so that under torch.compile the
+    traced code only reads a constant.
+
+    Eagerly this is _spec_of(module). Under dynamo the probe cannot be
+    traced (it runs the gate function on random values and compares on the
+    host), so it is evaluated at trace time through
+    torch._dynamo.assume_constant_result. That decorator's arguments must be
+    Python constants: torch 2.15's dynamo accepts an nn.Module argument
+    (guarding its identity), torch 2.11's refuses it
+    (AsPythonConstantNotImplementedError). Both trace id(module) to a
+    constant with an ID_MATCH guard on the module, so the traced call passes
+    the id and _traced_spec resolves it back to the live module."""
+    if torch.compiler.is_compiling():
+        return _traced_spec(id(module))
+    _modules_by_id[id(module)] = module
+    return _spec_of(module)
+
+
+@torch._dynamo.assume_constant_result
+def _traced_spec(module_id):
+    """_spec of the module whose id dynamo traced; runs at trace time, never
+    in the graph. The module is the one being traced, so it is alive: it is
+    in _modules_by_id if the binding saw it eagerly, else it is found once
+    among the objects the garbage collector tracks (a compiled first call)."""
+    m = _modules_by_id.get(module_id)
+    if m is None:
+        m = _find_experts_module(module_id)
+    if m is None:  # not expected: the id is of a module being traced
+        return ("the experts module could not be found at torch.compile "
+                "trace time; run the model once eagerly first",)
+    return _spec_of(m)
+
+
+def _find_experts_module(module_id):
+    """The live nn.Module with this id, recording every experts-shaped
+    module met on the way (one scan serves a whole model's layers)."""
+    import gc
+    found = None
+    for o in gc.get_objects():
+        if not issubclass(type(o), torch.nn.Module):
+            continue
+        d = vars(o)  # no getattr: nothing of the object's own code runs
+        if not any("down_proj" in c for c in
+                   (d, d.get("_parameters", {}), d.get("_buffers", {}))):
+            continue
+        _modules_by_id[id(o)] = o
+        if id(o) == module_id:
+            found = o
+    return found
+
+
+def _spec_of(module):
     key = (id(getattr(module, "act_fn", None)),
            getattr(type(module), "_apply_gate", None),
            bool(getattr(module, "has_gate", True)),

@@ -1,8 +1,9 @@
 """libmoe.torch.experts with every expert function, expert biases and
 interleaved gate/up rows, against a float64 autograd reference of the
 models' eager code, at odd sizes, f32 and bf16, concatenated and
-interleaved, both layouts; the gradient at the exact clamp bounds against
-torch autograd of gpt-oss's own _apply_gate; opcheck of the extended op;
+interleaved, both layouts; the gradient at the exact clamp bounds (libmoe's
+open-interval convention exactly; the running torch's autograd of gpt-oss's
+and DeepSeek-V4's own _apply_gate off the bounds); opcheck of the extended op;
 and the HF binding's recognition by probing (a plain-function SiLU is
 served, an unknown gate function is declined with the reason)."""
 
@@ -118,36 +119,133 @@ def test_experts_act(act, layout, interleaved, bias, dtype):
         assert a.stride() == t.stride(), name  # the tensor's own strides
 
 
-def test_clamp_edges_match_autograd():
-    """Pre-activations exactly at the clamp bounds (where torch autograd's
-    clamp gives 0) and just past them: libmoe's gradients equal torch
-    autograd of gpt-oss's eager gate."""
-    L = 0.75  # exact in f32
-    x = torch.ones((1, 1), device=DEVICE, requires_grad=True)
-    # interleaved rows: (gate, up) pairs at g = L, u = -L; g = L, u = L;
-    # g past L, u past -L; both inside
-    vals = [L, -L, L, L, L + 0.25, -L - 0.25, 0.5, -0.25]
-    gu = torch.tensor(vals, device=DEVICE).view(1, 8, 1).requires_grad_()
-    dn = torch.tensor([[[0.5, -1.0, 2.0, 1.5]]],
-                      device=DEVICE).requires_grad_()
-    idx = torch.zeros((1, 1), dtype=torch.int64, device=DEVICE)
-    w = torch.ones((1, 1), device=DEVICE, requires_grad=True)
-    y = lt.experts(x, idx, w, gu, dn, activation="gpt_oss", alpha=1.702,
-                   limit=L, interleaved=True)
-    got = torch.autograd.grad(y.sum(), (x, gu, dn))
+# The clamp bound's gradient. The clamped members (swiglu_clamp, gpt_oss)
+# are not differentiable at g = L or u = +-L; libmoe's convention, one in C
+# on both backends (src/backend/cpu/act.h, src/backend/cuda/act.cuh), is the
+# open interval: the gradient passes only strictly inside the clamp's range
+# (g < L; -L < u < L) and is 0 at the bound itself -- the minimum-norm
+# subgradient, what F.hardtanh / F.relu6 / F.relu give in every torch.
+# torch autograd's clamp with scalar bounds changed at 2.14: up to 2.13
+# (measured: 2.11.0, 2.12.1, 2.13.0) it passes the gradient at the bound
+# (closed interval, since pytorch/pytorch#7049); from 2.14 (measured: 2.14.1,
+# 2.15.0) it gives 0 there, as libmoe does (pytorch/pytorch#184574, fixed
+# by PR #191142). Off the bound every torch agrees with libmoe.
+CLAMP_L = 0.75  # exact in f32 and bf16
+CLAMP_GATES = {
+    # member: (the family's eager gate function, interleaved rows)
+    "gpt_oss": ("transformers.models.gpt_oss.modeling_gpt_oss",
+                "GptOssExperts", True),
+    "swiglu_clamp": ("transformers.models.deepseek_v4.modeling_deepseek_v4",
+                     "DeepseekV4Experts", False),
+}
 
-    class Mod:
-        alpha, limit = 1.702, L
-    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
-    a = gu[0, :, 0] * x[0, 0]
-    h = GptOssExperts._apply_gate(Mod(), a)
-    yr = (dn[0] @ h) * w[0, 0]
-    want = torch.autograd.grad(yr.sum(), (x, gu, dn))
-    for g1, g2 in zip(got, want):
-        # zero where torch's clamp gives zero (the bounds), equal elsewhere
-        assert torch.equal(g1.reshape(-1) == 0, g2.reshape(-1) == 0), (g1, g2)
-        assert torch.allclose(g1.reshape(-1), g2.reshape(-1), rtol=1e-5,
-                              atol=1e-6), (g1, g2)
+
+def _clamp_edge_points(dtype):
+    """(g, u) pairs: at the bounds, one ulp inside and outside them, and
+    clear of them; returns (g, u, at_edge mask)."""
+    L = torch.tensor(CLAMP_L, dtype=dtype)
+    inf = torch.tensor(float("inf"), dtype=dtype)
+    below, above = torch.nextafter(L, -inf), torch.nextafter(L, inf)
+    nb, na = torch.nextafter(-L, inf), torch.nextafter(-L, -inf)
+    gs = [L, L, L, below, above, below, above, -L, 0.5, -3.0, 2.0, L]
+    us = [-L, L, 0.3, nb, na, -below, above, 0.3, -0.25, L + 1, -2.0, -0.6]
+    g = torch.tensor([float(v) for v in gs], dtype=torch.float64)
+    u = torch.tensor([float(v) for v in us], dtype=torch.float64)
+    gate_edge = g == CLAMP_L  # the gate clamp is one-sided: -L is no bound
+    up_edge = u.abs() == CLAMP_L
+    return g, u, gate_edge, up_edge
+
+
+def _open_interval_ref(act, g, u):
+    """libmoe's convention in float64: the clamp's value, with the gradient
+    of torch.where (1 where the condition holds, else 0) -- strictly inside
+    passes, the bound is clamped. Independent of the torch version."""
+    L = CLAMP_L
+    gc = torch.where(g < L, g, torch.full_like(g, L))
+    uc = torch.where((u > -L) & (u < L), u, u.detach().clamp(-L, L))
+    if act == "gpt_oss":
+        return gc * torch.sigmoid(1.702 * gc) * (uc + 1)
+    return F.silu(gc) * uc
+
+
+@pytest.mark.parametrize("act", list(CLAMP_GATES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_clamp_edges_match_autograd(act, dtype):
+    """Pre-activations exactly at the clamp bounds, one ulp either side and
+    clear of them, through lt.experts (one token, x = 1, so the projection
+    output is gate_up exactly). (1) libmoe's convention exactly: gradients
+    of every input equal a float64 open-interval reference, and every
+    gradient at a bound is exactly 0. (2) The running torch's autograd of
+    the family's own eager gate function (gpt-oss, DeepSeek-V4) agrees with
+    libmoe everywhere off the bounds; at the bounds it gives 0 from torch
+    2.14 on and passes the gradient before (see the note above)."""
+    import importlib
+    modname, clsname, interleaved = CLAMP_GATES[act]
+    cls = getattr(importlib.import_module(modname), clsname)
+
+    class Mod:  # the attributes the eager gate functions read
+        alpha, limit, act_fn = 1.702, CLAMP_L, staticmethod(F.silu)
+
+    g64, u64, gate_edge, up_edge = _clamp_edge_points(dtype)
+    n = g64.numel()
+    rows = (torch.stack([g64, u64], 1).reshape(-1) if interleaved
+            else torch.cat([g64, u64]))
+    gen = torch.Generator().manual_seed(7)
+    dn64 = (torch.rand((1, 1, n), generator=gen, dtype=torch.float64) - 0.3)
+    x = torch.ones((1, 1), device=DEVICE, dtype=dtype, requires_grad=True)
+    gu = rows.to(DEVICE, dtype).view(1, 2 * n, 1).requires_grad_()
+    dn = dn64.to(DEVICE, dtype).requires_grad_()
+    w = torch.ones((1, 1), device=DEVICE, requires_grad=True)
+    idx = torch.zeros((1, 1), dtype=torch.int64, device=DEVICE)
+    y = lt.experts(x, idx, w, gu, dn, activation=act, alpha=1.702,
+                   limit=CLAMP_L, interleaved=interleaved)
+    got = [t.detach().double().cpu().reshape(-1)
+           for t in torch.autograd.grad(y.float().sum(), (x, gu, dn, w))]
+    ggu = got[1].view(n, 2) if interleaved else got[1].view(2, n).t()
+
+    def grads_of(gate_fn):
+        ins = [t.detach().double().cpu().requires_grad_()
+               for t in (x, gu, dn, w)]
+        a = ins[1][0, :, 0] * ins[0][0, 0]
+        if interleaved:
+            g, u = a[0::2], a[1::2]
+        else:
+            g, u = a.chunk(2)
+        h = gate_fn(g, u)
+        yr = (ins[2][0] @ h) * ins[3][0, 0]
+        out = [t.reshape(-1) for t in torch.autograd.grad(yr.sum(), ins)]
+        gg = out[1].view(n, 2) if interleaved else out[1].view(2, n).t()
+        return out, gg
+
+    tol = TOL[dtype]  # per element; the bound checks below are exact
+    # (1) libmoe's convention, every input, every point
+    want, wgu = grads_of(lambda g, u: _open_interval_ref(act, g, u))
+    for name, a, b in zip(("x", "gate_up", "down", "w"), got, want):
+        assert torch.allclose(a, b, rtol=tol, atol=tol * 1e-2), (name, a, b)
+    assert (ggu[gate_edge, 0] == 0).all(), ggu[:, 0]  # exactly 0 at g = L
+    assert (ggu[up_edge, 1] == 0).all(), ggu[:, 1]    # and at u = +-L
+    # strictly inside it passes (no point here has a zero factor besides)
+    assert (ggu[g64 < CLAMP_L, 0] != 0).all(), ggu[:, 0]
+    assert (ggu[u64.abs() < CLAMP_L, 1] != 0).all(), ggu[:, 1]
+
+    # (2) the running torch's autograd of the family's own gate function
+    def eager(g, u):
+        gu_ = (torch.stack([g, u], 1).reshape(-1) if interleaved
+               else torch.cat([g, u]))
+        return cls._apply_gate(Mod(), gu_)
+    tref, tgu = grads_of(eager)
+    assert torch.allclose(got[2], tref[2], rtol=tol, atol=tol * 1e-2)
+    assert torch.allclose(got[3], tref[3], rtol=tol, atol=tol * 1e-2)
+    assert torch.allclose(ggu[~gate_edge, 0], tgu[~gate_edge, 0], rtol=tol,
+                          atol=tol * 1e-2)
+    assert torch.allclose(ggu[~up_edge, 1], tgu[~up_edge, 1], rtol=tol,
+                          atol=tol * 1e-2)
+    ver = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    edge_t = torch.cat([tgu[gate_edge, 0], tgu[up_edge, 1]])
+    if ver >= (2, 14):  # torch's clamp gives 0 at the bound too
+        assert (edge_t == 0).all(), (torch.__version__, edge_t)
+    else:  # closed interval: the gradient passes at the bound
+        assert (edge_t != 0).all(), (torch.__version__, edge_t)
 
 
 def test_opcheck_extended():
@@ -206,6 +304,71 @@ def test_probe_plain_function_and_decline():
     m = _Experts(act_fn=F.silu, gate=odd_gate)
     r = libmoe.hf.unsupported_reason(m)
     assert r is not None and "matches none" in r, r
+
+
+def _softcap_gate(self, gu):  # inkling2's form, caps on the module
+    g, u = gu.chunk(2, dim=-1)
+    return (self.gate_softcap * torch.tanh(g / self.gate_softcap) *
+            torch.sigmoid(g) * self.up_softcap *
+            torch.tanh(u / self.up_softcap))
+
+
+def _relu2(x):
+    return torch.square(F.relu(x))
+
+
+@pytest.mark.parametrize("width_i", [11, 768, 1407])
+def test_probe_at_model_widths(width_i):
+    """The recogniser at a real model's width (I = 768: Qwen3-30B-A3B; 1407
+    odd), where the probe has few rows (hf._PROBE_VALUES values in all):
+    every member is identified with its parameters and row order, and exact
+    GELU (1e-3 from the tanh form) is still declined."""
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import \
+        DeepseekV4Experts
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    def mk(act_fn=F.silu, gate=None, gate_fn=True, **attrs):
+        m = _Experts(act_fn=act_fn, gate=gate)
+        m.down_proj = torch.nn.Parameter(torch.zeros((2, 3, width_i)))
+        m.has_gate = gate_fn
+        for k, v in attrs.items():
+            setattr(m, k, v)
+        return m
+    cases = [
+        (mk(), ("swiglu", 0.0, 0.0, 0.0, 0.0, False)),
+        (mk(act_fn=torch.nn.GELU(approximate="tanh")),
+         ("geglu", 0.0, 0.0, 0.0, 0.0, False)),
+        (mk(gate=DeepseekV4Experts._apply_gate, limit=10.0),
+         ("swiglu_clamp", 0.0, 10.0, 0.0, 0.0, False)),
+        (mk(gate=GptOssExperts._apply_gate, alpha=1.702, limit=7.0),
+         ("gpt_oss", 1.702, 7.0, 0.0, 0.0, True)),
+        (mk(gate=_softcap_gate, gate_softcap=4.0, up_softcap=25.0),
+         ("softcap_swiglu", 0.0, 0.0, 4.0, 25.0, False)),
+        (mk(act_fn=_relu2, gate_fn=False),
+         ("relu2", 0.0, 0.0, 0.0, 0.0, False)),
+    ]
+    for m, want in cases:
+        got = libmoe.hf._spec(m)
+        assert got[0] is None and got[1:] == want, (want, got)
+    m = mk(act_fn=torch.nn.GELU())  # exact (erf) GELU: not a member
+    assert "matches none" in libmoe.hf._spec(m)[0]
+
+
+def test_traced_spec_resolves_module_ids():
+    """What dynamo calls at trace time (hf._traced_spec, given id(module)):
+    a module the binding met eagerly comes from the registry; one never met
+    (a compiled first call) is found by the one scan of live objects, which
+    also records its siblings; both give the eager answer."""
+    seen = _Experts(act_fn=F.silu)
+    assert libmoe.hf._spec(seen)[1] == "swiglu"
+    assert libmoe.hf._modules_by_id.get(id(seen)) is seen
+    assert libmoe.hf._traced_spec(id(seen)) == libmoe.hf._spec(seen)
+    fresh = [_Experts(act_fn=torch.nn.GELU(approximate="tanh"))
+             for _ in range(3)]
+    assert all(id(m) not in libmoe.hf._modules_by_id for m in fresh)
+    assert libmoe.hf._traced_spec(id(fresh[0]))[1] == "geglu"
+    assert all(libmoe.hf._modules_by_id.get(id(m)) is m for m in fresh)
+    assert libmoe.hf._traced_spec(id(fresh[2])) == libmoe.hf._spec(fresh[2])
 
 
 @pytest.mark.parametrize("act", list(lt.ACTIVATIONS))

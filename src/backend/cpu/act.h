@@ -50,9 +50,10 @@ static inline float moe_act_fwd1(const moe_act *a, float g, float u) {
   return 0.0f;
 }
 
-/// dh/dg * d and dh/du * d at (g, u). At a clamp bound the gradient is 0,
-/// as torch autograd's clamp gives it (the bound counts as clamped);
-/// relu'(0) = 0.
+/// dh/dg * d and dh/du * d at (g, u). At a clamp bound the gradient is 0
+/// (the bound counts as clamped: it passes only for g < L, -L < u < L, as
+/// F.hardtanh and torch >= 2.14's clamp have it; torch <= 2.13's clamp
+/// passes it at the bound); relu'(0) = 0. act.cuh has the same convention.
 static inline void moe_act_bwd1(const moe_act *a, float g, float u, float d,
                                 float *dg, float *du) {
   switch (a->kind) {

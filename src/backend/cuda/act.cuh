@@ -48,8 +48,8 @@ static __device__ __forceinline__ float moe_act_fwd(const moe_act &a, float g,
   return 0.0f;
 }
 
-/// d * dh/dg and d * dh/du at (g, u); 0 at a clamp bound itself (torch
-/// autograd's clamp), relu'(0) = 0.
+/// d * dh/dg and d * dh/du at (g, u); 0 at a clamp bound itself (strictly
+/// inside only, as cpu/act.h and torch >= 2.14's clamp), relu'(0) = 0.
 static __device__ __forceinline__ void
 moe_act_bwd(const moe_act &a, float g, float u, float d, float *dg, float *du) {
   float L = a.limit;
