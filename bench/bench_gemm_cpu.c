@@ -7,6 +7,7 @@
 /// I=768, 8 of 128 experts per token, rows spread evenly).
 /// usage: bench_gemm_cpu [tokens] [f32|bf16] [out_in|in_out] [reps]
 ///                       [E H I top_k]
+/// BENCH_HOT=n gives expert 0 n of the rows (skewed routing).
 /// Run with OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1; MOE_MAX_CPU_ISA and
 /// MOE_LOOP_LIB choose the kernel set and the loop's library.
 #include <stdio.h>
@@ -50,8 +51,14 @@ int main(int argc, char **argv) {
   const int64_t R = T * k;
   size_t es = dt == MOE_F32 ? 4 : 2;
   int64_t *off = malloc(sizeof(int64_t) * (size_t)(E + 1));
-  for (int64_t e = 0; e <= E; e++)
-    off[e] = R * e / E;
+  /* BENCH_HOT=n: expert 0 takes n rows (a skewed routing), the other
+     R - n rows are spread evenly over the rest. */
+  const char *hot = getenv("BENCH_HOT");
+  int64_t nh = hot ? atoll(hot) : 0;
+  if (nh < 0 || nh > R || E < 2) nh = 0;
+  off[0] = 0;
+  for (int64_t e = 1; e <= E; e++)
+    off[e] = nh ? nh + (R - nh) * (e - 1) / (E - 1) : R * e / E;
   int64_t os[1] = {E + 1};
   moe_tensor offs = moe_tensor_make(off, MOE_I64, 1, os);
   /* Projections: gate_up K=H N=2I, down K=I N=H. */
@@ -108,15 +115,16 @@ int main(int argc, char **argv) {
   double fwd = t_ms[0][0] + t_ms[1][0];
   double all = fwd + t_ms[0][1] + t_ms[1][1] + t_ms[0][2] + t_ms[1][2];
   double flops = 6.0 * (double)R * (double)H * (double)I; /* fwd */
-  printf("isa %s %s %s T=%lld %s: CPU ms gate_up fwd/dx/dw %.1f/%.1f/%.1f "
+  printf("isa %s %s %s T=%lld hot=%lld %s: CPU ms gate_up fwd/dx/dw "
+         "%.1f/%.1f/%.1f "
          "down %.1f/%.1f/%.1f | fwd %.1f (%.1f GFLOP/s) fwd+bwd %.1f "
          "(%.1f GFLOP/s)\n",
          moe_cpu_isa(),
          getenv("BENCH_METHOD") ? getenv("BENCH_METHOD") : "grouped",
          getenv("MOE_LOOP_LIB") ? getenv("MOE_LOOP_LIB") : "", (long long)T,
-         in_out ? "in_out" : "out_in", t_ms[0][0], t_ms[0][1], t_ms[0][2],
-         t_ms[1][0], t_ms[1][1], t_ms[1][2], fwd, flops / fwd / 1e6, all,
-         3 * flops / all / 1e6);
+         (long long)nh, in_out ? "in_out" : "out_in", t_ms[0][0], t_ms[0][1],
+         t_ms[0][2], t_ms[1][0], t_ms[1][1], t_ms[1][2], fwd, flops / fwd / 1e6,
+         all, 3 * flops / all / 1e6);
   printf("proj_ms gate_up %.3f down %.3f\n",
          t_ms[0][0] + t_ms[0][1] + t_ms[0][2],
          t_ms[1][0] + t_ms[1][1] + t_ms[1][2]);

@@ -26,10 +26,13 @@
 
 /* Sizes in panel units (4 bytes: one f32 or one bf16 pair). */
 enum {
-  MOE_KCU = 128,           ///< depth of one kernel call at most: B in L1
-  MOE_MB_MAX = 192,        ///< rows of one item at most (A panel height)
-  MOE_APANEL = 65536,      ///< A panel (256 KB, L2)
-  MOE_BPANEL = 65536,      ///< B panel (256 KB, L2)
+  MOE_KCU = 128,      ///< depth of one kernel call at most: B in L1
+  MOE_MB_MAX = 192,   ///< rows of one item at most (A panel height)
+  MOE_APANEL = 65536, ///< A panel (256 KB, L2)
+  MOE_BPANEL = 65536, ///< B panel (256 KB, L2)
+  /// B panel of a shared-panel item (512 KB, L2): one column block of a
+  /// weight over its whole depth, packed once and reused by every m-tile.
+  MOE_SPANEL = 131072,
   MOE_ACC_MAX = 192 * 384, ///< floats in one item's accumulator tile
   /// Columns of one decode item: 256 x 6 rows of f32 fit the accumulator,
   /// and an expert of 1536 columns still makes 6 items to share out.
@@ -81,7 +84,24 @@ typedef struct moe_job {
   /// Software prefetch of the next B sliver in column mode (see below).
   bool pf_cols;
   int64_t target; ///< multiply-adds one item should carry
+  /// Groups taller than one m-tile pack each weight column block once
+  /// (shared-panel items): M-grouped problems, where B is the weight.
+  bool share;
+  int nthreads;
 } moe_job;
+
+/* Test hooks (ukernel.h): B elements packed, and the shared-panel switch. */
+static int64_t moe_b_packed_count;
+int moe_gemm_share_off;
+
+int64_t moe_gemm_b_packed(bool reset) {
+  return reset ? __atomic_exchange_n(&moe_b_packed_count, 0, __ATOMIC_SEQ_CST)
+               : __atomic_load_n(&moe_b_packed_count, __ATOMIC_SEQ_CST);
+}
+
+static void moe_count_b(int64_t depth, int64_t width) {
+  __atomic_fetch_add(&moe_b_packed_count, depth * width, __ATOMIC_RELAXED);
+}
 
 static void moe_view_of(const moe_job *J, int64_t g, moe_view *v) {
   const moe_gemm_problem *p = J->p;
@@ -131,8 +151,12 @@ static void moe_view_of(const moe_job *J, int64_t g, moe_view *v) {
 /// multiple of MR) and n-tiles that share the `nsl` NR-wide slivers as
 /// evenly as possible. Items carry about `target` multiply-adds, so a
 /// group with few rows gets wide n-tiles and a big one narrow ones.
+/// `shared`: an item is one n-tile (a column block) for ALL m-tiles: it
+/// packs the block's B over the whole depth once and runs every m-tile
+/// against it (the group has nt items, not mt * nt).
 typedef struct moe_tiling {
   int64_t mrows, mt, nsl, nt;
+  bool shared;
 } moe_tiling;
 
 /// The view as the problem states it (undoing the transposition of a
@@ -187,6 +211,24 @@ static void moe_tiling_of(const moe_job *J, const moe_view *v, moe_tiling *t) {
   t->mrows = (rows + mr - 1) / mr * mr;
   t->mt = (v->M + t->mrows - 1) / t->mrows;
   t->nsl = (v->N + nr - 1) / nr;
+  if (J->share && t->mt > 1 && v->K > 0) {
+    /* Column blocks whose whole-depth B panel fits MOE_SPANEL and whose
+       accumulators fit the tile; with few items for the threads, at least
+       4 blocks per thread. Too deep for one sliver: per-m-tile items. */
+    int64_t kut = J->pairs ? (v->K + 1) / 2 : v->K;
+    int64_t sw = MOE_SPANEL / (kut * nr), cap = MOE_ACC_MAX / (t->mrows * nr);
+    if (sw > cap) sw = cap;
+    if (J->narrow) {
+      int64_t q = (t->nsl + 4 * J->nthreads - 1) / (4 * J->nthreads);
+      if (sw > q) sw = q;
+    }
+    if (sw >= 1) {
+      if (sw > t->nsl) sw = t->nsl;
+      t->shared = true;
+      t->nt = (t->nsl + sw - 1) / sw;
+      return;
+    }
+  }
   int64_t per = t->mrows * (v->K > 0 ? v->K : 1) * nr;
   int64_t s = J->target / per;
   /* Weight-streaming modes give an item all of N (A is packed once, row
@@ -270,7 +312,7 @@ typedef struct moe_scratch {
 } moe_scratch;
 
 static size_t moe_scratch_floats(void) {
-  return (size_t)MOE_APANEL + (size_t)MOE_BPANEL +
+  return (size_t)MOE_APANEL + (size_t)MOE_SPANEL +
          (size_t)MOE_ACC_MAX; /* multiples of 16: 64-byte aligned parts */
 }
 
@@ -355,46 +397,17 @@ static void moe_store_tile(const moe_job *J, const float *acc, int64_t ldacc,
     moe_store_portable(acc, ldacc, mb, nb, c, J->ct, crs, ccs, J->p->beta);
 }
 
-/// Computes item (mi, nj) of a group: C rows [i0, i0 + mb) and the columns
-/// of slivers [s0, s1).
-static void moe_run_item(const moe_job *J, const moe_view *v,
+/// Computes C rows [i0, i0 + mb) of m-tile mi and the columns of slivers
+/// [s0, s1) of n-tile nj. `bpack`: pack B (always, except in the later
+/// m-tiles of a shared-panel item, which find the block's panel in
+/// s->bp as the first m-tile left it).
+static void moe_run_tile(const moe_job *J, const moe_view *v,
                          const moe_tiling *t, int64_t mi, int64_t nj,
-                         moe_scratch *s) {
+                         moe_scratch *s, bool bpack) {
   const moe_ukernel_info *uk = J->uk;
   int mr = J->mr, nr = J->nr;
   size_t ea = moe_dtype_size(J->at), eb = moe_dtype_size(J->bt),
          ec = moe_dtype_size(J->ct);
-  if (moe_is_gemv(J, v)) {
-    /* Decode: A widened to f32 once per item (a few rows), B read in
-       place by the GEMV, once. */
-    moe_view w;
-    moe_view_plain(J, v, &w);
-    moe_dtype at = J->tr ? J->bt : J->at, bt = J->tr ? J->at : J->bt;
-    int64_t j0 = nj * t->nsl / t->nt * 64;
-    int64_t j1 = (nj + 1) * t->nsl / t->nt * 64;
-    int64_t nb = (j1 < w.N ? j1 : w.N) - j0;
-    if (J->gemv_pairs) {
-      moe_pack_pairs_fn pp =
-          uk->pack_pairs ? uk->pack_pairs : moe_pack_pairs_portable;
-      pp((const uint16_t *)(const void *)w.a, w.acs, w.ars, w.K, w.M,
-         MOE_GEMV_W, (uint32_t *)s->ap);
-      J->gemv_pairs(
-          w.K, (int)w.M, (const uint32_t *)s->ap,
-          (const uint16_t *)(const void *)(w.b + (size_t)(j0 * w.bcs) * 2),
-          w.brs, w.bcs, nb, s->acc, nb);
-      moe_store_tile(J, s->acc, nb, w.M, nb, w.c + (size_t)(j0 * w.ccs) * ec,
-                     w.crs, w.ccs);
-      return;
-    }
-    moe_pack_f32_fn pf = uk->pack_f32 ? uk->pack_f32 : moe_pack_f32_portable;
-    pf(w.a, at, w.acs, w.ars, w.K, w.M, MOE_GEMV_W, (float *)s->ap);
-    J->gemv(w.K, (int)w.M, (const float *)s->ap,
-            w.b + (size_t)(j0 * w.bcs) * moe_dtype_size(bt), bt, w.brs, w.bcs,
-            nb, s->acc, nb);
-    moe_store_tile(J, s->acc, nb, w.M, nb, w.c + (size_t)(j0 * w.ccs) * ec,
-                   w.crs, w.ccs);
-    return;
-  }
   int64_t i0 = mi * t->mrows;
   int64_t mb = v->M - i0 < t->mrows ? v->M - i0 : t->mrows;
   int64_t s0 = nj * t->nsl / t->nt, s1 = (nj + 1) * t->nsl / t->nt;
@@ -418,14 +431,16 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
   } else {
     ku = MOE_KCU;
   }
-  if (ku > MOE_APANEL / (msl * mr)) ku = MOE_APANEL / (msl * mr);
+  /* A shared panel keeps one chunking for every m-tile: the tallest's. */
+  int64_t mslk = t->shared ? t->mrows / mr : msl;
+  if (ku > MOE_APANEL / (mslk * mr)) ku = MOE_APANEL / (mslk * mr);
   ku = ku >= 16 ? ku / 8 * 8 : (ku > 0 ? ku : 1);
   /* Every chunk but the last is whole A blocks, so the padding pairs of a
      blocked A panel only ever sit at the end of the depth. */
   if (J->akb > 1 && ku >= J->akb) ku = ku / J->akb * J->akb;
   int64_t kce = ku * upe; /* chunk depth in elements */
   char *c = v->c + (size_t)(i0 * v->crs + j0 * v->ccs) * ec;
-  if (J->bmode == MOE_BMODE_ROWS && v->K > 0 && v->K <= kce) {
+  if (J->bmode == MOE_BMODE_ROWS && v->K > 0 && v->K <= kce && !t->shared) {
     /* The whole depth is one chunk (dW: depth = the group's rows). Work
        in bands of one m-sliver: its accumulators for every n-sliver stay
        in L1 and go to C right away, instead of a whole tile going out to
@@ -438,6 +453,7 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
     }
     moe_pack(J, v->b + (size_t)(j0 * v->bcs) * eb, J->bt, v->brs, v->bcs, v->K,
              nb, nr, s->bp);
+    moe_count_b(v->K, nb);
     for (int64_t is = 0; is < msl; is++) {
       int m = (int)(mbase + (is < mextra));
       int64_t ro = is * mbase + (is < mextra ? is : mextra);
@@ -480,24 +496,28 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
                  v->ars, kc, mbase + (is < mextra),
                  (uint32_t *)s->ap + is * mr * kua);
     }
-    if (J->bmode == MOE_BMODE_ROWS) {
+    /* A shared panel holds the chunks one after the other, each in the
+       chunk layout (slivers of kuc units). */
+    uint32_t *bch = (uint32_t *)s->bp + (t->shared ? k0 / upe * nsl * nr : 0);
+    if (J->bmode == MOE_BMODE_ROWS && bpack) {
       /* The whole chunk of rows for every sliver, then ask for the next
          chunk's rows while the kernels run. */
       moe_pack(J, v->b + (size_t)(k0 * v->brs + j0 * v->bcs) * eb, J->bt,
-               v->brs, v->bcs, kc, nb, nr, s->bp);
+               v->brs, v->bcs, kc, nb, nr, bch);
+      moe_count_b(kc, nb);
       int64_t nk = k0 + kc, nkc = v->K - nk < kce ? v->K - nk : kce;
       moe_pf_start(&pf, v->b + (size_t)(nk * v->brs + j0) * eb,
                    v->brs * (int64_t)eb, nb * (int64_t)eb, nkc);
     }
     for (int64_t js = 0; js < nsl; js++) {
       int64_t c0 = j0 + js * nr;
-      const uint32_t *bsl = (const uint32_t *)s->bp;
-      if (J->bmode == MOE_BMODE_ROWS) {
-        bsl += js * kuc * nr;
-      } else {
+      const uint32_t *bsl = bch;
+      if (J->bmode == MOE_BMODE_ROWS || t->shared) bsl += js * kuc * nr;
+      if (J->bmode != MOE_BMODE_ROWS && bpack) {
+        int64_t w = v->N - c0 < nr ? v->N - c0 : nr;
         moe_pack(J, v->b + (size_t)(k0 * v->brs + c0 * v->bcs) * eb, J->bt,
-                 v->brs, v->bcs, kc, v->N - c0 < nr ? v->N - c0 : nr, nr,
-                 s->bp);
+                 v->brs, v->bcs, kc, w, nr, (uint32_t *)bsl);
+        moe_count_b(kc, w);
         if (J->bmode == MOE_BMODE_COLS && J->pf_cols) {
           /* Next: this chunk's next sliver, or the next chunk's first. */
           int64_t pk = k0, pc = c0 + nr;
@@ -536,6 +556,52 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
     }
   }
   moe_store_tile(J, s->acc, ldacc, mb, nb, c, v->crs, v->ccs);
+}
+
+/// Computes item (mi, nj) of a group: m-tile mi and n-tile nj, or with a
+/// shared panel every m-tile of n-tile nj (mi is then ignored).
+static void moe_run_item(const moe_job *J, const moe_view *v,
+                         const moe_tiling *t, int64_t mi, int64_t nj,
+                         moe_scratch *s) {
+  const moe_ukernel_info *uk = J->uk;
+  size_t ec = moe_dtype_size(J->ct);
+  if (moe_is_gemv(J, v)) {
+    /* Decode: A widened to f32 once per item (a few rows), B read in
+       place by the GEMV, once. */
+    moe_view w;
+    moe_view_plain(J, v, &w);
+    moe_dtype at = J->tr ? J->bt : J->at, bt = J->tr ? J->at : J->bt;
+    int64_t j0 = nj * t->nsl / t->nt * 64;
+    int64_t j1 = (nj + 1) * t->nsl / t->nt * 64;
+    int64_t nb = (j1 < w.N ? j1 : w.N) - j0;
+    if (J->gemv_pairs) {
+      moe_pack_pairs_fn pp =
+          uk->pack_pairs ? uk->pack_pairs : moe_pack_pairs_portable;
+      pp((const uint16_t *)(const void *)w.a, w.acs, w.ars, w.K, w.M,
+         MOE_GEMV_W, (uint32_t *)s->ap);
+      J->gemv_pairs(
+          w.K, (int)w.M, (const uint32_t *)s->ap,
+          (const uint16_t *)(const void *)(w.b + (size_t)(j0 * w.bcs) * 2),
+          w.brs, w.bcs, nb, s->acc, nb);
+      moe_store_tile(J, s->acc, nb, w.M, nb, w.c + (size_t)(j0 * w.ccs) * ec,
+                     w.crs, w.ccs);
+      return;
+    }
+    moe_pack_f32_fn pf = uk->pack_f32 ? uk->pack_f32 : moe_pack_f32_portable;
+    pf(w.a, at, w.acs, w.ars, w.K, w.M, MOE_GEMV_W, (float *)s->ap);
+    J->gemv(w.K, (int)w.M, (const float *)s->ap,
+            w.b + (size_t)(j0 * w.bcs) * moe_dtype_size(bt), bt, w.brs, w.bcs,
+            nb, s->acc, nb);
+    moe_store_tile(J, s->acc, nb, w.M, nb, w.c + (size_t)(j0 * w.ccs) * ec,
+                   w.crs, w.ccs);
+    return;
+  }
+  if (t->shared) {
+    for (int64_t m = 0; m < t->mt; m++)
+      moe_run_tile(J, v, t, m, nj, s, m == 0);
+    return;
+  }
+  moe_run_tile(J, v, t, mi, nj, s, true);
 }
 
 /* ---- the call ------------------------------------------------------------ */
@@ -640,13 +706,15 @@ moe_status moe_gemm_grouped_with(const moe_gemm_problem *p,
     mtiles += t.mt;
   }
   J.narrow = mtiles < 4 * (int64_t)nt;
+  J.nthreads = nt;
+  J.share = p->kind == MOE_GROUP_M && !J.tr && !moe_gemm_share_off;
   for (int64_t g = 0; g < G; g++) {
     first[g] = total;
     moe_view v;
     moe_tiling t;
     moe_view_of(&J, g, &v);
     moe_tiling_of(&J, &v, &t);
-    total += t.mt * t.nt;
+    total += t.shared ? t.nt : t.mt * t.nt;
   }
   first[G] = total;
   char *pool_base = mem + moe_align64(sizeof(int64_t) * (size_t)(G + 1));
@@ -657,7 +725,7 @@ moe_status moe_gemm_grouped_with(const moe_gemm_problem *p,
   {
     float *buf = pool + (size_t)omp_get_thread_num() * per_thread;
     moe_scratch s = {buf, buf + (size_t)MOE_APANEL,
-                     buf + (size_t)MOE_APANEL + (size_t)MOE_BPANEL};
+                     buf + (size_t)MOE_APANEL + (size_t)MOE_SPANEL};
     int64_t g = 0;
     moe_view v;
     moe_tiling t;
@@ -676,7 +744,10 @@ moe_status moe_gemm_grouped_with(const moe_gemm_problem *p,
         vg = g;
       }
       int64_t local = it - first[g];
-      moe_run_item(&J, &v, &t, local / t.nt, local % t.nt, &s);
+      if (t.shared)
+        moe_run_item(&J, &v, &t, 0, local, &s);
+      else
+        moe_run_item(&J, &v, &t, local / t.nt, local % t.nt, &s);
     }
     if (hooks && uk->bf16_end) uk->bf16_end();
 #if defined(__x86_64__) || defined(__i386__)
