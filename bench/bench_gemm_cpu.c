@@ -7,7 +7,8 @@
 /// I=768, 8 of 128 experts per token, rows spread evenly).
 /// usage: bench_gemm_cpu [tokens] [f32|bf16] [out_in|in_out] [reps]
 ///                       [E H I top_k]
-/// BENCH_HOT=n gives expert 0 n of the rows (skewed routing).
+/// BENCH_HOT=n gives expert 0 n of the rows (skewed routing);
+/// BENCH_NO_DW=1 times the forward and dX only.
 /// Run with OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1; MOE_MAX_CPU_ISA and
 /// MOE_LOOP_LIB choose the kernel set and the loop's library.
 #include <stdio.h>
@@ -93,7 +94,9 @@ int main(int argc, char **argv) {
     memset(&o, 0, sizeof o);
     const char *m = getenv("BENCH_METHOD");
     o.method = m && !strcmp(m, "loop") ? MOE_GMM_LOOP : MOE_GMM_GROUPED;
-    for (int kind = 0; kind < 3; kind++) {
+    /* BENCH_NO_DW=1: forward and dX only (dW reads no weight). */
+    int kinds = getenv("BENCH_NO_DW") && atoi(getenv("BENCH_NO_DW")) ? 2 : 3;
+    for (int kind = 0; kind < kinds; kind++) {
       double best = 1e30;
       for (int r = 0; r <= reps; r++) {
         double t0 = cpu_now();
