@@ -7,6 +7,8 @@
 /// I=768, 8 of 128 experts per token, rows spread evenly).
 /// usage: bench_gemm_cpu [tokens] [f32|bf16] [out_in|in_out] [reps]
 ///                       [E H I top_k]
+/// BENCH_HOT=n gives expert 0 n of the rows (skewed routing);
+/// BENCH_NO_DW=1 times the forward and dX only.
 /// Run with OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1; MOE_MAX_CPU_ISA and
 /// MOE_LOOP_LIB choose the kernel set and the loop's library.
 #include <stdio.h>
@@ -20,6 +22,15 @@ static double cpu_now(void) {
   struct timespec ts;
   clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
   return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void *bench_alloc(size_t n) {
+  void *p = aligned_alloc(64, (n + 63) / 64 * 64);
+  if (!p) {
+    fprintf(stderr, "bench_gemm_cpu: out of memory (%zu bytes)\n", n);
+    exit(1);
+  }
+  return p;
 }
 
 static void fill(void *p, moe_dtype t, size_t n, unsigned seed) {
@@ -50,8 +61,14 @@ int main(int argc, char **argv) {
   const int64_t R = T * k;
   size_t es = dt == MOE_F32 ? 4 : 2;
   int64_t *off = malloc(sizeof(int64_t) * (size_t)(E + 1));
-  for (int64_t e = 0; e <= E; e++)
-    off[e] = R * e / E;
+  /* BENCH_HOT=n: expert 0 takes n rows (a skewed routing), the other
+     R - n rows are spread evenly over the rest. */
+  const char *hot = getenv("BENCH_HOT");
+  int64_t nh = hot ? atoll(hot) : 0;
+  if (nh < 0 || nh > R || E < 2) nh = 0;
+  off[0] = 0;
+  for (int64_t e = 1; e <= E; e++)
+    off[e] = nh ? nh + (R - nh) * (e - 1) / (E - 1) : R * e / E;
   int64_t os[1] = {E + 1};
   moe_tensor offs = moe_tensor_make(off, MOE_I64, 1, os);
   /* Projections: gate_up K=H N=2I, down K=I N=H. */
@@ -59,9 +76,13 @@ int main(int argc, char **argv) {
   double t_ms[2][3] = {{0}};
   for (int pj = 0; pj < 2; pj++) {
     int64_t K = KN[pj][0], N = KN[pj][1];
-    void *x = malloc((size_t)(R * K) * es), *y = malloc((size_t)(R * N) * es),
-         *w = malloc((size_t)(E * N * K) * es),
-         *dw = malloc((size_t)(E * N * K) * es);
+    /* 64-byte aligned, as torch's CPU allocator gives: glibc's malloc of
+       a large block is 16 bytes past a page, which puts every row of
+       these row-multiple-of-64-byte tensors off its cache lines. */
+    void *x = bench_alloc((size_t)(R * K) * es),
+         *y = bench_alloc((size_t)(R * N) * es),
+         *w = bench_alloc((size_t)(E * N * K) * es),
+         *dw = bench_alloc((size_t)(E * N * K) * es);
     fill(x, dt, (size_t)(R * K), 1);
     fill(y, dt, (size_t)(R * N), 2);
     fill(w, dt, (size_t)(E * N * K), 3);
@@ -86,7 +107,9 @@ int main(int argc, char **argv) {
     memset(&o, 0, sizeof o);
     const char *m = getenv("BENCH_METHOD");
     o.method = m && !strcmp(m, "loop") ? MOE_GMM_LOOP : MOE_GMM_GROUPED;
-    for (int kind = 0; kind < 3; kind++) {
+    /* BENCH_NO_DW=1: forward and dX only (dW reads no weight). */
+    int kinds = getenv("BENCH_NO_DW") && atoi(getenv("BENCH_NO_DW")) ? 2 : 3;
+    for (int kind = 0; kind < kinds; kind++) {
       double best = 1e30;
       for (int r = 0; r <= reps; r++) {
         double t0 = cpu_now();
@@ -108,15 +131,16 @@ int main(int argc, char **argv) {
   double fwd = t_ms[0][0] + t_ms[1][0];
   double all = fwd + t_ms[0][1] + t_ms[1][1] + t_ms[0][2] + t_ms[1][2];
   double flops = 6.0 * (double)R * (double)H * (double)I; /* fwd */
-  printf("isa %s %s %s T=%lld %s: CPU ms gate_up fwd/dx/dw %.1f/%.1f/%.1f "
+  printf("isa %s %s %s T=%lld hot=%lld %s: CPU ms gate_up fwd/dx/dw "
+         "%.1f/%.1f/%.1f "
          "down %.1f/%.1f/%.1f | fwd %.1f (%.1f GFLOP/s) fwd+bwd %.1f "
          "(%.1f GFLOP/s)\n",
          moe_cpu_isa(),
          getenv("BENCH_METHOD") ? getenv("BENCH_METHOD") : "grouped",
          getenv("MOE_LOOP_LIB") ? getenv("MOE_LOOP_LIB") : "", (long long)T,
-         in_out ? "in_out" : "out_in", t_ms[0][0], t_ms[0][1], t_ms[0][2],
-         t_ms[1][0], t_ms[1][1], t_ms[1][2], fwd, flops / fwd / 1e6, all,
-         3 * flops / all / 1e6);
+         (long long)nh, in_out ? "in_out" : "out_in", t_ms[0][0], t_ms[0][1],
+         t_ms[0][2], t_ms[1][0], t_ms[1][1], t_ms[1][2], fwd, flops / fwd / 1e6,
+         all, 3 * flops / all / 1e6);
   printf("proj_ms gate_up %.3f down %.3f\n",
          t_ms[0][0] + t_ms[0][1] + t_ms[0][2],
          t_ms[1][0] + t_ms[1][1] + t_ms[1][2]);

@@ -892,6 +892,119 @@ static void test_few_row_dw(void) {
   }
 }
 
+/* ---- one pack per weight element (shared-panel items) ----------------- */
+
+/// Groups taller than one m-tile (192 rows) pack each weight element once:
+/// the driver's B counter shows K * N per non-empty group, against the sum
+/// of the groups' m-tiles with the shared panels switched off; the results
+/// are bitwise those of the per-m-tile packing, the same on 1 and 2
+/// threads, and match a float64 reference. Every set, weights [K, N]
+/// (row mode), [N, K] (column mode) and strided (generic), odd sizes, an
+/// empty group.
+static void test_pack_once(void) {
+  enum { G = 5, K = 517, N = 301 };
+  static const int64_t off[G + 1] = {0, 401, 401, 408, 658, 851};
+  const int64_t R = off[G], busy = 4, mtiles = 3 + 1 + 2 + 2;
+  const moe_dtype F = MOE_F32, H = MOE_BF16;
+  const moe_dtype dts[][3] = {{F, F, F}, {H, H, F}, {H, H, H}};
+  for (size_t di = 0; di < sizeof dts / sizeof *dts; di++) {
+    moe_dtype at = dts[di][0], bt = dts[di][1], ct = dts[di][2];
+    size_t ea = moe_dtype_size(at), eb = moe_dtype_size(bt),
+           ec = moe_dtype_size(ct);
+    size_t nbv = (size_t)(2 * G * K * N); /* room for the strided layout */
+    char *a = malloc((size_t)(R * K) * ea), *b = malloc(nbv * eb);
+    char *c[3];
+    for (int i = 0; i < 3; i++)
+      c[i] = malloc((size_t)(R * N) * ec);
+    tu_rng r = tu_rng_make(1200 + di);
+    for (int64_t i = 0; i < R * K; i++)
+      moe_store_f(a, at, i, (float)tu_uniform(&r));
+    for (size_t i = 0; i < nbv; i++)
+      moe_store_f(b, bt, (int64_t)i, (float)tu_uniform(&r));
+    for (int lay = 0; lay < 3; lay++) {
+      /* lay 0: B_g [K, N]; 1: [N, K]; 2: [K, N] with every other element. */
+      moe_operand B = lay == 0   ? moe_op(b, bt, N, 1)
+                      : lay == 1 ? moe_op(b, bt, 1, K)
+                                 : moe_op(b, bt, 2 * N, 2);
+      B.gs = lay == 2 ? 2 * K * N : K * N;
+      double *ref = malloc(sizeof(double) * (size_t)(R * N));
+      double *mag = malloc(sizeof(double) * (size_t)(R * N));
+      for (int64_t g = 0; g < G; g++)
+        for (int64_t i = off[g]; i < off[g + 1]; i++)
+          for (int64_t j = 0; j < N; j++) {
+            double sum = 0, m = 0;
+            for (int64_t p = 0; p < K; p++) {
+              double t =
+                  (double)moe_load_f(a, at, i * K + p) *
+                  (double)moe_load_f(b, bt, g * B.gs + p * B.rs + j * B.cs);
+              sum += t;
+              m += fabs(t);
+            }
+            ref[i * N + j] = sum;
+            mag[i * N + j] = m + fabs(sum);
+          }
+      for (int s = 0; s < nsets; s++) {
+        tu_case("pack once isa=%s a=%s b=%s c=%s B=%s", sets[s]->isa,
+                moe_dtype_name(at), moe_dtype_name(bt), moe_dtype_name(ct),
+                lay == 0   ? "[K,N]"
+                : lay == 1 ? "[N,K]"
+                           : "strided");
+        int64_t count[3];
+        for (int run = 0; run < 3; run++) {
+          /* run 0: 1 thread; 1: 2 threads; 2: 2 threads, shared off. */
+          memset(c[run], 0, (size_t)(R * N) * ec);
+          moe_gemm_problem p = {MOE_GROUP_M,
+                                G,
+                                off,
+                                0,
+                                N,
+                                K,
+                                moe_op(a, at, K, 1),
+                                B,
+                                moe_op(c[run], ct, N, 1),
+                                0.0f};
+          moe_gemm_ctx ctx;
+          memset(&ctx, 0, sizeof ctx);
+          ctx.num_threads = run == 0 ? 1 : 2;
+          moe_gemm_share_off = run == 2;
+          moe_gemm_b_packed(true);
+          moe_status st = moe_gemm_grouped_with(&p, &ctx, sets[s]);
+          count[run] = moe_gemm_b_packed(true);
+          moe_gemm_share_off = 0;
+          CHECK(st == MOE_SUCCESS, "grouped gemm failed: %s", moe_last_error());
+        }
+        CHECK(count[0] == busy * K * N && count[1] == busy * K * N,
+              "B elements packed %lld / %lld (1 / 2 threads), want %lld: "
+              "one pack per weight element",
+              (long long)count[0], (long long)count[1],
+              (long long)(busy * K * N));
+        CHECK(count[2] == mtiles * K * N,
+              "shared panels off: %lld B elements packed, want %lld",
+              (long long)count[2], (long long)(mtiles * K * N));
+        size_t bytes = (size_t)(R * N) * ec;
+        CHECK(!memcmp(c[0], c[1], bytes),
+              "1 and 2 threads give different bits");
+        CHECK(!memcmp(c[1], c[2], bytes),
+              "shared panels change the bits of the per-m-tile packing");
+        double worst = 0.0;
+        for (int64_t i = 0; i < R * N; i++) {
+          double e =
+              fabs((double)moe_load_f(c[0], ct, i) - ref[i]) / (mag[i] + 1e-30);
+          if (e > worst) worst = e;
+        }
+        double tol = ct == F ? (bt == F ? 1e-6 : 1e-5) : 8e-3;
+        CHECK(worst <= tol, "relative error %.3g > %.3g", worst, tol);
+      }
+      free(ref);
+      free(mag);
+    }
+    free(a);
+    free(b);
+    for (int i = 0; i < 3; i++)
+      free(c[i]);
+  }
+}
+
 /* ---- MOE_MAX_CPU_ISA ------------------------------------------------- */
 
 /// Runs this program as a child with MOE_MAX_CPU_ISA=cap and returns the
@@ -969,6 +1082,7 @@ int main(int argc, char **argv) {
   test_driver();
   test_row_independence();
   test_few_row_dw();
+  test_pack_once();
   test_cap(argv[0]);
   return tu_finish();
 }

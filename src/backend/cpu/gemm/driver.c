@@ -31,6 +31,12 @@ enum {
   MOE_APANEL = 65536,      ///< A panel (256 KB, L2)
   MOE_BPANEL = 65536,      ///< B panel (256 KB, L2)
   MOE_ACC_MAX = 192 * 384, ///< floats in one item's accumulator tile
+  /// Shared-panel items (groups taller than one m-tile): the B chunk of a
+  /// column-contiguous weight for a whole column block (512 KB), and the
+  /// accumulators of every m-tile of the block (1 MB).
+  MOE_SPANEL = 131072,
+  MOE_SACC = 262144,
+  MOE_SKU = 256, ///< their depth chunk at least, column mode (units)
   /// Columns of one decode item: 256 x 6 rows of f32 fit the accumulator,
   /// and an expert of 1536 columns still makes 6 items to share out.
   MOE_GEMV_COLS = 256,
@@ -81,7 +87,24 @@ typedef struct moe_job {
   /// Software prefetch of the next B sliver in column mode (see below).
   bool pf_cols;
   int64_t target; ///< multiply-adds one item should carry
+  /// Groups taller than one m-tile take shared-panel items: M-grouped
+  /// problems, where B is the weight.
+  bool share;
+  int nthreads;
 } moe_job;
+
+/* Test hooks (ukernel.h): B elements packed, and the shared-panel switch. */
+static int64_t moe_b_packed_count;
+int moe_gemm_share_off;
+
+int64_t moe_gemm_b_packed(bool reset) {
+  return reset ? __atomic_exchange_n(&moe_b_packed_count, 0, __ATOMIC_SEQ_CST)
+               : __atomic_load_n(&moe_b_packed_count, __ATOMIC_SEQ_CST);
+}
+
+static void moe_count_b(int64_t depth, int64_t width) {
+  __atomic_fetch_add(&moe_b_packed_count, depth * width, __ATOMIC_RELAXED);
+}
 
 static void moe_view_of(const moe_job *J, int64_t g, moe_view *v) {
   const moe_gemm_problem *p = J->p;
@@ -131,8 +154,13 @@ static void moe_view_of(const moe_job *J, int64_t g, moe_view *v) {
 /// multiple of MR) and n-tiles that share the `nsl` NR-wide slivers as
 /// evenly as possible. Items carry about `target` multiply-adds, so a
 /// group with few rows gets wide n-tiles and a big one narrow ones.
+/// `shared`: an item is one n-tile (a column block) for ALL m-tiles; it
+/// packs each depth chunk of the block's B once and runs every m-tile
+/// against it, so each weight element is packed once per GEMM (the group
+/// has nt items, not mt * nt).
 typedef struct moe_tiling {
   int64_t mrows, mt, nsl, nt;
+  bool shared;
 } moe_tiling;
 
 /// The view as the problem states it (undoing the transposition of a
@@ -187,6 +215,28 @@ static void moe_tiling_of(const moe_job *J, const moe_view *v, moe_tiling *t) {
   t->mrows = (rows + mr - 1) / mr * mr;
   t->mt = (v->M + t->mrows - 1) / t->mrows;
   t->nsl = (v->N + nr - 1) / nr;
+  if (J->share && t->mt > 1 && v->K > 0) {
+    /* Column blocks whose accumulators for every m-tile fit MOE_SACC;
+       with few items for the threads, at least 4 blocks per thread. */
+    int64_t sw = MOE_SACC / (t->mt * t->mrows * nr);
+    if (J->bmode != MOE_BMODE_ROWS) {
+      /* Depth chunks of 256 units at least (or the whole depth), so a
+         sliver's accumulators stay in L1 over a few kernel calls. */
+      int64_t kut = J->pairs ? (v->K + 1) / 2 : v->K;
+      int64_t w = MOE_SPANEL / ((kut < MOE_SKU ? kut : MOE_SKU) * nr);
+      if (sw > w) sw = w;
+    }
+    if (J->narrow) {
+      int64_t q = (t->nsl + 4 * J->nthreads - 1) / (4 * J->nthreads);
+      if (sw > q) sw = q;
+    }
+    if (sw >= 1) {
+      if (sw > t->nsl) sw = t->nsl;
+      t->shared = true;
+      t->nt = (t->nsl + sw - 1) / sw;
+      return;
+    }
+  }
   int64_t per = t->mrows * (v->K > 0 ? v->K : 1) * nr;
   int64_t s = J->target / per;
   /* Weight-streaming modes give an item all of N (A is packed once, row
@@ -270,8 +320,8 @@ typedef struct moe_scratch {
 } moe_scratch;
 
 static size_t moe_scratch_floats(void) {
-  return (size_t)MOE_APANEL + (size_t)MOE_BPANEL +
-         (size_t)MOE_ACC_MAX; /* multiples of 16: 64-byte aligned parts */
+  return (size_t)MOE_APANEL + (size_t)MOE_SPANEL +
+         (size_t)MOE_SACC; /* multiples of 16: 64-byte aligned parts */
 }
 
 /// Packs `width` (<= W) panel columns of X(p, t) = src[p * sd + t * sw],
@@ -438,6 +488,7 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
     }
     moe_pack(J, v->b + (size_t)(j0 * v->bcs) * eb, J->bt, v->brs, v->bcs, v->K,
              nb, nr, s->bp);
+    moe_count_b(v->K, nb);
     for (int64_t is = 0; is < msl; is++) {
       int m = (int)(mbase + (is < mextra));
       int64_t ro = is * mbase + (is < mextra ? is : mextra);
@@ -485,6 +536,7 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
          chunk's rows while the kernels run. */
       moe_pack(J, v->b + (size_t)(k0 * v->brs + j0 * v->bcs) * eb, J->bt,
                v->brs, v->bcs, kc, nb, nr, s->bp);
+      moe_count_b(kc, nb);
       int64_t nk = k0 + kc, nkc = v->K - nk < kce ? v->K - nk : kce;
       moe_pf_start(&pf, v->b + (size_t)(nk * v->brs + j0) * eb,
                    v->brs * (int64_t)eb, nb * (int64_t)eb, nkc);
@@ -498,6 +550,7 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
         moe_pack(J, v->b + (size_t)(k0 * v->brs + c0 * v->bcs) * eb, J->bt,
                  v->brs, v->bcs, kc, v->N - c0 < nr ? v->N - c0 : nr, nr,
                  s->bp);
+        moe_count_b(kc, v->N - c0 < nr ? v->N - c0 : nr);
         if (J->bmode == MOE_BMODE_COLS && J->pf_cols) {
           /* Next: this chunk's next sliver, or the next chunk's first. */
           int64_t pk = k0, pc = c0 + nr;
@@ -536,6 +589,107 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
     }
   }
   moe_store_tile(J, s->acc, ldacc, mb, nb, c, v->crs, v->ccs);
+}
+
+/// A shared-panel item: n-tile nj of a group taller than one m-tile, for
+/// every m-tile. Depth chunk by depth chunk, the block's B chunk is packed
+/// once (a whole chunk of rows in row mode, sliver by sliver while the
+/// first m-tile runs otherwise) and every m-tile packs its A chunk and runs
+/// against it, accumulating in its own rows of the item's accumulators.
+/// Each output element sees the same sums in the same order as in
+/// moe_run_item, so the bits are those of the per-m-tile items.
+static void moe_run_shared(const moe_job *J, const moe_view *v,
+                           const moe_tiling *t, int64_t nj, moe_scratch *s) {
+  const moe_ukernel_info *uk = J->uk;
+  int mr = J->mr, nr = J->nr;
+  size_t ea = moe_dtype_size(J->at), eb = moe_dtype_size(J->bt),
+         ec = moe_dtype_size(J->ct);
+  int64_t s0 = nj * t->nsl / t->nt, s1 = (nj + 1) * t->nsl / t->nt;
+  int64_t nsl = s1 - s0, j0 = s0 * nr;
+  int64_t nb = (s1 * nr < v->N ? s1 * nr : v->N) - j0;
+  int64_t ldacc = nsl * nr, mslk = t->mrows / mr;
+  int64_t upe = J->pairs ? 2 : 1;
+  /* Depth chunk: row mode as in moe_run_item; otherwise the block's
+     chunk of slivers must fit MOE_SPANEL. Every chunk but the last is
+     even in elements and whole A blocks. */
+  int64_t ku;
+  if (J->bmode == MOE_BMODE_ROWS) {
+    ku = MOE_BPANEL / (nsl * nr);
+    if (ku > MOE_KCU) ku = MOE_KCU;
+  } else {
+    ku = MOE_SPANEL / (nsl * nr);
+    if (J->bmode == MOE_BMODE_GENERIC && ku > MOE_KCU) ku = MOE_KCU;
+  }
+  if (ku > MOE_APANEL / (mslk * mr)) ku = MOE_APANEL / (mslk * mr);
+  ku = ku >= 16 ? ku / 8 * 8 : (ku > 0 ? ku : 1);
+  if (J->akb > 1 && ku >= J->akb) ku = ku / J->akb * J->akb;
+  int64_t kce = ku * upe;
+  moe_pf pf;
+  moe_pf_start(&pf, NULL, 0, 0, 0);
+  for (int64_t k0 = 0; k0 < v->K; k0 += kce) {
+    int64_t kc = v->K - k0 < kce ? v->K - k0 : kce;
+    int64_t kuc = (kc + upe - 1) / upe, kua = moe_a_units(J, kuc);
+    int64_t nsub = (kuc + MOE_KCU - 1) / MOE_KCU;
+    if (J->bmode == MOE_BMODE_ROWS) {
+      moe_pack(J, v->b + (size_t)(k0 * v->brs + j0 * v->bcs) * eb, J->bt,
+               v->brs, v->bcs, kc, nb, nr, s->bp);
+      moe_count_b(kc, nb);
+      int64_t nk = k0 + kc, nkc = v->K - nk < kce ? v->K - nk : kce;
+      moe_pf_start(&pf, v->b + (size_t)(nk * v->brs + j0) * eb,
+                   v->brs * (int64_t)eb, nb * (int64_t)eb, nkc);
+    }
+    for (int64_t mi = 0; mi < t->mt; mi++) {
+      int64_t i0 = mi * t->mrows;
+      int64_t mb = v->M - i0 < t->mrows ? v->M - i0 : t->mrows;
+      int64_t msl = (mb + mr - 1) / mr;
+      int64_t mbase = mb / msl, mextra = mb % msl;
+      for (int64_t is = 0; is < msl; is++) {
+        int64_t r = i0 + is * mbase + (is < mextra ? is : mextra);
+        moe_pack_a(J, v->a + (size_t)(r * v->ars + k0 * v->acs) * ea, v->acs,
+                   v->ars, kc, mbase + (is < mextra),
+                   (uint32_t *)s->ap + is * mr * kua);
+      }
+      for (int64_t js = 0; js < nsl; js++) {
+        int64_t c0 = j0 + js * nr;
+        const uint32_t *bsl = (const uint32_t *)s->bp + js * kuc * nr;
+        if (J->bmode != MOE_BMODE_ROWS && mi == 0) {
+          int64_t w = v->N - c0 < nr ? v->N - c0 : nr;
+          moe_pack(J, v->b + (size_t)(k0 * v->brs + c0 * v->bcs) * eb, J->bt,
+                   v->brs, v->bcs, kc, w, nr, (uint32_t *)bsl);
+          moe_count_b(kc, w);
+          if (J->bmode == MOE_BMODE_COLS && J->pf_cols && js + 1 < nsl) {
+            int64_t pc = c0 + nr, pw = v->N - pc < nr ? v->N - pc : nr;
+            moe_pf_start(&pf, v->b + (size_t)(k0 + pc * v->bcs) * eb,
+                         v->bcs * (int64_t)eb, kc * (int64_t)eb, pw);
+          }
+        }
+        /* Spread the prefetches over the calls until the next packing. */
+        int64_t calls = msl * nsub;
+        if (J->bmode == MOE_BMODE_ROWS) calls *= (t->mt - mi) * nsl - js;
+        int64_t per_call = (moe_pf_left(&pf) + calls - 1) / calls;
+        for (int64_t u0 = 0; u0 < kuc; u0 += MOE_KCU) {
+          int64_t uk0 = kuc - u0 < MOE_KCU ? kuc - u0 : MOE_KCU;
+          for (int64_t is = 0; is < msl; is++) {
+            int m = (int)(mbase + (is < mextra));
+            float *acc =
+                s->acc +
+                (i0 + is * mbase + (is < mextra ? is : mextra)) * ldacc +
+                js * nr;
+            int first = k0 == 0 && u0 == 0;
+            moe_pf_step(&pf, per_call);
+            if (J->pairs)
+              uk->bf16(uk0, (const uint32_t *)s->ap + is * mr * kua + u0 * mr,
+                       bsl + u0 * nr, acc, ldacc, m, first);
+            else
+              uk->f32(uk0, (const float *)s->ap + is * mr * kua + u0 * mr,
+                      (const float *)(bsl + u0 * nr), acc, ldacc, m, first);
+          }
+        }
+      }
+    }
+  }
+  moe_store_tile(J, s->acc, ldacc, v->M, nb, v->c + (size_t)(j0 * v->ccs) * ec,
+                 v->crs, v->ccs);
 }
 
 /* ---- the call ------------------------------------------------------------ */
@@ -640,13 +794,15 @@ moe_status moe_gemm_grouped_with(const moe_gemm_problem *p,
     mtiles += t.mt;
   }
   J.narrow = mtiles < 4 * (int64_t)nt;
+  J.nthreads = nt;
+  J.share = p->kind == MOE_GROUP_M && !J.tr && !moe_gemm_share_off;
   for (int64_t g = 0; g < G; g++) {
     first[g] = total;
     moe_view v;
     moe_tiling t;
     moe_view_of(&J, g, &v);
     moe_tiling_of(&J, &v, &t);
-    total += t.mt * t.nt;
+    total += t.shared ? t.nt : t.mt * t.nt;
   }
   first[G] = total;
   char *pool_base = mem + moe_align64(sizeof(int64_t) * (size_t)(G + 1));
@@ -657,7 +813,7 @@ moe_status moe_gemm_grouped_with(const moe_gemm_problem *p,
   {
     float *buf = pool + (size_t)omp_get_thread_num() * per_thread;
     moe_scratch s = {buf, buf + (size_t)MOE_APANEL,
-                     buf + (size_t)MOE_APANEL + (size_t)MOE_BPANEL};
+                     buf + (size_t)MOE_APANEL + (size_t)MOE_SPANEL};
     int64_t g = 0;
     moe_view v;
     moe_tiling t;
@@ -676,7 +832,10 @@ moe_status moe_gemm_grouped_with(const moe_gemm_problem *p,
         vg = g;
       }
       int64_t local = it - first[g];
-      moe_run_item(&J, &v, &t, local / t.nt, local % t.nt, &s);
+      if (t.shared)
+        moe_run_shared(&J, &v, &t, local, &s);
+      else
+        moe_run_item(&J, &v, &t, local / t.nt, local % t.nt, &s);
     }
     if (hooks && uk->bf16_end) uk->bf16_end();
 #if defined(__x86_64__) || defined(__i386__)

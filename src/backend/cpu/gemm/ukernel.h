@@ -186,4 +186,13 @@ moe_status moe_gemm_grouped_with(const moe_gemm_problem *p,
                                  const moe_gemm_ctx *c,
                                  const moe_ukernel_info *uk);
 
+/// Test hooks of the driver (not for library callers). B elements packed
+/// by the grouped driver since the last reset (depth x width of every B
+/// panel packing, all threads, padding excluded); `reset` returns the
+/// count and sets it to zero. Setting moe_gemm_share_off (default 0) makes
+/// M-grouped problems pack B once per m-tile again, as before the
+/// shared-panel items: tests compare the two, bit for bit.
+int64_t moe_gemm_b_packed(bool reset);
+extern int moe_gemm_share_off;
+
 #endif /* MOE_UKERNEL_H */
