@@ -142,10 +142,11 @@ static double time_ms(bench_fn fn, void *ctx, int reps) {
 }
 
 /// Pins a tile of the grouped kernel: "sm90:BMxBN[pp]" one of the Hopper
-/// kernels' (required: MOE_CUDA_SM90=1 makes a fallback an error),
+/// kernels' (required: MOE_CUDA_SM90=1 makes a fallback an error; the dW
+/// kernel's operands read in place by TMA, MOE_CUDA_SM90_DW_TMA=1),
 /// "sm90cp:BMxBN" the same with the dW kernel's operands all by cp.async
-/// (MOE_CUDA_SM90_DW_TMA=0: the TMA loads' A/B), else an mma.sync tile
-/// (MOE_CUDA_TILE); NULL unpins.
+/// (the TMA loads' A/B), else an mma.sync tile (MOE_CUDA_TILE); NULL
+/// unpins.
 static void set_tile(const char *t) {
   unsetenv("MOE_CUDA_TILE");
   unsetenv("MOE_CUDA_SM90_TILE");
@@ -157,6 +158,7 @@ static void set_tile(const char *t) {
     setenv("MOE_CUDA_SM90", "1", 1);
     setenv("MOE_CUDA_SM90_DW_TMA", "0", 1);
   } else if (!strncmp(t, "sm90:", 5)) {
+    setenv("MOE_CUDA_SM90_DW_TMA", "1", 1);
     setenv("MOE_CUDA_SM90_TILE", t + 5, 1);
     setenv("MOE_CUDA_SM90", "1", 1);
   } else {

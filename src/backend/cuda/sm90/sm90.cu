@@ -262,10 +262,11 @@ moe_status run_sm90(const moe_cu_gemm *p, const moe_cu_ctx *c,
     a.b = (const uint16_t *)p->B.data;
     a.b_ld = p->B.rs;
     a.b_gather = p->B.gather;
-    /* operands read in place come by TMA (MOE_CUDA_SM90_DW_TMA=0: by
-       cp.async, the A/B knob of bench/NOTES.md) */
+    /* operands read in place come by TMA with MOE_CUDA_SM90_DW_TMA=1;
+       by cp.async otherwise. Opt-in until it has run on a GPU
+       (bench/NOTES.md, session of 2026-12-07, second round) */
     const char *tv = moe_env_cuda_sm90_dw_tma();
-    bool tma_on = !(tv && !strcmp(tv, "0"));
+    bool tma_on = tv && !strcmp(tv, "1");
     CUtensorMap tma, tmb;
     memset(&tma, 0, sizeof tma);
     memset(&tmb, 0, sizeof tmb);
