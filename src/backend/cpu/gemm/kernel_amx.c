@@ -26,6 +26,11 @@
 /// (`bf16_begin`, called by the driver) and released at its end
 /// (`bf16_end`): a kernel call carries no ldtilecfg.
 ///
+/// dW band (`bf16_band`, ukernel.h): where the whole depth is one chunk,
+/// each 32 x 32 C block is the same products from zero, stored once into
+/// an L1 block and converted straight into C (no f32 accumulator in
+/// memory, no store call), bit for bit kernel + store.
+///
 /// Rows past `m`: the driver deals an m-tile's rows to slivers evenly, so a
 /// short sliver's rows m..31 may be the next sliver's rows. A partial row
 /// tile therefore goes through a local 16 x 32 buffer and only its `m`
