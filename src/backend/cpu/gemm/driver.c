@@ -493,6 +493,14 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
       int m = (int)(mbase + (is < mextra));
       int64_t ro = is * mbase + (is < mextra ? is : mextra);
       char *crow = c + (size_t)(ro * v->crs) * ec;
+      if (J->pairs && uk->bf16_band && v->ccs == 1 && J->ct != MOE_F16) {
+        /* Each C block accumulated in the kernel's registers and written
+           once, converted (no f32 accumulator in memory): the same bits. */
+        uk->bf16_band(kuc, (const uint32_t *)s->ap + is * mr * kua,
+                      (const uint32_t *)s->bp, nb, m, crow, J->ct, v->crs,
+                      J->p->beta, J->stream);
+        continue;
+      }
       int64_t done = 0; /* columns of this band already in C */
       for (int64_t js = 0; js < nsl; js++) {
         const uint32_t *bsl = (const uint32_t *)s->bp + js * kuc * nr;

@@ -26,6 +26,11 @@
 /// (`bf16_begin`, called by the driver) and released at its end
 /// (`bf16_end`): a kernel call carries no ldtilecfg.
 ///
+/// dW band (`bf16_band`, ukernel.h): where the whole depth is one chunk,
+/// each 32 x 32 C block is the same products from zero, stored once into
+/// an L1 block and converted straight into C (no f32 accumulator in
+/// memory, no store call), bit for bit kernel + store.
+///
 /// Rows past `m`: the driver deals an m-tile's rows to slivers evenly, so a
 /// short sliver's rows m..31 may be the next sliver's rows. A partial row
 /// tile therefore goes through a local 16 x 32 buffer and only its `m`
@@ -86,37 +91,11 @@ static void moe_amx_rows_out(const float *buf, int rows, float *acc,
   }
 }
 
-static void moe_ukernel_amx_bf16(int64_t kp, const uint32_t *a,
-                                 const uint32_t *b, float *acc, int64_t ldacc,
-                                 int m, int first) {
-  float buf[16 * 32] __attribute__((aligned(64)));
-  uint32_t bt[AMX_KB * AMX_NR] __attribute__((aligned(64)));
-  const int64_t ld = ldacc * (int64_t)sizeof(float);
-  const int two = m > 16, r0 = m < 16 ? m : 16, r1 = two ? m - 16 : 0;
-  float *acc1 = acc + 16 * ldacc;
-  if (first) {
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_zero(2);
-    _tile_zero(3);
-  } else {
-    if (r0 == 16) {
-      _tile_loadd(0, acc, ld);
-      _tile_loadd(1, acc + 16, ld);
-    } else {
-      moe_amx_rows_in(acc, ldacc, r0, buf);
-      _tile_loadd(0, buf, 128);
-      _tile_loadd(1, buf + 16, 128);
-    }
-    if (r1 == 16) {
-      _tile_loadd(2, acc1, ld);
-      _tile_loadd(3, acc1 + 16, ld);
-    } else if (two) {
-      moe_amx_rows_in(acc1, ldacc, r1, buf);
-      _tile_loadd(2, buf, 128);
-      _tile_loadd(3, buf + 16, 128);
-    }
-  }
+/// tmm0..3 (tmm0, tmm1 only when !two) += A sliver x B sliver over kp
+/// pairs: the kernel's products, shared by the kernel and the band.
+__attribute__((always_inline)) static inline void
+moe_amx_product(int64_t kp, const uint32_t *a, const uint32_t *b, int two,
+                uint32_t *bt) {
   const int64_t full = kp / AMX_KB, tail = kp % AMX_KB;
   const int64_t ablk = AMX_KB * AMX_MR, bblk = AMX_KB * AMX_NR;
   if (two) {
@@ -166,6 +145,40 @@ static void moe_ukernel_amx_bf16(int64_t kp, const uint32_t *a,
       _tile_dpbf16ps(3, 5, 7);
     }
   }
+}
+
+static void moe_ukernel_amx_bf16(int64_t kp, const uint32_t *a,
+                                 const uint32_t *b, float *acc, int64_t ldacc,
+                                 int m, int first) {
+  float buf[16 * 32] __attribute__((aligned(64)));
+  uint32_t bt[AMX_KB * AMX_NR] __attribute__((aligned(64)));
+  const int64_t ld = ldacc * (int64_t)sizeof(float);
+  const int two = m > 16, r0 = m < 16 ? m : 16, r1 = two ? m - 16 : 0;
+  float *acc1 = acc + 16 * ldacc;
+  if (first) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+  } else {
+    if (r0 == 16) {
+      _tile_loadd(0, acc, ld);
+      _tile_loadd(1, acc + 16, ld);
+    } else {
+      moe_amx_rows_in(acc, ldacc, r0, buf);
+      _tile_loadd(0, buf, 128);
+      _tile_loadd(1, buf + 16, 128);
+    }
+    if (r1 == 16) {
+      _tile_loadd(2, acc1, ld);
+      _tile_loadd(3, acc1 + 16, ld);
+    } else if (two) {
+      moe_amx_rows_in(acc1, ldacc, r1, buf);
+      _tile_loadd(2, buf, 128);
+      _tile_loadd(3, buf + 16, 128);
+    }
+  }
+  moe_amx_product(kp, a, b, two, bt);
   if (r0 == 16) {
     _tile_stored(0, acc, ld);
     _tile_stored(1, acc + 16, ld);
@@ -224,6 +237,95 @@ static void moe_pack_a_amx(const uint16_t *src, int64_t sd, int64_t sw,
   }
 }
 
+/* ---- dW band: C written straight from the tiles ----------------------- */
+
+/// 32 lanes f32 -> bf16 with vcvtne2ps2bf16 (AMX implies AVX512-BF16, see
+/// dispatch.c), bit for bit moe_f32_to_bf16: the instruction flushes
+/// denormal inputs to zero, so a vector holding one takes the exact
+/// integer path instead (as kernel_avx512bf16.c's store does).
+static inline __m512i moe_amx_cvt32(__m512 lo, __m512 hi) {
+  __mmask16 d =
+      _mm512_fpclass_ps_mask(lo, 0x20) | _mm512_fpclass_ps_mask(hi, 0x20);
+  if (__builtin_expect(d != 0, 0))
+    return _mm512_inserti64x4(_mm512_castsi256_si512(moe_cvt_bf16(lo)),
+                              moe_cvt_bf16(hi), 1);
+  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+/// n <= 32 f32 values at s -> one C row segment: the same sums and
+/// rounding as moe_store_avx512 (C = s, or C + s when beta != 0); a whole
+/// 64-byte line goes out non-temporally when `stream` and beta == 0.
+static inline void moe_amx_put_row(const float *s, void *c, moe_dtype ct, int n,
+                                   float beta, int stream) {
+  __mmask16 k0 = moe_mask16(n), k1 = moe_mask16(n > 16 ? n - 16 : 0);
+  __m512 lo = _mm512_maskz_loadu_ps(k0, s);
+  __m512 hi = _mm512_maskz_loadu_ps(k1, s + 16);
+  if (ct == MOE_F32) {
+    float *cf = (float *)c;
+    if (beta != 0.0f) {
+      lo = _mm512_add_ps(_mm512_maskz_loadu_ps(k0, cf), lo);
+      hi = _mm512_add_ps(_mm512_maskz_loadu_ps(k1, cf + 16), hi);
+    } else if (stream && n == 32 && !((uintptr_t)cf & 63)) {
+      _mm512_stream_ps(cf, lo);
+      _mm512_stream_ps(cf + 16, hi);
+      return;
+    }
+    _mm512_mask_storeu_ps(cf, k0, lo);
+    _mm512_mask_storeu_ps(cf + 16, k1, hi);
+    return;
+  }
+  uint16_t *ch = (uint16_t *)c;
+  __mmask32 k = n >= 32 ? ~0u : (1u << n) - 1u;
+  if (beta != 0.0f) {
+    __m512i old = _mm512_maskz_loadu_epi16(k, ch);
+    lo = _mm512_add_ps(
+        _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm512_castsi512_si256(old)), 16)),
+        lo);
+    hi = _mm512_add_ps(
+        _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(old, 1)), 16)),
+        hi);
+  }
+  __m512i v = moe_amx_cvt32(lo, hi);
+  if (beta == 0.0f && stream && n == 32 && !((uintptr_t)ch & 63))
+    _mm512_stream_si512((void *)ch, v);
+  else
+    _mm512_mask_storeu_epi16(ch, k, v);
+}
+
+/// ukernel.h's bf16_band: for each 32-column sliver of the band, the
+/// kernel's products from zero over the whole depth (tmm0..3), the tiles
+/// stored once into an L1 block and its m rows converted into C.
+static void moe_amx_band(int64_t kp, const uint32_t *a, const uint32_t *b,
+                         int64_t nb, int m, void *c, moe_dtype ct, int64_t crs,
+                         float beta, int stream) {
+  float buf[32 * 32] __attribute__((aligned(64)));
+  uint32_t bt[AMX_KB * AMX_NR] __attribute__((aligned(64)));
+  const int two = m > 16;
+  const size_t ec = ct == MOE_F32 ? 4 : 2;
+  for (int64_t j0 = 0; j0 < nb; j0 += AMX_NR) {
+    _tile_zero(0);
+    _tile_zero(1);
+    if (two) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+    moe_amx_product(kp, a, b + j0 * kp, two, bt);
+    _tile_stored(0, buf, 128);
+    _tile_stored(1, buf + 16, 128);
+    if (two) {
+      _tile_stored(2, buf + 16 * 32, 128);
+      _tile_stored(3, buf + 16 * 32 + 16, 128);
+    }
+    int n = nb - j0 < AMX_NR ? (int)(nb - j0) : AMX_NR;
+    char *c0 = (char *)c + (size_t)j0 * ec;
+    for (int i = 0; i < m; i++)
+      moe_amx_put_row(buf + i * 32, c0 + (size_t)(i * crs) * ec, ct, n, beta,
+                      stream);
+  }
+}
+
 const moe_ukernel_info moe_ukernel_amx = {.isa = "amx",
                                           MOE_AVX512_F32_SET,
                                           .bf16_name = "amx_bf16_32x32",
@@ -236,4 +338,5 @@ const moe_ukernel_info moe_ukernel_amx = {.isa = "amx",
                                           .a_kblock = AMX_KB,
                                           .bf16_begin = moe_amx_begin,
                                           .bf16_end = moe_amx_end,
-                                          .sw_prefetch_off = true};
+                                          .sw_prefetch_off = true,
+                                          .bf16_band = moe_amx_band};

@@ -133,6 +133,17 @@ typedef struct moe_ukernel_info {
   bool sw_prefetch_off;
   /// Decode-sized groups of bf16-pair problems (NULL: the pair kernels).
   moe_gemv_pairs_fn gemv_pairs;
+  /// Optional, bf16-pair problems whose whole depth is one chunk (the
+  /// driver's dW band): one A sliver (the kernel's format, m <= bmr rows,
+  /// kp pairs) against the nb columns of a packed B band (sliver js at
+  /// b + js * kp * bnr), each C block accumulated over the whole depth in
+  /// the kernel's registers and written once to C (f32 or bf16, row
+  /// stride crs, unit column stride, + C when beta != 0, non-temporal
+  /// whole lines when `stream`): no f32 accumulator in memory, no store
+  /// call. Bits equal `bf16` (first = 1) followed by `store`.
+  void (*bf16_band)(int64_t kp, const uint32_t *a, const uint32_t *b,
+                    int64_t nb, int m, void *c, moe_dtype ct, int64_t crs,
+                    float beta, int stream);
 } moe_ukernel_info;
 
 /// The portable reference kernel set (kernel_ref.c): the f32 kernel every
