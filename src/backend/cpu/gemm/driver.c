@@ -405,6 +405,37 @@ static void moe_store_tile(const moe_job *J, const float *acc, int64_t ldacc,
     moe_store_portable(acc, ldacc, mb, nb, c, J->ct, crs, ccs, J->p->beta);
 }
 
+/// The kernel calls of one packed B sliver (bsl, kuc packed depth units)
+/// against the msl packed A slivers in s->ap (mbase rows each, mextra of
+/// them one more), over the depth in steps of MOE_KCU: accumulators from row
+/// i0 and column c of s->acc (row stride ldacc); first_chunk: this is the
+/// depth's first chunk (the kernels start from zero). One prefetch step of
+/// per_call lines before each call.
+static void moe_run_sliver(const moe_job *J, moe_scratch *s, moe_pf *pf,
+                           int64_t per_call, const uint32_t *bsl, int64_t i0,
+                           int64_t msl, int64_t mbase, int64_t mextra,
+                           int64_t c, int64_t kuc, int64_t kua, int64_t ldacc,
+                           int first_chunk) {
+  const moe_ukernel_info *uk = J->uk;
+  int mr = J->mr, nr = J->nr;
+  for (int64_t u0 = 0; u0 < kuc; u0 += MOE_KCU) {
+    int64_t uk0 = kuc - u0 < MOE_KCU ? kuc - u0 : MOE_KCU;
+    for (int64_t is = 0; is < msl; is++) {
+      int m = (int)(mbase + (is < mextra));
+      float *acc =
+          s->acc + (i0 + is * mbase + (is < mextra ? is : mextra)) * ldacc + c;
+      int first = first_chunk && u0 == 0;
+      moe_pf_step(pf, per_call);
+      if (J->pairs)
+        uk->bf16(uk0, (const uint32_t *)s->ap + is * mr * kua + u0 * mr,
+                 bsl + u0 * nr, acc, ldacc, m, first);
+      else
+        uk->f32(uk0, (const float *)s->ap + is * mr * kua + u0 * mr,
+                (const float *)(bsl + u0 * nr), acc, ldacc, m, first);
+    }
+  }
+}
+
 /// Computes item (mi, nj) of a group: C rows [i0, i0 + mb) and the columns
 /// of slivers [s0, s1).
 static void moe_run_item(const moe_job *J, const moe_view *v,
@@ -577,23 +608,8 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
       int64_t nsub = (kuc + MOE_KCU - 1) / MOE_KCU;
       int64_t calls = msl * nsub * (J->bmode == MOE_BMODE_ROWS ? nsl - js : 1);
       int64_t per_call = (moe_pf_left(&pf) + calls - 1) / (calls ? calls : 1);
-      for (int64_t u0 = 0; u0 < kuc; u0 += MOE_KCU) {
-        int64_t uk0 = kuc - u0 < MOE_KCU ? kuc - u0 : MOE_KCU;
-        for (int64_t is = 0; is < msl; is++) {
-          int m = (int)(mbase + (is < mextra));
-          float *acc = s->acc +
-                       (is * mbase + (is < mextra ? is : mextra)) * ldacc +
-                       js * nr;
-          int first = k0 == 0 && u0 == 0;
-          moe_pf_step(&pf, per_call);
-          if (J->pairs)
-            uk->bf16(uk0, (const uint32_t *)s->ap + is * mr * kua + u0 * mr,
-                     bsl + u0 * nr, acc, ldacc, m, first);
-          else
-            uk->f32(uk0, (const float *)s->ap + is * mr * kua + u0 * mr,
-                    (const float *)(bsl + u0 * nr), acc, ldacc, m, first);
-        }
-      }
+      moe_run_sliver(J, s, &pf, per_call, bsl, 0, msl, mbase, mextra, js * nr,
+                     kuc, kua, ldacc, k0 == 0);
     }
   }
   moe_store_tile(J, s->acc, ldacc, mb, nb, c, v->crs, v->ccs);
@@ -608,7 +624,6 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
 /// moe_run_item, so the bits are those of the per-m-tile items.
 static void moe_run_shared(const moe_job *J, const moe_view *v,
                            const moe_tiling *t, int64_t nj, moe_scratch *s) {
-  const moe_ukernel_info *uk = J->uk;
   int mr = J->mr, nr = J->nr;
   size_t ea = moe_dtype_size(J->at), eb = moe_dtype_size(J->bt),
          ec = moe_dtype_size(J->ct);
@@ -675,24 +690,8 @@ static void moe_run_shared(const moe_job *J, const moe_view *v,
         int64_t calls = msl * nsub;
         if (J->bmode == MOE_BMODE_ROWS) calls *= (t->mt - mi) * nsl - js;
         int64_t per_call = (moe_pf_left(&pf) + calls - 1) / calls;
-        for (int64_t u0 = 0; u0 < kuc; u0 += MOE_KCU) {
-          int64_t uk0 = kuc - u0 < MOE_KCU ? kuc - u0 : MOE_KCU;
-          for (int64_t is = 0; is < msl; is++) {
-            int m = (int)(mbase + (is < mextra));
-            float *acc =
-                s->acc +
-                (i0 + is * mbase + (is < mextra ? is : mextra)) * ldacc +
-                js * nr;
-            int first = k0 == 0 && u0 == 0;
-            moe_pf_step(&pf, per_call);
-            if (J->pairs)
-              uk->bf16(uk0, (const uint32_t *)s->ap + is * mr * kua + u0 * mr,
-                       bsl + u0 * nr, acc, ldacc, m, first);
-            else
-              uk->f32(uk0, (const float *)s->ap + is * mr * kua + u0 * mr,
-                      (const float *)(bsl + u0 * nr), acc, ldacc, m, first);
-          }
-        }
+        moe_run_sliver(J, s, &pf, per_call, bsl, i0, msl, mbase, mextra,
+                       js * nr, kuc, kua, ldacc, k0 == 0);
       }
     }
   }
