@@ -20,13 +20,13 @@ from grouped_mm's on the same weights and tokens, and the speedup.
 
 import json
 import os
-import time
 
 import torch
 import transformers
 
 import libmoe
 import libmoe.hf
+from timing import median_ms
 
 SMOKE = os.environ.get("HF_ACT_SMOKE") == "1"
 DEV = "cpu" if SMOKE else "cuda"
@@ -47,25 +47,7 @@ def sync():
 
 
 def bench(fn, warm=2, rep=REP):
-    for _ in range(warm):
-        fn()
-    sync()
-    ts = []
-    for _ in range(rep):
-        if DEV == "cuda":
-            a = torch.cuda.Event(enable_timing=True)
-            b = torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            ts.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-    ts.sort()
-    return ts[len(ts) // 2]
+    return median_ms(fn, warm, rep, DEV)
 
 
 def make_block(name, H, I, E, k):

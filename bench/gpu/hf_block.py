@@ -25,6 +25,7 @@ from transformers.models.qwen3_moe import modeling_qwen3_moe as qm
 
 import libmoe
 import libmoe.hf
+from timing import median_ms
 
 DEV = "cuda"
 REP = int(os.environ.get("HF_BLOCK_REP", "5"))
@@ -35,20 +36,7 @@ WORK = [  # name, H, I, E, k, tokens
 
 
 def bench(fn, warm=2, rep=REP):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(rep):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    ts.sort()
-    return ts[len(ts) // 2]
+    return median_ms(fn, warm, rep)
 
 
 def make_block(H, I, E, k, transposed):

@@ -21,6 +21,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from timing import median_ms as _median_ms
 
 SHAPES = {  # E, H, I, top_k, tokens
     "qwen35_ep1": (512, 4096, 1024, 10, 8192),
@@ -31,21 +32,7 @@ DEV = "cuda"
 
 
 def median_ms(fn, warm=3, reps=10):
-    """Median of `reps` CUDA-event timings of fn() after `warm` calls."""
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start = torch.cuda.Event(enable_timing=True)
-        stop = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    times.sort()
-    return times[len(times) // 2]
+    return _median_ms(fn, warm, reps)
 
 
 def act(h):
