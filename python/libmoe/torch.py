@@ -68,6 +68,14 @@ class _Plan:
             L.lib.moe_layer_plan_destroy(h)
 
 
+# Workspace tensors sized at the plan's capacity instead of the call's T:
+# every call of a plan then asks the caching allocator for the same sizes,
+# at the price of up to 2x the workspace (the plans' capacities double). Off
+# by default: issue 16's variable-token bench (bench/gpu/variable_tokens.py
+# --ws-capacity) measures whether a trainer whose T changes every step needs
+# it; see bench/NOTES.md.
+workspace_at_capacity = False
+
 # key -> plans of growing capacity (each twice the one before, or more)
 _plans: dict = {}
 _plans_lock = threading.Lock()
@@ -223,15 +231,12 @@ def _experts_fwd(hidden: torch.Tensor, top_k_index: torch.Tensor,
     out = torch.empty((T, H), dtype=hidden.dtype, device=dev)
     sz = p.sizes(T)
     # `saved` is an op output, so every byte must be defined
-    # (torch.library.opcheck compares outputs byte for byte). The CPU layer
-    # writes every byte (tests/test_layer.c checks it): no memset. The CUDA
-    # layer's guarantee comes with its own saved-state work; until then one
-    # memset there.
-    if dev.type == "cpu":
-        saved = torch.empty((sz.saved,), dtype=torch.uint8, device=dev)
-    else:
-        saved = torch.zeros((sz.saved,), dtype=torch.uint8, device=dev)
-    ws = torch.empty((sz.fwd_workspace,), dtype=torch.uint8, device=dev)
+    # (torch.library.opcheck compares outputs byte for byte). Both layers
+    # write every byte of it (tests/test_layer.c on the CPU,
+    # tests/gpu/test_cuda.c's test_saved_bytes on CUDA): no memset.
+    saved = torch.empty((sz.saved,), dtype=torch.uint8, device=dev)
+    wsz = p.sizes(p.capacity) if workspace_at_capacity else sz
+    ws = torch.empty((wsz.fwd_workspace,), dtype=torch.uint8, device=dev)
     a = L.moe_layer_fwd_args()
     a.hidden = L.view(hidden)
     a.topk_index = L.view(top_k_index)
@@ -243,8 +248,8 @@ def _experts_fwd(hidden: torch.Tensor, top_k_index: torch.Tensor,
     L.check(L.lib.moe_layer_forward(p.handle, ctypes.byref(a),
                                     saved.data_ptr() if sz.saved else None,
                                     sz.saved,
-                                    ws.data_ptr() if sz.fwd_workspace else None,
-                                    sz.fwd_workspace, L.stream_of(dev)),
+                                    ws.data_ptr() if wsz.fwd_workspace else None,
+                                    wsz.fwd_workspace, L.stream_of(dev)),
             "moe_layer_forward")
     return out, saved
 
@@ -301,7 +306,8 @@ def _experts_bwd(grad_out: torch.Tensor, hidden: torch.Tensor,
     g_bgu = _no_grad_like(gate_up_bias, hidden)
     g_bdn = _no_grad_like(down_bias, hidden)
     sz = p.sizes(int(hidden.shape[0]))
-    ws = torch.empty((sz.bwd_workspace,), dtype=torch.uint8, device=dev)
+    wsz = p.sizes(p.capacity) if workspace_at_capacity else sz
+    ws = torch.empty((wsz.bwd_workspace,), dtype=torch.uint8, device=dev)
     if grad_out.dtype != hidden.dtype:
         grad_out = grad_out.to(hidden.dtype)
     b = L.moe_layer_bwd_args()
@@ -322,8 +328,8 @@ def _experts_bwd(grad_out: torch.Tensor, hidden: torch.Tensor,
     L.check(L.lib.moe_layer_backward(p.handle, ctypes.byref(b),
                                      saved.data_ptr() if sz.saved else None,
                                      sz.saved,
-                                     ws.data_ptr() if sz.bwd_workspace else None,
-                                     sz.bwd_workspace, L.stream_of(dev)),
+                                     ws.data_ptr() if wsz.bwd_workspace else None,
+                                     wsz.bwd_workspace, L.stream_of(dev)),
             "moe_layer_backward")
     return g_hidden, g_w, g_gu, g_dn, g_bgu, g_bdn
 

@@ -16,7 +16,10 @@
 ///     run (workspace from cudaMallocAsync) must be bitwise equal; a
 ///     forward without a saved buffer (inference) must give the training
 ///     forward's output bitwise; dropped slots (MOE_TOPK_INVALID_DROP);
-///     loop in strict mode must fail with MOE_ERR_STRICT.
+///     loop in strict mode must fail with MOE_ERR_STRICT. Every byte of
+///     `saved` written by the forward: prefilled 0x00 and 0xff, the bytes
+///     and the backward's bits equal (plans for more tokens than T, odd
+///     sizes, dropped slots).
 ///  3. Sizes and planning: the saved bytes stay within the bound
 ///     T*k*2I*es + 16*T*k + 64*E at several shapes and token counts, on the
 ///     device and offline (desc.plan_gpu); offline plans refuse to run; the
@@ -35,6 +38,12 @@ static bool g_sm90;  /* --sm90: only the Hopper kernel's GEMM cases */
 static int g_fused_differs;
 /* tensors whose bits differ between hidden-column passes and one pass */
 static int g_cols_differs, g_cols_runs;
+/* test_saved_bytes: plans made for g_cap tokens (when above T), `saved`
+   prefilled with the byte g_sv_fill (when >= 0) and copied back to g_sv */
+static int64_t g_cap;
+static int g_sv_fill = -1;
+static unsigned char *g_sv;
+static size_t g_sv_n;
 
 #define CU(call)                                                               \
   do {                                                                         \
@@ -516,7 +525,7 @@ static moe_layer_desc desc_of(const lcase *c, bool cuda, moe_gmm_method m,
   d.hidden = c->H;
   d.intermediate = c->I;
   d.top_k = c->k;
-  d.max_tokens = c->T;
+  d.max_tokens = g_cap > c->T ? g_cap : c->T;
   d.norm_topk_prob = 1;
   d.dtype = c->dt;
   d.gate_up_layout = c->lgu;
@@ -589,6 +598,13 @@ static void run_layer(const lcase *c, const lbufs *hb, bool cuda,
     ws = tu_alloc(wsb);
     sv = tu_alloc(svb);
   }
+  if (cuda && g_sv_fill >= 0) {
+    /* the plan's own size for T (moe_layer_plan_sizes' may be larger) */
+    moe_layer_sizes ps;
+    CHECK_STATUS(moe_layer_plan_pass_sizes(plan, c->T, &ps), MOE_SUCCESS);
+    svb = ps.saved;
+    CU(cudaMemset(sv, g_sv_fill, svb ? svb : 16));
+  }
   r->fs = moe_layer_forward(plan, &fa, sv, svb, ws, own_ws ? wsb : 0, NULL);
   if (r->fs == MOE_SUCCESS) {
     moe_layer_bwd_args ba;
@@ -607,6 +623,12 @@ static void run_layer(const lcase *c, const lbufs *hb, bool cuda,
     r->bs = moe_layer_backward(plan, &ba, sv, svb, ws, own_ws ? wsb : 0, NULL);
   }
   if (cuda) CU(cudaDeviceSynchronize());
+  if (cuda && g_sv_fill >= 0) {
+    free(g_sv);
+    g_sv_n = svb;
+    g_sv = tu_alloc(svb ? svb : 1);
+    if (svb) CU(cudaMemcpy(g_sv, sv, svb, cudaMemcpyDeviceToHost));
+  }
   /* inference: the forward without a saved buffer, into a second output;
      its workspace layout differs (the saved block inside, Y over H), its
      output must not */
@@ -888,6 +910,72 @@ static void test_layer(void) {
   }
 }
 
+/// Every byte of `saved` is the layer's (python/libmoe/torch.py returns it
+/// from an op without zero-filling it): `saved` prefilled with 0x00 and
+/// with 0xff, the forward must leave the same bytes, and the backward from
+/// each the same bits; plans made for more tokens than the call has, at
+/// odd sizes (the padding before the offsets), with dropped slots (rows
+/// no GEMM writes) and without.
+static void test_saved_bytes(void) {
+  static const lcase cases[] = {
+      /* E, H, I, k, T, dt, layouts, fused, router, pattern */
+      {5, 40, 21, 3, 33, MOE_BF16, MOE_LAYOUT_OUT_IN, MOE_LAYOUT_OUT_IN, true,
+       true, 0},
+      {5, 40, 24, 3, 33, MOE_BF16, MOE_LAYOUT_OUT_IN, MOE_LAYOUT_OUT_IN, true,
+       false, 2},
+      {6, 36, 19, 3, 31, MOE_BF16, MOE_LAYOUT_IN_OUT, MOE_LAYOUT_OUT_IN, false,
+       false, 2},
+      {7, 33, 21, 2, 29, MOE_F32, MOE_LAYOUT_OUT_IN, MOE_LAYOUT_IN_OUT, false,
+       true, 0},
+      {8, 128, 64, 2, 95, MOE_BF16, MOE_LAYOUT_OUT_IN, MOE_LAYOUT_OUT_IN, true,
+       false, 2},
+  };
+  int n = g_small ? 2 : (int)(sizeof cases / sizeof cases[0]);
+  uint64_t seed = 900;
+  for (int i = 0; i < n; i++) {
+    const lcase *c = &cases[i];
+    lbufs hb;
+    lbufs_make(c, seed++, &hb);
+    lres r[2];
+    unsigned char *sv[2];
+    size_t svn[2];
+    g_cap = 3 * c->T + 5;
+    for (int f = 0; f < 2; f++) {
+      g_sv_fill = f ? 0xff : 0x00;
+      describe(c, f ? "saved prefilled 0xff" : "saved prefilled 0x00");
+      run_layer(c, &hb, true, MOE_GMM_GROUPED, 1, true, &r[f]);
+      CHECK_STATUS(r[f].fs, MOE_SUCCESS);
+      CHECK_STATUS(r[f].bs, MOE_SUCCESS);
+      sv[f] = g_sv;
+      svn[f] = g_sv_n;
+      g_sv = NULL;
+    }
+    g_cap = 0;
+    g_sv_fill = -1;
+    describe(c, "saved bytes, 0x00 vs 0xff prefill");
+    CHECK(svn[0] == svn[1] && svn[0] > 0, "saved sizes %zu and %zu", svn[0],
+          svn[1]);
+    size_t at = 0;
+    while (at < svn[0] && sv[0][at] == sv[1][at])
+      at++;
+    CHECK(at == svn[0],
+          "saved byte %zu of %zu is the prefill's (0x%02x vs 0x%02x): the "
+          "forward left it unwritten",
+          at, svn[0], at < svn[0] ? sv[0][at] : 0, at < svn[0] ? sv[1][at] : 0);
+    for (int j = 0; j < R_N; j++) {
+      if (!r[0].v[j] || !r[1].v[j]) continue;
+      int64_t d = tu_first_diff(r[0].v[j], r[1].v[j], r[0].n[j]);
+      CHECK(d < 0, "%s differs bitwise between the prefills at %lld", rnames[j],
+            (long long)d);
+    }
+    free(sv[0]);
+    free(sv[1]);
+    lres_free(&r[0]);
+    lres_free(&r[1]);
+    lbufs_free(&hb);
+  }
+}
+
 /* ---- 3. sizes and planning -------------------------------------------- */
 
 static double now_us(void) {
@@ -1020,6 +1108,7 @@ int main(int argc, char **argv) {
   test_sizes();
   test_gemm();
   test_layer();
+  test_saved_bytes();
   printf("fused vs unfused epilogues: forwards bitwise equal; %d gradient "
          "tensors differ in their bits (the fused dH path ran where they "
          "do)\n",

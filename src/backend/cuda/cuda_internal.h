@@ -106,6 +106,12 @@ moe_status moe_cu_route_sort(const int32_t *idx, int64_t S, int64_t k,
                              int64_t E, void *scratch, int64_t *offsets,
                              int32_t *slot_row, int32_t *row_token,
                              cudaStream_t s);
+/// Zeroes bytes [*end * u0, l0) of b0 and [*end * u1, l1) of b1, `end` a
+/// row count on the device (the rows a call with dropped slots leaves
+/// unwritten, and the padding after them), in one launch.
+moe_status moe_cu_zero_tails(void *b0, size_t u0, size_t l0, void *b1,
+                             size_t u1, size_t l1, const int64_t *end,
+                             cudaStream_t s);
 /// xp[r] = x[row_token[r]] for rows below offsets[E].
 moe_status moe_cu_gather_rows(const moe_cu_view *x, const int32_t *row_token,
                               const int64_t *end, int64_t R, int64_t H,

@@ -353,7 +353,7 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
                "%zu B, backward %zu B, inference %zu B\n",
                (long long)d.max_tokens, sz.saved,
                ranks > 1 ? "expert parallelism keeps the received rows, "
-                           "the activations and the combined output"
+                           "their pre-activation H and the routing metadata"
                          : "the pre-activation H [T*k, 2I] and the routing "
                            "metadata",
                sz.fwd_workspace, sz.bwd_workspace, sz.infer_workspace);
@@ -490,6 +490,7 @@ typedef struct moe_cu_lay {
   size_t bblas, bone, ds, loop, r1, r2, blogits, dl, rw, part, bws;
   int part_ld;  /* the fused dH epilogue's partials per row */
   int64_t cols; /* C: hidden columns of Y and dXp per pass */
+  bool infer;   /* the forward without a saved buffer */
 } moe_cu_lay;
 
 static size_t moe_cu_max(size_t a, size_t b) { return a > b ? a : b; }
@@ -567,6 +568,7 @@ static void moe_cu_lay_of(const moe_layer_plan *p, int64_t T, bool infer,
        loop1 = p->method[1] == MOE_GMM_LOOP;
   size_t tE = (size_t)T * E;
   memset(L, 0, sizeof *L);
+  L->infer = infer;
   L->cols = moe_cu_cols(p);
   size_t C = (size_t)L->cols;
   /* saved, tight */
@@ -623,24 +625,30 @@ static void moe_cu_lay_of(const moe_layer_plan *p, int64_t T, bool infer,
   L->bws = at;
 }
 
-/// With expert parallelism (sizes 0 on one GPU): saved xr (the received
-/// rows in expert order, gate_up's input and dW operand) and epmeta (the
-/// exchange counts and tables); forward fsend (own rows gathered for the
-/// dispatch, then the local experts' down output), fstage (rows by source
-/// rank); backward bstage and bdyr (dY, then dXp, in expert order). y then
-/// holds this rank's rows back from the combine, sorted by global expert.
-/// The overlap (chunks > 1) adds fyc (the down output, which may no longer
-/// overlay fsend: later chunks still send from it), bdxp (dXp in expert
-/// order) and bdx (dX back home): wider dX rows must not overwrite dY
-/// rows that later chunks still send.
+/// Expert parallelism (one GPU's layout is moe_cu_lay). Saved, what the
+/// expert-parallel backward reads: the routing metadata (idx, w, offsets,
+/// slot_row, row_token), ab = H (the received rows' gate_up output
+/// [Rl, 2I], the activation's input), xr (the received rows in expert
+/// order, dW_gu's operand) and epmeta (the exchange counts and tables).
+/// Not the probabilities (the backward recomputes the router's logits, as
+/// one GPU does: moe_cu_routing_bwd), not the activation A nor the down
+/// output Y (the backward never reads them: dS = <dA', A> with A recomputed
+/// from H). Forward workspace: sort scratch, logits (softmaxed in place),
+/// fa (A [Rl, I]), fy (this rank's rows back from the combine, sorted by
+/// global expert), fsend (own rows gathered for the dispatch, then the
+/// local experts' down output), fstage (rows by source rank). Backward:
+/// bstage and bdyr (dY, then dXp, in expert order), blogits (the logits
+/// recomputed). The overlap (chunks > 1) adds fyc (the down output, which
+/// may no longer overlay fsend: later chunks still send from it), bdxp (dXp
+/// in expert order) and bdx (dX back home): wider dX rows must not
+/// overwrite dY rows that later chunks still send.
 typedef struct moe_cu_bufs {
   /* saved (forward -> backward) */
-  size_t idx, w, probs, offsets, slot_row, row_token, xp, ab, hh, y, xr, epmeta,
-      saved;
+  size_t idx, w, offsets, slot_row, row_token, ab, xr, epmeta, saved;
   /* forward workspace */
-  size_t sort, logits, one, fblas, fsaved, fsend, fstage, fws;
+  size_t sort, logits, one, fblas, fsaved, fa, fy, fsend, fstage, fws;
   /* backward workspace (overlays the forward's) */
-  size_t dy, dh, dab, dw, dl, dxr, bone, bblas, bstage, bdyr, bws;
+  size_t dy, dh, dab, dw, dl, blogits, bone, bblas, bstage, bdyr, bws;
   size_t ws;
   size_t fyc, bdxp, bdx; /* the overlap's (0 bytes without it) */
   /* the backward's per-row side channel (expert parallelism): the rows'
@@ -661,24 +669,17 @@ static void moe_cu_bufs_of(const moe_layer_plan *p, int64_t T, moe_cu_bufs *b) {
   size_t es = moe_dtype_size(d->dtype);
   size_t S = (size_t)(T * d->top_k), E = (size_t)d->num_experts;
   size_t H = (size_t)d->hidden, I = (size_t)d->intermediate;
-  bool ep = p->ranks > 1;
-  /* rows of the local experts: all this rank's routed rows on one GPU, up
-     to what every rank may send with expert parallelism */
-  size_t Rl = ep ? (size_t)p->max_rows : S;
-  bool copy_x = !ep && p->method[0] == MOE_GMM_LOOP;
+  /* rows of the local experts: up to what every rank may send */
+  size_t Rl = (size_t)p->max_rows;
   size_t at = 0;
   b->idx = moe_cu_take(&at, S * 4);
   b->w = moe_cu_take(&at, S * 4);
-  b->probs = moe_cu_take(&at, (size_t)T * E * 4);
   b->offsets = moe_cu_take(&at, (E + 1) * 8);
   b->slot_row = moe_cu_take(&at, S * 4);
   b->row_token = moe_cu_take(&at, S * 4);
-  b->xp = moe_cu_take(&at, copy_x ? S * H * es : 0);
   b->ab = moe_cu_take(&at, Rl * 2 * I * es);
-  b->hh = moe_cu_take(&at, Rl * I * es);
-  b->y = moe_cu_take(&at, S * H * es);
-  b->xr = moe_cu_take(&at, ep ? Rl * H * es : 0);
-  b->epmeta = moe_cu_take(&at, ep ? moe_cu_ep_meta_bytes(p) : 0);
+  b->xr = moe_cu_take(&at, Rl * H * es);
+  b->epmeta = moe_cu_take(&at, moe_cu_ep_meta_bytes(p));
   b->saved = at;
   at = 0;
   b->sort = moe_cu_take(&at, moe_cu_sort_scratch_bytes((int64_t)S, (int64_t)E));
@@ -686,9 +687,11 @@ static void moe_cu_bufs_of(const moe_layer_plan *p, int64_t T, moe_cu_bufs *b) {
   b->one = moe_cu_take(&at, 16);
   b->fblas = moe_cu_take(&at, MOE_CU_BLAS_WS);
   b->fsaved = moe_cu_take(&at, b->saved);
-  b->fsend = moe_cu_take(&at, ep ? (Rl > S ? Rl : S) * H * es : 0);
-  b->fstage = moe_cu_take(&at, ep ? Rl * H * es : 0);
-  bool ov = ep && moe_cp(p)->ep_chunks > 1;
+  b->fa = moe_cu_take(&at, Rl * I * es);
+  b->fy = moe_cu_take(&at, S * H * es);
+  b->fsend = moe_cu_take(&at, (Rl > S ? Rl : S) * H * es);
+  b->fstage = moe_cu_take(&at, Rl * H * es);
+  bool ov = moe_cp(p)->ep_chunks > 1;
   b->fyc = moe_cu_take(&at, ov ? Rl * H * es : 0);
   b->fws = at;
   at = 0;
@@ -697,29 +700,29 @@ static void moe_cu_bufs_of(const moe_layer_plan *p, int64_t T, moe_cu_bufs *b) {
   b->dab = moe_cu_take(&at, Rl * 2 * I * es);
   b->dw = moe_cu_take(&at, S * 4);
   b->dl = moe_cu_take(&at, (size_t)T * E * 4);
-  b->dxr = moe_cu_take(&at, (size_t)T * H * 4);
+  b->blogits = moe_cu_take(&at, (size_t)T * E * 4);
   b->bone = moe_cu_take(&at, 16);
   b->bblas = moe_cu_take(&at, MOE_CU_BLAS_WS);
-  b->bstage = moe_cu_take(&at, ep ? Rl * H * 4 : 0);
-  b->bdyr = moe_cu_take(&at, ep ? Rl * H * 4 : 0);
-  b->bdxp = moe_cu_take(&at, ep ? Rl * H * es : 0); /* dXp (layer dtype) */
+  b->bstage = moe_cu_take(&at, Rl * H * 4);
+  b->bdyr = moe_cu_take(&at, Rl * H * 4);
+  b->bdxp = moe_cu_take(&at, Rl * H * es); /* dXp (layer dtype) */
   b->bdx = moe_cu_take(&at, ov ? S * H * es : 0);
   b->part_ld = (int)((I + 127) / 128);
-  b->brw = moe_cu_take(&at, ep ? S * 4 : 0);
-  b->brwr = moe_cu_take(&at, ep ? Rl * 4 : 0);
-  b->bdsr = moe_cu_take(&at, ep ? Rl * 4 : 0);
-  b->bdsrow = moe_cu_take(&at, ep ? S * 4 : 0);
-  b->biota = moe_cu_take(&at, ep ? Rl * 4 : 0);
-  b->brexp = moe_cu_take(&at, ep ? Rl * 4 : 0);
-  b->bstage4 = moe_cu_take(&at, ep ? Rl * 4 : 0);
-  b->bpart = moe_cu_take(&at, ep ? Rl * (size_t)b->part_ld * 4 : 0);
+  b->brw = moe_cu_take(&at, S * 4);
+  b->brwr = moe_cu_take(&at, Rl * 4);
+  b->bdsr = moe_cu_take(&at, Rl * 4);
+  b->bdsrow = moe_cu_take(&at, S * 4);
+  b->biota = moe_cu_take(&at, Rl * 4);
+  b->brexp = moe_cu_take(&at, Rl * 4);
+  b->bstage4 = moe_cu_take(&at, Rl * 4);
+  b->bpart = moe_cu_take(&at, Rl * (size_t)b->part_ld * 4);
   b->bws = at;
   b->ws = b->fws > b->bws ? b->fws : b->bws;
 }
 
 static void moe_cuda_sizes(const moe_layer_plan *plan, int64_t tokens,
                            moe_layer_sizes *s) {
-  if (plan->ranks > 1) { /* expert parallelism: what it kept before */
+  if (plan->ranks > 1) { /* expert parallelism (moe_cu_bufs) */
     moe_cu_bufs b;
     moe_cu_bufs_of(plan, tokens, &b);
     s->saved = b.saved;
@@ -926,6 +929,8 @@ moe_cu_given_routing_checked(moe_cu_exec *x, const moe_cu_view *ti,
                      "topk_index on the host (a stream sync), which strict "
                      "mode forbids; set MOE_TOPK_INVALID_DROP");
   MOE_TRY(moe_cu_pinned(x));
+  /* kept: the kernel lowers this flag to the first bad slot (an atomic
+     min), so it starts at "none" (all ones) */
   MOE_CU_TRY(cudaMemsetAsync(flag, 0xff, 8, st));
   MOE_TRY(moe_cu_given_routing(ti, tw, T, k, E, idx, w, flag, st));
   MOE_CU_TRY(cudaMemcpyAsync(cp->pinned, flag, 8, cudaMemcpyDeviceToHost, st));
@@ -941,7 +946,90 @@ moe_cu_given_routing_checked(moe_cu_exec *x, const moe_cu_view *ti,
   return MOE_SUCCESS;
 }
 
-/* ---- the overlap: a pass in chunks of local experts (layer_cuda_ep.h) ---- */
+/* ---- what every path shares ---------------------------------------- */
+
+/// The router's logits [T, E] (f32) = hidden . gate_weight^T, by the same
+/// call in the forward and the backward (which recomputes them instead of
+/// saving probabilities): the same kernel and shapes give the same bits.
+static moe_status moe_cu_logits(moe_cu_exec *x, const moe_layer_fwd_args *a,
+                                int64_t T, float *logits, int64_t *one) {
+  const moe_layer_desc *d = &x->p->d;
+  const moe_tensor *g = &a->gate_weight;
+  moe_cu_operand A = moe_op(a->hidden.data, d->dtype, a->hidden.stride[0],
+                            a->hidden.stride[1]);
+  moe_cu_operand B = moe_op(g->data, g->dtype, g->stride[1], g->stride[0]);
+  moe_cu_operand C = moe_op(logits, MOE_F32, d->num_experts, 1);
+  return moe_cu_dense(x, MOE_GROUP_M, T, d->num_experts, d->hidden, &A, &B, &C,
+                      0.0f, one);
+}
+
+/// Columns c0.. of a [T, H] view (no data moves).
+static moe_cu_view moe_cu_view_from(const moe_cu_view *v, int64_t c0) {
+  moe_cu_view o = *v;
+  o.data = (char *)v->data + c0 * v->cs * (int64_t)moe_dtype_size(v->dtype);
+  return o;
+}
+
+/// Routing, as every path makes it: the router's logits, softmaxed in
+/// place (nothing of them is kept: the backward recomputes them) and top-k;
+/// or the caller's routing under desc.invalid_topk; then the device sort.
+static moe_status moe_cu_route_fwd(moe_cu_exec *x, const moe_layer_fwd_args *a,
+                                   const moe_call *c, float *logits,
+                                   int64_t *one, void *sort, int32_t *idx,
+                                   float *w, int64_t *offsets,
+                                   int32_t *slot_row, int32_t *row_token) {
+  const moe_layer_desc *d = &x->p->d;
+  cudaStream_t st = x->ctx.stream;
+  int64_t T = c->T, k = d->top_k, E = d->num_experts;
+  if (c->router) {
+    MOE_TRY(moe_cu_logits(x, a, T, logits, one));
+    moe_cu_view rl = {0};
+    if (!moe_tensor_absent(&a->router_logits))
+      rl = moe_cu_view_of(&a->router_logits);
+    MOE_TRY(moe_cu_topk(logits, T, E, k, d->norm_topk_prob, logits, idx, w,
+                        rl.data ? &rl : NULL, st));
+  } else {
+    moe_cu_view ti = moe_cu_view_of(&a->topk_index),
+                tw = moe_cu_view_of(&a->topk_weights);
+    MOE_TRY(moe_cu_given_routing_checked(x, &ti, &tw, T, k, E, idx, w, one));
+  }
+  return moe_cu_route_sort(idx, T * k, k, E, sort, offsets, slot_row, row_token,
+                           st);
+}
+
+/// The routing's backward, as every path ends it: ds (the routing weights'
+/// gradient, by slot) to grad_topk_weights; or the router's: logits
+/// recomputed (the forward's bits: moe_cu_logits), dlogits, then
+/// dWg = dl^T . hidden and grad_hidden += dl . Wg.
+static moe_status moe_cu_routing_bwd(moe_cu_exec *x,
+                                     const moe_layer_bwd_args *args,
+                                     const moe_call *c, const int32_t *idx,
+                                     const float *w, const float *ds,
+                                     float *logits, void *dl, int64_t *one) {
+  const moe_layer_desc *d = &x->p->d;
+  const moe_layer_fwd_args *a = &args->fwd;
+  cudaStream_t st = x->ctx.stream;
+  int64_t T = c->T, k = d->top_k, H = d->hidden, E = d->num_experts;
+  moe_dtype dt = d->dtype;
+  if (!c->router) {
+    moe_cu_view gt = moe_cu_view_of(&args->grad_topk_weights);
+    return moe_cu_store_f32(ds, T, k, &gt, st);
+  }
+  const moe_tensor *g = &a->gate_weight, *gg = &args->grad_gate_weight;
+  moe_cu_view gh = moe_cu_view_of(&args->grad_hidden);
+  MOE_TRY(moe_cu_logits(x, a, T, logits, one));
+  MOE_TRY(moe_cu_topk_backward(logits, 1, idx, w, ds, T, E, k,
+                               d->norm_topk_prob, dl, dt, st));
+  moe_cu_operand A = moe_op(dl, dt, 1, E);
+  moe_cu_operand B =
+      moe_op(a->hidden.data, dt, a->hidden.stride[0], a->hidden.stride[1]);
+  moe_cu_operand C = moe_op(gg->data, gg->dtype, gg->stride[0], gg->stride[1]);
+  MOE_TRY(moe_cu_dense(x, MOE_GROUP_K, E, H, T, &A, &B, &C, 0.0f, one));
+  A = moe_op(dl, dt, E, 1);
+  B = moe_op(g->data, g->dtype, g->stride[0], g->stride[1]);
+  C = moe_op(gh.data, gh.dtype, gh.rs, gh.cs);
+  return moe_cu_dense(x, MOE_GROUP_M, T, H, E, &A, &B, &C, 1.0f, one);
+}
 
 /// Experts [e0, e1) of a weight (or gradient) view.
 static moe_tensor moe_cu_experts(const moe_tensor *w, int64_t e0, int64_t e1) {
@@ -951,6 +1039,112 @@ static moe_tensor moe_cu_experts(const moe_tensor *w, int64_t e0, int64_t e1) {
   v.shape[0] = e1 - e0;
   return v;
 }
+
+/// The gate_up biases of experts [e0, e1) into their rows of buf (row
+/// length ld, the gate and up columns where moe_ab_cols_of puts them;
+/// offsets: the experts' own, from e0's), before the activation reads them.
+static moe_status moe_cu_gu_bias_add(const moe_cu_exec *x, const moe_call *c,
+                                     void *buf, int64_t ld,
+                                     const int64_t *offsets, int64_t e0,
+                                     int64_t e1, int64_t rows) {
+  const moe_layer_desc *d = &x->p->d;
+  moe_ab_cols ac = moe_ab_cols_of(d, c->gu.fused);
+  const moe_tensor *b[2] = {&c->bias.gate, &c->bias.up};
+  int64_t c0[2] = {ac.gate, ac.up};
+  for (int i = 0; i < 2; i++) {
+    if (moe_tensor_absent(b[i])) continue;
+    moe_tensor bt = moe_cu_experts(b[i], e0, e1);
+    moe_cu_view bv = moe_cu_view_of(&bt);
+    MOE_TRY(moe_cu_bias_add(buf, d->dtype, ld, c0[i], ac.step, d->intermediate,
+                            offsets, e1 - e0, rows, &bv, x->ctx.stream));
+  }
+  return MOE_SUCCESS;
+}
+
+/// The down bias of experts [e0, e1), hidden columns c0 .. c0 + n, into
+/// the down product's rows y [rows, n] (w then multiplies Y + b).
+static moe_status moe_cu_down_bias_add(const moe_cu_exec *x, const moe_call *c,
+                                       void *y, int64_t n, int64_t c0,
+                                       const int64_t *offsets, int64_t e0,
+                                       int64_t e1, int64_t rows) {
+  if (moe_tensor_absent(&c->bias.down)) return MOE_SUCCESS;
+  moe_tensor bt = moe_cu_experts(&c->bias.down, e0, e1);
+  moe_cu_view bv = moe_cu_view_of(&bt);
+  bv = moe_cu_view_from(&bv, c0);
+  return moe_cu_bias_add(y, x->p->d.dtype, n, 0, 1, n, offsets, e1 - e0, rows,
+                         &bv, x->ctx.stream);
+}
+
+/// Experts [e0, e1) of the gate/up views in use (`both`, or gate and up).
+static moe_gate_up moe_cu_gu_experts(const moe_gate_up *g, int64_t e0,
+                                     int64_t e1) {
+  moe_gate_up v = *g;
+  if (g->fused) {
+    v.both = moe_cu_experts(&g->both, e0, e1);
+  } else {
+    v.gate = moe_cu_experts(&g->gate, e0, e1);
+    v.up = moe_cu_experts(&g->up, e0, e1);
+  }
+  return v;
+}
+
+/// H = X . W_gu^T into buf (row length ld): one product of the fused
+/// weight, or the gate and up products into its halves (up from column I).
+static moe_status moe_cu_gu_fwd(const moe_cu_exec *x, const moe_gate_up *g,
+                                const moe_cu_operand *X, char *buf,
+                                int64_t ld) {
+  moe_dtype dt = x->p->d.dtype;
+  if (g->fused) return moe_cu_fwd(x, 0, X, &g->both, buf, dt, ld);
+  MOE_TRY(moe_cu_fwd(x, 0, X, &g->gate, buf, dt, ld));
+  return moe_cu_fwd(x, 0, X, &g->up,
+                    buf + (size_t)x->p->d.intermediate * moe_dtype_size(dt), dt,
+                    ld);
+}
+
+/// dXp = dH . W_gu (layer dtype, row length ld): one product of the fused
+/// weight, or two into the same dXp, the up half adding (beta 1).
+static moe_status moe_cu_gu_dx(const moe_cu_exec *x, const moe_gate_up *g,
+                               const moe_cu_operand *dG,
+                               const moe_cu_operand *dU, void *dxp,
+                               int64_t ld) {
+  moe_dtype dt = x->p->d.dtype;
+  if (g->fused) return moe_cu_dx_op(x, 0, dG, &g->both, dxp, dt, ld, 0.0f);
+  MOE_TRY(moe_cu_dx_op(x, 0, dG, &g->gate, dxp, dt, ld, 0.0f));
+  return moe_cu_dx_op(x, 0, dU, &g->up, dxp, dt, ld, 1.0f);
+}
+
+/// dW_gu = dH^T . X: the fused gradient's product, or gate's and up's
+/// (dGt, dUt: the transposed views of dH's halves).
+static moe_status moe_cu_gu_dw(const moe_cu_exec *x, const moe_gate_up *gg,
+                               const moe_cu_operand *dGt,
+                               const moe_cu_operand *dUt,
+                               const moe_cu_operand *X) {
+  if (gg->fused) return moe_cu_dw_op(x, 0, dGt, X, &gg->both);
+  MOE_TRY(moe_cu_dw_op(x, 0, dGt, X, &gg->gate));
+  return moe_cu_dw_op(x, 0, dUt, X, &gg->up);
+}
+
+/// The gate_up biases' gradients: dH summed per expert over its rows
+/// (dh: row length ld; the gate and up columns where moe_ab_cols_of puts
+/// them; ne experts from `offsets`).
+static moe_status moe_cu_gu_bias_grads(const moe_cu_exec *x, const moe_call *c,
+                                       const moe_biases *gb, const void *dh,
+                                       int64_t ld, const int64_t *offsets,
+                                       int64_t ne) {
+  const moe_layer_desc *d = &x->p->d;
+  moe_ab_cols ac = moe_ab_cols_of(d, c->gu.fused);
+  const moe_tensor *b[2] = {&gb->gate, &gb->up};
+  int64_t c0[2] = {ac.gate, ac.up};
+  for (int i = 0; i < 2; i++) {
+    if (moe_tensor_absent(b[i])) continue;
+    moe_cu_view v = moe_cu_view_of(b[i]);
+    MOE_TRY(moe_cu_bias_grad(dh, d->dtype, ld, c0[i], ac.step, d->intermediate,
+                             offsets, ne, &v, x->ctx.stream));
+  }
+  return MOE_SUCCESS;
+}
+
+/* ---- the overlap: a pass in chunks of local experts (layer_cuda_ep.h) ---- */
 
 /// The GEMMs of chunk [e0, e1) see only its experts: offsets from e0 (rows
 /// stay absolute, so every row is where one chunk would put it).
@@ -975,7 +1169,7 @@ static moe_status moe_cu_forward_chunks(moe_cu_exec *x, const moe_call *c,
   moe_dtype dt = d->dtype;
   size_t es = moe_dtype_size(dt), rb = (size_t)H * es;
   char *xr = moe_cu_at(sv, b->xr), *ab = moe_cu_at(sv, b->ab),
-       *hh = moe_cu_at(sv, b->hh), *y = moe_cu_at(sv, b->y);
+       *hh = moe_cu_at(ws, b->fa), *y = moe_cu_at(ws, b->fy);
   char *yc = moe_cu_at(ws, b->fyc), *stage = moe_cu_at(ws, b->fstage);
   int C = moe_cu_ep_chunks(ep);
   moe_cu_operand X = moe_op(xr, dt, H, 1), Hh = moe_op(hh, dt, I, 1);
@@ -990,30 +1184,11 @@ static moe_status moe_cu_forward_chunks(moe_cu_exec *x, const moe_call *c,
     MOE_TRY(moe_cu_ep_dispatch_wait(ep, i, st));
     int t = moe_cu_ep_tl_open(ep, 0, i, "gemms", st);
     moe_cu_exec xc = moe_cu_chunk_exec(x, e0);
-    if (c->gu.fused) {
-      moe_tensor w = moe_cu_experts(&c->gu.both, e0, e1);
-      MOE_TRY(moe_cu_fwd(&xc, 0, &X, &w, ab, dt, 2 * I));
-    } else {
-      moe_tensor wg = moe_cu_experts(&c->gu.gate, e0, e1),
-                 wu = moe_cu_experts(&c->gu.up, e0, e1);
-      MOE_TRY(moe_cu_fwd(&xc, 0, &X, &wg, ab, dt, 2 * I));
-      MOE_TRY(moe_cu_fwd(&xc, 0, &X, &wu, ab + (size_t)I * es, dt, 2 * I));
-    }
+    moe_gate_up gc = moe_cu_gu_experts(&c->gu, e0, e1);
+    MOE_TRY(moe_cu_gu_fwd(&xc, &gc, &X, ab, 2 * I));
     /* the expert epilogue as without chunks (act.cuh): the chunk's biases,
        then the activation over its rows */
-    int64_t Ec = e1 - e0;
-    if (!moe_tensor_absent(&c->bias.gate)) {
-      moe_tensor bt = moe_cu_experts(&c->bias.gate, e0, e1);
-      moe_cu_view bv = moe_cu_view_of(&bt);
-      MOE_TRY(moe_cu_bias_add(ab, dt, 2 * I, ac.gate, ac.step, I, xc.offsets,
-                              Ec, x->rows, &bv, st));
-    }
-    if (!moe_tensor_absent(&c->bias.up)) {
-      moe_tensor bt = moe_cu_experts(&c->bias.up, e0, e1);
-      moe_cu_view bv = moe_cu_view_of(&bt);
-      MOE_TRY(moe_cu_bias_add(ab, dt, 2 * I, ac.up, ac.step, I, xc.offsets, Ec,
-                              x->rows, &bv, st));
-    }
+    MOE_TRY(moe_cu_gu_bias_add(x, c, ab, 2 * I, xc.offsets, e0, e1, x->rows));
     size_t r = (size_t)r0;
     moe_cu_view vg = {ab + r * 2 * I * es, dt, 2 * I, ac.step},
                 vu = {ab + (r * 2 * I + (size_t)ac.up) * es, dt, 2 * I,
@@ -1023,12 +1198,7 @@ static moe_status moe_cu_forward_chunks(moe_cu_exec *x, const moe_call *c,
                            moe_cu_ep_chunk_count(ep, meta, i), st));
     moe_tensor wd = moe_cu_experts(&a->w_down, e0, e1);
     MOE_TRY(moe_cu_fwd(&xc, 1, &Hh, &wd, yc, dt, H));
-    if (!moe_tensor_absent(&c->bias.down)) {
-      moe_tensor bt = moe_cu_experts(&c->bias.down, e0, e1);
-      moe_cu_view bv = moe_cu_view_of(&bt);
-      MOE_TRY(moe_cu_bias_add(yc, dt, H, 0, 1, H, xc.offsets, Ec, x->rows, &bv,
-                              st));
-    }
+    MOE_TRY(moe_cu_down_bias_add(x, c, yc, H, 0, xc.offsets, e0, e1, x->rows));
     moe_cu_ep_tl_close(ep, t, st);
     MOE_TRY(moe_cu_ep_combine_chunk(ep, meta, i, yc, rb, stage, y, st));
     if (i + 2 < C)
@@ -1042,6 +1212,9 @@ static moe_status moe_cu_forward_chunks(moe_cu_exec *x, const moe_call *c,
                           H, &out, st);
 }
 
+/// The expert-parallel forward: routing as one GPU's, own rows gathered
+/// and dispatched to the experts' ranks, gate_up -> activation -> down over
+/// the received rows, the down output combined back and unpermuted.
 static moe_status moe_cu_forward_run_ep(moe_cu_exec *x,
                                         const moe_layer_fwd_args *a,
                                         const moe_call *c, const moe_cu_bufs *b,
@@ -1054,121 +1227,68 @@ static moe_status moe_cu_forward_run_ep(moe_cu_exec *x,
           E = d->num_experts, El = p->e_local, S = T * k;
   moe_dtype dt = d->dtype;
   size_t es = moe_dtype_size(dt);
-  int32_t *idx = (int32_t *)moe_cu_at(sv, b->idx);
   float *w = (float *)moe_cu_at(sv, b->w);
   int64_t *offsets = (int64_t *)moe_cu_at(sv, b->offsets);
   int32_t *slot_row = (int32_t *)moe_cu_at(sv, b->slot_row);
   int32_t *row_token = (int32_t *)moe_cu_at(sv, b->row_token);
-  char *ab = moe_cu_at(sv, b->ab), *hh = moe_cu_at(sv, b->hh),
-       *y = moe_cu_at(sv, b->y);
+  char *ab = moe_cu_at(sv, b->ab), *hh = moe_cu_at(ws, b->fa),
+       *y = moe_cu_at(ws, b->fy);
+  if (!cp->ep)
+    return moe_error(MOE_ERR_INTERNAL, "the expert-parallel forward without "
+                                       "an exchange");
   x->offsets = offsets;
   x->rows = S;
   x->row_token = row_token;
-  if (cp->ep) moe_cu_ep_tl_begin(cp->ep, false, st);
+  moe_cu_ep_tl_begin(cp->ep, false, st);
+  MOE_TRY(moe_cu_route_fwd(
+      x, a, c, (float *)moe_cu_at(ws, b->logits),
+      (int64_t *)moe_cu_at(ws, b->one), moe_cu_at(ws, b->sort),
+      (int32_t *)moe_cu_at(sv, b->idx), w, offsets, slot_row, row_token));
 
-  /* routing */
-  if (c->router) {
-    float *logits = (float *)moe_cu_at(ws, b->logits);
-    const moe_tensor *g = &a->gate_weight;
-    moe_cu_operand A =
-        moe_op(a->hidden.data, dt, a->hidden.stride[0], a->hidden.stride[1]);
-    moe_cu_operand B = moe_op(g->data, g->dtype, g->stride[1], g->stride[0]);
-    moe_cu_operand C = moe_op(logits, MOE_F32, E, 1);
-    MOE_TRY(moe_cu_dense(x, MOE_GROUP_M, T, E, H, &A, &B, &C, 0.0f,
-                         (int64_t *)moe_cu_at(ws, b->one)));
-    moe_cu_view rl = {0};
-    if (!moe_tensor_absent(&a->router_logits))
-      rl = moe_cu_view_of(&a->router_logits);
-    MOE_TRY(moe_cu_topk(logits, T, E, k, d->norm_topk_prob,
-                        (float *)moe_cu_at(sv, b->probs), idx, w,
-                        rl.data ? &rl : NULL, st));
-  } else {
-    moe_cu_view ti = moe_cu_view_of(&a->topk_index),
-                tw = moe_cu_view_of(&a->topk_weights);
-    MOE_TRY(moe_cu_given_routing_checked(x, &ti, &tw, T, k, E, idx, w,
-                                         moe_cu_at(ws, b->one)));
-  }
-  MOE_TRY(moe_cu_route_sort(idx, S, k, E, moe_cu_at(ws, b->sort), offsets,
-                            slot_row, row_token, st));
-
-  /* gate_up: read hidden through the permutation, or a permuted copy for
-     cuBLAS; with expert parallelism, the rows the other ranks sent */
-  moe_cu_operand X;
-  char *yc = y; /* where the down projection writes */
+  /* gate_up reads the rows the other ranks sent */
   char *meta = moe_cu_at(sv, b->epmeta);
-  if (!cp->ep) MOE_TRY(moe_cu_host_counts(x));
-  if (cp->ep) {
-    char *send = moe_cu_at(ws, b->fsend), *xr = moe_cu_at(sv, b->xr);
-    moe_cu_view hv = moe_cu_view_of(&a->hidden);
-    MOE_TRY(moe_cu_gather_rows(&hv, row_token, offsets + E, S, H, send, st));
-    moe_cu_ep_rows r;
-    moe_status s =
-        moe_cu_ep_forward_begin(cp->ep, p, MOE_SUCCESS, offsets, meta, st, &r);
-    x->ep_joined = r.joined;
-    MOE_TRY(s);
-    x->offsets = r.loff_dev;
-    x->rows = r.rows;
-    x->ctx.host_offsets = r.loff_host;
-    if (moe_cu_ep_chunks(cp->ep) > 1) {
-      /* joined even after a failure: no exchange outlives the call */
-      moe_status f = moe_cu_forward_chunks(x, c, a, b, sv, ws, meta, send);
-      moe_status j = moe_cu_ep_settle(cp->ep, st);
-      return f != MOE_SUCCESS ? f : j;
-    }
-    int t = moe_cu_ep_tl_open(cp->ep, 0, 0, "dispatch", st);
-    MOE_TRY(moe_cu_ep_dispatch(cp->ep, meta, send, (size_t)H * es,
-                               moe_cu_at(ws, b->fstage), xr, st));
-    moe_cu_ep_tl_close(cp->ep, t, st);
-    X = moe_op(xr, dt, H, 1);
-    yc = send; /* dead since the dispatch */
-  } else if (p->method[0] == MOE_GMM_LOOP) {
-    char *xp = moe_cu_at(sv, b->xp);
-    moe_cu_view hv = moe_cu_view_of(&a->hidden);
-    MOE_TRY(moe_cu_gather_rows(&hv, row_token, offsets + E, S, H, xp, st));
-    X = moe_op(xp, dt, H, 1);
-  } else {
-    X = moe_op(a->hidden.data, dt, a->hidden.stride[0], a->hidden.stride[1]);
-    X.gather = row_token;
+  char *send = moe_cu_at(ws, b->fsend), *xr = moe_cu_at(sv, b->xr);
+  moe_cu_view hv = moe_cu_view_of(&a->hidden);
+  MOE_TRY(moe_cu_gather_rows(&hv, row_token, offsets + E, S, H, send, st));
+  moe_cu_ep_rows r;
+  moe_status s =
+      moe_cu_ep_forward_begin(cp->ep, p, MOE_SUCCESS, offsets, meta, st, &r);
+  x->ep_joined = r.joined;
+  MOE_TRY(s);
+  x->offsets = r.loff_dev;
+  x->rows = r.rows;
+  x->ctx.host_offsets = r.loff_host;
+  if (moe_cu_ep_chunks(cp->ep) > 1) {
+    /* joined even after a failure: no exchange outlives the call */
+    moe_status f = moe_cu_forward_chunks(x, c, a, b, sv, ws, meta, send);
+    moe_status j = moe_cu_ep_settle(cp->ep, st);
+    return f != MOE_SUCCESS ? f : j;
   }
-  int tg = cp->ep ? moe_cu_ep_tl_open(cp->ep, 0, 0, "gemms", st) : -1;
-  if (c->gu.fused) {
-    MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.both, ab, dt, 2 * I));
-  } else {
-    MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.gate, ab, dt, 2 * I));
-    MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.up, ab + (size_t)I * es, dt, 2 * I));
-  }
+  int t = moe_cu_ep_tl_open(cp->ep, 0, 0, "dispatch", st);
+  MOE_TRY(moe_cu_ep_dispatch(cp->ep, meta, send, (size_t)H * es,
+                             moe_cu_at(ws, b->fstage), xr, st));
+  moe_cu_ep_tl_close(cp->ep, t, st);
+  moe_cu_operand X = moe_op(xr, dt, H, 1);
+  char *yc = send; /* the down output: fsend is dead since the dispatch */
+  int tg = moe_cu_ep_tl_open(cp->ep, 0, 0, "gemms", st);
+  MOE_TRY(moe_cu_gu_fwd(x, &c->gu, &X, ab, 2 * I));
   /* the expert epilogue (act.cuh): biases, then the activation, on the
      gate and up columns where the GEMM put them (moe_ab_cols) */
   moe_act act = moe_act_of(d);
   moe_ab_cols ac = moe_ab_cols_of(d, c->gu.fused);
-  if (!moe_tensor_absent(&c->bias.gate)) {
-    moe_cu_view bv = moe_cu_view_of(&c->bias.gate);
-    MOE_TRY(moe_cu_bias_add(ab, dt, 2 * I, ac.gate, ac.step, I, x->offsets, El,
-                            x->rows, &bv, st));
-  }
-  if (!moe_tensor_absent(&c->bias.up)) {
-    moe_cu_view bv = moe_cu_view_of(&c->bias.up);
-    MOE_TRY(moe_cu_bias_add(ab, dt, 2 * I, ac.up, ac.step, I, x->offsets, El,
-                            x->rows, &bv, st));
-  }
+  MOE_TRY(moe_cu_gu_bias_add(x, c, ab, 2 * I, x->offsets, 0, El, x->rows));
   moe_cu_view vg = {ab, dt, 2 * I, ac.step},
               vu = {ab + (size_t)ac.up * es, dt, 2 * I, ac.step},
               vh = {hh, dt, I, 1};
   MOE_TRY(moe_cu_act_fwd(&act, &vg, &vu, &vh, x->rows, I, x->offsets + El, st));
   moe_cu_operand Hh = moe_op(hh, dt, I, 1);
   MOE_TRY(moe_cu_fwd(x, 1, &Hh, &a->w_down, yc, dt, H));
-  if (!moe_tensor_absent(&c->bias.down)) {
-    moe_cu_view bv = moe_cu_view_of(&c->bias.down);
-    MOE_TRY(
-        moe_cu_bias_add(yc, dt, H, 0, 1, H, x->offsets, El, x->rows, &bv, st));
-  }
-  if (cp->ep) {
-    moe_cu_ep_tl_close(cp->ep, tg, st);
-    int t = moe_cu_ep_tl_open(cp->ep, 0, 0, "combine", st);
-    MOE_TRY(moe_cu_ep_combine(cp->ep, meta, yc, (size_t)H * es,
-                              moe_cu_at(ws, b->fstage), y, st));
-    moe_cu_ep_tl_close(cp->ep, t, st);
-  }
+  MOE_TRY(moe_cu_down_bias_add(x, c, yc, H, 0, x->offsets, 0, El, x->rows));
+  moe_cu_ep_tl_close(cp->ep, tg, st);
+  t = moe_cu_ep_tl_open(cp->ep, 0, 0, "combine", st);
+  MOE_TRY(moe_cu_ep_combine(cp->ep, meta, yc, (size_t)H * es,
+                            moe_cu_at(ws, b->fstage), y, st));
+  moe_cu_ep_tl_close(cp->ep, t, st);
   moe_cu_view out = moe_cu_view_of(&a->output);
   return moe_cu_unpermute(y, dt, slot_row, w, T, k, H, &out, st);
 }
@@ -1239,22 +1359,10 @@ static moe_status moe_cu_bwd_rows_ep(moe_cu_exec *xc,
                  dU = moe_op(dab + (size_t)I * es, dt, 2 * I, 1);
   moe_cu_operand X = moe_op(moe_cu_at(sv, b->xr), dt, H, 1);
   moe_cu_operand dGt = moe_cu_t(dG), dUt = moe_cu_t(dU);
-  if (c->gu.fused) {
-    moe_tensor w = moe_cu_experts(&c->gu.both, e0, e1),
-               gw = moe_cu_experts(&ggu->both, e0, e1);
-    MOE_TRY(moe_cu_dx_op(xc, 0, &dG, &w, dxp, dt, H, 0.0f));
-    MOE_TRY(moe_cu_dw_op(xc, 0, &dGt, &X, &gw));
-  } else { /* two products into one dXp: the up half adds (beta 1) */
-    moe_tensor wg = moe_cu_experts(&c->gu.gate, e0, e1),
-               wu = moe_cu_experts(&c->gu.up, e0, e1),
-               gg = moe_cu_experts(&ggu->gate, e0, e1),
-               gu = moe_cu_experts(&ggu->up, e0, e1);
-    MOE_TRY(moe_cu_dx_op(xc, 0, &dG, &wg, dxp, dt, H, 0.0f));
-    MOE_TRY(moe_cu_dx_op(xc, 0, &dU, &wu, dxp, dt, H, 1.0f));
-    MOE_TRY(moe_cu_dw_op(xc, 0, &dGt, &X, &gg));
-    MOE_TRY(moe_cu_dw_op(xc, 0, &dUt, &X, &gu));
-  }
-  return MOE_SUCCESS;
+  moe_gate_up gc = moe_cu_gu_experts(&c->gu, e0, e1),
+              gg = moe_cu_gu_experts(ggu, e0, e1);
+  MOE_TRY(moe_cu_gu_dx(xc, &gc, &dG, &dU, dxp, H));
+  return moe_cu_gu_dw(xc, &gg, &dGt, &dUt, &X);
 }
 
 /// The expert side's bias gradients over all received rows (after every
@@ -1270,7 +1378,6 @@ static moe_status moe_cu_bias_grads_ep(moe_cu_exec *x,
   moe_dtype dt = d->dtype;
   moe_biases gb;
   moe_layer_bias_grads(x->p, args, &gb);
-  moe_ab_cols ac = moe_ab_cols_of(d, c->gu.fused);
   char *dab = moe_cu_at(ws, b->dab);
   if (!moe_tensor_absent(&gb.down)) {
     moe_cu_view dv = {moe_cu_at(ws, b->bdyr), dt, H, 1};
@@ -1279,60 +1386,31 @@ static moe_status moe_cu_bias_grads_ep(moe_cu_exec *x,
                                   (const float *)moe_cu_at(ws, b->brwr),
                                   x->offsets, El, H, &gd, st));
   }
-  if (!moe_tensor_absent(&gb.gate)) {
-    moe_cu_view gg = moe_cu_view_of(&gb.gate);
-    MOE_TRY(moe_cu_bias_grad(dab, dt, 2 * I, ac.gate, ac.step, I, x->offsets,
-                             El, &gg, st));
-  }
-  if (!moe_tensor_absent(&gb.up)) {
-    moe_cu_view gu = moe_cu_view_of(&gb.up);
-    MOE_TRY(moe_cu_bias_grad(dab, dt, 2 * I, ac.up, ac.step, I, x->offsets, El,
-                             &gu, st));
-  }
-  return MOE_SUCCESS;
+  return moe_cu_gu_bias_grads(x, c, &gb, dab, 2 * I, x->offsets, El);
 }
 
 /// The token owner's end of the backward, as one GPU's: dS per slot from
 /// the rows' (a copy), grad_hidden[t] = sum_j dXp[row of (t, j)] (f32, j in
-/// order), then the router's backward (grad_hidden += dl . Wg) or dS to
-/// grad_topk_weights.
+/// order), then the routing's backward (moe_cu_routing_bwd).
 static moe_status moe_cu_bwd_tail_ep(moe_cu_exec *x,
                                      const moe_layer_bwd_args *args,
                                      const moe_call *c, const moe_cu_bufs *b,
                                      char *sv, char *ws, const char *dxp,
                                      const float *dsrow) {
   const moe_layer_desc *d = &x->p->d;
-  const moe_layer_fwd_args *a = &args->fwd;
   cudaStream_t st = x->ctx.stream;
-  int64_t T = c->T, k = d->top_k, H = d->hidden, E = d->num_experts, S = T * k;
-  moe_dtype dt = d->dtype;
+  int64_t T = c->T, k = d->top_k, H = d->hidden, S = T * k;
   const int32_t *slot_row = (const int32_t *)moe_cu_at(sv, b->slot_row);
-  const int32_t *idx = (const int32_t *)moe_cu_at(sv, b->idx);
-  const float *w = (const float *)moe_cu_at(sv, b->w);
   float *ds = (float *)moe_cu_at(ws, b->dw);
   MOE_TRY(moe_cu_ep_slot_ds(dsrow, slot_row, S, ds, st));
   moe_cu_view gh = moe_cu_view_of(&args->grad_hidden);
-  MOE_TRY(moe_cu_permute_backward(dxp, dt, slot_row, NULL, T, k, H, &gh, st));
-  if (!c->router) {
-    moe_cu_view gt = moe_cu_view_of(&args->grad_topk_weights);
-    return moe_cu_store_f32(ds, T, k, &gt, st);
-  }
-  /* dlogits from the saved probabilities (the softmax the forward made),
-     then dWg = dl^T . hidden and grad_hidden += dl . Wg */
-  const moe_tensor *g = &a->gate_weight, *gg = &args->grad_gate_weight;
-  int64_t *one = (int64_t *)moe_cu_at(ws, b->bone);
-  void *dl = moe_cu_at(ws, b->dl);
-  MOE_TRY(moe_cu_topk_backward((const float *)moe_cu_at(sv, b->probs), 0, idx,
-                               w, ds, T, E, k, d->norm_topk_prob, dl, dt, st));
-  moe_cu_operand A = moe_op(dl, dt, 1, E);
-  moe_cu_operand B =
-      moe_op(a->hidden.data, dt, a->hidden.stride[0], a->hidden.stride[1]);
-  moe_cu_operand C = moe_op(gg->data, gg->dtype, gg->stride[0], gg->stride[1]);
-  MOE_TRY(moe_cu_dense(x, MOE_GROUP_K, E, H, T, &A, &B, &C, 0.0f, one));
-  A = moe_op(dl, dt, E, 1);
-  B = moe_op(g->data, g->dtype, g->stride[0], g->stride[1]);
-  C = moe_op(gh.data, gh.dtype, gh.rs, gh.cs);
-  return moe_cu_dense(x, MOE_GROUP_M, T, H, E, &A, &B, &C, 1.0f, one);
+  MOE_TRY(
+      moe_cu_permute_backward(dxp, d->dtype, slot_row, NULL, T, k, H, &gh, st));
+  return moe_cu_routing_bwd(x, args, c, (const int32_t *)moe_cu_at(sv, b->idx),
+                            (const float *)moe_cu_at(sv, b->w), ds,
+                            (float *)moe_cu_at(ws, b->blogits),
+                            moe_cu_at(ws, b->dl),
+                            (int64_t *)moe_cu_at(ws, b->bone));
 }
 
 /// The backward after dO's gather, in chunks: dispatch c+1 and combine c-1
@@ -1467,28 +1545,6 @@ moe_cu_backward_run_ep(moe_cu_exec *x, const moe_layer_bwd_args *args,
 
 /* ---- one GPU: forward and backward at the IO limit --------------------- */
 
-/// The router's logits [T, E] (f32) = hidden . gate_weight^T, by the same
-/// call in the forward and the backward (which recomputes them instead of
-/// saving probabilities): the same kernel and shapes give the same bits.
-static moe_status moe_cu_logits(moe_cu_exec *x, const moe_layer_fwd_args *a,
-                                int64_t T, float *logits, int64_t *one) {
-  const moe_layer_desc *d = &x->p->d;
-  const moe_tensor *g = &a->gate_weight;
-  moe_cu_operand A = moe_op(a->hidden.data, d->dtype, a->hidden.stride[0],
-                            a->hidden.stride[1]);
-  moe_cu_operand B = moe_op(g->data, g->dtype, g->stride[1], g->stride[0]);
-  moe_cu_operand C = moe_op(logits, MOE_F32, d->num_experts, 1);
-  return moe_cu_dense(x, MOE_GROUP_M, T, d->num_experts, d->hidden, &A, &B, &C,
-                      0.0f, one);
-}
-
-/// Columns c0.. of a [T, H] view (no data moves).
-static moe_cu_view moe_cu_view_from(const moe_cu_view *v, int64_t c0) {
-  moe_cu_view o = *v;
-  o.data = (char *)v->data + c0 * v->cs * (int64_t)moe_dtype_size(v->dtype);
-  return o;
-}
-
 /// Rows [S, n] of a [T, n] view in expert order: read through row_token by
 /// the grouped kernels, or gathered into `copy` for cuBLAS (loop).
 static moe_status moe_cu_rows_of(moe_cu_exec *x, int proj, const moe_tensor *t,
@@ -1531,28 +1587,30 @@ static moe_status moe_cu_forward_one(moe_cu_exec *x,
   x->rows = S;
   x->row_token = row_token;
 
-  if (c->router) {
-    float *logits = (float *)moe_cu_at(ws, L->logits);
-    MOE_TRY(moe_cu_logits(x, a, T, logits, (int64_t *)moe_cu_at(ws, L->fone)));
-    moe_cu_view rl = {0};
-    if (!moe_tensor_absent(&a->router_logits))
-      rl = moe_cu_view_of(&a->router_logits);
-    /* probabilities in place over the logits: nothing of them is kept */
-    MOE_TRY(moe_cu_topk(logits, T, E, k, d->norm_topk_prob, logits, idx, w,
-                        rl.data ? &rl : NULL, st));
-  } else {
-    moe_cu_view ti = moe_cu_view_of(&a->topk_index),
-                tw = moe_cu_view_of(&a->topk_weights);
-    MOE_TRY(moe_cu_given_routing_checked(x, &ti, &tw, T, k, E, idx, w,
-                                         moe_cu_at(ws, L->fone)));
-  }
-  MOE_TRY(moe_cu_route_sort(idx, S, k, E, moe_cu_at(ws, L->sort), offsets,
-                            slot_row, row_token, st));
+  MOE_TRY(moe_cu_route_fwd(x, a, c, (float *)moe_cu_at(ws, L->logits),
+                           (int64_t *)moe_cu_at(ws, L->fone),
+                           moe_cu_at(ws, L->sort), idx, w, offsets, slot_row,
+                           row_token));
   MOE_TRY(moe_cu_host_counts(x));
 
   moe_cu_operand X;
   MOE_TRY(moe_cu_rows_of(x, 0, &a->hidden, moe_cu_at(ws, L->xp), &X));
   int64_t W = moe_gu_width(d);
+  if (!L->infer) {
+    /* `saved` is the caller's, and may be an op output that a framework
+       compares byte for byte: every byte of it is written, none twice.
+       The kernels write H's rows below offsets[E] and the metadata; what
+       is left are the rows of slots dropped under MOE_TOPK_INVALID_DROP
+       (H and row_token past offsets[E]: zeros, from the count on the
+       device) and the at most 7 bytes of padding that align the offsets */
+    size_t hb_end = L->h + (size_t)S * (size_t)W * es;
+    if (!c->router && d->invalid_topk == MOE_TOPK_INVALID_DROP)
+      MOE_TRY(moe_cu_zero_tails(hb, (size_t)W * es, L->offsets - L->h,
+                                moe_cu_at(sv, L->row_token), 4, (size_t)S * 4,
+                                offsets + E, st));
+    else if (L->offsets > hb_end)
+      MOE_CU_TRY(cudaMemsetAsync(sv + hb_end, 0, L->offsets - hb_end, st));
+  }
   bool act_done = false;
 #ifdef MOE_HAVE_SM90
   /* sm_90a: SwiGLU in gate_up's epilogue writes H and A in one pass (SwiGLU
@@ -1568,25 +1626,11 @@ static moe_status moe_cu_forward_one(moe_cu_exec *x,
   }
 #endif
   if (!act_done) {
-    if (c->gu.fused) {
-      MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.both, hb, dt, W));
-    } else {
-      MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.gate, hb, dt, W));
-      MOE_TRY(moe_cu_fwd(x, 0, &X, &c->gu.up, hb + (size_t)I * es, dt, W));
-    }
+    MOE_TRY(moe_cu_gu_fwd(x, &c->gu, &X, hb, W));
     /* the expert epilogue: the gate_up bias into H (saved with it), then
        the activation, on the columns moe_ab_cols_of places */
     moe_ab_cols ac = moe_ab_cols_of(d, c->gu.fused);
-    if (!moe_tensor_absent(&c->bias.gate)) {
-      moe_cu_view bg = moe_cu_view_of(&c->bias.gate);
-      MOE_TRY(moe_cu_bias_add(hb, dt, W, ac.gate, ac.step, I, offsets, E, S,
-                              &bg, st));
-    }
-    if (!moe_tensor_absent(&c->bias.up)) {
-      moe_cu_view bu = moe_cu_view_of(&c->bias.up);
-      MOE_TRY(moe_cu_bias_add(hb, dt, W, ac.up, ac.step, I, offsets, E, S, &bu,
-                              st));
-    }
+    MOE_TRY(moe_cu_gu_bias_add(x, c, hb, W, offsets, 0, E, S));
     moe_act act = moe_act_of(d);
     moe_cu_view vg = {hb + (size_t)ac.gate * es, dt, W, ac.step},
                 vu = {hb + (size_t)ac.up * es, dt, W, ac.step},
@@ -1603,11 +1647,7 @@ static moe_status moe_cu_forward_one(moe_cu_exec *x,
     moe_tensor wd = a->w_down;
     if (n < H) MOE_TRY(moe_tensor_narrow(&a->w_down, 1, c0, n, &wd));
     MOE_TRY(moe_cu_fwd(x, 1, &A, &wd, y, dt, n));
-    if (!moe_tensor_absent(&c->bias.down)) { /* Y + b: w multiplies both */
-      moe_cu_view bd = moe_cu_view_of(&c->bias.down);
-      bd = moe_cu_view_from(&bd, c0);
-      MOE_TRY(moe_cu_bias_add(y, dt, n, 0, 1, n, offsets, E, S, &bd, st));
-    }
+    MOE_TRY(moe_cu_down_bias_add(x, c, y, n, c0, offsets, 0, E, S));
     moe_cu_view oc = moe_cu_view_from(&out, c0);
     MOE_TRY(moe_cu_unpermute(y, dt, slot_row, w, T, k, n, &oc, st));
   }
@@ -1695,7 +1735,6 @@ static moe_status moe_cu_backward_one(moe_cu_exec *x,
   MOE_TRY(
       moe_cu_rows_of(x, 1, &args->grad_output, moe_cu_at(ws, L->loop), &dO));
   int64_t W = moe_gu_width(d);
-  moe_ab_cols ac = moe_ab_cols_of(d, c->gu.fused);
   MOE_TRY(moe_cu_down_act_bwd(x, c, &a->w_down, &dO, hb, W, r1, r2, slot_row, w,
                               S, (float *)moe_cu_at(ws, L->rw),
                               (float *)moe_cu_at(ws, L->part), L->part_ld, ds));
@@ -1717,16 +1756,7 @@ static moe_status moe_cu_backward_one(moe_cu_exec *x,
       MOE_TRY(moe_cu_bias_grad_down(&gout, x->row_token, rw, x->offsets, E, H,
                                     &gd, st));
     }
-    if (!moe_tensor_absent(&gb.gate)) {
-      moe_cu_view gg = moe_cu_view_of(&gb.gate);
-      MOE_TRY(moe_cu_bias_grad(r2, dt, W, ac.gate, ac.step, I, x->offsets, E,
-                               &gg, st));
-    }
-    if (!moe_tensor_absent(&gb.up)) {
-      moe_cu_view gu = moe_cu_view_of(&gb.up);
-      MOE_TRY(moe_cu_bias_grad(r2, dt, W, ac.up, ac.step, I, x->offsets, E, &gu,
-                               st));
-    }
+    MOE_TRY(moe_cu_gu_bias_grads(x, c, &gb, r2, W, x->offsets, E));
   }
   moe_cu_operand dOt = moe_cu_t(dO), Ap = moe_op(r1, dt, I, 1);
   MOE_TRY(moe_cu_dw_op(x, 1, &dOt, &Ap, &args->grad_w_down));
@@ -1745,46 +1775,18 @@ static moe_status moe_cu_backward_one(moe_cu_exec *x,
       MOE_TRY(moe_tensor_narrow(&c->gu.gate, 2, c0, n, &gc.gate));
       MOE_TRY(moe_tensor_narrow(&c->gu.up, 2, c0, n, &gc.up));
     }
-    if (c->gu.fused) {
-      MOE_TRY(moe_cu_dx_op(x, 0, &dG, &gc.both, r1, dt, n, 0.0f));
-    } else { /* two products into one dXp: the up half adds (beta 1) */
-      MOE_TRY(moe_cu_dx_op(x, 0, &dG, &gc.gate, r1, dt, n, 0.0f));
-      MOE_TRY(moe_cu_dx_op(x, 0, &dU, &gc.up, r1, dt, n, 1.0f));
-    }
+    MOE_TRY(moe_cu_gu_dx(x, &gc, &dG, &dU, r1, n));
     moe_cu_view gc0 = moe_cu_view_from(&gh, c0);
     MOE_TRY(moe_cu_permute_backward(r1, dt, slot_row, NULL, T, k, n, &gc0, st));
   }
   moe_cu_operand X;
   MOE_TRY(moe_cu_rows_of(x, 0, &a->hidden, moe_cu_at(ws, L->loop), &X));
   moe_cu_operand dGt = moe_cu_t(dG), dUt = moe_cu_t(dU);
-  if (c->gu.fused) {
-    MOE_TRY(moe_cu_dw_op(x, 0, &dGt, &X, &ggu->both));
-  } else {
-    MOE_TRY(moe_cu_dw_op(x, 0, &dGt, &X, &ggu->gate));
-    MOE_TRY(moe_cu_dw_op(x, 0, &dUt, &X, &ggu->up));
-  }
-  if (!c->router) {
-    moe_cu_view gt = moe_cu_view_of(&args->grad_topk_weights);
-    return moe_cu_store_f32(ds, T, k, &gt, st);
-  }
-  /* the router (r2 is free again): logits recomputed, dlogits, then
-     dWg = dl^T . hidden and grad_hidden += dl . Wg */
-  const moe_tensor *g = &a->gate_weight, *gg = &args->grad_gate_weight;
-  int64_t *one = (int64_t *)moe_cu_at(ws, L->bone);
-  float *logits = (float *)moe_cu_at(ws, L->blogits);
-  void *dl = moe_cu_at(ws, L->dl);
-  MOE_TRY(moe_cu_logits(x, a, T, logits, one));
-  MOE_TRY(moe_cu_topk_backward(logits, 1, idx, w, ds, T, E, k,
-                               d->norm_topk_prob, dl, dt, st));
-  moe_cu_operand A = moe_op(dl, dt, 1, E);
-  moe_cu_operand B =
-      moe_op(a->hidden.data, dt, a->hidden.stride[0], a->hidden.stride[1]);
-  moe_cu_operand C = moe_op(gg->data, gg->dtype, gg->stride[0], gg->stride[1]);
-  MOE_TRY(moe_cu_dense(x, MOE_GROUP_K, E, H, T, &A, &B, &C, 0.0f, one));
-  A = moe_op(dl, dt, E, 1);
-  B = moe_op(g->data, g->dtype, g->stride[0], g->stride[1]);
-  C = moe_op(gh.data, gh.dtype, gh.rs, gh.cs);
-  return moe_cu_dense(x, MOE_GROUP_M, T, H, E, &A, &B, &C, 1.0f, one);
+  MOE_TRY(moe_cu_gu_dw(x, ggu, &dGt, &dUt, &X));
+  /* the routing's backward: r2 is free again for the logits */
+  return moe_cu_routing_bwd(
+      x, args, c, idx, w, ds, (float *)moe_cu_at(ws, L->blogits),
+      moe_cu_at(ws, L->dl), (int64_t *)moe_cu_at(ws, L->bone));
 }
 
 /// One forward (`bwd` NULL) or backward on one GPU: the layout, the

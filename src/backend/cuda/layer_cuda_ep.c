@@ -364,6 +364,7 @@ moe_status moe_cu_ep_create(const moe_layer_plan *p, const moe_cu_ep_mode *mode,
   if (s == MOE_SUCCESS) {
     ep->d_recv = ep->d_send + blk;
     ep->d_dropped = ep->d_recv + blk;
+    /* kept: a counter the capacity exchange adds dropped rows to */
     s = moe_cu_check(cudaMemset(ep->d_dropped, 0, 8), "cudaMemset");
   }
   if (s == MOE_SUCCESS) {
@@ -1120,6 +1121,7 @@ moe_status moe_cuda_ep_dropped_reset(moe_layer_plan *plan, void *stream) {
   if (!ep || !ep->capacity) return MOE_SUCCESS;
   int prev;
   MOE_TRY(moe_cu_ep_enter(plan->d.device.index, &prev));
+  /* kept: the reset of that counter is what the caller asks for */
   moe_status st =
       moe_cu_check(cudaMemsetAsync(ep->d_dropped, 0, 8, (cudaStream_t)stream),
                    "cudaMemsetAsync(dropped rows)");

@@ -962,3 +962,30 @@ extern "C" moe_status moe_cu_set_one_group(int64_t *off, int64_t n,
   moe_one_group_kernel<<<1, 1, 0, s>>>(off, n);
   return moe_cu_launch_check("moe_one_group_kernel");
 }
+
+/* ---- the unwritten tail of a saved buffer ------------------------------- */
+
+/// Two byte ranges [end * unit, limit) (blockIdx.y picks one), `end` the
+/// row count on the device: the rows a call with dropped slots leaves
+/// unwritten, and the padding after them.
+__global__ void moe_zero_tail_kernel(char *b0, size_t u0, size_t l0, char *b1,
+                                     size_t u1, size_t l1, const int64_t *end) {
+  char *b = blockIdx.y ? b1 : b0;
+  size_t u = blockIdx.y ? u1 : u0, l = blockIdx.y ? l1 : l0;
+  size_t stride = (size_t)gridDim.x * blockDim.x;
+  for (size_t i =
+           (size_t)*end * u + blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+       i < l; i += stride)
+    b[i] = 0;
+}
+
+extern "C" moe_status moe_cu_zero_tails(void *b0, size_t u0, size_t l0,
+                                        void *b1, size_t u1, size_t l1,
+                                        const int64_t *end, cudaStream_t s) {
+  size_t most = l0 > l1 ? l0 : l1;
+  if (most == 0) return MOE_SUCCESS;
+  unsigned bx = (unsigned)(most / 256 + 1 < 256 ? most / 256 + 1 : 256);
+  moe_zero_tail_kernel<<<dim3(bx, 2), 256, 0, s>>>((char *)b0, u0, l0,
+                                                   (char *)b1, u1, l1, end);
+  return moe_cu_launch_check("moe_zero_tail_kernel");
+}
