@@ -143,7 +143,7 @@ static double time_ms(bench_fn fn, void *ctx, int reps) {
 
 /// Pins a tile of the grouped kernel: "sm90:BMxBN[pp]" one of the Hopper
 /// kernels' (required: MOE_CUDA_SM90=1 makes a fallback an error; the dW
-/// kernel's operands read in place by TMA, MOE_CUDA_SM90_DW_TMA=1),
+/// kernel's operands read in place by TMA, the default),
 /// "sm90cp:BMxBN" the same with the dW kernel's operands all by cp.async
 /// (the TMA loads' A/B), else an mma.sync tile (MOE_CUDA_TILE); NULL
 /// unpins.

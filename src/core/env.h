@@ -51,9 +51,9 @@ const char *moe_env_cuda_sm90(void);
 /// MOE_CUDA_SM90_TILE: one row of the sm90 tile table; NULL when unset or
 /// empty.
 const char *moe_env_cuda_sm90_tile(void);
-/// MOE_CUDA_SM90_DW_TMA as given ("1": the sm_90a dW kernel loads the
-/// operands read in place by TMA; otherwise every operand by cp.async);
-/// read on every call.
+/// MOE_CUDA_SM90_DW_TMA as given ("0": the sm_90a dW kernel loads every
+/// operand by cp.async; otherwise, the default, the operands read in place
+/// by TMA); read on every call.
 const char *moe_env_cuda_sm90_dw_tma(void);
 /// MOE_CUDA_FUSE as given ("1": the CUDA layer's sm_90a fused epilogues
 /// on; they are off otherwise); read on every call.

@@ -290,8 +290,9 @@ static void test_gemm_sm90(void) {
   int nss = g_small ? 1 : (int)(sizeof sshapes / sizeof sshapes[0]);
   setenv("MOE_CUDA_SM90", "1", 1);
   g_nan_tail = true;
-  /* ti 0-3: the operands read in place by TMA (MOE_CUDA_SM90_DW_TMA=1);
-     ti 4: the default dW tile with every operand by cp.async, the path
+  /* ti 0-3: the operands read in place by TMA (the default);
+     ti 4: the default dW tile with every operand by cp.async
+     (MOE_CUDA_SM90_DW_TMA=0), the path
      gathered operands take; --small runs both on the default tile */
   for (int ti = 0; ti < 5; ti++) {
     if (g_small && ti != 0 && ti != 4) continue;

@@ -262,11 +262,12 @@ moe_status run_sm90(const moe_cu_gemm *p, const moe_cu_ctx *c,
     a.b = (const uint16_t *)p->B.data;
     a.b_ld = p->B.rs;
     a.b_gather = p->B.gather;
-    /* operands read in place come by TMA with MOE_CUDA_SM90_DW_TMA=1;
-       by cp.async otherwise. Opt-in until it has run on a GPU
-       (bench/NOTES.md, session of 2026-12-07, second round) */
+    /* operands read in place come by TMA unless MOE_CUDA_SM90_DW_TMA=0
+       (then by cp.async, like the gathered one): 1.9-2.0x on the dW
+       product with both operands in place, 4-6% on the layer's backward
+       on an H100 (bench/NOTES.md, session of 2026-12-07, third round) */
     const char *tv = moe_env_cuda_sm90_dw_tma();
-    bool tma_on = tv && !strcmp(tv, "1");
+    bool tma_on = !(tv && !strcmp(tv, "0"));
     CUtensorMap tma, tmb;
     memset(&tma, 0, sizeof tma);
     memset(&tmb, 0, sizeof tmb);
