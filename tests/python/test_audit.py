@@ -1,12 +1,11 @@
 """libmoe.hf.audit and `python -m libmoe.audit`: the copy cliff found in a
 model that has it and not in one that does not, the fallback reason, the
 plans, a meta-device model, timing against grouped_mm with a batch, and the
-Qwen3-30B-A3B config audited within the 10 s target."""
+Qwen3-30B-A3B config audited whole (its 10 s target is measured by
+bench/audit_cost.py: timings belong in benchmarks, not in tests)."""
 
 import json
-import os
 import pathlib
-import time
 
 import pytest
 import torch
@@ -109,25 +108,13 @@ def test_meta_device_and_fallback_reason():
 def test_cli_qwen3_30b_a3b():
     """The whole command, `python -m libmoe.audit` in a fresh process, on
     the Qwen3-30B-A3B config (48 layers, 128 experts; bf16 on the meta
-    device). Target: under 10 s on a 2-core CPU; asserted on the process's
-    CPU time (user + system: imports, model build, plans; the wall clock of
-    a shared CI machine is noise), the wall time printed. The child runs on
-    two cores with two threads, as the target says, also on a bigger
-    machine (16 threads spinning on 16 cores multiply the CPU time)."""
-    import resource
+    device): every layer recognised and planned. Its time against the 10 s
+    target is bench/audit_cost.py's to measure."""
     import subprocess
     import sys
-    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    w0 = time.perf_counter()
-    cpus = sorted(os.sched_getaffinity(0))[:2]
-    env = dict(os.environ, OMP_NUM_THREADS=str(len(cpus)))
     p = subprocess.run([sys.executable, "-m", "libmoe.audit", str(CONFIG_30B),
                         "--json", "--tokens", "8192"], capture_output=True,
-                       text=True, env=env, timeout=300,
-                       preexec_fn=lambda: os.sched_setaffinity(0, cpus))
-    wall = time.perf_counter() - w0
-    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+                       text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     d = json.loads(p.stdout)
     assert len(d["layers"]) == 48
@@ -136,26 +123,15 @@ def test_cli_qwen3_30b_a3b():
         assert r["weights"]["gate_up_proj"]["shape"] == [128, 1536, 2048]
         assert r["weights"]["down_proj"]["shape"] == [128, 2048, 768]
         assert r["plan"]["tokens"] == 8192 and r["plan"]["predicted_ms"] > 0
-    print(f"python -m libmoe.audit Qwen3-30B-A3B: {cpu:.2f} s CPU, "
-          f"{wall:.2f} s wall")
-    assert cpu < 10.0
 
 
-def test_audit_own_cost_qwen3_30b_a3b():
-    """The audit's own work on the 48-layer meta model (recogniser, plans,
-    rows), apart from the imports and the model build that dominate the
-    command's time: process CPU time (every thread) under 1 s. Measured
-    0.015-0.025 s on the 2-core CPU box; 0.35-3.4 s before the recogniser's
-    probe was kept under torch's parallel grain (OpenMP workers spinning
-    after each small op of 48 probes)."""
+def test_audit_meta_qwen3_30b_a3b():
+    """The audit in this process on the 48-layer meta model: every layer
+    served by libmoe, nothing allocated for weights (meta)."""
     model = la._model_from_config(str(CONFIG_30B), "libmoe")
-    t0 = time.process_time()
     rep = la.audit(model, tokens=8192)
-    cpu = time.process_time() - t0
     assert len(rep.layers) == 48
     assert all(r["effective"] == "libmoe" for r in rep.layers)
-    print(f"audit of 48 meta layers: {cpu:.3f} s CPU")
-    assert cpu < 1.0
 
 
 def test_cli_table_and_plot(tmp_path, capsys):
