@@ -41,14 +41,20 @@ def main(path):
     data = [r for r in rows[h + 2:] if len(r) == len(head)]
     ix = {c: i for i, c in enumerate(head)}
     dur = ix.get("gpu__time_duration.sum")
-    tensor = [c for c in head if "tensor" in c and "pct" in c]
+    # the tensor pipe's active cycles (wgmma and mma.sync alike), else any
+    # tensor-pipe percentage the report has
+    pref = "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active"
+    tensor = [pref] if pref in ix else [
+        c for c in head if "tensor" in c and "pct" in c]
     agg = {}
     for r in data:
         k = short(r[ix["Kernel Name"]])
         a = agg.setdefault(k, {"n": 0, "us": 0.0, "w": {}, "stall": {}})
         d = num(r[dur]) or 0.0
         unit = rows[h + 1][dur]
-        us = d / 1e3 if unit == "nsecond" else d * 1e3 if unit == "msecond" else d
+        scale = {"nsecond": 1e-3, "ns": 1e-3, "msecond": 1e3, "ms": 1e3,
+                 "second": 1e6, "s": 1e6}
+        us = d * scale.get(unit, 1.0)  # usecond / us as given
         a["n"] += 1
         a["us"] += us
         for lab, m in COLS + [("TC%", c) for c in tensor[:1]]:
