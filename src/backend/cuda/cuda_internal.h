@@ -171,18 +171,32 @@ moe_status moe_cu_act_bwd(const struct moe_act *act, const moe_cu_view *g,
 moe_status moe_cu_bias_add(void *buf, moe_dtype dt, int64_t ld, int64_t c0,
                            int64_t cs, int64_t n, const int64_t *off, int64_t E,
                            int64_t R, const moe_cu_view *bias, cudaStream_t s);
-/// gb[e, j] = sum over expert e's rows, in row order, of buf[r, c0 + j * cs]
-/// (f32 sums; an expert with no rows gets 0).
-moe_status moe_cu_bias_grad(const void *buf, moe_dtype dt, int64_t ld,
-                            int64_t c0, int64_t cs, int64_t n,
-                            const int64_t *off, int64_t E,
-                            const moe_cu_view *gb, cudaStream_t s);
 /// Where the gate_up rows of the layer sit: ld elements a row (2I, or I
 /// with no gate) and the gate / up columns (first column, step 2 when
 /// interleaved, else 1; moe_ab_cols_of).
 typedef struct moe_cu_hrows {
   int64_t ld, gate, up, step;
 } moe_cu_hrows;
+/// The gate_up biases and the activation in one pass over H's rows
+/// r < min(R, off[E]) (off: device offsets [E+1] from row 0): each of H's
+/// gate and up values gets its expert's bias (bg or bu [E, I]; NULL: none),
+/// rounded to dt and stored back into H, and A[r, j] = act(g, u) (A row
+/// length I, dtype dt): the same bits as moe_cu_bias_add for each bias and
+/// then moe_cu_act_fwd.
+moe_status moe_cu_bias_act_fwd(const struct moe_act *act, void *h, moe_dtype dt,
+                               const moe_cu_hrows *hl, const int64_t *off,
+                               int64_t E, int64_t R, const moe_cu_view *bg,
+                               const moe_cu_view *bu, void *a, int64_t I,
+                               cudaStream_t s);
+/// Both gate_up bias gradients in one pass over dH (laid out per hl): gg /
+/// gu [E, n] (NULL: not asked) get each expert's column sums over its rows
+/// off[e] .. off[e + 1], in row order (f32 sums; an expert with no rows
+/// gets 0).
+moe_status moe_cu_gu_bias_grad(const void *dh, moe_dtype dt,
+                               const moe_cu_hrows *hl, int64_t n,
+                               const int64_t *off, int64_t E,
+                               const moe_cu_view *gg, const moe_cu_view *gu,
+                               cudaStream_t s);
 /// The backward's activation pass, one block per routed slot s of the S
 /// (slot_row[s] < 0: dropped, ds[s] = 0). From the saved pre-activation
 /// h (rows laid out per hl) it recomputes A = act(h) (`act`: layer/act.h),

@@ -31,6 +31,11 @@ static __device__ __forceinline__ void st1(void *p, int f32, int64_t i,
   else
     ((__nv_bfloat16 *)p)[i] = __float2bfloat16_rn(v);
 }
+/// x rounded to the layer dtype (what a stored activation holds).
+static __device__ __forceinline__ float rnd(float x, int f32) {
+  return f32 ? x : __bfloat162float(__float2bfloat16_rn(x));
+}
+
 /// 8 contiguous elements starting at i (i a multiple of 8, base aligned).
 static __device__ __forceinline__ void ld8(const void *p, int f32, int64_t i,
                                            float *v) {
@@ -692,6 +697,21 @@ moe_cu_swiglu_bwd(const moe_cu_view *g, const moe_cu_view *u,
   return moe_cu_act_bwd(&moe_act_swiglu, g, u, dh, dg, du, R, I, end, s);
 }
 
+/// The expert of row r: the e with off[e] <= r < off[e + 1], by binary
+/// search over off[0..E].
+static __device__ __forceinline__ int64_t expert_of(const int64_t *off,
+                                                    int64_t E, int64_t r) {
+  int64_t lo = 0, hi = E;
+  while (hi - lo > 1) {
+    int64_t mid = (lo + hi) / 2;
+    if (off[mid] <= r)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
 /// buf[r, c0 + j * cs] += bias[e(r), j]: one thread per element of the rows
 /// [0, off[E]); the expert of a row by binary search in the offsets.
 __global__ void moe_bias_add_kernel(void *buf, int f32, int64_t ld, int64_t c0,
@@ -701,16 +721,9 @@ __global__ void moe_bias_add_kernel(void *buf, int f32, int64_t ld, int64_t c0,
   int64_t r0 = off[0], rows = min(R, off[E]) - r0; /* off[0] > 0: a chunk */
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < rows * n;
        i += (int64_t)gridDim.x * blockDim.x) {
-    int64_t r = r0 + i / n, j = i % n, lo = 0, hi = E;
-    while (hi - lo > 1) {
-      int64_t mid = (lo + hi) / 2;
-      if (off[mid] <= r)
-        lo = mid;
-      else
-        hi = mid;
-    }
+    int64_t r = r0 + i / n, j = i % n, e = expert_of(off, E, r);
     int64_t o = r * ld + c0 + j * cs;
-    st1(buf, f32, o, ld1(buf, f32, o) + ld1(b, bf32, lo * brs + j * bcs));
+    st1(buf, f32, o, ld1(buf, f32, o) + ld1(b, bf32, e * brs + j * bcs));
   }
 }
 
@@ -727,41 +740,126 @@ extern "C" moe_status moe_cu_bias_add(void *buf, moe_dtype dt, int64_t ld,
   return moe_cu_launch_check("moe_bias_add_kernel");
 }
 
-/// gb[e, j] = sum of buf[r, c0 + j * cs] over expert e's rows, in row order:
-/// one thread per (expert, column), so the sums are deterministic.
-__global__ void moe_bias_grad_kernel(const void *buf, int f32, int64_t ld,
-                                     int64_t c0, int64_t cs, int64_t n,
-                                     const int64_t *off, void *gb, int gf32,
-                                     int64_t grs, int64_t gcs) {
-  int64_t e = blockIdx.y;
-  for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < n;
-       j += (int64_t)gridDim.x * blockDim.x) {
-    float acc = 0.0f;
-    for (int64_t r = off[e]; r < off[e + 1]; r++)
-      acc += ld1(buf, f32, r * ld + c0 + j * cs);
-    st1(gb, gf32, e * grs + j * gcs, acc);
+typedef struct bias_act_args {
+  moe_act act;
+  void *h;          ///< H, row length hl.ld, the layer dtype
+  moe_cu_hrows hl;  ///< where H's gate and up columns sit
+  const void *b[2]; ///< gate and up biases [E, I], or NULL
+  int bf32[2];
+  int64_t brs[2], bcs[2];
+  void *a; ///< A [rows, I], row length I, the layer dtype
+  int f32;
+  const int64_t *off;
+  int64_t E, R, I;
+} bias_act_args;
+
+/// The gate_up biases and the activation in one pass over H's rows
+/// r < min(R, off[E]) (off[0] == 0: all the experts' rows), one block per
+/// row: g = H[r, gate + j step] + b_gate[e, j] and likewise u, each rounded
+/// to the layer dtype and stored back into H (which the backward keeps),
+/// then A[r, j] = act(g, u) -- the values moe_bias_add_kernel (once per
+/// bias) and then moe_act_kernel compute, in one read of H instead of
+/// three. A column without a bias is left as it is (adding 0 would turn
+/// -0 into +0).
+__global__ void moe_bias_act_kernel(bias_act_args p) {
+  const bool gate = p.act.kind != MOE_ACT_RELU2;
+  const int64_t rows = min(p.R, p.off[p.E]);
+  const int64_t col[2] = {p.hl.gate, p.hl.up};
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const int64_t e = expert_of(p.off, p.E, r), hr = r * p.hl.ld;
+    for (int64_t j = threadIdx.x; j < p.I; j += blockDim.x) {
+      float v[2] = {0.0f, 0.0f};
+#pragma unroll
+      for (int q = 0; q < 2; q++) {
+        if (q == 0 && !gate) continue;
+        const int64_t o = hr + col[q] + j * p.hl.step;
+        v[q] = ld1(p.h, p.f32, o);
+        if (p.b[q]) {
+          v[q] = rnd(v[q] + ld1(p.b[q], p.bf32[q], e * p.brs[q] + j * p.bcs[q]),
+                     p.f32);
+          st1(p.h, p.f32, o, v[q]);
+        }
+      }
+      st1(p.a, p.f32, r * p.I + j, moe_act_fwd(p.act, v[0], v[1]));
+    }
   }
 }
 
-extern "C" moe_status moe_cu_bias_grad(const void *buf, moe_dtype dt,
-                                       int64_t ld, int64_t c0, int64_t cs,
-                                       int64_t n, const int64_t *off, int64_t E,
-                                       const moe_cu_view *gb, cudaStream_t s) {
-  if (E == 0 || n == 0) return MOE_SUCCESS;
+extern "C" moe_status moe_cu_bias_act_fwd(const moe_act *act, void *h,
+                                          moe_dtype dt, const moe_cu_hrows *hl,
+                                          const int64_t *off, int64_t E,
+                                          int64_t R, const moe_cu_view *bg,
+                                          const moe_cu_view *bu, void *a,
+                                          int64_t I, cudaStream_t s) {
+  if (R == 0 || I == 0 || E == 0) return MOE_SUCCESS;
+  bias_act_args p;
+  memset(&p, 0, sizeof p);
+  p.act = *act;
+  p.h = h;
+  p.hl = *hl;
+  const moe_cu_view *b[2] = {bg, bu};
+  for (int q = 0; q < 2; q++) {
+    if (!b[q]) continue;
+    p.b[q] = b[q]->data;
+    p.bf32[q] = b[q]->dtype == MOE_F32;
+    p.brs[q] = b[q]->rs;
+    p.bcs[q] = b[q]->cs;
+  }
+  p.a = a;
+  p.f32 = dt == MOE_F32;
+  p.off = off;
+  p.E = E;
+  p.R = R;
+  p.I = I;
+  int64_t blocks = R < 132 * 16 ? R : 132 * 16;
+  moe_bias_act_kernel<<<(unsigned)blocks, I >= 256 ? 256 : 128, 0, s>>>(p);
+  return moe_cu_launch_check("moe_bias_act_kernel");
+}
+
+/// Both gate_up bias gradients in one pass over dH: for expert e and
+/// column j, g[q][e, j] = sum over e's rows r, in row order, of
+/// dH[r, col[q] + j step] (q 0 gate, 1 up; a NULL output is skipped): one
+/// thread per (expert, column), so each sum runs in row order and is
+/// deterministic, and dH's interleaved gate/up pairs are read together.
+__global__ void moe_gu_bias_grad_kernel(const void *dh, int f32,
+                                        moe_cu_hrows hl, int64_t n,
+                                        const int64_t *off, void *g0, void *g1,
+                                        int gf32_0, int gf32_1, int64_t grs0,
+                                        int64_t gcs0, int64_t grs1,
+                                        int64_t gcs1) {
+  const int64_t e = blockIdx.y;
+  for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < n;
+       j += (int64_t)gridDim.x * blockDim.x) {
+    float acc0 = 0.0f, acc1 = 0.0f;
+    const int64_t c0 = hl.gate + j * hl.step, c1 = hl.up + j * hl.step;
+#pragma unroll 4
+    for (int64_t r = off[e]; r < off[e + 1]; r++) {
+      if (g0) acc0 += ld1(dh, f32, r * hl.ld + c0);
+      if (g1) acc1 += ld1(dh, f32, r * hl.ld + c1);
+    }
+    if (g0) st1(g0, gf32_0, e * grs0 + j * gcs0, acc0);
+    if (g1) st1(g1, gf32_1, e * grs1 + j * gcs1, acc1);
+  }
+}
+
+extern "C" moe_status moe_cu_gu_bias_grad(const void *dh, moe_dtype dt,
+                                          const moe_cu_hrows *hl, int64_t n,
+                                          const int64_t *off, int64_t E,
+                                          const moe_cu_view *gg,
+                                          const moe_cu_view *gu,
+                                          cudaStream_t s) {
+  if (E == 0 || n == 0 || (!gg && !gu)) return MOE_SUCCESS;
   int64_t bx = (n + 255) / 256;
   dim3 grid((unsigned)(bx > 64 ? 64 : bx), (unsigned)E);
-  moe_bias_grad_kernel<<<grid, 256, 0, s>>>(buf, dt == MOE_F32, ld, c0, cs, n,
-                                            off, gb->data, gb->dtype == MOE_F32,
-                                            gb->rs, gb->cs);
-  return moe_cu_launch_check("moe_bias_grad_kernel");
+  moe_gu_bias_grad_kernel<<<grid, 256, 0, s>>>(
+      dh, dt == MOE_F32, *hl, n, off, gg ? gg->data : NULL,
+      gu ? gu->data : NULL, gg && gg->dtype == MOE_F32,
+      gu && gu->dtype == MOE_F32, gg ? gg->rs : 0, gg ? gg->cs : 0,
+      gu ? gu->rs : 0, gu ? gu->cs : 0);
+  return moe_cu_launch_check("moe_gu_bias_grad_kernel");
 }
 
 /* ---- the backward's activation pass ------------------------------------- */
-
-/// x rounded to the layer dtype (what a stored activation holds).
-static __device__ __forceinline__ float rnd(float x, int f32) {
-  return f32 ? x : __bfloat162float(__float2bfloat16_rn(x));
-}
 
 /// One block per routed slot s (row = slot_row[s]; a dropped slot, row < 0,
 /// gets dS 0 and touches nothing else): with H[row] = (g, u) the saved
