@@ -286,7 +286,7 @@ static void test_stores(void) {
 /// reaches the conversion's denormal path (checked: dropping that path
 /// fails 1,277 of these cases).
 static void test_bands(void) {
-  static const int64_t depths[] = {1, 2, 7, 31, 32, 33, 64, 95};
+  static const int64_t depths[] = {0, 1, 2, 7, 31, 32, 33, 64, 95};
   static const int64_t widths[] = {1, 17, 32, 33, 64, 95};
   tu_rng r = tu_rng_make(777);
   for (int s = 0; s < nsets; s++) {
@@ -309,16 +309,17 @@ static void test_bands(void) {
                     "offset=%d",
                     u->isa, m, (long long)depth, (long long)nb,
                     moe_dtype_name(ct), beta, stream, shift);
-            uint16_t *x = malloc(sizeof(uint16_t) * (size_t)(m * depth));
+            uint16_t *x = malloc(sizeof(uint16_t) * (size_t)(m * depth + 1));
             for (int64_t i = 0; i < m * depth; i++)
               x[i] = (i < depth && ct == MOE_BF16)
                          ? 0
                          : tu_f32_to_bf16((float)tu_uniform(&r) - 0.5f);
             uint32_t *a =
                 aligned_alloc(64, sizeof(uint32_t) * (size_t)(mr * kpa + 16));
-            u->pack_a_pairs(x, 1, depth, depth, m, mr, a);
-            uint32_t *b =
-                aligned_alloc(64, sizeof(uint32_t) * (size_t)(nsl * kp * nr));
+            (u->pack_a_pairs ? u->pack_a_pairs
+                             : u->pack_pairs)(x, 1, depth, depth, m, mr, a);
+            uint32_t *b = aligned_alloc(64, sizeof(uint32_t) *
+                                                (size_t)(nsl * kp * nr + 16));
             for (int64_t i = 0; i < nsl * kp * nr; i++) {
               int64_t p = i / nr % kp, j = i % nr + i / (kp * nr) * nr;
               uint32_t lo = tu_f32_to_bf16((float)tu_uniform(&r) - 0.5f);
@@ -363,6 +364,93 @@ static void test_bands(void) {
             CHECK(memcmp(cb, want, cbytes) == 0,
                   "band differs from the kernel + store");
             free(x);
+            free(a);
+            free(b);
+            free(cb);
+            free(want);
+            free(acc);
+          }
+  }
+}
+
+/// The same for a set's f32_band against its f32 kernel (first = 1) and
+/// its store: m = 1..mr rows, depths 0..95 (0: C = 0, or C + 0), bands of
+/// whole and partial slivers, f32 and bf16 C, beta 0 and 1, streaming or
+/// not, C on a line, half a line in (bf16: blocks of 1.5 lines, so the
+/// other parity of the carried half line) or one element off. Old C holds
+/// every class of value, and A's first row is zero, so C rows of old
+/// values + 0 reach the denormal path of the bf16 conversions.
+static void test_f32_bands(void) {
+  static const int64_t depths[] = {0, 1, 2, 7, 31, 32, 33, 64, 95};
+  static const int64_t widths[] = {1, 17, 32, 33, 48, 64, 95, 96, 145};
+  tu_rng r = tu_rng_make(778);
+  for (int s = 0; s < nsets; s++) {
+    const moe_ukernel_info *u = sets[s];
+    if (!u->f32_band) continue;
+    int mr = u->mr, nr = u->nr;
+    for (int m = 1; m <= mr; m += (m < 3 || m > mr - 3) ? 1 : 3)
+      for (size_t di = 0; di < sizeof depths / sizeof *depths; di++)
+        for (size_t wi = 0; wi < sizeof widths / sizeof *widths; wi++)
+          for (int v = 0; v < 24; v++) {
+            int dt = v & 1, beta = v >> 1 & 1, stream = v >> 2 & 1,
+                place = v >> 3; /* 0: on a line, 1: half in, 2: 1 off */
+            int64_t depth = depths[di], nb = widths[wi];
+            int64_t nsl = (nb + nr - 1) / nr, ld = nsl * nr;
+            moe_dtype ct = dt ? MOE_BF16 : MOE_F32;
+            size_t es = moe_dtype_size(ct);
+            /* Row stride of whole lines, so a band can stream. */
+            int64_t crs = (nb + 41 + 63) / 64 * 64;
+            int64_t shift = place == 0 ? 0 : place == 1 ? 32 / (int64_t)es : 1;
+            tu_case("f32 band %s m=%d depth=%lld nb=%lld c=%s beta=%d "
+                    "stream=%d offset=%lld",
+                    u->isa, m, (long long)depth, (long long)nb,
+                    moe_dtype_name(ct), beta, stream, (long long)shift);
+            float *a = aligned_alloc(
+                64, sizeof(float) * (size_t)((mr * depth + 15) / 16 * 16 + 16));
+            for (int64_t p = 0; p < depth; p++)
+              for (int i = 0; i < mr; i++)
+                a[p * mr + i] = (i >= m || (i == 0 && dt))
+                                    ? 0.0f
+                                    : (float)tu_uniform(&r) - 0.5f;
+            float *b = aligned_alloc(64, sizeof(float) *
+                                             (size_t)(nsl * depth * nr + 16));
+            for (int64_t i = 0; i < nsl * depth * nr; i++) {
+              int64_t j = i % nr + i / (depth * nr) * nr;
+              b[i] = j < nb ? (float)tu_uniform(&r) - 0.5f : 0.0f;
+            }
+            size_t cbytes = (size_t)(m * crs + 64) * es;
+            uint8_t *cb = aligned_alloc(64, (cbytes + 63) / 64 * 64);
+            uint8_t *want = malloc(cbytes);
+            for (size_t i = 0; i < cbytes / es; i++) {
+              uint32_t bits = (uint32_t)tu_next(&r);
+              switch (tu_below(&r, 8)) {
+              case 0: bits &= 0x807fffffu; break; /* denormal/0 */
+              case 1: bits |= 0x7f800000u; break; /* inf/NaN */
+              default: {
+                float f = (float)tu_uniform(&r);
+                memcpy(&bits, &f, 4);
+              }
+              }
+              if (ct == MOE_F32)
+                memcpy(cb + i * 4, &bits, 4);
+              else {
+                uint16_t h = (uint16_t)(bits >> 16);
+                memcpy(cb + i * 2, &h, 2);
+              }
+            }
+            memcpy(want, cb, cbytes);
+            uint8_t *c = cb + (size_t)shift * es,
+                    *w = want + (size_t)shift * es;
+            float *acc = malloc(sizeof(float) * (size_t)(mr * ld));
+            for (int64_t js = 0; js < nsl; js++)
+              u->f32(depth, a, b + js * depth * nr, acc + js * nr, ld, m, 1);
+            u->store(acc, ld, m, nb, w, ct, crs, (float)beta, stream);
+            u->f32_band(depth, a, b, nb, m, c, ct, crs, (float)beta, stream);
+#if defined(__x86_64__)
+            __builtin_ia32_sfence();
+#endif
+            CHECK(memcmp(cb, want, cbytes) == 0,
+                  "f32 band differs from the kernel + store");
             free(a);
             free(b);
             free(cb);
@@ -645,6 +733,7 @@ static moe_ukernel_info portable_helpers(const moe_ukernel_info *u) {
   p.pack_pairs = NULL;
   p.store = NULL;
   p.bf16_band = NULL; /* the band's bits must be the kernel + store's */
+  p.f32_band = NULL;
   return p;
 }
 
@@ -1178,6 +1267,7 @@ int main(int argc, char **argv) {
   test_ukernels();
   test_stores();
   test_bands();
+  test_f32_bands();
   test_driver();
   test_row_independence();
   test_few_row_dw();

@@ -17,19 +17,12 @@ enum { F32_MR = 8, F32_NR = 48 };
 
 /* ---- f32 micro-kernel ------------------------------------------------- */
 
-/// The 8 x 48 body for M real rows (a compile-time constant after
-/// inlining, so rows past M cost nothing and the accumulators stay in
-/// registers).
-MOE_INLINE void moe_f32_8x48(const int M, int64_t kc, const float *a,
-                             const float *b, float *acc, int64_t ldacc,
-                             int first) {
-  __m512 c[F32_MR][3];
-#pragma GCC unroll 8
-  for (int i = 0; i < M; i++)
-#pragma GCC unroll 3
-    for (int j = 0; j < 3; j++)
-      c[i][j] = first ? _mm512_setzero_ps()
-                      : _mm512_loadu_ps(acc + i * ldacc + 16 * j);
+/// The k loop of the 8 x 48 kernel for M real rows (a compile-time
+/// constant after inlining, so rows past M cost nothing and the
+/// accumulators stay in registers): c += A B, one FMA per p in increasing
+/// p. The kernel and the dW band share it, so both give the same bits.
+MOE_INLINE void moe_f32_8x48_steps(const int M, int64_t kc, const float *a,
+                                   const float *b, __m512 c[F32_MR][3]) {
   for (int64_t p = 0; p < kc; p++) {
     const float *bp = b + p * F32_NR, *ap = a + p * F32_MR;
     __m512 b0 = _mm512_load_ps(bp), b1 = _mm512_load_ps(bp + 16),
@@ -42,6 +35,20 @@ MOE_INLINE void moe_f32_8x48(const int M, int64_t kc, const float *a,
       c[i][2] = _mm512_fmadd_ps(ai, b2, c[i][2]);
     }
   }
+}
+
+/// The 8 x 48 body for M real rows.
+MOE_INLINE void moe_f32_8x48(const int M, int64_t kc, const float *a,
+                             const float *b, float *acc, int64_t ldacc,
+                             int first) {
+  __m512 c[F32_MR][3];
+#pragma GCC unroll 8
+  for (int i = 0; i < M; i++)
+#pragma GCC unroll 3
+    for (int j = 0; j < 3; j++)
+      c[i][j] = first ? _mm512_setzero_ps()
+                      : _mm512_loadu_ps(acc + i * ldacc + 16 * j);
+  moe_f32_8x48_steps(M, kc, a, b, c);
 #pragma GCC unroll 8
   for (int i = 0; i < M; i++)
 #pragma GCC unroll 3
@@ -320,6 +327,66 @@ void moe_store_avx512(const float *acc, int64_t ldacc, int64_t mb, int64_t nb,
   }
   /* Non-temporal stores are fenced once per thread by the driver, not
      here: a fence per tile stalls until every store has drained. */
+}
+
+/* ---- dW band: C written from the kernel's registers ------------------- */
+
+/// ukernel.h's f32_band for M rows: each 48-column block of the band is
+/// the kernel's sum from zero over the whole depth, written from the
+/// registers (f32, or bf16 rounded as moe_store_avx512 does), whole lines
+/// non-temporally when streaming.
+MOE_INLINE void moe_band_f32_8x48(const int M, int64_t kc, const float *a,
+                                  const float *b, int64_t nb, void *c,
+                                  moe_dtype ct, int64_t crs, float beta,
+                                  int stream) {
+  size_t es = ct == MOE_F32 ? 4 : 2;
+  int nt = stream && beta == 0.0f && moe_band_lines(c, crs, es);
+  /* bf16 C: block js starts half a line in when js + h is odd. */
+  int h = (int)(((uintptr_t)c >> 5) & 1);
+  __m256i pend[F32_MR];
+  for (int i = 0; i < F32_MR; i++)
+    pend[i] = _mm256_setzero_si256();
+  for (int64_t js = 0; js * F32_NR < nb; js++) {
+    int64_t j0 = js * F32_NR;
+    int n = nb - j0 < F32_NR ? (int)(nb - j0) : F32_NR;
+    __m512 v[F32_MR][3];
+#pragma GCC unroll 8
+    for (int i = 0; i < M; i++)
+#pragma GCC unroll 3
+      for (int j = 0; j < 3; j++)
+        v[i][j] = _mm512_setzero_ps();
+    moe_f32_8x48_steps(M, kc, a, b + js * kc * F32_NR, v);
+#pragma GCC unroll 8
+    for (int i = 0; i < M; i++) {
+      if (ct == MOE_F32) {
+        moe_band_put_f32(v[i], n, (float *)c + i * crs + j0, beta, nt);
+        continue;
+      }
+      uint16_t *cr = (uint16_t *)c + i * crs + j0;
+      if (beta != 0.0f) moe_band_add_bf16(v[i], n, cr);
+      __m512i w01 =
+          _mm512_inserti64x4(_mm512_castsi256_si512(moe_cvt_bf16(v[i][0])),
+                             moe_cvt_bf16(v[i][1]), 1);
+      moe_band_put_bf16(w01, moe_cvt_bf16(v[i][2]), n, cr, nt,
+                        (int)((js + h) & 1), js == 0, j0 + F32_NR >= nb,
+                        &pend[i]);
+    }
+  }
+}
+
+void moe_band_avx512_f32(int64_t kc, const float *a, const float *b, int64_t nb,
+                         int m, void *c, moe_dtype ct, int64_t crs, float beta,
+                         int stream) {
+  switch (m) {
+  case 1: moe_band_f32_8x48(1, kc, a, b, nb, c, ct, crs, beta, stream); break;
+  case 2: moe_band_f32_8x48(2, kc, a, b, nb, c, ct, crs, beta, stream); break;
+  case 3: moe_band_f32_8x48(3, kc, a, b, nb, c, ct, crs, beta, stream); break;
+  case 4: moe_band_f32_8x48(4, kc, a, b, nb, c, ct, crs, beta, stream); break;
+  case 5: moe_band_f32_8x48(5, kc, a, b, nb, c, ct, crs, beta, stream); break;
+  case 6: moe_band_f32_8x48(6, kc, a, b, nb, c, ct, crs, beta, stream); break;
+  case 7: moe_band_f32_8x48(7, kc, a, b, nb, c, ct, crs, beta, stream); break;
+  default: moe_band_f32_8x48(8, kc, a, b, nb, c, ct, crs, beta, stream); break;
+  }
 }
 
 /* ---- decode GEMV ------------------------------------------------------ */
