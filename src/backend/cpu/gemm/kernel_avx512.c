@@ -331,23 +331,27 @@ void moe_store_avx512(const float *acc, int64_t ldacc, int64_t mb, int64_t nb,
 
 /* ---- dW band: C written from the kernel's registers ------------------- */
 
-/// ukernel.h's f32_band for M rows: each 48-column block of the band is
-/// the kernel's sum from zero over the whole depth, written from the
-/// registers (f32, or bf16 rounded as moe_store_avx512 does), whole lines
-/// non-temporally when streaming.
-MOE_INLINE void moe_band_f32_8x48(const int M, int64_t kc, const float *a,
-                                  const float *b, int64_t nb, void *c,
-                                  moe_dtype ct, int64_t crs, float beta,
+/// ukernel.h's f32_band for M rows and C of dtype BF ? bf16 : f32 (both
+/// compile-time constants after inlining): each 48-column block of the
+/// band is the kernel's sum from zero over the whole depth, written from
+/// the registers (bf16 rounded as moe_store_avx512 does), whole lines
+/// non-temporally when streaming. Row addresses are the block's plus
+/// i rows, so the loop keeps one moving pointer (no per-row pointers
+/// spilled and updated on the stack behind the streaming stores).
+MOE_INLINE void moe_band_f32_8x48(const int M, const int BF, int64_t kc,
+                                  const float *a, const float *b, int64_t nb,
+                                  void *c, int64_t crs, float beta,
                                   int stream) {
-  size_t es = ct == MOE_F32 ? 4 : 2;
+  const size_t es = BF ? 2 : 4;
+  const int64_t rb = crs * (int64_t)es; /* row stride in bytes */
   int nt = stream && beta == 0.0f && moe_band_lines(c, crs, es);
   /* bf16 C: block js starts half a line in when js + h is odd. */
   int h = (int)(((uintptr_t)c >> 5) & 1);
   __m256i pend[F32_MR];
   for (int i = 0; i < F32_MR; i++)
     pend[i] = _mm256_setzero_si256();
-  for (int64_t js = 0; js * F32_NR < nb; js++) {
-    int64_t j0 = js * F32_NR;
+  char *cb = (char *)c;
+  for (int64_t js = 0, j0 = 0; j0 < nb; js++, j0 += F32_NR, cb += F32_NR * es) {
     int n = nb - j0 < F32_NR ? (int)(nb - j0) : F32_NR;
     __m512 v[F32_MR][3];
 #pragma GCC unroll 8
@@ -358,17 +362,17 @@ MOE_INLINE void moe_band_f32_8x48(const int M, int64_t kc, const float *a,
     moe_f32_8x48_steps(M, kc, a, b + js * kc * F32_NR, v);
 #pragma GCC unroll 8
     for (int i = 0; i < M; i++) {
-      if (ct == MOE_F32) {
-        moe_band_put_f32(v[i], n, (float *)c + i * crs + j0, beta, nt);
+      char *cr = cb + i * rb;
+      if (!BF) {
+        moe_band_put_f32(v[i], n, (float *)(void *)cr, beta, nt);
         continue;
       }
-      uint16_t *cr = (uint16_t *)c + i * crs + j0;
-      if (beta != 0.0f) moe_band_add_bf16(v[i], n, cr);
+      if (beta != 0.0f) moe_band_add_bf16(v[i], n, (uint16_t *)(void *)cr);
       __m512i w01 =
           _mm512_inserti64x4(_mm512_castsi256_si512(moe_cvt_bf16(v[i][0])),
                              moe_cvt_bf16(v[i][1]), 1);
-      moe_band_put_bf16(w01, moe_cvt_bf16(v[i][2]), n, cr, nt,
-                        (int)((js + h) & 1), js == 0, j0 + F32_NR >= nb,
+      moe_band_put_bf16(w01, moe_cvt_bf16(v[i][2]), n, (uint16_t *)(void *)cr,
+                        nt, (int)((js + h) & 1), js == 0, j0 + F32_NR >= nb,
                         &pend[i]);
     }
   }
@@ -377,16 +381,25 @@ MOE_INLINE void moe_band_f32_8x48(const int M, int64_t kc, const float *a,
 void moe_band_avx512_f32(int64_t kc, const float *a, const float *b, int64_t nb,
                          int m, void *c, moe_dtype ct, int64_t crs, float beta,
                          int stream) {
+  int bf = ct != MOE_F32;
+#define MOE_BAND_CASE(M)                                                       \
+  case M:                                                                      \
+    if (bf)                                                                    \
+      moe_band_f32_8x48(M, 1, kc, a, b, nb, c, crs, beta, stream);             \
+    else                                                                       \
+      moe_band_f32_8x48(M, 0, kc, a, b, nb, c, crs, beta, stream);             \
+    break;
   switch (m) {
-  case 1: moe_band_f32_8x48(1, kc, a, b, nb, c, ct, crs, beta, stream); break;
-  case 2: moe_band_f32_8x48(2, kc, a, b, nb, c, ct, crs, beta, stream); break;
-  case 3: moe_band_f32_8x48(3, kc, a, b, nb, c, ct, crs, beta, stream); break;
-  case 4: moe_band_f32_8x48(4, kc, a, b, nb, c, ct, crs, beta, stream); break;
-  case 5: moe_band_f32_8x48(5, kc, a, b, nb, c, ct, crs, beta, stream); break;
-  case 6: moe_band_f32_8x48(6, kc, a, b, nb, c, ct, crs, beta, stream); break;
-  case 7: moe_band_f32_8x48(7, kc, a, b, nb, c, ct, crs, beta, stream); break;
-  default: moe_band_f32_8x48(8, kc, a, b, nb, c, ct, crs, beta, stream); break;
+    MOE_BAND_CASE(1)
+    MOE_BAND_CASE(2)
+    MOE_BAND_CASE(3)
+    MOE_BAND_CASE(4)
+    MOE_BAND_CASE(5)
+    MOE_BAND_CASE(6)
+    MOE_BAND_CASE(7)
+  default: MOE_BAND_CASE(8)
   }
+#undef MOE_BAND_CASE
 }
 
 /* ---- decode GEMV ------------------------------------------------------ */

@@ -150,23 +150,27 @@ MOE_INLINE __m256i moe_cvt16_bf16x(__m512 v) {
   return (__m256i)_mm512_cvtneps_pbh(v);
 }
 
-/// ukernel.h's bf16_band for M rows: each 48-column block of the band is
-/// the kernel's sum from zero over the whole depth, rounded in hardware
-/// (vcvtne2ps2bf16) straight from the registers and written once, whole
-/// lines non-temporally when streaming; f32 C as moe_store_avx512.
-MOE_INLINE void moe_band_bf16_8x48(const int M, int64_t kp, const uint32_t *a,
-                                   const uint32_t *b, int64_t nb, void *c,
-                                   moe_dtype ct, int64_t crs, float beta,
+/// ukernel.h's bf16_band for M rows and C of dtype BF ? bf16 : f32 (both
+/// compile-time constants after inlining): each 48-column block of the
+/// band is the kernel's sum from zero over the whole depth, rounded in
+/// hardware (vcvtne2ps2bf16) straight from the registers and written
+/// once, whole lines non-temporally when streaming; f32 C as
+/// moe_store_avx512. One moving block pointer, rows at i row strides
+/// from it (as kernel_avx512.c's f32 band).
+MOE_INLINE void moe_band_bf16_8x48(const int M, const int BF, int64_t kp,
+                                   const uint32_t *a, const uint32_t *b,
+                                   int64_t nb, void *c, int64_t crs, float beta,
                                    int stream) {
-  size_t es = ct == MOE_F32 ? 4 : 2;
+  const size_t es = BF ? 2 : 4;
+  const int64_t rb = crs * (int64_t)es; /* row stride in bytes */
   int nt = stream && beta == 0.0f && moe_band_lines(c, crs, es);
   /* bf16 C: block js starts half a line in when js + h is odd. */
   int h = (int)(((uintptr_t)c >> 5) & 1);
   __m256i pend[BF_MR];
   for (int i = 0; i < BF_MR; i++)
     pend[i] = _mm256_setzero_si256();
-  for (int64_t js = 0; js * BF_NR < nb; js++) {
-    int64_t j0 = js * BF_NR;
+  char *cb = (char *)c;
+  for (int64_t js = 0, j0 = 0; j0 < nb; js++, j0 += BF_NR, cb += BF_NR * es) {
     int n = nb - j0 < BF_NR ? (int)(nb - j0) : BF_NR;
     __m512 v[BF_MR][3];
 #pragma GCC unroll 8
@@ -177,15 +181,16 @@ MOE_INLINE void moe_band_bf16_8x48(const int M, int64_t kp, const uint32_t *a,
     moe_bf16_8x48_steps(M, kp, a, b + js * kp * BF_NR, v);
 #pragma GCC unroll 8
     for (int i = 0; i < M; i++) {
-      if (ct == MOE_F32) {
-        moe_band_put_f32(v[i], n, (float *)c + i * crs + j0, beta, nt);
+      char *cr = cb + i * rb;
+      if (!BF) {
+        moe_band_put_f32(v[i], n, (float *)(void *)cr, beta, nt);
         continue;
       }
-      uint16_t *cr = (uint16_t *)c + i * crs + j0;
-      if (beta != 0.0f) moe_band_add_bf16(v[i], n, cr);
-      moe_band_put_bf16(
-          moe_cvt32_bf16(v[i][0], v[i][1]), moe_cvt16_bf16x(v[i][2]), n, cr, nt,
-          (int)((js + h) & 1), js == 0, j0 + BF_NR >= nb, &pend[i]);
+      if (beta != 0.0f) moe_band_add_bf16(v[i], n, (uint16_t *)(void *)cr);
+      moe_band_put_bf16(moe_cvt32_bf16(v[i][0], v[i][1]),
+                        moe_cvt16_bf16x(v[i][2]), n, (uint16_t *)(void *)cr, nt,
+                        (int)((js + h) & 1), js == 0, j0 + BF_NR >= nb,
+                        &pend[i]);
     }
   }
 }
@@ -194,16 +199,25 @@ static void moe_band_avx512bf16(int64_t kp, const uint32_t *a,
                                 const uint32_t *b, int64_t nb, int m, void *c,
                                 moe_dtype ct, int64_t crs, float beta,
                                 int stream) {
+  int bf = ct != MOE_F32;
+#define MOE_BAND_CASE(M)                                                       \
+  case M:                                                                      \
+    if (bf)                                                                    \
+      moe_band_bf16_8x48(M, 1, kp, a, b, nb, c, crs, beta, stream);            \
+    else                                                                       \
+      moe_band_bf16_8x48(M, 0, kp, a, b, nb, c, crs, beta, stream);            \
+    break;
   switch (m) {
-  case 1: moe_band_bf16_8x48(1, kp, a, b, nb, c, ct, crs, beta, stream); break;
-  case 2: moe_band_bf16_8x48(2, kp, a, b, nb, c, ct, crs, beta, stream); break;
-  case 3: moe_band_bf16_8x48(3, kp, a, b, nb, c, ct, crs, beta, stream); break;
-  case 4: moe_band_bf16_8x48(4, kp, a, b, nb, c, ct, crs, beta, stream); break;
-  case 5: moe_band_bf16_8x48(5, kp, a, b, nb, c, ct, crs, beta, stream); break;
-  case 6: moe_band_bf16_8x48(6, kp, a, b, nb, c, ct, crs, beta, stream); break;
-  case 7: moe_band_bf16_8x48(7, kp, a, b, nb, c, ct, crs, beta, stream); break;
-  default: moe_band_bf16_8x48(8, kp, a, b, nb, c, ct, crs, beta, stream); break;
+    MOE_BAND_CASE(1)
+    MOE_BAND_CASE(2)
+    MOE_BAND_CASE(3)
+    MOE_BAND_CASE(4)
+    MOE_BAND_CASE(5)
+    MOE_BAND_CASE(6)
+    MOE_BAND_CASE(7)
+  default: MOE_BAND_CASE(8)
   }
+#undef MOE_BAND_CASE
 }
 
 /* ---- decode GEMV on pairs ------------------------------------------------ */
