@@ -1081,6 +1081,130 @@ static void test_few_row_dw(void) {
 
 /* ---- one pack per weight element (shared-panel items) ----------------- */
 
+/// The dW band through the driver where the driver streams C (dW over
+/// 16 MB, so non-temporal stores and item edges on whole lines are on):
+/// every set with a band against the same set with its bands removed
+/// (kernels + store), bit for bit, and 1 against 2 threads; groups of
+/// 0..9 rows and one group of all rows; C row-major and column-major
+/// ([E, M, N] and [E, N, M] gradients, row strides of whole lines and odd
+/// ones); beta 0 and 1 over old C holding denormals, infinities and NaN;
+/// f32, bf16 -> bf16 and bf16 -> f32; spot checks against float64.
+static void test_band_dw(void) {
+  enum { G = 12 };
+  static const int64_t offs[2][G + 1] = {
+      {0, 0, 1, 3, 6, 10, 15, 21, 28, 36, 45, 45, 58},  /* 0..9, 0, 13 */
+      {0, 0, 0, 0, 0, 58, 58, 58, 58, 58, 58, 58, 58}}; /* one takes all */
+  static const int64_t shapes[2][2] = {{608, 1120}, {613, 1101}};
+  const int64_t R = 58;
+  const moe_dtype F = MOE_F32, H = MOE_BF16;
+  const moe_dtype dts[][3] = {{F, F, F}, {H, H, H}, {H, H, F}};
+  for (int sh = 0; sh < 2; sh++)
+    for (size_t di = 0; di < sizeof dts / sizeof *dts; di++) {
+      const int64_t M = shapes[sh][0], N = shapes[sh][1];
+      moe_dtype at = dts[di][0], bt = dts[di][1], ct = dts[di][2];
+      size_t ea = moe_dtype_size(at), eb = moe_dtype_size(bt),
+             ec = moe_dtype_size(ct), cbytes = (size_t)(G * M * N) * ec;
+      char *a = malloc((size_t)(R * M) * ea), *b = malloc((size_t)(R * N) * eb);
+      char *cin = aligned_alloc(64, cbytes), *c0 = aligned_alloc(64, cbytes),
+           *c1 = aligned_alloc(64, cbytes), *c2 = aligned_alloc(64, cbytes);
+      tu_rng r = tu_rng_make(950 + 10 * (uint64_t)sh + di);
+      for (int64_t i = 0; i < R * M; i++)
+        moe_store_f(a, at, i, (float)tu_uniform(&r) - 0.5f);
+      for (int64_t i = 0; i < R * N; i++)
+        moe_store_f(b, bt, i, (float)tu_uniform(&r) - 0.5f);
+      for (size_t i = 0; i < cbytes / ec; i++) {
+        uint32_t bits = (uint32_t)tu_next(&r);
+        int k = (int)tu_below(&r, 16);
+        if (k == 0)
+          bits &= 0x807fffffu; /* denormal or zero */
+        else if (k == 1)
+          bits |= 0x7f800000u; /* infinity or NaN */
+        else {
+          float f = (float)tu_uniform(&r);
+          memcpy(&bits, &f, 4);
+        }
+        if (ct == F)
+          memcpy(cin + i * 4, &bits, 4);
+        else {
+          uint16_t h = (uint16_t)(bits >> 16);
+          memcpy(cin + i * 2, &h, 2);
+        }
+      }
+      for (int s = 0; s < nsets; s++) {
+        const moe_ukernel_info *u = sets[s];
+        if (!u->f32_band && !u->bf16_band) continue;
+        moe_ukernel_info off_set = *u;
+        off_set.f32_band = NULL;
+        off_set.bf16_band = NULL;
+        for (int cfg = 0; cfg < 2; cfg++)
+          for (int lay = 0; lay < 2; lay++)
+            for (int beta = 0; beta < 2; beta++) {
+              tu_case("band dW isa=%s M=%lld N=%lld a=%s b=%s c=%s rows=%s "
+                      "C=%s beta=%d",
+                      u->isa, (long long)M, (long long)N, moe_dtype_name(at),
+                      moe_dtype_name(bt), moe_dtype_name(ct),
+                      cfg ? "all-in-one" : "0..9", lay ? "[N,M]" : "[M,N]",
+                      beta);
+              char *outs[3] = {c0, c1, c2};
+              for (int run = 0; run < 3; run++) {
+                /* 0: band, 1 thread; 1: band, 2 threads; 2: no band. */
+                memcpy(outs[run], cin, cbytes);
+                moe_operand C = lay ? moe_op(outs[run], ct, 1, M)
+                                    : moe_op(outs[run], ct, N, 1);
+                C.gs = M * N;
+                moe_gemm_problem p = {MOE_GROUP_K,
+                                      G,
+                                      offs[cfg],
+                                      M,
+                                      N,
+                                      0,
+                                      moe_op(a, at, 1, M),
+                                      moe_op(b, bt, N, 1),
+                                      C,
+                                      (float)beta};
+                moe_gemm_ctx ctx;
+                memset(&ctx, 0, sizeof ctx);
+                ctx.num_threads = run == 0 ? 1 : 2;
+                moe_status st =
+                    moe_gemm_grouped_with(&p, &ctx, run == 2 ? &off_set : u);
+                CHECK(st == MOE_SUCCESS, "grouped gemm failed: %s",
+                      moe_last_error());
+              }
+              CHECK(!memcmp(c0, c2, cbytes),
+                    "the band differs from the kernels + store");
+              CHECK(!memcmp(c0, c1, cbytes),
+                    "1 and 2 threads give different bits");
+              /* Spot checks against float64 (finite old values only). */
+              double worst = 0.0;
+              for (int64_t e = 7; e < G * M * N; e += 1009) {
+                int64_t g = e / (M * N), w = e % (M * N);
+                int64_t i = lay ? w % M : w / N, j = lay ? w / M : w % N;
+                double old = beta ? moe_load_f(cin, ct, e) : 0.0;
+                if (!isfinite(old)) continue;
+                double ref = old, mag = fabs(old);
+                for (int64_t q = offs[cfg][g]; q < offs[cfg][g + 1]; q++) {
+                  double t = (double)moe_load_f(a, at, q * M + i) *
+                             (double)moe_load_f(b, bt, q * N + j);
+                  ref += t;
+                  mag += fabs(t);
+                }
+                double d =
+                    fabs((double)moe_load_f(c0, ct, e) - ref) / (mag + 1e-30);
+                if (!(d <= worst)) worst = d;
+              }
+              double tol = ct == F ? 1e-5 : 8e-3;
+              CHECK(worst <= tol, "relative error %.3g > %.3g", worst, tol);
+            }
+      }
+      free(a);
+      free(b);
+      free(cin);
+      free(c0);
+      free(c1);
+      free(c2);
+    }
+}
+
 /// Groups taller than one m-tile (192 rows) pack each weight element once:
 /// the driver's B counter shows K * N per non-empty group, against the sum
 /// of the groups' m-tiles with the shared panels switched off; the results
@@ -1271,6 +1395,7 @@ int main(int argc, char **argv) {
   test_driver();
   test_row_independence();
   test_few_row_dw();
+  test_band_dw();
   test_pack_once();
   test_cap(argv[0]);
   return tu_finish();

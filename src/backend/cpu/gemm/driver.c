@@ -407,10 +407,13 @@ static void moe_store_tile(const moe_job *J, const float *acc, int64_t ldacc,
 
 /// Whether the set writes a whole-depth band of this view's C straight
 /// from its kernel's registers (ukernel.h's bf16_band / f32_band): C
-/// row-major (unit column stride) in f32 or bf16.
+/// row-major (unit column stride) in f32 or bf16, and for f32 C from the
+/// f32 kernel only from the depth where that measured faster.
 static bool moe_band_ok(const moe_job *J, const moe_view *v) {
-  return v->ccs == 1 && J->ct != MOE_F16 &&
-         (J->pairs ? J->uk->bf16_band != NULL : J->uk->f32_band != NULL);
+  if (v->ccs != 1 || J->ct == MOE_F16) return false;
+  if (J->pairs) return J->uk->bf16_band != NULL;
+  return J->uk->f32_band != NULL &&
+         !(J->ct == MOE_F32 && v->K > 0 && v->K < J->uk->f32_band_f32c_min_k);
 }
 
 /// One band (moe_band_ok): the packed A sliver `a` (ku units deep) against

@@ -167,6 +167,6 @@ MOE_INLINE int moe_band_lines(const void *c, int64_t crs, size_t es) {
 #define MOE_AVX512_F32_SET                                                     \
   .name = "avx512_f32_8x48", .mr = 8, .nr = 48, .f32 = moe_ukernel_avx512_f32, \
   .pack_f32 = moe_pack_f32_avx512, .gemv = moe_gemv_avx512,                    \
-  .f32_band = moe_band_avx512_f32
+  .f32_band = moe_band_avx512_f32, .f32_band_f32c_min_k = 16
 
 #endif /* MOE_KERNEL_AVX512_H */

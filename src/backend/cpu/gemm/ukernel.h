@@ -153,6 +153,11 @@ typedef struct moe_ukernel_info {
   void (*f32_band)(int64_t kc, const float *a, const float *b, int64_t nb,
                    int m, void *c, moe_dtype ct, int64_t crs, float beta,
                    int stream);
+  /// f32 C: the smallest depth (elements; in dW the expert's rows) from
+  /// which the driver takes f32_band; shallower groups with rows go
+  /// through the kernels + store, which measured faster there (0: every
+  /// depth; bench/NOTES.md, issue 20, h20e).
+  int f32_band_f32c_min_k;
 } moe_ukernel_info;
 
 /// The portable reference kernel set (kernel_ref.c): the f32 kernel every
