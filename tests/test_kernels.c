@@ -1105,8 +1105,9 @@ static void test_band_dw(void) {
       size_t ea = moe_dtype_size(at), eb = moe_dtype_size(bt),
              ec = moe_dtype_size(ct), cbytes = (size_t)(G * M * N) * ec;
       char *a = malloc((size_t)(R * M) * ea), *b = malloc((size_t)(R * N) * eb);
-      char *cin = aligned_alloc(64, cbytes), *c0 = aligned_alloc(64, cbytes),
-           *c1 = aligned_alloc(64, cbytes), *c2 = aligned_alloc(64, cbytes);
+      size_t abytes = (cbytes + 63) / 64 * 64; /* aligned_alloc's rule */
+      char *cin = aligned_alloc(64, abytes), *c0 = aligned_alloc(64, abytes),
+           *c1 = aligned_alloc(64, abytes), *c2 = aligned_alloc(64, abytes);
       tu_rng r = tu_rng_make(950 + 10 * (uint64_t)sh + di);
       for (int64_t i = 0; i < R * M; i++)
         moe_store_f(a, at, i, (float)tu_uniform(&r) - 0.5f);
