@@ -315,7 +315,8 @@ static void test_bands(void) {
                          ? 0
                          : tu_f32_to_bf16((float)tu_uniform(&r) - 0.5f);
             uint32_t *a =
-                aligned_alloc(64, sizeof(uint32_t) * (size_t)(mr * kpa + 16));
+                aligned_alloc(64, sizeof(uint32_t) *
+                                      (size_t)((mr * kpa + 15) / 16 * 16 + 16));
             (u->pack_a_pairs ? u->pack_a_pairs
                              : u->pack_pairs)(x, 1, depth, depth, m, mr, a);
             uint32_t *b = aligned_alloc(64, sizeof(uint32_t) *
