@@ -8,7 +8,8 @@
 /// usage: bench_gemm_cpu [tokens] [f32|bf16] [out_in|in_out] [reps]
 ///                       [E H I top_k]
 /// BENCH_HOT=n gives expert 0 n of the rows (skewed routing);
-/// BENCH_NO_DW=1 times the forward and dX only.
+/// BENCH_NO_DW=1 times the forward and dX only; BENCH_DW_ONLY=1 dW only
+/// (for profiles of the dW pass alone).
 /// Run with OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1; MOE_MAX_CPU_ISA and
 /// MOE_LOOP_LIB choose the kernel set and the loop's library.
 #include <stdio.h>
@@ -109,7 +110,10 @@ int main(int argc, char **argv) {
     o.method = m && !strcmp(m, "loop") ? MOE_GMM_LOOP : MOE_GMM_GROUPED;
     /* BENCH_NO_DW=1: forward and dX only (dW reads no weight). */
     int kinds = getenv("BENCH_NO_DW") && atoi(getenv("BENCH_NO_DW")) ? 2 : 3;
-    for (int kind = 0; kind < kinds; kind++) {
+    /* BENCH_DW_ONLY=1: dW only (profiles of the dW pass alone). */
+    int kind0 =
+        getenv("BENCH_DW_ONLY") && atoi(getenv("BENCH_DW_ONLY")) ? 2 : 0;
+    for (int kind = kind0; kind < kinds; kind++) {
       double best = 1e30;
       for (int r = 0; r <= reps; r++) {
         double t0 = cpu_now();

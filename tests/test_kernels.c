@@ -286,7 +286,7 @@ static void test_stores(void) {
 /// reaches the conversion's denormal path (checked: dropping that path
 /// fails 1,277 of these cases).
 static void test_bands(void) {
-  static const int64_t depths[] = {1, 2, 7, 31, 32, 33, 64, 95};
+  static const int64_t depths[] = {0, 1, 2, 7, 31, 32, 33, 64, 95};
   static const int64_t widths[] = {1, 17, 32, 33, 64, 95};
   tu_rng r = tu_rng_make(777);
   for (int s = 0; s < nsets; s++) {
@@ -309,16 +309,18 @@ static void test_bands(void) {
                     "offset=%d",
                     u->isa, m, (long long)depth, (long long)nb,
                     moe_dtype_name(ct), beta, stream, shift);
-            uint16_t *x = malloc(sizeof(uint16_t) * (size_t)(m * depth));
+            uint16_t *x = malloc(sizeof(uint16_t) * (size_t)(m * depth + 1));
             for (int64_t i = 0; i < m * depth; i++)
               x[i] = (i < depth && ct == MOE_BF16)
                          ? 0
                          : tu_f32_to_bf16((float)tu_uniform(&r) - 0.5f);
             uint32_t *a =
-                aligned_alloc(64, sizeof(uint32_t) * (size_t)(mr * kpa + 16));
-            u->pack_a_pairs(x, 1, depth, depth, m, mr, a);
-            uint32_t *b =
-                aligned_alloc(64, sizeof(uint32_t) * (size_t)(nsl * kp * nr));
+                aligned_alloc(64, sizeof(uint32_t) *
+                                      (size_t)((mr * kpa + 15) / 16 * 16 + 16));
+            (u->pack_a_pairs ? u->pack_a_pairs
+                             : u->pack_pairs)(x, 1, depth, depth, m, mr, a);
+            uint32_t *b = aligned_alloc(64, sizeof(uint32_t) *
+                                                (size_t)(nsl * kp * nr + 16));
             for (int64_t i = 0; i < nsl * kp * nr; i++) {
               int64_t p = i / nr % kp, j = i % nr + i / (kp * nr) * nr;
               uint32_t lo = tu_f32_to_bf16((float)tu_uniform(&r) - 0.5f);
@@ -363,6 +365,93 @@ static void test_bands(void) {
             CHECK(memcmp(cb, want, cbytes) == 0,
                   "band differs from the kernel + store");
             free(x);
+            free(a);
+            free(b);
+            free(cb);
+            free(want);
+            free(acc);
+          }
+  }
+}
+
+/// The same for a set's f32_band against its f32 kernel (first = 1) and
+/// its store: m = 1..mr rows, depths 0..95 (0: C = 0, or C + 0), bands of
+/// whole and partial slivers, f32 and bf16 C, beta 0 and 1, streaming or
+/// not, C on a line, half a line in (bf16: blocks of 1.5 lines, so the
+/// other parity of the carried half line) or one element off. Old C holds
+/// every class of value, and A's first row is zero, so C rows of old
+/// values + 0 reach the denormal path of the bf16 conversions.
+static void test_f32_bands(void) {
+  static const int64_t depths[] = {0, 1, 2, 7, 31, 32, 33, 64, 95};
+  static const int64_t widths[] = {1, 17, 32, 33, 48, 64, 95, 96, 145};
+  tu_rng r = tu_rng_make(778);
+  for (int s = 0; s < nsets; s++) {
+    const moe_ukernel_info *u = sets[s];
+    if (!u->f32_band) continue;
+    int mr = u->mr, nr = u->nr;
+    for (int m = 1; m <= mr; m += (m < 3 || m > mr - 3) ? 1 : 3)
+      for (size_t di = 0; di < sizeof depths / sizeof *depths; di++)
+        for (size_t wi = 0; wi < sizeof widths / sizeof *widths; wi++)
+          for (int v = 0; v < 24; v++) {
+            int dt = v & 1, beta = v >> 1 & 1, stream = v >> 2 & 1,
+                place = v >> 3; /* 0: on a line, 1: half in, 2: 1 off */
+            int64_t depth = depths[di], nb = widths[wi];
+            int64_t nsl = (nb + nr - 1) / nr, ld = nsl * nr;
+            moe_dtype ct = dt ? MOE_BF16 : MOE_F32;
+            size_t es = moe_dtype_size(ct);
+            /* Row stride of whole lines, so a band can stream. */
+            int64_t crs = (nb + 41 + 63) / 64 * 64;
+            int64_t shift = place == 0 ? 0 : place == 1 ? 32 / (int64_t)es : 1;
+            tu_case("f32 band %s m=%d depth=%lld nb=%lld c=%s beta=%d "
+                    "stream=%d offset=%lld",
+                    u->isa, m, (long long)depth, (long long)nb,
+                    moe_dtype_name(ct), beta, stream, (long long)shift);
+            float *a = aligned_alloc(
+                64, sizeof(float) * (size_t)((mr * depth + 15) / 16 * 16 + 16));
+            for (int64_t p = 0; p < depth; p++)
+              for (int i = 0; i < mr; i++)
+                a[p * mr + i] = (i >= m || (i == 0 && dt))
+                                    ? 0.0f
+                                    : (float)tu_uniform(&r) - 0.5f;
+            float *b = aligned_alloc(64, sizeof(float) *
+                                             (size_t)(nsl * depth * nr + 16));
+            for (int64_t i = 0; i < nsl * depth * nr; i++) {
+              int64_t j = i % nr + i / (depth * nr) * nr;
+              b[i] = j < nb ? (float)tu_uniform(&r) - 0.5f : 0.0f;
+            }
+            size_t cbytes = (size_t)(m * crs + 64) * es;
+            uint8_t *cb = aligned_alloc(64, (cbytes + 63) / 64 * 64);
+            uint8_t *want = malloc(cbytes);
+            for (size_t i = 0; i < cbytes / es; i++) {
+              uint32_t bits = (uint32_t)tu_next(&r);
+              switch (tu_below(&r, 8)) {
+              case 0: bits &= 0x807fffffu; break; /* denormal/0 */
+              case 1: bits |= 0x7f800000u; break; /* inf/NaN */
+              default: {
+                float f = (float)tu_uniform(&r);
+                memcpy(&bits, &f, 4);
+              }
+              }
+              if (ct == MOE_F32)
+                memcpy(cb + i * 4, &bits, 4);
+              else {
+                uint16_t h = (uint16_t)(bits >> 16);
+                memcpy(cb + i * 2, &h, 2);
+              }
+            }
+            memcpy(want, cb, cbytes);
+            uint8_t *c = cb + (size_t)shift * es,
+                    *w = want + (size_t)shift * es;
+            float *acc = malloc(sizeof(float) * (size_t)(mr * ld));
+            for (int64_t js = 0; js < nsl; js++)
+              u->f32(depth, a, b + js * depth * nr, acc + js * nr, ld, m, 1);
+            u->store(acc, ld, m, nb, w, ct, crs, (float)beta, stream);
+            u->f32_band(depth, a, b, nb, m, c, ct, crs, (float)beta, stream);
+#if defined(__x86_64__)
+            __builtin_ia32_sfence();
+#endif
+            CHECK(memcmp(cb, want, cbytes) == 0,
+                  "f32 band differs from the kernel + store");
             free(a);
             free(b);
             free(cb);
@@ -645,6 +734,7 @@ static moe_ukernel_info portable_helpers(const moe_ukernel_info *u) {
   p.pack_pairs = NULL;
   p.store = NULL;
   p.bf16_band = NULL; /* the band's bits must be the kernel + store's */
+  p.f32_band = NULL;
   return p;
 }
 
@@ -992,6 +1082,131 @@ static void test_few_row_dw(void) {
 
 /* ---- one pack per weight element (shared-panel items) ----------------- */
 
+/// The dW band through the driver where the driver streams C (dW over
+/// 16 MB, so non-temporal stores and item edges on whole lines are on):
+/// every set with a band against the same set with its bands removed
+/// (kernels + store), bit for bit, and 1 against 2 threads; groups of
+/// 0..9 rows and one group of all rows; C row-major and column-major
+/// ([E, M, N] and [E, N, M] gradients, row strides of whole lines and odd
+/// ones); beta 0 and 1 over old C holding denormals, infinities and NaN;
+/// f32, bf16 -> bf16 and bf16 -> f32; spot checks against float64.
+static void test_band_dw(void) {
+  enum { G = 12 };
+  static const int64_t offs[2][G + 1] = {
+      {0, 0, 1, 3, 6, 10, 15, 21, 28, 36, 45, 45, 58},  /* 0..9, 0, 13 */
+      {0, 0, 0, 0, 0, 58, 58, 58, 58, 58, 58, 58, 58}}; /* one takes all */
+  static const int64_t shapes[2][2] = {{608, 1120}, {613, 1101}};
+  const int64_t R = 58;
+  const moe_dtype F = MOE_F32, H = MOE_BF16;
+  const moe_dtype dts[][3] = {{F, F, F}, {H, H, H}, {H, H, F}};
+  for (int sh = 0; sh < 2; sh++)
+    for (size_t di = 0; di < sizeof dts / sizeof *dts; di++) {
+      const int64_t M = shapes[sh][0], N = shapes[sh][1];
+      moe_dtype at = dts[di][0], bt = dts[di][1], ct = dts[di][2];
+      size_t ea = moe_dtype_size(at), eb = moe_dtype_size(bt),
+             ec = moe_dtype_size(ct), cbytes = (size_t)(G * M * N) * ec;
+      char *a = malloc((size_t)(R * M) * ea), *b = malloc((size_t)(R * N) * eb);
+      size_t abytes = (cbytes + 63) / 64 * 64; /* aligned_alloc's rule */
+      char *cin = aligned_alloc(64, abytes), *c0 = aligned_alloc(64, abytes),
+           *c1 = aligned_alloc(64, abytes), *c2 = aligned_alloc(64, abytes);
+      tu_rng r = tu_rng_make(950 + 10 * (uint64_t)sh + di);
+      for (int64_t i = 0; i < R * M; i++)
+        moe_store_f(a, at, i, (float)tu_uniform(&r) - 0.5f);
+      for (int64_t i = 0; i < R * N; i++)
+        moe_store_f(b, bt, i, (float)tu_uniform(&r) - 0.5f);
+      for (size_t i = 0; i < cbytes / ec; i++) {
+        uint32_t bits = (uint32_t)tu_next(&r);
+        int k = (int)tu_below(&r, 16);
+        if (k == 0)
+          bits &= 0x807fffffu; /* denormal or zero */
+        else if (k == 1)
+          bits |= 0x7f800000u; /* infinity or NaN */
+        else {
+          float f = (float)tu_uniform(&r);
+          memcpy(&bits, &f, 4);
+        }
+        if (ct == F)
+          memcpy(cin + i * 4, &bits, 4);
+        else {
+          uint16_t h = (uint16_t)(bits >> 16);
+          memcpy(cin + i * 2, &h, 2);
+        }
+      }
+      for (int s = 0; s < nsets; s++) {
+        const moe_ukernel_info *u = sets[s];
+        if (!u->f32_band && !u->bf16_band) continue;
+        moe_ukernel_info off_set = *u;
+        off_set.f32_band = NULL;
+        off_set.bf16_band = NULL;
+        for (int cfg = 0; cfg < 2; cfg++)
+          for (int lay = 0; lay < 2; lay++)
+            for (int beta = 0; beta < 2; beta++) {
+              tu_case("band dW isa=%s M=%lld N=%lld a=%s b=%s c=%s rows=%s "
+                      "C=%s beta=%d",
+                      u->isa, (long long)M, (long long)N, moe_dtype_name(at),
+                      moe_dtype_name(bt), moe_dtype_name(ct),
+                      cfg ? "all-in-one" : "0..9", lay ? "[N,M]" : "[M,N]",
+                      beta);
+              char *outs[3] = {c0, c1, c2};
+              for (int run = 0; run < 3; run++) {
+                /* 0: band, 1 thread; 1: band, 2 threads; 2: no band. */
+                memcpy(outs[run], cin, cbytes);
+                moe_operand C = lay ? moe_op(outs[run], ct, 1, M)
+                                    : moe_op(outs[run], ct, N, 1);
+                C.gs = M * N;
+                moe_gemm_problem p = {MOE_GROUP_K,
+                                      G,
+                                      offs[cfg],
+                                      M,
+                                      N,
+                                      0,
+                                      moe_op(a, at, 1, M),
+                                      moe_op(b, bt, N, 1),
+                                      C,
+                                      (float)beta};
+                moe_gemm_ctx ctx;
+                memset(&ctx, 0, sizeof ctx);
+                ctx.num_threads = run == 0 ? 1 : 2;
+                moe_status st =
+                    moe_gemm_grouped_with(&p, &ctx, run == 2 ? &off_set : u);
+                CHECK(st == MOE_SUCCESS, "grouped gemm failed: %s",
+                      moe_last_error());
+              }
+              CHECK(!memcmp(c0, c2, cbytes),
+                    "the band differs from the kernels + store");
+              CHECK(!memcmp(c0, c1, cbytes),
+                    "1 and 2 threads give different bits");
+              /* Spot checks against float64 (finite old values only). */
+              double worst = 0.0;
+              for (int64_t e = 7; e < G * M * N; e += 1009) {
+                int64_t g = e / (M * N), w = e % (M * N);
+                int64_t i = lay ? w % M : w / N, j = lay ? w / M : w % N;
+                double old = beta ? moe_load_f(cin, ct, e) : 0.0;
+                if (!isfinite(old)) continue;
+                double ref = old, mag = fabs(old);
+                for (int64_t q = offs[cfg][g]; q < offs[cfg][g + 1]; q++) {
+                  double t = (double)moe_load_f(a, at, q * M + i) *
+                             (double)moe_load_f(b, bt, q * N + j);
+                  ref += t;
+                  mag += fabs(t);
+                }
+                double d =
+                    fabs((double)moe_load_f(c0, ct, e) - ref) / (mag + 1e-30);
+                if (!(d <= worst)) worst = d;
+              }
+              double tol = ct == F ? 1e-5 : 8e-3;
+              CHECK(worst <= tol, "relative error %.3g > %.3g", worst, tol);
+            }
+      }
+      free(a);
+      free(b);
+      free(cin);
+      free(c0);
+      free(c1);
+      free(c2);
+    }
+}
+
 /// Groups taller than one m-tile (192 rows) pack each weight element once:
 /// the driver's B counter shows K * N per non-empty group, against the sum
 /// of the groups' m-tiles with the shared panels switched off; the results
@@ -1178,9 +1393,11 @@ int main(int argc, char **argv) {
   test_ukernels();
   test_stores();
   test_bands();
+  test_f32_bands();
   test_driver();
   test_row_independence();
   test_few_row_dw();
+  test_band_dw();
   test_pack_once();
   test_cap(argv[0]);
   return tu_finish();

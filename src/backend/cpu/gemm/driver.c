@@ -405,6 +405,29 @@ static void moe_store_tile(const moe_job *J, const float *acc, int64_t ldacc,
     moe_store_portable(acc, ldacc, mb, nb, c, J->ct, crs, ccs, J->p->beta);
 }
 
+/// Whether the set writes a whole-depth band of this view's C straight
+/// from its kernel's registers (ukernel.h's bf16_band / f32_band): C
+/// row-major (unit column stride) in f32 or bf16, and for f32 C from the
+/// f32 kernel only from the depth where that measured faster.
+static bool moe_band_ok(const moe_job *J, const moe_view *v) {
+  if (v->ccs != 1 || J->ct == MOE_F16) return false;
+  if (J->pairs) return J->uk->bf16_band != NULL;
+  return J->uk->f32_band != NULL &&
+         !(J->ct == MOE_F32 && v->K > 0 && v->K < J->uk->f32_band_f32c_min_k);
+}
+
+/// One band (moe_band_ok): the packed A sliver `a` (ku units deep) against
+/// the packed B band `b` of nb columns, m rows of C at c.
+static void moe_band(const moe_job *J, int64_t ku, const void *a, const void *b,
+                     int64_t nb, int m, char *c, int64_t crs) {
+  if (J->pairs)
+    J->uk->bf16_band(ku, (const uint32_t *)a, (const uint32_t *)b, nb, m, c,
+                     J->ct, crs, J->p->beta, J->stream);
+  else
+    J->uk->f32_band(ku, (const float *)a, (const float *)b, nb, m, c, J->ct,
+                    crs, J->p->beta, J->stream);
+}
+
 /// The kernel calls of one packed B sliver (bsl, kuc packed depth units)
 /// against the msl packed A slivers in s->ap (mbase rows each, mextra of
 /// them one more), over the depth in steps of MOE_KCU: accumulators from row
@@ -434,6 +457,26 @@ static void moe_run_sliver(const moe_job *J, moe_scratch *s, moe_pf *pf,
                 (const float *)(bsl + u0 * nr), acc, ldacc, m, first);
     }
   }
+}
+
+/// The first sliver of n-tile nj (nj == nt: the end), slivers shared out
+/// evenly. Streamed C (dW) moves each inner edge down to a whole 64-byte
+/// line of C (every other sliver of 48 bf16 columns), so no line is
+/// written half by one item and half by the next: such a line takes normal
+/// stores, read for ownership, twice (measured: gate_up dW of Qwen3-30B at
+/// 8 tokens, avx512_bf16, 69 -> 46 ms; bench/NOTES.md, h20e). An item may
+/// then hold q - 1 slivers more than its share; the accumulator scratch
+/// (MOE_SACC) has room for that beyond MOE_ACC_MAX.
+static int64_t moe_item_edge(const moe_job *J, const moe_tiling *t,
+                             int64_t nj) {
+  int64_t e = nj * t->nsl / t->nt;
+  if (!J->stream || nj == t->nt) return e;
+  int64_t w = J->nr * (int64_t)moe_dtype_size(J->ct); /* sliver bytes */
+  int64_t q = 1;
+  while ((q * w) % 64 && q < 64)
+    q *= 2;
+  /* Only where every item keeps at least q slivers. */
+  return q > 1 && q < 64 && t->nsl >= 2 * q * t->nt ? e / q * q : e;
 }
 
 /// Computes item (mi, nj) of a group: C rows [i0, i0 + mb) and the columns
@@ -478,7 +521,7 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
   }
   int64_t i0 = mi * t->mrows;
   int64_t mb = v->M - i0 < t->mrows ? v->M - i0 : t->mrows;
-  int64_t s0 = nj * t->nsl / t->nt, s1 = (nj + 1) * t->nsl / t->nt;
+  int64_t s0 = moe_item_edge(J, t, nj), s1 = moe_item_edge(J, t, nj + 1);
   int64_t nsl = s1 - s0, j0 = s0 * nr;
   int64_t nb = (s1 * nr < v->N ? s1 * nr : v->N) - j0;
   int64_t msl = (mb + mr - 1) / mr, ldacc = nsl * nr;
@@ -524,12 +567,11 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
       int m = (int)(mbase + (is < mextra));
       int64_t ro = is * mbase + (is < mextra ? is : mextra);
       char *crow = c + (size_t)(ro * v->crs) * ec;
-      if (J->pairs && uk->bf16_band && v->ccs == 1 && J->ct != MOE_F16) {
+      if (moe_band_ok(J, v)) {
         /* Each C block accumulated in the kernel's registers and written
            once, converted (no f32 accumulator in memory): the same bits. */
-        uk->bf16_band(kuc, (const uint32_t *)s->ap + is * mr * kua,
-                      (const uint32_t *)s->bp, nb, m, crow, J->ct, v->crs,
-                      J->p->beta, J->stream);
+        moe_band(J, kuc, (const char *)s->ap + (size_t)(is * mr * kua) * 4,
+                 s->bp, nb, m, crow, v->crs);
         continue;
       }
       int64_t done = 0; /* columns of this band already in C */
@@ -552,6 +594,17 @@ static void moe_run_item(const moe_job *J, const moe_view *v,
           done = end;
         }
       }
+    }
+    return;
+  }
+  if (v->K == 0 && moe_band_ok(J, v)) {
+    /* No depth (an expert no row reached, in dW): C = 0 (+ C), written by
+       the band from zeroed registers, whole lines streamed, instead of a
+       zeroed accumulator tile going through the store. */
+    for (int64_t is = 0; is < msl; is++) {
+      int64_t ro = is * mbase + (is < mextra ? is : mextra);
+      moe_band(J, 0, s->ap, s->bp, nb, (int)(mbase + (is < mextra)),
+               c + (size_t)(ro * v->crs) * ec, v->crs);
     }
     return;
   }
@@ -627,7 +680,7 @@ static void moe_run_shared(const moe_job *J, const moe_view *v,
   int mr = J->mr, nr = J->nr;
   size_t ea = moe_dtype_size(J->at), eb = moe_dtype_size(J->bt),
          ec = moe_dtype_size(J->ct);
-  int64_t s0 = nj * t->nsl / t->nt, s1 = (nj + 1) * t->nsl / t->nt;
+  int64_t s0 = moe_item_edge(J, t, nj), s1 = moe_item_edge(J, t, nj + 1);
   int64_t nsl = s1 - s0, j0 = s0 * nr;
   int64_t nb = (s1 * nr < v->N ? s1 * nr : v->N) - j0;
   int64_t ldacc = nsl * nr, mslk = t->mrows / mr;

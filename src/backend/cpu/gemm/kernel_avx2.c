@@ -20,20 +20,13 @@ enum { AVX2_MR = 6, AVX2_NR = 16 };
 
 /* ---- f32 micro-kernel ------------------------------------------------- */
 
-/// The 6 x 16 body for M real rows (a compile-time constant after
-/// inlining: rows past M cost nothing and the accumulators stay in
-/// registers). One FMA per (p, i, j-vector), p increasing: the order the
-/// contract fixes.
-MOE_INLINE void moe_f32_6x16(const int M, int64_t kc, const float *a,
-                             const float *b, float *acc, int64_t ldacc,
-                             int first) {
-  __m256 c[AVX2_MR][2];
-#pragma GCC unroll 6
-  for (int i = 0; i < M; i++) {
-    c[i][0] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc + i * ldacc);
-    c[i][1] =
-        first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc + i * ldacc + 8);
-  }
+/// The k loop of the 6 x 16 kernel for M real rows (a compile-time
+/// constant after inlining: rows past M cost nothing and the accumulators
+/// stay in registers): c += A B, one FMA per (p, i, j-vector), p
+/// increasing, the order the contract fixes. The kernel and the dW band
+/// share it, so both give the same bits.
+MOE_INLINE void moe_f32_6x16_steps(const int M, int64_t kc, const float *a,
+                                   const float *b, __m256 c[AVX2_MR][2]) {
   for (int64_t p = 0; p < kc; p++) {
     const float *bp = b + p * AVX2_NR, *ap = a + p * AVX2_MR;
     __m256 b0 = _mm256_load_ps(bp), b1 = _mm256_load_ps(bp + 8);
@@ -44,6 +37,20 @@ MOE_INLINE void moe_f32_6x16(const int M, int64_t kc, const float *a,
       c[i][1] = _mm256_fmadd_ps(ai, b1, c[i][1]);
     }
   }
+}
+
+/// The 6 x 16 body for M real rows.
+MOE_INLINE void moe_f32_6x16(const int M, int64_t kc, const float *a,
+                             const float *b, float *acc, int64_t ldacc,
+                             int first) {
+  __m256 c[AVX2_MR][2];
+#pragma GCC unroll 6
+  for (int i = 0; i < M; i++) {
+    c[i][0] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc + i * ldacc);
+    c[i][1] =
+        first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc + i * ldacc + 8);
+  }
+  moe_f32_6x16_steps(M, kc, a, b, c);
 #pragma GCC unroll 6
   for (int i = 0; i < M; i++) {
     _mm256_storeu_ps(acc + i * ldacc, c[i][0]);
@@ -281,6 +288,135 @@ static void moe_store_avx2(const float *acc, int64_t ldacc, int64_t mb,
   /* Non-temporal stores are fenced once per thread by the driver. */
 }
 
+/* ---- dW band: C written from the kernel's registers ------------------- */
+
+/// One row of a 16-column band block into f32 C: n (<= 16) values at c,
+/// C = v or C + v (old first, as the store adds); `nt`: c on a line and
+/// beta == 0, so a whole block is one non-temporal line.
+MOE_INLINE void moe_band_put_f32_avx2(__m256 v0, __m256 v1, int n, float *c,
+                                      float beta, int nt) {
+  if (n == 16) {
+    if (nt) {
+      _mm256_stream_ps(c, v0);
+      _mm256_stream_ps(c + 8, v1);
+    } else if (beta != 0.0f) {
+      _mm256_storeu_ps(c, _mm256_add_ps(_mm256_loadu_ps(c), v0));
+      _mm256_storeu_ps(c + 8, _mm256_add_ps(_mm256_loadu_ps(c + 8), v1));
+    } else {
+      _mm256_storeu_ps(c, v0);
+      _mm256_storeu_ps(c + 8, v1);
+    }
+    return;
+  }
+  float t[16];
+  _mm256_storeu_ps(t, v0);
+  _mm256_storeu_ps(t + 8, v1);
+  for (int j = 0; j < n; j++)
+    c[j] = beta != 0.0f ? c[j] + t[j] : t[j];
+}
+
+/// One row of a 16-column band block into bf16 C: n (<= 16) values at c,
+/// rounded as the store rounds (C + v first when beta != 0). `nt` (beta
+/// == 0, streaming, moe_band_lines): a block is half a line; one starting
+/// on a line (`odd` == 0) waits in *pend for the next, which streams the
+/// whole line (the band's `first` block, half a line in, and its `last`
+/// are stored normally).
+MOE_INLINE void moe_band_put_bf16_avx2(__m256 v0, __m256 v1, int n, uint16_t *c,
+                                       float beta, int nt, int odd, int first,
+                                       int last, __m256i *pend) {
+  if (n < 16) {
+    float t[16];
+    _mm256_storeu_ps(t, v0);
+    _mm256_storeu_ps(t + 8, v1);
+    for (int j = 0; j < n; j++)
+      c[j] =
+          moe_f32_to_bf16(beta != 0.0f ? moe_bf16_to_f32(c[j]) + t[j] : t[j]);
+    if (nt && odd && !first) _mm256_storeu_si256((__m256i *)(c - 16), *pend);
+    return;
+  }
+  if (beta != 0.0f) {
+    __m256i old = _mm256_loadu_si256((const __m256i *)c);
+    v0 = _mm256_add_ps(
+        _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm256_castsi256_si128(old)), 16)),
+        v0);
+    v1 = _mm256_add_ps(
+        _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm256_extracti128_si256(old, 1)), 16)),
+        v1);
+  }
+  __m256i w = moe_cvt16_bf16(v0, v1);
+  if (nt && !odd && !last) {
+    *pend = w;
+  } else if (nt && odd && !first) {
+    _mm256_stream_si256((__m256i *)(c - 16), *pend);
+    _mm256_stream_si256((__m256i *)c, w);
+  } else {
+    _mm256_storeu_si256((__m256i *)c, w);
+  }
+}
+
+/// ukernel.h's f32_band for M rows and C of dtype BF ? bf16 : f32
+/// (compile-time constants after inlining): each 16-column block of the
+/// band is the kernel's sum from zero over the whole depth, written from
+/// the registers; whole lines non-temporally when streaming.
+MOE_INLINE void moe_band_6x16(const int M, const int BF, int64_t kc,
+                              const float *a, const float *b, int64_t nb,
+                              void *c, int64_t crs, float beta, int stream) {
+  const size_t es = BF ? 2 : 4;
+  const int64_t rb = crs * (int64_t)es; /* row stride in bytes */
+  int nt = stream && beta == 0.0f && !((uintptr_t)c & (es == 4 ? 63 : 31)) &&
+           !(rb & 63);
+  /* bf16 C: block js starts half a line in when js + h is odd. */
+  int h = (int)(((uintptr_t)c >> 5) & 1);
+  __m256i pend[AVX2_MR];
+  for (int i = 0; i < AVX2_MR; i++)
+    pend[i] = _mm256_setzero_si256();
+  char *cb = (char *)c;
+  for (int64_t js = 0, j0 = 0; j0 < nb;
+       js++, j0 += AVX2_NR, cb += AVX2_NR * es) {
+    int n = nb - j0 < AVX2_NR ? (int)(nb - j0) : AVX2_NR;
+    __m256 v[AVX2_MR][2];
+#pragma GCC unroll 6
+    for (int i = 0; i < M; i++)
+      v[i][0] = v[i][1] = _mm256_setzero_ps();
+    moe_f32_6x16_steps(M, kc, a, b + js * kc * AVX2_NR, v);
+#pragma GCC unroll 6
+    for (int i = 0; i < M; i++) {
+      char *cr = cb + i * rb;
+      if (BF)
+        moe_band_put_bf16_avx2(v[i][0], v[i][1], n, (uint16_t *)(void *)cr,
+                               beta, nt, (int)((js + h) & 1), js == 0,
+                               j0 + AVX2_NR >= nb, &pend[i]);
+      else
+        moe_band_put_f32_avx2(v[i][0], v[i][1], n, (float *)(void *)cr, beta,
+                              nt);
+    }
+  }
+}
+
+static void moe_band_avx2(int64_t kc, const float *a, const float *b,
+                          int64_t nb, int m, void *c, moe_dtype ct, int64_t crs,
+                          float beta, int stream) {
+  int bf = ct != MOE_F32;
+#define MOE_BAND_CASE(M)                                                       \
+  case M:                                                                      \
+    if (bf)                                                                    \
+      moe_band_6x16(M, 1, kc, a, b, nb, c, crs, beta, stream);                 \
+    else                                                                       \
+      moe_band_6x16(M, 0, kc, a, b, nb, c, crs, beta, stream);                 \
+    break;
+  switch (m) {
+    MOE_BAND_CASE(1)
+    MOE_BAND_CASE(2)
+    MOE_BAND_CASE(3)
+    MOE_BAND_CASE(4)
+    MOE_BAND_CASE(5)
+  default: MOE_BAND_CASE(6)
+  }
+#undef MOE_BAND_CASE
+}
+
 /* ---- decode GEMV ------------------------------------------------------ */
 
 /// One output by the definition (one FMA per p, increasing p): the edges
@@ -455,4 +591,5 @@ const moe_ukernel_info moe_ukernel_avx2 = {.isa = "avx2",
                                            .f32 = moe_ukernel_avx2_f32,
                                            .pack_f32 = moe_pack_f32_avx2,
                                            .store = moe_store_avx2,
-                                           .gemv = moe_gemv_avx2};
+                                           .gemv = moe_gemv_avx2,
+                                           .f32_band = moe_band_avx2};

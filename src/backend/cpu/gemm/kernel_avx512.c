@@ -17,19 +17,12 @@ enum { F32_MR = 8, F32_NR = 48 };
 
 /* ---- f32 micro-kernel ------------------------------------------------- */
 
-/// The 8 x 48 body for M real rows (a compile-time constant after
-/// inlining, so rows past M cost nothing and the accumulators stay in
-/// registers).
-MOE_INLINE void moe_f32_8x48(const int M, int64_t kc, const float *a,
-                             const float *b, float *acc, int64_t ldacc,
-                             int first) {
-  __m512 c[F32_MR][3];
-#pragma GCC unroll 8
-  for (int i = 0; i < M; i++)
-#pragma GCC unroll 3
-    for (int j = 0; j < 3; j++)
-      c[i][j] = first ? _mm512_setzero_ps()
-                      : _mm512_loadu_ps(acc + i * ldacc + 16 * j);
+/// The k loop of the 8 x 48 kernel for M real rows (a compile-time
+/// constant after inlining, so rows past M cost nothing and the
+/// accumulators stay in registers): c += A B, one FMA per p in increasing
+/// p. The kernel and the dW band share it, so both give the same bits.
+MOE_INLINE void moe_f32_8x48_steps(const int M, int64_t kc, const float *a,
+                                   const float *b, __m512 c[F32_MR][3]) {
   for (int64_t p = 0; p < kc; p++) {
     const float *bp = b + p * F32_NR, *ap = a + p * F32_MR;
     __m512 b0 = _mm512_load_ps(bp), b1 = _mm512_load_ps(bp + 16),
@@ -42,6 +35,20 @@ MOE_INLINE void moe_f32_8x48(const int M, int64_t kc, const float *a,
       c[i][2] = _mm512_fmadd_ps(ai, b2, c[i][2]);
     }
   }
+}
+
+/// The 8 x 48 body for M real rows.
+MOE_INLINE void moe_f32_8x48(const int M, int64_t kc, const float *a,
+                             const float *b, float *acc, int64_t ldacc,
+                             int first) {
+  __m512 c[F32_MR][3];
+#pragma GCC unroll 8
+  for (int i = 0; i < M; i++)
+#pragma GCC unroll 3
+    for (int j = 0; j < 3; j++)
+      c[i][j] = first ? _mm512_setzero_ps()
+                      : _mm512_loadu_ps(acc + i * ldacc + 16 * j);
+  moe_f32_8x48_steps(M, kc, a, b, c);
 #pragma GCC unroll 8
   for (int i = 0; i < M; i++)
 #pragma GCC unroll 3
@@ -320,6 +327,79 @@ void moe_store_avx512(const float *acc, int64_t ldacc, int64_t mb, int64_t nb,
   }
   /* Non-temporal stores are fenced once per thread by the driver, not
      here: a fence per tile stalls until every store has drained. */
+}
+
+/* ---- dW band: C written from the kernel's registers ------------------- */
+
+/// ukernel.h's f32_band for M rows and C of dtype BF ? bf16 : f32 (both
+/// compile-time constants after inlining): each 48-column block of the
+/// band is the kernel's sum from zero over the whole depth, written from
+/// the registers (bf16 rounded as moe_store_avx512 does), whole lines
+/// non-temporally when streaming. Row addresses are the block's plus
+/// i rows, so the loop keeps one moving pointer (no per-row pointers
+/// spilled and updated on the stack behind the streaming stores).
+MOE_INLINE void moe_band_f32_8x48(const int M, const int BF, int64_t kc,
+                                  const float *a, const float *b, int64_t nb,
+                                  void *c, int64_t crs, float beta,
+                                  int stream) {
+  const size_t es = BF ? 2 : 4;
+  const int64_t rb = crs * (int64_t)es; /* row stride in bytes */
+  int nt = stream && beta == 0.0f && moe_band_lines(c, crs, es);
+  /* bf16 C: block js starts half a line in when js + h is odd. */
+  int h = (int)(((uintptr_t)c >> 5) & 1);
+  __m256i pend[F32_MR];
+  for (int i = 0; i < F32_MR; i++)
+    pend[i] = _mm256_setzero_si256();
+  char *cb = (char *)c;
+  for (int64_t js = 0, j0 = 0; j0 < nb; js++, j0 += F32_NR, cb += F32_NR * es) {
+    int n = nb - j0 < F32_NR ? (int)(nb - j0) : F32_NR;
+    __m512 v[F32_MR][3];
+#pragma GCC unroll 8
+    for (int i = 0; i < M; i++)
+#pragma GCC unroll 3
+      for (int j = 0; j < 3; j++)
+        v[i][j] = _mm512_setzero_ps();
+    moe_f32_8x48_steps(M, kc, a, b + js * kc * F32_NR, v);
+#pragma GCC unroll 8
+    for (int i = 0; i < M; i++) {
+      char *cr = cb + i * rb;
+      if (!BF) {
+        moe_band_put_f32(v[i], n, (float *)(void *)cr, beta, nt);
+        continue;
+      }
+      if (beta != 0.0f) moe_band_add_bf16(v[i], n, (uint16_t *)(void *)cr);
+      __m512i w01 =
+          _mm512_inserti64x4(_mm512_castsi256_si512(moe_cvt_bf16(v[i][0])),
+                             moe_cvt_bf16(v[i][1]), 1);
+      moe_band_put_bf16(w01, moe_cvt_bf16(v[i][2]), n, (uint16_t *)(void *)cr,
+                        nt, (int)((js + h) & 1), js == 0, j0 + F32_NR >= nb,
+                        &pend[i]);
+    }
+  }
+}
+
+void moe_band_avx512_f32(int64_t kc, const float *a, const float *b, int64_t nb,
+                         int m, void *c, moe_dtype ct, int64_t crs, float beta,
+                         int stream) {
+  int bf = ct != MOE_F32;
+#define MOE_BAND_CASE(M)                                                       \
+  case M:                                                                      \
+    if (bf)                                                                    \
+      moe_band_f32_8x48(M, 1, kc, a, b, nb, c, crs, beta, stream);             \
+    else                                                                       \
+      moe_band_f32_8x48(M, 0, kc, a, b, nb, c, crs, beta, stream);             \
+    break;
+  switch (m) {
+    MOE_BAND_CASE(1)
+    MOE_BAND_CASE(2)
+    MOE_BAND_CASE(3)
+    MOE_BAND_CASE(4)
+    MOE_BAND_CASE(5)
+    MOE_BAND_CASE(6)
+    MOE_BAND_CASE(7)
+  default: MOE_BAND_CASE(8)
+  }
+#undef MOE_BAND_CASE
 }
 
 /* ---- decode GEMV ------------------------------------------------------ */

@@ -66,10 +66,107 @@ MOE_INLINE void moe_tr16(__m512i r[16]) {
   }
 }
 
+/* ---- the dW band's C writes (ukernel.h's f32_band, bf16_band) --------- */
+
+/// One row of a 48-column band block into f32 C: n (<= 48) values of v at
+/// c; C = v, or C + v when beta != 0 (old value first, as the stores add).
+/// `nt` (beta == 0, streaming, c 64-byte aligned): a whole block is three
+/// non-temporal lines.
+MOE_INLINE void moe_band_put_f32(const __m512 v[3], int n, float *c, float beta,
+                                 int nt) {
+  if (nt && n == 48) {
+    _mm512_stream_ps(c, v[0]);
+    _mm512_stream_ps(c + 16, v[1]);
+    _mm512_stream_ps(c + 32, v[2]);
+    return;
+  }
+#pragma GCC unroll 3
+  for (int q = 0; q < 3; q++) {
+    if (n <= 16 * q) break;
+    __mmask16 k = moe_mask16(n - 16 * q);
+    __m512 x = v[q];
+    if (beta != 0.0f)
+      x = _mm512_add_ps(_mm512_maskz_loadu_ps(k, c + 16 * q), x);
+    _mm512_mask_storeu_ps(c + 16 * q, k, x);
+  }
+}
+
+/// C + v for n (<= 48) values of a block row of bf16 C at c: the old
+/// values widened exactly, old first (the stores' sum).
+MOE_INLINE void moe_band_add_bf16(__m512 v[3], int n, const uint16_t *c) {
+#pragma GCC unroll 3
+  for (int q = 0; q < 3; q++) {
+    __mmask16 k = moe_mask16(n > 16 * q ? n - 16 * q : 0);
+    __m512 old = _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, c + 16 * q)), 16));
+    v[q] = _mm512_add_ps(old, v[q]);
+  }
+}
+
+/// One row of a 48-column band block into bf16 C, already rounded: w01
+/// holds the block's columns 0..31, w2 its columns 32..47, n (<= 48) of
+/// them real, at c. `nt` (beta == 0, streaming, the band's C rows on a
+/// half line, moe_band_lines): whole lines go out non-temporally. A block
+/// starting half a line in (`odd`) begins with the half line that the
+/// previous block left in *pend (or, for the band's `first` block, stores
+/// its first 16 normally); a block starting on a line leaves its last
+/// half line in *pend unless it is the band's `last`.
+MOE_INLINE void moe_band_put_bf16(__m512i w01, __m256i w2, int n, uint16_t *c,
+                                  int nt, int odd, int first, int last,
+                                  __m256i *pend) {
+  if (nt && !odd) {
+    if (n < 32) {
+      _mm512_mask_storeu_epi16(c, (__mmask32)((1u << n) - 1u), w01);
+      return;
+    }
+    _mm512_stream_si512((void *)c, w01);
+    if (n == 48 && !last)
+      *pend = w2;
+    else if (n > 32)
+      _mm256_mask_storeu_epi16(c + 32, moe_mask16(n - 32), w2);
+    return;
+  }
+  if (nt) {
+    if (first) {
+      _mm256_mask_storeu_epi16(c, moe_mask16(n), _mm512_castsi512_si256(w01));
+    } else {
+      /* The previous block's half line, then this block's first 16. */
+      __m512i line = _mm512_inserti64x4(_mm512_castsi256_si512(*pend),
+                                        _mm512_castsi512_si256(w01), 1);
+      if (n >= 16)
+        _mm512_stream_si512((void *)(c - 16), line);
+      else
+        _mm512_mask_storeu_epi16(c - 16, (__mmask32)((1u << (16 + n)) - 1u),
+                                 line);
+    }
+    if (n <= 16) return;
+    __m512i rest = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm512_extracti64x4_epi64(w01, 1)), w2, 1);
+    if (n == 48)
+      _mm512_stream_si512((void *)(c + 16), rest);
+    else
+      _mm512_mask_storeu_epi16(c + 16, (__mmask32)((1u << (n - 16)) - 1u),
+                               rest);
+    return;
+  }
+  _mm512_mask_storeu_epi16(
+      c, n >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << n) - 1u), w01);
+  if (n > 32) _mm256_mask_storeu_epi16(c + 32, moe_mask16(n - 32), w2);
+}
+
+/// Whether a band's blocks can stream whole lines: every C row starts at
+/// the same place in its 64-byte line (the row stride of crs elements of
+/// es bytes is whole lines), on a line for f32 C (a block is three lines)
+/// or on a half line for bf16 C (a block is one and a half).
+MOE_INLINE int moe_band_lines(const void *c, int64_t crs, size_t es) {
+  return !((uintptr_t)c & (es == 4 ? 63 : 31)) && !(((uint64_t)crs * es) & 63);
+}
+
 /// The f32 half of every AVX-512 kernel set: kernel_avx512.c's 8 x 48 FMA
 /// kernel and packing (moe_ukernel_info fields).
 #define MOE_AVX512_F32_SET                                                     \
   .name = "avx512_f32_8x48", .mr = 8, .nr = 48, .f32 = moe_ukernel_avx512_f32, \
-  .pack_f32 = moe_pack_f32_avx512, .gemv = moe_gemv_avx512
+  .pack_f32 = moe_pack_f32_avx512, .gemv = moe_gemv_avx512,                    \
+  .f32_band = moe_band_avx512_f32, .f32_band_f32c_min_k = 16
 
 #endif /* MOE_KERNEL_AVX512_H */

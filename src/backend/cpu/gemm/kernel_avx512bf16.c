@@ -16,16 +16,12 @@
 
 enum { BF_MR = 8, BF_NR = 48 };
 
-MOE_INLINE void moe_bf16_8x48(const int M, int64_t kp, const uint32_t *a,
-                              const uint32_t *b, float *acc, int64_t ldacc,
-                              int first) {
-  __m512 c[BF_MR][3];
-#pragma GCC unroll 8
-  for (int i = 0; i < M; i++)
-#pragma GCC unroll 3
-    for (int j = 0; j < 3; j++)
-      c[i][j] = first ? _mm512_setzero_ps()
-                      : _mm512_loadu_ps(acc + i * ldacc + 16 * j);
+/// The pair loop of the 8 x 48 kernel for M real rows (a compile-time
+/// constant after inlining): c += A B, one vdpbf16ps per pair in
+/// increasing p. The kernel and the dW band share it, so both give the
+/// same bits.
+MOE_INLINE void moe_bf16_8x48_steps(const int M, int64_t kp, const uint32_t *a,
+                                    const uint32_t *b, __m512 c[BF_MR][3]) {
   for (int64_t p = 0; p < kp; p++) {
     const uint32_t *bp = b + p * BF_NR, *ap = a + p * BF_MR;
     __m512bh b0 = (__m512bh)_mm512_load_si512(bp),
@@ -39,6 +35,19 @@ MOE_INLINE void moe_bf16_8x48(const int M, int64_t kp, const uint32_t *a,
       c[i][2] = _mm512_dpbf16_ps(c[i][2], ai, b2);
     }
   }
+}
+
+MOE_INLINE void moe_bf16_8x48(const int M, int64_t kp, const uint32_t *a,
+                              const uint32_t *b, float *acc, int64_t ldacc,
+                              int first) {
+  __m512 c[BF_MR][3];
+#pragma GCC unroll 8
+  for (int i = 0; i < M; i++)
+#pragma GCC unroll 3
+    for (int j = 0; j < 3; j++)
+      c[i][j] = first ? _mm512_setzero_ps()
+                      : _mm512_loadu_ps(acc + i * ldacc + 16 * j);
+  moe_bf16_8x48_steps(M, kp, a, b, c);
 #pragma GCC unroll 8
   for (int i = 0; i < M; i++)
 #pragma GCC unroll 3
@@ -129,6 +138,86 @@ static void moe_store_avx512bf16(const float *acc, int64_t ldacc, int64_t mb,
   for (int64_t i = 0; i < mb; i++)
     moe_store_row_bf16x(acc + i * ldacc, (uint16_t *)c + i * crs, nb, beta,
                         stream);
+}
+
+/* ---- dW band: C written from the kernel's registers ------------------- */
+
+/// 16 lanes f32 -> bf16 with vcvtneps2bf16, bit for bit moe_f32_to_bf16
+/// (a vector holding a denormal takes the exact integer path).
+MOE_INLINE __m256i moe_cvt16_bf16x(__m512 v) {
+  if (__builtin_expect(_mm512_fpclass_ps_mask(v, 0x20) != 0, 0))
+    return moe_cvt_bf16(v);
+  return (__m256i)_mm512_cvtneps_pbh(v);
+}
+
+/// ukernel.h's bf16_band for M rows and C of dtype BF ? bf16 : f32 (both
+/// compile-time constants after inlining): each 48-column block of the
+/// band is the kernel's sum from zero over the whole depth, rounded in
+/// hardware (vcvtne2ps2bf16) straight from the registers and written
+/// once, whole lines non-temporally when streaming; f32 C as
+/// moe_store_avx512. One moving block pointer, rows at i row strides
+/// from it (as kernel_avx512.c's f32 band).
+MOE_INLINE void moe_band_bf16_8x48(const int M, const int BF, int64_t kp,
+                                   const uint32_t *a, const uint32_t *b,
+                                   int64_t nb, void *c, int64_t crs, float beta,
+                                   int stream) {
+  const size_t es = BF ? 2 : 4;
+  const int64_t rb = crs * (int64_t)es; /* row stride in bytes */
+  int nt = stream && beta == 0.0f && moe_band_lines(c, crs, es);
+  /* bf16 C: block js starts half a line in when js + h is odd. */
+  int h = (int)(((uintptr_t)c >> 5) & 1);
+  __m256i pend[BF_MR];
+  for (int i = 0; i < BF_MR; i++)
+    pend[i] = _mm256_setzero_si256();
+  char *cb = (char *)c;
+  for (int64_t js = 0, j0 = 0; j0 < nb; js++, j0 += BF_NR, cb += BF_NR * es) {
+    int n = nb - j0 < BF_NR ? (int)(nb - j0) : BF_NR;
+    __m512 v[BF_MR][3];
+#pragma GCC unroll 8
+    for (int i = 0; i < M; i++)
+#pragma GCC unroll 3
+      for (int j = 0; j < 3; j++)
+        v[i][j] = _mm512_setzero_ps();
+    moe_bf16_8x48_steps(M, kp, a, b + js * kp * BF_NR, v);
+#pragma GCC unroll 8
+    for (int i = 0; i < M; i++) {
+      char *cr = cb + i * rb;
+      if (!BF) {
+        moe_band_put_f32(v[i], n, (float *)(void *)cr, beta, nt);
+        continue;
+      }
+      if (beta != 0.0f) moe_band_add_bf16(v[i], n, (uint16_t *)(void *)cr);
+      moe_band_put_bf16(moe_cvt32_bf16(v[i][0], v[i][1]),
+                        moe_cvt16_bf16x(v[i][2]), n, (uint16_t *)(void *)cr, nt,
+                        (int)((js + h) & 1), js == 0, j0 + BF_NR >= nb,
+                        &pend[i]);
+    }
+  }
+}
+
+static void moe_band_avx512bf16(int64_t kp, const uint32_t *a,
+                                const uint32_t *b, int64_t nb, int m, void *c,
+                                moe_dtype ct, int64_t crs, float beta,
+                                int stream) {
+  int bf = ct != MOE_F32;
+#define MOE_BAND_CASE(M)                                                       \
+  case M:                                                                      \
+    if (bf)                                                                    \
+      moe_band_bf16_8x48(M, 1, kp, a, b, nb, c, crs, beta, stream);            \
+    else                                                                       \
+      moe_band_bf16_8x48(M, 0, kp, a, b, nb, c, crs, beta, stream);            \
+    break;
+  switch (m) {
+    MOE_BAND_CASE(1)
+    MOE_BAND_CASE(2)
+    MOE_BAND_CASE(3)
+    MOE_BAND_CASE(4)
+    MOE_BAND_CASE(5)
+    MOE_BAND_CASE(6)
+    MOE_BAND_CASE(7)
+  default: MOE_BAND_CASE(8)
+  }
+#undef MOE_BAND_CASE
 }
 
 /* ---- decode GEMV on pairs ------------------------------------------------ */
@@ -270,4 +359,5 @@ const moe_ukernel_info moe_ukernel_avx512_bf16 = {
     .bf16 = moe_ukernel_bf16_8x48,
     .pack_pairs = moe_pack_pairs_avx512,
     .store = moe_store_avx512bf16,
-    .gemv_pairs = moe_gemv_pairs_avx512bf16};
+    .gemv_pairs = moe_gemv_pairs_avx512bf16,
+    .bf16_band = moe_band_avx512bf16};

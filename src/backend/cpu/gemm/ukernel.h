@@ -144,6 +144,20 @@ typedef struct moe_ukernel_info {
   void (*bf16_band)(int64_t kp, const uint32_t *a, const uint32_t *b,
                     int64_t nb, int m, void *c, moe_dtype ct, int64_t crs,
                     float beta, int stream);
+  /// Optional, the f32 kernel's twin of bf16_band: the same band of an f32
+  /// A sliver (kc units deep, m <= mr rows) against the nb columns of a
+  /// packed f32 B band (sliver js at b + js * kc * nr), each C block summed
+  /// in the kernel's registers and written once (f32, or bf16 rounded as
+  /// the set's store does). Bits equal `f32` (first = 1) followed by
+  /// `store`.
+  void (*f32_band)(int64_t kc, const float *a, const float *b, int64_t nb,
+                   int m, void *c, moe_dtype ct, int64_t crs, float beta,
+                   int stream);
+  /// f32 C: the smallest depth (elements; in dW the expert's rows) from
+  /// which the driver takes f32_band; shallower groups with rows go
+  /// through the kernels + store, which measured faster there (0: every
+  /// depth; bench/NOTES.md, issue 20, h20e).
+  int f32_band_f32c_min_k;
 } moe_ukernel_info;
 
 /// The portable reference kernel set (kernel_ref.c): the f32 kernel every
@@ -177,6 +191,11 @@ void moe_pack_pairs_portable(const uint16_t *src, int64_t sd, int64_t sw,
 void moe_store_avx512(const float *acc, int64_t ldacc, int64_t mb, int64_t nb,
                       void *c, moe_dtype ct, int64_t crs, float beta,
                       int stream);
+/// The AVX-512 f32 kernel's dW band (kernel_avx512.c, ukernel_info's
+/// f32_band), shared by the AVX-512 sets.
+void moe_band_avx512_f32(int64_t kc, const float *a, const float *b, int64_t nb,
+                         int m, void *c, moe_dtype ct, int64_t crs, float beta,
+                         int stream);
 /// The AVX-512 decode GEMV (kernel_avx512.c), shared by the AVX-512 sets.
 void moe_gemv_avx512(int64_t K, int m, const float *a, const void *b,
                      moe_dtype bt, int64_t brs, int64_t bcs, int64_t nb,
