@@ -18,11 +18,10 @@
 ///    problem whose weights do not fit in cache, at several rows per
 ///    expert, and again on small weights that stay in cache. The planner
 ///    interpolates these tables.
-/// Everything goes through the public API except the peak loops, which
-/// are compiled for their ISA with target attributes and run only where
-/// the CPU (and OS) supports it.
+/// Everything goes through the public API except the peak loops
+/// (src/plan/peak_<isa>.c, shared with the library's probe and
+/// bench_ukernel), which run only where the CPU (and OS) supports them.
 #include <errno.h>
-#include <immintrin.h>
 #include <math.h>
 #include <stdarg.h>
 #include <omp.h>
@@ -32,6 +31,7 @@
 #include <time.h>
 
 #include "cli.h"
+#include "peak.h"
 
 /// Entry point, called from moe.c.
 int cmd_calibrate(int argc, char **argv);
@@ -85,139 +85,30 @@ static int cal_cmp(const void *a, const void *b) {
 
 /* ---- register-only peaks ------------------------------------------------ */
 
-/// 24 independent FMA chains accumulating into c (the form the kernels
-/// use); returns a value so nothing is optimised out.
-__attribute__((target("avx512f,fma"))) static float cal_fma(long iters) {
-  __m512 c[24], a = _mm512_set1_ps(1.0000001f), b = _mm512_set1_ps(0.9999999f);
-#pragma GCC unroll 24
-  for (int i = 0; i < 24; i++)
-    c[i] = _mm512_set1_ps((float)i);
-  for (long n = 0; n < iters; n++)
-#pragma GCC unroll 24
-    for (int i = 0; i < 24; i++)
-      c[i] = _mm512_fmadd_ps(a, b, c[i]);
-  __m512 s = c[0];
-#pragma GCC unroll 24
-  for (int i = 1; i < 24; i++)
-    s = _mm512_add_ps(s, c[i]);
-  return _mm512_reduce_add_ps(s);
-}
-
-__attribute__((target("avx512f,avx512bf16"))) static float
-cal_dpbf16(long iters) {
-  __m512 c[24];
-  __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80),
-           b = (__m512bh)_mm512_set1_epi32(0x3f803f80);
-  /* Distinct starting values: identical chains would be merged. */
-#pragma GCC unroll 24
-  for (int i = 0; i < 24; i++)
-    c[i] = _mm512_set1_ps((float)i);
-  for (long n = 0; n < iters; n++)
-#pragma GCC unroll 24
-    for (int i = 0; i < 24; i++)
-      c[i] = _mm512_dpbf16_ps(c[i], a, b);
-  __m512 s = c[0];
-#pragma GCC unroll 24
-  for (int i = 1; i < 24; i++)
-    s = _mm512_add_ps(s, c[i]);
-  return _mm512_reduce_add_ps(s);
-}
-
-/// Four independent tdpbf16ps chains on resident 16 x 16 tiles (16,384
-/// FLOP each), the AMX-BF16 kernel's accumulator count. Runs only at the
-/// amx level, where the library has been granted tile data (dispatch.c).
-__attribute__((target("amx-tile,amx-bf16,avx512f"))) static float
-cal_amx(long iters) {
-  struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-  } cfg __attribute__((aligned(64)));
-  memset(&cfg, 0, sizeof cfg);
-  cfg.palette = 1;
-  for (int t = 0; t < 8; t++) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  /* GCC 12 does not see ldtilecfg read memory: keep the stores. */
-  __asm__ volatile("" : : "r"(&cfg) : "memory");
-  _tile_loadconfig(&cfg);
-  uint16_t ab[16 * 32] __attribute__((aligned(64)));
-  float out[16 * 16] __attribute__((aligned(64)));
-  for (int i = 0; i < 16 * 32; i++)
-    ab[i] = 0x3c00; /* 2^-7: the sums stay finite */
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  _tile_loadd(4, ab, 64);
-  _tile_loadd(5, ab, 64);
-  _tile_loadd(6, ab, 64);
-  _tile_loadd(7, ab, 64);
-  for (long n = 0; n < iters; n++) {
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
-  }
-  _tile_stored(0, out, 64);
-  _tile_release();
-  return out[0];
-}
-
-/// 12 independent AVX2 FMA chains (the AVX2 kernel's accumulator count).
-__attribute__((target("avx2,fma"))) static float cal_fma_avx2(long iters) {
-  __m256 c[12], a = _mm256_set1_ps(1.0000001f), b = _mm256_set1_ps(0.9999999f);
-#pragma GCC unroll 12
-  for (int i = 0; i < 12; i++)
-    c[i] = _mm256_set1_ps((float)i);
-  for (long n = 0; n < iters; n++)
-#pragma GCC unroll 12
-    for (int i = 0; i < 12; i++)
-      c[i] = _mm256_fmadd_ps(a, b, c[i]);
-  __m256 s = c[0];
-#pragma GCC unroll 12
-  for (int i = 1; i < 12; i++)
-    s = _mm256_add_ps(s, c[i]);
-  float o[8];
-  _mm256_storeu_ps(o, s);
-  return o[0] + o[7];
-}
-
-/// GFLOP/s of `which` (0 FMA, 1 bf16 dot) on nt threads at the ISA level
-/// in use (avx512*: AVX-512 FMA and vdpbf16ps; amx: AVX-512 FMA and AMX
-/// tdpbf16ps; avx2 and ref: AVX2 FMA
-/// where the CPU has it, for both dtypes since bf16 is widened); 0 if
-/// the CPU has neither.
-static double cal_peak(int which, int nt) {
-  __builtin_cpu_init();
-  const char *isa = moe_cpu_isa();
-  bool wide = strncmp(isa, "avx512", 6) == 0 || strcmp(isa, "amx") == 0;
-  bool dot = strcmp(isa, "avx512_bf16") == 0 || strcmp(isa, "amx") == 0;
-  if (wide && !__builtin_cpu_supports("avx512f")) return 0.0;
-  if (!wide &&
-      !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")))
-    return 0.0;
-  if (which == 1 && !dot) which = 0; /* bf16 is widened to f32 */
-  bool amx = which == 1 && strcmp(isa, "amx") == 0;
-  long iters = amx ? 400000 : 20000000;
-  double flops_per_iter = amx    ? 4.0 * 16384.0
-                          : wide ? 24.0 * (which ? 64.0 : 32.0)
-                                 : 12.0 * 16.0,
-         best = 0.0;
+/// GFLOP/s of the f32 (`bf16` false) or bf16 peak instruction of the ISA
+/// level in use (src/plan/peak.h: AVX-512 FMA, vdpbf16ps, tdpbf16ps; AVX2
+/// FMA at avx2 and ref, where bf16 is widened to f32) on nt threads, each
+/// running the register-only loop; best of three. 0 if the CPU has none.
+static double cal_peak(bool bf16, int nt) {
+  moe_peak_kind k = moe_peak_of_isa(moe_cpu_isa(), bf16);
+  if (k == MOE_PEAK_NONE) return 0.0;
+  /* About 0.3 s per run at this host's rates: long enough to swamp the
+     parallel region's start and the wide units' warm-up. */
+  long iters = k == MOE_PEAK_AMX_BF16 ? 400000 : 20000000;
+  double best = 0.0;
   volatile float sink = 0;
   for (int rep = 0; rep < 3; rep++) {
     double t0 = cal_now();
 #pragma omp parallel num_threads(nt)
     {
-      float v = !wide   ? cal_fma_avx2(iters)
-                : amx   ? cal_amx(iters)
-                : which ? cal_dpbf16(iters)
-                        : cal_fma(iters);
+      float v = moe_peak_run(k, iters);
 #pragma omp atomic
       sink += v;
     }
-    double g = flops_per_iter * (double)iters * nt / (cal_now() - t0) / 1e9;
+    double dt = cal_now() - t0;
+    double g = dt > 0
+                   ? moe_peak_flops_per_iter(k) * (double)iters * nt / dt / 1e9
+                   : 0.0;
     if (g > best) best = g;
   }
   (void)sink;
@@ -416,7 +307,7 @@ int cmd_calibrate(int argc, char **argv) {
 
   printf("moe calibrate: %d threads, isa %s, %s, writing %s\n", nt,
          moe_cpu_isa(), moe_cpu_name(), path);
-  double pf = cal_peak(0, nt), pb = cal_peak(1, nt);
+  double pf = cal_peak(false, nt), pb = cal_peak(true, nt);
   printf("  peak f32 FMA        %8.1f GFLOP/s%s\n", pf,
          pf > 0 ? "" : " (no AVX2/AVX-512)");
   printf("  peak bf16           %8.1f GFLOP/s%s\n", pb,
