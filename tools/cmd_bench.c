@@ -393,11 +393,22 @@ static int bench_dtype(const bench_opts *o, moe_dtype dt, int *done,
         double c = 0, m = 0;
         if (moe_layer_plan_floor(fp, bw, &c, &m) == MOE_SUCCESS) {
           floor_ms[bw] = c > m ? c : m;
+          double pass = bw ? 3.0 : 1.0;
           if (!o->json)
-            printf("floor %-7s: compute %.3g ms (FLOPs / peak), memory %.3g "
-                   "ms (weight bytes / bandwidth) -> %.3g ms\n",
-                   bw ? "fwd+bwd" : "fwd", c, m, floor_ms[bw]);
+            printf("floor %-7s: compute %.3g ms (FLOPs / peak %.0f GFLOP/s), "
+                   "memory %.3g ms (weight bytes / bandwidth %.1f GB/s) -> "
+                   "%.3g ms\n",
+                   bw ? "fwd+bwd" : "fwd", c,
+                   c > 0 ? pass * flops_fwd / (c * 1e6) : 0.0, m,
+                   m > 0 ? pass * wbytes / (m * 1e6) : 0.0, floor_ms[bw]);
         }
+      }
+      /* Where the peak and bandwidth came from (the plan's "machine:"
+         line): calibrated, measured now, or a built-in row, named. */
+      const char *fc = strstr(moe_layer_plan_explain(fp), "floor constants: ");
+      if (fc && !o->json) {
+        const char *end = strchr(fc, '\n');
+        printf("%.*s\n", end ? (int)(end - fc) : (int)strlen(fc), fc);
       }
       moe_layer_plan_destroy(fp);
     }

@@ -42,9 +42,12 @@ typedef struct moe_machine {
   /// per expert in it, microseconds [f32, bf16]: what the rate tables,
   /// sampled on large experts, do not show on small ones.
   double grouped_call_us[2], grouped_expert_us[2];
-  int threads;      ///< threads the constants were measured with
-  char isa[16];     ///< the ISA level the constants are for
-  char source[768]; ///< which constants, and why (plan explain)
+  int threads;       ///< threads the constants were measured with
+  char isa[16];      ///< the ISA level the constants are for
+  char source[1024]; ///< which constants, and why (plan explain)
+  /// Where the floor's peak and bandwidth came from, in words: "peak
+  /// calibrated", "peak measured now (...)", "bandwidth built-in (...)".
+  char floor_source[320];
 } moe_machine;
 
 /// The default calibration file path ($XDG_CACHE_HOME/libmoe/machine.json

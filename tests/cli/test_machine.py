@@ -46,6 +46,21 @@ def plan(moe, env_extra, cache, preset="qwen3-30b-a3b"):
     return r.returncode, machine[0] if machine else "", preds, r.stdout
 
 
+def bench_floor(moe, env_extra, cache):
+    """moe bench's floor lines (tiny preset, one rep): the text."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MOE_MACHINE", "MOE_MACHINE_FILE", "MOE_MAX_CPU_ISA",
+                        "MOE_GMM")}
+    env["XDG_CACHE_HOME"] = cache
+    env.update(env_extra)
+    r = subprocess.run([moe, "bench", "--preset", "tiny", "--tokens", "16",
+                        "--dtype", "f32", "--layout", "out_in", "--threads",
+                        "2", "--reps", "1"], env=env, capture_output=True,
+                       text=True, timeout=120)
+    return "\n".join(l for l in r.stdout.splitlines()
+                     if l.startswith("floor"))
+
+
 def calib(isa, cpu, scale):
     """A well-formed calibration file; `scale` sets its grouped rates."""
     d = {"libmoe_machine": 2, "threads": 2, "bandwidth_gbs": 40.0,
@@ -80,6 +95,15 @@ def main():
         isa = isa.group(1)
         check("no file: the missing default file is named",
               "no calibration file at " + empty in m, m)
+        # The floor's constants (issue 20): without a calibration the peak
+        # is measured now at the level in use (or, on a CPU with no peak
+        # loop, the level's row, named), the bandwidth a named built-in row.
+        check("no file: the floor's peak source is said",
+              "floor constants: peak measured now (" in m or
+              "floor constants: peak built-in (isa %s row" % isa in m, m)
+        check("no file: the floor's bandwidth source is said",
+              re.search(r"bandwidth built-in \(isa \w+ row, measured on "
+                        r"(this CPU model|.* not this CPU)", m), m)
         # Each level the CPU reaches: built-ins of exactly that level.
         for cap in ("ref", "avx2"):
             rc, m, p, _ = plan(moe, {"MOE_MAX_CPU_ISA": cap}, empty)
@@ -99,6 +123,22 @@ def main():
               "(MOE_MACHINE)" in m, m)
         check("a used file changes the predictions", p and p != base,
               "%s vs %s" % (p, base))
+        check("a used file gives the floor's peak and bandwidth",
+              "floor constants: peak calibrated; bandwidth calibrated" in m, m)
+        fl = bench_floor(moe, {"MOE_MACHINE": path}, empty)
+        check("moe bench's floor uses the calibrated peak and bandwidth",
+              "FLOPs / peak 200 GFLOP/s" in fl and
+              "bandwidth 40.0 GB/s" in fl and
+              "floor constants: peak calibrated" in fl, fl)
+        d = calib(isa, None, 0.5)
+        del d["peak_gflops_f32"], d["peak_gflops_bf16"]
+        with open(path + ".nopeak", "w") as f:
+            json.dump(d, f)
+        rc, m2, _, _ = plan(moe, {"MOE_MACHINE": path + ".nopeak"}, empty)
+        check("a file without peaks: the peak is measured now, said",
+              rc == 0 and m2.startswith("machine: calibration file ") and
+              ("peak measured now" in m2 or "peak built-in" in m2) and
+              "bandwidth calibrated" in m2, m2)
         cm = re.search(r"on this CPU \((.*)\) with", m)
         cpu = cm.group(1) if cm else "?"
         # The grouped call's fixed cost counts: 50 ms more per call (qwen3,
