@@ -243,6 +243,51 @@ static void cal_append(char *buf, size_t cap, const char *fmt, ...) {
   va_end(ap);
 }
 
+/// The first quantity that came out 0, negative or not finite.
+typedef struct cal_bad {
+  char what[96];
+  double value;
+} cal_bad;
+
+/// MOE_CALIBRATE_TEST_ZERO=<key> (tests/cli/test_calibrate.py only) turns
+/// that measured quantity into 0, to check the refusal below.
+static double cal_test_zero(const char *key, double v) {
+  const char *z = getenv("MOE_CALIBRATE_TEST_ZERO");
+  return z && !strcmp(z, key) ? 0.0 : v;
+}
+
+/// Records `what` in *bad unless `v` is a positive finite number.
+static void cal_check(const char *what, double v, cal_bad *bad) {
+  if (bad->what[0] || (v > 0 && isfinite(v))) return;
+  snprintf(bad->what, sizeof bad->what, "%s", what);
+  bad->value = v;
+}
+
+/// Appends `"key": v` with four significant digits: "%.1f" printed a slow
+/// sample of 0.03 GFLOP/s (a call that waited for a descheduled OpenMP
+/// thread) as 0.0, which the library reads as "not measured".
+static void cal_put(char *json, size_t cap, const char *key, double v,
+                    cal_bad *bad) {
+  v = cal_test_zero(key, v);
+  cal_check(key, v, bad);
+  cal_append(json, cap, ",\n  \"%s\": %.4g", key, v);
+}
+
+/// Appends `"key": [r0, ...]`, each rate checked as cal_put does.
+static void cal_put_rates(char *json, size_t cap, const char *key,
+                          const double *r, cal_bad *bad) {
+  cal_append(json, cap, ",\n  \"%s\": [", key);
+  for (int i = 0; i < CAL_NPTS; i++) {
+    char what[96];
+    snprintf(what, sizeof what, "%s at %lld rows/expert", key,
+             (long long)cal_rows[i]);
+    double v = cal_test_zero(key, r[i]);
+    cal_check(what, v, bad);
+    cal_append(json, cap, "%s%.4g", i ? ", " : "", v);
+  }
+  cal_append(json, cap, "]");
+}
+
 /// The CPU name with anything a JSON string cannot hold as is replaced.
 static const char *cal_json_safe(const char *s) {
   static char buf[64];
@@ -355,7 +400,11 @@ int cmd_calibrate(int argc, char **argv) {
       printf("  loop call, %-4s     n/a (%s)\n", moe_dtype_name(dt), na[1][d]);
       continue;
     }
-    call_us[d] = s > 0 ? s / (double)t.E * 1e6 : 0;
+    if (s <= 0) { /* cal_time said why */
+      free(b.x), free(b.y), free(b.w), free(b.dw), free(b.off);
+      return CLI_ERR;
+    }
+    call_us[d] = s / (double)t.E * 1e6;
     printf("  loop call, %-4s     %8.2f us (one %lldx%lldx%lld GEMM)\n",
            moe_dtype_name(dt), call_us[d], 1LL, (long long)t.N, (long long)t.K);
   }
@@ -389,6 +438,13 @@ int cmd_calibrate(int argc, char **argv) {
     printf("  grouped call, %-4s  %8.2f us + %.2f us per expert (1x32x32 "
            "per expert)\n",
            moe_dtype_name(dt), gcall_us[d], gexp_us[d]);
+    /* Tens of microseconds when the cores are free; milliseconds when
+       another job holds one and an OpenMP thread waits for its turn. */
+    if (gcall_us[d] > 1000.0)
+      printf("  note: a tiny grouped call took %.1f ms: another job holds a "
+             "core and the threads wait for it, so every number here is low; "
+             "rerun on a quiet machine, or with --threads 1 --cpu-time\n",
+             gcall_us[d] * 1e-3);
   }
 
   static const char *mnames[2] = {"grouped", "loop"},
@@ -470,19 +526,33 @@ int cmd_calibrate(int argc, char **argv) {
   free(b.x), free(b.y), free(b.w), free(b.dw), free(b.off);
   if (rc != CLI_OK) return rc;
 
+  /* Every number goes through cal_put, which refuses a quantity that is
+     not a positive finite number: such a file would be read as "not
+     measured" in part (a small-weight table) or rejected whole (a
+     large-weight table), silently. Methods that cannot run here are
+     written as unavailable, with their reason and no rates. */
   char json[8192] = "";
+  cal_bad bad = {"", 0.0};
   cal_append(json, sizeof json,
              "{\n  \"libmoe_machine\": 2,\n  \"isa\": \"%s\",\n"
-             "  \"cpu\": \"%s\",\n  \"threads\": %d,\n"
-             "  \"bandwidth_gbs\": %.1f,\n  \"peak_gflops_f32\": %.1f,\n"
-             "  \"peak_gflops_bf16\": %.1f,\n  \"call_us_f32\": %.2f,\n"
-             "  \"call_us_bf16\": %.2f,\n  \"grouped_call_us_f32\": %.2f,\n"
-             "  \"grouped_call_us_bf16\": %.2f,\n"
-             "  \"grouped_expert_us_f32\": %.3f,\n"
-             "  \"grouped_expert_us_bf16\": %.3f,\n  \"rows_at\": [",
-             moe_cpu_isa(), cal_json_safe(moe_cpu_name()), nt, bw, pf, pb,
-             call_us[0], call_us[1], gcall_us[0], gcall_us[1], gexp_us[0],
-             gexp_us[1]);
+             "  \"cpu\": \"%s\",\n  \"threads\": %d",
+             moe_cpu_isa(), cal_json_safe(moe_cpu_name()), nt);
+  cal_put(json, sizeof json, "bandwidth_gbs", bw, &bad);
+  /* No peak loop at this level on this CPU: no key, and the library says
+     where the floor's peak came from instead. */
+  if (pf > 0 || pb > 0) {
+    cal_put(json, sizeof json, "peak_gflops_f32", pf, &bad);
+    cal_put(json, sizeof json, "peak_gflops_bf16", pb, &bad);
+  }
+  for (int d = 0; d < 2; d++)
+    if (!na[1][d][0])
+      cal_put(json, sizeof json, d ? "call_us_bf16" : "call_us_f32", call_us[d],
+              &bad);
+  cal_put(json, sizeof json, "grouped_call_us_f32", gcall_us[0], &bad);
+  cal_put(json, sizeof json, "grouped_call_us_bf16", gcall_us[1], &bad);
+  cal_put(json, sizeof json, "grouped_expert_us_f32", gexp_us[0], &bad);
+  cal_put(json, sizeof json, "grouped_expert_us_bf16", gexp_us[1], &bad);
+  cal_append(json, sizeof json, ",\n  \"rows_at\": [");
   for (int i = 0; i < CAL_NPTS; i++)
     cal_append(json, sizeof json, "%s%lld", i ? ", " : "",
                (long long)cal_rows[i]);
@@ -490,18 +560,14 @@ int cmd_calibrate(int argc, char **argv) {
   for (int m = 0; m < 2; m++)
     for (int d = 0; d < 2; d++)
       for (int k = 0; k < 2; k++) {
-        cal_append(json, sizeof json, ",\n  \"%s_%s_%s\": [", mnames[m],
-                   d ? "bf16" : "f32", knames[k]);
-        for (int i = 0; i < CAL_NPTS; i++)
-          cal_append(json, sizeof json, "%s%.1f", i ? ", " : "",
-                     rate[m][d][k][i]);
-        cal_append(json, sizeof json, "]");
-        cal_append(json, sizeof json, ",\n  \"%s_%s_%s_small\": [", mnames[m],
-                   d ? "bf16" : "f32", knames[k]);
-        for (int i = 0; i < CAL_NPTS; i++)
-          cal_append(json, sizeof json, "%s%.1f", i ? ", " : "",
-                     small[m][d][k][i]);
-        cal_append(json, sizeof json, "]");
+        if (na[m][d][0]) continue;
+        for (int sm = 0; sm < 2; sm++) {
+          char key[48];
+          snprintf(key, sizeof key, "%s_%s_%s%s", mnames[m], d ? "bf16" : "f32",
+                   knames[k], sm ? "_small" : "");
+          cal_put_rates(json, sizeof json, key,
+                        sm ? small[m][d][k] : rate[m][d][k], &bad);
+        }
       }
   for (int m = 0; m < 2; m++)
     for (int d = 0; d < 2; d++)
@@ -515,6 +581,15 @@ int cmd_calibrate(int argc, char **argv) {
         cal_append(json, sizeof json, "\"");
       }
   cal_append(json, sizeof json, "\n}\n");
+  if (bad.what[0]) {
+    fprintf(stderr,
+            "moe calibrate: %s came out %g, not a positive finite number: "
+            "refusing to write %s (the library would read the table as not "
+            "measured). Rerun on a quiet machine, or with --threads 1 "
+            "--cpu-time.\n",
+            bad.what, bad.value, path);
+    return CLI_ERR;
+  }
   rc = cal_write(path, json);
   if (rc == CLI_OK)
     printf("wrote %s (the library reads it at isa %s on this CPU when "
