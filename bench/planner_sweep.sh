@@ -7,6 +7,9 @@
 #
 # usage: bench/planner_sweep.sh BUILD_DIR > table.md
 #
+# Each cell also shows the planner's predicted time of each method against
+# the measured one (MODE=cpu: fwd + bwd of the projection, its three GEMMs).
+#
 # MODE=cpu (default): one thread, the expert GEMMs of each projection
 #   (forward, dX, dW) through bench_gemm_cpu, timed in process CPU time. On a
 #   machine shared with other jobs this is what an idle core would take; wall
@@ -53,8 +56,14 @@ for p in $PRESETS; do
             echo "{\"preset\":\"$p\",\"tokens\":$t,\"dtype\":\"$d\",\"layout\":\"$l\",\"failed\":true}" >>"$tmp"
           continue
         fi
-        picks=$(OMP_NUM_THREADS=1 "$B/moe" plan --preset "$p" --tokens "$t" \
-          --dtype "$d" --layout "$l" --threads 1 | head -1)
+        plan=$(OMP_NUM_THREADS=1 "$B/moe" plan --preset "$p" --tokens "$t" \
+          --dtype "$d" --layout "$l" --threads 1 --explain)
+        picks=$(echo "$plan" | head -1)
+        # The predictions (fwd + bwd = the projection's three GEMMs), per
+        # projection and method: "gate_up grouped 1.234 2.345;..."
+        preds=$(echo "$plan" | awk '/^(gate_up|down):/ {p=$1; sub(":","",p)}
+          /^  (grouped|loop): +predicted/ {m=$1; sub(":","",m);
+            printf "%s %s %s %s;", p, m, $3, $6}')
         before=""
         if [ -n "$BEFORE" ]; then
           before=$(MOE_MACHINE=$BEFORE OMP_NUM_THREADS=1 "$B/moe" plan \
@@ -65,7 +74,7 @@ for p in $PRESETS; do
           out=$(OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 BENCH_METHOD=$m \
             "$B/bench_gemm_cpu" "$t" "$d" "$l" "$REPS" $(dims "$p") 2>&1 |
             grep '^proj_ms' || true)
-          echo "{\"preset\":\"$p\",\"tokens\":$t,\"dtype\":\"$d\",\"layout\":\"$l\",\"method\":\"$m\",\"proj\":\"$out\",\"picks\":\"$picks\",\"before\":\"$before\"}" >>"$tmp"
+          echo "{\"preset\":\"$p\",\"tokens\":$t,\"dtype\":\"$d\",\"layout\":\"$l\",\"method\":\"$m\",\"proj\":\"$out\",\"picks\":\"$picks\",\"preds\":\"$preds\",\"before\":\"$before\"}" >>"$tmp"
         done
       done
     done
@@ -96,14 +105,29 @@ for r in rows:
             c["before"] = pb.group(i + 1)
         if m:
             c["t"][r["method"]] = float(m.group(i + 1))
+        for pr in r.get("preds", "").split(";"):
+            f = pr.split()
+            if len(f) == 4 and f[0] == proj:
+                c.setdefault("pred", {})[f[1]] = float(f[2]) + float(f[3])
         if pk:
             c["pick"] = pk.group(i + 1)
 print("MOE_MAX_CPU_ISA=%s, MODE=%s, %d cells, %d s" % (sys.argv[3], mode, len(cells), int(sys.argv[2])))
 print()
 hasb = any(c.get("before") for c in cells.values())
 print("| preset | tokens | dtype | layout | projection | grouped ms | loop ms | fastest | pick | pick off |"
+      " grouped pred (err) | loop pred (err) |"
       + (" before pick | before off |" if hasb else ""))
-print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if hasb else ""))
+print("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if hasb else ""))
+errs = []  # (|predicted / measured - 1|, cell, method)
+
+
+def pred_col(c, t, meth):
+    p = c.get("pred", {}).get(meth)
+    if p is None or meth not in t or not t[meth] > 0:
+        return "-"
+    e = p / t[meth] - 1
+    errs.append((abs(e), e, meth))
+    return "%.3f (%+.0f%%)" % (p, 100 * e)
 score = {"pick": [0, 0, 0.0], "before": [0, 0, 0.0]}  # hits, cells, worst
 
 
@@ -124,7 +148,7 @@ def judge(t, pick, which):
 for key in sorted(cells):
     c, t = cells[key], cells[key]["t"]
     if not t or (len(t) < 2 and (c["pick"] or "mixed") not in t):
-        print("| %s | %d | %s | %s | %s | - | - | - | - | not measured |" % key)
+        print("| %s | %d | %s | %s | %s | - | - | - | - | not measured | - | - |" % key)
         continue
     fastest = min(t, key=t.get)
     pick = c["pick"] or "mixed"
@@ -132,6 +156,7 @@ for key in sorted(cells):
         "%.3f" % t["grouped"] if "grouped" in t else "n/a",
         "%.3f" % t["loop"] if "loop" in t else "n/a", fastest, pick,
         judge(t, pick, "pick")))
+    row += " %s | %s |" % (pred_col(c, t, "grouped"), pred_col(c, t, "loop"))
     if hasb:
         b = c.get("before") or "mixed"
         row += " %s | %s |" % (b, judge(t, b, "before"))
@@ -141,4 +166,9 @@ for which in (("pick", "before") if hasb else ("pick",)):
     h, n, w = score[which]
     print("%s: picked the measured fastest in %d of %d cells (%.0f%%); worst pick %.0f%% slower than the fastest"
           % ("planner" if which == "pick" else "before (" + "BEFORE constants)", h, n, 100.0 * h / max(n, 1), 100 * w))
+if errs:
+    within = sum(1 for a, _, _ in errs if a <= 0.15)
+    worst = max(errs)
+    print("predictions: within 15%% of the measured time in %d of %d (cell, method) pairs; worst %+.0f%% (%s)"
+          % (within, len(errs), 100 * worst[1], worst[2]))
 PY

@@ -134,14 +134,14 @@ moe_status moe_plan_projection(const moe_machine *m, const moe_proj_shape *s,
               moe_layout_name(s->layout));
   int di = s->dtype == MOE_BF16 ? 1 : 0;
   moe_appendf(buf, len, cap,
-              "  grouped: predicted %.2f ms fwd, %.2f ms bwd (%.1f us per call "
+              "  grouped: predicted %.3f ms fwd, %.3f ms bwd (%.1f us per call "
               "+ %.2f us per expert)\n",
               g.fwd_ms, g.bwd_ms, m->grouped_call_us[di],
               m->grouped_expert_us[di]);
   char lib[256];
   if (l.supported) {
     moe_appendf(buf, len, cap,
-                "  loop:    predicted %.2f ms fwd, %.2f ms bwd (%lld library "
+                "  loop:    predicted %.3f ms fwd, %.3f ms bwd (%lld library "
                 "calls per pass, %.1f us each)\n",
                 l.fwd_ms, l.bwd_ms, (long long)(s->experts * s->gemms),
                 m->call_us[di]);
