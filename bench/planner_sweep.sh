@@ -58,7 +58,7 @@ for p in $PRESETS; do
         fi
         plan=$(OMP_NUM_THREADS=1 "$B/moe" plan --preset "$p" --tokens "$t" \
           --dtype "$d" --layout "$l" --threads 1 --explain)
-        picks=$(echo "$plan" | head -1)
+        picks=${plan%%$'\n'*} # (not `| head -1`: SIGPIPE under pipefail)
         # The predictions (fwd + bwd = the projection's three GEMMs), per
         # projection and method: "gate_up grouped 1.234 2.345;..."
         preds=$(echo "$plan" | awk '/^(gate_up|down):/ {p=$1; sub(":","",p)}

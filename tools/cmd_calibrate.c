@@ -499,6 +499,12 @@ int cmd_calibrate(int argc, char **argv) {
     t.E = 8;
     t.K = 64;
     t.N = 64;
+    /* Values of this dtype: the buffers still hold the last large loop's
+       (bf16), which read as f32 include subnormals. */
+    size_t rows = (size_t)(t.E * cal_rows[CAL_NPTS - 1]);
+    cal_fill(b.x, dt, rows * (size_t)t.K);
+    cal_fill(b.y, dt, rows * (size_t)t.N);
+    cal_fill(b.w, dt, (size_t)(t.E * t.K * t.N));
     for (int k = 0; k < 2 && rc == CLI_OK; k++)
       for (int m = 0; m < 2 && rc == CLI_OK; m++) {
         if (na[m][d][0]) continue;
