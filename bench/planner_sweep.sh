@@ -23,6 +23,8 @@
 #   BEFORE=PATH (MODE=cpu): also ask the planner with MOE_MACHINE=PATH (e.g.
 #   older constants) and score its picks against the same timings, so that
 #   two sets of constants are compared on one measurement.
+#   BEFORE_MOE=PATH/moe (MODE=cpu): the same with another build's planner
+#   (an older cost model), its picks and predictions beside this one's.
 # Presets whose f32 weights fit a 24 GiB machine: qwen3-30b-a3b, tiny.
 set -euo pipefail
 B=${1:-build}
@@ -43,6 +45,12 @@ dims() {
   *) echo "unknown preset $1" >&2; exit 2 ;;
   esac
 }
+BEFORE_MOE=${BEFORE_MOE:-}
+# The predictions (fwd + bwd = the projection's three GEMMs), per projection
+# and method, from `moe plan --explain`: "gate_up grouped 1.234 2.345;..."
+preds_awk='/^(gate_up|down):/ {p=$1; sub(":","",p)}
+  /^  (grouped|loop): +predicted/ {m=$1; sub(":","",m);
+    printf "%s %s %s %s;", p, m, $3, $6}'
 tmp=$(mktemp)
 trap 'rm -f "$tmp"' EXIT
 start=$(date +%s)
@@ -61,20 +69,21 @@ for p in $PRESETS; do
         picks=${plan%%$'\n'*} # (not `| head -1`: SIGPIPE under pipefail)
         # The predictions (fwd + bwd = the projection's three GEMMs), per
         # projection and method: "gate_up grouped 1.234 2.345;..."
-        preds=$(echo "$plan" | awk '/^(gate_up|down):/ {p=$1; sub(":","",p)}
-          /^  (grouped|loop): +predicted/ {m=$1; sub(":","",m);
-            printf "%s %s %s %s;", p, m, $3, $6}')
+        preds=$(echo "$plan" | awk "$preds_awk")
         before=""
-        if [ -n "$BEFORE" ]; then
-          before=$(MOE_MACHINE=$BEFORE OMP_NUM_THREADS=1 "$B/moe" plan \
-            --preset "$p" --tokens "$t" --dtype "$d" --layout "$l" \
-            --threads 1 | head -1)
+        bpreds=""
+        if [ -n "$BEFORE" ] || [ -n "$BEFORE_MOE" ]; then
+          bplan=$(MOE_MACHINE=${BEFORE:-${MOE_MACHINE:-}} OMP_NUM_THREADS=1 \
+            "${BEFORE_MOE:-$B/moe}" plan --preset "$p" --tokens "$t" \
+            --dtype "$d" --layout "$l" --threads 1 --explain)
+          before=${bplan%%$'\n'*}
+          bpreds=$(echo "$bplan" | awk "$preds_awk")
         fi
         for m in grouped loop; do
           out=$(OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 BENCH_METHOD=$m \
             "$B/bench_gemm_cpu" "$t" "$d" "$l" "$REPS" $(dims "$p") 2>&1 |
             grep '^proj_ms' || true)
-          echo "{\"preset\":\"$p\",\"tokens\":$t,\"dtype\":\"$d\",\"layout\":\"$l\",\"method\":\"$m\",\"proj\":\"$out\",\"picks\":\"$picks\",\"preds\":\"$preds\",\"before\":\"$before\"}" >>"$tmp"
+          echo "{\"preset\":\"$p\",\"tokens\":$t,\"dtype\":\"$d\",\"layout\":\"$l\",\"method\":\"$m\",\"proj\":\"$out\",\"picks\":\"$picks\",\"preds\":\"$preds\",\"bpreds\":\"$bpreds\",\"before\":\"$before\"}" >>"$tmp"
         done
       done
     done
@@ -105,28 +114,32 @@ for r in rows:
             c["before"] = pb.group(i + 1)
         if m:
             c["t"][r["method"]] = float(m.group(i + 1))
-        for pr in r.get("preds", "").split(";"):
-            f = pr.split()
-            if len(f) == 4 and f[0] == proj:
-                c.setdefault("pred", {})[f[1]] = float(f[2]) + float(f[3])
+        for key, name in (("preds", "pred"), ("bpreds", "bpred")):
+            for pr in r.get(key, "").split(";"):
+                f = pr.split()
+                if len(f) == 4 and f[0] == proj:
+                    c.setdefault(name, {})[f[1]] = float(f[2]) + float(f[3])
         if pk:
             c["pick"] = pk.group(i + 1)
 print("MOE_MAX_CPU_ISA=%s, MODE=%s, %d cells, %d s" % (sys.argv[3], mode, len(cells), int(sys.argv[2])))
 print()
 hasb = any(c.get("before") for c in cells.values())
+hasbp = any(c.get("bpred") for c in cells.values())
 print("| preset | tokens | dtype | layout | projection | grouped ms | loop ms | fastest | pick | pick off |"
       " grouped pred (err) | loop pred (err) |"
-      + (" before pick | before off |" if hasb else ""))
-print("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if hasb else ""))
-errs = []  # (|predicted / measured - 1|, cell, method)
+      + (" before pick | before off |" if hasb else "")
+      + (" before grouped pred (err) | before loop pred (err) |" if hasbp else ""))
+print("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if hasb else "")
+      + ("---|---|" if hasbp else ""))
+errs = {"pred": [], "bpred": []}  # (|predicted / measured - 1|, error, method)
 
 
-def pred_col(c, t, meth):
-    p = c.get("pred", {}).get(meth)
+def pred_col(c, t, meth, which="pred"):
+    p = c.get(which, {}).get(meth)
     if p is None or meth not in t or not t[meth] > 0:
         return "-"
     e = p / t[meth] - 1
-    errs.append((abs(e), e, meth))
+    errs[which].append((abs(e), e, meth))
     return "%.3f (%+.0f%%)" % (p, 100 * e)
 score = {"pick": [0, 0, 0.0], "before": [0, 0, 0.0]}  # hits, cells, worst
 
@@ -160,15 +173,20 @@ for key in sorted(cells):
     if hasb:
         b = c.get("before") or "mixed"
         row += " %s | %s |" % (b, judge(t, b, "before"))
+    if hasbp:
+        row += " %s | %s |" % (pred_col(c, t, "grouped", "bpred"),
+                               pred_col(c, t, "loop", "bpred"))
     print(row)
 print()
 for which in (("pick", "before") if hasb else ("pick",)):
     h, n, w = score[which]
     print("%s: picked the measured fastest in %d of %d cells (%.0f%%); worst pick %.0f%% slower than the fastest"
           % ("planner" if which == "pick" else "before (" + "BEFORE constants)", h, n, 100.0 * h / max(n, 1), 100 * w))
-if errs:
-    within = sum(1 for a, _, _ in errs if a <= 0.15)
-    worst = max(errs)
-    print("predictions: within 15%% of the measured time in %d of %d (cell, method) pairs; worst %+.0f%% (%s)"
-          % (within, len(errs), 100 * worst[1], worst[2]))
+for which, label in (("pred", "predictions"), ("bpred", "before's predictions")):
+    e = errs[which]
+    if e:
+        within = sum(1 for a, _, _ in e if a <= 0.15)
+        worst = max(e)
+        print("%s: within 15%% of the measured time in %d of %d (cell, method) pairs; worst %+.0f%% (%s)"
+              % (label, within, len(e), 100 * worst[1], worst[2]))
 PY

@@ -23,6 +23,13 @@
 #include "plan/planner.h"
 
 /// Interpolated GFLOP/s of the rate table `r` at `rows` per expert.
+/// Between two samples the time per expert is taken as affine in the rows
+/// (a fixed part, the weight's read and the call, plus a part per row),
+/// which is what the GEMMs do: from 2 to 8 rows per expert a weight-
+/// streaming GEMM takes about the same time, so its rate grows in
+/// proportion to the rows. Interpolating the rate itself in log(rows), as
+/// before, put 4 rows at 55 GFLOP/s where the samples 22 (2 rows) and 88
+/// (8 rows) and the measurement (40) say 40-44 (bench/NOTES.md, h20f).
 static double moe_rate_at(const double *r, const double *x, double rows) {
   enum { N = MOE_MACHINE_NPTS };
   if (rows <= x[0]) return r[0] * (rows > 0 ? rows : 1e-3) / x[0];
@@ -30,8 +37,10 @@ static double moe_rate_at(const double *r, const double *x, double rows) {
   int i = 0;
   while (i + 2 < N && rows >= x[i + 1])
     i++;
-  double t = (log(rows) - log(x[i])) / (log(x[i + 1]) - log(x[i]));
-  return r[i] + t * (r[i + 1] - r[i]);
+  if (!(r[i] > 0) || !(r[i + 1] > 0)) return 0.0;    /* not measured */
+  double t0 = x[i] / r[i], t1 = x[i + 1] / r[i + 1]; /* time per expert */
+  double t = t0 + (rows - x[i]) / (x[i + 1] - x[i]) * (t1 - t0);
+  return rows / t;
 }
 
 /// GFLOP/s of (method, dtype, kind) at `rows` per expert on `elems` weight
