@@ -14,7 +14,7 @@
 ///  - the cost of one tiny library GEMM call in the per-expert loop, and
 ///    the fixed cost of a grouped call (per call and per expert);
 ///  - the sustained GFLOP/s of the grouped and loop methods, f32 and bf16,
-///    forward (weight-streaming) and dW (weight-writing), on a grouped
+///    forward and dX (weight-streaming) and dW (weight-writing), on a grouped
 ///    problem whose weights do not fit in cache, at several rows per
 ///    expert, and again on small weights that stay in cache. The planner
 ///    interpolates these tables.
@@ -170,9 +170,9 @@ static char cal_na_reason[512];
 /// CPU): recorded as unavailable, not a failure.
 #define CAL_NA (-2.0)
 
-/// Median seconds of one call (after a warm-up) of the forward (kind 0) or
-/// dW (kind 1) on E groups of `rows` rows; CAL_NA if the method cannot run
-/// here, -1 on failure.
+/// Median seconds of one call (after a warm-up) of the forward (kind 0),
+/// dW (kind 1) or dX (kind 2) on E groups of `rows` rows; CAL_NA if the method
+/// cannot run here, -1 on failure.
 static double cal_time(cal_bufs *b, moe_dtype dt, moe_gmm_method m, int kind,
                        int64_t rows, int nt, int reps) {
   int64_t E = b->E, K = b->K, N = b->N, R = E * rows;
@@ -181,7 +181,7 @@ static double cal_time(cal_bufs *b, moe_dtype dt, moe_gmm_method m, int kind,
   int64_t xs[2] = {R, K}, ys[2] = {R, N}, ws[3] = {E, N, K}, os[1] = {E + 1};
   moe_tensor x = moe_tensor_make(b->x, dt, 2, xs);
   moe_tensor y = moe_tensor_make(b->y, dt, 2, ys);
-  moe_tensor w = moe_tensor_make(kind ? b->dw : b->w, dt, 3, ws);
+  moe_tensor w = moe_tensor_make(kind == 1 ? b->dw : b->w, dt, 3, ws);
   moe_tensor off = moe_tensor_make(b->off, MOE_I64, 1, os);
   moe_exec_options o;
   memset(&o, 0, sizeof o);
@@ -191,8 +191,9 @@ static double cal_time(cal_bufs *b, moe_dtype dt, moe_gmm_method m, int kind,
   if (reps > 15) reps = 15;
   for (int r = 0; r <= reps; r++) {
     double t0 = cal_now();
-    moe_status s = kind ? moe_grouped_gemm_dw(&x, &y, &off, &w, &o)
-                        : moe_grouped_gemm(&x, &w, &off, &y, &o);
+    moe_status s = kind == 1   ? moe_grouped_gemm_dw(&x, &y, &off, &w, &o)
+                   : kind == 2 ? moe_grouped_gemm_dx(&y, &w, &off, &x, &o)
+                               : moe_grouped_gemm(&x, &w, &off, &y, &o);
     t[r] = cal_now() - t0;
     if (s == MOE_ERR_UNIMPLEMENTED && r == 0) {
       snprintf(cal_na_reason, sizeof cal_na_reason, "%s", moe_last_error());
@@ -448,8 +449,10 @@ int cmd_calibrate(int argc, char **argv) {
   }
 
   static const char *mnames[2] = {"grouped", "loop"},
-                    *knames[2] = {"fwd", "dw"};
-  double rate[2][2][2][CAL_NPTS];
+                    *knames[3] = {"fwd", "dw", "dx"};
+  /* Kinds: forward and dX stream the weight (dX reads it transposed,
+     which the kernels do at another rate), dW writes it. */
+  double rate[2][2][3][CAL_NPTS];
   memset(rate, 0, sizeof rate);
   int rc = CLI_OK;
   for (int d = 0; d < 2 && rc == CLI_OK; d++) {
@@ -457,7 +460,7 @@ int cmd_calibrate(int argc, char **argv) {
     cal_fill(b.x, dt, nx);
     cal_fill(b.y, dt, ny);
     cal_fill(b.w, dt, nw);
-    for (int k = 0; k < 2 && rc == CLI_OK; k++)
+    for (int k = 0; k < 3 && rc == CLI_OK; k++)
       for (int m = 0; m < 2 && rc == CLI_OK; m++) {
         printf("  %-7s %-4s %-3s GFLOP/s at rows/expert", mnames[m],
                moe_dtype_name(dt), knames[k]);
@@ -565,9 +568,9 @@ int cmd_calibrate(int argc, char **argv) {
   cal_append(json, sizeof json, "]");
   for (int m = 0; m < 2; m++)
     for (int d = 0; d < 2; d++)
-      for (int k = 0; k < 2; k++) {
+      for (int k = 0; k < 3; k++) {
         if (na[m][d][0]) continue;
-        for (int sm = 0; sm < 2; sm++) {
+        for (int sm = 0; sm < (k < 2 ? 2 : 1); sm++) { /* no small dX */
           char key[48];
           snprintf(key, sizeof key, "%s_%s_%s%s", mnames[m], d ? "bf16" : "f32",
                    knames[k], sm ? "_small" : "");

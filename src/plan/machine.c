@@ -453,6 +453,19 @@ static void moe_machine_load(const moe_machine *base, const char *path,
         else
           memset(t.gflops_small[a][b][c], 0, sizeof v);
       }
+  /* dX's own rates: optional (older files lack them; 0 = the forward's). */
+  memset(t.gflops_dx, 0, sizeof t.gflops_dx);
+  for (int a = 0; a < 2; a++)
+    for (int b = 0; b < 2; b++) {
+      char key[40];
+      snprintf(key, sizeof key, "%s_%s_unavailable", method[a], dtype[b]);
+      if (cJSON_IsString(cJSON_GetObjectItemCaseSensitive(o, key))) continue;
+      snprintf(key, sizeof key, "%s_%s_dx", method[a], dtype[b]);
+      bool xok = true;
+      double v[MOE_MACHINE_NPTS];
+      moe_json_array(o, key, v, MOE_MACHINE_NPTS, &xok);
+      if (xok) memcpy(t.gflops_dx[a][b], v, sizeof v);
+    }
   for (int i = 1; i < MOE_MACHINE_NPTS; i++)
     if (!(t.rows_at[i] > t.rows_at[i - 1])) ok = false;
   /* Absent or not positive: 0, and the floor's constants come from
