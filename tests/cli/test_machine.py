@@ -216,6 +216,29 @@ def main():
             check("between samples: the loop is picked on that row",
                   "gate_up -> loop, down -> loop" in r.stdout,
                   r.stdout.splitlines()[0] if r.stdout else r.stderr[-300:])
+        # dX's own rates (h20f): a table at half the forward's rates makes
+        # dX take twice the forward's time, so the backward grows by one
+        # forward; without the table dX takes the forward's rates.
+        fb = []
+        for dx in (None, 0.5):
+            d = calib(isa, None, 1.0)
+            if dx:
+                d["grouped_f32_dx"] = [x * dx for x in d["grouped_f32_fwd"]]
+            with open(path, "w") as f:
+                json.dump(d, f)
+            r = subprocess.run([moe, "plan", "--preset", "qwen3-30b-a3b",
+                                "--tokens", "256", "--dtype", "f32",
+                                "--threads", "2", "--explain"], env=env,
+                               capture_output=True, text=True, timeout=120)
+            fb.append(re.findall(r"grouped: predicted ([0-9.]+) ms fwd, "
+                                 r"([0-9.]+) ms bwd", r.stdout))
+        ok = len(fb[0]) == 2 and len(fb[1]) == 2
+        for i in range(2 if ok else 0):
+            fwd0, bwd0 = map(float, fb[0][i])
+            fwd1, bwd1 = map(float, fb[1][i])
+            ok = ok and fwd0 == fwd1 and abs(bwd1 - bwd0 - fwd0) < 0.01 * fwd0
+        check("dX's own rates: half the rate, one forward more in the "
+              "backward", ok, str(fb))
         with open(path, "w") as f:
             json.dump(calib(isa, cpu, 0.5), f)
         rc, m, p, _ = plan(moe, {"MOE_MACHINE_FILE": path}, empty)
