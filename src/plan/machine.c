@@ -189,7 +189,7 @@ static const struct moe_machine_builtin {
      "GenuineIntel",
      6,
      167,
-     "Intel Xeon with AMX (Sapphire Rapids family) KVM guest",
+     "Intel Xeon with AMX (family 6 model 167, KVM guest)",
      {
          .rows_at = {2, 8, 32, 128, 512},
          .gflops =
