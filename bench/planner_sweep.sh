@@ -7,6 +7,9 @@
 #
 # usage: bench/planner_sweep.sh BUILD_DIR > table.md
 #
+# Each cell also shows the planner's predicted time of each method against
+# the measured one (MODE=cpu: fwd + bwd of the projection, its three GEMMs).
+#
 # MODE=cpu (default): one thread, the expert GEMMs of each projection
 #   (forward, dX, dW) through bench_gemm_cpu, timed in process CPU time. On a
 #   machine shared with other jobs this is what an idle core would take; wall
@@ -20,6 +23,8 @@
 #   BEFORE=PATH (MODE=cpu): also ask the planner with MOE_MACHINE=PATH (e.g.
 #   older constants) and score its picks against the same timings, so that
 #   two sets of constants are compared on one measurement.
+#   BEFORE_MOE=PATH/moe (MODE=cpu): the same with another build's planner
+#   (an older cost model), its picks and predictions beside this one's.
 # Presets whose f32 weights fit a 24 GiB machine: qwen3-30b-a3b, tiny.
 set -euo pipefail
 B=${1:-build}
@@ -40,6 +45,12 @@ dims() {
   *) echo "unknown preset $1" >&2; exit 2 ;;
   esac
 }
+BEFORE_MOE=${BEFORE_MOE:-}
+# The predictions (fwd + bwd = the projection's three GEMMs), per projection
+# and method, from `moe plan --explain`: "gate_up grouped 1.234 2.345;..."
+preds_awk='/^(gate_up|down):/ {p=$1; sub(":","",p)}
+  /^  (grouped|loop): +predicted/ {m=$1; sub(":","",m);
+    printf "%s %s %s %s;", p, m, $3, $6}'
 tmp=$(mktemp)
 trap 'rm -f "$tmp"' EXIT
 start=$(date +%s)
@@ -53,19 +64,26 @@ for p in $PRESETS; do
             echo "{\"preset\":\"$p\",\"tokens\":$t,\"dtype\":\"$d\",\"layout\":\"$l\",\"failed\":true}" >>"$tmp"
           continue
         fi
-        picks=$(OMP_NUM_THREADS=1 "$B/moe" plan --preset "$p" --tokens "$t" \
-          --dtype "$d" --layout "$l" --threads 1 | head -1)
+        plan=$(OMP_NUM_THREADS=1 "$B/moe" plan --preset "$p" --tokens "$t" \
+          --dtype "$d" --layout "$l" --threads 1 --explain)
+        picks=${plan%%$'\n'*} # (not `| head -1`: SIGPIPE under pipefail)
+        # The predictions (fwd + bwd = the projection's three GEMMs), per
+        # projection and method: "gate_up grouped 1.234 2.345;..."
+        preds=$(echo "$plan" | awk "$preds_awk")
         before=""
-        if [ -n "$BEFORE" ]; then
-          before=$(MOE_MACHINE=$BEFORE OMP_NUM_THREADS=1 "$B/moe" plan \
-            --preset "$p" --tokens "$t" --dtype "$d" --layout "$l" \
-            --threads 1 | head -1)
+        bpreds=""
+        if [ -n "$BEFORE" ] || [ -n "$BEFORE_MOE" ]; then
+          bplan=$(MOE_MACHINE=${BEFORE:-${MOE_MACHINE:-}} OMP_NUM_THREADS=1 \
+            "${BEFORE_MOE:-$B/moe}" plan --preset "$p" --tokens "$t" \
+            --dtype "$d" --layout "$l" --threads 1 --explain)
+          before=${bplan%%$'\n'*}
+          bpreds=$(echo "$bplan" | awk "$preds_awk")
         fi
         for m in grouped loop; do
           out=$(OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 BENCH_METHOD=$m \
             "$B/bench_gemm_cpu" "$t" "$d" "$l" "$REPS" $(dims "$p") 2>&1 |
             grep '^proj_ms' || true)
-          echo "{\"preset\":\"$p\",\"tokens\":$t,\"dtype\":\"$d\",\"layout\":\"$l\",\"method\":\"$m\",\"proj\":\"$out\",\"picks\":\"$picks\",\"before\":\"$before\"}" >>"$tmp"
+          echo "{\"preset\":\"$p\",\"tokens\":$t,\"dtype\":\"$d\",\"layout\":\"$l\",\"method\":\"$m\",\"proj\":\"$out\",\"picks\":\"$picks\",\"preds\":\"$preds\",\"bpreds\":\"$bpreds\",\"before\":\"$before\"}" >>"$tmp"
         done
       done
     done
@@ -96,14 +114,33 @@ for r in rows:
             c["before"] = pb.group(i + 1)
         if m:
             c["t"][r["method"]] = float(m.group(i + 1))
+        for key, name in (("preds", "pred"), ("bpreds", "bpred")):
+            for pr in r.get(key, "").split(";"):
+                f = pr.split()
+                if len(f) == 4 and f[0] == proj:
+                    c.setdefault(name, {})[f[1]] = float(f[2]) + float(f[3])
         if pk:
             c["pick"] = pk.group(i + 1)
 print("MOE_MAX_CPU_ISA=%s, MODE=%s, %d cells, %d s" % (sys.argv[3], mode, len(cells), int(sys.argv[2])))
 print()
 hasb = any(c.get("before") for c in cells.values())
+hasbp = any(c.get("bpred") for c in cells.values())
 print("| preset | tokens | dtype | layout | projection | grouped ms | loop ms | fastest | pick | pick off |"
-      + (" before pick | before off |" if hasb else ""))
-print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if hasb else ""))
+      " grouped pred (err) | loop pred (err) |"
+      + (" before pick | before off |" if hasb else "")
+      + (" before grouped pred (err) | before loop pred (err) |" if hasbp else ""))
+print("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if hasb else "")
+      + ("---|---|" if hasbp else ""))
+errs = {"pred": [], "bpred": []}  # (|predicted / measured - 1|, error, method)
+
+
+def pred_col(c, t, meth, which="pred"):
+    p = c.get(which, {}).get(meth)
+    if p is None or meth not in t or not t[meth] > 0:
+        return "-"
+    e = p / t[meth] - 1
+    errs[which].append((abs(e), e, meth))
+    return "%.3f (%+.0f%%)" % (p, 100 * e)
 score = {"pick": [0, 0, 0.0], "before": [0, 0, 0.0]}  # hits, cells, worst
 
 
@@ -124,7 +161,7 @@ def judge(t, pick, which):
 for key in sorted(cells):
     c, t = cells[key], cells[key]["t"]
     if not t or (len(t) < 2 and (c["pick"] or "mixed") not in t):
-        print("| %s | %d | %s | %s | %s | - | - | - | - | not measured |" % key)
+        print("| %s | %d | %s | %s | %s | - | - | - | - | not measured | - | - |" % key)
         continue
     fastest = min(t, key=t.get)
     pick = c["pick"] or "mixed"
@@ -132,13 +169,24 @@ for key in sorted(cells):
         "%.3f" % t["grouped"] if "grouped" in t else "n/a",
         "%.3f" % t["loop"] if "loop" in t else "n/a", fastest, pick,
         judge(t, pick, "pick")))
+    row += " %s | %s |" % (pred_col(c, t, "grouped"), pred_col(c, t, "loop"))
     if hasb:
         b = c.get("before") or "mixed"
         row += " %s | %s |" % (b, judge(t, b, "before"))
+    if hasbp:
+        row += " %s | %s |" % (pred_col(c, t, "grouped", "bpred"),
+                               pred_col(c, t, "loop", "bpred"))
     print(row)
 print()
 for which in (("pick", "before") if hasb else ("pick",)):
     h, n, w = score[which]
     print("%s: picked the measured fastest in %d of %d cells (%.0f%%); worst pick %.0f%% slower than the fastest"
           % ("planner" if which == "pick" else "before (" + "BEFORE constants)", h, n, 100.0 * h / max(n, 1), 100 * w))
+for which, label in (("pred", "predictions"), ("bpred", "before's predictions")):
+    e = errs[which]
+    if e:
+        within = sum(1 for a, _, _ in e if a <= 0.15)
+        worst = max(e)
+        print("%s: within 15%% of the measured time in %d of %d (cell, method) pairs; worst %+.0f%% (%s)"
+              % (label, within, len(e), 100 * worst[1], worst[2]))
 PY

@@ -122,6 +122,26 @@ static bool bufs_alloc(bench_bufs *b, const bench_shape *s) {
   return true;
 }
 
+/// Grows the workspace and saved-state buffers to what `plan` needs at
+/// `tokens` (both benches: every plan of a run shares the buffers). A
+/// failed allocation leaves the pointer NULL with its size set: the caller
+/// checks b->ws / b->saved before use.
+static void bench_fit(const moe_layer_plan *plan, int64_t tokens,
+                      bench_bufs *b) {
+  size_t ws, sv;
+  moe_layer_plan_sizes(plan, tokens, &ws, &sv);
+  if (ws > b->ws_bytes) {
+    free(b->ws);
+    b->ws = xalloc(ws);
+    b->ws_bytes = ws;
+  }
+  if (sv > b->saved_bytes) {
+    free(b->saved);
+    b->saved = xalloc(sv);
+    b->saved_bytes = sv;
+  }
+}
+
 /// The layer arguments for weights stored in `layout` at (gu, down).
 static void make_args(const bench_shape *s, const bench_bufs *b, void *gu,
                       void *down, void *ggu, void *gdown, moe_layout layout,
@@ -271,6 +291,58 @@ static void print_explain_lines(const char *ex, const char *layout) {
   }
 }
 
+/// One row of the main bench's table, as text or as one JSON object (a
+/// method that cannot run here: n/a with its reason). `flops` and `bytes`
+/// are the pass's expert-GEMM FLOPs and weight bytes.
+static void bench_print_row(const bench_opts *o, const bench_shape *s,
+                            const bench_row *r, double flops, double bytes,
+                            double floor_ms, int nt) {
+  const char *pass = r->bwd ? "fwd+bwd" : "fwd";
+  bool baseline = r->method == bench_method_names[B_COPY];
+  if (o->json) {
+    printf("{\"preset\":\"%s\",\"tokens\":%lld,\"dtype\":\"%s\","
+           "\"layout\":\"%s\",\"method\":\"%s\",\"pass\":\"%s\",",
+           o->preset->name, (long long)s->T, moe_dtype_name(s->dt),
+           moe_layout_name(r->layout), r->method, pass);
+    if (r->na)
+      printf("\"median_ms\":null,\"min_ms\":null,\"max_ms\":null,"
+             "\"gflops\":null,\"bytes\":%.0f,\"planner_pick\":false,"
+             "\"predicted_ms\":null,",
+             bytes);
+    else {
+      printf("\"median_ms\":%.3f,\"min_ms\":%.3f,\"max_ms\":%.3f,"
+             "\"gflops\":%.2f,\"bytes\":%.0f,\"planner_pick\":%s,"
+             "\"predicted_ms\":",
+             r->med, r->mn, r->mx, flops / (r->med * 1e6), bytes,
+             r->pick ? "true" : "false");
+      if (r->predicted >= 0)
+        printf("%.3f,", r->predicted);
+      else
+        printf("null,");
+    }
+    printf("\"floor_ms\":%.3f,\"threads\":%d,\"baseline\":%s", floor_ms, nt,
+           baseline ? "true" : "false");
+    if (r->na) {
+      printf(",\"reason\":");
+      bench_json_string(stdout, r->reason);
+    }
+    printf("}\n");
+  } else if (r->na) {
+    printf("%-7s %-11s %-8s n/a (%s)\n", moe_layout_name(r->layout), r->method,
+           pass, r->reason);
+  } else {
+    char pred[32] = "-";
+    if (r->predicted >= 0) snprintf(pred, sizeof pred, "%.1f", r->predicted);
+    printf("%-7s %-11s %-8s %10.1f %10.1f %10.1f %9.1f %9.2f %7.2f %12s %s\n",
+           moe_layout_name(r->layout), r->method, pass, r->med, r->mn, r->mx,
+           flops / (r->med * 1e6), bytes / 1e9,
+           floor_ms > 0 ? r->med / floor_ms : 0.0, pred,
+           r->pick    ? "<- pick"
+           : baseline ? "(baseline; never used)"
+                      : "");
+  }
+}
+
 static int bench_dtype(const bench_opts *o, moe_dtype dt, int *done,
                        int total) {
   const cli_preset *p = o->preset;
@@ -345,18 +417,7 @@ static int bench_dtype(const bench_opts *o, moe_dtype dt, int *done,
                 rows_out[li][m][0].reason);
         continue;
       }
-      size_t ws, sv;
-      moe_layer_plan_sizes(plan, s.T, &ws, &sv);
-      if (ws > b.ws_bytes) {
-        free(b.ws);
-        b.ws = xalloc(ws);
-        b.ws_bytes = ws;
-      }
-      if (sv > b.saved_bytes) {
-        free(b.saved);
-        b.saved = xalloc(sv);
-        b.saved_bytes = sv;
-      }
+      bench_fit(plan, s.T, &b);
       for (int bw = 0; bw < 2 && rc == CLI_OK; bw++) {
         bench_row *row = &rows_out[li][m][bw];
         row->method = bench_method_names[m];
@@ -393,11 +454,22 @@ static int bench_dtype(const bench_opts *o, moe_dtype dt, int *done,
         double c = 0, m = 0;
         if (moe_layer_plan_floor(fp, bw, &c, &m) == MOE_SUCCESS) {
           floor_ms[bw] = c > m ? c : m;
+          double pass = bw ? 3.0 : 1.0;
           if (!o->json)
-            printf("floor %-7s: compute %.3g ms (FLOPs / peak), memory %.3g "
-                   "ms (weight bytes / bandwidth) -> %.3g ms\n",
-                   bw ? "fwd+bwd" : "fwd", c, m, floor_ms[bw]);
+            printf("floor %-7s: compute %.3g ms (FLOPs / peak %.0f GFLOP/s), "
+                   "memory %.3g ms (weight bytes / bandwidth %.1f GB/s) -> "
+                   "%.3g ms\n",
+                   bw ? "fwd+bwd" : "fwd", c,
+                   c > 0 ? pass * flops_fwd / (c * 1e6) : 0.0, m,
+                   m > 0 ? pass * wbytes / (m * 1e6) : 0.0, floor_ms[bw]);
         }
+      }
+      /* Where the peak and bandwidth came from (the plan's "machine:"
+         line): calibrated, measured now, or a built-in row, named. */
+      const char *fc = strstr(moe_layer_plan_explain(fp), "floor constants: ");
+      if (fc && !o->json) {
+        const char *end = strchr(fc, '\n');
+        printf("%.*s\n", end ? (int)(end - fc) : (int)strlen(fc), fc);
       }
       moe_layer_plan_destroy(fp);
     }
@@ -408,63 +480,11 @@ static int bench_dtype(const bench_opts *o, moe_dtype dt, int *done,
            "GB_moved", "x_floor", "predicted_ms", "planner");
   for (int li = 0; li < o->nlayouts && rc == CLI_OK; li++)
     for (int bw = 0; bw < 2; bw++)
-      for (int m = 0; m < B_NMETHODS; m++) {
-        if (!bench_method_applies(m, dt)) continue;
-        bench_row *r = &rows_out[li][m][bw];
-        double flops = flops_fwd * (bw ? 3.0 : 1.0);
-        double bytes = wbytes * (bw ? 3.0 : 1.0);
-        if (r->na && o->json) {
-          printf("{\"preset\":\"%s\",\"tokens\":%lld,\"dtype\":\"%s\","
-                 "\"layout\":\"%s\",\"method\":\"%s\",\"pass\":\"%s\","
-                 "\"median_ms\":null,\"min_ms\":null,\"max_ms\":null,"
-                 "\"gflops\":null,\"bytes\":%.0f,\"planner_pick\":false,"
-                 "\"predicted_ms\":null,\"floor_ms\":%.3f,\"threads\":%d,"
-                 "\"baseline\":%s,\"reason\":",
-                 p->name, (long long)s.T, moe_dtype_name(dt),
-                 moe_layout_name(r->layout), r->method, bw ? "fwd+bwd" : "fwd",
-                 bytes, floor_ms[bw], nt,
-                 r->method == bench_method_names[B_COPY] ? "true" : "false");
-          bench_json_string(stdout, r->reason);
-          printf("}\n");
-          continue;
-        }
-        if (r->na) {
-          printf("%-7s %-11s %-8s n/a (%s)\n", moe_layout_name(r->layout),
-                 r->method, bw ? "fwd+bwd" : "fwd", r->reason);
-          continue;
-        }
-        if (o->json) {
-          printf("{\"preset\":\"%s\",\"tokens\":%lld,\"dtype\":\"%s\","
-                 "\"layout\":\"%s\",\"method\":\"%s\",\"pass\":\"%s\","
-                 "\"median_ms\":%.3f,\"min_ms\":%.3f,\"max_ms\":%.3f,"
-                 "\"gflops\":%.2f,\"bytes\":%.0f,\"planner_pick\":%s,"
-                 "\"predicted_ms\":",
-                 p->name, (long long)s.T, moe_dtype_name(dt),
-                 moe_layout_name(r->layout), r->method, bw ? "fwd+bwd" : "fwd",
-                 r->med, r->mn, r->mx, flops / (r->med * 1e6), bytes,
-                 r->pick ? "true" : "false");
-          if (r->predicted >= 0)
-            printf("%.3f,", r->predicted);
-          else
-            printf("null,");
-          printf("\"floor_ms\":%.3f,\"threads\":%d,\"baseline\":%s}\n",
-                 floor_ms[bw], nt,
-                 r->method == bench_method_names[B_COPY] ? "true" : "false");
-        } else {
-          char pred[32] = "-";
-          if (r->predicted >= 0)
-            snprintf(pred, sizeof pred, "%.1f", r->predicted);
-          printf("%-7s %-11s %-8s %10.1f %10.1f %10.1f %9.1f %9.2f %7.2f %12s "
-                 "%s\n",
-                 moe_layout_name(r->layout), r->method, bw ? "fwd+bwd" : "fwd",
-                 r->med, r->mn, r->mx, flops / (r->med * 1e6), bytes / 1e9,
-                 floor_ms[bw] > 0 ? r->med / floor_ms[bw] : 0.0, pred,
-                 r->pick ? "<- pick"
-                 : r->method == bench_method_names[B_COPY]
-                     ? "(baseline; never used)"
-                     : "");
-        }
-      }
+      for (int m = 0; m < B_NMETHODS; m++)
+        if (bench_method_applies(m, dt))
+          bench_print_row(o, &s, &rows_out[li][m][bw],
+                          flops_fwd * (bw ? 3.0 : 1.0),
+                          wbytes * (bw ? 3.0 : 1.0), floor_ms[bw], nt);
   if (rc == CLI_OK && !o->json)
     printf("GFLOP/s counts the expert GEMMs only (6*rows*H*I forward, 3x "
            "that for fwd+bwd); GB_moved is the expert weights read (and dW "
@@ -593,18 +613,7 @@ static int bench_decode(const bench_opts *o) {
           rc = CLI_ERR;
           break;
         }
-        size_t ws, sv;
-        moe_layer_plan_sizes(plan, s.T, &ws, &sv);
-        if (ws > b.ws_bytes) {
-          free(b.ws);
-          b.ws = xalloc(ws);
-          b.ws_bytes = ws;
-        }
-        if (sv > b.saved_bytes) {
-          free(b.saved);
-          b.saved = xalloc(sv);
-          b.saved_bytes = sv;
-        }
+        bench_fit(plan, s.T, &b);
         moe_layer_bwd_args a;
         make_args(&s, &b, b.gu, b.down, NULL, NULL, layout, &a);
         int64_t reps = o->reps < 5 ? 5 : o->reps;

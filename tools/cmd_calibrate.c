@@ -14,15 +14,14 @@
 ///  - the cost of one tiny library GEMM call in the per-expert loop, and
 ///    the fixed cost of a grouped call (per call and per expert);
 ///  - the sustained GFLOP/s of the grouped and loop methods, f32 and bf16,
-///    forward (weight-streaming) and dW (weight-writing), on a grouped
+///    forward and dX (weight-streaming) and dW (weight-writing), on a grouped
 ///    problem whose weights do not fit in cache, at several rows per
 ///    expert, and again on small weights that stay in cache. The planner
 ///    interpolates these tables.
-/// Everything goes through the public API except the peak loops, which
-/// are compiled for their ISA with target attributes and run only where
-/// the CPU (and OS) supports it.
+/// Everything goes through the public API except the peak loops
+/// (src/plan/peak_<isa>.c, shared with the library's probe and
+/// bench_ukernel), which run only where the CPU (and OS) supports them.
 #include <errno.h>
-#include <immintrin.h>
 #include <math.h>
 #include <stdarg.h>
 #include <omp.h>
@@ -32,6 +31,7 @@
 #include <time.h>
 
 #include "cli.h"
+#include "peak.h"
 
 /// Entry point, called from moe.c.
 int cmd_calibrate(int argc, char **argv);
@@ -85,139 +85,30 @@ static int cal_cmp(const void *a, const void *b) {
 
 /* ---- register-only peaks ------------------------------------------------ */
 
-/// 24 independent FMA chains accumulating into c (the form the kernels
-/// use); returns a value so nothing is optimised out.
-__attribute__((target("avx512f,fma"))) static float cal_fma(long iters) {
-  __m512 c[24], a = _mm512_set1_ps(1.0000001f), b = _mm512_set1_ps(0.9999999f);
-#pragma GCC unroll 24
-  for (int i = 0; i < 24; i++)
-    c[i] = _mm512_set1_ps((float)i);
-  for (long n = 0; n < iters; n++)
-#pragma GCC unroll 24
-    for (int i = 0; i < 24; i++)
-      c[i] = _mm512_fmadd_ps(a, b, c[i]);
-  __m512 s = c[0];
-#pragma GCC unroll 24
-  for (int i = 1; i < 24; i++)
-    s = _mm512_add_ps(s, c[i]);
-  return _mm512_reduce_add_ps(s);
-}
-
-__attribute__((target("avx512f,avx512bf16"))) static float
-cal_dpbf16(long iters) {
-  __m512 c[24];
-  __m512bh a = (__m512bh)_mm512_set1_epi32(0x3f803f80),
-           b = (__m512bh)_mm512_set1_epi32(0x3f803f80);
-  /* Distinct starting values: identical chains would be merged. */
-#pragma GCC unroll 24
-  for (int i = 0; i < 24; i++)
-    c[i] = _mm512_set1_ps((float)i);
-  for (long n = 0; n < iters; n++)
-#pragma GCC unroll 24
-    for (int i = 0; i < 24; i++)
-      c[i] = _mm512_dpbf16_ps(c[i], a, b);
-  __m512 s = c[0];
-#pragma GCC unroll 24
-  for (int i = 1; i < 24; i++)
-    s = _mm512_add_ps(s, c[i]);
-  return _mm512_reduce_add_ps(s);
-}
-
-/// Four independent tdpbf16ps chains on resident 16 x 16 tiles (16,384
-/// FLOP each), the AMX-BF16 kernel's accumulator count. Runs only at the
-/// amx level, where the library has been granted tile data (dispatch.c).
-__attribute__((target("amx-tile,amx-bf16,avx512f"))) static float
-cal_amx(long iters) {
-  struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-  } cfg __attribute__((aligned(64)));
-  memset(&cfg, 0, sizeof cfg);
-  cfg.palette = 1;
-  for (int t = 0; t < 8; t++) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  /* GCC 12 does not see ldtilecfg read memory: keep the stores. */
-  __asm__ volatile("" : : "r"(&cfg) : "memory");
-  _tile_loadconfig(&cfg);
-  uint16_t ab[16 * 32] __attribute__((aligned(64)));
-  float out[16 * 16] __attribute__((aligned(64)));
-  for (int i = 0; i < 16 * 32; i++)
-    ab[i] = 0x3c00; /* 2^-7: the sums stay finite */
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  _tile_loadd(4, ab, 64);
-  _tile_loadd(5, ab, 64);
-  _tile_loadd(6, ab, 64);
-  _tile_loadd(7, ab, 64);
-  for (long n = 0; n < iters; n++) {
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
-  }
-  _tile_stored(0, out, 64);
-  _tile_release();
-  return out[0];
-}
-
-/// 12 independent AVX2 FMA chains (the AVX2 kernel's accumulator count).
-__attribute__((target("avx2,fma"))) static float cal_fma_avx2(long iters) {
-  __m256 c[12], a = _mm256_set1_ps(1.0000001f), b = _mm256_set1_ps(0.9999999f);
-#pragma GCC unroll 12
-  for (int i = 0; i < 12; i++)
-    c[i] = _mm256_set1_ps((float)i);
-  for (long n = 0; n < iters; n++)
-#pragma GCC unroll 12
-    for (int i = 0; i < 12; i++)
-      c[i] = _mm256_fmadd_ps(a, b, c[i]);
-  __m256 s = c[0];
-#pragma GCC unroll 12
-  for (int i = 1; i < 12; i++)
-    s = _mm256_add_ps(s, c[i]);
-  float o[8];
-  _mm256_storeu_ps(o, s);
-  return o[0] + o[7];
-}
-
-/// GFLOP/s of `which` (0 FMA, 1 bf16 dot) on nt threads at the ISA level
-/// in use (avx512*: AVX-512 FMA and vdpbf16ps; amx: AVX-512 FMA and AMX
-/// tdpbf16ps; avx2 and ref: AVX2 FMA
-/// where the CPU has it, for both dtypes since bf16 is widened); 0 if
-/// the CPU has neither.
-static double cal_peak(int which, int nt) {
-  __builtin_cpu_init();
-  const char *isa = moe_cpu_isa();
-  bool wide = strncmp(isa, "avx512", 6) == 0 || strcmp(isa, "amx") == 0;
-  bool dot = strcmp(isa, "avx512_bf16") == 0 || strcmp(isa, "amx") == 0;
-  if (wide && !__builtin_cpu_supports("avx512f")) return 0.0;
-  if (!wide &&
-      !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")))
-    return 0.0;
-  if (which == 1 && !dot) which = 0; /* bf16 is widened to f32 */
-  bool amx = which == 1 && strcmp(isa, "amx") == 0;
-  long iters = amx ? 400000 : 20000000;
-  double flops_per_iter = amx    ? 4.0 * 16384.0
-                          : wide ? 24.0 * (which ? 64.0 : 32.0)
-                                 : 12.0 * 16.0,
-         best = 0.0;
+/// GFLOP/s of the f32 (`bf16` false) or bf16 peak instruction of the ISA
+/// level in use (src/plan/peak.h: AVX-512 FMA, vdpbf16ps, tdpbf16ps; AVX2
+/// FMA at avx2 and ref, where bf16 is widened to f32) on nt threads, each
+/// running the register-only loop; best of three. 0 if the CPU has none.
+static double cal_peak(bool bf16, int nt) {
+  moe_peak_kind k = moe_peak_of_isa(moe_cpu_isa(), bf16);
+  if (k == MOE_PEAK_NONE) return 0.0;
+  /* About 0.3 s per run at this host's rates: long enough to swamp the
+     parallel region's start and the wide units' warm-up. */
+  long iters = k == MOE_PEAK_AMX_BF16 ? 400000 : 20000000;
+  double best = 0.0;
   volatile float sink = 0;
   for (int rep = 0; rep < 3; rep++) {
     double t0 = cal_now();
 #pragma omp parallel num_threads(nt)
     {
-      float v = !wide   ? cal_fma_avx2(iters)
-                : amx   ? cal_amx(iters)
-                : which ? cal_dpbf16(iters)
-                        : cal_fma(iters);
+      float v = moe_peak_run(k, iters);
 #pragma omp atomic
       sink += v;
     }
-    double g = flops_per_iter * (double)iters * nt / (cal_now() - t0) / 1e9;
+    double dt = cal_now() - t0;
+    double g = dt > 0
+                   ? moe_peak_flops_per_iter(k) * (double)iters * nt / dt / 1e9
+                   : 0.0;
     if (g > best) best = g;
   }
   (void)sink;
@@ -258,8 +149,14 @@ typedef struct cal_bufs {
   int64_t E, K, N, R;
 } cal_bufs;
 
+/// Threads of the run (--threads): the fills use them too. With more,
+/// the extra OpenMP workers spin for a while after each fill, and under
+/// --cpu-time that spinning was counted in the tiny calls timed right
+/// after it (a loop call measured 0.9 us instead of 0.4).
+static int cal_nt = 1;
+
 static void cal_fill(void *p, moe_dtype t, size_t n) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(cal_nt)
   for (size_t i = 0; i < n; i++) {
     float v = (float)((i * 2654435761u) >> 20 & 1023) / 1024.0f - 0.5f;
     if (t == MOE_F32) {
@@ -272,6 +169,12 @@ static void cal_fill(void *p, moe_dtype t, size_t n) {
   }
 }
 
+/// `bytes` on a 64-byte boundary (rounded up to a multiple of 64, as
+/// aligned_alloc requires); NULL when out of memory.
+static void *cal_alloc(size_t bytes) {
+  return aligned_alloc(64, (bytes + 63) / 64 * 64);
+}
+
 /// Why the last cal_time returned CAL_NA.
 static char cal_na_reason[512];
 /// cal_time's answer for a method that cannot run here (MOE_ERR_UNIMPLEMENTED
@@ -279,9 +182,9 @@ static char cal_na_reason[512];
 /// CPU): recorded as unavailable, not a failure.
 #define CAL_NA (-2.0)
 
-/// Median seconds of one call (after a warm-up) of the forward (kind 0) or
-/// dW (kind 1) on E groups of `rows` rows; CAL_NA if the method cannot run
-/// here, -1 on failure.
+/// Median seconds of one call (after a warm-up) of the forward (kind 0),
+/// dW (kind 1) or dX (kind 2) on E groups of `rows` rows; CAL_NA if the method
+/// cannot run here, -1 on failure.
 static double cal_time(cal_bufs *b, moe_dtype dt, moe_gmm_method m, int kind,
                        int64_t rows, int nt, int reps) {
   int64_t E = b->E, K = b->K, N = b->N, R = E * rows;
@@ -290,7 +193,7 @@ static double cal_time(cal_bufs *b, moe_dtype dt, moe_gmm_method m, int kind,
   int64_t xs[2] = {R, K}, ys[2] = {R, N}, ws[3] = {E, N, K}, os[1] = {E + 1};
   moe_tensor x = moe_tensor_make(b->x, dt, 2, xs);
   moe_tensor y = moe_tensor_make(b->y, dt, 2, ys);
-  moe_tensor w = moe_tensor_make(kind ? b->dw : b->w, dt, 3, ws);
+  moe_tensor w = moe_tensor_make(kind == 1 ? b->dw : b->w, dt, 3, ws);
   moe_tensor off = moe_tensor_make(b->off, MOE_I64, 1, os);
   moe_exec_options o;
   memset(&o, 0, sizeof o);
@@ -300,8 +203,9 @@ static double cal_time(cal_bufs *b, moe_dtype dt, moe_gmm_method m, int kind,
   if (reps > 15) reps = 15;
   for (int r = 0; r <= reps; r++) {
     double t0 = cal_now();
-    moe_status s = kind ? moe_grouped_gemm_dw(&x, &y, &off, &w, &o)
-                        : moe_grouped_gemm(&x, &w, &off, &y, &o);
+    moe_status s = kind == 1   ? moe_grouped_gemm_dw(&x, &y, &off, &w, &o)
+                   : kind == 2 ? moe_grouped_gemm_dx(&y, &w, &off, &x, &o)
+                               : moe_grouped_gemm(&x, &w, &off, &y, &o);
     t[r] = cal_now() - t0;
     if (s == MOE_ERR_UNIMPLEMENTED && r == 0) {
       snprintf(cal_na_reason, sizeof cal_na_reason, "%s", moe_last_error());
@@ -350,6 +254,51 @@ static void cal_append(char *buf, size_t cap, const char *fmt, ...) {
   va_start(ap, fmt);
   vsnprintf(buf + len, cap - len, fmt, ap);
   va_end(ap);
+}
+
+/// The first quantity that came out 0, negative or not finite.
+typedef struct cal_bad {
+  char what[96];
+  double value;
+} cal_bad;
+
+/// MOE_CALIBRATE_TEST_ZERO=<key> (tests/cli/test_calibrate.py only) turns
+/// that measured quantity into 0, to check the refusal below.
+static double cal_test_zero(const char *key, double v) {
+  const char *z = getenv("MOE_CALIBRATE_TEST_ZERO");
+  return z && !strcmp(z, key) ? 0.0 : v;
+}
+
+/// Records `what` in *bad unless `v` is a positive finite number.
+static void cal_check(const char *what, double v, cal_bad *bad) {
+  if (bad->what[0] || (v > 0 && isfinite(v))) return;
+  snprintf(bad->what, sizeof bad->what, "%s", what);
+  bad->value = v;
+}
+
+/// Appends `"key": v` with four significant digits: "%.1f" printed a slow
+/// sample of 0.03 GFLOP/s (a call that waited for a descheduled OpenMP
+/// thread) as 0.0, which the library reads as "not measured".
+static void cal_put(char *json, size_t cap, const char *key, double v,
+                    cal_bad *bad) {
+  v = cal_test_zero(key, v);
+  cal_check(key, v, bad);
+  cal_append(json, cap, ",\n  \"%s\": %.4g", key, v);
+}
+
+/// Appends `"key": [r0, ...]`, each rate checked as cal_put does.
+static void cal_put_rates(char *json, size_t cap, const char *key,
+                          const double *r, cal_bad *bad) {
+  cal_append(json, cap, ",\n  \"%s\": [", key);
+  for (int i = 0; i < CAL_NPTS; i++) {
+    char what[96];
+    snprintf(what, sizeof what, "%s at %lld rows/expert", key,
+             (long long)cal_rows[i]);
+    double v = cal_test_zero(key, r[i]);
+    cal_check(what, v, bad);
+    cal_append(json, cap, "%s%.4g", i ? ", " : "", v);
+  }
+  cal_append(json, cap, "]");
 }
 
 /// The CPU name with anything a JSON string cannot hold as is replaced.
@@ -412,11 +361,12 @@ int cmd_calibrate(int argc, char **argv) {
     return CLI_USAGE;
   }
   cal_cpu_time = o.cpu_time;
+  cal_nt = nt;
   int reps = o.quick ? 1 : 3;
 
   printf("moe calibrate: %d threads, isa %s, %s, writing %s\n", nt,
          moe_cpu_isa(), moe_cpu_name(), path);
-  double pf = cal_peak(0, nt), pb = cal_peak(1, nt);
+  double pf = cal_peak(false, nt), pb = cal_peak(true, nt);
   printf("  peak f32 FMA        %8.1f GFLOP/s%s\n", pf,
          pf > 0 ? "" : " (no AVX2/AVX-512)");
   printf("  peak bf16           %8.1f GFLOP/s%s\n", pb,
@@ -433,10 +383,15 @@ int cmd_calibrate(int argc, char **argv) {
   b.R = b.E * cal_rows[CAL_NPTS - 1];
   size_t nx = (size_t)(b.R * b.K), ny = (size_t)(b.R * b.N),
          nw = (size_t)(b.E * b.N * b.K);
-  b.x = malloc(nx * 4);
-  b.y = malloc(ny * 4);
-  b.w = malloc(nw * 4);
-  b.dw = malloc(nw * 4);
+  /* 64-byte aligned, as torch's allocator and `moe bench` give: glibc's
+     malloc of a large block returns 16 bytes past a page, which puts every
+     weight row off its cache lines; the AMX dW's non-temporal row stores
+     then ran at half the rate a layer sees (126 against 255 GFLOP/s at 32
+     rows per expert, bench_gemm_cpu on the same shapes). */
+  b.x = cal_alloc(nx * 4);
+  b.y = cal_alloc(ny * 4);
+  b.w = cal_alloc(nw * 4);
+  b.dw = cal_alloc(nw * 4);
   b.off = malloc(sizeof(int64_t) * 33); /* up to 32 experts */
   if (!b.x || !b.y || !b.w || !b.dw || !b.off) {
     fprintf(stderr, "moe calibrate: out of memory\n");
@@ -464,7 +419,11 @@ int cmd_calibrate(int argc, char **argv) {
       printf("  loop call, %-4s     n/a (%s)\n", moe_dtype_name(dt), na[1][d]);
       continue;
     }
-    call_us[d] = s > 0 ? s / (double)t.E * 1e6 : 0;
+    if (s <= 0) { /* cal_time said why */
+      free(b.x), free(b.y), free(b.w), free(b.dw), free(b.off);
+      return CLI_ERR;
+    }
+    call_us[d] = s / (double)t.E * 1e6;
     printf("  loop call, %-4s     %8.2f us (one %lldx%lldx%lld GEMM)\n",
            moe_dtype_name(dt), call_us[d], 1LL, (long long)t.N, (long long)t.K);
   }
@@ -498,11 +457,20 @@ int cmd_calibrate(int argc, char **argv) {
     printf("  grouped call, %-4s  %8.2f us + %.2f us per expert (1x32x32 "
            "per expert)\n",
            moe_dtype_name(dt), gcall_us[d], gexp_us[d]);
+    /* Tens of microseconds when the cores are free; milliseconds when
+       another job holds one and an OpenMP thread waits for its turn. */
+    if (gcall_us[d] > 1000.0)
+      printf("  note: a tiny grouped call took %.1f ms: another job holds a "
+             "core and the threads wait for it, so every number here is low; "
+             "rerun on a quiet machine, or with --threads 1 --cpu-time\n",
+             gcall_us[d] * 1e-3);
   }
 
   static const char *mnames[2] = {"grouped", "loop"},
-                    *knames[2] = {"fwd", "dw"};
-  double rate[2][2][2][CAL_NPTS];
+                    *knames[3] = {"fwd", "dw", "dx"};
+  /* Kinds: forward and dX stream the weight (dX reads it transposed,
+     which the kernels do at another rate), dW writes it. */
+  double rate[2][2][3][CAL_NPTS];
   memset(rate, 0, sizeof rate);
   int rc = CLI_OK;
   for (int d = 0; d < 2 && rc == CLI_OK; d++) {
@@ -510,7 +478,7 @@ int cmd_calibrate(int argc, char **argv) {
     cal_fill(b.x, dt, nx);
     cal_fill(b.y, dt, ny);
     cal_fill(b.w, dt, nw);
-    for (int k = 0; k < 2 && rc == CLI_OK; k++)
+    for (int k = 0; k < 3 && rc == CLI_OK; k++)
       for (int m = 0; m < 2 && rc == CLI_OK; m++) {
         printf("  %-7s %-4s %-3s GFLOP/s at rows/expert", mnames[m],
                moe_dtype_name(dt), knames[k]);
@@ -552,6 +520,12 @@ int cmd_calibrate(int argc, char **argv) {
     t.E = 8;
     t.K = 64;
     t.N = 64;
+    /* Values of this dtype: the buffers still hold the last large loop's
+       (bf16), which read as f32 include subnormals. */
+    size_t rows = (size_t)(t.E * cal_rows[CAL_NPTS - 1]);
+    cal_fill(b.x, dt, rows * (size_t)t.K);
+    cal_fill(b.y, dt, rows * (size_t)t.N);
+    cal_fill(b.w, dt, (size_t)(t.E * t.K * t.N));
     for (int k = 0; k < 2 && rc == CLI_OK; k++)
       for (int m = 0; m < 2 && rc == CLI_OK; m++) {
         if (na[m][d][0]) continue;
@@ -579,38 +553,48 @@ int cmd_calibrate(int argc, char **argv) {
   free(b.x), free(b.y), free(b.w), free(b.dw), free(b.off);
   if (rc != CLI_OK) return rc;
 
+  /* Every number goes through cal_put, which refuses a quantity that is
+     not a positive finite number: such a file would be read as "not
+     measured" in part (a small-weight table) or rejected whole (a
+     large-weight table), silently. Methods that cannot run here are
+     written as unavailable, with their reason and no rates. */
   char json[8192] = "";
+  cal_bad bad = {"", 0.0};
   cal_append(json, sizeof json,
              "{\n  \"libmoe_machine\": 2,\n  \"isa\": \"%s\",\n"
-             "  \"cpu\": \"%s\",\n  \"threads\": %d,\n"
-             "  \"bandwidth_gbs\": %.1f,\n  \"peak_gflops_f32\": %.1f,\n"
-             "  \"peak_gflops_bf16\": %.1f,\n  \"call_us_f32\": %.2f,\n"
-             "  \"call_us_bf16\": %.2f,\n  \"grouped_call_us_f32\": %.2f,\n"
-             "  \"grouped_call_us_bf16\": %.2f,\n"
-             "  \"grouped_expert_us_f32\": %.3f,\n"
-             "  \"grouped_expert_us_bf16\": %.3f,\n  \"rows_at\": [",
-             moe_cpu_isa(), cal_json_safe(moe_cpu_name()), nt, bw, pf, pb,
-             call_us[0], call_us[1], gcall_us[0], gcall_us[1], gexp_us[0],
-             gexp_us[1]);
+             "  \"cpu\": \"%s\",\n  \"threads\": %d",
+             moe_cpu_isa(), cal_json_safe(moe_cpu_name()), nt);
+  cal_put(json, sizeof json, "bandwidth_gbs", bw, &bad);
+  /* No peak loop at this level on this CPU: no key, and the library says
+     where the floor's peak came from instead. */
+  if (pf > 0 || pb > 0) {
+    cal_put(json, sizeof json, "peak_gflops_f32", pf, &bad);
+    cal_put(json, sizeof json, "peak_gflops_bf16", pb, &bad);
+  }
+  for (int d = 0; d < 2; d++)
+    if (!na[1][d][0])
+      cal_put(json, sizeof json, d ? "call_us_bf16" : "call_us_f32", call_us[d],
+              &bad);
+  cal_put(json, sizeof json, "grouped_call_us_f32", gcall_us[0], &bad);
+  cal_put(json, sizeof json, "grouped_call_us_bf16", gcall_us[1], &bad);
+  cal_put(json, sizeof json, "grouped_expert_us_f32", gexp_us[0], &bad);
+  cal_put(json, sizeof json, "grouped_expert_us_bf16", gexp_us[1], &bad);
+  cal_append(json, sizeof json, ",\n  \"rows_at\": [");
   for (int i = 0; i < CAL_NPTS; i++)
     cal_append(json, sizeof json, "%s%lld", i ? ", " : "",
                (long long)cal_rows[i]);
   cal_append(json, sizeof json, "]");
   for (int m = 0; m < 2; m++)
     for (int d = 0; d < 2; d++)
-      for (int k = 0; k < 2; k++) {
-        cal_append(json, sizeof json, ",\n  \"%s_%s_%s\": [", mnames[m],
-                   d ? "bf16" : "f32", knames[k]);
-        for (int i = 0; i < CAL_NPTS; i++)
-          cal_append(json, sizeof json, "%s%.1f", i ? ", " : "",
-                     rate[m][d][k][i]);
-        cal_append(json, sizeof json, "]");
-        cal_append(json, sizeof json, ",\n  \"%s_%s_%s_small\": [", mnames[m],
-                   d ? "bf16" : "f32", knames[k]);
-        for (int i = 0; i < CAL_NPTS; i++)
-          cal_append(json, sizeof json, "%s%.1f", i ? ", " : "",
-                     small[m][d][k][i]);
-        cal_append(json, sizeof json, "]");
+      for (int k = 0; k < 3; k++) {
+        if (na[m][d][0]) continue;
+        for (int sm = 0; sm < (k < 2 ? 2 : 1); sm++) { /* no small dX */
+          char key[48];
+          snprintf(key, sizeof key, "%s_%s_%s%s", mnames[m], d ? "bf16" : "f32",
+                   knames[k], sm ? "_small" : "");
+          cal_put_rates(json, sizeof json, key,
+                        sm ? small[m][d][k] : rate[m][d][k], &bad);
+        }
       }
   for (int m = 0; m < 2; m++)
     for (int d = 0; d < 2; d++)
@@ -624,6 +608,15 @@ int cmd_calibrate(int argc, char **argv) {
         cal_append(json, sizeof json, "\"");
       }
   cal_append(json, sizeof json, "\n}\n");
+  if (bad.what[0]) {
+    fprintf(stderr,
+            "moe calibrate: %s came out %g, not a positive finite number: "
+            "refusing to write %s (the library would read the table as not "
+            "measured). Rerun on a quiet machine, or with --threads 1 "
+            "--cpu-time.\n",
+            bad.what, bad.value, path);
+    return CLI_ERR;
+  }
   rc = cal_write(path, json);
   if (rc == CLI_OK)
     printf("wrote %s (the library reads it at isa %s on this CPU when "

@@ -10,10 +10,16 @@
 /// error. `source` says which constants were used and why (the first line
 /// of `moe plan --explain`'s "machine:").
 #include <cjson/cJSON.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
 
 #include "core/env.h"
+#include "plan/peak.h"
 #include "plan/planner.h"
 
 static moe_machine moe_machine_value;
@@ -35,9 +41,18 @@ static int moe_machine_ready;
 /// level (issue 8)" and issue 20's section, has the runs.
 static const struct moe_machine_builtin {
   const char *isa;
+  /// The CPU the row was measured on: CPUID vendor, family and model
+  /// (model -1: not recorded, matches no CPU) and its name in words.
+  const char *vendor;
+  int family, model;
+  const char *cpu;
   moe_machine m;
 } moe_machine_builtins[] = {
     {"ref",
+     "AuthenticAMD",
+     25,
+     -1,
+     "AMD EPYC Zen 4 VM",
      {
          .rows_at = {2, 8, 32, 128, 512},
          .gflops =
@@ -68,6 +83,10 @@ static const struct moe_machine_builtin {
                    "no loop bf16",
      }},
     {"avx2",
+     "AuthenticAMD",
+     25,
+     -1,
+     "AMD EPYC Zen 4 VM",
      {
          .rows_at = {2, 8, 32, 128, 512},
          .gflops =
@@ -98,6 +117,10 @@ static const struct moe_machine_builtin {
              "OPENBLAS_CORETYPE=Haswell, Zen 4 VM, 2026-12-02, mean of 2 runs",
      }},
     {"avx512",
+     "AuthenticAMD",
+     25,
+     -1,
+     "AMD EPYC Zen 4 VM",
      {
          .rows_at = {2, 8, 32, 128, 512},
          .gflops =
@@ -128,6 +151,10 @@ static const struct moe_machine_builtin {
                    "MOE_MAX_CPU_ISA=avx512, Zen 4 VM, 2026-12-02",
      }},
     {"avx512_bf16",
+     "AuthenticAMD",
+     25,
+     -1,
+     "AMD EPYC Zen 4 VM",
      {
          .rows_at = {2, 8, 32, 128, 512},
          .gflops =
@@ -159,6 +186,10 @@ static const struct moe_machine_builtin {
                    "--threads 1 --cpu-time 2026-12-02, scaled to 2",
      }},
     {"amx",
+     "GenuineIntel",
+     6,
+     167,
+     "Intel Xeon with AMX (family 6 model 167, KVM guest)",
      {
          .rows_at = {2, 8, 32, 128, 512},
          .gflops =
@@ -197,12 +228,139 @@ enum {
   MOE_NBUILTIN = sizeof moe_machine_builtins / sizeof moe_machine_builtins[0]
 };
 
+/// The built-in row of `isa` (the reference's when unknown).
+static const struct moe_machine_builtin *moe_machine_row(const char *isa) {
+  const struct moe_machine_builtin *r = &moe_machine_builtins[0];
+  for (int i = 0; i < MOE_NBUILTIN; i++)
+    if (!strcmp(moe_machine_builtins[i].isa, isa)) r = &moe_machine_builtins[i];
+  return r;
+}
+
 /// The built-in constants of `isa` (the reference's when unknown).
 static void moe_machine_builtin(const char *isa, moe_machine *m) {
-  *m = moe_machine_builtins[0].m;
-  for (int i = 0; i < MOE_NBUILTIN; i++)
-    if (!strcmp(moe_machine_builtins[i].isa, isa))
-      *m = moe_machine_builtins[i].m;
+  *m = moe_machine_row(isa)->m;
+}
+
+/// This CPU's CPUID vendor string and display family and model.
+static void moe_machine_cpuid(char vendor[13], int *family, int *model) {
+  memset(vendor, 0, 13);
+  *family = *model = -1;
+#if defined(__x86_64__)
+  unsigned a, b, c, d;
+  if (!__get_cpuid(0, &a, &b, &c, &d)) return;
+  memcpy(vendor, &b, 4);
+  memcpy(vendor + 4, &d, 4);
+  memcpy(vendor + 8, &c, 4);
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return;
+  int fam = (int)((a >> 8) & 0xf), mod = (int)((a >> 4) & 0xf);
+  if (fam == 0xf) fam += (int)((a >> 20) & 0xff);
+  if (fam == 0x6 || fam >= 0xf) mod |= (int)((a >> 16) & 0xf) << 4;
+  *family = fam;
+  *model = mod;
+#endif
+}
+
+/// One thread's peaks, GFLOP/s [f32, bf16], of the ISA level `isa`,
+/// measured once per process and level (a few milliseconds each: the
+/// register-only loops of peak.h). 0 where the CPU has no such loop.
+static void moe_machine_probe(const char *isa, double out[2]) {
+  static struct {
+    char isa[16];
+    double g[2];
+  } cache[8];
+  static int ncache;
+#pragma omp critical(moe_machine_probe)
+  {
+    int i = 0;
+    while (i < ncache && strcmp(cache[i].isa, isa) != 0)
+      i++;
+    if (i == ncache && ncache < 8) {
+      snprintf(cache[i].isa, sizeof cache[i].isa, "%s", isa);
+      moe_peak_kind kf = moe_peak_of_isa(isa, false),
+                    kb = moe_peak_of_isa(isa, true);
+      /* 3 runs of 2 ms: best of three survives one preemption. */
+      cache[i].g[0] = moe_peak_probe(kf, 0.002, 3);
+      cache[i].g[1] = kb == kf ? cache[i].g[0] : moe_peak_probe(kb, 0.002, 3);
+      ncache++;
+    }
+    out[0] = i < ncache ? cache[i].g[0] : 0.0;
+    out[1] = i < ncache ? cache[i].g[1] : 0.0;
+  }
+}
+
+/// Appends a clause to m->floor_source, "; "-separated.
+static void moe_floor_say(moe_machine *m, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+static void moe_floor_say(moe_machine *m, const char *fmt, ...) {
+  size_t n = strlen(m->floor_source);
+  if (n && n + 2 < sizeof m->floor_source) {
+    memcpy(m->floor_source + n, "; ", 3);
+    n += 2;
+  }
+  if (n + 1 >= sizeof m->floor_source) return;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(m->floor_source + n, sizeof m->floor_source - n, fmt, ap);
+  va_end(ap);
+}
+
+/// The floor's peak when no calibration of this machine gave it: measured
+/// now, in this process, at the level in use; the level's built-in row
+/// only where the CPU has no peak loop (said, with the row's CPU).
+static void moe_machine_floor_peak(moe_machine *m, const char *isa,
+                                   const char *vendor) {
+  const struct moe_machine_builtin *row = moe_machine_row(isa);
+  double g[2];
+  moe_machine_probe(isa, g);
+  if (g[0] > 0 && g[1] > 0) {
+    /* The rows hold rates for m->threads threads; peaks scale with cores. */
+    int th = m->threads > 0 ? m->threads : 1;
+    m->peak_gflops[0] = g[0] * th;
+    m->peak_gflops[1] = g[1] * th;
+    moe_floor_say(m,
+                  "peak measured now (%s for f32, %s for bf16: register-only "
+                  "loops, 1 thread, in this process)",
+                  moe_peak_name(moe_peak_of_isa(isa, false)),
+                  moe_peak_name(moe_peak_of_isa(isa, true)));
+  } else {
+    m->peak_gflops[0] = row->m.peak_gflops[0];
+    m->peak_gflops[1] = row->m.peak_gflops[1];
+    moe_floor_say(m,
+                  "peak built-in (isa %s row, measured on %s%s; this CPU has "
+                  "no peak loop at this level)",
+                  row->isa, row->cpu,
+                  strcmp(row->vendor, vendor) ? ", another vendor" : "");
+  }
+}
+
+/// The floor's bandwidth when no calibration of this machine gave it: a
+/// built-in row measured on this CPU model if one is (any level: the
+/// bandwidth is the machine's), else the level's row, said to be another
+/// CPU's. No numbers in the words: the explanation stays the same across
+/// runs.
+static void moe_machine_floor_bandwidth(moe_machine *m, const char *isa,
+                                        const char *vendor, int fam, int mod) {
+  const struct moe_machine_builtin *row = moe_machine_row(isa), *same = NULL;
+  for (int i = 0; i < MOE_NBUILTIN && !same; i++) {
+    const struct moe_machine_builtin *r = &moe_machine_builtins[i];
+    if (!strcmp(r->vendor, vendor) && r->family == fam && r->model == mod)
+      same = r;
+  }
+  const struct moe_machine_builtin *use = same ? same : row;
+  int th = use->m.threads > 0 ? use->m.threads : 1;
+  m->bandwidth_gbs = use->m.bandwidth_gbs * (double)m->threads / th;
+  if (same)
+    moe_floor_say(m,
+                  "bandwidth built-in (isa %s row, measured on this CPU "
+                  "model: %s family %d model %d)",
+                  same->isa, vendor, fam, mod);
+  else
+    moe_floor_say(m,
+                  "bandwidth built-in (isa %s row, measured on %s, not this "
+                  "CPU%s: %s family %d model %d; moe calibrate measures it)",
+                  row->isa, row->cpu,
+                  strcmp(row->vendor, vendor) ? " nor its vendor" : "", vendor,
+                  fam, mod);
 }
 
 static void moe_json_array(const cJSON *o, const char *key, double *dst, int n,
@@ -295,11 +453,26 @@ static void moe_machine_load(const moe_machine *base, const char *path,
         else
           memset(t.gflops_small[a][b][c], 0, sizeof v);
       }
+  /* dX's own rates: optional (older files lack them; 0 = the forward's). */
+  memset(t.gflops_dx, 0, sizeof t.gflops_dx);
+  for (int a = 0; a < 2; a++)
+    for (int b = 0; b < 2; b++) {
+      char key[40];
+      snprintf(key, sizeof key, "%s_%s_unavailable", method[a], dtype[b]);
+      if (cJSON_IsString(cJSON_GetObjectItemCaseSensitive(o, key))) continue;
+      snprintf(key, sizeof key, "%s_%s_dx", method[a], dtype[b]);
+      bool xok = true;
+      double v[MOE_MACHINE_NPTS];
+      moe_json_array(o, key, v, MOE_MACHINE_NPTS, &xok);
+      if (xok) memcpy(t.gflops_dx[a][b], v, sizeof v);
+    }
   for (int i = 1; i < MOE_MACHINE_NPTS; i++)
     if (!(t.rows_at[i] > t.rows_at[i - 1])) ok = false;
-  t.bandwidth_gbs = moe_json_num(o, "bandwidth_gbs", t.bandwidth_gbs);
-  t.peak_gflops[0] = moe_json_num(o, "peak_gflops_f32", t.peak_gflops[0]);
-  t.peak_gflops[1] = moe_json_num(o, "peak_gflops_bf16", t.peak_gflops[1]);
+  /* Absent or not positive: 0, and the floor's constants come from
+     elsewhere, said (moe_machine_resolve). */
+  t.bandwidth_gbs = moe_json_num(o, "bandwidth_gbs", 0.0);
+  t.peak_gflops[0] = moe_json_num(o, "peak_gflops_f32", 0.0);
+  t.peak_gflops[1] = moe_json_num(o, "peak_gflops_bf16", 0.0);
   t.call_us[0] = moe_json_num(o, "call_us_f32", t.call_us[0]);
   t.call_us[1] = moe_json_num(o, "call_us_bf16", t.call_us[1]);
   t.grouped_call_us[0] =
@@ -331,7 +504,10 @@ int moe_machine_default_path(char *buf, size_t n) {
   return w > 0 && (size_t)w < n ? 0 : -1;
 }
 
-void moe_machine_resolve(moe_machine *m, const char *isa, const char *cpu) {
+/// The rate tables and fixed costs: the calibration file when it serves,
+/// else the built-in row of `isa`; true when from the file.
+static bool moe_machine_resolve_rates(moe_machine *m, const char *isa,
+                                      const char *cpu) {
   moe_machine_builtin(isa, m);
   snprintf(m->isa, sizeof m->isa, "%.15s", isa);
   char origin[sizeof m->source];
@@ -346,7 +522,7 @@ void moe_machine_resolve(moe_machine *m, const char *isa, const char *cpu) {
                "built-in constants for isa %.16s (%.150s); no calibration file "
                "at %.150s",
                isa, origin, def);
-      return;
+      return false;
     }
     fclose(f);
     path = def;
@@ -356,7 +532,7 @@ void moe_machine_resolve(moe_machine *m, const char *isa, const char *cpu) {
              "built-in constants for isa %.16s (%.150s); no calibration file "
              "(no HOME or XDG_CACHE_HOME)",
              isa, origin);
-    return;
+    return false;
   }
   char why[192];
   moe_machine t;
@@ -367,7 +543,7 @@ void moe_machine_resolve(moe_machine *m, const char *isa, const char *cpu) {
              "%.200s%s%.20s%s ignored: %.190s",
              isa, origin, path, var ? " (" : "", var ? var : "", var ? ")" : "",
              why);
-    return;
+    return false;
   }
   *m = t;
   snprintf(
@@ -376,6 +552,36 @@ void moe_machine_resolve(moe_machine *m, const char *isa, const char *cpu) {
       "(%.60s) with %d threads",
       path, var ? " (" : "", var ? var : "", var ? ")" : "", isa, cpu,
       m->threads);
+  return true;
+}
+
+void moe_machine_resolve(moe_machine *m, const char *isa, const char *cpu) {
+  bool file = moe_machine_resolve_rates(m, isa, cpu);
+  /* The floor's peak and bandwidth (moe bench's floor line): a calibration
+     of this machine at this level gives both; without one, the peak is
+     measured now and the bandwidth is the best built-in row, each said. */
+  char vendor[13];
+  int fam, mod;
+  moe_machine_cpuid(vendor, &fam, &mod);
+  m->floor_source[0] = '\0';
+  if (file && m->peak_gflops[0] > 0 && m->peak_gflops[1] > 0)
+    moe_floor_say(m, "peak calibrated");
+  else
+    moe_machine_floor_peak(m, isa, vendor);
+  if (file && m->bandwidth_gbs > 0)
+    moe_floor_say(m, "bandwidth calibrated");
+  else
+    moe_machine_floor_bandwidth(m, isa, vendor, fam, mod);
+  size_t n = strlen(m->source);
+  const struct moe_machine_builtin *row = moe_machine_row(isa);
+  if (!file &&
+      (strcmp(row->vendor, vendor) || row->family != fam || row->model != mod))
+    n += (size_t)snprintf(m->source + n, sizeof m->source - n,
+                          "; these rates were measured on %s, not this CPU "
+                          "(%s family %d model %d): moe calibrate measures it",
+                          row->cpu, vendor, fam, mod);
+  snprintf(m->source + n, sizeof m->source - n, "; floor constants: %s",
+           m->floor_source);
 }
 
 const moe_machine *moe_machine_get(void) {

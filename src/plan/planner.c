@@ -2,7 +2,7 @@
 /// The cost model. Each projection runs three GEMMs per expert and step:
 /// forward Y = X W, backward dX = dY W^T and dW = X^T dY. The forward and
 /// dX stream the weight; dW writes one. For each method (grouped, loop),
-/// dtype and kind (weight-streaming or dW) `moe calibrate` measured the
+/// dtype and kind (forward, dX or dW) `moe calibrate` measured the
 /// sustained GFLOP/s of a whole grouped problem at several rows per expert
 /// (machine.c); a prediction interpolates that table at the projection's
 /// rows per expert, so fixed costs (library calls, packing a weight for
@@ -23,6 +23,13 @@
 #include "plan/planner.h"
 
 /// Interpolated GFLOP/s of the rate table `r` at `rows` per expert.
+/// Between two samples the time per expert is taken as affine in the rows
+/// (a fixed part, the weight's read and the call, plus a part per row),
+/// which is what the GEMMs do: from 2 to 8 rows per expert a weight-
+/// streaming GEMM takes about the same time, so its rate grows in
+/// proportion to the rows. Interpolating the rate itself in log(rows), as
+/// before, put 4 rows at 55 GFLOP/s where the samples 22 (2 rows) and 88
+/// (8 rows) and the measurement (40) say 40-44 (bench/NOTES.md, h20f).
 static double moe_rate_at(const double *r, const double *x, double rows) {
   enum { N = MOE_MACHINE_NPTS };
   if (rows <= x[0]) return r[0] * (rows > 0 ? rows : 1e-3) / x[0];
@@ -30,8 +37,10 @@ static double moe_rate_at(const double *r, const double *x, double rows) {
   int i = 0;
   while (i + 2 < N && rows >= x[i + 1])
     i++;
-  double t = (log(rows) - log(x[i])) / (log(x[i + 1]) - log(x[i]));
-  return r[i] + t * (r[i + 1] - r[i]);
+  if (!(r[i] > 0) || !(r[i + 1] > 0)) return 0.0;    /* not measured */
+  double t0 = x[i] / r[i], t1 = x[i + 1] / r[i + 1]; /* time per expert */
+  double t = t0 + (rows - x[i]) / (x[i + 1] - x[i]) * (t1 - t0);
+  return rows / t;
 }
 
 /// GFLOP/s of (method, dtype, kind) at `rows` per expert on `elems` weight
@@ -39,7 +48,17 @@ static double moe_rate_at(const double *r, const double *x, double rows) {
 /// (where measured) as the weights shrink towards cache size.
 static double moe_rate(const moe_machine *m, int mi, int di, int kind,
                        double rows, double elems) {
-  double big = moe_rate_at(m->gflops[mi][di][kind], m->rows_at, rows);
+  /* dX: its own large-weight table where measured; its small-weight rates
+     are the forward's (in cache the transposed read costs little). */
+  const double *lr = m->gflops[mi][di][kind == MOE_KIND_DW ? 1 : 0];
+  if (kind == MOE_KIND_DX) {
+    bool have = true;
+    for (int i = 0; i < MOE_MACHINE_NPTS; i++)
+      have = have && m->gflops_dx[mi][di][i] > 0;
+    if (have) lr = m->gflops_dx[mi][di];
+    kind = MOE_KIND_FWD;
+  }
+  double big = moe_rate_at(lr, m->rows_at, rows);
   const double *sr = m->gflops_small[mi][di][kind];
   for (int i = 0; i < MOE_MACHINE_NPTS; i++)
     if (!(sr[i] > 0)) return big;
@@ -59,7 +78,7 @@ static double moe_gemm_seconds(const moe_machine *m, const moe_proj_shape *s,
   int mi = method == MOE_GMM_GROUPED ? 0 : 1;
   double E = (double)(s->experts > 0 ? s->experts : 1);
   double rows = (double)s->rows / E; /* expected rows per expert */
-  if (kind == MOE_KIND_FWD && s->rows > 0) {
+  if (kind != MOE_KIND_DW && s->rows > 0) {
     /* Weight-streaming GEMMs read only the experts some row went to. At
        decode sizes (rows < experts) that is far fewer than E: with rows
        spread at random, E (1 - (1 - 1/E)^rows) are touched. Evaluate the
@@ -99,11 +118,13 @@ moe_proj_cost moe_predict(const moe_machine *m, const moe_proj_shape *s,
     snprintf(c.why_not, sizeof c.why_not, "%s", why);
   }
   if (threads < 1) threads = 1;
-  /* dX streams W like the forward; dW writes it. */
+  /* dX streams W like the forward (at its own rates where measured); dW
+     writes it. */
   double f = moe_gemm_seconds(m, s, method, MOE_KIND_FWD, threads);
+  double x = moe_gemm_seconds(m, s, method, MOE_KIND_DX, threads);
   double w = moe_gemm_seconds(m, s, method, MOE_KIND_DW, threads);
   c.fwd_ms = f * 1e3;
-  c.bwd_ms = (f + w) * 1e3;
+  c.bwd_ms = (x + w) * 1e3;
   return c;
 }
 
@@ -134,14 +155,14 @@ moe_status moe_plan_projection(const moe_machine *m, const moe_proj_shape *s,
               moe_layout_name(s->layout));
   int di = s->dtype == MOE_BF16 ? 1 : 0;
   moe_appendf(buf, len, cap,
-              "  grouped: predicted %.2f ms fwd, %.2f ms bwd (%.1f us per call "
+              "  grouped: predicted %.3f ms fwd, %.3f ms bwd (%.1f us per call "
               "+ %.2f us per expert)\n",
               g.fwd_ms, g.bwd_ms, m->grouped_call_us[di],
               m->grouped_expert_us[di]);
   char lib[256];
   if (l.supported) {
     moe_appendf(buf, len, cap,
-                "  loop:    predicted %.2f ms fwd, %.2f ms bwd (%lld library "
+                "  loop:    predicted %.3f ms fwd, %.3f ms bwd (%lld library "
                 "calls per pass, %.1f us each)\n",
                 l.fwd_ms, l.bwd_ms, (long long)(s->experts * s->gemms),
                 m->call_us[di]);

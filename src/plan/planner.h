@@ -10,8 +10,9 @@
 /// Rows per expert at which the rate tables are sampled.
 enum { MOE_MACHINE_NPTS = 5 };
 /// Index of a GEMM kind in the rate tables: forward and dX both stream the
-/// weight; dW writes one.
-enum { MOE_KIND_FWD = 0, MOE_KIND_DW = 1 };
+/// weight; dW writes one. MOE_KIND_DX reads gflops_dx where measured, else
+/// the forward's table.
+enum { MOE_KIND_FWD = 0, MOE_KIND_DW = 1, MOE_KIND_DX = 2 };
 /// Weight elements of the small and large calibration problems.
 #define MOE_MACHINE_SMALL_ELEMS (8.0 * 64 * 64)
 #define MOE_MACHINE_LARGE_ELEMS (16.0 * 1536 * 2048)
@@ -42,9 +43,17 @@ typedef struct moe_machine {
   /// per expert in it, microseconds [f32, bf16]: what the rate tables,
   /// sampled on large experts, do not show on small ones.
   double grouped_call_us[2], grouped_expert_us[2];
-  int threads;      ///< threads the constants were measured with
-  char isa[16];     ///< the ISA level the constants are for
-  char source[768]; ///< which constants, and why (plan explain)
+  int threads;       ///< threads the constants were measured with
+  char isa[16];      ///< the ISA level the constants are for
+  char source[1024]; ///< which constants, and why (plan explain)
+  /// Where the floor's peak and bandwidth came from, in words: "peak
+  /// calibrated", "peak measured now (...)", "bandwidth built-in (...)".
+  char floor_source[320];
+  /// dX's own large-weight rates [method][dtype][sample] (it reads the
+  /// weight transposed: 1.1-1.4x slower than the forward at few rows on
+  /// the AMX host); all 0 where not measured (the built-in rows, older
+  /// files): dX then takes the forward's rates.
+  double gflops_dx[2][2][MOE_MACHINE_NPTS];
 } moe_machine;
 
 /// The default calibration file path ($XDG_CACHE_HOME/libmoe/machine.json
