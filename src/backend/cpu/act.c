@@ -21,6 +21,74 @@ static inline float moe_at2(const moe_tensor *t, int64_t r, int64_t i) {
 #define MOE_ACT_INLINE static inline
 #endif
 
+/* A row is processed CH elements at a time through f32 buffers on the
+   stack: load (the dtype's switch once per piece, a typed loop), the
+   member's math (straight-line code: it vectorizes for the members with no
+   libm call, moe_act_sigmoid being branch-free), store. Each element sees
+   the same operations as one at a time, so the bits do not change. */
+enum { MOE_ACT_CH = 256 };
+
+/// n elements of dtype t at p + o, p + o + st, ... as f32.
+MOE_ACT_INLINE void moe_row_load(const void *p, moe_dtype t, int64_t o,
+                                 int64_t st, int64_t n, float *out) {
+  if (t == MOE_F32) {
+    const float *s = (const float *)p + o;
+    if (st == 1)
+      for (int64_t i = 0; i < n; i++)
+        out[i] = s[i];
+    else
+      for (int64_t i = 0; i < n; i++)
+        out[i] = s[i * st];
+  } else if (t == MOE_BF16) {
+    const uint16_t *s = (const uint16_t *)p + o;
+    if (st == 1)
+      for (int64_t i = 0; i < n; i++)
+        out[i] = moe_bf16_to_f32(s[i]);
+    else
+      for (int64_t i = 0; i < n; i++)
+        out[i] = moe_bf16_to_f32(s[i * st]);
+  } else {
+    for (int64_t i = 0; i < n; i++)
+      out[i] = moe_load_f(p, t, o + i * st);
+  }
+}
+
+/// n f32 values stored as dtype t at p + o, p + o + st, ...
+MOE_ACT_INLINE void moe_row_store(void *p, moe_dtype t, int64_t o, int64_t st,
+                                  int64_t n, const float *in) {
+  if (t == MOE_F32) {
+    float *d = (float *)p + o;
+    if (st == 1)
+      for (int64_t i = 0; i < n; i++)
+        d[i] = in[i];
+    else
+      for (int64_t i = 0; i < n; i++)
+        d[i * st] = in[i];
+  } else if (t == MOE_BF16) {
+    uint16_t *d = (uint16_t *)p + o;
+    if (st == 1)
+      for (int64_t i = 0; i < n; i++)
+        d[i] = moe_f32_to_bf16(in[i]);
+    else
+      for (int64_t i = 0; i < n; i++)
+        d[i * st] = moe_f32_to_bf16(in[i]);
+  } else {
+    for (int64_t i = 0; i < n; i++)
+      moe_store_f(p, t, o + i * st, in[i]);
+  }
+}
+
+/// Elements [i0, i0 + n) of row r of a 2-D view, as f32.
+MOE_ACT_INLINE void moe_view_load(const moe_tensor *t, int64_t r, int64_t i0,
+                                  int64_t n, float *out) {
+  moe_row_load(t->data, t->dtype, moe_offset2(t, r, i0), t->stride[1], n, out);
+}
+
+MOE_ACT_INLINE void moe_view_store(moe_tensor *t, int64_t r, int64_t i0,
+                                   int64_t n, const float *in) {
+  moe_row_store(t->data, t->dtype, moe_offset2(t, r, i0), t->stride[1], n, in);
+}
+
 /* One row for a member known at compile time: `kind` is a constant at each
    call site below, so moe_act_fwd1's switch folds away and the loop over
    the row is that member's own straight-line code. */
@@ -29,10 +97,17 @@ MOE_ACT_INLINE void moe_act_row_fwd(moe_act a, moe_activation kind,
                                     moe_tensor *h, int64_t r, int64_t I) {
   a.kind = kind;
   bool gate = kind != MOE_ACT_RELU2;
-  for (int64_t i = 0; i < I; i++) {
-    float gv = gate ? moe_at2(g, r, i) : 0.0f;
-    moe_store_f(h->data, h->dtype, moe_offset2(h, r, i),
-                moe_act_fwd1(&a, gv, moe_at2(u, r, i)));
+  float gv[MOE_ACT_CH], uv[MOE_ACT_CH], hv[MOE_ACT_CH];
+  for (int64_t i0 = 0; i0 < I; i0 += MOE_ACT_CH) {
+    int64_t n = I - i0 < MOE_ACT_CH ? I - i0 : MOE_ACT_CH;
+    if (gate)
+      moe_view_load(g, r, i0, n, gv);
+    else
+      memset(gv, 0, sizeof gv);
+    moe_view_load(u, r, i0, n, uv);
+    for (int64_t i = 0; i < n; i++)
+      hv[i] = moe_act_fwd1(&a, gv[i], uv[i]);
+    moe_view_store(h, r, i0, n, hv);
   }
 }
 
@@ -42,11 +117,20 @@ MOE_ACT_INLINE void moe_act_row_bwd(moe_act a, moe_activation kind,
                                     moe_tensor *du, int64_t r, int64_t I) {
   a.kind = kind;
   bool gate = kind != MOE_ACT_RELU2;
-  for (int64_t i = 0; i < I; i++) {
-    float gv = gate ? moe_at2(g, r, i) : 0.0f, ddg, ddu;
-    moe_act_bwd1(&a, gv, moe_at2(u, r, i), moe_at2(dh, r, i), &ddg, &ddu);
-    if (gate) moe_store_f(dg->data, dg->dtype, moe_offset2(dg, r, i), ddg);
-    moe_store_f(du->data, du->dtype, moe_offset2(du, r, i), ddu);
+  float gv[MOE_ACT_CH], uv[MOE_ACT_CH], dv[MOE_ACT_CH], dgv[MOE_ACT_CH],
+      duv[MOE_ACT_CH];
+  for (int64_t i0 = 0; i0 < I; i0 += MOE_ACT_CH) {
+    int64_t n = I - i0 < MOE_ACT_CH ? I - i0 : MOE_ACT_CH;
+    if (gate)
+      moe_view_load(g, r, i0, n, gv);
+    else
+      memset(gv, 0, sizeof gv);
+    moe_view_load(u, r, i0, n, uv);
+    moe_view_load(dh, r, i0, n, dv);
+    for (int64_t i = 0; i < n; i++)
+      moe_act_bwd1(&a, gv[i], uv[i], dv[i], &dgv[i], &duv[i]);
+    if (gate) moe_view_store(dg, r, i0, n, dgv);
+    moe_view_store(du, r, i0, n, duv);
   }
 }
 
@@ -173,29 +257,53 @@ void moe_bias_grad_rows(const void *buf, moe_dtype dt, int64_t ld, int64_t c0,
     }
 }
 
+/// Partial sums of dS = <dA', A> (lane i % MOE_DOT_LANES takes element i),
+/// added pairwise at the end: a fixed order, so the bits depend on neither
+/// the thread count nor the ISA, and the sum vectorizes.
+enum { MOE_DOT_LANES = 16 };
+
 /* One row of the saved-state backward for a member known at compile time
-   (as moe_act_row_fwd). */
+   (as moe_act_row_fwd), by pieces of MOE_ACT_CH elements. */
 MOE_ACT_INLINE void moe_act_row_saved(moe_act a, moe_activation kind,
                                       moe_hrows h, const char *hr, moe_dtype dt,
                                       int64_t I, const float *dr, float s,
                                       char *ar, char *dhr, float *ds) {
   a.kind = kind;
   bool gate = kind != MOE_ACT_RELU2;
-  float dot = 0.0f;
-  for (int64_t i = 0; i < I; i++) {
-    float g = gate ? moe_load_f(hr, dt, h.gate + i * h.step) : 0.0f;
-    float u = moe_load_f(hr, dt, h.up + i * h.step);
-    /* A as the forward's down projection read it: rounded to dt. */
-    float av = moe_act_fwd1(&a, g, u);
-    if (dt == MOE_BF16) av = moe_bf16_to_f32(moe_f32_to_bf16(av));
-    dot += dr[i] * av;
-    float dg, du;
-    moe_act_bwd1(&a, g, u, s * dr[i], &dg, &du);
-    if (gate) moe_store_f(dhr, dt, h.gate + i * h.step, dg);
-    moe_store_f(dhr, dt, h.up + i * h.step, du);
-    moe_store_f(ar, dt, i, s * av);
+  float gv[MOE_ACT_CH], uv[MOE_ACT_CH], av[MOE_ACT_CH], apv[MOE_ACT_CH],
+      dgv[MOE_ACT_CH], duv[MOE_ACT_CH];
+  float acc[MOE_DOT_LANES] = {0};
+  for (int64_t i0 = 0; i0 < I; i0 += MOE_ACT_CH) {
+    int64_t n = I - i0 < MOE_ACT_CH ? I - i0 : MOE_ACT_CH;
+    const float *d = dr + i0;
+    if (gate)
+      moe_row_load(hr, dt, h.gate + i0 * h.step, h.step, n, gv);
+    else
+      memset(gv, 0, sizeof gv);
+    moe_row_load(hr, dt, h.up + i0 * h.step, h.step, n, uv);
+    for (int64_t i = 0; i < n; i++) {
+      /* A as the forward's down projection read it: rounded to dt. */
+      float x = moe_act_fwd1(&a, gv[i], uv[i]);
+      if (dt == MOE_BF16) x = moe_bf16_to_f32(moe_f32_to_bf16(x));
+      av[i] = x;
+      apv[i] = s * x;
+      moe_act_bwd1(&a, gv[i], uv[i], s * d[i], &dgv[i], &duv[i]);
+    }
+    /* MOE_ACT_CH is a multiple of the lanes: element i0 + i is lane i % L */
+    int64_t i = 0;
+    for (; i + MOE_DOT_LANES <= n; i += MOE_DOT_LANES)
+      for (int l = 0; l < MOE_DOT_LANES; l++)
+        acc[l] += d[i + l] * av[i + l];
+    for (int l = 0; i < n; i++, l++)
+      acc[l] += d[i] * av[i];
+    if (gate) moe_row_store(dhr, dt, h.gate + i0 * h.step, h.step, n, dgv);
+    moe_row_store(dhr, dt, h.up + i0 * h.step, h.step, n, duv);
+    moe_row_store(ar, dt, i0, 1, n, apv);
   }
-  *ds = dot;
+  for (int w = MOE_DOT_LANES / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; l++)
+      acc[l] += acc[l + w];
+  *ds = acc[0];
 }
 
 void moe_act_bwd_saved_rows(const moe_act *a, moe_hrows h, const void *hpre,
