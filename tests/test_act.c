@@ -884,23 +884,24 @@ int main(void) {
   unsetenv("MOE_CUDA_FUSE");
   /* The CPU epilogue works on a row MOE_ACT_CH = 256 elements at a time and
      sums dS in 16 lanes: I = 301 takes a full piece and a partial one whose
-     lane blocks end in a tail, for each layout of the gate/up columns. */
-  for (int form = 0; form < 3; form++)
-    for (int dt = 0; dt < 2; dt++) {
-      acfg c = {dt ? MOE_BF16 : MOE_F32,
-                form == 1 ? MOE_ACT_GPT_OSS : MOE_ACT_SWIGLU,
-                5,
-                4,
-                6,
-                301,
-                2,
-                form,
-                MOE_LAYOUT_OUT_IN,
-                0,
-                form,
-                ++seed};
-      run_case(&c, false);
-    }
+     lane blocks end in a tail; contiguous gate/up columns (f32) and the
+     interleaved stride-2 views (bf16). Small otherwise: the reference's
+     finite differences cost (weights) x (a forward). */
+  for (int form = 0; form < 2; form++) {
+    acfg c = {form ? MOE_BF16 : MOE_F32,
+              form ? MOE_ACT_GPT_OSS : MOE_ACT_SWIGLU,
+              4,
+              2,
+              4,
+              301,
+              2,
+              form,
+              MOE_LAYOUT_OUT_IN,
+              0,
+              form ? 2 : 0,
+              ++seed};
+    run_case(&c, false);
+  }
   if (!ACT_GPU) { /* host-side checks: once, on the CPU build */
     test_sigmoid();
     test_edges();
