@@ -186,6 +186,17 @@ void moe_act_bwd_saved_rows(const moe_act *a, moe_hrows h, const void *hpre,
                             int64_t lddo, int64_t H, const float *dap,
                             void *aprime, void *dhpre, float *ds, int nt);
 
+/// moe_act_fwd_rows and moe_act_bwd_saved_rows built with AVX-512 flags
+/// (act_avx512.c): the same source (act_rows.h), the same bits. The two
+/// above call them when the kernel set in use is avx512 or above.
+void moe_act_fwd_rows_avx512(const moe_act *a, const moe_tensor *g,
+                             const moe_tensor *u, moe_tensor *h, int nt);
+void moe_act_bwd_saved_rows_avx512(const moe_act *a, moe_hrows h,
+                                   const void *hpre, moe_dtype dt, int64_t R,
+                                   int64_t I, const void *dop, int64_t lddo,
+                                   int64_t H, const float *dap, void *aprime,
+                                   void *dhpre, float *ds, int nt);
+
 /// The down bias in the backward, over the rows of dop (dO rows, unweighted,
 /// row stride lddo elements of dt, each row's router weight s as the f32
 /// after its H elements) of the experts of `offsets` [E+1]:
