@@ -24,11 +24,8 @@
 #define MOE_ACT_INLINE static inline
 #endif
 
-/* A row is processed CH elements at a time through f32 buffers on the
-   stack: load (the dtype's switch once per piece, a typed loop), the
-   member's math (straight-line code: it vectorizes for the members with no
-   libm call, moe_act_sigmoid being branch-free), store. Each element sees
-   the same operations as one at a time, so the bits do not change. */
+/* Elements of a row per piece. Each element sees the same operations
+   whatever the piece size or the vector width, so neither changes bits. */
 enum { MOE_ACT_CH = 256 };
 
 /// n elements of dtype t at p + o, p + o + st, ... as f32.
