@@ -659,6 +659,31 @@ static void run_case(const acfg *c, bool nt2) {
 /// At a clamp bound the gradient is 0 (the bound counts as clamped, as in
 /// torch >= 2.14's clamp and F.hardtanh; torch <= 2.13's clamp passes it),
 /// just inside it the gradient passes; relu'(0) = 0.
+/// The CPU sigmoid (branch-free, vectorizable) against float64: within 3
+/// ulp over [-90, 90], and its limits: 0 below -88.4, 1 above 17, NaN kept.
+static void test_sigmoid(void) {
+  tu_case("cpu sigmoid");
+  double worst = 0.0;
+  float at = 0.0f;
+  for (float a = -90.0f; a <= 90.0f; a += 0.000731f) {
+    double ref = 1.0 / (1.0 + exp(-(double)a));
+    float got = moe_act_sigmoid(a), rf = (float)ref;
+    if (ref < 1e-37) { /* subnormal results: exact value or 0 */
+      if (!(got >= 0.0f && got <= 1e-37f)) worst = 1e9, at = a;
+      continue;
+    }
+    double ulp = (double)nextafterf(rf, INFINITY) - (double)rf;
+    double e = fabs((double)got - ref) / ulp;
+    if (e > worst) worst = e, at = a;
+  }
+  CHECK(worst <= 3.0, "sigmoid: %.2f ulp at %g", worst, (double)at);
+  CHECK(moe_act_sigmoid(-INFINITY) == 0.0f && moe_act_sigmoid(-89.0f) == 0.0f &&
+            moe_act_sigmoid(INFINITY) == 1.0f &&
+            moe_act_sigmoid(17.5f) == 1.0f && moe_act_sigmoid(0.0f) == 0.5f &&
+            isnan(moe_act_sigmoid(NAN)),
+        "sigmoid limits");
+}
+
 static void test_edges(void) {
   tu_case("clamp and relu edges");
   float L = 0.75f, dg, du;
@@ -857,7 +882,28 @@ int main(void) {
     run_case(&c, false);
   }
   unsetenv("MOE_CUDA_FUSE");
+  /* The CPU epilogue works on a row MOE_ACT_CH = 256 elements at a time and
+     sums dS in 16 lanes: I = 301 takes a full piece and a partial one whose
+     lane blocks end in a tail; contiguous gate/up columns (f32) and the
+     interleaved stride-2 views (bf16). Small otherwise: the reference's
+     finite differences cost (weights) x (a forward). */
+  for (int form = 0; form < 2; form++) {
+    acfg c = {form ? MOE_BF16 : MOE_F32,
+              form ? MOE_ACT_GPT_OSS : MOE_ACT_SWIGLU,
+              4,
+              2,
+              4,
+              301,
+              2,
+              form,
+              MOE_LAYOUT_OUT_IN,
+              0,
+              form ? 2 : 0,
+              ++seed};
+    run_case(&c, false);
+  }
   if (!ACT_GPU) { /* host-side checks: once, on the CPU build */
+    test_sigmoid();
     test_edges();
     test_errors();
   }

@@ -9,101 +9,27 @@
 
 #include "internal.h"
 #include "backend/cpu/act.h"
+#include "backend/cpu/act_rows.h"
 
 /// Element (r, i) of a 2-D view, as f32.
 static inline float moe_at2(const moe_tensor *t, int64_t r, int64_t i) {
   return moe_load_f(t->data, t->dtype, moe_offset2(t, r, i));
 }
 
-#if defined(__GNUC__)
-#define MOE_ACT_INLINE static inline __attribute__((always_inline))
-#else
-#define MOE_ACT_INLINE static inline
-#endif
-
-/* One row for a member known at compile time: `kind` is a constant at each
-   call site below, so moe_act_fwd1's switch folds away and the loop over
-   the row is that member's own straight-line code. */
-MOE_ACT_INLINE void moe_act_row_fwd(moe_act a, moe_activation kind,
-                                    const moe_tensor *g, const moe_tensor *u,
-                                    moe_tensor *h, int64_t r, int64_t I) {
-  a.kind = kind;
-  bool gate = kind != MOE_ACT_RELU2;
-  for (int64_t i = 0; i < I; i++) {
-    float gv = gate ? moe_at2(g, r, i) : 0.0f;
-    moe_store_f(h->data, h->dtype, moe_offset2(h, r, i),
-                moe_act_fwd1(&a, gv, moe_at2(u, r, i)));
-  }
-}
-
-MOE_ACT_INLINE void moe_act_row_bwd(moe_act a, moe_activation kind,
-                                    const moe_tensor *g, const moe_tensor *u,
-                                    const moe_tensor *dh, moe_tensor *dg,
-                                    moe_tensor *du, int64_t r, int64_t I) {
-  a.kind = kind;
-  bool gate = kind != MOE_ACT_RELU2;
-  for (int64_t i = 0; i < I; i++) {
-    float gv = gate ? moe_at2(g, r, i) : 0.0f, ddg, ddu;
-    moe_act_bwd1(&a, gv, moe_at2(u, r, i), moe_at2(dh, r, i), &ddg, &ddu);
-    if (gate) moe_store_f(dg->data, dg->dtype, moe_offset2(dg, r, i), ddg);
-    moe_store_f(du->data, du->dtype, moe_offset2(du, r, i), ddu);
-  }
-}
-
-/// The member's switch, once per row.
-static void moe_act_row_fwd_any(const moe_act *a, const moe_tensor *g,
-                                const moe_tensor *u, moe_tensor *h, int64_t r,
-                                int64_t I) {
-  switch (a->kind) {
-  case MOE_ACT_SWIGLU:
-    moe_act_row_fwd(*a, MOE_ACT_SWIGLU, g, u, h, r, I);
-    return;
-  case MOE_ACT_SWIGLU_CLAMP:
-    moe_act_row_fwd(*a, MOE_ACT_SWIGLU_CLAMP, g, u, h, r, I);
-    return;
-  case MOE_ACT_GPT_OSS:
-    moe_act_row_fwd(*a, MOE_ACT_GPT_OSS, g, u, h, r, I);
-    return;
-  case MOE_ACT_SOFTCAP_SWIGLU:
-    moe_act_row_fwd(*a, MOE_ACT_SOFTCAP_SWIGLU, g, u, h, r, I);
-    return;
-  case MOE_ACT_GEGLU: moe_act_row_fwd(*a, MOE_ACT_GEGLU, g, u, h, r, I); return;
-  case MOE_ACT_RELU2: moe_act_row_fwd(*a, MOE_ACT_RELU2, g, u, h, r, I); return;
-  }
-}
-
-static void moe_act_row_bwd_any(const moe_act *a, const moe_tensor *g,
-                                const moe_tensor *u, const moe_tensor *dh,
-                                moe_tensor *dg, moe_tensor *du, int64_t r,
-                                int64_t I) {
-  switch (a->kind) {
-  case MOE_ACT_SWIGLU:
-    moe_act_row_bwd(*a, MOE_ACT_SWIGLU, g, u, dh, dg, du, r, I);
-    return;
-  case MOE_ACT_SWIGLU_CLAMP:
-    moe_act_row_bwd(*a, MOE_ACT_SWIGLU_CLAMP, g, u, dh, dg, du, r, I);
-    return;
-  case MOE_ACT_GPT_OSS:
-    moe_act_row_bwd(*a, MOE_ACT_GPT_OSS, g, u, dh, dg, du, r, I);
-    return;
-  case MOE_ACT_SOFTCAP_SWIGLU:
-    moe_act_row_bwd(*a, MOE_ACT_SOFTCAP_SWIGLU, g, u, dh, dg, du, r, I);
-    return;
-  case MOE_ACT_GEGLU:
-    moe_act_row_bwd(*a, MOE_ACT_GEGLU, g, u, dh, dg, du, r, I);
-    return;
-  case MOE_ACT_RELU2:
-    moe_act_row_bwd(*a, MOE_ACT_RELU2, g, u, dh, dg, du, r, I);
-    return;
-  }
+/// Whether the AVX-512 build of the row loops may run: the kernel set in
+/// use (moe_cpu_isa, capped by MOE_MAX_CPU_ISA) is AVX-512 or above.
+static bool moe_act_avx512(void) {
+  const char *isa = moe_cpu_isa();
+  return !strcmp(isa, "avx512") || !strcmp(isa, "avx512_bf16") ||
+         !strcmp(isa, "amx");
 }
 
 void moe_act_fwd_rows(const moe_act *a, const moe_tensor *g,
                       const moe_tensor *u, moe_tensor *h, int nt) {
-  int64_t R = u->shape[0], I = u->shape[1];
-#pragma omp parallel for schedule(static) num_threads(nt)
-  for (int64_t r = 0; r < R; r++)
-    moe_act_row_fwd_any(a, g, u, h, r, I);
+  if (moe_act_avx512())
+    moe_act_fwd_rows_avx512(a, g, u, h, nt);
+  else
+    moe_act_fwd_rows_impl(a, g, u, h, nt);
 }
 
 void moe_act_bwd_rows(const moe_act *a, const moe_tensor *g,
@@ -173,71 +99,16 @@ void moe_bias_grad_rows(const void *buf, moe_dtype dt, int64_t ld, int64_t c0,
     }
 }
 
-/* One row of the saved-state backward for a member known at compile time
-   (as moe_act_row_fwd). */
-MOE_ACT_INLINE void moe_act_row_saved(moe_act a, moe_activation kind,
-                                      moe_hrows h, const char *hr, moe_dtype dt,
-                                      int64_t I, const float *dr, float s,
-                                      char *ar, char *dhr, float *ds) {
-  a.kind = kind;
-  bool gate = kind != MOE_ACT_RELU2;
-  float dot = 0.0f;
-  for (int64_t i = 0; i < I; i++) {
-    float g = gate ? moe_load_f(hr, dt, h.gate + i * h.step) : 0.0f;
-    float u = moe_load_f(hr, dt, h.up + i * h.step);
-    /* A as the forward's down projection read it: rounded to dt. */
-    float av = moe_act_fwd1(&a, g, u);
-    if (dt == MOE_BF16) av = moe_bf16_to_f32(moe_f32_to_bf16(av));
-    dot += dr[i] * av;
-    float dg, du;
-    moe_act_bwd1(&a, g, u, s * dr[i], &dg, &du);
-    if (gate) moe_store_f(dhr, dt, h.gate + i * h.step, dg);
-    moe_store_f(dhr, dt, h.up + i * h.step, du);
-    moe_store_f(ar, dt, i, s * av);
-  }
-  *ds = dot;
-}
-
 void moe_act_bwd_saved_rows(const moe_act *a, moe_hrows h, const void *hpre,
                             moe_dtype dt, int64_t R, int64_t I, const void *dop,
                             int64_t lddo, int64_t H, const float *dap,
                             void *aprime, void *dhpre, float *ds, int nt) {
-  size_t es = moe_dtype_size(dt);
-#pragma omp parallel for schedule(static) num_threads(nt)
-  for (int64_t r = 0; r < R; r++) {
-    const char *hr = (const char *)hpre + (size_t)(r * h.ld) * es;
-    const float *dr = dap + r * I;
-    char *ar = (char *)aprime + (size_t)(r * I) * es;
-    char *dhr = (char *)dhpre + (size_t)(r * h.ld) * es;
-    float s; /* the router weight, in the 4 bytes after the dO row */
-    memcpy(&s, (const char *)dop + (size_t)(r * lddo + H) * es, sizeof s);
-    switch (a->kind) {
-    case MOE_ACT_SWIGLU:
-      moe_act_row_saved(*a, MOE_ACT_SWIGLU, h, hr, dt, I, dr, s, ar, dhr,
-                        &ds[r]);
-      break;
-    case MOE_ACT_SWIGLU_CLAMP:
-      moe_act_row_saved(*a, MOE_ACT_SWIGLU_CLAMP, h, hr, dt, I, dr, s, ar, dhr,
-                        &ds[r]);
-      break;
-    case MOE_ACT_GPT_OSS:
-      moe_act_row_saved(*a, MOE_ACT_GPT_OSS, h, hr, dt, I, dr, s, ar, dhr,
-                        &ds[r]);
-      break;
-    case MOE_ACT_SOFTCAP_SWIGLU:
-      moe_act_row_saved(*a, MOE_ACT_SOFTCAP_SWIGLU, h, hr, dt, I, dr, s, ar,
-                        dhr, &ds[r]);
-      break;
-    case MOE_ACT_GEGLU:
-      moe_act_row_saved(*a, MOE_ACT_GEGLU, h, hr, dt, I, dr, s, ar, dhr,
-                        &ds[r]);
-      break;
-    case MOE_ACT_RELU2:
-      moe_act_row_saved(*a, MOE_ACT_RELU2, h, hr, dt, I, dr, s, ar, dhr,
-                        &ds[r]);
-      break;
-    }
-  }
+  if (moe_act_avx512())
+    moe_act_bwd_saved_rows_avx512(a, h, hpre, dt, R, I, dop, lddo, H, dap,
+                                  aprime, dhpre, ds, nt);
+  else
+    moe_act_saved_rows_impl(a, h, hpre, dt, R, I, dop, lddo, H, dap, aprime,
+                            dhpre, ds, nt);
 }
 
 void moe_bias_down_rows(const void *dop, moe_dtype dt, int64_t lddo, int64_t H,

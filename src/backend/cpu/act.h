@@ -11,8 +11,40 @@
 #include "internal.h"
 #include "layer/act.h"
 
+/// 1 / (1 + e^-a), within 2.5 ulp of the exact value (as 1 / (1 + expf(-a))
+/// is), with no call and no branch, so that the row loops around it
+/// vectorize (a call to expf per element made the expert epilogue the
+/// largest cost of the layer outside its GEMMs: bench/NOTES.md, h20g).
+/// e^t for t = -a clamped to [-20, 89] (below -20, 1 + e^t rounds to 1):
+/// t = n ln2 + r, |r| <= ln2 / 2 (n rounded by the 1.5 * 2^23 shift, ln2 in
+/// two parts), e^r by its degree-7 Taylor polynomial (truncation < 5e-9
+/// relative), times 2^n built in the exponent field. From t = 88.38 on, n =
+/// 128 makes that factor inf and the result 0 (the exact value is below
+/// 6e-39, a subnormal); NaN stays NaN (the clamps' comparisons are false
+/// for it). Only IEEE-rounded operations in a fixed order: the same bits
+/// scalar or vectorized, at every ISA.
 static inline float moe_act_sigmoid(float a) {
-  return 1.0f / (1.0f + expf(-a));
+  float t = -a;
+  t = t < -20.0f ? -20.0f : t;
+  t = t > 89.0f ? 89.0f : t;
+  float k = t * 1.44269504088896341f + 12582912.0f;
+  float n = k - 12582912.0f;
+  float r = t - n * 0.693145751953125f;
+  r = r - n * 1.42860682030941723e-6f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  uint32_t kb, sb;
+  memcpy(&kb, &k, sizeof kb);
+  sb = (kb - 0x4b400000u + 127u) << 23; /* 2^n: n + 127 in [98, 255] */
+  float sc;
+  memcpy(&sc, &sb, sizeof sc);
+  return 1.0f / (1.0f + p * sc);
 }
 
 /// sqrt(2/pi) and the cubic coefficient of the tanh form of GELU.
@@ -153,6 +185,17 @@ void moe_act_bwd_saved_rows(const moe_act *a, moe_hrows h, const void *hpre,
                             moe_dtype dt, int64_t R, int64_t I, const void *dop,
                             int64_t lddo, int64_t H, const float *dap,
                             void *aprime, void *dhpre, float *ds, int nt);
+
+/// moe_act_fwd_rows and moe_act_bwd_saved_rows built with AVX-512 flags
+/// (act_avx512.c): the same source (act_rows.h), the same bits. The two
+/// above call them when the kernel set in use is avx512 or above.
+void moe_act_fwd_rows_avx512(const moe_act *a, const moe_tensor *g,
+                             const moe_tensor *u, moe_tensor *h, int nt);
+void moe_act_bwd_saved_rows_avx512(const moe_act *a, moe_hrows h,
+                                   const void *hpre, moe_dtype dt, int64_t R,
+                                   int64_t I, const void *dop, int64_t lddo,
+                                   int64_t H, const float *dap, void *aprime,
+                                   void *dhpre, float *ds, int nt);
 
 /// The down bias in the backward, over the rows of dop (dO rows, unweighted,
 /// row stride lddo elements of dt, each row's router weight s as the f32

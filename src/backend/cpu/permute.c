@@ -60,10 +60,46 @@ void moe_permute_rows(const moe_tensor *x, const int32_t *row_slot, int64_t R,
   }
 }
 
+/// acc[0, n) += w * row[0, n) for a row of dtype t (f32 math): a typed
+/// loop per dtype, so that it vectorizes; the same operations per element.
+static inline void moe_axpy_row(float *acc, float w, const void *row,
+                                moe_dtype t, int64_t n) {
+  if (t == MOE_F32) {
+    const float *y = (const float *)row;
+    for (int64_t h = 0; h < n; h++)
+      acc[h] += w * y[h];
+  } else if (t == MOE_BF16) {
+    const uint16_t *y = (const uint16_t *)row;
+    for (int64_t h = 0; h < n; h++)
+      acc[h] += w * moe_bf16_to_f32(y[h]);
+  } else {
+    for (int64_t h = 0; h < n; h++)
+      acc[h] += w * moe_load_f(row, t, h);
+  }
+}
+
+/// acc[0, n) += row[0, n), as moe_axpy_row without the weight.
+static inline void moe_add_row(float *acc, const void *row, moe_dtype t,
+                               int64_t n) {
+  if (t == MOE_F32) {
+    const float *y = (const float *)row;
+    for (int64_t h = 0; h < n; h++)
+      acc[h] += y[h];
+  } else if (t == MOE_BF16) {
+    const uint16_t *y = (const uint16_t *)row;
+    for (int64_t h = 0; h < n; h++)
+      acc[h] += moe_bf16_to_f32(y[h]);
+  } else {
+    for (int64_t h = 0; h < n; h++)
+      acc[h] += moe_load_f(row, t, h);
+  }
+}
+
 void moe_unpermute(const void *y, moe_dtype yt, const int32_t *slot_row,
                    const float *w, int64_t T, int64_t k, int64_t H,
                    moe_tensor *out, int nt) {
   enum { CH = 256 }; /* f32 accumulator chunk on the stack */
+  size_t es = moe_dtype_size(yt);
 #pragma omp parallel for schedule(static) num_threads(nt)
   for (int64_t t = 0; t < T; t++) {
     float acc[CH];
@@ -73,14 +109,21 @@ void moe_unpermute(const void *y, moe_dtype yt, const int32_t *slot_row,
         acc[h] = 0.0f;
       for (int64_t j = 0; j < k; j++) {
         if (slot_row[t * k + j] < 0) continue; /* dropped slot */
-        float wj = w[t * k + j];
         int64_t base = (int64_t)slot_row[t * k + j] * H + h0;
-        for (int64_t h = 0; h < hn; h++)
-          acc[h] += wj * moe_load_f(y, yt, base + h);
+        moe_axpy_row(acc, w[t * k + j], (const char *)y + (size_t)base * es, yt,
+                     hn);
       }
-      for (int64_t h = 0; h < hn; h++)
-        moe_store_f(out->data, out->dtype,
-                    t * out->stride[0] + (h0 + h) * out->stride[1], acc[h]);
+      int64_t o = t * out->stride[0] + h0 * out->stride[1];
+      if (out->stride[1] == 1 && out->dtype == MOE_BF16) {
+        uint16_t *d = (uint16_t *)out->data + o;
+        for (int64_t h = 0; h < hn; h++)
+          d[h] = moe_f32_to_bf16(acc[h]);
+      } else if (out->stride[1] == 1 && out->dtype == MOE_F32) {
+        memcpy((float *)out->data + o, acc, (size_t)hn * sizeof(float));
+      } else {
+        for (int64_t h = 0; h < hn; h++)
+          moe_store_f(out->data, out->dtype, o + h * out->stride[1], acc[h]);
+      }
     }
   }
 }
@@ -97,9 +140,7 @@ void moe_permute_backward(const void *dxp, moe_dtype dt, int64_t ld,
     for (int64_t j = 0; j < k; j++) {
       int64_t r = slot_row[t * k + j];
       if (r < 0) continue; /* dropped slot */
-      const char *row = (const char *)dxp + (size_t)(r * ld) * es;
-      for (int64_t h = 0; h < H; h++)
-        d[h] += moe_load_f(row, dt, h);
+      moe_add_row(d, (const char *)dxp + (size_t)(r * ld) * es, dt, H);
     }
   }
 }
