@@ -19,18 +19,9 @@ import subprocess
 import sys
 import tempfile
 
-passed = failed = 0
+from checks import Checks
 
-
-def check(name, ok, detail=""):
-    global passed, failed
-    if ok:
-        passed += 1
-    else:
-        failed += 1
-    print("%s %s%s" % ("PASS" if ok else "FAIL", name,
-                       ": " + detail if detail else ""), flush=True)
-    return ok
+check = Checks()
 
 
 def env_for(cache, extra):
@@ -55,8 +46,7 @@ def main():
         r = calibrate(moe, out, tmp)
         if not check("calibrate --quick runs", r.returncode == 0,
                      r.stderr[-400:]):
-            print("%d passed, %d failed" % (passed, failed))
-            return 1
+            return check.finish()
         with open(out) as f:
             d = json.load(f)
         unavailable = {k[:-len("_unavailable")] for k in d
@@ -105,8 +95,7 @@ def main():
               and "refusing to write " + out in r.stderr, r.stderr[-400:])
         with open(out) as f:
             check("the existing file is left as it was", f.read() == before)
-    print("%d passed, %d failed" % (passed, failed))
-    return 1 if failed else 0
+    return check.finish()
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import st  # noqa: E402
+from checks import Checks  # noqa: E402
 
-passed = failed = 0
 MOE = None
 TMP = None
 _counter = [0]
@@ -31,15 +31,7 @@ NAMES = ["hidden_states", "gate.weight", "experts.gate_up_proj",
          "experts.down_proj", "grad_output"]
 
 
-def check(name, ok, detail=""):
-    global passed, failed
-    if ok:
-        passed += 1
-    else:
-        failed += 1
-    print("%s %s%s" % ("PASS" if ok else "FAIL", name,
-                       ": " + detail if detail else ""), flush=True)
-    return ok
+check = Checks()
 
 
 def arrays(t=T, e=E, h=H, i=I, seed=0):
@@ -597,8 +589,7 @@ def main():
             for d in dirs:
                 os.chmod(os.path.join(root, d), 0o755)
         shutil.rmtree(TMP, ignore_errors=True)
-    print("%d passed, %d failed" % (passed, failed))
-    return 1 if failed else 0
+    return check.finish()
 
 
 if __name__ == "__main__":

@@ -18,18 +18,9 @@ import subprocess
 import sys
 import tempfile
 
-passed = failed = 0
+from checks import Checks
 
-
-def check(name, ok, detail=""):
-    global passed, failed
-    if ok:
-        passed += 1
-    else:
-        failed += 1
-    print("%s %s%s" % ("PASS" if ok else "FAIL", name,
-                       ": " + detail if detail else ""), flush=True)
-    return ok
+check = Checks()
 
 
 def plan(moe, env_extra, cache, preset="qwen3-30b-a3b"):
@@ -284,8 +275,7 @@ def main():
             check("default cache file of another level ignored under a cap",
                   "built-in constants for isa ref" in m and
                   "ignored: measured at isa " + isa in m, m)
-    print("%d passed, %d failed" % (passed, failed))
-    return 1 if failed else 0
+    return check.finish()
 
 
 if __name__ == "__main__":

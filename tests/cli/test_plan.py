@@ -15,18 +15,9 @@ import re
 import subprocess
 import sys
 
-passed = failed = 0
+from checks import Checks
 
-
-def check(name, ok, detail=""):
-    global passed, failed
-    if ok:
-        passed += 1
-    else:
-        failed += 1
-    print("%s %s%s" % ("PASS" if ok else "FAIL", name,
-                       ": " + detail if detail else ""), flush=True)
-    return ok
+check = Checks()
 
 
 def run(moe, *args):
@@ -129,8 +120,7 @@ def main():
         rc, out, err = run(moe, "--preset", "tiny", *args)
         check("usage error %s: exit 2 naming %s" % (" ".join(args), word),
               rc == 2 and word in err, "rc %d, stderr %r" % (rc, err[:200]))
-    print("%d passed, %d failed" % (passed, failed))
-    return 1 if failed else 0
+    return check.finish()
 
 
 if __name__ == "__main__":

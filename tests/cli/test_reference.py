@@ -22,6 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import moe_ref  # noqa: E402
 import st  # noqa: E402
 
+from checks import Checks
+
 GRADS = ["grad.hidden_states", "grad.gate.weight",
          "grad.experts.gate_up_proj", "grad.experts.down_proj"]
 TOL = {"F32": 1e-5, "BF16": 2e-2}
@@ -29,18 +31,7 @@ LAYOUTS = [(g, d) for g in ("out_in", "in_out") for d in ("out_in", "in_out")]
 METHODS = ["auto", "grouped", "loop"]
 MIN_MARGIN = 1e-3  # logit gap between the k-th and (k+1)-th expert
 
-passed = failed = 0
-
-
-def check(name, ok, detail=""):
-    global passed, failed
-    if ok:
-        passed += 1
-    else:
-        failed += 1
-    print("%s %s%s" % ("PASS" if ok else "FAIL", name,
-                       ": " + detail if detail else ""), flush=True)
-    return ok
+check = Checks()
 
 
 def rel_err(got, ref):
@@ -394,8 +385,7 @@ def main():
         determinism(moe, cases[-3])
         determinism(moe, cases[1])
         explicit_metadata(moe, cases[0])
-    print("%d passed, %d failed" % (passed, failed))
-    return 1 if failed else 0
+    return check.finish()
 
 
 if __name__ == "__main__":
