@@ -196,6 +196,30 @@ static void test_ukernels(void) {
 
 /* ---- store routines ----------------------------------------------------- */
 
+/// Fills n elements of an old C (f32 or bf16, the upper half of the f32
+/// bits) with every class of value: 1 in `every` denormal or zero, 1 in
+/// `every` infinity or NaN, the rest uniform in [0, 1).
+static void fill_edge_c(tu_rng *r, void *c, size_t n, moe_dtype ct,
+                        int64_t every) {
+  for (size_t i = 0; i < n; i++) {
+    uint32_t bits = (uint32_t)tu_next(r);
+    switch (tu_below(r, every)) {
+    case 0: bits &= 0x807fffffu; break; /* denormal/0 */
+    case 1: bits |= 0x7f800000u; break; /* inf/NaN */
+    default: {
+      float f = (float)tu_uniform(r);
+      memcpy(&bits, &f, 4);
+    }
+    }
+    if (ct == MOE_F32)
+      memcpy((char *)c + i * 4, &bits, 4);
+    else {
+      uint16_t h = (uint16_t)(bits >> 16);
+      memcpy((char *)c + i * 2, &h, 2);
+    }
+  }
+}
+
 /// Each set's store routine against the portable definition, bit for bit,
 /// on every class of value (normal, denormal, zero, infinity, NaN), for
 /// both dtypes, both betas, streaming or not, odd widths and unaligned C.
@@ -332,23 +356,7 @@ static void test_bands(void) {
             size_t cbytes = (size_t)(m * crs + 64) * es;
             uint8_t *cb = aligned_alloc(64, (cbytes + 63) / 64 * 64);
             uint8_t *want = malloc(cbytes);
-            for (size_t i = 0; i < cbytes / es; i++) {
-              uint32_t bits = (uint32_t)tu_next(&r);
-              switch (tu_below(&r, 8)) {
-              case 0: bits &= 0x807fffffu; break; /* denormal/0 */
-              case 1: bits |= 0x7f800000u; break; /* inf/NaN */
-              default: {
-                float f = (float)tu_uniform(&r);
-                memcpy(&bits, &f, 4);
-              }
-              }
-              if (ct == MOE_F32)
-                memcpy(cb + i * 4, &bits, 4);
-              else {
-                uint16_t h = (uint16_t)(bits >> 16);
-                memcpy(cb + i * 2, &h, 2);
-              }
-            }
+            fill_edge_c(&r, cb, cbytes / es, ct, 8);
             memcpy(want, cb, cbytes);
             uint8_t *c = cb + (size_t)shift * es,
                     *w = want + (size_t)shift * es;
@@ -422,23 +430,7 @@ static void test_f32_bands(void) {
             size_t cbytes = (size_t)(m * crs + 64) * es;
             uint8_t *cb = aligned_alloc(64, (cbytes + 63) / 64 * 64);
             uint8_t *want = malloc(cbytes);
-            for (size_t i = 0; i < cbytes / es; i++) {
-              uint32_t bits = (uint32_t)tu_next(&r);
-              switch (tu_below(&r, 8)) {
-              case 0: bits &= 0x807fffffu; break; /* denormal/0 */
-              case 1: bits |= 0x7f800000u; break; /* inf/NaN */
-              default: {
-                float f = (float)tu_uniform(&r);
-                memcpy(&bits, &f, 4);
-              }
-              }
-              if (ct == MOE_F32)
-                memcpy(cb + i * 4, &bits, 4);
-              else {
-                uint16_t h = (uint16_t)(bits >> 16);
-                memcpy(cb + i * 2, &h, 2);
-              }
-            }
+            fill_edge_c(&r, cb, cbytes / es, ct, 8);
             memcpy(want, cb, cbytes);
             uint8_t *c = cb + (size_t)shift * es,
                     *w = want + (size_t)shift * es;
@@ -1114,24 +1106,7 @@ static void test_band_dw(void) {
         moe_store_f(a, at, i, (float)tu_uniform(&r) - 0.5f);
       for (int64_t i = 0; i < R * N; i++)
         moe_store_f(b, bt, i, (float)tu_uniform(&r) - 0.5f);
-      for (size_t i = 0; i < cbytes / ec; i++) {
-        uint32_t bits = (uint32_t)tu_next(&r);
-        int k = (int)tu_below(&r, 16);
-        if (k == 0)
-          bits &= 0x807fffffu; /* denormal or zero */
-        else if (k == 1)
-          bits |= 0x7f800000u; /* infinity or NaN */
-        else {
-          float f = (float)tu_uniform(&r);
-          memcpy(&bits, &f, 4);
-        }
-        if (ct == F)
-          memcpy(cin + i * 4, &bits, 4);
-        else {
-          uint16_t h = (uint16_t)(bits >> 16);
-          memcpy(cin + i * 2, &h, 2);
-        }
-      }
+      fill_edge_c(&r, cin, cbytes / ec, ct, 16);
       for (int s = 0; s < nsets; s++) {
         const moe_ukernel_info *u = sets[s];
         if (!u->f32_band && !u->bf16_band) continue;
