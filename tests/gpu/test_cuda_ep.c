@@ -227,16 +227,30 @@ static struct {
   int chunks; /* desc.ep_chunks */
 } g_opt;
 
+/// The inputs, and (dpoison) the poisoned buffers, are written on the
+/// legacy default stream, which the ranks' non-blocking streams do not
+/// wait for: each helper waits for its write itself (a pageable cudaMemcpy
+/// may return before its DMA lands, a cudaMemset always does), or a rank's
+/// kernels could run before the write and the NaN poison land on results
+/// already written (what compute-sanitizer's slower launches showed).
 static void *dput(const void *h, size_t bytes) {
   void *d;
   CU(cudaMalloc(&d, bytes ? bytes : 16));
   if (bytes) CU(cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice));
+  CU(cudaStreamSynchronize(cudaStreamLegacy));
   return d;
 }
+/// Outputs, saved state and workspace start as NaN (0xff bytes), so that a
+/// value the layer never wrote cannot pass; MOE_TEST_NO_POISON=1 leaves
+/// them unwritten instead, for compute-sanitizer --tool initcheck to name
+/// any read of a byte no one wrote.
 static void *dpoison(size_t bytes) {
+  const char *e = getenv("MOE_TEST_NO_POISON");
+  bool poison = !(e && e[0] == '1');
   void *d;
   CU(cudaMalloc(&d, bytes ? bytes : 16));
-  CU(cudaMemset(d, 0xff, bytes ? bytes : 16)); /* NaN in f32 and bf16 */
+  if (poison) CU(cudaMemset(d, 0xff, bytes ? bytes : 16));
+  CU(cudaStreamSynchronize(cudaStreamLegacy));
   return d;
 }
 static void dget(void *h, const void *d, size_t bytes) {

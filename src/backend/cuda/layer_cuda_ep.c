@@ -364,8 +364,14 @@ moe_status moe_cu_ep_create(const moe_layer_plan *p, const moe_cu_ep_mode *mode,
   if (s == MOE_SUCCESS) {
     ep->d_recv = ep->d_send + blk;
     ep->d_dropped = ep->d_recv + blk;
-    /* kept: a counter the capacity exchange adds dropped rows to */
+    /* kept: a counter the capacity exchange adds dropped rows to. Plan
+       time, once: the memset runs on the legacy default stream, which a
+       caller's non-blocking stream does not wait for, so it is waited for
+       here rather than left to race the first pass's count. */
     s = moe_cu_check(cudaMemset(ep->d_dropped, 0, 8), "cudaMemset");
+    if (s == MOE_SUCCESS)
+      s = moe_cu_check(cudaStreamSynchronize(cudaStreamLegacy),
+                       "cudaStreamSynchronize(the counter's memset)");
   }
   if (s == MOE_SUCCESS) {
     size_t host = blk + (size_t)(ep->E + 1) + ep->meta_elems;
