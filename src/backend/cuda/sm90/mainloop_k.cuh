@@ -25,6 +25,15 @@
 ///  - an operand read in place comes by TMA (a 2-D tensor map [rows][M or N]
 ///    over its real row stride, 64 x 64 boxes, the 128-byte swizzle that
 ///    the cp.async path writes by hand), issued by one thread;
+///  - a gathered operand's row table is read ROW_PF stages ahead: a
+///    producer warp copies 16 of a stage's 64 depth rows, and its lane
+///    l < 16 loads the source row of the warp's l-th row of stage
+///    kt + ROW_PF right after the warp issues stage kt's copies (row_ring);
+///    each thread takes its rows from those lanes by shuffle. The table's
+///    latency then hides under the copies of the stages between instead of
+///    standing before every stage's copies (ncu read the dW kernels at 32%
+///    tensor-pipe activity, stalled on those loads), at ROW_PF registers
+///    per gathered operand;
 ///  - a group's depth starts anywhere and ends anywhere. TMA zero-fills
 ///    only outside the tensor, and the rows past a group's end are the next
 ///    group's; so a stage that runs past the group's end (its last, partial
@@ -61,6 +70,77 @@ static __device__ __forceinline__ void ring_skip(int &stage, int &phase,
   const int s = stage + n;
   phase ^= (s / ST) & 1;
   stage = s % ST;
+}
+
+/// One producer lane's share of a stage's row table, for an operand copied
+/// in CH 16-byte chunks per depth row (128 / CH rows of the stage per copy
+/// step, 32 / CH of them this warp's): lane l < 16 returns the source row
+/// of the warp's l-th depth row of the stage that starts at r0 — the l / W-th
+/// copy step's (l % W)-th row, W = 32 / CH — or -1 past the group's end
+/// (kend). Lanes 16..31 return -1. Read back with lane_row.
+template <int CH>
+static __device__ __forceinline__ int32_t stage_row(const int32_t *gather,
+                                                    int r0, int kend, int warp,
+                                                    int lane) {
+  constexpr int W = 32 / CH, RS = 128 / CH;
+  const int r = r0 + warp * W + lane % W + lane / W * RS;
+  return lane < 16 && r < kend ? gather[r] : -1;
+}
+/// The source row of this thread's depth row in copy step i (its row
+/// tid / CH + i * 128 / CH of the stage), from the warp's stage_row values.
+template <int CH>
+static __device__ __forceinline__ int32_t lane_row(int32_t v, int i, int lane) {
+  constexpr int W = 32 / CH;
+  return __shfl_sync(0xffffffffu, v, i * W + lane / CH);
+}
+
+/// How many stages ahead a gathered operand's row table is read.
+constexpr int ROW_PF = 3;
+
+/// A gathered operand's stage_row values for the stage being filled and the
+/// ROW_PF - 1 after it (q[0] first).
+template <int CH> struct row_ring {
+  int32_t q[ROW_PF];
+  /// Loads the stages that start at depth rows r, r + BK, ...
+  __device__ __forceinline__ void start(const int32_t *gather, int r, int kend,
+                                        int warp, int lane) {
+#pragma unroll
+    for (int j = 0; j < ROW_PF; j++)
+      q[j] = stage_row<CH>(gather, r + j * SM90_BK, kend, warp, lane);
+  }
+  /// Steps one stage on; r: the first depth row of the stage ROW_PF after
+  /// the one just filled.
+  __device__ __forceinline__ void next(const int32_t *gather, int r, int kend,
+                                       int warp, int lane) {
+#pragma unroll
+    for (int j = 0; j + 1 < ROW_PF; j++)
+      q[j] = q[j + 1];
+    q[ROW_PF - 1] = stage_row<CH>(gather, r, kend, warp, lane);
+  }
+};
+
+/// Copies this producer thread's share of one operand's stage by cp.async:
+/// chunk c (16 bytes, of CH per depth row) of the stage's depth rows
+/// rl = rl0 + i 128 / CH, into the 64-wide strip c / 8 at row rl, chunk
+/// (c % 8) ^ (rl % 8): the layout TMA's 128-byte swizzle writes. A row's
+/// source is its gather-table entry (G: by lane_row from the warp's
+/// stage_row value g) or the row itself (r0 + rl); a row past the group's
+/// end (kend) or a chunk past the operand's width (!cok) is zero-filled.
+/// One instantiation per source kind, so the copy loop has no branch.
+template <int CH, bool G>
+static __device__ __forceinline__ void
+copy_stage(uint32_t stage_smem, const uint16_t *src0, int64_t ld, bool cok,
+           int c, int rl0, int r0, int kend, int32_t g, int lane) {
+  constexpr int N = SM90_BK * CH / 128, RS = 128 / CH;
+  const uint32_t base = stage_smem + (c >> 3) * 8192;
+#pragma unroll 4
+  for (int i = 0; i < N; i++) {
+    const int rl = rl0 + i * RS, r = r0 + rl;
+    const int src = G ? lane_row<CH>(g, i, lane) : r < kend ? r : -1;
+    const bool ok = cok && src >= 0;
+    cp_async16(base + rl * 128 + (((c & 7) ^ (rl & 7)) << 4),
+               src0 + (ok ? (int64_t)src * ld : 0), ok);
+  }
 }
 
 template <int BM, int BN, int ST, bool PP>
@@ -103,9 +183,8 @@ __global__ void __launch_bounds__(384, 1)
   const int wg = threadIdx.x / 128;
 
   if (wg == 0) {
-    /* ---- producer. cp.async chunk (r, mc): 8 consecutive m of depth row
-       r, stored in the 64-wide strip mc / 8 at row r, chunk
-       (mc % 8) ^ (r % 8): the layout TMA's 128-byte swizzle writes. ---- */
+    /* ---- producer: TMA boxes from thread 0, cp.async chunks from all
+       128 threads (copy_stage) ---- */
     regs_dec<56>();
     const int tid = threadIdx.x;
     const bool ta = p.a_tma, tb = p.b_tma;
@@ -114,10 +193,9 @@ __global__ void __launch_bounds__(384, 1)
       if (tb) tma_prefetch(&tmb);
     }
     constexpr int ACH = BM / 8, BCH = BN / 8; /* chunks per depth row */
-    constexpr int AI = BK * ACH / 128, BI = BK * BCH / 128;
-    constexpr int ARS = 128 / ACH, BRS = 128 / BCH; /* row step per i */
-    static_assert(ARS % 8 == 0, "A rows of one thread share a swizzle");
+    static_assert(32 % ACH == 0 && 32 % BCH == 0, "whole rows per warp");
     const int amc = tid % ACH, ar0 = tid / ACH;
+    const int warp = tid / 32, lane = tid % 32;
     const int bnc = tid % BCH, br0 = tid / BCH;
     const uint32_t tx = (ta ? A_BYTES : 0) + (tb ? B_BYTES : 0);
     int stage = 0, phase = 0;
@@ -127,6 +205,12 @@ __global__ void __launch_bounds__(384, 1)
       const bool bok = ti.n0 + bnc * 8 < p.N;
       const uint16_t *ab = p.a + ti.m0 + amc * 8;
       const uint16_t *bb = p.b + ti.n0 + bnc * 8;
+      /* a gathered operand's source rows, read ROW_PF stages ahead (see
+         the file's comment) */
+      row_ring<ACH> ga{};
+      row_ring<BCH> gb{};
+      if (p.a_gather) ga.start(p.a_gather, ti.kbeg, ti.kend, warp, lane);
+      if (p.b_gather) gb.start(p.b_gather, ti.kbeg, ti.kend, warp, lane);
       for (int kt = 0; kt < ti.kt; kt++) {
         mbar_wait(&empty[stage], phase ^ 1);
         unsigned char *sap = smem + stage * STAGE;
@@ -153,28 +237,27 @@ __global__ void __launch_bounds__(384, 1)
           }
         }
         if (!ta || tail) {
-          const uint32_t adst = sa + (amc >> 3) * 8192 + ar0 * 128 +
-                                (((amc & 7) ^ (ar0 & 7)) << 4);
-#pragma unroll
-          for (int i = 0; i < AI; i++) {
-            int r = r0 + ar0 + i * ARS;
-            bool ok = aok && r < ti.kend;
-            int64_t src = ok ? (p.a_gather ? p.a_gather[r] : r) : 0;
-            /* ARS % 8 == 0: row ar0 + i ARS swizzles as row ar0 */
-            cp_async16(adst + i * ARS * 128, ab + src * p.a_ld, ok);
-          }
+          if (p.a_gather)
+            copy_stage<ACH, true>(sa, ab, p.a_ld, aok, amc, ar0, r0, ti.kend,
+                                  ga.q[0], lane);
+          else
+            copy_stage<ACH, false>(sa, ab, p.a_ld, aok, amc, ar0, r0, ti.kend,
+                                   ga.q[0], lane);
         }
         if (!tb || tail) {
-          const uint32_t bdst = sb + (bnc >> 3) * 8192;
-#pragma unroll 4
-          for (int i = 0; i < BI; i++) {
-            int rl = br0 + i * BRS, r = r0 + rl;
-            bool ok = bok && r < ti.kend;
-            int64_t src = ok ? (p.b_gather ? p.b_gather[r] : r) : 0;
-            cp_async16(bdst + rl * 128 + (((bnc & 7) ^ (rl & 7)) << 4),
-                       bb + src * p.b_ld, ok);
-          }
+          if (p.b_gather)
+            copy_stage<BCH, true>(sb, bb, p.b_ld, bok, bnc, br0, r0, ti.kend,
+                                  gb.q[0], lane);
+          else
+            copy_stage<BCH, false>(sb, bb, p.b_ld, bok, bnc, br0, r0, ti.kend,
+                                   gb.q[0], lane);
         }
+        /* the gathered rows of stage kt + ROW_PF: in flight while the
+           stages between are copied */
+        if (p.a_gather)
+          ga.next(p.a_gather, r0 + ROW_PF * BK, ti.kend, warp, lane);
+        if (p.b_gather)
+          gb.next(p.b_gather, r0 + ROW_PF * BK, ti.kend, warp, lane);
         cp_async_arrive(&full[stage]);
         if (++stage == ST) {
           stage = 0;
