@@ -4,11 +4,13 @@
 # then tests/gpu/test_cuda_ep (expert parallelism: virtual ranks on one GPU,
 # and over NCCL when there are 2+ GPUs), then test_cuda's small cases under
 # compute-sanitizer (memcheck, racecheck, synccheck) and test_cuda_ep's
-# virtual ranks at P = 2 under memcheck.
+# virtual ranks at P = 2, 3, 4, 8 under memcheck.
 # Exits 0 with "skipped: no GPU" on a machine without a usable GPU.
 #   MOE_BUILD_DIR  existing build directory to use (default: build a fresh
 #                  one in build-gpu/)
 #   MOE_SANITIZER  0 to skip compute-sanitizer; memcheck for memcheck alone
+#   MOE_SANITIZER_EP_P  virtual rank counts test_cuda_ep runs under memcheck
+#                  (default "2 3 4 8")
 set -u
 root=$(cd "$(dirname "$0")/../.." && pwd)
 build=${MOE_BUILD_DIR:-$root/build-gpu}
@@ -50,7 +52,7 @@ fi
 # Expert parallelism: virtual ranks (P = 2, 3, 4, 8 on GPU 0), then NCCL
 # over several GPUs of this process where there are 2+ and NCCL. NCCL is not
 # run under compute-sanitizer (its own kernels and proxy threads are not
-# what it is meant to check); the virtual ranks are, at P = 2.
+# what it is meant to check); the virtual ranks are, at every P.
 if [ -x "$build/test_cuda_ep" ]; then
   echo "== test_cuda_ep"
   timeout 600 "$build/test_cuda_ep"
@@ -75,11 +77,13 @@ if [ "${MOE_SANITIZER:-1}" != 0 ] && command -v compute-sanitizer >/dev/null 2>&
     [ $rc -eq 0 ] || { echo "FAIL: compute-sanitizer $tool exited $rc"; status=1; }
   done
   if [ -x "$build/test_cuda_ep" ]; then
-    echo "== compute-sanitizer --tool memcheck test_cuda_ep --virtual 2"
-    timeout 600 compute-sanitizer --tool memcheck --error-exitcode 3 \
-      --print-limit 20 "$build/test_cuda_ep" --virtual 2
-    rc=$?
-    [ $rc -eq 0 ] || { echo "FAIL: compute-sanitizer memcheck test_cuda_ep exited $rc"; status=1; }
+    for P in ${MOE_SANITIZER_EP_P:-2 3 4 8}; do
+      echo "== compute-sanitizer --tool memcheck test_cuda_ep --virtual $P"
+      timeout 600 compute-sanitizer --tool memcheck --error-exitcode 3 \
+        --print-limit 20 "$build/test_cuda_ep" --virtual "$P"
+      rc=$?
+      [ $rc -eq 0 ] || { echo "FAIL: compute-sanitizer memcheck test_cuda_ep --virtual $P exited $rc"; status=1; }
+    done
   fi
   # the expert-function kernels (general activation passes, bias add and
   # bias gradients, hidden-column passes with the down bias): small cases
