@@ -143,6 +143,18 @@ copy_stage(uint32_t stage_smem, const uint16_t *src0, int64_t ld, bool cok,
   }
 }
 
+/// copy_stage of a gathered operand (a row table) or one read in place.
+template <int CH>
+static __device__ __forceinline__ void
+copy_operand(const int32_t *gather, uint32_t stage_smem, const uint16_t *src0,
+             int64_t ld, bool cok, int c, int rl0, int r0, int kend, int32_t g,
+             int lane) {
+  if (gather)
+    copy_stage<CH, true>(stage_smem, src0, ld, cok, c, rl0, r0, kend, g, lane);
+  else
+    copy_stage<CH, false>(stage_smem, src0, ld, cok, c, rl0, r0, kend, g, lane);
+}
+
 template <int BM, int BN, int ST, bool PP>
 __global__ void __launch_bounds__(384, 1)
     gemm_k_kernel(const __grid_constant__ CUtensorMap tma,
@@ -236,22 +248,12 @@ __global__ void __launch_bounds__(384, 1)
             mbar_arrive(&full[stage]);
           }
         }
-        if (!ta || tail) {
-          if (p.a_gather)
-            copy_stage<ACH, true>(sa, ab, p.a_ld, aok, amc, ar0, r0, ti.kend,
-                                  ga.q[0], lane);
-          else
-            copy_stage<ACH, false>(sa, ab, p.a_ld, aok, amc, ar0, r0, ti.kend,
-                                   ga.q[0], lane);
-        }
-        if (!tb || tail) {
-          if (p.b_gather)
-            copy_stage<BCH, true>(sb, bb, p.b_ld, bok, bnc, br0, r0, ti.kend,
-                                  gb.q[0], lane);
-          else
-            copy_stage<BCH, false>(sb, bb, p.b_ld, bok, bnc, br0, r0, ti.kend,
-                                   gb.q[0], lane);
-        }
+        if (!ta || tail)
+          copy_operand<ACH>(p.a_gather, sa, ab, p.a_ld, aok, amc, ar0, r0,
+                            ti.kend, ga.q[0], lane);
+        if (!tb || tail)
+          copy_operand<BCH>(p.b_gather, sb, bb, p.b_ld, bok, bnc, br0, r0,
+                            ti.kend, gb.q[0], lane);
         /* the gathered rows of stage kt + ROW_PF: in flight while the
            stages between are copied */
         if (p.a_gather)
