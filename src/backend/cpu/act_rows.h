@@ -134,52 +134,35 @@ MOE_ACT_INLINE void moe_act_row_bwd(moe_act a, moe_activation kind,
   }
 }
 
+/// Every expert function, for the dispatchers below: each switch calls
+/// the row function with the member as a compile-time constant, so each
+/// member's loop is compiled on its own.
+#define MOE_ACT_EACH_KIND(X)                                                   \
+  X(MOE_ACT_SWIGLU)                                                            \
+  X(MOE_ACT_SWIGLU_CLAMP)                                                      \
+  X(MOE_ACT_GPT_OSS)                                                           \
+  X(MOE_ACT_SOFTCAP_SWIGLU)                                                    \
+  X(MOE_ACT_GEGLU)                                                             \
+  X(MOE_ACT_RELU2)
+
 /// The member's switch, once per row.
 static inline void moe_act_row_fwd_any(const moe_act *a, const moe_tensor *g,
                                        const moe_tensor *u, moe_tensor *h,
                                        int64_t r, int64_t I) {
-  switch (a->kind) {
-  case MOE_ACT_SWIGLU:
-    moe_act_row_fwd(*a, MOE_ACT_SWIGLU, g, u, h, r, I);
-    return;
-  case MOE_ACT_SWIGLU_CLAMP:
-    moe_act_row_fwd(*a, MOE_ACT_SWIGLU_CLAMP, g, u, h, r, I);
-    return;
-  case MOE_ACT_GPT_OSS:
-    moe_act_row_fwd(*a, MOE_ACT_GPT_OSS, g, u, h, r, I);
-    return;
-  case MOE_ACT_SOFTCAP_SWIGLU:
-    moe_act_row_fwd(*a, MOE_ACT_SOFTCAP_SWIGLU, g, u, h, r, I);
-    return;
-  case MOE_ACT_GEGLU: moe_act_row_fwd(*a, MOE_ACT_GEGLU, g, u, h, r, I); return;
-  case MOE_ACT_RELU2: moe_act_row_fwd(*a, MOE_ACT_RELU2, g, u, h, r, I); return;
-  }
+#define MOE_ACT_FWD_CASE(K)                                                    \
+  case K: moe_act_row_fwd(*a, K, g, u, h, r, I); return;
+  switch (a->kind) { MOE_ACT_EACH_KIND(MOE_ACT_FWD_CASE) }
+#undef MOE_ACT_FWD_CASE
 }
 
 static inline void moe_act_row_bwd_any(const moe_act *a, const moe_tensor *g,
                                        const moe_tensor *u,
                                        const moe_tensor *dh, moe_tensor *dg,
                                        moe_tensor *du, int64_t r, int64_t I) {
-  switch (a->kind) {
-  case MOE_ACT_SWIGLU:
-    moe_act_row_bwd(*a, MOE_ACT_SWIGLU, g, u, dh, dg, du, r, I);
-    return;
-  case MOE_ACT_SWIGLU_CLAMP:
-    moe_act_row_bwd(*a, MOE_ACT_SWIGLU_CLAMP, g, u, dh, dg, du, r, I);
-    return;
-  case MOE_ACT_GPT_OSS:
-    moe_act_row_bwd(*a, MOE_ACT_GPT_OSS, g, u, dh, dg, du, r, I);
-    return;
-  case MOE_ACT_SOFTCAP_SWIGLU:
-    moe_act_row_bwd(*a, MOE_ACT_SOFTCAP_SWIGLU, g, u, dh, dg, du, r, I);
-    return;
-  case MOE_ACT_GEGLU:
-    moe_act_row_bwd(*a, MOE_ACT_GEGLU, g, u, dh, dg, du, r, I);
-    return;
-  case MOE_ACT_RELU2:
-    moe_act_row_bwd(*a, MOE_ACT_RELU2, g, u, dh, dg, du, r, I);
-    return;
-  }
+#define MOE_ACT_BWD_CASE(K)                                                    \
+  case K: moe_act_row_bwd(*a, K, g, u, dh, dg, du, r, I); return;
+  switch (a->kind) { MOE_ACT_EACH_KIND(MOE_ACT_BWD_CASE) }
+#undef MOE_ACT_BWD_CASE
 }
 
 /// Partial sums of dS = <dA', A> (lane i % MOE_DOT_LANES takes element i),
@@ -256,32 +239,10 @@ moe_act_saved_rows_impl(const moe_act *a, moe_hrows h, const void *hpre,
     char *dhr = (char *)dhpre + (size_t)(r * h.ld) * es;
     float s; /* the router weight, in the 4 bytes after the dO row */
     memcpy(&s, (const char *)dop + (size_t)(r * lddo + H) * es, sizeof s);
-    switch (a->kind) {
-    case MOE_ACT_SWIGLU:
-      moe_act_row_saved(*a, MOE_ACT_SWIGLU, h, hr, dt, I, dr, s, ar, dhr,
-                        &ds[r]);
-      break;
-    case MOE_ACT_SWIGLU_CLAMP:
-      moe_act_row_saved(*a, MOE_ACT_SWIGLU_CLAMP, h, hr, dt, I, dr, s, ar, dhr,
-                        &ds[r]);
-      break;
-    case MOE_ACT_GPT_OSS:
-      moe_act_row_saved(*a, MOE_ACT_GPT_OSS, h, hr, dt, I, dr, s, ar, dhr,
-                        &ds[r]);
-      break;
-    case MOE_ACT_SOFTCAP_SWIGLU:
-      moe_act_row_saved(*a, MOE_ACT_SOFTCAP_SWIGLU, h, hr, dt, I, dr, s, ar,
-                        dhr, &ds[r]);
-      break;
-    case MOE_ACT_GEGLU:
-      moe_act_row_saved(*a, MOE_ACT_GEGLU, h, hr, dt, I, dr, s, ar, dhr,
-                        &ds[r]);
-      break;
-    case MOE_ACT_RELU2:
-      moe_act_row_saved(*a, MOE_ACT_RELU2, h, hr, dt, I, dr, s, ar, dhr,
-                        &ds[r]);
-      break;
-    }
+#define MOE_ACT_SAVED_CASE(K)                                                  \
+  case K: moe_act_row_saved(*a, K, h, hr, dt, I, dr, s, ar, dhr, &ds[r]); break;
+    switch (a->kind) { MOE_ACT_EACH_KIND(MOE_ACT_SAVED_CASE) }
+#undef MOE_ACT_SAVED_CASE
   }
 }
 
