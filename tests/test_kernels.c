@@ -301,6 +301,44 @@ static void test_stores(void) {
 
 /* ---- the dW band (C written from the kernel's registers) -------------- */
 
+/// C of a band case: `cb` holds old values of every class (fill_edge_c)
+/// and `want` the same bytes, for the kernel + store to write the expected
+/// result into; c and w point `shift` elements in; acc is the kernel's f32
+/// tile (mr rows of ld).
+typedef struct band_c {
+  size_t bytes;
+  uint8_t *cb, *want, *c, *w;
+  float *acc;
+} band_c;
+
+static band_c band_c_make(tu_rng *r, int64_t m, int64_t crs, moe_dtype ct,
+                          int64_t shift, int mr, int64_t ld) {
+  size_t es = moe_dtype_size(ct);
+  band_c bc;
+  bc.bytes = (size_t)(m * crs + 64) * es;
+  bc.cb = aligned_alloc(64, (bc.bytes + 63) / 64 * 64);
+  bc.want = malloc(bc.bytes);
+  fill_edge_c(r, bc.cb, bc.bytes / es, ct, 8);
+  memcpy(bc.want, bc.cb, bc.bytes);
+  bc.c = bc.cb + (size_t)shift * es;
+  bc.w = bc.want + (size_t)shift * es;
+  bc.acc = malloc(sizeof(float) * (size_t)(mr * ld));
+  return bc;
+}
+
+/// The band's C bit for bit against the kernel + store's (after the
+/// streaming stores are fenced), then frees bc.
+static void band_c_check(band_c *bc, const char *what) {
+#if defined(__x86_64__)
+  __builtin_ia32_sfence();
+#endif
+  CHECK(memcmp(bc->cb, bc->want, bc->bytes) == 0,
+        "%s differs from the kernel + store", what);
+  free(bc->cb);
+  free(bc->want);
+  free(bc->acc);
+}
+
 /// A set's bf16_band against its own kernel (first = 1) followed by its own
 /// store, bit for bit: m = 1..bmr rows, depths with and without a partial
 /// pair block (odd element depths), bands of whole and partial slivers,
@@ -328,7 +366,6 @@ static void test_bands(void) {
             int64_t kp = (depth + 1) / 2, kpa = (kp + akb - 1) / akb * akb;
             int64_t nsl = (nb + nr - 1) / nr, ld = nsl * nr, crs = nb + 41;
             moe_dtype ct = dt ? MOE_BF16 : MOE_F32;
-            size_t es = moe_dtype_size(ct);
             tu_case("band %s m=%d depth=%lld nb=%lld c=%s beta=%d stream=%d "
                     "offset=%d",
                     u->isa, m, (long long)depth, (long long)nb,
@@ -353,31 +390,19 @@ static void test_bands(void) {
               if (j >= nb) lo = hi = 0;       /* past the band */
               b[i] = lo | hi << 16;
             }
-            size_t cbytes = (size_t)(m * crs + 64) * es;
-            uint8_t *cb = aligned_alloc(64, (cbytes + 63) / 64 * 64);
-            uint8_t *want = malloc(cbytes);
-            fill_edge_c(&r, cb, cbytes / es, ct, 8);
-            memcpy(want, cb, cbytes);
-            uint8_t *c = cb + (size_t)shift * es,
-                    *w = want + (size_t)shift * es;
-            float *acc = malloc(sizeof(float) * (size_t)(mr * ld));
+            band_c bc = band_c_make(&r, m, crs, ct, shift, mr, ld);
+            uint8_t *c = bc.c, *w = bc.w;
+            float *acc = bc.acc;
             if (u->bf16_begin) u->bf16_begin();
             for (int64_t js = 0; js < nsl; js++)
               u->bf16(kp, a, b + js * kp * nr, acc + js * nr, ld, m, 1);
             u->store(acc, ld, m, nb, w, ct, crs, (float)beta, stream);
             u->bf16_band(kp, a, b, nb, m, c, ct, crs, (float)beta, stream);
             if (u->bf16_end) u->bf16_end();
-#if defined(__x86_64__)
-            __builtin_ia32_sfence();
-#endif
-            CHECK(memcmp(cb, want, cbytes) == 0,
-                  "band differs from the kernel + store");
+            band_c_check(&bc, "band");
             free(x);
             free(a);
             free(b);
-            free(cb);
-            free(want);
-            free(acc);
           }
   }
 }
@@ -427,28 +452,16 @@ static void test_f32_bands(void) {
               int64_t j = i % nr + i / (depth * nr) * nr;
               b[i] = j < nb ? (float)tu_uniform(&r) - 0.5f : 0.0f;
             }
-            size_t cbytes = (size_t)(m * crs + 64) * es;
-            uint8_t *cb = aligned_alloc(64, (cbytes + 63) / 64 * 64);
-            uint8_t *want = malloc(cbytes);
-            fill_edge_c(&r, cb, cbytes / es, ct, 8);
-            memcpy(want, cb, cbytes);
-            uint8_t *c = cb + (size_t)shift * es,
-                    *w = want + (size_t)shift * es;
-            float *acc = malloc(sizeof(float) * (size_t)(mr * ld));
+            band_c bc = band_c_make(&r, m, crs, ct, shift, mr, ld);
+            uint8_t *c = bc.c, *w = bc.w;
+            float *acc = bc.acc;
             for (int64_t js = 0; js < nsl; js++)
               u->f32(depth, a, b + js * depth * nr, acc + js * nr, ld, m, 1);
             u->store(acc, ld, m, nb, w, ct, crs, (float)beta, stream);
             u->f32_band(depth, a, b, nb, m, c, ct, crs, (float)beta, stream);
-#if defined(__x86_64__)
-            __builtin_ia32_sfence();
-#endif
-            CHECK(memcmp(cb, want, cbytes) == 0,
-                  "f32 band differs from the kernel + store");
+            band_c_check(&bc, "f32 band");
             free(a);
             free(b);
-            free(cb);
-            free(want);
-            free(acc);
           }
   }
 }
