@@ -10,9 +10,14 @@
 static void plan_usage(FILE *f) {
   fprintf(
       f, "usage: moe plan --preset NAME [--tokens N] [--dtype f32|bf16]\n"
-         "                [--layout out_in|in_out] [--threads N] [--explain]\n"
-         "                [--device cpu|cuda] [--gpu h100|h200] [--json]\n"
+         "                [--experts N] [--hidden N] [--intermediate N]\n"
+         "                [--top-k N] [--layout out_in|in_out] [--threads N]\n"
+         "                [--explain] [--device cpu|cuda] [--gpu h100|h200]\n"
+         "                [--json]\n"
          "\n"
+         "  --experts, --hidden, --intermediate, --top-k\n"
+         "               override the preset's shape; with all four given,\n"
+         "               no preset is needed (the shape is named \"custom\")\n"
          "  --gpu CARD   plan for a built-in card without a GPU (implies\n"
          "               --device cuda): the card's SM count, clock and rates\n"
          "               come from the built-in table\n"
@@ -59,6 +64,10 @@ int cmd_plan(int argc, char **argv) {
   moe_layout layout = MOE_LAYOUT_OUT_IN;
   bool explain = false, json = false, cuda = false, device_set = false;
   const char *gpu = NULL;
+  /* --experts, --hidden, --intermediate, --top-k: -1 keeps the preset's */
+  static const char *const shape_opt[4] = {"--experts", "--hidden",
+                                           "--intermediate", "--top-k"};
+  int64_t shape[4] = {-1, -1, -1, -1};
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
     if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
@@ -74,6 +83,13 @@ int cmd_plan(int argc, char **argv) {
         plan_usage(stderr);
         return CLI_USAGE;
       }
+      i++;
+    } else if (v && (!strcmp(a, shape_opt[0]) || !strcmp(a, shape_opt[1]) ||
+                     !strcmp(a, shape_opt[2]) || !strcmp(a, shape_opt[3]))) {
+      int j = 0;
+      while (strcmp(a, shape_opt[j]))
+        j++;
+      if (!cli_int(a, v, 1, 1 << 20, &shape[j])) return CLI_USAGE;
       i++;
     } else if (!strcmp(a, "--tokens") && v) {
       if (!cli_int("--tokens", v, 1, 1 << 24, &tokens)) return CLI_USAGE;
@@ -108,11 +124,23 @@ int cmd_plan(int argc, char **argv) {
       return CLI_USAGE;
     }
   }
-  if (!p) {
-    fprintf(stderr, "moe plan: --preset is required\n");
+  bool all_shape = shape[0] > 0 && shape[1] > 0 && shape[2] > 0 && shape[3] > 0;
+  if (!p && !all_shape) {
+    fprintf(stderr, "moe plan: --preset is required unless --experts, "
+                    "--hidden, --intermediate and --top-k are all given\n");
     plan_usage(stderr);
     return CLI_USAGE;
   }
+  /* the preset, with any dimension the options override */
+  cli_preset q = {"custom", 0, 0, 0, 0, 256, 1};
+  if (p) q = *p;
+  int64_t *dim[4] = {&q.E, &q.H, &q.I, &q.k};
+  for (int j = 0; j < 4; j++)
+    if (shape[j] > 0) {
+      *dim[j] = shape[j];
+      q.name = "custom";
+    }
+  p = &q;
   if (gpu && device_set && !cuda) {
     fprintf(stderr,
             "moe plan: --gpu %s plans for a CUDA card: it cannot go "
@@ -183,8 +211,10 @@ int cmd_plan(int argc, char **argv) {
     }
     printf("}\n");
   } else {
-    printf("%s, %lld tokens, %s, %s weights: gate_up -> %s, down -> %s\n",
-           p->name, (long long)d.max_tokens, moe_dtype_name(dt),
+    printf("%s (E=%lld H=%lld I=%lld top-%lld), %lld tokens, %s, %s weights: "
+           "gate_up -> %s, down -> %s\n",
+           p->name, (long long)p->E, (long long)p->H, (long long)p->I,
+           (long long)p->k, (long long)d.max_tokens, moe_dtype_name(dt),
            moe_layout_name(layout), m0, m1);
     if (gpu) printf("planned for %s (built-in table, no device)\n", gpu);
     printf("memory at %lld tokens:\n", (long long)d.max_tokens);

@@ -113,11 +113,41 @@ def main():
                   "Traceback" not in err and out == "",
                   "rc %d, stderr %r" % (rc, err))
 
-    for args, word in ((["--gpu", "h300"], "--gpu"),
+    # A shape without a preset (--experts/--hidden/--intermediate/--top-k),
+    # and one dimension overriding a preset's.
+    rc, out, err = run(moe, "--experts", "37", "--hidden", "200",
+                       "--intermediate", "93", "--top-k", "3", "--tokens",
+                       "301", "--json")
+    if check("custom shape: --json exits 0", rc == 0, err.strip()):
+        j = json.loads(out)
+        check("custom shape: JSON names it",
+              j["preset"] == "custom" and j["experts"] == 37 and
+              j["hidden"] == 200 and j["intermediate"] == 93 and
+              j["top_k"] == 3 and j["tokens"] == 301, out.strip())
+        check_sizes("custom shape", j)
+    rc, out, err = run(moe, "--preset", "qwen3-30b-a3b", "--intermediate",
+                       "1536", "--tokens", "257", "--json")
+    if check("preset with --intermediate: exits 0", rc == 0, err.strip()):
+        j = json.loads(out)
+        check("preset with --intermediate: the override, the rest kept",
+              j["preset"] == "custom" and j["intermediate"] == 1536 and
+              j["experts"] == 128 and j["hidden"] == 2048 and
+              j["top_k"] == 8, out.strip())
+        check_sizes("preset with --intermediate", j)
+    rc, out, err = run(moe, "--experts", "8", "--hidden", "64", "--top-k", "9",
+                       "--intermediate", "32")
+    check("top-k above experts: exit 1 naming top_k",
+          rc == 1 and "top_k" in err and out == "",
+          "rc %d, stderr %r" % (rc, err[:200]))
+
+    for args, word in ((["--hidden", "64"], "--preset"),
+                       (["--top-k", "0"], "--top-k"),
+                       (["--gpu", "h300"], "--gpu"),
                        (["--device", "tpu"], "--device"),
                        (["--device", "cpu", "--gpu", "h100"], "--device cpu"),
                        (["--gpu"], "--gpu")):
-        rc, out, err = run(moe, "--preset", "tiny", *args)
+        rc, out, err = run(moe, *([] if args[0] == "--hidden" else
+                                  ["--preset", "tiny"]), *args)
         check("usage error %s: exit 2 naming %s" % (" ".join(args), word),
               rc == 2 and word in err, "rc %d, stderr %r" % (rc, err[:200]))
     return check.finish()
