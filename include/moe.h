@@ -278,7 +278,7 @@ MOE_API const char *moe_activation_name(moe_activation a);
 MOE_API int moe_activation_has_gate(moe_activation a);
 
 #define MOE_LAYER_DESC_MAGIC 0x4d4f454cu /* "MOEL" */
-#define MOE_LAYER_DESC_VERSION 3u
+#define MOE_LAYER_DESC_VERSION 4u
 
 /// Describes an expert layer. Initialise with MOE_LAYER_DESC_INIT so that
 /// fields added in later versions get their defaults.
@@ -342,6 +342,15 @@ typedef struct moe_layer_desc {
   /// epilogue reads its columns at stride 2. 0 (default): gate first.
   /// Ignored without a gate.
   int gate_up_interleaved;
+  /// Version 4. 1: the backward may write into the `saved` buffer its
+  /// forward filled (the CUDA layer writes dH over the pre-activation H it
+  /// has read, so the backward's workspace holds no [T*k, 2I] buffer of its
+  /// own), and leaves it undefined: one backward per forward. 0 (default):
+  /// the backward only reads `saved`, which can serve another backward.
+  /// Gradients are bitwise the same either way. `moe plan` and
+  /// moe_layer_plan_pass_sizes report the smaller workspace; a backend that
+  /// has no use for the permission ignores it (the CPU layer does).
+  int backward_overwrites_saved;
 } moe_layer_desc;
 
 #define MOE_LAYER_DESC_INIT                                                    \
@@ -350,7 +359,7 @@ typedef struct moe_layer_desc {
         0, 0, 0, 0, 1, MOE_F32, MOE_LAYOUT_OUT_IN, MOE_LAYOUT_OUT_IN,          \
         MOE_GMM_AUTO, 0, 0, {MOE_DEVICE_CPU, 0}, NULL, MOE_TOPK_INVALID_ERROR, \
         NULL, MOE_EP_EXCHANGE_AUTO, 0.0, MOE_EP_OVERFLOW_ERROR, 0,             \
-        MOE_ACT_SWIGLU, 0.0f, 0.0f, 0.0f, 0.0f, 0                              \
+        MOE_ACT_SWIGLU, 0.0f, 0.0f, 0.0f, 0.0f, 0, 0                           \
   }
 
 /// Opaque plan: the chosen methods, sizes and reasons.

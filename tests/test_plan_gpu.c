@@ -13,7 +13,9 @@
 ///    S (max(I, C) + 2I) es + its small parts, MOE_CUDA_COLS=n sets C to n
 ///    and =0 to H (one pass), and passes never need more memory than one
 ///    pass; each shape's peak (saved + the larger pass workspace) is
-///    printed beside the one-pass peak.
+///    printed beside the one-pass peak;
+///  - desc.backward_overwrites_saved: the backward's workspace without its
+///    [T*k, 2I] dH buffer, the other sizes unchanged.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -99,6 +101,47 @@ static void test_cols(moe_layer_plan *plan, const int64_t *sh) {
          "%.3f GiB (saved %.3f, fwd %.3f, bwd %.3f); one pass %.3f GiB\n",
          (long long)C, (long long)H, pk / gib, z.saved / gib,
          z.fwd_workspace / gib, z.bwd_workspace / gib, pk1 / gib);
+}
+
+/// desc.backward_overwrites_saved: dH goes over H in `saved`, so the
+/// backward's workspace loses the [S, 2I] dH buffer and keeps room for the
+/// router's logits (T E (4 + es)) in its place; the saved bytes and the
+/// forward's and inference's workspaces do not change.
+static void test_overwrite(const int64_t *sh, const char *card) {
+  int64_t E = sh[0], I = sh[2], k = sh[3], T = sh[4], S = T * k;
+  tu_case("plan_gpu %s: backward_overwrites_saved E=%lld H=%lld I=%lld "
+          "k=%lld T=%lld",
+          card, (long long)E, (long long)sh[1], (long long)I, (long long)k,
+          (long long)T);
+  moe_layer_desc d = desc_of(sh, card);
+  moe_layer_sizes z[2];
+  for (int ow = 0; ow < 2; ow++) {
+    d.backward_overwrites_saved = ow;
+    moe_layer_plan *plan = NULL;
+    CHECK_STATUS(moe_layer_plan_create(&plan, &d), MOE_SUCCESS);
+    if (!plan) return;
+    CHECK_STATUS(moe_layer_plan_pass_sizes(plan, T, &z[ow]), MOE_SUCCESS);
+    moe_layer_plan_destroy(plan);
+  }
+  CHECK(z[0].saved == z[1].saved && z[0].fwd_workspace == z[1].fwd_workspace &&
+            z[0].infer_workspace == z[1].infer_workspace,
+        "overwriting saved changed the saved bytes or a forward workspace");
+  double dh = (double)S * 2.0 * (double)I * 2.0,
+         logits = (double)T * (double)E * 6.0 + 512.0;
+  double cut = (double)z[0].bwd_workspace - (double)z[1].bwd_workspace;
+  CHECK(cut >= dh - logits && cut <= dh,
+        "backward workspace %zu -> %zu: expected [S, 2I] (%.0f B) less, the "
+        "logits' %.0f B kept",
+        z[0].bwd_workspace, z[1].bwd_workspace, dh, logits);
+  double gib = 1024.0 * 1024.0 * 1024.0;
+  size_t pk[2];
+  for (int ow = 0; ow < 2; ow++)
+    pk[ow] = z[ow].saved + (z[ow].fwd_workspace > z[ow].bwd_workspace
+                                ? z[ow].fwd_workspace
+                                : z[ow].bwd_workspace);
+  printf("  peak (saved + larger workspace) %.3f GiB, %.3f GiB with the "
+         "backward overwriting saved\n",
+         pk[0] / gib, pk[1] / gib);
 }
 
 /// A device view at an address nothing may read (the call must refuse
@@ -242,6 +285,8 @@ int main(void) {
   for (size_t i = 0; i < sizeof grid / sizeof grid[0]; i++)
     test_card(grid[i], i % 2 ? "h200" : "h100");
   test_card(grid[0], "H100"); /* any case */
+  for (size_t i = 0; i < sizeof grid / sizeof grid[0]; i++)
+    test_overwrite(grid[i], i % 2 ? "h100" : "h200");
   test_act_sizes(grid[0], "h100");
   test_act_sizes(grid[7], "h200");
 

@@ -76,6 +76,17 @@ class _Plan:
 # it; see bench/NOTES.md.
 workspace_at_capacity = False
 
+# The backward writes its dH over the forward's saved pre-activation
+# (desc.backward_overwrites_saved), so it holds no [T*k, 2I] buffer of its
+# own (issue 16's activation memory), and then bumps the saved tensor's
+# version: a second backward through the same graph (retain_graph=True)
+# fails with autograd's in-place error instead of reading overwritten
+# bytes (a compiled graph refuses retain_graph anyway: its saved buffers
+# are donated). Gradients are bitwise the same either way. False: the
+# backward leaves `saved` intact, at the cost of that buffer. Read when
+# each forward runs (under torch.compile, when it is traced).
+overwrite_saved = True
+
 # key -> plans of growing capacity (each twice the one before, or more)
 _plans: dict = {}
 _plans_lock = threading.Lock()
@@ -93,19 +104,22 @@ def _capacity_for(tokens: int) -> int:
 
 def _plan_for(hidden_shape, k, gu, dn, dtype, device, invalid,
               act=(L.MOE_ACT_SWIGLU, 0.0, 0.0, 0.0, 0.0),
-              interleaved=False) -> _Plan:
+              interleaved=False, overwrite=False) -> _Plan:
     """The plan for (shapes, dtype, layouts, device, policy, activation),
     whatever the token count: the smallest-capacity plan of that key that
     holds T, else a new one for the next power of two >= T (at least
     _MIN_CAPACITY). A trainer whose T varies step to step makes O(log T)
     plans, not one per T; and the forward and backward of one step pick the
     same plan (plans are only ever added above every capacity the key
-    already has)."""
+    already has). `overwrite`: the plan's desc.backward_overwrites_saved
+    (the forward asks with the value its backward will use, so that both
+    take one plan)."""
     T, H = int(hidden_shape[0]), int(hidden_shape[1])
     E, I2 = int(gu.shape[0]), 2 * int(dn.shape[2])
     dev = L.device_of(device)
     key = (H, E, I2, int(k), dtype, L.layout_of(gu), L.layout_of(dn),
-           dev.type, dev.index, invalid, tuple(act), bool(interleaved))
+           dev.type, dev.index, invalid, tuple(act), bool(interleaved),
+           bool(overwrite))
     with _plans_lock:
         ps = _plans.get(key)
         if ps is not None:
@@ -127,6 +141,7 @@ def _plan_for(hidden_shape, k, gu, dn, dtype, device, invalid,
         d.act_alpha, d.act_limit, d.act_gate_cap, d.act_up_cap = (
             float(v) for v in act[1:])
         d.gate_up_interleaved = int(bool(interleaved))
+        d.backward_overwrites_saved = int(bool(overwrite))
         p = _Plan(d)
         if ps is None:
             if len(_plans) >= _MAX_PLANS:
@@ -227,7 +242,7 @@ def _experts_fwd(hidden: torch.Tensor, top_k_index: torch.Tensor,
     dev = hidden.device
     p = _plan_for(hidden.shape, top_k_index.shape[1], gate_up_proj, down_proj,
                   hidden.dtype, dev, invalid, _act_of(act, act_params),
-                  interleaved and gate)
+                  interleaved and gate, overwrite_saved)
     out = torch.empty((T, H), dtype=hidden.dtype, device=dev)
     sz = p.sizes(T)
     # `saved` is an op output, so every byte must be defined
@@ -263,7 +278,8 @@ def _(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, invalid,
                    gate, gate_up_bias, down_bias)
     p = _plan_for(hidden.shape, top_k_index.shape[1], gate_up_proj, down_proj,
                   hidden.dtype, hidden.device, invalid,
-                  _act_of(act, act_params), interleaved and gate)
+                  _act_of(act, act_params), interleaved and gate,
+                  overwrite_saved)
     out = hidden.new_empty(hidden.shape, dtype=hidden.dtype).contiguous()
     saved_bytes = p.sizes(int(hidden.shape[0])).saved
     return out, hidden.new_empty((saved_bytes,), dtype=torch.uint8)
@@ -282,8 +298,8 @@ def _no_grad_like(t: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor:
     "libmoe::experts_bwd", mutates_args=(),
     schema="(Tensor grad_out, Tensor hidden, Tensor top_k_index, "
     "Tensor top_k_weights, Tensor gate_up_proj, Tensor down_proj, "
-    "Tensor saved, int invalid, " + _EXTRA + ") -> (Tensor, Tensor, Tensor, "
-    "Tensor, Tensor, Tensor)")
+    "Tensor saved, int invalid, " + _EXTRA + ", bool overwrite=False) -> "
+    "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 def _experts_bwd(grad_out: torch.Tensor, hidden: torch.Tensor,
                  top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                  gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
@@ -291,14 +307,21 @@ def _experts_bwd(grad_out: torch.Tensor, hidden: torch.Tensor,
                  gate_up_bias: torch.Tensor | None = None,
                  down_bias: torch.Tensor | None = None, act: int = 0,
                  act_params: list[float] | None = None,
-                 interleaved: bool = False
+                 interleaved: bool = False, overwrite: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                             torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward. With `overwrite` its plan has
+    desc.backward_overwrites_saved: the layer may write dH over the
+    pre-activation in `saved`, which is undefined afterwards (the
+    autograd formula below then bumps its version counter). The schema
+    does not declare that write: `saved` is a forward output, and
+    AOTAutograd's partitioner refuses a backward that mutates one; nothing
+    but this op ever reads it."""
     dev = hidden.device
     gate = act not in _NO_GATE
     p = _plan_for(hidden.shape, top_k_index.shape[1], gate_up_proj, down_proj,
                   hidden.dtype, dev, invalid, _act_of(act, act_params),
-                  interleaved and gate)
+                  interleaved and gate, overwrite)
     g_hidden = _like(hidden)
     g_w = _like(top_k_weights)
     g_gu = _like(gate_up_proj)
@@ -337,7 +360,7 @@ def _experts_bwd(grad_out: torch.Tensor, hidden: torch.Tensor,
 @_experts_bwd.register_fake
 def _(grad_out, hidden, top_k_index, top_k_weights, gate_up_proj, down_proj,
       saved, invalid, gate_up_bias=None, down_bias=None, act=0,
-      act_params=None, interleaved=False):
+      act_params=None, interleaved=False, overwrite=False):
     return (_like(hidden), _like(top_k_weights), _like(gate_up_proj),
             _like(down_proj), _no_grad_like(gate_up_bias, hidden),
             _no_grad_like(down_bias, hidden))
@@ -348,6 +371,7 @@ def _experts_setup(ctx, inputs, output):
      interleaved) = inputs
     ctx.invalid, ctx.act, ctx.act_params = invalid, act, act_params
     ctx.interleaved = interleaved
+    ctx.overwrite = overwrite_saved  # the forward's plan was made with it
     ctx.has_bgu, ctx.has_bdn = bgu is not None, bdn is not None
     ctx.save_for_backward(hidden, idx, w, gu, dn, output[1], bgu, bdn)
 
@@ -356,7 +380,11 @@ def _experts_backward(ctx, grad_out, _grad_saved):
     hidden, idx, w, gu, dn, saved, bgu, bdn = ctx.saved_tensors
     gh, gw, ggu, gdn, gbgu, gbdn = torch.ops.libmoe.experts_bwd(
         grad_out, hidden, idx, w, gu, dn, saved, ctx.invalid, bgu, bdn,
-        ctx.act, ctx.act_params, ctx.interleaved)
+        ctx.act, ctx.act_params, ctx.interleaved, ctx.overwrite)
+    if ctx.overwrite:
+        # `saved` now holds dH: a second backward through this graph
+        # (retain_graph=True) fails with autograd's in-place error
+        torch.autograd.graph.increment_version(saved)
     return (gh, None, gw, ggu, gdn, None,
             gbgu if ctx.has_bgu else None, gbdn if ctx.has_bdn else None,
             None, None, None)

@@ -101,6 +101,10 @@ moe_status moe_layer_desc_check(const moe_layer_desc *d) {
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "desc.gate_up_interleaved = %d: 0 or 1",
                      d->gate_up_interleaved);
+  if (d->backward_overwrites_saved != 0 && d->backward_overwrites_saved != 1)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc.backward_overwrites_saved = %d: 0 or 1",
+                     d->backward_overwrites_saved);
   /* Sizes the buffers are computed from must not overflow. */
   int64_t r, i2, hi, x, y;
   if (!moe_mul_ok(2, d->intermediate, &i2) || !moe_add_ok(d->hidden, i2, &hi) ||

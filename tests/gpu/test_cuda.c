@@ -19,7 +19,9 @@
 ///     loop in strict mode must fail with MOE_ERR_STRICT. Every byte of
 ///     `saved` written by the forward: prefilled 0x00 and 0xff, the bytes
 ///     and the backward's bits equal (plans for more tokens than T, odd
-///     sizes, dropped slots).
+///     sizes, dropped slots). With desc.backward_overwrites_saved (dH
+///     over H in `saved`), unfused and fused: every result bitwise the
+///     run's that leaves `saved` intact.
 ///  3. Sizes and planning: the saved bytes stay within the bound
 ///     T*k*2I*es + 16*T*k + 64*E at several shapes and token counts, on the
 ///     device and offline (desc.plan_gpu); offline plans refuse to run; the
@@ -38,6 +40,8 @@ static bool g_sm90;  /* --sm90: only the Hopper kernel's GEMM cases */
 static int g_fused_differs;
 /* tensors whose bits differ between hidden-column passes and one pass */
 static int g_cols_differs, g_cols_runs;
+/* desc.backward_overwrites_saved for the plans run_layer makes */
+static int g_overwrite;
 /* test_saved_bytes: plans made for g_cap tokens (when above T), `saved`
    prefilled with the byte g_sv_fill (when >= 0) and copied back to g_sv */
 static int64_t g_cap;
@@ -537,6 +541,7 @@ static moe_layer_desc desc_of(const lcase *c, bool cuda, moe_gmm_method m,
      sync, which strict mode refuses; these indices are all in range */
   if (strict || c->pattern == 2) d.invalid_topk = MOE_TOPK_INVALID_DROP;
   if (cuda) d.device.type = MOE_DEVICE_CUDA;
+  d.backward_overwrites_saved = g_overwrite;
   return d;
 }
 
@@ -693,6 +698,35 @@ static void describe(const lcase *c, const char *what) {
           c->pattern);
 }
 
+/// Every output and gradient of `b` bitwise `a`'s.
+static void same_bits(const lres *a, const lres *b, const char *what) {
+  CHECK_STATUS(b->fs, MOE_SUCCESS);
+  CHECK_STATUS(b->bs, MOE_SUCCESS);
+  for (int i = 0; i < R_N && a->bs == MOE_SUCCESS && b->bs == MOE_SUCCESS;
+       i++) {
+    if (!a->v[i] || !b->v[i]) continue;
+    int64_t at = tu_first_diff(a->v[i], b->v[i], a->n[i]);
+    CHECK(at < 0, "%s differs bitwise %s at %lld", rnames[i], what,
+          (long long)at);
+  }
+}
+
+/// desc.backward_overwrites_saved (dH written over H in `saved`): every
+/// output and gradient bitwise `ref`'s (a run of the same path leaving
+/// `saved` intact).
+static void overwrite_case(const lcase *c, const lbufs *hb, const lres *ref,
+                           const char *path) {
+  lres ow;
+  char what[96];
+  snprintf(what, sizeof what, "%s, the backward overwriting saved", path);
+  g_overwrite = 1;
+  describe(c, what);
+  run_layer(c, hb, true, MOE_GMM_GROUPED, 1, true, &ow);
+  g_overwrite = 0;
+  same_bits(ref, &ow, "with the backward overwriting saved");
+  lres_free(&ow);
+}
+
 static void layer_case(const lcase *c, uint64_t seed) {
   lbufs hb;
   lbufs_make(c, seed, &hb);
@@ -741,6 +775,7 @@ static void layer_case(const lcase *c, uint64_t seed) {
           (long long)at);
   }
   lres_free(&gpu2);
+  overwrite_case(c, &hb, &gpu, "cuda grouped strict");
   /* the sm_90a fused epilogues (opt-in, MOE_CUDA_FUSE=1) against the
      default unfused path: the forward bitwise (SwiGLU in gate_up's
      epilogue computes A from H as stored); the fused backward against the
@@ -754,6 +789,8 @@ static void layer_case(const lcase *c, uint64_t seed) {
     run_layer(c, &hb, true, MOE_GMM_GROUPED, 1, true, &fus);
     describe(c, "cuda grouped strict, epilogues fused, rerun");
     run_layer(c, &hb, true, MOE_GMM_GROUPED, 1, false, &fus2);
+    /* the dH epilogue reads H into registers before it stores dH */
+    overwrite_case(c, &hb, &fus, "cuda grouped strict, epilogues fused");
     unsetenv("MOE_CUDA_FUSE");
     describe(c, "cuda grouped strict, epilogues fused");
     CHECK_STATUS(fus.fs, MOE_SUCCESS);

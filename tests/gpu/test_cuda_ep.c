@@ -31,7 +31,9 @@
 /// and its intervals are checked: every chunk's dispatch and combine on the
 /// exchange stream, its GEMMs on the caller's, each interval ordered. Capacity
 /// mode refuses chunks (every rank), and an out-of-range ep_chunks fails
-/// the plan.
+/// the plan. With desc.backward_overwrites_saved (dH written over the
+/// received rows' H in `saved`) the exact exchange in 1 and 2 chunks must
+/// be bitwise equal to one chunk without it.
 #include <cuda_runtime_api.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -198,9 +200,10 @@ typedef struct job {
   moe_status drop_st; /* its status */
   struct gctx *g;     /* non-NULL: capture the step in one CUDA graph */
   int rank, P;
-  int chunks;   /* desc.ep_chunks */
-  int timeline; /* 1: record and check the timeline of this rank */
-  int tl_bad;   /* what the timeline check found wrong (0: nothing) */
+  int chunks;    /* desc.ep_chunks */
+  int overwrite; /* desc.backward_overwrites_saved */
+  int timeline;  /* 1: record and check the timeline of this rank */
+  int tl_bad;    /* what the timeline check found wrong (0: nothing) */
   char tl_msg[200];
 } job;
 
@@ -224,7 +227,8 @@ static struct {
   double factor;
   moe_ep_overflow ovf;
   gctx *g;
-  int chunks; /* desc.ep_chunks */
+  int chunks;    /* desc.ep_chunks */
+  int overwrite; /* desc.backward_overwrites_saved */
 } g_opt;
 
 /// The inputs, and (dpoison) the poisoned buffers, are written on the
@@ -402,6 +406,7 @@ static void *job_run(void *arg) {
   d.ep_capacity_factor = j->factor;
   d.ep_overflow = j->ovf;
   d.ep_chunks = j->chunks;
+  d.backward_overwrites_saved = j->overwrite;
   moe_layer_plan *plan = NULL;
   j->plan_st = moe_layer_plan_create(&plan, &d);
   j->fwd_st = j->bwd_st = MOE_ERR_INTERNAL;
@@ -579,6 +584,7 @@ static void run_case(const epcase *c, int P, moe_comm **comms,
     j.ovf = g_opt.ovf;
     j.g = P > 1 ? g_opt.g : NULL;
     j.chunks = P > 1 ? g_opt.chunks : 0;
+    j.overwrite = P > 1 ? g_opt.overwrite : 0;
     j.timeline = P > 1 && q == P - 1 && g_opt.chunks > 0;
     j.rank = q;
     j.P = P;
@@ -788,6 +794,16 @@ static void ep_case(const epcase *c, int P, moe_comm **comms, uint64_t seed) {
               (unsigned long long)seed, ch);
       ep_compare_ex(c, P, comms, &h, &ref, 0, NULL, MOE_SUCCESS, &one, NULL);
     }
+    /* desc.backward_overwrites_saved on the ranks (dH over the received
+       rows' H in `saved`): bitwise one chunk's results, in 1 and 2 chunks */
+    g_opt.overwrite = 1;
+    for (int ch = 1; ch <= 2 && ch <= c->E / P; ch++) {
+      g_opt.chunks = ch;
+      tu_case("%s seed=%llu exchange=exact chunks=%d overwrite_saved", line,
+              (unsigned long long)seed, ch);
+      ep_compare_ex(c, P, comms, &h, &ref, 0, NULL, MOE_SUCCESS, &one, NULL);
+    }
+    g_opt.overwrite = 0;
     g_opt.chunks = 0;
     res_free(&one);
   }

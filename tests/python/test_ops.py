@@ -301,6 +301,50 @@ def test_workspace_at_capacity():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_overwrite_saved(dtype):
+    """libmoe.torch.overwrite_saved (the default: the backward writes dH over
+    the forward's saved pre-activation, desc.backward_overwrites_saved)
+    changes no bit of the output or any gradient, with biases and dropped
+    slots too; the op that does it declares the mutation, so a second
+    backward through the graph (retain_graph=True) raises autograd's
+    in-place error instead of reading overwritten bytes, while with
+    overwrite_saved off it runs and gives the same gradients again."""
+    t, e, k = 43, 6, 3
+    gu, dn = weights("in_out", dtype, e=e)
+    idx, w = routing("random", t=t, e=e, k=k, seed=13)
+    idx = idx.clone()
+    idx[::5, 1] = -1  # dropped slots
+    g = torch.Generator().manual_seed(13)
+    x0 = (torch.rand((t, H), generator=g) - 0.5).to(DEVICE, dtype)
+    bgu = ((torch.rand((e, 2 * I), generator=g) - 0.5) * 0.2).to(DEVICE, dtype)
+    bdn = ((torch.rand((e, H), generator=g) - 0.5) * 0.2).to(DEVICE, dtype)
+    res = []
+    for ow in (False, True):
+        lt.overwrite_saved = ow
+        try:
+            x = x0.clone().requires_grad_()
+            wr = w.clone().requires_grad_()
+            bg, bd = bgu.clone().requires_grad_(), bdn.clone().requires_grad_()
+            y = lt.experts(x, idx, wr, gu, dn, invalid_topk="drop",
+                           gate_up_bias=bg, down_bias=bd)
+            loss = (y.float() * y.float()).sum()
+            leaves = (x, wr, gu, dn, bg, bd)
+            grads = torch.autograd.grad(loss, leaves, retain_graph=True)
+            if ow:
+                with pytest.raises(RuntimeError, match="inplace"):
+                    torch.autograd.grad(loss, leaves)
+            else:
+                again = torch.autograd.grad(loss, leaves)
+                for a, b in zip(grads, again):
+                    assert torch.equal(a, b)
+        finally:
+            lt.overwrite_saved = True
+        res.append((y.detach(),) + grads)
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+
+
 def test_plan_create_cost():
     """Creating a plan costs under 100 us of process CPU time (median of
     200, the Qwen3-30B-A3B layer at a 16k-token capacity; the machine is

@@ -357,6 +357,11 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
                          : "the pre-activation H [T*k, 2I] and the routing "
                            "metadata",
                sz.fwd_workspace, sz.bwd_workspace, sz.infer_workspace);
+  if (d.backward_overwrites_saved)
+    moe_plan_say(p, len,
+                 "the backward writes dH over H in `saved` "
+                 "(desc.backward_overwrites_saved): no [T*k, 2I] dH buffer "
+                 "of its own, one backward per forward\n");
   if (ranks == 1) {
     int64_t cols = moe_cu_cols(p);
     if (cols < d.hidden)
@@ -450,6 +455,10 @@ static moe_status moe_cuda_floor(const moe_layer_plan *plan, int backward,
 /// r1 = dA' [S, I], made A' = s A in place, later dXp [S, C]; r2 = dH
 /// [S, 2I], later the router's logits and dlogits [T, E]; with the loop
 /// method a gathered copy of dO (down) or X (gate_up), one after the other.
+/// With desc.backward_overwrites_saved, dH is written over H in `saved`
+/// (the activation pass reads each H element before writing its dH, in the
+/// same thread, and nothing reads H after it) and r2 holds the logits
+/// alone: the backward's peak loses S 2I es.
 ///
 /// C (moe_cu_cols) is the hidden columns of Y and of dXp made per pass: the
 /// down product and the unpermute (forward), the dX product of gate_up and
@@ -477,8 +486,9 @@ static moe_status moe_cuda_floor(const moe_layer_plan *plan, int backward,
 /// nor in H's when training (the backward reads H); dXp cannot overlay dH
 /// (the dX product reads dH while writing dXp, dW_gu reads it after). So
 /// the workspace is S (I + C) es forward and S (max(I, C) + 2I) es
-/// backward (plus small parts): with one pass (C = H) the backward's
-/// S (H + 2I) es sets the peak, and C is what is left to trade.
+/// backward (plus small parts; S max(I, C) es when dH overwrites H): with
+/// one pass (C = H) the backward's S (H + 2I) es sets the peak, and C is
+/// what is left to trade.
 typedef struct moe_cu_lay {
   /* saved (in `saved`, or at isv in an inference workspace) */
   size_t h, offsets, idx, w, slot_row, row_token, saved;
@@ -507,16 +517,16 @@ static size_t moe_cu_take(size_t *at, size_t bytes);
 /// C, the hidden columns of Y and dXp per pass (see moe_cu_lay): H, unless
 /// MOE_CUDA_COLS says otherwise ("0": H; n: n rounded up to a multiple of
 /// 8) or, for bf16 on the sm_90a kernels, the model says that passes cost
-/// under 2% of the layer's fwd+bwd. Passes re-read the product's input
+/// under 2% of the two projections' fwd+bwd as the planner predicts it.
+/// Passes re-read the product's input
 /// (A in the forward, dH in the backward) once each, per row
 ///   down:      max(2 I H / F, es (P I + H) / B)
 ///   gate_up dX: max(4 I H / F, es (2 P I + H) / B)
 /// (F the grouped kernel's rate, B the bandwidth, P passes), plus
-/// MOE_CU_PASS_S per product and extra pass, against the layer's
-/// 18 I H / F per row; P doubles while that holds and C = H / P, rounded up
-/// to 256 (the widest tile), stays >= max(I, 256) (below I the backward's
-/// dA' room sets the peak). Depends on the plan only (max_tokens), not on
-/// T, so workspace sizes grow with T.
+/// MOE_CU_PASS_S per product and extra pass; P doubles while that holds
+/// and C = H / P, rounded up to 256 (the widest tile), stays >= max(I, 256)
+/// (below I the backward's dA' room sets the peak). Depends on the plan only
+/// (max_tokens), not on T, so workspace sizes grow with T.
 static int64_t moe_cu_cols(const moe_layer_plan *p) {
   const moe_layer_desc *d = &p->d;
   int64_t H = d->hidden, I = d->intermediate;
@@ -538,7 +548,15 @@ static int64_t moe_cu_cols(const moe_layer_plan *p) {
   if (!(F > 0) || !(B > 0)) return H;
   double i = (double)I, h = (double)H, esd = (double)es,
          S = (double)(d->max_tokens * d->top_k);
-  double layer = S * 18.0 * i * h / F;
+  /* the budget: 2% of the planner's predicted fwd+bwd of the two
+     projections with the plan's methods (the dW products at their own,
+     lower rate included), or of 18 I H / F a row if it predicts none */
+  double layer = 0.0;
+  for (int proj = 0; proj < 2; proj++) {
+    moe_proj_cost pc = moe_cu_predict(p, proj, p->method[proj]);
+    if (pc.supported) layer += 1e-3 * (pc.fwd_ms + pc.bwd_ms);
+  }
+  if (!(layer > 0.0)) layer = S * 18.0 * i * h / F;
   double base = S * (fmax(2.0 * i * h / F, esd * (i + h) / B) +
                      fmax(4.0 * i * h / F, esd * (2.0 * i + h) / B));
   int64_t best = H, lo = I > 256 ? I : 256;
@@ -619,7 +637,11 @@ static void moe_cu_lay_of(const moe_layer_plan *p, int64_t T, bool infer,
   L->loop = moe_cu_take(&at, loop0 || loop1 ? S * H * es : 0);
   L->r1 = moe_cu_take(&at, S * moe_cu_max(I, C) * es);
   size_t lg = (tE * 4 + 255u) & ~(size_t)255u;
-  L->r2 = moe_cu_take(&at, moe_cu_max(S * W * es, lg + tE * es));
+  /* dH goes over H in `saved` when the backward may overwrite it: r2 then
+     holds the router's logits alone */
+  L->r2 = moe_cu_take(&at, d->backward_overwrites_saved
+                               ? lg + tE * es
+                               : moe_cu_max(S * W * es, lg + tE * es));
   L->blogits = L->r2;
   L->dl = L->r2 + lg;
   L->bws = at;
@@ -697,7 +719,8 @@ static void moe_cu_bufs_of(const moe_layer_plan *p, int64_t T, moe_cu_bufs *b) {
   at = 0;
   b->dy = moe_cu_take(&at, S * H * 4); /* dY, then dXp (f32 at most) */
   b->dh = moe_cu_take(&at, Rl * I * es);
-  b->dab = moe_cu_take(&at, Rl * 2 * I * es);
+  /* dH over H (ab, in `saved`) when the backward may overwrite it */
+  b->dab = moe_cu_take(&at, d->backward_overwrites_saved ? 0 : Rl * 2 * I * es);
   b->dw = moe_cu_take(&at, S * 4);
   b->dl = moe_cu_take(&at, (size_t)T * E * 4);
   b->blogits = moe_cu_take(&at, (size_t)T * E * 4);
@@ -757,6 +780,15 @@ typedef struct moe_cu_exec {
 } moe_cu_exec;
 
 static char *moe_cu_at(void *base, size_t off) { return (char *)base + off; }
+
+/// Expert parallelism: where the backward writes dH [Rl, 2I]: over H (ab,
+/// in `saved`) when desc.backward_overwrites_saved allows, else its own
+/// workspace buffer.
+static char *moe_cu_dab(const moe_layer_plan *p, const moe_cu_bufs *b, char *sv,
+                        char *ws) {
+  return p->d.backward_overwrites_saved ? moe_cu_at(sv, b->ab)
+                                        : moe_cu_at(ws, b->dab);
+}
 
 static moe_cu_view moe_cu_view_of(const moe_tensor *t) {
   moe_cu_view v = {t->data, t->dtype, t->stride[0], t->stride[1]};
@@ -1361,7 +1393,7 @@ static moe_status moe_cu_bwd_rows_ep(moe_cu_exec *xc,
   moe_dtype dt = d->dtype;
   size_t es = moe_dtype_size(dt);
   char *ab = moe_cu_at(sv, b->ab), *dyc = moe_cu_at(ws, b->bdyr),
-       *ap = moe_cu_at(ws, b->dh), *dab = moe_cu_at(ws, b->dab);
+       *ap = moe_cu_at(ws, b->dh), *dab = moe_cu_dab(xc->p, b, sv, ws);
   const int32_t *iota = (const int32_t *)moe_cu_at(ws, b->biota) + r0;
   const int32_t *rexp = (const int32_t *)moe_cu_at(ws, b->brexp) + r0;
   float *rwr = (float *)moe_cu_at(ws, b->brwr),
@@ -1397,14 +1429,14 @@ static moe_status moe_cu_bwd_rows_ep(moe_cu_exec *xc,
 static moe_status moe_cu_bias_grads_ep(moe_cu_exec *x,
                                        const moe_layer_bwd_args *args,
                                        const moe_call *c, const moe_cu_bufs *b,
-                                       char *ws) {
+                                       char *sv, char *ws) {
   const moe_layer_desc *d = &x->p->d;
   cudaStream_t st = x->ctx.stream;
   int64_t H = d->hidden, I = d->intermediate, El = x->p->e_local;
   moe_dtype dt = d->dtype;
   moe_biases gb;
   moe_layer_bias_grads(x->p, args, &gb);
-  char *dab = moe_cu_at(ws, b->dab);
+  char *dab = moe_cu_dab(x->p, b, sv, ws);
   if (!moe_tensor_absent(&gb.down)) {
     moe_cu_view dv = {moe_cu_at(ws, b->bdyr), dt, H, 1};
     moe_cu_view gd = moe_cu_view_of(&gb.down);
@@ -1483,7 +1515,7 @@ static moe_status moe_cu_backward_chunks(moe_cu_exec *x,
     }
   }
   /* the bias gradients run beside the last combine */
-  moe_status s = moe_cu_bias_grads_ep(x, args, c, b, ws);
+  moe_status s = moe_cu_bias_grads_ep(x, args, c, b, sv, ws);
   moe_status wj = moe_cu_ep_combine_wait(ep, st);
   MOE_TRY(s);
   MOE_TRY(wj);
@@ -1562,7 +1594,7 @@ moe_cu_backward_run_ep(moe_cu_exec *x, const moe_layer_bwd_args *args,
      stream, beside the bias gradients (which need neither) */
   MOE_TRY(moe_cu_ep_combine_async(cp->ep, meta, dxp, rb, stage, send, st));
   MOE_TRY(moe_cu_ep_combine_async(cp->ep, meta, dsr, 4, stage4, dsrow, st));
-  s = moe_cu_bias_grads_ep(x, args, c, b, ws);
+  s = moe_cu_bias_grads_ep(x, args, c, b, sv, ws);
   moe_status wj = moe_cu_ep_combine_wait(cp->ep, st);
   MOE_TRY(s);
   MOE_TRY(wj);
@@ -1743,7 +1775,11 @@ static moe_status moe_cu_backward_one(moe_cu_exec *x,
   const float *w = (const float *)(sv + L->w);
   const int32_t *slot_row = (const int32_t *)(sv + L->slot_row);
   const char *hb = sv + L->h;
-  char *r1 = moe_cu_at(ws, L->r1), *r2 = moe_cu_at(ws, L->r2);
+  char *r1 = moe_cu_at(ws, L->r1);
+  /* dH: over H (read by the activation pass before it is written, element
+     by element in the same thread) when desc.backward_overwrites_saved
+     allows, else r2 */
+  char *r2 = d->backward_overwrites_saved ? (char *)hb : moe_cu_at(ws, L->r2);
   float *ds = (float *)moe_cu_at(ws, L->ds);
   x->offsets = (const int64_t *)(sv + L->offsets);
   x->rows = S;
