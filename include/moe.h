@@ -475,7 +475,9 @@ MOE_API moe_status moe_layer_forward(moe_layer_plan *plan,
                                      void *workspace, size_t workspace_bytes,
                                      void *stream);
 
-/// Runs the backward from the `saved` buffer its forward filled.
+/// Runs the backward from the `saved` buffer its forward filled. `saved` is
+/// only read, unless the plan's desc.backward_overwrites_saved lets the
+/// backward write into it (then it is undefined afterwards).
 MOE_API moe_status moe_layer_backward(moe_layer_plan *plan,
                                       const moe_layer_bwd_args *args,
                                       const void *saved, size_t saved_bytes,

@@ -53,6 +53,16 @@ static void test_overflow(void) {
   CHECK_ERROR(moe_layer_plan_create(&p, &d), MOE_ERR_INVALID_ARGUMENT,
               "overflow");
 
+  tu_case("desc.backward_overwrites_saved: 0 or 1");
+  d = small_desc();
+  d.backward_overwrites_saved = 2;
+  CHECK_ERROR(moe_layer_plan_create(&p, &d), MOE_ERR_INVALID_ARGUMENT,
+              "desc.backward_overwrites_saved");
+  CHECK(p == NULL, "a failed plan_create left a plan");
+  d.backward_overwrites_saved = -1;
+  CHECK_ERROR(moe_layer_plan_create(&p, &d), MOE_ERR_INVALID_ARGUMENT,
+              "desc.backward_overwrites_saved");
+
   tu_case("overflow: plan sizes past max_tokens");
   d = small_desc();
   CHECK_STATUS(moe_layer_plan_create(&p, &d), MOE_SUCCESS);
