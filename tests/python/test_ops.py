@@ -303,8 +303,8 @@ def test_workspace_at_capacity():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_overwrite_saved(dtype):
-    """libmoe.torch.overwrite_saved (the default: the backward writes dH over
-    the forward's saved pre-activation, desc.backward_overwrites_saved)
+    """libmoe.torch.overwrite_saved (the backward writes dH over the
+    forward's saved pre-activation, desc.backward_overwrites_saved)
     changes no bit of the output or any gradient, with biases and dropped
     slots too; the op that does it declares the mutation, so a second
     backward through the graph (retain_graph=True) raises autograd's
@@ -320,6 +320,7 @@ def test_overwrite_saved(dtype):
     bgu = ((torch.rand((e, 2 * I), generator=g) - 0.5) * 0.2).to(DEVICE, dtype)
     bdn = ((torch.rand((e, H), generator=g) - 0.5) * 0.2).to(DEVICE, dtype)
     res = []
+    keep = lt.overwrite_saved
     for ow in (False, True):
         lt.overwrite_saved = ow
         try:
@@ -339,7 +340,7 @@ def test_overwrite_saved(dtype):
                 for a, b in zip(grads, again):
                     assert torch.equal(a, b)
         finally:
-            lt.overwrite_saved = True
+            lt.overwrite_saved = keep
         res.append((y.detach(),) + grads)
     for a, b in zip(*res):
         assert torch.equal(a, b)

@@ -508,8 +508,10 @@ static size_t moe_cu_max(size_t a, size_t b) { return a > b ? a : b; }
 static size_t moe_cu_take(size_t *at, size_t bytes);
 
 /// Below this many bytes of Y [S, H] (at the plan's max_tokens) one pass
-/// does: the memory saved is small, the launches are not.
-#define MOE_CU_COLS_MIN_BYTES ((size_t)256 << 20)
+/// does: the memory saved is small, the launches are not. (256 MiB until
+/// the fifth round kept Qwen3-30B-A3B at 4k tokens in one pass, above
+/// grouped_mm's activation memory; the model below prices the launches.)
+#define MOE_CU_COLS_MIN_BYTES ((size_t)64 << 20)
 /// What one more pass costs each of the two products besides its re-read
 /// (a launch gap and a partial last wave), seconds: a guess, to measure.
 #define MOE_CU_PASS_S 10e-6
@@ -717,7 +719,9 @@ static void moe_cu_bufs_of(const moe_layer_plan *p, int64_t T, moe_cu_bufs *b) {
   b->fyc = moe_cu_take(&at, ov ? Rl * H * es : 0);
   b->fws = at;
   at = 0;
-  b->dy = moe_cu_take(&at, S * H * 4); /* dY, then dXp (f32 at most) */
+  /* every row the backward exchanges is in the layer dtype, as the
+     forward's (fy, fsend, fstage): dO rows out, dXp rows back */
+  b->dy = moe_cu_take(&at, S * H * es); /* dO rows, then dXp back home */
   b->dh = moe_cu_take(&at, Rl * I * es);
   /* dH over H (ab, in `saved`) when the backward may overwrite it */
   b->dab = moe_cu_take(&at, d->backward_overwrites_saved ? 0 : Rl * 2 * I * es);
@@ -726,8 +730,8 @@ static void moe_cu_bufs_of(const moe_layer_plan *p, int64_t T, moe_cu_bufs *b) {
   b->blogits = moe_cu_take(&at, (size_t)T * E * 4);
   b->bone = moe_cu_take(&at, 16);
   b->bblas = moe_cu_take(&at, MOE_CU_BLAS_WS);
-  b->bstage = moe_cu_take(&at, Rl * H * 4);
-  b->bdyr = moe_cu_take(&at, Rl * H * 4);
+  b->bstage = moe_cu_take(&at, Rl * H * es);
+  b->bdyr = moe_cu_take(&at, Rl * H * es);
   b->bdxp = moe_cu_take(&at, Rl * H * es); /* dXp (layer dtype) */
   b->bdx = moe_cu_take(&at, ov ? S * H * es : 0);
   b->part_ld = (int)((I + 127) / 128);
