@@ -343,13 +343,12 @@ typedef struct moe_layer_desc {
   /// Ignored without a gate.
   int gate_up_interleaved;
   /// Version 4. 1: the backward may write into the `saved` buffer its
-  /// forward filled (the CUDA layer writes dH over the pre-activation H it
-  /// has read, so the backward's workspace holds no [T*k, 2I] buffer of its
-  /// own), and leaves it undefined: one backward per forward. 0 (default):
-  /// the backward only reads `saved`, which can serve another backward.
-  /// Gradients are bitwise the same either way. `moe plan` and
-  /// moe_layer_plan_pass_sizes report the smaller workspace; a backend that
-  /// has no use for the permission ignores it (the CPU layer does).
+  /// forward filled (both layers write dH over the pre-activation H once
+  /// they have read it, so the backward's workspace holds no [T*k, 2I]
+  /// buffer of its own), and leaves it undefined: one backward per
+  /// forward. 0 (default): the backward only reads `saved`, which can serve
+  /// another backward. Gradients are bitwise the same either way.
+  /// `moe plan` and moe_layer_plan_pass_sizes report the smaller workspace.
   int backward_overwrites_saved;
 } moe_layer_desc;
 

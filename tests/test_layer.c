@@ -396,6 +396,7 @@ typedef struct lvar {
   int strict;        ///< desc.strict
   int workspace;     ///< supply workspace from moe_layer_plan_sizes
   int twice;         ///< run forward + backward twice on one plan
+  int overwrite;     ///< desc.backward_overwrites_saved
 } lvar;
 
 /// Results of a run, in logical row-major order.
@@ -419,10 +420,11 @@ static void set_case(const lcfg *c, const lvar *v, moe_gmm_method m) {
   char cfg[256];
   describe_cfg(c, cfg, sizeof cfg);
   tu_case("layer %s | %s gate_up=%s(%s) down=%s method=%s threads=%d "
-          "strict=%d workspace=%d",
+          "strict=%d workspace=%d overwrite_saved=%d",
           cfg, v->name, moe_layout_name(v->gu),
           v->separate ? "separate" : "fused", moe_layout_name(v->dn),
-          moe_gmm_method_name(m), v->threads, v->strict, v->workspace);
+          moe_gmm_method_name(m), v->threads, v->strict, v->workspace,
+          v->overwrite);
 }
 
 static moe_layer_desc desc_of(const lcfg *c, const lvar *v, moe_gmm_method m) {
@@ -439,6 +441,7 @@ static moe_layer_desc desc_of(const lcfg *c, const lvar *v, moe_gmm_method m) {
   d.method = m;
   d.strict = v->strict;
   d.num_threads = v->threads;
+  d.backward_overwrites_saved = v->overwrite;
   return d;
 }
 
@@ -785,23 +788,29 @@ static const struct {
   lvar v;
   int kind;
 } fused_vars[] = {
-    {{"base", OI, OI, 0, 1, 1, 1, 0}, -1},
-    {{"layouts", IO, IO, 0, 1, 1, 1, 0}, LOOP_LAYOUTS},
-    {{"layouts", OI, IO, 0, 1, 1, 1, 0}, LOOP_LAYOUTS},
-    {{"layouts", IO, OI, 0, 1, 1, 1, 0}, LOOP_LAYOUTS},
-    {{"strided", ST, ST, 0, 1, 1, 1, 0}, LOOP_LAYOUTS},
-    {{"threads", OI, OI, 0, 2, 1, 1, 0}, LOOP_THREADS},
-    {{"threads", IO, OI, 0, 2, 1, 1, 0}, LOOP_LAYOUTS},
-    {{"repeat", OI, OI, 0, 1, 0, 1, 1}, LOOP_REPEAT},
-    {{"no-workspace", OI, OI, 0, 1, 0, 0, 0}, LOOP_FORM},
-    {{"no-workspace", IO, IO, 0, 2, 0, 0, 0}, LOOP_LAYOUTS},
+    {{"base", OI, OI, 0, 1, 1, 1, 0, 0}, -1},
+    {{"layouts", IO, IO, 0, 1, 1, 1, 0, 0}, LOOP_LAYOUTS},
+    {{"layouts", OI, IO, 0, 1, 1, 1, 0, 0}, LOOP_LAYOUTS},
+    {{"layouts", IO, OI, 0, 1, 1, 1, 0, 0}, LOOP_LAYOUTS},
+    {{"strided", ST, ST, 0, 1, 1, 1, 0, 0}, LOOP_LAYOUTS},
+    {{"threads", OI, OI, 0, 2, 1, 1, 0, 0}, LOOP_THREADS},
+    {{"threads", IO, OI, 0, 2, 1, 1, 0, 0}, LOOP_LAYOUTS},
+    {{"repeat", OI, OI, 0, 1, 0, 1, 1, 0}, LOOP_REPEAT},
+    {{"no-workspace", OI, OI, 0, 1, 0, 0, 0, 0}, LOOP_FORM},
+    {{"no-workspace", IO, IO, 0, 2, 0, 0, 0, 0}, LOOP_LAYOUTS},
+    /* the backward writing dH over the saved pre-activation: the same bits
+       (twice on one plan: each forward writes `saved` anew) */
+    {{"overwrite-saved", OI, OI, 0, 1, 1, 1, 0, 1}, LOOP_FORM},
+    {{"overwrite-saved", IO, IO, 0, 2, 0, 1, 1, 1}, LOOP_LAYOUTS},
+    {{"overwrite-saved", OI, OI, 0, 2, 0, 0, 0, 1}, LOOP_FORM},
 };
 /// Separate gate/up: bitwise among themselves, close to the fused runs.
 static const lvar sep_vars[] = {
-    {"separate", OI, OI, 1, 1, 1, 1, 0},
-    {"separate", IO, IO, 1, 2, 1, 1, 0},
-    {"separate", IO, OI, 1, 1, 0, 0, 0},
-    {"separate", ST, ST, 1, 2, 1, 1, 0},
+    {"separate", OI, OI, 1, 1, 1, 1, 0, 0},
+    {"separate", IO, IO, 1, 2, 1, 1, 0, 0},
+    {"separate", IO, OI, 1, 1, 0, 0, 0, 0},
+    {"separate", ST, ST, 1, 2, 1, 1, 0, 0},
+    {"separate", IO, OI, 1, 2, 0, 1, 0, 1},
 };
 
 static void test_cfg(const lcfg *c) {
@@ -862,7 +871,7 @@ static void test_cfg(const lcfg *c) {
   }
   lres_free(&gbase);
   /* AUTO, default threads. */
-  const lvar autov = {"auto", OI, IO, 0, 0, 0, 1, 0};
+  const lvar autov = {"auto", OI, IO, 0, 0, 0, 1, 0, 0};
   lres x = run_layer(c, &d, &autov, MOE_GMM_AUTO);
   cmp_ref(c, &r, &x);
   lres_free(&x);
@@ -883,7 +892,7 @@ typedef struct small {
   size_t sv_bytes, ws_bytes;
 } small;
 
-static const lvar base_var = {"errors", OI, OI, 0, 1, 0, 1, 0};
+static const lvar base_var = {"errors", OI, OI, 0, 1, 0, 1, 0, 0};
 
 static void small_make(small *s, routing route) {
   memset(s, 0, sizeof *s);
@@ -1098,9 +1107,9 @@ static void test_pass_sizes(const lcfg *c) {
   tu_case("layer pass sizes %s", cfg);
   ldata d;
   data_make(c, &d);
-  const lvar v = {"pass-sizes", OI, OI, 0, 1, 0, 1, 0};
+  const lvar v = {"pass-sizes", OI, OI, 0, 1, 0, 1, 0, 0};
   lres base =
-      run_layer(c, &d, &(lvar){"pass-sizes-base", OI, OI, 0, 1, 0, 0, 0},
+      run_layer(c, &d, &(lvar){"pass-sizes-base", OI, OI, 0, 1, 0, 0, 0, 0},
                 MOE_GMM_GROUPED);
   tu_case("layer pass sizes %s", cfg);
   moe_layer_desc desc = desc_of(c, &v, MOE_GMM_GROUPED);
@@ -1186,6 +1195,49 @@ static void test_pass_sizes(const lcfg *c) {
         "inference in infer_workspace differs from the training forward");
   free(o);
   tu_buf_free(&o2);
+  /* desc.backward_overwrites_saved: the backward's workspace without dh
+     [T*k, 2I] at every T, the other sizes unchanged; a forward + backward
+     in exactly those buffers gives the base run's bits */
+  {
+    moe_layer_desc od = desc;
+    od.backward_overwrites_saved = 1;
+    moe_layer_plan *po = NULL;
+    CHECK_STATUS(moe_layer_plan_create(&po, &od), MOE_SUCCESS);
+    for (int64_t T = 0; po && T <= od.max_tokens; T++) {
+      moe_layer_sizes z0, z1;
+      CHECK_STATUS(moe_layer_plan_pass_sizes(plan, T, &z0), MOE_SUCCESS);
+      CHECK_STATUS(moe_layer_plan_pass_sizes(po, T, &z1), MOE_SUCCESS);
+      size_t dh = ((size_t)(T * c->k) * 2 * (size_t)c->I * es + 63) & ~63u;
+      CHECK(z1.saved == z0.saved && z1.fwd_workspace == z0.fwd_workspace &&
+                z1.infer_workspace == z0.infer_workspace &&
+                z1.bwd_workspace + dh == z0.bwd_workspace,
+            "T=%lld overwriting saved: saved %zu/%zu, fwd %zu/%zu, infer "
+            "%zu/%zu, bwd %zu + dh %zu != %zu",
+            (long long)T, z1.saved, z0.saved, z1.fwd_workspace,
+            z0.fwd_workspace, z1.infer_workspace, z0.infer_workspace,
+            z1.bwd_workspace, dh, z0.bwd_workspace);
+    }
+    moe_layer_sizes zo;
+    CHECK_STATUS(moe_layer_plan_pass_sizes(po, c->T, &zo), MOE_SUCCESS);
+    char *so = exact_new(zo.saved), *fo = exact_new(zo.fwd_workspace),
+         *bo = exact_new(zo.bwd_workspace);
+    CHECK_STATUS(
+        moe_layer_forward(po, &b.fa, so, zo.saved, fo, zo.fwd_workspace, NULL),
+        MOE_SUCCESS);
+    CHECK_STATUS(
+        moe_layer_backward(po, &b.ba, so, zo.saved, bo, zo.bwd_workspace, NULL),
+        MOE_SUCCESS);
+    CHECK(canary_ok(so, zo.saved) && canary_ok(fo, zo.fwd_workspace) &&
+              canary_ok(bo, zo.bwd_workspace),
+          "overwriting saved: a pass wrote past its buffer");
+    lres ow = lres_of(c, &b);
+    cmp_bits(c, &base, &ow, true, "backward overwriting saved vs base");
+    lres_free(&ow);
+    free(so);
+    free(fo);
+    free(bo);
+    moe_layer_plan_destroy(po);
+  }
   /* Every byte of `saved` written (a framework op returns it): the same
      bytes whatever the buffer held before, dropped slots included. */
   if (c->route == ROUTE_GIVEN) {

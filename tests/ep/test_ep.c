@@ -118,6 +118,7 @@ typedef struct tcase {
   int fused, router, norm, nt, idx64, skew;
   int act, bias; /* moe_activation (gated members); expert biases */
   int inter;     /* desc.gate_up_interleaved (fused gate/up only) */
+  int overwrite; /* desc.backward_overwrites_saved on the ranks */
 } tcase;
 
 static const char *lname(moe_layout l) {
@@ -136,13 +137,14 @@ static void describe(const tcase *c, int id, uint64_t seed) {
                   q ? " " : "", (long long)c->cnt[q], (long long)c->maxt[q]);
   snprintf(g_case + n, sizeof g_case - (size_t)n,
            "] %s gate=%s %s gu=%s%s down=%s %s%s norm=%d threads=%d act=%s "
-           "bias=%d interleaved=%d",
+           "bias=%d interleaved=%d overwrite_saved=%d",
            moe_dtype_name(c->dt), moe_dtype_name(c->gdt),
            moe_gmm_method_name(c->method), lname(c->lgu),
            c->fused ? "(fused)" : "(split)", lname(c->ldown),
            c->router ? "router" : (c->idx64 ? "topk-i64" : "topk-i32"),
            c->skew ? "(skewed)" : "", c->norm, c->nt,
-           moe_activation_name((moe_activation)c->act), c->bias, c->inter);
+           moe_activation_name((moe_activation)c->act), c->bias, c->inter,
+           c->overwrite);
 }
 
 /// The logical [E, out, in] view of storage in `layout`.
@@ -264,6 +266,9 @@ static moe_status run_layer(const tcase *c, const tdata *d, moe_comm *comm,
   desc.act_gate_cap = 0.8f;
   desc.act_up_cap = 1.2f;
   desc.gate_up_interleaved = c->inter;
+  /* the ranks' backward writes dH over their saved H; the one-rank
+     reference (no comm) keeps it: bitwise the same either way */
+  desc.backward_overwrites_saved = comm && c->overwrite;
   memset(r, 0, sizeof *r);
   moe_layer_plan *plan;
   moe_status s = moe_layer_plan_create(&plan, &desc);
@@ -573,6 +578,7 @@ static void draw_case(tcase *c, int id, uint64_t seed) {
   c->act = id % 2 ? 1 + (id / 2) % 5 : 0;
   c->bias = id % 3 == 1;
   c->inter = c->fused && id % 4 == 3;
+  c->overwrite = id % 5 >= 2;
 }
 
 /* ---- failures must be collective -------------------------------------- */

@@ -225,7 +225,7 @@ void moe_layer_bufs_of(const moe_layer_plan *p, int64_t T, moe_layer_bufs *b) {
   b->b_dap = moe_take(&at, RB * I * sizeof(float));
   b->b_off = moe_take(&at, (E + 1) * sizeof(int64_t));
   b->b_da = moe_take(&at, R * I * es);
-  b->b_dh = moe_take(&at, R * W * es);
+  b->b_dh = moe_take(&at, d->backward_overwrites_saved ? 0 : R * W * es);
   b->b_ds = moe_take(&at, R * sizeof(float));
   b->b_probs = moe_take(&at, TE);
   b->b_dlogits = moe_take(&at, TE);
@@ -586,8 +586,11 @@ static moe_status moe_backward(moe_layer_plan *plan,
   const int32_t *row_slot = (const int32_t *)moe_at(sv, b.row_slot);
   const float *w = (const float *)moe_at(sv, b.w);
   char *hp = moe_at(sv, b.hpre);
-  char *rows = moe_at(ws, b.b_rows), *da = moe_at(ws, b.b_da),
-       *dh = moe_at(ws, b.b_dh);
+  char *rows = moe_at(ws, b.b_rows), *da = moe_at(ws, b.b_da);
+  /* dH over hpre when desc.backward_overwrites_saved allows: the per-row
+     pass loads each chunk of a row's H before it stores the chunk's dH,
+     and nothing reads hpre after that pass */
+  char *dh = d->backward_overwrites_saved ? hp : moe_at(ws, b.b_dh);
   float *ds = (float *)moe_at(ws, b.b_ds), *dw = (float *)moe_at(ws, b.b_dw);
   x.offsets = offsets;
   R = offsets[E]; /* T * k less the dropped slots */

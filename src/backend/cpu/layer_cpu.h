@@ -31,7 +31,8 @@ typedef struct moe_layer_bufs {
      dXp with each row's dS in the tail); dap [MOE_BWD_ROWS, I] (f32: a
      block of rows' dA' = dO . W_down as the GEMM accumulated it) and off
      [E+1] (i64: the block's row offsets); da [R, I] (es: A'); dh [R, 2I]
-     (es); ds [R] (f32); probs and dlogits [T, E] (f32, router mode); dx
+     (es; none with desc.backward_overwrites_saved: dH then goes over hpre
+     in `saved`); ds [R] (f32); probs and dlogits [T, E] (f32, router mode); dx
      [MOE_BWD_TOKENS, H] (f32: a block of grad_hidden); dw [S] (f32). */
   size_t b_gemm, b_rows, b_dap, b_off, b_da, b_dh, b_ds, b_probs, b_dlogits,
       b_dx, b_dw;
