@@ -9,20 +9,25 @@
 
 static void plan_usage(FILE *f) {
   fprintf(
-      f, "usage: moe plan --preset NAME [--tokens N] [--dtype f32|bf16]\n"
-         "                [--experts N] [--hidden N] [--intermediate N]\n"
-         "                [--top-k N] [--layout out_in|in_out] [--threads N]\n"
-         "                [--explain] [--device cpu|cuda] [--gpu h100|h200]\n"
-         "                [--json]\n"
-         "\n"
-         "  --experts, --hidden, --intermediate, --top-k\n"
-         "               override the preset's shape; with all four given,\n"
-         "               no preset is needed (the shape is named \"custom\")\n"
-         "  --gpu CARD   plan for a built-in card without a GPU (implies\n"
-         "               --device cuda): the card's SM count, clock and rates\n"
-         "               come from the built-in table\n"
-         "  --json       one JSON object: methods, saved_bytes and each\n"
-         "               pass's workspace bytes\n\npresets:\n");
+      f,
+      "usage: moe plan --preset NAME [--tokens N] [--dtype f32|bf16]\n"
+      "                [--experts N] [--hidden N] [--intermediate N]\n"
+      "                [--top-k N] [--layout out_in|in_out] [--threads N]\n"
+      "                [--explain] [--device cpu|cuda] [--gpu h100|h200]\n"
+      "                [--overwrite-saved] [--json]\n"
+      "\n"
+      "  --experts, --hidden, --intermediate, --top-k\n"
+      "               override the preset's shape; with all four given,\n"
+      "               no preset is needed (the shape is named \"custom\")\n"
+      "  --overwrite-saved\n"
+      "               desc.backward_overwrites_saved: the backward writes dH\n"
+      "               over the saved pre-activation (a smaller backward\n"
+      "               workspace; one backward per forward)\n"
+      "  --gpu CARD   plan for a built-in card without a GPU (implies\n"
+      "               --device cuda): the card's SM count, clock and rates\n"
+      "               come from the built-in table\n"
+      "  --json       one JSON object: methods, saved_bytes and each\n"
+      "               pass's workspace bytes\n\npresets:\n");
   cli_preset_list(f);
 }
 
@@ -62,7 +67,8 @@ int cmd_plan(int argc, char **argv) {
   int64_t tokens = -1, threads = 0;
   moe_dtype dt = MOE_BF16;
   moe_layout layout = MOE_LAYOUT_OUT_IN;
-  bool explain = false, json = false, cuda = false, device_set = false;
+  bool explain = false, json = false, cuda = false, device_set = false,
+       overwrite = false;
   const char *gpu = NULL;
   /* --experts, --hidden, --intermediate, --top-k: -1 keeps the preset's */
   static const char *const shape_opt[4] = {"--experts", "--hidden",
@@ -77,6 +83,8 @@ int cmd_plan(int argc, char **argv) {
       explain = true;
     } else if (!strcmp(a, "--json")) {
       json = true;
+    } else if (!strcmp(a, "--overwrite-saved")) {
+      overwrite = true;
     } else if (!strcmp(a, "--preset") && v) {
       if (!(p = cli_preset_find(v))) {
         fprintf(stderr, "moe plan: unknown preset '%s'\n", v);
@@ -161,6 +169,7 @@ int cmd_plan(int argc, char **argv) {
   d.num_threads = (int)threads;
   if (cuda) d.device.type = MOE_DEVICE_CUDA;
   d.plan_gpu = gpu;
+  d.backward_overwrites_saved = overwrite;
   moe_layer_plan *plan;
   moe_status s = moe_layer_plan_create(&plan, &d);
   if (s) {
@@ -202,9 +211,10 @@ int cmd_plan(int argc, char **argv) {
       printf("null");
     printf(", \"gate_up\": \"%s\", \"down\": \"%s\", \"saved_bytes\": %zu, "
            "\"saved_bound_bytes\": %zu, \"fwd_workspace_bytes\": %zu, "
-           "\"bwd_workspace_bytes\": %zu, \"infer_workspace_bytes\": %zu",
+           "\"bwd_workspace_bytes\": %zu, \"infer_workspace_bytes\": %zu, "
+           "\"backward_overwrites_saved\": %s",
            m0, m1, z.saved, bound, z.fwd_workspace, z.bwd_workspace,
-           z.infer_workspace);
+           z.infer_workspace, overwrite ? "true" : "false");
     if (explain) {
       printf(", \"explain\": ");
       plan_json_string(stdout, moe_layer_plan_explain(plan));
@@ -222,6 +232,9 @@ int cmd_plan(int argc, char **argv) {
     plan_bytes(stdout, "  bound T*k*2I*es+...", bound);
     plan_bytes(stdout, "forward workspace", z.fwd_workspace);
     plan_bytes(stdout, "backward workspace", z.bwd_workspace);
+    if (overwrite)
+      printf("    (its dH written over the saved pre-activation: "
+             "--overwrite-saved)\n");
     plan_bytes(stdout, "inference workspace", z.infer_workspace);
     if (explain) fputs(moe_layer_plan_explain(plan), stdout);
   }

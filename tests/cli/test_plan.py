@@ -134,6 +134,29 @@ def main():
               j["experts"] == 128 and j["hidden"] == 2048 and
               j["top_k"] == 8, out.strip())
         check_sizes("preset with --intermediate", j)
+    # --overwrite-saved: the backward's workspace without dH [T*k, 2I]
+    # (64-byte rounding on the CPU, 256 on CUDA), the rest unchanged
+    base = None
+    for ow in (False, True):
+        rc, out, err = run(moe, "--preset", "qwen3-30b-a3b", "--tokens", "257",
+                           "--json", *(["--overwrite-saved"] if ow else []))
+        if not check("--overwrite-saved=%d: exits 0" % ow, rc == 0,
+                     err.strip()):
+            break
+        j = json.loads(out)
+        check("--overwrite-saved=%d: JSON says so" % ow,
+              j["backward_overwrites_saved"] is ow, out.strip())
+        if base is None:
+            base = j
+            continue
+        dh = 257 * 8 * 2 * 768 * 2
+        cut = base["bwd_workspace_bytes"] - j["bwd_workspace_bytes"]
+        check("--overwrite-saved: backward workspace [T*k, 2I] smaller",
+              dh <= cut <= dh + 256 and
+              all(j[f] == base[f] for f in ("saved_bytes",
+                                            "fwd_workspace_bytes",
+                                            "infer_workspace_bytes")),
+              "cut %d, dH %d" % (cut, dh))
     rc, out, err = run(moe, "--experts", "8", "--hidden", "64", "--top-k", "9",
                        "--intermediate", "32")
     check("top-k above experts: exit 1 naming top_k",
