@@ -12,6 +12,9 @@ Implementations (--impl, any subset, in this order: grouped_mm first, as
 the reference of the rel_* columns):
   grouped_mm  transformers' experts_implementation="grouped_mm"
   libmoe      experts_implementation="libmoe" (python/libmoe; libmoe.hf.register)
+  libmoe_ow   the same with libmoe.torch.overwrite_saved = True: the
+              backward writes dH over the saved pre-activation
+              (desc.backward_overwrites_saved); not in the default set
   liger       Liger-Kernel's LigerFusedMoEFunction (PyPI liger-kernel 0.8.5,
               Triton), registered here in transformers' ExpertsInterface as
               "liger_fused_moe": it runs on the block's own routing (the
@@ -98,7 +101,8 @@ SONIC = {
 }
 # Liger's own benchmark CSV (v0.7.0, H100) at the Qwen3-30B-A3B shape
 LIGER_PUB = {"qwen3_30b": (337, 242)}
-IMPLS = ("grouped_mm", "libmoe", "liger")
+IMPLS = ("grouped_mm", "libmoe", "libmoe_ow", "liger")
+DEFAULT_IMPLS = ("grouped_mm", "libmoe", "liger")
 LIGER_NAME = "liger_fused_moe"
 
 
@@ -107,8 +111,9 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--impl", default=None,
-                    help="comma list of %s (default: all three; with "
-                    "--scaling: libmoe,grouped_mm)" % ",".join(IMPLS))
+                    help="comma list of %s (default: %s; with --scaling: "
+                    "libmoe,grouped_mm)" % (",".join(IMPLS),
+                                            ",".join(DEFAULT_IMPLS)))
     ap.add_argument("--shapes", default="all",
                     help="comma list of shape names or 'all'")
     ap.add_argument("--tokens-scale", type=float, default=1.0,
@@ -140,7 +145,7 @@ def parse_args(argv=None):
     if a.reps < 1 or a.warmup < 0 or a.tokens_scale <= 0:
         ap.error("--reps >= 1, --warmup >= 0, --tokens-scale > 0")
     impls = (a.impl or ("libmoe,grouped_mm" if a.scaling else
-                        ",".join(IMPLS))).split(",")
+                        ",".join(DEFAULT_IMPLS))).split(",")
     impls = [s.strip() for s in impls if s.strip()]
     bad = [s for s in impls if s not in IMPLS]
     if bad or not impls:
@@ -174,7 +179,7 @@ def setup_impls(args, torch, hf_moe):
     for impl in args.impls:
         if impl == "grouped_mm":
             state[impl] = None
-        elif impl == "libmoe":
+        elif impl in ("libmoe", "libmoe_ow"):
             try:
                 import libmoe
                 import libmoe.hf
@@ -226,7 +231,7 @@ def make_liger_forward(torch, fn):
 
 
 def hf_name(impl):
-    return LIGER_NAME if impl == "liger" else impl
+    return {"liger": LIGER_NAME, "libmoe_ow": "libmoe"}.get(impl, impl)
 
 
 # ---- measurement ----------------------------------------------------------------
@@ -301,6 +306,20 @@ def nbytes(t):
 
 
 def run_cell(args, torch, clock, cfg, blk, x, g, impl, shape, ref):
+    if impl != "libmoe_ow":
+        return run_cell_as(args, torch, clock, cfg, blk, x, g, impl, shape,
+                           ref)
+    import libmoe.torch as lt
+    keep = lt.overwrite_saved
+    lt.overwrite_saved = True
+    try:
+        return run_cell_as(args, torch, clock, cfg, blk, x, g, impl, shape,
+                           ref)
+    finally:
+        lt.overwrite_saved = keep
+
+
+def run_cell_as(args, torch, clock, cfg, blk, x, g, impl, shape, ref):
     nm, d, T, n, E, K = shape
     cfg._experts_implementation = hf_name(impl)
     params = list(blk.parameters())
@@ -409,7 +428,7 @@ def fmt_ms(r):
 
 def print_tables(args, res, out=sys.stdout):
     names = {"grouped_mm": "HF grouped_mm", "libmoe": "libmoe",
-             "liger": "Liger fused_moe"}
+             "libmoe_ow": "libmoe, dH over saved", "liger": "Liger fused_moe"}
     cols = [names[i] for i in args.impls]
     unit = "TFLOP/s" if args.device == "cuda" else "TFLOP/s (CPU time)"
     mem = ", activation GiB" if args.device == "cuda" else ""
@@ -439,27 +458,34 @@ def print_tables(args, res, out=sys.stdout):
         cells = res["cells"].get(nm, {})
         p("| " + " | ".join([nm] + [fmt_ms(cells.get(i))
                                      for i in args.impls]) + " |")
-    if args.scaling and "libmoe" in args.impls and "grouped_mm" in args.impls:
+    lms = [i for i in ("libmoe", "libmoe_ow") if i in args.impls]
+    if args.scaling and lms and "grouped_mm" in args.impls:
         p("\nscaling runs: libmoe vs HF grouped_mm, fwd+bwd "
           "(issue target: speedup >= 2.5x, activation GiB <= grouped_mm's)")
-        p("| shape | speedup fwd+bwd | libmoe act GiB | grouped_mm act GiB "
-          "| speedup ok | memory ok |")
-        p("|---|---|---|---|---|---|")
+        p("| shape | libmoe | speedup fwd+bwd | libmoe act GiB | grouped_mm "
+          "act GiB | speedup ok | memory ok |")
+        p("|---|---|---|---|---|---|---|")
         for nm, *_ in args.table:
             c = res["cells"].get(nm, {})
-            lm, gm = c.get("libmoe") or {}, c.get("grouped_mm") or {}
-            if "fwdbwd_ms" not in lm or "fwdbwd_ms" not in gm:
-                p("| %s | %s | | | | |" % (nm, "n/a (%s / %s)" % (
-                    fmt_cell(lm or None), fmt_cell(gm or None))))
-                continue
-            sp = gm["fwdbwd_ms"] / lm["fwdbwd_ms"]
-            la, ga = lm.get("act_GiB"), gm.get("act_GiB")
-            p("| %s | %.2fx | %s | %s | %s | %s |" % (
-                nm, sp, "%.2f" % la if la is not None else "n/a",
-                "%.2f" % ga if ga is not None else "n/a",
-                "yes" if sp >= 2.5 else "no (%.2fx short)" % (2.5 / sp),
-                "n/a" if la is None else ("yes" if la <= ga else
-                                          "no (+%.0f%%)" % (100 * (la / ga - 1)))))
+            gm = c.get("grouped_mm") or {}
+            for li in lms:
+                lm = c.get(li) or {}
+                if "fwdbwd_ms" not in lm or "fwdbwd_ms" not in gm:
+                    p("| %s | %s | %s | | | | |" % (
+                        nm, names[li], "n/a (%s / %s)" % (
+                        fmt_cell(lm or None), fmt_cell(gm or None))))
+                    continue
+                sp = gm["fwdbwd_ms"] / lm["fwdbwd_ms"]
+                la, ga = lm.get("act_GiB"), gm.get("act_GiB")
+                mem_ok = "n/a" if la is None else (
+                    "yes" if la <= ga else
+                    "no (+%.0f%%)" % (100 * (la / ga - 1)))
+                p("| %s | %s | %.2fx | %s | %s | %s | %s |" % (
+                    nm, names[li], sp,
+                    "%.2f" % la if la is not None else "n/a",
+                    "%.2f" % ga if ga is not None else "n/a",
+                    "yes" if sp >= 2.5 else "no (%.2fx short)" % (2.5 / sp),
+                    mem_ok))
 
 
 def write_json(args, res):
