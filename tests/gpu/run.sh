@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # GPU tests of the CUDA backend: builds libmoe with CUDA (unless
 # MOE_BUILD_DIR names a build that has test_cuda), runs tests/gpu/test_cuda,
-# then tests/gpu/test_cuda_ep (expert parallelism: virtual ranks on one GPU,
-# and over NCCL when there are 2+ GPUs), then test_cuda's small cases under
-# compute-sanitizer (memcheck, racecheck, synccheck) and test_cuda_ep's
-# virtual ranks at P = 2, 3, 4, 8 under memcheck.
+# test_cuda_act and test_cuda_ep (expert parallelism: virtual ranks on one
+# GPU, and over NCCL when there are 2+ GPUs), then test_cuda's small cases
+# under compute-sanitizer (memcheck, racecheck, synccheck), test_cuda_ep's
+# virtual ranks at P = 2, 3, 4, 8 under memcheck and test_cuda_act under
+# memcheck.
 # Exits 0 with "skipped: no GPU" on a machine without a usable GPU.
 #   MOE_BUILD_DIR  existing build directory to use (default: build a fresh
 #                  one in build-gpu/)
 #   MOE_SANITIZER  0 to skip compute-sanitizer; memcheck for memcheck alone
 #   MOE_SANITIZER_EP_P  virtual rank counts test_cuda_ep runs under memcheck
 #                  (default "2 3 4 8")
+#   MOE_GPU_PARALLEL  1: run the steps at once (each its own process on the
+#                  one GPU; their logs are printed in order at the end) --
+#                  the sanitizer runs take most of the time and are
+#                  independent, so a device lease of ten minutes holds them
+#                  all; 0 (default): one after the other
 set -u
 root=$(cd "$(dirname "$0")/../.." && pwd)
 build=${MOE_BUILD_DIR:-$root/build-gpu}
@@ -28,7 +34,7 @@ if [ ! -x "$build/test_cuda" ]; then
     || { echo "FAIL: build"; exit 1; }
 fi
 
-status=0
+# test_cuda first and alone: it says whether there is a usable device
 echo "== test_cuda"
 timeout 900 "$build/test_cuda"
 rc=$?
@@ -36,15 +42,33 @@ if [ $rc -eq 77 ]; then
   echo "skipped: no GPU (test_cuda found no usable device)"
   exit 0
 fi
+status=0
 [ $rc -eq 0 ] || { echo "FAIL: test_cuda exited $rc"; status=1; }
+
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
+steps=()
+# step NAME OKRC CMD...: runs CMD (now, or in the background with
+# MOE_GPU_PARALLEL=1); exit status OKRC (besides 0) is a skip, not a failure
+step() {
+  local name=$1 ok=$2
+  shift 2
+  local n=${#steps[@]}
+  steps+=("$name")
+  if [ "${MOE_GPU_PARALLEL:-0}" = 1 ]; then
+    ( "$@" >"$logs/$n.log" 2>&1; echo $? >"$logs/$n.rc" ) &
+  else
+    echo "== $name"
+    "$@"
+    echo $? >"$logs/$n.rc"
+  fi
+  echo "$ok" >"$logs/$n.ok"
+}
 
 # The expert functions, biases and interleaved gate/up (tests/test_act.c
 # on the GPU layer).
 if [ -x "$build/test_cuda_act" ]; then
-  echo "== test_cuda_act"
-  timeout 600 "$build/test_cuda_act"
-  rc=$?
-  [ $rc -eq 0 ] || { echo "FAIL: test_cuda_act exited $rc"; status=1; }
+  step test_cuda_act - timeout 600 "$build/test_cuda_act"
 else
   echo "note: no test_cuda_act in $build"
 fi
@@ -54,14 +78,7 @@ fi
 # run under compute-sanitizer (its own kernels and proxy threads are not
 # what it is meant to check); the virtual ranks are, at every P.
 if [ -x "$build/test_cuda_ep" ]; then
-  echo "== test_cuda_ep"
-  timeout 600 "$build/test_cuda_ep"
-  rc=$?
-  if [ $rc -eq 77 ]; then
-    echo "note: test_cuda_ep skipped (no usable GPU)"
-  elif [ $rc -ne 0 ]; then
-    echo "FAIL: test_cuda_ep exited $rc"; status=1
-  fi
+  step test_cuda_ep 77 timeout 600 "$build/test_cuda_ep"
 else
   echo "note: no test_cuda_ep in $build"
 fi
@@ -69,33 +86,40 @@ fi
 if [ "${MOE_SANITIZER:-1}" != 0 ] && command -v compute-sanitizer >/dev/null 2>&1; then
   tools="memcheck racecheck synccheck"
   [ "${MOE_SANITIZER:-1}" = memcheck ] && tools=memcheck
+  cs() { timeout 600 compute-sanitizer --error-exitcode 3 --print-limit 20 "$@"; }
   for tool in $tools; do
-    echo "== compute-sanitizer --tool $tool test_cuda --small"
-    timeout 600 compute-sanitizer --tool "$tool" --error-exitcode 3 \
-      --print-limit 20 "$build/test_cuda" --small
-    rc=$?
-    [ $rc -eq 0 ] || { echo "FAIL: compute-sanitizer $tool exited $rc"; status=1; }
+    step "compute-sanitizer --tool $tool test_cuda --small" - \
+      cs --tool "$tool" "$build/test_cuda" --small
   done
   if [ -x "$build/test_cuda_ep" ]; then
     for P in ${MOE_SANITIZER_EP_P:-2 3 4 8}; do
-      echo "== compute-sanitizer --tool memcheck test_cuda_ep --virtual $P"
-      timeout 600 compute-sanitizer --tool memcheck --error-exitcode 3 \
-        --print-limit 20 "$build/test_cuda_ep" --virtual "$P"
-      rc=$?
-      [ $rc -eq 0 ] || { echo "FAIL: compute-sanitizer memcheck test_cuda_ep --virtual $P exited $rc"; status=1; }
+      step "compute-sanitizer --tool memcheck test_cuda_ep --virtual $P" - \
+        cs --tool memcheck "$build/test_cuda_ep" --virtual "$P"
     done
   fi
   # the expert-function kernels (general activation passes, bias add and
   # bias gradients, hidden-column passes with the down bias): small cases
   if [ -x "$build/test_cuda_act" ]; then
-    echo "== compute-sanitizer --tool memcheck test_cuda_act"
-    timeout 600 compute-sanitizer --tool memcheck --error-exitcode 3 \
-      --print-limit 20 "$build/test_cuda_act"
-    rc=$?
-    [ $rc -eq 0 ] || { echo "FAIL: compute-sanitizer memcheck test_cuda_act exited $rc"; status=1; }
+    step "compute-sanitizer --tool memcheck test_cuda_act" - \
+      cs --tool memcheck "$build/test_cuda_act"
   fi
 else
   echo "note: compute-sanitizer not run"
 fi
+wait
+for n in "${!steps[@]}"; do
+  if [ "${MOE_GPU_PARALLEL:-0}" = 1 ]; then
+    echo "== ${steps[$n]}"
+    cat "$logs/$n.log"
+  fi
+  rc=$(cat "$logs/$n.rc")
+  ok=$(cat "$logs/$n.ok")
+  if [ "$rc" = "$ok" ]; then
+    echo "note: ${steps[$n]} skipped (exit $rc: no usable GPU)"
+  elif [ "$rc" != 0 ]; then
+    echo "FAIL: ${steps[$n]} exited $rc"
+    status=1
+  fi
+done
 [ $status -eq 0 ] && echo "GPU tests: all passed"
 exit $status
