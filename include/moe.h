@@ -46,7 +46,8 @@
 /// Alignment
 /// - Tensor data must be aligned to its element size (f32 / i32: 4 bytes,
 ///   bf16 / f16: 2, i64 / f64: 8); workspace and saved buffers to
-///   8 bytes (malloc, C++ new and framework tensors all satisfy both).
+///   8 bytes (malloc, C++ new and framework tensors all satisfy both), and
+///   `saved` to 16 with desc.backward_overwrites_saved.
 ///   A misaligned pointer fails with MOE_ERR_INVALID_ARGUMENT naming the
 ///   argument, the pointer and the alignment needed; no kernel ever reads a
 ///   misaligned element.
@@ -346,9 +347,12 @@ typedef struct moe_layer_desc {
   /// forward filled (both layers write dH over the pre-activation H once
   /// they have read it, so the backward's workspace holds no [T*k, 2I]
   /// buffer of its own), and leaves it undefined: one backward per
-  /// forward. 0 (default): the backward only reads `saved`, which can serve
-  /// another backward. Gradients are bitwise the same either way.
-  /// `moe plan` and moe_layer_plan_pass_sizes report the smaller workspace.
+  /// forward (after a failed backward too: run the forward again). `saved`
+  /// must then be 16-byte aligned. 0 (default): the backward only reads
+  /// `saved`, which can serve another backward. Gradients are bitwise the
+  /// same either way where the workspace is 16-byte aligned too (cudaMalloc,
+  /// malloc and torch tensors are). `moe plan` and
+  /// moe_layer_plan_pass_sizes report the smaller workspace.
   int backward_overwrites_saved;
 } moe_layer_desc;
 

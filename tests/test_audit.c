@@ -222,6 +222,28 @@ static void test_alignment(void) {
                                  s.ws_bytes, NULL),
               MOE_ERR_INVALID_ARGUMENT, "workspace");
 
+  tu_case("alignment: saved 8 bytes off 16 with backward_overwrites_saved");
+  {
+    moe_layer_desc d = small_desc();
+    d.backward_overwrites_saved = 1;
+    moe_layer_plan *po = NULL;
+    CHECK_STATUS(moe_layer_plan_create(&po, &d), MOE_SUCCESS);
+    char *sv8 = (uintptr_t)s.sv % 16 ? s.sv : s.sv + 8; /* 8 mod 16 */
+    CHECK_ERROR(moe_layer_forward(po, &s.a.fwd, sv8, s.sv_bytes, s.ws,
+                                  s.ws_bytes, NULL),
+                MOE_ERR_INVALID_ARGUMENT, "saved");
+    CHECK(strstr(moe_last_error(), "16 bytes") != NULL &&
+              strstr(moe_last_error(), "desc.backward_overwrites_saved"),
+          "message does not name the alignment and the flag: %s",
+          moe_last_error());
+    CHECK_ERROR(
+        moe_layer_backward(po, &s.a, sv8, s.sv_bytes, s.ws, s.ws_bytes, NULL),
+        MOE_ERR_INVALID_ARGUMENT, "saved");
+    /* 8 mod 16 is fine without the flag */
+    CHECK_STATUS(fwd(&s, &s.a.fwd, sv8, s.ws), MOE_SUCCESS);
+    moe_layer_plan_destroy(po);
+  }
+
   tu_case("alignment: f32 data offset by 2 bytes");
   const char *names[] = {"hidden", "gate_weight", "w_gate_up",
                          "w_down", "output",      "router_logits"};

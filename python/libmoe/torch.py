@@ -314,8 +314,8 @@ def _experts_bwd(grad_out: torch.Tensor, hidden: torch.Tensor,
                             torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward. With `overwrite` its plan has
     desc.backward_overwrites_saved: the layer may write dH over the
-    pre-activation in `saved`, which is undefined afterwards (the
-    autograd formula below then bumps its version counter). The schema
+    pre-activation in `saved`, which is undefined afterwards, and bumps
+    the saved tensor's version counter. The schema
     does not declare that write: `saved` is a forward output, and
     AOTAutograd's partitioner refuses a backward that mutates one; nothing
     but this op ever reads it."""
@@ -356,6 +356,13 @@ def _experts_bwd(grad_out: torch.Tensor, hidden: torch.Tensor,
                                      ws.data_ptr() if wsz.bwd_workspace else None,
                                      wsz.bwd_workspace, L.stream_of(dev)),
             "moe_layer_backward")
+    if overwrite:
+        # `saved` now holds dH: a second backward through the graph
+        # (retain_graph=True) must fail with autograd's in-place error, not
+        # read dH as H. Bumped here, where the op runs, so that a compiled
+        # backward bumps it too (a bump in the autograd formula would only
+        # reach the tensor AOTAutograd traces).
+        torch.autograd.graph.increment_version(saved)
     return g_hidden, g_w, g_gu, g_dn, g_bgu, g_bdn
 
 
@@ -383,10 +390,6 @@ def _experts_backward(ctx, grad_out, _grad_saved):
     gh, gw, ggu, gdn, gbgu, gbdn = torch.ops.libmoe.experts_bwd(
         grad_out, hidden, idx, w, gu, dn, saved, ctx.invalid, bgu, bdn,
         ctx.act, ctx.act_params, ctx.interleaved, ctx.overwrite)
-    if ctx.overwrite:
-        # `saved` now holds dH: a second backward through this graph
-        # (retain_graph=True) fails with autograd's in-place error
-        torch.autograd.graph.increment_version(saved)
     return (gh, None, gw, ggu, gdn, None,
             gbgu if ctx.has_bgu else None, gbdn if ctx.has_bdn else None,
             None, None, None)
@@ -437,10 +440,12 @@ def experts(hidden_states: torch.Tensor, top_k_index: torch.Tensor,
 
 def plan_explain(hidden_states, top_k_index, gate_up_proj, down_proj,
                  invalid_topk: str = "error") -> str:
-    """The planner's choice and reasons for experts() on these tensors."""
+    """The planner's choice and reasons for experts() on these tensors
+    (the plan experts() takes: overwrite_saved as it is now)."""
     return _plan_for(hidden_states.shape, top_k_index.shape[1], gate_up_proj,
                      down_proj, hidden_states.dtype, hidden_states.device,
-                     _INVALID[invalid_topk]).explain()
+                     _INVALID[invalid_topk], overwrite=overwrite_saved
+                     ).explain()
 
 
 # ---- grouped_mm ------------------------------------------------------------

@@ -141,14 +141,16 @@ void moe_ep_explain(moe_layer_plan *p, size_t *len) {
       "weights; the costs above are for the local experts\n"
       "ep: per step this rank sends about T*k*(P-1)/P = %.0f routed rows "
       "each way: forward %.3g MiB dispatch + %.3g MiB combine, backward "
-      "%.3g MiB + %.3g MiB (f32 dX)\n"
+      "%.3g MiB + %.3g MiB (dO out, dX back, in the layer dtype, with 4 "
+      "bytes a row for its router weight and dS)\n"
       "ep: exchange buffers hold up to %lld received rows (sum over ranks "
       "of max_tokens * top_k)\n",
       p->rank, p->ranks, d->comm->ops->name, (long long)p->e_first,
       (long long)(p->e_first + p->e_local), (long long)p->e_local,
       (long long)d->num_experts, T * k * P / E, T * k / E, p->ranks, p->ranks,
-      sent, sent * H * es / mib, sent * H * es / mib, sent * H * es / mib,
-      sent * H * 4.0 / mib, (long long)p->max_rows);
+      sent, sent * H * es / mib, sent * H * es / mib,
+      sent * (H * es + 4.0) / mib, sent * (H * es + 4.0) / mib,
+      (long long)p->max_rows);
   if (n > 0) *len += (size_t)n;
   if (*len >= cap) *len = cap - 1;
 }

@@ -3,6 +3,7 @@
 /// description and the call's device-independent arguments, pick the first
 /// backend that supports the description (backend.h), and delegate.
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -178,7 +179,17 @@ static moe_status moe_call_checks(moe_layer_plan *plan,
                    : moe_layer_check_fwd_outputs(plan, fwd, c));
   moe_layer_sizes s;
   plan->be->sizes(plan, c->T, &s);
-  return moe_layer_check_buffer(saved, saved_bytes, s.saved, "saved");
+  MOE_TRY(moe_layer_check_buffer(saved, saved_bytes, s.saved, "saved"));
+  /* dH written over H there is a GEMM operand, and the GPU kernels (so
+     the bits) depend on 16-byte alignment, as they do for the workspace's
+     dH without the flag */
+  if (plan->d.backward_overwrites_saved && saved && (uintptr_t)saved % 16)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "saved: pointer %p is not aligned to 16 bytes, which "
+                     "desc.backward_overwrites_saved needs (the backward "
+                     "writes dH there, a GEMM operand)",
+                     saved);
+  return MOE_SUCCESS;
 }
 
 /// A forward (`bwd` NULL) or backward: the shared checks, then the backend

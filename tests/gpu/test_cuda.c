@@ -42,6 +42,9 @@ static int g_fused_differs;
 static int g_cols_differs, g_cols_runs;
 /* desc.backward_overwrites_saved for the plans run_layer makes */
 static int g_overwrite;
+/* run_layer: `saved` and each pass's workspace of exactly its size, each
+   followed by a guard that must stay intact */
+static bool g_exact;
 /* test_saved_bytes: plans made for g_cap tokens (when above T), `saved`
    prefilled with the byte g_sv_fill (when >= 0) and copied back to g_sv */
 static int64_t g_cap;
@@ -58,6 +61,25 @@ static size_t g_sv_n;
       exit(1);                                                                 \
     }                                                                          \
   } while (0)
+
+enum { GUARD = 512 };
+
+/// A device buffer of `n` bytes and a guard after it, all 0xa5.
+static void *guarded(size_t n) {
+  void *p = NULL;
+  CU(cudaMalloc(&p, n + GUARD));
+  CU(cudaMemset(p, 0xa5, n + GUARD));
+  return p;
+}
+
+/// Whether the guard after `n` bytes of `p` is intact.
+static bool guard_ok(const void *p, size_t n) {
+  unsigned char g[GUARD];
+  CU(cudaMemcpy(g, (const char *)p + n, GUARD, cudaMemcpyDeviceToHost));
+  for (int i = 0; i < GUARD; i++)
+    if (g[i] != 0xa5) return false;
+  return true;
+}
 
 /* ---- host buffers mirrored on the device -------------------------------- */
 
@@ -611,7 +633,31 @@ static void run_layer(const lcase *c, const lbufs *hb, bool cuda,
     svb = ps.saved;
     CU(cudaMemset(sv, g_sv_fill, svb ? svb : 16));
   }
-  r->fs = moe_layer_forward(plan, &fa, sv, svb, ws, own_ws ? wsb : 0, NULL);
+  /* g_exact: the forward and the backward each in a workspace of exactly
+     its pass's size, and `saved` of exactly its size, guarded */
+  void *wsf = ws, *wsw = ws;
+  size_t nf = own_ws ? wsb : 0, nw = nf;
+  if (cuda && g_exact) {
+    moe_layer_sizes xs;
+    CHECK_STATUS(moe_layer_plan_pass_sizes(plan, c->T, &xs), MOE_SUCCESS);
+    cudaFree(sv);
+    svb = xs.saved;
+    nf = xs.fwd_workspace;
+    nw = xs.bwd_workspace;
+    sv = guarded(svb);
+    wsf = guarded(nf);
+    wsw = guarded(nw);
+  }
+  /* the pre-activation's bytes (the front of `saved`), to see whether the
+     backward wrote over them */
+  size_t hbytes = (size_t)(c->T * c->k * 2 * c->I) * moe_dtype_size(c->dt);
+  unsigned char *h0 = NULL;
+  if (hbytes > svb) hbytes = svb;
+  r->fs = moe_layer_forward(plan, &fa, sv, svb, wsf, nf, NULL);
+  if (cuda && r->fs == MOE_SUCCESS && hbytes) {
+    h0 = tu_alloc(hbytes);
+    CU(cudaMemcpy(h0, sv, hbytes, cudaMemcpyDeviceToHost));
+  }
   if (r->fs == MOE_SUCCESS) {
     moe_layer_bwd_args ba;
     memset(&ba, 0, sizeof ba);
@@ -626,9 +672,30 @@ static void run_layer(const lcase *c, const lbufs *hb, bool cuda,
     ba.grad_w_gate = t[R_GWG];
     ba.grad_w_up = t[R_GWU];
     ba.grad_w_down = t[R_GWD];
-    r->bs = moe_layer_backward(plan, &ba, sv, svb, ws, own_ws ? wsb : 0, NULL);
+    r->bs = moe_layer_backward(plan, &ba, sv, svb, wsw, nw, NULL);
   }
   if (cuda) CU(cudaDeviceSynchronize());
+  if (cuda && g_exact) {
+    CHECK(guard_ok(sv, svb) && guard_ok(wsf, nf) && guard_ok(wsw, nw),
+          "a pass wrote past its exact buffer (saved %zu, forward workspace "
+          "%zu, backward workspace %zu bytes)",
+          svb, nf, nw);
+    cudaFree(wsf);
+    cudaFree(wsw);
+  }
+  if (h0 && r->bs == MOE_SUCCESS) {
+    /* the flag reached the layer: dH lands over H, or H stays */
+    unsigned char *h1 = tu_alloc(hbytes);
+    CU(cudaMemcpy(h1, sv, hbytes, cudaMemcpyDeviceToHost));
+    bool same = memcmp(h0, h1, hbytes) == 0;
+    CHECK(same == !g_overwrite,
+          "the backward %s the pre-activation in `saved` (%s)",
+          same ? "left" : "changed",
+          g_overwrite ? "desc.backward_overwrites_saved = 1: dH belongs there"
+                      : "it must only read it");
+    free(h1);
+  }
+  free(h0);
   if (cuda && g_sv_fill >= 0) {
     free(g_sv);
     g_sv_n = svb;
@@ -713,15 +780,19 @@ static void same_bits(const lres *a, const lres *b, const char *what) {
 
 /// desc.backward_overwrites_saved (dH written over H in `saved`): every
 /// output and gradient bitwise `ref`'s (a run of the same path leaving
-/// `saved` intact).
+/// `saved` intact), with `saved` and each pass's workspace of exactly its
+/// size and guarded, and the pre-activation's bytes changed by the
+/// backward (run_layer checks that the other runs leave them).
 static void overwrite_case(const lcase *c, const lbufs *hb, const lres *ref,
                            const char *path) {
   lres ow;
   char what[96];
   snprintf(what, sizeof what, "%s, the backward overwriting saved", path);
   g_overwrite = 1;
+  g_exact = true;
   describe(c, what);
   run_layer(c, hb, true, MOE_GMM_GROUPED, 1, true, &ow);
+  g_exact = false;
   g_overwrite = 0;
   same_bits(ref, &ow, "with the backward overwriting saved");
   lres_free(&ow);

@@ -33,7 +33,10 @@
 /// mode refuses chunks (every rank), and an out-of-range ep_chunks fails
 /// the plan. With desc.backward_overwrites_saved (dH written over the
 /// received rows' H in `saved`) the exact exchange in 1 and 2 chunks must
-/// be bitwise equal to one chunk without it.
+/// be bitwise equal to one chunk without it. Every run's `saved` and its
+/// forward's and backward's workspaces are exactly
+/// moe_layer_plan_pass_sizes' and followed by a guard that must stay
+/// intact.
 #include <cuda_runtime_api.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -203,6 +206,7 @@ typedef struct job {
   int chunks;    /* desc.ep_chunks */
   int overwrite; /* desc.backward_overwrites_saved */
   int timeline;  /* 1: record and check the timeline of this rank */
+  int guard_bad; /* a pass wrote past its exact buffer */
   int tl_bad;    /* what the timeline check found wrong (0: nothing) */
   char tl_msg[200];
 } job;
@@ -256,6 +260,23 @@ static void *dpoison(size_t bytes) {
   if (poison) CU(cudaMemset(d, 0xff, bytes ? bytes : 16));
   CU(cudaStreamSynchronize(cudaStreamLegacy));
   return d;
+}
+/// The bytes after each of saved and the two pass workspaces (every job
+/// runs in buffers of exactly moe_layer_plan_pass_sizes'): 0xa5, checked
+/// after the step.
+enum { GUARD = 512 };
+static void *dguarded(size_t bytes) {
+  void *d = dpoison(bytes + GUARD);
+  CU(cudaMemset((char *)d + bytes, 0xa5, GUARD));
+  CU(cudaStreamSynchronize(cudaStreamLegacy));
+  return d;
+}
+static bool guard_ok(const void *d, size_t bytes) {
+  unsigned char g[GUARD];
+  CU(cudaMemcpy(g, (const char *)d + bytes, GUARD, cudaMemcpyDeviceToHost));
+  for (int i = 0; i < GUARD; i++)
+    if (g[i] != 0xa5) return false;
+  return true;
 }
 static void dget(void *h, const void *d, size_t bytes) {
   if (bytes) CU(cudaMemcpy(h, d, bytes, cudaMemcpyDeviceToHost));
@@ -384,7 +405,7 @@ static void *job_run(void *arg) {
   void *ggate = dpoison((size_t)(E * H) * es);
   void *ggu = dpoison((size_t)El * gu_e), *gg = dpoison((size_t)El * g_e),
        *gup = dpoison((size_t)El * g_e), *gdown = dpoison((size_t)El * d_e);
-  void *sv = NULL, *ws = NULL;
+  void *sv = NULL, *ws = NULL, *wsw = NULL;
 
   moe_layer_desc d = MOE_LAYER_DESC_INIT;
   d.num_experts = E;
@@ -414,10 +435,17 @@ static void *job_run(void *arg) {
     snprintf(j->msg, sizeof j->msg, "%s", moe_last_error());
     goto out;
   }
-  size_t wsb = 0, svb = 0;
-  moe_layer_plan_sizes(plan, T, &wsb, &svb);
-  sv = dpoison(svb);
-  ws = dpoison(wsb);
+  /* saved and each pass's workspace of exactly its size, guarded */
+  moe_layer_sizes z;
+  if (moe_layer_plan_pass_sizes(plan, T, &z) != MOE_SUCCESS) {
+    j->plan_st = MOE_ERR_INTERNAL;
+    snprintf(j->msg, sizeof j->msg, "pass sizes: %s", moe_last_error());
+    goto out;
+  }
+  size_t svb = z.saved, nf = z.fwd_workspace, nw = z.bwd_workspace;
+  sv = dguarded(svb);
+  ws = dguarded(nf);
+  wsw = dguarded(nw);
 
   moe_layer_bwd_args ba;
   memset(&ba, 0, sizeof ba);
@@ -451,10 +479,10 @@ static void *job_run(void *arg) {
 
   if (j->timeline && moe_cuda_ep_timeline(plan, 1) != MOE_SUCCESS)
     tl_fail(j, "moe_cuda_ep_timeline: %s", moe_last_error());
-  j->fwd_st = moe_layer_forward(plan, fa, sv, svb, ws, wsb, st);
+  j->fwd_st = moe_layer_forward(plan, fa, sv, svb, ws, nf, st);
   if (j->timeline && j->fwd_st == MOE_SUCCESS) tl_check(j, plan, 0);
   if (j->fwd_st == MOE_SUCCESS)
-    j->bwd_st = moe_layer_backward(plan, &ba, sv, svb, ws, wsb, st);
+    j->bwd_st = moe_layer_backward(plan, &ba, sv, svb, wsw, nw, st);
   if (j->timeline && j->bwd_st == MOE_SUCCESS) tl_check(j, plan, 1);
   if (j->fwd_st != MOE_SUCCESS || j->bwd_st != MOE_SUCCESS)
     snprintf(j->msg, sizeof j->msg, "%s", moe_last_error());
@@ -474,9 +502,9 @@ static void *job_run(void *arg) {
       pthread_barrier_wait(&g->bar);
       if (j->rank != 0) CU(cudaStreamWaitEvent(st, g->fork, 0));
       if (ok) {
-        j->fwd_st = moe_layer_forward(plan, fa, sv, svb, ws, wsb, st);
+        j->fwd_st = moe_layer_forward(plan, fa, sv, svb, ws, nf, st);
         if (j->fwd_st == MOE_SUCCESS)
-          j->bwd_st = moe_layer_backward(plan, &ba, sv, svb, ws, wsb, st);
+          j->bwd_st = moe_layer_backward(plan, &ba, sv, svb, wsw, nw, st);
         if (j->fwd_st != MOE_SUCCESS || j->bwd_st != MOE_SUCCESS)
           snprintf(j->msg, sizeof j->msg, "captured: %s", moe_last_error());
       }
@@ -518,6 +546,7 @@ static void *job_run(void *arg) {
   }
   if (j->fwd_st != MOE_SUCCESS || j->bwd_st != MOE_SUCCESS) goto out;
   CU(cudaStreamSynchronize(st));
+  j->guard_bad = !guard_ok(sv, svb) || !guard_ok(ws, nf) || !guard_ok(wsw, nw);
   j->drop_st = moe_cuda_ep_dropped(plan, st, &j->dropped);
   results *r = j->res;
   dget((char *)r->out + (size_t)(j->t0 * H) * es, out, (size_t)(T * H) * es);
@@ -545,8 +574,8 @@ static void *job_run(void *arg) {
 out:
   if (plan) moe_layer_plan_destroy(plan);
   CU(cudaStreamSynchronize(st));
-  void *all[] = {x,  go, gate, gu,    wg,  wu, down, ti,    tw, out,
-                 gx, lg, gtk,  ggate, ggu, gg, gup,  gdown, sv, ws};
+  void *all[] = {x,  go,  gate,  gu,  wg, wu,  down,  ti, tw, out, gx,
+                 lg, gtk, ggate, ggu, gg, gup, gdown, sv, ws, wsw};
   for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
     if (all[i]) cudaFree(all[i]);
   cudaStreamDestroy(st);
@@ -698,6 +727,9 @@ static void ep_compare_ex(const epcase *c, int P, moe_comm **comms,
     ok &= good;
     if (good && jobs[q].timeline)
       CHECK(jobs[q].tl_bad == 0, "rank %d timeline: %s", q, jobs[q].tl_msg);
+    if (good)
+      CHECK(!jobs[q].guard_bad,
+            "rank %d: a pass wrote past its exact saved / workspace buffer", q);
   }
   if (ok && base) same_as_base(c, h, &ep, base);
   if (ok) {

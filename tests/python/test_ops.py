@@ -306,10 +306,12 @@ def test_overwrite_saved(dtype):
     """libmoe.torch.overwrite_saved (the backward writes dH over the
     forward's saved pre-activation, desc.backward_overwrites_saved)
     changes no bit of the output or any gradient, with biases and dropped
-    slots too; the op that does it declares the mutation, so a second
-    backward through the graph (retain_graph=True) raises autograd's
-    in-place error instead of reading overwritten bytes, while with
-    overwrite_saved off it runs and gives the same gradients again."""
+    slots too; the backward that overwrites bumps the saved tensor's
+    version, so a second backward through the graph (retain_graph=True)
+    raises autograd's in-place error instead of reading overwritten bytes,
+    while with overwrite_saved off it runs and gives the same gradients
+    again. The flag reaches the C plan: its backward workspace is smaller
+    by the [T*k, 2I] dH buffer."""
     t, e, k = 43, 6, 3
     gu, dn = weights("in_out", dtype, e=e)
     idx, w = routing("random", t=t, e=e, k=k, seed=13)
@@ -342,6 +344,52 @@ def test_overwrite_saved(dtype):
         finally:
             lt.overwrite_saved = keep
         res.append((y.detach(),) + grads)
+    for a, b in zip(*res):
+        assert torch.equal(a, b)
+    sz = [lt._plan_for(x0.shape, k, gu, dn, dtype, x0.device,
+                       lt._INVALID["drop"], overwrite=ow).sizes(t)
+          for ow in (False, True)]
+    es = torch.tensor([], dtype=dtype).element_size()
+    cut = sz[0].bwd_workspace - sz[1].bwd_workspace
+    assert t * k * 2 * I * es <= cut <= t * k * 2 * I * es + 256, cut
+    assert sz[0].saved == sz[1].saved
+
+
+def test_overwrite_saved_compiled(monkeypatch):
+    """overwrite_saved under torch.compile(fullgraph=True): the same bits as
+    eager without it; and with the compiled graph's donated buffers off (so
+    that retain_graph is allowed there), a second backward refused by the
+    version the op bumped where it ran, not computed from dH read as H."""
+    import torch._functorch.config as functorch_config
+    monkeypatch.setattr(functorch_config, "donated_buffer", False)
+    t, e, k = 29, 5, 2
+    gu, dn = weights("out_in", torch.float32, e=e)
+    idx, w = routing("random", t=t, e=e, k=k, seed=17)
+    g = torch.Generator().manual_seed(17)
+    x0 = (torch.rand((t, H), generator=g) - 0.5).to(DEVICE)
+
+    def f(x, wr):
+        return (lt.experts(x, idx, wr, gu, dn) ** 2).sum()
+
+    res = []
+    keep = lt.overwrite_saved
+    torch._dynamo.reset()
+    try:
+        for ow, fn in ((False, f), (True, torch.compile(
+                f, fullgraph=True, backend="aot_eager"))):
+            lt.overwrite_saved = ow
+            x = x0.clone().requires_grad_()
+            wr = w.clone().requires_grad_()
+            loss = fn(x, wr)
+            res.append(torch.autograd.grad(loss, (x, wr, gu, dn)))
+            if ow:
+                loss = fn(x, wr)
+                torch.autograd.grad(loss, (x, wr, gu, dn), retain_graph=True)
+                with pytest.raises(RuntimeError, match="inplace"):
+                    torch.autograd.grad(loss, (x, wr, gu, dn))
+    finally:
+        lt.overwrite_saved = keep
+        torch._dynamo.reset()
     for a, b in zip(*res):
         assert torch.equal(a, b)
 
