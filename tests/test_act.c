@@ -15,7 +15,8 @@
 /// fused and interleaved, with empty experts and with one expert taking
 /// every row. The gradient at a clamp bound is checked to be 0 (libmoe's
 /// convention: torch >= 2.14's clamp; torch <= 2.13's passes it); results
-/// for bitwise determinism across thread counts, and bad descriptions and
+/// for bitwise determinism across thread counts and with the backward
+/// overwriting the saved state, and bad descriptions and
 /// arguments for their messages. Prints "N passed, M failed".
 ///
 /// Built a second time with ACT_CUDA as test_cuda_act (tests/gpu/run.sh):
@@ -434,7 +435,9 @@ static void fill_routing(const acfg *c, tu_rng *r, adata *d) {
 }
 
 /// Runs one configuration: forward and backward against the reference;
-/// with `nt2` also checks the results are bitwise those of 1 thread.
+/// with `nt2` a second run (2 threads on the CPU) whose backward writes dH
+/// over the saved pre-activation (desc.backward_overwrites_saved) must give
+/// the first run's bits.
 static void run_case(const acfg *c, bool nt2) {
   actp p = params_of(c->act);
   bool gate = moe_activation_has_gate(c->act);
@@ -472,6 +475,8 @@ static void run_case(const acfg *c, bool nt2) {
   int nres = nt2 ? 2 : 1;
   for (int run = 0; run < nres; run++) {
     desc.num_threads = run == 0 || ACT_GPU ? 1 : 2;
+    /* the second run's backward writes dH over the saved pre-activation */
+    desc.backward_overwrites_saved = run == 1;
     if (ACT_GPU) desc.device.type = MOE_DEVICE_CUDA;
     moe_layer_plan *plan = NULL;
     CHECK_STATUS(moe_layer_plan_create(&plan, &desc), MOE_SUCCESS);
@@ -639,7 +644,9 @@ static void run_case(const acfg *c, bool nt2) {
     int64_t n[7] = {T * H, T * H, T * k, E * NG * H, E * H * I, E * NG, E * H};
     for (int i = 0; i < (c->bias ? 7 : 5); i++)
       CHECK(tu_first_diff(res[0][i], res[1][i], n[i]) < 0,
-            "result %d differs between two runs (1 and 2 threads)", i);
+            "result %d differs between two runs (1 and 2 threads on the "
+            "CPU, the second with desc.backward_overwrites_saved)",
+            i);
   }
   for (int run = 0; run < nres; run++)
     for (int i = 0; i < 7; i++)
@@ -859,7 +866,7 @@ int main(void) {
                 1,
                 ai == 2 ? 1 : 0,
                 ++seed};
-      run_case(&c, false);
+      run_case(&c, true);
     }
   unsetenv("MOE_CUDA_COLS");
   /* MOE_CUDA_FUSE=1 asks for the sm_90a fused epilogues: SwiGLU without
@@ -879,7 +886,7 @@ int main(void) {
               form == 1 ? 1 : 0,
               0,
               ++seed};
-    run_case(&c, false);
+    run_case(&c, true);
   }
   unsetenv("MOE_CUDA_FUSE");
   /* The CPU epilogue works on a row MOE_ACT_CH = 256 elements at a time and

@@ -784,17 +784,36 @@ static void same_bits(const lres *a, const lres *b, const char *what) {
 /// size and guarded, and the pre-activation's bytes changed by the
 /// backward (run_layer checks that the other runs leave them).
 static void overwrite_case(const lcase *c, const lbufs *hb, const lres *ref,
-                           const char *path) {
+                           moe_gmm_method m, int strict, const char *path) {
   lres ow;
   char what[96];
   snprintf(what, sizeof what, "%s, the backward overwriting saved", path);
   g_overwrite = 1;
   g_exact = true;
   describe(c, what);
-  run_layer(c, hb, true, MOE_GMM_GROUPED, 1, true, &ow);
+  run_layer(c, hb, true, m, strict, true, &ow);
   g_exact = false;
   g_overwrite = 0;
-  same_bits(ref, &ow, "with the backward overwriting saved");
+  if (m != MOE_GMM_LOOP) {
+    same_bits(ref, &ow, "with the backward overwriting saved");
+  } else { /* cuBLAS: within tolerance, the bits reported */
+    CHECK_STATUS(ow.bs, MOE_SUCCESS);
+    int differ = 0;
+    for (int i = 0; i < R_N && ref->bs == MOE_SUCCESS && ow.bs == MOE_SUCCESS;
+         i++) {
+      if (!ref->v[i] || !ow.v[i]) continue;
+      double *r = tu_alloc((size_t)ref->n[i] * sizeof(double));
+      for (int64_t j = 0; j < ref->n[i]; j++)
+        r[j] = ref->v[i][j];
+      CHECK_REL(tu_rel_err(r, ow.v[i], ref->n[i]),
+                c->dt == MOE_BF16 ? 3e-2 : 1e-4, rnames[i]);
+      differ += tu_first_diff(ref->v[i], ow.v[i], ref->n[i]) >= 0;
+      free(r);
+    }
+    printf("%s: %d tensors differ in their bits from the loop run that "
+           "keeps saved\n",
+           what, differ);
+  }
   lres_free(&ow);
 }
 
@@ -846,7 +865,7 @@ static void layer_case(const lcase *c, uint64_t seed) {
           (long long)at);
   }
   lres_free(&gpu2);
-  overwrite_case(c, &hb, &gpu, "cuda grouped strict");
+  overwrite_case(c, &hb, &gpu, MOE_GMM_GROUPED, 1, "cuda grouped strict");
   /* the sm_90a fused epilogues (opt-in, MOE_CUDA_FUSE=1) against the
      default unfused path: the forward bitwise (SwiGLU in gate_up's
      epilogue computes A from H as stored); the fused backward against the
@@ -861,7 +880,8 @@ static void layer_case(const lcase *c, uint64_t seed) {
     describe(c, "cuda grouped strict, epilogues fused, rerun");
     run_layer(c, &hb, true, MOE_GMM_GROUPED, 1, false, &fus2);
     /* the dH epilogue reads H into registers before it stores dH */
-    overwrite_case(c, &hb, &fus, "cuda grouped strict, epilogues fused");
+    overwrite_case(c, &hb, &fus, MOE_GMM_GROUPED, 1,
+                   "cuda grouped strict, epilogues fused");
     unsetenv("MOE_CUDA_FUSE");
     describe(c, "cuda grouped strict, epilogues fused");
     CHECK_STATUS(fus.fs, MOE_SUCCESS);
@@ -907,6 +927,8 @@ static void layer_case(const lcase *c, uint64_t seed) {
     run_layer(c, &hb, true, MOE_GMM_GROUPED, 1, true, &pc);
     describe(c, "cuda grouped strict, hidden columns in passes, rerun");
     run_layer(c, &hb, true, MOE_GMM_GROUPED, 1, false, &pc2);
+    overwrite_case(c, &hb, &pc, MOE_GMM_GROUPED, 1,
+                   "cuda grouped strict, hidden columns in passes");
     unsetenv("MOE_CUDA_COLS");
     describe(c, "cuda grouped strict, hidden columns in passes");
     CHECK_STATUS(pc.fs, MOE_SUCCESS);
@@ -952,6 +974,9 @@ static void layer_case(const lcase *c, uint64_t seed) {
         CHECK_REL(tu_rel_err(ref, lp.v[i], cpu.n[i]), tol, rnames[i]);
         free(ref);
       }
+    /* cuBLAS: its algorithm choice may differ between the two dH
+       addresses, so within tolerance */
+    overwrite_case(c, &hb, &lp, MOE_GMM_LOOP, 0, "cuda loop");
     lres_free(&lp);
     describe(c, "cuda loop strict");
     run_layer(c, &hb, true, MOE_GMM_LOOP, 1, true, &lp);
