@@ -33,7 +33,8 @@
 /// mode refuses chunks (every rank), and an out-of-range ep_chunks fails
 /// the plan. With desc.backward_overwrites_saved (dH written over the
 /// received rows' H in `saved`) the exact exchange in 1 and 2 chunks must
-/// be bitwise equal to one chunk without it. Every run's `saved` and its
+/// be bitwise equal to one chunk without it, and capacity mode with it
+/// bitwise equal to one GPU. Every run's `saved` and its
 /// forward's and backward's workspaces are exactly
 /// moe_layer_plan_pass_sizes' and followed by a guard that must stay
 /// intact.
@@ -813,7 +814,15 @@ static void ep_case(const epcase *c, int P, moe_comm **comms, uint64_t seed) {
             xchg_name(modes[m]));
     g_opt.xchg = modes[m];
     ep_compare(c, P, comms, &h, &ref, 0, NULL, MOE_SUCCESS);
-    if (modes[m] != MOE_EP_EXCHANGE_EXACT) continue;
+    if (modes[m] != MOE_EP_EXCHANGE_EXACT) {
+      /* capacity mode with the ranks' backward writing dH over saved */
+      g_opt.overwrite = 1;
+      tu_case("%s seed=%llu exchange=%s overwrite_saved", line,
+              (unsigned long long)seed, xchg_name(modes[m]));
+      ep_compare(c, P, comms, &h, &ref, 0, NULL, MOE_SUCCESS);
+      g_opt.overwrite = 0;
+      continue;
+    }
     /* the overlap: one chunk, then 2 and 3 against it */
     results one;
     g_opt.chunks = 1;
