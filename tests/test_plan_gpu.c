@@ -105,43 +105,65 @@ static void test_cols(moe_layer_plan *plan, const int64_t *sh) {
 
 /// desc.backward_overwrites_saved: dH goes over H in `saved`, so the
 /// backward's workspace loses the [S, 2I] dH buffer and keeps room for the
-/// router's logits (T E (4 + es)) in its place; the saved bytes and the
-/// forward's and inference's workspaces do not change.
+/// router's logits (T E (4 + es)) in its place; with the pass width pinned
+/// (MOE_CUDA_COLS) the saved bytes and the forward's and inference's
+/// workspaces do not change. Unpinned, the planner may take narrower passes
+/// (the forward's A + Y is then the peak, so C may go below I): never wider
+/// ones, never a larger forward workspace or peak.
 static void test_overwrite(const int64_t *sh, const char *card) {
-  int64_t E = sh[0], I = sh[2], k = sh[3], T = sh[4], S = T * k;
+  int64_t E = sh[0], H = sh[1], I = sh[2], k = sh[3], T = sh[4], S = T * k;
   tu_case("plan_gpu %s: backward_overwrites_saved E=%lld H=%lld I=%lld "
           "k=%lld T=%lld",
-          card, (long long)E, (long long)sh[1], (long long)I, (long long)k,
+          card, (long long)E, (long long)H, (long long)I, (long long)k,
           (long long)T);
   moe_layer_desc d = desc_of(sh, card);
-  moe_layer_sizes z[2];
+  moe_layer_sizes z[2], pin;
+  int64_t C[2];
+  moe_layer_plan *plan[2] = {NULL, NULL};
   for (int ow = 0; ow < 2; ow++) {
     d.backward_overwrites_saved = ow;
-    moe_layer_plan *plan = NULL;
-    CHECK_STATUS(moe_layer_plan_create(&plan, &d), MOE_SUCCESS);
-    if (!plan) return;
-    CHECK_STATUS(moe_layer_plan_pass_sizes(plan, T, &z[ow]), MOE_SUCCESS);
-    moe_layer_plan_destroy(plan);
+    CHECK_STATUS(moe_layer_plan_create(&plan[ow], &d), MOE_SUCCESS);
+    if (!plan[ow]) {
+      moe_layer_plan_destroy(plan[0]);
+      return;
+    }
+    CHECK_STATUS(moe_layer_plan_pass_sizes(plan[ow], T, &z[ow]), MOE_SUCCESS);
+    C[ow] = cols_of(plan[ow], H);
   }
-  CHECK(z[0].saved == z[1].saved && z[0].fwd_workspace == z[1].fwd_workspace &&
-            z[0].infer_workspace == z[1].infer_workspace,
-        "overwriting saved changed the saved bytes or a forward workspace");
+  /* the overwriting plan at the plain plan's pass width */
+  char v[32];
+  snprintf(v, sizeof v, "%lld", (long long)(C[0] < H ? C[0] : 0));
+  setenv("MOE_CUDA_COLS", v, 1);
+  CHECK_STATUS(moe_layer_plan_pass_sizes(plan[1], T, &pin), MOE_SUCCESS);
+  unsetenv("MOE_CUDA_COLS");
+  CHECK(z[0].saved == pin.saved && z[0].fwd_workspace == pin.fwd_workspace &&
+            z[0].infer_workspace == pin.infer_workspace,
+        "overwriting saved changed the saved bytes or a forward workspace "
+        "at the same pass width");
   double dh = (double)S * 2.0 * (double)I * 2.0,
          logits = (double)T * (double)E * 6.0 + 512.0;
-  double cut = (double)z[0].bwd_workspace - (double)z[1].bwd_workspace;
+  double cut = (double)z[0].bwd_workspace - (double)pin.bwd_workspace;
   CHECK(cut >= dh - logits && cut <= dh,
         "backward workspace %zu -> %zu: expected [S, 2I] (%.0f B) less, the "
         "logits' %.0f B kept",
-        z[0].bwd_workspace, z[1].bwd_workspace, dh, logits);
-  double gib = 1024.0 * 1024.0 * 1024.0;
+        z[0].bwd_workspace, pin.bwd_workspace, dh, logits);
   size_t pk[2];
   for (int ow = 0; ow < 2; ow++)
     pk[ow] = z[ow].saved + (z[ow].fwd_workspace > z[ow].bwd_workspace
                                 ? z[ow].fwd_workspace
                                 : z[ow].bwd_workspace);
-  printf("  peak (saved + larger workspace) %.3f GiB, %.3f GiB with the "
-         "backward overwriting saved\n",
-         pk[0] / gib, pk[1] / gib);
+  CHECK(C[1] <= C[0] && z[1].fwd_workspace <= z[0].fwd_workspace &&
+            pk[1] <= pk[0] && (C[1] == H || C[1] % 256 == 0),
+        "overwriting saved: pass width %lld (plain %lld), forward workspace "
+        "%zu (plain %zu), peak %zu (plain %zu)",
+        (long long)C[1], (long long)C[0], z[1].fwd_workspace,
+        z[0].fwd_workspace, pk[1], pk[0]);
+  double gib = 1024.0 * 1024.0 * 1024.0;
+  printf("  peak (saved + larger workspace) %.3f GiB at %lld columns a "
+         "pass, %.3f GiB with the backward overwriting saved at %lld\n",
+         pk[0] / gib, (long long)C[0], pk[1] / gib, (long long)C[1]);
+  moe_layer_plan_destroy(plan[0]);
+  moe_layer_plan_destroy(plan[1]);
 }
 
 /// A device view at an address nothing may read (the call must refuse

@@ -526,9 +526,11 @@ static size_t moe_cu_take(size_t *at, size_t bytes);
 ///   gate_up dX: max(4 I H / F, es (2 P I + H) / B)
 /// (F the grouped kernel's rate, B the bandwidth, P passes), plus
 /// MOE_CU_PASS_S per product and extra pass; P doubles while that holds
-/// and C = H / P, rounded up to 256 (the widest tile), stays >= max(I, 256)
-/// (below I the backward's dA' room sets the peak). Depends on the plan only
-/// (max_tokens), not on T, so workspace sizes grow with T.
+/// and C = H / P, rounded up to 256 (the widest tile), stays >= I rounded
+/// up to 256 (below I the backward's dA' room sets the peak), or >= 256
+/// with desc.backward_overwrites_saved (then the forward's A + Y sets it).
+/// Depends on the plan only (max_tokens), not on T, so workspace sizes grow
+/// with T.
 static int64_t moe_cu_cols(const moe_layer_plan *p) {
   const moe_layer_desc *d = &p->d;
   int64_t H = d->hidden, I = d->intermediate;
@@ -561,11 +563,18 @@ static int64_t moe_cu_cols(const moe_layer_plan *p) {
   if (!(layer > 0.0)) layer = S * 18.0 * i * h / F;
   double base = S * (fmax(2.0 * i * h / F, esd * (i + h) / B) +
                      fmax(4.0 * i * h / F, esd * (2.0 * i + h) / B));
-  int64_t best = H, lo = I > 256 ? I : 256;
-  for (int64_t P = 2; P <= 64; P *= 2) {
+  /* the narrowest pass that still lowers the peak: below I the backward's
+     dA' room [S, I] sets it -- unless dH goes over `saved`, where the
+     forward's A + Y [S, I + C] is the peak at every C */
+  int64_t lo = d->backward_overwrites_saved ? 256 : (I + 255) / 256 * 256;
+  int64_t best = H;
+  for (int64_t P = 2; P <= 64; P++) {
     int64_t c = ((H + P - 1) / P + 255) / 256 * 256;
-    if (c >= best) continue;
-    if (c < lo) break;
+    if (c < lo) c = lo;
+    if (c >= best) {
+      if (c == lo) break;
+      continue;
+    }
     double np = (double)((H + c - 1) / c);
     double t = S * (fmax(2.0 * i * h / F, esd * (np * i + h) / B) +
                     fmax(4.0 * i * h / F, esd * (2.0 * np * i + h) / B)) +
