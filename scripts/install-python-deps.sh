@@ -17,10 +17,23 @@ py_pins=(torch==2.15.0 transformers==5.24.0 pytest==9.2.0
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
+# PyPI's large wheels (torch's CUDA libraries, 200+ MB each) sometimes stop
+# mid-download and pip's own resumes give up: the whole install is tried
+# again, up to three times (what finished is kept in pip's cache).
+pip_install() {
+  local n
+  for n in 1 2 3; do
+    "$venv/bin/python" -m pip install -q --retries 10 --timeout 60 "$@" && return 0
+    [ "$n" = 3 ] && break
+    echo "pip install failed (attempt $n of 3); again in $((n * 30)) s" >&2
+    sleep $((n * 30))
+  done
+  return 1
+}
 if ! "$venv/bin/python" -c "import torch, transformers, pytest, scikit_build_core" >/dev/null 2>&1; then
-  "$venv/bin/python" -m pip install -q --upgrade pip
+  pip_install --upgrade pip
   if [ -n "${LIBMOE_TORCH_INDEX:-}" ]; then
-    "$venv/bin/python" -m pip install -q --index-url "$LIBMOE_TORCH_INDEX" torch==2.15.0
+    pip_install --index-url "$LIBMOE_TORCH_INDEX" torch==2.15.0
   fi
-  "$venv/bin/python" -m pip install -q "${py_pins[@]}"
+  pip_install "${py_pins[@]}"
 fi
