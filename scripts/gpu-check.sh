@@ -38,7 +38,8 @@ test)
   # the C tests (their sanitizer runs at once: MOE_GPU_PARALLEL) beside the
   # Python tests: one GPU holds them all, and a lease is ten minutes
   echo "== tests/gpu/run.sh beside tests/gpu/run_python.sh"
-  MOE_GPU_PARALLEL=${MOE_GPU_PARALLEL:-1} bash tests/gpu/run.sh \
+  MOE_GPU_PARALLEL=${MOE_GPU_PARALLEL:-6} MOE_STEP_TIMEOUT=${MOE_STEP_TIMEOUT:-420} \
+    MOE_GPU_LOG_DIR=$out/steps bash tests/gpu/run.sh \
     >"$out/gpu_tests.log" 2>&1 &
   tests_pid=$!
   bash tests/gpu/run_python.sh >"$out/gpu_python.log" 2>&1 &
@@ -47,6 +48,8 @@ test)
   wait $python_pid || status=1
   grep -E "passed|failed|FAIL|ERROR SUMMARY|skipped|note:|tensors differ" \
     "$out/gpu_tests.log" | tail -40
+  # one file for the steps' logs (a device call brings back few files)
+  tar czf "$out/steps.tgz" -C "$out" steps && rm -rf "$out/steps"
   grep -E "passed|failed|FAIL|Error" "$out/gpu_python.log" | tail -15
   echo "== moe bench --device cuda --ep 4 --virtual --timeline (issue 18: overlap on virtual ranks)"
   timeout 120 "$MOE_BUILD_DIR/moe" bench --device cuda --ep 4 --virtual --timeline \

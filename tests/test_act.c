@@ -434,6 +434,17 @@ static void fill_routing(const acfg *c, tu_rng *r, adata *d) {
     }
 }
 
+/// `n` bytes of `saved` (device memory in the CUDA build) to the host.
+static void act_get(void *h, const void *saved, size_t n) {
+  if (!n) return;
+#ifdef ACT_CUDA
+  if (cudaMemcpy(h, saved, n, cudaMemcpyDeviceToHost) != cudaSuccess)
+    memset(h, 0, n);
+#else
+  memcpy(h, saved, n);
+#endif
+}
+
 /// Runs one configuration: forward and backward against the reference;
 /// with `nt2` a second run (2 threads on the CPU) whose backward writes dH
 /// over the saved pre-activation (desc.backward_overwrites_saved) must give
@@ -570,8 +581,22 @@ static void run_case(const acfg *c, bool nt2) {
     }
     CHECK_STATUS(moe_layer_forward(plan, &b.fwd, saved, sv, NULL, 0, NULL),
                  MOE_SUCCESS);
+    /* the pre-activation (the front of `saved`, T k NG es bytes): the
+       backward writes dH over it with the flag, and leaves it without */
+    size_t hb = (size_t)(T * k * NG) * moe_dtype_size(c->dt);
+    if (hb > sv) hb = sv;
+    unsigned char *h0 = tu_alloc(hb ? hb : 1), *h1 = tu_alloc(hb ? hb : 1);
+    act_get(h0, saved, hb);
     CHECK_STATUS(moe_layer_backward(plan, &b, saved, sv, NULL, 0, NULL),
                  MOE_SUCCESS);
+    act_get(h1, saved, hb);
+    if (hb)
+      CHECK((memcmp(h0, h1, hb) == 0) == (run == 0),
+            "run %d: the backward %s the pre-activation in `saved`", run,
+            run == 0 ? "changed (it must only read)"
+                     : "left (desc.backward_overwrites_saved: dH goes there)");
+    free(h0);
+    free(h1);
 #ifdef ACT_CUDA
     dev_down(&dm);
     cudaFree(saved);

@@ -12,11 +12,17 @@
 #   MOE_SANITIZER  0 to skip compute-sanitizer; memcheck for memcheck alone
 #   MOE_SANITIZER_EP_P  virtual rank counts test_cuda_ep runs under memcheck
 #                  (default "2 3 4 8")
-#   MOE_GPU_PARALLEL  1: run the steps at once (each its own process on the
-#                  one GPU; their logs are printed in order at the end) --
-#                  the sanitizer runs take most of the time and are
-#                  independent, so a device lease of ten minutes holds them
-#                  all; 0 (default): one after the other
+#   MOE_GPU_PARALLEL  N > 1: run up to N of the steps after test_cuda at
+#                  once (each its own process on the one GPU; their logs
+#                  are printed in order at the end) -- the sanitizer runs
+#                  take most of the time and are independent, so a device
+#                  lease of ten minutes holds them all; keep N at 6 or
+#                  less, each compute-sanitizer takes a port of the 10 it
+#                  tries; 1 or unset: one after the other
+#   MOE_GPU_LOG_DIR  where the parallel steps' logs go (kept; default: a
+#                  temporary folder, removed), so a run cut short still
+#                  leaves the finished steps' logs
+#   MOE_STEP_TIMEOUT  seconds each step may take (default 600)
 set -u
 root=$(cd "$(dirname "$0")/../.." && pwd)
 build=${MOE_BUILD_DIR:-$root/build-gpu}
@@ -45,17 +51,29 @@ fi
 status=0
 [ $rc -eq 0 ] || { echo "FAIL: test_cuda exited $rc"; status=1; }
 
-logs=$(mktemp -d)
-trap 'rm -rf "$logs"' EXIT
+par=${MOE_GPU_PARALLEL:-1}
+case $par in '' | *[!0-9]*) par=1 ;; esac
+[ "$par" -ge 1 ] || par=1
+if [ -n "${MOE_GPU_LOG_DIR:-}" ]; then
+  logs=$MOE_GPU_LOG_DIR
+  mkdir -p "$logs"
+  rm -f "$logs"/*.log "$logs"/*.rc "$logs"/*.ok
+else
+  logs=$(mktemp -d)
+  trap 'rm -rf "$logs"' EXIT
+fi
+to=${MOE_STEP_TIMEOUT:-600}
 steps=()
-# step NAME OKRC CMD...: runs CMD (now, or in the background with
-# MOE_GPU_PARALLEL=1); exit status OKRC (besides 0) is a skip, not a failure
+# step NAME OKRC CMD...: runs CMD (now, or in the background when
+# MOE_GPU_PARALLEL > 1, once fewer than that many run); exit status OKRC
+# (besides 0) is a skip, not a failure
 step() {
   local name=$1 ok=$2
   shift 2
   local n=${#steps[@]}
   steps+=("$name")
-  if [ "${MOE_GPU_PARALLEL:-0}" = 1 ]; then
+  if [ "$par" -gt 1 ]; then
+    while [ "$(jobs -rp | wc -l)" -ge "$par" ]; do wait -n; done
     ( "$@" >"$logs/$n.log" 2>&1; echo $? >"$logs/$n.rc" ) &
   else
     echo "== $name"
@@ -68,7 +86,7 @@ step() {
 # The expert functions, biases and interleaved gate/up (tests/test_act.c
 # on the GPU layer).
 if [ -x "$build/test_cuda_act" ]; then
-  step test_cuda_act - timeout 600 "$build/test_cuda_act"
+  step test_cuda_act - timeout "$to" "$build/test_cuda_act"
 else
   echo "note: no test_cuda_act in $build"
 fi
@@ -78,7 +96,7 @@ fi
 # run under compute-sanitizer (its own kernels and proxy threads are not
 # what it is meant to check); the virtual ranks are, at every P.
 if [ -x "$build/test_cuda_ep" ]; then
-  step test_cuda_ep 77 timeout 600 "$build/test_cuda_ep"
+  step test_cuda_ep 77 timeout "$to" "$build/test_cuda_ep"
 else
   echo "note: no test_cuda_ep in $build"
 fi
@@ -86,7 +104,7 @@ fi
 if [ "${MOE_SANITIZER:-1}" != 0 ] && command -v compute-sanitizer >/dev/null 2>&1; then
   tools="memcheck racecheck synccheck"
   [ "${MOE_SANITIZER:-1}" = memcheck ] && tools=memcheck
-  cs() { timeout 600 compute-sanitizer --error-exitcode 3 --print-limit 20 "$@"; }
+  cs() { timeout "$to" compute-sanitizer --error-exitcode 3 --print-limit 20 "$@"; }
   for tool in $tools; do
     step "compute-sanitizer --tool $tool test_cuda --small" - \
       cs --tool "$tool" "$build/test_cuda" --small
@@ -108,11 +126,11 @@ else
 fi
 wait
 for n in "${!steps[@]}"; do
-  if [ "${MOE_GPU_PARALLEL:-0}" = 1 ]; then
+  if [ "$par" -gt 1 ]; then
     echo "== ${steps[$n]}"
     cat "$logs/$n.log"
   fi
-  rc=$(cat "$logs/$n.rc")
+  rc=$(cat "$logs/$n.rc" 2>/dev/null || echo "none")
   ok=$(cat "$logs/$n.ok")
   if [ "$rc" = "$ok" ]; then
     echo "note: ${steps[$n]} skipped (exit $rc: no usable GPU)"
