@@ -31,6 +31,7 @@
 #include <cuda_runtime_api.h>
 #include <time.h>
 
+#include "gpu_testutil.h"
 #include "moe_cuda.h"
 #include "testutil.h"
 
@@ -52,33 +53,13 @@ static int g_sv_fill = -1;
 static unsigned char *g_sv;
 static size_t g_sv_n;
 
-#define CU(call)                                                               \
-  do {                                                                         \
-    cudaError_t e_ = (call);                                                   \
-    if (e_ != cudaSuccess) {                                                   \
-      printf("FATAL %s:%d %s: %s\n", __FILE__, __LINE__, #call,                \
-             cudaGetErrorString(e_));                                          \
-      exit(1);                                                                 \
-    }                                                                          \
-  } while (0)
-
-enum { GUARD = 512 };
-
 /// A device buffer of `n` bytes and a guard after it, all 0xa5.
 static void *guarded(size_t n) {
   void *p = NULL;
   CU(cudaMalloc(&p, n + GUARD));
-  CU(cudaMemset(p, 0xa5, n + GUARD));
+  CU(cudaMemset(p, 0xa5, n));
+  guard_set(p, n);
   return p;
-}
-
-/// Whether the guard after `n` bytes of `p` is intact.
-static bool guard_ok(const void *p, size_t n) {
-  unsigned char g[GUARD];
-  CU(cudaMemcpy(g, (const char *)p + n, GUARD, cudaMemcpyDeviceToHost));
-  for (int i = 0; i < GUARD; i++)
-    if (g[i] != 0xa5) return false;
-  return true;
 }
 
 /* ---- host buffers mirrored on the device -------------------------------- */

@@ -42,18 +42,9 @@
 #include <pthread.h>
 #include <stdarg.h>
 
+#include "gpu_testutil.h"
 #include "moe_cuda.h"
 #include "testutil.h"
-
-#define CU(call)                                                               \
-  do {                                                                         \
-    cudaError_t e_ = (call);                                                   \
-    if (e_ != cudaSuccess) {                                                   \
-      printf("FATAL %s:%d %s: %s\n", __FILE__, __LINE__, #call,                \
-             cudaGetErrorString(e_));                                          \
-      exit(1);                                                                 \
-    }                                                                          \
-  } while (0)
 
 enum { MAXP = 8 };
 
@@ -265,19 +256,10 @@ static void *dpoison(size_t bytes) {
 /// The bytes after each of saved and the two pass workspaces (every job
 /// runs in buffers of exactly moe_layer_plan_pass_sizes'): 0xa5, checked
 /// after the step.
-enum { GUARD = 512 };
 static void *dguarded(size_t bytes) {
   void *d = dpoison(bytes + GUARD);
-  CU(cudaMemset((char *)d + bytes, 0xa5, GUARD));
-  CU(cudaStreamSynchronize(cudaStreamLegacy));
+  guard_set(d, bytes);
   return d;
-}
-static bool guard_ok(const void *d, size_t bytes) {
-  unsigned char g[GUARD];
-  CU(cudaMemcpy(g, (const char *)d + bytes, GUARD, cudaMemcpyDeviceToHost));
-  for (int i = 0; i < GUARD; i++)
-    if (g[i] != 0xa5) return false;
-  return true;
 }
 static void dget(void *h, const void *d, size_t bytes) {
   if (bytes) CU(cudaMemcpy(h, d, bytes, cudaMemcpyDeviceToHost));
