@@ -314,11 +314,10 @@ def _experts_bwd(grad_out: torch.Tensor, hidden: torch.Tensor,
                             torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward. With `overwrite` its plan has
     desc.backward_overwrites_saved: the layer may write dH over the
-    pre-activation in `saved`, which is undefined afterwards, and bumps
-    the saved tensor's version counter. The schema
-    does not declare that write: `saved` is a forward output, and
-    AOTAutograd's partitioner refuses a backward that mutates one; nothing
-    but this op ever reads it."""
+    pre-activation in `saved`, which is undefined afterwards, and the op
+    bumps the saved tensor's version counter. The schema does not declare
+    that write: `saved` is a forward output, and AOTAutograd's partitioner
+    refuses a backward that mutates one; nothing but this op reads it."""
     dev = hidden.device
     gate = act not in _NO_GATE
     p = _plan_for(hidden.shape, top_k_index.shape[1], gate_up_proj, down_proj,
