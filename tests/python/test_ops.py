@@ -351,7 +351,13 @@ def test_overwrite_saved(dtype):
           for ow in (False, True)]
     es = torch.tensor([], dtype=dtype).element_size()
     cut = sz[0].bwd_workspace - sz[1].bwd_workspace
-    assert t * k * 2 * I * es <= cut <= t * k * 2 * I * es + 256, cut
+    dh = t * k * 2 * I * es
+    # CUDA's dH buffer also holds the router's logits and their gradient
+    # ([t, e] f32 and layer dtype, 256-aligned), which stay: the cut is dH
+    # less those there (dH itself on the CPU), to the 256 bytes the
+    # workspace's size is rounded to
+    logits = (t * e * 4 + 255) // 256 * 256 + t * e * es
+    assert dh - logits - 256 <= cut <= dh + 256, (cut, dh, logits)
     assert sz[0].saved == sz[1].saved
 
 
