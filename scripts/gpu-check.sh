@@ -69,15 +69,16 @@ test)
   ;;
 bench)
   export OUT=$out
-  # libmoe_ow: libmoe with the backward writing dH over the saved state
+  # libmoe_keep: libmoe with the backward keeping the saved state (its
+  # own dH buffer), beside the default that writes dH over it
   echo "== grid"
   LIGER_WHEEL_DIR=$root/.whl timeout 330 bash bench/gpu/grid.sh --reps 5 \
-    --warmup 2 --impl grouped_mm,libmoe,libmoe_ow,liger \
+    --warmup 2 --impl grouped_mm,libmoe,libmoe_keep,liger \
     --json "$out/grid.json" >"$out/grid.log" 2>&1 || echo "grid: exit $?"
   tail -30 "$out/grid.log"
   echo "== scaling"
   LIGER_WHEEL_DIR=$root/.whl timeout 150 bash bench/gpu/grid.sh --scaling \
-    --reps 5 --warmup 2 --impl grouped_mm,libmoe,libmoe_ow \
+    --reps 5 --warmup 2 --impl grouped_mm,libmoe,libmoe_keep \
     --json "$out/scaling.json" >"$out/scaling.log" 2>&1 || echo "scaling: exit $?"
   tail -16 "$out/scaling.log"
   echo "== variable token counts"

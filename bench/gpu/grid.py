@@ -12,9 +12,12 @@ Implementations (--impl, any subset, in this order: grouped_mm first, as
 the reference of the rel_* columns):
   grouped_mm  transformers' experts_implementation="grouped_mm"
   libmoe      experts_implementation="libmoe" (python/libmoe; libmoe.hf.register)
-  libmoe_ow   the same with libmoe.torch.overwrite_saved = True: the
-              backward writes dH over the saved pre-activation
-              (desc.backward_overwrites_saved); not in the default set
+              (its default: libmoe.torch.overwrite_saved = True, the
+              backward writes dH over the saved pre-activation,
+              desc.backward_overwrites_saved)
+  libmoe_keep the same with overwrite_saved = False: the backward keeps
+              the saved state and holds its own dH buffer; not in the
+              default set
   liger       Liger-Kernel's LigerFusedMoEFunction (PyPI liger-kernel 0.8.5,
               Triton), registered here in transformers' ExpertsInterface as
               "liger_fused_moe": it runs on the block's own routing (the
@@ -101,7 +104,7 @@ SONIC = {
 }
 # Liger's own benchmark CSV (v0.7.0, H100) at the Qwen3-30B-A3B shape
 LIGER_PUB = {"qwen3_30b": (337, 242)}
-IMPLS = ("grouped_mm", "libmoe", "libmoe_ow", "liger")
+IMPLS = ("grouped_mm", "libmoe", "libmoe_keep", "liger")
 DEFAULT_IMPLS = ("grouped_mm", "libmoe", "liger")
 LIGER_NAME = "liger_fused_moe"
 
@@ -179,7 +182,7 @@ def setup_impls(args, torch, hf_moe):
     for impl in args.impls:
         if impl == "grouped_mm":
             state[impl] = None
-        elif impl in ("libmoe", "libmoe_ow"):
+        elif impl in ("libmoe", "libmoe_keep"):
             try:
                 import libmoe
                 import libmoe.hf
@@ -231,7 +234,7 @@ def make_liger_forward(torch, fn):
 
 
 def hf_name(impl):
-    return {"liger": LIGER_NAME, "libmoe_ow": "libmoe"}.get(impl, impl)
+    return {"liger": LIGER_NAME, "libmoe_keep": "libmoe"}.get(impl, impl)
 
 
 # ---- measurement ----------------------------------------------------------------
@@ -306,12 +309,12 @@ def nbytes(t):
 
 
 def run_cell(args, torch, clock, cfg, blk, x, g, impl, shape, ref):
-    if impl != "libmoe_ow":
+    if impl not in ("libmoe", "libmoe_keep"):
         return run_cell_as(args, torch, clock, cfg, blk, x, g, impl, shape,
                            ref)
     import libmoe.torch as lt
     keep = lt.overwrite_saved
-    lt.overwrite_saved = True
+    lt.overwrite_saved = impl == "libmoe"
     try:
         return run_cell_as(args, torch, clock, cfg, blk, x, g, impl, shape,
                            ref)
@@ -428,7 +431,7 @@ def fmt_ms(r):
 
 def print_tables(args, res, out=sys.stdout):
     names = {"grouped_mm": "HF grouped_mm", "libmoe": "libmoe",
-             "libmoe_ow": "libmoe, dH over saved", "liger": "Liger fused_moe"}
+             "libmoe_keep": "libmoe, saved kept", "liger": "Liger fused_moe"}
     cols = [names[i] for i in args.impls]
     unit = "TFLOP/s" if args.device == "cuda" else "TFLOP/s (CPU time)"
     mem = ", activation GiB" if args.device == "cuda" else ""
@@ -458,7 +461,7 @@ def print_tables(args, res, out=sys.stdout):
         cells = res["cells"].get(nm, {})
         p("| " + " | ".join([nm] + [fmt_ms(cells.get(i))
                                      for i in args.impls]) + " |")
-    lms = [i for i in ("libmoe", "libmoe_ow") if i in args.impls]
+    lms = [i for i in ("libmoe", "libmoe_keep") if i in args.impls]
     if args.scaling and lms and "grouped_mm" in args.impls:
         p("\nscaling runs: libmoe vs HF grouped_mm, fwd+bwd "
           "(issue target: speedup >= 2.5x, activation GiB <= grouped_mm's)")

@@ -82,12 +82,12 @@ workspace_at_capacity = False
 # version: a second backward through the same graph (retain_graph=True)
 # fails with autograd's in-place error instead of reading overwritten
 # bytes (a compiled graph refuses retain_graph anyway: its saved buffers
-# are donated). Gradients are bitwise the same either way. False (for now
-# the default: the CUDA tests of that path are written, not yet run on a
-# GPU; bench/NOTES.md, fifth round): the backward leaves `saved` intact,
-# at the cost of that buffer. Read when each forward runs (under
-# torch.compile, when it is traced).
-overwrite_saved = False
+# are donated). Gradients are bitwise the same either way. The default
+# since the sixth round, when the CUDA tests of that path passed on a GPU
+# (bench/NOTES.md). False: the backward leaves `saved` intact, at the cost
+# of that buffer (for retain_graph, torch.autograd.gradcheck). Read when
+# each forward runs (under torch.compile, when it is traced).
+overwrite_saved = True
 
 # key -> plans of growing capacity (each twice the one before, or more)
 _plans: dict = {}
