@@ -438,8 +438,9 @@ static void fill_routing(const acfg *c, tu_rng *r, adata *d) {
 static void act_get(void *h, const void *saved, size_t n) {
   if (!n) return;
 #ifdef ACT_CUDA
-  if (cudaMemcpy(h, saved, n, cudaMemcpyDeviceToHost) != cudaSuccess)
-    memset(h, 0, n);
+  cudaError_t e = cudaMemcpy(h, saved, n, cudaMemcpyDeviceToHost);
+  CHECK(e == cudaSuccess, "copying `saved` back: %s", cudaGetErrorString(e));
+  if (e != cudaSuccess) memset(h, 0, n);
 #else
   memcpy(h, saved, n);
 #endif

@@ -525,9 +525,9 @@ static size_t moe_cu_take(size_t *at, size_t bytes);
 ///   down:      max(2 I H / F, es (P I + H) / B)
 ///   gate_up dX: max(4 I H / F, es (2 P I + H) / B)
 /// (F the grouped kernel's rate, B the bandwidth, P passes), plus
-/// MOE_CU_PASS_S per product and extra pass; P doubles while that holds
-/// and C = H / P, rounded up to 256 (the widest tile), stays >= I rounded
-/// up to 256: below I the backward's dA' room sets the peak. With
+/// MOE_CU_PASS_S per product and extra pass; P = 2, 3, 4, ... while that
+/// holds, and C = H / P, rounded up to 256 (the widest tile), stays >= I
+/// rounded up to 256: below I the backward's dA' room sets the peak. With
 /// desc.backward_overwrites_saved the forward's A + Y sets it at every C,
 /// but the same floor holds: the model above prices the re-reads under the
 /// roofline's max, and they add instead near the ridge (the sixth round,
