@@ -99,6 +99,14 @@ bench)
     --warmup 2 --impl grouped_mm,libmoe,libmoe_keep,liger \
     --json "$out/grid.json" >"$out/grid.log" 2>&1 || echo "grid: exit $?"
   tail -30 "$out/grid.log"
+  # the forward's and the backward's pass widths apart (the default)
+  # against both at one width (MOE_CUDA_COLS=same), where they differ
+  echo "== pass widths: libmoe vs libmoe_same"
+  timeout 150 bash bench/gpu/grid.sh --reps 5 --warmup 2 \
+    --impl libmoe,libmoe_same --shapes 30b_n512,120b_n1024,qwen3_30b \
+    --json "$out/grid_widths.json" >"$out/grid_widths.log" 2>&1 ||
+    echo "pass widths: exit $?"
+  tail -14 "$out/grid_widths.log"
   echo "== scaling"
   LIGER_WHEEL_DIR=$root/.whl timeout 150 bash bench/gpu/grid.sh --scaling \
     --reps 5 --warmup 2 --impl grouped_mm,libmoe,libmoe_keep \

@@ -8,12 +8,14 @@
 ///  - forward and backward refuse with MOE_ERR_INVALID_ARGUMENT naming
 ///    desc.plan_gpu (their arguments point nowhere: nothing may touch them);
 ///  - an unknown card, and a card with a CPU device, are refused by name;
-///  - the hidden columns in passes (issue 16, second round): the plan's
-///    pass width C (from its explanation) bounds the backward workspace by
-///    S (max(I, C) + 2I) es + its small parts, MOE_CUDA_COLS=n sets C to n
-///    and =0 to H (one pass), and passes never need more memory than one
-///    pass; each shape's peak (saved + the larger pass workspace) is
-///    printed beside the one-pass peak;
+///  - the hidden columns in passes (issue 16): the plan's pass widths Cf
+///    and Cb (from its explanation) bound the backward workspace by
+///    S (max(I, Cb) + 2I) es + its small parts; the pass that sets the peak
+///    keeps the model's width and the other widens within 1% of the peak;
+///    MOE_CUDA_COLS pins them ("n", "f,b"; "0" or junk: one pass), and
+///    passes never need more memory than one pass; each shape's peak
+///    (saved + the larger pass workspace) is printed beside the one-pass
+///    peak;
 ///  - desc.backward_overwrites_saved: the backward's workspace without its
 ///    [T*k, 2I] dH buffer, the other sizes unchanged.
 #include <stdio.h>
@@ -36,14 +38,50 @@ static moe_layer_desc desc_of(const int64_t *sh, const char *card) {
   return d;
 }
 
-/// C as the explanation says it ("hidden columns in P passes of C"), or H.
-static int64_t cols_of(const moe_layer_plan *plan, int64_t H) {
+/// The forward's and the backward's pass widths as the explanation says
+/// them ("hidden columns in Pf passes of Cf forward, Pb passes of Cb
+/// backward"), or H for both.
+typedef struct widths {
+  int64_t f, b;
+} widths;
+static widths widths_of(const moe_layer_plan *plan, int64_t H) {
   const char *ex = moe_layer_plan_explain(plan);
   const char *at = strstr(ex, "hidden columns in ");
-  long long P = 0, C = 0;
-  if (!at || sscanf(at, "hidden columns in %lld passes of %lld", &P, &C) != 2)
-    return H;
+  long long pf = 0, cf = 0, pb = 0, cb = 0;
+  widths w = {H, H};
+  if (at && sscanf(at,
+                   "hidden columns in %lld passes of %lld forward, %lld "
+                   "passes of %lld backward",
+                   &pf, &cf, &pb, &cb) == 4) {
+    w.f = cf;
+    w.b = cb;
+  }
+  return w;
+}
+
+/// A plan for `d` made and queried under MOE_CUDA_COLS=same (both passes
+/// at the model's width C, as before the widths were chosen apart): C and
+/// the sizes at T.
+static int64_t same_of(const moe_layer_desc *d, int64_t T, moe_layer_sizes *z) {
+  moe_layer_plan *plan = NULL;
+  int64_t C = d->hidden;
+  setenv("MOE_CUDA_COLS", "same", 1);
+  CHECK_STATUS(moe_layer_plan_create(&plan, d), MOE_SUCCESS);
+  if (plan) {
+    widths w = widths_of(plan, d->hidden);
+    CHECK(w.f == w.b, "MOE_CUDA_COLS=same: widths %lld / %lld", (long long)w.f,
+          (long long)w.b);
+    C = w.f;
+    CHECK_STATUS(moe_layer_plan_pass_sizes(plan, T, z), MOE_SUCCESS);
+  }
+  unsetenv("MOE_CUDA_COLS");
+  moe_layer_plan_destroy(plan);
   return C;
+}
+
+static size_t peak_of(const moe_layer_sizes *z) {
+  return z->saved + (z->fwd_workspace > z->bwd_workspace ? z->fwd_workspace
+                                                         : z->bwd_workspace);
 }
 
 /// The backward workspace's bound for pass width C: r1 [S, max(I, C)] and
@@ -56,31 +94,83 @@ static double bwd_bound(int64_t S, int64_t I, int64_t C) {
          8.0 * 256.0;
 }
 
-static void test_cols(moe_layer_plan *plan, const int64_t *sh) {
+static int64_t width_ok(int64_t C, int64_t H, int64_t I) {
+  return C == H || (C % 256 == 0 && C >= I && C < H);
+}
+
+/// The pass widths: each H or a multiple of 256 in [I, H); the pass that
+/// sets the peak keeps the model's C (MOE_CUDA_COLS=same), the other is no
+/// narrower and its workspace stays within 1% of the peak; the inference
+/// workspace is the same. MOE_CUDA_COLS pins them ("n", "f,b", "0"), and
+/// the forward's width moves only the forward workspace, the backward's
+/// only the backward's.
+static void test_cols(moe_layer_plan *plan, const moe_layer_desc *d,
+                      const int64_t *sh) {
   int64_t H = sh[1], I = sh[2], k = sh[3], T = sh[4], S = T * k;
-  moe_layer_sizes z, one, set;
-  int64_t C = cols_of(plan, H);
+  moe_layer_sizes z, zs, one, set, set2;
+  widths w = widths_of(plan, H);
   CHECK_STATUS(moe_layer_plan_pass_sizes(plan, T, &z), MOE_SUCCESS);
-  CHECK(C == H || (C % 256 == 0 && C >= I && C < H),
-        "pass width %lld (H %lld, I %lld): a multiple of 256 in [I, H)",
-        (long long)C, (long long)H, (long long)I);
-  CHECK((double)z.bwd_workspace <= bwd_bound(S, I, C),
-        "backward workspace %zu above S (max(I, C) + 2I) es + parts %.0f",
-        z.bwd_workspace, bwd_bound(S, I, C));
+  CHECK(width_ok(w.f, H, I) && width_ok(w.b, H, I),
+        "pass widths %lld / %lld (H %lld, I %lld): H or a multiple of 256 in "
+        "[I, H)",
+        (long long)w.f, (long long)w.b, (long long)H, (long long)I);
+  CHECK((double)z.bwd_workspace <= bwd_bound(S, I, w.b),
+        "backward workspace %zu above S (max(I, Cb) + 2I) es + parts %.0f",
+        z.bwd_workspace, bwd_bound(S, I, w.b));
+  int64_t C = same_of(d, T, &zs);
+  bool fpeak = zs.fwd_workspace >= zs.bwd_workspace;
+  size_t pk = peak_of(&z), pks = peak_of(&zs);
+  CHECK(w.f >= C && w.b >= C && (fpeak ? w.f : w.b) == C,
+        "widths %lld / %lld against the model's %lld (the %s sets the peak)",
+        (long long)w.f, (long long)w.b, (long long)C,
+        fpeak ? "forward" : "backward");
+  CHECK(z.saved == zs.saved && z.infer_workspace == zs.infer_workspace &&
+            (fpeak ? z.fwd_workspace == zs.fwd_workspace
+                   : z.bwd_workspace == zs.bwd_workspace) &&
+            pk <= pks + pks / 100 + 256,
+        "widths %lld / %lld against %lld at both: saved %zu / %zu, fwd %zu / "
+        "%zu, bwd %zu / %zu, inference %zu / %zu, peak %zu / %zu",
+        (long long)w.f, (long long)w.b, (long long)C, z.saved, zs.saved,
+        z.fwd_workspace, zs.fwd_workspace, z.bwd_workspace, zs.bwd_workspace,
+        z.infer_workspace, zs.infer_workspace, pk, pks);
   setenv("MOE_CUDA_COLS", "0", 1);
   CHECK_STATUS(moe_layer_plan_pass_sizes(plan, T, &one), MOE_SUCCESS);
   CHECK((double)one.bwd_workspace >= (double)S * (double)(H + 2 * I) * 2.0,
         "MOE_CUDA_COLS=0: backward workspace %zu cannot hold dXp [S, H] and "
         "dH [S, 2I]",
         one.bwd_workspace);
-  char v[32];
-  int64_t want = H > 16 ? (H / 3 + 7) / 8 * 8 : H;
-  snprintf(v, sizeof v, "%lld", (long long)want);
+  char v[64];
+  int64_t wf = H > 16 ? (H / 3 + 7) / 8 * 8 : H,
+          wb = H > 16 ? (H / 2 + 7) / 8 * 8 : H;
+  snprintf(v, sizeof v, "%lld,%lld", (long long)wf, (long long)wb);
   setenv("MOE_CUDA_COLS", v, 1);
   CHECK_STATUS(moe_layer_plan_pass_sizes(plan, T, &set), MOE_SUCCESS);
-  CHECK((double)set.bwd_workspace <= bwd_bound(S, I, want),
-        "MOE_CUDA_COLS=%s: backward workspace %zu above %.0f", v,
-        set.bwd_workspace, bwd_bound(S, I, want));
+  CHECK((double)set.bwd_workspace <= bwd_bound(S, I, wb) &&
+            (double)set.bwd_workspace >=
+                (double)S * (double)(I > wb ? I : wb) * 2.0 &&
+            (double)set.fwd_workspace >= (double)S * (double)(I + wf) * 2.0,
+        "MOE_CUDA_COLS=%s: forward workspace %zu (Y [S, %lld] and A), "
+        "backward %zu (bound %.0f)",
+        v, set.fwd_workspace, (long long)wf, set.bwd_workspace,
+        bwd_bound(S, I, wb));
+  /* the backward's width alone: the forward's sizes stay */
+  snprintf(v, sizeof v, "%lld,%lld", (long long)wf, (long long)wf);
+  setenv("MOE_CUDA_COLS", v, 1);
+  CHECK_STATUS(moe_layer_plan_pass_sizes(plan, T, &set2), MOE_SUCCESS);
+  CHECK(
+      set2.fwd_workspace == set.fwd_workspace &&
+          set2.infer_workspace == set.infer_workspace &&
+          (wb == wf || (I >= wb) == (set2.bwd_workspace == set.bwd_workspace)),
+      "MOE_CUDA_COLS %lld,%lld against %lld,%lld: fwd %zu / %zu, bwd %zu / "
+      "%zu",
+      (long long)wf, (long long)wf, (long long)wf, (long long)wb,
+      set2.fwd_workspace, set.fwd_workspace, set2.bwd_workspace,
+      set.bwd_workspace);
+  setenv("MOE_CUDA_COLS", "junk", 1); /* not a number: one pass */
+  CHECK_STATUS(moe_layer_plan_pass_sizes(plan, T, &set2), MOE_SUCCESS);
+  CHECK(set2.fwd_workspace == one.fwd_workspace &&
+            set2.bwd_workspace == one.bwd_workspace,
+        "MOE_CUDA_COLS=junk: not one pass");
   unsetenv("MOE_CUDA_COLS");
   CHECK(z.saved == one.saved && z.saved == set.saved,
         "the pass width changed the saved bytes");
@@ -92,24 +182,23 @@ static void test_cols(moe_layer_plan *plan, const int64_t *sh) {
         z.fwd_workspace, one.fwd_workspace, z.bwd_workspace, one.bwd_workspace,
         z.infer_workspace, one.infer_workspace);
   double gib = 1024.0 * 1024.0 * 1024.0;
-  size_t pk = z.saved + (z.fwd_workspace > z.bwd_workspace ? z.fwd_workspace
-                                                           : z.bwd_workspace),
-         pk1 = one.saved + (one.fwd_workspace > one.bwd_workspace
-                                ? one.fwd_workspace
-                                : one.bwd_workspace);
-  printf("  columns per pass %lld of %lld: peak (saved + larger workspace) "
-         "%.3f GiB (saved %.3f, fwd %.3f, bwd %.3f); one pass %.3f GiB\n",
-         (long long)C, (long long)H, pk / gib, z.saved / gib,
-         z.fwd_workspace / gib, z.bwd_workspace / gib, pk1 / gib);
+  printf("  columns per pass %lld forward, %lld backward (model %lld) of "
+         "%lld: peak (saved + larger workspace) %.3f GiB (saved %.3f, fwd "
+         "%.3f, bwd %.3f); at %lld both %.3f; one pass %.3f GiB\n",
+         (long long)w.f, (long long)w.b, (long long)C, (long long)H, pk / gib,
+         z.saved / gib, z.fwd_workspace / gib, z.bwd_workspace / gib,
+         (long long)C, pks / gib, peak_of(&one) / gib);
 }
 
 /// desc.backward_overwrites_saved: dH goes over H in `saved`, so the
 /// backward's workspace loses the [S, 2I] dH buffer and keeps room for the
-/// router's logits (T E (4 + es)) in its place; with the pass width pinned
+/// router's logits (T E (4 + es)) in its place; with the pass widths pinned
 /// (MOE_CUDA_COLS) the saved bytes and the forward's and inference's
-/// workspaces do not change. Unpinned, the planner takes the same pass
-/// width with it as without (no narrower than I: narrower passes measured
-/// slower than the model priced them), so the peak only drops.
+/// workspaces do not change. Unpinned, the model's width C is the same with
+/// and without (no narrower than I: narrower passes measured slower than
+/// the model priced them); with it the forward sets the peak and keeps C,
+/// so the forward workspace is no larger than without, and the peak only
+/// drops.
 static void test_overwrite(const int64_t *sh, const char *card) {
   int64_t E = sh[0], H = sh[1], I = sh[2], k = sh[3], T = sh[4], S = T * k;
   tu_case("plan_gpu %s: backward_overwrites_saved E=%lld H=%lld I=%lld "
@@ -117,7 +206,8 @@ static void test_overwrite(const int64_t *sh, const char *card) {
           card, (long long)E, (long long)H, (long long)I, (long long)k,
           (long long)T);
   moe_layer_desc d = desc_of(sh, card);
-  moe_layer_sizes z[2], pin;
+  moe_layer_sizes z[2], zs[2], pin;
+  widths w[2];
   int64_t C[2];
   moe_layer_plan *plan[2] = {NULL, NULL};
   for (int ow = 0; ow < 2; ow++) {
@@ -128,18 +218,22 @@ static void test_overwrite(const int64_t *sh, const char *card) {
       return;
     }
     CHECK_STATUS(moe_layer_plan_pass_sizes(plan[ow], T, &z[ow]), MOE_SUCCESS);
-    C[ow] = cols_of(plan[ow], H);
+    w[ow] = widths_of(plan[ow], H);
+    C[ow] = same_of(&d, T, &zs[ow]);
   }
-  /* the overwriting plan at the plain plan's pass width */
-  char v[32];
-  snprintf(v, sizeof v, "%lld", (long long)(C[0] < H ? C[0] : 0));
+  /* the overwriting plan at the plain plan's pass widths */
+  char v[64];
+  snprintf(v, sizeof v, "%lld,%lld", (long long)(w[0].f < H ? w[0].f : 0),
+           (long long)(w[0].b < H ? w[0].b : 0));
   setenv("MOE_CUDA_COLS", v, 1);
   CHECK_STATUS(moe_layer_plan_pass_sizes(plan[1], T, &pin), MOE_SUCCESS);
   unsetenv("MOE_CUDA_COLS");
+  /* (pinned, the inference forward takes the forward's width; unpinned it
+     keeps the model's) */
   CHECK(z[0].saved == pin.saved && z[0].fwd_workspace == pin.fwd_workspace &&
-            z[0].infer_workspace == pin.infer_workspace,
+            (w[0].f != C[0] || z[0].infer_workspace == pin.infer_workspace),
         "overwriting saved changed the saved bytes or a forward workspace "
-        "at the same pass width");
+        "at the same pass widths");
   double dh = (double)S * 2.0 * (double)I * 2.0,
          logits = (double)T * (double)E * 6.0 + 512.0;
   double cut = (double)z[0].bwd_workspace - (double)pin.bwd_workspace;
@@ -147,21 +241,21 @@ static void test_overwrite(const int64_t *sh, const char *card) {
         "backward workspace %zu -> %zu: expected [S, 2I] (%.0f B) less, the "
         "logits' %.0f B kept",
         z[0].bwd_workspace, pin.bwd_workspace, dh, logits);
-  size_t pk[2];
-  for (int ow = 0; ow < 2; ow++)
-    pk[ow] = z[ow].saved + (z[ow].fwd_workspace > z[ow].bwd_workspace
-                                ? z[ow].fwd_workspace
-                                : z[ow].bwd_workspace);
-  CHECK(C[1] == C[0] && z[1].fwd_workspace == z[0].fwd_workspace &&
-            pk[1] <= pk[0] && (C[1] == H || C[1] % 256 == 0),
-        "overwriting saved: pass width %lld (plain %lld), forward workspace "
-        "%zu (plain %zu), peak %zu (plain %zu)",
-        (long long)C[1], (long long)C[0], z[1].fwd_workspace,
-        z[0].fwd_workspace, pk[1], pk[0]);
+  size_t pk[2] = {peak_of(&z[0]), peak_of(&z[1])};
+  CHECK(C[1] == C[0] && z[1].fwd_workspace <= z[0].fwd_workspace &&
+            w[1].f == C[1] && pk[1] <= pk[0] &&
+            zs[1].fwd_workspace == zs[0].fwd_workspace,
+        "overwriting saved: widths %lld / %lld (model %lld; plain %lld / %lld, "
+        "model %lld), forward workspace %zu (plain %zu), peak %zu (plain %zu)",
+        (long long)w[1].f, (long long)w[1].b, (long long)C[1],
+        (long long)w[0].f, (long long)w[0].b, (long long)C[0],
+        z[1].fwd_workspace, z[0].fwd_workspace, pk[1], pk[0]);
   double gib = 1024.0 * 1024.0 * 1024.0;
-  printf("  peak (saved + larger workspace) %.3f GiB at %lld columns a "
-         "pass, %.3f GiB with the backward overwriting saved at %lld\n",
-         pk[0] / gib, (long long)C[0], pk[1] / gib, (long long)C[1]);
+  printf("  peak (saved + larger workspace) %.3f GiB at %lld / %lld columns "
+         "a pass, %.3f GiB with the backward overwriting saved at %lld / "
+         "%lld\n",
+         pk[0] / gib, (long long)w[0].f, (long long)w[0].b, pk[1] / gib,
+         (long long)w[1].f, (long long)w[1].b);
   moe_layer_plan_destroy(plan[0]);
   moe_layer_plan_destroy(plan[1]);
 }
@@ -204,7 +298,7 @@ static void test_card(const int64_t *sh, const char *card) {
              z.fwd_workspace / 1048576.0, z.bwd_workspace / 1048576.0,
              z.infer_workspace / 1048576.0);
   }
-  test_cols(plan, sh);
+  test_cols(plan, &d, sh);
   for (int proj = 0; proj < 2; proj++) {
     CHECK(moe_layer_plan_method(plan, proj) == MOE_GMM_GROUPED,
           "projection %d: method %s (the grouped kernel expected)", proj,

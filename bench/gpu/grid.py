@@ -18,6 +18,10 @@ the reference of the rel_* columns):
   libmoe_keep the same with overwrite_saved = False: the backward keeps
               the saved state and holds its own dH buffer; not in the
               default set
+  libmoe_same libmoe with MOE_CUDA_COLS=same: the forward's and the
+              backward's hidden-column passes at one width, as before the
+              planner chose them apart (the side-by-side check of that
+              choice); not in the default set
   liger       Liger-Kernel's LigerFusedMoEFunction (PyPI liger-kernel 0.8.5,
               Triton), registered here in transformers' ExpertsInterface as
               "liger_fused_moe": it runs on the block's own routing (the
@@ -104,7 +108,8 @@ SONIC = {
 }
 # Liger's own benchmark CSV (v0.7.0, H100) at the Qwen3-30B-A3B shape
 LIGER_PUB = {"qwen3_30b": (337, 242)}
-IMPLS = ("grouped_mm", "libmoe", "libmoe_keep", "liger")
+IMPLS = ("grouped_mm", "libmoe", "libmoe_keep", "libmoe_same", "liger")
+LIBMOE_IMPLS = ("libmoe", "libmoe_keep", "libmoe_same")
 DEFAULT_IMPLS = ("grouped_mm", "libmoe", "liger")
 LIGER_NAME = "liger_fused_moe"
 
@@ -182,7 +187,7 @@ def setup_impls(args, torch, hf_moe):
     for impl in args.impls:
         if impl == "grouped_mm":
             state[impl] = None
-        elif impl in ("libmoe", "libmoe_keep"):
+        elif impl in LIBMOE_IMPLS:
             try:
                 import libmoe
                 import libmoe.hf
@@ -234,7 +239,8 @@ def make_liger_forward(torch, fn):
 
 
 def hf_name(impl):
-    return {"liger": LIGER_NAME, "libmoe_keep": "libmoe"}.get(impl, impl)
+    return LIGER_NAME if impl == "liger" else \
+        "libmoe" if impl in LIBMOE_IMPLS else impl
 
 
 # ---- measurement ----------------------------------------------------------------
@@ -309,17 +315,23 @@ def nbytes(t):
 
 
 def run_cell(args, torch, clock, cfg, blk, x, g, impl, shape, ref):
-    if impl not in ("libmoe", "libmoe_keep"):
+    if impl not in LIBMOE_IMPLS:
         return run_cell_as(args, torch, clock, cfg, blk, x, g, impl, shape,
                            ref)
     import libmoe.torch as lt
-    keep = lt.overwrite_saved
-    lt.overwrite_saved = impl == "libmoe"
+    keep = lt.overwrite_saved, os.environ.get("MOE_CUDA_COLS")
+    lt.overwrite_saved = impl != "libmoe_keep"
+    if impl == "libmoe_same":  # read by the library at every call
+        os.environ["MOE_CUDA_COLS"] = "same"
     try:
         return run_cell_as(args, torch, clock, cfg, blk, x, g, impl, shape,
                            ref)
     finally:
-        lt.overwrite_saved = keep
+        lt.overwrite_saved = keep[0]
+        if keep[1] is None:
+            os.environ.pop("MOE_CUDA_COLS", None)
+        else:
+            os.environ["MOE_CUDA_COLS"] = keep[1]
 
 
 def run_cell_as(args, torch, clock, cfg, blk, x, g, impl, shape, ref):
@@ -431,7 +443,9 @@ def fmt_ms(r):
 
 def print_tables(args, res, out=sys.stdout):
     names = {"grouped_mm": "HF grouped_mm", "libmoe": "libmoe",
-             "libmoe_keep": "libmoe, saved kept", "liger": "Liger fused_moe"}
+             "libmoe_keep": "libmoe, saved kept",
+             "libmoe_same": "libmoe, passes at one width",
+             "liger": "Liger fused_moe"}
     cols = [names[i] for i in args.impls]
     unit = "TFLOP/s" if args.device == "cuda" else "TFLOP/s (CPU time)"
     mem = ", activation GiB" if args.device == "cuda" else ""
@@ -461,7 +475,7 @@ def print_tables(args, res, out=sys.stdout):
         cells = res["cells"].get(nm, {})
         p("| " + " | ".join([nm] + [fmt_ms(cells.get(i))
                                      for i in args.impls]) + " |")
-    lms = [i for i in ("libmoe", "libmoe_keep") if i in args.impls]
+    lms = [i for i in LIBMOE_IMPLS if i in args.impls]
     if args.scaling and lms and "grouped_mm" in args.impls:
         p("\nscaling runs: libmoe vs HF grouped_mm, fwd+bwd "
           "(issue target: speedup >= 2.5x, activation GiB <= grouped_mm's)")

@@ -894,15 +894,19 @@ static void layer_case(const lcase *c, uint64_t seed) {
     }
     lres_free(&fus);
   }
-  /* the hidden columns in passes (MOE_CUDA_COLS: Y and dXp [T*k, C], each
-     pass writing its own columns of output / grad_hidden; a partial last
+  /* the hidden columns in passes (MOE_CUDA_COLS=f,b: Y [T*k, f] and dXp
+     [T*k, b], each pass writing its own columns of output / grad_hidden;
+     the two widths apart, as the planner chooses them, and a partial last
      pass here): against the CPU like every run, bitwise from one run to
      the next, and its bits against the one-pass run counted (the same
      where the grouped kernel's sums do not depend on the columns) */
   {
     lres pc, pc2;
-    char cv[32];
-    snprintf(cv, sizeof cv, "%lld", (long long)((c->H / 3 + 7) / 8 * 8));
+    char cv[64];
+    long long c3 = (c->H / 3 + 7) / 8 * 8, c2 = (c->H / 2 + 7) / 8 * 8;
+    /* the forward narrower at odd token counts, the backward at even */
+    snprintf(cv, sizeof cv, "%lld,%lld", c->T % 2 ? c3 : c2,
+             c->T % 2 ? c2 : c3);
     setenv("MOE_CUDA_COLS", cv, 1);
     describe(c, "cuda grouped strict, hidden columns in passes");
     run_layer(c, &hb, true, MOE_GMM_GROUPED, 1, true, &pc);

@@ -55,7 +55,15 @@ typedef struct moe_cuda_plan {
 /* cuBLAS's workspace, carved from the layer's workspace. */
 #define MOE_CU_BLAS_WS ((size_t)8 << 20)
 
-static int64_t moe_cu_cols(const moe_layer_plan *p);
+/// The hidden columns per pass: the forward's (Y, the down product and the
+/// unpermute) and the backward's (dXp, gate_up's dX and the permute-back);
+/// see moe_cu_widths_of.
+typedef struct moe_cu_widths {
+  int64_t f, b; /* training: forward, backward */
+  int64_t i;    /* the inference forward (no backward to share a peak with) */
+} moe_cu_widths;
+
+static moe_cu_widths moe_cu_widths_of(const moe_layer_plan *p);
 
 static moe_cuda_plan *moe_cp(const moe_layer_plan *p) {
   return (moe_cuda_plan *)p->ctx;
@@ -363,15 +371,24 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
                  "(desc.backward_overwrites_saved): no [T*k, 2I] dH buffer "
                  "of its own, one backward per forward\n");
   if (ranks == 1) {
-    int64_t cols = moe_cu_cols(p);
-    if (cols < d.hidden)
+    moe_cu_widths cw = moe_cu_widths_of(p);
+    if (cw.f < d.hidden || cw.b < d.hidden)
+      moe_plan_say(
+          p, len,
+          "hidden columns in %lld passes of %lld forward, %lld passes of "
+          "%lld backward: the down product + unpermute write [T*k, %lld] "
+          "at a time, gate_up's dX + permute-back [T*k, %lld], not "
+          "[T*k, %lld]; the pass that does not set the peak is as wide as "
+          "the peak allows (MOE_CUDA_COLS overrides: n or f,b; 0: one "
+          "pass)\n",
+          (long long)((d.hidden + cw.f - 1) / cw.f), (long long)cw.f,
+          (long long)((d.hidden + cw.b - 1) / cw.b), (long long)cw.b,
+          (long long)cw.f, (long long)cw.b, (long long)d.hidden);
+    if (cw.i != cw.f)
       moe_plan_say(p, len,
-                   "hidden columns in %lld passes of %lld: the down product "
-                   "+ unpermute and gate_up's dX + permute-back each write "
-                   "[T*k, %lld] at a time, not [T*k, %lld] (MOE_CUDA_COLS "
-                   "overrides; 0: one pass)\n",
-                   (long long)((d.hidden + cols - 1) / cols), (long long)cols,
-                   (long long)cols, (long long)d.hidden);
+                   "the inference forward (no saved state, no backward) "
+                   "in passes of %lld\n",
+                   (long long)cw.i);
   }
   if (offline) moe_plan_say(p, len, "offline: forward and backward refuse\n");
   /* No device work at plan time besides the exchange's state: cuBLAS and
@@ -460,12 +477,13 @@ static moe_status moe_cuda_floor(const moe_layer_plan *plan, int backward,
 /// same thread, and nothing reads H after it) and r2 holds the logits
 /// alone: the backward's peak loses S 2I es.
 ///
-/// C (moe_cu_cols) is the hidden columns of Y and of dXp made per pass: the
-/// down product and the unpermute (forward), the dX product of gate_up and
-/// the permute-back (backward) run over the hidden columns in passes of C,
-/// each writing its own column slice of `output` / `grad_hidden` (a weight
-/// slice is a narrowed view: no copy), so that the [S, H] buffers that set
-/// the peak shrink to [S, C]. Each element's sum is the same in any pass
+/// Cf and Cb (moe_cu_widths_of) are the hidden columns of Y and of dXp made
+/// per pass: the down product and the unpermute (forward) run over the
+/// hidden columns in passes of Cf, the dX product of gate_up and the
+/// permute-back (backward) in passes of Cb, each writing its own column
+/// slice of `output` / `grad_hidden` (a weight slice is a narrowed view: no
+/// copy), so that the [S, H] buffers that set the peak shrink to [S, Cf]
+/// and [S, Cb]. Each element's sum is the same in any pass
 /// (the sm_90a kernel's depth order does not depend on N), so the bits do
 /// not change. Lifetimes on one GPU, in stream order (no two kernels ever
 /// run at once on one buffer):
@@ -473,11 +491,11 @@ static moe_status moe_cuda_floor(const moe_layer_plan *plan, int backward,
 ///     logits, sort scratch: router GEMM .. sort
 ///     H (saved): written by gate_up, read by act (and by the backward)
 ///     A: written by act, read by every pass's down product
-///     Y [S, C]: written by pass p's down product, read by its unpermute,
+///     Y [S, Cf]: written by pass p's down product, read by its unpermute,
 ///       rewritten by pass p + 1
 ///   backward
 ///     r1: dA' (down's dX) -> A' = s A in place (act pass) -> read by
-///       dW_down -> dXp [S, C] of each pass (gate_up's dX, then its
+///       dW_down -> dXp [S, Cb] of each pass (gate_up's dX, then its
 ///       permute-back)
 ///     r2: dH (act pass) -> read by every dXp pass and by dW_gu -> the
 ///       router's logits and dlogits
@@ -485,9 +503,9 @@ static moe_status moe_cuda_floor(const moe_layer_plan *plan, int backward,
 /// Y cannot live in A's room (the down product reads A while writing Y),
 /// nor in H's when training (the backward reads H); dXp cannot overlay dH
 /// (the dX product reads dH while writing dXp, dW_gu reads it after). So
-/// the workspace is S (I + C) es forward and S (max(I, C) + 2I) es
-/// backward (plus small parts; S max(I, C) es when dH overwrites H): with
-/// one pass (C = H) the backward's S (H + 2I) es sets the peak, and C is
+/// the workspace is S (I + Cf) es forward and S (max(I, Cb) + 2I) es
+/// backward (plus small parts; S max(I, Cb) es when dH overwrites H): with
+/// one pass the backward's S (H + 2I) es sets the peak, and the widths are
 /// what is left to trade.
 typedef struct moe_cu_lay {
   /* saved (in `saved`, or at isv in an inference workspace) */
@@ -498,9 +516,9 @@ typedef struct moe_cu_lay {
   size_t isv, iws;
   /* backward workspace */
   size_t bblas, bone, ds, loop, r1, r2, blogits, dl, rw, part, bws;
-  int part_ld;  /* the fused dH epilogue's partials per row */
-  int64_t cols; /* C: hidden columns of Y and dXp per pass */
-  bool infer;   /* the forward without a saved buffer */
+  int part_ld;      /* the fused dH epilogue's partials per row */
+  moe_cu_widths pw; /* hidden columns of Y (f) and dXp (b) per pass */
+  bool infer;       /* the forward without a saved buffer */
 } moe_cu_lay;
 
 static size_t moe_cu_max(size_t a, size_t b) { return a > b ? a : b; }
@@ -516,10 +534,10 @@ static size_t moe_cu_take(size_t *at, size_t bytes);
 /// (a launch gap and a partial last wave), seconds: a guess, to measure.
 #define MOE_CU_PASS_S 10e-6
 
-/// C, the hidden columns of Y and dXp per pass (see moe_cu_lay): H, unless
-/// MOE_CUDA_COLS says otherwise ("0": H; n: n rounded up to a multiple of
-/// 8) or, for bf16 on the sm_90a kernels, the model says that passes cost
-/// under 2% of the two projections' fwd+bwd as the planner predicts it.
+/// C, the hidden columns per pass of the pass that sets the peak (see
+/// moe_cu_lay and moe_cu_widths_of): H, unless, for bf16 on the sm_90a
+/// kernels, the model says that passes of both products at C cost under
+/// 2% of the two projections' fwd+bwd as the planner predicts it.
 /// Passes re-read the product's input
 /// (A in the forward, dH in the backward) once each, per row
 ///   down:      max(2 I H / F, es (P I + H) / B)
@@ -539,13 +557,6 @@ static size_t moe_cu_take(size_t *at, size_t bytes);
 static int64_t moe_cu_cols(const moe_layer_plan *p) {
   const moe_layer_desc *d = &p->d;
   int64_t H = d->hidden, I = d->intermediate;
-  const char *e = moe_env_cuda_cols();
-  if (e) {
-    char *end = NULL;
-    long long v = strtoll(e, &end, 10);
-    if (end == e || *end || v <= 0 || v >= H) return H;
-    return (v + 7) / 8 * 8 < H ? (v + 7) / 8 * 8 : H;
-  }
   const moe_cuda_plan *cp = moe_cp(p);
   size_t es = moe_dtype_size(d->dtype);
   if (!cp || !cp->gm.sm90 || d->dtype != MOE_BF16 ||
@@ -590,10 +601,10 @@ static int64_t moe_cu_cols(const moe_layer_plan *p) {
   return best;
 }
 
-/// The layout of one GPU's buffers for T tokens; `infer`: the forward
-/// without a saved buffer.
-static void moe_cu_lay_of(const moe_layer_plan *p, int64_t T, bool infer,
-                          moe_cu_lay *L) {
+/// The layout of one GPU's buffers for T tokens with the pass widths w;
+/// `infer`: the forward without a saved buffer.
+static void moe_cu_lay_at(const moe_layer_plan *p, int64_t T, bool infer,
+                          moe_cu_widths w, moe_cu_lay *L) {
   const moe_layer_desc *d = &p->d;
   size_t es = moe_dtype_size(d->dtype);
   size_t S = (size_t)(T * d->top_k), E = (size_t)d->num_experts;
@@ -603,8 +614,8 @@ static void moe_cu_lay_of(const moe_layer_plan *p, int64_t T, bool infer,
   size_t tE = (size_t)T * E;
   memset(L, 0, sizeof *L);
   L->infer = infer;
-  L->cols = moe_cu_cols(p);
-  size_t C = (size_t)L->cols;
+  L->pw = w;
+  size_t C = (size_t)w.f, Cb = (size_t)w.b;
   /* saved, tight */
   size_t at = 0;
   size_t W = (size_t)moe_gu_width(d); /* 2I, or I with no gate */
@@ -651,7 +662,7 @@ static void moe_cu_lay_of(const moe_layer_plan *p, int64_t T, bool infer,
   L->rw = moe_cu_take(&at, S * 4);
   L->part = moe_cu_take(&at, S * (size_t)L->part_ld * 4);
   L->loop = moe_cu_take(&at, loop0 || loop1 ? S * H * es : 0);
-  L->r1 = moe_cu_take(&at, S * moe_cu_max(I, C) * es);
+  L->r1 = moe_cu_take(&at, S * moe_cu_max(I, Cb) * es);
   size_t lg = (tE * 4 + 255u) & ~(size_t)255u;
   /* dH goes over H in `saved` when the backward may overwrite it: r2 then
      holds the router's logits alone */
@@ -661,6 +672,72 @@ static void moe_cu_lay_of(const moe_layer_plan *p, int64_t T, bool infer,
   L->blogits = L->r2;
   L->dl = L->r2 + lg;
   L->bws = at;
+}
+
+/// A MOE_CUDA_COLS width: v rounded up to a multiple of 8; H (one pass) for
+/// 0, a negative v or one from H up.
+static int64_t moe_cu_width_env(long long v, int64_t H) {
+  if (v <= 0 || v >= H) return H;
+  return (v + 7) / 8 * 8 < H ? (v + 7) / 8 * 8 : H;
+}
+
+/// The pass widths (moe_cu_lay). MOE_CUDA_COLS pins them: "n" all, "f,b"
+/// the forward's and the backward's (0, or anything not a number: one
+/// pass), "same" both at the model's C (moe_cu_cols: the widths before
+/// they were chosen apart, for side-by-side runs). Unpinned, the pass that
+/// sets the peak at max_tokens (the larger workspace, both at C) keeps C,
+/// and the other takes the fewest passes whose workspace stays within that
+/// one's (give or take 1% of the peak): its extra passes would save no
+/// memory, and each pass fewer saves a re-read of its product's input
+/// (A [S, I] forward, dH [S, 2I] backward). With
+/// desc.backward_overwrites_saved the forward sets the peak and the
+/// backward widens (Qwen3-30B-A3B at 32k tokens on an H100: 3 passes of
+/// 768 forward, 2 of 1024 backward); without it the other way round. The
+/// inference forward keeps C: it has no backward whose peak it could share.
+static moe_cu_widths moe_cu_widths_of(const moe_layer_plan *p) {
+  int64_t H = p->d.hidden;
+  const char *e = moe_env_cuda_cols();
+  if (e && strcmp(e, "same") != 0) {
+    char *end = NULL;
+    long long f = strtoll(e, &end, 10), b = f;
+    if (end != e && *end == ',') {
+      const char *s2 = end + 1;
+      b = strtoll(s2, &end, 10);
+      if (end == s2) b = 0;
+    }
+    if (end == e || *end) f = b = 0;
+    moe_cu_widths w = {moe_cu_width_env(f, H), moe_cu_width_env(b, H),
+                       moe_cu_width_env(f, H)};
+    return w;
+  }
+  int64_t C = moe_cu_cols(p);
+  moe_cu_widths w = {C, C, C};
+  if (C >= H || e) return w;
+  moe_cu_lay L;
+  moe_cu_lay_at(p, p->d.max_tokens, false, w, &L);
+  bool fwd_peak = L.fws >= L.bws;
+  /* the other pass may come within 1% of the peak (saved + the larger
+     workspace): its workspace's small parts (dS, the row weights and
+     partials, the logits) would otherwise cost it passes for a few MiB */
+  size_t limit = fwd_peak ? L.fws : L.bws;
+  limit += (L.saved + limit) / 100;
+  for (int64_t P = 1; P <= 64; P++) {
+    int64_t c = P == 1 ? H : ((H + P - 1) / P + 255) / 256 * 256;
+    if (c >= H && P > 1) continue;
+    if (c <= C) break;
+    moe_cu_widths t = {fwd_peak ? C : c, fwd_peak ? c : C, C};
+    moe_cu_lay_at(p, p->d.max_tokens, false, t, &L);
+    if ((fwd_peak ? L.bws : L.fws) <= limit) return t;
+  }
+  return w;
+}
+
+/// The layout of one GPU's buffers for T tokens at the plan's pass widths.
+static void moe_cu_lay_of(const moe_layer_plan *p, int64_t T, bool infer,
+                          moe_cu_lay *L) {
+  moe_cu_widths w = moe_cu_widths_of(p);
+  if (infer) w.f = w.i;
+  moe_cu_lay_at(p, T, infer, w, L);
 }
 
 /// Expert parallelism (one GPU's layout is moe_cu_lay). Saved, what the
@@ -1709,11 +1786,11 @@ static moe_status moe_cu_forward_one(moe_cu_exec *x,
   }
   moe_cu_operand A = moe_op(ab, dt, I, 1);
   moe_cu_view out = moe_cu_view_of(&a->output);
-  /* Y [S, n] for hidden columns c0 .. c0 + n, one pass of L->cols at a
+  /* Y [S, n] for hidden columns c0 .. c0 + n, one pass of L->pw.f at a
      time (moe_cu_lay): w_down's rows c0.. as a view, then those columns
      of the output */
-  for (int64_t c0 = 0; c0 < H; c0 += L->cols) {
-    int64_t n = H - c0 < L->cols ? H - c0 : L->cols;
+  for (int64_t c0 = 0; c0 < H; c0 += L->pw.f) {
+    int64_t n = H - c0 < L->pw.f ? H - c0 : L->pw.f;
     moe_tensor wd = a->w_down;
     if (n < H) MOE_TRY(moe_tensor_narrow(&a->w_down, 1, c0, n, &wd));
     MOE_TRY(moe_cu_fwd(x, 1, &A, &wd, y, dt, n));
@@ -1836,12 +1913,12 @@ static moe_status moe_cu_backward_one(moe_cu_exec *x,
   MOE_TRY(moe_cu_dw_op(x, 1, &dOt, &Ap, &args->grad_w_down));
   /* gate_up: dXp = dH . W_gu into r1 (A' is dead), then grad_hidden[t] =
      sum_j dXp[row of (t, j)], for hidden columns c0 .. c0 + n, one pass of
-     L->cols at a time (moe_cu_lay): W_gu's columns c0.. as views */
+     L->pw.b at a time (moe_cu_lay): W_gu's columns c0.. as views */
   moe_cu_operand dG = moe_op(r2, dt, W, 1),
                  dU = moe_op(r2 + (size_t)I * es, dt, W, 1);
   moe_cu_view gh = moe_cu_view_of(&args->grad_hidden);
-  for (int64_t c0 = 0; c0 < H; c0 += L->cols) {
-    int64_t n = H - c0 < L->cols ? H - c0 : L->cols;
+  for (int64_t c0 = 0; c0 < H; c0 += L->pw.b) {
+    int64_t n = H - c0 < L->pw.b ? H - c0 : L->pw.b;
     moe_gate_up gc = c->gu;
     if (n < H && c->gu.fused)
       MOE_TRY(moe_tensor_narrow(&c->gu.both, 2, c0, n, &gc.both));
