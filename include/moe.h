@@ -278,8 +278,33 @@ MOE_API const char *moe_activation_name(moe_activation a);
 /// member but MOE_ACT_RELU2).
 MOE_API int moe_activation_has_gate(moe_activation a);
 
+/// How the layer trades memory for speed where it has a choice. Today that
+/// is the one-GPU CUDA layer's hidden-column passes: the down product and
+/// gate_up's dX run over the hidden columns in passes, so that their
+/// [T*k, H] outputs shrink to [T*k, C], at one re-read of the product's
+/// input per extra pass. The CPU layer and expert parallelism have no such
+/// choice and run the same under every policy. No policy changes a result
+/// bit on the sm_90a path (its sums do not depend on the pass width), nor
+/// the saved bytes.
+typedef enum moe_memory_policy {
+  /// Default: passes where the planner's model prices them under 2% of the
+  /// layer's time, the pass that does not set the peak as wide as the peak
+  /// allows.
+  MOE_MEMORY_BALANCED = 0,
+  /// The smallest peak (saved + the larger pass workspace) the layer can
+  /// reach: the narrowest passes the kernels run (256 columns), then each
+  /// pass as wide as that peak allows. Slower: every pass re-reads its
+  /// input (measured about 0.2 ms per extra backward pass at Qwen3-30B-A3B
+  /// with 32k tokens on an H200).
+  MOE_MEMORY_LEAN = 1,
+  /// One pass each: the most memory, no re-reads.
+  MOE_MEMORY_FAST = 2,
+} moe_memory_policy;
+
+MOE_API const char *moe_memory_policy_name(moe_memory_policy m);
+
 #define MOE_LAYER_DESC_MAGIC 0x4d4f454cu /* "MOEL" */
-#define MOE_LAYER_DESC_VERSION 4u
+#define MOE_LAYER_DESC_VERSION 5u
 
 /// Describes an expert layer. Initialise with MOE_LAYER_DESC_INIT so that
 /// fields added in later versions get their defaults.
@@ -354,6 +379,9 @@ typedef struct moe_layer_desc {
   /// malloc and torch tensors are). `moe plan` and
   /// moe_layer_plan_pass_sizes report the smaller workspace.
   int backward_overwrites_saved;
+  /// Version 5. How to trade memory for speed (moe_memory_policy; default
+  /// MOE_MEMORY_BALANCED). `moe plan` prints the passes it gives.
+  moe_memory_policy memory;
 } moe_layer_desc;
 
 #define MOE_LAYER_DESC_INIT                                                    \
@@ -362,7 +390,7 @@ typedef struct moe_layer_desc {
         0, 0, 0, 0, 1, MOE_F32, MOE_LAYOUT_OUT_IN, MOE_LAYOUT_OUT_IN,          \
         MOE_GMM_AUTO, 0, 0, {MOE_DEVICE_CPU, 0}, NULL, MOE_TOPK_INVALID_ERROR, \
         NULL, MOE_EP_EXCHANGE_AUTO, 0.0, MOE_EP_OVERFLOW_ERROR, 0,             \
-        MOE_ACT_SWIGLU, 0.0f, 0.0f, 0.0f, 0.0f, 0, 0                           \
+        MOE_ACT_SWIGLU, 0.0f, 0.0f, 0.0f, 0.0f, 0, 0, MOE_MEMORY_BALANCED      \
   }
 
 /// Opaque plan: the chosen methods, sizes and reasons.

@@ -100,10 +100,12 @@ bench)
     --json "$out/grid.json" >"$out/grid.log" 2>&1 || echo "grid: exit $?"
   tail -30 "$out/grid.log"
   # the forward's and the backward's pass widths apart (the default)
-  # against both at one width (MOE_CUDA_COLS=same), where they differ
-  echo "== pass widths: libmoe vs libmoe_same"
-  timeout 150 bash bench/gpu/grid.sh --reps 5 --warmup 2 \
-    --impl libmoe,libmoe_same --shapes 30b_n512,120b_n1024,qwen3_30b \
+  # against both at one width (MOE_CUDA_COLS=same), where they differ, and
+  # the lean memory policy (desc.memory) at the shapes of the memory misses
+  echo "== pass widths: libmoe vs libmoe_same vs libmoe_lean"
+  timeout 200 bash bench/gpu/grid.sh --reps 5 --warmup 2 \
+    --impl libmoe,libmoe_same,libmoe_lean \
+    --shapes 7b_n256,30b_n512,120b_n1024,qwen3_30b \
     --json "$out/grid_widths.json" >"$out/grid_widths.log" 2>&1 ||
     echo "pass widths: exit $?"
   tail -14 "$out/grid_widths.log"

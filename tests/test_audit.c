@@ -5,6 +5,7 @@
 /// misaligned caller pointers must be refused with a message naming the
 /// pointer and the alignment it needs.
 /// Prints "N passed, M failed"; exits nonzero on any failure.
+#include <stddef.h>
 #include <stdint.h>
 
 #include "testutil.h"
@@ -62,6 +63,43 @@ static void test_overflow(void) {
   d.backward_overwrites_saved = -1;
   CHECK_ERROR(moe_layer_plan_create(&p, &d), MOE_ERR_INVALID_ARGUMENT,
               "desc.backward_overwrites_saved");
+
+  tu_case("desc.memory: a moe_memory_policy");
+  d = small_desc();
+  d.memory = (moe_memory_policy)3;
+  CHECK_ERROR(moe_layer_plan_create(&p, &d), MOE_ERR_INVALID_ARGUMENT,
+              "desc.memory");
+  CHECK(p == NULL, "a failed plan_create left a plan");
+  d.memory = (moe_memory_policy)-1;
+  CHECK_ERROR(moe_layer_plan_create(&p, &d), MOE_ERR_INVALID_ARGUMENT,
+              "desc.memory");
+  /* a version-4 caller's struct ends before the field: its bytes there
+     are not read, the default applies */
+  d.memory = (moe_memory_policy)7;
+  d.struct_size = offsetof(moe_layer_desc, memory);
+  CHECK_STATUS(moe_layer_plan_create(&p, &d), MOE_SUCCESS);
+  moe_layer_plan_destroy(p);
+  p = NULL;
+  d.struct_size = sizeof d;
+  /* every policy plans, and the CPU layer (no passes to trade) has the
+     same sizes under each */
+  moe_layer_sizes zm[3];
+  for (int m = 0; m < 3; m++) {
+    d.memory = (moe_memory_policy)m;
+    CHECK_STATUS(moe_layer_plan_create(&p, &d), MOE_SUCCESS);
+    CHECK(!strcmp(moe_memory_policy_name((moe_memory_policy)m),
+                  m == 0   ? "balanced"
+                  : m == 1 ? "lean"
+                           : "fast"),
+          "moe_memory_policy_name(%d) = %s", m,
+          moe_memory_policy_name((moe_memory_policy)m));
+    CHECK_STATUS(moe_layer_plan_pass_sizes(p, d.max_tokens, &zm[m]),
+                 MOE_SUCCESS);
+    moe_layer_plan_destroy(p);
+    p = NULL;
+    CHECK(!memcmp(&zm[m], &zm[0], sizeof zm[0]),
+          "the CPU layer's sizes changed with desc.memory = %d", m);
+  }
 
   tu_case("overflow: plan sizes past max_tokens");
   d = small_desc();

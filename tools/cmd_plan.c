@@ -14,7 +14,8 @@ static void plan_usage(FILE *f) {
       "                [--experts N] [--hidden N] [--intermediate N]\n"
       "                [--top-k N] [--layout out_in|in_out] [--threads N]\n"
       "                [--explain] [--device cpu|cuda] [--gpu h100|h200]\n"
-      "                [--overwrite-saved] [--json]\n"
+      "                [--overwrite-saved] [--memory balanced|lean|fast]\n"
+      "                [--json]\n"
       "\n"
       "  --experts, --hidden, --intermediate, --top-k\n"
       "               override the preset's shape; with all four given,\n"
@@ -23,6 +24,9 @@ static void plan_usage(FILE *f) {
       "               desc.backward_overwrites_saved: the backward writes dH\n"
       "               over the saved pre-activation (a smaller backward\n"
       "               workspace; one backward per forward)\n"
+      "  --memory P   desc.memory: how the layer trades memory for speed\n"
+      "               (the CUDA layer's hidden-column passes; default\n"
+      "               balanced, lean: the smallest peak, fast: one pass)\n"
       "  --gpu CARD   plan for a built-in card without a GPU (implies\n"
       "               --device cuda): the card's SM count, clock and rates\n"
       "               come from the built-in table\n"
@@ -70,6 +74,7 @@ int cmd_plan(int argc, char **argv) {
   bool explain = false, json = false, cuda = false, device_set = false,
        overwrite = false;
   const char *gpu = NULL;
+  moe_memory_policy memory = MOE_MEMORY_BALANCED;
   /* --experts, --hidden, --intermediate, --top-k: -1 keeps the preset's */
   static const char *const shape_opt[4] = {"--experts", "--hidden",
                                            "--intermediate", "--top-k"};
@@ -85,6 +90,18 @@ int cmd_plan(int argc, char **argv) {
       json = true;
     } else if (!strcmp(a, "--overwrite-saved")) {
       overwrite = true;
+    } else if (!strcmp(a, "--memory") && v) {
+      int m = 0;
+      while (m < 3 && strcmp(v, moe_memory_policy_name((moe_memory_policy)m)))
+        m++;
+      if (m == 3) {
+        fprintf(stderr,
+                "moe plan: --memory '%s': expected balanced, lean or fast\n",
+                v);
+        return CLI_USAGE;
+      }
+      memory = (moe_memory_policy)m;
+      i++;
     } else if (!strcmp(a, "--preset") && v) {
       if (!(p = cli_preset_find(v))) {
         fprintf(stderr, "moe plan: unknown preset '%s'\n", v);
@@ -170,6 +187,7 @@ int cmd_plan(int argc, char **argv) {
   if (cuda) d.device.type = MOE_DEVICE_CUDA;
   d.plan_gpu = gpu;
   d.backward_overwrites_saved = overwrite;
+  d.memory = memory;
   moe_layer_plan *plan;
   moe_status s = moe_layer_plan_create(&plan, &d);
   if (s) {
@@ -212,9 +230,10 @@ int cmd_plan(int argc, char **argv) {
     printf(", \"gate_up\": \"%s\", \"down\": \"%s\", \"saved_bytes\": %zu, "
            "\"saved_bound_bytes\": %zu, \"fwd_workspace_bytes\": %zu, "
            "\"bwd_workspace_bytes\": %zu, \"infer_workspace_bytes\": %zu, "
-           "\"backward_overwrites_saved\": %s",
+           "\"backward_overwrites_saved\": %s, \"memory\": \"%s\"",
            m0, m1, z.saved, bound, z.fwd_workspace, z.bwd_workspace,
-           z.infer_workspace, overwrite ? "true" : "false");
+           z.infer_workspace, overwrite ? "true" : "false",
+           moe_memory_policy_name(memory));
     if (explain) {
       printf(", \"explain\": ");
       plan_json_string(stdout, moe_layer_plan_explain(plan));

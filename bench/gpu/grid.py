@@ -22,6 +22,8 @@ the reference of the rel_* columns):
               backward's hidden-column passes at one width, as before the
               planner chose them apart (the side-by-side check of that
               choice); not in the default set
+  libmoe_lean libmoe with libmoe.torch.memory = "lean" (desc.memory: the
+              smallest peak, passes of 256 columns); not in the default set
   liger       Liger-Kernel's LigerFusedMoEFunction (PyPI liger-kernel 0.8.5,
               Triton), registered here in transformers' ExpertsInterface as
               "liger_fused_moe": it runs on the block's own routing (the
@@ -108,8 +110,9 @@ SONIC = {
 }
 # Liger's own benchmark CSV (v0.7.0, H100) at the Qwen3-30B-A3B shape
 LIGER_PUB = {"qwen3_30b": (337, 242)}
-IMPLS = ("grouped_mm", "libmoe", "libmoe_keep", "libmoe_same", "liger")
-LIBMOE_IMPLS = ("libmoe", "libmoe_keep", "libmoe_same")
+IMPLS = ("grouped_mm", "libmoe", "libmoe_keep", "libmoe_same", "libmoe_lean",
+         "liger")
+LIBMOE_IMPLS = ("libmoe", "libmoe_keep", "libmoe_same", "libmoe_lean")
 DEFAULT_IMPLS = ("grouped_mm", "libmoe", "liger")
 LIGER_NAME = "liger_fused_moe"
 
@@ -319,15 +322,16 @@ def run_cell(args, torch, clock, cfg, blk, x, g, impl, shape, ref):
         return run_cell_as(args, torch, clock, cfg, blk, x, g, impl, shape,
                            ref)
     import libmoe.torch as lt
-    keep = lt.overwrite_saved, os.environ.get("MOE_CUDA_COLS")
+    keep = lt.overwrite_saved, os.environ.get("MOE_CUDA_COLS"), lt.memory
     lt.overwrite_saved = impl != "libmoe_keep"
+    lt.memory = "lean" if impl == "libmoe_lean" else "balanced"
     if impl == "libmoe_same":  # read by the library at every call
         os.environ["MOE_CUDA_COLS"] = "same"
     try:
         return run_cell_as(args, torch, clock, cfg, blk, x, g, impl, shape,
                            ref)
     finally:
-        lt.overwrite_saved = keep[0]
+        lt.overwrite_saved, lt.memory = keep[0], keep[2]
         if keep[1] is None:
             os.environ.pop("MOE_CUDA_COLS", None)
         else:
@@ -445,6 +449,7 @@ def print_tables(args, res, out=sys.stdout):
     names = {"grouped_mm": "HF grouped_mm", "libmoe": "libmoe",
              "libmoe_keep": "libmoe, saved kept",
              "libmoe_same": "libmoe, passes at one width",
+             "libmoe_lean": "libmoe, memory lean",
              "liger": "Liger fused_moe"}
     cols = [names[i] for i in args.impls]
     unit = "TFLOP/s" if args.device == "cuda" else "TFLOP/s (CPU time)"

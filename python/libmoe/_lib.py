@@ -27,7 +27,9 @@ MOE_TOPK_INVALID_ERROR, MOE_TOPK_INVALID_DROP = 0, 1
 MOE_EP_EXCHANGE_AUTO, MOE_EP_EXCHANGE_EXACT, MOE_EP_EXCHANGE_CAPACITY = 0, 1, 2
 MOE_EP_OVERFLOW_ERROR, MOE_EP_OVERFLOW_DROP = 0, 1
 MOE_LAYER_DESC_MAGIC = 0x4D4F454C
-MOE_LAYER_DESC_VERSION = 4
+MOE_LAYER_DESC_VERSION = 5
+# moe_memory_policy
+MOE_MEMORY_BALANCED, MOE_MEMORY_LEAN, MOE_MEMORY_FAST = 0, 1, 2
 # moe_activation
 (MOE_ACT_SWIGLU, MOE_ACT_SWIGLU_CLAMP, MOE_ACT_GPT_OSS, MOE_ACT_SOFTCAP_SWIGLU,
  MOE_ACT_GEGLU, MOE_ACT_RELU2) = range(6)
@@ -81,6 +83,7 @@ class moe_layer_desc(ctypes.Structure):
         ("act_up_cap", ctypes.c_float),
         ("gate_up_interleaved", ctypes.c_int),
         ("backward_overwrites_saved", ctypes.c_int),
+        ("memory", ctypes.c_int),
     ]
 
 

@@ -89,6 +89,17 @@ workspace_at_capacity = False
 # each forward runs (under torch.compile, when it is traced).
 overwrite_saved = True
 
+# How the layer trades memory for speed (desc.memory): "balanced" (the
+# default: the CUDA layer's hidden-column passes where its model prices them
+# under 2% of the layer's time), "lean" (the smallest peak it can reach:
+# passes of 256 columns, at one re-read of the product's input per extra
+# pass) or "fast" (one pass). The CPU layer has nothing to trade and runs
+# the same under each; no policy changes a result bit on the sm_90a path.
+# Read at every call (a plan per policy).
+memory = "balanced"
+_MEMORY = {"balanced": L.MOE_MEMORY_BALANCED, "lean": L.MOE_MEMORY_LEAN,
+           "fast": L.MOE_MEMORY_FAST}
+
 # key -> plans of growing capacity (each twice the one before, or more)
 _plans: dict = {}
 _plans_lock = threading.Lock()
@@ -107,8 +118,9 @@ def _capacity_for(tokens: int) -> int:
 def _plan_for(hidden_shape, k, gu, dn, dtype, device, invalid,
               act=(L.MOE_ACT_SWIGLU, 0.0, 0.0, 0.0, 0.0),
               interleaved=False, overwrite=False) -> _Plan:
-    """The plan for (shapes, dtype, layouts, device, policy, activation),
-    whatever the token count: the smallest-capacity plan of that key that
+    """The plan for (shapes, dtype, layouts, device, policy, activation,
+    overwrite, `memory`), whatever the token count: the smallest-capacity
+    plan of that key that
     holds T, else a new one for the next power of two >= T (at least
     _MIN_CAPACITY). A trainer whose T varies step to step makes O(log T)
     plans, not one per T; and the forward and backward of one step pick the
@@ -119,9 +131,12 @@ def _plan_for(hidden_shape, k, gu, dn, dtype, device, invalid,
     T, H = int(hidden_shape[0]), int(hidden_shape[1])
     E, I2 = int(gu.shape[0]), 2 * int(dn.shape[2])
     dev = L.device_of(device)
+    if memory not in _MEMORY:
+        raise ValueError("libmoe.torch.memory = %r: expected one of %s"
+                         % (memory, ", ".join(map(repr, _MEMORY))))
     key = (H, E, I2, int(k), dtype, L.layout_of(gu), L.layout_of(dn),
            dev.type, dev.index, invalid, tuple(act), bool(interleaved),
-           bool(overwrite))
+           bool(overwrite), _MEMORY[memory])
     with _plans_lock:
         ps = _plans.get(key)
         if ps is not None:
@@ -144,6 +159,7 @@ def _plan_for(hidden_shape, k, gu, dn, dtype, device, invalid,
             float(v) for v in act[1:])
         d.gate_up_interleaved = int(bool(interleaved))
         d.backward_overwrites_saved = int(bool(overwrite))
+        d.memory = key[13]
         p = _Plan(d)
         if ps is None:
             if len(_plans) >= _MAX_PLANS:

@@ -33,6 +33,11 @@ const char *moe_gmm_method_name(moe_gmm_method m) {
   return moe_name_of((int)m, names, 3);
 }
 
+const char *moe_memory_policy_name(moe_memory_policy m) {
+  static const char *const names[] = {"balanced", "lean", "fast"};
+  return moe_name_of((int)m, names, 3);
+}
+
 const char *moe_layout_name(moe_layout l) {
   static const char *const names[] = {"out_in", "in_out", "strided"};
   return moe_name_of((int)l, names, 3);

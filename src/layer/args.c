@@ -105,6 +105,12 @@ moe_status moe_layer_desc_check(const moe_layer_desc *d) {
     return moe_error(MOE_ERR_INVALID_ARGUMENT,
                      "desc.backward_overwrites_saved = %d: 0 or 1",
                      d->backward_overwrites_saved);
+  if (d->memory != MOE_MEMORY_BALANCED && d->memory != MOE_MEMORY_LEAN &&
+      d->memory != MOE_MEMORY_FAST)
+    return moe_error(MOE_ERR_INVALID_ARGUMENT,
+                     "desc.memory = %d: MOE_MEMORY_BALANCED (0), "
+                     "MOE_MEMORY_LEAN (1) or MOE_MEMORY_FAST (2)",
+                     (int)d->memory);
   /* Sizes the buffers are computed from must not overflow. */
   int64_t r, i2, hi, x, y;
   if (!moe_mul_ok(2, d->intermediate, &i2) || !moe_add_ok(d->hidden, i2, &hi) ||

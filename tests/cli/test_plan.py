@@ -157,6 +157,22 @@ def main():
                                             "fwd_workspace_bytes",
                                             "infer_workspace_bytes")),
               "cut %d, dH %d" % (cut, dh))
+    # --memory: desc.memory reaches the plan and its JSON; the CPU layer has
+    # no passes to trade, so its sizes are the same under each policy
+    sizes = {}
+    for m in ("balanced", "lean", "fast"):
+        rc, out, err = run(moe, "--preset", "qwen3-30b-a3b", "--tokens", "257",
+                           "--json", "--memory", m)
+        if check("--memory %s: exits 0" % m, rc == 0, err.strip()):
+            j = json.loads(out)
+            check("--memory %s: JSON says so" % m, j["memory"] == m,
+                  out.strip())
+            sizes[m] = tuple(j[f] for f in ("saved_bytes",
+                                             "fwd_workspace_bytes",
+                                             "bwd_workspace_bytes",
+                                             "infer_workspace_bytes"))
+    check("--memory: the CPU layer's sizes the same under each policy",
+          len(set(sizes.values())) == 1, repr(sizes))
     rc, out, err = run(moe, "--experts", "8", "--hidden", "64", "--top-k", "9",
                        "--intermediate", "32")
     check("top-k above experts: exit 1 naming top_k",
@@ -166,6 +182,7 @@ def main():
     for args, word in ((["--hidden", "64"], "--preset"),
                        (["--top-k", "0"], "--top-k"),
                        (["--gpu", "h300"], "--gpu"),
+                       (["--memory", "tiny"], "--memory"),
                        (["--device", "tpu"], "--device"),
                        (["--device", "cpu", "--gpu", "h100"], "--device cpu"),
                        (["--gpu"], "--gpu")):

@@ -91,13 +91,14 @@ def test_ep_experts_bad_options():
 def test_desc_mirror_has_the_ep_fields():
     # moe.h's order: plan_gpu, the EP fields (issue 18), then the expert
     # function's (issue 17, version 3), then backward_overwrites_saved
-    # (issue 16, version 4)
+    # (issue 16, version 4) and memory (issue 16, version 5)
     names = [n for n, _ in libmoe._lib.moe_layer_desc._fields_]
     i = names.index("plan_gpu")
     assert names[i:] == ["plan_gpu", "ep_exchange", "ep_capacity_factor",
                          "ep_overflow", "ep_chunks", "activation", "act_alpha",
                          "act_limit", "act_gate_cap", "act_up_cap",
-                         "gate_up_interleaved", "backward_overwrites_saved"]
+                         "gate_up_interleaved", "backward_overwrites_saved",
+                         "memory"]
 
 
 def _problem(E, H, I, k, T, seed, sentinels=False):

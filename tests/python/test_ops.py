@@ -301,6 +301,58 @@ def test_workspace_at_capacity():
         assert torch.equal(a, b)
 
 
+def test_memory_policy():
+    """libmoe.torch.memory (desc.memory) reaches the C plan, one plan per
+    policy, changes no bit of the output or the gradients, and a name that
+    is not a policy is refused naming the knob. On CUDA, at a hidden size
+    with room for passes (H = 1024), "fast" runs one pass and "lean" runs
+    passes of 256 columns forward and a smaller peak than "balanced"."""
+    t, e, k = 41, 5, 2
+    gu, dn = weights("in_out", torch.bfloat16, e=e)
+    idx, w = routing("random", t=t, e=e, k=k, seed=21)
+    g = torch.Generator().manual_seed(21)
+    x0 = (torch.rand((t, H), generator=g) - 0.5).to(DEVICE, torch.bfloat16)
+    keep = lt.memory
+    res, plans = [], []
+    try:
+        for m in ("balanced", "lean", "fast"):
+            lt.memory = m
+            p = lt._plan_for(x0.shape, k, gu, dn, x0.dtype, x0.device,
+                             lt._INVALID["error"])
+            assert p.desc.memory == lt._MEMORY[m]
+            plans.append(p)
+            x = x0.clone().requires_grad_()
+            y = lt.experts(x, idx, w, gu, dn)
+            res.append((y.detach(),) + torch.autograd.grad(
+                (y.float() ** 2).sum(), (x, gu, dn)))
+        assert len({id(p) for p in plans}) == 3
+        for r in res[1:]:
+            for a, b in zip(res[0], r):
+                assert torch.equal(a, b)
+        lt.memory = "small"
+        with pytest.raises(ValueError, match="libmoe.torch.memory"):
+            lt.experts(x0, idx, w, gu, dn)
+        if DEVICE.type == "cuda":
+            h, i = 1024, 512
+            gub = torch.empty((4, 2 * i, h), device=DEVICE,
+                              dtype=torch.bfloat16)
+            dnb = torch.empty((4, h, i), device=DEVICE, dtype=torch.bfloat16)
+            peaks = {}
+            for m in ("balanced", "lean", "fast"):
+                lt.memory = m
+                p = lt._plan_for((4096, h), 2, gub, dnb, torch.bfloat16,
+                                 DEVICE, lt._INVALID["error"])
+                ex, z = p.explain(), p.sizes(4096)
+                peaks[m] = z.saved + max(z.fwd_workspace, z.bwd_workspace)
+                if m == "lean":
+                    assert "passes of 256" in ex, ex
+                if m == "fast":
+                    assert "one pass (desc.memory = fast)" in ex, ex
+            assert peaks["lean"] < peaks["balanced"] <= peaks["fast"], peaks
+    finally:
+        lt.memory = keep
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_overwrite_saved(dtype):
     """libmoe.torch.overwrite_saved (the backward writes dH over the

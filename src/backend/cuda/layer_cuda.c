@@ -379,11 +379,15 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
           "%lld backward: the down product + unpermute write [T*k, %lld] "
           "at a time, gate_up's dX + permute-back [T*k, %lld], not "
           "[T*k, %lld]; the pass that does not set the peak is as wide as "
-          "the peak allows (MOE_CUDA_COLS overrides: n or f,b; 0: one "
-          "pass)\n",
+          "the peak allows (desc.memory = %s; MOE_CUDA_COLS overrides: n "
+          "or f,b; 0: one pass)\n",
           (long long)((d.hidden + cw.f - 1) / cw.f), (long long)cw.f,
           (long long)((d.hidden + cw.b - 1) / cw.b), (long long)cw.b,
-          (long long)cw.f, (long long)cw.b, (long long)d.hidden);
+          (long long)cw.f, (long long)cw.b, (long long)d.hidden,
+          moe_memory_policy_name(d.memory));
+    else if (d.memory != MOE_MEMORY_BALANCED)
+      moe_plan_say(p, len, "hidden columns in one pass (desc.memory = %s)\n",
+                   moe_memory_policy_name(d.memory));
     if (cw.i != cw.f)
       moe_plan_say(p, len,
                    "the inference forward (no saved state, no backward) "
@@ -683,17 +687,23 @@ static int64_t moe_cu_width_env(long long v, int64_t H) {
 
 /// The pass widths (moe_cu_lay). MOE_CUDA_COLS pins them: "n" all, "f,b"
 /// the forward's and the backward's (0, or anything not a number: one
-/// pass), "same" both at the model's C (moe_cu_cols: the widths before
-/// they were chosen apart, for side-by-side runs). Unpinned, the pass that
-/// sets the peak at max_tokens (the larger workspace, both at C) keeps C,
-/// and the other takes the fewest passes whose workspace stays within that
-/// one's (give or take 1% of the peak): its extra passes would save no
-/// memory, and each pass fewer saves a re-read of its product's input
-/// (A [S, I] forward, dH [S, 2I] backward). With
-/// desc.backward_overwrites_saved the forward sets the peak and the
-/// backward widens (Qwen3-30B-A3B at 32k tokens on an H100: 3 passes of
-/// 768 forward, 2 of 1024 backward); without it the other way round. The
-/// inference forward keeps C: it has no backward whose peak it could share.
+/// pass), "same" both at the policy's C (for side-by-side runs: the widths
+/// before they were chosen apart). Unpinned, desc.memory gives C:
+///  - MOE_MEMORY_BALANCED: the model's (moe_cu_cols);
+///  - MOE_MEMORY_LEAN: the narrowest, 256 (the widest tile; H if less);
+///  - MOE_MEMORY_FAST: H, one pass;
+/// and the peak is that of both passes at C (saved + the larger
+/// workspace, at max_tokens). Each pass then takes the fewest passes whose
+/// workspace stays within that peak, give or take 1% of it: narrower
+/// passes than that would save no memory, and each pass fewer saves a
+/// re-read of its product's input (A [S, I] forward, dH [S, 2I] backward).
+/// So the pass that sets the peak keeps C (or about), and the other
+/// widens: with desc.backward_overwrites_saved the forward sets the peak
+/// and the backward widens (Qwen3-30B-A3B at 32k tokens on an H100,
+/// balanced: 3 passes of 768 forward, 2 of 1024 backward); without it the
+/// other way round. The inference forward (no backward, its workspace
+/// holding the saved part) widens the same way within its own peak at C:
+/// up to the row of H, Y goes over H and costs nothing.
 static moe_cu_widths moe_cu_widths_of(const moe_layer_plan *p) {
   int64_t H = p->d.hidden;
   const char *e = moe_env_cuda_cols();
@@ -710,24 +720,33 @@ static moe_cu_widths moe_cu_widths_of(const moe_layer_plan *p) {
                        moe_cu_width_env(f, H)};
     return w;
   }
-  int64_t C = moe_cu_cols(p);
+  int64_t C = p->d.memory == MOE_MEMORY_FAST   ? H
+              : p->d.memory == MOE_MEMORY_LEAN ? (H < 256 ? H : 256)
+                                               : moe_cu_cols(p);
   moe_cu_widths w = {C, C, C};
   if (C >= H || e) return w;
   moe_cu_lay L;
   moe_cu_lay_at(p, p->d.max_tokens, false, w, &L);
-  bool fwd_peak = L.fws >= L.bws;
-  /* the other pass may come within 1% of the peak (saved + the larger
-     workspace): its workspace's small parts (dS, the row weights and
-     partials, the logits) would otherwise cost it passes for a few MiB */
-  size_t limit = fwd_peak ? L.fws : L.bws;
+  /* within 1% of the peak: the workspaces' small parts (dS, the row
+     weights and partials, the logits) would otherwise cost a pass for a
+     few MiB */
+  size_t limit = L.fws > L.bws ? L.fws : L.bws;
   limit += (L.saved + limit) / 100;
-  for (int64_t P = 1; P <= 64; P++) {
+  /* the inference forward's own peak (its workspace holds the saved part
+     too): a width up to H's row puts Y over H, so it widens for free */
+  moe_cu_lay_at(p, p->d.max_tokens, true, w, &L);
+  size_t ilimit = L.iws + L.iws / 100;
+  bool fdone = false, bdone = false, idone = false;
+  for (int64_t P = 1; P <= 64 && !(fdone && bdone && idone); P++) {
     int64_t c = P == 1 ? H : ((H + P - 1) / P + 255) / 256 * 256;
     if (c >= H && P > 1) continue;
     if (c <= C) break;
-    moe_cu_widths t = {fwd_peak ? C : c, fwd_peak ? c : C, C};
+    moe_cu_widths t = {c, c, c};
     moe_cu_lay_at(p, p->d.max_tokens, false, t, &L);
-    if ((fwd_peak ? L.bws : L.fws) <= limit) return t;
+    if (!fdone && L.fws <= limit) w.f = c, fdone = true;
+    if (!bdone && L.bws <= limit) w.b = c, bdone = true;
+    moe_cu_lay_at(p, p->d.max_tokens, true, t, &L);
+    if (!idone && L.iws <= ilimit) w.i = c, idone = true;
   }
   return w;
 }
