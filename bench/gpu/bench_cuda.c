@@ -382,9 +382,11 @@ static void bench_shape(const shape *s, bool sweep) {
     }
     if (sweep) {
       /* the dW rows (g 3, 5) add the ping-pong tile and the cp.async
-         loads; the others the mma.sync tiles */
-      static const char *tiles_mk[6] = {
-          "sm90:128x256", "sm90:128x128", "sm90:192x128", "4x8", "4x4", "2x4"};
+         loads; the others the M-grouped ping-pong tile and mma.sync
+         tiles */
+      static const char *tiles_mk[6] = {"sm90:128x256", "sm90:128x128",
+                                        "sm90:192x128", "sm90:128x128pp",
+                                        "4x8",          "4x4"};
       static const char *tiles_dw[6] = {"sm90:128x256",   "sm90:128x128",
                                         "sm90:128x128pp", "sm90cp:128x256",
                                         "sm90cp:128x128", "4x4"};

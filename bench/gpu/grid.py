@@ -24,6 +24,9 @@ the reference of the rel_* columns):
               choice); not in the default set
   libmoe_lean libmoe with libmoe.torch.memory = "lean" (desc.memory: the
               smallest peak, passes of 256 columns); not in the default set
+  libmoe_mpp  libmoe with MOE_CUDA_SM90_MPP=1: the forward and dX products
+              on the M-grouped ping-pong tile (its epilogue stores under
+              the other warpgroup's mainloop); not in the default set
   liger       Liger-Kernel's LigerFusedMoEFunction (PyPI liger-kernel 0.8.5,
               Triton), registered here in transformers' ExpertsInterface as
               "liger_fused_moe": it runs on the block's own routing (the
@@ -111,8 +114,13 @@ SONIC = {
 # Liger's own benchmark CSV (v0.7.0, H100) at the Qwen3-30B-A3B shape
 LIGER_PUB = {"qwen3_30b": (337, 242)}
 IMPLS = ("grouped_mm", "libmoe", "libmoe_keep", "libmoe_same", "libmoe_lean",
-         "liger")
-LIBMOE_IMPLS = ("libmoe", "libmoe_keep", "libmoe_same", "libmoe_lean")
+         "libmoe_mpp", "liger")
+LIBMOE_IMPLS = ("libmoe", "libmoe_keep", "libmoe_same", "libmoe_lean",
+                "libmoe_mpp")
+# environment each libmoe variant runs under (read by the library at every
+# call)
+LIBMOE_ENV = {"libmoe_same": ("MOE_CUDA_COLS", "same"),
+              "libmoe_mpp": ("MOE_CUDA_SM90_MPP", "1")}
 DEFAULT_IMPLS = ("grouped_mm", "libmoe", "liger")
 LIGER_NAME = "liger_fused_moe"
 
@@ -322,20 +330,21 @@ def run_cell(args, torch, clock, cfg, blk, x, g, impl, shape, ref):
         return run_cell_as(args, torch, clock, cfg, blk, x, g, impl, shape,
                            ref)
     import libmoe.torch as lt
-    keep = lt.overwrite_saved, os.environ.get("MOE_CUDA_COLS"), lt.memory
+    env = LIBMOE_ENV.get(impl)
+    keep = lt.overwrite_saved, lt.memory, env and os.environ.get(env[0])
     lt.overwrite_saved = impl != "libmoe_keep"
     lt.memory = "lean" if impl == "libmoe_lean" else "balanced"
-    if impl == "libmoe_same":  # read by the library at every call
-        os.environ["MOE_CUDA_COLS"] = "same"
+    if env:
+        os.environ[env[0]] = env[1]
     try:
         return run_cell_as(args, torch, clock, cfg, blk, x, g, impl, shape,
                            ref)
     finally:
-        lt.overwrite_saved, lt.memory = keep[0], keep[2]
-        if keep[1] is None:
-            os.environ.pop("MOE_CUDA_COLS", None)
-        else:
-            os.environ["MOE_CUDA_COLS"] = keep[1]
+        lt.overwrite_saved, lt.memory = keep[0], keep[1]
+        if env and keep[2] is None:
+            os.environ.pop(env[0], None)
+        elif env:
+            os.environ[env[0]] = keep[2]
 
 
 def run_cell_as(args, torch, clock, cfg, blk, x, g, impl, shape, ref):
@@ -450,6 +459,7 @@ def print_tables(args, res, out=sys.stdout):
              "libmoe_keep": "libmoe, saved kept",
              "libmoe_same": "libmoe, passes at one width",
              "libmoe_lean": "libmoe, memory lean",
+             "libmoe_mpp": "libmoe, M ping-pong tile",
              "liger": "Liger fused_moe"}
     cols = [names[i] for i in args.impls]
     unit = "TFLOP/s" if args.device == "cuda" else "TFLOP/s (CPU time)"

@@ -82,6 +82,10 @@ const char *moe_env_cuda_sm90_dw_tma(void) {
   return moe_env_str("MOE_CUDA_SM90_DW_TMA");
 }
 
+const char *moe_env_cuda_sm90_mpp(void) {
+  return moe_env_str("MOE_CUDA_SM90_MPP");
+}
+
 const char *moe_env_cuda_fuse(void) { return moe_env_str("MOE_CUDA_FUSE"); }
 const char *moe_env_cuda_cols(void) { return moe_env_str("MOE_CUDA_COLS"); }
 

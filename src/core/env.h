@@ -55,6 +55,10 @@ const char *moe_env_cuda_sm90_tile(void);
 /// operand by cp.async; otherwise, the default, the operands read in place
 /// by TMA); read on every call.
 const char *moe_env_cuda_sm90_dw_tma(void);
+/// MOE_CUDA_SM90_MPP as given ("1": the sm_90a M-grouped products take the
+/// ping-pong tile; otherwise, the default, the cooperative ones); read on
+/// every call.
+const char *moe_env_cuda_sm90_mpp(void);
 /// MOE_CUDA_FUSE as given ("1": the CUDA layer's sm_90a fused epilogues
 /// on; they are off otherwise); read on every call.
 const char *moe_env_cuda_fuse(void);

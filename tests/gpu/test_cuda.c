@@ -41,6 +41,7 @@ static bool g_sm90;  /* --sm90: only the Hopper kernel's GEMM cases */
 static int g_fused_differs;
 /* tensors whose bits differ between hidden-column passes and one pass */
 static int g_cols_differs, g_cols_runs;
+static int g_mpp_differs, g_mpp_runs;
 /* desc.backward_overwrites_saved for the plans run_layer makes */
 static int g_overwrite;
 /* run_layer: `saved` and each pass's workspace of exactly its size, each
@@ -287,8 +288,8 @@ static void test_gemm_sm90(void) {
   }
   moe_layout lays[2] = {MOE_LAYOUT_OUT_IN, MOE_LAYOUT_IN_OUT};
   uint64_t seed = 9001;
-  /* 128x128pp: the ping-pong dW tile (the M-grouped kernels stay on
-     their default there) */
+  /* 128x128pp: the ping-pong tiles of both kernel families (dW's, and the
+     M-grouped one's, which the layer takes under MOE_CUDA_SM90_MPP=1) */
   static const char *stiles[4] = {"128x256", "128x128", "192x128", "128x128pp"};
   static const int64_t sshapes[][4] = {
       {16, 900, 136, 264},  {7, 1500, 200, 392}, {1, 777, 520, 200},
@@ -300,9 +301,10 @@ static void test_gemm_sm90(void) {
   /* ti 0-3: the operands read in place by TMA (the default);
      ti 4: the default dW tile with every operand by cp.async
      (MOE_CUDA_SM90_DW_TMA=0), the path
-     gathered operands take; --small runs both on the default tile */
+     gathered operands take; --small runs both on the default tile, and
+     the ping-pong tiles (for racecheck and synccheck) */
   for (int ti = 0; ti < 5; ti++) {
-    if (g_small && ti != 0 && ti != 4) continue;
+    if (g_small && (ti == 1 || ti == 2)) continue;
     if (ti < 4)
       setenv("MOE_CUDA_SM90_TILE", stiles[ti], 1);
     else
@@ -312,9 +314,9 @@ static void test_gemm_sm90(void) {
       for (int l = 0; l < 2; l++)
         for (int which = 0; which < 3; which++) {
           /* dW has 128-row tiles only (192x128 leaves it on 128x256);
-             the ping-pong and cp.async rows are dW's */
+             the cp.async row is dW's */
           if (which == G_DW && ti == 2) continue;
-          if (which != G_DW && ti >= 3) continue;
+          if (which != G_DW && ti >= 4) continue;
           for (int pat = 0; pat < (si == 0 ? 3 : 1); pat++)
             gemm_case(which, MOE_BF16, lays[l], sshapes[si][0], sshapes[si][1],
                       sshapes[si][2], sshapes[si][3],
@@ -945,6 +947,48 @@ static void layer_case(const lcase *c, uint64_t seed) {
     lres_free(&pc2);
     lres_free(&pc);
   }
+  /* the M-grouped ping-pong tile (MOE_CUDA_SM90_MPP=1) for the forward and
+     dX products, gathered rows included: against the CPU like every run,
+     bitwise from one run to the next, and its bits against the default
+     tile's counted (each element sums the same k16 steps in the same
+     order, so none should differ) */
+  {
+    lres pp, pp2;
+    setenv("MOE_CUDA_SM90_MPP", "1", 1);
+    describe(c, "cuda grouped strict, M-grouped ping-pong tile");
+    run_layer(c, &hb, true, MOE_GMM_GROUPED, 1, true, &pp);
+    describe(c, "cuda grouped strict, M-grouped ping-pong tile, rerun");
+    run_layer(c, &hb, true, MOE_GMM_GROUPED, 1, false, &pp2);
+    unsetenv("MOE_CUDA_SM90_MPP");
+    describe(c, "cuda grouped strict, M-grouped ping-pong tile");
+    CHECK_STATUS(pp.fs, MOE_SUCCESS);
+    CHECK_STATUS(pp.bs, MOE_SUCCESS);
+    CHECK_STATUS(pp2.bs, MOE_SUCCESS);
+    CHECK(pp.infer_diff < 0,
+          "ping-pong: the inference forward differs from the training "
+          "forward at output element %lld",
+          (long long)pp.infer_diff);
+    for (int i = 0; i < R_N && pp.bs == MOE_SUCCESS; i++) {
+      if (!pp.v[i]) continue;
+      if (pp2.bs == MOE_SUCCESS && pp2.v[i]) {
+        int64_t at = tu_first_diff(pp.v[i], pp2.v[i], pp.n[i]);
+        CHECK(at < 0, "%s differs bitwise between ping-pong runs at %lld",
+              rnames[i], (long long)at);
+      }
+      if (gpu.v[i])
+        g_mpp_differs += tu_first_diff(gpu.v[i], pp.v[i], gpu.n[i]) >= 0;
+      if (cpu.fs == MOE_SUCCESS && cpu.bs == MOE_SUCCESS && cpu.v[i]) {
+        double *ref = tu_alloc((size_t)cpu.n[i] * sizeof(double));
+        for (int64_t j = 0; j < cpu.n[i]; j++)
+          ref[j] = cpu.v[i][j];
+        CHECK_REL(tu_rel_err(ref, pp.v[i], cpu.n[i]), tol, rnames[i]);
+        free(ref);
+      }
+    }
+    g_mpp_runs++;
+    lres_free(&pp2);
+    lres_free(&pp);
+  }
   if (!g_small) {
     lres lp;
     describe(c, "cuda loop");
@@ -1235,5 +1279,8 @@ int main(int argc, char **argv) {
   printf("hidden columns in passes (MOE_CUDA_COLS) vs one pass: %d cases, "
          "%d tensors differ in their bits\n",
          g_cols_runs, g_cols_differs);
+  printf("M-grouped ping-pong tile (MOE_CUDA_SM90_MPP=1) vs the default "
+         "tile: %d cases, %d tensors differ in their bits\n",
+         g_mpp_runs, g_mpp_differs);
   return tu_finish();
 }

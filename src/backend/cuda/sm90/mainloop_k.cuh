@@ -63,15 +63,6 @@
 
 namespace sm90 {
 
-/// Steps a ring position (stage, phase) by n stages.
-template <int ST>
-static __device__ __forceinline__ void ring_skip(int &stage, int &phase,
-                                                 int n) {
-  const int s = stage + n;
-  phase ^= (s / ST) & 1;
-  stage = s % ST;
-}
-
 /// One producer lane's share of a stage's row table, for an operand copied
 /// in CH 16-byte chunks per depth row (128 / CH rows of the stage per copy
 /// step, 32 / CH of them this warp's): lane l < 16 returns the source row

@@ -18,8 +18,20 @@
 ///    have landed;
 ///  - two consumer warpgroups wait on "full", issue wgmma (m64nWNk16) on
 ///    128-byte-swizzled tiles, keep one k-step in flight and release the
-///    stage before it through its "empty" mbarrier (one arrival per warp);
-///    then hand their 64 x WN block to the epilogue.
+///    stage before it through its "empty" mbarrier (one arrival per warp
+///    that reads the stage); then hand their 64-row blocks to the epilogue.
+///    Two schemes:
+///     - cooperative (PP = false): the NWG consumers split each BM x BN
+///       tile, 64 rows each;
+///     - ping-pong (PP = true, mainloop_k.cuh's scheme): each consumer owns
+///       a whole BM x BN tile (BM / 64 wgmma row blocks), the two taking
+///       this CTA's tiles in turn, so that one's epilogue stores run under
+///       the other's tensor-core work instead of between two mainloops. A
+///       warpgroup begins a tile's mainloop once the other has waited on
+///       every stage of the tile before (turn barriers, one arrival per
+///       tile), so every full barrier it waits on has completed each
+///       earlier fill. Each output element sums the same k16 steps in the
+///       same order under either scheme: the bits are the same.
 /// The producer runs ahead across tile boundaries, so the next tile's loads
 /// overlap this tile's last math and its stores.
 ///
@@ -50,14 +62,20 @@
 
 namespace sm90 {
 
-template <int NWG, int BN, int ST, bool BMN, class EPI>
+template <int NWG, int BN, int ST, bool BMN, class EPI, bool PP>
 __global__ void __launch_bounds__(128 * (NWG + 1), 1)
     gemm_m_kernel(const __grid_constant__ CUtensorMap tmb, const kargs p) {
   constexpr int BK = SM90_BK, BM = 64 * NWG;
   constexpr int A_BYTES = BM * BK * 2, B_BYTES = BN * BK * 2;
   constexpr int STAGE = A_BYTES + B_BYTES;
-  constexpr int WN = BN; /* each consumer: 64 rows x BN */
+  constexpr int WN = BN; /* each wgmma row block: 64 rows x BN */
+  /* wgmma row blocks per consumer: its 64 rows (cooperative), or the
+     whole tile (ping-pong) */
+  constexpr int MW = PP ? NWG : 1;
+  constexpr int CONSUMER_WARPS = PP ? 4 : NWG * 4; /* warps that read a stage */
   static_assert(WN == 128 || WN == 256, "wgmma N");
+  static_assert(!PP || (NWG == 2 && MW * WN <= 256),
+                "ping-pong: two consumers, at most 128 accumulators each");
   /* registers: 65536 per SM over 128 producer and 128 NWG consumer
      threads */
   constexpr int PREG = NWG == 2 ? 56 : 72, CREG = NWG == 2 ? 224 : 144;
@@ -71,15 +89,18 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1)
       smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
   uint64_t *full = (uint64_t *)(smem + ST * STAGE);
   uint64_t *empty = full + ST;
-  unsigned char *ep = (unsigned char *)(empty + ST); /* epilogue buffers */
+  uint64_t *turn = empty + ST;                     /* ping-pong: 2 */
+  unsigned char *ep = (unsigned char *)(turn + 2); /* epilogue buffers */
   int *off_s = (int *)(ep + NWG * 4 * EPI_WARP_BYTES);
   int *ts = off_s + p.G + 1;
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < ST; s++) {
       mbar_init(&full[s], 128 + 1);
-      mbar_init(&empty[s], NWG * 4);
+      mbar_init(&empty[s], CONSUMER_WARPS);
     }
+    mbar_init(&turn[0], 1);
+    mbar_init(&turn[1], 1);
     mbar_init_fence();
   }
   sched sc;
@@ -146,18 +167,35 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1)
     regs_inc<CREG>();
     const int w = wg - 1, lane = threadIdx.x & 31;
     unsigned char *wbuf = ep + (threadIdx.x / 32 - 4) * EPI_WARP_BYTES;
-    float acc[WN / 2];
-    typename EPI::template pre_t<WN> pf;
+    float acc[MW][WN / 2];
+    typename EPI::template pre_t<WN> pf[MW];
 #pragma unroll
-    for (int i = 0; i < WN / 2; i++)
-      acc[i] = 0.0f;
+    for (int mi = 0; mi < MW; mi++)
+#pragma unroll
+      for (int i = 0; i < WN / 2; i++)
+        acc[mi][i] = 0.0f;
     int stage = 0, phase = 0;
-    /* this warpgroup's rows of a stage's A tile */
-    const uint32_t a_off = w * 64 * 128;
-    for (int64_t t = blockIdx.x; t < total; t += gridDim.x) {
+    int own = 0;   /* ping-pong: this warpgroup's tiles so far */
+    int64_t j = 0; /* this CTA's work items, in order */
+    for (int64_t t = blockIdx.x; t < total; t += gridDim.x, j++) {
       const tile ti = sched_get<BM, BNS, BK, false>(sc, t);
-      const int row = ti.row0 + w * 64;
-      EPI::template pre<WN>(p, pf, row, ti.rowend - row, ti.n0);
+      if (PP && (j & 1) != w) { /* the other warpgroup's tile */
+        ring_skip<ST>(stage, phase, ti.kt);
+        continue;
+      }
+      if (PP) { /* my turn: the other warpgroup waited on its last stage */
+        if (w == 1)
+          mbar_wait(&turn[1], own & 1);
+        else if (own > 0)
+          mbar_wait(&turn[0], (own - 1) & 1);
+      }
+      /* row block mi: the tile's rows (PP ? mi : w) * 64 .., at that
+         offset in a stage's A tile */
+#pragma unroll
+      for (int mi = 0; mi < MW; mi++) {
+        const int row = ti.row0 + (PP ? mi : w) * 64;
+        EPI::template pre<WN>(p, pf[mi], row, ti.rowend - row, ti.n0);
+      }
       int prev = -1;
       for (int kt = 0; kt < ti.kt; kt++) {
         mbar_wait(&full[stage], phase);
@@ -167,13 +205,17 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1)
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < BK / 16; ks++) {
-          uint64_t da = gmma_desc(sa + a_off + ks * 32, 0, 1024);
           uint64_t db = BMN ? gmma_desc(sb + ks * 2048, 8192, 1024)
                             : gmma_desc(sb + ks * 32, 0, 1024);
-          if (WN == 256)
-            wgmma_256<0, BMN ? 1 : 0>(acc, da, db, kt > 0 || ks > 0);
-          else
-            wgmma_128<0, BMN ? 1 : 0>(acc, da, db, kt > 0 || ks > 0);
+#pragma unroll
+          for (int mi = 0; mi < MW; mi++) {
+            const uint32_t a_off = (PP ? mi : w) * 64 * 128;
+            uint64_t da = gmma_desc(sa + a_off + ks * 32, 0, 1024);
+            if (WN == 256)
+              wgmma_256<0, BMN ? 1 : 0>(acc[mi], da, db, kt > 0 || ks > 0);
+            else
+              wgmma_128<0, BMN ? 1 : 0>(acc[mi], da, db, kt > 0 || ks > 0);
+          }
         }
         wgmma_commit();
         wgmma_wait<1>();
@@ -184,18 +226,25 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1)
           phase ^= 1;
         }
       }
+      if (PP && (threadIdx.x & 127) == 0) mbar_arrive(&turn[w ^ 1]);
+      own++;
       wgmma_wait<0>();
       if (prev >= 0 && lane == 0) mbar_arrive(&empty[prev]);
       if (ti.kt == 0) continue; /* K == 0 is refused on the host */
-      EPI::template store<WN>(p, acc, wbuf, row, ti.rowend - row, ti.n0, pf);
+#pragma unroll
+      for (int mi = 0; mi < MW; mi++) {
+        const int row = ti.row0 + (PP ? mi : w) * 64;
+        EPI::template store<WN>(p, acc[mi], wbuf, row, ti.rowend - row, ti.n0,
+                                pf[mi]);
+      }
     }
   }
 }
 
-template <int NWG, int BN, int ST, bool BMN, class EPI>
+template <int NWG, int BN, int ST, bool BMN, class EPI, bool PP>
 static cudaError_t launch_one(const CUtensorMap *tmb, const kargs &a, int grid,
                               size_t smem, cudaStream_t s) {
-  auto fn = gemm_m_kernel<NWG, BN, ST, BMN, EPI>;
+  auto fn = gemm_m_kernel<NWG, BN, ST, BMN, EPI, PP>;
   cudaError_t e = cudaFuncSetAttribute(
       (const void *)fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (e != cudaSuccess) return e;
@@ -210,13 +259,13 @@ template <class EPI>
 static cudaError_t launch_m_epi(int tile, int bmn, const CUtensorMap *tmb,
                                 const kargs &a, int grid, size_t smem,
                                 cudaStream_t s) {
-#define SM90_CASE(I, BM, BN, ST)                                               \
+#define SM90_CASE(I, BM, BN, ST, PP)                                           \
   case I:                                                                      \
     if constexpr (EPI::TILE < 0 || EPI::TILE == I)                             \
-      return bmn ? launch_one<BM / 64, BN, ST, true, EPI>(tmb, a, grid, smem,  \
-                                                          s)                   \
-                 : launch_one<BM / 64, BN, ST, false, EPI>(tmb, a, grid, smem, \
-                                                           s);                 \
+      return bmn ? launch_one<BM / 64, BN, ST, true, EPI, PP>(tmb, a, grid,    \
+                                                              smem, s)         \
+                 : launch_one<BM / 64, BN, ST, false, EPI, PP>(tmb, a, grid,   \
+                                                               smem, s);       \
     else                                                                       \
       return cudaErrorInvalidValue;
   switch (tile) { SM90_TILES_M(SM90_CASE) }

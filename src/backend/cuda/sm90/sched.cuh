@@ -119,6 +119,16 @@ static __device__ __forceinline__ tile sched_get(const sched &s, int64_t t) {
   return ti;
 }
 
+/// Steps a ring position (stage, phase) by n stages (a ping-pong
+/// consumer passing over the other's tile).
+template <int ST>
+static __device__ __forceinline__ void ring_skip(int &stage, int &phase,
+                                                 int n) {
+  const int s = stage + n;
+  phase ^= (s / ST) & 1;
+  stage = s % ST;
+}
+
 } // namespace sm90
 
 #endif /* MOE_SM90_SCHED_CUH */

@@ -17,15 +17,13 @@ namespace {
 struct tile_row {
   int bm, bn, st;
   const char *name;
-  bool pp; ///< K-grouped: ping-pong consumers
+  bool pp; ///< ping-pong consumers
 };
-#define SM90_ROW(I, BM, BN, ST) {BM, BN, ST, #BM "x" #BN, false},
-#define SM90_ROW_K(I, BM, BN, ST, PP)                                          \
+#define SM90_ROW(I, BM, BN, ST, PP)                                            \
   {BM, BN, ST, PP ? #BM "x" #BN "pp" : #BM "x" #BN, PP},
 const tile_row tiles_m[] = {SM90_TILES_M(SM90_ROW)};
-const tile_row tiles_k[] = {SM90_TILES_K(SM90_ROW_K)};
+const tile_row tiles_k[] = {SM90_TILES_K(SM90_ROW)};
 #undef SM90_ROW
-#undef SM90_ROW_K
 const int n_tiles_m = (int)(sizeof tiles_m / sizeof tiles_m[0]);
 const int n_tiles_k = (int)(sizeof tiles_k / sizeof tiles_k[0]);
 
@@ -70,12 +68,18 @@ int tile_env(bool gk) {
 
 /// The tile: the table's first (largest) shape unless the groups are small
 /// (a 192-row tile holds a whole ~160-row expert: its weight is read once)
-/// or N fits 128 columns. From the tile sweeps in bench/NOTES.md.
+/// or N fits 128 columns. From the tile sweeps in bench/NOTES.md. The
+/// M-grouped ping-pong tile only when MOE_CUDA_SM90_MPP=1 asks (not yet
+/// measured: bench/NOTES.md, seventh round).
 int pick_tile(const moe_cu_gemm *p) {
   bool gk = p->kind == MOE_GROUP_K;
   int e = tile_env(gk);
   if (e >= 0) return e;
   if (gk) return p->N <= 128 ? 1 : 0;
+  const char *mpp = moe_env_cuda_sm90_mpp();
+  if (mpp && !strcmp(mpp, "1"))
+    for (int i = 0; i < n_tiles_m; i++)
+      if (tiles_m[i].pp) return i;
   double mean =
       (double)p->rows / (double)(p->num_groups > 0 ? p->num_groups : 1);
   if (mean <= 192.0) return 2; /* one 192-row tile per expert */

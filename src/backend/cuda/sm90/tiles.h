@@ -25,12 +25,17 @@ typedef struct sm90_tile {
   const char *name; ///< MOE_CUDA_SM90_TILE spells it this way
 } sm90_tile;
 
-/* X(index, BM, BN, stages): tile shapes of the M-grouped (forward, dX) and
-   K-grouped (dW) kernels. */
+/* X(index, BM, BN, stages, ping-pong): tile shapes of the M-grouped
+   (forward, dX) kernel. Cooperative tiles split BM over the consumer
+   warpgroups; the ping-pong tile gives each of the two a whole BM x BN
+   tile, the two alternating (mainloop_m.cuh), and is taken only when
+   asked for (MOE_CUDA_SM90_TILE=128x128pp or MOE_CUDA_SM90_MPP=1) until a
+   GPU measures it against the cooperative ones. */
 #define SM90_TILES_M(X)                                                        \
-  X(0, 128, 256, 4)                                                            \
-  X(1, 128, 128, 6)                                                            \
-  X(2, 192, 128, 4)
+  X(0, 128, 256, 4, false)                                                     \
+  X(1, 128, 128, 6, false)                                                     \
+  X(2, 192, 128, 4, false)                                                     \
+  X(3, 128, 128, 6, true)
 /// The dH product with its fused epilogue (gemm_m_dact.cu) is built for
 /// this M tile only, 128 x 128: 64 accumulators per consumer thread leave
 /// registers for the tile's H fragment and the packed outputs (128 x 256
