@@ -10,6 +10,14 @@
 #                                (bench/gpu/grid.sh: libmoe, HF grouped_mm,
 #                                Liger), variable token counts, the fused
 #                                epilogues side by side
+#   scripts/gpu-check.sh first   for a lease that may be the only one:
+#                                within MOE_DEADLINE seconds (default 570)
+#                                of its start, the build, the GPU tests
+#                                without the sanitizers beside the Python
+#                                tests, then the grid (with libmoe_keep and
+#                                libmoe_lean) and the scaling runs in the
+#                                time left; the sanitizers and the side-by-
+#                                side runs stay for `test` and `bench`
 # Logs and JSON go to $OUT (default ./gpu-out). Exits non-zero when a test
 # failed; a benchmark's failure is printed, not fatal.
 set -u
@@ -20,6 +28,9 @@ out=${OUT:-$root/gpu-out}
 mkdir -p "$out"
 export MOE_BUILD_DIR=${MOE_BUILD_DIR:-$root/build-gpu}
 phase=${1:-test}
+t0=$(date +%s)
+# seconds left before MOE_DEADLINE (less a margin of $1, default 0)
+left() { echo $((${MOE_DEADLINE:-570} - ($(date +%s) - t0) - ${1:-0})); }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm \
   --format=csv,noheader
 status=0
@@ -132,6 +143,38 @@ bench)
     >"$out/fuse_ab.log" 2>&1 || echo "fuse-ab: exit $?"
   tail -16 "$out/fuse_ab.log"
   ;;
-*) echo "usage: scripts/gpu-check.sh test|bench"; exit 2 ;;
+first)
+  export OUT=$out
+  echo "== [$(($(date +%s) - t0)) s] GPU tests (no sanitizer) beside the Python tests"
+  MOE_SANITIZER=0 MOE_GPU_PARALLEL=3 MOE_STEP_TIMEOUT=$(left 300) \
+    MOE_GPU_LOG_DIR=$out/steps timeout "$(left 300)" bash tests/gpu/run.sh \
+    >"$out/gpu_tests.log" 2>&1 &
+  tests_pid=$!
+  timeout "$(left 300)" bash tests/gpu/run_python.sh >"$out/gpu_python.log" 2>&1 &
+  python_pid=$!
+  wait $tests_pid || status=1
+  wait $python_pid || status=1
+  grep -E "passed|failed|FAIL|skipped|differ in their bits" \
+    "$out/gpu_tests.log" | tail -20
+  grep -E "passed|failed|FAIL|Error" "$out/gpu_python.log" | tail -6
+  tar czf "$out/steps.tgz" -C "$out" steps 2>/dev/null && rm -rf "$out/steps"
+  echo "== [$(($(date +%s) - t0)) s] grid"
+  if [ "$(left 60)" -gt 60 ]; then
+    LIGER_WHEEL_DIR=$root/.whl timeout "$(left 60)" bash bench/gpu/grid.sh \
+      --reps 5 --warmup 2 --impl grouped_mm,libmoe,libmoe_keep,libmoe_lean,liger \
+      --json "$out/grid.json" >"$out/grid.log" 2>&1 || echo "grid: exit $?"
+    grep -E "^\||OOM|skipped|Error" "$out/grid.log" | head -40
+  fi
+  echo "== [$(($(date +%s) - t0)) s] scaling"
+  if [ "$(left 5)" -gt 45 ]; then
+    LIGER_WHEEL_DIR=$root/.whl timeout "$(left 5)" bash bench/gpu/grid.sh \
+      --scaling --reps 5 --warmup 2 --impl grouped_mm,libmoe,libmoe_lean \
+      --json "$out/scaling.json" >"$out/scaling.log" 2>&1 ||
+      echo "scaling: exit $?"
+    grep -E "^\||OOM|skipped|Error" "$out/scaling.log" | head -30
+  fi
+  echo "== [$(($(date +%s) - t0)) s] done"
+  ;;
+*) echo "usage: scripts/gpu-check.sh test|bench|first"; exit 2 ;;
 esac
 exit $status
