@@ -73,14 +73,20 @@ static void test_overflow(void) {
   d.memory = (moe_memory_policy)-1;
   CHECK_ERROR(moe_layer_plan_create(&p, &d), MOE_ERR_INVALID_ARGUMENT,
               "desc.memory");
-  /* a version-4 caller's struct ends before the field: its bytes there
-     are not read, the default applies */
-  d.memory = (moe_memory_policy)7;
-  d.struct_size = offsetof(moe_layer_desc, memory);
-  CHECK_STATUS(moe_layer_plan_create(&p, &d), MOE_SUCCESS);
-  moe_layer_plan_destroy(p);
-  p = NULL;
-  d.struct_size = sizeof d;
+  /* a version-4 caller: desc.memory sits in what was that struct's tail
+     padding (its size is the same), so the bytes there are whatever the
+     caller left; version 4 means they are not read, the default applies */
+  {
+    moe_layer_desc v4;
+    memset(&v4, 0xab, sizeof v4);
+    moe_layer_desc base = small_desc();
+    memcpy(&v4, &base, offsetof(moe_layer_desc, memory));
+    v4.version = 4;
+    CHECK_STATUS(moe_layer_plan_create(&p, &v4), MOE_SUCCESS);
+    moe_layer_plan_destroy(p);
+    p = NULL;
+  }
+  d = small_desc();
   /* every policy plans, and the CPU layer (no passes to trade) has the
      same sizes under each */
   moe_layer_sizes zm[3];

@@ -41,8 +41,8 @@ static moe_layer_desc desc_of(const int64_t *sh, const char *card) {
 }
 
 /// The forward's and the backward's pass widths as the explanation says
-/// them ("hidden columns in Pf passes of Cf forward, Pb passes of Cb
-/// backward"), or H for both.
+/// them ("hidden columns in passes: forward Pf x Cf, backward Pb x Cb"),
+/// or H for both; the inference forward's ("in Pi x Ci") when it says it.
 typedef struct widths {
   int64_t f, b, i; /* training forward, backward, inference forward */
 } widths;
@@ -52,18 +52,18 @@ static widths widths_of(const moe_layer_plan *plan, int64_t H) {
   long long pf = 0, cf = 0, pb = 0, cb = 0;
   widths w = {H, H, H};
   if (at && sscanf(at,
-                   "hidden columns in %lld passes of %lld forward, %lld "
-                   "passes of %lld backward",
+                   "hidden columns in passes: forward %lld x %lld, backward "
+                   "%lld x %lld",
                    &pf, &cf, &pb, &cb) == 4) {
     w.f = w.i = cf;
     w.b = cb;
   }
   const char *inf = strstr(ex, "the inference forward (no saved state, no "
-                               "backward) in passes of ");
+                               "backward) in ");
   if (inf && sscanf(inf,
                     "the inference forward (no saved state, no backward) in "
-                    "passes of %lld",
-                    &cf) == 1)
+                    "%lld x %lld",
+                    &pf, &cf) == 2)
     w.i = cf;
   return w;
 }
@@ -178,11 +178,16 @@ static void test_cols(moe_layer_plan *plan, const moe_layer_desc *d,
       (long long)wf, (long long)wf, (long long)wf, (long long)wb,
       set2.fwd_workspace, set.fwd_workspace, set2.bwd_workspace,
       set.bwd_workspace);
-  setenv("MOE_CUDA_COLS", "junk", 1); /* not a number: one pass */
-  CHECK_STATUS(moe_layer_plan_pass_sizes(plan, T, &set2), MOE_SUCCESS);
-  CHECK(set2.fwd_workspace == one.fwd_workspace &&
-            set2.bwd_workspace == one.bwd_workspace,
-        "MOE_CUDA_COLS=junk: not one pass");
+  /* anything but "n" or "n,m": one pass */
+  static const char *const junk[5] = {"junk", "512,", "512,x", "512,256,128",
+                                      ",512"};
+  for (int i = 0; i < 5; i++) {
+    setenv("MOE_CUDA_COLS", junk[i], 1);
+    CHECK_STATUS(moe_layer_plan_pass_sizes(plan, T, &set2), MOE_SUCCESS);
+    CHECK(set2.fwd_workspace == one.fwd_workspace &&
+              set2.bwd_workspace == one.bwd_workspace,
+          "MOE_CUDA_COLS=%s: not one pass", junk[i]);
+  }
   unsetenv("MOE_CUDA_COLS");
   CHECK(z.saved == one.saved && z.saved == set.saved,
         "the pass width changed the saved bytes");

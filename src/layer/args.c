@@ -26,6 +26,9 @@ moe_status moe_layer_desc_copy(moe_layer_desc *d, const moe_layer_desc *in) {
   *d = dflt;
   size_t n = in->struct_size < sizeof *d ? in->struct_size : sizeof *d;
   memcpy(d, in, n);
+  /* A field added where an older version's struct had its tail padding
+     arrives with that caller's padding bytes: trust it by version. */
+  if (in->version < 5) d->memory = dflt.memory;
   d->struct_size = sizeof *d;
   return MOE_SUCCESS;
 }

@@ -951,14 +951,41 @@ static void layer_case(const lcase *c, uint64_t seed) {
      dX products, gathered rows included: against the CPU like every run,
      bitwise from one run to the next, and its bits against the default
      tile's counted (each element sums the same k16 steps in the same
-     order, so none should differ) */
+     order, so none should differ); with the fused epilogues too (the
+     SwiGLU epilogue on the ping-pong tile: its forward output bitwise the
+     unfused ping-pong run's, everything against the CPU) */
   {
-    lres pp, pp2;
+    lres pp, pp2, ppf;
     setenv("MOE_CUDA_SM90_MPP", "1", 1);
     describe(c, "cuda grouped strict, M-grouped ping-pong tile");
     run_layer(c, &hb, true, MOE_GMM_GROUPED, 1, true, &pp);
     describe(c, "cuda grouped strict, M-grouped ping-pong tile, rerun");
     run_layer(c, &hb, true, MOE_GMM_GROUPED, 1, false, &pp2);
+    setenv("MOE_CUDA_FUSE", "1", 1);
+    describe(c, "cuda grouped strict, M-grouped ping-pong tile, fused");
+    run_layer(c, &hb, true, MOE_GMM_GROUPED, 1, false, &ppf);
+    unsetenv("MOE_CUDA_FUSE");
+    CHECK_STATUS(ppf.fs, MOE_SUCCESS);
+    CHECK_STATUS(ppf.bs, MOE_SUCCESS);
+    if (ppf.fs == MOE_SUCCESS && pp.fs == MOE_SUCCESS && ppf.v[R_OUT] &&
+        pp.v[R_OUT]) {
+      int64_t at = tu_first_diff(pp.v[R_OUT], ppf.v[R_OUT], pp.n[R_OUT]);
+      CHECK(at < 0,
+            "ping-pong: the fused forward differs bitwise from the unfused "
+            "at output element %lld",
+            (long long)at);
+    }
+    for (int i = 0; i < R_N && ppf.bs == MOE_SUCCESS && cpu.fs == MOE_SUCCESS &&
+                    cpu.bs == MOE_SUCCESS;
+         i++) {
+      if (!cpu.v[i] || !ppf.v[i]) continue;
+      double *ref = tu_alloc((size_t)cpu.n[i] * sizeof(double));
+      for (int64_t j = 0; j < cpu.n[i]; j++)
+        ref[j] = cpu.v[i][j];
+      CHECK_REL(tu_rel_err(ref, ppf.v[i], cpu.n[i]), tol, rnames[i]);
+      free(ref);
+    }
+    lres_free(&ppf);
     unsetenv("MOE_CUDA_SM90_MPP");
     describe(c, "cuda grouped strict, M-grouped ping-pong tile");
     CHECK_STATUS(pp.fs, MOE_SUCCESS);

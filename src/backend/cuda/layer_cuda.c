@@ -50,6 +50,10 @@ typedef struct moe_cuda_plan {
   bool rowwise;
   moe_cu_ep *ep; /* expert parallelism over NCCL (layer_cuda_ep.c) */
   int ep_chunks; /* the overlap's chunks (layer_cuda_ep.h); 1: none */
+  /* the pass widths (moe_cu_widths_of), worked out once at plan creation
+     when MOE_CUDA_COLS does not pin them */
+  int64_t pw_f, pw_b, pw_i;
+  bool pw_set;
 } moe_cuda_plan;
 
 /* cuBLAS's workspace, carved from the layer's workspace. */
@@ -371,19 +375,27 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
                  "(desc.backward_overwrites_saved): no [T*k, 2I] dH buffer "
                  "of its own, one backward per forward\n");
   if (ranks == 1) {
+    bool pinned = moe_env_cuda_cols() != NULL;
     moe_cu_widths cw = moe_cu_widths_of(p);
+    if (!pinned) {
+      cp->pw_f = cw.f, cp->pw_b = cw.b, cp->pw_i = cw.i;
+      cp->pw_set = true;
+    }
     if (cw.f < d.hidden || cw.b < d.hidden)
       moe_plan_say(
           p, len,
-          "hidden columns in %lld passes of %lld forward, %lld passes of "
-          "%lld backward: the down product + unpermute write [T*k, %lld] "
-          "at a time, gate_up's dX + permute-back [T*k, %lld], not "
-          "[T*k, %lld]; the pass that does not set the peak is as wide as "
-          "the peak allows (desc.memory = %s; MOE_CUDA_COLS overrides: n "
-          "or f,b; 0: one pass)\n",
+          "hidden columns in passes: forward %lld x %lld, backward %lld x "
+          "%lld of %lld: the down product + unpermute write [T*k, %lld] at "
+          "a time, gate_up's dX + permute-back [T*k, %lld], not [T*k, "
+          "%lld]; %s (desc.memory = %s; MOE_CUDA_COLS overrides: n or f,b; "
+          "0: one pass)\n",
           (long long)((d.hidden + cw.f - 1) / cw.f), (long long)cw.f,
           (long long)((d.hidden + cw.b - 1) / cw.b), (long long)cw.b,
-          (long long)cw.f, (long long)cw.b, (long long)d.hidden,
+          (long long)d.hidden, (long long)cw.f, (long long)cw.b,
+          (long long)d.hidden,
+          pinned ? "pinned by MOE_CUDA_COLS"
+                 : "the pass that does not set the peak as wide as the peak "
+                   "allows",
           moe_memory_policy_name(d.memory));
     else if (d.memory != MOE_MEMORY_BALANCED)
       moe_plan_say(p, len, "hidden columns in one pass (desc.memory = %s)\n",
@@ -391,8 +403,8 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
     if (cw.i != cw.f)
       moe_plan_say(p, len,
                    "the inference forward (no saved state, no backward) "
-                   "in passes of %lld\n",
-                   (long long)cw.i);
+                   "in %lld x %lld\n",
+                   (long long)((d.hidden + cw.i - 1) / cw.i), (long long)cw.i);
   }
   if (offline) moe_plan_say(p, len, "offline: forward and backward refuse\n");
   /* No device work at plan time besides the exchange's state: cuBLAS and
@@ -707,13 +719,19 @@ static int64_t moe_cu_width_env(long long v, int64_t H) {
 static moe_cu_widths moe_cu_widths_of(const moe_layer_plan *p) {
   int64_t H = p->d.hidden;
   const char *e = moe_env_cuda_cols();
+  const moe_cuda_plan *cp = moe_cp(p);
+  if (!e && cp && cp->pw_set) { /* worked out at plan creation */
+    moe_cu_widths w = {cp->pw_f, cp->pw_b, cp->pw_i};
+    return w;
+  }
   if (e && strcmp(e, "same") != 0) {
+    /* "n" or "n,m", nothing else: anything else is one pass */
     char *end = NULL;
     long long f = strtoll(e, &end, 10), b = f;
     if (end != e && *end == ',') {
       const char *s2 = end + 1;
       b = strtoll(s2, &end, 10);
-      if (end == s2) b = 0;
+      if (end == s2) end = (char *)e;
     }
     if (end == e || *end) f = b = 0;
     moe_cu_widths w = {moe_cu_width_env(f, H), moe_cu_width_env(b, H),
