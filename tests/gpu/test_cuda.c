@@ -523,6 +523,16 @@ typedef struct lres {
   int64_t infer_diff; /* its first output element unlike training's, or -1 */
 } lres;
 
+/// Tensor i of a GPU run against the CPU run's (the float64 reference of
+/// the same inputs), within tol.
+static void check_vs_cpu(const lres *cpu, const lres *r, int i, double tol) {
+  double *ref = tu_alloc((size_t)cpu->n[i] * sizeof(double));
+  for (int64_t j = 0; j < cpu->n[i]; j++)
+    ref[j] = cpu->v[i][j];
+  CHECK_REL(tu_rel_err(ref, r->v[i], cpu->n[i]), tol, rnames[i]);
+  free(ref);
+}
+
 static void lres_free(lres *r) {
   for (int i = 0; i < R_N; i++)
     free(r->v[i]);
@@ -819,11 +829,7 @@ static void layer_case(const lcase *c, uint64_t seed) {
   if (cpu.fs == MOE_SUCCESS && cpu.bs == MOE_SUCCESS && gpu.bs == MOE_SUCCESS) {
     for (int i = 0; i < R_N; i++) {
       if (!cpu.v[i]) continue;
-      double *ref = tu_alloc((size_t)cpu.n[i] * sizeof(double));
-      for (int64_t j = 0; j < cpu.n[i]; j++)
-        ref[j] = cpu.v[i][j];
-      CHECK_REL(tu_rel_err(ref, gpu.v[i], cpu.n[i]), tol, rnames[i]);
-      free(ref);
+      check_vs_cpu(&cpu, &gpu, i, tol);
     }
     /* experts no token chose: their weight gradients are exact zeros */
     if (!c->router && c->pattern == 0 && c->E - 2 >= c->k) {
@@ -887,11 +893,7 @@ static void layer_case(const lcase *c, uint64_t seed) {
       else
         g_fused_differs += at >= 0;
       if (cpu.bs == MOE_SUCCESS && cpu.v[i]) {
-        double *ref = tu_alloc((size_t)cpu.n[i] * sizeof(double));
-        for (int64_t j = 0; j < cpu.n[i]; j++)
-          ref[j] = cpu.v[i][j];
-        CHECK_REL(tu_rel_err(ref, fus.v[i], cpu.n[i]), tol, rnames[i]);
-        free(ref);
+        check_vs_cpu(&cpu, &fus, i, tol);
       }
     }
     lres_free(&fus);
@@ -936,11 +938,7 @@ static void layer_case(const lcase *c, uint64_t seed) {
       if (gpu.v[i])
         g_cols_differs += tu_first_diff(gpu.v[i], pc.v[i], gpu.n[i]) >= 0;
       if (cpu.fs == MOE_SUCCESS && cpu.bs == MOE_SUCCESS && cpu.v[i]) {
-        double *ref = tu_alloc((size_t)cpu.n[i] * sizeof(double));
-        for (int64_t j = 0; j < cpu.n[i]; j++)
-          ref[j] = cpu.v[i][j];
-        CHECK_REL(tu_rel_err(ref, pc.v[i], cpu.n[i]), tol, rnames[i]);
-        free(ref);
+        check_vs_cpu(&cpu, &pc, i, tol);
       }
     }
     g_cols_runs++;
@@ -979,11 +977,7 @@ static void layer_case(const lcase *c, uint64_t seed) {
                     cpu.bs == MOE_SUCCESS;
          i++) {
       if (!cpu.v[i] || !ppf.v[i]) continue;
-      double *ref = tu_alloc((size_t)cpu.n[i] * sizeof(double));
-      for (int64_t j = 0; j < cpu.n[i]; j++)
-        ref[j] = cpu.v[i][j];
-      CHECK_REL(tu_rel_err(ref, ppf.v[i], cpu.n[i]), tol, rnames[i]);
-      free(ref);
+      check_vs_cpu(&cpu, &ppf, i, tol);
     }
     lres_free(&ppf);
     unsetenv("MOE_CUDA_SM90_MPP");
@@ -1005,11 +999,7 @@ static void layer_case(const lcase *c, uint64_t seed) {
       if (gpu.v[i])
         g_mpp_differs += tu_first_diff(gpu.v[i], pp.v[i], gpu.n[i]) >= 0;
       if (cpu.fs == MOE_SUCCESS && cpu.bs == MOE_SUCCESS && cpu.v[i]) {
-        double *ref = tu_alloc((size_t)cpu.n[i] * sizeof(double));
-        for (int64_t j = 0; j < cpu.n[i]; j++)
-          ref[j] = cpu.v[i][j];
-        CHECK_REL(tu_rel_err(ref, pp.v[i], cpu.n[i]), tol, rnames[i]);
-        free(ref);
+        check_vs_cpu(&cpu, &pp, i, tol);
       }
     }
     g_mpp_runs++;
@@ -1024,11 +1014,7 @@ static void layer_case(const lcase *c, uint64_t seed) {
     if (cpu.bs == MOE_SUCCESS && lp.bs == MOE_SUCCESS)
       for (int i = 0; i < R_N; i++) {
         if (!cpu.v[i]) continue;
-        double *ref = tu_alloc((size_t)cpu.n[i] * sizeof(double));
-        for (int64_t j = 0; j < cpu.n[i]; j++)
-          ref[j] = cpu.v[i][j];
-        CHECK_REL(tu_rel_err(ref, lp.v[i], cpu.n[i]), tol, rnames[i]);
-        free(ref);
+        check_vs_cpu(&cpu, &lp, i, tol);
       }
     /* cuBLAS: its algorithm choice may differ between the two dH
        addresses, so within tolerance */

@@ -269,16 +269,7 @@ __global__ void __launch_bounds__(384, 1)
     int64_t j = 0; /* this CTA's work items, in order */
     for (int64_t t = blockIdx.x; t < total; t += gridDim.x, j++) {
       const tile ti = sched_get<BM, BN, BK, true>(sc, t);
-      if (PP && (j & 1) != w) { /* the other warpgroup's tile */
-        ring_skip<ST>(stage, phase, ti.kt);
-        continue;
-      }
-      if (PP) { /* my turn: the other warpgroup waited on its last stage */
-        if (w == 1)
-          mbar_wait(&turn[1], own & 1);
-        else if (own > 0)
-          mbar_wait(&turn[0], (own - 1) & 1);
-      }
+      if (PP && !pp_take<ST>(j, w, own, ti.kt, stage, phase, turn)) continue;
       /* A strip(s) of this warpgroup: 64 m each, 8 KB apart */
       const uint32_t a_strip = PP ? 0 : w * 8192;
       int prev = -1;

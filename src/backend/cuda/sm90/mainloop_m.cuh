@@ -179,18 +179,9 @@ __global__ void __launch_bounds__(128 * (NWG + 1), 1)
     int64_t j = 0; /* this CTA's work items, in order */
     for (int64_t t = blockIdx.x; t < total; t += gridDim.x, j++) {
       const tile ti = sched_get<BM, BNS, BK, false>(sc, t);
-      if (PP && (j & 1) != w) { /* the other warpgroup's tile */
-        ring_skip<ST>(stage, phase, ti.kt);
-        continue;
-      }
-      if (PP) { /* my turn: the other warpgroup waited on its last stage */
-        if (w == 1)
-          mbar_wait(&turn[1], own & 1);
-        else if (own > 0)
-          mbar_wait(&turn[0], (own - 1) & 1);
-      }
-      /* row block mi: the tile's rows (PP ? mi : w) * 64 .., at that
-         offset in a stage's A tile */
+      if (PP && !pp_take<ST>(j, w, own, ti.kt, stage, phase, turn)) continue;
+        /* row block mi: the tile's rows (PP ? mi : w) * 64 .., at that
+           offset in a stage's A tile */
 #pragma unroll
       for (int mi = 0; mi < MW; mi++) {
         const int row = ti.row0 + (PP ? mi : w) * 64;

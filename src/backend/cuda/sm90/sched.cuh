@@ -18,6 +18,7 @@
 #include <stdint.h>
 
 #include "backend/cuda/block_scan.cuh"
+#include "backend/cuda/sm90/ptx.cuh"
 
 namespace sm90 {
 
@@ -127,6 +128,29 @@ static __device__ __forceinline__ void ring_skip(int &stage, int &phase,
   const int s = stage + n;
   phase ^= (s / ST) & 1;
   stage = s % ST;
+}
+
+/// Ping-pong consumers (both sm_90a mainloops): whether this CTA's work
+/// item j (of kt stages) is warpgroup w's. If not, steps w's ring past its
+/// stages, unwaited. If so, waits for its turn: the other warpgroup has
+/// waited on every stage of the item before (turn[w], one arrival a tile;
+/// `own`: w's items so far), so every full barrier w then waits on has
+/// completed each earlier fill -- a parity wait could not tell a fill two
+/// ahead from this one. The caller arrives on turn[w ^ 1] once it has
+/// waited on its item's last stage.
+template <int ST>
+static __device__ __forceinline__ bool pp_take(int64_t j, int w, int own,
+                                               int kt, int &stage, int &phase,
+                                               uint64_t *turn) {
+  if ((j & 1) != w) {
+    ring_skip<ST>(stage, phase, kt);
+    return false;
+  }
+  if (w == 1)
+    mbar_wait(&turn[1], own & 1);
+  else if (own > 0)
+    mbar_wait(&turn[0], (own - 1) & 1);
+  return true;
 }
 
 } // namespace sm90
