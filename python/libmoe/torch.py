@@ -100,10 +100,11 @@ memory = "balanced"
 _MEMORY = {"balanced": L.MOE_MEMORY_BALANCED, "lean": L.MOE_MEMORY_LEAN,
            "fast": L.MOE_MEMORY_FAST}
 
-# key -> plans of growing capacity (each twice the one before, or more)
+# key -> its one plan (capacity grown geometrically: _plan_for)
 _plans: dict = {}
 _plans_lock = threading.Lock()
 _MAX_PLANS = 64
+_plans_made = 0  # plans made so far (bench/gpu/variable_tokens.py reads it)
 # The smallest capacity a plan is made for; beyond it, the next power of two.
 _MIN_CAPACITY = 256
 
@@ -119,15 +120,18 @@ def _plan_for(hidden_shape, k, gu, dn, dtype, device, invalid,
               act=(L.MOE_ACT_SWIGLU, 0.0, 0.0, 0.0, 0.0),
               interleaved=False, overwrite=False) -> _Plan:
     """The plan for (shapes, dtype, layouts, device, policy, activation,
-    overwrite, `memory`), whatever the token count: the smallest-capacity
-    plan of that key that
-    holds T, else a new one for the next power of two >= T (at least
-    _MIN_CAPACITY). A trainer whose T varies step to step makes O(log T)
-    plans, not one per T; and the forward and backward of one step pick the
-    same plan (plans are only ever added above every capacity the key
-    already has). `overwrite`: the plan's desc.backward_overwrites_saved
-    (the forward asks with the value its backward will use, so that both
-    take one plan)."""
+    overwrite, `memory`), whatever the token count: the key's one plan when
+    its capacity holds T, else a new one for the next power of two >= T and
+    at least twice the old capacity (at least _MIN_CAPACITY), which takes
+    the old one's place. A trainer whose T varies step to step makes
+    O(log T) plans over a run and holds one per key. A backward may get a
+    larger plan than its forward had (another forward grew the key in
+    between, as pipelined micro-batches do): both layers lay the saved
+    state out by T alone, so any plan of the key with capacity >= T reads
+    it. `overwrite`: the plan's desc.backward_overwrites_saved (the forward
+    asks with the value its backward will use, so that both take one
+    key)."""
+    global _plans_made
     T, H = int(hidden_shape[0]), int(hidden_shape[1])
     E, I2 = int(gu.shape[0]), 2 * int(dn.shape[2])
     dev = L.device_of(device)
@@ -138,16 +142,15 @@ def _plan_for(hidden_shape, k, gu, dn, dtype, device, invalid,
            dev.type, dev.index, invalid, tuple(act), bool(interleaved),
            bool(overwrite), _MEMORY[memory])
     with _plans_lock:
-        ps = _plans.get(key)
-        if ps is not None:
-            for p in ps:
-                if p.capacity >= T:
-                    return p
+        old = _plans.get(key)
+        if old is not None and old.capacity >= T:
+            return old
         d = L.moe_layer_desc()
         d.struct_size = ctypes.sizeof(L.moe_layer_desc)
         d.magic, d.version = L.MOE_LAYER_DESC_MAGIC, L.MOE_LAYER_DESC_VERSION
         d.num_experts, d.hidden, d.intermediate = E, H, I2 // 2
-        d.top_k, d.max_tokens = int(k), _capacity_for(T)
+        d.top_k = int(k)
+        d.max_tokens = _capacity_for(max(T, 2 * old.capacity if old else 0))
         d.norm_topk_prob = 0  # the caller's weights are used as given
         d.dtype = L.dtype_of(dtype)
         d.gate_up_layout, d.down_layout = key[5], key[6]
@@ -161,11 +164,10 @@ def _plan_for(hidden_shape, k, gu, dn, dtype, device, invalid,
         d.backward_overwrites_saved = int(bool(overwrite))
         d.memory = key[13]
         p = _Plan(d)
-        if ps is None:
-            if len(_plans) >= _MAX_PLANS:
-                _plans.pop(next(iter(_plans)))
-            ps = _plans[key] = []
-        ps.append(p)
+        _plans_made += 1
+        if old is None and len(_plans) >= _MAX_PLANS:
+            _plans.pop(next(iter(_plans)))
+        _plans[key] = p  # the old plan lives on while a caller holds it
         return p
 
 

@@ -209,15 +209,21 @@ def test_side_stream():
 
 
 def test_one_plan_per_capacity():
-    """A varying token count reuses one plan: the plan's max_tokens is a
-    capacity (the next power of two >= T, at least 256) that serves every
-    T up to it, with saved and workspace sized for the actual T; a larger T
-    adds one plan of twice the capacity or more, and smaller T keep using
-    the first. Results stay those of the float64 reference at every T."""
+    """A varying token count reuses one plan per key: the plan's max_tokens
+    is a capacity (the next power of two >= T, at least 256) that serves
+    every T up to it, with saved and workspace sized for the actual T; a
+    larger T replaces it with one of twice the capacity or more, which then
+    serves every smaller T too. Results stay those of the float64 reference
+    at every T."""
     e, k = 5, 2  # a key no other test uses
     gu, dn = weights("in_out", torch.float32, e=e)
-    key_plan = None
-    for t in (5, 37, 200, 1, 256, 300, 7):
+    made0 = lt._plans_made
+    # T -> the capacity of the key's plan after the call: 256 up to T = 256,
+    # 512 from T = 300 on (T = 7 included), 1024 from T = 513 on (twice
+    # 512, and the next power of two >= 513)
+    want = {5: 256, 37: 256, 200: 256, 1: 256, 256: 256, 300: 512, 7: 512,
+            513: 1024, 2: 1024}
+    for t in want:
         idx, w = routing("random", t=t, e=e, k=k, seed=t)
         w = w.requires_grad_()
         g = torch.Generator().manual_seed(t)
@@ -229,21 +235,60 @@ def test_one_plan_per_capacity():
         gxr, gwr = torch.autograd.grad(yr.sum(), leaves)
         tol = TOL[torch.float32]
         assert rel(y, yr) < tol and rel(gx, gxr) < tol and rel(gw, gwr) < tol
-        p = lt._plan_for(x.shape, k, gu, dn, torch.float32, x.device, 0)
-        if t <= 256:
-            if key_plan is None:
-                key_plan = p
-            assert p is key_plan, t  # one plan for every T <= 256
-            assert p.capacity == 256
-        else:
-            assert p is not key_plan and p.capacity == 512
+        p = lt._plan_for(x.shape, k, gu, dn, torch.float32, x.device, 0,
+                         overwrite=lt.overwrite_saved)
+        assert [q for q in lt._plans.values() if q is p] == [p]
+        assert p.capacity == want[t], t
         s = p.sizes(t)
         es, S = 4, t * k
         # Issue 16's bound on the saved state, both layers
         assert S * 2 * I * es <= s.saved <= S * 2 * I * es + 16 * S + 64 * e
         assert min(s.fwd_workspace, s.bwd_workspace, s.infer_workspace) > 0
-    key = next(kk for kk, ps in lt._plans.items() if key_plan in ps)
-    assert [q.capacity for q in lt._plans[key]] == [256, 512]
+    assert lt._plans_made - made0 == 3
+
+
+def test_backward_after_the_plan_grew():
+    """Two micro-batches in flight (pipeline parallelism, gradient
+    accumulation): the second forward grows the key's plan before the
+    first's backward runs, which then takes the larger plan. The saved
+    state is laid out by T alone, so the gradients are those of the
+    float64 reference, and on the CPU (whose plan does not depend on its
+    capacity) those of a run where the plan never grew, bit for bit."""
+    e, k, t1 = 6, 3, 41
+    gu, dn = weights("out_in", torch.float32, e=e)
+    gu, dn = gu.detach().requires_grad_(), dn.detach().requires_grad_()
+
+    def batch(t, seed):
+        idx, w = routing("random", t=t, e=e, k=k, seed=seed)
+        g = torch.Generator().manual_seed(seed)
+        x = (torch.rand((t, H), generator=g) - 0.5).to(DEVICE)
+        return x.requires_grad_(), idx, w.requires_grad_()
+
+    def grads(y, x, w):
+        return torch.autograd.grad(y.sum(), (x, w, gu, dn))
+
+    x, idx, w = batch(t1, 3)
+    alone = grads(lt.experts(x, idx, w, gu, dn), x, w)
+    p0 = lt._plan_for(x.shape, k, gu, dn, torch.float32, x.device, 0,
+                      overwrite=lt.overwrite_saved)
+    made = lt._plans_made
+    y1 = lt.experts(x, idx, w, gu, dn)
+    x2, idx2, w2 = batch(p0.capacity + 1, 4)
+    y2 = lt.experts(x2, idx2, w2, gu, dn)  # grows the key
+    assert lt._plans_made == made + 1
+    p = lt._plan_for(x.shape, k, gu, dn, torch.float32, x.device, 0,
+                      overwrite=lt.overwrite_saved)
+    assert p is not p0 and p.capacity >= 2 * p0.capacity
+    late = grads(y1, x, w)  # the backward on the larger plan
+    if DEVICE == "cpu":  # CUDA: the larger plan's passes may differ
+        for a, b in zip(alone, late):
+            assert torch.equal(a, b)
+    del y2
+    leaves = [v.detach().double().requires_grad_() for v in (x, w, gu, dn)]
+    yr = ref_experts(leaves[0], idx, leaves[1], leaves[2], leaves[3])
+    refs = torch.autograd.grad(yr.sum(), leaves)
+    for a, r in zip(late, refs):
+        assert rel(a, r) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
