@@ -2,7 +2,7 @@
 /// The expert function on the GPU: every member of moe_activation, forward
 /// and backward, as one pair of device functions taking the parameter
 /// block (layer/act.h) -- the same math as backend/cpu/act.h, in f32.
-/// Kernels that apply the activation (route.cu's row kernel, a GEMM
+/// Kernels that apply the activation (act_rows.cu's row kernels, a GEMM
 /// epilogue) call these; the SwiGLU-only helpers at the end are the
 /// default member's fast path for epilogues specialised to it.
 #ifndef MOE_CUDA_ACT_CUH

@@ -72,7 +72,8 @@ moe_status moe_cu_blas_gemm(cublasHandle_t h, cudaStream_t s, int64_t M,
 /// reading the counts on the device.
 moe_status moe_cu_zero_empty_groups(const moe_cu_gemm *p, cudaStream_t s);
 
-/* ---- routing, permutation, activation (route.cu) --------------------- */
+/* ---- routing (route.cu), permutation (permute.cu), activation passes
+   (act_rows.cu) ---------------------------------------------------------- */
 
 /// A strided 2-D view on the device.
 typedef struct moe_cu_view {

@@ -6,7 +6,7 @@
 /// (both halves, bf16: what the backward keeps) and A = act(H) (bf16), the
 /// down projection's input, with no pass over H in between. A is computed
 /// from H as stored (rounded to bf16), so H and A are bitwise those of the
-/// unfused path (GEMM, then route.cu's SwiGLU kernel) and of the
+/// unfused path (GEMM, then act_rows.cu's SwiGLU kernel) and of the
 /// backward's recomputation. Mainloop: mainloop_m.cuh.
 #include "backend/cuda/act.cuh"
 #include "backend/cuda/sm90/mainloop_m.cuh"

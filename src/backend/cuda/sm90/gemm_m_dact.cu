@@ -9,7 +9,7 @@
 ///   A'[r, n] = s A                                   (bf16, dW_down's input)
 /// and the row's partial of dS = <dA', A> over the tile's columns, summed in
 /// f32 in a fixed order (its 4 lanes, then shuffles 1 and 2) into
-/// part[r, n0 / BN]. A second small kernel (route.cu) adds a row's
+/// part[r, n0 / BN]. A second small kernel (act_rows.cu) adds a row's
 /// partials in column order: deterministic, no atomics, and Y is never
 /// needed. dA = s dA' stays in f32 registers (the unfused path rounds dA'
 /// to bf16 first). Mainloop: mainloop_m.cuh.
