@@ -14,7 +14,7 @@
 
 /* status, E, H, I, k, max_tokens, dtype, norm, then the CUDA exchange's
    choices (the same on every rank, else the ranks' block sizes differ) */
-enum { MOE_EP_FIELDS = 14 };
+enum { MOE_EP_FIELDS = 15 };
 
 static const char *const moe_ep_field_names[MOE_EP_FIELDS] = {
     "status",
@@ -30,7 +30,8 @@ static const char *const moe_ep_field_names[MOE_EP_FIELDS] = {
     "ep_capacity_factor",
     "strict",
     "method",
-    "ep_chunks"};
+    "ep_chunks",
+    "memory"}; /* on a GPU it decides what the backward exchanges */
 
 moe_status moe_ep_agree(const moe_layer_desc *d, moe_status local,
                         int64_t *max_rows) {
@@ -64,7 +65,8 @@ moe_status moe_ep_agree_ex(const moe_layer_desc *d, moe_status local,
                                  factor_bits,
                                  d->strict != 0,
                                  (int64_t)d->method,
-                                 (int64_t)d->ep_chunks};
+                                 (int64_t)d->ep_chunks,
+                                 (int64_t)d->memory};
   for (int q = 0; q < P; q++)
     memcpy(send + q * MOE_EP_FIELDS, mine, sizeof mine);
   moe_status s = c->ops->alltoall_i64(c, send, recv, MOE_EP_FIELDS);

@@ -624,6 +624,16 @@ static void test_failures(void) {
             strstr(moe_last_error(), "same layer"),
         "got %s: %s", moe_status_name(s), moe_last_error());
 
+  /* desc.memory changes what a GPU's backward exchanges: agreed too */
+  snprintf(g_case, sizeof g_case, "failure: ranks differ in desc.memory");
+  d = small_desc(comm);
+  if (g_rank == last) d.memory = MOE_MEMORY_LEAN;
+  s = moe_layer_plan_create(&plan, &d);
+  CHECK(s == MOE_ERR_INVALID_ARGUMENT && !plan &&
+            strstr(moe_last_error(), "desc.memory") &&
+            strstr(moe_last_error(), "same layer"),
+        "got %s: %s", moe_status_name(s), moe_last_error());
+
   snprintf(g_case, sizeof g_case, "failure: one rank's description invalid");
   d = small_desc(comm);
   if (g_rank == last) d.top_k = 99;
