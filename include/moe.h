@@ -278,14 +278,18 @@ MOE_API const char *moe_activation_name(moe_activation a);
 /// member but MOE_ACT_RELU2).
 MOE_API int moe_activation_has_gate(moe_activation a);
 
-/// How the layer trades memory for speed where it has a choice. Today that
-/// is the one-GPU CUDA layer's hidden-column passes: the down product and
-/// gate_up's dX run over the hidden columns in passes, so that their
-/// [T*k, H] outputs shrink to [T*k, C], at one re-read of the product's
-/// input per extra pass. The CPU layer and expert parallelism have no such
-/// choice and run the same under every policy. No policy changes a result
-/// bit on the sm_90a path (its sums do not depend on the pass width), nor
-/// the saved bytes.
+/// How the layer trades memory for speed where it has a choice. On one GPU
+/// (CUDA) that is the hidden-column passes: the down product and gate_up's
+/// dX run over the hidden columns in passes, so that their [T*k, H]
+/// outputs shrink to [T*k, C], at one re-read of the product's input per
+/// extra pass. With GPU expert parallelism it is whether the received
+/// input rows X [rows, H] are saved for dW_gu (balanced, fast) or sent
+/// again by their owners in the backward (lean: `saved` smaller by those
+/// rows, one more exchange of [T*k, H] per backward; the CPU layer always
+/// sends them again). The CPU layer has no other choice and runs the same
+/// under every policy. No policy changes a result bit on the sm_90a path
+/// (its sums do not depend on the pass width; the rows sent again are the
+/// same rows in the same order).
 typedef enum moe_memory_policy {
   /// Default: passes where the planner's model prices them under 2% of the
   /// layer's time, the pass that does not set the peak as wide as the peak
@@ -295,7 +299,8 @@ typedef enum moe_memory_policy {
   /// reach: the narrowest passes the kernels run (256 columns), then each
   /// pass as wide as that peak allows. Slower: every pass re-reads its
   /// input (measured about 0.2 ms per extra backward pass at Qwen3-30B-A3B
-  /// with 32k tokens on an H200).
+  /// with 32k tokens on an H200). With GPU expert parallelism: the least
+  /// saved state (the received rows sent again in the backward).
   MOE_MEMORY_LEAN = 1,
   /// One pass each: the most memory, no re-reads.
   MOE_MEMORY_FAST = 2,

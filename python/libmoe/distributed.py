@@ -247,6 +247,8 @@ _EXCHANGE = {"auto": L.MOE_EP_EXCHANGE_AUTO, "exact": L.MOE_EP_EXCHANGE_EXACT,
 _OVERFLOW = {"error": L.MOE_EP_OVERFLOW_ERROR, "drop": L.MOE_EP_OVERFLOW_DROP}
 _INVALID = {"error": L.MOE_TOPK_INVALID_ERROR, "drop": L.MOE_TOPK_INVALID_DROP}
 _METHOD = {"auto": 0, "grouped": 1, "loop": 2}
+_MEMORY = {"balanced": L.MOE_MEMORY_BALANCED, "lean": L.MOE_MEMORY_LEAN,
+           "fast": L.MOE_MEMORY_FAST}
 
 
 class EPExperts:
@@ -260,18 +262,22 @@ class EPExperts:
     or "capacity" (fixed blocks, no sync; capacity_factor and overflow as
     in moe.h). invalid_topk "drop" drops routing slots outside [0, E) (the
     sentinels of an expert-parallel framework). method "grouped" makes the
-    results bitwise those of one GPU running all the tokens."""
+    results bitwise those of one GPU running all the tokens. memory "lean"
+    (desc.memory) saves no copy of the rows this rank's experts receive:
+    the backward has their owners send them again (one more exchange of
+    [T*k, H], the same bits); "balanced" and "fast" keep them."""
 
     def __init__(self, comm, num_experts: int, hidden: int,
                  intermediate: int, top_k: int, max_tokens: int,
                  dtype=torch.bfloat16, device=None, *, exchange="auto",
                  capacity_factor: float = 0.0, overflow="error",
                  invalid_topk="drop", method="grouped", strict=False,
-                 layout=None):
+                 layout=None, memory="balanced"):
         for name, val, table in (("exchange", exchange, _EXCHANGE),
                                  ("overflow", overflow, _OVERFLOW),
                                  ("invalid_topk", invalid_topk, _INVALID),
-                                 ("method", method, _METHOD)):
+                                 ("method", method, _METHOD),
+                                 ("memory", memory, _MEMORY)):
             if val not in table:
                 raise ValueError(f"EPExperts: {name}={val!r}, one of "
                                  f"{sorted(table)}")
@@ -297,6 +303,7 @@ class EPExperts:
         d.ep_exchange = _EXCHANGE[exchange]
         d.ep_capacity_factor = float(capacity_factor)
         d.ep_overflow = _OVERFLOW[overflow]
+        d.memory = _MEMORY[memory]
         self.comm, self.device, self.dtype = comm, device, dtype
         self.handle = ctypes.c_void_p()
         L.check(L.lib.moe_layer_plan_create(ctypes.byref(self.handle),

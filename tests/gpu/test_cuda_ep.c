@@ -34,7 +34,10 @@
 /// the plan. With desc.backward_overwrites_saved (dH written over the
 /// received rows' H in `saved`) the exact exchange in 1 and 2 chunks must
 /// be bitwise equal to one chunk without it, and capacity mode with it
-/// bitwise equal to one GPU. Every run's `saved` and its
+/// bitwise equal to one GPU. desc.memory = lean (the received rows sent
+/// again in the backward instead of saved) likewise: bitwise one chunk in
+/// 1 chunk and in 2 with the overwrite flag, bitwise one GPU in capacity
+/// mode, and `saved` smaller on every rank. Every run's `saved` and its
 /// forward's and backward's workspaces are exactly
 /// moe_layer_plan_pass_sizes' and followed by a guard that must stay
 /// intact.
@@ -197,6 +200,7 @@ typedef struct job {
   int rank, P;
   int chunks;    /* desc.ep_chunks */
   int overwrite; /* desc.backward_overwrites_saved */
+  int lean;      /* desc.memory = MOE_MEMORY_LEAN */
   int timeline;  /* 1: record and check the timeline of this rank */
   int guard_bad; /* a pass wrote past its exact buffer */
   int tl_bad;    /* what the timeline check found wrong (0: nothing) */
@@ -225,7 +229,11 @@ static struct {
   gctx *g;
   int chunks;    /* desc.ep_chunks */
   int overwrite; /* desc.backward_overwrites_saved */
+  int lean;      /* desc.memory = MOE_MEMORY_LEAN */
 } g_opt;
+
+/// Each rank's saved bytes in the last multi-rank run (its own slot).
+static size_t g_saved[MAXP];
 
 /// The inputs, and (dpoison) the poisoned buffers, are written on the
 /// legacy default stream, which the ranks' non-blocking streams do not
@@ -307,8 +315,9 @@ static void tl_check(job *j, moe_layer_plan *plan, int bwd) {
   /* The backward exchanges two things each way per chunk: dO rows and
      their routing weights out, dXp rows and dS back (the one-GPU math row
      for row); the weights and dS may ride with the rows (1 interval) or on
-     their own (2). The forward: one each. */
-  int most = bwd ? 5 * C : 3 * C;
+     their own (2). Under desc.memory = lean the input rows go out again
+     (one dispatch more). The forward: one each. */
+  int most = bwd ? (5 + j->lean) * C : 3 * C;
   if (n > 64 || n < 3 * C || n > most) {
     tl_fail(j, "%s: %d intervals, want %d to %d", bwd ? "backward" : "forward",
             n, 3 * C, most);
@@ -333,7 +342,8 @@ static void tl_check(job *j, moe_layer_plan *plan, int bwd) {
   }
   for (int w = 0; w < 3; w++)
     for (int c = 0; c < C; c++)
-      if (seen[w][c] < 1 || seen[w][c] > (bwd && w != 1 ? 2 : 1)) {
+      if (seen[w][c] < 1 ||
+          seen[w][c] > (bwd && w != 1 ? 2 + (w == 0 && j->lean) : 1)) {
         tl_fail(j, "%s: chunk %d has %d %s intervals",
                 bwd ? "backward" : "forward", c, seen[w][c],
                 w == 0   ? "dispatch"
@@ -411,6 +421,7 @@ static void *job_run(void *arg) {
   d.ep_overflow = j->ovf;
   d.ep_chunks = j->chunks;
   d.backward_overwrites_saved = j->overwrite;
+  d.memory = j->lean ? MOE_MEMORY_LEAN : MOE_MEMORY_BALANCED;
   moe_layer_plan *plan = NULL;
   j->plan_st = moe_layer_plan_create(&plan, &d);
   j->fwd_st = j->bwd_st = MOE_ERR_INTERNAL;
@@ -426,6 +437,7 @@ static void *job_run(void *arg) {
     goto out;
   }
   size_t svb = z.saved, nf = z.fwd_workspace, nw = z.bwd_workspace;
+  if (j->P > 1) g_saved[j->rank] = svb;
   sv = dguarded(svb);
   ws = dguarded(nf);
   wsw = dguarded(nw);
@@ -597,6 +609,7 @@ static void run_case(const epcase *c, int P, moe_comm **comms,
     j.g = P > 1 ? g_opt.g : NULL;
     j.chunks = P > 1 ? g_opt.chunks : 0;
     j.overwrite = P > 1 ? g_opt.overwrite : 0;
+    j.lean = P > 1 ? g_opt.lean : 0;
     j.timeline = P > 1 && q == P - 1 && g_opt.chunks > 0;
     j.rank = q;
     j.P = P;
@@ -803,6 +816,12 @@ static void ep_case(const epcase *c, int P, moe_comm **comms, uint64_t seed) {
               (unsigned long long)seed, xchg_name(modes[m]));
       ep_compare(c, P, comms, &h, &ref, 0, NULL, MOE_SUCCESS);
       g_opt.overwrite = 0;
+      /* desc.memory = lean: the received rows sent again in the backward */
+      g_opt.lean = 1;
+      tu_case("%s seed=%llu exchange=%s memory=lean", line,
+              (unsigned long long)seed, xchg_name(modes[m]));
+      ep_compare(c, P, comms, &h, &ref, 0, NULL, MOE_SUCCESS);
+      g_opt.lean = 0;
       continue;
     }
     /* the overlap: one chunk, then 2 and 3 against it */
@@ -811,6 +830,8 @@ static void ep_case(const epcase *c, int P, moe_comm **comms, uint64_t seed) {
     tu_case("%s seed=%llu exchange=exact chunks=1", line,
             (unsigned long long)seed);
     ep_compare_ex(c, P, comms, &h, &ref, 0, NULL, MOE_SUCCESS, NULL, &one);
+    size_t keep[MAXP];
+    memcpy(keep, g_saved, sizeof keep);
     for (int ch = 2; ch <= 3 && ch <= c->E / P; ch++) {
       g_opt.chunks = ch;
       tu_case("%s seed=%llu exchange=exact chunks=%d", line,
@@ -826,6 +847,25 @@ static void ep_case(const epcase *c, int P, moe_comm **comms, uint64_t seed) {
               (unsigned long long)seed, ch);
       ep_compare_ex(c, P, comms, &h, &ref, 0, NULL, MOE_SUCCESS, &one, NULL);
     }
+    /* desc.memory = lean on the ranks (the received rows X not saved: the
+       backward has their owners send them again): bitwise one chunk's
+       results in 1 chunk, and in 2 with the overwrite flag (X's chunks go
+       out beside dO's); `saved` smaller by X's rows on every rank */
+    g_opt.lean = 1;
+    for (int ch = 1; ch <= 2 && ch <= c->E / P; ch++) {
+      g_opt.chunks = ch;
+      g_opt.overwrite = ch == 2;
+      tu_case("%s seed=%llu exchange=exact chunks=%d memory=lean%s", line,
+              (unsigned long long)seed, ch, ch == 2 ? " overwrite_saved" : "");
+      ep_compare_ex(c, P, comms, &h, &ref, 0, NULL, MOE_SUCCESS, &one, NULL);
+      if (ch == 1)
+        for (int q = 0; q < P; q++)
+          CHECK(g_saved[q] + (size_t)c->H * h.es <= keep[q],
+                "rank %d: saved %zu B under desc.memory = lean, %zu without: "
+                "the received rows are still saved",
+                q, g_saved[q], keep[q]);
+    }
+    g_opt.lean = 0;
     g_opt.overwrite = 0;
     g_opt.chunks = 0;
     res_free(&one);

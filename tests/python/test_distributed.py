@@ -83,7 +83,8 @@ def test_ep_experts_bad_options():
     for kw, msg in (({"exchange": "fast"}, "exchange"),
                     ({"overflow": "wrap"}, "overflow"),
                     ({"invalid_topk": "keep"}, "invalid_topk"),
-                    ({"method": "magic"}, "method")):
+                    ({"method": "magic"}, "method"),
+                    ({"memory": "tiny"}, "memory")):
         with pytest.raises(ValueError, match=msg):
             ld.EPExperts(None, 8, 16, 8, 2, 4, **kw)
 
@@ -126,12 +127,14 @@ def _one_gpu(E, H, I, k, T, x, gu, dn, idx, w, gy):
 
 
 @pytest.mark.skipif(not _GPU, reason=_NO_GPU)
-@pytest.mark.parametrize("P,exchange", [(2, "exact"), (3, "capacity"),
-                                        (4, "auto")])
-def test_virtual_ranks_bitwise(P, exchange):
+@pytest.mark.parametrize("P,exchange,memory", [
+    (2, "exact", "balanced"), (3, "capacity", "balanced"),
+    (4, "auto", "balanced"), (2, "exact", "lean"), (3, "capacity", "lean")])
+def test_virtual_ranks_bitwise(P, exchange, memory):
     """P virtual ranks, consecutive token slices (one rank with none),
     sentinel slots dropped: outputs and gradients bitwise those of one
-    GPU."""
+    GPU. memory "lean": the received rows are sent again in the backward
+    instead of saved, and the plan says so."""
     E, H, I, k = 12, 72, 40, 3
     Ts = [23, 0, 17, 9][:P]
     T = sum(Ts)
@@ -145,9 +148,11 @@ def test_virtual_ranks_bitwise(P, exchange):
     def step(q, comm):
         a, b = starts[q], starts[q] + Ts[q]
         m = ld.EPExperts(comm, E, H, I, k, max(Ts[q], 1), torch.bfloat16,
-                         exchange=exchange)
+                         exchange=exchange, memory=memory)
         if exchange != "auto":
             assert f"{exchange} mode" in m.explain()
+        assert ("sent again in the backward" in m.explain()) == \
+            (memory == "lean")
         out = m.forward(x[a:b], idx[a:b], w[a:b], gu[q * El:(q + 1) * El],
                         dn[q * El:(q + 1) * El])
         grads = m.backward(gy[a:b])

@@ -50,6 +50,9 @@ typedef struct moe_cuda_plan {
   bool rowwise;
   moe_cu_ep *ep; /* expert parallelism over NCCL (layer_cuda_ep.c) */
   int ep_chunks; /* the overlap's chunks (layer_cuda_ep.h); 1: none */
+  /* expert parallelism under MOE_MEMORY_LEAN: the received rows X are not
+     saved; the backward has their owners send them again (moe_cu_xr) */
+  bool ep_resend;
   /* the pass widths (moe_cu_widths_of), worked out once at plan creation
      when MOE_CUDA_COLS does not pin them */
   int64_t pw_f, pw_b, pw_i;
@@ -265,6 +268,7 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
   p->e_first = p->rank * p->e_local;
   p->max_rows = ranks > 1 ? ep_rows : d.max_tokens * d.top_k;
   cp->ep_chunks = ranks > 1 && !ep_mode.capacity ? ep_mode.chunks : 1;
+  cp->ep_resend = ranks > 1 && d.memory == MOE_MEMORY_LEAN;
   cp->gm = gm;
   cp->offline = offline;
   if (offline) snprintf(cp->card, sizeof cp->card, "%s", d.plan_gpu);
@@ -364,10 +368,17 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
                "memory at %lld tokens: saved %zu B (%s), workspace: forward "
                "%zu B, backward %zu B, inference %zu B\n",
                (long long)d.max_tokens, sz.saved,
-               ranks > 1 ? "expert parallelism keeps the received rows, "
-                           "their pre-activation H and the routing metadata"
-                         : "the pre-activation H [T*k, 2I] and the routing "
-                           "metadata",
+               ranks > 1 && cp->ep_resend
+                   ? "expert parallelism keeps the received rows' "
+                     "pre-activation H and the routing metadata; the rows "
+                     "themselves are sent again in the backward "
+                     "(desc.memory = lean: one more exchange of [T*k, H])"
+               : ranks > 1 ? "expert parallelism keeps the received rows, "
+                             "their pre-activation H and the routing "
+                             "metadata (desc.memory = lean sends the rows "
+                             "again in the backward instead)"
+                           : "the pre-activation H [T*k, 2I] and the routing "
+                             "metadata",
                sz.fwd_workspace, sz.bwd_workspace, sz.infer_workspace);
   if (d.backward_overwrites_saved)
     moe_plan_say(p, len,
@@ -781,7 +792,10 @@ static void moe_cu_lay_of(const moe_layer_plan *p, int64_t T, bool infer,
 /// expert-parallel backward reads: the routing metadata (idx, w, offsets,
 /// slot_row, row_token), ab = H (the received rows' gate_up output
 /// [Rl, 2I], the activation's input), xr (the received rows in expert
-/// order, dW_gu's operand) and epmeta (the exchange counts and tables).
+/// order, dW_gu's operand; 0 bytes under MOE_MEMORY_LEAN, where the
+/// forward keeps them in its workspace, fxr, and the backward has them
+/// sent again into bxr, from bxs when chunked: moe_cu_xr) and epmeta (the
+/// exchange counts and tables).
 /// Not the probabilities (the backward recomputes the router's logits, as
 /// one GPU does: moe_cu_routing_bwd), not the activation A nor the down
 /// output Y (the backward never reads them: dS = <dA', A> with A recomputed
@@ -803,6 +817,7 @@ typedef struct moe_cu_bufs {
   size_t dy, dh, dab, dw, dl, blogits, bone, bblas, bstage, bdyr, bws;
   size_t ws;
   size_t fyc, bdxp, bdx; /* the overlap's (0 bytes without it) */
+  size_t fxr, bxr, bxs;  /* MOE_MEMORY_LEAN's received rows (moe_cu_xr) */
   /* the backward's per-row side channel (expert parallelism): the rows'
      routing weights (sent, received), dS per received row and per sent row
      back, the row tables, a 4-byte stage, the fused dH epilogue's partials */
@@ -830,7 +845,8 @@ static void moe_cu_bufs_of(const moe_layer_plan *p, int64_t T, moe_cu_bufs *b) {
   b->slot_row = moe_cu_take(&at, S * 4);
   b->row_token = moe_cu_take(&at, S * 4);
   b->ab = moe_cu_take(&at, Rl * 2 * I * es);
-  b->xr = moe_cu_take(&at, Rl * H * es);
+  bool resend = moe_cp(p)->ep_resend;
+  b->xr = moe_cu_take(&at, resend ? 0 : Rl * H * es);
   b->epmeta = moe_cu_take(&at, moe_cu_ep_meta_bytes(p));
   b->saved = at;
   at = 0;
@@ -845,6 +861,7 @@ static void moe_cu_bufs_of(const moe_layer_plan *p, int64_t T, moe_cu_bufs *b) {
   b->fstage = moe_cu_take(&at, Rl * H * es);
   bool ov = moe_cp(p)->ep_chunks > 1;
   b->fyc = moe_cu_take(&at, ov ? Rl * H * es : 0);
+  b->fxr = moe_cu_take(&at, resend ? Rl * H * es : 0);
   b->fws = at;
   at = 0;
   /* every row the backward exchanges is in the layer dtype, as the
@@ -871,6 +888,11 @@ static void moe_cu_bufs_of(const moe_layer_plan *p, int64_t T, moe_cu_bufs *b) {
   b->brexp = moe_cu_take(&at, Rl * 4);
   b->bstage4 = moe_cu_take(&at, Rl * 4);
   b->bpart = moe_cu_take(&at, Rl * (size_t)b->part_ld * 4);
+  /* the rows sent again: received into bxr; gathered into bxs when
+     chunked (dO's chunks still go out of `dy` then), else into `dy`
+     after dO's dispatch */
+  b->bxr = moe_cu_take(&at, resend ? Rl * H * es : 0);
+  b->bxs = moe_cu_take(&at, resend && ov ? S * H * es : 0);
   b->bws = at;
   b->ws = b->fws > b->bws ? b->fws : b->bws;
 }
@@ -920,6 +942,15 @@ static char *moe_cu_dab(const moe_layer_plan *p, const moe_cu_bufs *b, char *sv,
                         char *ws) {
   return p->d.backward_overwrites_saved ? moe_cu_at(sv, b->ab)
                                         : moe_cu_at(ws, b->dab);
+}
+
+/// The received rows X in expert order (dW_gu's operand): in `saved`, or
+/// under MOE_MEMORY_LEAN in the pass's own workspace (the backward's
+/// sent again by their owners: moe_cu_backward_run_ep).
+static char *moe_cu_xr(const moe_layer_plan *p, const moe_cu_bufs *b, char *sv,
+                       char *ws, bool backward) {
+  if (!moe_cp(p)->ep_resend) return moe_cu_at(sv, b->xr);
+  return moe_cu_at(ws, backward ? b->bxr : b->fxr);
 }
 
 static moe_cu_view moe_cu_view_of(const moe_tensor *t) {
@@ -1364,7 +1395,7 @@ static moe_status moe_cu_forward_chunks(moe_cu_exec *x, const moe_call *c,
   int64_t H = d->hidden, I = d->intermediate;
   moe_dtype dt = d->dtype;
   size_t es = moe_dtype_size(dt), rb = (size_t)H * es;
-  char *xr = moe_cu_at(sv, b->xr), *ab = moe_cu_at(sv, b->ab),
+  char *xr = moe_cu_xr(x->p, b, sv, ws, false), *ab = moe_cu_at(sv, b->ab),
        *hh = moe_cu_at(ws, b->fa), *y = moe_cu_at(ws, b->fy);
   char *yc = moe_cu_at(ws, b->fyc), *stage = moe_cu_at(ws, b->fstage);
   int C = moe_cu_ep_chunks(ep);
@@ -1443,7 +1474,7 @@ static moe_status moe_cu_forward_run_ep(moe_cu_exec *x,
 
   /* gate_up reads the rows the other ranks sent */
   char *meta = moe_cu_at(sv, b->epmeta);
-  char *send = moe_cu_at(ws, b->fsend), *xr = moe_cu_at(sv, b->xr);
+  char *send = moe_cu_at(ws, b->fsend), *xr = moe_cu_xr(p, b, sv, ws, false);
   moe_cu_view hv = moe_cu_view_of(&a->hidden);
   MOE_TRY(moe_cu_gather_rows(&hv, row_token, offsets + E, S, H, send, st));
   moe_cu_ep_rows r;
@@ -1547,7 +1578,7 @@ static moe_status moe_cu_bwd_rows_ep(moe_cu_exec *xc,
   MOE_TRY(moe_cu_dw_op(xc, 1, &dOt, &Ap, &gwd));
   moe_cu_operand dG = moe_op(dab, dt, 2 * I, 1),
                  dU = moe_op(dab + (size_t)I * es, dt, 2 * I, 1);
-  moe_cu_operand X = moe_op(moe_cu_at(sv, b->xr), dt, H, 1);
+  moe_cu_operand X = moe_op(moe_cu_xr(xc->p, b, sv, ws, true), dt, H, 1);
   moe_cu_operand dGt = moe_cu_t(dG), dUt = moe_cu_t(dU);
   moe_gate_up gc = moe_cu_gu_experts(&c->gu, e0, e1),
               gg = moe_cu_gu_experts(ggu, e0, e1);
@@ -1624,11 +1655,16 @@ static moe_status moe_cu_backward_chunks(moe_cu_exec *x,
        *stage = moe_cu_at(ws, b->bstage), *stage4 = moe_cu_at(ws, b->bstage4),
        *rw = moe_cu_at(ws, b->brw), *rwr = moe_cu_at(ws, b->brwr),
        *dsr = moe_cu_at(ws, b->bdsr), *dsrow = moe_cu_at(ws, b->bdsrow);
+  /* MOE_MEMORY_LEAN: each chunk's X rows go out beside its dO rows, from
+     the copy the caller's stream gathered before the fork */
+  char *xs = x->cp->ep_resend ? moe_cu_at(ws, b->bxs) : NULL,
+       *xr = moe_cu_xr(x->p, b, sv, ws, true);
   int C = moe_cu_ep_chunks(ep);
   MOE_TRY(moe_cu_ep_fork(ep, st));
   for (int i = 0; i < 2 && i < C; i++) {
     MOE_TRY(moe_cu_ep_dispatch_chunk(ep, meta, i, send, rb, stage, dyc));
     MOE_TRY(moe_cu_ep_dispatch_chunk(ep, meta, i, rw, 4, stage4, rwr));
+    if (xs) MOE_TRY(moe_cu_ep_dispatch_chunk(ep, meta, i, xs, rb, stage, xr));
   }
   for (int i = 0; i < C; i++) {
     int64_t e0, e1, r0, r1;
@@ -1644,6 +1680,8 @@ static moe_status moe_cu_backward_chunks(moe_cu_exec *x,
     if (i + 2 < C) {
       MOE_TRY(moe_cu_ep_dispatch_chunk(ep, meta, i + 2, send, rb, stage, dyc));
       MOE_TRY(moe_cu_ep_dispatch_chunk(ep, meta, i + 2, rw, 4, stage4, rwr));
+      if (xs)
+        MOE_TRY(moe_cu_ep_dispatch_chunk(ep, meta, i + 2, xs, rb, stage, xr));
     }
   }
   /* the bias gradients run beside the last combine */
@@ -1656,7 +1694,9 @@ static moe_status moe_cu_backward_chunks(moe_cu_exec *x,
 
 /// The expert-parallel backward, row for row the one-GPU math: the token
 /// owner gathers the UNSCALED dO rows in expert-sorted order (as the
-/// forward's dispatch) and their routing weights (a 4-byte side exchange);
+/// forward's dispatch) and their routing weights (a 4-byte side exchange),
+/// and under MOE_MEMORY_LEAN its input rows again (the forward's dispatch
+/// repeated: the same rows in the same order, so the same bits);
 /// the expert side runs the one-GPU kernels over the received rows
 /// (moe_cu_bwd_rows_ep) and sends back dXp rows (layer dtype) and each
 /// row's dS; the token owner ends as one GPU does (moe_cu_bwd_tail_ep).
@@ -1709,7 +1749,12 @@ moe_cu_backward_run_ep(moe_cu_exec *x, const moe_layer_bwd_args *args,
   MOE_TRY(moe_cu_ep_row_tables(r.loff_dev, El, r.rows,
                                (int32_t *)moe_cu_at(ws, b->biota),
                                (int32_t *)moe_cu_at(ws, b->brexp), st));
-  if (moe_cu_ep_chunks(cp->ep) > 1) {
+  moe_cu_view hv = moe_cu_view_of(&args->fwd.hidden);
+  bool chunked = moe_cu_ep_chunks(cp->ep) > 1;
+  if (cp->ep_resend && chunked)
+    MOE_TRY(moe_cu_gather_rows(&hv, row_token, offsets + E, S, H,
+                               moe_cu_at(ws, b->bxs), st));
+  if (chunked) {
     moe_status f = moe_cu_backward_chunks(x, args, c, ggu, b, sv, ws, meta);
     moe_status j = moe_cu_ep_settle(cp->ep, st);
     return f != MOE_SUCCESS ? f : j;
@@ -1717,6 +1762,11 @@ moe_cu_backward_run_ep(moe_cu_exec *x, const moe_layer_bwd_args *args,
   int t = moe_cu_ep_tl_open(cp->ep, 0, 0, "dispatch", st);
   MOE_TRY(moe_cu_ep_dispatch(cp->ep, meta, send, rb, stage, dyc, st));
   MOE_TRY(moe_cu_ep_dispatch(cp->ep, meta, rw, 4, stage4, rwr, st));
+  if (cp->ep_resend) { /* `send` is free once dO's dispatch has read it */
+    MOE_TRY(moe_cu_gather_rows(&hv, row_token, offsets + E, S, H, send, st));
+    MOE_TRY(moe_cu_ep_dispatch(cp->ep, meta, send, rb, stage,
+                               moe_cu_xr(p, b, sv, ws, true), st));
+  }
   moe_cu_ep_tl_close(cp->ep, t, st);
   int tg = moe_cu_ep_tl_open(cp->ep, 0, 0, "gemms", st);
   MOE_TRY(
