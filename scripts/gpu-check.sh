@@ -128,6 +128,14 @@ bench)
     --json "$out/grid_mpp.json" >"$out/grid_mpp.log" 2>&1 ||
     echo "M ping-pong: exit $?"
   tail -14 "$out/grid_mpp.log"
+  # the backward's activation pass with several slots a block
+  # (MOE_CUDA_ACT_PACK=1) against one a block, where I is small
+  echo "== activation pass packed: libmoe vs libmoe_pack"
+  timeout 120 bash bench/gpu/grid.sh --reps 5 --warmup 2 \
+    --impl libmoe,libmoe_pack --shapes 7b_n256,30b_n256,qwen3_30b \
+    --json "$out/grid_pack.json" >"$out/grid_pack.log" 2>&1 ||
+    echo "activation pack: exit $?"
+  tail -14 "$out/grid_pack.log"
   echo "== scaling"
   LIGER_WHEEL_DIR=$root/.whl timeout 150 bash bench/gpu/grid.sh --scaling \
     --reps 5 --warmup 2 --impl grouped_mm,libmoe,libmoe_keep \

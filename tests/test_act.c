@@ -831,20 +831,9 @@ static void test_errors(void) {
   free(saved);
 }
 
-int main(void) {
-#ifdef ACT_CUDA
-  int ndev = 0;
-  if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev < 1) {
-    printf("SKIP: no usable CUDA device\n");
-    return TU_SKIP;
-  }
-#else
-  if (tu_isa_skip("test_act")) return TU_SKIP;
-#endif
-  static const moe_activation acts[6] = {
-      MOE_ACT_SWIGLU,         MOE_ACT_SWIGLU_CLAMP, MOE_ACT_GPT_OSS,
-      MOE_ACT_SOFTCAP_SWIGLU, MOE_ACT_GEGLU,        MOE_ACT_RELU2};
-  uint64_t seed = 0xac7000;
+/// Every member (acts[6]) in both dtypes and six forms (gate/up storage,
+/// weight layout, biases, dropped slots) against float64.
+static void run_members(const moe_activation *acts, uint64_t *seed) {
   for (int ai = 0; ai < 6; ai++)
     for (int dt = 0; dt < 2; dt++)
       for (int form = 0; form < 6; form++) {
@@ -859,9 +848,34 @@ int main(void) {
                   form >= 3 ? MOE_LAYOUT_IN_OUT : MOE_LAYOUT_OUT_IN,
                   (form + ai) % 3,
                   (form + ai + dt) % 3 == 1 ? 1 : 0,
-                  ++seed};
+                  ++*seed};
         run_case(&c, false);
       }
+}
+
+int main(void) {
+#ifdef ACT_CUDA
+  int ndev = 0;
+  if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev < 1) {
+    printf("SKIP: no usable CUDA device\n");
+    return TU_SKIP;
+  }
+#else
+  if (tu_isa_skip("test_act")) return TU_SKIP;
+#endif
+  static const moe_activation acts[6] = {
+      MOE_ACT_SWIGLU,         MOE_ACT_SWIGLU_CLAMP, MOE_ACT_GPT_OSS,
+      MOE_ACT_SOFTCAP_SWIGLU, MOE_ACT_GEGLU,        MOE_ACT_RELU2};
+  uint64_t seed = 0xac7000;
+  run_members(acts, &seed);
+#ifdef ACT_CUDA
+  /* the backward's activation pass with several slots a block
+     (MOE_CUDA_ACT_PACK=1): every member, dtype and form again, against
+     float64 (the general path's strided and interleaved columns too) */
+  setenv("MOE_CUDA_ACT_PACK", "1", 1);
+  run_members(acts, &seed);
+  unsetenv("MOE_CUDA_ACT_PACK");
+#endif
   /* one expert takes every row (k = 1), and empty experts, with biases */
   for (int ai = 0; ai < 6; ai++) {
     acfg all = {MOE_F32, acts[ai],          9, 4, 5,     3, 1,

@@ -27,6 +27,9 @@ the reference of the rel_* columns):
   libmoe_mpp  libmoe with MOE_CUDA_SM90_MPP=1: the forward and dX products
               on the M-grouped ping-pong tile (its epilogue stores under
               the other warpgroup's mainloop); not in the default set
+  libmoe_pack libmoe with MOE_CUDA_ACT_PACK=1: the backward's activation
+              pass with several slots a block (the same bits); not in the
+              default set
   liger       Liger-Kernel's LigerFusedMoEFunction (PyPI liger-kernel 0.8.5,
               Triton), registered here in transformers' ExpertsInterface as
               "liger_fused_moe": it runs on the block's own routing (the
@@ -114,13 +117,14 @@ SONIC = {
 # Liger's own benchmark CSV (v0.7.0, H100) at the Qwen3-30B-A3B shape
 LIGER_PUB = {"qwen3_30b": (337, 242)}
 IMPLS = ("grouped_mm", "libmoe", "libmoe_keep", "libmoe_same", "libmoe_lean",
-         "libmoe_mpp", "liger")
+         "libmoe_mpp", "libmoe_pack", "liger")
 LIBMOE_IMPLS = ("libmoe", "libmoe_keep", "libmoe_same", "libmoe_lean",
-                "libmoe_mpp")
+                "libmoe_mpp", "libmoe_pack")
 # environment each libmoe variant runs under (read by the library at every
 # call)
 LIBMOE_ENV = {"libmoe_same": ("MOE_CUDA_COLS", "same"),
-              "libmoe_mpp": ("MOE_CUDA_SM90_MPP", "1")}
+              "libmoe_mpp": ("MOE_CUDA_SM90_MPP", "1"),
+              "libmoe_pack": ("MOE_CUDA_ACT_PACK", "1")}
 DEFAULT_IMPLS = ("grouped_mm", "libmoe", "liger")
 LIGER_NAME = "liger_fused_moe"
 
@@ -460,6 +464,7 @@ def print_tables(args, res, out=sys.stdout):
              "libmoe_same": "libmoe, passes at one width",
              "libmoe_lean": "libmoe, memory lean",
              "libmoe_mpp": "libmoe, M ping-pong tile",
+             "libmoe_pack": "libmoe, act. pass packed",
              "liger": "Liger fused_moe"}
     cols = [names[i] for i in args.impls]
     unit = "TFLOP/s" if args.device == "cuda" else "TFLOP/s (CPU time)"

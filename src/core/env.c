@@ -87,6 +87,9 @@ const char *moe_env_cuda_sm90_mpp(void) {
 }
 
 const char *moe_env_cuda_fuse(void) { return moe_env_str("MOE_CUDA_FUSE"); }
+const char *moe_env_cuda_act_pack(void) {
+  return moe_env_str("MOE_CUDA_ACT_PACK");
+}
 const char *moe_env_cuda_cols(void) { return moe_env_str("MOE_CUDA_COLS"); }
 
 const char *moe_env_openblas_library(void) {

@@ -59,6 +59,10 @@ const char *moe_env_cuda_sm90_dw_tma(void);
 /// ping-pong tile; otherwise, the default, the cooperative ones); read on
 /// every call.
 const char *moe_env_cuda_sm90_mpp(void);
+/// MOE_CUDA_ACT_PACK as given ("1": the CUDA backward's activation pass
+/// puts several slots in a block; otherwise, the default, one slot a
+/// block; the same bits either way); read on every call.
+const char *moe_env_cuda_act_pack(void);
 /// MOE_CUDA_FUSE as given ("1": the CUDA layer's sm_90a fused epilogues
 /// on; they are off otherwise); read on every call.
 const char *moe_env_cuda_fuse(void);

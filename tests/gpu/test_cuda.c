@@ -1006,6 +1006,27 @@ static void layer_case(const lcase *c, uint64_t seed) {
     lres_free(&pp2);
     lres_free(&pp);
   }
+  /* MOE_CUDA_ACT_PACK=1: the backward's activation pass with several slots
+     a block; each slot's threads, columns and tree are those of one slot a
+     block, so every tensor must be bitwise the default run's */
+  {
+    lres pk;
+    setenv("MOE_CUDA_ACT_PACK", "1", 1);
+    describe(c, "cuda grouped strict, activation pass packed");
+    run_layer(c, &hb, true, MOE_GMM_GROUPED, 1, false, &pk);
+    unsetenv("MOE_CUDA_ACT_PACK");
+    CHECK_STATUS(pk.fs, MOE_SUCCESS);
+    CHECK_STATUS(pk.bs, MOE_SUCCESS);
+    for (int i = 0; i < R_N && pk.bs == MOE_SUCCESS && gpu.bs == MOE_SUCCESS;
+         i++) {
+      if (!pk.v[i] || !gpu.v[i]) continue;
+      int64_t at = tu_first_diff(gpu.v[i], pk.v[i], gpu.n[i]);
+      CHECK(at < 0,
+            "%s differs bitwise with the activation pass packed, at %lld",
+            rnames[i], (long long)at);
+    }
+    lres_free(&pk);
+  }
   if (!g_small) {
     lres lp;
     describe(c, "cuda loop");

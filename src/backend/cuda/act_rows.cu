@@ -12,10 +12,12 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <math.h>
+#include <string.h>
 
 #include "backend/cuda/act.cuh"
 #include "backend/cuda/cuda_internal.h"
 #include "backend/cuda/elem.cuh"
+#include "core/env.h"
 
 /* ---- the expert epilogue: activation and biases ----------------------- */
 
@@ -307,62 +309,85 @@ extern "C" moe_status moe_cu_gu_bias_grad(const void *dh, moe_dtype dt,
 
 /* ---- the backward's activation pass ------------------------------------- */
 
-/// One block per routed slot s (row = slot_row[s]; a dropped slot, row < 0,
-/// gets dS 0 and touches nothing else): with H[row] = (g, u) the saved
-/// pre-activation (gate and up columns per `hl`), A = act(g, u) recomputed
-/// (rounded to the layer dtype, as the forward stored it), dA' the gathered
-/// dO . W_down row and w[s] the routing weight:
-///   ds[s]     = <dA', A>                (block tree: deterministic)
+/// Sum over each group of `tpr` threads (a multiple of 32; the block holds
+/// blockDim.x / tpr groups) of one value per thread, in the tree of
+/// block_sum over a block of tpr threads: each warp's xor tree, then the
+/// group's warps in order from 0. Every thread of the block must call it.
+static __device__ __forceinline__ float group_sum(float v, float *red,
+                                                  int tpr) {
+  for (int d = 16; d; d >>= 1)
+    v += __shfl_xor_sync(~0u, v, d);
+  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float s = 0.0f;
+  int w0 = (int)(threadIdx.x / tpr) * (tpr >> 5), nw = tpr >> 5;
+  for (int i = 0; i < nw; i++)
+    s += red[w0 + i];
+  return s;
+}
+
+/// One group of `tpr` threads per routed slot s (blockDim.x / tpr slots a
+/// block; row = slot_row[s]; a dropped slot, row < 0, gets dS 0 and
+/// touches nothing else): with H[row] = (g, u) the saved pre-activation
+/// (gate and up columns per `hl`), A = act(g, u) recomputed (rounded to
+/// the layer dtype, as the forward stored it), dA' the gathered dO . W_down
+/// row and w[s] the routing weight:
+///   ds[s]     = <dA', A>                (group tree: deterministic)
 ///   dH[row]   = act'(w[s] dA'; g, u)    (laid out like H)
 ///   dA'[row] <- w[s] A                  (A', the input of dW_down; in place)
+/// A slot's threads, their columns and its tree are the same whatever the
+/// slots per block, so the bits are too (MOE_CUDA_ACT_PACK).
 template <bool VEC>
 __global__ void moe_act_bwd_rows_kernel(moe_act act, const void *h, int f32,
                                         moe_cu_hrows hl, void *dap, int64_t drs,
                                         void *dh, const int32_t *slot_row,
-                                        const float *w, int64_t I, float *ds) {
+                                        const float *w, int64_t S, int64_t I,
+                                        int tpr, float *ds) {
   __shared__ float red[32];
-  int64_t s = blockIdx.x;
-  int32_t row = slot_row[s];
-  if (row < 0) { /* uniform over the block */
-    if (threadIdx.x == 0) ds[s] = 0.0f;
-    return;
-  }
+  const int lt = (int)(threadIdx.x % tpr);
+  const int64_t s =
+      (int64_t)blockIdx.x * (blockDim.x / tpr) + threadIdx.x / tpr;
+  const int32_t row = s < S ? slot_row[s] : -1; /* uniform over the group */
   const bool gate = act.kind != MOE_ACT_RELU2;
-  const float ws = w[s];
-  const int64_t hr = (int64_t)row * hl.ld, dr = (int64_t)row * drs;
   float dot = 0.0f;
-  if (VEC) { /* unit column step, every column group 16-byte aligned */
-    for (int64_t c = threadIdx.x; c < I / 8; c += blockDim.x) {
-      float g[8] = {0}, u[8], d[8], dg[8], du[8], ap[8];
-      if (gate) ld8(h, f32, hr + hl.gate + c * 8, g);
-      ld8(h, f32, hr + hl.up + c * 8, u);
-      ld8(dap, f32, dr + c * 8, d);
+  if (row >= 0) {
+    const float ws = w[s];
+    const int64_t hr = (int64_t)row * hl.ld, dr = (int64_t)row * drs;
+    if (VEC) { /* unit column step, every column group 16-byte aligned */
+      for (int64_t c = lt; c < I / 8; c += tpr) {
+        float g[8] = {0}, u[8], d[8], dg[8], du[8], ap[8];
+        if (gate) ld8(h, f32, hr + hl.gate + c * 8, g);
+        ld8(h, f32, hr + hl.up + c * 8, u);
+        ld8(dap, f32, dr + c * 8, d);
 #pragma unroll
-      for (int q = 0; q < 8; q++) {
-        float a = rnd(moe_act_fwd(act, g[q], u[q]), f32);
-        moe_act_bwd(act, g[q], u[q], ws * d[q], &dg[q], &du[q]);
-        dot += d[q] * a;
-        ap[q] = ws * a;
+        for (int q = 0; q < 8; q++) {
+          float a = rnd(moe_act_fwd(act, g[q], u[q]), f32);
+          moe_act_bwd(act, g[q], u[q], ws * d[q], &dg[q], &du[q]);
+          dot += d[q] * a;
+          ap[q] = ws * a;
+        }
+        if (gate) st8(dh, f32, hr + hl.gate + c * 8, dg);
+        st8(dh, f32, hr + hl.up + c * 8, du);
+        st8(dap, f32, dr + c * 8, ap);
       }
-      if (gate) st8(dh, f32, hr + hl.gate + c * 8, dg);
-      st8(dh, f32, hr + hl.up + c * 8, du);
-      st8(dap, f32, dr + c * 8, ap);
-    }
-  } else {
-    for (int64_t i = threadIdx.x; i < I; i += blockDim.x) {
-      int64_t og = hr + hl.gate + i * hl.step, ou = hr + hl.up + i * hl.step;
-      float g = gate ? ld1(h, f32, og) : 0.0f, u = ld1(h, f32, ou);
-      float d = ld1(dap, f32, dr + i), dg, du;
-      float a = rnd(moe_act_fwd(act, g, u), f32);
-      moe_act_bwd(act, g, u, ws * d, &dg, &du);
-      dot += d * a;
-      if (gate) st1(dh, f32, og, dg);
-      st1(dh, f32, ou, du);
-      st1(dap, f32, dr + i, ws * a);
+    } else {
+      for (int64_t i = lt; i < I; i += tpr) {
+        int64_t og = hr + hl.gate + i * hl.step, ou = hr + hl.up + i * hl.step;
+        float g = gate ? ld1(h, f32, og) : 0.0f, u = ld1(h, f32, ou);
+        float d = ld1(dap, f32, dr + i), dg, du;
+        float a = rnd(moe_act_fwd(act, g, u), f32);
+        moe_act_bwd(act, g, u, ws * d, &dg, &du);
+        dot += d * a;
+        if (gate) st1(dh, f32, og, dg);
+        st1(dh, f32, ou, du);
+        st1(dap, f32, dr + i, ws * a);
+      }
     }
   }
-  dot = block_sum(dot, red);
-  if (threadIdx.x == 0) ds[s] = dot;
+  dot = group_sum(dot, red, tpr);
+  if (lt == 0 && s < S) ds[s] = row >= 0 ? dot : 0.0f;
 }
 
 extern "C" moe_status moe_cu_act_bwd_rows(const moe_act *act, const void *h,
@@ -379,16 +404,23 @@ extern "C" moe_status moe_cu_act_bwd_rows(const moe_act *act, const void *h,
             (!gate || (vec8(hc + hl.gate * es, dt, hl.ld, 1, I) &&
                        vec8(dhc + hl.gate * es, dt, hl.ld, 1, I))) &&
             vec8(dap, dt, I, 1, I);
+  /* a slot's threads: its columns (or column groups of 8) in warps, at most
+     256; MOE_CUDA_ACT_PACK=1 puts up to 256 / tpr slots in a block (small
+     I: a 32-thread block per slot caps an SM at half its threads), else
+     one slot a block */
   int64_t lanes = vec ? I / 8 : I;
-  int threads = (int)((lanes + 31) / 32 * 32);
-  if (threads < 32) threads = 32;
-  if (threads > 256) threads = 256;
+  int tpr = (int)((lanes + 31) / 32 * 32);
+  if (tpr < 32) tpr = 32;
+  if (tpr > 256) tpr = 256;
+  const char *pack = moe_env_cuda_act_pack();
+  int per = pack && !strcmp(pack, "1") ? 256 / tpr : 1;
+  int64_t blocks = (S + per - 1) / per;
   if (vec)
-    moe_act_bwd_rows_kernel<true><<<(unsigned)S, threads, 0, s>>>(
-        *act, h, dt == MOE_F32, hl, dap, I, dh, slot_row, w, I, ds);
+    moe_act_bwd_rows_kernel<true><<<(unsigned)blocks, per * tpr, 0, s>>>(
+        *act, h, dt == MOE_F32, hl, dap, I, dh, slot_row, w, S, I, tpr, ds);
   else
-    moe_act_bwd_rows_kernel<false><<<(unsigned)S, threads, 0, s>>>(
-        *act, h, dt == MOE_F32, hl, dap, I, dh, slot_row, w, I, ds);
+    moe_act_bwd_rows_kernel<false><<<(unsigned)blocks, per * tpr, 0, s>>>(
+        *act, h, dt == MOE_F32, hl, dap, I, dh, slot_row, w, S, I, tpr, ds);
   return moe_cu_launch_check("moe_act_bwd_rows_kernel");
 }
 
