@@ -126,7 +126,7 @@ out:
   return s;
 }
 
-void moe_ep_explain(moe_layer_plan *p, size_t *len) {
+void moe_ep_explain(moe_layer_plan *p, bool resend_x, size_t *len) {
   const moe_layer_desc *d = &p->d;
   size_t cap = sizeof p->explain;
   if (*len >= cap) return;
@@ -144,7 +144,7 @@ void moe_ep_explain(moe_layer_plan *p, size_t *len) {
       "ep: per step this rank sends about T*k*(P-1)/P = %.0f routed rows "
       "each way: forward %.3g MiB dispatch + %.3g MiB combine, backward "
       "%.3g MiB + %.3g MiB (dO out, dX back, in the layer dtype, with 4 "
-      "bytes a row for its router weight and dS)\n"
+      "bytes a row for its router weight and dS)%s%.3g%s\n"
       "ep: exchange buffers hold up to %lld received rows (sum over ranks "
       "of max_tokens * top_k)\n",
       p->rank, p->ranks, d->comm->ops->name, (long long)p->e_first,
@@ -152,6 +152,8 @@ void moe_ep_explain(moe_layer_plan *p, size_t *len) {
       (long long)d->num_experts, T * k * P / E, T * k / E, p->ranks, p->ranks,
       sent, sent * H * es / mib, sent * H * es / mib,
       sent * (H * es + 4.0) / mib, sent * (H * es + 4.0) / mib,
+      resend_x ? " + " : "", resend_x ? sent * H * es / mib : 0.0,
+      resend_x ? " MiB (the input rows out again: not saved)" : "",
       (long long)p->max_rows);
   if (n > 0) *len += (size_t)n;
   if (*len >= cap) *len = cap - 1;

@@ -19,8 +19,10 @@ moe_status moe_ep_agree(const moe_layer_desc *d, moe_status local,
 moe_status moe_ep_agree_ex(const moe_layer_desc *d, moe_status local,
                            int64_t *max_rows, int64_t *max_tokens_all);
 
-/// Appends the expert-parallel lines to the plan's explanation.
-void moe_ep_explain(moe_layer_plan *p, size_t *len);
+/// Appends the expert-parallel lines to the plan's explanation; resend_x:
+/// the backward sends the input rows to the experts' ranks again (they are
+/// not saved).
+void moe_ep_explain(moe_layer_plan *p, bool resend_x, size_t *len);
 
 /* ---- exchange sizes, the same for every transport ----------------------
  * Rank q owns experts [q*El, (q+1)*El). Each rank sorts its routed rows by

@@ -649,6 +649,14 @@ static void test_failures(void) {
   s = moe_layer_plan_create(&plan, &d);
   snprintf(g_case, sizeof g_case, "failure: plan for the failure tests");
   CHECK(s == MOE_SUCCESS, "%s", moe_last_error());
+
+  /* the explanation counts the input rows the backward sends again (the
+     CPU saves none of them) */
+  snprintf(g_case, sizeof g_case, "plan explanation: the rows sent again");
+  if (s == MOE_SUCCESS)
+    CHECK(strstr(moe_layer_plan_explain(plan),
+                 "the input rows out again: not saved") != NULL,
+          "explanation: %s", moe_layer_plan_explain(plan));
   if (s) {
     moe_comm_destroy(comm);
     return;

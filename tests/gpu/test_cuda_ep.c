@@ -36,8 +36,9 @@
 /// be bitwise equal to one chunk without it, and capacity mode with it
 /// bitwise equal to one GPU. desc.memory = lean (the received rows sent
 /// again in the backward instead of saved) likewise: bitwise one chunk in
-/// 1 chunk and in 2 with the overwrite flag, bitwise one GPU in capacity
-/// mode, and `saved` smaller on every rank. Every run's `saved` and its
+/// 1 and 2 chunks (with and without the overwrite flag), bitwise one GPU in
+/// capacity mode and in a CUDA graph, and `saved` smaller on every rank.
+/// Every run's `saved` and its
 /// forward's and backward's workspaces are exactly
 /// moe_layer_plan_pass_sizes' and followed by a guard that must stay
 /// intact.
@@ -849,14 +850,17 @@ static void ep_case(const epcase *c, int P, moe_comm **comms, uint64_t seed) {
     }
     /* desc.memory = lean on the ranks (the received rows X not saved: the
        backward has their owners send them again): bitwise one chunk's
-       results in 1 chunk, and in 2 with the overwrite flag (X's chunks go
-       out beside dO's); `saved` smaller by X's rows on every rank */
+       results in 1 chunk, and in 2 without and with the overwrite flag
+       (X's chunks go out beside dO's); `saved` smaller by X's rows on
+       every rank */
     g_opt.lean = 1;
-    for (int ch = 1; ch <= 2 && ch <= c->E / P; ch++) {
+    for (int run = 0; run < 3; run++) {
+      int ch = run ? 2 : 1;
+      if (ch > c->E / P) break;
       g_opt.chunks = ch;
-      g_opt.overwrite = ch == 2;
+      g_opt.overwrite = run == 2;
       tu_case("%s seed=%llu exchange=exact chunks=%d memory=lean%s", line,
-              (unsigned long long)seed, ch, ch == 2 ? " overwrite_saved" : "");
+              (unsigned long long)seed, ch, run == 2 ? " overwrite_saved" : "");
       ep_compare_ex(c, P, comms, &h, &ref, 0, NULL, MOE_SUCCESS, &one, NULL);
       if (ch == 1)
         for (int q = 0; q < P; q++)
@@ -969,8 +973,15 @@ static void graph_case(int P, moe_comm **comms) {
     CU(cudaEventCreateWithFlags(&g.join[q], cudaEventDisableTiming));
   g_opt.g = &g;
   ep_compare(&c, P, comms, &h, &ref, 1, NULL, MOE_SUCCESS);
-  g_opt.g = NULL;
   CHECK(!g.failed, "graph capture failed");
+  /* desc.memory = lean: the backward's gather and exchange of the input
+     rows captured too */
+  tu_case("%s strict, CUDA graph of the step, memory=lean", line);
+  g_opt.lean = 1;
+  ep_compare(&c, P, comms, &h, &ref, 1, NULL, MOE_SUCCESS);
+  g_opt.lean = 0;
+  g_opt.g = NULL;
+  CHECK(!g.failed, "graph capture failed (memory=lean)");
   cudaEventDestroy(g.fork);
   for (int q = 0; q < P; q++)
     cudaEventDestroy(g.join[q]);

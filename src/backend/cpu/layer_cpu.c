@@ -129,7 +129,8 @@ static moe_status moe_cpu_plan_create(moe_layer_plan *p, size_t *len) {
   if (s == MOE_SUCCESS &&
       (p->method[0] == MOE_GMM_LOOP || p->method[1] == MOE_GMM_LOOP))
     s = moe_loop_cache_create(&cp->cache);
-  if (s == MOE_SUCCESS && p->ranks > 1) moe_ep_explain(p, len);
+  /* the CPU's backward always sends the input rows again */
+  if (s == MOE_SUCCESS && p->ranks > 1) moe_ep_explain(p, true, len);
   if (s != MOE_SUCCESS) {
     free(cp);
     p->ctx = NULL;

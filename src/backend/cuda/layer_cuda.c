@@ -268,7 +268,7 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
   p->e_first = p->rank * p->e_local;
   p->max_rows = ranks > 1 ? ep_rows : d.max_tokens * d.top_k;
   cp->ep_chunks = ranks > 1 && !ep_mode.capacity ? ep_mode.chunks : 1;
-  cp->ep_resend = ranks > 1 && d.memory == MOE_MEMORY_LEAN;
+  cp->ep_resend = ranks > 1 && moe_cu_ep_resends_x(&d);
   cp->gm = gm;
   cp->offline = offline;
   if (offline) snprintf(cp->card, sizeof cp->card, "%s", d.plan_gpu);

@@ -425,9 +425,13 @@ void moe_cu_ep_destroy(moe_cu_ep *ep) {
   free(ep);
 }
 
+bool moe_cu_ep_resends_x(const moe_layer_desc *d) {
+  return d->memory == MOE_MEMORY_LEAN;
+}
+
 void moe_cu_ep_explain(moe_layer_plan *p, const moe_cu_ep_mode *mode,
                        size_t *len) {
-  moe_ep_explain(p, len);
+  moe_ep_explain(p, moe_cu_ep_resends_x(&p->d), len);
   size_t cap = sizeof p->explain;
   if (*len >= cap) return;
   bool virt = moe_comm_is_virtual(p->d.comm);

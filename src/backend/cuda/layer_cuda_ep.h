@@ -104,6 +104,10 @@ moe_status moe_cu_ep_agree(const moe_layer_desc *d, moe_status local,
 moe_status moe_cu_ep_create(const moe_layer_plan *p, const moe_cu_ep_mode *mode,
                             moe_cu_ep **ep);
 void moe_cu_ep_destroy(moe_cu_ep *ep);
+/// Whether the backward sends the input rows to the experts' ranks again
+/// instead of the forward saving them (desc.memory = MOE_MEMORY_LEAN: the
+/// layer's moe_cu_xr; the ranks agree on desc.memory).
+bool moe_cu_ep_resends_x(const moe_layer_desc *d);
 /// Appends the expert-parallel lines to the plan's explanation.
 void moe_cu_ep_explain(moe_layer_plan *p, const moe_cu_ep_mode *mode,
                        size_t *len);
