@@ -309,25 +309,6 @@ extern "C" moe_status moe_cu_gu_bias_grad(const void *dh, moe_dtype dt,
 
 /* ---- the backward's activation pass ------------------------------------- */
 
-/// Sum over each group of `tpr` threads (a multiple of 32; the block holds
-/// blockDim.x / tpr groups) of one value per thread, in the tree of
-/// block_sum over a block of tpr threads: each warp's xor tree, then the
-/// group's warps in order from 0. Every thread of the block must call it.
-static __device__ __forceinline__ float group_sum(float v, float *red,
-                                                  int tpr) {
-  for (int d = 16; d; d >>= 1)
-    v += __shfl_xor_sync(~0u, v, d);
-  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  __syncthreads();
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  float s = 0.0f;
-  int w0 = (int)(threadIdx.x / tpr) * (tpr >> 5), nw = tpr >> 5;
-  for (int i = 0; i < nw; i++)
-    s += red[w0 + i];
-  return s;
-}
-
 /// One group of `tpr` threads per routed slot s (blockDim.x / tpr slots a
 /// block; row = slot_row[s]; a dropped slot, row < 0, gets dS 0 and
 /// touches nothing else): with H[row] = (g, u) the saved pre-activation
@@ -338,7 +319,8 @@ static __device__ __forceinline__ float group_sum(float v, float *red,
 ///   dH[row]   = act'(w[s] dA'; g, u)    (laid out like H)
 ///   dA'[row] <- w[s] A                  (A', the input of dW_down; in place)
 /// A slot's threads, their columns and its tree are the same whatever the
-/// slots per block, so the bits are too (MOE_CUDA_ACT_PACK).
+/// slots per block, and group_sum over a group is block_sum over a block
+/// of that size, so the bits are too (MOE_CUDA_ACT_PACK).
 template <bool VEC>
 __global__ void moe_act_bwd_rows_kernel(moe_act act, const void *h, int f32,
                                         moe_cu_hrows hl, void *dap, int64_t drs,

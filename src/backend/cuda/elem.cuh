@@ -78,8 +78,12 @@ static inline int blocks_for(int64_t n, int per) {
   return (int)(b < 1 ? 1 : (b > 65535 * 64 ? 65535 * 64 : b));
 }
 
-/// Sum over the block of one value per thread, same tree every time.
-static __device__ inline float block_sum(float v, float *red) {
+/// Sum over each group of `tpr` threads (a multiple of 32 dividing
+/// blockDim.x) of one value per thread, the same tree every time: each
+/// warp's xor tree, then the group's warps in order from 0. Every thread of
+/// the block must call it (red: one float a warp).
+static __device__ __forceinline__ float group_sum(float v, float *red,
+                                                  int tpr) {
   for (int d = 16; d; d >>= 1)
     v += __shfl_xor_sync(~0u, v, d);
   int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -87,10 +91,15 @@ static __device__ inline float block_sum(float v, float *red) {
   if (lane == 0) red[warp] = v;
   __syncthreads();
   float s = 0.0f;
-  int nw = blockDim.x >> 5;
+  int w0 = (int)(threadIdx.x / tpr) * (tpr >> 5), nw = tpr >> 5;
   for (int i = 0; i < nw; i++)
-    s += red[i];
+    s += red[w0 + i];
   return s;
+}
+
+/// Sum over the block of one value per thread, same tree every time.
+static __device__ inline float block_sum(float v, float *red) {
+  return group_sum(v, red, (int)blockDim.x);
 }
 
 #endif /* MOE_CUDA_ELEM_CUH */
