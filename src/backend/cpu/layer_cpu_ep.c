@@ -49,8 +49,10 @@ static size_t moe_ep_work_layout(const moe_layer_plan *p, char *base,
   at += moe_align64(i64 * 4 * P);
   size_t o_chunk = at;
   at += moe_align64(i64 * 2 * P * El);
-  size_t o_tmp = at;
-  at += moe_align64((size_t)p->max_rows * ((size_t)p->d.hidden * 4 + 4));
+  /* the widest row exchanged: a backward row of the layer dtype with its
+     4-byte tail (dO with s, dXp with dS: H * es + 4 bytes) */
+  size_t o_tmp = at, es = moe_dtype_size(p->d.dtype);
+  at += moe_align64((size_t)p->max_rows * ((size_t)p->d.hidden * es + 4));
   if (base && w) {
     w->xsend = (int64_t *)(base + o_xs);
     w->xrecv = (int64_t *)(base + o_xr);
