@@ -140,6 +140,9 @@ bench)
     timeout 90 python3 bench/gpu/variable_tokens.py >"$out/variable_tokens.log" 2>&1 \
     || echo "variable_tokens: exit $?"
   tail -8 "$out/variable_tokens.log"
+  echo "== plan creation (issue 16: under 100 us)"
+  PYTHONPATH=$root/python LIBMOE_LIBRARY=$MOE_BUILD_DIR/libmoe.so \
+    timeout 60 python3 bench/plan_cost.py --reps 500 || echo "plan_cost: exit $?"
   echo "== fused epilogues side by side"
   timeout 60 "$MOE_BUILD_DIR/bench_cuda" --fuse-ab --json "$out/bench_fuse_ab.json" \
     >"$out/fuse_ab.log" 2>&1 || echo "fuse-ab: exit $?"
