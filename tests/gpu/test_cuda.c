@@ -533,6 +533,32 @@ static void check_vs_cpu(const lres *cpu, const lres *r, int i, double tol) {
   free(ref);
 }
 
+/// A variant of the default run `gpu` under an environment knob, run twice
+/// (v, v2): its inference forward against its training forward, each
+/// tensor bitwise against the rerun and within tol of the CPU's; the
+/// tensors whose bits differ from the default run's are counted in
+/// *differs (reported, not failed: a knob may change the summation order).
+static void check_variant(const char *what, const lres *v, const lres *v2,
+                          const lres *gpu, const lres *cpu, double tol,
+                          int *differs) {
+  CHECK(v->infer_diff < 0,
+        "%s: the inference forward differs from the training forward at "
+        "output element %lld",
+        what, (long long)v->infer_diff);
+  for (int i = 0; i < R_N && v->bs == MOE_SUCCESS; i++) {
+    if (!v->v[i]) continue;
+    if (v2->bs == MOE_SUCCESS && v2->v[i]) {
+      int64_t at = tu_first_diff(v->v[i], v2->v[i], v->n[i]);
+      CHECK(at < 0, "%s differs bitwise between %s runs at %lld", rnames[i],
+            what, (long long)at);
+    }
+    if (gpu->v[i])
+      *differs += tu_first_diff(gpu->v[i], v->v[i], gpu->n[i]) >= 0;
+    if (cpu->fs == MOE_SUCCESS && cpu->bs == MOE_SUCCESS && cpu->v[i])
+      check_vs_cpu(cpu, v, i, tol);
+  }
+}
+
 static void lres_free(lres *r) {
   for (int i = 0; i < R_N; i++)
     free(r->v[i]);
@@ -924,23 +950,7 @@ static void layer_case(const lcase *c, uint64_t seed) {
     CHECK_STATUS(pc.bs, MOE_SUCCESS);
     CHECK_STATUS(pc.is, MOE_SUCCESS);
     CHECK_STATUS(pc2.bs, MOE_SUCCESS);
-    CHECK(pc.infer_diff < 0,
-          "passes: the inference forward differs from the training forward "
-          "at output element %lld",
-          (long long)pc.infer_diff);
-    for (int i = 0; i < R_N && pc.bs == MOE_SUCCESS; i++) {
-      if (!pc.v[i]) continue;
-      if (pc2.bs == MOE_SUCCESS && pc2.v[i]) {
-        int64_t at = tu_first_diff(pc.v[i], pc2.v[i], pc.n[i]);
-        CHECK(at < 0, "%s differs bitwise between runs in passes at %lld",
-              rnames[i], (long long)at);
-      }
-      if (gpu.v[i])
-        g_cols_differs += tu_first_diff(gpu.v[i], pc.v[i], gpu.n[i]) >= 0;
-      if (cpu.fs == MOE_SUCCESS && cpu.bs == MOE_SUCCESS && cpu.v[i]) {
-        check_vs_cpu(&cpu, &pc, i, tol);
-      }
-    }
+    check_variant("passes", &pc, &pc2, &gpu, &cpu, tol, &g_cols_differs);
     g_cols_runs++;
     lres_free(&pc2);
     lres_free(&pc);
@@ -985,23 +995,7 @@ static void layer_case(const lcase *c, uint64_t seed) {
     CHECK_STATUS(pp.fs, MOE_SUCCESS);
     CHECK_STATUS(pp.bs, MOE_SUCCESS);
     CHECK_STATUS(pp2.bs, MOE_SUCCESS);
-    CHECK(pp.infer_diff < 0,
-          "ping-pong: the inference forward differs from the training "
-          "forward at output element %lld",
-          (long long)pp.infer_diff);
-    for (int i = 0; i < R_N && pp.bs == MOE_SUCCESS; i++) {
-      if (!pp.v[i]) continue;
-      if (pp2.bs == MOE_SUCCESS && pp2.v[i]) {
-        int64_t at = tu_first_diff(pp.v[i], pp2.v[i], pp.n[i]);
-        CHECK(at < 0, "%s differs bitwise between ping-pong runs at %lld",
-              rnames[i], (long long)at);
-      }
-      if (gpu.v[i])
-        g_mpp_differs += tu_first_diff(gpu.v[i], pp.v[i], gpu.n[i]) >= 0;
-      if (cpu.fs == MOE_SUCCESS && cpu.bs == MOE_SUCCESS && cpu.v[i]) {
-        check_vs_cpu(&cpu, &pp, i, tol);
-      }
-    }
+    check_variant("ping-pong", &pp, &pp2, &gpu, &cpu, tol, &g_mpp_differs);
     g_mpp_runs++;
     lres_free(&pp2);
     lres_free(&pp);

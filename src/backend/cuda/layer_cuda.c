@@ -50,13 +50,9 @@ typedef struct moe_cuda_plan {
   bool rowwise;
   moe_cu_ep *ep; /* expert parallelism over NCCL (layer_cuda_ep.c) */
   int ep_chunks; /* the overlap's chunks (layer_cuda_ep.h); 1: none */
-  /* expert parallelism under MOE_MEMORY_LEAN: the received rows X are not
-     saved; the backward has their owners send them again (moe_cu_xr) */
-  bool ep_resend;
   /* the pass widths (moe_cu_widths_of), worked out once at plan creation
-     when MOE_CUDA_COLS does not pin them */
+     when MOE_CUDA_COLS does not pin them; 0: not yet */
   int64_t pw_f, pw_b, pw_i;
-  bool pw_set;
 } moe_cuda_plan;
 
 /* cuBLAS's workspace, carved from the layer's workspace. */
@@ -74,6 +70,12 @@ static moe_cu_widths moe_cu_widths_of(const moe_layer_plan *p);
 
 static moe_cuda_plan *moe_cp(const moe_layer_plan *p) {
   return (moe_cuda_plan *)p->ctx;
+}
+
+/// Expert parallelism under MOE_MEMORY_LEAN: the received rows X are not
+/// saved; the backward has their owners send them again (moe_cu_xr).
+static bool moe_cu_resends(const moe_layer_plan *p) {
+  return p->ranks > 1 && moe_cu_ep_resends_x(&p->d);
 }
 
 /* ---- device selection --------------------------------------------------- */
@@ -268,7 +270,6 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
   p->e_first = p->rank * p->e_local;
   p->max_rows = ranks > 1 ? ep_rows : d.max_tokens * d.top_k;
   cp->ep_chunks = ranks > 1 && !ep_mode.capacity ? ep_mode.chunks : 1;
-  cp->ep_resend = ranks > 1 && moe_cu_ep_resends_x(&d);
   cp->gm = gm;
   cp->offline = offline;
   if (offline) snprintf(cp->card, sizeof cp->card, "%s", d.plan_gpu);
@@ -368,7 +369,7 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
                "memory at %lld tokens: saved %zu B (%s), workspace: forward "
                "%zu B, backward %zu B, inference %zu B\n",
                (long long)d.max_tokens, sz.saved,
-               ranks > 1 && cp->ep_resend
+               moe_cu_resends(p)
                    ? "expert parallelism keeps the received rows' "
                      "pre-activation H and the routing metadata; the rows "
                      "themselves are sent again in the backward "
@@ -388,10 +389,7 @@ static moe_status moe_cuda_plan_create(moe_layer_plan *p, size_t *len) {
   if (ranks == 1) {
     bool pinned = moe_env_cuda_cols() != NULL;
     moe_cu_widths cw = moe_cu_widths_of(p);
-    if (!pinned) {
-      cp->pw_f = cw.f, cp->pw_b = cw.b, cp->pw_i = cw.i;
-      cp->pw_set = true;
-    }
+    if (!pinned) cp->pw_f = cw.f, cp->pw_b = cw.b, cp->pw_i = cw.i;
     if (cw.f < d.hidden || cw.b < d.hidden)
       moe_plan_say(
           p, len,
@@ -731,7 +729,7 @@ static moe_cu_widths moe_cu_widths_of(const moe_layer_plan *p) {
   int64_t H = p->d.hidden;
   const char *e = moe_env_cuda_cols();
   const moe_cuda_plan *cp = moe_cp(p);
-  if (!e && cp && cp->pw_set) { /* worked out at plan creation */
+  if (!e && cp && cp->pw_f > 0) { /* worked out at plan creation */
     moe_cu_widths w = {cp->pw_f, cp->pw_b, cp->pw_i};
     return w;
   }
@@ -845,7 +843,7 @@ static void moe_cu_bufs_of(const moe_layer_plan *p, int64_t T, moe_cu_bufs *b) {
   b->slot_row = moe_cu_take(&at, S * 4);
   b->row_token = moe_cu_take(&at, S * 4);
   b->ab = moe_cu_take(&at, Rl * 2 * I * es);
-  bool resend = moe_cp(p)->ep_resend;
+  bool resend = moe_cu_resends(p);
   b->xr = moe_cu_take(&at, resend ? 0 : Rl * H * es);
   b->epmeta = moe_cu_take(&at, moe_cu_ep_meta_bytes(p));
   b->saved = at;
@@ -949,7 +947,7 @@ static char *moe_cu_dab(const moe_layer_plan *p, const moe_cu_bufs *b, char *sv,
 /// sent again by their owners: moe_cu_backward_run_ep).
 static char *moe_cu_xr(const moe_layer_plan *p, const moe_cu_bufs *b, char *sv,
                        char *ws, bool backward) {
-  if (!moe_cp(p)->ep_resend) return moe_cu_at(sv, b->xr);
+  if (!moe_cu_resends(p)) return moe_cu_at(sv, b->xr);
   return moe_cu_at(ws, backward ? b->bxr : b->fxr);
 }
 
@@ -1657,7 +1655,7 @@ static moe_status moe_cu_backward_chunks(moe_cu_exec *x,
        *dsr = moe_cu_at(ws, b->bdsr), *dsrow = moe_cu_at(ws, b->bdsrow);
   /* MOE_MEMORY_LEAN: each chunk's X rows go out beside its dO rows, from
      the copy the caller's stream gathered before the fork */
-  char *xs = x->cp->ep_resend ? moe_cu_at(ws, b->bxs) : NULL,
+  char *xs = moe_cu_resends(x->p) ? moe_cu_at(ws, b->bxs) : NULL,
        *xr = moe_cu_xr(x->p, b, sv, ws, true);
   int C = moe_cu_ep_chunks(ep);
   MOE_TRY(moe_cu_ep_fork(ep, st));
@@ -1751,7 +1749,7 @@ moe_cu_backward_run_ep(moe_cu_exec *x, const moe_layer_bwd_args *args,
                                (int32_t *)moe_cu_at(ws, b->brexp), st));
   moe_cu_view hv = moe_cu_view_of(&args->fwd.hidden);
   bool chunked = moe_cu_ep_chunks(cp->ep) > 1;
-  if (cp->ep_resend && chunked)
+  if (moe_cu_resends(p) && chunked)
     MOE_TRY(moe_cu_gather_rows(&hv, row_token, offsets + E, S, H,
                                moe_cu_at(ws, b->bxs), st));
   if (chunked) {
@@ -1762,7 +1760,7 @@ moe_cu_backward_run_ep(moe_cu_exec *x, const moe_layer_bwd_args *args,
   int t = moe_cu_ep_tl_open(cp->ep, 0, 0, "dispatch", st);
   MOE_TRY(moe_cu_ep_dispatch(cp->ep, meta, send, rb, stage, dyc, st));
   MOE_TRY(moe_cu_ep_dispatch(cp->ep, meta, rw, 4, stage4, rwr, st));
-  if (cp->ep_resend) { /* `send` is free once dO's dispatch has read it */
+  if (moe_cu_resends(p)) { /* `send` is free once dO's dispatch read it */
     MOE_TRY(moe_cu_gather_rows(&hv, row_token, offsets + E, S, H, send, st));
     MOE_TRY(moe_cu_ep_dispatch(cp->ep, meta, send, rb, stage,
                                moe_cu_xr(p, b, sv, ws, true), st));
