@@ -30,6 +30,11 @@ MOE_LAYER_DESC_MAGIC = 0x4D4F454C
 MOE_LAYER_DESC_VERSION = 5
 # moe_memory_policy
 MOE_MEMORY_BALANCED, MOE_MEMORY_LEAN, MOE_MEMORY_FAST = 0, 1, 2
+# the Python names of moe_memory_policy and moe_topk_invalid (torch.py's
+# knob and experts(), distributed.py's EPExperts)
+MEMORY_POLICIES = {"balanced": MOE_MEMORY_BALANCED, "lean": MOE_MEMORY_LEAN,
+                   "fast": MOE_MEMORY_FAST}
+INVALID_TOPK = {"error": MOE_TOPK_INVALID_ERROR, "drop": MOE_TOPK_INVALID_DROP}
 # moe_activation
 (MOE_ACT_SWIGLU, MOE_ACT_SWIGLU_CLAMP, MOE_ACT_GPT_OSS, MOE_ACT_SOFTCAP_SWIGLU,
  MOE_ACT_GEGLU, MOE_ACT_RELU2) = range(6)

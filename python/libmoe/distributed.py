@@ -245,10 +245,9 @@ def run_ranks(fn, comms) -> list:
 _EXCHANGE = {"auto": L.MOE_EP_EXCHANGE_AUTO, "exact": L.MOE_EP_EXCHANGE_EXACT,
              "capacity": L.MOE_EP_EXCHANGE_CAPACITY}
 _OVERFLOW = {"error": L.MOE_EP_OVERFLOW_ERROR, "drop": L.MOE_EP_OVERFLOW_DROP}
-_INVALID = {"error": L.MOE_TOPK_INVALID_ERROR, "drop": L.MOE_TOPK_INVALID_DROP}
+_INVALID = L.INVALID_TOPK
 _METHOD = {"auto": 0, "grouped": 1, "loop": 2}
-_MEMORY = {"balanced": L.MOE_MEMORY_BALANCED, "lean": L.MOE_MEMORY_LEAN,
-           "fast": L.MOE_MEMORY_FAST}
+_MEMORY = L.MEMORY_POLICIES
 
 
 class EPExperts:

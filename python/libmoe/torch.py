@@ -21,7 +21,7 @@ from . import _lib as L
 
 __all__ = ["experts", "grouped_mm", "plan_explain"]
 
-_INVALID = {"error": L.MOE_TOPK_INVALID_ERROR, "drop": L.MOE_TOPK_INVALID_DROP}
+_INVALID = L.INVALID_TOPK
 # expert functions (moe_activation) by name
 ACTIVATIONS = {"swiglu": L.MOE_ACT_SWIGLU, "swiglu_clamp": L.MOE_ACT_SWIGLU_CLAMP,
                "gpt_oss": L.MOE_ACT_GPT_OSS,
@@ -97,8 +97,7 @@ overwrite_saved = True
 # the same under each; no policy changes a result bit on the sm_90a path.
 # Read at every call (a plan per policy).
 memory = "balanced"
-_MEMORY = {"balanced": L.MOE_MEMORY_BALANCED, "lean": L.MOE_MEMORY_LEAN,
-           "fast": L.MOE_MEMORY_FAST}
+_MEMORY = L.MEMORY_POLICIES
 
 # key -> its one plan (capacity grown geometrically: _plan_for)
 _plans: dict = {}
