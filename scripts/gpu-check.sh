@@ -16,7 +16,8 @@
 #                                without the sanitizers beside the Python
 #                                tests, then the grid (with libmoe_keep and
 #                                libmoe_lean) and the scaling runs in the
-#                                time left; the sanitizers and the side-by-
+#                                time left, then the variable token counts;
+#                                the sanitizers and the side-by-
 #                                side runs stay for `test` and `bench`
 # Logs and JSON go to $OUT (default ./gpu-out). Exits non-zero when a test
 # failed; a benchmark's failure is printed, not fatal.
@@ -177,6 +178,13 @@ first)
       --json "$out/scaling.json" >"$out/scaling.log" 2>&1 ||
       echo "scaling: exit $?"
     grep -E "^\||OOM|skipped|Error" "$out/scaling.log" | head -30
+  fi
+  echo "== [$(($(date +%s) - t0)) s] variable token counts"
+  if [ "$(left 0)" -gt 40 ]; then
+    PYTHONPATH=$root/python LIBMOE_LIBRARY=$MOE_BUILD_DIR/libmoe.so PYTHONUNBUFFERED=1 \
+      timeout "$(left 0)" python3 bench/gpu/variable_tokens.py --ws-capacity \
+      >"$out/variable_tokens.log" 2>&1 || echo "variable_tokens: exit $?"
+    tail -12 "$out/variable_tokens.log"
   fi
   echo "== [$(($(date +%s) - t0)) s] done"
   ;;
