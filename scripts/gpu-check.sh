@@ -19,6 +19,10 @@
 #                                time left, then the variable token counts;
 #                                the sanitizers and the side-by-
 #                                side runs stay for `test` and `bench`
+#   scripts/gpu-check.sh after   on the machine `first` left warm: the
+#                                sanitizers, an ncu reading of 7b_n256,
+#                                plan creation, the opt-in kernels and the
+#                                pass widths side by side (MOE_DEADLINE)
 # Logs and JSON go to $OUT (default ./gpu-out). Exits non-zero when a test
 # failed; a benchmark's failure is printed, not fatal.
 set -u
@@ -188,6 +192,45 @@ first)
   fi
   echo "== [$(($(date +%s) - t0)) s] done"
   ;;
-*) echo "usage: scripts/gpu-check.sh test|bench|first"; exit 2 ;;
+after)
+  # what `first` leaves, on the same (warm) machine and build, within
+  # MOE_DEADLINE: the sanitizers, an ncu reading of the widest miss, plan
+  # creation, the opt-in kernels and the pass widths side by side
+  export OUT=$out
+  echo "== [$(($(date +%s) - t0)) s] compute-sanitizer runs"
+  MOE_SANITIZER=only MOE_GPU_PARALLEL=6 MOE_STEP_TIMEOUT=$(left 330) \
+    MOE_GPU_LOG_DIR=$out/steps timeout "$(left 320)" bash tests/gpu/run.sh \
+    >"$out/gpu_sanitizers.log" 2>&1 || status=1
+  grep -E "^== |passed|FAIL|ERROR SUMMARY|RACECHECK SUMMARY|error" \
+    "$out/gpu_sanitizers.log" | tail -30
+  tar czf "$out/steps_sanitizers.tgz" -C "$out" steps 2>/dev/null && rm -rf "$out/steps"
+  echo "== [$(($(date +%s) - t0)) s] ncu: 7b_n256, libmoe"
+  if [ "$(left 200)" -gt 60 ]; then
+    NCU_TAG=7b_n256 timeout "$(left 200)" bash bench/gpu/ncu.sh --shapes 7b_n256 \
+      --impl libmoe 2>&1 | head -40
+    gzip -f "$out"/ncu_7b_n256.csv 2>/dev/null; rm -f "$out"/ncu_7b_n256.ncu-rep
+  fi
+  echo "== [$(($(date +%s) - t0)) s] plan creation"
+  PYTHONPATH=$root/python LIBMOE_LIBRARY=$MOE_BUILD_DIR/libmoe.so \
+    timeout 30 python3 bench/plan_cost.py --reps 500 || echo "plan_cost: exit $?"
+  echo "== [$(($(date +%s) - t0)) s] opt-in kernels: libmoe vs libmoe_mpp vs libmoe_pack"
+  if [ "$(left 100)" -gt 40 ]; then
+    timeout "$(left 100)" bash bench/gpu/grid.sh --reps 5 --warmup 2 \
+      --impl libmoe,libmoe_mpp,libmoe_pack --shapes 7b_n256,30b_n256,qwen3_30b \
+      --json "$out/grid_optin.json" >"$out/grid_optin.log" 2>&1 ||
+      echo "opt-in kernels: exit $?"
+    grep -E "^\||Error" "$out/grid_optin.log" | head -16
+  fi
+  echo "== [$(($(date +%s) - t0)) s] pass widths: libmoe vs libmoe_same"
+  if [ "$(left 5)" -gt 40 ]; then
+    timeout "$(left 5)" bash bench/gpu/grid.sh --reps 5 --warmup 2 \
+      --impl libmoe,libmoe_same --shapes qwen3_30b,120b_n1024 \
+      --json "$out/grid_widths.json" >"$out/grid_widths.log" 2>&1 ||
+      echo "pass widths: exit $?"
+    grep -E "^\||Error" "$out/grid_widths.log" | head -10
+  fi
+  echo "== [$(($(date +%s) - t0)) s] done"
+  ;;
+*) echo "usage: scripts/gpu-check.sh test|bench|first|after"; exit 2 ;;
 esac
 exit $status

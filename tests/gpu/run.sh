@@ -9,7 +9,9 @@
 # Exits 0 with "skipped: no GPU" on a machine without a usable GPU.
 #   MOE_BUILD_DIR  existing build directory to use (default: build a fresh
 #                  one in build-gpu/)
-#   MOE_SANITIZER  0 to skip compute-sanitizer; memcheck for memcheck alone
+#   MOE_SANITIZER  0 to skip compute-sanitizer; memcheck for memcheck alone;
+#                  only for the sanitizer runs alone (after a run without
+#                  them, e.g. scripts/gpu-check.sh first, on the same build)
 #   MOE_SANITIZER_EP_P  virtual rank counts test_cuda_ep runs under memcheck
 #                  (default "2 3 4 8")
 #   MOE_GPU_PARALLEL  N > 1: run up to N of the steps after test_cuda at
@@ -40,16 +42,20 @@ if [ ! -x "$build/test_cuda" ]; then
     || { echo "FAIL: build"; exit 1; }
 fi
 
-# test_cuda first and alone: it says whether there is a usable device
-echo "== test_cuda"
-timeout 900 "$build/test_cuda"
-rc=$?
-if [ $rc -eq 77 ]; then
-  echo "skipped: no GPU (test_cuda found no usable device)"
-  exit 0
-fi
+only=0
+[ "${MOE_SANITIZER:-1}" = only ] && only=1
 status=0
-[ $rc -eq 0 ] || { echo "FAIL: test_cuda exited $rc"; status=1; }
+# test_cuda first and alone: it says whether there is a usable device
+if [ $only = 0 ]; then
+  echo "== test_cuda"
+  timeout 900 "$build/test_cuda"
+  rc=$?
+  if [ $rc -eq 77 ]; then
+    echo "skipped: no GPU (test_cuda found no usable device)"
+    exit 0
+  fi
+  [ $rc -eq 0 ] || { echo "FAIL: test_cuda exited $rc"; status=1; }
+fi
 
 par=${MOE_GPU_PARALLEL:-1}
 case $par in '' | *[!0-9]*) par=1 ;; esac
@@ -85,7 +91,9 @@ step() {
 
 # The expert functions, biases and interleaved gate/up (tests/test_act.c
 # on the GPU layer).
-if [ -x "$build/test_cuda_act" ]; then
+if [ $only = 1 ]; then
+  :
+elif [ -x "$build/test_cuda_act" ]; then
   step test_cuda_act - timeout "$to" "$build/test_cuda_act"
 else
   echo "note: no test_cuda_act in $build"
@@ -95,7 +103,9 @@ fi
 # over several GPUs of this process where there are 2+ and NCCL. NCCL is not
 # run under compute-sanitizer (its own kernels and proxy threads are not
 # what it is meant to check); the virtual ranks are, at every P.
-if [ -x "$build/test_cuda_ep" ]; then
+if [ $only = 1 ]; then
+  :
+elif [ -x "$build/test_cuda_ep" ]; then
   step test_cuda_ep 77 timeout "$to" "$build/test_cuda_ep"
 else
   echo "note: no test_cuda_ep in $build"
