@@ -23,11 +23,12 @@
 #                                sanitizers, an ncu reading of 7b_n256,
 #                                plan creation, the opt-in kernels and the
 #                                pass widths side by side (MOE_DEADLINE)
-# Logs and JSON go to $OUT (default ./gpu-out). Exits non-zero when a test
+# Logs and JSON go to $OUT (default ./gpu-out); MOE_PACK_OUT=1 packs all
+# but the JSON into $OUT/logs.tgz at the end. Exits non-zero when a test
 # failed; a benchmark's failure is printed, not fatal.
 set -u
 root=$(cd "$(dirname "$0")/.." && pwd)
-cd "$root"
+cd "$root" || exit 1
 export PATH=/usr/local/cuda/bin:$PATH
 out=${OUT:-$root/gpu-out}
 mkdir -p "$out"
@@ -233,4 +234,11 @@ after)
   ;;
 *) echo "usage: scripts/gpu-check.sh test|bench|first|after"; exit 2 ;;
 esac
+# MOE_PACK_OUT=1: everything but the JSON in one logs.tgz (a device call
+# brings back at most 8 files)
+if [ "${MOE_PACK_OUT:-0}" = 1 ]; then
+  (cd "$out" && find . -maxdepth 1 -type f ! -name '*.json' ! -name logs.tgz \
+    -printf '%f\n' | tar czf logs.tgz -T - && find . -maxdepth 1 -type f \
+    ! -name '*.json' ! -name logs.tgz -delete && rm -rf steps)
+fi
 exit $status
