@@ -174,7 +174,7 @@ first)
     LIGER_WHEEL_DIR=$root/.whl timeout "$(left 60)" bash bench/gpu/grid.sh \
       --reps 5 --warmup 2 --impl grouped_mm,libmoe,libmoe_keep,libmoe_lean,liger \
       --json "$out/grid.json" >"$out/grid.log" 2>&1 || echo "grid: exit $?"
-    grep -E "^\||OOM|skipped|Error" "$out/grid.log" | head -40
+    grep -E "^\||OOM|skipped|Error" "$out/grid.log" | head -70
   fi
   echo "== [$(($(date +%s) - t0)) s] scaling"
   if [ "$(left 5)" -gt 45 ]; then

@@ -458,6 +458,48 @@ def fmt_ms(r):
     return "%.3f / %.3f" % (r["fwd_ms"], r["fwdbwd_ms"])
 
 
+def ratio(a, b):
+    """a / b as "0.87x", or "-" where either is missing."""
+    return "%.2fx" % (a / b) if a is not None and b else "-"
+
+
+def mem_vs(la, other):
+    """Activation GiB la against another's: "yes" at or under, else by how
+    much over; "-" where either is missing."""
+    if la is None or other is None:
+        return "-"
+    return "yes" if la <= other else "no (+%.0f%%)" % (100 * (la / other - 1))
+
+
+def print_targets(args, res, lms, names, p):
+    """Issue 16's targets per grid shape and libmoe variant: fwd and bwd
+    TFLOP/s over SonicMoE's published (target >= 1.00x), activation GiB
+    against SonicMoE's published figure, Liger's and grouped_mm's of the
+    same run (target: at or under each)."""
+    p("\nissue 16 targets: libmoe / SonicMoE (pub., H100) fwd and bwd "
+      "(target >= 1.00x); activation GiB at or under SonicMoE's, Liger's "
+      "and grouped_mm's")
+    p("| shape | libmoe | fwd | bwd | GiB | <= SonicMoE | <= Liger | "
+      "<= grouped_mm |")
+    p("|---|---|---|---|---|---|---|---|")
+    for nm, *_ in args.table:
+        c = res["cells"].get(nm, {})
+        s = SONIC.get(nm) or (None, None, None)
+        lg, gm = c.get("liger") or {}, c.get("grouped_mm") or {}
+        for li in lms:
+            r = c.get(li) or {}
+            if "fwd_TFLOPs" not in r:
+                p("| %s | %s | %s | | | | | |" % (nm, names[li],
+                                                 fmt_cell(r or None)))
+                continue
+            la = r.get("act_GiB")
+            p("| %s | %s | %s | %s | %s | %s | %s | %s |" % (
+                nm, names[li], ratio(r["fwd_TFLOPs"], s[0]),
+                ratio(r.get("bwd_TFLOPs"), s[1]),
+                "%.2f" % la if la is not None else "-", mem_vs(la, s[2]),
+                mem_vs(la, lg.get("act_GiB")), mem_vs(la, gm.get("act_GiB"))))
+
+
 def print_tables(args, res, out=sys.stdout):
     names = {"grouped_mm": "HF grouped_mm", "libmoe": "libmoe",
              "libmoe_keep": "libmoe, saved kept",
@@ -496,6 +538,8 @@ def print_tables(args, res, out=sys.stdout):
         p("| " + " | ".join([nm] + [fmt_ms(cells.get(i))
                                      for i in args.impls]) + " |")
     lms = [i for i in LIBMOE_IMPLS if i in args.impls]
+    if not args.scaling and not args.tiny and args.device == "cuda" and lms:
+        print_targets(args, res, lms, names, p)
     if args.scaling and lms and "grouped_mm" in args.impls:
         p("\nscaling runs: libmoe vs HF grouped_mm, fwd+bwd "
           "(issue target: speedup >= 2.5x, activation GiB <= grouped_mm's)")
