@@ -463,11 +463,11 @@ def ratio(a, b):
     return "%.2fx" % (a / b) if a is not None and b else "-"
 
 
-def mem_vs(la, other):
+def mem_vs(la, other, missing="-"):
     """Activation GiB la against another's: "yes" at or under, else by how
-    much over; "-" where either is missing."""
+    much over; `missing` where either is missing."""
     if la is None or other is None:
-        return "-"
+        return missing
     return "yes" if la <= other else "no (+%.0f%%)" % (100 * (la / other - 1))
 
 
@@ -558,9 +558,7 @@ def print_tables(args, res, out=sys.stdout):
                     continue
                 sp = gm["fwdbwd_ms"] / lm["fwdbwd_ms"]
                 la, ga = lm.get("act_GiB"), gm.get("act_GiB")
-                mem_ok = "n/a" if la is None else (
-                    "yes" if la <= ga else
-                    "no (+%.0f%%)" % (100 * (la / ga - 1)))
+                mem_ok = mem_vs(la, ga, "n/a")
                 p("| %s | %s | %.2fx | %s | %s | %s | %s |" % (
                     nm, names[li], sp,
                     "%.2f" % la if la is not None else "n/a",
