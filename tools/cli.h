@@ -30,6 +30,7 @@ bool cli_int(const char *opt, const char *v, int64_t lo, int64_t hi,
 bool cli_method(const char *v, moe_gmm_method *m);
 bool cli_dtype(const char *v, moe_dtype *t);
 bool cli_layout(const char *v, moe_layout *l);
+bool cli_memory(const char *v, moe_memory_policy *m);
 
 /// Prints "moe <cmd>: <msg>: <library message>" to stderr.
 void cli_fail(const char *cmd, const char *what, moe_status s);

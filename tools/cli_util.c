@@ -81,6 +81,19 @@ bool cli_layout(const char *v, moe_layout *l) {
   return true;
 }
 
+bool cli_memory(const char *v, moe_memory_policy *m) {
+  static const moe_memory_policy all[] = {MOE_MEMORY_BALANCED, MOE_MEMORY_LEAN,
+                                          MOE_MEMORY_FAST};
+  for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+    if (!strcmp(v, moe_memory_policy_name(all[i]))) {
+      *m = all[i];
+      return true;
+    }
+  fprintf(stderr, "moe: --memory expects balanced, lean or fast, got '%s'\n",
+          v);
+  return false;
+}
+
 void cli_fail(const char *cmd, const char *what, moe_status s) {
   fprintf(stderr, "moe %s: %s: %s (%s)\n", cmd, what, moe_last_error(),
           moe_status_name(s));

@@ -93,16 +93,7 @@ int cmd_plan(int argc, char **argv) {
     } else if (!strcmp(a, "--overwrite-saved")) {
       overwrite = true;
     } else if (!strcmp(a, "--memory") && v) {
-      int m = 0;
-      while (m < 3 && strcmp(v, moe_memory_policy_name((moe_memory_policy)m)))
-        m++;
-      if (m == 3) {
-        fprintf(stderr,
-                "moe plan: --memory '%s': expected balanced, lean or fast\n",
-                v);
-        return CLI_USAGE;
-      }
-      memory = (moe_memory_policy)m;
+      if (!cli_memory(v, &memory)) return CLI_USAGE;
       i++;
     } else if (!strcmp(a, "--preset") && v) {
       if (!(p = cli_preset_find(v))) {
