@@ -37,6 +37,27 @@ phase=${1:-test}
 t0=$(date +%s)
 # seconds left before MOE_DEADLINE (less a margin of $1, default 0)
 left() { echo $((${MOE_DEADLINE:-570} - ($(date +%s) - t0) - ${1:-0})); }
+# a step's heading, with the seconds since the start
+stamp() { echo "== [$(($(date +%s) - t0)) s] $*"; }
+# grid NAME SECONDS ARGS...: bench/gpu/grid.sh (5 reps after 2 warm-ups;
+# Liger from its wheel in .whl/) into $out/NAME.json and $out/NAME.log; a
+# failure is printed, not fatal
+grid() {
+  local name=$1 secs=$2
+  shift 2
+  timeout "$secs" bash bench/gpu/grid.sh --reps 5 --warmup 2 "$@" \
+    --json "$out/$name.json" >"$out/$name.log" 2>&1 || echo "$name: exit $?"
+}
+# the opt-in kernels against the default, at the short-depth, small-I
+# shapes where the layer misses most: the M-grouped ping-pong tile
+# (MOE_CUDA_SM90_MPP=1), the backward's activation pass with several slots
+# a block (MOE_CUDA_ACT_PACK=1)
+optin=(--impl "libmoe,libmoe_mpp,libmoe_pack" --shapes "7b_n256,30b_n256,qwen3_30b")
+# py CMD...: CMD with the Python package and this build's library
+py() {
+  PYTHONPATH=$root/python LIBMOE_LIBRARY=$MOE_BUILD_DIR/libmoe.so \
+    PYTHONUNBUFFERED=1 "$@"
+}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm \
   --format=csv,noheader
 status=0
@@ -96,9 +117,8 @@ test)
     --tokens 2048 --reps 3 >"$out/ep_timeline.log" 2>&1 || echo "ep timeline: exit $?"
   tail -30 "$out/ep_timeline.log"
   echo "== bench/gpu/hf_act_block.py (issue 17: gpt-oss-20b, GeGLU at Qwen3-30B)"
-  PYTHONPATH=$root/python LIBMOE_LIBRARY=$MOE_BUILD_DIR/libmoe.so PYTHONUNBUFFERED=1 \
-    OUT=$out timeout 240 python3 bench/gpu/hf_act_block.py >"$out/hf_act_block.log" 2>&1 \
-    || echo "hf_act_block: exit $?"
+  OUT=$out py timeout 240 python3 bench/gpu/hf_act_block.py \
+    >"$out/hf_act_block.log" 2>&1 || echo "hf_act_block: exit $?"
   tail -12 "$out/hf_act_block.log"
   if [ "${MOE_CHECK_WHEEL:-1}" != 0 ] && [ -x tests/gpu/check_wheel.sh ] &&
      ls .whl-libmoe/*.whl >/dev/null 2>&1; then
@@ -112,43 +132,27 @@ bench)
   # libmoe_keep: libmoe with the backward keeping the saved state (its
   # own dH buffer), beside the default that writes dH over it
   echo "== grid"
-  LIGER_WHEEL_DIR=$root/.whl timeout 330 bash bench/gpu/grid.sh --reps 5 \
-    --warmup 2 --impl grouped_mm,libmoe,libmoe_keep,liger \
-    --json "$out/grid.json" >"$out/grid.log" 2>&1 || echo "grid: exit $?"
+  grid grid 330 --impl grouped_mm,libmoe,libmoe_keep,liger
   tail -30 "$out/grid.log"
   # the forward's and the backward's pass widths apart (the default)
   # against both at one width (MOE_CUDA_COLS=same), where they differ, and
   # the lean memory policy (desc.memory) at the shapes of the memory misses
   echo "== pass widths: libmoe vs libmoe_same vs libmoe_lean"
-  timeout 200 bash bench/gpu/grid.sh --reps 5 --warmup 2 \
-    --impl libmoe,libmoe_same,libmoe_lean \
-    --shapes 7b_n256,30b_n512,120b_n1024,qwen3_30b \
-    --json "$out/grid_widths.json" >"$out/grid_widths.log" 2>&1 ||
-    echo "pass widths: exit $?"
+  grid grid_widths 200 --impl libmoe,libmoe_same,libmoe_lean \
+    --shapes 7b_n256,30b_n512,120b_n1024,qwen3_30b
   tail -14 "$out/grid_widths.log"
-  # the M-grouped ping-pong tile (MOE_CUDA_SM90_MPP=1) and the backward's
-  # activation pass with several slots a block (MOE_CUDA_ACT_PACK=1), each
-  # against the default, at the short-depth, small-I shapes where the
-  # layer misses most
   echo "== opt-in kernels: libmoe vs libmoe_mpp vs libmoe_pack"
-  timeout 200 bash bench/gpu/grid.sh --reps 5 --warmup 2 \
-    --impl libmoe,libmoe_mpp,libmoe_pack --shapes 7b_n256,30b_n256,qwen3_30b \
-    --json "$out/grid_optin.json" >"$out/grid_optin.log" 2>&1 ||
-    echo "opt-in kernels: exit $?"
+  grid grid_optin 200 "${optin[@]}"
   tail -14 "$out/grid_optin.log"
   echo "== scaling"
-  LIGER_WHEEL_DIR=$root/.whl timeout 150 bash bench/gpu/grid.sh --scaling \
-    --reps 5 --warmup 2 --impl grouped_mm,libmoe,libmoe_keep \
-    --json "$out/scaling.json" >"$out/scaling.log" 2>&1 || echo "scaling: exit $?"
+  grid scaling 150 --scaling --impl grouped_mm,libmoe,libmoe_keep
   tail -16 "$out/scaling.log"
   echo "== variable token counts"
-  PYTHONPATH=$root/python LIBMOE_LIBRARY=$MOE_BUILD_DIR/libmoe.so PYTHONUNBUFFERED=1 \
-    timeout 90 python3 bench/gpu/variable_tokens.py >"$out/variable_tokens.log" 2>&1 \
-    || echo "variable_tokens: exit $?"
+  py timeout 90 python3 bench/gpu/variable_tokens.py \
+    >"$out/variable_tokens.log" 2>&1 || echo "variable_tokens: exit $?"
   tail -8 "$out/variable_tokens.log"
   echo "== plan creation (issue 16: under 100 us)"
-  PYTHONPATH=$root/python LIBMOE_LIBRARY=$MOE_BUILD_DIR/libmoe.so \
-    timeout 60 python3 bench/plan_cost.py --reps 500 || echo "plan_cost: exit $?"
+  py timeout 60 python3 bench/plan_cost.py --reps 500 || echo "plan_cost: exit $?"
   echo "== fused epilogues side by side"
   timeout 60 "$MOE_BUILD_DIR/bench_cuda" --fuse-ab --json "$out/bench_fuse_ab.json" \
     >"$out/fuse_ab.log" 2>&1 || echo "fuse-ab: exit $?"
@@ -156,7 +160,7 @@ bench)
   ;;
 first)
   export OUT=$out
-  echo "== [$(($(date +%s) - t0)) s] GPU tests (no sanitizer) beside the Python tests"
+  stamp "GPU tests (no sanitizer) beside the Python tests"
   MOE_SANITIZER=0 MOE_GPU_PARALLEL=3 MOE_STEP_TIMEOUT=$(left 300) \
     MOE_GPU_LOG_DIR=$out/steps timeout "$(left 300)" bash tests/gpu/run.sh \
     >"$out/gpu_tests.log" 2>&1 &
@@ -169,68 +173,56 @@ first)
     "$out/gpu_tests.log" | tail -20
   grep -E "passed|failed|FAIL|Error" "$out/gpu_python.log" | tail -6
   tar czf "$out/steps.tgz" -C "$out" steps 2>/dev/null && rm -rf "$out/steps"
-  echo "== [$(($(date +%s) - t0)) s] grid"
+  stamp grid
   if [ "$(left 60)" -gt 60 ]; then
-    LIGER_WHEEL_DIR=$root/.whl timeout "$(left 60)" bash bench/gpu/grid.sh \
-      --reps 5 --warmup 2 --impl grouped_mm,libmoe,libmoe_keep,libmoe_lean,liger \
-      --json "$out/grid.json" >"$out/grid.log" 2>&1 || echo "grid: exit $?"
+    grid grid "$(left 60)" --impl grouped_mm,libmoe,libmoe_keep,libmoe_lean,liger
     grep -E "^\||OOM|skipped|Error" "$out/grid.log" | head -70
   fi
-  echo "== [$(($(date +%s) - t0)) s] scaling"
+  stamp scaling
   if [ "$(left 5)" -gt 45 ]; then
-    LIGER_WHEEL_DIR=$root/.whl timeout "$(left 5)" bash bench/gpu/grid.sh \
-      --scaling --reps 5 --warmup 2 --impl grouped_mm,libmoe,libmoe_lean \
-      --json "$out/scaling.json" >"$out/scaling.log" 2>&1 ||
-      echo "scaling: exit $?"
+    grid scaling "$(left 5)" --scaling --impl grouped_mm,libmoe,libmoe_lean
     grep -E "^\||OOM|skipped|Error" "$out/scaling.log" | head -30
   fi
-  echo "== [$(($(date +%s) - t0)) s] variable token counts"
+  stamp "variable token counts"
   if [ "$(left 0)" -gt 40 ]; then
-    PYTHONPATH=$root/python LIBMOE_LIBRARY=$MOE_BUILD_DIR/libmoe.so PYTHONUNBUFFERED=1 \
-      timeout "$(left 0)" python3 bench/gpu/variable_tokens.py --ws-capacity \
+    py timeout "$(left 0)" python3 bench/gpu/variable_tokens.py --ws-capacity \
       >"$out/variable_tokens.log" 2>&1 || echo "variable_tokens: exit $?"
     tail -12 "$out/variable_tokens.log"
   fi
-  echo "== [$(($(date +%s) - t0)) s] done"
+  stamp "done"
   ;;
 after)
   # what `first` leaves, on the same (warm) machine and build, within
   # MOE_DEADLINE: the sanitizers, an ncu reading of the widest miss, plan
   # creation, the opt-in kernels and the pass widths side by side
   export OUT=$out
-  echo "== [$(($(date +%s) - t0)) s] compute-sanitizer runs"
+  stamp "compute-sanitizer runs"
   MOE_SANITIZER=only MOE_GPU_PARALLEL=6 MOE_STEP_TIMEOUT=$(left 330) \
     MOE_GPU_LOG_DIR=$out/steps timeout "$(left 320)" bash tests/gpu/run.sh \
     >"$out/gpu_sanitizers.log" 2>&1 || status=1
   grep -E "^== |passed|FAIL|ERROR SUMMARY|RACECHECK SUMMARY|error" \
     "$out/gpu_sanitizers.log" | tail -30
   tar czf "$out/steps_sanitizers.tgz" -C "$out" steps 2>/dev/null && rm -rf "$out/steps"
-  echo "== [$(($(date +%s) - t0)) s] ncu: 7b_n256, libmoe"
+  stamp "ncu: 7b_n256, libmoe"
   if [ "$(left 200)" -gt 60 ]; then
     NCU_TAG=7b_n256 timeout "$(left 200)" bash bench/gpu/ncu.sh --shapes 7b_n256 \
       --impl libmoe 2>&1 | head -40
     gzip -f "$out"/ncu_7b_n256.csv 2>/dev/null; rm -f "$out"/ncu_7b_n256.ncu-rep
   fi
-  echo "== [$(($(date +%s) - t0)) s] plan creation"
-  PYTHONPATH=$root/python LIBMOE_LIBRARY=$MOE_BUILD_DIR/libmoe.so \
-    timeout 30 python3 bench/plan_cost.py --reps 500 || echo "plan_cost: exit $?"
-  echo "== [$(($(date +%s) - t0)) s] opt-in kernels: libmoe vs libmoe_mpp vs libmoe_pack"
+  stamp "plan creation"
+  py timeout 30 python3 bench/plan_cost.py --reps 500 || echo "plan_cost: exit $?"
+  stamp "opt-in kernels: libmoe vs libmoe_mpp vs libmoe_pack"
   if [ "$(left 100)" -gt 40 ]; then
-    timeout "$(left 100)" bash bench/gpu/grid.sh --reps 5 --warmup 2 \
-      --impl libmoe,libmoe_mpp,libmoe_pack --shapes 7b_n256,30b_n256,qwen3_30b \
-      --json "$out/grid_optin.json" >"$out/grid_optin.log" 2>&1 ||
-      echo "opt-in kernels: exit $?"
+    grid grid_optin "$(left 100)" "${optin[@]}"
     grep -E "^\||Error" "$out/grid_optin.log" | head -16
   fi
-  echo "== [$(($(date +%s) - t0)) s] pass widths: libmoe vs libmoe_same"
+  stamp "pass widths: libmoe vs libmoe_same"
   if [ "$(left 5)" -gt 40 ]; then
-    timeout "$(left 5)" bash bench/gpu/grid.sh --reps 5 --warmup 2 \
-      --impl libmoe,libmoe_same --shapes qwen3_30b,120b_n1024 \
-      --json "$out/grid_widths.json" >"$out/grid_widths.log" 2>&1 ||
-      echo "pass widths: exit $?"
+    grid grid_widths "$(left 5)" --impl libmoe,libmoe_same \
+      --shapes qwen3_30b,120b_n1024
     grep -E "^\||Error" "$out/grid_widths.log" | head -10
   fi
-  echo "== [$(($(date +%s) - t0)) s] done"
+  stamp "done"
   ;;
 *) echo "usage: scripts/gpu-check.sh test|bench|first|after"; exit 2 ;;
 esac

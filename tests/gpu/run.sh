@@ -89,26 +89,23 @@ step() {
   echo "$ok" >"$logs/$n.ok"
 }
 
-# The expert functions, biases and interleaved gate/up (tests/test_act.c
-# on the GPU layer).
-if [ $only = 1 ]; then
-  :
-elif [ -x "$build/test_cuda_act" ]; then
-  step test_cuda_act - timeout "$to" "$build/test_cuda_act"
-else
-  echo "note: no test_cuda_act in $build"
-fi
-
-# Expert parallelism: virtual ranks (P = 2, 3, 4, 8 on GPU 0), then NCCL
-# over several GPUs of this process where there are 2+ and NCCL. NCCL is not
-# run under compute-sanitizer (its own kernels and proxy threads are not
-# what it is meant to check); the virtual ranks are, at every P.
-if [ $only = 1 ]; then
-  :
-elif [ -x "$build/test_cuda_ep" ]; then
-  step test_cuda_ep 77 timeout "$to" "$build/test_cuda_ep"
-else
-  echo "note: no test_cuda_ep in $build"
+if [ $only = 0 ]; then
+  # The expert functions, biases and interleaved gate/up (tests/test_act.c
+  # on the GPU layer).
+  if [ -x "$build/test_cuda_act" ]; then
+    step test_cuda_act - timeout "$to" "$build/test_cuda_act"
+  else
+    echo "note: no test_cuda_act in $build"
+  fi
+  # Expert parallelism: virtual ranks (P = 2, 3, 4, 8 on GPU 0), then NCCL
+  # over several GPUs of this process where there are 2+ and NCCL. NCCL is
+  # not run under compute-sanitizer (its own kernels and proxy threads are
+  # not what it is meant to check); the virtual ranks are, at every P.
+  if [ -x "$build/test_cuda_ep" ]; then
+    step test_cuda_ep 77 timeout "$to" "$build/test_cuda_ep"
+  else
+    echo "note: no test_cuda_ep in $build"
+  fi
 fi
 
 if [ "${MOE_SANITIZER:-1}" != 0 ] && command -v compute-sanitizer >/dev/null 2>&1; then
